@@ -1,0 +1,133 @@
+#include "attention_service/attention_model.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "core/cpu_ops.h"
+#include "core/status_macros.h"
+#include "core/tensor_names.h"
+
+namespace switchyard {
+
+absl::StatusOr<std::unique_ptr<AttentionModel>> AttentionModel::Load(
+    const Checkpoint& checkpoint) {
+  if (!checkpoint.selection().dense) {
+    return absl::FailedPreconditionError(
+        "AttentionModel needs the dense tensors, but the checkpoint was opened without them");
+  }
+  auto m = std::unique_ptr<AttentionModel>(new AttentionModel());
+  m->config_ = checkpoint.config();
+  const ModelConfig& c = m->config_;
+  SY_ASSIGN_OR_RETURN(m->embed_, checkpoint.ReadF32(names::Embed()));
+  SY_ASSIGN_OR_RETURN(m->final_norm_, checkpoint.ReadF32(names::FinalNorm()));
+  SY_ASSIGN_OR_RETURN(m->lm_head_, checkpoint.ReadF32(names::LmHead()));
+  m->layers_.resize(c.num_hidden_layers);
+  for (int i = 0; i < c.num_hidden_layers; ++i) {
+    Layer& layer = m->layers_[i];
+    SY_ASSIGN_OR_RETURN(layer.input_norm, checkpoint.ReadF32(names::InputNorm(i)));
+    SY_ASSIGN_OR_RETURN(layer.post_norm, checkpoint.ReadF32(names::PostAttnNorm(i)));
+    SY_ASSIGN_OR_RETURN(layer.wo, checkpoint.ReadF32(names::OProj(i)));
+    SY_ASSIGN_OR_RETURN(layer.gate, checkpoint.ReadF32(names::Gate(i)));
+    SY_ASSIGN_OR_RETURN(auto wq, checkpoint.ReadF32(names::QProj(i)));  // [H hd, D]
+    SY_ASSIGN_OR_RETURN(auto wk, checkpoint.ReadF32(names::KProj(i)));  // [Hkv hd, D]
+    SY_ASSIGN_OR_RETURN(auto wv, checkpoint.ReadF32(names::VProj(i)));  // [Hkv hd, D]
+    layer.wqkv.reserve(wq.size() + wk.size() + wv.size());
+    layer.wqkv.insert(layer.wqkv.end(), wq.begin(), wq.end());
+    layer.wqkv.insert(layer.wqkv.end(), wk.begin(), wk.end());
+    layer.wqkv.insert(layer.wqkv.end(), wv.begin(), wv.end());
+  }
+  return m;
+}
+
+void AttentionModel::Embed(const int32_t* ids, int tokens, float* h) const {
+  const int D = config_.hidden_size;
+  for (int t = 0; t < tokens; ++t) {
+    std::copy_n(embed_.data() + static_cast<int64_t>(ids[t]) * D, D, h + static_cast<int64_t>(t) * D);
+  }
+}
+
+void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
+                                    absl::Span<const SequenceSlice> slices,
+                                    const int32_t* positions) const {
+  const ModelConfig& c = config_;
+  const Layer& w = layers_[layer];
+  const int D = c.hidden_size, hd = c.head_dim, H = c.num_attention_heads;
+  const int Hkv = c.num_key_value_heads, group = H / Hkv;
+  const int q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  std::vector<float> x(static_cast<size_t>(tokens) * D);          // [T, D]
+  std::vector<float> qkv(static_cast<size_t>(tokens) * qkv_dim);  // [T, (H + 2 Hkv) hd]
+  std::vector<float> q(static_cast<size_t>(tokens) * q_dim);      // [T, H, hd]
+  std::vector<float> k(static_cast<size_t>(tokens) * kv_dim);     // [T, Hkv, hd]
+  std::vector<float> attn(static_cast<size_t>(tokens) * q_dim);   // [T, H, hd]
+
+  cpu::RmsNorm(h, w.input_norm.data(), tokens, D, static_cast<float>(c.rms_norm_eps), x.data());
+  cpu::Linear(x.data(), w.wqkv.data(), tokens, D, qkv_dim, qkv.data());
+  for (int t = 0; t < tokens; ++t) {
+    const float* row = qkv.data() + static_cast<int64_t>(t) * qkv_dim;
+    std::copy_n(row, q_dim, q.data() + static_cast<int64_t>(t) * q_dim);
+    std::copy_n(row + q_dim, kv_dim, k.data() + static_cast<int64_t>(t) * kv_dim);
+  }
+  cpu::RopeRotateHalf(q.data(), positions, tokens, H, hd, c.rope_theta);
+  cpu::RopeRotateHalf(k.data(), positions, tokens, Hkv, hd, c.rope_theta);
+
+  std::vector<float> scores;  // [S]
+  for (const SequenceSlice& s : slices) {
+    // Append this chunk's keys and values to the cache first: tokens attend to
+    // themselves and to earlier tokens of the same chunk.
+    for (int i = 0; i < s.tokens; ++i) {
+      const int row = s.row_begin + i;
+      std::copy_n(k.data() + static_cast<int64_t>(row) * kv_dim, kv_dim, s.kv->key(layer, s.start_pos + i));
+      std::copy_n(qkv.data() + static_cast<int64_t>(row) * qkv_dim + q_dim + kv_dim, kv_dim,
+                  s.kv->value(layer, s.start_pos + i));
+    }
+    for (int i = 0; i < s.tokens; ++i) {
+      const int row = s.row_begin + i;
+      const int pos = s.start_pos + i;
+      const int first = c.sliding_window > 0 ? std::max(0, pos - c.sliding_window + 1) : 0;
+      const int span = pos - first + 1;
+      scores.resize(span);
+      for (int head = 0; head < H; ++head) {
+        const int kv_head = head / group;
+        const float* qv = q.data() + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
+        for (int j = 0; j < span; ++j) {
+          const float* kv = s.kv->key(layer, first + j) + kv_head * hd;  // [hd]
+          float dot = 0.0f;
+          for (int d = 0; d < hd; ++d) dot += qv[d] * kv[d];
+          scores[j] = dot * scale;
+        }
+        cpu::SoftmaxInPlace(scores.data(), span);
+        float* out = attn.data() + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
+        std::fill_n(out, hd, 0.0f);
+        for (int j = 0; j < span; ++j) {
+          const float* vv = s.kv->value(layer, first + j) + kv_head * hd;  // [hd]
+          const float p = scores[j];
+          for (int d = 0; d < hd; ++d) out[d] += p * vv[d];
+        }
+      }
+    }
+  }
+  // h[T, D] += attn[T, H hd] · wo^T
+  cpu::Linear(attn.data(), w.wo.data(), tokens, q_dim, D, h, /*accumulate=*/true);
+}
+
+void AttentionModel::RouterInput(int layer, const float* h, int tokens, float* x,
+                                 float* router_logits) const {
+  const ModelConfig& c = config_;
+  const Layer& w = layers_[layer];
+  cpu::RmsNorm(h, w.post_norm.data(), tokens, c.hidden_size, static_cast<float>(c.rms_norm_eps),
+               x);                                                                   // [T, D]
+  cpu::Linear(x, w.gate.data(), tokens, c.hidden_size, c.num_local_experts, router_logits);  // [T, E]
+}
+
+void AttentionModel::Logits(const float* h, int rows, float* logits) const {
+  const ModelConfig& c = config_;
+  std::vector<float> x(static_cast<size_t>(rows) * c.hidden_size);  // [N, D]
+  cpu::RmsNorm(h, final_norm_.data(), rows, c.hidden_size, static_cast<float>(c.rms_norm_eps),
+               x.data());
+  cpu::Linear(x.data(), lm_head_.data(), rows, c.hidden_size, c.vocab_size, logits);  // [N, V]
+}
+
+}  // namespace switchyard

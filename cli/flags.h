@@ -1,0 +1,44 @@
+// A small command-line flag parser for the switchyard subcommands:
+// `--name value`, `--name=value` and boolean `--name`. Unknown flags and
+// missing values are errors that name the flag.
+#ifndef SWITCHYARD_CLI_FLAGS_H_
+#define SWITCHYARD_CLI_FLAGS_H_
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace switchyard::cli {
+
+class Flags {
+ public:
+  // value_flags take a value; bool_flags do not.
+  static absl::StatusOr<Flags> Parse(const std::vector<std::string>& args,
+                                     const std::set<std::string>& value_flags,
+                                     const std::set<std::string>& bool_flags);
+
+  bool Has(const std::string& name) const { return values_.count(name) > 0; }
+  // The last value given for `name`.
+  std::optional<std::string> Get(const std::string& name) const;
+  // Every value given for a repeatable flag, in command-line order.
+  std::vector<std::string> GetAll(const std::string& name) const;
+  absl::StatusOr<std::string> Required(const std::string& name) const;
+  std::string GetOr(const std::string& name, const std::string& fallback) const;
+  // Parsed numbers; INVALID_ARGUMENT names the flag.
+  absl::StatusOr<int64_t> Int(const std::string& name, int64_t fallback) const;
+  absl::StatusOr<double> Double(const std::string& name, double fallback) const;
+  absl::StatusOr<std::optional<uint64_t>> OptionalUint(const std::string& name) const;
+
+ private:
+  std::map<std::string, std::string> values_;
+  std::map<std::string, std::vector<std::string>> all_values_;
+};
+
+}  // namespace switchyard::cli
+
+#endif  // SWITCHYARD_CLI_FLAGS_H_

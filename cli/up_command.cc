@@ -1,0 +1,681 @@
+// `switchyard up`: runs a whole Switchyard deployment on this machine as child
+// processes: one switchyard-expert per group of experts and one
+// switchyard-gateway in front of them. Waits until every process is healthy
+// (grpc.health.v1), writes an endpoints file, and supervises: SIGINT/SIGTERM
+// stop everything gracefully (gateway first, then experts); a child that dies
+// on its own stops everything with exit status 1.
+//
+// Children run in their own process groups (so a terminal's Ctrl-C reaches
+// only `up`, which then stops them in order) and get SIGTERM if `up` itself
+// dies. Their stdout and stderr are forwarded, line by line and prefixed with
+// the process name, to our stdout and stderr.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "cli/commands.h"
+#include "cli/flags.h"
+#include "cli/grpc_client.h"
+#include "core/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace switchyard::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr auto kStopGrace = std::chrono::seconds(10);
+constexpr char kListeningMarker[] = " listening on ";
+
+void Say(const std::string& line) {
+  std::fprintf(stderr, "switchyard up: %s\n", line.c_str());
+  std::fflush(stderr);
+}
+
+// Forwards children's output to our stdout/stderr, a line at a time with a
+// prefix, and remembers the address in each child's first "... listening on
+// ADDR ..." stdout line.
+//
+// Thread-safety: thread-safe. One background thread reads every pipe.
+class OutputPump {
+ public:
+  OutputPump() = default;
+  OutputPump(const OutputPump&) = delete;
+  OutputPump& operator=(const OutputPump&) = delete;
+  ~OutputPump() { Stop(); }
+
+  absl::Status Start() {
+    if (pipe2(wake_, O_CLOEXEC) != 0) {
+      return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
+    }
+    thread_ = std::thread([this] { Loop(); });
+    return absl::OkStatus();
+  }
+
+  // Takes ownership of `fd`. Lines go to `sink` after `prefix`. With
+  // `address_slot` >= 0, the first listening line's address is recorded
+  // under that slot.
+  void Add(int fd, std::string prefix, FILE* sink, int address_slot) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_.push_back(Source{fd, std::move(prefix), sink, address_slot, {}});
+    Wake();
+  }
+
+  // The address reported under `slot`, or "" while none was.
+  std::string Address(int slot) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = addresses_.find(slot);
+    return it == addresses_.end() ? "" : it->second;
+  }
+
+  // Forwards what is still buffered (for up to half a second), closes every
+  // pipe and joins the thread.
+  void Stop() {
+    if (!thread_.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      Wake();
+    }
+    thread_.join();
+    close(wake_[0]);
+    close(wake_[1]);
+  }
+
+ private:
+  struct Source {
+    int fd;
+    std::string prefix;
+    FILE* sink;
+    int address_slot;
+    std::string partial;
+  };
+
+  void Wake() {
+    const char byte = 0;
+    [[maybe_unused]] ssize_t n = write(wake_[1], &byte, 1);
+  }
+
+  void Emit(Source& source, const std::string& line) {
+    if (source.address_slot >= 0) {
+      auto at = line.find(kListeningMarker);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (at != std::string::npos && addresses_.count(source.address_slot) == 0) {
+        std::string rest = line.substr(at + std::strlen(kListeningMarker));
+        addresses_[source.address_slot] = rest.substr(0, rest.find_first_of(" \t\r"));
+      }
+    }
+    std::string out = absl::StrCat(source.prefix, line, "\n");
+    std::fwrite(out.data(), 1, out.size(), source.sink);
+    std::fflush(source.sink);
+  }
+
+  // Reads once from `source`; false at end of file.
+  bool ReadSome(Source& source) {
+    char buf[4096];
+    ssize_t n = read(source.fd, buf, sizeof(buf));
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return true;
+    if (n <= 0) {
+      if (!source.partial.empty()) Emit(source, source.partial);
+      source.partial.clear();
+      close(source.fd);
+      return false;
+    }
+    source.partial.append(buf, static_cast<size_t>(n));
+    size_t start = 0;
+    for (size_t nl; (nl = source.partial.find('\n', start)) != std::string::npos; start = nl + 1) {
+      Emit(source, source.partial.substr(start, nl - start));
+    }
+    source.partial.erase(0, start);
+    return true;
+  }
+
+  void Loop() {
+    std::vector<Source> sources;
+    std::optional<Clock::time_point> stop_deadline;
+    while (true) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (Source& s : pending_) sources.push_back(std::move(s));
+        pending_.clear();
+        if (stop_ && !stop_deadline) stop_deadline = Clock::now() + std::chrono::milliseconds(500);
+      }
+      if (stop_deadline && (sources.empty() || Clock::now() >= *stop_deadline)) break;
+      std::vector<pollfd> fds;
+      fds.push_back({wake_[0], POLLIN, 0});
+      for (const Source& s : sources) fds.push_back({s.fd, POLLIN, 0});
+      int ready = poll(fds.data(), fds.size(), stop_deadline ? 50 : -1);
+      if (ready < 0 && errno != EINTR) break;
+      if (ready <= 0) continue;
+      if (fds[0].revents != 0) {
+        char drain[64];
+        [[maybe_unused]] ssize_t n = read(wake_[0], drain, sizeof(drain));
+      }
+      std::vector<Source> open;
+      for (size_t i = 0; i < sources.size(); ++i) {
+        const bool readable = fds[i + 1].revents != 0;
+        if (!readable || ReadSome(sources[i])) open.push_back(std::move(sources[i]));
+      }
+      sources = std::move(open);
+    }
+    for (Source& s : sources) {
+      if (!s.partial.empty()) Emit(s, s.partial);
+      close(s.fd);
+    }
+  }
+
+  mutable std::mutex mu_;
+  std::vector<Source> pending_;
+  std::map<int, std::string> addresses_;
+  bool stop_ = false;
+  int wake_[2] = {-1, -1};
+  std::thread thread_;
+};
+
+struct UpOptions {
+  std::string model_dir;
+  int port = 0;
+  std::string endpoints_file;
+  int experts_per_process = 1;
+  std::string bin_dir;
+  std::string listen_host = "0.0.0.0";
+  int start_timeout_s = 300;
+  // Extra flags for every switchyard-expert / the switchyard-gateway.
+  std::vector<std::string> expert_args;
+  std::vector<std::string> gateway_args;
+};
+
+absl::StatusOr<std::string> SelfDir() {
+  std::error_code ec;
+  std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot read /proc/self/exe: ", ec.message()));
+  return self.parent_path().string();
+}
+
+absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
+  const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "max-queue",
+                                                        "max-step-tokens", "max-new-tokens-limit"};
+  std::set<std::string> value_flags = {
+      "model",      "port",        "endpoints-file",  "experts-per-process",
+      "bin-dir",    "listen-host", "start-timeout-s", "expert-workers",
+      "expert-arg", "gateway-arg"};
+  value_flags.insert(gateway_passthrough.begin(), gateway_passthrough.end());
+  SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, {}));
+  UpOptions o;
+  SY_ASSIGN_OR_RETURN(o.model_dir, f.Required("model"));
+  SY_RETURN_IF_ERROR(f.Required("port").status());
+  SY_ASSIGN_OR_RETURN(int64_t port, f.Int("port", 0));
+  if (port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("--port must be in [0, 65535], got ", port));
+  }
+  o.port = static_cast<int>(port);
+  o.endpoints_file = f.GetOr("endpoints-file", "");
+  SY_ASSIGN_OR_RETURN(int64_t per, f.Int("experts-per-process", 1));
+  if (per < 1 || per > 1 << 20) {
+    return absl::InvalidArgumentError("--experts-per-process must be >= 1");
+  }
+  o.experts_per_process = static_cast<int>(per);
+  if (auto dir = f.Get("bin-dir")) {
+    o.bin_dir = *dir;
+  } else {
+    SY_ASSIGN_OR_RETURN(o.bin_dir, SelfDir());
+  }
+  o.listen_host = f.GetOr("listen-host", o.listen_host);
+  if (o.listen_host.empty()) return absl::InvalidArgumentError("--listen-host is empty");
+  SY_ASSIGN_OR_RETURN(int64_t timeout, f.Int("start-timeout-s", o.start_timeout_s));
+  if (timeout < 1 || timeout > 24 * 3600) {
+    return absl::InvalidArgumentError("--start-timeout-s must be in [1, 86400]");
+  }
+  o.start_timeout_s = static_cast<int>(timeout);
+  if (auto workers = f.Get("expert-workers")) o.expert_args = {"--workers", *workers};
+  for (const std::string& a : f.GetAll("expert-arg")) o.expert_args.push_back(a);
+  for (const std::string& name : gateway_passthrough) {
+    if (auto v = f.Get(name)) {
+      o.gateway_args.push_back("--" + name);
+      o.gateway_args.push_back(*v);
+    }
+  }
+  for (const std::string& a : f.GetAll("gateway-arg")) o.gateway_args.push_back(a);
+  return o;
+}
+
+absl::StatusOr<int> NumExperts(const std::string& model_dir) {
+  const std::string path = (std::filesystem::path(model_dir) / "config.json").string();
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  nlohmann::json config = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (config.is_discarded() || !config.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, " is not a JSON object"));
+  }
+  auto it = config.find("num_local_experts");
+  if (it == config.end() || !it->is_number_integer() || it->get<int64_t>() < 1 ||
+      it->get<int64_t>() > 65536) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": num_local_experts is missing or not a positive integer"));
+  }
+  return static_cast<int>(it->get<int64_t>());
+}
+
+// "0", "0-3" or "0,2" for messages.
+std::string ExpertsLabel(const std::vector<int>& experts) {
+  if (experts.size() == 1) return std::to_string(experts[0]);
+  if (experts.back() - experts.front() + 1 == static_cast<int>(experts.size())) {
+    return absl::StrCat(experts.front(), "-", experts.back());
+  }
+  return absl::StrJoin(experts, ",");
+}
+
+std::string DescribeWaitStatus(int status) {
+  if (WIFEXITED(status)) return absl::StrCat("exited with status ", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) {
+    return absl::StrCat("was killed by signal ", WTERMSIG(status), " (",
+                        strsignal(WTERMSIG(status)), ")");
+  }
+  return "stopped";
+}
+
+// One child process.
+struct Child {
+  std::string name;  // "expert 0-1", "gateway"
+  std::string role;  // "expert" | "gateway"
+  std::vector<int> experts;
+  pid_t pid = -1;
+  bool running = false;
+  int wait_status = 0;
+  std::string address;  // as reported on its stdout
+  std::shared_ptr<grpc::Channel> channel;
+  bool healthy = false;
+};
+
+// Starts, watches and stops the children. Owned and used by the main thread
+// only (signals are taken synchronously with sigtimedwait).
+class Supervisor {
+ public:
+  explicit Supervisor(UpOptions options) : options_(std::move(options)) {}
+
+  // Runs until stopped; the process exit code.
+  int Run();
+
+ private:
+  enum class Wake { kDone, kStopSignal, kChildExited, kTimeout };
+
+  absl::Status Spawn(Child& child, const std::vector<std::string>& argv);
+  // Reaps exited children; true if one exited that was not being stopped.
+  bool Reap();
+  // Waits, handling signals and child exits, until `done()` holds or `deadline`.
+  Wake WaitUntil(const std::function<bool()>& done, Clock::time_point deadline);
+  // Reports why a wait ended early and stops everything; an exit code.
+  int Abort(Wake wake, const std::string& waiting_for);
+  void StopAll();
+  void StopGroup(const std::vector<Child*>& group);
+  bool AllHealthy(const std::vector<Child*>& group);
+  absl::Status WriteEndpoints();
+
+  UpOptions options_;
+  OutputPump pump_;
+  std::vector<std::unique_ptr<Child>> experts_;
+  std::unique_ptr<Child> gateway_;
+  sigset_t signals_;
+  int stop_signal_ = 0;
+  bool stopping_ = false;
+  bool endpoints_written_ = false;
+};
+
+absl::Status Supervisor::Spawn(Child& child, const std::vector<std::string>& argv) {
+  if (access(argv[0].c_str(), X_OK) != 0) {
+    return absl::NotFoundError(absl::StrCat("no executable ", argv[0], " (", std::strerror(errno),
+                                            "); build it or pass --bin-dir"));
+  }
+  std::vector<char*> cargv;
+  for (const std::string& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
+  cargv.push_back(nullptr);
+  const std::string exec_failed = absl::StrCat("switchyard up: cannot execute ", argv[0], "\n");
+
+  int out[2], err[2];
+  if (pipe2(out, O_CLOEXEC) != 0) return absl::InternalError("pipe failed");
+  if (pipe2(err, O_CLOEXEC) != 0) {
+    close(out[0]);
+    close(out[1]);
+    return absl::InternalError("pipe failed");
+  }
+  const int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  const pid_t parent = getpid();
+  const pid_t pid = fork();
+  if (pid == 0) {
+    // Child: async-signal-safe calls only until exec.
+    setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(1);
+    if (devnull >= 0) dup2(devnull, STDIN_FILENO);
+    dup2(out[1], STDOUT_FILENO);
+    dup2(err[1], STDERR_FILENO);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    signal(SIGPIPE, SIG_DFL);
+    execv(cargv[0], cargv.data());
+    [[maybe_unused]] ssize_t n = write(STDERR_FILENO, exec_failed.data(), exec_failed.size());
+    _exit(127);
+  }
+  const int fork_errno = errno;
+  if (devnull >= 0) close(devnull);
+  close(out[1]);
+  close(err[1]);
+  if (pid < 0) {
+    close(out[0]);
+    close(err[0]);
+    return absl::InternalError(absl::StrCat("fork: ", std::strerror(fork_errno)));
+  }
+  setpgid(pid, pid);  // Also here, so it holds before we ever signal the group.
+  child.pid = pid;
+  child.running = true;
+  const std::string prefix = absl::StrCat("[", child.name, "] ");
+  pump_.Add(out[0], prefix, stdout, pid);
+  pump_.Add(err[0], prefix, stderr, -1);
+  return absl::OkStatus();
+}
+
+bool Supervisor::Reap() {
+  bool unexpected = false;
+  auto reap = [&](Child& c) {
+    if (!c.running) return;
+    int status = 0;
+    pid_t r = waitpid(c.pid, &status, WNOHANG);
+    if (r == c.pid || (r < 0 && errno == ECHILD)) {
+      c.running = false;
+      c.wait_status = status;
+      if (!stopping_) {
+        unexpected = true;
+        Say(absl::StrCat(c.name, " (pid ", c.pid, ") ", DescribeWaitStatus(status)));
+      }
+    }
+  };
+  if (gateway_) reap(*gateway_);
+  for (auto& e : experts_) reap(*e);
+  return unexpected;
+}
+
+Supervisor::Wake Supervisor::WaitUntil(const std::function<bool()>& done,
+                                       Clock::time_point deadline) {
+  while (true) {
+    if (Reap()) return Wake::kChildExited;
+    if (done()) return Wake::kDone;
+    const auto now = Clock::now();
+    if (now >= deadline) return Wake::kTimeout;
+    const auto left = std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(100));
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+    timespec timeout{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+    const int sig = sigtimedwait(&signals_, nullptr, &timeout);
+    if (sig == SIGINT || sig == SIGTERM || sig == SIGHUP) {
+      stop_signal_ = sig;
+      return Wake::kStopSignal;
+    }
+  }
+}
+
+void Supervisor::StopGroup(const std::vector<Child*>& group) {
+  for (Child* c : group) {
+    if (c->running) kill(-c->pid, SIGTERM);
+  }
+  auto all_exited = [&] {
+    return std::none_of(group.begin(), group.end(), [](Child* c) { return c->running; });
+  };
+  const auto deadline = Clock::now() + kStopGrace;
+  while (!all_exited()) {
+    Reap();
+    if (all_exited() || Clock::now() >= deadline) break;
+    timespec tick{0, 50 * 1000 * 1000};
+    const int sig = sigtimedwait(&signals_, nullptr, &tick);
+    if (sig == SIGINT || sig == SIGTERM) {
+      Say("second stop signal: killing now");
+      break;
+    }
+  }
+  for (Child* c : group) {
+    if (c->running) {
+      Say(absl::StrCat(c->name, " (pid ", c->pid, ") did not stop in time; killing it"));
+      kill(-c->pid, SIGKILL);
+      int status = 0;
+      while (waitpid(c->pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      c->running = false;
+      c->wait_status = status;
+    }
+    // Anything left in its process group (it would hold our pipes open).
+    if (c->pid > 0) kill(-c->pid, SIGKILL);
+  }
+}
+
+void Supervisor::StopAll() {
+  stopping_ = true;
+  // Gateway first so it can finish requests in flight while experts still run.
+  if (gateway_) StopGroup({gateway_.get()});
+  std::vector<Child*> experts;
+  for (auto& e : experts_) experts.push_back(e.get());
+  StopGroup(experts);
+  for (auto& e : experts_) e->channel.reset();
+  if (gateway_) gateway_->channel.reset();
+  pump_.Stop();
+  if (endpoints_written_) {
+    std::error_code ec;
+    std::filesystem::remove(options_.endpoints_file, ec);
+  }
+}
+
+int Supervisor::Abort(Wake wake, const std::string& waiting_for) {
+  int code = 1;
+  switch (wake) {
+    case Wake::kStopSignal:
+      Say(absl::StrCat(strsignal(stop_signal_), " received; stopping"));
+      code = 0;
+      break;
+    case Wake::kChildExited:
+      Say(absl::StrCat("a child process died", waiting_for.empty() ? "" : " while waiting for ",
+                       waiting_for, "; stopping everything"));
+      break;
+    case Wake::kTimeout:
+      Say(absl::StrCat("timed out after ", options_.start_timeout_s, " s waiting for ", waiting_for,
+                       "; stopping everything"));
+      break;
+    case Wake::kDone:
+      break;
+  }
+  StopAll();
+  return code;
+}
+
+bool Supervisor::AllHealthy(const std::vector<Child*>& group) {
+  bool all = true;
+  for (Child* c : group) {
+    if (c->healthy) continue;
+    if (!c->channel) c->channel = MakeChannel(c->address);
+    auto serving = IsServing(c->channel, "", std::chrono::milliseconds(500));
+    c->healthy = serving.ok() && *serving;
+    all = all && c->healthy;
+  }
+  return all;
+}
+
+absl::Status Supervisor::WriteEndpoints() {
+  if (options_.endpoints_file.empty()) return absl::OkStatus();
+  nlohmann::ordered_json processes = nlohmann::ordered_json::array();
+  for (auto& e : experts_) {
+    processes.push_back({{"role", "expert"},
+                         {"experts", e->experts},
+                         {"grpc", e->address},
+                         {"metrics", nullptr},
+                         {"pid", e->pid}});
+  }
+  const std::string port = gateway_->address.substr(gateway_->address.rfind(':') + 1);
+  processes.push_back({{"role", "gateway"},
+                       {"experts", nlohmann::ordered_json::array()},
+                       {"grpc", absl::StrCat(options_.listen_host, ":", port)},
+                       {"metrics", nullptr},
+                       {"pid", gateway_->pid}});
+  const nlohmann::ordered_json doc = {{"processes", std::move(processes)}};
+  const std::string tmp = absl::StrCat(options_.endpoints_file, ".tmp.", getpid());
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << doc.dump(2) << "\n";
+    out.close();
+    if (!out) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, options_.endpoints_file, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    return absl::UnavailableError(
+        absl::StrCat("cannot write ", options_.endpoints_file, ": ", ec.message()));
+  }
+  endpoints_written_ = true;
+  return absl::OkStatus();
+}
+
+int Supervisor::Run() {
+  auto num_experts = NumExperts(options_.model_dir);
+  if (!num_experts.ok()) {
+    Say(StatusLine(num_experts.status()));
+    return 1;
+  }
+  // Signals are taken synchronously by the main thread; every thread started
+  // from here on (the pump, gRPC's) inherits the mask.
+  sigemptyset(&signals_);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) sigaddset(&signals_, sig);
+  pthread_sigmask(SIG_BLOCK, &signals_, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  if (absl::Status s = pump_.Start(); !s.ok()) {
+    Say(StatusLine(s));
+    return 1;
+  }
+
+  const auto bin = std::filesystem::path(options_.bin_dir);
+  const std::string expert_bin = (bin / "switchyard-expert").string();
+  const std::string gateway_bin = (bin / "switchyard-gateway").string();
+  const auto deadline = Clock::now() + std::chrono::seconds(options_.start_timeout_s);
+
+  // Experts, all started at once.
+  for (int first = 0; first < *num_experts; first += options_.experts_per_process) {
+    auto child = std::make_unique<Child>();
+    child->role = "expert";
+    for (int e = first; e < std::min(*num_experts, first + options_.experts_per_process); ++e) {
+      child->experts.push_back(e);
+    }
+    child->name = absl::StrCat("expert ", ExpertsLabel(child->experts));
+    std::vector<std::string> argv = {expert_bin,
+                                     "--model",
+                                     options_.model_dir,
+                                     "--listen",
+                                     "127.0.0.1:0",
+                                     "--experts",
+                                     absl::StrJoin(child->experts, ",")};
+    argv.insert(argv.end(), options_.expert_args.begin(), options_.expert_args.end());
+    absl::Status s = Spawn(*child, argv);
+    experts_.push_back(std::move(child));
+    if (!s.ok()) {
+      Say(StatusLine(s));
+      StopAll();
+      return 1;
+    }
+  }
+  auto addresses_known = [this](const std::vector<Child*>& group) {
+    bool all = true;
+    for (Child* c : group) {
+      if (c->address.empty()) c->address = pump_.Address(c->pid);
+      all = all && !c->address.empty();
+    }
+    return all;
+  };
+  std::vector<Child*> experts;
+  for (auto& e : experts_) experts.push_back(e.get());
+  Wake wake = WaitUntil([&] { return addresses_known(experts); }, deadline);
+  if (wake != Wake::kDone) return Abort(wake, "the experts to report their addresses");
+  wake = WaitUntil([&] { return AllHealthy(experts); }, deadline);
+  if (wake != Wake::kDone) return Abort(wake, "the experts to become healthy");
+
+  // The gateway, routed to them.
+  std::vector<std::string> spec;
+  for (auto& e : experts_) {
+    for (int expert : e->experts) spec.push_back(absl::StrCat(expert, "=", e->address));
+  }
+  gateway_ = std::make_unique<Child>();
+  gateway_->role = "gateway";
+  gateway_->name = "gateway";
+  std::vector<std::string> argv = {gateway_bin,
+                                   "--model",
+                                   options_.model_dir,
+                                   "--listen",
+                                   absl::StrCat(options_.listen_host, ":", options_.port),
+                                   "--experts",
+                                   absl::StrJoin(spec, ";")};
+  argv.insert(argv.end(), options_.gateway_args.begin(), options_.gateway_args.end());
+  if (absl::Status s = Spawn(*gateway_, argv); !s.ok()) {
+    Say(StatusLine(s));
+    StopAll();
+    return 1;
+  }
+  wake = WaitUntil([&] { return addresses_known({gateway_.get()}); }, deadline);
+  if (wake != Wake::kDone) return Abort(wake, "the gateway to report its address");
+  // Dial a wildcard listen address on loopback.
+  std::string dial = gateway_->address;
+  for (const char* any : {"0.0.0.0:", "[::]:"}) {
+    if (dial.rfind(any, 0) == 0) dial = absl::StrCat("127.0.0.1:", dial.substr(std::strlen(any)));
+  }
+  Child probe = *gateway_;
+  probe.address = dial;
+  wake = WaitUntil([&] { return AllHealthy({&probe}); }, deadline);
+  if (wake != Wake::kDone) return Abort(wake, "the gateway to become healthy");
+  gateway_->healthy = true;
+  probe.channel.reset();
+  for (auto& e : experts_) e->channel.reset();
+
+  if (absl::Status s = WriteEndpoints(); !s.ok()) {
+    Say(StatusLine(s));
+    StopAll();
+    return 1;
+  }
+  const std::string port = gateway_->address.substr(gateway_->address.rfind(':') + 1);
+  std::printf("switchyard up: ready on %s (gateway pid %d, %zu expert processes)\n", port.c_str(),
+              static_cast<int>(gateway_->pid), experts_.size());
+  std::fflush(stdout);
+
+  wake = WaitUntil([] { return false; }, Clock::time_point::max());
+  return Abort(wake, "");
+}
+
+}  // namespace
+
+int RunUp(const std::vector<std::string>& args) {
+  auto options = ParseUpOptions(args);
+  if (!options.ok()) {
+    Say(StatusLine(options.status()));
+    return 1;
+  }
+  Supervisor supervisor(*std::move(options));
+  return supervisor.Run();
+}
+
+}  // namespace switchyard::cli

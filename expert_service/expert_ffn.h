@@ -1,0 +1,61 @@
+// One expert's SwiGLU feed-forward network and the set of experts a process
+// holds.
+//
+// Legend: N tokens routed to this expert, D hidden, F expert ffn.
+// An expert computes  y = w2 · (silu(w1 · x) ⊙ (w3 · x)).
+#ifndef SWITCHYARD_EXPERT_SERVICE_EXPERT_FFN_H_
+#define SWITCHYARD_EXPERT_SERVICE_EXPERT_FFN_H_
+
+#include <map>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/checkpoint.h"
+#include "core/model_config.h"
+
+namespace switchyard {
+
+// The FP32 weights of one (layer, expert). Immutable after construction;
+// Forward is thread-safe.
+class ExpertFfn {
+ public:
+  // w1, w3: [F, D] (gate and up projections); w2: [D, F] (down projection).
+  ExpertFfn(int hidden, int ffn, std::vector<float> w1, std::vector<float> w3,
+            std::vector<float> w2);
+
+  int hidden() const { return hidden_; }
+  int ffn() const { return ffn_; }
+
+  // out[N, D] = expert(x[N, D]). N may be 0.
+  void Forward(const float* x, int tokens, float* out) const;
+
+ private:
+  int hidden_;
+  int ffn_;
+  std::vector<float> w13_;  // [2F, D]: w1 rows then w3 rows, one GEMM for both
+  std::vector<float> w2_;   // [D, F]
+};
+
+// The experts one process holds, keyed by (layer, expert). Immutable after
+// Load; all methods are thread-safe.
+class ExpertStore {
+ public:
+  // Loads every (layer, expert) that `checkpoint`'s selection includes.
+  static absl::StatusOr<std::unique_ptr<ExpertStore>> Load(const Checkpoint& checkpoint);
+
+  const ModelConfig& config() const { return config_; }
+  // nullptr when this store does not hold (layer, expert).
+  const ExpertFfn* Find(int layer, int expert) const;
+  // Held (layer, expert) pairs, sorted.
+  std::vector<std::pair<int, int>> Held() const;
+
+ private:
+  ModelConfig config_;
+  std::map<std::pair<int, int>, std::unique_ptr<ExpertFfn>> experts_;
+};
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_EXPERT_SERVICE_EXPERT_FFN_H_

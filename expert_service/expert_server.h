@@ -1,0 +1,142 @@
+// The gRPC ExpertService (protos/switchyard/v1/expert.proto) over an
+// in-process ExpertStore: what the switchyard-expert binary serves.
+//
+// Forward calls arrive on gRPC's callback threads, are validated there
+// (cheap lookups only) and queued to a small pool of worker threads that
+// decode, run ExpertFfn::Forward, encode and Finish the call, so expert
+// compute never blocks gRPC's threads. Calls whose deadline passed while
+// queued are dropped without compute.
+//
+// Thread-safety: all methods are thread-safe. The store must outlive the
+// service; the service must outlive the grpc::Server it is registered with
+// (shut the server down first, then call Shutdown()).
+#ifndef SWITCHYARD_EXPERT_SERVICE_EXPERT_SERVER_H_
+#define SWITCHYARD_EXPERT_SERVICE_EXPERT_SERVER_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/checkpoint.h"
+#include "expert_service/expert_ffn.h"
+#include "switchyard/v1/expert.grpc.pb.h"
+
+namespace switchyard {
+
+// What a shard holds, as reported by GetShardInfo.
+struct ShardDescription {
+  // Expert indices held, sorted (for every layer in [layer_begin, layer_end)).
+  std::vector<int> experts;
+  int layer_begin = 0;
+  int layer_end = 0;
+  // ExpertWeightsFingerprint of each held expert.
+  std::map<int, std::string> expert_weight_fingerprints;
+  // Stored dtype of the expert weights: "bf16", "f16" or "f32".
+  std::string weights_dtype;
+};
+
+// Builds the description of what `checkpoint` (opened from `checkpoint_dir`)
+// selects: experts, layer range, weight fingerprints, stored dtype. The
+// selection must name its experts explicitly (WeightSelection::ExpertsOnly).
+// Fingerprints cover every layer of the folder, whatever layers are held.
+absl::StatusOr<ShardDescription> DescribeShard(const std::string& checkpoint_dir,
+                                               const Checkpoint& checkpoint);
+
+struct ExpertServerOptions {
+  // Worker threads running expert compute. Default 2.
+  int workers = 2;
+  // Forward calls allowed to wait for a worker; beyond that calls fail with
+  // RESOURCE_EXHAUSTED. Default 4096.
+  int max_queued_calls = 4096;
+};
+
+// Counters of one (layer, expert). Monotonic except in_flight.
+struct ExpertCounters {
+  std::atomic<uint64_t> calls{0};        // Forward calls that ran (OK or not)
+  std::atomic<uint64_t> tokens{0};       // rows computed
+  std::atomic<int64_t> in_flight{0};     // accepted and not yet finished
+  std::atomic<uint64_t> busy_micros{0};  // worker time spent on its calls
+};
+
+// A point-in-time copy of the counters, for a metrics exporter.
+struct ExpertServerStats {
+  struct PerExpert {
+    int layer = 0;
+    int expert = 0;
+    uint64_t calls = 0;
+    uint64_t tokens = 0;
+    int64_t in_flight = 0;
+    uint64_t busy_micros = 0;
+  };
+  std::vector<PerExpert> experts;  // every held (layer, expert), sorted
+  // Forward calls refused before compute (bad request, unknown layer/expert,
+  // fingerprint mismatch, queue full, shutting down, deadline passed).
+  uint64_t rejected_calls = 0;
+  // Calls waiting for a worker right now.
+  int64_t queued_calls = 0;
+};
+
+class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
+ public:
+  // `store` is not owned and must outlive the service. Starts the workers.
+  ExpertServiceImpl(const ExpertStore* store, ShardDescription shard,
+                    ExpertServerOptions options = {});
+  ~ExpertServiceImpl() override;  // calls Shutdown()
+
+  ExpertServiceImpl(const ExpertServiceImpl&) = delete;
+  ExpertServiceImpl& operator=(const ExpertServiceImpl&) = delete;
+
+  grpc::ServerUnaryReactor* GetShardInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetShardInfoRequest* request,
+                                         v1::ShardInfo* response) override;
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
+                                    const v1::ForwardRequest* request,
+                                    v1::ForwardResponse* response) override;
+
+  // Refuses new Forward calls (UNAVAILABLE), finishes every queued call and
+  // joins the workers. Idempotent. Call after the grpc::Server stopped
+  // accepting (RunningServer::Shutdown), so its in-flight calls complete.
+  void Shutdown();
+
+  // Live counters of a held (layer, expert); nullptr if not held.
+  const ExpertCounters* counters(int layer, int expert) const;
+  ExpertServerStats Stats() const;
+  const ShardDescription& shard() const { return shard_; }
+
+ private:
+  void WorkerLoop();
+  // Runs one accepted Forward call on a worker thread and finishes it.
+  void RunForward(grpc::CallbackServerContext* context, const v1::ForwardRequest* request,
+                  v1::ForwardResponse* response, grpc::ServerUnaryReactor* reactor,
+                  const ExpertFfn* ffn, ExpertCounters* counters, int64_t enqueued_micros);
+  grpc::ServerUnaryReactor* Reject(grpc::CallbackServerContext* context, const absl::Status& s);
+
+  const ExpertStore* store_;
+  const ShardDescription shard_;
+  const ExpertServerOptions options_;
+  const std::string config_fingerprint_;
+  // Keys fixed at construction, so lookups need no lock.
+  std::map<std::pair<int, int>, std::unique_ptr<ExpertCounters>> counters_;
+  std::atomic<uint64_t> rejected_calls_{0};
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::deque<std::function<void()>> queue_;  // guarded by mu_
+  bool stopping_ = false;                    // guarded by mu_
+  std::mutex join_mu_;  // serialises Shutdown's joins
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_EXPERT_SERVICE_EXPERT_SERVER_H_

@@ -1,0 +1,19 @@
+#include "gateway/expert_backend.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace switchyard {
+
+absl::Status LocalExpertBackend::RunLayer(int layer, absl::Span<const ExpertBatch> batches) {
+  for (const ExpertBatch& b : batches) {
+    const ExpertFfn* ffn = store_->Find(layer, b.expert);
+    if (ffn == nullptr) {
+      return absl::NotFoundError(
+          absl::StrCat("expert ", b.expert, " of layer ", layer, " is not loaded in this process"));
+    }
+    ffn->Forward(b.input, b.tokens, b.output);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace switchyard

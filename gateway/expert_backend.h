@@ -1,0 +1,53 @@
+// The seam between the attention side and the experts.
+//
+// Each layer, the model runner groups the step's tokens by the expert they
+// were routed to and hands the groups to an ExpertBackend, which fills in the
+// expert outputs. LocalExpertBackend runs them in-process; the services issue
+// puts a gRPC client behind the same interface, so the math does not change.
+//
+// Legend: N tokens routed to one expert, D hidden.
+#ifndef SWITCHYARD_GATEWAY_EXPERT_BACKEND_H_
+#define SWITCHYARD_GATEWAY_EXPERT_BACKEND_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "expert_service/expert_ffn.h"
+
+namespace switchyard {
+
+// The rows of one layer routed to one expert.
+struct ExpertBatch {
+  int expert = 0;
+  int tokens = 0;                // N >= 1
+  const float* input = nullptr;  // [N, D], the post-attention-normed hidden states
+  float* output = nullptr;       // [N, D], written by the backend
+};
+
+// Thread-safety: implementations are thread-safe; several model runners may
+// share one backend.
+class ExpertBackend {
+ public:
+  virtual ~ExpertBackend() = default;
+  // Fills every batch's output for `layer`. On error no output may be used.
+  virtual absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) = 0;
+  // One line for logs: what runs the experts.
+  virtual std::string Describe() const = 0;
+};
+
+// Runs experts from an in-process ExpertStore (the `--experts local` mode and
+// the baseline for the split cluster).
+class LocalExpertBackend : public ExpertBackend {
+ public:
+  explicit LocalExpertBackend(const ExpertStore* store) : store_(store) {}
+  absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override;
+  std::string Describe() const override { return "local (in-process)"; }
+
+ private:
+  const ExpertStore* store_;
+};
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_GATEWAY_EXPERT_BACKEND_H_

@@ -1,0 +1,170 @@
+#include "gateway/gateway_server.h"
+
+#include <pthread.h>
+
+#include <csignal>
+#include <cstdio>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "attention_service/attention_model.h"
+#include "core/checkpoint.h"
+#include "core/status_macros.h"
+#include "core/tokenizer.h"
+#include "expert_service/expert_ffn.h"
+#include "gateway/generation_service.h"
+#include "gateway/remote_expert_backend.h"
+#include "rpc/server.h"
+
+namespace switchyard {
+
+struct Gateway::Parts {
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<AttentionModel> attention;
+  std::unique_ptr<ExpertStore> local_experts;      // --experts local only
+  std::unique_ptr<ExpertBackend> backend;
+  std::unique_ptr<KvCachePool> kv_pool;
+  std::unique_ptr<ModelRunner> runner;
+  std::unique_ptr<Scheduler> scheduler;
+  std::unique_ptr<GenerationServiceImpl> service;
+  std::unique_ptr<rpc::RunningServer> server;
+};
+
+absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const cli::Flags& f) {
+  GatewayOptions o;
+  SY_ASSIGN_OR_RETURN(o.model_dir, f.Required("model"));
+  o.listen = f.GetOr("listen", o.listen);
+  o.experts = f.GetOr("experts", o.experts);
+  SY_ASSIGN_OR_RETURN(o.kv_cache_tokens, f.Int("kv-cache-tokens", o.kv_cache_tokens));
+  SY_ASSIGN_OR_RETURN(int64_t max_queue, f.Int("max-queue", o.scheduler.max_queue));
+  SY_ASSIGN_OR_RETURN(int64_t max_running, f.Int("max-running", o.scheduler.max_running));
+  SY_ASSIGN_OR_RETURN(int64_t step_tokens, f.Int("max-step-tokens", o.scheduler.max_step_tokens));
+  SY_ASSIGN_OR_RETURN(int64_t new_limit,
+                      f.Int("max-new-tokens-limit", o.limits.max_new_tokens_limit));
+  SY_ASSIGN_OR_RETURN(int64_t timeout, f.Int("expert-timeout-ms", o.expert_timeout_ms));
+  SY_ASSIGN_OR_RETURN(int64_t grace, f.Int("grace-ms", o.grace_ms));
+  SY_ASSIGN_OR_RETURN(int64_t age, f.Int("max-connection-age-ms", o.max_connection_age_ms));
+  for (auto [name, v] : {std::pair{"kv-cache-tokens", o.kv_cache_tokens}, {"max-queue", max_queue},
+                         {"max-running", max_running}, {"max-step-tokens", step_tokens},
+                         {"max-new-tokens-limit", new_limit}, {"expert-timeout-ms", timeout}}) {
+    if (v < 1) return absl::InvalidArgumentError(absl::StrCat("--", name, " must be >= 1"));
+  }
+  o.scheduler.max_queue = static_cast<int>(max_queue);
+  o.scheduler.max_running = static_cast<int>(max_running);
+  o.scheduler.max_step_tokens = static_cast<int>(step_tokens);
+  o.limits.max_new_tokens_limit = static_cast<int>(new_limit);
+  o.expert_timeout_ms = static_cast<int>(timeout);
+  o.grace_ms = static_cast<int>(grace);
+  o.max_connection_age_ms = static_cast<int>(age);
+  const std::string wire = f.GetOr("wire-dtype", "f32");
+  if (wire != "f32" && wire != "bf16") {
+    return absl::InvalidArgumentError("--wire-dtype must be f32 or bf16, got '" + wire + "'");
+  }
+  o.wire_bf16 = wire == "bf16";
+  return o;
+}
+
+absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& options) {
+  auto p = std::make_unique<Parts>();
+  const bool local = options.experts == "local";
+  WeightSelection selection = local ? WeightSelection::All() : WeightSelection::DenseOnly();
+  SY_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options.model_dir, selection));
+  const ModelConfig& config = checkpoint->config();
+  SY_ASSIGN_OR_RETURN(p->tokenizer, Tokenizer::FromDir(options.model_dir));
+  SY_ASSIGN_OR_RETURN(p->attention, AttentionModel::Load(*checkpoint));
+
+  GenerationServiceOptions service_options;
+  service_options.model_name = options.model_dir;
+  service_options.limits = options.limits;
+  if (local) {
+    SY_ASSIGN_OR_RETURN(p->local_experts, ExpertStore::Load(*checkpoint));
+    p->backend = std::make_unique<LocalExpertBackend>(p->local_experts.get());
+    for (int e = 0; e < config.num_local_experts; ++e) {
+      v1::ExpertRoute route;
+      route.set_expert(e);
+      route.set_target("local");
+      service_options.expert_routes.push_back(route);
+    }
+  } else {
+    absl::StatusOr<ExpertTopology> topology =
+        absl::StartsWith(options.experts, "@")
+            ? ParseExpertTopologyFile(options.experts.substr(1), config.num_local_experts)
+            : ParseExpertTopology(options.experts, config.num_local_experts);
+    if (!topology.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--experts: ", topology.status().message()));
+    }
+    RemoteExpertOptions remote;
+    remote.call_deadline_ms = options.expert_timeout_ms;
+    remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
+    SY_ASSIGN_OR_RETURN(auto backend, RemoteExpertBackend::Connect(*topology, config,
+                                                                   options.model_dir, remote));
+    for (const auto& [e, replicas] : topology->replicas) {
+      v1::ExpertRoute route;
+      route.set_expert(e);
+      route.set_target(absl::StrJoin(replicas, "|"));
+      for (const std::string& r : replicas) route.add_replicas(r);
+      service_options.expert_routes.push_back(route);
+    }
+    p->backend = std::move(backend);
+  }
+  checkpoint.reset();  // weights are copied; drop the mappings
+
+  p->kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens);
+  p->runner = std::make_unique<ModelRunner>(p->attention.get(), p->backend.get());
+  p->scheduler = std::make_unique<Scheduler>(p->runner.get(), p->kv_pool.get(), p->tokenizer.get(),
+                                             options.scheduler);
+  p->service = std::make_unique<GenerationServiceImpl>(p->scheduler.get(), p->tokenizer.get(),
+                                                       config, std::move(service_options));
+  rpc::ServerOptions server_options;
+  server_options.listen_address = options.listen;
+  server_options.max_connection_age_ms = options.max_connection_age_ms;
+  SY_ASSIGN_OR_RETURN(p->server, rpc::RunningServer::Start(server_options, {p->service.get()}));
+  return std::unique_ptr<Gateway>(new Gateway(std::move(p)));
+}
+
+Gateway::Gateway(std::unique_ptr<Parts> parts) : parts_(std::move(parts)) {}
+
+Gateway::~Gateway() {
+  // The server first (no new calls), then the scheduler (ends what is left).
+  parts_->server.reset();
+  parts_->scheduler.reset();
+}
+
+const std::string& Gateway::address() const { return parts_->server->address(); }
+Scheduler& Gateway::scheduler() { return *parts_->scheduler; }
+
+void Gateway::Shutdown(absl::Duration grace) {
+  parts_->server->SetServing(false);
+  const absl::Time deadline = absl::Now() + grace;
+  absl::Status drained = parts_->scheduler->Drain(grace);
+  if (!drained.ok()) std::fprintf(stderr, "switchyard-gateway: %s\n", std::string(drained.message()).c_str());
+  parts_->server->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
+}
+
+int RunGateway(const GatewayOptions& options) {
+  // Block the stop signals in every thread; this one waits for them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  absl::StatusOr<std::unique_ptr<Gateway>> gateway = Gateway::Start(options);
+  if (!gateway.ok()) {
+    std::fprintf(stderr, "switchyard-gateway: cannot start: %s\n",
+                 gateway.status().ToString().c_str());
+    return 1;
+  }
+  std::printf("switchyard-gateway listening on %s\n", (*gateway)->address().c_str());
+  std::fflush(stdout);
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  std::fprintf(stderr, "switchyard-gateway: signal %d, draining (grace %d ms)\n", signal,
+               options.grace_ms);
+  (*gateway)->Shutdown(absl::Milliseconds(options.grace_ms));
+  gateway->reset();
+  return 0;
+}
+
+}  // namespace switchyard

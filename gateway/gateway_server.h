@@ -1,0 +1,62 @@
+// The gateway process: model (dense part), experts (in-process or remote),
+// KV cache, scheduler, and the Generation API server, wired together.
+// `switchyard-gateway` is a thin main over RunGateway; tests start a Gateway
+// in-process.
+//
+// Thread-safety: Gateway methods are thread-safe.
+#ifndef SWITCHYARD_GATEWAY_GATEWAY_SERVER_H_
+#define SWITCHYARD_GATEWAY_GATEWAY_SERVER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "cli/flags.h"
+#include "gateway/request_validation.h"
+#include "gateway/scheduler.h"
+
+namespace switchyard {
+
+struct GatewayOptions {
+  std::string model_dir;                   // required
+  std::string listen = "0.0.0.0:50051";    // "127.0.0.1:0" picks a free port
+  std::string experts = "local";           // "local", a topology spec, or "@file.json"
+  int64_t kv_cache_tokens = 65536;         // KV cache budget in token slots
+  SchedulerOptions scheduler;              // queue, batch and step-token limits
+  RequestLimits limits;                    // request validation limits
+  int expert_timeout_ms = 10000;           // deadline of each expert call
+  bool wire_bf16 = false;                  // send expert tensors as BF16 (default F32, exact)
+  int grace_ms = 5000;                     // shutdown grace for in-flight requests
+  int max_connection_age_ms = 0;           // 0: connections are never recycled
+};
+
+absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const cli::Flags& flags);
+
+class Gateway {
+ public:
+  // Loads the model, connects to (and verifies) the expert services, and
+  // starts serving.
+  static absl::StatusOr<std::unique_ptr<Gateway>> Start(const GatewayOptions& options);
+  ~Gateway();
+
+  // The address clients dial.
+  const std::string& address() const;
+  Scheduler& scheduler();
+  // Health NOT_SERVING, stop taking calls, let in-flight requests finish
+  // within `grace`, then stop.
+  void Shutdown(absl::Duration grace);
+
+ private:
+  struct Parts;
+  explicit Gateway(std::unique_ptr<Parts> parts);
+  std::unique_ptr<Parts> parts_;
+};
+
+// Runs a gateway until SIGINT or SIGTERM; returns the process exit code.
+int RunGateway(const GatewayOptions& options);
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_GATEWAY_GATEWAY_SERVER_H_

@@ -1,0 +1,312 @@
+#include "gateway/generation_service.h"
+
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "rpc/status.h"
+
+namespace switchyard {
+namespace {
+
+v1::FinishReason ToProto(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kEos: return v1::FINISH_REASON_EOS;
+    case FinishReason::kStopSequence: return v1::FINISH_REASON_STOP_SEQUENCE;
+    case FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+void FillLogprobs(const Tokenizer& tokenizer, const std::vector<TokenLogprobs>& in,
+                  google::protobuf::RepeatedPtrField<v1::TokenLogprob>* out) {
+  for (const TokenLogprobs& lp : in) {
+    v1::TokenLogprob* p = out->Add();
+    p->set_token_id(lp.id);
+    p->set_token(tokenizer.IdToToken(lp.id).value_or(""));
+    p->set_logprob(lp.logprob);
+    for (const auto& [id, logprob] : lp.top) {
+      v1::TopLogprob* t = p->add_top();
+      t->set_token_id(id);
+      t->set_token(tokenizer.IdToToken(id).value_or(""));
+      t->set_logprob(logprob);
+    }
+  }
+}
+
+// Cancels the scheduler request when the call is cancelled, whichever of
+// "submitted" and "cancelled" happens first.
+class CancelLink {
+ public:
+  explicit CancelLink(Scheduler* scheduler) : scheduler_(scheduler) {}
+  void Submitted(Scheduler::RequestId id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    id_ = id;
+    if (cancelled_) scheduler_->Cancel(id);
+  }
+  void Cancel() {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+    if (id_) scheduler_->Cancel(*id_);
+  }
+
+ private:
+  Scheduler* scheduler_;
+  std::mutex mu_;
+  std::optional<Scheduler::RequestId> id_;
+  bool cancelled_ = false;
+};
+
+// ---- Generate (unary) ----
+
+class UnaryCall final : public grpc::ServerUnaryReactor {
+ public:
+  explicit UnaryCall(Scheduler* scheduler) : link(scheduler) {}
+  void OnCancel() override { link.Cancel(); }
+  void OnDone() override { delete this; }
+  CancelLink link;
+};
+
+// Collects events into the response; finishes the call on the last one.
+class UnarySink final : public GenerationSink {
+ public:
+  UnarySink(UnaryCall* call, v1::GenerateResponse* response, const Tokenizer* tokenizer)
+      : call_(call), response_(response), tokenizer_(tokenizer) {}
+
+  void OnTokens(const TokenEvent& e) override {
+    response_->mutable_text()->append(e.text_delta);
+    for (int32_t id : e.token_ids) response_->add_token_ids(id);
+    FillLogprobs(*tokenizer_, e.logprobs, response_->mutable_logprobs());
+  }
+  void OnFinish(const FinishEvent& e) override {
+    response_->mutable_text()->append(e.text_delta);
+    response_->set_finish_reason(ToProto(e.reason));
+    response_->mutable_usage()->set_prompt_tokens(e.prompt_tokens);
+    response_->mutable_usage()->set_completion_tokens(e.completion_tokens);
+    response_->set_time_to_first_token_micros(absl::ToInt64Microseconds(e.time_to_first_token));
+    response_->set_total_micros(absl::ToInt64Microseconds(e.total));
+    call_->Finish(grpc::Status::OK);
+  }
+  void OnError(const absl::Status& status) override { call_->Finish(rpc::ToGrpcStatus(status)); }
+
+ private:
+  UnaryCall* call_;
+  v1::GenerateResponse* response_;
+  const Tokenizer* tokenizer_;
+};
+
+// ---- GenerateStream (server streaming) ----
+
+// Writes queued messages one at a time; finishes after the last.
+class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamResponse> {
+ public:
+  explicit StreamCall(Scheduler* scheduler) : link(scheduler) {}
+
+  // Queues `message` (if any); `last` ends the stream with `status` once
+  // everything queued is written.
+  void Enqueue(std::optional<v1::GenerateStreamResponse> message, bool last,
+               grpc::Status status = grpc::Status::OK) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (message && !broken_) queue_.push_back(std::move(*message));
+      if (last) {
+        terminal_ = true;
+        final_status_ = std::move(status);
+      }
+    }
+    Pump();
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
+      queue_.pop_front();
+      if (!ok) {  // the client is gone: stop writing, end the request
+        broken_ = true;
+        queue_.clear();
+      }
+    }
+    if (!ok) link.Cancel();
+    Pump();
+  }
+  void OnCancel() override { link.Cancel(); }
+  void OnDone() override { delete this; }
+
+  CancelLink link;
+
+ private:
+  void Pump() {
+    const v1::GenerateStreamResponse* next = nullptr;
+    bool finish = false;
+    grpc::Status status;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (writing_ || finished_) return;
+      if (!queue_.empty()) {
+        writing_ = true;
+        next = &queue_.front();  // deque keeps it in place until OnWriteDone pops it
+      } else if (terminal_) {
+        finished_ = true;
+        finish = true;
+        status = broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
+                         : final_status_;
+      }
+    }
+    if (next != nullptr) StartWrite(next);
+    if (finish) Finish(status);
+  }
+
+  std::mutex mu_;
+  std::deque<v1::GenerateStreamResponse> queue_;
+  bool writing_ = false;
+  bool terminal_ = false;
+  bool finished_ = false;
+  bool broken_ = false;
+  grpc::Status final_status_;
+};
+
+class StreamSink final : public GenerationSink {
+ public:
+  StreamSink(StreamCall* call, const Tokenizer* tokenizer, std::string request_id)
+      : call_(call), tokenizer_(tokenizer), request_id_(std::move(request_id)) {}
+
+  void OnTokens(const TokenEvent& e) override {
+    v1::GenerateStreamResponse m;
+    m.set_text_delta(e.text_delta);
+    for (int32_t id : e.token_ids) m.add_token_ids(id);
+    FillLogprobs(*tokenizer_, e.logprobs, m.mutable_logprobs());
+    m.set_request_id(request_id_);
+    call_->Enqueue(std::move(m), /*last=*/false);
+  }
+  void OnFinish(const FinishEvent& e) override {
+    v1::GenerateStreamResponse m;
+    m.set_text_delta(e.text_delta);
+    m.set_finish_reason(ToProto(e.reason));
+    m.mutable_usage()->set_prompt_tokens(e.prompt_tokens);
+    m.mutable_usage()->set_completion_tokens(e.completion_tokens);
+    m.set_request_id(request_id_);
+    call_->Enqueue(std::move(m), /*last=*/true);
+  }
+  void OnError(const absl::Status& status) override {
+    call_->Enqueue(std::nullopt, /*last=*/true, rpc::ToGrpcStatus(status));
+  }
+
+ private:
+  StreamCall* call_;
+  const Tokenizer* tokenizer_;
+  std::string request_id_;
+};
+
+}  // namespace
+
+GenerationServiceImpl::GenerationServiceImpl(Scheduler* scheduler, const Tokenizer* tokenizer,
+                                             const ModelConfig& config,
+                                             GenerationServiceOptions options)
+    : scheduler_(scheduler), tokenizer_(tokenizer), config_(config), options_(std::move(options)) {}
+
+grpc::ServerUnaryReactor* GenerationServiceImpl::Generate(grpc::CallbackServerContext* context,
+                                                          const v1::GenerateRequest* request,
+                                                          v1::GenerateResponse* response) {
+  auto* call = new UnaryCall(scheduler_);
+  absl::StatusOr<GenerationRequest> validated =
+      ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits);
+  if (!validated.ok()) {
+    call->Finish(rpc::ToGrpcStatus(validated.status()));
+    return call;
+  }
+  response->set_request_id(request->request_id());
+  for (int32_t id : validated->prompt_ids) response->add_prompt_token_ids(id);
+  auto sink = std::make_shared<UnarySink>(call, response, tokenizer_);
+  absl::StatusOr<Scheduler::RequestId> id = scheduler_->Submit(*std::move(validated), sink);
+  if (!id.ok()) {
+    call->Finish(rpc::ToGrpcStatus(id.status()));
+    return call;
+  }
+  call->link.Submitted(*id);
+  return call;
+}
+
+grpc::ServerWriteReactor<v1::GenerateStreamResponse>* GenerationServiceImpl::GenerateStream(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto* call = new StreamCall(scheduler_);
+  absl::StatusOr<GenerationRequest> validated =
+      ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits);
+  if (!validated.ok()) {
+    call->Enqueue(std::nullopt, /*last=*/true, rpc::ToGrpcStatus(validated.status()));
+    return call;
+  }
+  auto sink = std::make_shared<StreamSink>(call, tokenizer_, request->request_id());
+  absl::StatusOr<Scheduler::RequestId> id = scheduler_->Submit(*std::move(validated), sink);
+  if (!id.ok()) {
+    call->Enqueue(std::nullopt, /*last=*/true, rpc::ToGrpcStatus(id.status()));
+    return call;
+  }
+  call->link.Submitted(*id);
+  return call;
+}
+
+grpc::ServerUnaryReactor* GenerationServiceImpl::Tokenize(grpc::CallbackServerContext* context,
+                                                          const v1::TokenizeRequest* request,
+                                                          v1::TokenizeResponse* response) {
+  auto* reactor = context->DefaultReactor();
+  if (static_cast<int>(request->text().size()) > options_.limits.max_prompt_bytes) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 absl::StrCat("text: ", request->text().size(),
+                                              " bytes, more than the limit of ",
+                                              options_.limits.max_prompt_bytes)));
+    return reactor;
+  }
+  const bool special = request->has_add_special_tokens() ? request->add_special_tokens() : true;
+  for (int32_t id : tokenizer_->Encode(request->text(), special)) {
+    response->add_token_ids(id);
+    response->add_tokens(tokenizer_->IdToToken(id).value_or(""));
+  }
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationServiceImpl::Detokenize(grpc::CallbackServerContext* context,
+                                                            const v1::DetokenizeRequest* request,
+                                                            v1::DetokenizeResponse* response) {
+  auto* reactor = context->DefaultReactor();
+  const bool skip = request->has_skip_special_tokens() ? request->skip_special_tokens() : true;
+  std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
+  absl::StatusOr<std::string> text = tokenizer_->Decode(ids, skip);
+  if (!text.ok()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 absl::StrCat("token_ids: ", text.status().message())));
+    return reactor;
+  }
+  response->set_text(*text);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationServiceImpl::GetModelInfo(
+    grpc::CallbackServerContext* context, const v1::GetModelInfoRequest* request,
+    v1::ModelInfo* response) {
+  response->set_model(options_.model_name);
+  response->set_architecture("MixtralForCausalLM");
+  response->set_vocab_size(config_.vocab_size);
+  response->set_hidden_size(config_.hidden_size);
+  response->set_num_layers(config_.num_hidden_layers);
+  response->set_num_experts(config_.num_local_experts);
+  response->set_experts_per_token(config_.num_experts_per_tok);
+  response->set_max_context_tokens(config_.max_position_embeddings);
+  response->set_max_new_tokens_limit(options_.limits.max_new_tokens_limit);
+  response->set_bos_token_id(tokenizer_->bos_id());
+  response->set_eos_token_id(tokenizer_->eos_id());
+  response->set_config_fingerprint(config_.Fingerprint());
+  for (const v1::ExpertRoute& r : options_.expert_routes) *response->add_experts() = r;
+  response->set_version("0.1.0");
+  auto* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,574 @@
+#include "gateway/remote_expert_backend.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <fstream>
+#include <mutex>
+#include <set>
+#include <sstream>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "core/checkpoint.h"
+#include "core/fingerprint.h"
+#include "core/status_macros.h"
+#include "nlohmann/json.hpp"
+#include "rpc/status.h"
+#include "rpc/tensor_codec.h"
+
+namespace switchyard {
+namespace {
+
+constexpr char kRoundRobinServiceConfig[] = R"({"loadBalancingConfig":[{"round_robin":{}}]})";
+
+int64_t NowMicros() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string StatusText(const grpc::Status& s) {
+  return absl::StrCat(rpc::GrpcCodeName(s.error_code()), ": ", s.error_message());
+}
+
+bool IsRetryable(const grpc::Status& s) {
+  return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+         s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+}
+
+// Every expert 0..num_experts-1 mapped, with at least one non-empty target.
+absl::Status ValidateTopology(const ExpertTopology& topology, int num_experts,
+                              const std::string& where) {
+  std::vector<int> missing;
+  for (int e = 0; e < num_experts; ++e) {
+    auto it = topology.replicas.find(e);
+    if (it == topology.replicas.end() || it->second.empty()) missing.push_back(e);
+  }
+  for (const auto& [e, targets] : topology.replicas) {
+    if (e < 0 || e >= num_experts) {
+      return absl::InvalidArgumentError(absl::StrCat(where, "expert ", e,
+                                                     " is out of range: the model has ",
+                                                     num_experts, " experts"));
+    }
+    for (const std::string& t : targets) {
+      if (t.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, "expert ", e, " has an empty replica target"));
+      }
+    }
+  }
+  if (!missing.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, "no replica given for expert",
+                                                   missing.size() > 1 ? "s " : " ",
+                                                   absl::StrJoin(missing, ", "), " (the model has ",
+                                                   num_experts, " experts)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> ParseExpertIndex(const std::string& text, const std::string& where) {
+  int e;
+  if (!absl::SimpleAtoi(text, &e)) {
+    return absl::InvalidArgumentError(absl::StrCat(where, "'", text, "' is not an expert index"));
+  }
+  return e;
+}
+
+}  // namespace
+
+absl::StatusOr<ExpertTopology> ParseExpertTopology(std::string_view spec, int num_experts) {
+  const std::string where = "expert topology: ";
+  ExpertTopology topology;
+  for (absl::string_view raw_entry : absl::StrSplit(std::string(spec), ';')) {
+    const std::string entry(absl::StripAsciiWhitespace(raw_entry));
+    if (entry.empty()) continue;  // allows a trailing ';'
+    const size_t eq = entry.find('=');
+    if (eq == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, "entry '", entry, "' is not EXPERT=TARGET[|TARGET...]"));
+    }
+    SY_ASSIGN_OR_RETURN(const int e,
+                        ParseExpertIndex(std::string(absl::StripAsciiWhitespace(entry.substr(0, eq))),
+                                         absl::StrCat(where, "entry '", entry, "': ")));
+    if (topology.replicas.count(e)) {
+      return absl::InvalidArgumentError(absl::StrCat(where, "expert ", e, " is mapped twice"));
+    }
+    std::vector<std::string>& targets = topology.replicas[e];
+    for (absl::string_view raw_target : absl::StrSplit(entry.substr(eq + 1), '|')) {
+      const std::string target(absl::StripAsciiWhitespace(raw_target));
+      if (target.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, "entry '", entry, "' has an empty replica target"));
+      }
+      targets.push_back(target);
+    }
+  }
+  SY_RETURN_IF_ERROR(ValidateTopology(topology, num_experts, where));
+  return topology;
+}
+
+absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path,
+                                                       int num_experts) {
+  const std::string where = absl::StrCat(path, ": ");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open expert topology file"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, "not a valid JSON object"));
+  }
+  auto experts = j.find("experts");
+  if (experts == j.end() || !experts->is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, "missing 'experts' object"));
+  }
+  ExpertTopology topology;
+  for (const auto& [key, value] : experts->items()) {
+    SY_ASSIGN_OR_RETURN(const int e, ParseExpertIndex(key, absl::StrCat(where, "key ")));
+    if (topology.replicas.count(e)) {
+      return absl::InvalidArgumentError(absl::StrCat(where, "expert ", e, " is mapped twice"));
+    }
+    std::vector<std::string>& targets = topology.replicas[e];
+    if (value.is_string()) {
+      targets.push_back(value.get<std::string>());
+    } else if (value.is_array()) {
+      for (const auto& t : value) {
+        if (!t.is_string()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(where, "expert ", key, ": replica targets must be strings"));
+        }
+        targets.push_back(t.get<std::string>());
+      }
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, "expert ", key, ": expected a target string or an array of them"));
+    }
+  }
+  SY_RETURN_IF_ERROR(ValidateTopology(topology, num_experts, where));
+  return topology;
+}
+
+absl::StatusOr<ExpertTopology> LoadExpertTopology(const std::string& spec_or_path,
+                                                  int num_experts) {
+  struct stat st;
+  if (stat(spec_or_path.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+    return ParseExpertTopologyFile(spec_or_path, num_experts);
+  }
+  return ParseExpertTopology(spec_or_path, num_experts);
+}
+
+std::string FormatExpertTopology(const ExpertTopology& topology) {
+  std::vector<std::string> entries;
+  for (const auto& [e, targets] : topology.replicas) {
+    entries.push_back(absl::StrCat(e, "=", absl::StrJoin(targets, "|")));
+  }
+  return absl::StrJoin(entries, ";");
+}
+
+// ---------------------------------------------------------------------------
+
+struct RemoteExpertBackend::Replica {
+  std::string target;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::ExpertService::Stub> stub;
+};
+
+struct RemoteExpertBackend::ExpertState {
+  int expert = 0;
+  std::vector<int> replicas;  // indices into replicas_
+  mutable std::atomic<uint64_t> next{0};  // round-robin cursor
+  RemoteExpertCounters counters;
+};
+
+// One batch's call: up to two attempts (the first and one retry).
+struct RemoteExpertBackend::CallSlot {
+  static constexpr int kMaxAttempts = 2;
+  int expert = 0;
+  int tokens = 0;
+  v1::ForwardRequest request;
+  int attempts = 0;
+  std::array<int, kMaxAttempts> replica{-1, -1};
+  std::array<std::unique_ptr<grpc::ClientContext>, kMaxAttempts> contexts;
+  std::array<v1::ForwardResponse, kMaxAttempts> responses;
+  std::array<grpc::Status, kMaxAttempts> statuses;
+  std::array<int64_t, kMaxAttempts> start_micros{};
+};
+
+// Everything one RunLayer shares with its callbacks; callbacks hold it by
+// shared_ptr so it outlives the last of them.
+struct RemoteExpertBackend::LayerCall {
+  int layer = 0;
+  std::vector<CallSlot> slots;
+  std::mutex mu;
+  std::condition_variable done_cv;
+  size_t pending = 0;  // guarded by mu
+};
+
+RemoteExpertBackend::RemoteExpertBackend(const ModelConfig& config,
+                                         const RemoteExpertOptions& options)
+    : config_(config), options_(options), config_fingerprint_(config.Fingerprint()) {}
+
+RemoteExpertBackend::~RemoteExpertBackend() = default;
+
+absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connect(
+    const ExpertTopology& topology, const ModelConfig& gateway_config,
+    const std::string& checkpoint_dir, const RemoteExpertOptions& options) {
+  const int num_experts = gateway_config.num_local_experts;
+  SY_RETURN_IF_ERROR(ValidateTopology(topology, num_experts, "expert topology: "));
+  if (options.wire_dtype != v1::DTYPE_F32 && options.wire_dtype != v1::DTYPE_BF16) {
+    return absl::InvalidArgumentError(absl::StrCat("remote experts: wire dtype must be F32 or BF16, got ",
+                                                   v1::DType_Name(options.wire_dtype)));
+  }
+  if (options.call_deadline_ms <= 0 || options.connect_timeout_ms < 0) {
+    return absl::InvalidArgumentError(
+        "remote experts: call deadline must be > 0 ms and connect timeout >= 0 ms");
+  }
+
+  // The expert weights the gateway's own checkpoint folder holds.
+  std::vector<std::string> local_fingerprints(num_experts);
+  if (!checkpoint_dir.empty()) {
+    std::vector<int> all(num_experts);
+    for (int e = 0; e < num_experts; ++e) all[e] = e;
+    SY_ASSIGN_OR_RETURN(auto checkpoint,
+                        Checkpoint::Open(checkpoint_dir, WeightSelection::ExpertsOnly(all)));
+    if (checkpoint->config().Fingerprint() != gateway_config.Fingerprint()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "remote experts: the checkpoint at ", checkpoint_dir, " has config ",
+          checkpoint->config().Fingerprint(), " but the gateway runs config ",
+          gateway_config.Fingerprint()));
+    }
+    for (int e = 0; e < num_experts; ++e) {
+      SY_ASSIGN_OR_RETURN(local_fingerprints[e], ExpertWeightsFingerprint(*checkpoint, e));
+    }
+  }
+
+  auto backend =
+      std::unique_ptr<RemoteExpertBackend>(new RemoteExpertBackend(gateway_config, options));
+  // One channel per distinct target, shared by the experts it serves.
+  std::map<std::string, int> replica_index;
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, options.keepalive_time_ms);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, options.max_reconnect_backoff_ms);
+  args.SetMaxReceiveMessageSize(options.max_message_bytes);
+  args.SetMaxSendMessageSize(options.max_message_bytes);
+  // Spreads calls over every address a DNS name resolves to.
+  args.SetServiceConfigJSON(kRoundRobinServiceConfig);
+  const auto credentials =
+      options.credentials ? options.credentials : grpc::InsecureChannelCredentials();
+  for (int e = 0; e < num_experts; ++e) {
+    auto state = std::make_unique<ExpertState>();
+    state->expert = e;
+    for (const std::string& target : topology.replicas.at(e)) {
+      auto [it, inserted] =
+          replica_index.emplace(target, static_cast<int>(backend->replicas_.size()));
+      if (inserted) {
+        auto replica = std::make_unique<Replica>();
+        replica->target = target;
+        replica->channel = grpc::CreateCustomChannel(target, credentials, args);
+        replica->stub = v1::ExpertService::NewStub(replica->channel);
+        backend->replicas_.push_back(std::move(replica));
+      }
+      if (std::find(state->replicas.begin(), state->replicas.end(), it->second) ==
+          state->replicas.end()) {
+        state->replicas.push_back(it->second);
+      }
+    }
+    backend->experts_.push_back(std::move(state));
+  }
+
+  // Ask every replica what it serves, all at once, waiting for those still
+  // starting up.
+  const size_t n = backend->replicas_.size();
+  struct InfoCall {
+    grpc::ClientContext context;
+    v1::ShardInfo info;
+    grpc::Status status;
+  };
+  std::vector<std::unique_ptr<InfoCall>> infos(n);
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t pending = n;
+  const v1::GetShardInfoRequest info_request;
+  const auto deadline =
+      std::chrono::system_clock::now() + std::chrono::milliseconds(options.connect_timeout_ms);
+  for (size_t i = 0; i < n; ++i) {
+    infos[i] = std::make_unique<InfoCall>();
+    InfoCall* call = infos[i].get();
+    call->context.set_wait_for_ready(true);
+    call->context.set_deadline(deadline);
+    backend->replicas_[i]->stub->async()->GetShardInfo(
+        &call->context, &info_request, &call->info, [&, call](grpc::Status s) {
+          call->status = std::move(s);
+          std::lock_guard<std::mutex> lock(mu);
+          if (--pending == 0) cv.notify_all();
+        });
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return pending == 0; });
+  }
+
+  // Targets that did not answer, with the experts mapped to them.
+  std::vector<std::string> unreachable;
+  for (size_t i = 0; i < n; ++i) {
+    const grpc::Status& s = infos[i]->status;
+    if (s.ok()) continue;
+    std::vector<int> mapped;
+    for (const auto& state : backend->experts_) {
+      for (int r : state->replicas) {
+        if (r == static_cast<int>(i)) mapped.push_back(state->expert);
+      }
+    }
+    const std::string what = absl::StrCat(
+        mapped.size() == 1 ? "expert " : "experts ", absl::StrJoin(mapped, ","), " at ",
+        backend->replicas_[i]->target);
+    if (!IsRetryable(s)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(what, ": GetShardInfo failed: ", StatusText(s)));
+    }
+    unreachable.push_back(absl::StrCat(what, " (", StatusText(s), ")"));
+  }
+  if (!unreachable.empty()) {
+    return absl::UnavailableError(absl::StrCat("no answer to GetShardInfo within ",
+                                               options.connect_timeout_ms, " ms from ",
+                                               absl::StrJoin(unreachable, "; ")));
+  }
+
+  // Every (expert, replica) pair must serve this model and these weights.
+  const std::string& want_config = backend->config_fingerprint_;
+  const ModelConfig& c = gateway_config;
+  for (const auto& state : backend->experts_) {
+    const int e = state->expert;
+    for (int r : state->replicas) {
+      const v1::ShardInfo& info = infos[r]->info;
+      const std::string at = absl::StrCat("expert ", e, " at ", backend->replicas_[r]->target);
+      if (info.config_fingerprint() != want_config) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(at, " serves model ", info.config_fingerprint(),
+                         " but the gateway loaded ", want_config));
+      }
+      const v1::ModelDims& d = info.dims();
+      if (d.hidden_size() != static_cast<uint32_t>(c.hidden_size) ||
+          d.intermediate_size() != static_cast<uint32_t>(c.intermediate_size) ||
+          d.num_layers() != static_cast<uint32_t>(c.num_hidden_layers) ||
+          d.num_experts() != static_cast<uint32_t>(c.num_local_experts) ||
+          d.experts_per_token() != static_cast<uint32_t>(c.num_experts_per_tok)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            at, " has dims hidden=", d.hidden_size(), " ffn=", d.intermediate_size(),
+            " layers=", d.num_layers(), " experts=", d.num_experts(),
+            " top_k=", d.experts_per_token(), " but the gateway has hidden=", c.hidden_size,
+            " ffn=", c.intermediate_size, " layers=", c.num_hidden_layers,
+            " experts=", c.num_local_experts, " top_k=", c.num_experts_per_tok));
+      }
+      if (std::find(info.experts().begin(), info.experts().end(), static_cast<uint32_t>(e)) ==
+          info.experts().end()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            at, " is wrong: that replica holds experts [", absl::StrJoin(info.experts(), ", "),
+            "] not ", e));
+      }
+      if (info.layer_begin() != 0 || info.layer_end() != static_cast<uint32_t>(c.num_hidden_layers)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            at, " holds layers [", info.layer_begin(), ", ", info.layer_end(),
+            ") but the gateway needs all layers [0, ", c.num_hidden_layers, ")"));
+      }
+      if (!checkpoint_dir.empty()) {
+        auto fp = info.expert_weight_fingerprints().find(static_cast<uint32_t>(e));
+        const std::string remote = fp == info.expert_weight_fingerprints().end() ? "(none)"
+                                                                                 : fp->second;
+        if (remote != local_fingerprints[e]) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              at, " has expert weights ", remote, " but the gateway's checkpoint ",
+              checkpoint_dir, " has ", local_fingerprints[e], " (different checkpoint or dtype)"));
+        }
+      }
+    }
+  }
+  return backend;
+}
+
+int RemoteExpertBackend::PickReplica(const ExpertState& state, int exclude) const {
+  const size_t n = state.replicas.size();
+  if (n == 1) return state.replicas[0];
+  const uint64_t start = state.next.fetch_add(1, std::memory_order_relaxed);
+  // Prefer a replica whose channel is not known to be failing.
+  for (size_t i = 0; i < n; ++i) {
+    const int r = state.replicas[(start + i) % n];
+    if (r == exclude) continue;
+    if (replicas_[r]->channel->GetState(/*try_to_connect=*/false) !=
+        GRPC_CHANNEL_TRANSIENT_FAILURE) {
+      return r;
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const int r = state.replicas[(start + i) % n];
+    if (r != exclude) return r;
+  }
+  return state.replicas[start % n];
+}
+
+void RemoteExpertBackend::StartAttempt(const std::shared_ptr<LayerCall>& call, size_t slot,
+                                       int replica) {
+  CallSlot& s = call->slots[slot];
+  const int attempt = s.attempts++;
+  ExpertState& state = *experts_[s.expert];
+  state.counters.calls.fetch_add(1, std::memory_order_relaxed);
+  if (attempt > 0) state.counters.retries.fetch_add(1, std::memory_order_relaxed);
+  s.replica[attempt] = replica;
+  s.contexts[attempt] = std::make_unique<grpc::ClientContext>();
+  grpc::ClientContext* context = s.contexts[attempt].get();
+  context->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(options_.call_deadline_ms));
+  s.start_micros[attempt] = NowMicros();
+  replicas_[replica]->stub->async()->Forward(
+      context, &s.request, &s.responses[attempt],
+      [this, call, slot, attempt](grpc::Status status) {
+        OnAttemptDone(call, slot, attempt, std::move(status));
+      });
+}
+
+void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, size_t slot,
+                                        int attempt, grpc::Status status) {
+  CallSlot& s = call->slots[slot];
+  ExpertState& state = *experts_[s.expert];
+  RemoteExpertCounters& counters = state.counters;
+  counters.latency_micros_sum.fetch_add(
+      static_cast<uint64_t>(NowMicros() - s.start_micros[attempt]), std::memory_order_relaxed);
+  counters.latency_count.fetch_add(1, std::memory_order_relaxed);
+  if (!status.ok()) {
+    const int code = static_cast<int>(status.error_code());
+    if (code >= 0 && code < static_cast<int>(counters.errors_by_code.size())) {
+      counters.errors_by_code[code].fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  const bool retry = !status.ok() && IsRetryable(status) && attempt + 1 < CallSlot::kMaxAttempts &&
+                     state.replicas.size() > 1;
+  s.statuses[attempt] = std::move(status);
+  if (retry) {
+    // Starting a call from a callback is fine: it does not block.
+    StartAttempt(call, slot, PickReplica(state, s.replica[attempt]));
+    return;
+  }
+  std::lock_guard<std::mutex> lock(call->mu);
+  if (--call->pending == 0) call->done_cv.notify_all();
+}
+
+absl::Status RemoteExpertBackend::RunLayer(int layer, absl::Span<const ExpertBatch> batches) {
+  if (layer < 0 || layer >= config_.num_hidden_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("remote experts: layer ", layer,
+                                                   " out of range [0, ",
+                                                   config_.num_hidden_layers, ")"));
+  }
+  for (const ExpertBatch& b : batches) {
+    if (b.expert < 0 || b.expert >= static_cast<int>(experts_.size()) || b.tokens < 1 ||
+        b.input == nullptr || b.output == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("remote experts: bad batch for expert ",
+                                                     b.expert, " with ", b.tokens,
+                                                     " tokens (layer ", layer, ")"));
+    }
+  }
+  if (batches.empty()) return absl::OkStatus();
+
+  const int64_t d = config_.hidden_size;
+  auto call = std::make_shared<LayerCall>();
+  call->layer = layer;
+  call->slots = std::vector<CallSlot>(batches.size());
+  call->pending = batches.size();
+  for (size_t i = 0; i < batches.size(); ++i) {
+    const ExpertBatch& b = batches[i];
+    CallSlot& s = call->slots[i];
+    s.expert = b.expert;
+    s.tokens = b.tokens;
+    s.request.set_layer(static_cast<uint32_t>(layer));
+    s.request.set_expert(static_cast<uint32_t>(b.expert));
+    s.request.set_config_fingerprint(config_fingerprint_);
+    rpc::EncodeMatrix(b.input, b.tokens, d, options_.wire_dtype,
+                      s.request.mutable_hidden_states());
+  }
+  for (size_t i = 0; i < batches.size(); ++i) {
+    StartAttempt(call, i, PickReplica(*experts_[call->slots[i].expert], /*exclude=*/-1));
+  }
+  {
+    std::unique_lock<std::mutex> lock(call->mu);
+    call->done_cv.wait(lock, [&] { return call->pending == 0; });
+  }
+
+  for (size_t i = 0; i < batches.size(); ++i) {
+    const CallSlot& s = call->slots[i];
+    const int last = s.attempts - 1;
+    const grpc::Status& status = s.statuses[last];
+    const std::string where = absl::StrCat("expert ", s.expert, " (layer ", layer, ")");
+    if (!status.ok()) {
+      if (IsRetryable(status)) {
+        std::vector<std::string> tried;
+        for (int a = 0; a < s.attempts; ++a) {
+          tried.push_back(
+              absl::StrCat(replicas_[s.replica[a]]->target, ": ", StatusText(s.statuses[a])));
+        }
+        return absl::UnavailableError(
+            absl::StrCat(where, " unavailable: ", absl::StrJoin(tried, "; ")));
+      }
+      return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                          absl::StrCat(where, " at ", replicas_[s.replica[last]]->target, ": ",
+                                       status.error_message()));
+    }
+    absl::StatusOr<std::vector<float>> out =
+        rpc::DecodeMatrix(s.responses[last].output(), d, "expert output");
+    if (!out.ok() || static_cast<int64_t>(out->size()) != s.tokens * d) {
+      return absl::InternalError(absl::StrCat(
+          where, " at ", replicas_[s.replica[last]]->target, " returned a bad output: ",
+          out.ok() ? absl::StrCat(out->size() / d, " rows for ", s.tokens, " tokens")
+                   : std::string(out.status().message())));
+    }
+    std::copy(out->begin(), out->end(), batches[i].output);
+  }
+  return absl::OkStatus();
+}
+
+std::string RemoteExpertBackend::Describe() const {
+  std::vector<std::string> entries;
+  for (const auto& state : experts_) {
+    std::vector<std::string> targets;
+    for (int r : state->replicas) targets.push_back(replicas_[r]->target);
+    entries.push_back(absl::StrCat(state->expert, "=", absl::StrJoin(targets, "|")));
+  }
+  return absl::StrCat("remote (gRPC, ",
+                      options_.wire_dtype == v1::DTYPE_BF16 ? "bf16" : "f32", " wire, ",
+                      options_.call_deadline_ms, " ms deadline): ", absl::StrJoin(entries, ";"));
+}
+
+const RemoteExpertCounters* RemoteExpertBackend::counters(int expert) const {
+  if (expert < 0 || expert >= static_cast<int>(experts_.size())) return nullptr;
+  return &experts_[expert]->counters;
+}
+
+RemoteExpertStats RemoteExpertBackend::stats() const {
+  RemoteExpertStats stats;
+  for (const auto& state : experts_) {
+    RemoteExpertStats::PerExpert p;
+    p.expert = state->expert;
+    for (int r : state->replicas) p.targets.push_back(replicas_[r]->target);
+    const RemoteExpertCounters& c = state->counters;
+    p.calls = c.calls.load(std::memory_order_relaxed);
+    p.retries = c.retries.load(std::memory_order_relaxed);
+    for (size_t code = 0; code < c.errors_by_code.size(); ++code) {
+      const uint64_t count = c.errors_by_code[code].load(std::memory_order_relaxed);
+      if (count > 0) {
+        p.errors_by_code[rpc::GrpcCodeName(static_cast<grpc::StatusCode>(code))] = count;
+      }
+    }
+    p.latency_micros_sum = c.latency_micros_sum.load(std::memory_order_relaxed);
+    p.latency_count = c.latency_count.load(std::memory_order_relaxed);
+    stats.experts.push_back(std::move(p));
+  }
+  return stats;
+}
+
+}  // namespace switchyard

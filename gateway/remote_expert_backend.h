@@ -1,0 +1,160 @@
+// An ExpertBackend that runs experts on remote switchyard-expert shards over
+// gRPC (protos/switchyard/v1/expert.proto).
+//
+// The topology maps every expert index to one or more replica targets. The
+// backend keeps one long-lived channel per distinct target (keepalive on,
+// round_robin load balancing, so a DNS name that resolves to several pods
+// spreads calls over all of them). Connect checks every replica before the
+// gateway serves: same model (config fingerprint), the mapped expert held for
+// every layer, same dims, and the same expert weights as the gateway's own
+// checkpoint folder (ExpertWeightsFingerprint).
+//
+// RunLayer issues one Forward call per batch, all concurrently, spread
+// round-robin over the expert's replicas (skipping replicas whose channel is
+// in TRANSIENT_FAILURE while another is usable). A call that fails with
+// UNAVAILABLE or DEADLINE_EXCEEDED is retried once on another replica of the
+// same expert, if there is one; each attempt gets the full call deadline.
+//
+// Thread-safety: RunLayer, Describe and stats() are thread-safe; several
+// model runners may share one backend.
+#ifndef SWITCHYARD_GATEWAY_REMOTE_EXPERT_BACKEND_H_
+#define SWITCHYARD_GATEWAY_REMOTE_EXPERT_BACKEND_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/model_config.h"
+#include "gateway/expert_backend.h"
+#include "switchyard/v1/expert.grpc.pb.h"
+
+namespace switchyard {
+
+// Which replicas serve each expert: expert index -> gRPC targets
+// ("HOST:PORT", "unix:/path", "dns:///name:port", ...).
+struct ExpertTopology {
+  std::map<int, std::vector<std::string>> replicas;
+};
+
+// Parses "0=HOST:PORT|HOST:PORT;1=unix:/tmp/e1.sock;..." (';' between experts,
+// '|' between replicas of one expert; whitespace around items ignored).
+// Every expert 0..num_experts-1 must be mapped exactly once; INVALID_ARGUMENT
+// names the bad, duplicate or missing entries.
+absl::StatusOr<ExpertTopology> ParseExpertTopology(std::string_view spec, int num_experts);
+
+// Parses a JSON file {"experts": {"0": ["127.0.0.1:5001", "127.0.0.1:5002"],
+// "1": ["dns:///expert-1.ns.svc:50061"]}} (a single target may also be given
+// as a plain string). Same checks as ParseExpertTopology; errors name the file.
+absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path,
+                                                       int num_experts);
+
+// A flag value that is either the path of an existing JSON file or a spec.
+absl::StatusOr<ExpertTopology> LoadExpertTopology(const std::string& spec_or_path,
+                                                  int num_experts);
+
+// The spec form of `topology` ("0=a|b;1=c").
+std::string FormatExpertTopology(const ExpertTopology& topology);
+
+struct RemoteExpertOptions {
+  // Deadline of each Forward attempt, in ms. Default 10000.
+  int call_deadline_ms = 10000;
+  // Element type of hidden states on the wire: DTYPE_F32 (default; exact) or
+  // DTYPE_BF16 (half the bytes, rounds inputs and outputs to bf16).
+  v1::DType wire_dtype = v1::DTYPE_F32;
+  // How long Connect waits for every replica to answer GetShardInfo, in ms
+  // (replicas may still be loading weights). Default 30000.
+  int connect_timeout_ms = 30000;
+  // Channel credentials. Default (nullptr): insecure (plaintext).
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Largest message sent or received. Default 256 MiB.
+  int max_message_bytes = 256 << 20;
+  // HTTP/2 keepalive ping interval on idle and busy channels, in ms.
+  // Default 30000 (the server's default minimum ping interval is 5 min
+  // without calls in flight, so pings are only sent while calls are active).
+  int keepalive_time_ms = 30000;
+  // Upper bound of the reconnect backoff, in ms, so a restarted replica is
+  // used again soon. Default 5000.
+  int max_reconnect_backoff_ms = 5000;
+};
+
+// Live per-expert counters. errors_by_code is indexed by grpc::StatusCode
+// (0..16) and counts failed attempts, including those retried.
+struct RemoteExpertCounters {
+  std::atomic<uint64_t> calls{0};    // Forward attempts issued
+  std::atomic<uint64_t> retries{0};  // attempts that were retries
+  std::array<std::atomic<uint64_t>, 17> errors_by_code{};
+  std::atomic<uint64_t> latency_micros_sum{0};  // over completed attempts, OK or not
+  std::atomic<uint64_t> latency_count{0};
+};
+
+// A point-in-time copy for a metrics exporter.
+struct RemoteExpertStats {
+  struct PerExpert {
+    int expert = 0;
+    std::vector<std::string> targets;
+    uint64_t calls = 0;
+    uint64_t retries = 0;
+    std::map<std::string, uint64_t> errors_by_code;  // "UNAVAILABLE" -> count; nonzero only
+    uint64_t latency_micros_sum = 0;
+    uint64_t latency_count = 0;
+  };
+  std::vector<PerExpert> experts;  // indexed by expert
+};
+
+class RemoteExpertBackend : public ExpertBackend {
+ public:
+  // Opens the channels, waits up to connect_timeout_ms for every replica to
+  // answer GetShardInfo (UNAVAILABLE naming those that did not) and checks
+  // each against `gateway_config` and the expert weights in `checkpoint_dir`
+  // (FAILED_PRECONDITION naming expert, replica and what differs). An empty
+  // `checkpoint_dir` skips the weight check (for a gateway folder without
+  // expert weights); every Forward still carries the config fingerprint.
+  static absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> Connect(
+      const ExpertTopology& topology, const ModelConfig& gateway_config,
+      const std::string& checkpoint_dir, const RemoteExpertOptions& options);
+
+  ~RemoteExpertBackend() override;
+
+  // Errors: INVALID_ARGUMENT for a bad layer/expert/token count (caller bug);
+  // UNAVAILABLE "expert E (layer L) unavailable: ..." when every attempt
+  // failed with UNAVAILABLE or DEADLINE_EXCEEDED; otherwise the shard's code
+  // with the expert, layer and replica prepended. Returns the error of the
+  // first failing batch; all calls have finished when it returns.
+  absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override;
+  std::string Describe() const override;
+
+  // Live counters of `expert`; nullptr if out of range.
+  const RemoteExpertCounters* counters(int expert) const;
+  RemoteExpertStats stats() const;
+
+ private:
+  struct Replica;
+  struct ExpertState;
+  struct CallSlot;
+  struct LayerCall;
+
+  RemoteExpertBackend(const ModelConfig& config, const RemoteExpertOptions& options);
+  // The replica to try next for `expert`, not `exclude` when another exists.
+  int PickReplica(const ExpertState& state, int exclude) const;
+  void StartAttempt(const std::shared_ptr<LayerCall>& call, size_t slot, int replica);
+  void OnAttemptDone(const std::shared_ptr<LayerCall>& call, size_t slot, int attempt,
+                     grpc::Status status);
+
+  const ModelConfig config_;
+  const RemoteExpertOptions options_;
+  const std::string config_fingerprint_;
+  std::vector<std::unique_ptr<Replica>> replicas_;  // one per distinct target
+  std::vector<std::unique_ptr<ExpertState>> experts_;  // indexed by expert
+};
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_GATEWAY_REMOTE_EXPERT_BACKEND_H_

@@ -1,0 +1,128 @@
+#include "gateway/request_validation.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+#include "core/utf8.h"
+
+namespace switchyard {
+namespace {
+
+absl::Status Invalid(const std::string& field, const std::string& why) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
+}
+
+}  // namespace
+
+absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequest& request,
+                                                          const Tokenizer& tokenizer,
+                                                          const ModelConfig& config,
+                                                          const RequestLimits& limits) {
+  GenerationRequest out;
+  out.request_id = request.request_id();
+  const int V = config.vocab_size;
+
+  switch (request.prompt_case()) {
+    case v1::GenerateRequest::kText:
+      if (request.text().empty()) return Invalid("text", "prompt is empty");
+      if (static_cast<int>(request.text().size()) > limits.max_prompt_bytes) {
+        return Invalid("text", absl::StrCat("prompt is ", request.text().size(),
+                                            " bytes, more than the limit of ",
+                                            limits.max_prompt_bytes));
+      }
+      if (!IsValidUtf8(request.text())) return Invalid("text", "prompt is not valid UTF-8");
+      out.prompt_ids = tokenizer.Encode(request.text());
+      break;
+    case v1::GenerateRequest::kTokenIds:
+      if (request.token_ids().ids().empty()) return Invalid("token_ids", "prompt is empty");
+      for (int i = 0; i < request.token_ids().ids_size(); ++i) {
+        const int32_t id = request.token_ids().ids(i);
+        if (id < 0 || id >= V) {
+          return Invalid(absl::StrCat("token_ids.ids[", i, "]"),
+                         absl::StrCat("token id ", id, " is outside the vocabulary [0, ", V, ")"));
+        }
+      }
+      out.prompt_ids.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
+      break;
+    default:
+      return Invalid("prompt", "set either text or token_ids");
+  }
+  if (out.prompt_ids.empty()) return Invalid("text", "prompt encodes to no tokens");
+
+  const v1::StoppingCriteria& stopping = request.stopping();
+  int max_new = limits.default_max_new_tokens;
+  if (stopping.has_max_new_tokens()) {
+    if (stopping.max_new_tokens() == 0) {
+      return Invalid("stopping.max_new_tokens", "must be at least 1");
+    }
+    if (stopping.max_new_tokens() > static_cast<uint32_t>(limits.max_new_tokens_limit)) {
+      return Invalid("stopping.max_new_tokens",
+                     absl::StrCat(stopping.max_new_tokens(), " is above the limit of ",
+                                  limits.max_new_tokens_limit));
+    }
+    max_new = static_cast<int>(stopping.max_new_tokens());
+  }
+  const int64_t total = static_cast<int64_t>(out.prompt_ids.size()) + max_new;
+  if (total > config.max_position_embeddings) {
+    return Invalid("stopping.max_new_tokens",
+                   absl::StrCat("prompt (", out.prompt_ids.size(), " tokens) plus max_new_tokens (",
+                                max_new, ") exceeds the context of ",
+                                config.max_position_embeddings, " tokens"));
+  }
+  out.options.max_new_tokens = max_new;
+  out.options.ignore_eos = stopping.ignore_eos();
+  if (stopping.stop_size() > limits.max_stop_strings) {
+    return Invalid("stopping.stop", absl::StrCat(stopping.stop_size(), " stop strings, at most ",
+                                                 limits.max_stop_strings, " allowed"));
+  }
+  for (int i = 0; i < stopping.stop_size(); ++i) {
+    const std::string& s = stopping.stop(i);
+    const std::string field = absl::StrCat("stopping.stop[", i, "]");
+    if (s.empty()) return Invalid(field, "stop string is empty");
+    if (static_cast<int>(s.size()) > limits.max_stop_string_bytes) {
+      return Invalid(field, absl::StrCat("stop string is ", s.size(), " bytes, at most ",
+                                         limits.max_stop_string_bytes, " allowed"));
+    }
+    if (!IsValidUtf8(s)) return Invalid(field, "stop string is not valid UTF-8");
+    out.stop.push_back(s);
+  }
+  for (int i = 0; i < stopping.stop_token_ids_size(); ++i) {
+    const int32_t id = stopping.stop_token_ids(i);
+    if (id < 0 || id >= V) {
+      return Invalid(absl::StrCat("stopping.stop_token_ids[", i, "]"),
+                     absl::StrCat("token id ", id, " is outside the vocabulary [0, ", V, ")"));
+    }
+    out.options.stop_token_ids.push_back(id);
+  }
+
+  const v1::SamplingParameters& s = request.sampling();
+  SamplingParams& p = out.options.sampling;
+  p.temperature = s.temperature();
+  p.top_p = s.has_top_p() ? s.top_p() : 1.0f;
+  p.top_k = s.top_k();
+  p.min_p = s.min_p();
+  p.repetition_penalty = s.has_repetition_penalty() ? s.repetition_penalty() : 1.0f;
+  p.presence_penalty = s.presence_penalty();
+  p.frequency_penalty = s.frequency_penalty();
+  if (s.has_seed()) p.seed = s.seed();
+  if (absl::Status st = ValidateSamplingParams(p); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("sampling.", st.message()));
+  }
+  if (p.repetition_penalty > 10.0f) {
+    return Invalid("sampling.repetition_penalty", "must be at most 10");
+  }
+
+  out.return_logprobs = request.return_logprobs();
+  if (request.top_logprobs() > static_cast<uint32_t>(limits.max_top_logprobs)) {
+    return Invalid("top_logprobs", absl::StrCat(request.top_logprobs(), " is above the limit of ",
+                                                limits.max_top_logprobs));
+  }
+  out.top_logprobs = static_cast<int>(request.top_logprobs());
+  if (out.top_logprobs > 0 && !out.return_logprobs) {
+    return Invalid("top_logprobs", "needs return_logprobs");
+  }
+  return out;
+}
+
+}  // namespace switchyard

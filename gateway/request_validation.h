@@ -1,0 +1,33 @@
+// Turning a public GenerateRequest into a validated GenerationRequest.
+// Every check happens before any work, and a bad request gets
+// INVALID_ARGUMENT with a message that names the field.
+//
+// Thread-safety: pure function over its arguments.
+#ifndef SWITCHYARD_GATEWAY_REQUEST_VALIDATION_H_
+#define SWITCHYARD_GATEWAY_REQUEST_VALIDATION_H_
+
+#include "absl/status/statusor.h"
+#include "core/model_config.h"
+#include "core/tokenizer.h"
+#include "gateway/scheduler.h"
+#include "switchyard/v1/generation.pb.h"
+
+namespace switchyard {
+
+struct RequestLimits {
+  int default_max_new_tokens = 16;   // when stopping.max_new_tokens is unset
+  int max_new_tokens_limit = 4096;   // largest max_new_tokens accepted
+  int max_prompt_bytes = 1 << 20;    // longest text prompt
+  int max_stop_strings = 16;
+  int max_stop_string_bytes = 256;
+  int max_top_logprobs = 20;
+};
+
+absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequest& request,
+                                                          const Tokenizer& tokenizer,
+                                                          const ModelConfig& config,
+                                                          const RequestLimits& limits);
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_GATEWAY_REQUEST_VALIDATION_H_

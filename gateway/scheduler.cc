@@ -1,0 +1,332 @@
+#include "gateway/scheduler.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+
+namespace switchyard {
+
+struct Scheduler::Sequence {
+  RequestId id = 0;
+  GenerationRequest request;
+  std::shared_ptr<GenerationSink> sink;
+  std::unique_ptr<SequenceKv> kv;
+  std::unique_ptr<Sampler> sampler;
+  std::unique_ptr<IncrementalDecoder> decoder;
+  std::vector<int32_t> output;
+  int prefilled = 0;  // prompt tokens already in the cache
+  std::string held;   // decoded text held back: it may begin a stop string
+  absl::Time submitted;
+  absl::Time first_token;
+  bool cancelled = false;
+  bool done = false;
+
+  int prompt_size() const { return static_cast<int>(request.prompt_ids.size()); }
+  int worst_case_tokens() const { return prompt_size() + request.options.max_new_tokens; }
+};
+
+namespace {
+
+// Index of the earliest stop string in `text`, or npos.
+size_t FindStop(const std::string& text, const std::vector<std::string>& stops) {
+  size_t best = std::string::npos;
+  for (const std::string& s : stops) best = std::min(best, text.find(s));
+  return best;
+}
+
+// Length of the longest suffix of `text` that is a proper prefix of a stop
+// string: text that must be held back until we know it is not a stop.
+size_t HeldSuffix(const std::string& text, const std::vector<std::string>& stops) {
+  size_t keep = 0;
+  for (const std::string& s : stops) {
+    for (size_t n = std::min(text.size(), s.size() - 1); n > keep; --n) {
+      if (text.compare(text.size() - n, n, s, 0, n) == 0) {
+        keep = n;
+        break;
+      }
+    }
+  }
+  return keep;
+}
+
+}  // namespace
+
+Scheduler::Scheduler(ModelRunner* runner, KvCachePool* kv_pool, const Tokenizer* tokenizer,
+                     const SchedulerOptions& options)
+    : runner_(runner), kv_pool_(kv_pool), tokenizer_(tokenizer), options_(options) {
+  stats_.kv_capacity_tokens = kv_pool_->capacity_tokens();
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  thread_.join();
+  const absl::Status gone = absl::UnavailableError("the gateway is shutting down");
+  for (auto& seq : waiting_) seq->sink->OnError(gone);
+  for (auto& seq : running_) {
+    if (!seq->done) seq->sink->OnError(gone);
+  }
+}
+
+absl::StatusOr<Scheduler::RequestId> Scheduler::Submit(GenerationRequest request,
+                                                       std::shared_ptr<GenerationSink> sink) {
+  auto seq = std::make_unique<Sequence>();
+  seq->request = std::move(request);
+  seq->sink = std::move(sink);
+  seq->submitted = absl::Now();
+  if (seq->worst_case_tokens() > kv_pool_->capacity_tokens()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "prompt plus max_new_tokens (", seq->worst_case_tokens(),
+        " tokens) exceeds the KV cache capacity of ", kv_pool_->capacity_tokens(), " tokens"));
+  }
+  const int V = runner_->config().vocab_size;
+  for (int32_t id : seq->request.prompt_ids) {
+    if (id < 0 || id >= V) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token id ", id, " is outside the vocabulary [0, ", V, ")"));
+    }
+  }
+  seq->sampler = std::make_unique<Sampler>(seq->request.options.sampling);
+  seq->decoder = std::make_unique<IncrementalDecoder>(tokenizer_, seq->request.prompt_ids);
+  RequestId id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_ || draining_) return absl::UnavailableError("the gateway is shutting down");
+    if (static_cast<int>(waiting_.size()) >= options_.max_queue) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "admission queue is full (", options_.max_queue, " requests waiting); retry later"));
+    }
+    id = seq->id = next_id_++;
+    waiting_.push_back(std::move(seq));
+    ++busy_;
+    stats_.waiting = static_cast<int>(waiting_.size());
+  }
+  wake_.notify_all();
+  return id;
+}
+
+void Scheduler::Cancel(RequestId id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_.push_back(id);
+  }
+  wake_.notify_all();
+}
+
+absl::Status Scheduler::Drain(absl::Duration timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  draining_ = true;
+  const bool idle = wake_.wait_for(lock, absl::ToChronoNanoseconds(timeout),
+                                   [&] { return busy_ == 0; });
+  if (!idle) {
+    return absl::DeadlineExceededError(
+        absl::StrCat(busy_, " requests still in flight after the drain timeout"));
+  }
+  return absl::OkStatus();
+}
+
+SchedulerStats Scheduler::Stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  SchedulerStats s = stats_;
+  s.kv_used_tokens = kv_pool_->used_tokens();
+  s.kv_live_sequences = kv_pool_->live_sequences();
+  return s;
+}
+
+void Scheduler::AdmitLocked() {
+  while (!waiting_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
+    Sequence& next = *waiting_.front();
+    next.kv = kv_pool_->NewSequence();
+    if (!next.kv->Reserve(next.worst_case_tokens()).ok()) {
+      next.kv.reset();  // FIFO: wait for running sequences to free their cache
+      return;
+    }
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+}
+
+void Scheduler::Loop() {
+  while (true) {
+    std::vector<std::unique_ptr<Sequence>> dropped;  // cancelled while waiting
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      wake_.wait(lock, [&] {
+        return stopping_ || !waiting_.empty() || !running_.empty() || !cancelled_.empty();
+      });
+      if (stopping_) return;
+      for (RequestId id : cancelled_) {
+        auto it = std::find_if(waiting_.begin(), waiting_.end(),
+                               [&](const auto& s) { return s->id == id; });
+        if (it != waiting_.end()) {
+          dropped.push_back(std::move(*it));
+          waiting_.erase(it);
+          continue;
+        }
+        for (auto& seq : running_) {
+          if (seq->id == id) seq->cancelled = true;
+        }
+      }
+      cancelled_.clear();
+      AdmitLocked();
+      stats_.waiting = static_cast<int>(waiting_.size());
+    }
+    for (auto& seq : dropped) Finish(*seq, FinishReason::kCancelled);
+    for (auto& seq : running_) {
+      if (seq->cancelled && !seq->done) Finish(*seq, FinishReason::kCancelled);
+    }
+
+    // Decodes first (one token each), then prompt chunks, within the budget.
+    std::vector<Sequence*> batch;
+    for (auto& seq : running_) {
+      if (!seq->done && seq->prefilled == seq->prompt_size()) batch.push_back(seq.get());
+    }
+    if (!batch.empty() || !running_.empty()) {
+      RunStep(batch);
+    }
+
+    const size_t before = running_.size() + dropped.size();
+    running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                  [](const auto& s) { return s->done; }),
+                   running_.end());
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.running = static_cast<int>(running_.size());
+    busy_ -= static_cast<int>(before - running_.size());
+    if (before != running_.size()) wake_.notify_all();
+  }
+}
+
+void Scheduler::RunStep(std::vector<Sequence*>& batch) {
+  int budget = options_.max_step_tokens - static_cast<int>(batch.size());
+  std::vector<StepInput> inputs;
+  std::vector<bool> samples;  // per batch entry: does this step end with a new token?
+  for (Sequence* seq : batch) {
+    inputs.push_back({seq->kv.get(), absl::MakeConstSpan(&seq->output.back(), 1),
+                      LogitsWanted::kLast});
+    samples.push_back(true);
+  }
+  std::vector<int> chunk_sizes(batch.size(), 0);
+  for (auto& seq : running_) {
+    if (budget <= 0) break;
+    if (seq->done || seq->prefilled == seq->prompt_size()) continue;
+    const int chunk = std::min(budget, seq->prompt_size() - seq->prefilled);
+    const bool completes = seq->prefilled + chunk == seq->prompt_size();
+    inputs.push_back({seq->kv.get(),
+                      absl::MakeConstSpan(seq->request.prompt_ids).subspan(seq->prefilled, chunk),
+                      completes ? LogitsWanted::kLast : LogitsWanted::kNone});
+    batch.push_back(seq.get());
+    chunk_sizes.push_back(chunk);
+    samples.push_back(completes);
+    budget -= chunk;
+  }
+  if (inputs.empty()) return;
+
+  absl::StatusOr<StepOutput> out = runner_->Step(inputs);
+  int step_tokens = 0;
+  for (const StepInput& in : inputs) step_tokens += static_cast<int>(in.tokens.size());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.steps;
+    stats_.step_tokens_total += step_tokens;
+  }
+  if (!out.ok()) {
+    for (Sequence* seq : batch) {
+      seq->done = true;
+      seq->kv.reset();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++stats_.requests_failed;
+      }
+      seq->sink->OnError(out.status());
+    }
+    return;
+  }
+  const int V = runner_->config().vocab_size;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Sequence& seq = *batch[i];
+    seq.prefilled += chunk_sizes[i];
+    if (!samples[i]) continue;
+    Advance(seq, out->logits.data() + static_cast<int64_t>(out->logits_row_begin[i]) * V);
+  }
+}
+
+void Scheduler::Advance(Sequence& seq, const float* logits) {
+  const GenerationRequest& r = seq.request;
+  const int V = runner_->config().vocab_size;
+  SampledToken next = seq.sampler->Sample(absl::MakeConstSpan(logits, V), r.prompt_ids, seq.output,
+                                          r.return_logprobs ? r.top_logprobs : 0);
+  if (seq.output.empty()) seq.first_token = absl::Now();
+  seq.output.push_back(next.id);
+
+  TokenEvent event;
+  event.token_ids.push_back(next.id);
+  if (r.return_logprobs) event.logprobs.push_back({next.id, next.logprob, std::move(next.top)});
+
+  const bool eos = !r.options.ignore_eos && next.id == tokenizer_->eos_id();
+  const bool stop_id = std::find(r.options.stop_token_ids.begin(), r.options.stop_token_ids.end(),
+                                 next.id) != r.options.stop_token_ids.end();
+  if (eos || stop_id) {
+    seq.sink->OnTokens(event);
+    Finish(seq, eos ? FinishReason::kEos : FinishReason::kStopSequence);
+    return;
+  }
+  absl::StatusOr<std::string> piece = seq.decoder->Push(next.id);
+  if (!piece.ok()) {  // not reachable for a sampled id; never crash on it
+    seq.sink->OnError(piece.status());
+    seq.done = true;
+    seq.kv.reset();
+    return;
+  }
+  seq.held += *piece;
+  if (size_t at = FindStop(seq.held, r.stop); at != std::string::npos) {
+    event.text_delta = seq.held.substr(0, at);
+    seq.held.clear();
+    seq.sink->OnTokens(event);
+    Finish(seq, FinishReason::kStopSequence);
+    return;
+  }
+  const size_t keep = HeldSuffix(seq.held, r.stop);
+  event.text_delta = seq.held.substr(0, seq.held.size() - keep);
+  seq.held.erase(0, seq.held.size() - keep);
+  seq.sink->OnTokens(event);
+  if (static_cast<int>(seq.output.size()) >= r.options.max_new_tokens) {
+    Finish(seq, FinishReason::kLength);
+  }
+}
+
+void Scheduler::Finish(Sequence& seq, FinishReason reason) {
+  FinishEvent event;
+  if (reason != FinishReason::kStopSequence) {
+    // Release held text and whatever the decoder still holds, unless it
+    // completes a stop string after all.
+    std::string tail = seq.held + seq.decoder->Finish();
+    if (size_t at = FindStop(tail, seq.request.stop); at != std::string::npos) {
+      tail.resize(at);
+      if (reason != FinishReason::kCancelled) reason = FinishReason::kStopSequence;
+    }
+    event.text_delta = std::move(tail);
+  }
+  seq.held.clear();
+  event.reason = reason;
+  event.prompt_tokens = seq.prompt_size();
+  event.completion_tokens = static_cast<int>(seq.output.size());
+  const absl::Time now = absl::Now();
+  event.total = now - seq.submitted;
+  event.time_to_first_token =
+      seq.output.empty() ? absl::ZeroDuration() : seq.first_token - seq.submitted;
+  seq.done = true;
+  seq.kv.reset();  // free the cache and count the request before telling anyone
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.requests_finished;
+    if (reason == FinishReason::kCancelled) ++stats_.requests_cancelled;
+  }
+  seq.sink->OnFinish(event);
+}
+
+}  // namespace switchyard

@@ -1,0 +1,160 @@
+// Continuous batching over one ModelRunner.
+//
+// Requests join and leave at step boundaries. Each step carries one decode
+// token for every sequence past its prompt, then prompt chunks of admitted
+// sequences (oldest first) until the per-step token budget is spent, so a
+// long prompt is prefilled over several steps without stalling decodes.
+//
+// KV cache policy: a request is admitted only when the cache can hold its
+// worst case (prompt + max_new_tokens); those slots are reserved at
+// admission, so a running sequence never runs out of cache and nothing is
+// preempted. Requests that fit wait in a FIFO queue of bounded length
+// (RESOURCE_EXHAUSTED past it); a request whose worst case exceeds the whole
+// cache is refused at once with RESOURCE_EXHAUSTED.
+//
+// A cancelled request (client gone, deadline passed) leaves at the next step
+// boundary and frees its cache at once. If a step fails (an expert is
+// unavailable), only the requests in that step end, with that error.
+//
+// Thread-safety: Submit, Cancel and Stats are thread-safe. Sink callbacks run
+// on the scheduler thread, in order per request; they must not block.
+#ifndef SWITCHYARD_GATEWAY_SCHEDULER_H_
+#define SWITCHYARD_GATEWAY_SCHEDULER_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "attention_service/kv_cache.h"
+#include "core/tokenizer.h"
+#include "gateway/generate.h"
+#include "gateway/model_runner.h"
+#include "gateway/sampler.h"
+
+namespace switchyard {
+
+struct SchedulerOptions {
+  int max_queue = 256;        // waiting requests before RESOURCE_EXHAUSTED
+  int max_running = 64;       // sequences in one step
+  int max_step_tokens = 512;  // tokens in one step (decodes + prefill chunks)
+};
+
+// A validated generation request.
+struct GenerationRequest {
+  std::vector<int32_t> prompt_ids;   // non-empty, ids < V
+  GenerateOptions options;           // max_new_tokens, sampling, stop ids, ignore_eos
+  std::vector<std::string> stop;     // stop strings (non-empty, valid UTF-8)
+  bool return_logprobs = false;
+  int top_logprobs = 0;
+  std::string request_id;            // for logs
+};
+
+struct TokenLogprobs {
+  int32_t id = 0;
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;
+};
+
+// What one scheduler step produced for one request.
+struct TokenEvent {
+  std::string text_delta;  // whole UTF-8 characters; may be empty
+  std::vector<int32_t> token_ids;
+  std::vector<TokenLogprobs> logprobs;  // parallel to token_ids when requested
+};
+
+struct FinishEvent {
+  FinishReason reason = FinishReason::kLength;
+  std::string text_delta;  // text released at the end (held-back stop-string prefix etc.)
+  int prompt_tokens = 0;
+  int completion_tokens = 0;
+  absl::Duration time_to_first_token;  // from submission
+  absl::Duration total;                // from submission
+};
+
+// Receives one request's events; exactly one OnFinish or OnError ends them.
+class GenerationSink {
+ public:
+  virtual ~GenerationSink() = default;
+  virtual void OnTokens(const TokenEvent& event) = 0;
+  virtual void OnFinish(const FinishEvent& event) = 0;
+  virtual void OnError(const absl::Status& status) = 0;
+};
+
+// Counters for introspection and metrics; a consistent snapshot.
+struct SchedulerStats {
+  int waiting = 0;
+  int running = 0;
+  int64_t kv_used_tokens = 0;
+  int64_t kv_capacity_tokens = 0;
+  int64_t kv_live_sequences = 0;
+  int64_t steps = 0;
+  int64_t step_tokens_total = 0;
+  int64_t requests_finished = 0;
+  int64_t requests_cancelled = 0;
+  int64_t requests_failed = 0;
+};
+
+class Scheduler {
+ public:
+  using RequestId = uint64_t;
+
+  Scheduler(ModelRunner* runner, KvCachePool* kv_pool, const Tokenizer* tokenizer,
+            const SchedulerOptions& options);
+  ~Scheduler();  // stops the loop; unfinished requests end with UNAVAILABLE
+
+  // Queues a request. RESOURCE_EXHAUSTED if the queue is full or the request
+  // can never fit the KV cache. The sink gets every event of the request.
+  absl::StatusOr<RequestId> Submit(GenerationRequest request,
+                                   std::shared_ptr<GenerationSink> sink);
+  // Ends the request at the next step boundary with FinishReason::kCancelled.
+  // Unknown or finished ids are ignored.
+  void Cancel(RequestId id);
+
+  // Refuses new requests (UNAVAILABLE) and waits up to `timeout` for queued
+  // and running ones to finish. DEADLINE_EXCEEDED if some are still going.
+  absl::Status Drain(absl::Duration timeout);
+
+  SchedulerStats Stats() const;
+  const SchedulerOptions& options() const { return options_; }
+
+ private:
+  struct Sequence;
+
+  void Loop();
+  // Moves waiting requests into the running set while the cache allows.
+  void AdmitLocked();
+  void RunStep(std::vector<Sequence*>& batch);
+  // Samples, detokenizes and checks stop conditions after a step.
+  void Advance(Sequence& seq, const float* logits);
+  void Finish(Sequence& seq, FinishReason reason);
+
+  ModelRunner* runner_;
+  KvCachePool* kv_pool_;
+  const Tokenizer* tokenizer_;
+  SchedulerOptions options_;
+
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  bool stopping_ = false;
+  bool draining_ = false;
+  int busy_ = 0;  // waiting + running, guarded by mu_
+  RequestId next_id_ = 1;
+  std::deque<std::unique_ptr<Sequence>> waiting_;  // guarded by mu_
+  std::vector<RequestId> cancelled_;               // guarded by mu_
+  std::vector<std::unique_ptr<Sequence>> running_;  // scheduler thread only
+  SchedulerStats stats_;                            // guarded by mu_
+  std::thread thread_;
+};
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_GATEWAY_SCHEDULER_H_

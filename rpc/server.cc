@@ -1,0 +1,66 @@
+#include "rpc/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace switchyard::rpc {
+
+absl::StatusOr<std::unique_ptr<RunningServer>> RunningServer::Start(
+    const ServerOptions& options, const std::vector<grpc::Service*>& services) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  auto server = std::unique_ptr<RunningServer>(new RunningServer());
+  grpc::ServerBuilder builder;
+  int selected_port = 0;
+  auto credentials = options.credentials ? options.credentials : grpc::InsecureServerCredentials();
+  builder.AddListeningPort(options.listen_address, credentials, &selected_port);
+  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  if (options.max_connection_age_ms > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, options.max_connection_age_ms);
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, 30000);
+  }
+  for (grpc::Service* s : services) builder.RegisterService(s);
+  server->server_ = builder.BuildAndStart();
+  if (server->server_ == nullptr) {
+    return absl::UnavailableError(
+        absl::StrCat("could not listen on ", options.listen_address, " (address in use or invalid)"));
+  }
+  const bool is_unix = absl::StartsWith(options.listen_address, "unix:");
+  if (!is_unix && selected_port == 0) {
+    return absl::UnavailableError(absl::StrCat("could not bind ", options.listen_address));
+  }
+  server->port_ = is_unix ? 0 : selected_port;
+  if (is_unix) {
+    server->address_ = options.listen_address;
+  } else {
+    std::string host = options.listen_address.substr(0, options.listen_address.rfind(':'));
+    if (host.empty() || host == "0.0.0.0" || host == "[::]") host = "127.0.0.1";
+    server->address_ = absl::StrCat(host, ":", selected_port);
+  }
+  server->SetServing(true);
+  return server;
+}
+
+RunningServer::~RunningServer() {
+  if (server_) {
+    server_->Shutdown(std::chrono::system_clock::now());
+    server_->Wait();
+  }
+}
+
+void RunningServer::SetServing(bool serving) {
+  if (auto* health = server_->GetHealthCheckService()) health->SetServingStatus(serving);
+}
+
+void RunningServer::Shutdown(std::chrono::system_clock::time_point deadline) {
+  SetServing(false);
+  server_->Shutdown(deadline);
+}
+
+void RunningServer::Wait() { server_->Wait(); }
+
+}  // namespace switchyard::rpc

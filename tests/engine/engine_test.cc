@@ -1,0 +1,187 @@
+// Model runner invariants: cached decode equals recompute, batching does not
+// change results, the KV cache budget holds, bad input is refused.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gateway/local_model.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+#include "tests/tolerances.h"
+
+namespace switchyard {
+namespace {
+
+using testing::AllClose;
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    LocalModelOptions options;
+    options.kv_cache_tokens = 4096;
+    auto model = LocalModel::Load(testing::TinyMixtralDir(), options);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = model->release();
+  }
+  static void TearDownTestSuite() { delete model_; }
+
+  int V() const { return model_->config().vocab_size; }
+
+  // Logits of every position of `ids`, computed in one prefill.
+  std::vector<float> FullLogits(const std::vector<int32_t>& ids) {
+    auto kv = model_->kv_pool().NewSequence();
+    StepInput in{kv.get(), ids, LogitsWanted::kAll};
+    auto out = model_->runner().Step({&in, 1});
+    EXPECT_TRUE(out.ok()) << out.status();
+    return out.ok() ? out->logits : std::vector<float>();
+  }
+
+  static LocalModel* model_;
+};
+
+LocalModel* EngineTest::model_ = nullptr;
+
+std::vector<int32_t> Prompt(int seed, int length) {
+  std::vector<int32_t> ids = {1};
+  uint32_t x = 12345u + 977u * seed;
+  while (static_cast<int>(ids.size()) < length) {
+    x = x * 1664525u + 1013904223u;
+    ids.push_back(3 + static_cast<int32_t>((x >> 8) % 31990));
+  }
+  return ids;
+}
+
+TEST_F(EngineTest, CachedDecodeEqualsFullRecompute) {
+  const std::vector<int32_t> ids = Prompt(1, 23);
+  const std::vector<float> full = FullLogits(ids);
+  // Prefill 7 tokens, then feed the rest one at a time.
+  auto kv = model_->kv_pool().NewSequence();
+  std::vector<float> incremental;
+  StepInput prefill{kv.get(), absl::MakeConstSpan(ids).subspan(0, 7), LogitsWanted::kAll};
+  auto out = model_->runner().Step({&prefill, 1});
+  ASSERT_TRUE(out.ok()) << out.status();
+  incremental = out->logits;
+  for (size_t i = 7; i < ids.size(); ++i) {
+    StepInput decode{kv.get(), absl::MakeConstSpan(ids).subspan(i, 1), LogitsWanted::kLast};
+    out = model_->runner().Step({&decode, 1});
+    ASSERT_TRUE(out.ok()) << out.status();
+    incremental.insert(incremental.end(), out->logits.begin(), out->logits.end());
+  }
+  EXPECT_EQ(kv->length(), static_cast<int>(ids.size()));
+  EXPECT_TRUE(AllClose(incremental, full, tolerance::kReorderAbs, tolerance::kReorderRel,
+                       "prefill+decode vs recompute"));
+}
+
+TEST_F(EngineTest, ChunkedPrefillEqualsOneShot) {
+  const std::vector<int32_t> ids = Prompt(2, 33);
+  const std::vector<float> full = FullLogits(ids);
+  auto kv = model_->kv_pool().NewSequence();
+  std::vector<float> chunked;
+  for (size_t begin = 0; begin < ids.size(); begin += 10) {
+    const size_t n = std::min<size_t>(10, ids.size() - begin);
+    StepInput in{kv.get(), absl::MakeConstSpan(ids).subspan(begin, n), LogitsWanted::kAll};
+    auto out = model_->runner().Step({&in, 1});
+    ASSERT_TRUE(out.ok()) << out.status();
+    chunked.insert(chunked.end(), out->logits.begin(), out->logits.end());
+  }
+  EXPECT_TRUE(AllClose(chunked, full, tolerance::kReorderAbs, tolerance::kReorderRel,
+                       "chunks of 10 vs one prefill"));
+}
+
+TEST_F(EngineTest, MixedBatchEqualsEachAlone) {
+  // Sequence A decodes one token after a 9-token prefill, B prefills 17
+  // tokens, C prefills its second chunk of 5 after 4, D is a lone BOS.
+  const std::vector<int32_t> a = Prompt(3, 10), b = Prompt(4, 17), c = Prompt(5, 9);
+  const std::vector<int32_t> d = {1};
+  auto kv_a = model_->kv_pool().NewSequence();
+  auto kv_b = model_->kv_pool().NewSequence();
+  auto kv_c = model_->kv_pool().NewSequence();
+  auto kv_d = model_->kv_pool().NewSequence();
+  StepInput pre_a{kv_a.get(), absl::MakeConstSpan(a).subspan(0, 9), LogitsWanted::kNone};
+  StepInput pre_c{kv_c.get(), absl::MakeConstSpan(c).subspan(0, 4), LogitsWanted::kNone};
+  ASSERT_TRUE(model_->runner().Step({&pre_a, 1}).ok());
+  ASSERT_TRUE(model_->runner().Step({&pre_c, 1}).ok());
+
+  std::vector<StepInput> batch = {
+      {kv_a.get(), absl::MakeConstSpan(a).subspan(9, 1), LogitsWanted::kLast},
+      {kv_b.get(), b, LogitsWanted::kAll},
+      {kv_c.get(), absl::MakeConstSpan(c).subspan(4, 5), LogitsWanted::kAll},
+      {kv_d.get(), d, LogitsWanted::kLast},
+  };
+  auto out = model_->runner().Step(batch);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(out->logits.size(), static_cast<size_t>(1 + 17 + 5 + 1) * V());
+
+  auto rows = [&](int input, int first, int count) {
+    return absl::MakeConstSpan(out->logits)
+        .subspan(static_cast<size_t>(out->logits_row_begin[input] + first) * V(),
+                 static_cast<size_t>(count) * V());
+  };
+  auto alone = [&](const std::vector<int32_t>& ids, int first, int count) {
+    std::vector<float> full = FullLogits(ids);
+    return std::vector<float>(full.begin() + static_cast<size_t>(first) * V(),
+                              full.begin() + static_cast<size_t>(first + count) * V());
+  };
+  EXPECT_TRUE(AllClose(rows(0, 0, 1), alone(a, 9, 1), tolerance::kReorderAbs,
+                       tolerance::kReorderRel, "A: decode in batch vs alone"));
+  EXPECT_TRUE(AllClose(rows(1, 0, 17), alone(b, 0, 17), tolerance::kReorderAbs,
+                       tolerance::kReorderRel, "B: prefill in batch vs alone"));
+  EXPECT_TRUE(AllClose(rows(2, 0, 5), alone(c, 4, 5), tolerance::kReorderAbs,
+                       tolerance::kReorderRel, "C: second chunk in batch vs alone"));
+  EXPECT_TRUE(AllClose(rows(3, 0, 1), alone(d, 0, 1), tolerance::kReorderAbs,
+                       tolerance::kReorderRel, "D: BOS in batch vs alone"));
+}
+
+TEST_F(EngineTest, InvalidTokenIsRefusedBeforeAnyWork) {
+  auto kv = model_->kv_pool().NewSequence();
+  const std::vector<int32_t> ids = {1, 32000};
+  StepInput in{kv.get(), ids, LogitsWanted::kLast};
+  auto out = model_->runner().Step({&in, 1});
+  ASSERT_FALSE(out.ok());
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(out.status().message().find("32000"), std::string::npos) << out.status();
+  EXPECT_EQ(kv->length(), 0);
+  const std::vector<int32_t> negative = {-5};
+  StepInput neg{kv.get(), negative, LogitsWanted::kLast};
+  EXPECT_EQ(model_->runner().Step({&neg, 1}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(KvCacheTest, BudgetIsEnforcedAndReturned) {
+  ModelConfig config;
+  config.num_hidden_layers = 2;
+  config.num_key_value_heads = 2;
+  config.head_dim = 4;
+  KvCachePool pool(config, /*max_tokens=*/64);
+  auto a = pool.NewSequence();
+  ASSERT_TRUE(a->Reserve(40).ok());
+  EXPECT_EQ(a->reserved(), 48);  // whole blocks of 16
+  EXPECT_EQ(pool.used_tokens(), 48);
+  auto b = pool.NewSequence();
+  absl::Status full = b->Reserve(20);
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted) << full;
+  EXPECT_EQ(b->reserved(), 0);
+  EXPECT_TRUE(b->Reserve(16).ok());
+  EXPECT_EQ(pool.live_sequences(), 2);
+  a.reset();
+  EXPECT_EQ(pool.used_tokens(), 16);
+  EXPECT_TRUE(b->Reserve(64).ok());
+  b.reset();
+  EXPECT_EQ(pool.used_tokens(), 0);
+  EXPECT_EQ(pool.live_sequences(), 0);
+}
+
+TEST_F(EngineTest, FullCacheFailsTheStepWithoutSideEffects) {
+  LocalModelOptions options;
+  options.kv_cache_tokens = 32;
+  auto small = LocalModel::Load(testing::TinyMixtralDir(), options);
+  ASSERT_TRUE(small.ok()) << small.status();
+  auto kv = (*small)->kv_pool().NewSequence();
+  const std::vector<int32_t> ids = Prompt(6, 40);
+  StepInput in{kv.get(), ids, LogitsWanted::kLast};
+  auto out = (*small)->runner().Step({&in, 1});
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kResourceExhausted) << out.status();
+  EXPECT_EQ(kv->length(), 0);
+}
+
+}  // namespace
+}  // namespace switchyard

@@ -1,0 +1,818 @@
+// The expert gRPC service and its client, RemoteExpertBackend, in-process:
+// servers on 127.0.0.1:0 over the tiny-mixtral fixture.
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/checkpoint.h"
+#include "core/dtype.h"
+#include "core/fingerprint.h"
+#include "core/make_model.h"
+#include "expert_service/expert_ffn.h"
+#include "expert_service/expert_server.h"
+#include "gateway/expert_backend.h"
+#include "gateway/remote_expert_backend.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "rpc/server.h"
+#include "rpc/tensor_codec.h"
+#include "switchyard/v1/expert.grpc.pb.h"
+#include "tests/test_util.h"
+#include "tests/tolerances.h"
+
+namespace switchyard {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::UnorderedElementsAre;
+
+constexpr int kD = 64;  // tiny-mixtral hidden size
+
+std::vector<int> AllExperts() { return {0, 1, 2, 3, 4, 5, 6, 7}; }
+
+// A running expert shard: store, service and server, torn down in that
+// reverse order (server first, so no call reaches a dead service).
+struct Shard {
+  std::unique_ptr<ExpertStore> store;
+  std::unique_ptr<ExpertServiceImpl> service;
+  std::unique_ptr<rpc::RunningServer> server;
+
+  std::string address() const { return server->address(); }
+  void Stop() {
+    if (server) {
+      server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      server.reset();
+    }
+    if (service) service->Shutdown();
+  }
+  ~Shard() { Stop(); }
+};
+
+std::unique_ptr<Shard> StartShard(const std::string& dir, std::vector<int> experts,
+                                  int workers = 2) {
+  auto checkpoint = Checkpoint::Open(dir, WeightSelection::ExpertsOnly(experts));
+  EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
+  if (!checkpoint.ok()) return nullptr;
+  auto shard = std::make_unique<Shard>();
+  auto store = ExpertStore::Load(**checkpoint);
+  EXPECT_TRUE(store.ok()) << store.status();
+  if (!store.ok()) return nullptr;
+  shard->store = *std::move(store);
+  auto description = DescribeShard(dir, **checkpoint);
+  EXPECT_TRUE(description.ok()) << description.status();
+  if (!description.ok()) return nullptr;
+  shard->service = std::make_unique<ExpertServiceImpl>(shard->store.get(), *description,
+                                                       ExpertServerOptions{.workers = workers});
+  rpc::ServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  auto server = rpc::RunningServer::Start(options, {shard->service.get()});
+  EXPECT_TRUE(server.ok()) << server.status();
+  if (!server.ok()) return nullptr;
+  shard->server = *std::move(server);
+  return shard;
+}
+
+std::vector<float> RandomRows(int n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(n) * kD);
+  for (float& v : x) v = dist(rng);
+  return x;
+}
+
+std::vector<float> RoundToBf16(std::vector<float> x) {
+  for (float& v : x) v = Bf16ToF32(F32ToBf16(v));
+  return x;
+}
+
+double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double m = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+  }
+  return m;
+}
+
+std::unique_ptr<v1::ExpertService::Stub> StubFor(const std::string& address) {
+  return v1::ExpertService::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+}
+
+std::string DumpBytes(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (!buffer.Dump(&slices).ok()) return out;
+  for (const grpc::Slice& s : slices) {
+    out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  return out;
+}
+
+// One raw unary call (hand-encoded protobuf bytes) over the generic stub.
+grpc::Status RawUnary(const std::string& address, const std::string& method,
+                      const std::string& request, std::string* response) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::CompletionQueue cq;
+  grpc::Slice slice(request);
+  grpc::ByteBuffer send(&slice, 1), receive;
+  auto call = stub.PrepareUnaryCall(&context, method, send, &cq);
+  call->StartCall();
+  grpc::Status status;
+  call->Finish(&receive, &status, reinterpret_cast<void*>(1));
+  void* tag;
+  bool ok;
+  EXPECT_TRUE(cq.Next(&tag, &ok));
+  *response = DumpBytes(receive);
+  return status;
+}
+
+// The shared fixture: one shard per expert plus a local store of every expert.
+class ExpertServiceTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(testing::TinyMixtralDir());
+    auto checkpoint = Checkpoint::Open(*dir_, WeightSelection::ExpertsOnly(AllExperts()));
+    ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+    auto store = ExpertStore::Load(**checkpoint);
+    ASSERT_TRUE(store.ok()) << store.status();
+    local_store_ = store->release();
+    shards_ = new std::vector<std::unique_ptr<Shard>>();
+    for (int e : AllExperts()) {
+      shards_->push_back(StartShard(*dir_, {e}));
+      ASSERT_NE(shards_->back(), nullptr);
+    }
+  }
+  static void TearDownTestSuite() {
+    delete shards_;
+    delete local_store_;
+    delete dir_;
+  }
+
+  static const ModelConfig& config() { return local_store_->config(); }
+  static Shard& shard(int expert) { return *(*shards_)[expert]; }
+
+  // "0=addr0;1=addr1;..."
+  static std::string OnePerExpertSpec() {
+    std::vector<std::string> entries;
+    for (int e : AllExperts()) entries.push_back(absl::StrCat(e, "=", shard(e).address()));
+    return absl::StrJoin(entries, ";");
+  }
+
+  static std::unique_ptr<RemoteExpertBackend> ConnectOnePerExpert(
+      v1::DType wire = v1::DTYPE_F32) {
+    auto topology = ParseExpertTopology(OnePerExpertSpec(), 8);
+    EXPECT_TRUE(topology.ok()) << topology.status();
+    RemoteExpertOptions options;
+    options.wire_dtype = wire;
+    options.connect_timeout_ms = 10000;
+    auto backend = RemoteExpertBackend::Connect(*topology, config(), *dir_, options);
+    EXPECT_TRUE(backend.ok()) << backend.status();
+    return backend.ok() ? *std::move(backend) : nullptr;
+  }
+
+  // Calls Forward(layer, expert) on `address` with rows x, in `dtype`.
+  static grpc::Status CallForward(const std::string& address, int layer, int expert,
+                                  const std::vector<float>& x, v1::DType dtype,
+                                  v1::ForwardResponse* response) {
+    v1::ForwardRequest request;
+    request.set_layer(layer);
+    request.set_expert(expert);
+    request.set_config_fingerprint(config().Fingerprint());
+    rpc::EncodeMatrix(x.data(), static_cast<int64_t>(x.size()) / kD, kD, dtype,
+                      request.mutable_hidden_states());
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    return StubFor(address)->Forward(&context, request, response);
+  }
+
+  static std::string* dir_;
+  static ExpertStore* local_store_;
+  static std::vector<std::unique_ptr<Shard>>* shards_;
+};
+
+std::string* ExpertServiceTest::dir_ = nullptr;
+ExpertStore* ExpertServiceTest::local_store_ = nullptr;
+std::vector<std::unique_ptr<Shard>>* ExpertServiceTest::shards_ = nullptr;
+
+// (a) ----------------------------------------------------------------------
+
+TEST_F(ExpertServiceTest, ForwardMatchesLocalExpertF32Exactly) {
+  const ExpertFfn* ffn = local_store_->Find(1, 3);
+  ASSERT_NE(ffn, nullptr);
+  for (int n : {1, 33}) {
+    const std::vector<float> x = RandomRows(n, 100 + n);
+    std::vector<float> want(x.size());
+    ffn->Forward(x.data(), n, want.data());
+
+    v1::ForwardResponse response;
+    grpc::Status status = CallForward(shard(3).address(), 1, 3, x, v1::DTYPE_F32, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(response.output().dtype(), v1::DTYPE_F32);
+    ASSERT_THAT(response.output().shape(), ::testing::ElementsAre(n, kD));
+    auto got = rpc::DecodeMatrix(response.output(), kD, "output");
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(MaxAbsDiff(*got, want), 0.0) << "N=" << n;
+    EXPECT_GE(response.compute_micros(), 0);
+    EXPECT_GE(response.queue_micros(), 0);
+  }
+  const ExpertCounters* counters = shard(3).service->counters(1, 3);
+  ASSERT_NE(counters, nullptr);
+  EXPECT_GE(counters->calls.load(), 2u);
+  EXPECT_GE(counters->tokens.load(), 34u);
+  EXPECT_EQ(counters->in_flight.load(), 0);
+  EXPECT_EQ(shard(3).service->counters(0, 4), nullptr);
+}
+
+TEST_F(ExpertServiceTest, ForwardBf16WireWithinTolerance) {
+  const ExpertFfn* ffn = local_store_->Find(1, 3);
+  for (int n : {1, 33}) {
+    const std::vector<float> x = RandomRows(n, 200 + n);
+    // The shard computes on the bf16-rounded rows and rounds its output.
+    const std::vector<float> x_bf16 = RoundToBf16(x);
+    std::vector<float> want(x.size());
+    ffn->Forward(x_bf16.data(), n, want.data());
+
+    v1::ForwardResponse response;
+    grpc::Status status = CallForward(shard(3).address(), 1, 3, x, v1::DTYPE_BF16, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(response.output().dtype(), v1::DTYPE_BF16);
+    EXPECT_EQ(response.output().data().size(), static_cast<size_t>(n) * kD * 2);
+    auto got = rpc::DecodeMatrix(response.output(), kD, "output");
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_TRUE(testing::AllClose(*got, want, tolerance::kBf16WireAbs, tolerance::kBf16WireRel,
+                                  absl::StrCat("bf16 wire N=", n)));
+  }
+}
+
+// (b) ----------------------------------------------------------------------
+
+TEST_F(ExpertServiceTest, BadRequestsAreRefusedAndTheServerKeepsServing) {
+  const std::string address = shard(3).address();
+  auto stub = StubFor(address);
+  const uint64_t rejected_before = shard(3).service->Stats().rejected_calls;
+  auto call = [&](const v1::ForwardRequest& request) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::ForwardResponse response;
+    return stub->Forward(&context, request, &response);
+  };
+  auto good = [&](int n) {
+    v1::ForwardRequest r;
+    r.set_layer(1);
+    r.set_expert(3);
+    r.set_config_fingerprint(config().Fingerprint());
+    const std::vector<float> x = RandomRows(n, 7);
+    rpc::EncodeMatrix(x.data(), n, kD, v1::DTYPE_F32, r.mutable_hidden_states());
+    return r;
+  };
+
+  {  // Expert not held.
+    v1::ForwardRequest r = good(2);
+    r.set_expert(4);
+    grpc::Status s = call(r);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_THAT(s.error_message(), HasSubstr("layer 1 expert 4"));
+    EXPECT_THAT(s.error_message(), HasSubstr("[3]"));
+  }
+  {  // Layer out of range.
+    v1::ForwardRequest r = good(2);
+    r.set_layer(2);
+    grpc::Status s = call(r);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_THAT(s.error_message(), HasSubstr("layer 2 expert 3"));
+    r.set_layer(4000000000u);
+    EXPECT_EQ(call(r).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {  // Wrong hidden size.
+    v1::ForwardRequest r = good(2);
+    const std::vector<float> x = RandomRows(4, 8);  // 256 floats as [8, 32]
+    rpc::EncodeMatrix(x.data(), 8, 32, v1::DTYPE_F32, r.mutable_hidden_states());
+    grpc::Status s = call(r);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("hidden_states"));
+  }
+  {  // Byte count does not match the shape.
+    v1::ForwardRequest r = good(2);
+    r.mutable_hidden_states()->mutable_data()->resize(2 * kD * 4 - 4);
+    grpc::Status s = call(r);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("bytes"));
+  }
+  {  // Rank 1, and no rows.
+    v1::ForwardRequest r = good(2);
+    r.mutable_hidden_states()->clear_shape();
+    r.mutable_hidden_states()->add_shape(2 * kD);
+    EXPECT_EQ(call(r).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    v1::ForwardRequest empty = good(1);
+    empty.mutable_hidden_states()->set_shape(0, 0);
+    empty.mutable_hidden_states()->clear_data();
+    EXPECT_EQ(call(empty).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  {  // Unsupported or unknown dtypes.
+    for (int dtype : {0, 3, 77}) {
+      v1::ForwardRequest r = good(2);
+      r.mutable_hidden_states()->set_dtype(static_cast<v1::DType>(dtype));
+      grpc::Status s = call(r);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << dtype;
+      EXPECT_THAT(s.error_message(), HasSubstr("dtype"));
+    }
+  }
+  {  // Another model's fingerprint.
+    v1::ForwardRequest r = good(2);
+    r.set_config_fingerprint("0123456789abcdef");
+    grpc::Status s = call(r);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(s.error_message(), HasSubstr("0123456789abcdef"));
+    EXPECT_THAT(s.error_message(), HasSubstr(config().Fingerprint()));
+  }
+  {  // No fingerprint at all is accepted (the guard is optional).
+    v1::ForwardRequest r = good(3);
+    r.clear_config_fingerprint();
+    EXPECT_TRUE(call(r).ok());
+  }
+  // Still serving.
+  grpc::Status s = call(good(5));
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_GE(shard(3).service->Stats().rejected_calls - rejected_before, 11u);
+}
+
+// (c) ----------------------------------------------------------------------
+
+// Batches of every expert for one layer, with varied token counts.
+struct LayerInput {
+  std::vector<std::vector<float>> inputs;
+  std::vector<std::vector<float>> outputs;
+  std::vector<ExpertBatch> batches;
+};
+
+LayerInput MakeLayerInput(uint32_t seed, std::vector<int> experts = AllExperts()) {
+  LayerInput in;
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const int n = 1 + static_cast<int>((seed * 7 + i * 5) % 17);
+    in.inputs.push_back(RandomRows(n, seed * 100 + i));
+    in.outputs.emplace_back(in.inputs.back().size(), -1.0f);
+  }
+  for (size_t i = 0; i < experts.size(); ++i) {
+    in.batches.push_back({.expert = experts[i],
+                          .tokens = static_cast<int>(in.inputs[i].size() / kD),
+                          .input = in.inputs[i].data(),
+                          .output = in.outputs[i].data()});
+  }
+  return in;
+}
+
+TEST_F(ExpertServiceTest, RemoteBackendMatchesLocalBackend) {
+  auto remote = ConnectOnePerExpert();
+  ASSERT_NE(remote, nullptr);
+  EXPECT_THAT(remote->Describe(), HasSubstr(shard(5).address()));
+  LocalExpertBackend local(local_store_);
+  for (int layer = 0; layer < 2; ++layer) {
+    LayerInput want = MakeLayerInput(layer + 1);
+    LayerInput got = MakeLayerInput(layer + 1);
+    ASSERT_TRUE(local.RunLayer(layer, want.batches).ok());
+    absl::Status s = remote->RunLayer(layer, got.batches);
+    ASSERT_TRUE(s.ok()) << s;
+    for (size_t i = 0; i < want.outputs.size(); ++i) {
+      EXPECT_EQ(MaxAbsDiff(got.outputs[i], want.outputs[i]), 0.0) << "layer " << layer << " batch " << i;
+    }
+  }
+  // A subset of experts, one of them twice.
+  LayerInput want = MakeLayerInput(9, {6, 2, 6});
+  LayerInput got = MakeLayerInput(9, {6, 2, 6});
+  ASSERT_TRUE(local.RunLayer(1, want.batches).ok());
+  ASSERT_TRUE(remote->RunLayer(1, got.batches).ok());
+  for (size_t i = 0; i < want.outputs.size(); ++i) {
+    EXPECT_EQ(MaxAbsDiff(got.outputs[i], want.outputs[i]), 0.0);
+  }
+  EXPECT_TRUE(remote->RunLayer(0, {}).ok());
+
+  const RemoteExpertStats stats = remote->stats();
+  ASSERT_EQ(stats.experts.size(), 8u);
+  EXPECT_EQ(stats.experts[6].calls, 4u);
+  EXPECT_EQ(stats.experts[6].latency_count, 4u);
+  EXPECT_TRUE(stats.experts[6].errors_by_code.empty());
+  EXPECT_EQ(stats.experts[0].calls, 2u);
+  EXPECT_EQ(stats.experts[0].targets, std::vector<std::string>{shard(0).address()});
+
+  // Caller bugs are INVALID_ARGUMENT, not crashes.
+  EXPECT_EQ(remote->RunLayer(2, got.batches).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<ExpertBatch> bad = {{.expert = 8, .tokens = 1, .input = got.inputs[0].data(),
+                                   .output = got.outputs[0].data()}};
+  EXPECT_EQ(remote->RunLayer(0, bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(ExpertServiceTest, RemoteBackendBf16WireWithinTolerance) {
+  auto remote = ConnectOnePerExpert(v1::DTYPE_BF16);
+  ASSERT_NE(remote, nullptr);
+  EXPECT_THAT(remote->Describe(), HasSubstr("bf16"));
+  LocalExpertBackend local(local_store_);
+  LayerInput got = MakeLayerInput(3);
+  LayerInput want = MakeLayerInput(3);
+  for (auto& x : want.inputs) x = RoundToBf16(x);
+  for (size_t i = 0; i < want.batches.size(); ++i) want.batches[i].input = want.inputs[i].data();
+  ASSERT_TRUE(local.RunLayer(1, want.batches).ok());
+  ASSERT_TRUE(remote->RunLayer(1, got.batches).ok());
+  for (size_t i = 0; i < want.outputs.size(); ++i) {
+    EXPECT_TRUE(testing::AllClose(got.outputs[i], want.outputs[i], tolerance::kBf16WireAbs,
+                                  tolerance::kBf16WireRel, absl::StrCat("expert ", i)));
+  }
+}
+
+// (d) ----------------------------------------------------------------------
+
+TEST_F(ExpertServiceTest, ConnectRefusesAServerHoldingAnotherExpert) {
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[2] = {shard(5).address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_FALSE(backend.ok());
+  EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(backend.status().message()), HasSubstr("expert 2 at " + shard(5).address()));
+  EXPECT_THAT(std::string(backend.status().message()), HasSubstr("holds experts [5] not 2"));
+}
+
+TEST_F(ExpertServiceTest, ConnectRefusesAnotherModelOrOtherWeights) {
+  const std::string tmp = ::testing::TempDir() + "/expert_service_test_models_" +
+                          std::to_string(getpid());
+  std::filesystem::remove_all(tmp);
+  // Same config, other weights.
+  MakeModelOptions other_weights{.preset = "tiny", .out_dir = tmp + "/seed7", .seed = 7,
+                                 .threads = 1};
+  ASSERT_TRUE(MakeModel(other_weights).ok());
+  // Another config (one layer).
+  MakeModelOptions other_model{.preset = "tiny", .out_dir = tmp + "/one-layer", .layers = 1,
+                               .threads = 1};
+  ASSERT_TRUE(MakeModel(other_model).ok());
+  auto seed7 = StartShard(tmp + "/seed7", {4});
+  auto one_layer = StartShard(tmp + "/one-layer", {4});
+  ASSERT_NE(seed7, nullptr);
+  ASSERT_NE(one_layer, nullptr);
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[4] = {seed7->address()};
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_FALSE(backend.ok());
+  EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(backend.status().message()), HasSubstr("expert 4 at " + seed7->address()));
+  EXPECT_THAT(std::string(backend.status().message()), HasSubstr("expert weights"));
+  // Without the gateway's checkpoint folder the weights are not compared.
+  EXPECT_TRUE(RemoteExpertBackend::Connect(topology, config(), "", options).ok());
+
+  topology.replicas[4] = {one_layer->address()};
+  backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_FALSE(backend.ok());
+  EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition);
+  auto other_config = LoadModelConfig(tmp + "/one-layer");
+  ASSERT_TRUE(other_config.ok());
+  EXPECT_THAT(std::string(backend.status().message()),
+              HasSubstr(absl::StrCat("expert 4 at ", one_layer->address(), " serves model ",
+                                     other_config->Fingerprint(), " but the gateway loaded ",
+                                     config().Fingerprint())));
+  seed7.reset();
+  one_layer.reset();
+  std::filesystem::remove_all(tmp);
+}
+
+TEST_F(ExpertServiceTest, ConnectTimesOutNamingTheSilentReplica) {
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[6] = {"unix:/tmp/switchyard-no-such-socket-" + std::to_string(getpid())};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 500;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_FALSE(backend.ok());
+  EXPECT_EQ(backend.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(backend.status().message()), HasSubstr("expert 6 at unix:/tmp/switchyard-no-such"));
+}
+
+// (e) ----------------------------------------------------------------------
+
+TEST_F(ExpertServiceTest, FailsOverToAnotherReplicaAndReportsWhenAllAreDown) {
+  auto a = StartShard(*dir_, AllExperts());
+  auto b = StartShard(*dir_, AllExperts());
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {a->address(), b->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  options.call_deadline_ms = 3000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  LocalExpertBackend local(local_store_);
+  auto check_layer = [&](uint32_t seed) {
+    LayerInput want = MakeLayerInput(seed);
+    LayerInput got = MakeLayerInput(seed);
+    EXPECT_TRUE(local.RunLayer(1, want.batches).ok());
+    absl::Status s = (*backend)->RunLayer(1, got.batches);
+    EXPECT_TRUE(s.ok()) << s;
+    for (size_t i = 0; i < want.outputs.size(); ++i) {
+      EXPECT_EQ(MaxAbsDiff(got.outputs[i], want.outputs[i]), 0.0);
+    }
+  };
+  for (uint32_t seed = 1; seed <= 3; ++seed) check_layer(seed);
+  // Both replicas took calls.
+  uint64_t a_calls = 0, b_calls = 0;
+  for (const auto& e : a->service->Stats().experts) a_calls += e.calls;
+  for (const auto& e : b->service->Stats().experts) b_calls += e.calls;
+  EXPECT_GT(a_calls, 0u);
+  EXPECT_GT(b_calls, 0u);
+
+  a->Stop();
+  for (uint32_t seed = 4; seed <= 8; ++seed) check_layer(seed);
+
+  b->Stop();
+  LayerInput got = MakeLayerInput(9);
+  absl::Status s = (*backend)->RunLayer(0, got.batches);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("(layer 0) unavailable"));
+  EXPECT_THAT(std::string(s.message()), ::testing::ContainsRegex("expert [0-7] \\(layer 0\\)"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("UNAVAILABLE"));
+  const RemoteExpertStats stats = (*backend)->stats();
+  uint64_t unavailable = 0;
+  for (const auto& e : stats.experts) {
+    auto it = e.errors_by_code.find("UNAVAILABLE");
+    if (it != e.errors_by_code.end()) unavailable += it->second;
+  }
+  EXPECT_GE(unavailable, 16u);  // every expert, both replicas, on the last layer call
+}
+
+// (f) ----------------------------------------------------------------------
+
+TEST_F(ExpertServiceTest, ConcurrentRunLayerCallsAllGetTheirOwnResults) {
+  auto remote = ConnectOnePerExpert();
+  ASSERT_NE(remote, nullptr);
+  LocalExpertBackend local(local_store_);
+  constexpr int kThreads = 8;
+  constexpr int kIterations = 10;
+  std::vector<int> failures(kThreads, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kIterations; ++i) {
+        const uint32_t seed = 1000 + t * kIterations + i;
+        const int layer = (t + i) % 2;
+        LayerInput want = MakeLayerInput(seed);
+        LayerInput got = MakeLayerInput(seed);
+        if (!local.RunLayer(layer, want.batches).ok() ||
+            !remote->RunLayer(layer, got.batches).ok()) {
+          ++failures[t];
+          continue;
+        }
+        for (size_t b = 0; b < want.outputs.size(); ++b) {
+          if (got.outputs[b] != want.outputs[b]) ++failures[t];
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], 0) << "thread " << t;
+  uint64_t calls = 0;
+  for (const auto& e : remote->stats().experts) calls += e.calls;
+  EXPECT_EQ(calls, static_cast<uint64_t>(kThreads * kIterations * 8));
+}
+
+// (g) ----------------------------------------------------------------------
+
+TEST_F(ExpertServiceTest, GetShardInfoDescribesTheShard) {
+  v1::ShardInfo info;
+  grpc::ClientContext context;
+  grpc::Status s = StubFor(shard(3).address())->GetShardInfo(&context, {}, &info);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(info.config_fingerprint(), config().Fingerprint());
+  EXPECT_THAT(info.experts(), ::testing::ElementsAre(3u));
+  EXPECT_EQ(info.layer_begin(), 0u);
+  EXPECT_EQ(info.layer_end(), 2u);
+  EXPECT_EQ(info.dims().hidden_size(), 64u);
+  EXPECT_EQ(info.dims().intermediate_size(), 128u);
+  EXPECT_EQ(info.dims().num_layers(), 2u);
+  EXPECT_EQ(info.dims().num_experts(), 8u);
+  EXPECT_EQ(info.dims().experts_per_token(), 2u);
+  EXPECT_EQ(info.weights_dtype(), "bf16");
+  EXPECT_EQ(info.backend(), "cpu-f32");
+  EXPECT_EQ(info.version(), "0.1.0");
+  ASSERT_EQ(info.expert_weight_fingerprints().size(), 1u);
+  auto fp = ExpertWeightsFingerprint(*dir_, 3);
+  ASSERT_TRUE(fp.ok()) << fp.status();
+  EXPECT_EQ(info.expert_weight_fingerprints().at(3), *fp);
+}
+
+TEST_F(ExpertServiceTest, ServesHealthAndReflection) {
+  auto shard = StartShard(*dir_, {1});
+  ASSERT_NE(shard, nullptr);
+  // grpc.health.v1.Health/Check, request {service: ""}: response {status: SERVING (1)}.
+  std::string response;
+  grpc::Status s = RawUnary(shard->address(), "/grpc.health.v1.Health/Check", "", &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(response, std::string("\x08\x01", 2));
+  shard->server->SetServing(false);
+  s = RawUnary(shard->address(), "/grpc.health.v1.Health/Check", "", &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(response, std::string("\x08\x02", 2));  // NOT_SERVING
+
+  // grpc.reflection.v1alpha.ServerReflection: list_services (field 7) lists ours.
+  auto channel = grpc::CreateChannel(shard->address(), grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::CompletionQueue cq;
+  auto call = stub.PrepareCall(
+      &context, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  void* tag;
+  bool ok;
+  call->StartCall(reinterpret_cast<void*>(1));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  grpc::Slice request(std::string("\x3a\x00", 2));
+  call->Write(grpc::ByteBuffer(&request, 1), reinterpret_cast<void*>(2));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  grpc::ByteBuffer reply;
+  call->Read(&reply, reinterpret_cast<void*>(3));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  EXPECT_THAT(DumpBytes(reply), HasSubstr("switchyard.v1.ExpertService"));
+  EXPECT_THAT(DumpBytes(reply), HasSubstr("grpc.health.v1.Health"));
+  call->WritesDone(reinterpret_cast<void*>(4));
+  ASSERT_TRUE(cq.Next(&tag, &ok));
+  grpc::Status finish;
+  call->Finish(&finish, reinterpret_cast<void*>(5));
+  ASSERT_TRUE(cq.Next(&tag, &ok));
+  EXPECT_TRUE(finish.ok()) << finish.error_message();
+}
+
+TEST_F(ExpertServiceTest, GracefulStopFinishesAcceptedCalls) {
+  auto s = StartShard(*dir_, {0}, /*workers=*/1);
+  ASSERT_NE(s, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[0] = {s->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+
+  // 32 sizeable batches queue up behind the single worker.
+  constexpr int kBatches = 32;
+  constexpr int kTokens = 512;
+  std::vector<std::vector<float>> inputs, outputs, want;
+  std::vector<ExpertBatch> batches;
+  for (int i = 0; i < kBatches; ++i) {
+    inputs.push_back(RandomRows(kTokens, 500 + i));
+    outputs.emplace_back(inputs.back().size());
+    want.emplace_back(inputs.back().size());
+    local_store_->Find(0, 0)->Forward(inputs.back().data(), kTokens, want.back().data());
+  }
+  for (int i = 0; i < kBatches; ++i) {
+    batches.push_back({.expert = 0, .tokens = kTokens, .input = inputs[i].data(),
+                       .output = outputs[i].data()});
+  }
+  absl::Status status;
+  std::thread runner([&] { status = (*backend)->RunLayer(0, batches); });
+  // Stop once every call has been accepted (queued or running).
+  const ExpertCounters* counters = s->service->counters(0, 0);
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (counters->in_flight.load() + static_cast<int64_t>(counters->calls.load()) < kBatches &&
+         std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  s->Stop();
+  runner.join();
+  ASSERT_TRUE(status.ok()) << status;
+  for (int i = 0; i < kBatches; ++i) EXPECT_EQ(MaxAbsDiff(outputs[i], want[i]), 0.0) << i;
+  const ExpertServerStats stats = s->service->Stats();
+  EXPECT_EQ(stats.queued_calls, 0);
+  EXPECT_EQ(stats.experts[0].in_flight, 0);
+  EXPECT_EQ(stats.experts[0].calls, static_cast<uint64_t>(kBatches));
+  s->service->Shutdown();  // idempotent
+}
+
+// Topology parsing -----------------------------------------------------------
+
+TEST(ExpertTopologyTest, ParsesSpecs) {
+  auto t = ParseExpertTopology(
+      " 0=127.0.0.1:5001|127.0.0.1:5002 ; 1=unix:/tmp/e1.sock;2=dns:///e2.ns.svc:50061;", 3);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_THAT(t->replicas.at(0), ::testing::ElementsAre("127.0.0.1:5001", "127.0.0.1:5002"));
+  EXPECT_THAT(t->replicas.at(1), ::testing::ElementsAre("unix:/tmp/e1.sock"));
+  EXPECT_THAT(t->replicas.at(2), ::testing::ElementsAre("dns:///e2.ns.svc:50061"));
+  EXPECT_EQ(FormatExpertTopology(*t),
+            "0=127.0.0.1:5001|127.0.0.1:5002;1=unix:/tmp/e1.sock;2=dns:///e2.ns.svc:50061");
+  auto round_trip = ParseExpertTopology(FormatExpertTopology(*t), 3);
+  ASSERT_TRUE(round_trip.ok());
+  EXPECT_EQ(round_trip->replicas, t->replicas);
+}
+
+TEST(ExpertTopologyTest, RejectsBadSpecsNamingTheEntry) {
+  struct Case {
+    const char* spec;
+    const char* message;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"0=a:1;1=b:1", "no replica given for expert 2"},
+           {"0=a:1", "no replica given for experts 1, 2"},
+           {"0=a:1;1=b:1;2=c:1;3=d:1", "expert 3 is out of range"},
+           {"0=a:1;1=b:1;x=c:1", "'x' is not an expert index"},
+           {"0=a:1;1=b:1;2", "entry '2' is not EXPERT=TARGET"},
+           {"0=a:1;1=b:1;2=c:1|", "entry '2=c:1|' has an empty replica target"},
+           {"0=a:1;1=b:1;1=c:1", "expert 1 is mapped twice"},
+           {"", "no replica given for experts 0, 1, 2"},
+       }) {
+    auto t = ParseExpertTopology(c.spec, 3);
+    ASSERT_FALSE(t.ok()) << c.spec;
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << c.spec;
+    EXPECT_THAT(std::string(t.status().message()), HasSubstr(c.message)) << c.spec;
+  }
+}
+
+TEST(ExpertTopologyTest, ParsesJsonFiles) {
+  const std::string path =
+      ::testing::TempDir() + "/topology_" + std::to_string(getpid()) + ".json";
+  {
+    std::ofstream out(path);
+    out << R"({"experts": {"0": ["127.0.0.1:5001", "127.0.0.1:5002"],
+                           "1": ["dns:///expert-1.ns.svc:50061"], "2": "unix:/tmp/e2.sock"}})";
+  }
+  auto t = ParseExpertTopologyFile(path, 3);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_THAT(t->replicas.at(0), ::testing::ElementsAre("127.0.0.1:5001", "127.0.0.1:5002"));
+  EXPECT_THAT(t->replicas.at(1), ::testing::ElementsAre("dns:///expert-1.ns.svc:50061"));
+  EXPECT_THAT(t->replicas.at(2), ::testing::ElementsAre("unix:/tmp/e2.sock"));
+  auto loaded = LoadExpertTopology(path, 3);
+  ASSERT_TRUE(loaded.ok());
+  EXPECT_EQ(loaded->replicas, t->replicas);
+
+  auto missing = ParseExpertTopologyFile(path, 4);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr(path));
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("expert 3"));
+  {
+    std::ofstream out(path);
+    out << R"({"experts": {"0": [1]}})";
+  }
+  EXPECT_THAT(std::string(ParseExpertTopologyFile(path, 1).status().message()),
+              HasSubstr("strings"));
+  {
+    std::ofstream out(path);
+    out << "not json";
+  }
+  EXPECT_EQ(ParseExpertTopologyFile(path, 1).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  std::remove(path.c_str());
+  EXPECT_EQ(ParseExpertTopologyFile(path, 1).status().code(), absl::StatusCode::kNotFound);
+}
+
+// Weight fingerprints ----------------------------------------------------------
+
+TEST(ExpertWeightsFingerprintTest, StableDistinctAndIndependentOfSharding) {
+  const std::string dir = testing::TinyMixtralDir();
+  auto fp3 = ExpertWeightsFingerprint(dir, 3);
+  ASSERT_TRUE(fp3.ok()) << fp3.status();
+  EXPECT_EQ(fp3->size(), 16u);
+  EXPECT_EQ(ExpertWeightsFingerprint(dir, 3).value_or("error"), *fp3);
+  EXPECT_NE(ExpertWeightsFingerprint(dir, 4).value_or(*fp3), *fp3);
+  EXPECT_EQ(ExpertWeightsFingerprint(dir, 8).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(ExpertWeightsFingerprint(dir + "/nope", 0).ok());
+
+  const std::string tmp =
+      ::testing::TempDir() + "/fingerprint_test_" + std::to_string(getpid());
+  std::filesystem::remove_all(tmp);
+  MakeModelOptions whole{.preset = "tiny", .out_dir = tmp + "/whole", .seed = 3, .threads = 1};
+  MakeModelOptions sharded = whole;
+  sharded.out_dir = tmp + "/sharded";
+  sharded.shard_bytes = 1 << 20;
+  MakeModelOptions f32 = whole;
+  f32.out_dir = tmp + "/f32";
+  f32.dtype = DType::kF32;
+  ASSERT_TRUE(MakeModel(whole).ok());
+  ASSERT_TRUE(MakeModel(sharded).ok());
+  ASSERT_TRUE(MakeModel(f32).ok());
+  auto w = ExpertWeightsFingerprint(tmp + "/whole", 5);
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ(ExpertWeightsFingerprint(tmp + "/sharded", 5).value_or("error"), *w);
+  const std::string f32_fp = ExpertWeightsFingerprint(tmp + "/f32", 5).value_or("error");
+  EXPECT_NE(f32_fp, *w);
+  EXPECT_NE(f32_fp, "error");
+  EXPECT_NE(ExpertWeightsFingerprint(dir, 5).value_or("error"), *w);  // other seed
+  std::filesystem::remove_all(tmp);
+}
+
+}  // namespace
+}  // namespace switchyard

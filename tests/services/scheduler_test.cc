@@ -1,0 +1,280 @@
+// Continuous batching: many concurrent requests give what each gives alone;
+// stop strings and stop ids end generation; cancellation frees the cache;
+// queue and cache limits answer RESOURCE_EXHAUSTED.
+#include <condition_variable>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "gateway/local_model.h"
+#include "gateway/scheduler.h"
+#include "gtest/gtest.h"
+#include "absl/strings/match.h"
+#include "nlohmann/json.hpp"
+#include "tests/test_util.h"
+
+namespace switchyard {
+namespace {
+
+// Records one request's events and lets a test wait for the end.
+class RecordingSink : public GenerationSink {
+ public:
+  void OnTokens(const TokenEvent& e) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    text += e.text_delta;
+    deltas.push_back(e.text_delta);
+    tokens.insert(tokens.end(), e.token_ids.begin(), e.token_ids.end());
+    cv_.notify_all();
+  }
+  void OnFinish(const FinishEvent& e) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    text += e.text_delta;
+    finish = e;
+    done = true;
+    cv_.notify_all();
+  }
+  void OnError(const absl::Status& s) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    error = s;
+    done = true;
+    cv_.notify_all();
+  }
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return done; });
+  }
+  void WaitForTokens(size_t n) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return done || tokens.size() >= n; });
+  }
+
+  std::string text;
+  std::vector<std::string> deltas;
+  std::vector<int32_t> tokens;
+  FinishEvent finish;
+  absl::Status error;
+  bool done = false;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    LocalModelOptions options;
+    options.kv_cache_tokens = 8192;
+    auto model = LocalModel::Load(testing::TinyMixtralDir(), options);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = *std::move(model);
+  }
+
+  std::unique_ptr<Scheduler> MakeScheduler(SchedulerOptions options = {}) {
+    return std::make_unique<Scheduler>(&model_->runner(), &model_->kv_pool(),
+                                       &model_->tokenizer(), options);
+  }
+
+  GenerationRequest Request(const std::string& prompt, int max_new) {
+    GenerationRequest r;
+    r.prompt_ids = model_->tokenizer().Encode(prompt);
+    r.options.max_new_tokens = max_new;
+    r.options.ignore_eos = true;
+    return r;
+  }
+
+  // The single-sequence reference loop.
+  GenerateResult Solo(const GenerationRequest& r) {
+    auto result = Generate(model_->runner(), model_->kv_pool(), model_->tokenizer(), r.prompt_ids,
+                           r.options);
+    EXPECT_TRUE(result.ok()) << result.status();
+    return *result;
+  }
+
+  std::unique_ptr<LocalModel> model_;
+};
+
+const char* kPrompts[] = {
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n",
+    "Mixture of experts routes every token to",
+    "Über die Brücke gingen 3 Männer 🙂 und 猫.",
+    "Hello",
+    "A much longer prompt that keeps going so that its prefill needs several chunks "
+    "when the per-step token budget is small, which is exactly the point of the test.",
+};
+
+TEST_F(SchedulerTest, SixteenConcurrentRequestsEachEqualTheirSoloRun) {
+  SchedulerOptions options;
+  options.max_step_tokens = 48;  // forces chunked prefill next to decodes
+  auto scheduler = MakeScheduler(options);
+  std::vector<GenerationRequest> requests;
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (int i = 0; i < 16; ++i) {
+    GenerationRequest r = Request(kPrompts[i % 6], 4 + (i * 5) % 23);
+    if (i % 4 == 3) {  // sampled requests with a seed among the greedy ones
+      r.options.sampling.temperature = 0.8f;
+      r.options.sampling.top_p = 0.9f;
+      r.options.sampling.top_k = 50;
+      r.options.sampling.seed = 100 + i;
+    }
+    if (i % 5 == 4) r.options.sampling.repetition_penalty = 1.3f;
+    requests.push_back(r);
+    sinks.push_back(std::make_shared<RecordingSink>());
+    ASSERT_TRUE(scheduler->Submit(r, sinks.back()).ok());
+  }
+  for (int i = 0; i < 16; ++i) {
+    sinks[i]->Wait();
+    ASSERT_TRUE(sinks[i]->error.ok()) << sinks[i]->error;
+    const GenerateResult solo = Solo(requests[i]);
+    // Seeded sampling is repeatable too, so every request must equal its solo run.
+    EXPECT_EQ(sinks[i]->tokens, solo.token_ids) << "request " << i;
+    EXPECT_EQ(sinks[i]->text, solo.text) << "request " << i;
+    EXPECT_EQ(sinks[i]->finish.reason, FinishReason::kLength);
+    EXPECT_EQ(sinks[i]->finish.completion_tokens, requests[i].options.max_new_tokens);
+    EXPECT_EQ(sinks[i]->finish.prompt_tokens, static_cast<int>(requests[i].prompt_ids.size()));
+  }
+  const SchedulerStats stats = scheduler->Stats();
+  EXPECT_EQ(stats.requests_finished, 16);
+  EXPECT_EQ(stats.kv_used_tokens, 0);
+  EXPECT_LE(stats.step_tokens_total, stats.steps * 48);
+}
+
+TEST_F(SchedulerTest, StopStringEndsGenerationWithoutTheStopText) {
+  auto scheduler = MakeScheduler();
+  GenerationRequest base = Request(kPrompts[0], 24);
+  const GenerateResult solo = Solo(base);
+  // Take a stop string from the middle of the greedy text.
+  const size_t at = solo.text.find("Valentine");
+  ASSERT_NE(at, std::string::npos) << solo.text;
+  GenerationRequest r = base;
+  r.stop = {"zzz-never", "Valentine"};
+  auto sink = std::make_shared<RecordingSink>();
+  ASSERT_TRUE(scheduler->Submit(r, sink).ok());
+  sink->Wait();
+  EXPECT_EQ(sink->finish.reason, FinishReason::kStopSequence);
+  EXPECT_EQ(sink->text, solo.text.substr(0, at));
+  for (const std::string& d : sink->deltas) EXPECT_EQ(d.find("Val"), std::string::npos) << d;
+}
+
+TEST_F(SchedulerTest, StopTokenIdEndsGenerationAndIsNotInText) {
+  auto scheduler = MakeScheduler();
+  GenerationRequest r = Request(kPrompts[2], 24);
+  const GenerateResult solo = Solo(r);
+  // A token whose first appearance is at step k >= 3.
+  size_t k = 3;
+  while (std::find(solo.token_ids.begin(), solo.token_ids.begin() + k, solo.token_ids[k]) !=
+         solo.token_ids.begin() + k) {
+    ++k;
+  }
+  r.options.stop_token_ids = {solo.token_ids[k]};
+  auto sink = std::make_shared<RecordingSink>();
+  ASSERT_TRUE(scheduler->Submit(r, sink).ok());
+  sink->Wait();
+  EXPECT_EQ(sink->finish.reason, FinishReason::kStopSequence);
+  ASSERT_EQ(sink->tokens.size(), k + 1);
+  EXPECT_EQ(sink->tokens.back(), solo.token_ids[k]);
+  // The text is exactly that of the tokens before the stop token.
+  GenerationRequest five = Request(kPrompts[2], static_cast<int>(k));
+  EXPECT_EQ(sink->text, Solo(five).text);
+}
+
+TEST_F(SchedulerTest, EosEndsGenerationUnlessIgnored) {
+  // The tiny model never emits </s> on its own, so declare the 4th greedy
+  // token of a prompt to be EOS through tokenizer_config.json.
+  GenerationRequest r = Request(kPrompts[0], 24);
+  const GenerateResult solo = Solo(r);
+  const std::string eos_token = *model_->tokenizer().IdToToken(solo.token_ids[3]);
+  const std::string config = ::testing::TempDir() + "/eos_tokenizer_config.json";
+  {
+    std::ofstream out(config);
+    out << nlohmann::json({{"add_bos_token", true}, {"bos_token", "<s>"}, {"eos_token", eos_token}})
+               .dump();
+  }
+  auto tokenizer = Tokenizer::FromFiles(testing::TinyMixtralDir() + "/tokenizer.json", config);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  ASSERT_EQ((*tokenizer)->eos_id(), solo.token_ids[3]);
+  Scheduler scheduler(&model_->runner(), &model_->kv_pool(), tokenizer->get(), {});
+
+  r.options.ignore_eos = false;
+  auto sink = std::make_shared<RecordingSink>();
+  ASSERT_TRUE(scheduler.Submit(r, sink).ok());
+  sink->Wait();
+  EXPECT_EQ(sink->finish.reason, FinishReason::kEos);
+  EXPECT_EQ(sink->tokens, std::vector<int32_t>(solo.token_ids.begin(), solo.token_ids.begin() + 4));
+
+  r.options.ignore_eos = true;
+  auto ignoring = std::make_shared<RecordingSink>();
+  ASSERT_TRUE(scheduler.Submit(r, ignoring).ok());
+  ignoring->Wait();
+  EXPECT_EQ(ignoring->finish.reason, FinishReason::kLength);
+  EXPECT_EQ(ignoring->tokens, solo.token_ids);
+}
+
+TEST_F(SchedulerTest, CancelFreesTheCacheAtOnce) {
+  auto scheduler = MakeScheduler();
+  GenerationRequest r = Request(kPrompts[1], 2000);
+  auto sink = std::make_shared<RecordingSink>();
+  auto id = scheduler->Submit(r, sink);
+  ASSERT_TRUE(id.ok());
+  sink->WaitForTokens(3);
+  EXPECT_GT(scheduler->Stats().kv_used_tokens, 0);
+  scheduler->Cancel(*id);
+  sink->Wait();
+  EXPECT_EQ(sink->finish.reason, FinishReason::kCancelled);
+  EXPECT_LT(sink->tokens.size(), 2000u);
+  const SchedulerStats stats = scheduler->Stats();
+  EXPECT_EQ(stats.kv_used_tokens, 0);
+  EXPECT_EQ(stats.kv_live_sequences, 0);
+  EXPECT_EQ(stats.requests_cancelled, 1);
+}
+
+TEST_F(SchedulerTest, FullQueueAndOversizedRequestsAreRefused) {
+  SchedulerOptions options;
+  options.max_queue = 2;
+  options.max_running = 1;
+  auto scheduler = MakeScheduler(options);
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  int refused = 0;
+  for (int i = 0; i < 8; ++i) {
+    sinks.push_back(std::make_shared<RecordingSink>());
+    auto id = scheduler->Submit(Request(kPrompts[0], 200), sinks.back());
+    if (!id.ok()) {
+      EXPECT_EQ(id.status().code(), absl::StatusCode::kResourceExhausted) << id.status();
+      ++refused;
+      sinks.back()->done = true;
+    }
+  }
+  EXPECT_GE(refused, 5);  // one running, at most two waiting
+  GenerationRequest huge = Request(kPrompts[0], 9000);  // cache holds 8192 slots
+  auto status = scheduler->Submit(huge, std::make_shared<RecordingSink>());
+  EXPECT_EQ(status.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(status.status().message().find("KV cache"), std::string::npos);
+  for (auto& s : sinks) s->Wait();
+}
+
+TEST_F(SchedulerTest, WaitsForCacheInsteadOfFailing) {
+  // Cache for about two requests at a time: the rest wait, then all finish.
+  LocalModelOptions small;
+  small.kv_cache_tokens = 96;
+  auto model = LocalModel::Load(testing::TinyMixtralDir(), small);
+  ASSERT_TRUE(model.ok());
+  Scheduler scheduler(&(*model)->runner(), &(*model)->kv_pool(), &(*model)->tokenizer(), {});
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (int i = 0; i < 6; ++i) {
+    sinks.push_back(std::make_shared<RecordingSink>());
+    GenerationRequest r = Request(kPrompts[i % 3], 20);
+    ASSERT_TRUE(scheduler.Submit(r, sinks.back()).ok());
+  }
+  for (auto& s : sinks) {
+    s->Wait();
+    EXPECT_TRUE(s->error.ok()) << s->error;
+    EXPECT_EQ(s->tokens.size(), 20u);
+  }
+  EXPECT_EQ((*model)->kv_pool().used_tokens(), 0);
+}
+
+}  // namespace
+}  // namespace switchyard

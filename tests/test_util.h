@@ -1,0 +1,48 @@
+// Helpers shared by the test suites.
+#ifndef SWITCHYARD_TESTS_TEST_UTIL_H_
+#define SWITCHYARD_TESTS_TEST_UTIL_H_
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include "absl/types/span.h"
+#include "gtest/gtest.h"
+
+namespace switchyard::testing {
+
+inline std::string DataDir() { return SWITCHYARD_TEST_DATA_DIR; }
+inline std::string TinyMixtralDir() { return DataDir() + "/tiny-mixtral"; }
+
+// Asserts |a - b| <= abs + rel * |b| elementwise; prints the max difference.
+inline ::testing::AssertionResult AllClose(absl::Span<const float> actual,
+                                           absl::Span<const float> expected, double abs,
+                                           double rel, const std::string& what) {
+  if (actual.size() != expected.size()) {
+    return ::testing::AssertionFailure()
+           << what << ": size " << actual.size() << " != " << expected.size();
+  }
+  double max_diff = 0.0;
+  size_t worst = 0;
+  size_t bad = 0;
+  for (size_t i = 0; i < actual.size(); ++i) {
+    const double d = std::fabs(static_cast<double>(actual[i]) - expected[i]);
+    if (!(d <= abs + rel * std::fabs(expected[i]))) ++bad;
+    if (!(d <= max_diff)) {
+      max_diff = d;
+      worst = i;
+    }
+  }
+  std::printf("[ allclose ] %s: max |diff| = %.3g at %zu (n=%zu, tol %.1g + %.1g|ref|)\n",
+              what.c_str(), max_diff, worst, actual.size(), abs, rel);
+  if (bad > 0) {
+    return ::testing::AssertionFailure()
+           << what << ": " << bad << " of " << actual.size() << " out of tolerance; worst at "
+           << worst << ": " << actual[worst] << " vs " << expected[worst];
+  }
+  return ::testing::AssertionSuccess();
+}
+
+}  // namespace switchyard::testing
+
+#endif  // SWITCHYARD_TESTS_TEST_UTIL_H_
