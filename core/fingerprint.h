@@ -24,8 +24,7 @@ namespace switchyard {
 // `checkpoint_dir`, over all layers. Opens the folder with
 // WeightSelection::ExpertsOnly({expert}); errors are Checkpoint::Open's
 // (InvalidArgument for an expert out of range).
-absl::StatusOr<std::string> ExpertWeightsFingerprint(const std::string& checkpoint_dir,
-                                                     int expert);
+absl::StatusOr<std::string> ExpertWeightsFingerprint(const std::string& checkpoint_dir, int expert);
 
 // The same digest from an already open checkpoint whose selection includes
 // `expert` for every layer (NotFound otherwise).

@@ -36,13 +36,13 @@ absl::StatusOr<ShardDescription> DescribeShard(const std::string& checkpoint_dir
   ShardDescription shard;
   shard.experts = *selection.experts;
   std::sort(shard.experts.begin(), shard.experts.end());
-  shard.experts.erase(std::unique(shard.experts.begin(), shard.experts.end()),
-                      shard.experts.end());
+  shard.experts.erase(std::unique(shard.experts.begin(), shard.experts.end()), shard.experts.end());
   shard.layer_begin = selection.layer_begin;
   shard.layer_end = selection.layer_end < 0 ? config.num_hidden_layers : selection.layer_end;
   if (shard.layer_begin >= shard.layer_end) {
-    return absl::InvalidArgumentError(absl::StrCat("an expert shard must hold at least one layer, got [",
-                                                   shard.layer_begin, ", ", shard.layer_end, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("an expert shard must hold at least one layer, got [", shard.layer_begin, ", ",
+                     shard.layer_end, ")"));
   }
   const bool all_layers = shard.layer_begin == 0 && shard.layer_end == config.num_hidden_layers;
   for (int e : shard.experts) {
@@ -52,9 +52,8 @@ absl::StatusOr<ShardDescription> DescribeShard(const std::string& checkpoint_dir
                         all_layers ? ExpertWeightsFingerprint(checkpoint, e)
                                    : ExpertWeightsFingerprint(checkpoint_dir, e));
   }
-  SY_ASSIGN_OR_RETURN(
-      const TensorView v,
-      checkpoint.View(names::Expert(shard.layer_begin, shard.experts.front(), "w1")));
+  SY_ASSIGN_OR_RETURN(const TensorView v, checkpoint.View(names::Expert(
+                                              shard.layer_begin, shard.experts.front(), "w1")));
   shard.weights_dtype = absl::AsciiStrToLower(std::string(DTypeName(v.dtype)));
   return shard;
 }
@@ -179,22 +178,22 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::Forward(grpc::CallbackServerContext
       return reactor;
     }
     counters->in_flight.fetch_add(1, std::memory_order_relaxed);
-    queue_.push_back([=, this] {
-      RunForward(context, request, response, reactor, ffn, counters, received);
-    });
+    if (options_.metrics != nullptr) options_.metrics->CallAccepted();
+    queue_.push_back(
+        [=, this] { RunForward(context, request, response, reactor, ffn, counters, received); });
   }
   work_cv_.notify_one();
   return reactor;
 }
 
 void ExpertServiceImpl::RunForward(grpc::CallbackServerContext* context,
-                                   const v1::ForwardRequest* request,
-                                   v1::ForwardResponse* response,
+                                   const v1::ForwardRequest* request, v1::ForwardResponse* response,
                                    grpc::ServerUnaryReactor* reactor, const ExpertFfn* ffn,
                                    ExpertCounters* counters, int64_t enqueued_micros) {
   const int64_t start = NowMicros();
   absl::Status status;
   int64_t tokens = 0;
+  int64_t compute_micros = 0;
   if (context->IsCancelled()) {
     // The caller gave up (deadline, cancellation) while this call was queued.
     status = absl::CancelledError("call cancelled before its compute started");
@@ -208,7 +207,8 @@ void ExpertServiceImpl::RunForward(grpc::CallbackServerContext* context,
       std::vector<float> out(x->size());
       const int64_t compute_start = NowMicros();
       ffn->Forward(x->data(), static_cast<int>(tokens), out.data());
-      response->set_compute_micros(NowMicros() - compute_start);
+      compute_micros = NowMicros() - compute_start;
+      response->set_compute_micros(compute_micros);
       response->set_queue_micros(start - enqueued_micros);
       rpc::EncodeMatrix(out.data(), tokens, ffn->hidden(), request->hidden_states().dtype(),
                         response->mutable_output());
@@ -220,6 +220,10 @@ void ExpertServiceImpl::RunForward(grpc::CallbackServerContext* context,
   counters->busy_micros.fetch_add(static_cast<uint64_t>(NowMicros() - start),
                                   std::memory_order_relaxed);
   counters->in_flight.fetch_sub(1, std::memory_order_relaxed);
+  if (options_.metrics != nullptr) {
+    options_.metrics->CallDone(static_cast<int>(request->layer()), static_cast<int>(request->expert()),
+                               tokens, (start - enqueued_micros) * 1e-6, compute_micros * 1e-6);
+  }
   // Last: after Finish the request, response and context may be gone.
   reactor->Finish(rpc::ToGrpcStatus(status));
 }

@@ -29,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "core/checkpoint.h"
 #include "expert_service/expert_ffn.h"
+#include "expert_service/expert_metrics.h"
 #include "switchyard/v1/expert.grpc.pb.h"
 
 namespace switchyard {
@@ -58,6 +59,8 @@ struct ExpertServerOptions {
   // Forward calls allowed to wait for a worker; beyond that calls fail with
   // RESOURCE_EXHAUSTED. Default 4096.
   int max_queued_calls = 4096;
+  // Prometheus metrics to update. Default nullptr: none. Not owned.
+  ExpertMetrics* metrics = nullptr;
 };
 
 // Counters of one (layer, expert). Monotonic except in_flight.
@@ -133,7 +136,7 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   std::condition_variable work_cv_;
   std::deque<std::function<void()>> queue_;  // guarded by mu_
   bool stopping_ = false;                    // guarded by mu_
-  std::mutex join_mu_;  // serialises Shutdown's joins
+  std::mutex join_mu_;                       // serialises Shutdown's joins
   std::vector<std::thread> workers_;
 };
 

@@ -24,6 +24,8 @@
 #include "core/status_macros.h"
 #include "expert_service/expert_ffn.h"
 #include "expert_service/expert_server.h"
+#include "metrics/http_exporter.h"
+#include "metrics/metrics.h"
 #include "rpc/server.h"
 
 namespace switchyard {
@@ -33,7 +35,8 @@ constexpr char kUsage[] =
     "usage: switchyard-expert --model DIR [--listen ADDR (default 0.0.0.0:50061)]\n"
     "         [--experts 0,1,... (default 0)] [--layers B:E (default all)]\n"
     "         [--workers N (default 2)] [--max-connection-age-ms MS (default 0: never)]\n"
-    "         [--grace-ms MS (default 5000)]\n";
+    "         [--grace-ms MS (default 5000)]\n"
+    "         [--metrics-listen HOST:PORT (default: no metrics; port 0 picks one)]\n";
 
 absl::StatusOr<std::vector<int>> ParseExperts(const std::string& text, int num_experts) {
   std::vector<int> experts;
@@ -45,9 +48,8 @@ absl::StatusOr<std::vector<int>> ParseExperts(const std::string& text, int num_e
     }
     if (e < 0 || e >= num_experts) {
       return absl::InvalidArgumentError(absl::StrCat("--experts: expert ", e,
-                                                     " out of range; the model has ",
-                                                     num_experts, " experts (0..",
-                                                     num_experts - 1, ")"));
+                                                     " out of range; the model has ", num_experts,
+                                                     " experts (0..", num_experts - 1, ")"));
     }
     for (int seen : experts) {
       if (seen == e) {
@@ -91,11 +93,11 @@ int Run(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   std::vector<std::string> args(argv + 1, argv + argc);
-  absl::StatusOr<cli::Flags> flags =
-      cli::Flags::Parse(args,
-                        {"model", "listen", "experts", "layers", "workers",
-                         "max-connection-age-ms", "grace-ms"},
-                        {"help"});
+  absl::StatusOr<cli::Flags> flags = cli::Flags::Parse(
+      args,
+      {"model", "listen", "experts", "layers", "workers", "max-connection-age-ms", "grace-ms",
+       "metrics-listen"},
+      {"help"});
   if (!flags.ok()) {
     std::fputs(kUsage, stderr);
     return Fail(flags.status());
@@ -152,8 +154,22 @@ int Run(int argc, char** argv) {
   const double load_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
 
-  ExpertServiceImpl service(store.get(), shard, {.workers = static_cast<int>(*workers)});
+  metrics::Registry registry;
+  registry.AddGauge("switchyard_build_info", "Always 1.", {"version", "role"})
+      .Add({"0.1.0", "expert"})
+      .Set(1);
+  ExpertMetrics expert_metrics(&registry, store->Held());
+  std::unique_ptr<metrics::HttpExporter> exporter;
+  if (auto metrics_listen = flags->Get("metrics-listen")) {
+    absl::StatusOr<std::unique_ptr<metrics::HttpExporter>> started =
+        metrics::HttpExporter::Start(*metrics_listen, &registry);
+    if (!started.ok()) return Fail(started.status());
+    exporter = *std::move(started);
+  }
+  ExpertServiceImpl service(store.get(), shard,
+                            {.workers = static_cast<int>(*workers), .metrics = &expert_metrics});
   rpc::ServerOptions server_options;
+  server_options.health_service_names = {v1::ExpertService::service_full_name()};
   server_options.listen_address = listen;
   server_options.max_connection_age_ms = static_cast<int>(*max_age);
   absl::StatusOr<std::unique_ptr<rpc::RunningServer>> server =
@@ -167,15 +183,15 @@ int Run(int argc, char** argv) {
                experts_text.c_str(), layers.first, layers.second, model_dir->c_str(),
                shard.weights_dtype.c_str(), config->Fingerprint().c_str(), load_s,
                static_cast<int>(*workers));
-  std::printf("switchyard-expert listening on %s experts=%s layers=%d:%d\n",
-              (*server)->address().c_str(), experts_text.c_str(), layers.first, layers.second);
+  std::printf("switchyard-expert listening on %s experts=%s layers=%d:%d metrics=%s\n",
+              (*server)->address().c_str(), experts_text.c_str(), layers.first, layers.second,
+              exporter ? exporter->address().c_str() : "none");
   std::fflush(stdout);
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   std::fprintf(stderr, "switchyard-expert: %s, draining (grace %lld ms)\n",
-               signal_number == SIGTERM ? "SIGTERM" : "SIGINT",
-               static_cast<long long>(*grace_ms));
+               signal_number == SIGTERM ? "SIGTERM" : "SIGINT", static_cast<long long>(*grace_ms));
   // Health first (so balancers stop routing here), then stop accepting and
   // let in-flight calls finish until the deadline, then drain the workers.
   (*server)->SetServing(false);

@@ -15,11 +15,16 @@
 #include "expert_service/expert_ffn.h"
 #include "gateway/generation_service.h"
 #include "gateway/remote_expert_backend.h"
+#include "metrics/http_exporter.h"
 #include "rpc/server.h"
+#include "rpc/status.h"
 
 namespace switchyard {
 
 struct Gateway::Parts {
+  metrics::Registry registry;
+  std::unique_ptr<GatewayMetrics> metrics;
+  std::unique_ptr<metrics::HttpExporter> exporter;
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<AttentionModel> attention;
   std::unique_ptr<ExpertStore> local_experts;      // --experts local only
@@ -62,6 +67,7 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const cli::Flags& f) {
     return absl::InvalidArgumentError("--wire-dtype must be f32 or bf16, got '" + wire + "'");
   }
   o.wire_bf16 = wire == "bf16";
+  o.metrics_listen = f.GetOr("metrics-listen", "");
   return o;
 }
 
@@ -73,10 +79,19 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   const ModelConfig& config = checkpoint->config();
   SY_ASSIGN_OR_RETURN(p->tokenizer, Tokenizer::FromDir(options.model_dir));
   SY_ASSIGN_OR_RETURN(p->attention, AttentionModel::Load(*checkpoint));
+  p->registry.AddGauge("switchyard_build_info", "Always 1.", {"version", "role"})
+      .Add({"0.1.0", "gateway"})
+      .Set(1);
+  p->metrics = std::make_unique<GatewayMetrics>(&p->registry, config);
+  if (!options.metrics_listen.empty()) {
+    SY_ASSIGN_OR_RETURN(p->exporter,
+                        metrics::HttpExporter::Start(options.metrics_listen, &p->registry));
+  }
 
   GenerationServiceOptions service_options;
   service_options.model_name = options.model_dir;
   service_options.limits = options.limits;
+  service_options.metrics = p->metrics.get();
   if (local) {
     SY_ASSIGN_OR_RETURN(p->local_experts, ExpertStore::Load(*checkpoint));
     p->backend = std::make_unique<LocalExpertBackend>(p->local_experts.get());
@@ -97,6 +112,15 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
     RemoteExpertOptions remote;
     remote.call_deadline_ms = options.expert_timeout_ms;
     remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
+    GatewayMetrics* metrics = p->metrics.get();
+    remote.on_call_done = [metrics](int expert, double seconds, int code) {
+      const std::string e = std::to_string(expert);
+      metrics->expert_call_duration.Add({e}).Observe(seconds);
+      if (code != 0) {
+        metrics->expert_call_errors.Add({e, rpc::GrpcCodeName(static_cast<grpc::StatusCode>(code))})
+            .Increment();
+      }
+    };
     SY_ASSIGN_OR_RETURN(auto backend, RemoteExpertBackend::Connect(*topology, config,
                                                                    options.model_dir, remote));
     for (const auto& [e, replicas] : topology->replicas) {
@@ -111,14 +135,16 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   checkpoint.reset();  // weights are copied; drop the mappings
 
   p->kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens);
-  p->runner = std::make_unique<ModelRunner>(p->attention.get(), p->backend.get());
+  p->runner =
+      std::make_unique<ModelRunner>(p->attention.get(), p->backend.get(), p->metrics.get());
   p->scheduler = std::make_unique<Scheduler>(p->runner.get(), p->kv_pool.get(), p->tokenizer.get(),
-                                             options.scheduler);
+                                             options.scheduler, p->metrics.get());
   p->service = std::make_unique<GenerationServiceImpl>(p->scheduler.get(), p->tokenizer.get(),
                                                        config, std::move(service_options));
   rpc::ServerOptions server_options;
   server_options.listen_address = options.listen;
   server_options.max_connection_age_ms = options.max_connection_age_ms;
+  server_options.health_service_names = {v1::GenerationService::service_full_name()};
   SY_ASSIGN_OR_RETURN(p->server, rpc::RunningServer::Start(server_options, {p->service.get()}));
   return std::unique_ptr<Gateway>(new Gateway(std::move(p)));
 }
@@ -132,6 +158,10 @@ Gateway::~Gateway() {
 }
 
 const std::string& Gateway::address() const { return parts_->server->address(); }
+std::string Gateway::metrics_address() const {
+  return parts_->exporter ? parts_->exporter->address() : "";
+}
+const metrics::Registry& Gateway::metrics_registry() const { return parts_->registry; }
 Scheduler& Gateway::scheduler() { return *parts_->scheduler; }
 
 void Gateway::Shutdown(absl::Duration grace) {
@@ -156,7 +186,9 @@ int RunGateway(const GatewayOptions& options) {
                  gateway.status().ToString().c_str());
     return 1;
   }
-  std::printf("switchyard-gateway listening on %s\n", (*gateway)->address().c_str());
+  const std::string metrics = (*gateway)->metrics_address();
+  std::printf("switchyard-gateway listening on %s metrics=%s\n", (*gateway)->address().c_str(),
+              metrics.empty() ? "none" : metrics.c_str());
   std::fflush(stdout);
   int signal = 0;
   sigwait(&stop_signals, &signal);

@@ -15,6 +15,7 @@
 #include "absl/time/time.h"
 #include "cli/flags.h"
 #include "gateway/request_validation.h"
+#include "metrics/metrics.h"
 #include "gateway/scheduler.h"
 
 namespace switchyard {
@@ -30,6 +31,7 @@ struct GatewayOptions {
   bool wire_bf16 = false;                  // send expert tensors as BF16 (default F32, exact)
   int grace_ms = 5000;                     // shutdown grace for in-flight requests
   int max_connection_age_ms = 0;           // 0: connections are never recycled
+  std::string metrics_listen;              // "HOST:PORT" for /metrics; empty (default): off
 };
 
 absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const cli::Flags& flags);
@@ -43,6 +45,10 @@ class Gateway {
 
   // The address clients dial.
   const std::string& address() const;
+  // Where /metrics is served ("" when off).
+  std::string metrics_address() const;
+  // The metrics registry (for tests and embedding).
+  const metrics::Registry& metrics_registry() const;
   Scheduler& scheduler();
   // Health NOT_SERVING, stop taking calls, let in-flight requests finish
   // within `grace`, then stop.

@@ -38,6 +38,15 @@ void FillLogprobs(const Tokenizer& tokenizer, const std::vector<TokenLogprobs>& 
   }
 }
 
+// Counts a finished request under its method and outcome.
+void CountRequest(GatewayMetrics* metrics, const char* method, const std::string& outcome) {
+  if (metrics != nullptr) metrics->Requests(method, outcome).Increment();
+}
+
+std::string FinishOutcome(FinishReason reason) {
+  return reason == FinishReason::kCancelled ? "cancelled" : "ok";
+}
+
 // Cancels the scheduler request when the call is cancelled, whichever of
 // "submitted" and "cancelled" happens first.
 class CancelLink {
@@ -74,8 +83,9 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
 // Collects events into the response; finishes the call on the last one.
 class UnarySink final : public GenerationSink {
  public:
-  UnarySink(UnaryCall* call, v1::GenerateResponse* response, const Tokenizer* tokenizer)
-      : call_(call), response_(response), tokenizer_(tokenizer) {}
+  UnarySink(UnaryCall* call, v1::GenerateResponse* response, const Tokenizer* tokenizer,
+            GatewayMetrics* metrics)
+      : call_(call), response_(response), tokenizer_(tokenizer), metrics_(metrics) {}
 
   void OnTokens(const TokenEvent& e) override {
     response_->mutable_text()->append(e.text_delta);
@@ -89,14 +99,19 @@ class UnarySink final : public GenerationSink {
     response_->mutable_usage()->set_completion_tokens(e.completion_tokens);
     response_->set_time_to_first_token_micros(absl::ToInt64Microseconds(e.time_to_first_token));
     response_->set_total_micros(absl::ToInt64Microseconds(e.total));
+    CountRequest(metrics_, "Generate", FinishOutcome(e.reason));
     call_->Finish(grpc::Status::OK);
   }
-  void OnError(const absl::Status& status) override { call_->Finish(rpc::ToGrpcStatus(status)); }
+  void OnError(const absl::Status& status) override {
+    CountRequest(metrics_, "Generate", OutcomeLabel(static_cast<int>(status.code())));
+    call_->Finish(rpc::ToGrpcStatus(status));
+  }
 
  private:
   UnaryCall* call_;
   v1::GenerateResponse* response_;
   const Tokenizer* tokenizer_;
+  GatewayMetrics* metrics_;
 };
 
 // ---- GenerateStream (server streaming) ----
@@ -172,8 +187,9 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
 
 class StreamSink final : public GenerationSink {
  public:
-  StreamSink(StreamCall* call, const Tokenizer* tokenizer, std::string request_id)
-      : call_(call), tokenizer_(tokenizer), request_id_(std::move(request_id)) {}
+  StreamSink(StreamCall* call, const Tokenizer* tokenizer, std::string request_id,
+             GatewayMetrics* metrics)
+      : call_(call), tokenizer_(tokenizer), request_id_(std::move(request_id)), metrics_(metrics) {}
 
   void OnTokens(const TokenEvent& e) override {
     v1::GenerateStreamResponse m;
@@ -190,9 +206,11 @@ class StreamSink final : public GenerationSink {
     m.mutable_usage()->set_prompt_tokens(e.prompt_tokens);
     m.mutable_usage()->set_completion_tokens(e.completion_tokens);
     m.set_request_id(request_id_);
+    CountRequest(metrics_, "GenerateStream", FinishOutcome(e.reason));
     call_->Enqueue(std::move(m), /*last=*/true);
   }
   void OnError(const absl::Status& status) override {
+    CountRequest(metrics_, "GenerateStream", OutcomeLabel(static_cast<int>(status.code())));
     call_->Enqueue(std::nullopt, /*last=*/true, rpc::ToGrpcStatus(status));
   }
 
@@ -200,6 +218,7 @@ class StreamSink final : public GenerationSink {
   StreamCall* call_;
   const Tokenizer* tokenizer_;
   std::string request_id_;
+  GatewayMetrics* metrics_;
 };
 
 }  // namespace
@@ -216,14 +235,16 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Generate(grpc::CallbackServerCo
   absl::StatusOr<GenerationRequest> validated =
       ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits);
   if (!validated.ok()) {
+    CountRequest(options_.metrics, "Generate", OutcomeLabel(static_cast<int>(validated.status().code())));
     call->Finish(rpc::ToGrpcStatus(validated.status()));
     return call;
   }
   response->set_request_id(request->request_id());
   for (int32_t id : validated->prompt_ids) response->add_prompt_token_ids(id);
-  auto sink = std::make_shared<UnarySink>(call, response, tokenizer_);
+  auto sink = std::make_shared<UnarySink>(call, response, tokenizer_, options_.metrics);
   absl::StatusOr<Scheduler::RequestId> id = scheduler_->Submit(*std::move(validated), sink);
   if (!id.ok()) {
+    CountRequest(options_.metrics, "Generate", OutcomeLabel(static_cast<int>(id.status().code())));
     call->Finish(rpc::ToGrpcStatus(id.status()));
     return call;
   }
@@ -237,12 +258,17 @@ grpc::ServerWriteReactor<v1::GenerateStreamResponse>* GenerationServiceImpl::Gen
   absl::StatusOr<GenerationRequest> validated =
       ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits);
   if (!validated.ok()) {
+    CountRequest(options_.metrics, "GenerateStream",
+                 OutcomeLabel(static_cast<int>(validated.status().code())));
     call->Enqueue(std::nullopt, /*last=*/true, rpc::ToGrpcStatus(validated.status()));
     return call;
   }
-  auto sink = std::make_shared<StreamSink>(call, tokenizer_, request->request_id());
+  auto sink = std::make_shared<StreamSink>(call, tokenizer_, request->request_id(),
+                                           options_.metrics);
   absl::StatusOr<Scheduler::RequestId> id = scheduler_->Submit(*std::move(validated), sink);
   if (!id.ok()) {
+    CountRequest(options_.metrics, "GenerateStream",
+                 OutcomeLabel(static_cast<int>(id.status().code())));
     call->Enqueue(std::nullopt, /*last=*/true, rpc::ToGrpcStatus(id.status()));
     return call;
   }

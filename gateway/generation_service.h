@@ -16,6 +16,7 @@
 
 #include "core/model_config.h"
 #include "core/tokenizer.h"
+#include "gateway/gateway_metrics.h"
 #include "gateway/request_validation.h"
 #include "gateway/scheduler.h"
 #include "switchyard/v1/generation.grpc.pb.h"
@@ -26,6 +27,7 @@ struct GenerationServiceOptions {
   std::string model_name;  // reported by GetModelInfo
   RequestLimits limits;
   std::vector<v1::ExpertRoute> expert_routes;  // reported by GetModelInfo
+  GatewayMetrics* metrics = nullptr;           // requests by outcome; not owned
 };
 
 class GenerationServiceImpl final : public v1::GenerationService::CallbackService {

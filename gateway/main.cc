@@ -20,7 +20,7 @@ constexpr char kUsage[] =
     "usage: switchyard-gateway --model DIR [--listen ADDR] [--experts local|SPEC|@FILE]\n"
     "  [--kv-cache-tokens N] [--max-queue N] [--max-running N] [--max-step-tokens N]\n"
     "  [--max-new-tokens-limit N] [--expert-timeout-ms N] [--wire-dtype f32|bf16]\n"
-    "  [--grace-ms N] [--max-connection-age-ms N]\n"
+    "  [--grace-ms N] [--max-connection-age-ms N] [--metrics-listen HOST:PORT]\n"
     "SPEC: 0=HOST:PORT|HOST:PORT;1=unix:/path;... ('|' separates replicas); @FILE: JSON topology\n";
 
 }  // namespace
@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
                             {"model", "listen", "experts", "kv-cache-tokens", "max-queue",
                              "max-running", "max-step-tokens", "max-new-tokens-limit",
                              "expert-timeout-ms", "wire-dtype", "grace-ms",
-                             "max-connection-age-ms"},
+                             "max-connection-age-ms", "metrics-listen"},
                             {});
   auto options = flags.ok() ? switchyard::GatewayOptionsFromFlags(*flags)
                             : absl::StatusOr<switchyard::GatewayOptions>(flags.status());

@@ -126,6 +126,7 @@ absl::Status ModelRunner::MoeBlock(int layer, const float* x, const Routing& rou
     }
     batches.push_back({e, n, inputs[e].data(), outputs[e].data()});
     *expert_tokens += n;
+    if (metrics_ != nullptr) metrics_->RoutedTokens(layer, e).Increment(n);
   }
   SY_RETURN_IF_ERROR(experts_->RunLayer(layer, batches));
 

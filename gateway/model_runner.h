@@ -22,6 +22,7 @@
 #include "attention_service/kv_cache.h"
 #include "attention_service/router.h"
 #include "gateway/expert_backend.h"
+#include "gateway/gateway_metrics.h"
 
 namespace switchyard {
 
@@ -49,8 +50,10 @@ struct StepTrace {
 
 class ModelRunner {
  public:
-  ModelRunner(const AttentionModel* model, ExpertBackend* experts)
-      : model_(model), experts_(experts) {}
+  // `metrics` (optional, not owned) receives the tokens routed per (layer, expert).
+  ModelRunner(const AttentionModel* model, ExpertBackend* experts,
+              GatewayMetrics* metrics = nullptr)
+      : model_(model), experts_(experts), metrics_(metrics) {}
 
   // Runs one step. Validates token ids (INVALID_ARGUMENT) and reserves cache
   // (RESOURCE_EXHAUSTED) before any work; expert errors are returned as they
@@ -69,6 +72,7 @@ class ModelRunner {
 
   const AttentionModel* model_;
   ExpertBackend* experts_;
+  GatewayMetrics* metrics_;
 };
 
 }  // namespace switchyard

@@ -53,9 +53,8 @@ absl::Status ValidateTopology(const ExpertTopology& topology, int num_experts,
   }
   for (const auto& [e, targets] : topology.replicas) {
     if (e < 0 || e >= num_experts) {
-      return absl::InvalidArgumentError(absl::StrCat(where, "expert ", e,
-                                                     " is out of range: the model has ",
-                                                     num_experts, " experts"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, "expert ", e, " is out of range: the model has ", num_experts, " experts"));
     }
     for (const std::string& t : targets) {
       if (t.empty()) {
@@ -65,10 +64,9 @@ absl::Status ValidateTopology(const ExpertTopology& topology, int num_experts,
     }
   }
   if (!missing.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(where, "no replica given for expert",
-                                                   missing.size() > 1 ? "s " : " ",
-                                                   absl::StrJoin(missing, ", "), " (the model has ",
-                                                   num_experts, " experts)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, "no replica given for expert", missing.size() > 1 ? "s " : " ",
+                     absl::StrJoin(missing, ", "), " (the model has ", num_experts, " experts)"));
   }
   return absl::OkStatus();
 }
@@ -91,12 +89,12 @@ absl::StatusOr<ExpertTopology> ParseExpertTopology(std::string_view spec, int nu
     if (entry.empty()) continue;  // allows a trailing ';'
     const size_t eq = entry.find('=');
     if (eq == std::string::npos) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, "entry '", entry, "' is not EXPERT=TARGET[|TARGET...]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, "entry '", entry, "' is not EXPERT=TARGET[|TARGET...]"));
     }
-    SY_ASSIGN_OR_RETURN(const int e,
-                        ParseExpertIndex(std::string(absl::StripAsciiWhitespace(entry.substr(0, eq))),
-                                         absl::StrCat(where, "entry '", entry, "': ")));
+    SY_ASSIGN_OR_RETURN(
+        const int e, ParseExpertIndex(std::string(absl::StripAsciiWhitespace(entry.substr(0, eq))),
+                                      absl::StrCat(where, "entry '", entry, "': ")));
     if (topology.replicas.count(e)) {
       return absl::InvalidArgumentError(absl::StrCat(where, "expert ", e, " is mapped twice"));
     }
@@ -114,8 +112,7 @@ absl::StatusOr<ExpertTopology> ParseExpertTopology(std::string_view spec, int nu
   return topology;
 }
 
-absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path,
-                                                       int num_experts) {
+absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path, int num_experts) {
   const std::string where = absl::StrCat(path, ": ");
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open expert topology file"));
@@ -147,8 +144,8 @@ absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path,
         targets.push_back(t.get<std::string>());
       }
     } else {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, "expert ", key, ": expected a target string or an array of them"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, "expert ", key, ": expected a target string or an array of them"));
     }
   }
   SY_RETURN_IF_ERROR(ValidateTopology(topology, num_experts, where));
@@ -182,7 +179,7 @@ struct RemoteExpertBackend::Replica {
 
 struct RemoteExpertBackend::ExpertState {
   int expert = 0;
-  std::vector<int> replicas;  // indices into replicas_
+  std::vector<int> replicas;              // indices into replicas_
   mutable std::atomic<uint64_t> next{0};  // round-robin cursor
   RemoteExpertCounters counters;
 };
@@ -223,8 +220,9 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
   const int num_experts = gateway_config.num_local_experts;
   SY_RETURN_IF_ERROR(ValidateTopology(topology, num_experts, "expert topology: "));
   if (options.wire_dtype != v1::DTYPE_F32 && options.wire_dtype != v1::DTYPE_BF16) {
-    return absl::InvalidArgumentError(absl::StrCat("remote experts: wire dtype must be F32 or BF16, got ",
-                                                   v1::DType_Name(options.wire_dtype)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("remote experts: wire dtype must be F32 or BF16, got ",
+                     v1::DType_Name(options.wire_dtype)));
   }
   if (options.call_deadline_ms <= 0 || options.connect_timeout_ms < 0) {
     return absl::InvalidArgumentError(
@@ -239,10 +237,10 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
     SY_ASSIGN_OR_RETURN(auto checkpoint,
                         Checkpoint::Open(checkpoint_dir, WeightSelection::ExpertsOnly(all)));
     if (checkpoint->config().Fingerprint() != gateway_config.Fingerprint()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "remote experts: the checkpoint at ", checkpoint_dir, " has config ",
-          checkpoint->config().Fingerprint(), " but the gateway runs config ",
-          gateway_config.Fingerprint()));
+      return absl::FailedPreconditionError(
+          absl::StrCat("remote experts: the checkpoint at ", checkpoint_dir, " has config ",
+                       checkpoint->config().Fingerprint(), " but the gateway runs config ",
+                       gateway_config.Fingerprint()));
     }
     for (int e = 0; e < num_experts; ++e) {
       SY_ASSIGN_OR_RETURN(local_fingerprints[e], ExpertWeightsFingerprint(*checkpoint, e));
@@ -304,12 +302,12 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
     InfoCall* call = infos[i].get();
     call->context.set_wait_for_ready(true);
     call->context.set_deadline(deadline);
-    backend->replicas_[i]->stub->async()->GetShardInfo(
-        &call->context, &info_request, &call->info, [&, call](grpc::Status s) {
-          call->status = std::move(s);
-          std::lock_guard<std::mutex> lock(mu);
-          if (--pending == 0) cv.notify_all();
-        });
+    backend->replicas_[i]->stub->async()->GetShardInfo(&call->context, &info_request, &call->info,
+                                                       [&, call](grpc::Status s) {
+                                                         call->status = std::move(s);
+                                                         std::lock_guard<std::mutex> lock(mu);
+                                                         if (--pending == 0) cv.notify_all();
+                                                       });
   }
   {
     std::unique_lock<std::mutex> lock(mu);
@@ -327,9 +325,9 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
         if (r == static_cast<int>(i)) mapped.push_back(state->expert);
       }
     }
-    const std::string what = absl::StrCat(
-        mapped.size() == 1 ? "expert " : "experts ", absl::StrJoin(mapped, ","), " at ",
-        backend->replicas_[i]->target);
+    const std::string what =
+        absl::StrCat(mapped.size() == 1 ? "expert " : "experts ", absl::StrJoin(mapped, ","),
+                     " at ", backend->replicas_[i]->target);
     if (!IsRetryable(s)) {
       return absl::FailedPreconditionError(
           absl::StrCat(what, ": GetShardInfo failed: ", StatusText(s)));
@@ -351,9 +349,9 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
       const v1::ShardInfo& info = infos[r]->info;
       const std::string at = absl::StrCat("expert ", e, " at ", backend->replicas_[r]->target);
       if (info.config_fingerprint() != want_config) {
-        return absl::FailedPreconditionError(
-            absl::StrCat(at, " serves model ", info.config_fingerprint(),
-                         " but the gateway loaded ", want_config));
+        return absl::FailedPreconditionError(absl::StrCat(at, " serves model ",
+                                                          info.config_fingerprint(),
+                                                          " but the gateway loaded ", want_config));
       }
       const v1::ModelDims& d = info.dims();
       if (d.hidden_size() != static_cast<uint32_t>(c.hidden_size) ||
@@ -370,23 +368,24 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
       }
       if (std::find(info.experts().begin(), info.experts().end(), static_cast<uint32_t>(e)) ==
           info.experts().end()) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            at, " is wrong: that replica holds experts [", absl::StrJoin(info.experts(), ", "),
-            "] not ", e));
+        return absl::FailedPreconditionError(
+            absl::StrCat(at, " is wrong: that replica holds experts [",
+                         absl::StrJoin(info.experts(), ", "), "] not ", e));
       }
-      if (info.layer_begin() != 0 || info.layer_end() != static_cast<uint32_t>(c.num_hidden_layers)) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            at, " holds layers [", info.layer_begin(), ", ", info.layer_end(),
-            ") but the gateway needs all layers [0, ", c.num_hidden_layers, ")"));
+      if (info.layer_begin() != 0 ||
+          info.layer_end() != static_cast<uint32_t>(c.num_hidden_layers)) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(at, " holds layers [", info.layer_begin(), ", ", info.layer_end(),
+                         ") but the gateway needs all layers [0, ", c.num_hidden_layers, ")"));
       }
       if (!checkpoint_dir.empty()) {
         auto fp = info.expert_weight_fingerprints().find(static_cast<uint32_t>(e));
-        const std::string remote = fp == info.expert_weight_fingerprints().end() ? "(none)"
-                                                                                 : fp->second;
+        const std::string remote =
+            fp == info.expert_weight_fingerprints().end() ? "(none)" : fp->second;
         if (remote != local_fingerprints[e]) {
           return absl::FailedPreconditionError(absl::StrCat(
-              at, " has expert weights ", remote, " but the gateway's checkpoint ",
-              checkpoint_dir, " has ", local_fingerprints[e], " (different checkpoint or dtype)"));
+              at, " has expert weights ", remote, " but the gateway's checkpoint ", checkpoint_dir,
+              " has ", local_fingerprints[e], " (different checkpoint or dtype)"));
         }
       }
     }
@@ -428,8 +427,7 @@ void RemoteExpertBackend::StartAttempt(const std::shared_ptr<LayerCall>& call, s
                         std::chrono::milliseconds(options_.call_deadline_ms));
   s.start_micros[attempt] = NowMicros();
   replicas_[replica]->stub->async()->Forward(
-      context, &s.request, &s.responses[attempt],
-      [this, call, slot, attempt](grpc::Status status) {
+      context, &s.request, &s.responses[attempt], [this, call, slot, attempt](grpc::Status status) {
         OnAttemptDone(call, slot, attempt, std::move(status));
       });
 }
@@ -442,6 +440,10 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
   counters.latency_micros_sum.fetch_add(
       static_cast<uint64_t>(NowMicros() - s.start_micros[attempt]), std::memory_order_relaxed);
   counters.latency_count.fetch_add(1, std::memory_order_relaxed);
+  if (options_.on_call_done) {
+    options_.on_call_done(s.expert, (NowMicros() - s.start_micros[attempt]) * 1e-6,
+                          static_cast<int>(status.error_code()));
+  }
   if (!status.ok()) {
     const int code = static_cast<int>(status.error_code());
     if (code >= 0 && code < static_cast<int>(counters.errors_by_code.size())) {
@@ -462,9 +464,8 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
 
 absl::Status RemoteExpertBackend::RunLayer(int layer, absl::Span<const ExpertBatch> batches) {
   if (layer < 0 || layer >= config_.num_hidden_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("remote experts: layer ", layer,
-                                                   " out of range [0, ",
-                                                   config_.num_hidden_layers, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "remote experts: layer ", layer, " out of range [0, ", config_.num_hidden_layers, ")"));
   }
   for (const ExpertBatch& b : batches) {
     if (b.expert < 0 || b.expert >= static_cast<int>(experts_.size()) || b.tokens < 1 ||
@@ -489,8 +490,7 @@ absl::Status RemoteExpertBackend::RunLayer(int layer, absl::Span<const ExpertBat
     s.request.set_layer(static_cast<uint32_t>(layer));
     s.request.set_expert(static_cast<uint32_t>(b.expert));
     s.request.set_config_fingerprint(config_fingerprint_);
-    rpc::EncodeMatrix(b.input, b.tokens, d, options_.wire_dtype,
-                      s.request.mutable_hidden_states());
+    rpc::EncodeMatrix(b.input, b.tokens, d, options_.wire_dtype, s.request.mutable_hidden_states());
   }
   for (size_t i = 0; i < batches.size(); ++i) {
     StartAttempt(call, i, PickReplica(*experts_[call->slots[i].expert], /*exclude=*/-1));
@@ -539,9 +539,9 @@ std::string RemoteExpertBackend::Describe() const {
     for (int r : state->replicas) targets.push_back(replicas_[r]->target);
     entries.push_back(absl::StrCat(state->expert, "=", absl::StrJoin(targets, "|")));
   }
-  return absl::StrCat("remote (gRPC, ",
-                      options_.wire_dtype == v1::DTYPE_BF16 ? "bf16" : "f32", " wire, ",
-                      options_.call_deadline_ms, " ms deadline): ", absl::StrJoin(entries, ";"));
+  return absl::StrCat("remote (gRPC, ", options_.wire_dtype == v1::DTYPE_BF16 ? "bf16" : "f32",
+                      " wire, ", options_.call_deadline_ms,
+                      " ms deadline): ", absl::StrJoin(entries, ";"));
 }
 
 const RemoteExpertCounters* RemoteExpertBackend::counters(int expert) const {

@@ -25,6 +25,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -53,12 +54,10 @@ absl::StatusOr<ExpertTopology> ParseExpertTopology(std::string_view spec, int nu
 // Parses a JSON file {"experts": {"0": ["127.0.0.1:5001", "127.0.0.1:5002"],
 // "1": ["dns:///expert-1.ns.svc:50061"]}} (a single target may also be given
 // as a plain string). Same checks as ParseExpertTopology; errors name the file.
-absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path,
-                                                       int num_experts);
+absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path, int num_experts);
 
 // A flag value that is either the path of an existing JSON file or a spec.
-absl::StatusOr<ExpertTopology> LoadExpertTopology(const std::string& spec_or_path,
-                                                  int num_experts);
+absl::StatusOr<ExpertTopology> LoadExpertTopology(const std::string& spec_or_path, int num_experts);
 
 // The spec form of `topology` ("0=a|b;1=c").
 std::string FormatExpertTopology(const ExpertTopology& topology);
@@ -83,6 +82,9 @@ struct RemoteExpertOptions {
   // Upper bound of the reconnect backoff, in ms, so a restarted replica is
   // used again soon. Default 5000.
   int max_reconnect_backoff_ms = 5000;
+  // Called when each Forward attempt completes, from a gRPC thread: the
+  // expert, seconds it took, and its status code (0 = OK). Default: none.
+  std::function<void(int expert, double seconds, int code)> on_call_done;
 };
 
 // Live per-expert counters. errors_by_code is indexed by grpc::StatusCode
@@ -151,7 +153,7 @@ class RemoteExpertBackend : public ExpertBackend {
   const ModelConfig config_;
   const RemoteExpertOptions options_;
   const std::string config_fingerprint_;
-  std::vector<std::unique_ptr<Replica>> replicas_;  // one per distinct target
+  std::vector<std::unique_ptr<Replica>> replicas_;     // one per distinct target
   std::vector<std::unique_ptr<ExpertState>> experts_;  // indexed by expert
 };
 

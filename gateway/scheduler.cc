@@ -19,6 +19,7 @@ struct Scheduler::Sequence {
   std::string held;   // decoded text held back: it may begin a stop string
   absl::Time submitted;
   absl::Time first_token;
+  absl::Time last_token;
   bool cancelled = false;
   bool done = false;
 
@@ -53,9 +54,11 @@ size_t HeldSuffix(const std::string& text, const std::vector<std::string>& stops
 }  // namespace
 
 Scheduler::Scheduler(ModelRunner* runner, KvCachePool* kv_pool, const Tokenizer* tokenizer,
-                     const SchedulerOptions& options)
-    : runner_(runner), kv_pool_(kv_pool), tokenizer_(tokenizer), options_(options) {
+                     const SchedulerOptions& options, GatewayMetrics* metrics)
+    : runner_(runner), kv_pool_(kv_pool), tokenizer_(tokenizer), options_(options),
+      metrics_(metrics) {
   stats_.kv_capacity_tokens = kv_pool_->capacity_tokens();
+  if (metrics_ != nullptr) metrics_->kv_capacity_tokens.Set(kv_pool_->capacity_tokens());
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -146,6 +149,7 @@ void Scheduler::AdmitLocked() {
       next.kv.reset();  // FIFO: wait for running sequences to free their cache
       return;
     }
+    if (metrics_ != nullptr) metrics_->prompt_tokens.Increment(next.prompt_size());
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }
@@ -197,6 +201,11 @@ void Scheduler::Loop() {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.running = static_cast<int>(running_.size());
     busy_ -= static_cast<int>(before - running_.size());
+    if (metrics_ != nullptr) {
+      metrics_->running_sequences.Set(static_cast<double>(running_.size()));
+      metrics_->waiting_requests.Set(static_cast<double>(waiting_.size()));
+      metrics_->kv_used_tokens.Set(static_cast<double>(kv_pool_->used_tokens()));
+    }
     if (before != running_.size()) wake_.notify_all();
   }
 }
@@ -234,6 +243,7 @@ void Scheduler::RunStep(std::vector<Sequence*>& batch) {
     ++stats_.steps;
     stats_.step_tokens_total += step_tokens;
   }
+  if (metrics_ != nullptr) metrics_->step_tokens.Observe(step_tokens);
   if (!out.ok()) {
     for (Sequence* seq : batch) {
       seq->done = true;
@@ -260,8 +270,18 @@ void Scheduler::Advance(Sequence& seq, const float* logits) {
   const int V = runner_->config().vocab_size;
   SampledToken next = seq.sampler->Sample(absl::MakeConstSpan(logits, V), r.prompt_ids, seq.output,
                                           r.return_logprobs ? r.top_logprobs : 0);
-  if (seq.output.empty()) seq.first_token = absl::Now();
+  const absl::Time now = absl::Now();
+  if (seq.output.empty()) {
+    seq.first_token = now;
+    if (metrics_ != nullptr) {
+      metrics_->time_to_first_token.Observe(absl::ToDoubleSeconds(now - seq.submitted));
+    }
+  } else if (metrics_ != nullptr) {
+    metrics_->inter_token_latency.Observe(absl::ToDoubleSeconds(now - seq.last_token));
+  }
+  seq.last_token = now;
   seq.output.push_back(next.id);
+  if (metrics_ != nullptr) metrics_->generated_tokens.Increment();
 
   TokenEvent event;
   event.token_ids.push_back(next.id);
@@ -319,6 +339,7 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason) {
   event.total = now - seq.submitted;
   event.time_to_first_token =
       seq.output.empty() ? absl::ZeroDuration() : seq.first_token - seq.submitted;
+  if (metrics_ != nullptr) metrics_->request_duration.Observe(absl::ToDoubleSeconds(event.total));
   seq.done = true;
   seq.kv.reset();  // free the cache and count the request before telling anyone
   {

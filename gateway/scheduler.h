@@ -36,6 +36,7 @@
 #include "absl/time/time.h"
 #include "attention_service/kv_cache.h"
 #include "core/tokenizer.h"
+#include "gateway/gateway_metrics.h"
 #include "gateway/generate.h"
 #include "gateway/model_runner.h"
 #include "gateway/sampler.h"
@@ -107,8 +108,10 @@ class Scheduler {
  public:
   using RequestId = uint64_t;
 
+  // `metrics` (optional, not owned) receives token counts, latencies, queue
+  // and cache gauges.
   Scheduler(ModelRunner* runner, KvCachePool* kv_pool, const Tokenizer* tokenizer,
-            const SchedulerOptions& options);
+            const SchedulerOptions& options, GatewayMetrics* metrics = nullptr);
   ~Scheduler();  // stops the loop; unfinished requests end with UNAVAILABLE
 
   // Queues a request. RESOURCE_EXHAUSTED if the queue is full or the request
@@ -141,6 +144,7 @@ class Scheduler {
   KvCachePool* kv_pool_;
   const Tokenizer* tokenizer_;
   SchedulerOptions options_;
+  GatewayMetrics* metrics_;
 
   mutable std::mutex mu_;
   std::condition_variable wake_;

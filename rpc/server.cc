@@ -17,6 +17,9 @@ absl::StatusOr<std::unique_ptr<RunningServer>> RunningServer::Start(
   int selected_port = 0;
   auto credentials = options.credentials ? options.credentials : grpc::InsecureServerCredentials();
   builder.AddListeningPort(options.listen_address, credentials, &selected_port);
+  // Without this gRPC sets SO_REUSEPORT and a second server on a busy port
+  // silently shares it instead of failing.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   if (options.max_connection_age_ms > 0) {
@@ -41,6 +44,7 @@ absl::StatusOr<std::unique_ptr<RunningServer>> RunningServer::Start(
     if (host.empty() || host == "0.0.0.0" || host == "[::]") host = "127.0.0.1";
     server->address_ = absl::StrCat(host, ":", selected_port);
   }
+  server->service_names_ = options.health_service_names;
   server->SetServing(true);
   return server;
 }
@@ -53,7 +57,10 @@ RunningServer::~RunningServer() {
 }
 
 void RunningServer::SetServing(bool serving) {
-  if (auto* health = server_->GetHealthCheckService()) health->SetServingStatus(serving);
+  auto* health = server_->GetHealthCheckService();
+  if (health == nullptr) return;
+  health->SetServingStatus("", serving);
+  for (const std::string& name : service_names_) health->SetServingStatus(name, serving);
 }
 
 void RunningServer::Shutdown(std::chrono::system_clock::time_point deadline) {

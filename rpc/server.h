@@ -27,6 +27,9 @@ struct ServerOptions {
   int max_connection_age_ms = 0;
   // Transport credentials. Default (nullptr): plaintext.
   std::shared_ptr<grpc::ServerCredentials> credentials;
+  // Fully qualified service names whose health is reported next to the
+  // whole server's "" (e.g. "switchyard.v1.ExpertService"). Default: none.
+  std::vector<std::string> health_service_names;
 };
 
 class RunningServer {

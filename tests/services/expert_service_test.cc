@@ -172,8 +172,7 @@ class ExpertServiceTest : public ::testing::Test {
     return absl::StrJoin(entries, ";");
   }
 
-  static std::unique_ptr<RemoteExpertBackend> ConnectOnePerExpert(
-      v1::DType wire = v1::DTYPE_F32) {
+  static std::unique_ptr<RemoteExpertBackend> ConnectOnePerExpert(v1::DType wire = v1::DTYPE_F32) {
     auto topology = ParseExpertTopology(OnePerExpertSpec(), 8);
     EXPECT_TRUE(topology.ok()) << topology.status();
     RemoteExpertOptions options;
@@ -387,7 +386,8 @@ TEST_F(ExpertServiceTest, RemoteBackendMatchesLocalBackend) {
     absl::Status s = remote->RunLayer(layer, got.batches);
     ASSERT_TRUE(s.ok()) << s;
     for (size_t i = 0; i < want.outputs.size(); ++i) {
-      EXPECT_EQ(MaxAbsDiff(got.outputs[i], want.outputs[i]), 0.0) << "layer " << layer << " batch " << i;
+      EXPECT_EQ(MaxAbsDiff(got.outputs[i], want.outputs[i]), 0.0)
+          << "layer " << layer << " batch " << i;
     }
   }
   // A subset of experts, one of them twice.
@@ -410,8 +410,8 @@ TEST_F(ExpertServiceTest, RemoteBackendMatchesLocalBackend) {
 
   // Caller bugs are INVALID_ARGUMENT, not crashes.
   EXPECT_EQ(remote->RunLayer(2, got.batches).code(), absl::StatusCode::kInvalidArgument);
-  std::vector<ExpertBatch> bad = {{.expert = 8, .tokens = 1, .input = got.inputs[0].data(),
-                                   .output = got.outputs[0].data()}};
+  std::vector<ExpertBatch> bad = {
+      {.expert = 8, .tokens = 1, .input = got.inputs[0].data(), .output = got.outputs[0].data()}};
   EXPECT_EQ(remote->RunLayer(0, bad).code(), absl::StatusCode::kInvalidArgument);
 }
 
@@ -443,21 +443,22 @@ TEST_F(ExpertServiceTest, ConnectRefusesAServerHoldingAnotherExpert) {
   auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
   ASSERT_FALSE(backend.ok());
   EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(backend.status().message()), HasSubstr("expert 2 at " + shard(5).address()));
+  EXPECT_THAT(std::string(backend.status().message()),
+              HasSubstr("expert 2 at " + shard(5).address()));
   EXPECT_THAT(std::string(backend.status().message()), HasSubstr("holds experts [5] not 2"));
 }
 
 TEST_F(ExpertServiceTest, ConnectRefusesAnotherModelOrOtherWeights) {
-  const std::string tmp = ::testing::TempDir() + "/expert_service_test_models_" +
-                          std::to_string(getpid());
+  const std::string tmp =
+      ::testing::TempDir() + "/expert_service_test_models_" + std::to_string(getpid());
   std::filesystem::remove_all(tmp);
   // Same config, other weights.
-  MakeModelOptions other_weights{.preset = "tiny", .out_dir = tmp + "/seed7", .seed = 7,
-                                 .threads = 1};
+  MakeModelOptions other_weights{
+      .preset = "tiny", .out_dir = tmp + "/seed7", .seed = 7, .threads = 1};
   ASSERT_TRUE(MakeModel(other_weights).ok());
   // Another config (one layer).
-  MakeModelOptions other_model{.preset = "tiny", .out_dir = tmp + "/one-layer", .layers = 1,
-                               .threads = 1};
+  MakeModelOptions other_model{
+      .preset = "tiny", .out_dir = tmp + "/one-layer", .layers = 1, .threads = 1};
   ASSERT_TRUE(MakeModel(other_model).ok());
   auto seed7 = StartShard(tmp + "/seed7", {4});
   auto one_layer = StartShard(tmp + "/one-layer", {4});
@@ -472,7 +473,8 @@ TEST_F(ExpertServiceTest, ConnectRefusesAnotherModelOrOtherWeights) {
   auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
   ASSERT_FALSE(backend.ok());
   EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(backend.status().message()), HasSubstr("expert 4 at " + seed7->address()));
+  EXPECT_THAT(std::string(backend.status().message()),
+              HasSubstr("expert 4 at " + seed7->address()));
   EXPECT_THAT(std::string(backend.status().message()), HasSubstr("expert weights"));
   // Without the gateway's checkpoint folder the weights are not compared.
   EXPECT_TRUE(RemoteExpertBackend::Connect(topology, config(), "", options).ok());
@@ -501,7 +503,8 @@ TEST_F(ExpertServiceTest, ConnectTimesOutNamingTheSilentReplica) {
   auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
   ASSERT_FALSE(backend.ok());
   EXPECT_EQ(backend.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(std::string(backend.status().message()), HasSubstr("expert 6 at unix:/tmp/switchyard-no-such"));
+  EXPECT_THAT(std::string(backend.status().message()),
+              HasSubstr("expert 6 at unix:/tmp/switchyard-no-such"));
 }
 
 // (e) ----------------------------------------------------------------------
@@ -680,8 +683,8 @@ TEST_F(ExpertServiceTest, GracefulStopFinishesAcceptedCalls) {
     local_store_->Find(0, 0)->Forward(inputs.back().data(), kTokens, want.back().data());
   }
   for (int i = 0; i < kBatches; ++i) {
-    batches.push_back({.expert = 0, .tokens = kTokens, .input = inputs[i].data(),
-                       .output = outputs[i].data()});
+    batches.push_back(
+        {.expert = 0, .tokens = kTokens, .input = inputs[i].data(), .output = outputs[i].data()});
   }
   absl::Status status;
   std::thread runner([&] { status = (*backend)->RunLayer(0, batches); });
@@ -692,6 +695,9 @@ TEST_F(ExpertServiceTest, GracefulStopFinishesAcceptedCalls) {
          std::chrono::steady_clock::now() < give_up) {
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
+  // Informational: how much work the stop had to wait for.
+  std::printf("stopping with %llu of %d calls done\n",
+              static_cast<unsigned long long>(counters->calls.load()), kBatches);
   s->Stop();
   runner.join();
   ASSERT_TRUE(status.ok()) << status;
@@ -742,8 +748,7 @@ TEST(ExpertTopologyTest, RejectsBadSpecsNamingTheEntry) {
 }
 
 TEST(ExpertTopologyTest, ParsesJsonFiles) {
-  const std::string path =
-      ::testing::TempDir() + "/topology_" + std::to_string(getpid()) + ".json";
+  const std::string path = ::testing::TempDir() + "/topology_" + std::to_string(getpid()) + ".json";
   {
     std::ofstream out(path);
     out << R"({"experts": {"0": ["127.0.0.1:5001", "127.0.0.1:5002"],
@@ -772,8 +777,7 @@ TEST(ExpertTopologyTest, ParsesJsonFiles) {
     std::ofstream out(path);
     out << "not json";
   }
-  EXPECT_EQ(ParseExpertTopologyFile(path, 1).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseExpertTopologyFile(path, 1).status().code(), absl::StatusCode::kInvalidArgument);
   std::remove(path.c_str());
   EXPECT_EQ(ParseExpertTopologyFile(path, 1).status().code(), absl::StatusCode::kNotFound);
 }
@@ -787,12 +791,10 @@ TEST(ExpertWeightsFingerprintTest, StableDistinctAndIndependentOfSharding) {
   EXPECT_EQ(fp3->size(), 16u);
   EXPECT_EQ(ExpertWeightsFingerprint(dir, 3).value_or("error"), *fp3);
   EXPECT_NE(ExpertWeightsFingerprint(dir, 4).value_or(*fp3), *fp3);
-  EXPECT_EQ(ExpertWeightsFingerprint(dir, 8).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ExpertWeightsFingerprint(dir, 8).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_FALSE(ExpertWeightsFingerprint(dir + "/nope", 0).ok());
 
-  const std::string tmp =
-      ::testing::TempDir() + "/fingerprint_test_" + std::to_string(getpid());
+  const std::string tmp = ::testing::TempDir() + "/fingerprint_test_" + std::to_string(getpid());
   std::filesystem::remove_all(tmp);
   MakeModelOptions whole{.preset = "tiny", .out_dir = tmp + "/whole", .seed = 3, .threads = 1};
   MakeModelOptions sharded = whole;

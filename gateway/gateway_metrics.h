@@ -1,0 +1,49 @@
+// The gateway's Prometheus metrics (names and meanings: docs/metrics.md).
+// Children that the hot path touches are resolved once, here.
+//
+// Thread-safety: thread-safe (the metrics are atomics).
+#ifndef SWITCHYARD_GATEWAY_GATEWAY_METRICS_H_
+#define SWITCHYARD_GATEWAY_GATEWAY_METRICS_H_
+
+#include <string>
+#include <vector>
+
+#include "core/model_config.h"
+#include "metrics/metrics.h"
+
+namespace switchyard {
+
+struct GatewayMetrics {
+  GatewayMetrics(metrics::Registry* registry, const ModelConfig& config);
+
+  // outcome: ok, cancelled, invalid_argument, resource_exhausted, unavailable, error.
+  metrics::Counter& Requests(const std::string& method, const std::string& outcome);
+  metrics::Counter& RoutedTokens(int layer, int expert) {
+    return *routed_tokens[layer * num_experts + expert];
+  }
+
+  metrics::Family<metrics::Counter>& requests;
+  metrics::Counter& prompt_tokens;
+  metrics::Counter& generated_tokens;
+  metrics::Histogram& time_to_first_token;
+  metrics::Histogram& inter_token_latency;
+  metrics::Histogram& request_duration;
+  metrics::Gauge& running_sequences;
+  metrics::Gauge& waiting_requests;
+  metrics::Gauge& kv_used_tokens;
+  metrics::Gauge& kv_capacity_tokens;
+  metrics::Histogram& step_tokens;
+  metrics::Family<metrics::Histogram>& expert_call_duration;
+  metrics::Family<metrics::Counter>& expert_call_errors;
+
+ private:
+  int num_experts;
+  std::vector<metrics::Counter*> routed_tokens;  // [L * E]
+};
+
+// The outcome label for a gRPC/absl status code name.
+std::string OutcomeLabel(int absl_status_code);
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_GATEWAY_GATEWAY_METRICS_H_
