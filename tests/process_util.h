@@ -63,6 +63,7 @@ class ChildProcess {
       }
       const size_t at = line.find("listening on ");
       if (at != std::string::npos) {
+        line_ = line;
         std::string rest = line.substr(at + 13);
         return rest.substr(0, rest.find(' '));
       }
@@ -87,8 +88,16 @@ class ChildProcess {
     return status;
   }
   pid_t pid() const { return pid_; }
+  // "VALUE" of a " key=VALUE" field of the start line ("" if absent).
+  std::string Field(const std::string& key) const {
+    const size_t at = line_.find(" " + key + "=");
+    if (at == std::string::npos) return "";
+    const std::string rest = line_.substr(at + key.size() + 2);
+    return rest.substr(0, rest.find(' '));
+  }
 
  private:
+  std::string line_;
   pid_t pid_ = -1;
   int fd_ = -1;
 };

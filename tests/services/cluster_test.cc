@@ -1,0 +1,191 @@
+// The split cluster: a gateway with one real switchyard-expert process per
+// expert over loopback TCP gives the same greedy tokens as in-process experts
+// and as Hugging Face; the metrics of gateway and experts agree on the
+// routed tokens and pass promtool.
+#include <grpcpp/grpcpp.h>
+
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "gateway/gateway_server.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "switchyard/v1/generation.grpc.pb.h"
+#include "tests/http_util.h"
+#include "tests/process_util.h"
+#include "tests/test_util.h"
+
+namespace switchyard {
+namespace {
+
+constexpr int kExperts = 8;
+
+// Sum of a counter's series whose labels match `label_filter` (regex on the
+// label text), from Prometheus text.
+double SumSeries(const std::string& text, const std::string& name, const std::string& label_filter) {
+  double sum = 0;
+  std::istringstream in(text);
+  std::string line;
+  const std::regex re("^" + name + "\\{([^}]*)\\} (\\S+)$");
+  const std::regex filter(label_filter);
+  while (std::getline(in, line)) {
+    std::smatch m;
+    if (std::regex_match(line, m, re) && std::regex_search(m[1].str(), filter)) {
+      sum += std::stod(m[2].str());
+    }
+  }
+  return sum;
+}
+
+bool PromtoolAccepts(const std::string& text, std::string* output) {
+  const std::string path = ::testing::TempDir() + "/metrics.txt";
+  std::ofstream(path) << text;
+  FILE* p = popen(("promtool check metrics < " + path + " 2>&1").c_str(), "r");
+  if (p == nullptr) return false;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) output->append(buf, n);
+  return pclose(p) == 0;
+}
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    std::string spec;
+    for (int e = 0; e < kExperts; ++e) {
+      experts_[e] = new testing::ChildProcess();
+      auto line = experts_[e]->Start({testing::BinaryDir() + "/switchyard-expert", "--model",
+                                      testing::TinyMixtralDir(), "--experts", std::to_string(e),
+                                      "--listen", "127.0.0.1:0", "--metrics-listen",
+                                      "127.0.0.1:0"});
+      ASSERT_TRUE(line.ok()) << line.status();
+      expert_addresses_[e] = *line;
+      expert_metrics_[e] = experts_[e]->Field("metrics");
+      ASSERT_FALSE(expert_metrics_[e].empty());
+      spec += std::to_string(e) + "=" + *line + ";";
+    }
+    GatewayOptions options;
+    options.model_dir = testing::TinyMixtralDir();
+    options.listen = "127.0.0.1:0";
+    options.experts = spec;
+    options.metrics_listen = "127.0.0.1:0";
+    auto split = Gateway::Start(options);
+    ASSERT_TRUE(split.ok()) << split.status();
+    split_ = split->release();
+    options.experts = "local";
+    options.metrics_listen = "";
+    auto local = Gateway::Start(options);
+    ASSERT_TRUE(local.ok()) << local.status();
+    local_ = local->release();
+  }
+  static void TearDownTestSuite() {
+    delete split_;
+    delete local_;
+    for (auto* e : experts_) {
+      if (e != nullptr) EXPECT_EQ(e->Kill(SIGTERM), 0) << "expert did not exit cleanly";
+      delete e;
+    }
+  }
+
+  static std::string ExpertMetrics(int e) {
+    return testing::HttpGetBody(expert_metrics_[e], "/metrics");
+  }
+
+  static v1::GenerateResponse Generate(Gateway* gateway, const v1::GenerateRequest& request) {
+    auto stub = v1::GenerationService::NewStub(
+        grpc::CreateChannel(gateway->address(), grpc::InsecureChannelCredentials()));
+    v1::GenerateResponse response;
+    grpc::ClientContext ctx;
+    grpc::Status status = stub->Generate(&ctx, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response;
+  }
+
+  static Gateway* split_;
+  static Gateway* local_;
+  static testing::ChildProcess* experts_[kExperts];
+  static std::string expert_addresses_[kExperts];
+  static std::string expert_metrics_[kExperts];
+};
+
+Gateway* ClusterTest::split_ = nullptr;
+Gateway* ClusterTest::local_ = nullptr;
+testing::ChildProcess* ClusterTest::experts_[kExperts] = {};
+std::string ClusterTest::expert_addresses_[kExperts];
+std::string ClusterTest::expert_metrics_[kExperts];
+
+TEST_F(ClusterTest, SplitEqualsLocalEqualsHuggingFace) {
+  std::ifstream in(testing::TinyMixtralDir() + "/reference.json");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const nlohmann::json reference = nlohmann::json::parse(ss.str());
+  for (const auto& p : reference["prompts"]) {
+    v1::GenerateRequest request;
+    request.mutable_token_ids()->mutable_ids()->Add(p["input_ids"].begin(), p["input_ids"].end());
+    request.mutable_stopping()->set_max_new_tokens(24);
+    request.mutable_stopping()->set_ignore_eos(true);
+    const v1::GenerateResponse split = Generate(split_, request);
+    const v1::GenerateResponse local = Generate(local_, request);
+    const std::vector<int32_t> split_ids(split.token_ids().begin(), split.token_ids().end());
+    const std::vector<int32_t> local_ids(local.token_ids().begin(), local.token_ids().end());
+    EXPECT_EQ(split_ids, p["greedy_new_ids"].get<std::vector<int32_t>>());
+    EXPECT_EQ(split_ids, local_ids);
+    EXPECT_EQ(split.text(), local.text());
+  }
+}
+
+TEST_F(ClusterTest, RoutedTokensOnTheGatewayEqualWhatExpertsCounted) {
+  const std::string before_gateway = testing::HttpGetBody(split_->metrics_address(), "/metrics");
+  std::vector<double> expert_before(kExperts);
+  for (int e = 0; e < kExperts; ++e) {
+    expert_before[e] = SumSeries(ExpertMetrics(e), "switchyard_expert_tokens_total", "");
+  }
+  v1::GenerateRequest request;
+  request.set_text("Mixture of experts routes every token to");
+  request.mutable_stopping()->set_max_new_tokens(10);
+  request.mutable_stopping()->set_ignore_eos(true);
+  const v1::GenerateResponse r = Generate(split_, request);
+  ASSERT_EQ(r.token_ids_size(), 10);
+
+  const std::string gateway = testing::HttpGetBody(split_->metrics_address(), "/metrics");
+  double gateway_total = 0;
+  for (int e = 0; e < kExperts; ++e) {
+    const std::string label = "expert=\"" + std::to_string(e) + "\"";
+    const double routed = SumSeries(gateway, "switchyard_gateway_routed_tokens_total", label) -
+                          SumSeries(before_gateway, "switchyard_gateway_routed_tokens_total", label);
+    const double counted =
+        SumSeries(ExpertMetrics(e), "switchyard_expert_tokens_total", "") - expert_before[e];
+    EXPECT_EQ(routed, counted) << "expert " << e;
+    gateway_total += routed;
+  }
+  // Every token that goes through the model visits K experts in each of L
+  // layers. The last generated token is sampled but never fed back, so the
+  // model saw prompt + generated - 1 tokens.
+  const int K = 2, L = 2;
+  const double fed = r.usage().prompt_tokens() + r.usage().completion_tokens() - 1;
+  EXPECT_EQ(gateway_total, fed * K * L);
+  std::printf("[ metrics ] %g token-expert pairs routed = (%u prompt + %u generated - 1) x %d x %d\n",
+              gateway_total, r.usage().prompt_tokens(), r.usage().completion_tokens(), K, L);
+}
+
+TEST_F(ClusterTest, PromtoolAcceptsEveryProcesssMetrics) {
+  std::string output;
+  const std::string gateway = testing::HttpGetBody(split_->metrics_address(), "/metrics");
+  ASSERT_FALSE(gateway.empty());
+  EXPECT_TRUE(PromtoolAccepts(gateway, &output)) << output;
+  for (int e = 0; e < kExperts; ++e) {
+    const std::string text = ExpertMetrics(e);
+    ASSERT_FALSE(text.empty()) << "expert " << e;
+    output.clear();
+    EXPECT_TRUE(PromtoolAccepts(text, &output)) << "expert " << e << ": " << output;
+  }
+}
+
+}  // namespace
+}  // namespace switchyard
