@@ -4,8 +4,8 @@
 
 namespace switchyard {
 
-KvCachePool::KvCachePool(const ModelConfig& config, int64_t max_tokens)
-    : config_(config), max_tokens_(max_tokens) {}
+KvCachePool::KvCachePool(const ModelConfig& config, int64_t max_tokens, bool host_storage)
+    : config_(config), max_tokens_(max_tokens), host_storage_(host_storage) {}
 
 std::unique_ptr<SequenceKv> KvCachePool::NewSequence() {
   return std::unique_ptr<SequenceKv>(new SequenceKv(this));
@@ -34,6 +34,7 @@ SequenceKv::SequenceKv(KvCachePool* pool)
 }
 
 SequenceKv::~SequenceKv() {
+  attachment_.reset();  // device memory first, then the budget
   pool_->Release(reserved_);
   pool_->live_sequences_.fetch_sub(1);
 }
@@ -47,9 +48,11 @@ absl::Status SequenceKv::Reserve(int new_length) {
         "KV cache full: ", pool_->used_tokens(), " of ", pool_->capacity_tokens(),
         " token slots in use, sequence needs ", target - reserved_, " more"));
   }
-  for (size_t l = 0; l < keys_.size(); ++l) {
-    keys_[l].resize(static_cast<size_t>(target) * kv_dim_);
-    values_[l].resize(static_cast<size_t>(target) * kv_dim_);
+  if (pool_->host_storage_) {
+    for (size_t l = 0; l < keys_.size(); ++l) {
+      keys_[l].resize(static_cast<size_t>(target) * kv_dim_);
+      values_[l].resize(static_cast<size_t>(target) * kv_dim_);
+    }
   }
   reserved_ = target;
   return absl::OkStatus();

@@ -28,7 +28,10 @@ class KvCachePool {
   static constexpr int kBlockTokens = 16;
 
   // max_tokens: the budget in token slots across all sequences.
-  KvCachePool(const ModelConfig& config, int64_t max_tokens);
+  // host_storage: keep K/V in host memory (default). A GPU runner passes
+  // false: the pool then only accounts slots, and the runner keeps the
+  // tensors on the device (see SequenceKv::attachment).
+  KvCachePool(const ModelConfig& config, int64_t max_tokens, bool host_storage = true);
 
   std::unique_ptr<SequenceKv> NewSequence();
 
@@ -46,6 +49,7 @@ class KvCachePool {
 
   ModelConfig config_;
   int64_t max_tokens_;
+  bool host_storage_;
   std::atomic<int64_t> used_tokens_{0};
   std::atomic<int64_t> live_sequences_{0};
 };
@@ -69,6 +73,11 @@ class SequenceKv {
   // Forgets positions from `new_length` on (their slots stay reserved).
   void Truncate(int new_length) { length_ = new_length < length_ ? new_length : length_; }
 
+  // Backend state that lives and dies with this sequence (a GPU runner's
+  // device K/V). Destroyed with the SequenceKv, so freeing a sequence frees
+  // its device memory too.
+  std::shared_ptr<void>& attachment() { return attachment_; }
+
   // K or V row of one position in one layer: [Hkv * hd]. pos < reserved().
   float* key(int layer, int pos) { return keys_[layer].data() + static_cast<int64_t>(pos) * kv_dim_; }
   float* value(int layer, int pos) {
@@ -91,6 +100,7 @@ class SequenceKv {
   int reserved_ = 0;
   std::vector<std::vector<float>> keys_;    // [L][S, Hkv*hd]
   std::vector<std::vector<float>> values_;  // [L][S, Hkv*hd]
+  std::shared_ptr<void> attachment_;
 };
 
 }  // namespace switchyard

@@ -14,6 +14,7 @@
 #include "core/tokenizer.h"
 #include "expert_service/expert_ffn.h"
 #include "gateway/generation_service.h"
+#include "gateway/model_runner.h"
 #include "gateway/remote_expert_backend.h"
 #include "metrics/http_exporter.h"
 #include "rpc/server.h"

@@ -17,7 +17,7 @@ std::string_view FinishReasonName(FinishReason reason) {
   return "unknown";
 }
 
-absl::StatusOr<GenerateResult> Generate(ModelRunner& runner, KvCachePool& pool,
+absl::StatusOr<GenerateResult> Generate(StepRunner& runner, KvCachePool& pool,
                                         const Tokenizer& tokenizer,
                                         absl::Span<const int32_t> prompt_ids,
                                         const GenerateOptions& options,

@@ -1,4 +1,4 @@
-// Generating a continuation for one prompt with a ModelRunner: prefill, then
+// Generating a continuation for one prompt with a StepRunner: prefill, then
 // one token per step until a stop condition. The scheduler (services issue)
 // interleaves many of these; this single-sequence loop is the reference it
 // must agree with and what `switchyard generate --model` runs.
@@ -17,7 +17,7 @@
 #include "absl/types/span.h"
 #include "attention_service/kv_cache.h"
 #include "core/tokenizer.h"
-#include "gateway/model_runner.h"
+#include "gateway/step_runner.h"
 #include "gateway/sampler.h"
 
 namespace switchyard {
@@ -41,7 +41,7 @@ struct GenerateResult {
 };
 
 // `on_text` (optional) receives each valid-UTF-8 text delta as it is decoded.
-absl::StatusOr<GenerateResult> Generate(ModelRunner& runner, KvCachePool& pool,
+absl::StatusOr<GenerateResult> Generate(StepRunner& runner, KvCachePool& pool,
                                         const Tokenizer& tokenizer,
                                         absl::Span<const int32_t> prompt_ids,
                                         const GenerateOptions& options,

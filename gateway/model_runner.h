@@ -23,46 +23,21 @@
 #include "attention_service/router.h"
 #include "gateway/expert_backend.h"
 #include "gateway/gateway_metrics.h"
+#include "gateway/step_runner.h"
 
 namespace switchyard {
 
-enum class LogitsWanted { kNone, kLast, kAll };
-
-// One sequence's part of a step: `tokens` are appended after the
-// kv->length() positions already cached.
-struct StepInput {
-  SequenceKv* kv = nullptr;
-  absl::Span<const int32_t> tokens;
-  LogitsWanted logits = LogitsWanted::kLast;
-};
-
-struct StepOutput {
-  std::vector<float> logits;         // [rows, V], sequences in input order
-  std::vector<int> logits_row_begin;  // per input: first row in `logits` (-1 if none)
-  int64_t expert_tokens = 0;          // token-expert pairs sent to experts, all layers
-};
-
-// Optional per-layer record of the routing, for tests and metrics.
-struct StepTrace {
-  std::vector<std::vector<float>> router_logits;  // [L][T, E]
-  std::vector<Routing> routing;                   // [L]
-};
-
-class ModelRunner {
+// The CPU implementation of StepRunner.
+class ModelRunner : public StepRunner {
  public:
   // `metrics` (optional, not owned) receives the tokens routed per (layer, expert).
   ModelRunner(const AttentionModel* model, ExpertBackend* experts,
               GatewayMetrics* metrics = nullptr)
       : model_(model), experts_(experts), metrics_(metrics) {}
 
-  // Runs one step. Validates token ids (INVALID_ARGUMENT) and reserves cache
-  // (RESOURCE_EXHAUSTED) before any work; expert errors are returned as they
-  // are. On success each sequence's cache has grown by its tokens; on error no
-  // cache length changes.
   absl::StatusOr<StepOutput> Step(absl::Span<const StepInput> inputs,
-                                  StepTrace* trace = nullptr);
-
-  const ModelConfig& config() const { return model_->config(); }
+                                  StepTrace* trace = nullptr) override;
+  const ModelConfig& config() const override { return model_->config(); }
 
  private:
   // h[T, D] += Σ_k weight[t, k] · expert_k(x[t]), experts in index order as

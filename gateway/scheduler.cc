@@ -53,7 +53,7 @@ size_t HeldSuffix(const std::string& text, const std::vector<std::string>& stops
 
 }  // namespace
 
-Scheduler::Scheduler(ModelRunner* runner, KvCachePool* kv_pool, const Tokenizer* tokenizer,
+Scheduler::Scheduler(StepRunner* runner, KvCachePool* kv_pool, const Tokenizer* tokenizer,
                      const SchedulerOptions& options, GatewayMetrics* metrics)
     : runner_(runner), kv_pool_(kv_pool), tokenizer_(tokenizer), options_(options),
       metrics_(metrics) {

@@ -1,4 +1,4 @@
-// Continuous batching over one ModelRunner.
+// Continuous batching over one StepRunner (CPU or CUDA).
 //
 // Requests join and leave at step boundaries. Each step carries one decode
 // token for every sequence past its prompt, then prompt chunks of admitted
@@ -38,7 +38,7 @@
 #include "core/tokenizer.h"
 #include "gateway/gateway_metrics.h"
 #include "gateway/generate.h"
-#include "gateway/model_runner.h"
+#include "gateway/step_runner.h"
 #include "gateway/sampler.h"
 
 namespace switchyard {
@@ -110,7 +110,7 @@ class Scheduler {
 
   // `metrics` (optional, not owned) receives token counts, latencies, queue
   // and cache gauges.
-  Scheduler(ModelRunner* runner, KvCachePool* kv_pool, const Tokenizer* tokenizer,
+  Scheduler(StepRunner* runner, KvCachePool* kv_pool, const Tokenizer* tokenizer,
             const SchedulerOptions& options, GatewayMetrics* metrics = nullptr);
   ~Scheduler();  // stops the loop; unfinished requests end with UNAVAILABLE
 
@@ -140,7 +140,7 @@ class Scheduler {
   void Advance(Sequence& seq, const float* logits);
   void Finish(Sequence& seq, FinishReason reason);
 
-  ModelRunner* runner_;
+  StepRunner* runner_;
   KvCachePool* kv_pool_;
   const Tokenizer* tokenizer_;
   SchedulerOptions options_;
