@@ -91,6 +91,12 @@ class OutputPump {
     auto it = addresses_.find(slot);
     return it == addresses_.end() ? "" : it->second;
   }
+  // The metrics address reported under `slot`, or "" if none.
+  std::string MetricsAddress(int slot) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = metrics_.find(slot);
+    return it == metrics_.end() ? "" : it->second;
+  }
 
   // Forwards what is still buffered (for up to half a second), closes every
   // pipe and joins the thread.
@@ -127,6 +133,12 @@ class OutputPump {
       if (at != std::string::npos && addresses_.count(source.address_slot) == 0) {
         std::string rest = line.substr(at + std::strlen(kListeningMarker));
         addresses_[source.address_slot] = rest.substr(0, rest.find_first_of(" \t\r"));
+        // "... metrics=HOST:PORT" ("none" when the process serves no metrics).
+        if (auto m = rest.find(" metrics="); m != std::string::npos) {
+          std::string metrics = rest.substr(m + 9);
+          metrics = metrics.substr(0, metrics.find_first_of(" \t\r"));
+          if (metrics != "none") metrics_[source.address_slot] = metrics;
+        }
       }
     }
     std::string out = absl::StrCat(source.prefix, line, "\n");
@@ -151,6 +163,10 @@ class OutputPump {
       Emit(source, source.partial.substr(start, nl - start));
     }
     source.partial.erase(0, start);
+    if (source.partial.size() > (64 << 10)) {  // A very long line: forward it in pieces.
+      Emit(source, source.partial);
+      source.partial.clear();
+    }
     return true;
   }
 
@@ -191,6 +207,7 @@ class OutputPump {
   mutable std::mutex mu_;
   std::vector<Source> pending_;
   std::map<int, std::string> addresses_;
+  std::map<int, std::string> metrics_;    // guarded by mu_
   bool stop_ = false;
   int wake_[2] = {-1, -1};
   std::thread thread_;
@@ -289,6 +306,16 @@ std::string ExpertsLabel(const std::vector<int>& experts) {
   return absl::StrJoin(experts, ",");
 }
 
+// Where to dial a server that reported `address`: wildcard hosts on loopback.
+std::string DialAddress(const std::string& address) {
+  for (const char* any : {"0.0.0.0:", "[::]:"}) {
+    if (address.rfind(any, 0) == 0) {
+      return absl::StrCat("127.0.0.1:", address.substr(std::strlen(any)));
+    }
+  }
+  return address;
+}
+
 std::string DescribeWaitStatus(int status) {
   if (WIFEXITED(status)) return absl::StrCat("exited with status ", WEXITSTATUS(status));
   if (WIFSIGNALED(status)) {
@@ -307,6 +334,7 @@ struct Child {
   bool running = false;
   int wait_status = 0;
   std::string address;  // as reported on its stdout
+  std::string metrics;  // its /metrics address, as reported ("" if none)
   std::shared_ptr<grpc::Channel> channel;
   bool healthy = false;
 };
@@ -490,7 +518,10 @@ int Supervisor::Abort(Wake wake, const std::string& waiting_for) {
   int code = 1;
   switch (wake) {
     case Wake::kStopSignal:
-      Say(absl::StrCat(strsignal(stop_signal_), " received; stopping"));
+      Say(absl::StrCat(stop_signal_ == SIGINT    ? "SIGINT"
+                       : stop_signal_ == SIGTERM ? "SIGTERM"
+                                                 : "SIGHUP",
+                       " received; stopping"));
       code = 0;
       break;
     case Wake::kChildExited:
@@ -512,7 +543,7 @@ bool Supervisor::AllHealthy(const std::vector<Child*>& group) {
   bool all = true;
   for (Child* c : group) {
     if (c->healthy) continue;
-    if (!c->channel) c->channel = MakeChannel(c->address);
+    if (!c->channel) c->channel = MakeChannel(DialAddress(c->address));
     auto serving = IsServing(c->channel, "", std::chrono::milliseconds(500));
     c->healthy = serving.ok() && *serving;
     all = all && c->healthy;
@@ -527,14 +558,17 @@ absl::Status Supervisor::WriteEndpoints() {
     processes.push_back({{"role", "expert"},
                          {"experts", e->experts},
                          {"grpc", e->address},
-                         {"metrics", nullptr},
+                         {"metrics", e->metrics.empty() ? nlohmann::ordered_json(nullptr)
+                                                        : nlohmann::ordered_json(e->metrics)},
                          {"pid", e->pid}});
   }
   const std::string port = gateway_->address.substr(gateway_->address.rfind(':') + 1);
   processes.push_back({{"role", "gateway"},
                        {"experts", nlohmann::ordered_json::array()},
                        {"grpc", absl::StrCat(options_.listen_host, ":", port)},
-                       {"metrics", nullptr},
+                       {"metrics", gateway_->metrics.empty()
+                                       ? nlohmann::ordered_json(nullptr)
+                                       : nlohmann::ordered_json(gateway_->metrics)},
                        {"pid", gateway_->pid}});
   const nlohmann::ordered_json doc = {{"processes", std::move(processes)}};
   const std::string tmp = absl::StrCat(options_.endpoints_file, ".tmp.", getpid());
@@ -566,6 +600,9 @@ int Supervisor::Run() {
   sigemptyset(&signals_);
   for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) sigaddset(&signals_, sig);
   pthread_sigmask(SIG_BLOCK, &signals_, nullptr);
+  // A shell's background job starts with SIGINT ignored; take it anyway (and
+  // never let SIGCHLD be ignored, which would auto-reap the children).
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) signal(sig, SIG_DFL);
   signal(SIGPIPE, SIG_IGN);
   if (absl::Status s = pump_.Start(); !s.ok()) {
     Say(StatusLine(s));
@@ -591,7 +628,9 @@ int Supervisor::Run() {
                                      "--listen",
                                      "127.0.0.1:0",
                                      "--experts",
-                                     absl::StrJoin(child->experts, ",")};
+                                     absl::StrJoin(child->experts, ","),
+                                     "--metrics-listen",
+                                     "127.0.0.1:0"};
     argv.insert(argv.end(), options_.expert_args.begin(), options_.expert_args.end());
     absl::Status s = Spawn(*child, argv);
     experts_.push_back(std::move(child));
@@ -604,7 +643,10 @@ int Supervisor::Run() {
   auto addresses_known = [this](const std::vector<Child*>& group) {
     bool all = true;
     for (Child* c : group) {
-      if (c->address.empty()) c->address = pump_.Address(c->pid);
+      if (c->address.empty()) {
+        c->address = pump_.Address(c->pid);
+        c->metrics = pump_.MetricsAddress(c->pid);
+      }
       all = all && !c->address.empty();
     }
     return all;
@@ -630,7 +672,9 @@ int Supervisor::Run() {
                                    "--listen",
                                    absl::StrCat(options_.listen_host, ":", options_.port),
                                    "--experts",
-                                   absl::StrJoin(spec, ";")};
+                                   absl::StrJoin(spec, ";"),
+                                   "--metrics-listen",
+                                   absl::StrCat(options_.listen_host, ":0")};
   argv.insert(argv.end(), options_.gateway_args.begin(), options_.gateway_args.end());
   if (absl::Status s = Spawn(*gateway_, argv); !s.ok()) {
     Say(StatusLine(s));
@@ -639,17 +683,9 @@ int Supervisor::Run() {
   }
   wake = WaitUntil([&] { return addresses_known({gateway_.get()}); }, deadline);
   if (wake != Wake::kDone) return Abort(wake, "the gateway to report its address");
-  // Dial a wildcard listen address on loopback.
-  std::string dial = gateway_->address;
-  for (const char* any : {"0.0.0.0:", "[::]:"}) {
-    if (dial.rfind(any, 0) == 0) dial = absl::StrCat("127.0.0.1:", dial.substr(std::strlen(any)));
-  }
-  Child probe = *gateway_;
-  probe.address = dial;
-  wake = WaitUntil([&] { return AllHealthy({&probe}); }, deadline);
+  wake = WaitUntil([&] { return AllHealthy({gateway_.get()}); }, deadline);
   if (wake != Wake::kDone) return Abort(wake, "the gateway to become healthy");
-  gateway_->healthy = true;
-  probe.channel.reset();
+  gateway_->channel.reset();
   for (auto& e : experts_) e->channel.reset();
 
   if (absl::Status s = WriteEndpoints(); !s.ok()) {

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "core/utf8.h"
 #include "nlohmann/json.hpp"
 
 namespace switchyard {
@@ -21,43 +22,6 @@ constexpr std::string_view kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD
 // ---------------------------------------------------------------------------
 // UTF-8 helpers. Validity follows Rust's String::from_utf8 (no overlongs, no
 // surrogates, nothing above U+10FFFF), which is what `tokenizers` uses.
-
-// Length of the valid UTF-8 sequence starting at s[i], or 0 if invalid.
-size_t ValidUtf8Len(std::string_view s, size_t i) {
-  const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
-  const unsigned char c = b(i);
-  const size_t left = s.size() - i;
-  if (c < 0x80) return 1;
-  if (c >= 0xC2 && c <= 0xDF) {
-    return (left >= 2 && (b(i + 1) & 0xC0) == 0x80) ? 2 : 0;
-  }
-  if (c >= 0xE0 && c <= 0xEF) {
-    if (left < 3) return 0;
-    const unsigned char c1 = b(i + 1);
-    const unsigned char lo = c == 0xE0 ? 0xA0 : 0x80;
-    const unsigned char hi = c == 0xED ? 0x9F : 0xBF;
-    if (c1 < lo || c1 > hi || (b(i + 2) & 0xC0) != 0x80) return 0;
-    return 3;
-  }
-  if (c >= 0xF0 && c <= 0xF4) {
-    if (left < 4) return 0;
-    const unsigned char c1 = b(i + 1);
-    const unsigned char lo = c == 0xF0 ? 0x90 : 0x80;
-    const unsigned char hi = c == 0xF4 ? 0x8F : 0xBF;
-    if (c1 < lo || c1 > hi || (b(i + 2) & 0xC0) != 0x80 || (b(i + 3) & 0xC0) != 0x80) return 0;
-    return 4;
-  }
-  return 0;
-}
-
-bool IsValidUtf8(std::string_view s) {
-  for (size_t i = 0; i < s.size();) {
-    const size_t n = ValidUtf8Len(s, i);
-    if (n == 0) return false;
-    i += n;
-  }
-  return true;
-}
 
 // Length of the "character" at s[i]: a valid UTF-8 sequence, or one byte.
 size_t CharLen(std::string_view s, size_t i) {
@@ -1011,6 +975,10 @@ IncrementalDecoder::IncrementalDecoder(const Tokenizer* tokenizer, std::vector<i
     }
     Consume(id, &discard);
   }
+  // A byte run that ends the prompt and is already whole UTF-8 is prompt
+  // text; only an incomplete one (a character the completion may finish) is
+  // carried into the generated text.
+  if (!pending_bytes_.empty() && IsValidUtf8(pending_bytes_)) FlushBytes(&discard);
 }
 
 void IncrementalDecoder::Emit(std::string_view piece, std::string* out) {

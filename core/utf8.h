@@ -1,41 +1,48 @@
 // UTF-8 validity, as the Generation API promises it for every text it sends.
+// Validity follows Rust's String::from_utf8 (no overlongs, no surrogates,
+// nothing above U+10FFFF), which is what Hugging Face `tokenizers` uses.
 #ifndef SWITCHYARD_CORE_UTF8_H_
 #define SWITCHYARD_CORE_UTF8_H_
 
+#include <cstddef>
 #include <string_view>
 
 namespace switchyard {
 
-// True if `s` is well-formed UTF-8 (no overlongs, surrogates or code points
-// above U+10FFFF).
+// Length of the valid UTF-8 sequence starting at s[i], or 0 if invalid.
+inline size_t ValidUtf8Len(std::string_view s, size_t i) {
+  const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+  const unsigned char c = b(i);
+  const size_t left = s.size() - i;
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) {
+    return (left >= 2 && (b(i + 1) & 0xC0) == 0x80) ? 2 : 0;
+  }
+  if (c >= 0xE0 && c <= 0xEF) {
+    if (left < 3) return 0;
+    const unsigned char c1 = b(i + 1);
+    const unsigned char lo = c == 0xE0 ? 0xA0 : 0x80;
+    const unsigned char hi = c == 0xED ? 0x9F : 0xBF;
+    if (c1 < lo || c1 > hi || (b(i + 2) & 0xC0) != 0x80) return 0;
+    return 3;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    if (left < 4) return 0;
+    const unsigned char c1 = b(i + 1);
+    const unsigned char lo = c == 0xF0 ? 0x90 : 0x80;
+    const unsigned char hi = c == 0xF4 ? 0x8F : 0xBF;
+    if (c1 < lo || c1 > hi || (b(i + 2) & 0xC0) != 0x80 || (b(i + 3) & 0xC0) != 0x80) return 0;
+    return 4;
+  }
+  return 0;
+}
+
+// True if `s` is well-formed UTF-8.
 inline bool IsValidUtf8(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const unsigned char c = static_cast<unsigned char>(s[i]);
-    int extra;
-    unsigned char lo = 0x80, hi = 0xbf;  // bounds of the second byte
-    if (c < 0x80) {
-      extra = 0;
-    } else if (c >= 0xc2 && c <= 0xdf) {
-      extra = 1;
-    } else if (c >= 0xe0 && c <= 0xef) {
-      extra = 2;
-      if (c == 0xe0) lo = 0xa0;
-      if (c == 0xed) hi = 0x9f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-      extra = 3;
-      if (c == 0xf0) lo = 0x90;
-      if (c == 0xf4) hi = 0x8f;
-    } else {
-      return false;
-    }
-    if (extra > 0 && i + extra >= s.size()) return false;  // truncated sequence
-    for (int k = 1; k <= extra; ++k) {
-      const unsigned char b = static_cast<unsigned char>(s[i + k]);
-      const unsigned char min = k == 1 ? lo : 0x80, max = k == 1 ? hi : 0xbf;
-      if (b < min || b > max) return false;
-    }
-    i += extra + 1;
+  for (size_t i = 0; i < s.size();) {
+    const size_t n = ValidUtf8Len(s, i);
+    if (n == 0) return false;
+    i += n;
   }
   return true;
 }

@@ -188,11 +188,16 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
 class StreamSink final : public GenerationSink {
  public:
   StreamSink(StreamCall* call, const Tokenizer* tokenizer, std::string request_id,
-             GatewayMetrics* metrics)
-      : call_(call), tokenizer_(tokenizer), request_id_(std::move(request_id)), metrics_(metrics) {}
+             std::vector<int32_t> prompt_ids, GatewayMetrics* metrics)
+      : call_(call),
+        tokenizer_(tokenizer),
+        request_id_(std::move(request_id)),
+        prompt_ids_(std::move(prompt_ids)),
+        metrics_(metrics) {}
 
   void OnTokens(const TokenEvent& e) override {
     v1::GenerateStreamResponse m;
+    AddPromptOnce(m);
     m.set_text_delta(e.text_delta);
     for (int32_t id : e.token_ids) m.add_token_ids(id);
     FillLogprobs(*tokenizer_, e.logprobs, m.mutable_logprobs());
@@ -201,6 +206,7 @@ class StreamSink final : public GenerationSink {
   }
   void OnFinish(const FinishEvent& e) override {
     v1::GenerateStreamResponse m;
+    AddPromptOnce(m);
     m.set_text_delta(e.text_delta);
     m.set_finish_reason(ToProto(e.reason));
     m.mutable_usage()->set_prompt_tokens(e.prompt_tokens);
@@ -215,9 +221,18 @@ class StreamSink final : public GenerationSink {
   }
 
  private:
+  // The first message carries the prompt's token ids.
+  void AddPromptOnce(v1::GenerateStreamResponse& m) {
+    if (prompt_sent_) return;
+    prompt_sent_ = true;
+    for (int32_t id : prompt_ids_) m.add_prompt_token_ids(id);
+  }
+
   StreamCall* call_;
   const Tokenizer* tokenizer_;
   std::string request_id_;
+  std::vector<int32_t> prompt_ids_;
+  bool prompt_sent_ = false;  // scheduler thread only
   GatewayMetrics* metrics_;
 };
 
@@ -264,7 +279,7 @@ grpc::ServerWriteReactor<v1::GenerateStreamResponse>* GenerationServiceImpl::Gen
     return call;
   }
   auto sink = std::make_shared<StreamSink>(call, tokenizer_, request->request_id(),
-                                           options_.metrics);
+                                           validated->prompt_ids, options_.metrics);
   absl::StatusOr<Scheduler::RequestId> id = scheduler_->Submit(*std::move(validated), sink);
   if (!id.ok()) {
     CountRequest(options_.metrics, "GenerateStream",

@@ -1,4 +1,5 @@
 #include "core/tokenizer.h"
+#include "core/utf8.h"
 
 #include <chrono>
 #include <cstdio>
@@ -179,24 +180,46 @@ TEST_F(TokenizerTest, ReferenceIncrementalDecoding) {
     EXPECT_EQ(StreamDecode({}, r.ids), full);
     EXPECT_EQ(StreamDecode({}, r.ids, /*skip=*/false), *tokenizer_->Decode(r.ids, false));
     // Every split point into prompt + generated. The prompt's text is
-    // Decode(prompt without its trailing byte tokens / skipped specials):
-    // a byte run still open at the end of the prompt is emitted with the
-    // generated text.
+    // Decode(prompt), except that a byte run still incomplete at the end of
+    // the prompt (part of a character) is emitted with the generated text.
     for (size_t k = 0; k <= r.ids.size(); ++k) {
       std::vector<int32_t> prompt(r.ids.begin(), r.ids.begin() + k);
       std::vector<int32_t> gen(r.ids.begin() + k, r.ids.end());
-      std::vector<int32_t> complete = prompt;
-      while (!complete.empty()) {
-        const std::string tok = *tokenizer_->IdToToken(complete.back());
+      std::string run;  // bytes of the trailing byte-token run
+      size_t j = prompt.size();
+      while (j > 0) {
+        const std::string tok = *tokenizer_->IdToToken(prompt[j - 1]);
         const bool is_byte = tok.size() == 6 && tok.rfind("<0x", 0) == 0;
-        if (!is_byte && !tokenizer_->IsSpecial(complete.back())) break;
-        complete.pop_back();
+        if (is_byte) {
+          run.insert(run.begin(), static_cast<char>(std::stoi(tok.substr(3, 2), nullptr, 16)));
+        } else if (!tokenizer_->IsSpecial(prompt[j - 1])) {
+          break;
+        }
+        --j;
       }
+      std::vector<int32_t> complete = prompt;
+      if (!run.empty() && !IsValidUtf8(run)) complete.resize(j);
       const std::string prefix = *tokenizer_->Decode(complete);
       ASSERT_EQ(full.substr(0, prefix.size()), prefix) << "k=" << k;
       EXPECT_EQ(StreamDecode(prompt, gen), full.substr(prefix.size())) << "k=" << k;
     }
   }
+}
+
+TEST_F(TokenizerTest, WholeByteTokenEndingThePromptStaysInThePrompt) {
+  // <0x00> is a whole character: it belongs to the prompt, not the completion.
+  const int32_t nul = Id("<0x00>");
+  ASSERT_GE(nul, 0);
+  IncrementalDecoder dec(tokenizer_, {1, nul});
+  auto hello = dec.Push(Id("▁Hello"));
+  ASSERT_TRUE(hello.ok());
+  EXPECT_EQ(*hello + dec.Finish(), " Hello");
+  // The first byte of a 3-byte character is carried: the completion finishes it.
+  IncrementalDecoder partial(tokenizer_, {1, Id("<0xE7>")});
+  std::string text = *partial.Push(Id("<0x8C>"));
+  text += *partial.Push(Id("<0xAB>"));
+  text += partial.Finish();
+  EXPECT_EQ(text, "\xE7\x8C\xAB");  // 猫
 }
 
 TEST_F(TokenizerTest, FirstTokenStripRule) {

@@ -124,6 +124,13 @@ TEST_F(GatewayTest, StreamDeltasJoinedEqualTheUnaryResultAndAreValidUtf8) {
       EXPECT_TRUE(IsValidUtf8(m.text_delta())) << m.text_delta();
       EXPECT_EQ(m.request_id(), "r-42");
     }
+    EXPECT_EQ(std::vector<int32_t>(s.messages[0].prompt_token_ids().begin(),
+                                   s.messages[0].prompt_token_ids().end()),
+              std::vector<int32_t>(unary.prompt_token_ids().begin(),
+                                   unary.prompt_token_ids().end()));
+    for (size_t i = 1; i < s.messages.size(); ++i) {
+      EXPECT_EQ(s.messages[i].prompt_token_ids_size(), 0);
+    }
     const auto& last = s.messages.back();
     EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_LENGTH);
     EXPECT_EQ(last.usage().completion_tokens(), 24u);
