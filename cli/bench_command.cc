@@ -67,10 +67,12 @@ struct RequestResult {
 absl::StatusOr<BenchOptions> ParseBenchOptions(const std::vector<std::string>& args) {
   SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args,
                                             {"server", "concurrency", "requests", "prompt-tokens",
-                                             "output-tokens", "seed", "timeout-ms"},
+                                             "output-tokens", "seed", "timeout-ms", "tls-ca",
+                                             "tls-cert", "tls-key", "auth-token-file"},
                                             {"json"}));
   BenchOptions o;
   SY_ASSIGN_OR_RETURN(o.server, f.Required("server"));
+  SY_RETURN_IF_ERROR(ConfigureClientSecurity(f));
   auto in_range = [&](const char* name, int64_t fallback, int64_t lo, int64_t hi,
                       int* out) -> absl::Status {
     SY_ASSIGN_OR_RETURN(int64_t v, f.Int(name, fallback));
@@ -117,6 +119,7 @@ RequestResult RunOne(v1::GenerationService::Stub& stub, const BenchOptions& o,
 
   RequestResult r;
   grpc::ClientContext context;
+  PrepareContext(context);
   if (o.timeout_ms > 0) {
     context.set_deadline(std::chrono::system_clock::now() +
                          std::chrono::milliseconds(o.timeout_ms));
@@ -175,6 +178,7 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   {
     auto stub = v1::GenerationService::NewStub(channels[0]);
     grpc::ClientContext context;
+    PrepareContext(context);
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     grpc::Status status = stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
     if (!status.ok()) return RpcError(status);
@@ -216,8 +220,8 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   int64_t prompt_total = 0, output_total = 0;
   std::vector<double> ttft, itl, latency;
   std::map<std::string, int> error_counts;
+  // Throughput counts completed requests only.
   for (RequestResult& r : results) {
-    output_total += r.output_tokens;
     if (!r.ok) {
       ++errors;
       ++error_counts[r.error];
@@ -225,6 +229,7 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
     }
     ++ok;
     prompt_total += r.prompt_tokens;
+    output_total += r.output_tokens;
     if (r.output_tokens != o.output_tokens) ++short_requests;
     if (r.output_tokens > 0) ttft.push_back(r.ttft_ms);
     latency.push_back(r.latency_ms);

@@ -10,18 +10,31 @@
 
 #include <chrono>
 #include <memory>
+#include <set>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "cli/flags.h"
 #include "switchyard/v1/generation.pb.h"
 
 namespace switchyard::cli {
 
-// A plaintext channel to `target` ("HOST:PORT", "dns:///...", "unix:/path")
-// with 256 MiB message limits. With `own_connection`, the channel does not
-// share its TCP connection with other channels of this process.
+// The client's transport security, from --tls-ca, --tls-cert, --tls-key and
+// --auth-token-file. Set once at the start of a command (before any channel
+// is made); plaintext without a token by default.
+inline const std::set<std::string> kSecurityFlags = {"tls-ca", "tls-cert", "tls-key",
+                                                     "auth-token-file"};
+absl::Status ConfigureClientSecurity(const Flags& flags);
+
+// A channel to `target` ("HOST:PORT", "dns:///...", "unix:/path") with 256 MiB
+// message limits, over TLS when configured. With `own_connection`, the
+// channel does not share its TCP connection with other channels of this
+// process.
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool own_connection = false);
+
+// Adds the configured bearer token (if any) to a call.
+void PrepareContext(grpc::ClientContext& context);
 
 // "length", "eos", "stop", "cancelled" (the local `generate --json` names), or
 // "unspecified".

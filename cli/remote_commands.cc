@@ -208,6 +208,7 @@ void PrintJson(const v1::GenerateResponse& response, bool with_logprobs) {
 absl::StatusOr<v1::GenerateResponse> StreamGenerate(v1::GenerationService::Stub& stub,
                                                     const GenerateCall& call, bool quiet) {
   grpc::ClientContext context;
+  PrepareContext(context);
   SetDeadline(context, call.timeout_ms);
   auto reader = stub.GenerateStream(&context, call.request);
   v1::GenerateStreamResponse message;
@@ -245,6 +246,7 @@ absl::StatusOr<std::vector<int32_t>> PromptIds(v1::GenerationService::Stub& stub
     return std::vector<int32_t>(ids.begin(), ids.end());
   }
   grpc::ClientContext context;
+  PrepareContext(context);
   SetDeadline(context, call.timeout_ms);
   v1::TokenizeRequest request;
   request.set_text(call.request.text());
@@ -255,19 +257,36 @@ absl::StatusOr<std::vector<int32_t>> PromptIds(v1::GenerationService::Stub& stub
 }
 
 absl::Status GenerateRemote(const std::vector<std::string>& args) {
-  SY_ASSIGN_OR_RETURN(
-      Flags flags,
-      Flags::Parse(args,
-                   {"server", "prompt", "token-ids", "max-new-tokens", "temperature", "top-p",
-                    "top-k", "min-p", "repetition-penalty", "presence-penalty", "frequency-penalty",
-                    "seed", "stop-token-id", "stop", "timeout-ms", "logprobs", "request-id"},
-                   {"json", "ignore-eos", "stream"}));
+  SY_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, {"server",
+                                                       "prompt",
+                                                       "token-ids",
+                                                       "max-new-tokens",
+                                                       "temperature",
+                                                       "top-p",
+                                                       "top-k",
+                                                       "min-p",
+                                                       "repetition-penalty",
+                                                       "presence-penalty",
+                                                       "frequency-penalty",
+                                                       "seed",
+                                                       "stop-token-id",
+                                                       "stop",
+                                                       "timeout-ms",
+                                                       "logprobs",
+                                                       "request-id",
+                                                       "tls-ca",
+                                                       "tls-cert",
+                                                       "tls-key",
+                                                       "auth-token-file"},
+                                                {"json", "ignore-eos", "stream"}));
   SY_ASSIGN_OR_RETURN(GenerateCall call, ParseGenerateCall(flags));
+  SY_RETURN_IF_ERROR(ConfigureClientSecurity(flags));
   auto stub = v1::GenerationService::NewStub(MakeChannel(call.server));
   const bool with_logprobs = call.request.return_logprobs();
 
   if (!call.stream) {
     grpc::ClientContext context;
+    PrepareContext(context);
     SetDeadline(context, call.timeout_ms);
     v1::GenerateResponse response;
     grpc::Status status = stub->Generate(&context, call.request, &response);
@@ -296,8 +315,11 @@ absl::Status GenerateRemote(const std::vector<std::string>& args) {
 }
 
 absl::Status TokenizeRemote(const std::vector<std::string>& args) {
-  SY_ASSIGN_OR_RETURN(Flags flags,
-                      Flags::Parse(args, {"server", "text", "timeout-ms"}, {"add-special-tokens"}));
+  SY_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
+                                                {"server", "text", "timeout-ms", "tls-ca",
+                                                 "tls-cert", "tls-key", "auth-token-file"},
+                                                {"add-special-tokens"}));
+  SY_RETURN_IF_ERROR(ConfigureClientSecurity(flags));
   SY_ASSIGN_OR_RETURN(std::string server, flags.Required("server"));
   v1::TokenizeRequest request;
   SY_ASSIGN_OR_RETURN(*request.mutable_text(), flags.Required("text"));
@@ -308,6 +330,7 @@ absl::Status TokenizeRemote(const std::vector<std::string>& args) {
   SY_ASSIGN_OR_RETURN(int64_t timeout_ms, flags.Int("timeout-ms", 0));
   auto stub = v1::GenerationService::NewStub(MakeChannel(server));
   grpc::ClientContext context;
+  PrepareContext(context);
   SetDeadline(context, timeout_ms);
   v1::TokenizeResponse response;
   grpc::Status status = stub->Tokenize(&context, request, &response);

@@ -3,6 +3,12 @@
 //
 //   switchyard-expert --model DIR [--listen ADDR] [--experts 0,1] [--layers B:E]
 //                     [--workers N] [--max-connection-age-ms MS] [--grace-ms MS]
+//                     [--tls-cert F --tls-key F [--tls-client-ca F]]
+//
+// --tls-cert/--tls-key serve over TLS; --tls-client-ca also requires every
+// client (the gateway) to present a certificate signed by that CA (mutual
+// TLS, enforced in the handshake, so GetShardInfo, Forward, health and
+// reflection all need it).
 //
 // Prints one line to stdout once serving:
 //   switchyard-expert listening on ADDR experts=0,1 layers=0:L
@@ -27,6 +33,7 @@
 #include "metrics/http_exporter.h"
 #include "metrics/metrics.h"
 #include "rpc/server.h"
+#include "rpc/tls.h"
 
 namespace switchyard {
 namespace {
@@ -36,7 +43,10 @@ constexpr char kUsage[] =
     "         [--experts 0,1,... (default 0)] [--layers B:E (default all)]\n"
     "         [--workers N (default 2)] [--max-connection-age-ms MS (default 0: never)]\n"
     "         [--grace-ms MS (default 5000)]\n"
-    "         [--metrics-listen HOST:PORT (default: no metrics; port 0 picks one)]\n";
+    "         [--metrics-listen HOST:PORT (default: no metrics; port 0 picks one)]\n"
+    "         [--tls-cert FILE --tls-key FILE (default: plaintext): serve over TLS (PEM files)]\n"
+    "         [--tls-client-ca FILE: with TLS, accept only clients whose certificate this CA\n"
+    "          signed (mutual TLS)]\n";
 
 absl::StatusOr<std::vector<int>> ParseExperts(const std::string& text, int num_experts) {
   std::vector<int> experts;
@@ -93,11 +103,11 @@ int Run(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   std::vector<std::string> args(argv + 1, argv + argc);
-  absl::StatusOr<cli::Flags> flags = cli::Flags::Parse(
-      args,
-      {"model", "listen", "experts", "layers", "workers", "max-connection-age-ms", "grace-ms",
-       "metrics-listen"},
-      {"help"});
+  absl::StatusOr<cli::Flags> flags =
+      cli::Flags::Parse(args,
+                        {"model", "listen", "experts", "layers", "workers", "max-connection-age-ms",
+                         "grace-ms", "metrics-listen", "tls-cert", "tls-key", "tls-client-ca"},
+                        {"help"});
   if (!flags.ok()) {
     std::fputs(kUsage, stderr);
     return Fail(flags.status());
@@ -122,6 +132,31 @@ int Run(int argc, char** argv) {
   absl::StatusOr<int64_t> grace_ms = flags->Int("grace-ms", 5000);
   if (!grace_ms.ok()) return Fail(grace_ms.status());
   if (*grace_ms < 0) return Fail(absl::InvalidArgumentError("--grace-ms must be >= 0"));
+
+  // Transport security, checked before the (slow) weight load.
+  const rpc::TlsFiles tls{.cert_file = flags->GetOr("tls-cert", ""),
+                          .key_file = flags->GetOr("tls-key", ""),
+                          .ca_file = flags->GetOr("tls-client-ca", "")};
+  for (const char* name : {"tls-cert", "tls-key", "tls-client-ca"}) {
+    if (flags->Has(name) && flags->GetOr(name, "").empty()) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--", name, " needs a file name")));
+    }
+  }
+  if (tls.cert_file.empty() != tls.key_file.empty()) {
+    return Fail(
+        absl::InvalidArgumentError("--tls-cert and --tls-key go together: give both or neither"));
+  }
+  if (!tls.ca_file.empty() && tls.cert_file.empty()) {
+    return Fail(
+        absl::InvalidArgumentError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too"));
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials;
+  if (!tls.cert_file.empty()) {
+    absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> built =
+        rpc::ServerCredentialsFromFiles(tls, /*require_client_cert=*/!tls.ca_file.empty());
+    if (!built.ok()) return Fail(built.status());
+    credentials = *std::move(built);
+  }
 
   absl::StatusOr<ModelConfig> config = LoadModelConfig(*model_dir);
   if (!config.ok()) return Fail(config.status());
@@ -172,6 +207,7 @@ int Run(int argc, char** argv) {
   server_options.health_service_names = {v1::ExpertService::service_full_name()};
   server_options.listen_address = listen;
   server_options.max_connection_age_ms = static_cast<int>(*max_age);
+  server_options.credentials = credentials;
   absl::StatusOr<std::unique_ptr<rpc::RunningServer>> server =
       rpc::RunningServer::Start(server_options, {&service});
   if (!server.ok()) return Fail(server.status());
@@ -179,10 +215,13 @@ int Run(int argc, char** argv) {
   const std::string experts_text = absl::StrJoin(*experts, ",");
   std::fprintf(stderr,
                "switchyard-expert: loaded experts [%s] layers [%d, %d) of %s (%s weights, "
-               "config %s) in %.2f s, %d workers\n",
+               "config %s) in %.2f s, %d workers, %s\n",
                experts_text.c_str(), layers.first, layers.second, model_dir->c_str(),
                shard.weights_dtype.c_str(), config->Fingerprint().c_str(), load_s,
-               static_cast<int>(*workers));
+               static_cast<int>(*workers),
+               tls.cert_file.empty() ? "plaintext"
+               : tls.ca_file.empty() ? "TLS"
+                                     : "mutual TLS (client certificates required)");
   std::printf("switchyard-expert listening on %s experts=%s layers=%d:%d metrics=%s\n",
               (*server)->address().c_str(), experts_text.c_str(), layers.first, layers.second,
               exporter ? exporter->address().c_str() : "none");

@@ -17,10 +17,100 @@
 #include "gateway/model_runner.h"
 #include "gateway/remote_expert_backend.h"
 #include "metrics/http_exporter.h"
+#include "rpc/auth.h"
 #include "rpc/server.h"
 #include "rpc/status.h"
+#include "rpc/tls.h"
 
 namespace switchyard {
+namespace {
+
+// The Generation API behind bearer-token auth: each method checks the call's
+// token, then runs GenerationServiceImpl's (gRPC C++ server interceptors
+// cannot refuse a call, see rpc/auth.h). A method added to generation.proto
+// must be added here too, or it answers UNIMPLEMENTED when auth is on;
+// tests/security/tls_test.cc checks every method of the service.
+class AuthenticatedGenerationService final : public v1::GenerationService::CallbackService {
+ public:
+  AuthenticatedGenerationService(GenerationServiceImpl* inner,
+                                 const rpc::BearerTokenAuthenticator* authenticator,
+                                 metrics::Registry* registry)
+      : inner_(inner),
+        authenticator_(authenticator),
+        refused_(registry->AddCounter("switchyard_gateway_unauthenticated_calls_total",
+                                      "Generation API calls refused for a missing or invalid "
+                                      "bearer token.",
+                                      {"method"})) {}
+
+  grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
+                                     const v1::GenerateRequest* request,
+                                     v1::GenerateResponse* response) override {
+    if (absl::Status s = Check(context, "Generate"); !s.ok()) {
+      return rpc::FinishedUnaryReactor(context, s);
+    }
+    return inner_->Generate(context, request, response);
+  }
+  grpc::ServerWriteReactor<v1::GenerateStreamResponse>* GenerateStream(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override {
+    if (absl::Status s = Check(context, "GenerateStream"); !s.ok()) {
+      return rpc::FinishedWriteReactor<v1::GenerateStreamResponse>(s);
+    }
+    return inner_->GenerateStream(context, request);
+  }
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const v1::TokenizeRequest* request,
+                                     v1::TokenizeResponse* response) override {
+    if (absl::Status s = Check(context, "Tokenize"); !s.ok()) {
+      return rpc::FinishedUnaryReactor(context, s);
+    }
+    return inner_->Tokenize(context, request, response);
+  }
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
+                                       const v1::DetokenizeRequest* request,
+                                       v1::DetokenizeResponse* response) override {
+    if (absl::Status s = Check(context, "Detokenize"); !s.ok()) {
+      return rpc::FinishedUnaryReactor(context, s);
+    }
+    return inner_->Detokenize(context, request, response);
+  }
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetModelInfoRequest* request,
+                                         v1::ModelInfo* response) override {
+    if (absl::Status s = Check(context, "GetModelInfo"); !s.ok()) {
+      return rpc::FinishedUnaryReactor(context, s);
+    }
+    return inner_->GetModelInfo(context, request, response);
+  }
+
+ private:
+  absl::Status Check(grpc::CallbackServerContext* context, const char* method) {
+    absl::Status status = authenticator_->Check(context->client_metadata());
+    if (!status.ok()) refused_.Add({method}).Increment();
+    return status;
+  }
+
+  GenerationServiceImpl* const inner_;
+  const rpc::BearerTokenAuthenticator* const authenticator_;
+  metrics::Family<metrics::Counter>& refused_;
+};
+
+// What to check when experts do not answer, given the expert TLS options.
+std::string ExpertSecurityHint(const GatewayOptions& o) {
+  if (o.expert_tls_ca_file.empty()) {
+    return "; if the experts serve TLS (--tls-cert), give --expert-tls-ca (and, for experts "
+           "with --tls-client-ca, --expert-tls-cert and --expert-tls-key)";
+  }
+  if (o.expert_tls_cert_file.empty()) {
+    return "; with --expert-tls-ca the experts must serve TLS with a certificate signed by that "
+           "CA naming the host dialled; experts with --tls-client-ca also need --expert-tls-cert "
+           "and --expert-tls-key";
+  }
+  return "; with mutual TLS the experts must serve TLS with a certificate signed by "
+         "--expert-tls-ca naming the host dialled, and --expert-tls-cert must be signed by the "
+         "CA of their --tls-client-ca";
+}
+
+}  // namespace
 
 struct Gateway::Parts {
   metrics::Registry registry;
@@ -34,6 +124,8 @@ struct Gateway::Parts {
   std::unique_ptr<ModelRunner> runner;
   std::unique_ptr<Scheduler> scheduler;
   std::unique_ptr<GenerationServiceImpl> service;
+  std::unique_ptr<rpc::BearerTokenAuthenticator> authenticator;           // --auth-token-file only
+  std::unique_ptr<AuthenticatedGenerationService> authenticated_service;  // the same
   std::unique_ptr<rpc::RunningServer> server;
 };
 
@@ -69,11 +161,70 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const cli::Flags& f) {
   }
   o.wire_bf16 = wire == "bf16";
   o.metrics_listen = f.GetOr("metrics-listen", "");
+  o.tls_cert_file = f.GetOr("tls-cert", "");
+  o.tls_key_file = f.GetOr("tls-key", "");
+  o.tls_client_ca_file = f.GetOr("tls-client-ca", "");
+  o.auth_token_file = f.GetOr("auth-token-file", "");
+  o.expert_tls_ca_file = f.GetOr("expert-tls-ca", "");
+  o.expert_tls_cert_file = f.GetOr("expert-tls-cert", "");
+  o.expert_tls_key_file = f.GetOr("expert-tls-key", "");
+  for (const char* name : {"tls-cert", "tls-key", "tls-client-ca", "auth-token-file",
+                           "expert-tls-ca", "expert-tls-cert", "expert-tls-key"}) {
+    if (f.Has(name) && f.GetOr(name, "").empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a file name"));
+    }
+  }
+  SY_RETURN_IF_ERROR(ValidateSecurityOptions(o));
   return o;
 }
 
+absl::Status ValidateSecurityOptions(const GatewayOptions& o) {
+  if (o.tls_cert_file.empty() != o.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together: give both or neither");
+  }
+  if (!o.tls_client_ca_file.empty() && o.tls_cert_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls-client-ca needs TLS: give --tls-cert and --tls-key too");
+  }
+  if (o.expert_tls_cert_file.empty() != o.expert_tls_key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--expert-tls-cert and --expert-tls-key go together: give both or neither");
+  }
+  if (!o.expert_tls_cert_file.empty() && o.expert_tls_ca_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--expert-tls-cert needs --expert-tls-ca (the CA that signed the experts' certificates)");
+  }
+  if (!o.expert_tls_ca_file.empty() && o.experts == "local") {
+    return absl::InvalidArgumentError(
+        "--expert-tls-ca, --expert-tls-cert and --expert-tls-key need remote experts (--experts "
+        "SPEC or @FILE), not --experts local");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& options) {
+  // Security settings first: a bad file fails before the model loads.
+  SY_RETURN_IF_ERROR(ValidateSecurityOptions(options));
+  std::shared_ptr<grpc::ServerCredentials> server_credentials;
+  if (!options.tls_cert_file.empty()) {
+    SY_ASSIGN_OR_RETURN(server_credentials,
+                        rpc::ServerCredentialsFromFiles({.cert_file = options.tls_cert_file,
+                                                         .key_file = options.tls_key_file,
+                                                         .ca_file = options.tls_client_ca_file},
+                                                        !options.tls_client_ca_file.empty()));
+  }
+  std::shared_ptr<grpc::ChannelCredentials> expert_credentials;
+  if (!options.expert_tls_ca_file.empty()) {
+    SY_ASSIGN_OR_RETURN(expert_credentials,
+                        rpc::ChannelCredentialsFromFiles({.cert_file = options.expert_tls_cert_file,
+                                                          .key_file = options.expert_tls_key_file,
+                                                          .ca_file = options.expert_tls_ca_file}));
+  }
   auto p = std::make_unique<Parts>();
+  if (!options.auth_token_file.empty()) {
+    SY_ASSIGN_OR_RETURN(p->authenticator,
+                        rpc::BearerTokenAuthenticator::FromFile(options.auth_token_file));
+  }
   const bool local = options.experts == "local";
   WeightSelection selection = local ? WeightSelection::All() : WeightSelection::DenseOnly();
   SY_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options.model_dir, selection));
@@ -113,6 +264,7 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
     RemoteExpertOptions remote;
     remote.call_deadline_ms = options.expert_timeout_ms;
     remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
+    remote.credentials = expert_credentials;
     GatewayMetrics* metrics = p->metrics.get();
     remote.on_call_done = [metrics](int expert, double seconds, int code) {
       const std::string e = std::to_string(expert);
@@ -122,8 +274,17 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
             .Increment();
       }
     };
-    SY_ASSIGN_OR_RETURN(auto backend, RemoteExpertBackend::Connect(*topology, config,
-                                                                   options.model_dir, remote));
+    remote.connect_timeout_ms = options.expert_connect_timeout_ms;
+    absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> backend =
+        RemoteExpertBackend::Connect(*topology, config, options.model_dir, remote);
+    if (!backend.ok()) {
+      if (backend.status().code() != absl::StatusCode::kUnavailable) return backend.status();
+      // Unreachable experts: a TLS mismatch looks the same as a dead replica
+      // from here (the handshake error is only in gRPC's log), so say what
+      // to check.
+      return absl::UnavailableError(
+          absl::StrCat(backend.status().message(), ExpertSecurityHint(options)));
+    }
     for (const auto& [e, replicas] : topology->replicas) {
       v1::ExpertRoute route;
       route.set_expert(e);
@@ -131,7 +292,7 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
       for (const std::string& r : replicas) route.add_replicas(r);
       service_options.expert_routes.push_back(route);
     }
-    p->backend = std::move(backend);
+    p->backend = *std::move(backend);
   }
   checkpoint.reset();  // weights are copied; drop the mappings
 
@@ -146,7 +307,14 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   server_options.listen_address = options.listen;
   server_options.max_connection_age_ms = options.max_connection_age_ms;
   server_options.health_service_names = {v1::GenerationService::service_full_name()};
-  SY_ASSIGN_OR_RETURN(p->server, rpc::RunningServer::Start(server_options, {p->service.get()}));
+  server_options.credentials = server_credentials;
+  grpc::Service* public_service = p->service.get();
+  if (p->authenticator != nullptr) {
+    p->authenticated_service = std::make_unique<AuthenticatedGenerationService>(
+        p->service.get(), p->authenticator.get(), &p->registry);
+    public_service = p->authenticated_service.get();
+  }
+  SY_ASSIGN_OR_RETURN(p->server, rpc::RunningServer::Start(server_options, {public_service}));
   return std::unique_ptr<Gateway>(new Gateway(std::move(p)));
 }
 
@@ -188,6 +356,15 @@ int RunGateway(const GatewayOptions& options) {
     return 1;
   }
   const std::string metrics = (*gateway)->metrics_address();
+  std::fprintf(stderr, "switchyard-gateway: Generation API %s, %s; expert channels %s\n",
+               options.tls_cert_file.empty()        ? "plaintext"
+               : options.tls_client_ca_file.empty() ? "TLS"
+                                                    : "mutual TLS (client certificates required)",
+               options.auth_token_file.empty() ? "no token auth" : "bearer-token auth",
+               options.experts == "local"             ? "none (local experts)"
+               : options.expert_tls_ca_file.empty()   ? "plaintext"
+               : options.expert_tls_cert_file.empty() ? "TLS"
+                                                      : "mutual TLS");
   std::printf("switchyard-gateway listening on %s metrics=%s\n", (*gateway)->address().c_str(),
               metrics.empty() ? "none" : metrics.c_str());
   std::fflush(stdout);

@@ -28,13 +28,42 @@ struct GatewayOptions {
   SchedulerOptions scheduler;              // queue, batch and step-token limits
   RequestLimits limits;                    // request validation limits
   int expert_timeout_ms = 10000;           // deadline of each expert call
+  int expert_connect_timeout_ms = 30000;   // start-up wait for every expert to answer
   bool wire_bf16 = false;                  // send expert tensors as BF16 (default F32, exact)
   int grace_ms = 5000;                     // shutdown grace for in-flight requests
   int max_connection_age_ms = 0;           // 0: connections are never recycled
   std::string metrics_listen;              // "HOST:PORT" for /metrics; empty (default): off
+
+  // Transport security of the public Generation API (and of health and
+  // reflection on the same port). Both empty (default): plaintext. Both set:
+  // TLS with this certificate chain and unencrypted private key (PEM).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // With TLS: a CA (PEM); clients must present a certificate signed by it
+  // (mutual TLS, for every call, health checks included). Empty (default):
+  // no client certificates.
+  std::string tls_client_ca_file;
+  // Bearer-token auth of the Generation API: a file with one accepted token
+  // per line (rpc/auth.h); calls without "authorization: Bearer <token>"
+  // naming one get UNAUTHENTICATED. Health and reflection need no token.
+  // Empty (default): no token auth. Read once at start-up.
+  std::string auth_token_file;
+  // Channels to remote experts. expert_tls_ca_file set: TLS, verifying the
+  // experts' certificates against this CA (their subjectAltName must match
+  // the host in --experts). Plus expert_tls_cert_file and expert_tls_key_file
+  // (both or neither): mutual TLS, presenting this client certificate.
+  // All empty (default): plaintext. Only with remote experts.
+  std::string expert_tls_ca_file;
+  std::string expert_tls_cert_file;
+  std::string expert_tls_key_file;
 };
 
 absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const cli::Flags& flags);
+
+// Checks the transport-security options for consistency (files that must
+// come in pairs, TLS-only options without TLS, expert TLS with local
+// experts); INVALID_ARGUMENT names the flags. Gateway::Start calls it.
+absl::Status ValidateSecurityOptions(const GatewayOptions& options);
 
 class Gateway {
  public:

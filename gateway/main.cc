@@ -21,7 +21,16 @@ constexpr char kUsage[] =
     "  [--kv-cache-tokens N] [--max-queue N] [--max-running N] [--max-step-tokens N]\n"
     "  [--max-new-tokens-limit N] [--expert-timeout-ms N] [--wire-dtype f32|bf16]\n"
     "  [--grace-ms N] [--max-connection-age-ms N] [--metrics-listen HOST:PORT]\n"
-    "SPEC: 0=HOST:PORT|HOST:PORT;1=unix:/path;... ('|' separates replicas); @FILE: JSON topology\n";
+    "  [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--auth-token-file FILE]\n"
+    "  [--expert-tls-ca FILE [--expert-tls-cert FILE --expert-tls-key FILE]]\n"
+    "SPEC: 0=HOST:PORT|HOST:PORT;1=unix:/path;... ('|' separates replicas); @FILE: JSON topology\n"
+    "Security (PEM files; default: plaintext, no auth):\n"
+    "  --tls-cert/--tls-key    serve the Generation API over TLS with this certificate and key\n"
+    "  --tls-client-ca         also require client certificates signed by this CA (mutual TLS)\n"
+    "  --auth-token-file       require 'authorization: Bearer TOKEN' on Generation API calls,\n"
+    "                          TOKEN a line of the file (health and reflection need no token)\n"
+    "  --expert-tls-ca         TLS to the experts, verifying their certificates against this CA\n"
+    "  --expert-tls-cert/-key  present this client certificate to the experts (mutual TLS)\n";
 
 }  // namespace
 
@@ -36,7 +45,9 @@ int main(int argc, char** argv) {
                             {"model", "listen", "experts", "kv-cache-tokens", "max-queue",
                              "max-running", "max-step-tokens", "max-new-tokens-limit",
                              "expert-timeout-ms", "wire-dtype", "grace-ms",
-                             "max-connection-age-ms", "metrics-listen"},
+                             "max-connection-age-ms", "metrics-listen", "tls-cert", "tls-key",
+                             "tls-client-ca", "auth-token-file", "expert-tls-ca", "expert-tls-cert",
+                             "expert-tls-key"},
                             {});
   auto options = flags.ok() ? switchyard::GatewayOptionsFromFlags(*flags)
                             : absl::StatusOr<switchyard::GatewayOptions>(flags.status());

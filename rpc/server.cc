@@ -29,8 +29,10 @@ absl::StatusOr<std::unique_ptr<RunningServer>> RunningServer::Start(
   for (grpc::Service* s : services) builder.RegisterService(s);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr) {
-    return absl::UnavailableError(
-        absl::StrCat("could not listen on ", options.listen_address, " (address in use or invalid)"));
+    return absl::UnavailableError(absl::StrCat(
+        "could not listen on ", options.listen_address,
+        options.credentials ? " (address in use or invalid, or TLS credentials refused)"
+                            : " (address in use or invalid)"));
   }
   const bool is_unix = absl::StartsWith(options.listen_address, "unix:");
   if (!is_unix && selected_port == 0) {

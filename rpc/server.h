@@ -25,7 +25,8 @@ struct ServerOptions {
   // Close connections older than this so clients re-resolve and discover new
   // replicas (Kubernetes scale-up). 0 (default): never.
   int max_connection_age_ms = 0;
-  // Transport credentials. Default (nullptr): plaintext.
+  // Transport credentials. Default (nullptr): plaintext. For TLS and mutual
+  // TLS from PEM files see rpc/tls.h (ServerCredentialsFromFiles).
   std::shared_ptr<grpc::ServerCredentials> credentials;
   // Fully qualified service names whose health is reported next to the
   // whole server's "" (e.g. "switchyard.v1.ExpertService"). Default: none.
