@@ -1,0 +1,477 @@
+// Validates rendered Kubernetes manifests (kustomize output) of Switchyard.
+//
+// usage: node tests/ops/validate.mjs NAME=FILE [NAME=FILE ...]
+//   NAME: the overlay (cpu-demo, gpu, gpu-hpa: known ones get extra checks)
+//   FILE: its multi-document YAML, as `kubectl kustomize` / `kustomize build` print it
+//
+// For every object:
+//   - the model class of kubernetes-models / @kubernetes-models/keda /
+//     @kubernetes-models/prometheus-operator picked by apiVersion + kind, and
+//     its .validate() (JSON schema: types, required fields, enums, formats);
+//     a kind with no model fails unless it is in ALLOWLIST;
+//   - no unknown fields: .validate() lets them through, so every field name is
+//     also checked against the models' TypeScript declarations (a typo like
+//     `readinesProbe` or `tolerations` under the wrong parent fails).
+// Then Switchyard's own rules over the whole set (see checkSwitchyard).
+// Prints one line per problem and "N passed, M failed" (one per overlay);
+// exits 1 if anything failed.
+import fs from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseAllDocuments } from "yaml";
+
+// npm ci --prefix tests/ops puts the packages next to this script.
+const NODE_MODULES = path.join(path.dirname(fileURLToPath(import.meta.url)), "node_modules");
+
+// apiVersion/kind -> module path of its model class.
+const MODELS = {
+  "v1/Namespace": "kubernetes-models/v1/Namespace",
+  "v1/ServiceAccount": "kubernetes-models/v1/ServiceAccount",
+  "v1/Service": "kubernetes-models/v1/Service",
+  "v1/ConfigMap": "kubernetes-models/v1/ConfigMap",
+  "v1/Secret": "kubernetes-models/v1/Secret",
+  "v1/PersistentVolumeClaim": "kubernetes-models/v1/PersistentVolumeClaim",
+  "apps/v1/Deployment": "kubernetes-models/apps/v1/Deployment",
+  "batch/v1/Job": "kubernetes-models/batch/v1/Job",
+  "policy/v1/PodDisruptionBudget": "kubernetes-models/policy/v1/PodDisruptionBudget",
+  "networking.k8s.io/v1/NetworkPolicy": "kubernetes-models/networking.k8s.io/v1/NetworkPolicy",
+  "autoscaling/v2/HorizontalPodAutoscaler": "kubernetes-models/autoscaling/v2/HorizontalPodAutoscaler",
+  "rbac.authorization.k8s.io/v1/Role": "kubernetes-models/rbac.authorization.k8s.io/v1/Role",
+  "rbac.authorization.k8s.io/v1/RoleBinding": "kubernetes-models/rbac.authorization.k8s.io/v1/RoleBinding",
+  "keda.sh/v1alpha1/ScaledObject": "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject",
+  "keda.sh/v1alpha1/TriggerAuthentication": "@kubernetes-models/keda/keda.sh/v1alpha1/TriggerAuthentication",
+  "monitoring.coreos.com/v1/PodMonitor": "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor",
+  "monitoring.coreos.com/v1/ServiceMonitor": "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor",
+  "monitoring.coreos.com/v1/PrometheusRule": "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule",
+};
+
+// Kinds allowed without a model (validated by nothing but YAML parsing).
+// Empty on purpose: add "group/version/Kind" here only with a reason.
+const ALLOWLIST = new Set([]);
+
+// Overlay-specific expectations.
+const OVERLAYS = {
+  "cpu-demo": { image: "switchyard:cpu", autoscaler: "ScaledObject", gpu: false, modelPvc: false },
+  gpu: { image: "switchyard:gpu", autoscaler: "ScaledObject", gpu: true, modelPvc: true },
+  "gpu-hpa": { image: "switchyard:gpu", autoscaler: "HorizontalPodAutoscaler", gpu: true, modelPvc: true },
+};
+
+const NAMESPACE = "switchyard";
+const UID = 65532;
+
+// ---------------------------------------------------------------------------
+// Field names from the models' .d.ts files.
+
+const typeIndex = { global: new Map(), byFile: new Map() };
+
+function packageDir(name) {
+  return path.join(NODE_MODULES, name);
+}
+
+function* walkDts(dir) {
+  for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+    const p = path.join(dir, entry.name);
+    if (entry.isDirectory()) yield* walkDts(p);
+    else if (entry.name.endsWith(".d.ts")) yield p;
+  }
+}
+
+// Parses `export interface IX { "field"?: Type; ... }` blocks.
+function parseDts(file) {
+  const text = fs.readFileSync(file, "utf8");
+  const lines = text.split("\n");
+  const interfaces = new Map();
+  for (let i = 0; i < lines.length; i++) {
+    const m = /^export interface (\w+)(?: extends [^{]*)? \{$/.exec(lines[i]);
+    if (!m) continue;
+    const props = new Map();
+    for (i++; i < lines.length && lines[i] !== "}"; i++) {
+      const p = /^ {4}"([^"]+)"\??: (.*)$/.exec(lines[i]);
+      if (!p) continue;
+      let type = p[2];
+      if (type === "{") {
+        const body = [];
+        for (i++; i < lines.length && lines[i] !== "    };"; i++) body.push(lines[i].trim());
+        const map = body.length === 1 && /^\[key: string\]: (.*);$/.exec(body[0]);
+        type = map ? { map: map[1] } : "any";
+      } else {
+        type = type.replace(/;$/, "");
+      }
+      props.set(p[1], type);
+    }
+    interfaces.set(m[1], props);
+  }
+  for (const m of text.matchAll(/^export type \{ (\w+) as (\w+)(?:, (\w+) as (\w+))? \};$/gm)) {
+    if (interfaces.has(m[1])) typeIndex.global.set(m[2], interfaces.get(m[1]));
+  }
+  typeIndex.byFile.set(file, interfaces);
+  return interfaces;
+}
+
+function loadTypeIndex() {
+  for (const pkg of ["kubernetes-models", "@kubernetes-models/apimachinery",
+                     "@kubernetes-models/keda", "@kubernetes-models/prometheus-operator"]) {
+    for (const file of walkDts(packageDir(pkg))) parseDts(file);
+  }
+}
+
+function resolveType(type, local) {
+  if (typeof type === "object") return { kind: "map", of: type.map };
+  const arr = /^Array<(.*)>$/.exec(type);
+  if (arr) return { kind: "array", of: arr[1] };
+  if (/^\w+$/.test(type)) {
+    const props = typeIndex.global.get(type) || (local && local.get(type));
+    if (props) return { kind: "object", props };
+  }
+  return { kind: "leaf" };
+}
+
+function checkFields(value, type, where, problems, local) {
+  const t = resolveType(type, local);
+  if (value === null || value === undefined) return;
+  if (t.kind === "array" && Array.isArray(value)) {
+    value.forEach((v, i) => checkFields(v, t.of, `${where}[${i}]`, problems, local));
+  } else if (t.kind === "map" && typeof value === "object" && !Array.isArray(value)) {
+    for (const [k, v] of Object.entries(value)) checkFields(v, t.of, `${where}.${k}`, problems, local);
+  } else if (t.kind === "object" && typeof value === "object" && !Array.isArray(value)) {
+    for (const [k, v] of Object.entries(value)) {
+      if (!t.props.has(k)) problems.push(`unknown field ${where}.${k}`);
+      else checkFields(v, t.props.get(k), `${where}.${k}`, problems, local);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Per-object validation.
+
+const modelCache = new Map();
+
+async function modelFor(apiVersion, kind) {
+  const key = `${apiVersion}/${kind}`;
+  if (!(key in MODELS)) return null;
+  if (!modelCache.has(key)) {
+    const mod = await import(MODELS[key]);
+    const cls = mod[kind];
+    const dts = path.join(NODE_MODULES, `${MODELS[key]}.d.ts`);
+    const local = typeIndex.byFile.get(dts);
+    if (!cls || !local || !local.get(`I${kind}`)) throw new Error(`no model class ${kind} in ${MODELS[key]}`);
+    modelCache.set(key, { cls, root: local.get(`I${kind}`), local });
+  }
+  return modelCache.get(key);
+}
+
+function describe(obj) {
+  return `${obj.kind}/${obj.metadata?.name ?? "?"}`;
+}
+
+async function validateObject(obj, problems) {
+  if (!obj || typeof obj !== "object" || !obj.apiVersion || !obj.kind) {
+    problems.push(`a document is not a Kubernetes object: ${JSON.stringify(obj)?.slice(0, 80)}`);
+    return;
+  }
+  const model = await modelFor(obj.apiVersion, obj.kind);
+  if (!model) {
+    if (!ALLOWLIST.has(`${obj.apiVersion}/${obj.kind}`)) {
+      problems.push(`${describe(obj)}: no model for ${obj.apiVersion} ${obj.kind} (add it to MODELS or ALLOWLIST)`);
+    }
+    return;
+  }
+  try {
+    new model.cls(obj).validate();
+  } catch (e) {
+    problems.push(`${describe(obj)}: ${e.message}`);
+  }
+  const fieldProblems = [];
+  for (const [k, v] of Object.entries(obj)) {
+    if (!model.root.has(k)) fieldProblems.push(`unknown field ${k}`);
+    else checkFields(v, model.root.get(k), k, fieldProblems, model.local);
+  }
+  for (const p of fieldProblems) problems.push(`${describe(obj)}: ${p}`);
+}
+
+// ---------------------------------------------------------------------------
+// Switchyard's rules.
+
+function matches(selector, labels) {
+  if (!selector || !labels) return false;
+  const ml = selector.matchLabels || {};
+  if (Object.keys(ml).length === 0 && !(selector.matchExpressions || []).length) return false;
+  for (const [k, v] of Object.entries(ml)) if (labels[k] !== v) return false;
+  for (const e of selector.matchExpressions || []) {
+    const has = Object.prototype.hasOwnProperty.call(labels, e.key);
+    if (e.operator === "In" && !(has && e.values.includes(labels[e.key]))) return false;
+    if (e.operator === "NotIn" && has && e.values.includes(labels[e.key])) return false;
+    if (e.operator === "Exists" && !has) return false;
+    if (e.operator === "DoesNotExist" && has) return false;
+  }
+  return true;
+}
+
+function args(container) {
+  const out = new Map();
+  for (const a of container.args || []) {
+    const m = /^--([^=]+)=(.*)$/s.exec(a);
+    if (m) out.set(m[1], m[2]);
+  }
+  return out;
+}
+
+function portOf(address) {
+  return Number(String(address).split(":").pop());
+}
+
+function checkRestricted(where, podSpec, c, problems) {
+  const pod = podSpec.securityContext || {};
+  const sc = c.securityContext || {};
+  const get = (field) => (sc[field] !== undefined ? sc[field] : pod[field]);
+  if (get("runAsNonRoot") !== true) problems.push(`${where}: runAsNonRoot is not true`);
+  if (get("runAsUser") !== UID) problems.push(`${where}: runAsUser is not ${UID}`);
+  const seccomp = (sc.seccompProfile || pod.seccompProfile || {}).type;
+  if (seccomp !== "RuntimeDefault") problems.push(`${where}: seccompProfile is not RuntimeDefault`);
+  if (sc.allowPrivilegeEscalation !== false) problems.push(`${where}: allowPrivilegeEscalation is not false`);
+  if (sc.readOnlyRootFilesystem !== true) problems.push(`${where}: readOnlyRootFilesystem is not true`);
+  const drop = sc.capabilities?.drop || [];
+  if (!drop.includes("ALL")) problems.push(`${where}: capabilities do not drop ALL`);
+  if ((sc.capabilities?.add || []).length) problems.push(`${where}: adds capabilities`);
+  if (sc.privileged) problems.push(`${where}: privileged`);
+}
+
+function checkSwitchyard(name, objects, problems) {
+  const expect = OVERLAYS[name];
+  const of = (kind) => objects.filter((o) => o.kind === kind);
+  const deployments = of("Deployment");
+  const services = of("Service");
+  const pdbs = of("PodDisruptionBudget");
+  const autoscalers = [...of("ScaledObject"), ...of("HorizontalPodAutoscaler")];
+
+  // Namespace and Pod Security.
+  const ns = of("Namespace").find((n) => n.metadata.name === NAMESPACE);
+  if (!ns) problems.push(`no Namespace ${NAMESPACE}`);
+  else if (ns.metadata.labels?.["pod-security.kubernetes.io/enforce"] !== "restricted") {
+    problems.push(`Namespace ${NAMESPACE} does not enforce the restricted Pod Security profile`);
+  }
+  for (const o of objects) {
+    if (o.kind === "Namespace") continue;
+    const want = o.kind === "ConfigMap" && o.metadata.name === "switchyard-prometheus-adapter" ? "monitoring" : NAMESPACE;
+    if (o.metadata.namespace !== want) problems.push(`${describe(o)}: namespace ${o.metadata.namespace}, want ${want}`);
+  }
+
+  const gateway = deployments.find((d) => d.metadata.name === "switchyard-gateway");
+  const experts = deployments.filter((d) => d.metadata.labels?.["app.kubernetes.io/component"] === "expert");
+  if (!gateway) problems.push("no Deployment switchyard-gateway");
+  if (experts.length === 0) problems.push("no expert Deployments");
+  if (deployments.length !== experts.length + (gateway ? 1 : 0)) problems.push("a Deployment is neither the gateway nor an expert");
+
+  const pvcs = new Set(of("PersistentVolumeClaim").map((p) => p.metadata.name));
+  for (const d of deployments) {
+    const where = describe(d);
+    const pod = d.spec.template.spec;
+    const labels = d.spec.template.metadata?.labels || {};
+    if (!matches(d.spec.selector, labels)) problems.push(`${where}: selector does not match its pod labels`);
+    for (const c of [...(pod.initContainers || []), ...pod.containers]) checkRestricted(`${where} container ${c.name}`, pod, c, problems);
+    if (pod.automountServiceAccountToken !== false) problems.push(`${where}: mounts a service account token`);
+    for (const c of pod.containers) {
+      const cw = `${where} container ${c.name}`;
+      const grpcPort = (c.ports || []).find((p) => p.name === "grpc")?.containerPort;
+      const metricsPort = (c.ports || []).find((p) => p.name === "metrics")?.containerPort;
+      if (!grpcPort) problems.push(`${cw}: no port named grpc`);
+      if (metricsPort !== 9090) problems.push(`${cw}: no port named metrics on 9090`);
+      for (const probe of ["startupProbe", "readinessProbe", "livenessProbe"]) {
+        const p = c[probe];
+        if (!p) problems.push(`${cw}: no ${probe}`);
+        else if (!p.grpc) problems.push(`${cw}: ${probe} is not a gRPC probe`);
+        else if (p.grpc.port !== grpcPort) problems.push(`${cw}: ${probe} probes port ${p.grpc.port}, not the grpc port ${grpcPort}`);
+      }
+      if (!c.resources?.requests?.cpu || !c.resources?.requests?.memory || !c.resources?.limits?.memory) {
+        problems.push(`${cw}: needs cpu and memory requests and a memory limit`);
+      }
+      if (expect) {
+        if (c.image !== expect.image) problems.push(`${cw}: image ${c.image}, want ${expect.image}`);
+        const gpus = c.resources?.limits?.["nvidia.com/gpu"];
+        if (expect.gpu && String(gpus) !== "1") problems.push(`${cw}: no nvidia.com/gpu: 1 limit`);
+        if (!expect.gpu && gpus !== undefined) problems.push(`${cw}: asks for a GPU`);
+      }
+      const a = args(c);
+      if (a.get("model") !== "/models/mixtral") problems.push(`${cw}: --model is not /models/mixtral`);
+      const modelMount = (c.volumeMounts || []).find((m) => m.mountPath === "/models/mixtral");
+      if (!modelMount || modelMount.readOnly !== true) problems.push(`${cw}: /models/mixtral is not mounted read-only`);
+      const volume = modelMount && (pod.volumes || []).find((v) => v.name === modelMount.name);
+      if (volume?.persistentVolumeClaim) {
+        if (!pvcs.has(volume.persistentVolumeClaim.claimName)) problems.push(`${cw}: PVC ${volume.persistentVolumeClaim.claimName} is not in the render`);
+        if (volume.persistentVolumeClaim.readOnly !== true) problems.push(`${cw}: the model PVC is not read-only`);
+      }
+      if (expect && expect.modelPvc !== Boolean(volume?.persistentVolumeClaim?.claimName === "switchyard-model")) {
+        problems.push(`${cw}: the model volume should ${expect.modelPvc ? "" : "not "}be the PVC switchyard-model`);
+      }
+      if (grpcPort && portOf(a.get("listen")) !== grpcPort) problems.push(`${cw}: --listen is not on the grpc port`);
+      if (metricsPort && portOf(a.get("metrics-listen")) !== metricsPort) problems.push(`${cw}: --metrics-listen is not on the metrics port`);
+    }
+    // One PodDisruptionBudget per Deployment.
+    const covering = pdbs.filter((p) => matches(p.spec.selector, labels));
+    if (covering.length !== 1) problems.push(`${where}: ${covering.length} PodDisruptionBudgets select its pods, want 1`);
+  }
+
+  // Experts: index, headless Service, autoscaler.
+  const expertService = new Map();  // expert index -> Service
+  for (const d of experts) {
+    const where = describe(d);
+    const labels = d.spec.template.metadata.labels;
+    const c = d.spec.template.spec.containers[0];
+    const a = args(c);
+    const index = a.get("experts");
+    if (!/^\d+$/.test(index || "")) problems.push(`${where}: --experts must be one expert index, got ${index}`);
+    if (labels["switchyard/expert"] !== index) problems.push(`${where}: label switchyard/expert ${labels["switchyard/expert"]} != --experts ${index}`);
+    if (!a.has("max-connection-age-ms") || Number(a.get("max-connection-age-ms")) <= 0) problems.push(`${where}: needs --max-connection-age-ms > 0 so the gateway finds new replicas`);
+    const svcs = services.filter((s) => s.spec.selector && matches({ matchLabels: s.spec.selector }, labels));
+    const headless = svcs.filter((s) => s.spec.clusterIP === "None");
+    if (headless.length !== 1) problems.push(`${where}: ${headless.length} headless Services select its pods, want 1`);
+    else {
+      const s = headless[0];
+      const port = (s.spec.ports || []).find((p) => p.port === portOf(a.get("listen")));
+      if (!port) problems.push(`${describe(s)}: does not expose ${where}'s gRPC port`);
+      // The Service must select this expert's pods only.
+      for (const other of experts) {
+        if (other !== d && matches({ matchLabels: s.spec.selector }, other.spec.template.metadata.labels)) {
+          problems.push(`${describe(s)}: also selects ${describe(other)}`);
+        }
+      }
+      expertService.set(index, s);
+    }
+    const mine = autoscalers.filter((x) => x.spec.scaleTargetRef?.name === d.metadata.name);
+    if (expect) {
+      if (mine.length !== 1 || mine[0].kind !== expect.autoscaler) {
+        problems.push(`${where}: ${mine.length} autoscalers (${mine.map((x) => x.kind).join(", ")}), want one ${expect.autoscaler}`);
+      }
+    } else if (mine.length > 1) problems.push(`${where}: ${mine.length} autoscalers`);
+    if (mine.length && d.spec.replicas !== undefined) problems.push(`${where}: sets replicas although ${describe(mine[0])} owns them`);
+    for (const x of mine) checkAutoscaler(x, index, problems);
+  }
+  for (const x of autoscalers) {
+    if (!experts.some((d) => d.metadata.name === x.spec.scaleTargetRef?.name)) problems.push(`${describe(x)}: scales no expert Deployment`);
+  }
+
+  // The gateway's --experts SPEC names every expert's headless Service.
+  if (gateway) {
+    const spec = args(gateway.spec.template.spec.containers[0]).get("experts") || "";
+    const mapped = new Map();
+    for (const entry of spec.split(";").filter(Boolean)) {
+      const [e, targets] = entry.split("=");
+      mapped.set(e, targets.split("|"));
+    }
+    for (const [index, s] of expertService) {
+      const port = s.spec.ports[0].port;
+      const want = `dns:///${s.metadata.name}.${s.metadata.namespace}.svc.cluster.local:${port}`;
+      const got = mapped.get(index);
+      if (!got || got.length !== 1 || got[0] !== want) problems.push(`gateway --experts maps expert ${index} to ${got}, want ${want}`);
+    }
+    for (const index of mapped.keys()) if (!expertService.has(index)) problems.push(`gateway --experts maps expert ${index}, which no Deployment serves`);
+  }
+
+  // NetworkPolicy: only gateway pods reach an expert's gRPC port.
+  const policies = of("NetworkPolicy");
+  for (const d of experts) {
+    const labels = d.spec.template.metadata.labels;
+    const port = portOf(args(d.spec.template.spec.containers[0]).get("listen"));
+    const selecting = policies.filter((p) => (p.spec.policyTypes || ["Ingress"]).includes("Ingress") &&
+      (Object.keys(p.spec.podSelector || {}).length === 0 || matches(p.spec.podSelector, labels)));
+    if (!selecting.length) problems.push(`${describe(d)}: no NetworkPolicy isolates its pods`);
+    let gatewayAllowed = false;
+    for (const p of selecting) {
+      for (const rule of p.spec.ingress || []) {
+        const coversPort = !rule.ports || rule.ports.some((rp) => rp.port === port || rp.port === "grpc");
+        if (!coversPort) continue;
+        const from = rule.from || [];
+        const onlyGateway = from.length > 0 && from.every((f) => f.podSelector && !f.namespaceSelector && !f.ipBlock &&
+          gateway && matches(f.podSelector, gateway.spec.template.metadata.labels) &&
+          experts.every((x) => !matches(f.podSelector, x.spec.template.metadata.labels)));
+        if (!onlyGateway) problems.push(`${describe(p)}: lets more than gateway pods reach ${describe(d)} on ${port}`);
+        else gatewayAllowed = true;
+      }
+    }
+    if (!gatewayAllowed) problems.push(`${describe(d)}: no NetworkPolicy lets the gateway reach port ${port}`);
+  }
+
+  // Prometheus Operator scrapes every pod's metrics port.
+  const monitors = of("PodMonitor");
+  for (const d of deployments) {
+    const labels = d.spec.template.metadata.labels;
+    const m = monitors.filter((pm) => matches(pm.spec.selector, labels));
+    if (m.length !== 1) problems.push(`${describe(d)}: ${m.length} PodMonitors select its pods, want 1`);
+    else if (!m[0].spec.podMetricsEndpoints.some((e) => e.port === "metrics")) problems.push(`${describe(m[0])}: does not scrape the port named metrics`);
+  }
+}
+
+function checkAutoscaler(x, index, problems) {
+  const where = describe(x);
+  let behavior;
+  if (x.kind === "ScaledObject") {
+    if (!(x.spec.minReplicaCount >= 1)) problems.push(`${where}: minReplicaCount must be >= 1 (the gateway needs every expert)`);
+    if (!(x.spec.maxReplicaCount >= x.spec.minReplicaCount)) problems.push(`${where}: maxReplicaCount < minReplicaCount`);
+    const triggers = x.spec.triggers || [];
+    if (triggers.length !== 1 || triggers[0].type !== "prometheus") problems.push(`${where}: want one prometheus trigger`);
+    else {
+      const t = triggers[0];
+      const want = `sum(rate(switchyard_expert_tokens_total{expert="${index}"}[1m]))`;
+      if (t.metadata.query.replace(/\s+/g, "") !== want) problems.push(`${where}: query ${t.metadata.query}, want ${want}`);
+      if (!(Number(t.metadata.threshold) > 0)) problems.push(`${where}: threshold must be a positive number`);
+      if (!t.metadata.serverAddress) problems.push(`${where}: no serverAddress`);
+      if (t.metricType && t.metricType !== "AverageValue") problems.push(`${where}: metricType must be AverageValue (tokens/s per replica)`);
+    }
+    behavior = x.spec.advanced?.horizontalPodAutoscalerConfig?.behavior;
+  } else {
+    if (!(x.spec.minReplicas >= 1)) problems.push(`${where}: minReplicas must be >= 1`);
+    const m = x.spec.metrics || [];
+    const ok = m.length === 1 && m[0].type === "Pods" && m[0].pods.metric.name === "switchyard_expert_tokens_per_second" &&
+      m[0].pods.target.type === "AverageValue" && Number(m[0].pods.target.averageValue) > 0;
+    if (!ok) problems.push(`${where}: want one Pods metric switchyard_expert_tokens_per_second with a positive AverageValue target`);
+    behavior = x.spec.behavior;
+  }
+  if (behavior?.scaleUp?.stabilizationWindowSeconds !== 0) problems.push(`${where}: scaleUp.stabilizationWindowSeconds must be 0`);
+  if (behavior?.scaleDown?.stabilizationWindowSeconds !== 300) problems.push(`${where}: scaleDown.stabilizationWindowSeconds must be 300`);
+  if (!(behavior?.scaleUp?.policies || []).length || !(behavior?.scaleDown?.policies || []).length) problems.push(`${where}: needs scaleUp and scaleDown policies`);
+}
+
+// ---------------------------------------------------------------------------
+
+async function main() {
+  const inputs = process.argv.slice(2);
+  if (!inputs.length || inputs.some((a) => !a.includes("="))) {
+    console.error("usage: node validate.mjs NAME=FILE [NAME=FILE ...]");
+    process.exit(2);
+  }
+  loadTypeIndex();
+  let passed = 0;
+  let failed = 0;
+  for (const input of inputs) {
+    const [name, file] = input.split(/=(.*)/s);
+    const problems = [];
+    const objects = [];
+    for (const doc of parseAllDocuments(fs.readFileSync(file, "utf8"))) {
+      if (doc.errors.length) {
+        problems.push(`YAML: ${doc.errors.map((e) => e.message).join("; ")}`);
+        continue;
+      }
+      const obj = doc.toJS();
+      if (obj !== null) objects.push(obj);
+    }
+    for (const obj of objects) await validateObject(obj, problems);
+    if (objects.length) checkSwitchyard(name, objects, problems);
+    else problems.push("no objects");
+    if (problems.length) {
+      failed++;
+      for (const p of problems) console.log(`FAIL ${name}: ${p}`);
+    } else {
+      passed++;
+      const kinds = {};
+      for (const o of objects) kinds[o.kind] = (kinds[o.kind] || 0) + 1;
+      console.log(`ok   ${name}: ${objects.length} objects valid (${Object.entries(kinds).map(([k, n]) => `${n} ${k}`).join(", ")})`);
+    }
+  }
+  console.log(`${passed} passed, ${failed} failed`);
+  process.exit(failed ? 1 : 0);
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
