@@ -22,15 +22,6 @@
 
 namespace switchyard {
 
-// Where one sequence's tokens sit in a step: rows [row_begin, row_begin + tokens)
-// of the step's activations, at positions [start_pos, start_pos + tokens).
-struct SequenceSlice {
-  int row_begin = 0;
-  int tokens = 0;
-  int start_pos = 0;
-  SequenceKv* kv = nullptr;  // must have reserved start_pos + tokens slots
-};
-
 class AttentionModel {
  public:
   // Reads the dense tensors; the checkpoint's selection must include them.

@@ -103,6 +103,15 @@ class SequenceKv {
   std::shared_ptr<void> attachment_;
 };
 
+// Where one sequence's tokens sit in a step: rows [row_begin, row_begin + tokens)
+// of the step's activations, at positions [start_pos, start_pos + tokens).
+struct SequenceSlice {
+  int row_begin = 0;
+  int tokens = 0;
+  int start_pos = 0;
+  SequenceKv* kv = nullptr;  // must have reserved start_pos + tokens slots
+};
+
 }  // namespace switchyard
 
 #endif  // SWITCHYARD_ATTENTION_SERVICE_KV_CACHE_H_

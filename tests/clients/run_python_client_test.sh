@@ -83,7 +83,7 @@ SWITCHYARD_GATEWAY="$GATEWAY" "$PYTHON" "$SOURCE_DIR/tests/clients/python_client
 # The C++ clients against the same deployment.
 if [ $status -eq 0 ]; then
   out=$("$SWITCHYARD" generate --server "$GATEWAY" --prompt "Hello" --max-new-tokens 4 \
-    --ignore-eos --json) || { echo "$out" >&2; status=1; }
+    --ignore-eos --stop "@@never@@" --stop "##never##" --json) || { echo "$out" >&2; status=1; }
   echo "generate --server: $out"
   echo "$out" | "$PYTHON" -c '
 import json, sys

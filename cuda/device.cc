@@ -1,0 +1,66 @@
+#include "cuda/device.h"
+
+#include "absl/strings/str_format.h"
+
+namespace switchyard::cuda {
+
+bool HasDevice() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear it: "no device" is an answer, not a failure
+    return false;
+  }
+  return count > 0;
+}
+
+absl::StatusOr<std::string> DescribeDevice(int device) {
+  cudaDeviceProp prop;
+  SY_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
+  return absl::StrFormat("%s (sm_%d%d, %d SMs, %.1f GiB)", prop.name, prop.major, prop.minor,
+                         prop.multiProcessorCount,
+                         static_cast<double>(prop.totalGlobalMem) / (1ull << 30));
+}
+
+absl::StatusOr<double> PeakMemoryBandwidth(int device) {
+  // cudaDeviceProp::memoryClockRate is gone in CUDA 13; the attributes stay.
+  int clock_khz = 0, bus_bits = 0;
+  SY_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device));
+  SY_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device));
+  return 2.0 * static_cast<double>(clock_khz) * 1e3 * static_cast<double>(bus_bits) / 8.0;
+}
+
+absl::StatusOr<std::unique_ptr<CudaContext>> CudaContext::Create(int device) {
+  auto ctx = std::unique_ptr<CudaContext>(new CudaContext());
+  ctx->device_ = device;
+  SY_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  SY_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&ctx->stream_, cudaStreamNonBlocking));
+  SY_CUBLAS_RETURN_IF_ERROR(cublasCreate(&ctx->cublas_));
+  SY_CUBLAS_RETURN_IF_ERROR(cublasSetStream(ctx->cublas_, ctx->stream_));
+  SY_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(ctx->cublas_, CUBLAS_DEFAULT_MATH));
+  SY_CUBLAS_RETURN_IF_ERROR(cublasSetPointerMode(ctx->cublas_, CUBLAS_POINTER_MODE_HOST));
+  return ctx;
+}
+
+CudaContext::~CudaContext() {
+  if (cublas_ != nullptr) cublasDestroy(cublas_);
+  if (stream_ != nullptr) {
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+}
+
+absl::Status CudaContext::MakeCurrent() const {
+  SY_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaContext::Synchronize() const {
+  // Reports errors of the queued work (kernels that faulted, failed copies).
+  // Launch errors were already reported where the launch was checked.
+  SY_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+}  // namespace switchyard::cuda

@@ -1,0 +1,214 @@
+// Device plumbing for the CUDA backend: device discovery, RAII device and
+// pinned host buffers, and the stream + cuBLAS handle every launch goes
+// through.
+//
+// Every CUDA failure is an absl::Status (cuda/status.h); nothing here aborts.
+// Copies are asynchronous on the given stream unless a function says
+// otherwise; the caller synchronises before reading results on the host.
+//
+// Thread-safety: HasDevice, DescribeDevice and PeakMemoryBandwidth are
+// thread-safe. Buffers and CudaContext are thread-compatible: one thread uses
+// an object at a time (CudaExpertBackend serialises its calls with a mutex).
+#ifndef SWITCHYARD_CUDA_DEVICE_H_
+#define SWITCHYARD_CUDA_DEVICE_H_
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+#include "cuda/status.h"
+
+namespace switchyard::cuda {
+
+// True when the CUDA runtime can be initialised and sees at least one device.
+// False (never an error) on a machine without a GPU or driver.
+bool HasDevice();
+
+// "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.1 GiB)".
+absl::StatusOr<std::string> DescribeDevice(int device = 0);
+
+// Theoretical DRAM bandwidth in bytes per second:
+// 2 (double data rate) × memory clock × bus width / 8.
+absl::StatusOr<double> PeakMemoryBandwidth(int device = 0);
+
+// Element types the backend stores on the device.
+enum class DeviceDType { kF32, kBF16 };
+inline size_t DeviceDTypeSize(DeviceDType t) { return t == DeviceDType::kF32 ? 4 : 2; }
+inline const char* DeviceDTypeName(DeviceDType t) {
+  return t == DeviceDType::kF32 ? "f32" : "bf16";
+}
+
+// `count` elements of T in device memory (cudaMalloc / cudaFree). Move-only.
+template <typename T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() { Reset(); }
+  DeviceBuffer(DeviceBuffer&& other) noexcept
+      : ptr_(std::exchange(other.ptr_, nullptr)), count_(std::exchange(other.count_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    if (this != &other) {
+      Reset();
+      ptr_ = std::exchange(other.ptr_, nullptr);
+      count_ = std::exchange(other.count_, 0);
+    }
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  // Uninitialised memory for `count` elements (count 0: an empty buffer).
+  static absl::StatusOr<DeviceBuffer> Create(size_t count) {
+    DeviceBuffer b;
+    SY_RETURN_IF_ERROR(b.EnsureCapacity(count));
+    return b;
+  }
+
+  // Makes room for at least `count` elements. When the buffer is smaller it
+  // is freed and reallocated: the contents are lost, and no queued device
+  // work may still use the old memory (synchronise first).
+  absl::Status EnsureCapacity(size_t count) {
+    if (count <= count_) return absl::OkStatus();
+    Reset();
+    void* p = nullptr;
+    SY_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, count * sizeof(T)));
+    ptr_ = static_cast<T*>(p);
+    count_ = count;
+    return absl::OkStatus();
+  }
+
+  void Reset() {
+    if (ptr_ != nullptr) cudaFree(ptr_);  // error ignored: nothing to do about it in a destructor
+    ptr_ = nullptr;
+    count_ = 0;
+  }
+
+  T* data() const { return ptr_; }
+  size_t size() const { return count_; }
+  size_t bytes() const { return count_ * sizeof(T); }
+  bool empty() const { return count_ == 0; }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t count_ = 0;
+};
+
+// `count` elements of T in page-locked host memory (cudaMallocHost), for
+// asynchronous copies. Move-only.
+template <typename T>
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  ~PinnedBuffer() { Reset(); }
+  PinnedBuffer(PinnedBuffer&& other) noexcept
+      : ptr_(std::exchange(other.ptr_, nullptr)), count_(std::exchange(other.count_, 0)) {}
+  PinnedBuffer& operator=(PinnedBuffer&& other) noexcept {
+    if (this != &other) {
+      Reset();
+      ptr_ = std::exchange(other.ptr_, nullptr);
+      count_ = std::exchange(other.count_, 0);
+    }
+    return *this;
+  }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+
+  static absl::StatusOr<PinnedBuffer> Create(size_t count) {
+    PinnedBuffer b;
+    SY_RETURN_IF_ERROR(b.EnsureCapacity(count));
+    return b;
+  }
+
+  // As DeviceBuffer::EnsureCapacity: contents are lost on growth, and no
+  // pending copy may still use the old memory.
+  absl::Status EnsureCapacity(size_t count) {
+    if (count <= count_) return absl::OkStatus();
+    Reset();
+    void* p = nullptr;
+    SY_CUDA_RETURN_IF_ERROR(cudaMallocHost(&p, count * sizeof(T)));
+    ptr_ = static_cast<T*>(p);
+    count_ = count;
+    return absl::OkStatus();
+  }
+
+  void Reset() {
+    if (ptr_ != nullptr) cudaFreeHost(ptr_);
+    ptr_ = nullptr;
+    count_ = 0;
+  }
+
+  T* data() const { return ptr_; }
+  size_t size() const { return count_; }
+  size_t bytes() const { return count_ * sizeof(T); }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t count_ = 0;
+};
+
+// Asynchronous copies of `count` elements on `stream`. With pageable host
+// memory the runtime stages the data, and the call returns once the host
+// buffer may be reused (host to device) or holds the data (device to host).
+template <typename T>
+absl::Status CopyToDevice(T* dst, const T* src, size_t count, cudaStream_t stream) {
+  if (count == 0) return absl::OkStatus();
+  SY_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyHostToDevice, stream));
+  return absl::OkStatus();
+}
+template <typename T>
+absl::Status CopyToHost(T* dst, const T* src, size_t count, cudaStream_t stream) {
+  if (count == 0) return absl::OkStatus();
+  SY_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToHost, stream));
+  return absl::OkStatus();
+}
+template <typename T>
+absl::Status CopyOnDevice(T* dst, const T* src, size_t count, cudaStream_t stream) {
+  if (count == 0) return absl::OkStatus();
+  SY_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToDevice, stream));
+  return absl::OkStatus();
+}
+
+// One device, one non-blocking stream and one cuBLAS handle bound to it.
+// Everything a CudaContext launches is ordered on its stream.
+class CudaContext {
+ public:
+  // Selects `device` for the calling thread, creates the stream and handle.
+  // cuBLAS runs in its default math mode: FP32 GEMMs stay FP32 (no TF32).
+  static absl::StatusOr<std::unique_ptr<CudaContext>> Create(int device = 0);
+  ~CudaContext();
+  CudaContext(const CudaContext&) = delete;
+  CudaContext& operator=(const CudaContext&) = delete;
+
+  int device() const { return device_; }
+  cudaStream_t stream() const { return stream_; }
+  cublasHandle_t cublas() const { return cublas_; }
+
+  // Makes `device()` current on the calling thread (threads other than the
+  // creating one call this before using the context).
+  absl::Status MakeCurrent() const;
+  // Waits for everything queued on the stream; returns the error of the
+  // queued work, if any.
+  absl::Status Synchronize() const;
+
+ private:
+  CudaContext() = default;
+  int device_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+};
+
+}  // namespace switchyard::cuda
+
+#endif  // SWITCHYARD_CUDA_DEVICE_H_

@@ -1,0 +1,417 @@
+// Helpers of the fault-tolerance suites (tests/faults/): server processes that
+// can be killed, restarted and waited for, expert clusters made of real
+// switchyard-expert processes, and Generation API clients that report
+// progress so a test can inject a fault mid-stream.
+#ifndef SWITCHYARD_TESTS_FAULTS_FAULT_UTIL_H_
+#define SWITCHYARD_TESTS_FAULTS_FAULT_UTIL_H_
+
+#include <fcntl.h>
+#include <grpcpp/grpcpp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+#include "switchyard/v1/generation.grpc.pb.h"
+#include "tests/process_util.h"
+#include "tests/test_util.h"
+
+namespace switchyard::faults {
+
+using Clock = std::chrono::steady_clock;
+
+inline double SecondsSince(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// A server child process: fork/exec, the "... listening on ADDR ..." line it
+// prints, signals, and waiting for its exit with a bound. The child dies with
+// the test process (PR_SET_PDEATHSIG), so a crashed test leaves no servers.
+class ServerProcess {
+ public:
+  ServerProcess() = default;
+  ServerProcess(const ServerProcess&) = delete;
+  ServerProcess& operator=(const ServerProcess&) = delete;
+  ~ServerProcess() { Kill(SIGKILL); }
+
+  // Starts argv (argv[0] an absolute path) and waits up to `timeout` for its
+  // listening line; returns the address in it.
+  absl::StatusOr<std::string> Start(const std::vector<std::string>& argv,
+                                    std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
+    if (pid_ > 0) return absl::FailedPreconditionError("already started");
+    argv_ = argv;
+    line_.clear();
+    int out[2];
+    if (pipe2(out, O_CLOEXEC) != 0) return absl::InternalError("pipe failed");
+    // Built before fork: the child of a multi-threaded process may only make
+    // async-signal-safe calls until exec.
+    std::vector<char*> args;
+    for (const std::string& a : argv_) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    const pid_t parent = getpid();
+    pid_ = fork();
+    if (pid_ < 0) return absl::InternalError("fork failed");
+    if (pid_ == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(127);
+      dup2(out[1], STDOUT_FILENO);
+      execv(args[0], args.data());
+      static const char kFailed[] = "execv failed\n";
+      (void)!write(STDERR_FILENO, kFailed, sizeof(kFailed) - 1);
+      _exit(127);
+    }
+    close(out[1]);
+    fd_ = out[0];
+    std::string line;
+    const auto deadline = Clock::now() + timeout;
+    while (Clock::now() < deadline) {
+      pollfd p{fd_, POLLIN, 0};
+      if (poll(&p, 1, 100) <= 0) continue;
+      char c;
+      const ssize_t n = read(fd_, &c, 1);
+      if (n <= 0) break;  // the child exited
+      if (c != '\n') {
+        line.push_back(c);
+        continue;
+      }
+      const size_t at = line.find("listening on ");
+      if (at != std::string::npos) {
+        line_ = line;
+        const std::string rest = line.substr(at + 13);
+        return rest.substr(0, rest.find(' '));
+      }
+      line.clear();
+    }
+    const int status = Kill(SIGKILL);
+    return absl::UnavailableError(absl::StrCat(argv[0], " did not report its address (wait status ",
+                                               status, ")"));
+  }
+
+  void Signal(int sig) {
+    if (pid_ > 0) ::kill(pid_, sig);
+  }
+
+  // Waits up to `timeout` for the process to exit; its wait status, or
+  // nullopt if it is still running (or was never started).
+  std::optional<int> WaitExit(std::chrono::milliseconds timeout) {
+    if (pid_ <= 0) return std::nullopt;
+    const auto deadline = Clock::now() + timeout;
+    while (true) {
+      int status = 0;
+      const pid_t r = waitpid(pid_, &status, WNOHANG);
+      if (r == pid_) {
+        Reaped();
+        return status;
+      }
+      if (r < 0) {
+        Reaped();
+        return std::nullopt;
+      }
+      if (Clock::now() >= deadline) return std::nullopt;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+
+  // Sends `sig` and waits for the exit; the wait status (-1 if not running).
+  int Kill(int sig) {
+    if (pid_ <= 0) return -1;
+    ::kill(pid_, sig);
+    int status = 0;
+    const pid_t r = waitpid(pid_, &status, 0);
+    Reaped();
+    return r < 0 ? -1 : status;
+  }
+
+  bool running() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
+  const std::vector<std::string>& argv() const { return argv_; }
+  // "VALUE" of a " key=VALUE" field of the listening line ("" if absent).
+  std::string Field(const std::string& key) const {
+    const size_t at = line_.find(" " + key + "=");
+    if (at == std::string::npos) return "";
+    const std::string rest = line_.substr(at + key.size() + 2);
+    return rest.substr(0, rest.find(' '));
+  }
+
+ private:
+  void Reaped() {
+    pid_ = -1;
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+  }
+
+  std::vector<std::string> argv_;
+  std::string line_;
+  pid_t pid_ = -1;
+  int fd_ = -1;
+};
+
+inline std::string ExpertBinary() { return testing::BinaryDir() + "/switchyard-expert"; }
+inline std::string GatewayBinary() { return testing::BinaryDir() + "/switchyard-gateway"; }
+
+// argv of a switchyard-expert for the tiny model serving `experts` ("0,1").
+inline std::vector<std::string> ExpertArgv(const std::string& experts, const std::string& listen,
+                                           std::vector<std::string> extra = {}) {
+  std::vector<std::string> argv = {ExpertBinary(), "--model", testing::TinyMixtralDir(),
+                                   "--experts", experts, "--listen", listen};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return argv;
+}
+
+// Restarts a killed server with its old argv, listening on `address` (the
+// same port). Retries for up to `timeout` in case the port is still held.
+inline absl::Status RestartOn(ServerProcess& process, const std::vector<std::string>& old_argv,
+                              const std::string& address,
+                              std::chrono::milliseconds timeout = std::chrono::seconds(20)) {
+  std::vector<std::string> argv = old_argv;
+  for (size_t i = 0; i + 1 < argv.size(); ++i) {
+    if (argv[i] == "--listen") argv[i + 1] = address;
+  }
+  const auto deadline = Clock::now() + timeout;
+  absl::Status last;
+  while (Clock::now() < deadline) {
+    absl::StatusOr<std::string> got = process.Start(argv);
+    if (got.ok() && *got == address) return absl::OkStatus();
+    if (got.ok()) {
+      process.Kill(SIGKILL);
+      return absl::InternalError(absl::StrCat("restarted on ", *got, " not ", address));
+    }
+    last = got.status();
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  return absl::UnavailableError(absl::StrCat("could not restart on ", address, ": ",
+                                             last.message()));
+}
+
+// The Hugging Face reference prompts of the tiny model (tests/data).
+inline std::vector<std::string> ReferencePrompts() {
+  std::ifstream in(testing::TinyMixtralDir() + "/reference.json");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const nlohmann::json reference = nlohmann::json::parse(ss.str());
+  std::vector<std::string> prompts;
+  for (const auto& p : reference["prompts"]) prompts.push_back(p["text"].get<std::string>());
+  return prompts;
+}
+
+inline v1::GenerateRequest GreedyRequest(const std::string& text, int max_new_tokens) {
+  v1::GenerateRequest r;
+  r.set_text(text);
+  r.mutable_stopping()->set_max_new_tokens(max_new_tokens);
+  r.mutable_stopping()->set_ignore_eos(true);
+  return r;
+}
+
+inline void MakeSampled(v1::GenerateRequest* r, uint64_t seed) {
+  auto* s = r->mutable_sampling();
+  s->set_temperature(0.8f);
+  s->set_top_p(0.95f);
+  s->set_top_k(40);
+  s->set_seed(seed);
+}
+
+inline std::shared_ptr<grpc::Channel> Dial(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  // A fresh connection per channel, so channels do not share a subchannel.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+struct UnaryOutcome {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  std::string text;
+  double seconds = 0;
+};
+
+inline UnaryOutcome Generate(const std::shared_ptr<grpc::Channel>& channel,
+                             const v1::GenerateRequest& request,
+                             std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
+  UnaryOutcome out;
+  auto stub = v1::GenerationService::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  v1::GenerateResponse response;
+  const auto start = Clock::now();
+  out.status = stub->Generate(&ctx, request, &response);
+  out.seconds = SecondsSince(start);
+  out.tokens.assign(response.token_ids().begin(), response.token_ids().end());
+  out.text = response.text();
+  return out;
+}
+
+struct StreamOutcome {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  std::string text;
+  v1::FinishReason finish_reason = v1::FINISH_REASON_UNSPECIFIED;
+  bool has_usage = false;
+  uint32_t prompt_tokens = 0;
+  uint32_t completion_tokens = 0;
+  int messages = 0;
+  bool done = false;  // Finish returned
+};
+
+// Runs one GenerateStream to its end. `on_progress(tokens so far)` runs after
+// every message (on this thread).
+inline StreamOutcome Stream(const std::shared_ptr<grpc::Channel>& channel,
+                            const v1::GenerateRequest& request,
+                            const std::function<void(size_t)>& on_progress = nullptr,
+                            std::chrono::milliseconds timeout = std::chrono::seconds(120)) {
+  StreamOutcome out;
+  auto stub = v1::GenerationService::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  auto reader = stub->GenerateStream(&ctx, request);
+  v1::GenerateStreamResponse m;
+  while (reader->Read(&m)) {
+    ++out.messages;
+    out.text += m.text_delta();
+    out.tokens.insert(out.tokens.end(), m.token_ids().begin(), m.token_ids().end());
+    if (m.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) out.finish_reason = m.finish_reason();
+    if (m.has_usage()) {
+      out.has_usage = true;
+      out.prompt_tokens = m.usage().prompt_tokens();
+      out.completion_tokens = m.usage().completion_tokens();
+    }
+    if (on_progress) on_progress(out.tokens.size());
+  }
+  out.status = reader->Finish();
+  out.done = true;
+  return out;
+}
+
+// Counts events from many threads; a test thread waits for a number of them.
+class Countdown {
+ public:
+  void Arrive() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++count_;
+    cv_.notify_all();
+  }
+  // True once `n` arrived, false after `timeout`.
+  bool WaitFor(int n, std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return count_ >= n; });
+  }
+  int count() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return count_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  int count_ = 0;
+};
+
+// Many concurrent streams; `started` counts streams that received at least
+// `min_tokens` tokens, `finished` those whose call ended.
+class ConcurrentStreams {
+ public:
+  ConcurrentStreams(std::shared_ptr<grpc::Channel> channel,
+                    std::vector<v1::GenerateRequest> requests, size_t min_tokens)
+      : requests_(std::move(requests)), outcomes_(requests_.size()) {
+    for (size_t i = 0; i < requests_.size(); ++i) {
+      threads_.emplace_back([this, i, channel, min_tokens] {
+        bool counted = false;
+        outcomes_[i] = Stream(channel, requests_[i], [&](size_t tokens) {
+          if (!counted && tokens >= min_tokens) {
+            counted = true;
+            started_.Arrive();
+          }
+        });
+        if (!counted) started_.Arrive();  // ended early: do not keep the test waiting
+        finished_.Arrive();
+      });
+    }
+  }
+  ~ConcurrentStreams() { Join(); }
+
+  // True when every stream got its first tokens (or ended) within `timeout`.
+  bool WaitAllStarted(std::chrono::milliseconds timeout) {
+    return started_.WaitFor(static_cast<int>(requests_.size()), timeout);
+  }
+  int finished() const { return finished_.count(); }
+  void Join() {
+    for (auto& t : threads_) {
+      if (t.joinable()) t.join();
+    }
+  }
+  const std::vector<StreamOutcome>& outcomes() const { return outcomes_; }
+  const std::vector<v1::GenerateRequest>& requests() const { return requests_; }
+
+ private:
+  std::vector<v1::GenerateRequest> requests_;
+  std::vector<StreamOutcome> outcomes_;
+  Countdown started_;
+  Countdown finished_;
+  std::vector<std::thread> threads_;
+};
+
+// True if `message` names expert `e` ("expert 5 (layer 0) unavailable: ...").
+inline bool NamesExpert(const std::string& message, int e) {
+  return std::regex_search(message, std::regex("expert " + std::to_string(e) + "\\b"));
+}
+// The experts a message names.
+inline std::vector<int> ExpertsNamed(const std::string& message) {
+  std::vector<int> experts;
+  const std::regex re("expert (\\d+)\\b");
+  for (auto it = std::sregex_iterator(message.begin(), message.end(), re);
+       it != std::sregex_iterator(); ++it) {
+    experts.push_back(std::stoi((*it)[1].str()));
+  }
+  return experts;
+}
+
+// Lines of Prometheus text whose metric name starts with `prefix` and that
+// contain `contains`, for information in test logs.
+inline std::string MetricLines(const std::string& text, const std::string& prefix,
+                               const std::string& contains = "") {
+  std::istringstream in(text);
+  std::string line, out;
+  while (std::getline(in, line)) {
+    if (line.rfind(prefix, 0) == 0 && line.find(contains) != std::string::npos) {
+      out += line + "\n";
+    }
+  }
+  return out;
+}
+
+inline std::string CodeName(grpc::StatusCode code) {
+  static const char* const kNames[] = {
+      "OK",        "CANCELLED",         "UNKNOWN",          "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",   "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",      "UNAVAILABLE",      "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  const int c = static_cast<int>(code);
+  return c >= 0 && c <= 16 ? kNames[c] : absl::StrCat("code ", c);
+}
+
+inline std::string Describe(const grpc::Status& s) {
+  return absl::StrCat(CodeName(s.error_code()), ": ", s.error_message());
+}
+
+}  // namespace switchyard::faults
+
+#endif  // SWITCHYARD_TESTS_FAULTS_FAULT_UTIL_H_
