@@ -175,6 +175,10 @@ struct RemoteExpertBackend::Replica {
   std::string target;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::ExpertService::Stub> stub;
+  // Until this time (NowMicros) the replica is passed over when another one
+  // can take the call: it just failed with UNAVAILABLE or a deadline. A cut
+  // link sends no reset, so the channel alone would keep looking healthy.
+  std::atomic<int64_t> avoid_until_micros{0};
 };
 
 struct RemoteExpertBackend::ExpertState {
@@ -202,6 +206,8 @@ struct RemoteExpertBackend::CallSlot {
 // shared_ptr so it outlives the last of them.
 struct RemoteExpertBackend::LayerCall {
   int layer = 0;
+  // Every attempt of this layer ends by this time: the step's expert budget.
+  std::chrono::system_clock::time_point deadline;
   std::vector<CallSlot> slots;
   std::mutex mu;
   std::condition_variable done_cv;
@@ -397,12 +403,15 @@ int RemoteExpertBackend::PickReplica(const ExpertState& state, int exclude) cons
   const size_t n = state.replicas.size();
   if (n == 1) return state.replicas[0];
   const uint64_t start = state.next.fetch_add(1, std::memory_order_relaxed);
-  // Prefer a replica whose channel is not known to be failing.
+  const int64_t now = NowMicros();
+  // Prefer a replica that has not failed lately and whose channel is not
+  // known to be failing; then any other than `exclude`.
   for (size_t i = 0; i < n; ++i) {
     const int r = state.replicas[(start + i) % n];
     if (r == exclude) continue;
-    if (replicas_[r]->channel->GetState(/*try_to_connect=*/false) !=
-        GRPC_CHANNEL_TRANSIENT_FAILURE) {
+    if (replicas_[r]->avoid_until_micros.load(std::memory_order_relaxed) <= now &&
+        replicas_[r]->channel->GetState(/*try_to_connect=*/false) !=
+            GRPC_CHANNEL_TRANSIENT_FAILURE) {
       return r;
     }
   }
@@ -423,8 +432,12 @@ void RemoteExpertBackend::StartAttempt(const std::shared_ptr<LayerCall>& call, s
   s.replica[attempt] = replica;
   s.contexts[attempt] = std::make_unique<grpc::ClientContext>();
   grpc::ClientContext* context = s.contexts[attempt].get();
-  context->set_deadline(std::chrono::system_clock::now() +
-                        std::chrono::milliseconds(options_.call_deadline_ms));
+  // With another replica to retry on, the first attempt gets half of what is
+  // left of the layer's budget, so a retry still fits before the deadline.
+  const auto now = std::chrono::system_clock::now();
+  auto deadline = call->deadline;
+  if (attempt == 0 && state.replicas.size() > 1) deadline = now + (call->deadline - now) / 2;
+  context->set_deadline(deadline);
   s.start_micros[attempt] = NowMicros();
   replicas_[replica]->stub->async()->Forward(
       context, &s.request, &s.responses[attempt], [this, call, slot, attempt](grpc::Status status) {
@@ -448,6 +461,11 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
     const int code = static_cast<int>(status.error_code());
     if (code >= 0 && code < static_cast<int>(counters.errors_by_code.size())) {
       counters.errors_by_code[code].fetch_add(1, std::memory_order_relaxed);
+    }
+    if (IsRetryable(status)) {
+      replicas_[s.replica[attempt]]->avoid_until_micros.store(
+          NowMicros() + int64_t{1000} * options_.max_reconnect_backoff_ms,
+          std::memory_order_relaxed);
     }
   }
   const bool retry = !status.ok() && IsRetryable(status) && attempt + 1 < CallSlot::kMaxAttempts &&
@@ -480,6 +498,8 @@ absl::Status RemoteExpertBackend::RunLayer(int layer, absl::Span<const ExpertBat
   const int64_t d = config_.hidden_size;
   auto call = std::make_shared<LayerCall>();
   call->layer = layer;
+  call->deadline =
+      std::chrono::system_clock::now() + std::chrono::milliseconds(options_.call_deadline_ms);
   call->slots = std::vector<CallSlot>(batches.size());
   call->pending = batches.size();
   for (size_t i = 0; i < batches.size(); ++i) {

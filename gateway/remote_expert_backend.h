@@ -13,7 +13,10 @@
 // round-robin over the expert's replicas (skipping replicas whose channel is
 // in TRANSIENT_FAILURE while another is usable). A call that fails with
 // UNAVAILABLE or DEADLINE_EXCEEDED is retried once on another replica of the
-// same expert, if there is one; each attempt gets the full call deadline.
+// same expert, if there is one. The layer's calls share one deadline
+// (call_deadline_ms from the start of the layer); with a replica to retry on,
+// the first attempt gets half of it. A replica that just failed that way is
+// passed over for max_reconnect_backoff_ms while another can serve.
 //
 // Thread-safety: RunLayer, Describe and stats() are thread-safe; several
 // model runners may share one backend.
@@ -63,7 +66,7 @@ absl::StatusOr<ExpertTopology> LoadExpertTopology(const std::string& spec_or_pat
 std::string FormatExpertTopology(const ExpertTopology& topology);
 
 struct RemoteExpertOptions {
-  // Deadline of each Forward attempt, in ms. Default 10000.
+  // Budget of one layer's expert calls (all attempts), in ms. Default 10000.
   int call_deadline_ms = 10000;
   // Element type of hidden states on the wire: DTYPE_F32 (default; exact) or
   // DTYPE_BF16 (half the bytes, rounds inputs and outputs to bf16).
