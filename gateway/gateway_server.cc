@@ -15,6 +15,9 @@
 #include "expert_service/expert_ffn.h"
 #include "gateway/generation_service.h"
 #include "gateway/model_runner.h"
+#ifdef SWITCHYARD_HAVE_CUDA
+#include "cuda/cuda_model.h"
+#endif
 #include "gateway/remote_expert_backend.h"
 #include "metrics/http_exporter.h"
 #include "rpc/auth.h"
@@ -121,7 +124,7 @@ struct Gateway::Parts {
   std::unique_ptr<ExpertStore> local_experts;      // --experts local only
   std::unique_ptr<ExpertBackend> backend;
   std::unique_ptr<KvCachePool> kv_pool;
-  std::unique_ptr<ModelRunner> runner;
+  std::unique_ptr<StepRunner> runner;
   std::unique_ptr<Scheduler> scheduler;
   std::unique_ptr<GenerationServiceImpl> service;
   std::unique_ptr<rpc::BearerTokenAuthenticator> authenticator;           // --auth-token-file only
@@ -161,6 +164,14 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const cli::Flags& f) {
   }
   o.wire_bf16 = wire == "bf16";
   o.metrics_listen = f.GetOr("metrics-listen", "");
+  o.device = f.GetOr("device", o.device);
+  if (o.device != "cpu" && o.device != "cuda") {
+    return absl::InvalidArgumentError("--device must be cpu or cuda, got '" + o.device + "'");
+  }
+  o.precision = f.GetOr("precision", o.precision);
+  if (o.precision != "f32" && o.precision != "bf16") {
+    return absl::InvalidArgumentError("--precision must be f32 or bf16, got '" + o.precision + "'");
+  }
   o.tls_cert_file = f.GetOr("tls-cert", "");
   o.tls_key_file = f.GetOr("tls-key", "");
   o.tls_client_ca_file = f.GetOr("tls-client-ca", "");
@@ -230,7 +241,16 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   SY_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options.model_dir, selection));
   const ModelConfig& config = checkpoint->config();
   SY_ASSIGN_OR_RETURN(p->tokenizer, Tokenizer::FromDir(options.model_dir));
-  SY_ASSIGN_OR_RETURN(p->attention, AttentionModel::Load(*checkpoint));
+  const bool on_gpu = options.device == "cuda";
+#ifndef SWITCHYARD_HAVE_CUDA
+  if (on_gpu) {
+    return absl::FailedPreconditionError(
+        "--device cuda: this build has no CUDA backend (configure with -DSWITCHYARD_CUDA=ON)");
+  }
+#endif
+  if (!on_gpu) {
+    SY_ASSIGN_OR_RETURN(p->attention, AttentionModel::Load(*checkpoint));
+  }
   p->registry.AddGauge("switchyard_build_info", "Always 1.", {"version", "role"})
       .Add({"0.1.0", "gateway"})
       .Set(1);
@@ -245,8 +265,11 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   service_options.limits = options.limits;
   service_options.metrics = p->metrics.get();
   if (local) {
-    SY_ASSIGN_OR_RETURN(p->local_experts, ExpertStore::Load(*checkpoint));
-    p->backend = std::make_unique<LocalExpertBackend>(p->local_experts.get());
+    // On the GPU the CUDA runner holds the experts itself.
+    if (!on_gpu) {
+      SY_ASSIGN_OR_RETURN(p->local_experts, ExpertStore::Load(*checkpoint));
+      p->backend = std::make_unique<LocalExpertBackend>(p->local_experts.get());
+    }
     for (int e = 0; e < config.num_local_experts; ++e) {
       v1::ExpertRoute route;
       route.set_expert(e);
@@ -294,11 +317,22 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
     }
     p->backend = *std::move(backend);
   }
+#ifdef SWITCHYARD_HAVE_CUDA
+  if (on_gpu) {
+    SY_ASSIGN_OR_RETURN(cuda::Precision precision, cuda::ParsePrecision(options.precision));
+    SY_ASSIGN_OR_RETURN(p->runner, cuda::MakeCudaRunner(*checkpoint, precision, p->backend.get(),
+                                                        p->metrics.get()));
+    // The K/V tensors live on the device; the pool only keeps the budget.
+    p->kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens,
+                                               /*host_storage=*/false);
+  }
+#endif
+  if (!on_gpu) {
+    p->kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens);
+    p->runner =
+        std::make_unique<ModelRunner>(p->attention.get(), p->backend.get(), p->metrics.get());
+  }
   checkpoint.reset();  // weights are copied; drop the mappings
-
-  p->kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens);
-  p->runner =
-      std::make_unique<ModelRunner>(p->attention.get(), p->backend.get(), p->metrics.get());
   p->scheduler = std::make_unique<Scheduler>(p->runner.get(), p->kv_pool.get(), p->tokenizer.get(),
                                              options.scheduler, p->metrics.get());
   p->service = std::make_unique<GenerationServiceImpl>(p->scheduler.get(), p->tokenizer.get(),

@@ -33,6 +33,8 @@ struct GatewayOptions {
   int grace_ms = 5000;                     // shutdown grace for in-flight requests
   int max_connection_age_ms = 0;           // 0: connections are never recycled
   std::string metrics_listen;              // "HOST:PORT" for /metrics; empty (default): off
+  std::string device = "cpu";              // "cpu" or "cuda" (CUDA builds only)
+  std::string precision = "bf16";          // on cuda: "bf16" (BF16 weights, FP32 accumulate) or "f32"
 
   // Transport security of the public Generation API (and of health and
   // reflection on the same port). Both empty (default): plaintext. Both set:

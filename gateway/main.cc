@@ -21,6 +21,7 @@ constexpr char kUsage[] =
     "  [--kv-cache-tokens N] [--max-queue N] [--max-running N] [--max-step-tokens N]\n"
     "  [--max-new-tokens-limit N] [--expert-timeout-ms N] [--wire-dtype f32|bf16]\n"
     "  [--grace-ms N] [--max-connection-age-ms N] [--metrics-listen HOST:PORT]\n"
+    "  [--device cpu|cuda] [--precision bf16|f32 (cuda only)]\n"
     "  [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--auth-token-file FILE]\n"
     "  [--expert-tls-ca FILE [--expert-tls-cert FILE --expert-tls-key FILE]]\n"
     "SPEC: 0=HOST:PORT|HOST:PORT;1=unix:/path;... ('|' separates replicas); @FILE: JSON topology\n"
@@ -42,18 +43,34 @@ int main(int argc, char** argv) {
     return 0;
   }
   auto flags = Flags::Parse(args,
-                            {"model", "listen", "experts", "kv-cache-tokens", "max-queue",
-                             "max-running", "max-step-tokens", "max-new-tokens-limit",
-                             "expert-timeout-ms", "wire-dtype", "grace-ms",
-                             "max-connection-age-ms", "metrics-listen", "tls-cert", "tls-key",
-                             "tls-client-ca", "auth-token-file", "expert-tls-ca", "expert-tls-cert",
+                            {"model",
+                             "listen",
+                             "experts",
+                             "kv-cache-tokens",
+                             "max-queue",
+                             "max-running",
+                             "max-step-tokens",
+                             "max-new-tokens-limit",
+                             "expert-timeout-ms",
+                             "wire-dtype",
+                             "grace-ms",
+                             "max-connection-age-ms",
+                             "metrics-listen",
+                             "device",
+                             "precision",
+                             "tls-cert",
+                             "tls-key",
+                             "tls-client-ca",
+                             "auth-token-file",
+                             "expert-tls-ca",
+                             "expert-tls-cert",
                              "expert-tls-key"},
                             {});
   auto options = flags.ok() ? switchyard::GatewayOptionsFromFlags(*flags)
                             : absl::StatusOr<switchyard::GatewayOptions>(flags.status());
   if (!options.ok()) {
-    std::fprintf(stderr, "switchyard-gateway: %s\n%s", std::string(options.status().message()).c_str(),
-                 kUsage);
+    std::fprintf(stderr, "switchyard-gateway: %s\n%s",
+                 std::string(options.status().message()).c_str(), kUsage);
     return 2;
   }
   return switchyard::RunGateway(*options);
