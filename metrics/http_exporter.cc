@@ -1,6 +1,10 @@
 #include "metrics/http_exporter.h"
 
+#include <arpa/inet.h>
 #include <civetweb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <mutex>
 
@@ -10,6 +14,29 @@ namespace switchyard::metrics {
 namespace {
 
 std::once_flag init_once;
+
+// A port that is free on `host` right now (bind to port 0, read it back).
+absl::StatusOr<int> FreePort(const std::string& host) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return absl::UnavailableError("metrics: cannot create a socket");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = 0;
+  if (inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) {
+    close(fd);
+    return absl::InvalidArgumentError(absl::StrCat("metrics address host '", host,
+                                                   "' is not an IPv4 address"));
+  }
+  socklen_t len = sizeof(addr);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    close(fd);
+    return absl::UnavailableError(absl::StrCat("metrics: cannot bind ", host, ":0"));
+  }
+  const int port = ntohs(addr.sin_port);
+  close(fd);
+  return port;
+}
 
 }  // namespace
 
@@ -25,14 +52,31 @@ absl::StatusOr<std::unique_ptr<HttpExporter>> HttpExporter::Start(const std::str
   const std::string port = listen.substr(colon + 1);
   auto exporter = std::unique_ptr<HttpExporter>(new HttpExporter());
   exporter->registry_ = registry;
-  // civetweb wants "PORT" (all interfaces) or "IP:PORT".
-  const std::string ports = (host.empty() || host == "0.0.0.0") ? port : listen;
-  const char* options[] = {"listening_ports", ports.c_str(), "num_threads", "2", nullptr};
+  // Port 0 through civetweb fails now and then, so pick the free port here
+  // (and try again if another process takes it before civetweb binds).
+  const bool any_port = port == "0";
+  const bool all_interfaces = host.empty() || host == "0.0.0.0";
   mg_callbacks callbacks{};
-  exporter->context_ = mg_start(&callbacks, nullptr, options);
+  char error_text[256] = "";
+  for (int attempt = 0; attempt < 5 && exporter->context_ == nullptr; ++attempt) {
+    std::string chosen = port;
+    if (any_port) {
+      absl::StatusOr<int> free_port = FreePort(all_interfaces ? "0.0.0.0" : host);
+      if (!free_port.ok()) return free_port.status();
+      chosen = std::to_string(*free_port);
+    }
+    // civetweb wants "PORT" (all interfaces) or "IP:PORT".
+    const std::string ports = all_interfaces ? chosen : absl::StrCat(host, ":", chosen);
+    const char* options[] = {"listening_ports", ports.c_str(), "num_threads", "2", nullptr};
+    mg_init_data init{&callbacks, nullptr, options};
+    unsigned error_code = 0;
+    mg_error_data error{&error_code, error_text, sizeof(error_text)};
+    exporter->context_ = mg_start2(&init, &error);
+    if (!any_port) break;
+  }
   if (exporter->context_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen,
-                                               " (address in use or invalid)"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on ", listen, ": ", error_text));
   }
   mg_set_request_handler(exporter->context_, "/metrics", &HttpExporter::HandleMetrics,
                          exporter.get());
