@@ -239,7 +239,7 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   const bool local = options.experts == "local";
   WeightSelection selection = local ? WeightSelection::All() : WeightSelection::DenseOnly();
   SY_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options.model_dir, selection));
-  const ModelConfig& config = checkpoint->config();
+  const ModelConfig config = checkpoint->config();  // a copy: the checkpoint is freed below
   SY_ASSIGN_OR_RETURN(p->tokenizer, Tokenizer::FromDir(options.model_dir));
   const bool on_gpu = options.device == "cuda";
 #ifndef SWITCHYARD_HAVE_CUDA

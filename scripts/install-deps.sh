@@ -9,7 +9,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-grpc-tools
   openssl curl iproute2 procps  # TLS certificates, HTTP scrapes, network namespaces in tests
-  clang-14 libclang-rt-14-dev  # scripts/fuzz.sh: libFuzzer + ASan/UBSan runtimes for clang
+  clang-14 libclang-rt-14-dev libomp-14-dev  # scripts/fuzz.sh: clang, libFuzzer/ASan/UBSan runtimes, OpenMP for clang
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora in fuzz/corpus/<target>/ (committed; rerun after
+changing this script). Standard library only: the GenerateRequest seeds are
+encoded by hand in the protobuf wire format of protos/switchyard/v1/generation.proto.
+
+Usage: python3 fuzz/make_seeds.py
+"""
+import json
+import os
+import shutil
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(HERE, "corpus")
+
+
+def write(target, name, data):
+    d = os.path.join(CORPUS, target)
+    os.makedirs(d, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+# --- tokenizer_fuzzer: text; the same bytes are also read as token ids
+# (first byte: flags, then 2 bytes per id; top 2 bits 00 = byte token <0xNN>,
+# 01 = small id (b % 16) - 4, else an id anywhere in the vocabulary).
+def ids_seed(flags, pairs):
+    return bytes([flags]) + b"".join(bytes(p) for p in pairs)
+
+
+def tokenizer_seeds():
+    t = "tokenizer_fuzzer"
+    write(t, "hello", "Hello world")
+    write(t, "sentence", "The capital of France is Paris.\nIt is known for the Eiffel Tower.")
+    write(t, "special_tokens", "<s>a</s>b<unk> <s> c")
+    write(t, "unicode", "h\u00e9llo \u65e5\u672c\u8a9e \U0001F642 \u0394x \u2581already")
+    write(t, "spaces", "   leading\t\ttabs  and   runs   ")
+    write(t, "invalid_utf8", b"ab\xff\xfe\xc3(\xe2\x82 \xf0\x9f\x98")
+    # BOS, the bytes of U+00E9 (valid run), then of a truncated 3-byte char, then EOS.
+    write(t, "ids_byte_runs", ids_seed(0x06, [(0x40, 5), (0x00, 0xC3), (0x00, 0xA9), (0x80, 0x40),
+                                              (0x00, 0xE2), (0x00, 0x82), (0x40, 6)]))
+    # Ids out of range (negative and just past the vocabulary), with skip set.
+    write(t, "ids_out_of_range", ids_seed(0x01, [(0x40, 0), (0xFD, 0x00), (0x40, 3), (0xBD, 0x07)]))
+
+
+# --- safetensors_fuzzer: whole files.
+def safetensors_file(tensors, metadata=None, pad=True, data_extra=b""):
+    """tensors: list of (name, dtype, shape, data bytes)."""
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    blob = b""
+    for name, dtype, shape, data in tensors:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blob += data
+    h = json.dumps(header, separators=(",", ":")).encode()
+    if pad:
+        h += b" " * ((8 - (8 + len(h)) % 8) % 8)
+    return struct.pack("<Q", len(h)) + h + blob + data_extra
+
+
+def safetensors_seeds():
+    t = "safetensors_fuzzer"
+    f32 = struct.pack("<6f", 1, 2, 3, 4, 5, 6)
+    bf16 = bytes(range(8))
+    write(t, "two_tensors", safetensors_file(
+        [("model.embed_tokens.weight", "F32", [2, 3], f32), ("model.norm.weight", "BF16", [4], bf16)],
+        metadata={"format": "pt"}))
+    write(t, "all_dtypes", safetensors_file(
+        [("a", "F16", [2], b"\0" * 4), ("b", "I32", [1, 1], b"\1" * 4), ("c", "I64", [], b"\2" * 8),
+         ("d", "F32", [0, 5], b"")], metadata={"k": "v", "n": "1"}))
+    write(t, "empty_header", safetensors_file([], pad=False))
+    whole = safetensors_file([("x", "F32", [2], struct.pack("<2f", 1, 2))])
+    write(t, "truncated", whole[:-3])
+    write(t, "overlap", struct.pack("<Q", 120) + json.dumps(
+        {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+         "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+        separators=(",", ":")).encode().ljust(120) + b"\0" * 8)
+
+
+# --- request_validation_fuzzer: serialized switchyard.v1.GenerateRequest.
+def varint(n):
+    n &= (1 << 64) - 1
+    out = b""
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out += bytes([b | 0x80])
+        else:
+            return out + bytes([b])
+
+
+def field_varint(num, v):
+    return varint(num << 3) + varint(v)
+
+
+def field_bytes(num, data):
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return varint(num << 3 | 2) + varint(len(data)) + data
+
+
+def field_float(num, v):
+    return varint(num << 3 | 5) + struct.pack("<f", v)
+
+
+def packed(ids):
+    return b"".join(varint(i) for i in ids)
+
+
+def request_seeds():
+    t = "request_validation_fuzzer"
+    # GenerateRequest: text=1, token_ids=2 (TokenIds: ids=1), sampling=3,
+    # stopping=4, return_logprobs=5, top_logprobs=6, request_id=7.
+    write(t, "text", field_bytes(1, "The capital of France is"))
+    write(t, "token_ids", field_bytes(2, field_bytes(1, packed([1, 415, 5565, 302, 4843, 349]))) +
+          field_bytes(4, field_varint(1, 8)))
+    sampling = (field_float(1, 0.7) + field_float(2, 0.9) + field_varint(3, 40) +
+                field_float(4, 0.05) + field_float(5, 1.1) + field_float(6, 0.5) +
+                field_float(7, -0.5) + field_varint(8, 1234))
+    stopping = (field_varint(1, 32) + field_bytes(2, ".") + field_bytes(2, "\n\n") +
+                field_bytes(3, packed([2, 13])) + field_varint(4, 1))
+    write(t, "everything", field_bytes(1, "Once upon a time") + field_bytes(3, sampling) +
+          field_bytes(4, stopping) + field_varint(5, 1) + field_varint(6, 3) +
+          field_bytes(7, "req-1"))
+    write(t, "bad_values", field_bytes(2, field_bytes(1, packed([1, 32000, -1]))) +
+          field_bytes(3, field_float(1, -1.0) + field_float(2, 0.0)) +
+          field_bytes(4, field_varint(1, 5000)) + field_varint(6, 50))
+
+
+if __name__ == "__main__":
+    if os.path.isdir(CORPUS):
+        shutil.rmtree(CORPUS)
+    tokenizer_seeds()
+    safetensors_seeds()
+    request_seeds()
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(CORPUS) for f in fs)
+    print(f"seeds written to {CORPUS} ({total} bytes)")

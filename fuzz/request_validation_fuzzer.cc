@@ -1,0 +1,162 @@
+// libFuzzer target for the Generation API's request validation
+// (gateway/request_validation.h): arbitrary bytes parsed as a
+// switchyard.v1.GenerateRequest, validated against the tiny-mixtral fixture's
+// tokenizer and config, under the default limits and under tight ones. A
+// request it rejects must get INVALID_ARGUMENT; a request it accepts must be
+// one the scheduler can run: prompt ids inside the vocabulary, max_new_tokens
+// within the limit, prompt + max_new_tokens within the context, and every
+// other field inside its documented range.
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "core/model_config.h"
+#include "core/tokenizer.h"
+#include "core/utf8.h"
+#include "fuzz/fuzz_check.h"
+#include "gateway/request_validation.h"
+#include "gateway/sampler.h"
+#include "google/protobuf/stubs/logging.h"
+#include "switchyard/v1/generation.pb.h"
+
+namespace {
+
+using switchyard::GenerationRequest;
+using switchyard::ModelConfig;
+using switchyard::RequestLimits;
+using switchyard::Tokenizer;
+
+struct Env {
+  std::unique_ptr<Tokenizer> tokenizer;
+  ModelConfig config;
+};
+
+const Env& GetEnv() {
+  static const Env* env = [] {
+    auto* e = new Env;
+    absl::StatusOr<std::unique_ptr<Tokenizer>> t = Tokenizer::FromDir(SWITCHYARD_FUZZ_MODEL_DIR);
+    absl::StatusOr<ModelConfig> c = switchyard::LoadModelConfig(SWITCHYARD_FUZZ_MODEL_DIR);
+    if (!t.ok() || !c.ok()) {
+      std::fprintf(stderr, "cannot load %s: %s %s\n", SWITCHYARD_FUZZ_MODEL_DIR,
+                   t.status().ToString().c_str(), c.status().ToString().c_str());
+      std::abort();
+    }
+    e->tokenizer = *std::move(t);
+    e->config = *c;
+    return e;
+  }();
+  return *env;
+}
+
+void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limits) {
+  const Env& env = GetEnv();
+  const int V = env.config.vocab_size;
+  absl::StatusOr<GenerationRequest> r =
+      switchyard::ValidateGenerateRequest(req, *env.tokenizer, env.config, limits);
+  if (!r.ok()) {
+    FUZZ_CHECK(r.status().code() == absl::StatusCode::kInvalidArgument, "rejected with %s",
+               r.status().ToString().c_str());
+    return;
+  }
+  const GenerationRequest& g = *r;
+
+  // The prompt.
+  FUZZ_CHECK(!g.prompt_ids.empty(), "accepted an empty prompt");
+  for (int32_t id : g.prompt_ids) {
+    FUZZ_CHECK(id >= 0 && id < V && id < env.tokenizer->vocab_size(),
+               "prompt id %d outside the vocabulary (%d)", id, V);
+  }
+  if (req.prompt_case() == switchyard::v1::GenerateRequest::kText) {
+    FUZZ_CHECK(static_cast<int64_t>(req.text().size()) <= limits.max_prompt_bytes,
+               "accepted a %zu-byte prompt", req.text().size());
+    FUZZ_CHECK(switchyard::IsValidUtf8(req.text()), "accepted a non-UTF-8 prompt");
+    FUZZ_CHECK(g.prompt_ids == env.tokenizer->Encode(req.text()), "prompt ids != Encode(text)");
+  } else {
+    FUZZ_CHECK(req.prompt_case() == switchyard::v1::GenerateRequest::kTokenIds,
+               "accepted a request without a prompt");
+    FUZZ_CHECK(g.prompt_ids.size() == static_cast<size_t>(req.token_ids().ids_size()) &&
+                   std::equal(g.prompt_ids.begin(), g.prompt_ids.end(),
+                              req.token_ids().ids().begin()),
+               "prompt ids != token_ids");
+  }
+
+  // Length.
+  const int max_new = g.options.max_new_tokens;
+  FUZZ_CHECK(max_new >= 1 && max_new <= limits.max_new_tokens_limit,
+             "max_new_tokens %d outside [1, %d]", max_new, limits.max_new_tokens_limit);
+  if (req.stopping().has_max_new_tokens()) {
+    FUZZ_CHECK(static_cast<uint32_t>(max_new) == req.stopping().max_new_tokens(),
+               "max_new_tokens %d != requested %u", max_new, req.stopping().max_new_tokens());
+  } else {
+    FUZZ_CHECK(max_new == limits.default_max_new_tokens, "max_new_tokens %d != default %d",
+               max_new, limits.default_max_new_tokens);
+  }
+  FUZZ_CHECK(static_cast<int64_t>(g.prompt_ids.size()) + max_new <=
+                 env.config.max_position_embeddings,
+             "prompt %zu + max_new_tokens %d > context %d", g.prompt_ids.size(), max_new,
+             env.config.max_position_embeddings);
+
+  // Stopping.
+  FUZZ_CHECK(static_cast<int>(g.stop.size()) <= limits.max_stop_strings, "%zu stop strings",
+             g.stop.size());
+  FUZZ_CHECK(static_cast<int>(g.stop.size()) == req.stopping().stop_size(), "stop strings dropped");
+  for (const std::string& s : g.stop) {
+    FUZZ_CHECK(!s.empty() && static_cast<int>(s.size()) <= limits.max_stop_string_bytes &&
+                   switchyard::IsValidUtf8(s),
+               "bad stop string accepted");
+  }
+  FUZZ_CHECK(static_cast<int>(g.options.stop_token_ids.size()) ==
+                 req.stopping().stop_token_ids_size(),
+             "stop token ids dropped");
+  for (int32_t id : g.options.stop_token_ids) {
+    FUZZ_CHECK(id >= 0 && id < V, "stop token id %d outside the vocabulary", id);
+  }
+  FUZZ_CHECK(g.options.ignore_eos == req.stopping().ignore_eos(), "ignore_eos changed");
+
+  // Sampling.
+  const switchyard::SamplingParams& p = g.options.sampling;
+  absl::Status sampling = switchyard::ValidateSamplingParams(p);
+  FUZZ_CHECK(sampling.ok(), "accepted sampling parameters that fail validation: %s",
+             sampling.ToString().c_str());
+  FUZZ_CHECK(p.repetition_penalty <= 10.0f, "repetition_penalty %g", p.repetition_penalty);
+  FUZZ_CHECK(req.sampling().has_seed() == p.seed.has_value() &&
+                 (!p.seed.has_value() || *p.seed == req.sampling().seed()),
+             "seed changed");
+
+  // Logprobs.
+  FUZZ_CHECK(g.top_logprobs >= 0 && g.top_logprobs <= limits.max_top_logprobs,
+             "top_logprobs %d", g.top_logprobs);
+  FUZZ_CHECK(g.top_logprobs == 0 || g.return_logprobs, "top_logprobs without return_logprobs");
+  FUZZ_CHECK(g.request_id == req.request_id(), "request_id changed");
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  // Protobuf logs every string field with invalid UTF-8 it refuses to parse;
+  // that is expected here and would drown the fuzzer's output.
+  google::protobuf::SetLogHandler([](google::protobuf::LogLevel, const char*, int,
+                                     const std::string&) {});
+  GetEnv();
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  switchyard::v1::GenerateRequest request;
+  if (!request.ParseFromArray(data, static_cast<int>(size))) return 0;
+
+  Check(request, RequestLimits{});
+  RequestLimits tight;
+  tight.default_max_new_tokens = 8;
+  tight.max_new_tokens_limit = 64;
+  tight.max_prompt_bytes = 32;
+  tight.max_stop_strings = 2;
+  tight.max_stop_string_bytes = 4;
+  tight.max_top_logprobs = 2;
+  Check(request, tight);
+  return 0;
+}
