@@ -36,15 +36,17 @@ absl::StatusOr<std::unique_ptr<CudaContext>> CudaContext::Create(int device) {
   ctx->device_ = device;
   SY_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   SY_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&ctx->stream_, cudaStreamNonBlocking));
-  SY_CUBLAS_RETURN_IF_ERROR(cublasCreate(&ctx->cublas_));
-  SY_CUBLAS_RETURN_IF_ERROR(cublasSetStream(ctx->cublas_, ctx->stream_));
-  SY_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(ctx->cublas_, CUBLAS_DEFAULT_MATH));
-  SY_CUBLAS_RETURN_IF_ERROR(cublasSetPointerMode(ctx->cublas_, CUBLAS_POINTER_MODE_HOST));
+  SY_ASSIGN_OR_RETURN(ctx->blas_, Cublas());
+  const CublasApi& blas = *ctx->blas_;
+  SY_CUBLAS_RETURN_IF_ERROR(blas.create(&ctx->cublas_));
+  SY_CUBLAS_RETURN_IF_ERROR(blas.set_stream(ctx->cublas_, ctx->stream_));
+  SY_CUBLAS_RETURN_IF_ERROR(blas.set_math_mode(ctx->cublas_, CUBLAS_DEFAULT_MATH));
+  SY_CUBLAS_RETURN_IF_ERROR(blas.set_pointer_mode(ctx->cublas_, CUBLAS_POINTER_MODE_HOST));
   return ctx;
 }
 
 CudaContext::~CudaContext() {
-  if (cublas_ != nullptr) cublasDestroy(cublas_);
+  if (cublas_ != nullptr) blas_->destroy(cublas_);
   if (stream_ != nullptr) {
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);

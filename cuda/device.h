@@ -13,6 +13,8 @@
 #define SWITCHYARD_CUDA_DEVICE_H_
 
 #include <cublas_v2.h>
+
+#include "cuda/cublas_api.h"
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
@@ -194,6 +196,8 @@ class CudaContext {
   int device() const { return device_; }
   cudaStream_t stream() const { return stream_; }
   cublasHandle_t cublas() const { return cublas_; }
+  // The cuBLAS entry points (loaded with dlopen; see cublas_api.h).
+  const CublasApi& blas() const { return *blas_; }
 
   // Makes `device()` current on the calling thread (threads other than the
   // creating one call this before using the context).
@@ -207,6 +211,7 @@ class CudaContext {
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
+  const CublasApi* blas_ = nullptr;
 };
 
 }  // namespace switchyard::cuda

@@ -28,7 +28,7 @@ absl::Status Linear(const CudaContext& ctx, const float* x, int tokens, const Ma
   const float alpha = 1.0f;
   const float beta = accumulate ? 1.0f : 0.0f;
   if (w.dtype == DeviceDType::kF32) {
-    SY_CUBLAS_RETURN_IF_ERROR(cublasSgemm(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha,
+    SY_CUBLAS_RETURN_IF_ERROR(ctx.blas().sgemm(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha,
                                           static_cast<const float*>(w.data), k, x, k, &beta, y, m));
     return absl::OkStatus();
   }
@@ -39,7 +39,7 @@ absl::Status Linear(const CudaContext& ctx, const float* x, int tokens, const Ma
   }
   // "BF16 mode": activations rounded to BF16, FP32 accumulation and output.
   SY_RETURN_IF_ERROR(LaunchF32ToBf16(x, static_cast<int64_t>(need), bf16_scratch, ctx.stream()));
-  SY_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+  SY_CUBLAS_RETURN_IF_ERROR(ctx.blas().gemm_ex(
       ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, w.data, CUDA_R_16BF, k, bf16_scratch,
       CUDA_R_16BF, k, &beta, y, CUDA_R_32F, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();

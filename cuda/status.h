@@ -18,9 +18,11 @@
 #include <cuda_runtime_api.h>
 
 #include <cstring>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "cuda/cublas_api.h"
 
 namespace switchyard::cuda {
 
@@ -47,9 +49,12 @@ inline absl::Status CudaErrorStatus(cudaError_t err, const char* expr, const cha
 
 inline absl::Status CublasErrorStatus(cublasStatus_t err, const char* expr, const char* file,
                                       int line) {
+  // cuBLAS is loaded at run time (cublas_api.h); it is, if a call failed.
+  absl::StatusOr<const CublasApi*> blas = Cublas();
+  const std::string name = blas.ok() ? (*blas)->status_name(err) : std::to_string(err);
+  const std::string text = blas.ok() ? (*blas)->status_string(err) : "cuBLAS not loaded";
   return absl::InternalError(absl::StrCat(ShortSourcePath(file), ":", line, ": ", expr,
-                                          " failed: ", cublasGetStatusName(err), " (",
-                                          cublasGetStatusString(err), ")"));
+                                          " failed: ", name, " (", text, ")"));
 }
 
 }  // namespace switchyard::cuda
