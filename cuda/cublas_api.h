@@ -23,7 +23,12 @@ struct CublasApi {
   decltype(&cublasSetMathMode) set_math_mode;
   decltype(&cublasSetPointerMode_v2) set_pointer_mode;
   decltype(&cublasSgemm_v2) sgemm;
-  decltype(&cublasGemmEx) gemm_ex;
+  // cublasGemmEx has a C++ overload taking a cudaDataType compute type; this
+  // is the exported one, with cublasComputeType_t.
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                            const void*, const void*, cudaDataType, int, const void*, cudaDataType,
+                            int, const void*, void*, cudaDataType, int, cublasComputeType_t,
+                            cublasGemmAlgo_t);
   decltype(&cublasGetStatusName) status_name;
   decltype(&cublasGetStatusString) status_string;
 };
