@@ -125,6 +125,7 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   // everything queued is written.
   void Enqueue(std::optional<v1::GenerateStreamResponse> message, bool last,
                grpc::Status status = grpc::Status::OK) {
+    Action action;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (message && !broken_) queue_.push_back(std::move(*message));
@@ -132,11 +133,13 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
         terminal_ = true;
         final_status_ = std::move(status);
       }
+      action = NextLocked();
     }
-    Pump();
+    Run(action);
   }
 
   void OnWriteDone(bool ok) override {
+    Action action;
     {
       std::lock_guard<std::mutex> lock(mu_);
       writing_ = false;
@@ -145,9 +148,10 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
         broken_ = true;
         queue_.clear();
       }
+      action = NextLocked();
     }
     if (!ok) link.Cancel();
-    Pump();
+    Run(action);
   }
   void OnCancel() override { link.Cancel(); }
   void OnDone() override { delete this; }
@@ -155,25 +159,32 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   CancelLink link;
 
  private:
-  void Pump() {
-    const v1::GenerateStreamResponse* next = nullptr;
+  // What to do next, decided in the same critical section as the state
+  // change that prompted it. Only the thread that claims the write or the
+  // finish touches the call afterwards: once it finishes, gRPC may delete
+  // it (OnDone) at any moment.
+  struct Action {
+    const v1::GenerateStreamResponse* write = nullptr;
     bool finish = false;
     grpc::Status status;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (writing_ || finished_) return;
-      if (!queue_.empty()) {
-        writing_ = true;
-        next = &queue_.front();  // deque keeps it in place until OnWriteDone pops it
-      } else if (terminal_) {
-        finished_ = true;
-        finish = true;
-        status = broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
+  };
+  Action NextLocked() {
+    Action a;
+    if (writing_ || finished_) return a;
+    if (!queue_.empty()) {
+      writing_ = true;
+      a.write = &queue_.front();  // deque keeps it in place until OnWriteDone pops it
+    } else if (terminal_) {
+      finished_ = true;
+      a.finish = true;
+      a.status = broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
                          : final_status_;
-      }
     }
-    if (next != nullptr) StartWrite(next);
-    if (finish) Finish(status);
+    return a;
+  }
+  void Run(const Action& a) {
+    if (a.write != nullptr) StartWrite(a.write);
+    if (a.finish) Finish(a.status);
   }
 
   std::mutex mu_;
