@@ -368,6 +368,9 @@ const metrics::Registry& Gateway::metrics_registry() const { return parts_->regi
 Scheduler& Gateway::scheduler() { return *parts_->scheduler; }
 
 void Gateway::Shutdown(absl::Duration grace) {
+  // Stop admitting before health says NOT_SERVING, so no request that sees
+  // NOT_SERVING can still be admitted.
+  parts_->scheduler->StopAdmitting();
   parts_->server->SetServing(false);
   const absl::Time deadline = absl::Now() + grace;
   absl::Status drained = parts_->scheduler->Drain(grace);

@@ -121,6 +121,11 @@ void Scheduler::Cancel(RequestId id) {
   wake_.notify_all();
 }
 
+void Scheduler::StopAdmitting() {
+  std::lock_guard<std::mutex> lock(mu_);
+  draining_ = true;
+}
+
 absl::Status Scheduler::Drain(absl::Duration timeout) {
   std::unique_lock<std::mutex> lock(mu_);
   draining_ = true;

@@ -122,6 +122,8 @@ class Scheduler {
   // Unknown or finished ids are ignored.
   void Cancel(RequestId id);
 
+  // From now on Submit refuses new requests with UNAVAILABLE.
+  void StopAdmitting();
   // Refuses new requests (UNAVAILABLE) and waits up to `timeout` for queued
   // and running ones to finish. DEADLINE_EXCEEDED if some are still going.
   absl::Status Drain(absl::Duration timeout);

@@ -214,13 +214,19 @@ TEST(ShutdownTest, ExpertFinishesCallsInFlightOnSigtermRefusesNewOnesAndExitsZer
     const grpc::Status s = fresh->Forward(&ctx, request, &response);
     EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(s);
   }
-  // ... and so is a new call on the connection that carries the calls in flight.
+  // ... and so is a new call on the connection that carries the calls in
+  // flight. gRPC's own shutdown may refuse that stream before our handler
+  // sees it, which the client reports as CANCELLED rather than UNAVAILABLE;
+  // either way nothing is computed.
   {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     v1::ForwardResponse response;
     const grpc::Status s = stub->Forward(&ctx, request, &response);
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(s);
+    EXPECT_TRUE(s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                s.error_code() == grpc::StatusCode::CANCELLED)
+        << faults::Describe(s);
+    EXPECT_FALSE(response.has_output());
   }
   const int completed_at_refusal = completed;
   EXPECT_LT(completed_at_refusal, calls) << "the refusals were not checked during the drain";
