@@ -38,9 +38,13 @@ std::string StatusText(const grpc::Status& s) {
   return absl::StrCat(rpc::GrpcCodeName(s.error_code()), ": ", s.error_message());
 }
 
+// A failure another replica may not have. CANCELLED counts: the gateway never
+// cancels its own expert calls, so it comes from the server, whose shutdown
+// cancels calls it had received but not yet started. Forward is idempotent.
 bool IsRetryable(const grpc::Status& s) {
   return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
-         s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+         s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
+         s.error_code() == grpc::StatusCode::CANCELLED;
 }
 
 // Every expert 0..num_experts-1 mapped, with at least one non-empty target.
@@ -176,7 +180,7 @@ struct RemoteExpertBackend::Replica {
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::ExpertService::Stub> stub;
   // Until this time (NowMicros) the replica is passed over when another one
-  // can take the call: it just failed with UNAVAILABLE or a deadline. A cut
+  // can take the call: it just failed with a retryable status. A cut
   // link sends no reset, so the channel alone would keep looking healthy.
   std::atomic<int64_t> avoid_until_micros{0};
 };

@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -557,6 +558,76 @@ TEST_F(ExpertServiceTest, FailsOverToAnotherReplicaAndReportsWhenAllAreDown) {
     if (it != e.errors_by_code.end()) unavailable += it->second;
   }
   EXPECT_GE(unavailable, 16u);  // every expert, both replicas, on the last layer call
+}
+
+// A replica whose every Forward ends CANCELLED, as a shutting-down server
+// ends calls it received but had not started; GetShardInfo is the real one's.
+class CancellingExpertService final : public v1::ExpertService::CallbackService {
+ public:
+  explicit CancellingExpertService(ExpertServiceImpl* real) : real_(real) {}
+  grpc::ServerUnaryReactor* GetShardInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetShardInfoRequest* request,
+                                         v1::ShardInfo* response) override {
+    return real_->GetShardInfo(context, request, response);
+  }
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
+                                    const v1::ForwardRequest*, v1::ForwardResponse*) override {
+    forwards_.fetch_add(1);
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled"));
+    return reactor;
+  }
+  int forwards() const { return forwards_.load(); }
+
+ private:
+  ExpertServiceImpl* real_;
+  std::atomic<int> forwards_{0};
+};
+
+TEST_F(ExpertServiceTest, CancelledByTheServerIsRetriedOnAnotherReplica) {
+  auto real = StartShard(*dir_, {0});
+  ASSERT_NE(real, nullptr);
+  CancellingExpertService cancelling(real->service.get());
+  rpc::ServerOptions server_options;
+  server_options.listen_address = "127.0.0.1:0";
+  auto server = rpc::RunningServer::Start(server_options, {&cancelling});
+  ASSERT_TRUE(server.ok()) << server.status();
+
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  // The cancelling replica is listed first, so expert 0's first call goes there.
+  topology.replicas[0] = {(*server)->address(), shard(0).address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  LocalExpertBackend local(local_store_);
+  for (uint32_t seed = 20; seed < 23; ++seed) {
+    LayerInput want = MakeLayerInput(seed);
+    LayerInput got = MakeLayerInput(seed);
+    ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
+    absl::Status s = (*backend)->RunLayer(0, got.batches);
+    ASSERT_TRUE(s.ok()) << s;
+    for (size_t i = 0; i < want.outputs.size(); ++i) {
+      EXPECT_EQ(MaxAbsDiff(got.outputs[i], want.outputs[i]), 0.0) << i;
+    }
+  }
+  EXPECT_GE(cancelling.forwards(), 1);
+  const RemoteExpertStats::PerExpert& e0 = (*backend)->stats().experts[0];
+  EXPECT_EQ(e0.retries, static_cast<uint64_t>(cancelling.forwards()));
+  ASSERT_EQ(e0.errors_by_code.count("CANCELLED"), 1u);
+  EXPECT_EQ(e0.errors_by_code.at("CANCELLED"), static_cast<uint64_t>(cancelling.forwards()));
+
+  // With no other replica the layer fails as unavailable, naming what it saw.
+  topology.replicas[0] = {(*server)->address()};
+  auto lone = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(lone.ok()) << lone.status();
+  LayerInput got = MakeLayerInput(30);
+  absl::Status s = (*lone)->RunLayer(0, got.batches);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("expert 0 (layer 0) unavailable"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("CANCELLED"));
+  (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
 }
 
 // (f) ----------------------------------------------------------------------
