@@ -10,8 +10,7 @@
 
 namespace switchyard {
 
-absl::StatusOr<std::unique_ptr<AttentionModel>> AttentionModel::Load(
-    const Checkpoint& checkpoint) {
+absl::StatusOr<std::unique_ptr<AttentionModel>> AttentionModel::Load(const Checkpoint& checkpoint) {
   if (!checkpoint.selection().dense) {
     return absl::FailedPreconditionError(
         "AttentionModel needs the dense tensors, but the checkpoint was opened without them");
@@ -43,7 +42,8 @@ absl::StatusOr<std::unique_ptr<AttentionModel>> AttentionModel::Load(
 void AttentionModel::Embed(const int32_t* ids, int tokens, float* h) const {
   const int D = config_.hidden_size;
   for (int t = 0; t < tokens; ++t) {
-    std::copy_n(embed_.data() + static_cast<int64_t>(ids[t]) * D, D, h + static_cast<int64_t>(t) * D);
+    std::copy_n(embed_.data() + static_cast<int64_t>(ids[t]) * D, D,
+                h + static_cast<int64_t>(t) * D);
   }
 }
 
@@ -79,7 +79,8 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
     // themselves and to earlier tokens of the same chunk.
     for (int i = 0; i < s.tokens; ++i) {
       const int row = s.row_begin + i;
-      std::copy_n(k.data() + static_cast<int64_t>(row) * kv_dim, kv_dim, s.kv->key(layer, s.start_pos + i));
+      std::copy_n(k.data() + static_cast<int64_t>(row) * kv_dim, kv_dim,
+                  s.kv->key(layer, s.start_pos + i));
       std::copy_n(qkv.data() + static_cast<int64_t>(row) * qkv_dim + q_dim + kv_dim, kv_dim,
                   s.kv->value(layer, s.start_pos + i));
     }
@@ -118,8 +119,9 @@ void AttentionModel::RouterInput(int layer, const float* h, int tokens, float* x
   const ModelConfig& c = config_;
   const Layer& w = layers_[layer];
   cpu::RmsNorm(h, w.post_norm.data(), tokens, c.hidden_size, static_cast<float>(c.rms_norm_eps),
-               x);                                                                   // [T, D]
-  cpu::Linear(x, w.gate.data(), tokens, c.hidden_size, c.num_local_experts, router_logits);  // [T, E]
+               x);  // [T, D]
+  cpu::Linear(x, w.gate.data(), tokens, c.hidden_size, c.num_local_experts,
+              router_logits);  // [T, E]
 }
 
 void AttentionModel::Logits(const float* h, int rows, float* logits) const {

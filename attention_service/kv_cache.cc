@@ -44,9 +44,9 @@ absl::Status SequenceKv::Reserve(int new_length) {
   const int block = KvCachePool::kBlockTokens;
   const int target = (new_length + block - 1) / block * block;
   if (!pool_->TryAcquire(target - reserved_)) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "KV cache full: ", pool_->used_tokens(), " of ", pool_->capacity_tokens(),
-        " token slots in use, sequence needs ", target - reserved_, " more"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("KV cache full: ", pool_->used_tokens(), " of ", pool_->capacity_tokens(),
+                     " token slots in use, sequence needs ", target - reserved_, " more"));
   }
   if (pool_->host_storage_) {
     for (size_t l = 0; l < keys_.size(); ++l) {

@@ -79,7 +79,9 @@ class SequenceKv {
   std::shared_ptr<void>& attachment() { return attachment_; }
 
   // K or V row of one position in one layer: [Hkv * hd]. pos < reserved().
-  float* key(int layer, int pos) { return keys_[layer].data() + static_cast<int64_t>(pos) * kv_dim_; }
+  float* key(int layer, int pos) {
+    return keys_[layer].data() + static_cast<int64_t>(pos) * kv_dim_;
+  }
   float* value(int layer, int pos) {
     return values_[layer].data() + static_cast<int64_t>(pos) * kv_dim_;
   }

@@ -43,7 +43,8 @@ LocalModel* BenchModel() {
     options.load_tokenizer = false;
     auto loaded = LocalModel::Load(dir, options);
     if (!loaded.ok()) {
-      std::fprintf(stderr, "loading %s failed: %s\n", dir.c_str(), loaded.status().ToString().c_str());
+      std::fprintf(stderr, "loading %s failed: %s\n", dir.c_str(),
+                   loaded.status().ToString().c_str());
       std::exit(1);
     }
     return loaded->release();

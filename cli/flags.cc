@@ -67,7 +67,8 @@ absl::StatusOr<int64_t> Flags::Int(const std::string& name, int64_t fallback) co
   if (!v) return fallback;
   int64_t out;
   if (!absl::SimpleAtoi(*v, &out)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be an integer, got '", *v, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be an integer, got '", *v, "'"));
   }
   return out;
 }
@@ -77,7 +78,8 @@ absl::StatusOr<double> Flags::Double(const std::string& name, double fallback) c
   if (!v) return fallback;
   double out;
   if (!absl::SimpleAtod(*v, &out)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be a number, got '", *v, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be a number, got '", *v, "'"));
   }
   return out;
 }

@@ -56,11 +56,11 @@ absl::StatusOr<GenerateOptions> ParseGenerateOptions(const Flags& f) {
 }  // namespace
 
 int RunGenerate(const std::vector<std::string>& args) {
-  auto flags = Flags::Parse(args,
-                            {"model", "prompt", "max-new-tokens", "temperature", "top-p", "top-k",
-                             "min-p", "repetition-penalty", "presence-penalty",
-                             "frequency-penalty", "seed", "stop-token-id"},
-                            {"json", "ignore-eos"});
+  auto flags = Flags::Parse(
+      args,
+      {"model", "prompt", "max-new-tokens", "temperature", "top-p", "top-k", "min-p",
+       "repetition-penalty", "presence-penalty", "frequency-penalty", "seed", "stop-token-id"},
+      {"json", "ignore-eos"});
   if (!flags.ok()) return Fail(flags.status(), "generate");
   auto model_dir = flags->Required("model");
   if (!model_dir.ok()) return Fail(model_dir.status(), "generate");
@@ -77,9 +77,8 @@ int RunGenerate(const std::vector<std::string>& args) {
     std::fwrite(delta.data(), 1, delta.size(), stdout);
     std::fflush(stdout);
   };
-  auto result = Generate((*model)->runner(), (*model)->kv_pool(), (*model)->tokenizer(),
-                         prompt_ids, *options,
-                         json ? std::function<void(std::string_view)>() : stream);
+  auto result = Generate((*model)->runner(), (*model)->kv_pool(), (*model)->tokenizer(), prompt_ids,
+                         *options, json ? std::function<void(std::string_view)>() : stream);
   if (!result.ok()) return Fail(result.status(), "generate");
   if (json) {
     nlohmann::json out = {{"prompt_token_ids", result->prompt_ids},

@@ -207,7 +207,7 @@ class OutputPump {
   mutable std::mutex mu_;
   std::vector<Source> pending_;
   std::map<int, std::string> addresses_;
-  std::map<int, std::string> metrics_;    // guarded by mu_
+  std::map<int, std::string> metrics_;  // guarded by mu_
   bool stop_ = false;
   int wake_[2] = {-1, -1};
   std::thread thread_;
@@ -563,13 +563,13 @@ absl::Status Supervisor::WriteEndpoints() {
                          {"pid", e->pid}});
   }
   const std::string port = gateway_->address.substr(gateway_->address.rfind(':') + 1);
-  processes.push_back({{"role", "gateway"},
-                       {"experts", nlohmann::ordered_json::array()},
-                       {"grpc", absl::StrCat(options_.listen_host, ":", port)},
-                       {"metrics", gateway_->metrics.empty()
-                                       ? nlohmann::ordered_json(nullptr)
-                                       : nlohmann::ordered_json(gateway_->metrics)},
-                       {"pid", gateway_->pid}});
+  processes.push_back(
+      {{"role", "gateway"},
+       {"experts", nlohmann::ordered_json::array()},
+       {"grpc", absl::StrCat(options_.listen_host, ":", port)},
+       {"metrics", gateway_->metrics.empty() ? nlohmann::ordered_json(nullptr)
+                                             : nlohmann::ordered_json(gateway_->metrics)},
+       {"pid", gateway_->pid}});
   const nlohmann::ordered_json doc = {{"processes", std::move(processes)}};
   const std::string tmp = absl::StrCat(options_.endpoints_file, ".tmp.", getpid());
   {

@@ -47,7 +47,9 @@ struct WeightSelection {
   // What an expert service needs.
   static WeightSelection ExpertsOnly(std::vector<int> experts, int layer_begin = 0,
                                      int layer_end = -1) {
-    return {.dense = false, .experts = std::move(experts), .layer_begin = layer_begin,
+    return {.dense = false,
+            .experts = std::move(experts),
+            .layer_begin = layer_begin,
             .layer_end = layer_end};
   }
 

@@ -8,17 +8,17 @@
 
 namespace switchyard::cpu {
 
-void Linear(const float* x, const float* w, int tokens, int in_features, int out_features,
-            float* y, bool accumulate) {
+void Linear(const float* x, const float* w, int tokens, int in_features, int out_features, float* y,
+            bool accumulate) {
   if (tokens == 0) return;
   if (tokens == 1) {
     // y[N] = w[N, Kin] · x[Kin]: GEMV streams the weight once.
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, out_features, in_features, 1.0f, w, in_features, x,
-                1, accumulate ? 1.0f : 0.0f, y, 1);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, out_features, in_features, 1.0f, w, in_features, x, 1,
+                accumulate ? 1.0f : 0.0f, y, 1);
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tokens, out_features, in_features, 1.0f,
-              x, in_features, w, in_features, accumulate ? 1.0f : 0.0f, y, out_features);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tokens, out_features, in_features, 1.0f, x,
+              in_features, w, in_features, accumulate ? 1.0f : 0.0f, y, out_features);
 }
 
 void RmsNorm(const float* x, const float* weight, int tokens, int dim, float eps, float* y) {

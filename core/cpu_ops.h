@@ -16,8 +16,8 @@
 namespace switchyard::cpu {
 
 // y[T, N] = x[T, Kin] · w[N, Kin]^T  (+ y when accumulate). Through BLAS.
-void Linear(const float* x, const float* w, int tokens, int in_features, int out_features,
-            float* y, bool accumulate = false);
+void Linear(const float* x, const float* w, int tokens, int in_features, int out_features, float* y,
+            bool accumulate = false);
 
 // y[T, D] = x / sqrt(mean(x^2) + eps) * weight, per row.
 void RmsNorm(const float* x, const float* weight, int tokens, int dim, float eps, float* y);

@@ -15,7 +15,8 @@ using nlohmann::json;
 absl::Status ReadInt(const json& j, const char* key, bool required, int* out) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) {
-    if (required) return absl::InvalidArgumentError(absl::StrCat("config.json: missing '", key, "'"));
+    if (required)
+      return absl::InvalidArgumentError(absl::StrCat("config.json: missing '", key, "'"));
     return absl::OkStatus();
   }
   if (!it->is_number_integer()) {
@@ -61,7 +62,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
   if (!(s = ReadInt(j, "num_key_value_heads", false, &c.num_key_value_heads)).ok()) return s;
   c.head_dim = 0;
   if (!(s = ReadInt(j, "head_dim", false, &c.head_dim)).ok()) return s;
-  if (!(s = ReadInt(j, "max_position_embeddings", false, &c.max_position_embeddings)).ok()) return s;
+  if (!(s = ReadInt(j, "max_position_embeddings", false, &c.max_position_embeddings)).ok())
+    return s;
   if (!(s = ReadInt(j, "sliding_window", false, &c.sliding_window)).ok()) return s;
   if (!(s = ReadInt(j, "bos_token_id", false, &c.bos_token_id)).ok()) return s;
   if (!(s = ReadInt(j, "eos_token_id", false, &c.eos_token_id)).ok()) return s;
@@ -75,7 +77,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
   }
 
   auto positive = [](const char* key, int v) -> absl::Status {
-    if (v <= 0) return absl::InvalidArgumentError(absl::StrCat("config.json: '", key, "' must be positive"));
+    if (v <= 0)
+      return absl::InvalidArgumentError(absl::StrCat("config.json: '", key, "' must be positive"));
     return absl::OkStatus();
   };
   for (auto [key, v] : {std::pair{"vocab_size", c.vocab_size},
@@ -91,7 +94,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
   if (c.head_dim == 0) {
     if (c.hidden_size % c.num_attention_heads != 0) {
       return absl::InvalidArgumentError(
-          "config.json: hidden_size is not divisible by num_attention_heads and head_dim is absent");
+          "config.json: hidden_size is not divisible by num_attention_heads and head_dim is "
+          "absent");
     }
     c.head_dim = c.hidden_size / c.num_attention_heads;
   }
@@ -151,11 +155,11 @@ std::string ModelConfig::ToJson() const {
 }
 
 std::string ModelConfig::Fingerprint() const {
-  const std::string canon = absl::StrFormat(
-      "v%d d%d f%d l%d h%d kv%d hd%d e%d k%d th%.9g eps%.9g sw%d tie%d", vocab_size, hidden_size,
-      intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
-      num_local_experts, num_experts_per_tok, rope_theta, rms_norm_eps, sliding_window,
-      tie_word_embeddings ? 1 : 0);
+  const std::string canon =
+      absl::StrFormat("v%d d%d f%d l%d h%d kv%d hd%d e%d k%d th%.9g eps%.9g sw%d tie%d", vocab_size,
+                      hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+                      num_key_value_heads, head_dim, num_local_experts, num_experts_per_tok,
+                      rope_theta, rms_norm_eps, sliding_window, tie_word_embeddings ? 1 : 0);
   uint64_t h = 1469598103934665603ull;  // FNV-1a
   for (unsigned char ch : canon) {
     h ^= ch;

@@ -16,10 +16,10 @@
 #define SY_CONCAT_(a, b) SY_CONCAT_INNER_(a, b)
 
 // Returns from the enclosing function if `expr` (an absl::Status) is not OK.
-#define SY_RETURN_IF_ERROR(expr)                     \
-  do {                                               \
-    ::absl::Status sy_status_ = (expr);              \
-    if (!sy_status_.ok()) return sy_status_;         \
+#define SY_RETURN_IF_ERROR(expr)             \
+  do {                                       \
+    ::absl::Status sy_status_ = (expr);      \
+    if (!sy_status_.ok()) return sy_status_; \
   } while (0)
 
 // `SY_ASSIGN_OR_RETURN(auto x, MakeX());` declares x from a StatusOr or
@@ -32,13 +32,12 @@
   lhs = std::move(tmp).value()
 
 // Aborts on a broken internal invariant. Never use on request input.
-#define SY_CHECK(cond)                                                    \
-  do {                                                                    \
-    if (!(cond)) {                                                        \
-      std::fprintf(stderr, "%s:%d: SY_CHECK failed: %s\n", __FILE__,      \
-                   __LINE__, #cond);                                      \
-      std::abort();                                                       \
-    }                                                                     \
+#define SY_CHECK(cond)                                                                 \
+  do {                                                                                 \
+    if (!(cond)) {                                                                     \
+      std::fprintf(stderr, "%s:%d: SY_CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      std::abort();                                                                    \
+    }                                                                                  \
   } while (0)
 
 #endif  // SWITCHYARD_CORE_STATUS_MACROS_H_

@@ -1,10 +1,11 @@
 // cuBLAS, loaded with dlopen on first use instead of being linked.
 //
 // Why: libcublasLt carries ~94 KB of static thread-local storage. Linked
-// into a process, that block is carved out of every thread's stack, and
-// libraries that start threads with small fixed stacks (civetweb, which
-// serves /metrics, uses 100 KB) can no longer create them. Loaded with
-// dlopen, the TLS is allocated on demand instead.
+// into a process, that block is carved out of every thread's stack, so any
+// library thread started with a small fixed stack fails (the civetweb /metrics
+// server, since replaced, ran 100 KB worker stacks). Loaded with dlopen, the
+// TLS is allocated on demand instead, and processes that never use cuBLAS
+// (the gateway on the CPU) never load it.
 //
 // Thread-safety: Cublas() is thread-safe; the table is immutable once loaded.
 #ifndef SWITCHYARD_CUDA_CUBLAS_API_H_

@@ -56,7 +56,7 @@
 #include "cuda/device.h"
 #include "cuda/kernels/kv_layout.h"
 #include "cuda/linear.h"
-#include "gateway/expert_backend.h"
+#include "expert_service/expert_backend.h"
 #include "gateway/gateway_metrics.h"
 #include "gateway/step_runner.h"
 

@@ -13,8 +13,6 @@
 #define SWITCHYARD_CUDA_DEVICE_H_
 
 #include <cublas_v2.h>
-
-#include "cuda/cublas_api.h"
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
@@ -27,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "cuda/cublas_api.h"
 #include "cuda/status.h"
 
 namespace switchyard::cuda {

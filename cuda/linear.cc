@@ -28,8 +28,9 @@ absl::Status Linear(const CudaContext& ctx, const float* x, int tokens, const Ma
   const float alpha = 1.0f;
   const float beta = accumulate ? 1.0f : 0.0f;
   if (w.dtype == DeviceDType::kF32) {
-    SY_CUBLAS_RETURN_IF_ERROR(ctx.blas().sgemm(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha,
-                                          static_cast<const float*>(w.data), k, x, k, &beta, y, m));
+    SY_CUBLAS_RETURN_IF_ERROR(ctx.blas().sgemm(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, m, n, k,
+                                               &alpha, static_cast<const float*>(w.data), k, x, k,
+                                               &beta, y, m));
     return absl::OkStatus();
   }
   const size_t need = static_cast<size_t>(tokens) * static_cast<size_t>(k);

@@ -27,8 +27,8 @@ void ExpertFfn::Forward(const float* x, int tokens, float* out) const {
   act.resize(static_cast<size_t>(tokens) * F);
   cpu::Linear(x, w13_.data(), tokens, hidden_, 2 * ffn_, gate_up.data());  // [N, 2F]
   for (int t = 0; t < tokens; ++t) {
-    const float* row = gate_up.data() + t * 2 * F;               // [2F]
-    cpu::SwiGlu(row, row + F, F, act.data() + t * F);            // [F]
+    const float* row = gate_up.data() + t * 2 * F;     // [2F]
+    cpu::SwiGlu(row, row + F, F, act.data() + t * F);  // [F]
   }
   cpu::Linear(act.data(), w2_.data(), tokens, ffn_, hidden_, out);  // [N, D]
 }

@@ -5,8 +5,8 @@
 namespace switchyard {
 
 ExpertMetrics::ExpertMetrics(metrics::Registry* r, const std::vector<std::pair<int, int>>& held)
-    : in_flight_(r->AddGauge("switchyard_expert_calls_in_flight", "Calls queued or computing.")
-                     .Add({})),
+    : in_flight_(
+          r->AddGauge("switchyard_expert_calls_in_flight", "Calls queued or computing.").Add({})),
       queue_seconds_(r->AddHistogram("switchyard_expert_queue_seconds",
                                      "Wait from arrival to compute start.",
                                      metrics::LatencyBuckets())

@@ -15,7 +15,6 @@
 namespace switchyard {
 namespace {
 
-constexpr char kBackend[] = "cpu-f32";
 constexpr char kVersion[] = "0.1.0";
 
 int64_t NowMicros() {
@@ -25,6 +24,15 @@ int64_t NowMicros() {
 }
 
 }  // namespace
+
+std::vector<std::pair<int, int>> ShardDescription::Held() const {
+  std::vector<std::pair<int, int>> held;
+  for (int layer = layer_begin; layer < layer_end; ++layer) {
+    for (int e : experts) held.emplace_back(layer, e);
+  }
+  std::sort(held.begin(), held.end());
+  return held;
+}
 
 absl::StatusOr<ShardDescription> DescribeShard(const std::string& checkpoint_dir,
                                                const Checkpoint& checkpoint) {
@@ -58,13 +66,14 @@ absl::StatusOr<ShardDescription> DescribeShard(const std::string& checkpoint_dir
   return shard;
 }
 
-ExpertServiceImpl::ExpertServiceImpl(const ExpertStore* store, ShardDescription shard,
-                                     ExpertServerOptions options)
-    : store_(store),
+ExpertServiceImpl::ExpertServiceImpl(const ModelConfig& config, ExpertBackend* backend,
+                                     ShardDescription shard, ExpertServerOptions options)
+    : config_(config),
+      backend_(backend),
       shard_(std::move(shard)),
-      options_(options),
-      config_fingerprint_(store->config().Fingerprint()) {
-  for (const auto& key : store_->Held()) counters_[key] = std::make_unique<ExpertCounters>();
+      options_(std::move(options)),
+      config_fingerprint_(config.Fingerprint()) {
+  for (const auto& key : shard_.Held()) counters_[key] = std::make_unique<ExpertCounters>();
   const int workers = std::max(1, options_.workers);
   for (int i = 0; i < workers; ++i) workers_.emplace_back([this] { WorkerLoop(); });
 }
@@ -100,7 +109,7 @@ void ExpertServiceImpl::WorkerLoop() {
 grpc::ServerUnaryReactor* ExpertServiceImpl::GetShardInfo(grpc::CallbackServerContext* context,
                                                           const v1::GetShardInfoRequest* request,
                                                           v1::ShardInfo* response) {
-  const ModelConfig& c = store_->config();
+  const ModelConfig& c = config_;
   response->set_config_fingerprint(config_fingerprint_);
   for (const auto& [e, fp] : shard_.expert_weight_fingerprints) {
     (*response->mutable_expert_weight_fingerprints())[static_cast<uint32_t>(e)] = fp;
@@ -115,7 +124,7 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::GetShardInfo(grpc::CallbackServerCo
   response->set_layer_begin(shard_.layer_begin);
   response->set_layer_end(shard_.layer_end);
   response->set_weights_dtype(shard_.weights_dtype);
-  response->set_backend(kBackend);
+  response->set_backend(options_.backend_name);
   response->set_version(kVersion);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
@@ -142,15 +151,13 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::Forward(grpc::CallbackServerContext
                                " does not match this shard's ", config_fingerprint_,
                                ": the caller and this expert shard serve different models")));
   }
-  const ExpertFfn* ffn = nullptr;
   ExpertCounters* counters = nullptr;
   if (request->layer() < (1u << 30) && request->expert() < (1u << 30)) {
     const std::pair<int, int> key(static_cast<int>(request->layer()),
                                   static_cast<int>(request->expert()));
-    ffn = store_->Find(key.first, key.second);
     if (auto it = counters_.find(key); it != counters_.end()) counters = it->second.get();
   }
-  if (ffn == nullptr || counters == nullptr) {
+  if (counters == nullptr) {
     return Reject(context, absl::NotFoundError(absl::StrCat(
                                "layer ", request->layer(), " expert ", request->expert(),
                                " is not held by this shard (it holds experts [",
@@ -180,7 +187,7 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::Forward(grpc::CallbackServerContext
     counters->in_flight.fetch_add(1, std::memory_order_relaxed);
     if (options_.metrics != nullptr) options_.metrics->CallAccepted();
     queue_.push_back(
-        [=, this] { RunForward(context, request, response, reactor, ffn, counters, received); });
+        [=, this] { RunForward(context, request, response, reactor, counters, received); });
   }
   work_cv_.notify_one();
   return reactor;
@@ -188,8 +195,8 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::Forward(grpc::CallbackServerContext
 
 void ExpertServiceImpl::RunForward(grpc::CallbackServerContext* context,
                                    const v1::ForwardRequest* request, v1::ForwardResponse* response,
-                                   grpc::ServerUnaryReactor* reactor, const ExpertFfn* ffn,
-                                   ExpertCounters* counters, int64_t enqueued_micros) {
+                                   grpc::ServerUnaryReactor* reactor, ExpertCounters* counters,
+                                   int64_t enqueued_micros) {
   const int64_t start = NowMicros();
   absl::Status status;
   int64_t tokens = 0;
@@ -198,20 +205,29 @@ void ExpertServiceImpl::RunForward(grpc::CallbackServerContext* context,
     // The caller gave up (deadline, cancellation) while this call was queued.
     status = absl::CancelledError("call cancelled before its compute started");
   } else {
+    const int64_t d = config_.hidden_size;
     absl::StatusOr<std::vector<float>> x =
-        rpc::DecodeMatrix(request->hidden_states(), ffn->hidden(), "hidden_states");
+        rpc::DecodeMatrix(request->hidden_states(), d, "hidden_states");
     if (!x.ok()) {
       status = x.status();
     } else {
-      tokens = static_cast<int64_t>(x->size()) / ffn->hidden();
-      std::vector<float> out(x->size());
+      tokens = static_cast<int64_t>(x->size()) / d;
+      std::vector<float> out(x->size());  // [N, D]
       const int64_t compute_start = NowMicros();
-      ffn->Forward(x->data(), static_cast<int>(tokens), out.data());
+      if (tokens > 0) {
+        const ExpertBatch batch{.expert = static_cast<int>(request->expert()),
+                                .tokens = static_cast<int>(tokens),
+                                .input = x->data(),
+                                .output = out.data()};
+        status = backend_->RunLayer(static_cast<int>(request->layer()), {&batch, 1});
+      }
       compute_micros = NowMicros() - compute_start;
-      response->set_compute_micros(compute_micros);
-      response->set_queue_micros(start - enqueued_micros);
-      rpc::EncodeMatrix(out.data(), tokens, ffn->hidden(), request->hidden_states().dtype(),
-                        response->mutable_output());
+      if (status.ok()) {
+        response->set_compute_micros(compute_micros);
+        response->set_queue_micros(start - enqueued_micros);
+        rpc::EncodeMatrix(out.data(), tokens, d, request->hidden_states().dtype(),
+                          response->mutable_output());
+      }
     }
   }
   if (!status.ok()) rejected_calls_.fetch_add(1, std::memory_order_relaxed);
@@ -221,8 +237,9 @@ void ExpertServiceImpl::RunForward(grpc::CallbackServerContext* context,
                                   std::memory_order_relaxed);
   counters->in_flight.fetch_sub(1, std::memory_order_relaxed);
   if (options_.metrics != nullptr) {
-    options_.metrics->CallDone(static_cast<int>(request->layer()), static_cast<int>(request->expert()),
-                               tokens, (start - enqueued_micros) * 1e-6, compute_micros * 1e-6);
+    options_.metrics->CallDone(static_cast<int>(request->layer()),
+                               static_cast<int>(request->expert()), tokens,
+                               (start - enqueued_micros) * 1e-6, compute_micros * 1e-6);
   }
   // Last: after Finish the request, response and context may be gone.
   reactor->Finish(rpc::ToGrpcStatus(status));

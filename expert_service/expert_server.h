@@ -1,13 +1,14 @@
 // The gRPC ExpertService (protos/switchyard/v1/expert.proto) over an
-// in-process ExpertStore: what the switchyard-expert binary serves.
+// ExpertBackend that computes the shard's experts: LocalExpertBackend on the
+// CPU, cuda::CudaExpertBackend on a GPU. What switchyard-expert serves.
 //
 // Forward calls arrive on gRPC's callback threads, are validated there
 // (cheap lookups only) and queued to a small pool of worker threads that
-// decode, run ExpertFfn::Forward, encode and Finish the call, so expert
-// compute never blocks gRPC's threads. Calls whose deadline passed while
+// decode, run the backend, encode and Finish the call, so expert compute
+// never blocks gRPC's threads. Calls whose deadline passed while
 // queued are dropped without compute.
 //
-// Thread-safety: all methods are thread-safe. The store must outlive the
+// Thread-safety: all methods are thread-safe. The backend must outlive the
 // service; the service must outlive the grpc::Server it is registered with
 // (shut the server down first, then call Shutdown()).
 #ifndef SWITCHYARD_EXPERT_SERVICE_EXPERT_SERVER_H_
@@ -28,7 +29,8 @@
 
 #include "absl/status/statusor.h"
 #include "core/checkpoint.h"
-#include "expert_service/expert_ffn.h"
+#include "core/model_config.h"
+#include "expert_service/expert_backend.h"
 #include "expert_service/expert_metrics.h"
 #include "switchyard/v1/expert.grpc.pb.h"
 
@@ -44,6 +46,9 @@ struct ShardDescription {
   std::map<int, std::string> expert_weight_fingerprints;
   // Stored dtype of the expert weights: "bf16", "f16" or "f32".
   std::string weights_dtype;
+
+  // Every held (layer, expert), sorted.
+  std::vector<std::pair<int, int>> Held() const;
 };
 
 // Builds the description of what `checkpoint` (opened from `checkpoint_dir`)
@@ -61,6 +66,9 @@ struct ExpertServerOptions {
   int max_queued_calls = 4096;
   // Prometheus metrics to update. Default nullptr: none. Not owned.
   ExpertMetrics* metrics = nullptr;
+  // Compute device and precision, reported as ShardInfo.backend. Default
+  // "cpu-f32" (LocalExpertBackend's FP32 math).
+  std::string backend_name = "cpu-f32";
 };
 
 // Counters of one (layer, expert). Monotonic except in_flight.
@@ -91,8 +99,11 @@ struct ExpertServerStats {
 
 class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
  public:
-  // `store` is not owned and must outlive the service. Starts the workers.
-  ExpertServiceImpl(const ExpertStore* store, ShardDescription shard,
+  // Serves the (layer, expert) pairs of `shard`, computed by `backend`,
+  // which must hold all of them. `backend` is not owned and must outlive the
+  // service; its RunLayer is called from several workers at once. Starts the
+  // workers.
+  ExpertServiceImpl(const ModelConfig& config, ExpertBackend* backend, ShardDescription shard,
                     ExpertServerOptions options = {});
   ~ExpertServiceImpl() override;  // calls Shutdown()
 
@@ -121,10 +132,11 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   // Runs one accepted Forward call on a worker thread and finishes it.
   void RunForward(grpc::CallbackServerContext* context, const v1::ForwardRequest* request,
                   v1::ForwardResponse* response, grpc::ServerUnaryReactor* reactor,
-                  const ExpertFfn* ffn, ExpertCounters* counters, int64_t enqueued_micros);
+                  ExpertCounters* counters, int64_t enqueued_micros);
   grpc::ServerUnaryReactor* Reject(grpc::CallbackServerContext* context, const absl::Status& s);
 
-  const ExpertStore* store_;
+  const ModelConfig config_;
+  ExpertBackend* const backend_;
   const ShardDescription shard_;
   const ExpertServerOptions options_;
   const std::string config_fingerprint_;

@@ -4,6 +4,11 @@
 //   switchyard-expert --model DIR [--listen ADDR] [--experts 0,1] [--layers B:E]
 //                     [--workers N] [--max-connection-age-ms MS] [--grace-ms MS]
 //                     [--tls-cert F --tls-key F [--tls-client-ca F]]
+//                     [--device cpu|cuda [--precision bf16|f32] [--gpu N]]
+//
+// --device cuda computes on GPU N (CUDA builds): weights in device memory in
+// --precision (BF16 weights with FP32 accumulate by default), batches copied
+// through pinned host buffers. --device cpu (default) computes in FP32.
 //
 // --tls-cert/--tls-key serve over TLS; --tls-client-ca also requires every
 // client (the gateway) to present a certificate signed by that CA (mutual
@@ -28,12 +33,16 @@
 #include "cli/flags.h"
 #include "core/checkpoint.h"
 #include "core/status_macros.h"
+#include "expert_service/expert_backend.h"
 #include "expert_service/expert_ffn.h"
 #include "expert_service/expert_server.h"
 #include "metrics/http_exporter.h"
 #include "metrics/metrics.h"
 #include "rpc/server.h"
 #include "rpc/tls.h"
+#ifdef SWITCHYARD_HAVE_CUDA
+#include "cuda/cuda_model.h"
+#endif
 
 namespace switchyard {
 namespace {
@@ -46,7 +55,9 @@ constexpr char kUsage[] =
     "         [--metrics-listen HOST:PORT (default: no metrics; port 0 picks one)]\n"
     "         [--tls-cert FILE --tls-key FILE (default: plaintext): serve over TLS (PEM files)]\n"
     "         [--tls-client-ca FILE: with TLS, accept only clients whose certificate this CA\n"
-    "          signed (mutual TLS)]\n";
+    "          signed (mutual TLS)]\n"
+    "         [--device cpu|cuda (default cpu)] [--precision bf16|f32 (cuda; default bf16)]\n"
+    "         [--gpu N (cuda; default 0)]\n";
 
 absl::StatusOr<std::vector<int>> ParseExperts(const std::string& text, int num_experts) {
   std::vector<int> experts;
@@ -88,6 +99,44 @@ absl::StatusOr<std::pair<int, int>> ParseLayers(const std::string& text, int num
   return std::make_pair(begin, end);
 }
 
+// The shard's compute, and the CPU weights when it runs on the CPU.
+struct ShardCompute {
+  std::unique_ptr<ExpertStore> store;  // --device cpu only
+  std::unique_ptr<ExpertBackend> backend;
+  std::string name;  // ShardInfo.backend: "cpu-f32", "cuda-bf16", ...
+};
+
+absl::StatusOr<ShardCompute> LoadCompute(const Checkpoint& checkpoint, const std::string& device,
+                                         const std::string& precision, int64_t gpu) {
+  ShardCompute compute;
+  if (device == "cpu") {
+    if (!precision.empty() && precision != "f32" && precision != "fp32") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--precision ", precision, ": the CPU computes in f32 (bf16 is for --device cuda)"));
+    }
+    SY_ASSIGN_OR_RETURN(compute.store, ExpertStore::Load(checkpoint));
+    compute.backend = std::make_unique<LocalExpertBackend>(compute.store.get());
+    compute.name = "cpu-f32";
+    return compute;
+  }
+  if (device != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("--device ", device, ": expected cpu or cuda"));
+  }
+#ifdef SWITCHYARD_HAVE_CUDA
+  SY_ASSIGN_OR_RETURN(cuda::Precision p,
+                      cuda::ParsePrecision(precision.empty() ? "bf16" : precision));
+  if (gpu < 0 || gpu > 1023) return absl::InvalidArgumentError("--gpu must be a device index");
+  SY_ASSIGN_OR_RETURN(compute.backend,
+                      cuda::MakeCudaExpertBackend(checkpoint, p, static_cast<int>(gpu)));
+  compute.name = absl::StrCat("cuda-", cuda::PrecisionName(p));
+  return compute;
+#else
+  (void)gpu;
+  return absl::FailedPreconditionError(
+      "--device cuda: this build has no CUDA backend (configure with -DSWITCHYARD_CUDA=ON)");
+#endif
+}
+
 int Fail(const absl::Status& status) {
   std::fprintf(stderr, "switchyard-expert: %s\n", std::string(status.message()).c_str());
   return 1;
@@ -103,11 +152,11 @@ int Run(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   std::vector<std::string> args(argv + 1, argv + argc);
-  absl::StatusOr<cli::Flags> flags =
-      cli::Flags::Parse(args,
-                        {"model", "listen", "experts", "layers", "workers", "max-connection-age-ms",
-                         "grace-ms", "metrics-listen", "tls-cert", "tls-key", "tls-client-ca"},
-                        {"help"});
+  absl::StatusOr<cli::Flags> flags = cli::Flags::Parse(
+      args,
+      {"model", "listen", "experts", "layers", "workers", "max-connection-age-ms", "grace-ms",
+       "metrics-listen", "tls-cert", "tls-key", "tls-client-ca", "device", "precision", "gpu"},
+      {"help"});
   if (!flags.ok()) {
     std::fputs(kUsage, stderr);
     return Fail(flags.status());
@@ -170,18 +219,23 @@ int Run(int argc, char** argv) {
     layers = *parsed;
   }
 
+  const std::string device = flags->GetOr("device", "cpu");
+  absl::StatusOr<int64_t> gpu = flags->Int("gpu", 0);
+  if (!gpu.ok()) return Fail(gpu.status());
+
   const auto load_start = std::chrono::steady_clock::now();
-  std::unique_ptr<ExpertStore> store;
+  ShardCompute compute;
   ShardDescription shard;
   {
-    // The checkpoint (memory map) is only needed while loading: the store
-    // keeps FP32 copies.
+    // The checkpoint (memory map) is only needed while loading: the backend
+    // keeps its own copies (FP32 on the CPU, device memory on a GPU).
     absl::StatusOr<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::Open(
         *model_dir, WeightSelection::ExpertsOnly(*experts, layers.first, layers.second));
     if (!checkpoint.ok()) return Fail(checkpoint.status());
-    absl::StatusOr<std::unique_ptr<ExpertStore>> loaded = ExpertStore::Load(**checkpoint);
+    absl::StatusOr<ShardCompute> loaded =
+        LoadCompute(**checkpoint, device, flags->GetOr("precision", ""), *gpu);
     if (!loaded.ok()) return Fail(loaded.status());
-    store = *std::move(loaded);
+    compute = *std::move(loaded);
     absl::StatusOr<ShardDescription> described = DescribeShard(*model_dir, **checkpoint);
     if (!described.ok()) return Fail(described.status());
     shard = *std::move(described);
@@ -193,7 +247,7 @@ int Run(int argc, char** argv) {
   registry.AddGauge("switchyard_build_info", "Always 1.", {"version", "role"})
       .Add({"0.1.0", "expert"})
       .Set(1);
-  ExpertMetrics expert_metrics(&registry, store->Held());
+  ExpertMetrics expert_metrics(&registry, shard.Held());
   std::unique_ptr<metrics::HttpExporter> exporter;
   if (auto metrics_listen = flags->Get("metrics-listen")) {
     absl::StatusOr<std::unique_ptr<metrics::HttpExporter>> started =
@@ -201,8 +255,10 @@ int Run(int argc, char** argv) {
     if (!started.ok()) return Fail(started.status());
     exporter = *std::move(started);
   }
-  ExpertServiceImpl service(store.get(), shard,
-                            {.workers = static_cast<int>(*workers), .metrics = &expert_metrics});
+  ExpertServiceImpl service(*config, compute.backend.get(), shard,
+                            {.workers = static_cast<int>(*workers),
+                             .metrics = &expert_metrics,
+                             .backend_name = compute.name});
   rpc::ServerOptions server_options;
   server_options.health_service_names = {v1::ExpertService::service_full_name()};
   server_options.listen_address = listen;
@@ -215,10 +271,10 @@ int Run(int argc, char** argv) {
   const std::string experts_text = absl::StrJoin(*experts, ",");
   std::fprintf(stderr,
                "switchyard-expert: loaded experts [%s] layers [%d, %d) of %s (%s weights, "
-               "config %s) in %.2f s, %d workers, %s\n",
+               "config %s) in %.2f s on %s, %d workers, %s\n",
                experts_text.c_str(), layers.first, layers.second, model_dir->c_str(),
                shard.weights_dtype.c_str(), config->Fingerprint().c_str(), load_s,
-               static_cast<int>(*workers),
+               compute.backend->Describe().c_str(), static_cast<int>(*workers),
                tls.cert_file.empty() ? "plaintext"
                : tls.ca_file.empty() ? "TLS"
                                      : "mutual TLS (client certificates required)");

@@ -78,10 +78,10 @@ void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limi
   } else {
     FUZZ_CHECK(req.prompt_case() == switchyard::v1::GenerateRequest::kTokenIds,
                "accepted a request without a prompt");
-    FUZZ_CHECK(g.prompt_ids.size() == static_cast<size_t>(req.token_ids().ids_size()) &&
-                   std::equal(g.prompt_ids.begin(), g.prompt_ids.end(),
-                              req.token_ids().ids().begin()),
-               "prompt ids != token_ids");
+    FUZZ_CHECK(
+        g.prompt_ids.size() == static_cast<size_t>(req.token_ids().ids_size()) &&
+            std::equal(g.prompt_ids.begin(), g.prompt_ids.end(), req.token_ids().ids().begin()),
+        "prompt ids != token_ids");
   }
 
   // Length.
@@ -92,13 +92,13 @@ void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limi
     FUZZ_CHECK(static_cast<uint32_t>(max_new) == req.stopping().max_new_tokens(),
                "max_new_tokens %d != requested %u", max_new, req.stopping().max_new_tokens());
   } else {
-    FUZZ_CHECK(max_new == limits.default_max_new_tokens, "max_new_tokens %d != default %d",
-               max_new, limits.default_max_new_tokens);
+    FUZZ_CHECK(max_new == limits.default_max_new_tokens, "max_new_tokens %d != default %d", max_new,
+               limits.default_max_new_tokens);
   }
-  FUZZ_CHECK(static_cast<int64_t>(g.prompt_ids.size()) + max_new <=
-                 env.config.max_position_embeddings,
-             "prompt %zu + max_new_tokens %d > context %d", g.prompt_ids.size(), max_new,
-             env.config.max_position_embeddings);
+  FUZZ_CHECK(
+      static_cast<int64_t>(g.prompt_ids.size()) + max_new <= env.config.max_position_embeddings,
+      "prompt %zu + max_new_tokens %d > context %d", g.prompt_ids.size(), max_new,
+      env.config.max_position_embeddings);
 
   // Stopping.
   FUZZ_CHECK(static_cast<int>(g.stop.size()) <= limits.max_stop_strings, "%zu stop strings",
@@ -109,9 +109,9 @@ void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limi
                    switchyard::IsValidUtf8(s),
                "bad stop string accepted");
   }
-  FUZZ_CHECK(static_cast<int>(g.options.stop_token_ids.size()) ==
-                 req.stopping().stop_token_ids_size(),
-             "stop token ids dropped");
+  FUZZ_CHECK(
+      static_cast<int>(g.options.stop_token_ids.size()) == req.stopping().stop_token_ids_size(),
+      "stop token ids dropped");
   for (int32_t id : g.options.stop_token_ids) {
     FUZZ_CHECK(id >= 0 && id < V, "stop token id %d outside the vocabulary", id);
   }
@@ -128,8 +128,8 @@ void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limi
              "seed changed");
 
   // Logprobs.
-  FUZZ_CHECK(g.top_logprobs >= 0 && g.top_logprobs <= limits.max_top_logprobs,
-             "top_logprobs %d", g.top_logprobs);
+  FUZZ_CHECK(g.top_logprobs >= 0 && g.top_logprobs <= limits.max_top_logprobs, "top_logprobs %d",
+             g.top_logprobs);
   FUZZ_CHECK(g.top_logprobs == 0 || g.return_logprobs, "top_logprobs without return_logprobs");
   FUZZ_CHECK(g.request_id == req.request_id(), "request_id changed");
 }
@@ -139,8 +139,8 @@ void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limi
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   // Protobuf logs every string field with invalid UTF-8 it refuses to parse;
   // that is expected here and would drown the fuzzer's output.
-  google::protobuf::SetLogHandler([](google::protobuf::LogLevel, const char*, int,
-                                     const std::string&) {});
+  google::protobuf::SetLogHandler(
+      [](google::protobuf::LogLevel, const char*, int, const std::string&) {});
   GetEnv();
   return 0;
 }

@@ -25,8 +25,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const absl::StatusCode code = parsed.status().code();
     FUZZ_CHECK(code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kDataLoss,
                "unexpected error code: %s", parsed.status().ToString().c_str());
-    FUZZ_CHECK(parsed.status().message().substr(0, 4) == "fuzz",
-               "error does not name the file: %s", parsed.status().ToString().c_str());
+    FUZZ_CHECK(parsed.status().message().substr(0, 4) == "fuzz", "error does not name the file: %s",
+               parsed.status().ToString().c_str());
     return 0;
   }
   const SafetensorsHeader& h = *parsed;

@@ -39,7 +39,8 @@ struct Env {
 const Env& GetEnv() {
   static const Env* env = [] {
     auto* e = new Env;
-    absl::StatusOr<std::unique_ptr<Tokenizer>> t = Tokenizer::FromDir(SWITCHYARD_FUZZ_TOKENIZER_DIR);
+    absl::StatusOr<std::unique_ptr<Tokenizer>> t =
+        Tokenizer::FromDir(SWITCHYARD_FUZZ_TOKENIZER_DIR);
     if (!t.ok()) {
       std::fprintf(stderr, "cannot load %s: %s\n", SWITCHYARD_FUZZ_TOKENIZER_DIR,
                    t.status().ToString().c_str());

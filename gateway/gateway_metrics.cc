@@ -25,18 +25,18 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
                                        "Admission to the end of a request.",
                                        metrics::LatencyBuckets())
                            .Add({})),
-      running_sequences(r->AddGauge("switchyard_gateway_running_sequences",
-                                    "Sequences in the running batch.")
-                            .Add({})),
+      running_sequences(
+          r->AddGauge("switchyard_gateway_running_sequences", "Sequences in the running batch.")
+              .Add({})),
       waiting_requests(
           r->AddGauge("switchyard_gateway_waiting_requests", "Requests in the admission queue.")
               .Add({})),
       kv_used_tokens(
           r->AddGauge("switchyard_gateway_kv_cache_used_tokens", "KV cache token slots in use.")
               .Add({})),
-      kv_capacity_tokens(r->AddGauge("switchyard_gateway_kv_cache_capacity_tokens",
-                                     "KV cache token slots in all.")
-                             .Add({})),
+      kv_capacity_tokens(
+          r->AddGauge("switchyard_gateway_kv_cache_capacity_tokens", "KV cache token slots in all.")
+              .Add({})),
       step_tokens(r->AddHistogram("switchyard_gateway_step_tokens",
                                   "Tokens per scheduler step (decodes and prefill chunks).",
                                   metrics::ExponentialBuckets(1, 2, 14))
@@ -48,9 +48,9 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
                                        "Failed expert calls by gRPC status code.",
                                        {"expert", "code"})),
       num_experts(config.num_local_experts) {
-  auto& routed = r->AddCounter("switchyard_gateway_routed_tokens_total",
-                               "Tokens the router sent to each (layer, expert).",
-                               {"layer", "expert"});
+  auto& routed =
+      r->AddCounter("switchyard_gateway_routed_tokens_total",
+                    "Tokens the router sent to each (layer, expert).", {"layer", "expert"});
   for (int l = 0; l < config.num_hidden_layers; ++l) {
     for (int e = 0; e < config.num_local_experts; ++e) {
       routed_tokens.push_back(&routed.Add({std::to_string(l), std::to_string(e)}));
@@ -70,13 +70,19 @@ metrics::Counter& GatewayMetrics::Requests(const std::string& method, const std:
 
 std::string OutcomeLabel(int code) {
   switch (static_cast<absl::StatusCode>(code)) {
-    case absl::StatusCode::kOk: return "ok";
+    case absl::StatusCode::kOk:
+      return "ok";
     case absl::StatusCode::kCancelled:
-    case absl::StatusCode::kDeadlineExceeded: return "cancelled";
-    case absl::StatusCode::kInvalidArgument: return "invalid_argument";
-    case absl::StatusCode::kResourceExhausted: return "resource_exhausted";
-    case absl::StatusCode::kUnavailable: return "unavailable";
-    default: return "error";
+    case absl::StatusCode::kDeadlineExceeded:
+      return "cancelled";
+    case absl::StatusCode::kInvalidArgument:
+      return "invalid_argument";
+    case absl::StatusCode::kResourceExhausted:
+      return "resource_exhausted";
+    case absl::StatusCode::kUnavailable:
+      return "unavailable";
+    default:
+      return "error";
   }
 }
 

@@ -121,7 +121,7 @@ struct Gateway::Parts {
   std::unique_ptr<metrics::HttpExporter> exporter;
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<AttentionModel> attention;
-  std::unique_ptr<ExpertStore> local_experts;      // --experts local only
+  std::unique_ptr<ExpertStore> local_experts;  // --experts local only
   std::unique_ptr<ExpertBackend> backend;
   std::unique_ptr<KvCachePool> kv_pool;
   std::unique_ptr<StepRunner> runner;
@@ -146,9 +146,12 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const cli::Flags& f) {
   SY_ASSIGN_OR_RETURN(int64_t timeout, f.Int("expert-timeout-ms", o.expert_timeout_ms));
   SY_ASSIGN_OR_RETURN(int64_t grace, f.Int("grace-ms", o.grace_ms));
   SY_ASSIGN_OR_RETURN(int64_t age, f.Int("max-connection-age-ms", o.max_connection_age_ms));
-  for (auto [name, v] : {std::pair{"kv-cache-tokens", o.kv_cache_tokens}, {"max-queue", max_queue},
-                         {"max-running", max_running}, {"max-step-tokens", step_tokens},
-                         {"max-new-tokens-limit", new_limit}, {"expert-timeout-ms", timeout}}) {
+  for (auto [name, v] : {std::pair{"kv-cache-tokens", o.kv_cache_tokens},
+                         {"max-queue", max_queue},
+                         {"max-running", max_running},
+                         {"max-step-tokens", step_tokens},
+                         {"max-new-tokens-limit", new_limit},
+                         {"expert-timeout-ms", timeout}}) {
     if (v < 1) return absl::InvalidArgumentError(absl::StrCat("--", name, " must be >= 1"));
   }
   o.scheduler.max_queue = static_cast<int>(max_queue);
@@ -374,7 +377,8 @@ void Gateway::Shutdown(absl::Duration grace) {
   parts_->server->SetServing(false);
   const absl::Time deadline = absl::Now() + grace;
   absl::Status drained = parts_->scheduler->Drain(grace);
-  if (!drained.ok()) std::fprintf(stderr, "switchyard-gateway: %s\n", std::string(drained.message()).c_str());
+  if (!drained.ok())
+    std::fprintf(stderr, "switchyard-gateway: %s\n", std::string(drained.message()).c_str());
   parts_->server->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
 }
 

@@ -15,26 +15,26 @@
 #include "absl/time/time.h"
 #include "cli/flags.h"
 #include "gateway/request_validation.h"
-#include "metrics/metrics.h"
 #include "gateway/scheduler.h"
+#include "metrics/metrics.h"
 
 namespace switchyard {
 
 struct GatewayOptions {
-  std::string model_dir;                   // required
-  std::string listen = "0.0.0.0:50051";    // "127.0.0.1:0" picks a free port
-  std::string experts = "local";           // "local", a topology spec, or "@file.json"
-  int64_t kv_cache_tokens = 65536;         // KV cache budget in token slots
-  SchedulerOptions scheduler;              // queue, batch and step-token limits
-  RequestLimits limits;                    // request validation limits
-  int expert_timeout_ms = 10000;           // deadline of each expert call
-  int expert_connect_timeout_ms = 30000;   // start-up wait for every expert to answer
-  bool wire_bf16 = false;                  // send expert tensors as BF16 (default F32, exact)
-  int grace_ms = 5000;                     // shutdown grace for in-flight requests
-  int max_connection_age_ms = 0;           // 0: connections are never recycled
-  std::string metrics_listen;              // "HOST:PORT" for /metrics; empty (default): off
-  std::string device = "cpu";              // "cpu" or "cuda" (CUDA builds only)
-  std::string precision = "bf16";          // on cuda: "bf16" (BF16 weights, FP32 accumulate) or "f32"
+  std::string model_dir;                  // required
+  std::string listen = "0.0.0.0:50051";   // "127.0.0.1:0" picks a free port
+  std::string experts = "local";          // "local", a topology spec, or "@file.json"
+  int64_t kv_cache_tokens = 65536;        // KV cache budget in token slots
+  SchedulerOptions scheduler;             // queue, batch and step-token limits
+  RequestLimits limits;                   // request validation limits
+  int expert_timeout_ms = 10000;          // deadline of each expert call
+  int expert_connect_timeout_ms = 30000;  // start-up wait for every expert to answer
+  bool wire_bf16 = false;                 // send expert tensors as BF16 (default F32, exact)
+  int grace_ms = 5000;                    // shutdown grace for in-flight requests
+  int max_connection_age_ms = 0;          // 0: connections are never recycled
+  std::string metrics_listen;             // "HOST:PORT" for /metrics; empty (default): off
+  std::string device = "cpu";             // "cpu" or "cuda" (CUDA builds only)
+  std::string precision = "bf16";  // on cuda: "bf16" (BF16 weights, FP32 accumulate) or "f32"
 
   // Transport security of the public Generation API (and of health and
   // reflection on the same port). Both empty (default): plaintext. Both set:

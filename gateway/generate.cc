@@ -9,10 +9,14 @@ namespace switchyard {
 
 std::string_view FinishReasonName(FinishReason reason) {
   switch (reason) {
-    case FinishReason::kLength: return "length";
-    case FinishReason::kEos: return "eos";
-    case FinishReason::kStopSequence: return "stop";
-    case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kEos:
+      return "eos";
+    case FinishReason::kStopSequence:
+      return "stop";
+    case FinishReason::kCancelled:
+      return "cancelled";
   }
   return "unknown";
 }
@@ -30,9 +34,9 @@ absl::StatusOr<GenerateResult> Generate(StepRunner& runner, KvCachePool& pool,
   SY_RETURN_IF_ERROR(ValidateSamplingParams(options.sampling));
   const int context = runner.config().max_position_embeddings;
   if (static_cast<int64_t>(prompt_ids.size()) + options.max_new_tokens > context) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt (", prompt_ids.size(), " tokens) plus max_new_tokens (", options.max_new_tokens,
-        ") exceeds the context of ", context, " tokens"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", prompt_ids.size(), " tokens) plus max_new_tokens (",
+                     options.max_new_tokens, ") exceeds the context of ", context, " tokens"));
   }
 
   GenerateResult result;

@@ -17,8 +17,8 @@
 #include "absl/types/span.h"
 #include "attention_service/kv_cache.h"
 #include "core/tokenizer.h"
-#include "gateway/step_runner.h"
 #include "gateway/sampler.h"
+#include "gateway/step_runner.h"
 
 namespace switchyard {
 

@@ -14,10 +14,14 @@ namespace {
 
 v1::FinishReason ToProto(FinishReason reason) {
   switch (reason) {
-    case FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
-    case FinishReason::kEos: return v1::FINISH_REASON_EOS;
-    case FinishReason::kStopSequence: return v1::FINISH_REASON_STOP_SEQUENCE;
-    case FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+    case FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kEos:
+      return v1::FINISH_REASON_EOS;
+    case FinishReason::kStopSequence:
+      return v1::FINISH_REASON_STOP_SEQUENCE;
+    case FinishReason::kCancelled:
+      return v1::FINISH_REASON_CANCELLED;
   }
   return v1::FINISH_REASON_UNSPECIFIED;
 }
@@ -177,8 +181,8 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
     } else if (terminal_) {
       finished_ = true;
       a.finish = true;
-      a.status = broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
-                         : final_status_;
+      a.status =
+          broken_ ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away") : final_status_;
     }
     return a;
   }
@@ -261,7 +265,8 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Generate(grpc::CallbackServerCo
   absl::StatusOr<GenerationRequest> validated =
       ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits);
   if (!validated.ok()) {
-    CountRequest(options_.metrics, "Generate", OutcomeLabel(static_cast<int>(validated.status().code())));
+    CountRequest(options_.metrics, "Generate",
+                 OutcomeLabel(static_cast<int>(validated.status().code())));
     call->Finish(rpc::ToGrpcStatus(validated.status()));
     return call;
   }
@@ -307,10 +312,10 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Tokenize(grpc::CallbackServerCo
                                                           v1::TokenizeResponse* response) {
   auto* reactor = context->DefaultReactor();
   if (static_cast<int>(request->text().size()) > options_.limits.max_prompt_bytes) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                 absl::StrCat("text: ", request->text().size(),
-                                              " bytes, more than the limit of ",
-                                              options_.limits.max_prompt_bytes)));
+    reactor->Finish(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("text: ", request->text().size(), " bytes, more than the limit of ",
+                     options_.limits.max_prompt_bytes)));
     return reactor;
   }
   const bool special = request->has_add_special_tokens() ? request->add_special_tokens() : true;

@@ -32,8 +32,8 @@ struct GenerationServiceOptions {
 
 class GenerationServiceImpl final : public v1::GenerationService::CallbackService {
  public:
-  GenerationServiceImpl(Scheduler* scheduler, const Tokenizer* tokenizer,
-                        const ModelConfig& config, GenerationServiceOptions options);
+  GenerationServiceImpl(Scheduler* scheduler, const Tokenizer* tokenizer, const ModelConfig& config,
+                        GenerationServiceOptions options);
 
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
                                      const v1::GenerateRequest* request,

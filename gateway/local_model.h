@@ -15,8 +15,8 @@
 #include "attention_service/attention_model.h"
 #include "attention_service/kv_cache.h"
 #include "core/tokenizer.h"
+#include "expert_service/expert_backend.h"
 #include "expert_service/expert_ffn.h"
-#include "gateway/expert_backend.h"
 #include "gateway/model_runner.h"
 
 namespace switchyard {

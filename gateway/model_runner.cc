@@ -7,8 +7,7 @@
 
 namespace switchyard {
 
-absl::StatusOr<StepOutput> ModelRunner::Step(absl::Span<const StepInput> inputs,
-                                             StepTrace* trace) {
+absl::StatusOr<StepOutput> ModelRunner::Step(absl::Span<const StepInput> inputs, StepTrace* trace) {
   const ModelConfig& c = model_->config();
   const int D = c.hidden_size, E = c.num_local_experts, V = c.vocab_size;
 

@@ -21,7 +21,7 @@
 #include "attention_service/attention_model.h"
 #include "attention_service/kv_cache.h"
 #include "attention_service/router.h"
-#include "gateway/expert_backend.h"
+#include "expert_service/expert_backend.h"
 #include "gateway/gateway_metrics.h"
 #include "gateway/step_runner.h"
 

@@ -37,7 +37,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/model_config.h"
-#include "gateway/expert_backend.h"
+#include "expert_service/expert_backend.h"
 #include "switchyard/v1/expert.grpc.pb.h"
 
 namespace switchyard {

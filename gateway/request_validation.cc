@@ -27,9 +27,9 @@ absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequ
     case v1::GenerateRequest::kText:
       if (request.text().empty()) return Invalid("text", "prompt is empty");
       if (static_cast<int>(request.text().size()) > limits.max_prompt_bytes) {
-        return Invalid("text", absl::StrCat("prompt is ", request.text().size(),
-                                            " bytes, more than the limit of ",
-                                            limits.max_prompt_bytes));
+        return Invalid("text",
+                       absl::StrCat("prompt is ", request.text().size(),
+                                    " bytes, more than the limit of ", limits.max_prompt_bytes));
       }
       if (!IsValidUtf8(request.text())) return Invalid("text", "prompt is not valid UTF-8");
       out.prompt_ids = tokenizer.Encode(request.text());
@@ -65,10 +65,10 @@ absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequ
   }
   const int64_t total = static_cast<int64_t>(out.prompt_ids.size()) + max_new;
   if (total > config.max_position_embeddings) {
-    return Invalid("stopping.max_new_tokens",
-                   absl::StrCat("prompt (", out.prompt_ids.size(), " tokens) plus max_new_tokens (",
-                                max_new, ") exceeds the context of ",
-                                config.max_position_embeddings, " tokens"));
+    return Invalid(
+        "stopping.max_new_tokens",
+        absl::StrCat("prompt (", out.prompt_ids.size(), " tokens) plus max_new_tokens (", max_new,
+                     ") exceeds the context of ", config.max_position_embeddings, " tokens"));
   }
   out.options.max_new_tokens = max_new;
   out.options.ignore_eos = stopping.ignore_eos();

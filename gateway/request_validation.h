@@ -15,9 +15,9 @@
 namespace switchyard {
 
 struct RequestLimits {
-  int default_max_new_tokens = 16;   // when stopping.max_new_tokens is unset
-  int max_new_tokens_limit = 4096;   // largest max_new_tokens accepted
-  int max_prompt_bytes = 1 << 20;    // longest text prompt
+  int default_max_new_tokens = 16;  // when stopping.max_new_tokens is unset
+  int max_new_tokens_limit = 4096;  // largest max_new_tokens accepted
+  int max_prompt_bytes = 1 << 20;   // longest text prompt
   int max_stop_strings = 16;
   int max_stop_string_bytes = 256;
   int max_top_logprobs = 20;

@@ -14,7 +14,8 @@ absl::Status ValidateSamplingParams(const SamplingParams& p) {
     return absl::InvalidArgumentError(
         absl::StrCat("temperature must be finite and >= 0, got ", p.temperature));
   }
-  if (p.top_k < 0) return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", p.top_k));
+  if (p.top_k < 0)
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", p.top_k));
   if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
     return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", p.top_p));
   }
@@ -73,7 +74,8 @@ SampledToken Sampler::Sample(absl::Span<const float> raw, absl::Span<const int32
   }
 
   if (params_.temperature == 0.0f) {
-    result.id = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    result.id =
+        static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   } else {
     // Candidates sorted by logit, best first (ties: lower id first).
     std::vector<int32_t> order(V);

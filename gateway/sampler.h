@@ -38,7 +38,7 @@ absl::Status ValidateSamplingParams(const SamplingParams& params);
 
 struct SampledToken {
   int32_t id = 0;
-  float logprob = 0.0f;  // log p(id) under the model's raw distribution
+  float logprob = 0.0f;                        // log p(id) under the model's raw distribution
   std::vector<std::pair<int32_t, float>> top;  // most likely tokens with logprobs, best first
 };
 

@@ -55,7 +55,10 @@ size_t HeldSuffix(const std::string& text, const std::vector<std::string>& stops
 
 Scheduler::Scheduler(StepRunner* runner, KvCachePool* kv_pool, const Tokenizer* tokenizer,
                      const SchedulerOptions& options, GatewayMetrics* metrics)
-    : runner_(runner), kv_pool_(kv_pool), tokenizer_(tokenizer), options_(options),
+    : runner_(runner),
+      kv_pool_(kv_pool),
+      tokenizer_(tokenizer),
+      options_(options),
       metrics_(metrics) {
   stats_.kv_capacity_tokens = kv_pool_->capacity_tokens();
   if (metrics_ != nullptr) metrics_->kv_capacity_tokens.Set(kv_pool_->capacity_tokens());
@@ -129,8 +132,8 @@ void Scheduler::StopAdmitting() {
 absl::Status Scheduler::Drain(absl::Duration timeout) {
   std::unique_lock<std::mutex> lock(mu_);
   draining_ = true;
-  const bool idle = wake_.wait_for(lock, absl::ToChronoNanoseconds(timeout),
-                                   [&] { return busy_ == 0; });
+  const bool idle =
+      wake_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [&] { return busy_ == 0; });
   if (!idle) {
     return absl::DeadlineExceededError(
         absl::StrCat(busy_, " requests still in flight after the drain timeout"));
@@ -200,9 +203,9 @@ void Scheduler::Loop() {
     }
 
     const size_t before = running_.size() + dropped.size();
-    running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                  [](const auto& s) { return s->done; }),
-                   running_.end());
+    running_.erase(
+        std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
+        running_.end());
     std::lock_guard<std::mutex> lock(mu_);
     stats_.running = static_cast<int>(running_.size());
     busy_ -= static_cast<int>(before - running_.size());
@@ -220,8 +223,8 @@ void Scheduler::RunStep(std::vector<Sequence*>& batch) {
   std::vector<StepInput> inputs;
   std::vector<bool> samples;  // per batch entry: does this step end with a new token?
   for (Sequence* seq : batch) {
-    inputs.push_back({seq->kv.get(), absl::MakeConstSpan(&seq->output.back(), 1),
-                      LogitsWanted::kLast});
+    inputs.push_back(
+        {seq->kv.get(), absl::MakeConstSpan(&seq->output.back(), 1), LogitsWanted::kLast});
     samples.push_back(true);
   }
   std::vector<int> chunk_sizes(batch.size(), 0);

@@ -38,8 +38,8 @@
 #include "core/tokenizer.h"
 #include "gateway/gateway_metrics.h"
 #include "gateway/generate.h"
-#include "gateway/step_runner.h"
 #include "gateway/sampler.h"
+#include "gateway/step_runner.h"
 
 namespace switchyard {
 
@@ -51,12 +51,12 @@ struct SchedulerOptions {
 
 // A validated generation request.
 struct GenerationRequest {
-  std::vector<int32_t> prompt_ids;   // non-empty, ids < V
-  GenerateOptions options;           // max_new_tokens, sampling, stop ids, ignore_eos
-  std::vector<std::string> stop;     // stop strings (non-empty, valid UTF-8)
+  std::vector<int32_t> prompt_ids;  // non-empty, ids < V
+  GenerateOptions options;          // max_new_tokens, sampling, stop ids, ignore_eos
+  std::vector<std::string> stop;    // stop strings (non-empty, valid UTF-8)
   bool return_logprobs = false;
   int top_logprobs = 0;
-  std::string request_id;            // for logs
+  std::string request_id;  // for logs
 };
 
 struct TokenLogprobs {
@@ -116,8 +116,7 @@ class Scheduler {
 
   // Queues a request. RESOURCE_EXHAUSTED if the queue is full or the request
   // can never fit the KV cache. The sink gets every event of the request.
-  absl::StatusOr<RequestId> Submit(GenerationRequest request,
-                                   std::shared_ptr<GenerationSink> sink);
+  absl::StatusOr<RequestId> Submit(GenerationRequest request, std::shared_ptr<GenerationSink> sink);
   // Ends the request at the next step boundary with FinishReason::kCancelled.
   // Unknown or finished ids are ignored.
   void Cancel(RequestId id);
@@ -154,8 +153,8 @@ class Scheduler {
   bool draining_ = false;
   int busy_ = 0;  // waiting + running, guarded by mu_
   RequestId next_id_ = 1;
-  std::deque<std::unique_ptr<Sequence>> waiting_;  // guarded by mu_
-  std::vector<RequestId> cancelled_;               // guarded by mu_
+  std::deque<std::unique_ptr<Sequence>> waiting_;   // guarded by mu_
+  std::vector<RequestId> cancelled_;                // guarded by mu_
   std::vector<std::unique_ptr<Sequence>> running_;  // scheduler thread only
   SchedulerStats stats_;                            // guarded by mu_
   std::thread thread_;

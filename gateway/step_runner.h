@@ -42,12 +42,12 @@ struct StepTrace {
 // A validated step, laid out row by row: what every StepRunner needs before
 // it computes anything.
 struct StepLayout {
-  int tokens = 0;                      // T
-  std::vector<SequenceSlice> slices;   // per input
-  std::vector<int32_t> ids;            // [T]
-  std::vector<int32_t> positions;      // [T]
-  std::vector<int> logit_rows;         // rows of the step whose logits are wanted, in order
-  std::vector<int> logits_row_begin;   // per input: first index into logit_rows (-1 if none)
+  int tokens = 0;                     // T
+  std::vector<SequenceSlice> slices;  // per input
+  std::vector<int32_t> ids;           // [T]
+  std::vector<int32_t> positions;     // [T]
+  std::vector<int> logit_rows;        // rows of the step whose logits are wanted, in order
+  std::vector<int> logits_row_begin;  // per input: first index into logit_rows (-1 if none)
 };
 
 // Validates `inputs` (INVALID_ARGUMENT: empty input, token id outside the

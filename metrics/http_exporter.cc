@@ -1,112 +1,249 @@
 #include "metrics/http_exporter.h"
 
-#include <arpa/inet.h>
-#include <civetweb.h>
+#include <netdb.h>
 #include <netinet/in.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <mutex>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <list>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
 namespace switchyard::metrics {
+
+struct HttpExporter::Connection {
+  int fd = -1;
+  std::thread thread;
+  std::atomic<bool> done{false};
+};
+
 namespace {
 
-std::once_flag init_once;
+constexpr size_t kMaxHeadBytes = 8192;
 
-// A port that is free on `host` right now (bind to port 0, read it back).
-absl::StatusOr<int> FreePort(const std::string& host) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return absl::UnavailableError("metrics: cannot create a socket");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = 0;
-  if (inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) {
-    close(fd);
-    return absl::InvalidArgumentError(absl::StrCat("metrics address host '", host,
-                                                   "' is not an IPv4 address"));
+std::string Reply(const std::string& status, const std::string& extra_headers,
+                  const std::string& content_type, const std::string& body, bool head_only) {
+  std::string out = absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: ", content_type,
+                                 "\r\nContent-Length: ", body.size(), "\r\n", extra_headers,
+                                 "Connection: close\r\n\r\n");
+  if (!head_only) out += body;
+  return out;
+}
+
+void WriteAll(int fd, const std::string& data) {
+  size_t sent = 0;
+  while (sent < data.size()) {
+    const ssize_t n = send(fd, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;  // the client went away or timed out (SO_SNDTIMEO)
+    sent += static_cast<size_t>(n);
   }
+}
+
+// Splits "HOST:PORT", "[V6]:PORT" or ":PORT" (host "" = every interface).
+absl::Status SplitHostPort(const std::string& listen, std::string* host, std::string* port) {
+  const auto bad = [&](const std::string& why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metrics address '", listen, "' ", why, " (expected HOST:PORT)"));
+  };
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos) return bad("has no port");
+  *host = listen.substr(0, colon);
+  *port = listen.substr(colon + 1);
+  if (!host->empty() && host->front() == '[') {
+    if (host->size() < 2 || host->back() != ']') return bad("has an unclosed '['");
+    *host = host->substr(1, host->size() - 2);
+  }
+  int value = 0;
+  if (port->empty() || !absl::SimpleAtoi(*port, &value) || value < 0 || value > 65535 ||
+      port->find_first_not_of("0123456789") != std::string::npos) {
+    return bad(absl::StrCat("has port '", *port, "', not a number in [0, 65535]"));
+  }
+  return absl::OkStatus();
+}
+
+int BoundPort(int fd) {
+  sockaddr_storage addr{};
   socklen_t len = sizeof(addr);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    close(fd);
-    return absl::UnavailableError(absl::StrCat("metrics: cannot bind ", host, ":0"));
-  }
-  const int port = ntohs(addr.sin_port);
-  close(fd);
-  return port;
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return 0;
+  if (addr.ss_family == AF_INET) return ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+  if (addr.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
+  return 0;
 }
 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<HttpExporter>> HttpExporter::Start(const std::string& listen,
                                                                   const Registry* registry) {
-  std::call_once(init_once, [] { mg_init_library(0); });
-  const size_t colon = listen.rfind(':');
-  if (colon == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("metrics address '", listen,
-                                                   "' must be HOST:PORT"));
+  std::string host, port;
+  if (absl::Status s = SplitHostPort(listen, &host, &port); !s.ok()) return s;
+  const bool all_interfaces = host.empty() || host == "0.0.0.0" || host == "::";
+
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found);
+  if (rc != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("metrics address '", listen, "': host '", host,
+                                                   "' does not resolve: ", gai_strerror(rc)));
   }
-  std::string host = listen.substr(0, colon);
-  const std::string port = listen.substr(colon + 1);
+  int fd = -1;
+  std::string last_error = "no address to bind";
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      last_error = std::strerror(errno);
+      continue;
+    }
+    const int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, 64) != 0) {
+      last_error = std::strerror(errno);
+      close(fd);
+      fd = -1;
+    }
+  }
+  freeaddrinfo(found);
+  if (fd < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on ", listen, ": ", last_error));
+  }
+  const int wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake < 0) {
+    close(fd);
+    return absl::UnavailableError(
+        absl::StrCat("metrics: cannot create an eventfd: ", std::strerror(errno)));
+  }
+
   auto exporter = std::unique_ptr<HttpExporter>(new HttpExporter());
   exporter->registry_ = registry;
-  // Port 0 through civetweb fails now and then, so pick the free port here
-  // (and try again if another process takes it before civetweb binds).
-  const bool any_port = port == "0";
-  const bool all_interfaces = host.empty() || host == "0.0.0.0";
-  mg_callbacks callbacks{};
-  char error_text[256] = "";
-  for (int attempt = 0; attempt < 5 && exporter->context_ == nullptr; ++attempt) {
-    std::string chosen = port;
-    if (any_port) {
-      absl::StatusOr<int> free_port = FreePort(all_interfaces ? "0.0.0.0" : host);
-      if (!free_port.ok()) return free_port.status();
-      chosen = std::to_string(*free_port);
-    }
-    // civetweb wants "PORT" (all interfaces) or "IP:PORT".
-    const std::string ports = all_interfaces ? chosen : absl::StrCat(host, ":", chosen);
-    const char* options[] = {"listening_ports", ports.c_str(), "num_threads", "2", nullptr};
-    mg_init_data init{&callbacks, nullptr, options};
-    unsigned error_code = 0;
-    mg_error_data error{&error_code, error_text, sizeof(error_text)};
-    exporter->context_ = mg_start2(&init, &error);
-    if (!any_port) break;
-  }
-  if (exporter->context_ == nullptr) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot serve metrics on ", listen, ": ", error_text));
-  }
-  mg_set_request_handler(exporter->context_, "/metrics", &HttpExporter::HandleMetrics,
-                         exporter.get());
-  mg_server_port bound[4];
-  const int n = mg_get_server_ports(exporter->context_, 4, bound);
-  if (n < 1) return absl::UnavailableError("metrics server reported no listening port");
-  exporter->port_ = bound[0].port;
-  if (host.empty() || host == "0.0.0.0") host = "127.0.0.1";
-  exporter->address_ = absl::StrCat(host, ":", exporter->port_);
+  exporter->listen_fd_ = fd;
+  exporter->wake_fd_ = wake;
+  exporter->port_ = BoundPort(fd);
+  const std::string shown = all_interfaces                        ? "127.0.0.1"
+                            : host.find(':') != std::string::npos ? absl::StrCat("[", host, "]")
+                                                                  : host;
+  exporter->address_ = absl::StrCat(shown, ":", exporter->port_);
+  exporter->acceptor_ = std::thread([e = exporter.get()] { e->AcceptLoop(); });
   return exporter;
 }
 
 HttpExporter::~HttpExporter() {
-  if (context_ != nullptr) mg_stop(context_);
+  if (wake_fd_ >= 0) {
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
+  }
+  if (acceptor_.joinable()) acceptor_.join();
+  if (listen_fd_ >= 0) close(listen_fd_);
+  if (wake_fd_ >= 0) close(wake_fd_);
 }
 
-int HttpExporter::HandleMetrics(mg_connection* conn, void* self) {
-  const auto* exporter = static_cast<const HttpExporter*>(self);
-  const mg_request_info* info = mg_get_request_info(conn);
-  if (std::string(info->request_method) != "GET") {
-    mg_printf(conn, "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n");
-    return 405;
+void HttpExporter::AcceptLoop() {
+  std::list<Connection> connections;
+  // Joins finished connections and closes their sockets; all of them when
+  // `all` (after their sockets are shut down so they finish promptly).
+  const auto reap = [&connections](bool all) {
+    for (auto it = connections.begin(); it != connections.end();) {
+      if (all || it->done.load()) {
+        it->thread.join();
+        close(it->fd);
+        it = connections.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  };
+  for (;;) {
+    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+    const int ready = poll(fds, 2, /*timeout_ms=*/1000);
+    reap(/*all=*/false);
+    if (ready < 0 && errno != EINTR) break;
+    if (fds[1].revents != 0) break;
+    if (ready <= 0 || (fds[0].revents & POLLIN) == 0) continue;
+    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;  // the client gave up, or out of descriptors for now
+    const timeval timeout{kRequestTimeoutMs / 1000, (kRequestTimeoutMs % 1000) * 1000};
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+    if (connections.size() >= static_cast<size_t>(kMaxConnections)) {
+      WriteAll(fd, Reply("503 Service Unavailable", "Retry-After: 1\r\n", "text/plain",
+                         "too many concurrent metrics connections\n", false));
+      close(fd);
+      continue;
+    }
+    Connection& c = connections.emplace_back();
+    c.fd = fd;
+    c.thread = std::thread([this, &c] {
+      Serve(c.fd);
+      c.done.store(true);
+    });
   }
-  const std::string body = exporter->registry_->Serialize();
-  mg_printf(conn,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-            "Content-Length: %zu\r\nConnection: close\r\n\r\n",
-            body.size());
-  mg_write(conn, body.data(), body.size());
-  return 200;
+  for (Connection& c : connections) shutdown(c.fd, SHUT_RDWR);
+  reap(/*all=*/true);
+}
+
+void HttpExporter::Serve(int fd) const {
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(kRequestTimeoutMs);
+  std::string head;
+  char buffer[2048];
+  for (;;) {
+    if (head.find("\r\n\r\n") != std::string::npos) break;
+    if (head.size() > kMaxHeadBytes) {
+      WriteAll(fd, Reply("431 Request Header Fields Too Large", "", "text/plain",
+                         "request head over 8 KiB\n", false));
+      shutdown(fd, SHUT_RDWR);
+      return;
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          deadline - std::chrono::steady_clock::now())
+                          .count();
+    pollfd p{fd, POLLIN, 0};
+    if (left <= 0 || poll(&p, 1, static_cast<int>(left)) <= 0) {
+      shutdown(fd, SHUT_RDWR);  // too slow (or interrupted): drop it
+      return;
+    }
+    const ssize_t n = recv(fd, buffer, sizeof(buffer), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      shutdown(fd, SHUT_RDWR);
+      return;
+    }
+    head.append(buffer, static_cast<size_t>(n));
+  }
+  WriteAll(fd, Respond(head));
+  shutdown(fd, SHUT_RDWR);
+}
+
+std::string HttpExporter::Respond(const std::string& head) const {
+  // Request line: METHOD SP TARGET SP HTTP/x.y
+  const std::string line = head.substr(0, head.find("\r\n"));
+  const size_t sp1 = line.find(' ');
+  const size_t sp2 = sp1 == std::string::npos ? sp1 : line.find(' ', sp1 + 1);
+  if (sp2 == std::string::npos || line.compare(sp2 + 1, 5, "HTTP/") != 0) {
+    return Reply("400 Bad Request", "", "text/plain", "malformed request line\n", false);
+  }
+  const std::string method = line.substr(0, sp1);
+  std::string path = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  path = path.substr(0, path.find('?'));
+  if (path != "/metrics") {
+    return Reply("404 Not Found", "", "text/plain", "not found: metrics are at /metrics\n",
+                 method == "HEAD");
+  }
+  if (method != "GET" && method != "HEAD") {
+    return Reply("405 Method Not Allowed", "Allow: GET, HEAD\r\n", "text/plain",
+                 absl::StrCat("method ", method, " not allowed on /metrics\n"), false);
+  }
+  return Reply("200 OK", "", "text/plain; version=0.0.4; charset=utf-8", registry_->Serialize(),
+               method == "HEAD");
 }
 
 }  // namespace switchyard::metrics

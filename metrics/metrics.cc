@@ -26,10 +26,14 @@ std::string FormatValue(double v) {
 std::string EscapeLabel(const std::string& s) {
   std::string out;
   for (char c : s) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '"')
+      out += "\\\"";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -37,9 +41,12 @@ std::string EscapeLabel(const std::string& s) {
 std::string EscapeHelp(const std::string& s) {
   std::string out;
   for (char c : s) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -108,7 +115,9 @@ std::vector<double> ExponentialBuckets(double start, double factor, int count) {
   return b;
 }
 
-std::vector<double> LatencyBuckets() { return ExponentialBuckets(1e-4, 2.0, 21); }  // 100 µs .. 105 s
+std::vector<double> LatencyBuckets() {
+  return ExponentialBuckets(1e-4, 2.0, 21);
+}  // 100 µs .. 105 s
 
 void Registry::CheckNew(const std::string& name) {
   static const std::regex kName("[a-zA-Z_:][a-zA-Z0-9_:]*");

@@ -29,27 +29,33 @@ void EncodeMatrix(const float* rows, int64_t n, int64_t d, v1::DType dtype, v1::
 absl::StatusOr<std::vector<float>> DecodeMatrix(const v1::Tensor& tensor, int64_t d,
                                                 const char* what) {
   if (tensor.shape_size() != 2) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": expected a rank-2 tensor [N, ", d, "], got rank ", tensor.shape_size()));
+    return absl::InvalidArgumentError(absl::StrCat(what, ": expected a rank-2 tensor [N, ", d,
+                                                   "], got rank ", tensor.shape_size()));
   }
   const int64_t n = tensor.shape(0);
   if (n < 1 || n > (int64_t{1} << 24) || tensor.shape(1) != d) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": expected shape [N >= 1, ", d, "], got [",
-                                                   n, ", ", tensor.shape(1), "]"));
+    return absl::InvalidArgumentError(absl::StrCat(what, ": expected shape [N >= 1, ", d,
+                                                   "], got [", n, ", ", tensor.shape(1), "]"));
   }
   DType dtype;
   switch (tensor.dtype()) {
-    case v1::DTYPE_F32: dtype = DType::kF32; break;
-    case v1::DTYPE_BF16: dtype = DType::kBF16; break;
-    case v1::DTYPE_F16: dtype = DType::kF16; break;
+    case v1::DTYPE_F32:
+      dtype = DType::kF32;
+      break;
+    case v1::DTYPE_BF16:
+      dtype = DType::kBF16;
+      break;
+    case v1::DTYPE_F16:
+      dtype = DType::kF16;
+      break;
     default:
       return absl::InvalidArgumentError(
           absl::StrCat(what, ": unsupported dtype ", v1::DType_Name(tensor.dtype())));
   }
   const size_t expected = static_cast<size_t>(n * d) * DTypeSize(dtype);
   if (tensor.data().size() != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": ", tensor.data().size(),
-                                                   " data bytes, expected ", expected));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": ", tensor.data().size(), " data bytes, expected ", expected));
   }
   std::vector<float> out(static_cast<size_t>(n * d));
   ConvertToF32(dtype, tensor.data().data(), out.size(), out.data());

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+scripts/check-format.sh
 scripts/build.sh
 cd build
 ctest --output-on-failure -j"${SWITCHYARD_JOBS:-$(nproc)}" --timeout 900

@@ -16,8 +16,8 @@ inline std::string TinyMixtralDir() { return DataDir() + "/tiny-mixtral"; }
 
 // Asserts |a - b| <= abs + rel * |b| elementwise; prints the max difference.
 inline ::testing::AssertionResult AllClose(absl::Span<const float> actual,
-                                           absl::Span<const float> expected, double abs,
-                                           double rel, const std::string& what) {
+                                           absl::Span<const float> expected, double abs, double rel,
+                                           const std::string& what) {
   if (actual.size() != expected.size()) {
     return ::testing::AssertionFailure()
            << what << ": size " << actual.size() << " != " << expected.size();

@@ -1,9 +1,10 @@
 // CPU kernels against naive loops on awkward shapes.
+#include "core/cpu_ops.h"
+
 #include <cmath>
 #include <random>
 #include <vector>
 
-#include "core/cpu_ops.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 #include "tests/tolerances.h"
@@ -65,7 +66,8 @@ TEST(CpuOpsTest, RopeRotatesPairsHalfADimApart) {
         const double freq = std::pow(1e6, -2.0 * i / hd);
         const double a = pos[t] * freq;
         const float* v = &x[(t * H + h) * hd];
-        ref[(t * H + h) * hd + i] = static_cast<float>(v[i] * std::cos(a) - v[i + hd / 2] * std::sin(a));
+        ref[(t * H + h) * hd + i] =
+            static_cast<float>(v[i] * std::cos(a) - v[i + hd / 2] * std::sin(a));
         ref[(t * H + h) * hd + i + hd / 2] =
             static_cast<float>(v[i + hd / 2] * std::cos(a) + v[i] * std::sin(a));
       }

@@ -1,8 +1,9 @@
 // Element type conversions.
+#include "core/dtype.h"
+
 #include <cmath>
 #include <cstring>
 
-#include "core/dtype.h"
 #include "gtest/gtest.h"
 
 namespace switchyard {

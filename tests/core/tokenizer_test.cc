@@ -1,5 +1,4 @@
 #include "core/tokenizer.h"
-#include "core/utf8.h"
 
 #include <chrono>
 #include <cstdio>
@@ -9,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/utf8.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"

@@ -26,7 +26,7 @@
 #include "core/safetensors.h"
 #include "core/tensor_names.h"
 #include "cuda/cuda_model.h"
-#include "gateway/expert_backend.h"
+#include "expert_service/expert_backend.h"
 #include "gateway/generate.h"
 #include "gateway/local_model.h"
 #include "gtest/gtest.h"

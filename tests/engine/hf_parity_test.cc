@@ -1,6 +1,8 @@
 // The CPU engine against Hugging Face transformers' MixtralForCausalLM on the
 // tiny-mixtral fixture: logits, router choices and greedy continuations.
+#include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -11,9 +13,6 @@
 #include "nlohmann/json.hpp"
 #include "tests/test_util.h"
 #include "tests/tolerances.h"
-
-#include <fstream>
-#include <sstream>
 
 namespace switchyard {
 namespace {
@@ -62,7 +61,8 @@ class HfParityTest : public ::testing::Test {
   }
   static std::vector<int32_t> InputIds(int p) {
     std::vector<int32_t> ids;
-    for (int64_t v : RefI64("p" + std::to_string(p) + ".input_ids")) ids.push_back(static_cast<int32_t>(v));
+    for (int64_t v : RefI64("p" + std::to_string(p) + ".input_ids"))
+      ids.push_back(static_cast<int32_t>(v));
     return ids;
   }
 
@@ -97,10 +97,9 @@ TEST_F(HfParityTest, PrefillLogitsAndRouterMatchReference) {
     const std::string prefix = "p" + std::to_string(p) + ".";
     const std::vector<float> last_ref = RefF32(prefix + "last_logits");
     const int last_row = p == 0 ? T - 1 : 0;
-    EXPECT_TRUE(AllClose(absl::MakeConstSpan(out->logits).subspan(
-                             static_cast<size_t>(last_row) * c.vocab_size, c.vocab_size),
-                         last_ref, tolerance::kHfAbs, tolerance::kHfRel,
-                         prefix + "last_logits"));
+    EXPECT_TRUE(AllClose(absl::MakeConstSpan(out->logits)
+                             .subspan(static_cast<size_t>(last_row) * c.vocab_size, c.vocab_size),
+                         last_ref, tolerance::kHfAbs, tolerance::kHfRel, prefix + "last_logits"));
     if (p == 0) {
       EXPECT_TRUE(AllClose(out->logits, RefF32("p0.logits"), tolerance::kHfAbs, tolerance::kHfRel,
                            "p0.logits (every position)"));
@@ -128,8 +127,8 @@ TEST_F(HfParityTest, GreedyContinuationMatchesReference) {
     GenerateOptions options;
     options.max_new_tokens = static_cast<int>(greedy.size());
     options.ignore_eos = true;
-    auto result = Generate(model_->runner(), model_->kv_pool(), model_->tokenizer(), InputIds(p),
-                           options);
+    auto result =
+        Generate(model_->runner(), model_->kv_pool(), model_->tokenizer(), InputIds(p), options);
     ASSERT_TRUE(result.ok()) << result.status();
     ASSERT_EQ(result->token_ids.size(), greedy.size());
     size_t compared = 0;

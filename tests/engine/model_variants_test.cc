@@ -2,8 +2,8 @@
 // model output; sliding_window in config.json is honoured.
 #include <algorithm>
 #include <filesystem>
-#include <set>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>

@@ -1,10 +1,11 @@
 // Sampling: greedy, seeded repeatability, truncation rules, penalties,
 // validation, and the sampled distribution itself.
+#include "gateway/sampler.h"
+
 #include <cmath>
 #include <map>
 #include <vector>
 
-#include "gateway/sampler.h"
 #include "gtest/gtest.h"
 
 namespace switchyard {

@@ -101,8 +101,8 @@ class ServerProcess {
       line.clear();
     }
     const int status = Kill(SIGKILL);
-    return absl::UnavailableError(absl::StrCat(argv[0], " did not report its address (wait status ",
-                                               status, ")"));
+    return absl::UnavailableError(
+        absl::StrCat(argv[0], " did not report its address (wait status ", status, ")"));
   }
 
   void Signal(int sig) {
@@ -171,7 +171,8 @@ inline std::string GatewayBinary() { return testing::BinaryDir() + "/switchyard-
 inline std::vector<std::string> ExpertArgv(const std::string& experts, const std::string& listen,
                                            std::vector<std::string> extra = {}) {
   std::vector<std::string> argv = {ExpertBinary(), "--model", testing::TinyMixtralDir(),
-                                   "--experts", experts, "--listen", listen};
+                                   "--experts",    experts,   "--listen",
+                                   listen};
   argv.insert(argv.end(), extra.begin(), extra.end());
   return argv;
 }
@@ -197,8 +198,8 @@ inline absl::Status RestartOn(ServerProcess& process, const std::vector<std::str
     last = got.status();
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
-  return absl::UnavailableError(absl::StrCat("could not restart on ", address, ": ",
-                                             last.message()));
+  return absl::UnavailableError(
+      absl::StrCat("could not restart on ", address, ": ", last.message()));
 }
 
 // The Hugging Face reference prompts of the tiny model (tests/data).
@@ -398,12 +399,23 @@ inline std::string MetricLines(const std::string& text, const std::string& prefi
 }
 
 inline std::string CodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {
-      "OK",        "CANCELLED",         "UNKNOWN",          "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",   "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",      "UNAVAILABLE",      "DATA_LOSS",
-      "UNAUTHENTICATED"};
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
   const int c = static_cast<int>(code);
   return c >= 0 && c <= 16 ? kNames[c] : absl::StrCat("code ", c);
 }

@@ -54,7 +54,7 @@ TEST(LoadTest, SixtyFourConcurrentStreamsOverTheSplitClusterAllSucceed) {
     v1::GenerateRequest& r = requests[i];
     r.set_text(absl::StrCat(prompts[i % prompts.size()], i % 3 == 0 ? "" : " and then", " #", i));
     r.mutable_stopping()->set_max_new_tokens(16 + (i * 13) % 33);  // 16..48
-    r.mutable_stopping()->set_ignore_eos(i % 4 != 1);  // some may stop at EOS
+    r.mutable_stopping()->set_ignore_eos(i % 4 != 1);              // some may stop at EOS
     r.set_request_id(absl::StrCat("load-", i));
     if (i % 2 == 1) {
       faults::MakeSampled(&r, 100 + i);
@@ -108,11 +108,12 @@ TEST(LoadTest, SixtyFourConcurrentStreamsOverTheSplitClusterAllSucceed) {
   const SchedulerStats stats = (*gateway)->scheduler().Stats();
   EXPECT_EQ(stats.requests_failed, 0);
   EXPECT_EQ(stats.kv_used_tokens, 0) << "cache not freed";
-  std::printf("[ load     ] %d requests, %d concurrent streams: %lld tokens in %.2f s = %.0f "
-              "tokens/s, %.1f requests/s (%lld steps, %.1f tokens per step)\n",
-              kRequests, kConcurrency, static_cast<long long>(tokens), seconds, tokens / seconds,
-              kRequests / seconds, static_cast<long long>(stats.steps),
-              stats.steps ? static_cast<double>(stats.step_tokens_total) / stats.steps : 0.0);
+  std::printf(
+      "[ load     ] %d requests, %d concurrent streams: %lld tokens in %.2f s = %.0f "
+      "tokens/s, %.1f requests/s (%lld steps, %.1f tokens per step)\n",
+      kRequests, kConcurrency, static_cast<long long>(tokens), seconds, tokens / seconds,
+      kRequests / seconds, static_cast<long long>(stats.steps),
+      stats.steps ? static_cast<double>(stats.step_tokens_total) / stats.steps : 0.0);
 
   gateway->reset();
   for (auto& e : experts) {

@@ -78,7 +78,7 @@ struct Host {
   std::string ns_ip;      // 10.211.B.(4h+2)
   std::string experts;    // "0,1,2,3", set by StartCluster
   std::unique_ptr<ServerProcess> process;
-  std::string address;    // ns_ip:PORT
+  std::string address;  // ns_ip:PORT
 };
 
 class NetnsTest : public ::testing::Test {
@@ -125,8 +125,8 @@ class NetnsTest : public ::testing::Test {
         const int rc = Sh(c, &output);
         if (h > 0 && c == commands[0] && rc == 0) created_.push_back(host.ns);
         if (rc != 0 && absl::StrContains(c, " type veth ")) {
-          GTEST_SKIP() << "cannot create a veth pair (no CAP_NET_ADMIN or no veth driver?): "
-                       << c << ": " << output;
+          GTEST_SKIP() << "cannot create a veth pair (no CAP_NET_ADMIN or no veth driver?): " << c
+                       << ": " << output;
         }
         ASSERT_EQ(rc, 0) << c << ": " << output;
       }
@@ -317,7 +317,8 @@ TEST_F(NetnsTest, CutLinkFailsItsRequestsAndServiceResumesWhenRestored) {
   // ... and requests fail with UNAVAILABLE naming host A's expert, within
   // about the expert call deadline, while the link is down.
   faults::UnaryOutcome down = faults::Generate(channel_, probe, std::chrono::seconds(30));
-  EXPECT_EQ(down.status.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(down.status);
+  EXPECT_EQ(down.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << faults::Describe(down.status);
   EXPECT_TRUE(NamesOnlyExpertsOf(down.status.error_message(), 0)) << faults::Describe(down.status);
   EXPECT_LT(down.seconds, 2 * kExpertTimeoutMs / 1000.0 + 5.0) << "a request hung on the cut link";
   std::printf("[ down     ] request failed in %.2f s: %s\n", down.seconds,
@@ -336,8 +337,8 @@ TEST_F(NetnsTest, CutLinkFailsItsRequestsAndServiceResumesWhenRestored) {
         << faults::Describe(recovered.status);
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
-  ASSERT_TRUE(recovered.status.ok()) << "no recovery within 30 s of restoring the link: "
-                                     << faults::Describe(recovered.status);
+  ASSERT_TRUE(recovered.status.ok())
+      << "no recovery within 30 s of restoring the link: " << faults::Describe(recovered.status);
   std::printf("[ restored ] requests succeed again %.2f s after the link came back (%d tries)\n",
               faults::SecondsSince(restored), attempts);
   EXPECT_EQ(recovered.tokens, probe_solo);
@@ -349,10 +350,9 @@ TEST_F(NetnsTest, CutLinkFailsItsRequestsAndServiceResumesWhenRestored) {
     ASSERT_TRUE(o.status.ok()) << "stream " << i << ": " << faults::Describe(o.status);
     EXPECT_EQ(o.tokens, solo[i]) << "stream " << i;
   }
-  std::printf("[ metrics  ] %s",
-              faults::MetricLines(gateway_->metrics_registry().Serialize(),
-                                  "switchyard_gateway_expert_call_errors_total")
-                  .c_str());
+  std::printf("[ metrics  ] %s", faults::MetricLines(gateway_->metrics_registry().Serialize(),
+                                                     "switchyard_gateway_expert_call_errors_total")
+                                     .c_str());
 }
 
 // Both hosts hold every expert, so each expert has one replica per host.
@@ -385,10 +385,9 @@ TEST_F(NetnsTest, CutLinkToOneReplicaHostLosesNoRequest) {
     ASSERT_TRUE(o.status.ok()) << "stream " << i << ": " << faults::Describe(o.status);
     EXPECT_EQ(o.tokens, solo[i]) << "stream " << i;
   }
-  std::printf("[ metrics  ] %s",
-              faults::MetricLines(gateway_->metrics_registry().Serialize(),
-                                  "switchyard_gateway_expert_call_errors_total")
-                  .c_str());
+  std::printf("[ metrics  ] %s", faults::MetricLines(gateway_->metrics_registry().Serialize(),
+                                                     "switchyard_gateway_expert_call_errors_total")
+                                     .c_str());
   SetLink(hosts_[0], /*up=*/true);
 }
 

@@ -163,9 +163,9 @@ TEST_F(ReplicaFailoverTest, KillingOneOfTwoReplicasMidStreamLosesNoRequest) {
   faults::UnaryOutcome after = faults::Generate(channel_, requests[0]);
   ASSERT_TRUE(after.status.ok()) << faults::Describe(after.status);
   EXPECT_EQ(after.tokens, solo[0]);
-  std::printf("[ metrics  ] expert 3 failed attempts (each retried on the other replica):\n%s",
-              GatewayMetricLines("switchyard_gateway_expert_call_errors_total", "expert=\"3\"")
-                  .c_str());
+  std::printf(
+      "[ metrics  ] expert 3 failed attempts (each retried on the other replica):\n%s",
+      GatewayMetricLines("switchyard_gateway_expert_call_errors_total", "expert=\"3\"").c_str());
 }
 
 // A rolling restart: SIGTERM to one of two replicas while streams run. It
@@ -194,9 +194,9 @@ TEST_F(ReplicaFailoverTest, GracefulStopOfOneOfTwoReplicasMidStreamLosesNoReques
     EXPECT_EQ(o.tokens, solo[i]) << "stream " << i << " differs from its solo run";
     EXPECT_EQ(o.finish_reason, v1::FINISH_REASON_LENGTH) << i;
   }
-  std::printf("[ metrics  ] expert 6 failed attempts (each retried on the other replica):\n%s",
-              GatewayMetricLines("switchyard_gateway_expert_call_errors_total", "expert=\"6\"")
-                  .c_str());
+  std::printf(
+      "[ metrics  ] expert 6 failed attempts (each retried on the other replica):\n%s",
+      GatewayMetricLines("switchyard_gateway_expert_call_errors_total", "expert=\"6\"").c_str());
 }
 
 TEST_F(ReplicaFailoverTest, KillingTheOnlyReplicaFailsItsRequestsAndRecoversAfterRestart) {
@@ -215,10 +215,11 @@ TEST_F(ReplicaFailoverTest, KillingTheOnlyReplicaFailsItsRequestsAndRecoversAfte
     const auto kill_time = Clock::now();
     experts_.at(victim)->Kill(SIGKILL);
     streams.Join();
-    std::printf("[ fault    ] kill -9 expert %d (%s): %d of %d streams had finished; the rest "
-                "ended %.3f s later\n",
-                kVictim, victim_address.c_str(), finished_before_kill, kStreams,
-                faults::SecondsSince(kill_time));
+    std::printf(
+        "[ fault    ] kill -9 expert %d (%s): %d of %d streams had finished; the rest "
+        "ended %.3f s later\n",
+        kVictim, victim_address.c_str(), finished_before_kill, kStreams,
+        faults::SecondsSince(kill_time));
     int failed = 0;
     for (int i = 0; i < kStreams; ++i) {
       const faults::StreamOutcome& o = streams.outcomes()[i];
@@ -288,8 +289,8 @@ TEST_F(ReplicaFailoverTest, KillingTheOnlyReplicaFailsItsRequestsAndRecoversAfte
         << faults::Describe(recovered.status);
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  ASSERT_TRUE(recovered.status.ok()) << "no recovery within 20 s after the restart: "
-                                     << faults::Describe(recovered.status);
+  ASSERT_TRUE(recovered.status.ok())
+      << "no recovery within 20 s after the restart: " << faults::Describe(recovered.status);
   std::printf("[ recovery ] expert %d back on %s; requests succeed again after %.2f s (%d tries)\n",
               kVictim, victim_address.c_str(), faults::SecondsSince(restarted), attempts);
   EXPECT_EQ(recovered.tokens, probe_solo);

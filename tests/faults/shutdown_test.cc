@@ -116,10 +116,10 @@ double Scalar(const std::string& text, const std::string& name) {
 
 TEST(ShutdownTest, ExpertFinishesCallsInFlightOnSigtermRefusesNewOnesAndExitsZero) {
   ServerProcess expert;
-  auto address = expert.Start(faults::ExpertArgv(
-      "0", "127.0.0.1:0",
-      {"--workers", "1", "--grace-ms", std::to_string(kGraceMs), "--metrics-listen",
-       "127.0.0.1:0"}));
+  auto address =
+      expert.Start(faults::ExpertArgv("0", "127.0.0.1:0",
+                                      {"--workers", "1", "--grace-ms", std::to_string(kGraceMs),
+                                       "--metrics-listen", "127.0.0.1:0"}));
   ASSERT_TRUE(address.ok()) << address.status();
   const std::string metrics = expert.Field("metrics");
   ASSERT_FALSE(metrics.empty());
@@ -243,16 +243,17 @@ TEST(ShutdownTest, ExpertFinishesCallsInFlightOnSigtermRefusesNewOnesAndExitsZer
     ASSERT_TRUE(c.status.ok()) << "call " << i << ": " << faults::Describe(c.status);
     EXPECT_EQ(c.response.output().data(), reference.output().data()) << "call " << i;
   }
-  std::printf("[ expert   ] NOT_SERVING %.3f s after SIGTERM; %d of %d calls done when new ones "
-              "were refused; all done and exit 0 after %.2f s (grace %d ms)\n",
-              not_serving_after, completed_at_refusal, calls, exited_after, kGraceMs);
+  std::printf(
+      "[ expert   ] NOT_SERVING %.3f s after SIGTERM; %d of %d calls done when new ones "
+      "were refused; all done and exit 0 after %.2f s (grace %d ms)\n",
+      not_serving_after, completed_at_refusal, calls, exited_after, kGraceMs);
 }
 
 TEST(ShutdownTest, GatewayFinishesStreamsInFlightOnSigtermRefusesNewOnesAndExitsZero) {
   ServerProcess gateway;
-  auto address = gateway.Start({faults::GatewayBinary(), "--model", testing::TinyMixtralDir(),
-                                "--listen", "127.0.0.1:0", "--experts", "local", "--grace-ms",
-                                std::to_string(kGraceMs)});
+  auto address =
+      gateway.Start({faults::GatewayBinary(), "--model", testing::TinyMixtralDir(), "--listen",
+                     "127.0.0.1:0", "--experts", "local", "--grace-ms", std::to_string(kGraceMs)});
   ASSERT_TRUE(address.ok()) << address.status();
   auto channel = faults::Dial(*address);
   ASSERT_EQ(CheckHealth(channel), HealthCheckResponse::SERVING);
@@ -322,11 +323,12 @@ TEST(ShutdownTest, GatewayFinishesStreamsInFlightOnSigtermRefusesNewOnesAndExits
   ASSERT_TRUE(status.has_value()) << "the gateway did not exit";
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "wait status " << *status;
   EXPECT_LT(exited_after, kGraceMs / 1000.0) << "it only exited when the grace period ran out";
-  std::printf("[ gateway  ] %d streams of %d tokens; NOT_SERVING %.3f s after SIGTERM; %d streams "
-              "done when new requests were refused (%s); all done and exit 0 after %.2f s "
-              "(grace %d ms)\n",
-              kStreams, new_tokens, not_serving_after, finished_at_refusal,
-              faults::Describe(refused.status).c_str(), exited_after, kGraceMs);
+  std::printf(
+      "[ gateway  ] %d streams of %d tokens; NOT_SERVING %.3f s after SIGTERM; %d streams "
+      "done when new requests were refused (%s); all done and exit 0 after %.2f s "
+      "(grace %d ms)\n",
+      kStreams, new_tokens, not_serving_after, finished_at_refusal,
+      faults::Describe(refused.status).c_str(), exited_after, kGraceMs);
 }
 
 // Known issue (rpc/server.cc): gRPC's default health service (1.51) never
@@ -339,8 +341,8 @@ TEST(ShutdownTest, GatewayFinishesStreamsInFlightOnSigtermRefusesNewOnesAndExits
 TEST(ShutdownTest, DISABLED_AnOpenHealthWatchDoesNotHoldTheShutdown) {
   constexpr int kLongGraceMs = 20000;
   ServerProcess expert;
-  auto address = expert.Start(faults::ExpertArgv("0", "127.0.0.1:0",
-                                                 {"--grace-ms", std::to_string(kLongGraceMs)}));
+  auto address = expert.Start(
+      faults::ExpertArgv("0", "127.0.0.1:0", {"--grace-ms", std::to_string(kLongGraceMs)}));
   ASSERT_TRUE(address.ok()) << address.status();
   HealthWatch watch(faults::Dial(*address));
   ASSERT_EQ(watch.Next(), HealthCheckResponse::SERVING);
@@ -348,7 +350,8 @@ TEST(ShutdownTest, DISABLED_AnOpenHealthWatchDoesNotHoldTheShutdown) {
   expert.Signal(SIGTERM);
   EXPECT_EQ(watch.Next(), HealthCheckResponse::NOT_SERVING);
   // Nothing is in flight but the watch: the expert should exit at once.
-  const std::optional<int> status = expert.WaitExit(std::chrono::milliseconds(kLongGraceMs + 10000));
+  const std::optional<int> status =
+      expert.WaitExit(std::chrono::milliseconds(kLongGraceMs + 10000));
   ASSERT_TRUE(status.has_value());
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "wait status " << *status;
   EXPECT_LT(faults::SecondsSince(sigterm), 5.0) << "the open watch held the shutdown";

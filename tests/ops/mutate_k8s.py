@@ -71,6 +71,13 @@ def mutations():
         c = container(docs, "switchyard-expert-7")
         c["args"] = ["--experts=6" if a == "--experts=7" else a for a in c["args"]]
 
+    def wrong_device(docs):  # a GPU pod on the CPU, or a CPU pod asking for CUDA
+        c = container(docs, "switchyard-expert-2")
+        if "--device=cuda" in c["args"]:
+            c["args"] = [a for a in c["args"] if a != "--device=cuda"]
+        else:
+            c["args"] = c["args"] + ["--device=cuda"]
+
     return [
         (typo_field, "unknown field spec.template.spec.containers[0].readinesProbe"),
         (wrong_type, "containerPort must be integer"),
@@ -84,6 +91,7 @@ def mutations():
         (open_expert_port, "lets more than gateway pods reach"),
         (two_autoscalers, "2 autoscalers"),
         (expert_index, "label switchyard/expert 7 != --experts 6"),
+        (wrong_device, "--device does not match the GPU request"),
     ]
 
 

@@ -291,6 +291,15 @@ function checkSwitchyard(name, objects, problems) {
         if (expect.gpu && String(gpus) !== "1") problems.push(`${cw}: no nvidia.com/gpu: 1 limit`);
         if (!expect.gpu && gpus !== undefined) problems.push(`${cw}: asks for a GPU`);
       }
+      // A pod with a GPU computes on it; one without must not try to.
+      const device = args(c).get("device") ?? "cpu";
+      const hasGpu = c.resources?.limits?.["nvidia.com/gpu"] !== undefined;
+      if (hasGpu && device !== "cuda") {
+        problems.push(`${cw}: has a GPU but --device=${device}: --device does not match the GPU request`);
+      }
+      if (!hasGpu && device !== "cpu") {
+        problems.push(`${cw}: has no GPU but --device=${device}: --device does not match the GPU request`);
+      }
       const a = args(c);
       if (a.get("model") !== "/models/mixtral") problems.push(`${cw}: --model is not /models/mixtral`);
       const modelMount = (c.volumeMounts || []).find((m) => m.mountPath === "/models/mixtral");

@@ -27,6 +27,7 @@
 #include "absl/strings/str_join.h"
 #include "cli/flags.h"
 #include "core/checkpoint.h"
+#include "expert_service/expert_backend.h"
 #include "expert_service/expert_ffn.h"
 #include "expert_service/expert_server.h"
 #include "gateway/gateway_server.h"
@@ -491,6 +492,7 @@ TEST(GatewayMutualTlsTest, OnlyClientsWithACertificateFromTheCa) {
 
 struct Shard {
   std::unique_ptr<ExpertStore> store;
+  std::unique_ptr<LocalExpertBackend> backend;
   std::unique_ptr<ExpertServiceImpl> service;
   std::unique_ptr<rpc::RunningServer> server;
   ~Shard() {
@@ -517,8 +519,10 @@ std::unique_ptr<Shard> StartShard(std::shared_ptr<grpc::ServerCredentials> crede
   auto description = DescribeShard(dir, **checkpoint);
   EXPECT_TRUE(description.ok()) << description.status();
   if (!description.ok()) return nullptr;
-  shard->service = std::make_unique<ExpertServiceImpl>(shard->store.get(), *description,
-                                                       ExpertServerOptions{.workers = 2});
+  shard->backend = std::make_unique<LocalExpertBackend>(shard->store.get());
+  shard->service =
+      std::make_unique<ExpertServiceImpl>(shard->store->config(), shard->backend.get(),
+                                          *description, ExpertServerOptions{.workers = 2});
   rpc::ServerOptions options;
   options.listen_address = "127.0.0.1:0";
   options.credentials = std::move(credentials);

@@ -28,7 +28,8 @@ constexpr int kExperts = 8;
 
 // Sum of a counter's series whose labels match `label_filter` (regex on the
 // label text), from Prometheus text.
-double SumSeries(const std::string& text, const std::string& name, const std::string& label_filter) {
+double SumSeries(const std::string& text, const std::string& name,
+                 const std::string& label_filter) {
   double sum = 0;
   std::istringstream in(text);
   std::string line;
@@ -60,10 +61,10 @@ class ClusterTest : public ::testing::Test {
     std::string spec;
     for (int e = 0; e < kExperts; ++e) {
       experts_[e] = new testing::ChildProcess();
-      auto line = experts_[e]->Start({testing::BinaryDir() + "/switchyard-expert", "--model",
-                                      testing::TinyMixtralDir(), "--experts", std::to_string(e),
-                                      "--listen", "127.0.0.1:0", "--metrics-listen",
-                                      "127.0.0.1:0"});
+      auto line =
+          experts_[e]->Start({testing::BinaryDir() + "/switchyard-expert", "--model",
+                              testing::TinyMixtralDir(), "--experts", std::to_string(e), "--listen",
+                              "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"});
       ASSERT_TRUE(line.ok()) << line.status();
       expert_addresses_[e] = *line;
       expert_metrics_[e] = experts_[e]->Field("metrics");
@@ -157,8 +158,9 @@ TEST_F(ClusterTest, RoutedTokensOnTheGatewayEqualWhatExpertsCounted) {
   double gateway_total = 0;
   for (int e = 0; e < kExperts; ++e) {
     const std::string label = "expert=\"" + std::to_string(e) + "\"";
-    const double routed = SumSeries(gateway, "switchyard_gateway_routed_tokens_total", label) -
-                          SumSeries(before_gateway, "switchyard_gateway_routed_tokens_total", label);
+    const double routed =
+        SumSeries(gateway, "switchyard_gateway_routed_tokens_total", label) -
+        SumSeries(before_gateway, "switchyard_gateway_routed_tokens_total", label);
     const double counted =
         SumSeries(ExpertMetrics(e), "switchyard_expert_tokens_total", "") - expert_before[e];
     EXPECT_EQ(routed, counted) << "expert " << e;
@@ -170,8 +172,9 @@ TEST_F(ClusterTest, RoutedTokensOnTheGatewayEqualWhatExpertsCounted) {
   const int K = 2, L = 2;
   const double fed = r.usage().prompt_tokens() + r.usage().completion_tokens() - 1;
   EXPECT_EQ(gateway_total, fed * K * L);
-  std::printf("[ metrics ] %g token-expert pairs routed = (%u prompt + %u generated - 1) x %d x %d\n",
-              gateway_total, r.usage().prompt_tokens(), r.usage().completion_tokens(), K, L);
+  std::printf(
+      "[ metrics ] %g token-expert pairs routed = (%u prompt + %u generated - 1) x %d x %d\n",
+      gateway_total, r.usage().prompt_tokens(), r.usage().completion_tokens(), K, L);
 }
 
 TEST_F(ClusterTest, PromtoolAcceptsEveryProcesssMetrics) {

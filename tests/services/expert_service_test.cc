@@ -19,9 +19,9 @@
 #include "core/dtype.h"
 #include "core/fingerprint.h"
 #include "core/make_model.h"
+#include "expert_service/expert_backend.h"
 #include "expert_service/expert_ffn.h"
 #include "expert_service/expert_server.h"
-#include "gateway/expert_backend.h"
 #include "gateway/remote_expert_backend.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -45,6 +45,7 @@ std::vector<int> AllExperts() { return {0, 1, 2, 3, 4, 5, 6, 7}; }
 // reverse order (server first, so no call reaches a dead service).
 struct Shard {
   std::unique_ptr<ExpertStore> store;
+  std::unique_ptr<LocalExpertBackend> backend;
   std::unique_ptr<ExpertServiceImpl> service;
   std::unique_ptr<rpc::RunningServer> server;
 
@@ -72,8 +73,10 @@ std::unique_ptr<Shard> StartShard(const std::string& dir, std::vector<int> exper
   auto description = DescribeShard(dir, **checkpoint);
   EXPECT_TRUE(description.ok()) << description.status();
   if (!description.ok()) return nullptr;
-  shard->service = std::make_unique<ExpertServiceImpl>(shard->store.get(), *description,
-                                                       ExpertServerOptions{.workers = workers});
+  shard->backend = std::make_unique<LocalExpertBackend>(shard->store.get());
+  shard->service =
+      std::make_unique<ExpertServiceImpl>(shard->store->config(), shard->backend.get(),
+                                          *description, ExpertServerOptions{.workers = workers});
   rpc::ServerOptions options;
   options.listen_address = "127.0.0.1:0";
   auto server = rpc::RunningServer::Start(options, {shard->service.get()});
@@ -570,8 +573,8 @@ class CancellingExpertService final : public v1::ExpertService::CallbackService 
                                          v1::ShardInfo* response) override {
     return real_->GetShardInfo(context, request, response);
   }
-  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
-                                    const v1::ForwardRequest*, v1::ForwardResponse*) override {
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context, const v1::ForwardRequest*,
+                                    v1::ForwardResponse*) override {
     forwards_.fetch_add(1);
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
     reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled"));

@@ -4,7 +4,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -16,9 +18,6 @@
 #include "nlohmann/json.hpp"
 #include "switchyard/v1/generation.grpc.pb.h"
 #include "tests/test_util.h"
-
-#include <fstream>
-#include <sstream>
 
 namespace switchyard {
 namespace {
@@ -124,10 +123,10 @@ TEST_F(GatewayTest, StreamDeltasJoinedEqualTheUnaryResultAndAreValidUtf8) {
       EXPECT_TRUE(IsValidUtf8(m.text_delta())) << m.text_delta();
       EXPECT_EQ(m.request_id(), "r-42");
     }
-    EXPECT_EQ(std::vector<int32_t>(s.messages[0].prompt_token_ids().begin(),
-                                   s.messages[0].prompt_token_ids().end()),
-              std::vector<int32_t>(unary.prompt_token_ids().begin(),
-                                   unary.prompt_token_ids().end()));
+    EXPECT_EQ(
+        std::vector<int32_t>(s.messages[0].prompt_token_ids().begin(),
+                             s.messages[0].prompt_token_ids().end()),
+        std::vector<int32_t>(unary.prompt_token_ids().begin(), unary.prompt_token_ids().end()));
     for (size_t i = 1; i < s.messages.size(); ++i) {
       EXPECT_EQ(s.messages[i].prompt_token_ids_size(), 0);
     }
@@ -260,26 +259,43 @@ TEST_F(GatewayTest, BadRequestsNameTheFieldAndTheServerKeepsServing) {
       {"no prompt", [](auto* r) { r->clear_text(); }, "prompt"},
       {"empty text", [](auto* r) { r->set_text(""); }, "text"},
       {"empty ids", [](auto* r) { r->mutable_token_ids(); }, "token_ids"},
-      {"id out of vocab", [](auto* r) { r->mutable_token_ids()->add_ids(32000); }, "token_ids.ids[0]"},
+      {"id out of vocab", [](auto* r) { r->mutable_token_ids()->add_ids(32000); },
+       "token_ids.ids[0]"},
       {"negative id", [](auto* r) { r->mutable_token_ids()->add_ids(-1); }, "token_ids.ids[0]"},
-      {"max_new 0", [](auto* r) { r->mutable_stopping()->set_max_new_tokens(0); }, "max_new_tokens"},
+      {"max_new 0", [](auto* r) { r->mutable_stopping()->set_max_new_tokens(0); },
+       "max_new_tokens"},
       {"max_new above limit", [](auto* r) { r->mutable_stopping()->set_max_new_tokens(1 << 20); },
        "max_new_tokens"},
-      {"temperature < 0", [](auto* r) { r->mutable_sampling()->set_temperature(-1); }, "temperature"},
-      {"temperature nan", [](auto* r) { r->mutable_sampling()->set_temperature(NAN); }, "temperature"},
+      {"temperature < 0", [](auto* r) { r->mutable_sampling()->set_temperature(-1); },
+       "temperature"},
+      {"temperature nan", [](auto* r) { r->mutable_sampling()->set_temperature(NAN); },
+       "temperature"},
       {"top_p 0", [](auto* r) { r->mutable_sampling()->set_top_p(0); }, "top_p"},
       {"top_p > 1", [](auto* r) { r->mutable_sampling()->set_top_p(1.5f); }, "top_p"},
       {"top_k < 0", [](auto* r) { r->mutable_sampling()->set_top_k(-3); }, "top_k"},
       {"min_p > 1", [](auto* r) { r->mutable_sampling()->set_min_p(2); }, "min_p"},
-      {"presence", [](auto* r) { r->mutable_sampling()->set_presence_penalty(5); }, "presence_penalty"},
-      {"frequency", [](auto* r) { r->mutable_sampling()->set_frequency_penalty(-5); }, "frequency_penalty"},
-      {"repetition", [](auto* r) { r->mutable_sampling()->set_repetition_penalty(0); }, "repetition_penalty"},
-      {"too many stops", [](auto* r) { for (int i = 0; i < 17; ++i) r->mutable_stopping()->add_stop("x"); },
+      {"presence", [](auto* r) { r->mutable_sampling()->set_presence_penalty(5); },
+       "presence_penalty"},
+      {"frequency", [](auto* r) { r->mutable_sampling()->set_frequency_penalty(-5); },
+       "frequency_penalty"},
+      {"repetition", [](auto* r) { r->mutable_sampling()->set_repetition_penalty(0); },
+       "repetition_penalty"},
+      {"too many stops",
+       [](auto* r) {
+         for (int i = 0; i < 17; ++i) r->mutable_stopping()->add_stop("x");
+       },
        "stopping.stop"},
-      {"long stop", [](auto* r) { r->mutable_stopping()->add_stop(std::string(300, 'a')); }, "stopping.stop[0]"},
+      {"long stop", [](auto* r) { r->mutable_stopping()->add_stop(std::string(300, 'a')); },
+       "stopping.stop[0]"},
       {"empty stop", [](auto* r) { r->mutable_stopping()->add_stop(""); }, "stopping.stop[0]"},
-      {"stop id", [](auto* r) { r->mutable_stopping()->add_stop_token_ids(99999); }, "stop_token_ids[0]"},
-      {"top_logprobs", [](auto* r) { r->set_return_logprobs(true); r->set_top_logprobs(50); }, "top_logprobs"},
+      {"stop id", [](auto* r) { r->mutable_stopping()->add_stop_token_ids(99999); },
+       "stop_token_ids[0]"},
+      {"top_logprobs",
+       [](auto* r) {
+         r->set_return_logprobs(true);
+         r->set_top_logprobs(50);
+       },
+       "top_logprobs"},
   };
   for (const Case& c : cases) {
     v1::GenerateRequest request = Greedy("A valid prompt", 4);

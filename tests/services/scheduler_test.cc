@@ -1,6 +1,8 @@
 // Continuous batching: many concurrent requests give what each gives alone;
 // stop strings and stop ids end generation; cancellation frees the cache;
 // queue and cache limits answer RESOURCE_EXHAUSTED.
+#include "gateway/scheduler.h"
+
 #include <condition_variable>
 #include <fstream>
 #include <memory>
@@ -8,10 +10,9 @@
 #include <string>
 #include <vector>
 
-#include "gateway/local_model.h"
-#include "gateway/scheduler.h"
-#include "gtest/gtest.h"
 #include "absl/strings/match.h"
+#include "gateway/local_model.h"
+#include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/test_util.h"
 
@@ -73,8 +74,8 @@ class SchedulerTest : public ::testing::Test {
   }
 
   std::unique_ptr<Scheduler> MakeScheduler(SchedulerOptions options = {}) {
-    return std::make_unique<Scheduler>(&model_->runner(), &model_->kv_pool(),
-                                       &model_->tokenizer(), options);
+    return std::make_unique<Scheduler>(&model_->runner(), &model_->kv_pool(), &model_->tokenizer(),
+                                       options);
   }
 
   GenerationRequest Request(const std::string& prompt, int max_new) {
@@ -87,8 +88,8 @@ class SchedulerTest : public ::testing::Test {
 
   // The single-sequence reference loop.
   GenerateResult Solo(const GenerationRequest& r) {
-    auto result = Generate(model_->runner(), model_->kv_pool(), model_->tokenizer(), r.prompt_ids,
-                           r.options);
+    auto result =
+        Generate(model_->runner(), model_->kv_pool(), model_->tokenizer(), r.prompt_ids, r.options);
     EXPECT_TRUE(result.ok()) << result.status();
     return *result;
   }
@@ -247,7 +248,7 @@ TEST_F(SchedulerTest, FullQueueAndOversizedRequestsAreRefused) {
       sinks.back()->done = true;
     }
   }
-  EXPECT_GE(refused, 5);  // one running, at most two waiting
+  EXPECT_GE(refused, 5);                                // one running, at most two waiting
   GenerationRequest huge = Request(kPrompts[0], 9000);  // cache holds 8192 slots
   auto status = scheduler->Submit(huge, std::make_shared<RecordingSink>());
   EXPECT_EQ(status.status().code(), absl::StatusCode::kResourceExhausted);

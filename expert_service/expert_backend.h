@@ -1,13 +1,16 @@
-// The seam between the attention side and the experts.
+// The seam between the attention side and the experts, and between the
+// expert service and its compute.
 //
 // Each layer, the model runner groups the step's tokens by the expert they
 // were routed to and hands the groups to an ExpertBackend, which fills in the
-// expert outputs. LocalExpertBackend runs them in-process; the services issue
-// puts a gRPC client behind the same interface, so the math does not change.
+// expert outputs. LocalExpertBackend runs them in-process on the CPU,
+// RemoteExpertBackend (gateway/) sends them to expert services over gRPC, and
+// cuda::CudaExpertBackend runs them on a GPU. The expert service computes
+// each Forward call through the same interface (Local or CUDA).
 //
 // Legend: N tokens routed to one expert, D hidden.
-#ifndef SWITCHYARD_GATEWAY_EXPERT_BACKEND_H_
-#define SWITCHYARD_GATEWAY_EXPERT_BACKEND_H_
+#ifndef SWITCHYARD_EXPERT_SERVICE_EXPERT_BACKEND_H_
+#define SWITCHYARD_EXPERT_SERVICE_EXPERT_BACKEND_H_
 
 #include <string>
 
@@ -36,13 +39,14 @@ class ExpertBackend {
   virtual std::string Describe() const = 0;
 };
 
-// Runs experts from an in-process ExpertStore (the `--experts local` mode and
-// the baseline for the split cluster).
+// Runs experts from an in-process ExpertStore on the CPU: the gateway's
+// `--experts local`, the expert service's `--device cpu`, and the oracle for
+// the other backends.
 class LocalExpertBackend : public ExpertBackend {
  public:
   explicit LocalExpertBackend(const ExpertStore* store) : store_(store) {}
   absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override;
-  std::string Describe() const override { return "local (in-process)"; }
+  std::string Describe() const override { return "cpu (in-process, f32)"; }
 
  private:
   const ExpertStore* store_;
@@ -50,4 +54,4 @@ class LocalExpertBackend : public ExpertBackend {
 
 }  // namespace switchyard
 
-#endif  // SWITCHYARD_GATEWAY_EXPERT_BACKEND_H_
+#endif  // SWITCHYARD_EXPERT_SERVICE_EXPERT_BACKEND_H_

@@ -1,4 +1,4 @@
-#include "gateway/expert_backend.h"
+#include "expert_service/expert_backend.h"
 
 #include "absl/strings/str_cat.h"
 
