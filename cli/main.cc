@@ -26,6 +26,7 @@ constexpr char kUsage[] =
     "              [--expert-workers N] [--kv-cache-tokens N] [--max-queue N]\n"
     "              [--max-step-tokens N] [--max-new-tokens-limit N]\n"
     "              [--expert-arg ARG]... [--gateway-arg ARG]...\n"
+    "              [--device cpu|cuda] [--precision bf16|f32] (for every process)\n"
     "  bench       --server HOST:PORT [--concurrency C] [--requests N] [--prompt-tokens P]\n"
     "              [--output-tokens O] [--seed S] [--timeout-ms N] [--json]\n"
     "  make-model  --preset tiny|bench|mixtral-8x7b --out DIR [--layers N] [--seed S]\n"

@@ -239,7 +239,7 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   std::set<std::string> value_flags = {
       "model",      "port",        "endpoints-file",  "experts-per-process",
       "bin-dir",    "listen-host", "start-timeout-s", "expert-workers",
-      "expert-arg", "gateway-arg"};
+      "expert-arg", "gateway-arg", "device",          "precision"};
   value_flags.insert(gateway_passthrough.begin(), gateway_passthrough.end());
   SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, {}));
   UpOptions o;
@@ -274,6 +274,18 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
     if (auto v = f.Get(name)) {
       o.gateway_args.push_back("--" + name);
       o.gateway_args.push_back(*v);
+    }
+  }
+  // Where every process computes: passed to the gateway and each expert.
+  if (auto device = f.Get("device"); device && *device != "cpu" && *device != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat("--device ", *device, ": expected cpu or cuda"));
+  }
+  for (const char* name : {"device", "precision"}) {
+    if (auto v = f.Get(name)) {
+      for (auto* args : {&o.expert_args, &o.gateway_args}) {
+        args->push_back(absl::StrCat("--", name));
+        args->push_back(*v);
+      }
     }
   }
   for (const std::string& a : f.GetAll("gateway-arg")) o.gateway_args.push_back(a);

@@ -11,13 +11,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "rpc/secret_file.h"
 
 namespace switchyard::rpc {
 namespace {
 
 constexpr size_t kMaxTokenBytes = 4096;
-// Token files are small; a larger one is a wrong path (a log, a device).
-constexpr size_t kMaxFileBytes = 1 << 20;
 constexpr std::string_view kScheme = "bearer";
 
 bool IsSpace(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
@@ -84,43 +83,10 @@ class BearerTokenPlugin final : public grpc::MetadataCredentialsPlugin {
 absl::StatusOr<std::vector<std::string>> ReadBearerTokens(const std::string& path) {
   const std::string where = absl::StrCat("auth token file '", path, "'");
   if (path.empty()) return absl::InvalidArgumentError("no auth token file given");
-  std::error_code ec;
-  const auto status = std::filesystem::status(path, ec);
-  if (!std::filesystem::exists(status)) {
-    return absl::FailedPreconditionError(absl::StrCat(where, " does not exist"));
-  }
-  if (std::filesystem::is_directory(status)) {
-    return absl::FailedPreconditionError(absl::StrCat(where, " is a directory"));
-  }
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(where, " cannot be read: ", std::strerror(errno)));
-  }
-  std::string contents;
-  char buffer[4096];
-  size_t n;
-  bool too_large = false;
-  while ((n = std::fread(buffer, 1, sizeof(buffer), f)) > 0) {
-    contents.append(buffer, n);
-    if (contents.size() > kMaxFileBytes) {
-      too_large = true;
-      break;
-    }
-  }
-  const bool failed = std::ferror(f) != 0;
-  const int read_errno = errno;
-  std::fclose(f);
-  OPENSSL_cleanse(buffer, sizeof(buffer));
+  SY_ASSIGN_OR_RETURN(SecretString contents, ReadSecretFile(path, where, ""));
   absl::Status error;
-  if (failed) {
-    error = absl::FailedPreconditionError(
-        absl::StrCat(where, " cannot be read: ", std::strerror(read_errno)));
-  } else if (too_large) {
-    error = absl::FailedPreconditionError(absl::StrCat(where, " is larger than 1 MiB"));
-  }
   std::vector<std::string> tokens;
-  std::string_view rest(contents);
+  std::string_view rest(contents.value());
   for (int line = 1; error.ok() && !rest.empty(); ++line) {
     const size_t end = rest.find('\n');
     const std::string_view token = Trim(rest.substr(0, end));
@@ -133,7 +99,6 @@ absl::StatusOr<std::vector<std::string>> ReadBearerTokens(const std::string& pat
     }
     tokens.emplace_back(token);
   }
-  OPENSSL_cleanse(contents.data(), contents.size());
   if (error.ok() && tokens.empty()) {
     error = absl::FailedPreconditionError(absl::StrCat(where, " has no token"));
   }

@@ -1,7 +1,6 @@
 #include "rpc/server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -10,9 +9,9 @@ namespace switchyard::rpc {
 
 absl::StatusOr<std::unique_ptr<RunningServer>> RunningServer::Start(
     const ServerOptions& options, const std::vector<grpc::Service*>& services) {
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   auto server = std::unique_ptr<RunningServer>(new RunningServer());
+  server->health_ = std::make_unique<HealthService>(options.health_service_names);
   grpc::ServerBuilder builder;
   int selected_port = 0;
   auto credentials = options.credentials ? options.credentials : grpc::InsecureServerCredentials();
@@ -26,6 +25,7 @@ absl::StatusOr<std::unique_ptr<RunningServer>> RunningServer::Start(
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, options.max_connection_age_ms);
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, 30000);
   }
+  builder.RegisterService(server->health_.get());
   for (grpc::Service* s : services) builder.RegisterService(s);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr) {
@@ -46,27 +46,24 @@ absl::StatusOr<std::unique_ptr<RunningServer>> RunningServer::Start(
     if (host.empty() || host == "0.0.0.0" || host == "[::]") host = "127.0.0.1";
     server->address_ = absl::StrCat(host, ":", selected_port);
   }
-  server->service_names_ = options.health_service_names;
   server->SetServing(true);
   return server;
 }
 
 RunningServer::~RunningServer() {
+  health_->Shutdown();
   if (server_) {
     server_->Shutdown(std::chrono::system_clock::now());
     server_->Wait();
   }
 }
 
-void RunningServer::SetServing(bool serving) {
-  auto* health = server_->GetHealthCheckService();
-  if (health == nullptr) return;
-  health->SetServingStatus("", serving);
-  for (const std::string& name : service_names_) health->SetServingStatus(name, serving);
-}
+void RunningServer::SetServing(bool serving) { health_->SetServing(serving); }
 
 void RunningServer::Shutdown(std::chrono::system_clock::time_point deadline) {
-  SetServing(false);
+  // NOT_SERVING to every watcher, and their streams end, so an open Watch
+  // does not hold the server until the deadline.
+  health_->Shutdown();
   server_->Shutdown(deadline);
 }
 

@@ -1,5 +1,6 @@
 // Starting a gRPC server the Switchyard way: the services given, standard
-// health checking (grpc.health.v1) and server reflection on every server,
+// health checking (grpc.health.v1, rpc/health_service.h) and server
+// reflection on every server,
 // message size limits, and optional connection max-age.
 //
 // Thread-safety: RunningServer methods are thread-safe.
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "rpc/health_service.h"
 
 namespace switchyard::rpc {
 
@@ -48,15 +50,16 @@ class RunningServer {
 
   // Health for the whole server ("") and every service.
   void SetServing(bool serving);
-  // Stops accepting calls and waits for calls in flight until `deadline`.
+  // Health NOT_SERVING (ending every health Watch), then stops accepting
+  // calls and waits for calls in flight until `deadline`.
   void Shutdown(std::chrono::system_clock::time_point deadline);
   void Wait();
 
  private:
   RunningServer() = default;
 
+  std::unique_ptr<HealthService> health_;  // outlives server_
   std::unique_ptr<grpc::Server> server_;
-  std::vector<std::string> service_names_;
   int port_ = 0;
   std::string address_;
 };

@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "rpc/secret_file.h"
 
 namespace switchyard::rpc {
 namespace {
@@ -26,29 +27,6 @@ namespace {
 // our failed parses leave nothing behind for gRPC's own TLS code to misread.
 struct OpenSslErrorQueueGuard {
   ~OpenSslErrorQueueGuard() { ERR_clear_error(); }
-};
-
-// A string holding key material: wiped before its memory is released.
-class SecretString {
- public:
-  SecretString() = default;
-  explicit SecretString(std::string value) : value_(std::move(value)) {}
-  SecretString(SecretString&& other) noexcept : value_(std::move(other.value_)) { other.Wipe(); }
-  SecretString& operator=(SecretString&& other) noexcept {
-    Wipe();
-    value_ = std::move(other.value_);
-    other.Wipe();
-    return *this;
-  }
-  ~SecretString() { Wipe(); }
-  const std::string& value() const { return value_; }
-
- private:
-  void Wipe() {
-    if (!value_.empty()) OPENSSL_cleanse(value_.data(), value_.size());
-    value_.clear();
-  }
-  std::string value_;
 };
 
 struct BioFree {
@@ -64,9 +42,6 @@ using UniqueBio = std::unique_ptr<BIO, BioFree>;
 using UniqueX509 = std::unique_ptr<X509, X509Free>;
 using UniquePkey = std::unique_ptr<EVP_PKEY, PkeyFree>;
 
-// PEM files are small; a larger one is a wrong path (a log, a device).
-constexpr size_t kMaxFileBytes = 1 << 20;
-
 std::string Quoted(const std::string& path) { return absl::StrCat("'", path, "'"); }
 
 // Reads `path` whole. `what` names the role in errors ("TLS key file").
@@ -74,44 +49,9 @@ std::string Quoted(const std::string& path) { return absl::StrCat("'", path, "'"
 // block.
 absl::StatusOr<SecretString> ReadPemFile(const std::string& path, std::string_view what) {
   const std::string role(what);
-  std::error_code ec;
-  const auto status = std::filesystem::status(path, ec);
-  if (!std::filesystem::exists(status)) {
-    return absl::FailedPreconditionError(absl::StrCat(role, " ", Quoted(path), " does not exist"));
-  }
-  if (std::filesystem::is_directory(status)) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(role, " ", Quoted(path), " is a directory, not a PEM file"));
-  }
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(role, " ", Quoted(path), " cannot be read: ", std::strerror(errno)));
-  }
-  std::string contents;
-  char buffer[4096];
-  size_t n;
-  bool too_large = false;
-  while ((n = std::fread(buffer, 1, sizeof(buffer), f)) > 0) {
-    contents.append(buffer, n);
-    if (contents.size() > kMaxFileBytes) {
-      too_large = true;
-      break;
-    }
-  }
-  const bool failed = std::ferror(f) != 0;
-  const int read_errno = errno;
-  std::fclose(f);
-  OPENSSL_cleanse(buffer, sizeof(buffer));
-  SecretString secret(std::move(contents));
-  if (failed) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(role, " ", Quoted(path), " cannot be read: ", std::strerror(read_errno)));
-  }
-  if (too_large) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(role, " ", Quoted(path), " is larger than 1 MiB; not a PEM file"));
-  }
+  SY_ASSIGN_OR_RETURN(
+      SecretString secret,
+      ReadSecretFile(path, absl::StrCat(role, " ", Quoted(path)), ", not a PEM file"));
   if (secret.value().empty()) {
     return absl::FailedPreconditionError(absl::StrCat(role, " ", Quoted(path), " is empty"));
   }

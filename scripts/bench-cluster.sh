@@ -4,8 +4,9 @@
 # + one switchyard-expert process per expert, `switchyard up`), measured in
 # one run with `switchyard bench`. Prints both results and their ratio.
 #
-# usage: scripts/bench-cluster.sh [MODEL_DIR] [bench flags...]
+# usage: [DEVICE=cuda [PRECISION=bf16|f32]] scripts/bench-cluster.sh [MODEL_DIR] [bench flags...]
 #   MODEL_DIR defaults to a `make-model --preset bench` checkpoint in $TMPDIR.
+#   DEVICE=cuda runs every process on GPU 0 (gateway and experts alike).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=build/bin
@@ -17,6 +18,9 @@ if [ -z "$model" ]; then
     --tokenizer-dir tests/data/mistral-tokenizer >/dev/null
 fi
 [ -f "$model/tokenizer.json" ] || cp tests/data/mistral-tokenizer/tokenizer*.json "$model/"
+device_flags=()
+[ -n "${DEVICE:-}" ] && device_flags+=(--device "$DEVICE")
+[ -n "${PRECISION:-}" ] && device_flags+=(--precision "$PRECISION")
 bench_flags=("$@")
 [ ${#bench_flags[@]} -gt 0 ] || bench_flags=(--concurrency 8 --requests 32 --prompt-tokens 64 --output-tokens 32)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -31,26 +35,27 @@ wait_ready() {  # wait_ready PORT PID
 out=$(mktemp -d)
 
 port=$(free_port)
-"$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:$port" --experts local >"$out/local.log" 2>&1 &
+"$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:$port" --experts local \
+  "${device_flags[@]}" >"$out/local.log" 2>&1 &
 pid=$!
 wait_ready "$port" "$pid" || { cat "$out/local.log"; exit 1; }
 "$bin/switchyard" bench --server "127.0.0.1:$port" "${bench_flags[@]}" --json >"$out/local.json"
 kill -TERM "$pid"; wait "$pid" || true
 
 port=$(free_port)
-"$bin/switchyard" up --model "$model" --port "$port" >"$out/split.log" 2>&1 &
+"$bin/switchyard" up --model "$model" --port "$port" "${device_flags[@]}" >"$out/split.log" 2>&1 &
 pid=$!
 wait_ready "$port" "$pid" || { cat "$out/split.log"; exit 1; }
 "$bin/switchyard" bench --server "127.0.0.1:$port" "${bench_flags[@]}" --json >"$out/split.json"
 kill -TERM "$pid"; wait "$pid" || true
 
-python3 - "$out/local.json" "$out/split.json" "$model" "${bench_flags[*]}" <<'PY'
+python3 - "$out/local.json" "$out/split.json" "$model" "${bench_flags[*]}" "${DEVICE:-}" <<'PY'
 import json, sys
 local, split = (json.load(open(p)) for p in sys.argv[1:3])
 def row(name, r):
     return (f"| {name} | {r['output_tokens_per_s']:.1f} | {r['ttft_ms']['p50']:.1f} | {r['ttft_ms']['p99']:.1f} "
             f"| {r['itl_ms']['p50']:.1f} | {r['itl_ms']['p99']:.1f} | {r['errors']} |")
-print(f"model {sys.argv[3]}, bench {sys.argv[4]}")
+print(f"model {sys.argv[3]}, bench {sys.argv[4]}, device {sys.argv[5] or 'cpu'}")
 print("| deployment | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |")
 print("| --- | --- | --- | --- | --- | --- | --- |")
 print(row("--experts local (1 process)", local))

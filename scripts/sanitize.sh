@@ -4,7 +4,8 @@
 # on any test failure or sanitizer report (memory error, leak, undefined
 # behaviour, data race, lock-order inversion).
 #   ASan + UBSan: scheduler_test gateway_test engine_test sampler_test
-#   TSan:         scheduler_test engine_test sampler_test
+#                 health_service_test metrics_test
+#   TSan:         scheduler_test engine_test sampler_test metrics_test
 # Built with g++ like the normal build, so the project and Debian's gRPC,
 # protobuf and Abseil share one toolchain; those libraries are not
 # instrumented. That is harmless for ASan/UBSan, but TSan cannot see the
@@ -13,7 +14,8 @@
 # reports ~1700 false races on every message gRPC passes between threads.
 # Suppressing those would mean suppressing every stack through gRPC, which
 # includes the project's service handlers, so gateway_test is not run under
-# TSan; the scheduler's threading (scheduler_test) is, with no suppressions.
+# TSan; the scheduler's threading (scheduler_test) and the /metrics server
+# (metrics_test: plain threads and sockets) are, with no suppressions.
 # Usage: scripts/sanitize.sh [address|thread ...]   (default: both)
 # Env: SWITCHYARD_JOBS (build parallelism); ASAN_TESTS / TSAN_TESTS (the test
 #      binaries, defaults above).
@@ -33,8 +35,8 @@ report='^(WARNING: ThreadSanitizer|==[0-9]+==ERROR)|runtime error:|^SUMMARY: [A-
 failed=()
 for kind in "${kinds[@]}"; do
   case $kind in
-    address) build=build-asan; tests=(${ASAN_TESTS:-scheduler_test gateway_test engine_test sampler_test}) ;;
-    thread) build=build-tsan; tests=(${TSAN_TESTS:-scheduler_test engine_test sampler_test})
+    address) build=build-asan; tests=(${ASAN_TESTS:-scheduler_test gateway_test engine_test sampler_test health_service_test metrics_test}) ;;
+    thread) build=build-tsan; tests=(${TSAN_TESTS:-scheduler_test engine_test sampler_test metrics_test})
       # GNU libgomp is not built with TSan either: the barrier that ends an
       # OpenMP parallel region (core/cpu_ops.cc) is invisible to it, so every
       # buffer the region's workers touched looks raced by whoever uses or

@@ -71,6 +71,15 @@ check("unknown flag", e.returncode == 1 and "--bogus" in e.stderr, e.stderr)
 e = run("make-model", "--preset", "huge", "--out", tempfile.mkdtemp())
 check("bad preset", e.returncode == 1 and "huge" in e.stderr and "tiny" in e.stderr, e.stderr)
 
+# up --device: checked before anything starts; on a machine without a GPU,
+# --device cuda stops every process and says why (the children's CUDA error).
+e = run("up", "--model", model, "--port", "0", "--device", "tpu")
+check("up bad device", e.returncode == 1 and "--device tpu: expected cpu or cuda" in e.stderr, e.stderr)
+if not os.path.exists("/dev/nvidia0"):
+    e = run("up", "--model", model, "--port", "0", "--device", "cuda")
+    check("up --device cuda without a GPU fails clearly",
+          e.returncode == 1 and "cuda" in e.stderr.lower() and "stopping everything" in e.stderr, e.stderr)
+
 # make-model writes a loadable sharded checkpoint.
 with tempfile.TemporaryDirectory() as out:
     m = run("make-model", "--preset", "tiny", "--out", out, "--shard-size-mb", "1",
