@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "core/cpu_ops.h"
@@ -9,6 +10,17 @@
 #include "core/tensor_names.h"
 
 namespace switchyard {
+namespace {
+
+// A stored 2-D tensor as a Matrix: BF16 kept as BF16, F32/F16 as FP32.
+absl::StatusOr<cpu::Matrix> ReadMatrix(const Checkpoint& checkpoint, const std::string& name) {
+  SY_ASSIGN_OR_RETURN(TensorView view, checkpoint.View(name));
+  SY_CHECK(view.shape.size() == 2);
+  return cpu::Matrix::FromStored(view.dtype, view.data, static_cast<int>(view.shape[0]),
+                                 static_cast<int>(view.shape[1]));
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<AttentionModel>> AttentionModel::Load(const Checkpoint& checkpoint) {
   if (!checkpoint.selection().dense) {
@@ -20,21 +32,18 @@ absl::StatusOr<std::unique_ptr<AttentionModel>> AttentionModel::Load(const Check
   const ModelConfig& c = m->config_;
   SY_ASSIGN_OR_RETURN(m->embed_, checkpoint.ReadF32(names::Embed()));
   SY_ASSIGN_OR_RETURN(m->final_norm_, checkpoint.ReadF32(names::FinalNorm()));
-  SY_ASSIGN_OR_RETURN(m->lm_head_, checkpoint.ReadF32(names::LmHead()));
+  SY_ASSIGN_OR_RETURN(m->lm_head_, ReadMatrix(checkpoint, names::LmHead()));
   m->layers_.resize(c.num_hidden_layers);
   for (int i = 0; i < c.num_hidden_layers; ++i) {
     Layer& layer = m->layers_[i];
     SY_ASSIGN_OR_RETURN(layer.input_norm, checkpoint.ReadF32(names::InputNorm(i)));
     SY_ASSIGN_OR_RETURN(layer.post_norm, checkpoint.ReadF32(names::PostAttnNorm(i)));
-    SY_ASSIGN_OR_RETURN(layer.wo, checkpoint.ReadF32(names::OProj(i)));
-    SY_ASSIGN_OR_RETURN(layer.gate, checkpoint.ReadF32(names::Gate(i)));
-    SY_ASSIGN_OR_RETURN(auto wq, checkpoint.ReadF32(names::QProj(i)));  // [H hd, D]
-    SY_ASSIGN_OR_RETURN(auto wk, checkpoint.ReadF32(names::KProj(i)));  // [Hkv hd, D]
-    SY_ASSIGN_OR_RETURN(auto wv, checkpoint.ReadF32(names::VProj(i)));  // [Hkv hd, D]
-    layer.wqkv.reserve(wq.size() + wk.size() + wv.size());
-    layer.wqkv.insert(layer.wqkv.end(), wq.begin(), wq.end());
-    layer.wqkv.insert(layer.wqkv.end(), wk.begin(), wk.end());
-    layer.wqkv.insert(layer.wqkv.end(), wv.begin(), wv.end());
+    SY_ASSIGN_OR_RETURN(layer.wo, ReadMatrix(checkpoint, names::OProj(i)));
+    SY_ASSIGN_OR_RETURN(layer.gate, ReadMatrix(checkpoint, names::Gate(i)));
+    SY_ASSIGN_OR_RETURN(cpu::Matrix wq, ReadMatrix(checkpoint, names::QProj(i)));  // [H hd, D]
+    SY_ASSIGN_OR_RETURN(cpu::Matrix wk, ReadMatrix(checkpoint, names::KProj(i)));  // [Hkv hd, D]
+    SY_ASSIGN_OR_RETURN(cpu::Matrix wv, ReadMatrix(checkpoint, names::VProj(i)));  // [Hkv hd, D]
+    layer.wqkv = cpu::Matrix::StackRows({&wq, &wk, &wv});
   }
   return m;
 }
@@ -64,7 +73,7 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
   std::vector<float> attn(static_cast<size_t>(tokens) * q_dim);   // [T, H, hd]
 
   cpu::RmsNorm(h, w.input_norm.data(), tokens, D, static_cast<float>(c.rms_norm_eps), x.data());
-  cpu::Linear(x.data(), w.wqkv.data(), tokens, D, qkv_dim, qkv.data());
+  cpu::Linear(x.data(), w.wqkv, tokens, qkv.data());  // [T, (H + 2 Hkv) hd]
   for (int t = 0; t < tokens; ++t) {
     const float* row = qkv.data() + static_cast<int64_t>(t) * qkv_dim;
     std::copy_n(row, q_dim, q.data() + static_cast<int64_t>(t) * q_dim);
@@ -111,7 +120,7 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
     }
   }
   // h[T, D] += attn[T, H hd] · wo^T
-  cpu::Linear(attn.data(), w.wo.data(), tokens, q_dim, D, h, /*accumulate=*/true);
+  cpu::Linear(attn.data(), w.wo, tokens, h, /*accumulate=*/true);
 }
 
 void AttentionModel::RouterInput(int layer, const float* h, int tokens, float* x,
@@ -119,9 +128,8 @@ void AttentionModel::RouterInput(int layer, const float* h, int tokens, float* x
   const ModelConfig& c = config_;
   const Layer& w = layers_[layer];
   cpu::RmsNorm(h, w.post_norm.data(), tokens, c.hidden_size, static_cast<float>(c.rms_norm_eps),
-               x);  // [T, D]
-  cpu::Linear(x, w.gate.data(), tokens, c.hidden_size, c.num_local_experts,
-              router_logits);  // [T, E]
+               x);                                // [T, D]
+  cpu::Linear(x, w.gate, tokens, router_logits);  // [T, E]
 }
 
 void AttentionModel::Logits(const float* h, int rows, float* logits) const {
@@ -129,7 +137,7 @@ void AttentionModel::Logits(const float* h, int rows, float* logits) const {
   std::vector<float> x(static_cast<size_t>(rows) * c.hidden_size);  // [N, D]
   cpu::RmsNorm(h, final_norm_.data(), rows, c.hidden_size, static_cast<float>(c.rms_norm_eps),
                x.data());
-  cpu::Linear(x.data(), lm_head_.data(), rows, c.hidden_size, c.vocab_size, logits);  // [N, V]
+  cpu::Linear(x.data(), lm_head_, rows, logits);  // [N, V]
 }
 
 }  // namespace switchyard

@@ -5,6 +5,9 @@
 // Legend: T tokens in the step, D hidden, H query heads, Hkv kv heads,
 // hd head dim, E experts, V vocabulary, S cached positions.
 //
+// Projection weights are held as stored (BF16 stays BF16, F32/F16 become
+// FP32; the math is FP32 either way, see core/cpu_ops.h).
+//
 // Thread-safety: immutable after Load; methods are const and may run
 // concurrently on different sequences' caches.
 #ifndef SWITCHYARD_ATTENTION_SERVICE_ATTENTION_MODEL_H_
@@ -18,6 +21,7 @@
 #include "absl/types/span.h"
 #include "attention_service/kv_cache.h"
 #include "core/checkpoint.h"
+#include "core/cpu_ops.h"
 #include "core/model_config.h"
 
 namespace switchyard {
@@ -47,17 +51,17 @@ class AttentionModel {
  private:
   struct Layer {
     std::vector<float> input_norm;  // [D]
-    std::vector<float> wqkv;        // [(H + 2 Hkv) hd, D]: q, k, v rows stacked
-    std::vector<float> wo;          // [D, H hd]
+    cpu::Matrix wqkv;               // [(H + 2 Hkv) hd, D]: q, k, v rows stacked
+    cpu::Matrix wo;                 // [D, H hd]
     std::vector<float> post_norm;   // [D]
-    std::vector<float> gate;        // [E, D]
+    cpu::Matrix gate;               // [E, D]
   };
 
   ModelConfig config_;
   std::vector<float> embed_;       // [V, D]
   std::vector<Layer> layers_;      // [L]
   std::vector<float> final_norm_;  // [D]
-  std::vector<float> lm_head_;     // [V, D]
+  cpu::Matrix lm_head_;            // [V, D]
 };
 
 }  // namespace switchyard

@@ -7,17 +7,71 @@
 //
 // All matrices are row-major. Weights keep the Hugging Face layout
 // [out_features, in_features], so a projection is y = x W^T.
-// Thread-safety: pure functions over caller-owned buffers.
+//
+// Weights may be held as FP32 or as BF16 (Matrix). BF16 -> FP32 is exact, so
+// Linear on a BF16 Matrix computes the same FP32 math as on its FP32 copy:
+// y[t, n] = sum_k x[t, k] * float(w[n, k]), accumulated in FP32 (the
+// summation order differs between shapes and kernels, FP32 rounding only).
+// For few rows (T <= kSkinnyMaxTokens) Linear uses a "skinny" kernel that
+// streams each weight row once and computes all T dot products from it
+// (AVX2/FMA when the CPU has it, else a scalar loop), split over N across a
+// persistent OpenMP team; each output element's summation order depends only
+// on Kin, never on T, N or the thread split. More rows go through BLAS
+// (BF16 weights converted block by block).
+//
+// Thread-safety: pure functions over caller-owned buffers; Matrix is
+// immutable after construction and may be shared across threads.
 #ifndef SWITCHYARD_CORE_CPU_OPS_H_
 #define SWITCHYARD_CORE_CPU_OPS_H_
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
+
+#include "core/dtype.h"
 
 namespace switchyard::cpu {
 
-// y[T, N] = x[T, Kin] · w[N, Kin]^T  (+ y when accumulate). Through BLAS.
+// Row counts up to this use the skinny kernel.
+inline constexpr int kSkinnyMaxTokens = 16;
+
+// A weight matrix w[N, Kin], row-major, held as FP32 or as BF16 bits.
+class Matrix {
+ public:
+  Matrix() = default;
+  static Matrix FromF32(std::vector<float> data, int rows, int cols);      // [rows, cols]
+  static Matrix FromBf16(std::vector<uint16_t> data, int rows, int cols);  // [rows, cols]
+  // A stored tensor (little-endian, possibly unaligned): BF16 stays BF16,
+  // F32 and F16 become FP32 (all exact).
+  static Matrix FromStored(DType dtype, const void* data, int rows, int cols);
+  // The rows of `parts` (all with the same cols) stacked in order; BF16 when
+  // every part is BF16, else FP32.
+  static Matrix StackRows(const std::vector<const Matrix*>& parts);
+
+  int rows() const { return rows_; }
+  int cols() const { return cols_; }
+  bool is_bf16() const { return is_bf16_; }
+  const float* f32() const { return f32_.data(); }       // [rows, cols]; FP32 only
+  const uint16_t* bf16() const { return bf16_.data(); }  // [rows, cols]; BF16 only
+  // Row `r` converted to FP32 into out[cols].
+  void RowToF32(int r, float* out) const;
+  size_t bytes() const { return f32_.size() * sizeof(float) + bf16_.size() * sizeof(uint16_t); }
+
+ private:
+  int rows_ = 0;
+  int cols_ = 0;
+  bool is_bf16_ = false;
+  std::vector<float> f32_;      // [rows, cols] when !is_bf16_
+  std::vector<uint16_t> bf16_;  // [rows, cols] when is_bf16_
+};
+
+// y[T, N] = x[T, Kin] · w[N, Kin]^T  (+ y when accumulate), FP32 weights.
 void Linear(const float* x, const float* w, int tokens, int in_features, int out_features, float* y,
             bool accumulate = false);
+
+// y[T, N] = x[T, Kin] · w[N, Kin]^T  (+ y when accumulate), N = w.rows(),
+// Kin = w.cols(); either dtype.
+void Linear(const float* x, const Matrix& w, int tokens, float* y, bool accumulate = false);
 
 // y[T, D] = x / sqrt(mean(x^2) + eps) * weight, per row.
 void RmsNorm(const float* x, const float* weight, int tokens, int dim, float eps, float* y);

@@ -1,21 +1,37 @@
 #include "expert_service/expert_ffn.h"
 
 #include <algorithm>
+#include <string>
 
 #include "core/cpu_ops.h"
 #include "core/status_macros.h"
 #include "core/tensor_names.h"
 
 namespace switchyard {
+namespace {
+
+// A stored 2-D tensor as a Matrix: BF16 kept as BF16, F32/F16 as FP32.
+absl::StatusOr<cpu::Matrix> ReadMatrix(const Checkpoint& checkpoint, const std::string& name) {
+  SY_ASSIGN_OR_RETURN(TensorView view, checkpoint.View(name));
+  SY_CHECK(view.shape.size() == 2);
+  return cpu::Matrix::FromStored(view.dtype, view.data, static_cast<int>(view.shape[0]),
+                                 static_cast<int>(view.shape[1]));
+}
+
+}  // namespace
 
 ExpertFfn::ExpertFfn(int hidden, int ffn, std::vector<float> w1, std::vector<float> w3,
                      std::vector<float> w2)
+    : ExpertFfn(hidden, ffn, cpu::Matrix::FromF32(std::move(w1), ffn, hidden),
+                cpu::Matrix::FromF32(std::move(w3), ffn, hidden),
+                cpu::Matrix::FromF32(std::move(w2), hidden, ffn)) {}
+
+ExpertFfn::ExpertFfn(int hidden, int ffn, const cpu::Matrix& w1, const cpu::Matrix& w3,
+                     cpu::Matrix w2)
     : hidden_(hidden), ffn_(ffn), w2_(std::move(w2)) {
-  const size_t block = static_cast<size_t>(ffn) * hidden;
-  SY_CHECK(w1.size() == block && w3.size() == block && w2_.size() == block);
-  w13_.resize(2 * block);
-  std::copy(w1.begin(), w1.end(), w13_.begin());
-  std::copy(w3.begin(), w3.end(), w13_.begin() + block);
+  SY_CHECK(w1.rows() == ffn && w1.cols() == hidden && w3.rows() == ffn && w3.cols() == hidden);
+  SY_CHECK(w2_.rows() == hidden && w2_.cols() == ffn);
+  w13_ = cpu::Matrix::StackRows({&w1, &w3});  // [2F, D]
 }
 
 void ExpertFfn::Forward(const float* x, int tokens, float* out) const {
@@ -25,12 +41,12 @@ void ExpertFfn::Forward(const float* x, int tokens, float* out) const {
   thread_local std::vector<float> act;      // [N, F]
   gate_up.resize(static_cast<size_t>(tokens) * 2 * F);
   act.resize(static_cast<size_t>(tokens) * F);
-  cpu::Linear(x, w13_.data(), tokens, hidden_, 2 * ffn_, gate_up.data());  // [N, 2F]
+  cpu::Linear(x, w13_, tokens, gate_up.data());  // [N, 2F]
   for (int t = 0; t < tokens; ++t) {
     const float* row = gate_up.data() + t * 2 * F;     // [2F]
     cpu::SwiGlu(row, row + F, F, act.data() + t * F);  // [F]
   }
-  cpu::Linear(act.data(), w2_.data(), tokens, ffn_, hidden_, out);  // [N, D]
+  cpu::Linear(act.data(), w2_, tokens, out);  // [N, D]
 }
 
 absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(const Checkpoint& checkpoint) {
@@ -40,11 +56,11 @@ absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(const Checkpoint&
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     for (int e = 0; e < c.num_local_experts; ++e) {
       if (!checkpoint.selection().IncludesExpert(layer, e)) continue;
-      SY_ASSIGN_OR_RETURN(auto w1, checkpoint.ReadF32(names::Expert(layer, e, "w1")));
-      SY_ASSIGN_OR_RETURN(auto w3, checkpoint.ReadF32(names::Expert(layer, e, "w3")));
-      SY_ASSIGN_OR_RETURN(auto w2, checkpoint.ReadF32(names::Expert(layer, e, "w2")));
-      store->experts_[{layer, e}] = std::make_unique<ExpertFfn>(
-          c.hidden_size, c.intermediate_size, std::move(w1), std::move(w3), std::move(w2));
+      SY_ASSIGN_OR_RETURN(cpu::Matrix w1, ReadMatrix(checkpoint, names::Expert(layer, e, "w1")));
+      SY_ASSIGN_OR_RETURN(cpu::Matrix w3, ReadMatrix(checkpoint, names::Expert(layer, e, "w3")));
+      SY_ASSIGN_OR_RETURN(cpu::Matrix w2, ReadMatrix(checkpoint, names::Expert(layer, e, "w2")));
+      store->experts_[{layer, e}] =
+          std::make_unique<ExpertFfn>(c.hidden_size, c.intermediate_size, w1, w3, std::move(w2));
     }
   }
   return store;

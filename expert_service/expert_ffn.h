@@ -13,17 +13,21 @@
 
 #include "absl/status/statusor.h"
 #include "core/checkpoint.h"
+#include "core/cpu_ops.h"
 #include "core/model_config.h"
 
 namespace switchyard {
 
-// The FP32 weights of one (layer, expert). Immutable after construction;
+// The weights of one (layer, expert), FP32 or BF16 (as stored; the math is
+// FP32 either way, see core/cpu_ops.h). Immutable after construction;
 // Forward is thread-safe.
 class ExpertFfn {
  public:
   // w1, w3: [F, D] (gate and up projections); w2: [D, F] (down projection).
   ExpertFfn(int hidden, int ffn, std::vector<float> w1, std::vector<float> w3,
             std::vector<float> w2);
+  // The same from matrices of either dtype (w13 is BF16 when w1 and w3 are).
+  ExpertFfn(int hidden, int ffn, const cpu::Matrix& w1, const cpu::Matrix& w3, cpu::Matrix w2);
 
   int hidden() const { return hidden_; }
   int ffn() const { return ffn_; }
@@ -34,8 +38,8 @@ class ExpertFfn {
  private:
   int hidden_;
   int ffn_;
-  std::vector<float> w13_;  // [2F, D]: w1 rows then w3 rows, one GEMM for both
-  std::vector<float> w2_;   // [D, F]
+  cpu::Matrix w13_;  // [2F, D]: w1 rows then w3 rows, one GEMM for both
+  cpu::Matrix w2_;   // [D, F]
 };
 
 // The experts one process holds, keyed by (layer, expert). Immutable after

@@ -1,8 +1,11 @@
 // CPU kernels against naive loops on awkward shapes.
 #include "core/cpu_ops.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -39,6 +42,86 @@ TEST(CpuOpsTest, LinearMatchesNaive) {
     cpu::Linear(x.data(), w.data(), T, K, N, acc.data(), /*accumulate=*/true);
     EXPECT_TRUE(AllClose(acc, ref_acc, tolerance::kKernelAbs, tolerance::kKernelRel, "Linear+="));
   }
+}
+
+// The skinny kernel (T <= kSkinnyMaxTokens) and the BLAS path (T above it),
+// on FP32 and BF16 matrices, against a double-accumulated naive loop over the
+// same (BF16-rounded) values; T = 33 covers the blocked BF16 -> GEMM path.
+TEST(CpuOpsTest, MatrixLinearMatchesNaiveOnAwkwardShapes) {
+  for (int T : {1, 3, 16, 33}) {
+    for (int K : {17, 64, 1024}) {
+      for (int N : {1, 7, 65}) {
+        const auto x = Random(static_cast<size_t>(T) * K, 11);  // [T, K]
+        auto wf = Random(static_cast<size_t>(N) * K, 12);       // [N, K]
+        std::vector<uint16_t> wb(wf.size());                    // [N, K]
+        for (size_t i = 0; i < wf.size(); ++i) {
+          wb[i] = F32ToBf16(wf[i]);
+          wf[i] = Bf16ToF32(wb[i]);  // the same values in both dtypes
+        }
+        std::vector<float> ref(static_cast<size_t>(T) * N);  // [T, N]
+        for (int t = 0; t < T; ++t)
+          for (int n = 0; n < N; ++n) {
+            double s = 0;
+            for (int k = 0; k < K; ++k) {
+              s += static_cast<double>(x[t * K + k]) * wf[static_cast<size_t>(n) * K + k];
+            }
+            ref[t * N + n] = static_cast<float>(s);
+          }
+        const cpu::Matrix mats[] = {cpu::Matrix::FromF32(wf, N, K),
+                                    cpu::Matrix::FromBf16(wb, N, K)};
+        for (const cpu::Matrix& m : mats) {
+          const char* what = m.is_bf16() ? "bf16" : "f32";
+          std::vector<float> y(ref.size(), -7.0f);  // [T, N]
+          cpu::Linear(x.data(), m, T, y.data());
+          double max_diff = 0;
+          for (size_t i = 0; i < y.size(); ++i) {
+            max_diff = std::max(max_diff, std::abs(static_cast<double>(y[i]) - ref[i]));
+          }
+          std::printf("Linear %-4s T=%2d K=%4d N=%2d  max |diff| %.3g\n", what, T, K, N, max_diff);
+          EXPECT_TRUE(AllClose(y, ref, tolerance::kLinearAbs, tolerance::kLinearRel, what))
+              << "T=" << T << " K=" << K << " N=" << N;
+          std::vector<float> acc(ref.size(), 1.0f), ref_acc(ref);  // [T, N]
+          for (float& v : ref_acc) v += 1.0f;
+          cpu::Linear(x.data(), m, T, acc.data(), /*accumulate=*/true);
+          EXPECT_TRUE(AllClose(acc, ref_acc, tolerance::kLinearAbs, tolerance::kLinearRel, what))
+              << "accumulate T=" << T << " K=" << K << " N=" << N;
+        }
+      }
+    }
+  }
+}
+
+// Each output's summation order depends only on K: a row computed in a batch
+// of 16 is bitwise the row computed alone, for both dtypes.
+TEST(CpuOpsTest, SkinnyLinearRowIndependentOfBatch) {
+  const int T = 16, K = 1024, N = 4099;
+  const auto x = Random(static_cast<size_t>(T) * K, 21);   // [T, K]
+  const auto wf = Random(static_cast<size_t>(N) * K, 22);  // [N, K]
+  std::vector<uint16_t> wb(wf.size());                     // [N, K]
+  for (size_t i = 0; i < wf.size(); ++i) wb[i] = F32ToBf16(wf[i]);
+  const cpu::Matrix mats[] = {cpu::Matrix::FromF32(wf, N, K), cpu::Matrix::FromBf16(wb, N, K)};
+  for (const cpu::Matrix& m : mats) {
+    std::vector<float> all(static_cast<size_t>(T) * N), one(N);  // [T, N], [N]
+    cpu::Linear(x.data(), m, T, all.data());
+    for (int t = 0; t < T; ++t) {
+      cpu::Linear(x.data() + static_cast<size_t>(t) * K, m, 1, one.data());
+      EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + static_cast<size_t>(t) * N))
+          << (m.is_bf16() ? "bf16" : "f32") << " row " << t;
+    }
+  }
+}
+
+TEST(CpuOpsTest, StackRowsKeepsBf16OnlyWhenAllPartsAre) {
+  const std::vector<float> a = {1.0f, 2.0f}, b = {3.0f, 4.5f};
+  const cpu::Matrix fa = cpu::Matrix::FromF32(a, 1, 2);
+  const cpu::Matrix bb = cpu::Matrix::FromBf16({F32ToBf16(b[0]), F32ToBf16(b[1])}, 1, 2);
+  const cpu::Matrix bf = cpu::Matrix::StackRows({&bb, &bb});
+  EXPECT_TRUE(bf.is_bf16());
+  EXPECT_EQ(bf.rows(), 2);
+  const cpu::Matrix mixed = cpu::Matrix::StackRows({&fa, &bb});
+  ASSERT_FALSE(mixed.is_bf16());
+  EXPECT_EQ(std::vector<float>(mixed.f32(), mixed.f32() + 4),
+            (std::vector<float>{1.0f, 2.0f, 3.0f, 4.5f}));
 }
 
 TEST(CpuOpsTest, RmsNormMatchesNaive) {
