@@ -16,6 +16,8 @@ int RunMakeModel(const std::vector<std::string>& args);
 // cli/remote_commands.cc.
 int RunGenerateRemote(const std::vector<std::string>& args);
 int RunTokenizeRemote(const std::vector<std::string>& args);
+// `health --server`: exit 0 when the server reports SERVING (exec probes).
+int RunHealth(const std::vector<std::string>& args);
 // `switchyard up`: runs experts and a gateway as child processes;
 // cli/up_command.cc.
 int RunUp(const std::vector<std::string>& args);

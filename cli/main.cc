@@ -21,6 +21,8 @@ constexpr char kUsage[] =
     "              [--logprobs N] [--request-id ID] [--json]\n"
     "  tokenize    --model DIR --text TEXT\n"
     "  tokenize    --server HOST:PORT --text TEXT [--add-special-tokens=false]\n"
+    "  health      --server HOST:PORT [--service NAME] [--timeout-ms N (default 5000)]\n"
+    "              [--tls-ca F [--tls-cert F --tls-key F]]: exit 0 when SERVING\n"
     "  up          --model DIR --port P [--endpoints-file F] [--experts-per-process N]\n"
     "              [--bin-dir DIR] [--listen-host HOST] [--start-timeout-s S]\n"
     "              [--expert-workers N] [--kv-cache-tokens N] [--max-queue N]\n"
@@ -57,6 +59,7 @@ int main(int argc, char** argv) {
   if (command == "tokenize") {
     return remote ? switchyard::cli::RunTokenizeRemote(args) : switchyard::cli::RunTokenize(args);
   }
+  if (command == "health") return switchyard::cli::RunHealth(args);
   if (command == "up") return switchyard::cli::RunUp(args);
   if (command == "bench") return switchyard::cli::RunBench(args);
   if (command == "make-model") return switchyard::cli::RunMakeModel(args);

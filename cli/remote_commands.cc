@@ -342,7 +342,32 @@ absl::Status TokenizeRemote(const std::vector<std::string>& args) {
   return absl::OkStatus();
 }
 
+// `health`: one grpc.health.v1 Check, for exec probes where the prober
+// cannot speak TLS (Kubernetes' grpc probes are plaintext only).
+absl::Status Health(const std::vector<std::string>& args) {
+  SY_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
+                                                {"server", "service", "timeout-ms", "tls-ca",
+                                                 "tls-cert", "tls-key", "auth-token-file"},
+                                                {}));
+  SY_RETURN_IF_ERROR(ConfigureClientSecurity(flags));
+  SY_ASSIGN_OR_RETURN(std::string server, flags.Required("server"));
+  const std::string service = flags.GetOr("service", "");
+  SY_ASSIGN_OR_RETURN(int64_t timeout_ms, flags.Int("timeout-ms", 5000));
+  if (timeout_ms < 1) return absl::InvalidArgumentError("--timeout-ms must be >= 1");
+  SY_ASSIGN_OR_RETURN(bool serving, IsServing(MakeChannel(server, /*own_connection=*/true), service,
+                                              std::chrono::milliseconds(timeout_ms)));
+  const std::string what = service.empty() ? server : absl::StrCat(server, " ", service);
+  if (!serving) return absl::UnavailableError(absl::StrCat(what, " is not serving"));
+  std::printf("%s: SERVING\n", what.c_str());
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+int RunHealth(const std::vector<std::string>& args) {
+  absl::Status status = Health(args);
+  return status.ok() ? 0 : Fail(status, "health");
+}
 
 int RunGenerateRemote(const std::vector<std::string>& args) {
   absl::Status status = GenerateRemote(args);

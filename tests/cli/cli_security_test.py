@@ -82,6 +82,22 @@ check("unknown CA -> UNAVAILABLE", r.returncode == 1 and "UNAVAILABLE" in r.stde
 r = client("--tls-ca", os.path.join(tmp, "missing.pem"))
 check("missing CA file named", r.returncode == 1 and "missing.pem" in r.stderr, r.stderr)
 
+# `switchyard health`, the exec probe for TLS servers: no token needed.
+def health(*extra):
+    return subprocess.run([os.path.join(bin_dir, "switchyard"), "health", "--server", address,
+                           "--timeout-ms", "5000", *extra], capture_output=True, text=True, timeout=60)
+
+
+r = health(*ca)
+check("health over TLS: SERVING, exit 0", r.returncode == 0 and "SERVING" in r.stdout, r.stderr)
+r = health(*ca, "--service", "switchyard.v1.GenerationService")
+check("health of the Generation service", r.returncode == 0, r.stderr)
+r = health(*ca, "--service", "no.such.Service")
+check("health of an unknown service: NOT_FOUND, exit 1",
+      r.returncode == 1 and "NOT_FOUND" in r.stderr and "no.such.Service" in r.stderr, r.stderr)
+r = health()
+check("plaintext health against TLS: exit 1", r.returncode == 1 and "UNAVAILABLE" in r.stderr, r.stderr)
+
 gateway.terminate()
 out, err = gateway.communicate(timeout=60)
 check("gateway exits 0 on SIGTERM", gateway.returncode == 0, err)

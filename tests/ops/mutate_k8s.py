@@ -78,6 +78,14 @@ def mutations():
         else:
             c["args"] = c["args"] + ["--device=cuda"]
 
+    def probe_transport(docs):  # a gRPC probe of a TLS server, or the reverse
+        c = container(docs, "switchyard-gateway")
+        if "exec" in c["readinessProbe"]:
+            c["readinessProbe"] = {"grpc": {"port": 50051}, "periodSeconds": 5}
+        else:
+            c["readinessProbe"] = {"exec": {"command": ["/usr/local/bin/switchyard", "health", "--server",
+                                                        "127.0.0.1:50051"]}, "periodSeconds": 5}
+
     return [
         (typo_field, "unknown field spec.template.spec.containers[0].readinesProbe"),
         (wrong_type, "containerPort must be integer"),
@@ -92,6 +100,7 @@ def mutations():
         (two_autoscalers, "2 autoscalers"),
         (expert_index, "label switchyard/expert 7 != --experts 6"),
         (wrong_device, "--device does not match the GPU request"),
+        (probe_transport, "probe does not match the server's transport"),
     ]
 
 

@@ -54,6 +54,7 @@ const OVERLAYS = {
   "cpu-demo": { image: "switchyard:cpu", autoscaler: "ScaledObject", gpu: false, modelPvc: false },
   gpu: { image: "switchyard:gpu", autoscaler: "ScaledObject", gpu: true, modelPvc: true },
   "gpu-hpa": { image: "switchyard:gpu", autoscaler: "HorizontalPodAutoscaler", gpu: true, modelPvc: true },
+  "gpu-tls": { image: "switchyard:gpu", autoscaler: "ScaledObject", gpu: true, modelPvc: true, tls: true },
 };
 
 const NAMESPACE = "switchyard";
@@ -276,11 +277,40 @@ function checkSwitchyard(name, objects, problems) {
       const metricsPort = (c.ports || []).find((p) => p.name === "metrics")?.containerPort;
       if (!grpcPort) problems.push(`${cw}: no port named grpc`);
       if (metricsPort !== 9090) problems.push(`${cw}: no port named metrics on 9090`);
+      // Plaintext servers: gRPC probes. TLS servers (--tls-cert): Kubernetes'
+      // gRPC probes cannot speak TLS, so an exec of `switchyard health`
+      // against 127.0.0.1 with a CA.
+      const servesTls = args(c).has("tls-cert");
+      const mismatch = "probe does not match the server's transport";
       for (const probe of ["startupProbe", "readinessProbe", "livenessProbe"]) {
         const p = c[probe];
-        if (!p) problems.push(`${cw}: no ${probe}`);
-        else if (!p.grpc) problems.push(`${cw}: ${probe} is not a gRPC probe`);
-        else if (p.grpc.port !== grpcPort) problems.push(`${cw}: ${probe} probes port ${p.grpc.port}, not the grpc port ${grpcPort}`);
+        if (!p) {
+          problems.push(`${cw}: no ${probe}`);
+        } else if (p.grpc) {
+          if (servesTls) problems.push(`${cw}: ${probe} is a plaintext gRPC probe of a TLS server: ${mismatch}`);
+          else if (p.grpc.port !== grpcPort) problems.push(`${cw}: ${probe} probes port ${p.grpc.port}, not the grpc port ${grpcPort}`);
+        } else if (p.exec) {
+          const cmd = p.exec.command || [];
+          const server = cmd[cmd.indexOf("--server") + 1];
+          if (!/(^|\/)switchyard$/.test(cmd[0] || "") || cmd[1] !== "health") {
+            problems.push(`${cw}: ${probe} execs ${JSON.stringify(cmd.slice(0, 2))}, not switchyard health`);
+          } else if (!servesTls) {
+            problems.push(`${cw}: ${probe} runs switchyard health against a plaintext server: ${mismatch}`);
+          } else if (server !== `127.0.0.1:${grpcPort}`) {
+            problems.push(`${cw}: ${probe} checks ${server}, not 127.0.0.1:${grpcPort}`);
+          } else if (!cmd.includes("--tls-ca")) {
+            problems.push(`${cw}: ${probe} runs switchyard health without --tls-ca against a TLS server`);
+          }
+        } else {
+          problems.push(`${cw}: ${probe} is neither a gRPC probe nor an exec of switchyard health`);
+        }
+      }
+      if (expect?.tls) {
+        const a = args(c);
+        const want = c.name === "gateway"
+          ? ["tls-cert", "tls-key", "expert-tls-ca", "expert-tls-cert", "expert-tls-key"]
+          : ["tls-cert", "tls-key", "tls-client-ca"];
+        for (const flag of want) if (!a.has(flag)) problems.push(`${cw}: TLS overlay without --${flag}`);
       }
       if (!c.resources?.requests?.cpu || !c.resources?.requests?.memory || !c.resources?.limits?.memory) {
         problems.push(`${cw}: needs cpu and memory requests and a memory limit`);
