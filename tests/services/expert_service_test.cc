@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <string>
 #include <thread>
@@ -21,6 +22,7 @@
 #include "core/make_model.h"
 #include "expert_service/expert_backend.h"
 #include "expert_service/expert_ffn.h"
+#include "expert_service/expert_process.h"
 #include "expert_service/expert_server.h"
 #include "gateway/remote_expert_backend.h"
 #include "gmock/gmock.h"
@@ -28,6 +30,7 @@
 #include "rpc/server.h"
 #include "rpc/tensor_codec.h"
 #include "switchyard/v1/expert.grpc.pb.h"
+#include "tests/http_util.h"
 #include "tests/test_util.h"
 #include "tests/tolerances.h"
 
@@ -781,6 +784,69 @@ TEST_F(ExpertServiceTest, GracefulStopFinishesAcceptedCalls) {
   EXPECT_EQ(stats.experts[0].in_flight, 0);
   EXPECT_EQ(stats.experts[0].calls, static_cast<uint64_t>(kBatches));
   s->service->Shutdown();  // idempotent
+}
+
+// ExpertProcess: what switchyard-expert runs, in-process -----------------------
+
+TEST(ExpertProcessTest, ServesItsShardWithMetricsAndStopsCleanly) {
+  ExpertProcessOptions options;
+  options.model_dir = testing::TinyMixtralDir();
+  options.listen = "127.0.0.1:0";
+  options.experts = "3,5";
+  options.layers = "1:2";
+  options.metrics_listen = "127.0.0.1:0";
+  auto process = ExpertProcess::Start(options);
+  ASSERT_TRUE(process.ok()) << process.status();
+  EXPECT_EQ((*process)->experts(), (std::vector<int>{3, 5}));
+  EXPECT_EQ((*process)->layers(), std::make_pair(1, 2));
+  EXPECT_THAT((*process)->summary(), HasSubstr("loaded experts [3,5] layers [1, 2)"));
+  EXPECT_THAT((*process)->summary(), HasSubstr("plaintext"));
+
+  v1::ShardInfo info;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  ASSERT_TRUE(StubFor((*process)->address())->GetShardInfo(&ctx, {}, &info).ok());
+  EXPECT_EQ(info.backend(), "cpu-f32");
+  EXPECT_THAT(info.experts(), ::testing::ElementsAre(3, 5));
+  EXPECT_EQ(info.layer_begin(), 1u);
+  EXPECT_EQ(info.layer_end(), 2u);
+  EXPECT_THAT(testing::HttpGetBody((*process)->metrics_address(), "/metrics"),
+              HasSubstr("switchyard_build_info"));
+
+  (*process)->Shutdown(absl::Seconds(1));
+  (*process)->Shutdown(absl::Seconds(1));  // idempotent
+  grpc::ClientContext after;
+  after.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  EXPECT_FALSE(StubFor((*process)->address())->GetShardInfo(&after, {}, &info).ok());
+}
+
+TEST(ExpertProcessTest, BadOptionsAreRefusedNamingTheFlag) {
+  struct Case {
+    std::function<void(ExpertProcessOptions&)> change;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {[](auto& o) { o.experts = "9"; }, "--experts: expert 9 out of range"},
+      {[](auto& o) { o.experts = "1,1"; }, "--experts: expert 1 listed twice"},
+      {[](auto& o) { o.experts = "x"; }, "--experts: 'x' is not an expert index"},
+      {[](auto& o) { o.layers = "1:1"; }, "--layers: [1, 1) is not a non-empty range"},
+      {[](auto& o) { o.layers = "0-2"; }, "--layers: expected B:E"},
+      {[](auto& o) { o.workers = 0; }, "--workers must be in [1, 256]"},
+      {[](auto& o) { o.tls.cert_file = "c.pem"; }, "--tls-cert and --tls-key go together"},
+      {[](auto& o) { o.tls.ca_file = "ca.pem"; }, "--tls-client-ca needs TLS"},
+      {[](auto& o) { o.device = "tpu"; }, "--device tpu: expected cpu or cuda"},
+      {[](auto& o) { o.precision = "bf16"; }, "--precision bf16: the CPU computes in f32"},
+      {[](auto& o) { o.model_dir = "/nonexistent-model"; }, "/nonexistent-model"},
+  };
+  for (const Case& c : cases) {
+    ExpertProcessOptions options;
+    options.model_dir = testing::TinyMixtralDir();
+    options.listen = "127.0.0.1:0";
+    c.change(options);
+    auto process = ExpertProcess::Start(options);
+    ASSERT_FALSE(process.ok()) << c.message;
+    EXPECT_THAT(std::string(process.status().message()), HasSubstr(c.message));
+  }
 }
 
 // Topology parsing -----------------------------------------------------------
