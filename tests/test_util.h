@@ -2,9 +2,16 @@
 #ifndef SWITCHYARD_TESTS_TEST_UTIL_H_
 #define SWITCHYARD_TESTS_TEST_UTIL_H_
 
+#include <stdlib.h>
+#include <sys/stat.h>
+
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include "absl/types/span.h"
 #include "gtest/gtest.h"
@@ -13,6 +20,44 @@ namespace switchyard::testing {
 
 inline std::string DataDir() { return SWITCHYARD_TEST_DATA_DIR; }
 inline std::string TinyMixtralDir() { return DataDir() + "/tiny-mixtral"; }
+
+// A new empty folder under the test temp dir, removed when the program exits.
+inline std::string MakeTempDir() {
+  struct TempDirs {
+    ~TempDirs() {
+      for (const std::string& d : dirs) {
+        std::error_code ec;
+        std::filesystem::remove_all(d, ec);
+      }
+    }
+    std::vector<std::string> dirs;
+  };
+  static TempDirs made;
+  std::string tmpl = ::testing::TempDir() + "/switchyard_test.XXXXXX";
+  if (mkdtemp(tmpl.data()) == nullptr) {
+    ADD_FAILURE() << "mkdtemp failed";
+    return ::testing::TempDir();
+  }
+  made.dirs.push_back(tmpl);
+  return tmpl;
+}
+
+inline std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+inline void WriteAll(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << bytes;
+}
+
+inline bool Exists(const std::string& path) {
+  struct stat st;
+  return stat(path.c_str(), &st) == 0;
+}
 
 // Asserts |a - b| <= abs + rel * |b| elementwise; prints the max difference.
 inline ::testing::AssertionResult AllClose(absl::Span<const float> actual,

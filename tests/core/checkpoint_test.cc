@@ -21,59 +21,20 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/test_util.h"
 
 namespace switchyard {
 namespace {
+
+using testing::Exists;
+using testing::MakeTempDir;
+using testing::ReadAll;
+using testing::WriteAll;
 
 using nlohmann::json;
 using ::testing::HasSubstr;
 
 const std::string kFixture = std::string(SWITCHYARD_TEST_DATA_DIR) + "/tiny-mixtral";
-
-// Temporary folders, removed when the test program exits.
-class TempDirs {
- public:
-  ~TempDirs() {
-    for (const std::string& d : dirs_) {
-      std::error_code ec;
-      std::filesystem::remove_all(d, ec);
-    }
-  }
-  std::string Make() {
-    std::string tmpl = ::testing::TempDir() + "/checkpoint_test.XXXXXX";
-    if (mkdtemp(tmpl.data()) == nullptr) {
-      ADD_FAILURE() << "mkdtemp failed";
-      return ::testing::TempDir();
-    }
-    dirs_.push_back(tmpl);
-    return tmpl;
-  }
-
- private:
-  std::vector<std::string> dirs_;
-};
-
-std::string MakeTempDir() {
-  static TempDirs dirs;
-  return dirs.Make();
-}
-
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-void WriteAll(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << bytes;
-}
-
-bool Exists(const std::string& path) {
-  struct stat st;
-  return stat(path.c_str(), &st) == 0;
-}
 
 bool IsExpertName(const std::string& name) { return name.find(".experts.") != std::string::npos; }
 
