@@ -1,5 +1,6 @@
 #include "gateway/generation_service.h"
 
+#include <atomic>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -76,46 +77,95 @@ class CancelLink {
 
 // ---- Generate (unary) ----
 
+// Lifetime: gRPC holds one reference until OnDone and the sink (if any) one
+// until the scheduler drops it, so a late scheduler event never meets a
+// deleted call; after OnDone the call ignores it (done_).
 class UnaryCall final : public grpc::ServerUnaryReactor {
  public:
   explicit UnaryCall(Scheduler* scheduler) : link(scheduler) {}
   void OnCancel() override { link.Cancel(); }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+    }
+    Unref();
+  }
+  void Ref() { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void Unref() {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
+  // Runs `fill` on the response and finishes with `status`, once, unless
+  // gRPC is already done with the call.
+  template <typename Fill>
+  void FinishOnce(Fill fill, const grpc::Status& status) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (done_ || finished_) return;
+      finished_ = true;
+      fill();
+    }
+    Finish(status);
+  }
+
   CancelLink link;
+
+ private:
+  ~UnaryCall() override = default;
+  std::atomic<int> refs_{1};
+  std::mutex mu_;
+  bool finished_ = false;  // guarded by mu_
+  bool done_ = false;      // guarded by mu_: OnDone ran, the response is gone
 };
 
 // Collects events into the response; finishes the call on the last one.
+// Collects events into the response; finishes the call on the last one.
+// Token events arrive on the scheduler thread, before the terminal one.
 class UnarySink final : public GenerationSink {
  public:
   UnarySink(UnaryCall* call, v1::GenerateResponse* response, const Tokenizer* tokenizer,
             GatewayMetrics* metrics)
-      : call_(call), response_(response), tokenizer_(tokenizer), metrics_(metrics) {}
+      : call_(call), response_(response), tokenizer_(tokenizer), metrics_(metrics) {
+    call_->Ref();
+  }
+  ~UnarySink() override { call_->Unref(); }
 
   void OnTokens(const TokenEvent& e) override {
-    response_->mutable_text()->append(e.text_delta);
-    for (int32_t id : e.token_ids) response_->add_token_ids(id);
-    FillLogprobs(*tokenizer_, e.logprobs, response_->mutable_logprobs());
+    text_.append(e.text_delta);
+    for (int32_t id : e.token_ids) ids_.push_back(id);
+    for (const auto& lp : e.logprobs) logprobs_.push_back(lp);
   }
   void OnFinish(const FinishEvent& e) override {
-    response_->mutable_text()->append(e.text_delta);
-    response_->set_finish_reason(ToProto(e.reason));
-    response_->mutable_usage()->set_prompt_tokens(e.prompt_tokens);
-    response_->mutable_usage()->set_completion_tokens(e.completion_tokens);
-    response_->set_time_to_first_token_micros(absl::ToInt64Microseconds(e.time_to_first_token));
-    response_->set_total_micros(absl::ToInt64Microseconds(e.total));
     CountRequest(metrics_, "Generate", FinishOutcome(e.reason));
-    call_->Finish(grpc::Status::OK);
+    call_->FinishOnce(
+        [&] {
+          response_->mutable_text()->append(text_);
+          response_->mutable_text()->append(e.text_delta);
+          for (int32_t id : ids_) response_->add_token_ids(id);
+          FillLogprobs(*tokenizer_, logprobs_, response_->mutable_logprobs());
+          response_->set_finish_reason(ToProto(e.reason));
+          response_->mutable_usage()->set_prompt_tokens(e.prompt_tokens);
+          response_->mutable_usage()->set_completion_tokens(e.completion_tokens);
+          response_->set_time_to_first_token_micros(
+              absl::ToInt64Microseconds(e.time_to_first_token));
+          response_->set_total_micros(absl::ToInt64Microseconds(e.total));
+        },
+        grpc::Status::OK);
   }
   void OnError(const absl::Status& status) override {
     CountRequest(metrics_, "Generate", OutcomeLabel(static_cast<int>(status.code())));
-    call_->Finish(rpc::ToGrpcStatus(status));
+    call_->FinishOnce([] {}, rpc::ToGrpcStatus(status));
   }
 
  private:
   UnaryCall* call_;
-  v1::GenerateResponse* response_;
+  v1::GenerateResponse* response_;  // gRPC's; written only inside FinishOnce
   const Tokenizer* tokenizer_;
   GatewayMetrics* metrics_;
+  // Gathered on the scheduler thread until the terminal event.
+  std::string text_;
+  std::vector<int32_t> ids_;
+  std::vector<TokenLogprobs> logprobs_;
 };
 
 // ---- GenerateStream (server streaming) ----
@@ -158,11 +208,25 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
     Run(action);
   }
   void OnCancel() override { link.Cancel(); }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+    }
+    Unref();
+  }
+  // gRPC holds one reference until OnDone, the sink (if any) one until the
+  // scheduler drops it: a late scheduler event never meets a deleted call.
+  void Ref() { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void Unref() {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
 
   CancelLink link;
 
  private:
+  ~StreamCall() override = default;
+
   // What to do next, decided in the same critical section as the state
   // change that prompted it. Only the thread that claims the write or the
   // finish touches the call afterwards: once it finishes, gRPC may delete
@@ -174,7 +238,7 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   };
   Action NextLocked() {
     Action a;
-    if (writing_ || finished_) return a;
+    if (writing_ || finished_ || done_) return a;
     if (!queue_.empty()) {
       writing_ = true;
       a.write = &queue_.front();  // deque keeps it in place until OnWriteDone pops it
@@ -197,7 +261,9 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   bool terminal_ = false;
   bool finished_ = false;
   bool broken_ = false;
+  bool done_ = false;  // OnDone ran: gRPC is finished with the call
   grpc::Status final_status_;
+  std::atomic<int> refs_{1};
 };
 
 class StreamSink final : public GenerationSink {
@@ -208,7 +274,10 @@ class StreamSink final : public GenerationSink {
         tokenizer_(tokenizer),
         request_id_(std::move(request_id)),
         prompt_ids_(std::move(prompt_ids)),
-        metrics_(metrics) {}
+        metrics_(metrics) {
+    call_->Ref();
+  }
+  ~StreamSink() override { call_->Unref(); }
 
   void OnTokens(const TokenEvent& e) override {
     v1::GenerateStreamResponse m;
