@@ -20,6 +20,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -30,6 +31,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -363,7 +365,10 @@ class Supervisor {
  private:
   enum class Wake { kDone, kStopSignal, kChildExited, kTimeout };
 
-  absl::Status Spawn(Child& child, const std::vector<std::string>& argv);
+  // Starts argv with this process's environment plus `extra_env`
+  // ("NAME=VALUE", overriding).
+  absl::Status Spawn(Child& child, const std::vector<std::string>& argv,
+                     const std::vector<std::string>& extra_env = {});
   // Reaps exited children; true if one exited that was not being stopped.
   bool Reap();
   // Waits, handling signals and child exits, until `done()` holds or `deadline`.
@@ -385,7 +390,8 @@ class Supervisor {
   bool endpoints_written_ = false;
 };
 
-absl::Status Supervisor::Spawn(Child& child, const std::vector<std::string>& argv) {
+absl::Status Supervisor::Spawn(Child& child, const std::vector<std::string>& argv,
+                               const std::vector<std::string>& extra_env) {
   if (access(argv[0].c_str(), X_OK) != 0) {
     return absl::NotFoundError(absl::StrCat("no executable ", argv[0], " (", std::strerror(errno),
                                             "); build it or pass --bin-dir"));
@@ -393,6 +399,19 @@ absl::Status Supervisor::Spawn(Child& child, const std::vector<std::string>& arg
   std::vector<char*> cargv;
   for (const std::string& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
   cargv.push_back(nullptr);
+  // The environment, built before fork (the child may only make
+  // async-signal-safe calls until exec).
+  std::vector<char*> cenv;
+  for (const std::string& e : extra_env) cenv.push_back(const_cast<char*>(e.c_str()));
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string_view entry(*e);
+    const std::string_view name = entry.substr(0, entry.find('=') + 1);  // "NAME="
+    bool overridden = false;
+    for (const std::string& x : extra_env)
+      overridden |= std::string_view(x).substr(0, name.size()) == name;
+    if (!overridden) cenv.push_back(*e);
+  }
+  cenv.push_back(nullptr);
   const std::string exec_failed = absl::StrCat("switchyard up: cannot execute ", argv[0], "\n");
 
   int out[2], err[2];
@@ -417,7 +436,7 @@ absl::Status Supervisor::Spawn(Child& child, const std::vector<std::string>& arg
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, nullptr);
     signal(SIGPIPE, SIG_DFL);
-    execv(cargv[0], cargv.data());
+    execve(cargv[0], cargv.data(), cenv.data());
     [[maybe_unused]] ssize_t n = write(STDERR_FILENO, exec_failed.data(), exec_failed.size());
     _exit(127);
   }
@@ -644,7 +663,11 @@ int Supervisor::Run() {
                                      "--metrics-listen",
                                      "127.0.0.1:0"};
     argv.insert(argv.end(), options_.expert_args.begin(), options_.expert_args.end());
-    absl::Status s = Spawn(*child, argv);
+    // The experts share this host's cores: one OpenMP thread each unless the
+    // user chose (2 cores, split cluster: 34 -> 40 output tokens/s).
+    std::vector<std::string> env;
+    if (std::getenv("OMP_NUM_THREADS") == nullptr) env.push_back("OMP_NUM_THREADS=1");
+    absl::Status s = Spawn(*child, argv, env);
     experts_.push_back(std::move(child));
     if (!s.ok()) {
       Say(StatusLine(s));

@@ -47,7 +47,7 @@ trap cleanup EXIT
 
 PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 echo "run_python_client_test: switchyard up on port $PORT"
-"$SWITCHYARD" up --model "$MODEL" --port "$PORT" --listen-host 127.0.0.1 \
+env -u OMP_NUM_THREADS "$SWITCHYARD" up --model "$MODEL" --port "$PORT" --listen-host 127.0.0.1 \
   --endpoints-file "$ENDPOINTS" --experts-per-process 2 >"$LOG" 2>&1 &
 UP_PID=$!
 
@@ -74,6 +74,18 @@ print(" ".join(str(p["pid"]) for p in procs))
 EOF
 ) || fail "bad endpoints file: $(cat "$ENDPOINTS")"
 echo "run_python_client_test: child pids $CHILD_PIDS"
+
+# Expert processes share the host's cores: `up` starts them with
+# OMP_NUM_THREADS=1 (this script leaves the variable unset); the gateway
+# keeps the caller's environment.
+"$PYTHON" - "$ENDPOINTS" <<'EOF2' || fail "expert processes do not run with OMP_NUM_THREADS=1"
+import json, sys
+for p in json.load(open(sys.argv[1]))["processes"]:
+    env = open(f"/proc/{p['pid']}/environ", "rb").read().split(b"\0")
+    omp = [e for e in env if e.startswith(b"OMP_NUM_THREADS=")]
+    want = [b"OMP_NUM_THREADS=1"] if p["role"] == "expert" else []
+    assert omp == want, (p["role"], p["pid"], omp)
+EOF2
 
 GATEWAY="127.0.0.1:$PORT"
 status=0
