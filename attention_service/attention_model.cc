@@ -10,18 +10,6 @@
 #include "core/tensor_names.h"
 
 namespace switchyard {
-namespace {
-
-// A stored 2-D tensor as a Matrix: BF16 kept as BF16, F32/F16 as FP32.
-absl::StatusOr<cpu::Matrix> ReadMatrix(const Checkpoint& checkpoint, const std::string& name) {
-  SY_ASSIGN_OR_RETURN(TensorView view, checkpoint.View(name));
-  SY_CHECK(view.shape.size() == 2);
-  return cpu::Matrix::FromStored(view.dtype, view.data, static_cast<int>(view.shape[0]),
-                                 static_cast<int>(view.shape[1]));
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<AttentionModel>> AttentionModel::Load(const Checkpoint& checkpoint) {
   if (!checkpoint.selection().dense) {
     return absl::FailedPreconditionError(
@@ -32,17 +20,20 @@ absl::StatusOr<std::unique_ptr<AttentionModel>> AttentionModel::Load(const Check
   const ModelConfig& c = m->config_;
   SY_ASSIGN_OR_RETURN(m->embed_, checkpoint.ReadF32(names::Embed()));
   SY_ASSIGN_OR_RETURN(m->final_norm_, checkpoint.ReadF32(names::FinalNorm()));
-  SY_ASSIGN_OR_RETURN(m->lm_head_, ReadMatrix(checkpoint, names::LmHead()));
+  SY_ASSIGN_OR_RETURN(m->lm_head_, cpu::Matrix::Read(checkpoint, names::LmHead()));
   m->layers_.resize(c.num_hidden_layers);
   for (int i = 0; i < c.num_hidden_layers; ++i) {
     Layer& layer = m->layers_[i];
     SY_ASSIGN_OR_RETURN(layer.input_norm, checkpoint.ReadF32(names::InputNorm(i)));
     SY_ASSIGN_OR_RETURN(layer.post_norm, checkpoint.ReadF32(names::PostAttnNorm(i)));
-    SY_ASSIGN_OR_RETURN(layer.wo, ReadMatrix(checkpoint, names::OProj(i)));
-    SY_ASSIGN_OR_RETURN(layer.gate, ReadMatrix(checkpoint, names::Gate(i)));
-    SY_ASSIGN_OR_RETURN(cpu::Matrix wq, ReadMatrix(checkpoint, names::QProj(i)));  // [H hd, D]
-    SY_ASSIGN_OR_RETURN(cpu::Matrix wk, ReadMatrix(checkpoint, names::KProj(i)));  // [Hkv hd, D]
-    SY_ASSIGN_OR_RETURN(cpu::Matrix wv, ReadMatrix(checkpoint, names::VProj(i)));  // [Hkv hd, D]
+    SY_ASSIGN_OR_RETURN(layer.wo, cpu::Matrix::Read(checkpoint, names::OProj(i)));
+    SY_ASSIGN_OR_RETURN(layer.gate, cpu::Matrix::Read(checkpoint, names::Gate(i)));
+    SY_ASSIGN_OR_RETURN(cpu::Matrix wq,
+                        cpu::Matrix::Read(checkpoint, names::QProj(i)));  // [H hd, D]
+    SY_ASSIGN_OR_RETURN(cpu::Matrix wk,
+                        cpu::Matrix::Read(checkpoint, names::KProj(i)));  // [Hkv hd, D]
+    SY_ASSIGN_OR_RETURN(cpu::Matrix wv,
+                        cpu::Matrix::Read(checkpoint, names::VProj(i)));  // [Hkv hd, D]
     layer.wqkv = cpu::Matrix::StackRows({&wq, &wk, &wv});
   }
   return m;

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/checkpoint.h"
 #include "core/status_macros.h"
 
 namespace switchyard::cpu {
@@ -216,6 +217,13 @@ Matrix Matrix::FromStored(DType dtype, const void* data, int rows, int cols) {
   std::vector<float> f(count);  // [rows, cols]
   ConvertToF32(dtype, data, count, f.data());
   return FromF32(std::move(f), rows, cols);
+}
+
+absl::StatusOr<Matrix> Matrix::Read(const Checkpoint& checkpoint, const std::string& name) {
+  SY_ASSIGN_OR_RETURN(TensorView view, checkpoint.View(name));
+  SY_CHECK(view.shape.size() == 2);
+  return FromStored(view.dtype, view.data, static_cast<int>(view.shape[0]),
+                    static_cast<int>(view.shape[1]));
 }
 
 Matrix Matrix::StackRows(const std::vector<const Matrix*>& parts) {

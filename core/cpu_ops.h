@@ -26,9 +26,15 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "core/dtype.h"
+
+namespace switchyard {
+class Checkpoint;
+}  // namespace switchyard
 
 namespace switchyard::cpu {
 
@@ -47,6 +53,8 @@ class Matrix {
   // The rows of `parts` (all with the same cols) stacked in order; BF16 when
   // every part is BF16, else FP32.
   static Matrix StackRows(const std::vector<const Matrix*>& parts);
+  // The 2-D tensor `name` of `checkpoint` (FromStored of its view).
+  static absl::StatusOr<Matrix> Read(const Checkpoint& checkpoint, const std::string& name);
 
   int rows() const { return rows_; }
   int cols() const { return cols_; }

@@ -8,18 +8,6 @@
 #include "core/tensor_names.h"
 
 namespace switchyard {
-namespace {
-
-// A stored 2-D tensor as a Matrix: BF16 kept as BF16, F32/F16 as FP32.
-absl::StatusOr<cpu::Matrix> ReadMatrix(const Checkpoint& checkpoint, const std::string& name) {
-  SY_ASSIGN_OR_RETURN(TensorView view, checkpoint.View(name));
-  SY_CHECK(view.shape.size() == 2);
-  return cpu::Matrix::FromStored(view.dtype, view.data, static_cast<int>(view.shape[0]),
-                                 static_cast<int>(view.shape[1]));
-}
-
-}  // namespace
-
 ExpertFfn::ExpertFfn(int hidden, int ffn, std::vector<float> w1, std::vector<float> w3,
                      std::vector<float> w2)
     : ExpertFfn(hidden, ffn, cpu::Matrix::FromF32(std::move(w1), ffn, hidden),
@@ -56,9 +44,12 @@ absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(const Checkpoint&
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     for (int e = 0; e < c.num_local_experts; ++e) {
       if (!checkpoint.selection().IncludesExpert(layer, e)) continue;
-      SY_ASSIGN_OR_RETURN(cpu::Matrix w1, ReadMatrix(checkpoint, names::Expert(layer, e, "w1")));
-      SY_ASSIGN_OR_RETURN(cpu::Matrix w3, ReadMatrix(checkpoint, names::Expert(layer, e, "w3")));
-      SY_ASSIGN_OR_RETURN(cpu::Matrix w2, ReadMatrix(checkpoint, names::Expert(layer, e, "w2")));
+      SY_ASSIGN_OR_RETURN(cpu::Matrix w1,
+                          cpu::Matrix::Read(checkpoint, names::Expert(layer, e, "w1")));
+      SY_ASSIGN_OR_RETURN(cpu::Matrix w3,
+                          cpu::Matrix::Read(checkpoint, names::Expert(layer, e, "w3")));
+      SY_ASSIGN_OR_RETURN(cpu::Matrix w2,
+                          cpu::Matrix::Read(checkpoint, names::Expert(layer, e, "w2")));
       store->experts_[{layer, e}] =
           std::make_unique<ExpertFfn>(c.hidden_size, c.intermediate_size, w1, w3, std::move(w2));
     }

@@ -75,12 +75,25 @@ class CancelLink {
   bool cancelled_ = false;
 };
 
+// The lifetime of a generation call: gRPC holds one reference until OnDone
+// and the scheduler's sink (if any) one until the scheduler drops it, so a
+// late scheduler event never meets a deleted call. `Call` derives from this.
+template <typename Call>
+class SharedCall {
+ public:
+  void Ref() { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void Unref() {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete static_cast<Call*>(this);
+  }
+
+ private:
+  std::atomic<int> refs_{1};
+};
+
 // ---- Generate (unary) ----
 
-// Lifetime: gRPC holds one reference until OnDone and the sink (if any) one
-// until the scheduler drops it, so a late scheduler event never meets a
-// deleted call; after OnDone the call ignores it (done_).
-class UnaryCall final : public grpc::ServerUnaryReactor {
+// Lifetime: SharedCall; after OnDone the call ignores scheduler events (done_).
+class UnaryCall final : public grpc::ServerUnaryReactor, public SharedCall<UnaryCall> {
  public:
   explicit UnaryCall(Scheduler* scheduler) : link(scheduler) {}
   void OnCancel() override { link.Cancel(); }
@@ -90,10 +103,6 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
       done_ = true;
     }
     Unref();
-  }
-  void Ref() { refs_.fetch_add(1, std::memory_order_relaxed); }
-  void Unref() {
-    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
   // Runs `fill` on the response and finishes with `status`, once, unless
   // gRPC is already done with the call.
@@ -111,8 +120,8 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
   CancelLink link;
 
  private:
+  friend class SharedCall<UnaryCall>;
   ~UnaryCall() override = default;
-  std::atomic<int> refs_{1};
   std::mutex mu_;
   bool finished_ = false;  // guarded by mu_
   bool done_ = false;      // guarded by mu_: OnDone ran, the response is gone
@@ -171,7 +180,9 @@ class UnarySink final : public GenerationSink {
 // ---- GenerateStream (server streaming) ----
 
 // Writes queued messages one at a time; finishes after the last.
-class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamResponse> {
+// Lifetime: SharedCall; after OnDone the call ignores scheduler events (done_).
+class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamResponse>,
+                         public SharedCall<StreamCall> {
  public:
   explicit StreamCall(Scheduler* scheduler) : link(scheduler) {}
 
@@ -215,16 +226,11 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
     }
     Unref();
   }
-  // gRPC holds one reference until OnDone, the sink (if any) one until the
-  // scheduler drops it: a late scheduler event never meets a deleted call.
-  void Ref() { refs_.fetch_add(1, std::memory_order_relaxed); }
-  void Unref() {
-    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
-  }
 
   CancelLink link;
 
  private:
+  friend class SharedCall<StreamCall>;
   ~StreamCall() override = default;
 
   // What to do next, decided in the same critical section as the state
@@ -263,7 +269,6 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   bool broken_ = false;
   bool done_ = false;  // OnDone ran: gRPC is finished with the call
   grpc::Status final_status_;
-  std::atomic<int> refs_{1};
 };
 
 class StreamSink final : public GenerationSink {
