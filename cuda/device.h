@@ -48,15 +48,27 @@ inline const char* DeviceDTypeName(DeviceDType t) {
   return t == DeviceDType::kF32 ? "f32" : "bf16";
 }
 
-// `count` elements of T in device memory (cudaMalloc / cudaFree). Move-only.
-template <typename T>
-class DeviceBuffer {
+// Where a Buffer's memory lives: how it is allocated and freed.
+struct DeviceMemory {
+  static constexpr const char* kAllocator = "cudaMalloc";
+  static cudaError_t Allocate(void** p, size_t bytes) { return cudaMalloc(p, bytes); }
+  static void Free(void* p) { cudaFree(p); }
+};
+struct PinnedHostMemory {  // page-locked host memory, for asynchronous copies
+  static constexpr const char* kAllocator = "cudaMallocHost";
+  static cudaError_t Allocate(void** p, size_t bytes) { return cudaMallocHost(p, bytes); }
+  static void Free(void* p) { cudaFreeHost(p); }
+};
+
+// `count` elements of T in the memory `Memory` allocates. Move-only.
+template <typename T, typename Memory>
+class Buffer {
  public:
-  DeviceBuffer() = default;
-  ~DeviceBuffer() { Reset(); }
-  DeviceBuffer(DeviceBuffer&& other) noexcept
+  Buffer() = default;
+  ~Buffer() { Reset(); }
+  Buffer(Buffer&& other) noexcept
       : ptr_(std::exchange(other.ptr_, nullptr)), count_(std::exchange(other.count_, 0)) {}
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+  Buffer& operator=(Buffer&& other) noexcept {
     if (this != &other) {
       Reset();
       ptr_ = std::exchange(other.ptr_, nullptr);
@@ -64,31 +76,39 @@ class DeviceBuffer {
     }
     return *this;
   }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
 
   // Uninitialised memory for `count` elements (count 0: an empty buffer).
-  static absl::StatusOr<DeviceBuffer> Create(size_t count) {
-    DeviceBuffer b;
+  static absl::StatusOr<Buffer> Create(size_t count) {
+    Buffer b;
     SY_RETURN_IF_ERROR(b.EnsureCapacity(count));
     return b;
   }
 
   // Makes room for at least `count` elements. When the buffer is smaller it
   // is freed and reallocated: the contents are lost, and no queued device
-  // work may still use the old memory (synchronise first).
+  // work or pending copy may still use the old memory (synchronise first).
   absl::Status EnsureCapacity(size_t count) {
     if (count <= count_) return absl::OkStatus();
     Reset();
     void* p = nullptr;
-    SY_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, count * sizeof(T)));
+    if (count > SIZE_MAX / sizeof(T)) {
+      return absl::ResourceExhaustedError(absl::StrCat(count, " elements overflow size_t bytes"));
+    }
+    const size_t bytes = count * sizeof(T);
+    if (const cudaError_t err = Memory::Allocate(&p, bytes); err != cudaSuccess) {
+      const std::string call = absl::StrCat(Memory::kAllocator, "(", bytes, " bytes)");
+      return CudaErrorStatus(err, call.c_str(), __FILE__, __LINE__);
+    }
     ptr_ = static_cast<T*>(p);
     count_ = count;
     return absl::OkStatus();
   }
 
   void Reset() {
-    if (ptr_ != nullptr) cudaFree(ptr_);  // error ignored: nothing to do about it in a destructor
+    if (ptr_ != nullptr)
+      Memory::Free(ptr_);  // error ignored: nothing to do about it in a destructor
     ptr_ = nullptr;
     count_ = 0;
   }
@@ -103,58 +123,10 @@ class DeviceBuffer {
   size_t count_ = 0;
 };
 
-// `count` elements of T in page-locked host memory (cudaMallocHost), for
-// asynchronous copies. Move-only.
 template <typename T>
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  ~PinnedBuffer() { Reset(); }
-  PinnedBuffer(PinnedBuffer&& other) noexcept
-      : ptr_(std::exchange(other.ptr_, nullptr)), count_(std::exchange(other.count_, 0)) {}
-  PinnedBuffer& operator=(PinnedBuffer&& other) noexcept {
-    if (this != &other) {
-      Reset();
-      ptr_ = std::exchange(other.ptr_, nullptr);
-      count_ = std::exchange(other.count_, 0);
-    }
-    return *this;
-  }
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-
-  static absl::StatusOr<PinnedBuffer> Create(size_t count) {
-    PinnedBuffer b;
-    SY_RETURN_IF_ERROR(b.EnsureCapacity(count));
-    return b;
-  }
-
-  // As DeviceBuffer::EnsureCapacity: contents are lost on growth, and no
-  // pending copy may still use the old memory.
-  absl::Status EnsureCapacity(size_t count) {
-    if (count <= count_) return absl::OkStatus();
-    Reset();
-    void* p = nullptr;
-    SY_CUDA_RETURN_IF_ERROR(cudaMallocHost(&p, count * sizeof(T)));
-    ptr_ = static_cast<T*>(p);
-    count_ = count;
-    return absl::OkStatus();
-  }
-
-  void Reset() {
-    if (ptr_ != nullptr) cudaFreeHost(ptr_);
-    ptr_ = nullptr;
-    count_ = 0;
-  }
-
-  T* data() const { return ptr_; }
-  size_t size() const { return count_; }
-  size_t bytes() const { return count_ * sizeof(T); }
-
- private:
-  T* ptr_ = nullptr;
-  size_t count_ = 0;
-};
+using DeviceBuffer = Buffer<T, DeviceMemory>;
+template <typename T>
+using PinnedBuffer = Buffer<T, PinnedHostMemory>;
 
 // Asynchronous copies of `count` elements on `stream`. With pageable host
 // memory the runtime stages the data, and the call returns once the host

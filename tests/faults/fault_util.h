@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -29,6 +30,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "switchyard/v1/generation.grpc.pb.h"
 #include "tests/process_util.h"
@@ -303,6 +305,63 @@ inline std::string CodeName(grpc::StatusCode code) {
 
 inline std::string Describe(const grpc::Status& s) {
   return absl::StrCat(CodeName(s.error_code()), ": ", s.error_message());
+}
+
+// Every stream succeeded and streamed exactly its solo run's tokens.
+inline ::testing::AssertionResult AllMatchSolo(const std::vector<StreamOutcome>& outcomes,
+                                               const std::vector<std::vector<int32_t>>& solo) {
+  for (size_t i = 0; i < outcomes.size(); ++i) {
+    const StreamOutcome& o = outcomes[i];
+    if (!o.status.ok()) {
+      return ::testing::AssertionFailure() << "stream " << i << ": " << Describe(o.status);
+    }
+    if (o.tokens != solo[i]) {
+      return ::testing::AssertionFailure()
+             << "stream " << i << " streamed " << ::testing::PrintToString(o.tokens)
+             << ", its solo run " << ::testing::PrintToString(solo[i]);
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// What a stream cut short by a fault delivered is the start of its solo run.
+inline ::testing::AssertionResult IsPrefixOfSolo(const std::vector<int32_t>& tokens,
+                                                 const std::vector<int32_t>& solo) {
+  if (tokens.size() > solo.size() || !std::equal(tokens.begin(), tokens.end(), solo.begin())) {
+    return ::testing::AssertionFailure()
+           << ::testing::PrintToString(tokens) << " is not a prefix of the solo run "
+           << ::testing::PrintToString(solo);
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// Repeats `request` (each try with a `per_try` deadline, `pause` between
+// tries) until it succeeds or `budget` has passed since the call. The
+// failures on the way are what an outage looks like to a client.
+struct Recovery {
+  UnaryOutcome last;  // the last try: ok once recovered
+  int attempts = 0;
+  double seconds = 0;                    // from the call to the last try's end
+  std::vector<grpc::Status> unexpected;  // failures other than UNAVAILABLE / DEADLINE_EXCEEDED
+};
+inline Recovery GenerateUntilOk(const std::shared_ptr<grpc::Channel>& channel,
+                                const v1::GenerateRequest& request, double budget_seconds,
+                                std::chrono::milliseconds pause,
+                                std::chrono::milliseconds per_try = std::chrono::seconds(10)) {
+  Recovery r;
+  const auto start = Clock::now();
+  while (SecondsSince(start) < budget_seconds) {
+    ++r.attempts;
+    r.last = Generate(channel, request, per_try);
+    if (r.last.status.ok()) break;
+    const grpc::StatusCode code = r.last.status.error_code();
+    if (code != grpc::StatusCode::UNAVAILABLE && code != grpc::StatusCode::DEADLINE_EXCEEDED) {
+      r.unexpected.push_back(r.last.status);
+    }
+    std::this_thread::sleep_for(pause);
+  }
+  r.seconds = SecondsSince(start);
+  return r;
 }
 
 }  // namespace switchyard::faults

@@ -27,9 +27,7 @@
 #include "absl/strings/str_join.h"
 #include "cli/flags.h"
 #include "core/checkpoint.h"
-#include "expert_service/expert_backend.h"
-#include "expert_service/expert_ffn.h"
-#include "expert_service/expert_server.h"
+#include "expert_service/expert_process.h"
 #include "gateway/gateway_server.h"
 #include "gateway/remote_expert_backend.h"
 #include "gmock/gmock.h"
@@ -490,57 +488,18 @@ TEST(GatewayMutualTlsTest, OnlyClientsWithACertificateFromTheCa) {
 // ---------------------------------------------------------------------------
 // (b) Mutual TLS between the gateway and the experts.
 
-struct Shard {
-  std::unique_ptr<ExpertStore> store;
-  std::unique_ptr<LocalExpertBackend> backend;
-  std::unique_ptr<ExpertServiceImpl> service;
-  std::unique_ptr<rpc::RunningServer> server;
-  ~Shard() {
-    if (server) {
-      server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-      server.reset();
-    }
-    if (service) service->Shutdown();
-  }
-};
-
-// A shard serving every expert of tiny-mixtral with `credentials`.
-std::unique_ptr<Shard> StartShard(std::shared_ptr<grpc::ServerCredentials> credentials) {
-  const std::string dir = testing::TinyMixtralDir();
-  const std::vector<int> experts = {0, 1, 2, 3, 4, 5, 6, 7};
-  auto checkpoint = Checkpoint::Open(dir, WeightSelection::ExpertsOnly(experts));
-  EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
-  if (!checkpoint.ok()) return nullptr;
-  auto shard = std::make_unique<Shard>();
-  auto store = ExpertStore::Load(**checkpoint);
-  EXPECT_TRUE(store.ok()) << store.status();
-  if (!store.ok()) return nullptr;
-  shard->store = *std::move(store);
-  auto description = DescribeShard(dir, **checkpoint);
-  EXPECT_TRUE(description.ok()) << description.status();
-  if (!description.ok()) return nullptr;
-  shard->backend = std::make_unique<LocalExpertBackend>(shard->store.get());
-  shard->service =
-      std::make_unique<ExpertServiceImpl>(shard->store->config(), shard->backend.get(),
-                                          *description, ExpertServerOptions{.workers = 2});
-  rpc::ServerOptions options;
-  options.listen_address = "127.0.0.1:0";
-  options.credentials = std::move(credentials);
-  options.health_service_names = {v1::ExpertService::service_full_name()};
-  auto server = rpc::RunningServer::Start(options, {shard->service.get()});
-  EXPECT_TRUE(server.ok()) << server.status();
-  if (!server.ok()) return nullptr;
-  shard->server = *std::move(server);
-  return shard;
-}
-
 class ExpertMutualTlsTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto credentials = rpc::ServerCredentialsFromFiles(ServerFiles(), /*require_client_cert=*/true);
-    ASSERT_TRUE(credentials.ok()) << credentials.status();
-    shard_ = StartShard(*credentials).release();
-    ASSERT_NE(shard_, nullptr);
+    // Every expert of tiny-mixtral in one shard that requires client certificates.
+    ExpertProcessOptions options;
+    options.model_dir = testing::TinyMixtralDir();
+    options.listen = "127.0.0.1:0";
+    options.experts = "0,1,2,3,4,5,6,7";
+    options.tls = ServerFiles();  // with a CA: mutual TLS
+    auto shard = ExpertProcess::Start(options);
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    shard_ = shard->release();
     auto config = LoadModelConfig(testing::TinyMixtralDir());
     ASSERT_TRUE(config.ok());
     config_ = new ModelConfig(*config);
@@ -555,7 +514,7 @@ class ExpertMutualTlsTest : public ::testing::Test {
   // Every expert mapped to the one shard.
   static std::string Spec() {
     std::vector<std::string> entries;
-    for (int e = 0; e < 8; ++e) entries.push_back(absl::StrCat(e, "=", shard_->server->address()));
+    for (int e = 0; e < 8; ++e) entries.push_back(absl::StrCat(e, "=", shard_->address()));
     return absl::StrJoin(entries, ";");
   }
 
@@ -569,10 +528,10 @@ class ExpertMutualTlsTest : public ::testing::Test {
     return RemoteExpertBackend::Connect(*topology, *config_, testing::TinyMixtralDir(), options);
   }
 
-  static Shard* shard_;
+  static ExpertProcess* shard_;
   static ModelConfig* config_;
 };
-Shard* ExpertMutualTlsTest::shard_ = nullptr;
+ExpertProcess* ExpertMutualTlsTest::shard_ = nullptr;
 ModelConfig* ExpertMutualTlsTest::config_ = nullptr;
 
 TEST_F(ExpertMutualTlsTest, GatewayCertificateIsAccepted) {
@@ -587,7 +546,7 @@ TEST_F(ExpertMutualTlsTest, PlaintextIsRefused) {
   ASSERT_FALSE(backend.ok());
   EXPECT_EQ(backend.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(backend.status().message(), HasSubstr("no answer to GetShardInfo within 2000 ms"));
-  EXPECT_THAT(backend.status().message(), HasSubstr(shard_->server->address()));
+  EXPECT_THAT(backend.status().message(), HasSubstr(shard_->address()));
 }
 
 TEST_F(ExpertMutualTlsTest, CertificateFromAnotherCaIsRefused) {
