@@ -11,14 +11,16 @@ every timed step decodes one token per sequence and crops the KV cache back
 to the context, so every step is the same, as in gpu_decode_bench. Steps are
 timed with CUDA events (median of --iters after --warmup).
 
-The LM head runs for every sequence and the logits stay on the GPU (add
---logits-to-host to copy them to the host inside the timed step, as
-gpu_decode_bench's logits:1 rows do).
+The LM head runs for every sequence and, inside the timed step, the logits
+are copied to the host, as serving needs them and as gpu_decode_bench's
+logits:1 rows do: compare with those rows. --logits-on-gpu leaves them on the
+GPU (no row of gpu_decode_bench matches that: its logits:0 rows skip the LM
+head altogether).
 
 Usage (on the GPU machine; see bench/gpu/README.md):
   python3 bench/hf_peer_bench.py --model DIR [--batches 1,16,64,256]
       [--context 128] [--iters 20] [--warmup 3] [--attn sdpa|eager]
-      [--logits-to-host] [--json OUT.json]
+      [--logits-on-gpu] [--json OUT.json]
 """
 
 import argparse
@@ -38,7 +40,8 @@ def parse_args():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--logits-to-host", action="store_true")
+    p.add_argument("--logits-on-gpu", action="store_true",
+                   help="leave the logits on the GPU (default: copy them to the host)")
     p.add_argument("--json", help="also write the results here")
     return p.parse_args()
 
@@ -53,7 +56,22 @@ def load_model(path, attn):
     except TypeError:
         model = MixtralForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, **kwargs)
     model.eval()
+    # A transformers version that ignored the dtype argument would time FP32.
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.bfloat16:
+        sys.exit(f"the model loaded as {dtype}, not torch.bfloat16")
     return model
+
+
+def last_logits_only(model):
+    """Forward kwargs that make the prefill compute the last position's logits
+    only ([B, 1, V] rather than [B, context, V]: GBs at batch 256)."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):  # newer, older transformers
+        if name in params:
+            return {name: 1}
+    return {}
 
 
 def prompt_ids(batch, context, vocab):
@@ -65,19 +83,20 @@ def bench_batch(model, batch, args):
     import torch
     from transformers import DynamicCache
 
+    torch.cuda.reset_peak_memory_stats()
     vocab = model.config.vocab_size
     ids = torch.tensor(prompt_ids(batch, args.context, vocab), device="cuda")
     nxt = torch.tensor([[100 + b % (vocab - 100)] for b in range(batch)], device="cuda")
     with torch.inference_mode():
         cache = DynamicCache()
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, past_key_values=cache, use_cache=True, **last_logits_only(model))
         can_crop = hasattr(cache, "crop")
         prefilled = None if can_crop else copy.deepcopy(cache)
 
         def step():
             nonlocal cache
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            if args.logits_to_host:
+            if not args.logits_on_gpu:
                 out.logits.float().cpu()
             return out
 
@@ -144,7 +163,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "context": args.context, "attn": args.attn,
-                       "logits_to_host": args.logits_to_host, "results": results}, f, indent=2)
+                       "logits_to_host": not args.logits_on_gpu, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ namespace {
 absl::StatusOr<CublasApi> Load() {
   void* lib = nullptr;
   std::string tried;
-  for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
+  // Only the major version the function table's types come from (CUDA 13).
+  for (const char* name : {"libcublas.so.13"}) {
     lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
     if (lib != nullptr) break;
     absl::StrAppend(&tried, tried.empty() ? "" : "; ", dlerror());

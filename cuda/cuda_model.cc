@@ -28,7 +28,7 @@ absl::Status UploadTensor(const TensorView& view, DeviceDType dtype, uint8_t* ds
   const size_t count = static_cast<size_t>(view.num_elements());
   if ((view.dtype == DType::kF32 && dtype == DeviceDType::kF32) ||
       (view.dtype == DType::kBF16 && dtype == DeviceDType::kBF16)) {
-    SY_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, view.data, view.nbytes, cudaMemcpyHostToDevice));
+    SY_RETURN_IF_ERROR(UploadAndWait(dst, view.data, view.nbytes));
     return absl::OkStatus();
   }
   // Convert on the host in chunks (bounded memory whatever the tensor size).
@@ -40,12 +40,11 @@ absl::Status UploadTensor(const TensorView& view, DeviceDType dtype, uint8_t* ds
     const size_t n = std::min(kChunk, count - begin);
     ConvertToF32(view.dtype, view.data + begin * src_esize, n, f32.data());
     if (dtype == DeviceDType::kF32) {
-      SY_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst + begin * sizeof(float), f32.data(), n * sizeof(float),
-                                         cudaMemcpyHostToDevice));
+      SY_RETURN_IF_ERROR(UploadAndWait(dst + begin * sizeof(float), f32.data(), n * sizeof(float)));
     } else {
       for (size_t i = 0; i < n; ++i) bf16[i] = F32ToBf16(f32[i]);
-      SY_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst + begin * sizeof(uint16_t), bf16.data(),
-                                         n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+      SY_RETURN_IF_ERROR(
+          UploadAndWait(dst + begin * sizeof(uint16_t), bf16.data(), n * sizeof(uint16_t)));
     }
   }
   return absl::OkStatus();
@@ -55,20 +54,14 @@ absl::StatusOr<DeviceBuffer<float>> UploadVector(const Checkpoint& checkpoint,
                                                  const std::string& name) {
   SY_ASSIGN_OR_RETURN(std::vector<float> host, checkpoint.ReadF32(name));
   SY_ASSIGN_OR_RETURN(DeviceBuffer<float> dev, DeviceBuffer<float>::Create(host.size()));
-  if (!host.empty()) {
-    SY_CUDA_RETURN_IF_ERROR(
-        cudaMemcpy(dev.data(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
-  }
+  SY_RETURN_IF_ERROR(UploadAndWait(dev.data(), host.data(), host.size() * sizeof(float)));
   return dev;
 }
 
 template <typename T>
 absl::StatusOr<DeviceBuffer<T>> UploadHostVector(const std::vector<T>& host) {
   SY_ASSIGN_OR_RETURN(DeviceBuffer<T> dev, DeviceBuffer<T>::Create(host.size()));
-  if (!host.empty()) {
-    SY_CUDA_RETURN_IF_ERROR(
-        cudaMemcpy(dev.data(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
+  SY_RETURN_IF_ERROR(UploadAndWait(dev.data(), host.data(), host.size() * sizeof(T)));
   return dev;
 }
 
@@ -254,6 +247,12 @@ absl::StatusOr<std::unique_ptr<CudaModelRunner>> CudaModelRunner::Create(
   if (experts != nullptr) {
     if (experts->config().Fingerprint() != dense->config().Fingerprint()) {
       return absl::InvalidArgumentError("the expert store and the dense model differ in config");
+    }
+    if (experts->precision() != dense->precision()) {
+      // The step's BF16 scratch is sized by the dense model's precision.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the expert store is ", PrecisionName(experts->precision()), " but the dense model is ",
+          PrecisionName(dense->precision()), ": load both in one precision"));
     }
     const ModelConfig& c = dense->config();
     for (int layer = 0; layer < c.num_hidden_layers; ++layer) {

@@ -4,15 +4,19 @@
 
 namespace switchyard::cuda {
 
-bool HasDevice() {
+absl::Status DeviceStatus() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
-    cudaGetLastError();  // clear it: "no device" is an answer, not a failure
-    return false;
+    cudaGetLastError();  // clear it: "no device" is an answer, not a sticky failure
+    return absl::UnavailableError(absl::StrCat("no usable CUDA device: ", cudaGetErrorName(err),
+                                               " (", cudaGetErrorString(err), ")"));
   }
-  return count > 0;
+  if (count == 0) return absl::UnavailableError("no usable CUDA device: the runtime sees none");
+  return absl::OkStatus();
 }
+
+bool HasDevice() { return DeviceStatus().ok(); }
 
 absl::StatusOr<std::string> DescribeDevice(int device) {
   cudaDeviceProp prop;
@@ -29,6 +33,13 @@ absl::StatusOr<double> PeakMemoryBandwidth(int device) {
   SY_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device));
   return 2.0 * static_cast<double>(clock_khz) * 1e3 * static_cast<double>(bus_bits) / 8.0;
+}
+
+absl::Status UploadAndWait(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return absl::OkStatus();
+  SY_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  SY_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<CudaContext>> CudaContext::Create(int device) {

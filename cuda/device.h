@@ -6,7 +6,7 @@
 // Copies are asynchronous on the given stream unless a function says
 // otherwise; the caller synchronises before reading results on the host.
 //
-// Thread-safety: HasDevice, DescribeDevice and PeakMemoryBandwidth are
+// Thread-safety: DeviceStatus, HasDevice, DescribeDevice and PeakMemoryBandwidth are
 // thread-safe. Buffers and CudaContext are thread-compatible: one thread uses
 // an object at a time (CudaExpertBackend serialises its calls with a mutex).
 #ifndef SWITCHYARD_CUDA_DEVICE_H_
@@ -30,8 +30,11 @@
 
 namespace switchyard::cuda {
 
-// True when the CUDA runtime can be initialised and sees at least one device.
-// False (never an error) on a machine without a GPU or driver.
+// OK when the CUDA runtime can be initialised and sees at least one device;
+// otherwise why not, as the runtime says it ("no CUDA-capable device",
+// "driver version is insufficient", ...).
+absl::Status DeviceStatus();
+// DeviceStatus().ok(): false on a machine without a GPU or driver.
 bool HasDevice();
 
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.1 GiB)".
@@ -86,7 +89,8 @@ class Buffer {
     return b;
   }
 
-  // Makes room for at least `count` elements. When the buffer is smaller it
+  // Makes room for at least `count` elements (RESOURCE_EXHAUSTED when the
+  // memory is not there). When the buffer is smaller it
   // is freed and reallocated: the contents are lost, and no queued device
   // work or pending copy may still use the old memory (synchronise first).
   absl::Status EnsureCapacity(size_t count) {
@@ -99,7 +103,11 @@ class Buffer {
     const size_t bytes = count * sizeof(T);
     if (const cudaError_t err = Memory::Allocate(&p, bytes); err != cudaSuccess) {
       const std::string call = absl::StrCat(Memory::kAllocator, "(", bytes, " bytes)");
-      return CudaErrorStatus(err, call.c_str(), __FILE__, __LINE__);
+      absl::Status status = CudaErrorStatus(err, call.c_str(), __FILE__, __LINE__);
+      // Out of memory is a condition callers handle (a smaller batch, a
+      // refused request), not an internal error.
+      if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(status.message());
+      return status;
     }
     ptr_ = static_cast<T*>(p);
     count_ = count;
@@ -152,6 +160,13 @@ absl::Status CopyOnDevice(T* dst, const T* src, size_t count, cudaStream_t strea
       cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToDevice, stream));
   return absl::OkStatus();
 }
+
+// Copies `bytes` from host memory to the device and returns once they are
+// there. A plain cudaMemcpy from pageable memory may return while its DMA is
+// still in flight on the legacy default stream, which work queued on a
+// CudaContext's non-blocking stream does not wait for. For loading weights
+// and tests; the serving path copies asynchronously on its stream.
+absl::Status UploadAndWait(void* dst, const void* src, size_t bytes);
 
 // One device, one non-blocking stream and one cuBLAS handle bound to it.
 // Everything a CudaContext launches is ordered on its stream.

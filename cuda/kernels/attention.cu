@@ -104,7 +104,9 @@ __global__ void __launch_bounds__(kWarps* kernels::kWarp)
     float a = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) a += s_acc[w][dd] * weight[w];
-    o[dd] = big_l > 0.0f ? a / big_l : 0.0f;
+    // No keys (not reached from the model) gives 0; a NaN score stays NaN,
+    // as on the CPU, rather than hiding in a zero.
+    o[dd] = first <= pos ? a / big_l : 0.0f;
   }
 }
 
@@ -118,7 +120,7 @@ absl::Status LaunchAttention(const float* q, int64_t q_stride, int tokens, int h
     return absl::InvalidArgumentError(
         absl::StrCat("attention: head_dim ", head_dim, " outside [1, ", kAttentionMaxHeadDim, "]"));
   }
-  if (kv_heads <= 0 || heads % kv_heads != 0) {
+  if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "attention: ", heads, " query heads are not a multiple of ", kv_heads, " kv heads"));
   }

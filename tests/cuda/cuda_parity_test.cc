@@ -27,6 +27,7 @@
 #include "core/tensor_names.h"
 #include "cuda/cuda_model.h"
 #include "expert_service/expert_backend.h"
+#include "expert_service/expert_ffn.h"
 #include "gateway/generate.h"
 #include "gateway/local_model.h"
 #include "gtest/gtest.h"
@@ -377,6 +378,8 @@ TEST_F(CudaParityTest, CudaExpertBackendMatchesCpuExperts) {
   std::vector<ExpertBatch> ref_batches = {{0, 5, x0.data(), ref0.data()},
                                           {3, 1, x3.data(), ref3.data()}};
   SY_ASSERT_OK(cpu_backend.RunLayer(1, ref_batches));
+  SY_ASSERT_OK_AND_ASSIGN(std::unique_ptr<ExpertStore> partial_store, ExpertStore::Load(*ckpt));
+  LocalExpertBackend cpu_partial(partial_store.get());  // experts 0 and 3, as the GPU backend
 
   for (cuda::Precision precision : {cuda::Precision::kF32, cuda::Precision::kBF16}) {
     const std::string name = cuda::PrecisionName(precision);
@@ -415,11 +418,12 @@ TEST_F(CudaParityTest, CudaExpertBackendMatchesCpuExperts) {
       EXPECT_TRUE(AllClose(out3, model(x3, 3, 1), tolerance::kGpuBf16ExpertAbs,
                            tolerance::kGpuBf16ExpertRel, name + " expert 3 vs cpu model"));
     }
-    // An expert this process does not hold: NOT_FOUND, as the CPU backend.
+    // An expert this process does not hold: NOT_FOUND, with the message of
+    // a CPU backend holding the same experts.
     std::vector<ExpertBatch> missing = {{1, 5, x0.data(), out0.data()}};
     const absl::Status s = backend->RunLayer(1, missing);
     EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
-    EXPECT_EQ(s.message(), cpu_backend.RunLayer(1, missing).message());
+    EXPECT_EQ(s.message(), cpu_partial.RunLayer(1, missing).message());
   }
 }
 
@@ -461,6 +465,16 @@ TEST_F(CudaParityTest, ErrorsMatchCpuRunnerAndLeaveCachesAlone) {
   // An empty batch is an empty step.
   SY_ASSERT_OK_AND_ASSIGN(StepOutput empty, gpu.Step({}));
   EXPECT_TRUE(empty.logits.empty());
+
+  // Dense weights and GPU experts in different precisions are refused.
+  SY_ASSERT_OK_AND_ASSIGN(auto ckpt, Checkpoint::Open(TinyMixtralDir()));
+  SY_ASSERT_OK_AND_ASSIGN(auto ctx, cuda::CudaContext::Create());
+  SY_ASSERT_OK_AND_ASSIGN(auto dense, cuda::CudaDenseModel::Load(*ckpt, cuda::Precision::kF32));
+  SY_ASSERT_OK_AND_ASSIGN(auto experts, cuda::CudaExpertStore::Load(*ckpt, cuda::Precision::kBF16));
+  auto mixed =
+      cuda::CudaModelRunner::Create(std::move(ctx), std::move(dense), std::move(experts), nullptr);
+  EXPECT_EQ(mixed.status().code(), absl::StatusCode::kInvalidArgument) << mixed.status();
+  EXPECT_NE(mixed.status().message().find("bf16"), std::string::npos) << mixed.status();
 }
 
 // CPU only (runs without a GPU): the CPU model of BF16 mode that the BF16

@@ -3,7 +3,9 @@
 #ifndef SWITCHYARD_TESTS_CUDA_CUDA_TEST_UTIL_H_
 #define SWITCHYARD_TESTS_CUDA_CUDA_TEST_UTIL_H_
 
+#include <cstdlib>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -25,13 +27,32 @@
     ASSERT_TRUE(sy_test_status_.ok()) << sy_test_status_; \
   } while (0)
 
+// In SetUp or a test body: skips the test when there is no usable CUDA
+// device, saying why. With SWITCHYARD_REQUIRE_GPU=1 in the environment (as
+// on the GPU machine) it fails instead, so a missing or too old driver cannot
+// pass for a green run of skipped tests.
+#define SY_SKIP_WITHOUT_GPU()                                                    \
+  do {                                                                           \
+    const ::absl::Status sy_device_status_ = ::switchyard::cuda::DeviceStatus(); \
+    if (!sy_device_status_.ok()) {                                               \
+      if (::switchyard::testing::GpuRequired()) FAIL() << sy_device_status_;     \
+      GTEST_SKIP() << sy_device_status_.message() << ": GPU test skipped";       \
+    }                                                                            \
+  } while (0)
+
 namespace switchyard::testing {
 
-// Every GPU test derives from this: skipped (not failed) without a device.
+inline bool GpuRequired() {
+  const char* v = std::getenv("SWITCHYARD_REQUIRE_GPU");
+  return v != nullptr && std::string(v) == "1";
+}
+
+// Every GPU test derives from this: skipped without a device (see
+// SY_SKIP_WITHOUT_GPU).
 class CudaTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!cuda::HasDevice()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
+    SY_SKIP_WITHOUT_GPU();
     auto ctx = cuda::CudaContext::Create();
     ASSERT_TRUE(ctx.ok()) << ctx.status();
     ctx_ = std::move(*ctx);
@@ -43,10 +64,7 @@ class CudaTest : public ::testing::Test {
 template <typename T>
 absl::StatusOr<cuda::DeviceBuffer<T>> Upload(const std::vector<T>& host) {
   SY_ASSIGN_OR_RETURN(auto dev, cuda::DeviceBuffer<T>::Create(host.size()));
-  if (!host.empty()) {
-    SY_CUDA_RETURN_IF_ERROR(
-        cudaMemcpy(dev.data(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
+  SY_RETURN_IF_ERROR(cuda::UploadAndWait(dev.data(), host.data(), host.size() * sizeof(T)));
   return dev;
 }
 

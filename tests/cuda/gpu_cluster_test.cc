@@ -16,6 +16,7 @@
 #include "nlohmann/json.hpp"
 #include "switchyard/v1/expert.grpc.pb.h"
 #include "switchyard/v1/generation.grpc.pb.h"
+#include "tests/cuda/cuda_test_util.h"
 #include "tests/process_util.h"
 #include "tests/test_util.h"
 
@@ -34,7 +35,7 @@ class GpuClusterTest : public ::testing::Test {
   };
 
   void SetUp() override {
-    if (!cuda::HasDevice()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
+    SY_SKIP_WITHOUT_GPU();
     if (cluster_ != nullptr) return;
     auto c = std::make_unique<Cluster>();
     std::string spec;

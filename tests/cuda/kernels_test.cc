@@ -73,17 +73,19 @@ absl::StatusOr<cuda::DeviceMatrix> MakeMatrix(const std::vector<float>& w, int r
   m.cols = cols;
   SY_RETURN_IF_ERROR(m.storage.EnsureCapacity(w.size() * cuda::DeviceDTypeSize(dtype)));
   if (dtype == DeviceDType::kF32) {
-    SY_CUDA_RETURN_IF_ERROR(
-        cudaMemcpy(m.storage.data(), w.data(), w.size() * sizeof(float), cudaMemcpyHostToDevice));
+    SY_RETURN_IF_ERROR(cuda::UploadAndWait(m.storage.data(), w.data(), w.size() * sizeof(float)));
   } else {
     const auto bits = ToBf16Bits(w);
-    SY_CUDA_RETURN_IF_ERROR(
-        cudaMemcpy(m.storage.data(), bits.data(), bits.size() * 2, cudaMemcpyHostToDevice));
+    SY_RETURN_IF_ERROR(cuda::UploadAndWait(m.storage.data(), bits.data(), bits.size() * 2));
   }
   return m;
 }
 
-class CudaKernelsTest : public testing::CudaTest {};
+class CudaKernelsTest : public testing::CudaTest {
+ protected:
+  // KV append + attention against naive loops for one head shape.
+  void CheckKvAppendAndAttention(int H, int Hkv, int hd);
+};
 
 TEST_F(CudaKernelsTest, EmbeddingLookupCopiesRowsExactly) {
   const int V = 50, D = 72;
@@ -138,7 +140,8 @@ TEST_F(CudaKernelsTest, RopeOnFusedQkvMatchesCpu) {
   const int H = 3, Hkv = 2, hd = 18;
   const int q_dim = H * hd, kv_dim = Hkv * hd, qkv_dim = q_dim + 2 * kv_dim;
   const double theta = 1e6;
-  for (int T : {1, 33}) {
+  // 70000 tokens: more rows than a grid's y dimension holds (65535).
+  for (int T : {1, 33, 70000}) {
     std::vector<int32_t> pos(T);
     for (int t = 0; t < T; ++t) pos[t] = t == 0 ? 32767 : (t * 997) % 5000;
     const auto qkv = Random(static_cast<size_t>(T) * qkv_dim, 4, 2.0f);
@@ -165,17 +168,37 @@ TEST_F(CudaKernelsTest, RopeOnFusedQkvMatchesCpu) {
   }
 }
 
-// KV append then attention, three sequences in one launch: a 33-token
+// KV append then attention, four sequences in one launch: a 33-token
 // prefill chunk from position 0, one decode token after 40 cached positions,
-// and a 5-token chunk after 7 cached positions; GQA 6 query heads over 2 kv
-// heads, hd 18, layer 1 of 2; full attention and a sliding window of 8.
+// a 5-token chunk after 7 cached positions and one decode token after 333
+// (the block's warps get unequal shares); layer 1 of 2; full attention and a
+// sliding window of 8. Head shapes: GQA 6 over 2 with hd 18 (under one warp
+// of head dims), 8 over 2 with hd 80, Mixtral's 32 over 8 with hd 128, and
+// 4 over 1 with the largest hd, 256.
 TEST_F(CudaKernelsTest, KvAppendAndAttentionMatchNaive) {
-  const int L = 2, layer = 1, H = 6, Hkv = 2, hd = 18, group = H / Hkv;
+  for (auto [H, Hkv, hd] : {std::tuple{6, 2, 18}, {8, 2, 80}, {32, 8, 128}, {4, 1, 256}}) {
+    SCOPED_TRACE("H " + std::to_string(H) + " Hkv " + std::to_string(Hkv) + " hd " +
+                 std::to_string(hd));
+    CheckKvAppendAndAttention(H, Hkv, hd);
+  }
+  // Head dims beyond the kernel's limit are refused before any launch.
+  EXPECT_EQ(cuda::LaunchAttention(nullptr, 0, 1, 4, 1, cuda::kAttentionMaxHeadDim + 1, 0, nullptr,
+                                  nullptr, nullptr, 0, nullptr, stream())
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cuda::LaunchAttention(nullptr, 0, 1, 0, 1, 16, 0, nullptr, nullptr, nullptr, 0, nullptr,
+                                  stream())
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+void CudaKernelsTest::CheckKvAppendAndAttention(int H, int Hkv, int hd) {
+  const int L = 2, layer = 1, group = H / Hkv;
   const int q_dim = H * hd, kv_dim = Hkv * hd, qkv_dim = q_dim + 2 * kv_dim;
   struct Seq {
     int capacity, cached, chunk;
   };
-  const std::vector<Seq> seqs = {{48, 0, 33}, {48, 40, 1}, {16, 7, 5}};
+  const std::vector<Seq> seqs = {{48, 0, 33}, {48, 40, 1}, {16, 7, 5}, {350, 333, 1}};
   std::vector<int32_t> tok_seq, tok_pos;
   for (int s = 0; s < static_cast<int>(seqs.size()); ++s) {
     for (int i = 0; i < seqs[s].chunk; ++i) {
@@ -259,8 +282,9 @@ TEST_F(CudaKernelsTest, KvAppendAndAttentionMatchNaive) {
         }
       }
     }
-    EXPECT_TRUE(AllClose(out, ref, tolerance::kGpuKernelAbs, tolerance::kGpuKernelRel,
-                         "attention window=" + std::to_string(window)));
+    EXPECT_TRUE(
+        AllClose(out, ref, tolerance::kGpuKernelAbs, tolerance::kGpuKernelRel,
+                 "attention hd=" + std::to_string(hd) + " window=" + std::to_string(window)));
   }
 }
 
@@ -462,15 +486,37 @@ TEST_F(CudaKernelsTest, ExpertForwardFp32MatchesCpuExpert) {
   }
 }
 
+// An empty step (no tokens, no rows) launches nothing and is not an error:
+// a zero-sized grid would be a launch failure.
+TEST_F(CudaKernelsTest, EveryLauncherAcceptsZeroTokens) {
+  SY_ASSERT_OK(cuda::LaunchEmbeddingLookup(nullptr, 0, static_cast<const float*>(nullptr), 10, 8,
+                                           nullptr, stream()));
+  SY_ASSERT_OK(cuda::LaunchRmsNorm(nullptr, nullptr, 0, 8, 1e-5f, nullptr, stream()));
+  SY_ASSERT_OK(cuda::LaunchRopeRotateHalf(nullptr, 16, nullptr, 0, 2, 8, nullptr, stream()));
+  SY_ASSERT_OK(
+      cuda::LaunchKvAppend(nullptr, 32, 16, 24, 0, 8, nullptr, nullptr, nullptr, 0, stream()));
+  SY_ASSERT_OK(cuda::LaunchAttention(nullptr, 32, 0, 2, 1, 8, 0, nullptr, nullptr, nullptr, 0,
+                                     nullptr, stream()));
+  SY_ASSERT_OK(cuda::LaunchRouterTopK(nullptr, 0, 8, 2, nullptr, nullptr, stream()));
+  SY_ASSERT_OK(cuda::LaunchGatherRows(nullptr, 8, nullptr, 0, nullptr, stream()));
+  SY_ASSERT_OK(cuda::LaunchSwiGlu(nullptr, 0, 8, nullptr, stream()));
+  SY_ASSERT_OK(cuda::LaunchMoeCombine(nullptr, nullptr, nullptr, 0, 2, 8, nullptr, stream()));
+  SY_ASSERT_OK(cuda::LaunchResidualAdd(nullptr, nullptr, 0, stream()));
+  SY_ASSERT_OK(cuda::LaunchBf16ToF32(nullptr, 0, nullptr, stream()));
+  SY_ASSERT_OK(cuda::LaunchF32ToBf16(nullptr, 0, nullptr, stream()));
+  SY_ASSERT_OK(ctx_->Synchronize());
+}
+
 TEST_F(CudaKernelsTest, ErrorsAreStatusesNotCrashes) {
   // Bad arguments are INVALID_ARGUMENT before any launch; a failed CUDA call
-  // is an INTERNAL status naming the call; the context stays usable.
+  // is a status naming the call (out of memory: RESOURCE_EXHAUSTED); the
+  // context stays usable.
   const absl::Status s = cuda::LaunchAttention(nullptr, 0, 1, 4, 3, 18, 0, nullptr, nullptr,
                                                nullptr, 0, nullptr, stream());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;  // 4 heads over 3 kv heads
   auto huge = DeviceBuffer<float>::Create(size_t{1} << 50);      // 4 PiB
   ASSERT_FALSE(huge.ok());
-  EXPECT_EQ(huge.status().code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(huge.status().message().find("cudaMalloc"), std::string::npos) << huge.status();
   // The failed allocation is not reported again by the next launch check.
   SY_ASSERT_OK_AND_ASSIGN(auto y, Upload(std::vector<float>(16, 1.0f)));

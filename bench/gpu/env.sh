@@ -1,0 +1,21 @@
+# Sourced on the GPU machine, in the root of the working tree's copy, before
+# the GPU tests and benchmarks (bench/gpu/README.md):
+#   source bench/gpu/env.sh
+# - the test binaries look for tests/data at the path they were built from
+#   (/work/main): link it to this copy when that path is not there;
+# - they and the scripts look for the servers in build-gpu/bin and build/bin:
+#   link both to the bundle's bin;
+# - the bundle's libraries (gpu-bundle) first, then the machine's CUDA 13
+#   cuBLAS wherever it is installed (/usr/local/cuda or a pip wheel);
+# - SWITCHYARD_REQUIRE_GPU=1: a GPU test without a usable device fails
+#   instead of skipping.
+[ -d /work/main/tests/data ] || { mkdir -p /work && ln -sfn "$PWD" /work/main; }
+mkdir -p build-gpu build
+ln -sfn "$PWD/.gpu/bin" build-gpu/bin
+ln -sfn "$PWD/.gpu/bin" build/bin
+sy_cublas=$(ls /usr/local/cuda/lib64/libcublas.so.13 2>/dev/null ||
+  find / -xdev -name 'libcublas.so.13' 2>/dev/null | head -n 1)
+export LD_LIBRARY_PATH="$PWD/.gpu/lib${sy_cublas:+:$(dirname "$sy_cublas")}:/usr/local/cuda/lib64"
+export SWITCHYARD_REQUIRE_GPU=1
+echo "env: cuBLAS ${sy_cublas:-NOT FOUND}; LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+unset sy_cublas
