@@ -1,6 +1,7 @@
 # Sourced on the GPU machine, in the root of the working tree's copy, before
 # the GPU tests and benchmarks (bench/gpu/README.md):
 #   source bench/gpu/env.sh
+# - unpacks .gpu.tar.xz (from bench/gpu/pack.sh) when .gpu is not there;
 # - the test binaries look for tests/data at the path they were built from
 #   (/work/main): link it to this copy when that path is not there;
 # - they and the scripts look for the servers in build-gpu/bin and build/bin:
@@ -9,6 +10,8 @@
 #   cuBLAS wherever it is installed (/usr/local/cuda or a pip wheel);
 # - SWITCHYARD_REQUIRE_GPU=1: a GPU test without a usable device fails
 #   instead of skipping.
+# The bundle travels compressed (bench/gpu/pack.sh): unpack it once.
+[ -d .gpu ] || { [ -f .gpu.tar.xz ] && tar -xJf .gpu.tar.xz; }
 [ -d /work/main/tests/data ] || { mkdir -p /work && ln -sfn "$PWD" /work/main; }
 mkdir -p build-gpu build
 ln -sfn "$PWD/.gpu/bin" build-gpu/bin
