@@ -43,6 +43,10 @@ absl::StatusOr<GenerateResult> Generate(StepRunner& runner, KvCachePool& pool,
   result.prompt_ids.assign(prompt_ids.begin(), prompt_ids.end());
   Sampler sampler(options.sampling);
   std::unique_ptr<SequenceKv> kv = pool.NewSequence();
+  // The worst case up front, as the scheduler does: the cache is sized once
+  // (one device allocation on a GPU, not one per block of 16 tokens) and a
+  // pool too small fails here rather than halfway through.
+  SY_RETURN_IF_ERROR(kv->Reserve(static_cast<int>(prompt_ids.size()) + options.max_new_tokens));
   IncrementalDecoder decoder(&tokenizer, result.prompt_ids);
   auto emit = [&](std::string_view delta) {
     if (delta.empty()) return;

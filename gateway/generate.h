@@ -41,6 +41,9 @@ struct GenerateResult {
 };
 
 // `on_text` (optional) receives each valid-UTF-8 text delta as it is decoded.
+// Bad options or a prompt over the context are INVALID_ARGUMENT; a pool that
+// cannot hold prompt + max_new_tokens slots is RESOURCE_EXHAUSTED before any
+// step (the slots are reserved up front, as the scheduler does).
 absl::StatusOr<GenerateResult> Generate(StepRunner& runner, KvCachePool& pool,
                                         const Tokenizer& tokenizer,
                                         absl::Span<const int32_t> prompt_ids,
