@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "gateway/generate.h"
 #include "gateway/local_model.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -181,6 +182,42 @@ TEST_F(EngineTest, FullCacheFailsTheStepWithoutSideEffects) {
   auto out = (*small)->runner().Step({&in, 1});
   EXPECT_EQ(out.status().code(), absl::StatusCode::kResourceExhausted) << out.status();
   EXPECT_EQ(kv->length(), 0);
+}
+
+// Generate reserves prompt + max_new_tokens slots before its first step: a
+// pool that holds the prompt but not the whole generation fails at once, and
+// the slots go back to the pool.
+TEST_F(EngineTest, GenerateReservesTheWorstCaseUpFront) {
+  // Counts the steps Generate runs.
+  struct CountingRunner : StepRunner {
+    StepRunner* inner = nullptr;
+    int steps = 0;
+    absl::StatusOr<StepOutput> Step(absl::Span<const StepInput> inputs, StepTrace* trace) override {
+      ++steps;
+      return inner->Step(inputs, trace);
+    }
+    const ModelConfig& config() const override { return inner->config(); }
+  };
+  LocalModelOptions options;
+  options.kv_cache_tokens = 32;
+  auto small = LocalModel::Load(testing::TinyMixtralDir(), options);
+  ASSERT_TRUE(small.ok()) << small.status();
+  CountingRunner runner;
+  runner.inner = &(*small)->runner();
+  GenerateOptions generate;
+  generate.max_new_tokens = 20;
+  generate.ignore_eos = true;
+  const std::vector<int32_t> prompt = Prompt(7, 16);  // 16 + 20 > 32 slots
+  auto result = Generate(runner, (*small)->kv_pool(), (*small)->tokenizer(), prompt, generate);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted) << result.status();
+  EXPECT_EQ(runner.steps, 0) << "Generate ran steps before finding the pool too small";
+  EXPECT_EQ((*small)->kv_pool().used_tokens(), 0);
+  generate.max_new_tokens = 16;  // 16 + 16 = 32: fits
+  result = Generate(runner, (*small)->kv_pool(), (*small)->tokenizer(), prompt, generate);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->token_ids.size(), 16u);
+  EXPECT_EQ(runner.steps, 16);
+  EXPECT_EQ((*small)->kv_pool().used_tokens(), 0);
 }
 
 }  // namespace
