@@ -373,6 +373,13 @@ absl::StatusOr<StepOutput> CudaModelRunner::Step(absl::Span<const StepInput> inp
   std::vector<SeqKvDesc> descs(B);
   for (int b = 0; b < B; ++b) {
     SY_ASSIGN_OR_RETURN(DeviceKv * dkv, EnsureDeviceKv(slices[b].kv));
+    // kv_append drops rows past the capacity and attention would read past
+    // the plane: never launch with a slice that does not fit.
+    if (slices[b].start_pos + slices[b].tokens > dkv->capacity) {
+      return absl::InternalError(absl::StrCat("device KV of input ", b, " holds ", dkv->capacity,
+                                              " positions, the step writes up to ",
+                                              slices[b].start_pos + slices[b].tokens));
+    }
     descs[b].base = dkv->buffer.data();
     descs[b].capacity = dkv->capacity;
   }

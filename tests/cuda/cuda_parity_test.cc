@@ -141,6 +141,15 @@ class CudaParityTest : public testing::CudaTest {
   KvCachePool& pool() const { return *shared_->pool; }
   int V() const { return cpu().config().vocab_size; }
 
+  // Greedy decoding of prompt p for as many tokens as the HF reference has.
+  absl::StatusOr<GenerateResult> GreedyAsHf(StepRunner& runner, int p) const {
+    GenerateOptions options;
+    options.max_new_tokens =
+        static_cast<int>(ref().I64("p" + std::to_string(p) + ".greedy_ids").size());
+    options.ignore_eos = true;
+    return Generate(runner, pool(), cpu().tokenizer(), ref().InputIds(p), options);
+  }
+
   // One prefill of prompt p with logits for every position, with the trace.
   absl::StatusOr<StepOutput> Prefill(StepRunner& runner, int p, StepTrace* trace,
                                      KvCachePool& pool) const {
@@ -200,12 +209,7 @@ TEST_F(CudaParityTest, Fp32GreedyMatchesHfAllSteps) {
   for (int p = 0; p < kPrompts; ++p) {
     const std::string prefix = "p" + std::to_string(p) + ".";
     const std::vector<int64_t> greedy = ref().I64(prefix + "greedy_ids");
-    GenerateOptions options;
-    options.max_new_tokens = static_cast<int>(greedy.size());
-    options.ignore_eos = true;
-    SY_ASSERT_OK_AND_ASSIGN(
-        GenerateResult result,
-        Generate(*shared_->gpu_f32, pool(), cpu().tokenizer(), ref().InputIds(p), options));
+    SY_ASSERT_OK_AND_ASSIGN(GenerateResult result, GreedyAsHf(*shared_->gpu_f32, p));
     ASSERT_EQ(result.token_ids.size(), greedy.size());
     const size_t compared =
         CompareGreedy(result.token_ids, greedy, ref().F32(prefix + "greedy_margins"),
@@ -242,12 +246,7 @@ TEST_F(CudaParityTest, Bf16GreedyMatchesUpToSmallMargins) {
   for (int p = 0; p < kPrompts; ++p) {
     const std::string prefix = "p" + std::to_string(p) + ".";
     const std::vector<int64_t> greedy = ref().I64(prefix + "greedy_ids");
-    GenerateOptions options;
-    options.max_new_tokens = static_cast<int>(greedy.size());
-    options.ignore_eos = true;
-    SY_ASSERT_OK_AND_ASSIGN(
-        GenerateResult result,
-        Generate(*shared_->gpu_bf16, pool(), cpu().tokenizer(), ref().InputIds(p), options));
+    SY_ASSERT_OK_AND_ASSIGN(GenerateResult result, GreedyAsHf(*shared_->gpu_bf16, p));
     ASSERT_EQ(result.token_ids.size(), greedy.size());
     EXPECT_GT(CompareGreedy(result.token_ids, greedy, ref().F32(prefix + "greedy_margins"),
                             tolerance::kGpuBf16GreedyMargin,
