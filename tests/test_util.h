@@ -71,9 +71,9 @@ inline ::testing::AssertionResult AllClose(absl::Span<const float> actual,
   size_t worst = 0;
   size_t bad = 0;
   for (size_t i = 0; i < actual.size(); ++i) {
-    // Equal values (infinities included, whose difference is NaN) match.
-    const double d =
-        actual[i] == expected[i] ? 0.0 : std::fabs(static_cast<double>(actual[i]) - expected[i]);
+    // Equal values match, infinities included (inf - inf and 0 * inf are NaN).
+    if (actual[i] == expected[i]) continue;
+    const double d = std::fabs(static_cast<double>(actual[i]) - expected[i]);
     if (!(d <= abs + rel * std::fabs(expected[i]))) ++bad;
     if (!(d <= max_diff)) {
       max_diff = d;

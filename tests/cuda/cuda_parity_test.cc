@@ -11,7 +11,9 @@
 //   sequence alone; experts behind an ExpertBackend (the CPU's, as a remote
 //   service would be) equal the all-GPU path; the GPU ExpertBackend equals
 //   the CPU experts; errors match the CPU runner's.
-// Every GPU test skips without a device. One CPU-only test checks the CPU
+// Built twice: cuda_parity_test skips every GPU test without a device;
+// cuda_parity_emulated_test runs them on the CPU emulator
+// (tests/cuda/emulator/device_emulation.h). One CPU-only test checks the CPU
 // model of BF16 mode that the BF16 tolerances were measured with.
 #include <cstring>
 #include <fstream>

@@ -1,7 +1,9 @@
 // Each CUDA kernel and the cuBLAS projections against the CPU oracle
 // (core/cpu_ops, attention_service/router.cc, naive loops) on awkward shapes:
 // 1 and 33 tokens, dims that are not powers of two (D = 72, hd = 18, E = 6).
-// Every test skips without a GPU.
+// Built twice: cuda_kernels_test skips every test without a GPU;
+// cuda_kernels_emulated_test runs them on the CPU emulator
+// (tests/cuda/emulator/device_emulation.h).
 #include <cmath>
 #include <cstring>
 #include <random>

@@ -89,7 +89,9 @@ class ClusterTest : public ::testing::Test {
     delete split_;
     delete local_;
     for (auto* e : experts_) {
-      if (e != nullptr) EXPECT_EQ(e->Kill(SIGTERM), 0) << "expert did not exit cleanly";
+      if (e != nullptr) {
+        EXPECT_EQ(e->Kill(SIGTERM), 0) << "expert did not exit cleanly";
+      }
       delete e;
     }
   }
