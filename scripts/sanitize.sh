@@ -4,7 +4,11 @@
 # on any test failure or sanitizer report (memory error, leak, undefined
 # behaviour, data race, lock-order inversion).
 #   ASan + UBSan: scheduler_test gateway_test engine_test sampler_test
-#                 health_service_test metrics_test
+#                 health_service_test metrics_test, and the CUDA backend on
+#                 its CPU emulator (device_emulation_test
+#                 cuda_kernels_emulated_test cuda_parity_emulated_test: a
+#                 kernel's out-of-bounds device access is a heap overflow
+#                 there), where the CUDA toolkit's headers are installed
 #   TSan:         scheduler_test engine_test sampler_test metrics_test
 # Built with g++ like the normal build, so the project and Debian's gRPC,
 # protobuf and Abseil share one toolchain; those libraries are not
@@ -35,7 +39,11 @@ report='^(WARNING: ThreadSanitizer|==[0-9]+==ERROR)|runtime error:|^SUMMARY: [A-
 failed=()
 for kind in "${kinds[@]}"; do
   case $kind in
-    address) build=build-asan; tests=(${ASAN_TESTS:-scheduler_test gateway_test engine_test sampler_test health_service_test metrics_test}) ;;
+    address) build=build-asan
+      default="scheduler_test gateway_test engine_test sampler_test health_service_test metrics_test"
+      [ -d /usr/local/cuda/include ] &&
+        default+=" device_emulation_test cuda_kernels_emulated_test cuda_parity_emulated_test"
+      tests=(${ASAN_TESTS:-$default}) ;;
     thread) build=build-tsan; tests=(${TSAN_TESTS:-scheduler_test engine_test sampler_test metrics_test})
       # GNU libgomp is not built with TSan either: the barrier that ends an
       # OpenMP parallel region (core/cpu_ops.cc) is invisible to it, so every

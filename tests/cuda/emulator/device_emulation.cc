@@ -2,6 +2,13 @@
 
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+// Fibers under AddressSanitizer: it must be told about every stack switch.
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define SY_EMULATOR_ASAN 1
+#endif
+
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -27,6 +34,7 @@ struct Fiber {
   State state = State::kReady;
   uint3 index;
   std::unique_ptr<char[]> stack;
+  void* asan_fake_stack = nullptr;  // ASan's bookkeeping while switched out
 };
 
 // The block being run (launches are serialised by g_launch_mu).
@@ -41,6 +49,35 @@ struct BlockRun {
 std::mutex g_launch_mu;
 BlockRun g_run;
 std::vector<Fiber> g_fibers;  // reused across blocks and launches
+#ifdef SY_EMULATOR_ASAN
+const void* g_scheduler_stack = nullptr;  // learned at the first switch into a fiber
+size_t g_scheduler_stack_size = 0;
+#endif
+
+// The stack switches, with AddressSanitizer's annotations where it runs.
+void SwitchToFiber(Fiber& f) {
+#ifdef SY_EMULATOR_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, f.stack.get(), kStackBytes);
+#endif
+  swapcontext(&g_run.scheduler, &f.context);
+#ifdef SY_EMULATOR_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+// In a fiber, each time it is switched to.
+void EnteredFiber([[maybe_unused]] Fiber& f) {
+#ifdef SY_EMULATOR_ASAN
+  __sanitizer_finish_switch_fiber(f.asan_fake_stack, &g_scheduler_stack, &g_scheduler_stack_size);
+#endif
+}
+void SwitchToScheduler(Fiber& f) {
+#ifdef SY_EMULATOR_ASAN
+  __sanitizer_start_switch_fiber(&f.asan_fake_stack, g_scheduler_stack, g_scheduler_stack_size);
+#endif
+  swapcontext(&f.context, &g_run.scheduler);
+  EnteredFiber(f);
+}
 
 [[noreturn]] void Die(const char* what) {
   std::fprintf(stderr, "cuda emulator: %s\n", what);
@@ -63,12 +100,16 @@ uint3 Unlinear(int i, dim3 block) {
 void Yield(State state) {
   Fiber& f = g_fibers[g_run.current];
   f.state = state;
-  swapcontext(&f.context, &g_run.scheduler);
+  SwitchToScheduler(f);
 }
 
 void Trampoline() {
+  EnteredFiber(g_fibers[g_run.current]);
   (*g_run.body)();
   g_fibers[g_run.current].state = State::kDone;
+#ifdef SY_EMULATOR_ASAN
+  __sanitizer_start_switch_fiber(nullptr, g_scheduler_stack, g_scheduler_stack_size);  // exits
+#endif
   // Returning resumes uc_link: the scheduler.
 }
 
@@ -93,6 +134,11 @@ bool RunBlockAsFibers(int threads) {
   for (int i = 0; i < threads; ++i) {
     Fiber& f = g_fibers[i];
     if (!f.stack) f.stack = std::make_unique<char[]>(kStackBytes);
+#ifdef SY_EMULATOR_ASAN
+    // A fiber abandoned mid-kernel (a failed block) leaves poisoned frames.
+    ASAN_UNPOISON_MEMORY_REGION(f.stack.get(), kStackBytes);
+    f.asan_fake_stack = nullptr;
+#endif
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack.get();
     f.context.uc_stack.ss_size = kStackBytes;
@@ -107,7 +153,7 @@ bool RunBlockAsFibers(int threads) {
       if (g_fibers[i].state != State::kReady) continue;
       g_run.current = i;
       g_thread_idx = g_fibers[i].index;
-      swapcontext(&g_run.scheduler, &g_fibers[i].context);
+      SwitchToFiber(g_fibers[i]);
     }
     int done = 0, at_sync = 0;
     for (int i = 0; i < threads; ++i) {

@@ -19,10 +19,14 @@
 // hanging. (__syncthreads counts exited threads as arrived, as on sm_70 and
 // later.)
 //
+// Under AddressSanitizer + UBSan (scripts/sanitize.sh), it also finds a
+// kernel's out-of-bounds device accesses (each allocation is exactly its
+// size) and undefined behaviour such as overflowing int index arithmetic.
+//
 // What it does not check: timing, the memory model and races between
 // concurrently running blocks, real float intrinsics (expf here is glibc's),
-// out-of-bounds device accesses (no bounds on host memory), cuBLAS's own
-// numerics. The GPU runs (bench/gpu/README.md) stay the ground truth.
+// cuBLAS's own numerics. The GPU runs (bench/gpu/README.md) stay the ground
+// truth.
 //
 // Thread-safety: Launch may be called from any thread; launches run one at a
 // time.

@@ -24,11 +24,13 @@ cudaError_t Fail(cudaError_t err) {
   return err;
 }
 
+// 256-byte aligned as cudaMalloc's, and exactly `bytes` long, so that
+// AddressSanitizer sees a kernel's first element past the end.
 void* Allocate(size_t bytes) {
   if (bytes > kDeviceBytes) return nullptr;
-  const size_t rounded = (bytes + 255) / 256 * 256;
-  void* p = std::aligned_alloc(256, rounded == 0 ? 256 : rounded);
-  if (p != nullptr) std::memset(p, 0xFF, rounded == 0 ? 256 : rounded);
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, bytes == 0 ? 1 : bytes) != 0) return nullptr;
+  std::memset(p, 0xFF, bytes);
   return p;
 }
 
