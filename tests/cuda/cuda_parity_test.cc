@@ -8,7 +8,8 @@
 //              model of BF16 mode, greedy tokens equal up to the first
 //              small-margin step;
 //   a mixed batch (decode, prefill chunks, no-logits inputs) equals each
-//   sequence alone; experts behind an ExpertBackend (the CPU's, as a remote
+//   sequence alone; a sequence whose device cache grows (and is copied)
+//   equals one prefill; experts behind an ExpertBackend (the CPU's, as a remote
 //   service would be) equal the all-GPU path; the GPU ExpertBackend equals
 //   the CPU experts; errors match the CPU runner's.
 // Built twice: cuda_parity_test skips every GPU test without a device;
@@ -270,6 +271,31 @@ TEST_F(CudaParityTest, Bf16GreedyMatchesUpToSmallMargins) {
 // same sequence stepped alone. (Device K/V growth across a reservation block,
 // reallocation + copy, is exercised by the greedy tests: 6 + 24 and 20 + 24
 // tokens cross the 16- and 32-slot boundaries.)
+// A sequence fed a few tokens at a time reserves its cache in blocks, so its
+// device K/V is reallocated and copied as it grows (16, 32, 48 positions):
+// every cached position survives, so its logits equal one whole prefill's.
+TEST_F(CudaParityTest, GrowingDeviceCacheKeepsEveryPosition) {
+  StepRunner& gpu = *shared_->gpu_f32;
+  std::vector<int32_t> ids = ref().InputIds(1);
+  for (int i = 0; static_cast<int>(ids.size()) < 45; ++i) ids.push_back(200 + 37 * i);
+  auto whole_kv = pool().NewSequence();
+  StepInput whole{whole_kv.get(), ids, LogitsWanted::kLast};
+  SY_ASSERT_OK_AND_ASSIGN(StepOutput want, gpu.Step({&whole, 1}));
+
+  auto kv = pool().NewSequence();
+  StepOutput got;
+  for (size_t begin = 0; begin < ids.size(); begin += 3) {
+    const std::vector<int32_t> chunk(ids.begin() + begin,
+                                     ids.begin() + std::min(ids.size(), begin + 3));
+    StepInput in{kv.get(), chunk, LogitsWanted::kLast};
+    SY_ASSERT_OK_AND_ASSIGN(got, gpu.Step({&in, 1}));
+  }
+  EXPECT_EQ(kv->length(), static_cast<int>(ids.size()));
+  EXPECT_GE(kv->reserved(), 48);
+  EXPECT_TRUE(AllClose(got.logits, want.logits, tolerance::kReorderAbs, tolerance::kReorderRel,
+                       "45 tokens 3 at a time vs one prefill"));
+}
+
 TEST_F(CudaParityTest, MixedBatchEqualsEachAlone) {
   StepRunner& gpu = *shared_->gpu_f32;
   std::vector<std::vector<int32_t>> prompts;
