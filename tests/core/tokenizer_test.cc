@@ -3,7 +3,6 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -12,11 +11,13 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/test_util.h"
 
 namespace switchyard {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::ReadAll;
 
 const std::string kDataDir = SWITCHYARD_TEST_DATA_DIR;
 const std::string kMistralDir = kDataDir + "/mistral-tokenizer";
@@ -28,13 +29,6 @@ struct Reference {
   std::vector<std::string> tokens;
   std::string decoded;
 };
-
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 void WriteAll(const std::string& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);
@@ -393,7 +387,7 @@ TEST(TokenizerLoadTest, MissingConfigUsesTemplate) {
 }
 
 TEST(TokenizerLoadTest, ConfigOverridesSpecialTokens) {
-  const std::string cfg = testing::TempDir() + "/tok_cfg_eos.json";
+  const std::string cfg = ::testing::TempDir() + "/tok_cfg_eos.json";
   WriteAll(cfg, R"({"add_bos_token": false, "add_eos_token": true,
                     "bos_token": {"content": "<s>", "special": true},
                     "eos_token": {"content": "</s>"}})");
@@ -407,7 +401,7 @@ TEST(TokenizerLoadTest, ConfigOverridesSpecialTokens) {
 }
 
 TEST(TokenizerLoadTest, MalformedJson) {
-  const std::string bad = testing::TempDir() + "/tok_bad.json";
+  const std::string bad = ::testing::TempDir() + "/tok_bad.json";
   WriteAll(bad, "{ \"model\": [1, 2,");
   auto t = Tokenizer::FromFiles(bad, "");
   ASSERT_FALSE(t.ok());
@@ -451,7 +445,7 @@ TEST(TokenizerLoadTest, MalformedJson) {
 TEST(TokenizerLoadTest, SmallHandWrittenTokenizer) {
   // Pair-form merges, no normalizer/decoder/post-processor, unk without byte
   // fallback (fused).
-  const std::string path = testing::TempDir() + "/tok_small.json";
+  const std::string path = ::testing::TempDir() + "/tok_small.json";
   WriteAll(path, R"({
     "added_tokens": [{"id": 5, "content": "[X]", "special": false}],
     "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
@@ -476,7 +470,7 @@ TEST(TokenizerLoadTest, SmallHandWrittenTokenizer) {
 TEST(TokenizerLoadTest, AddedTokenOptions) {
   // lstrip/rstrip swallow surrounding whitespace; a normalized added token is
   // matched against the normalized text; single_word only matches whole words.
-  const std::string path = testing::TempDir() + "/tok_added.json";
+  const std::string path = ::testing::TempDir() + "/tok_added.json";
   WriteAll(path, R"({
     "added_tokens": [
       {"id": 5, "content": "[M]", "lstrip": true, "rstrip": true, "normalized": false,

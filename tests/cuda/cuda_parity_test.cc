@@ -17,10 +17,8 @@
 // (tests/cuda/emulator/device_emulation.h). One CPU-only test checks the CPU
 // model of BF16 mode that the BF16 tolerances were measured with.
 #include <cstring>
-#include <fstream>
 #include <memory>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -55,10 +53,7 @@ class Reference {
     auto ref = SafetensorsFile::Open(TinyMixtralDir() + "/reference.safetensors");
     EXPECT_TRUE(ref.ok()) << ref.status();
     if (ref.ok()) file_ = std::move(*ref);
-    std::ifstream in(TinyMixtralDir() + "/reference.json");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    json_ = nlohmann::json::parse(ss.str());
+    json_ = nlohmann::json::parse(testing::ReadAll(TinyMixtralDir() + "/reference.json"));
   }
   const nlohmann::json& json() const { return json_; }
   std::vector<float> F32(const std::string& name) const {

@@ -4,9 +4,7 @@
 // GPU, and, in FP32, as Hugging Face. Skips without a CUDA device.
 #include <grpcpp/grpcpp.h>
 
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -103,10 +101,8 @@ TEST_F(GpuClusterTest, ExpertsReportTheirGpuBackend) {
 }
 
 TEST_F(GpuClusterTest, SplitEqualsInProcessGpuEqualsHuggingFaceInFp32) {
-  std::ifstream in(testing::TinyMixtralDir() + "/reference.json");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const nlohmann::json reference = nlohmann::json::parse(ss.str());
+  const nlohmann::json reference =
+      nlohmann::json::parse(testing::ReadAll(testing::TinyMixtralDir() + "/reference.json"));
   int prompt = 0;
   for (const auto& p : reference["prompts"]) {
     v1::GenerateRequest request;

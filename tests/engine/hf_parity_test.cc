@@ -1,8 +1,6 @@
 // The CPU engine against Hugging Face transformers' MixtralForCausalLM on the
 // tiny-mixtral fixture: logits, router choices and greedy continuations.
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -31,10 +29,8 @@ class HfParityTest : public ::testing::Test {
     auto ref = SafetensorsFile::Open(TinyMixtralDir() + "/reference.safetensors");
     ASSERT_TRUE(ref.ok()) << ref.status();
     ref_ = ref->release();
-    std::ifstream in(TinyMixtralDir() + "/reference.json");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    ref_json_ = new nlohmann::json(nlohmann::json::parse(ss.str()));
+    ref_json_ = new nlohmann::json(
+        nlohmann::json::parse(testing::ReadAll(TinyMixtralDir() + "/reference.json")));
   }
   static void TearDownTestSuite() {
     delete model_;

@@ -4,7 +4,6 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -81,10 +80,7 @@ TEST(ModelVariantsTest, SlidingWindowLimitsAttention) {
   const std::vector<float> no_window_full = AllLogits(dir, ids);
   const std::vector<float> tail_alone = AllLogits(dir, tail);
 
-  std::ifstream in(dir + "/config.json");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  nlohmann::json config = nlohmann::json::parse(ss.str());
+  nlohmann::json config = nlohmann::json::parse(testing::ReadAll(dir + "/config.json"));
   config["sliding_window"] = kWindow;
   std::ofstream(dir + "/config.json") << config.dump(2);
   const std::vector<float> windowed_full = AllLogits(dir, ids);

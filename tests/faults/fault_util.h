@@ -17,7 +17,6 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -87,10 +86,8 @@ inline absl::Status RestartOn(ServerProcess& process, const std::vector<std::str
 
 // The Hugging Face reference prompts of the tiny model (tests/data).
 inline std::vector<std::string> ReferencePrompts() {
-  std::ifstream in(testing::TinyMixtralDir() + "/reference.json");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const nlohmann::json reference = nlohmann::json::parse(ss.str());
+  const nlohmann::json reference =
+      nlohmann::json::parse(testing::ReadAll(testing::TinyMixtralDir() + "/reference.json"));
   std::vector<std::string> prompts;
   for (const auto& p : reference["prompts"]) prompts.push_back(p["text"].get<std::string>());
   return prompts;

@@ -74,13 +74,6 @@ mkcert wrong-server wrong-ca "$SERVER"
 mkcert wrong-client wrong-ca "$CLIENT"
 )sh";
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 void WriteFile(const std::string& path, const std::string& contents) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << contents;
@@ -95,7 +88,7 @@ const std::string& PkiDir() {
     WriteFile(*d + "/make.sh", kMakeCertificates);
     const std::string command = absl::StrCat("cd '", *d, "' && bash make.sh > make.log 2>&1");
     const int rc = std::system(command.c_str());
-    EXPECT_EQ(rc, 0) << "making certificates failed:\n" << ReadFile(*d + "/make.log");
+    EXPECT_EQ(rc, 0) << "making certificates failed:\n" << testing::ReadAll(*d + "/make.log");
     WriteFile(*d + "/tokens.txt", absl::StrCat("\n  ", kToken, "  \r\n\n", kSecondToken, "\n"));
     return d;
   }();
@@ -253,7 +246,7 @@ TEST_F(TlsFilesTest, KeyOfAnotherCertificateIsRefusedWithoutShowingTheKey) {
                         "' does not match the certificate in TLS certificate file '" +
                         Pki("server.pem") + "'"));
   // No line of the key file (its base64 body) is in the message.
-  std::istringstream key(ReadFile(Pki("client.key")));
+  std::istringstream key(testing::ReadAll(Pki("client.key")));
   for (std::string line; std::getline(key, line);) {
     if (line.rfind("-----", 0) == 0 || line.size() < 8) continue;
     EXPECT_THAT(s.status().message(), Not(HasSubstr(line)));

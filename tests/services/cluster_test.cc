@@ -124,10 +124,8 @@ std::string ClusterTest::expert_addresses_[kExperts];
 std::string ClusterTest::expert_metrics_[kExperts];
 
 TEST_F(ClusterTest, SplitEqualsLocalEqualsHuggingFace) {
-  std::ifstream in(testing::TinyMixtralDir() + "/reference.json");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const nlohmann::json reference = nlohmann::json::parse(ss.str());
+  const nlohmann::json reference =
+      nlohmann::json::parse(testing::ReadAll(testing::TinyMixtralDir() + "/reference.json"));
   for (const auto& p : reference["prompts"]) {
     v1::GenerateRequest request;
     request.mutable_token_ids()->mutable_ids()->Add(p["input_ids"].begin(), p["input_ids"].end());

@@ -4,9 +4,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -35,10 +33,8 @@ class GatewayTest : public ::testing::Test {
     gateway_ = gateway->release();
     channel_ = new std::shared_ptr<grpc::Channel>(
         grpc::CreateChannel(gateway_->address(), grpc::InsecureChannelCredentials()));
-    std::ifstream in(testing::TinyMixtralDir() + "/reference.json");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    reference_ = new nlohmann::json(nlohmann::json::parse(ss.str()));
+    reference_ = new nlohmann::json(
+        nlohmann::json::parse(testing::ReadAll(testing::TinyMixtralDir() + "/reference.json")));
   }
   static void TearDownTestSuite() {
     delete channel_;
