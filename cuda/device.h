@@ -95,11 +95,11 @@ class Buffer {
   // work or pending copy may still use the old memory (synchronise first).
   absl::Status EnsureCapacity(size_t count) {
     if (count <= count_) return absl::OkStatus();
-    Reset();
-    void* p = nullptr;
     if (count > SIZE_MAX / sizeof(T)) {
       return absl::ResourceExhaustedError(absl::StrCat(count, " elements overflow size_t bytes"));
     }
+    Reset();
+    void* p = nullptr;
     const size_t bytes = count * sizeof(T);
     if (const cudaError_t err = Memory::Allocate(&p, bytes); err != cudaSuccess) {
       const std::string call = absl::StrCat(Memory::kAllocator, "(", bytes, " bytes)");
@@ -115,8 +115,8 @@ class Buffer {
   }
 
   void Reset() {
-    if (ptr_ != nullptr)
-      Memory::Free(ptr_);  // error ignored: nothing to do about it in a destructor
+    // An error is ignored: there is nothing to do about it in a destructor.
+    if (ptr_ != nullptr) Memory::Free(ptr_);
     ptr_ = nullptr;
     count_ = 0;
   }
