@@ -260,12 +260,6 @@ TEST_F(CudaParityTest, Bf16GreedyMatchesUpToSmallMargins) {
   }
 }
 
-// One batched step holding a decode token, a whole prompt with every
-// position's logits, the second chunk of a chunked prefill, and a prompt with
-// no logits; then a step where all four decode. Each input's logits equal the
-// same sequence stepped alone. (Device K/V growth across a reservation block,
-// reallocation + copy, is exercised by the greedy tests: 6 + 24 and 20 + 24
-// tokens cross the 16- and 32-slot boundaries.)
 // A sequence fed a few tokens at a time reserves its cache in blocks, so its
 // device K/V is reallocated and copied as it grows (16, 32, 48 positions):
 // every cached position survives, so its logits equal one whole prefill's.
@@ -291,6 +285,10 @@ TEST_F(CudaParityTest, GrowingDeviceCacheKeepsEveryPosition) {
                        "45 tokens 3 at a time vs one prefill"));
 }
 
+// One batched step holding a decode token, a whole prompt with every
+// position's logits, the second chunk of a chunked prefill, and a prompt with
+// no logits; then a step where all four decode. Each input's logits equal the
+// same sequence stepped alone.
 TEST_F(CudaParityTest, MixedBatchEqualsEachAlone) {
   StepRunner& gpu = *shared_->gpu_f32;
   std::vector<std::vector<int32_t>> prompts;
@@ -395,13 +393,13 @@ TEST_F(CudaParityTest, CudaExpertBackendMatchesCpuExperts) {
   std::vector<float> x0(5 * D), x3(1 * D);
   for (float& v : x0) v = dist(rng);
   for (float& v : x3) v = dist(rng);
-  LocalExpertBackend cpu_backend(&cpu().experts());
+  // The CPU experts of the same selection (0 and 3), as the GPU backend's.
+  SY_ASSERT_OK_AND_ASSIGN(std::unique_ptr<ExpertStore> cpu_store, ExpertStore::Load(*ckpt));
+  LocalExpertBackend cpu_backend(cpu_store.get());
   std::vector<float> ref0(x0.size()), ref3(x3.size());
   std::vector<ExpertBatch> ref_batches = {{0, 5, x0.data(), ref0.data()},
                                           {3, 1, x3.data(), ref3.data()}};
   SY_ASSERT_OK(cpu_backend.RunLayer(1, ref_batches));
-  SY_ASSERT_OK_AND_ASSIGN(std::unique_ptr<ExpertStore> partial_store, ExpertStore::Load(*ckpt));
-  LocalExpertBackend cpu_partial(partial_store.get());  // experts 0 and 3, as the GPU backend
 
   for (cuda::Precision precision : {cuda::Precision::kF32, cuda::Precision::kBF16}) {
     const std::string name = cuda::PrecisionName(precision);
@@ -440,12 +438,11 @@ TEST_F(CudaParityTest, CudaExpertBackendMatchesCpuExperts) {
       EXPECT_TRUE(AllClose(out3, model(x3, 3, 1), tolerance::kGpuBf16ExpertAbs,
                            tolerance::kGpuBf16ExpertRel, name + " expert 3 vs cpu model"));
     }
-    // An expert this process does not hold: NOT_FOUND, with the message of
-    // a CPU backend holding the same experts.
+    // An expert this process does not hold: NOT_FOUND, as the CPU backend.
     std::vector<ExpertBatch> missing = {{1, 5, x0.data(), out0.data()}};
     const absl::Status s = backend->RunLayer(1, missing);
     EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
-    EXPECT_EQ(s.message(), cpu_partial.RunLayer(1, missing).message());
+    EXPECT_EQ(s.message(), cpu_backend.RunLayer(1, missing).message());
   }
 }
 
