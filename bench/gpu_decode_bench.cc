@@ -45,8 +45,8 @@
 
 #include "core/checkpoint.h"
 #include "core/make_model.h"
-#include "cuda/cuda_model.h"
 #include "cuda/device.h"
+#include "gateway/cuda_model_runner.h"
 
 namespace switchyard {
 namespace {

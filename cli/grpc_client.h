@@ -15,7 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "cli/flags.h"
+#include "core/flags.h"
 #include "switchyard/v1/generation.pb.h"
 
 namespace switchyard::cli {

@@ -3,7 +3,7 @@
 
 #include "absl/strings/ascii.h"
 #include "cli/commands.h"
-#include "cli/flags.h"
+#include "core/flags.h"
 #include "core/make_model.h"
 #include "core/status_macros.h"
 

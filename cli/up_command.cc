@@ -40,7 +40,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cli/commands.h"
-#include "cli/flags.h"
+#include "core/flags.h"
 #include "cli/grpc_client.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"

@@ -10,6 +10,7 @@
 #include "absl/strings/str_split.h"
 #include "core/checkpoint.h"
 #include "core/status_macros.h"
+#include "core/version.h"
 #include "expert_service/expert_backend.h"
 #include "expert_service/expert_ffn.h"
 #include "expert_service/expert_metrics.h"
@@ -18,7 +19,7 @@
 #include "metrics/metrics.h"
 #include "rpc/server.h"
 #ifdef SWITCHYARD_HAVE_CUDA
-#include "cuda/cuda_model.h"
+#include "expert_service/cuda_experts.h"
 #endif
 
 namespace switchyard {
@@ -176,7 +177,7 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
 
   p->registry.AddGauge("switchyard_build_info", "Always 1.", {"version", "role"})
-      .Add({"0.1.0", "expert"})
+      .Add({Version(), "expert"})
       .Set(1);
   p->expert_metrics = std::make_unique<ExpertMetrics>(&p->registry, p->shard.Held());
   if (!options.metrics_listen.empty()) {

@@ -8,14 +8,13 @@
 #include "absl/strings/str_join.h"
 #include "core/fingerprint.h"
 #include "core/status_macros.h"
+#include "core/version.h"
 #include "core/tensor_names.h"
 #include "rpc/status.h"
 #include "rpc/tensor_codec.h"
 
 namespace switchyard {
 namespace {
-
-constexpr char kVersion[] = "0.1.0";
 
 int64_t NowMicros() {
   return std::chrono::duration_cast<std::chrono::microseconds>(
@@ -125,7 +124,7 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::GetShardInfo(grpc::CallbackServerCo
   response->set_layer_end(shard_.layer_end);
   response->set_weights_dtype(shard_.weights_dtype);
   response->set_backend(options_.backend_name);
-  response->set_version(kVersion);
+  response->set_version(Version());
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

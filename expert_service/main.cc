@@ -28,7 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
-#include "cli/flags.h"
+#include "core/flags.h"
 #include "core/status_macros.h"
 #include "expert_service/expert_process.h"
 
@@ -53,7 +53,7 @@ int Fail(const absl::Status& status) {
 }
 
 // The flags as ExpertProcessOptions; INVALID_ARGUMENT names a bad flag.
-absl::StatusOr<ExpertProcessOptions> OptionsFromFlags(const cli::Flags& flags) {
+absl::StatusOr<ExpertProcessOptions> OptionsFromFlags(const Flags& flags) {
   ExpertProcessOptions o;
   SY_ASSIGN_OR_RETURN(o.model_dir, flags.Required("model"));
   o.listen = flags.GetOr("listen", o.listen);
@@ -96,7 +96,7 @@ int Run(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   std::vector<std::string> args(argv + 1, argv + argc);
-  absl::StatusOr<cli::Flags> flags = cli::Flags::Parse(
+  absl::StatusOr<Flags> flags = Flags::Parse(
       args,
       {"model", "listen", "experts", "layers", "workers", "max-connection-age-ms", "grace-ms",
        "metrics-listen", "tls-cert", "tls-key", "tls-client-ca", "device", "precision", "gpu"},

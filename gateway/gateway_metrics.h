@@ -9,12 +9,18 @@
 #include <vector>
 
 #include "core/model_config.h"
+#include "gateway/step_runner.h"
 #include "metrics/metrics.h"
 
 namespace switchyard {
 
-struct GatewayMetrics {
+struct GatewayMetrics : public RoutingObserver {
   GatewayMetrics(metrics::Registry* registry, const ModelConfig& config);
+
+  // RoutingObserver: counts switchyard_gateway_routed_tokens_total.
+  void OnExpertTokens(int layer, int expert, int tokens) override {
+    RoutedTokens(layer, expert).Increment(tokens);
+  }
 
   // outcome: ok, cancelled, invalid_argument, resource_exhausted, unavailable, error.
   metrics::Counter& Requests(const std::string& method, const std::string& outcome);

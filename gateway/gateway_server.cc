@@ -11,12 +11,14 @@
 #include "attention_service/attention_model.h"
 #include "core/checkpoint.h"
 #include "core/status_macros.h"
+#include "core/version.h"
 #include "core/tokenizer.h"
 #include "expert_service/expert_ffn.h"
 #include "gateway/generation_service.h"
 #include "gateway/model_runner.h"
 #ifdef SWITCHYARD_HAVE_CUDA
-#include "cuda/cuda_model.h"
+#include "attention_service/cuda_dense_model.h"
+#include "gateway/cuda_model_runner.h"
 #endif
 #include "gateway/remote_expert_backend.h"
 #include "metrics/http_exporter.h"
@@ -132,7 +134,7 @@ struct Gateway::Parts {
   std::unique_ptr<rpc::RunningServer> server;
 };
 
-absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const cli::Flags& f) {
+absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& f) {
   GatewayOptions o;
   SY_ASSIGN_OR_RETURN(o.model_dir, f.Required("model"));
   o.listen = f.GetOr("listen", o.listen);
@@ -255,7 +257,7 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
     SY_ASSIGN_OR_RETURN(p->attention, AttentionModel::Load(*checkpoint));
   }
   p->registry.AddGauge("switchyard_build_info", "Always 1.", {"version", "role"})
-      .Add({"0.1.0", "gateway"})
+      .Add({Version(), "gateway"})
       .Set(1);
   p->metrics = std::make_unique<GatewayMetrics>(&p->registry, config);
   if (!options.metrics_listen.empty()) {

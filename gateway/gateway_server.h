@@ -13,7 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "cli/flags.h"
+#include "core/flags.h"
 #include "gateway/request_validation.h"
 #include "gateway/scheduler.h"
 #include "metrics/metrics.h"
@@ -60,7 +60,7 @@ struct GatewayOptions {
   std::string expert_tls_key_file;
 };
 
-absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const cli::Flags& flags);
+absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& flags);
 
 // Checks the transport-security options for consistency (files that must
 // come in pairs, TLS-only options without TLS, expert TLS with local

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "core/version.h"
 #include "rpc/status.h"
 
 namespace switchyard {
@@ -434,7 +435,7 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::GetModelInfo(
   response->set_eos_token_id(tokenizer_->eos_id());
   response->set_config_fingerprint(config_.Fingerprint());
   for (const v1::ExpertRoute& r : options_.expert_routes) *response->add_experts() = r;
-  response->set_version("0.1.0");
+  response->set_version(Version());
   auto* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "cli/flags.h"
+#include "core/flags.h"
 #include "core/checkpoint.h"
 #include "core/status_macros.h"
 #include "gateway/gateway_server.h"
@@ -36,7 +36,7 @@ constexpr char kUsage[] =
 }  // namespace
 
 int main(int argc, char** argv) {
-  using switchyard::cli::Flags;
+  using switchyard::Flags;
   const std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && (args[0] == "--help" || args[0] == "-h")) {
     std::fputs(kUsage, stdout);

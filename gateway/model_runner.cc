@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "gateway/moe_dispatch.h"
 
 namespace switchyard {
 
@@ -53,46 +54,21 @@ absl::StatusOr<StepOutput> ModelRunner::Step(absl::Span<const StepInput> inputs,
 absl::Status ModelRunner::MoeBlock(int layer, const float* x, const Routing& routing, float* h,
                                    int64_t* expert_tokens) {
   const ModelConfig& c = model_->config();
-  const int D = c.hidden_size, E = c.num_local_experts, K = routing.top_k;
-  const int T = routing.tokens;
-
-  // Group (token, slot) pairs by expert.
-  std::vector<std::vector<int>> rows_of(E);  // [E][N_e] token indices
-  std::vector<std::vector<float>> weight_of(E);
-  for (int t = 0; t < T; ++t) {
-    for (int k = 0; k < K; ++k) {
-      const int e = routing.experts[t * K + k];
-      rows_of[e].push_back(t);
-      weight_of[e].push_back(routing.weights[t * K + k]);
-    }
-  }
-  std::vector<std::vector<float>> inputs(E), outputs(E);  // [E][N_e, D]
-  std::vector<ExpertBatch> batches;
-  for (int e = 0; e < E; ++e) {
-    const int n = static_cast<int>(rows_of[e].size());
-    if (n == 0) continue;
-    inputs[e].resize(static_cast<size_t>(n) * D);
-    outputs[e].resize(static_cast<size_t>(n) * D);
-    for (int i = 0; i < n; ++i) {
-      std::copy_n(x + static_cast<int64_t>(rows_of[e][i]) * D, D,
-                  inputs[e].data() + static_cast<int64_t>(i) * D);
-    }
-    batches.push_back({e, n, inputs[e].data(), outputs[e].data()});
-    *expert_tokens += n;
-    if (metrics_ != nullptr) metrics_->RoutedTokens(layer, e).Increment(n);
+  const int D = c.hidden_size, E = c.num_local_experts;
+  SY_ASSIGN_OR_RETURN(MoeDispatch plan, PlanMoeDispatch(routing.experts, routing.weights,
+                                                        routing.tokens, routing.top_k, E));
+  const size_t n = static_cast<size_t>(plan.total_rows()) * D;
+  std::vector<float> grouped_in(n), grouped_out(n);  // [T K, D]
+  GatherExpertRows(plan, x, D, grouped_in.data());
+  const std::vector<ExpertBatch> batches =
+      ExpertBatches(plan, grouped_in.data(), grouped_out.data(), D);
+  for (const ExpertBatch& b : batches) {
+    *expert_tokens += b.tokens;
+    if (observer_ != nullptr) observer_->OnExpertTokens(layer, b.expert, b.tokens);
   }
   SY_RETURN_IF_ERROR(experts_->RunLayer(layer, batches));
-
-  std::vector<float> moe(static_cast<size_t>(T) * D, 0.0f);  // [T, D]
-  for (int e = 0; e < E; ++e) {
-    for (size_t i = 0; i < rows_of[e].size(); ++i) {
-      float* dst = moe.data() + static_cast<int64_t>(rows_of[e][i]) * D;
-      const float* src = outputs[e].data() + static_cast<int64_t>(i) * D;
-      const float w = weight_of[e][i];
-      for (int d = 0; d < D; ++d) dst[d] += w * src[d];
-    }
-  }
-  for (int64_t i = 0; i < static_cast<int64_t>(T) * D; ++i) h[i] += moe[i];
+  // h[T, D] += Σ_k w[t, k] · expert_k(x[t])
+  CombineExpertRows(plan, grouped_out.data(), D, h);
   return absl::OkStatus();
 }
 

@@ -22,7 +22,6 @@
 #include "attention_service/kv_cache.h"
 #include "attention_service/router.h"
 #include "expert_service/expert_backend.h"
-#include "gateway/gateway_metrics.h"
 #include "gateway/step_runner.h"
 
 namespace switchyard {
@@ -30,10 +29,10 @@ namespace switchyard {
 // The CPU implementation of StepRunner.
 class ModelRunner : public StepRunner {
  public:
-  // `metrics` (optional, not owned) receives the tokens routed per (layer, expert).
+  // `observer` (optional, not owned) is told the tokens routed per (layer, expert).
   ModelRunner(const AttentionModel* model, ExpertBackend* experts,
-              GatewayMetrics* metrics = nullptr)
-      : model_(model), experts_(experts), metrics_(metrics) {}
+              RoutingObserver* observer = nullptr)
+      : model_(model), experts_(experts), observer_(observer) {}
 
   absl::StatusOr<StepOutput> Step(absl::Span<const StepInput> inputs,
                                   StepTrace* trace = nullptr) override;
@@ -47,7 +46,7 @@ class ModelRunner : public StepRunner {
 
   const AttentionModel* model_;
   ExpertBackend* experts_;
-  GatewayMetrics* metrics_;
+  RoutingObserver* observer_;
 };
 
 }  // namespace switchyard

@@ -56,6 +56,14 @@ struct StepLayout {
 absl::StatusOr<StepLayout> PrepareStep(const ModelConfig& config,
                                        absl::Span<const StepInput> inputs);
 
+// Told what each step routes, e.g. to count tokens per (layer, expert) for
+// metrics. Called on the thread that runs the step, before the experts run.
+class RoutingObserver {
+ public:
+  virtual ~RoutingObserver() = default;
+  virtual void OnExpertTokens(int layer, int expert, int tokens) = 0;
+};
+
 class StepRunner {
  public:
   virtual ~StepRunner() = default;

@@ -14,7 +14,7 @@
 //   the CPU experts; errors match the CPU runner's.
 // Built twice: cuda_parity_test skips every GPU test without a device;
 // cuda_parity_emulated_test runs them on the CPU emulator
-// (tests/cuda/emulator/device_emulation.h). One CPU-only test checks the CPU
+// (cuda/emulator/device_emulation.h). One CPU-only test checks the CPU
 // model of BF16 mode that the BF16 tolerances were measured with.
 #include <cstring>
 #include <memory>
@@ -26,7 +26,7 @@
 #include "core/cpu_ops.h"
 #include "core/safetensors.h"
 #include "core/tensor_names.h"
-#include "cuda/cuda_model.h"
+#include "gateway/cuda_model_runner.h"
 #include "expert_service/expert_backend.h"
 #include "expert_service/expert_ffn.h"
 #include "gateway/generate.h"

@@ -3,7 +3,7 @@
 // 1 and 33 tokens, dims that are not powers of two (D = 72, hd = 18, E = 6).
 // Built twice: cuda_kernels_test skips every test without a GPU;
 // cuda_kernels_emulated_test runs them on the CPU emulator
-// (tests/cuda/emulator/device_emulation.h).
+// (cuda/emulator/device_emulation.h).
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -13,7 +13,7 @@
 #include "attention_service/router.h"
 #include "core/cpu_ops.h"
 #include "core/dtype.h"
-#include "cuda/cuda_model.h"
+#include "expert_service/cuda_experts.h"
 #include "cuda/kernels/attention.h"
 #include "cuda/kernels/bf16_to_f32.h"
 #include "cuda/kernels/embedding_lookup.h"

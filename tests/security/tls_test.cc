@@ -25,7 +25,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "cli/flags.h"
+#include "core/flags.h"
 #include "core/checkpoint.h"
 #include "expert_service/expert_process.h"
 #include "gateway/gateway_server.h"
@@ -281,7 +281,7 @@ TEST_F(TlsFilesTest, MissingArgumentsAreInvalid) {
 absl::StatusOr<GatewayOptions> OptionsFromArgs(std::vector<std::string> args) {
   args.insert(args.begin(), {"--model", testing::TinyMixtralDir()});
   auto flags =
-      cli::Flags::Parse(args,
+      Flags::Parse(args,
                         {"model", "experts", "tls-cert", "tls-key", "tls-client-ca",
                          "auth-token-file", "expert-tls-ca", "expert-tls-cert", "expert-tls-key"},
                         {});

@@ -3,7 +3,7 @@
 // is cuBLAS's column-major GEMM with cuBLAS's argument checks. Kernels here
 // are written as in a .cu file and launched as cu_to_cc.py rewrites
 // launches.
-#include "tests/cuda/emulator/device_emulation.h"
+#include "cuda/emulator/device_emulation.h"
 
 #include <cuda_runtime_api.h>
 

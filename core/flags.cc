@@ -1,9 +1,9 @@
-#include "cli/flags.h"
+#include "core/flags.h"
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
-namespace switchyard::cli {
+namespace switchyard {
 
 absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args,
                                    const std::set<std::string>& value_flags,
@@ -95,4 +95,4 @@ absl::StatusOr<std::optional<uint64_t>> Flags::OptionalUint(const std::string& n
   return std::optional<uint64_t>(out);
 }
 
-}  // namespace switchyard::cli
+}  // namespace switchyard

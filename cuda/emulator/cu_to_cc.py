@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Turns a CUDA source (cuda/kernels/*.cu) into C++ for the CPU emulator
-(tests/cuda/emulator/device_emulation.h): every launch
+(cuda/emulator/device_emulation.h): every launch
 
     Kernel<<<grid, block, shared_bytes, stream>>>(args...)
 
@@ -56,8 +56,8 @@ def main():
     if n == 0:
         sys.exit(f"{sys.argv[1]}: no kernel launch found")
     with open(sys.argv[2], "w") as f:
-        f.write(f'// Generated from {sys.argv[1]} by tests/cuda/emulator/cu_to_cc.py: do not edit.\n')
-        f.write('#include "tests/cuda/emulator/device_emulation.h"\n')
+        f.write(f'// Generated from {sys.argv[1]} by cuda/emulator/cu_to_cc.py: do not edit.\n')
+        f.write('#include "cuda/emulator/device_emulation.h"\n')
         f.write(f'#line 1 "{sys.argv[1]}"\n')
         f.write(out)
 

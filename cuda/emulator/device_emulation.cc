@@ -1,4 +1,4 @@
-#include "tests/cuda/emulator/device_emulation.h"
+#include "cuda/emulator/device_emulation.h"
 
 #include <ucontext.h>
 

@@ -1,8 +1,9 @@
-// A small command-line flag parser for the switchyard subcommands:
+// A small command-line flag parser for every binary (the switchyard
+// subcommands and the servers):
 // `--name value`, `--name=value` and boolean `--name`. Unknown flags and
 // missing values are errors that name the flag.
-#ifndef SWITCHYARD_CLI_FLAGS_H_
-#define SWITCHYARD_CLI_FLAGS_H_
+#ifndef SWITCHYARD_CORE_FLAGS_H_
+#define SWITCHYARD_CORE_FLAGS_H_
 
 #include <cstdint>
 #include <map>
@@ -13,7 +14,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace switchyard::cli {
+namespace switchyard {
 
 class Flags {
  public:
@@ -39,6 +40,6 @@ class Flags {
   std::map<std::string, std::vector<std::string>> all_values_;
 };
 
-}  // namespace switchyard::cli
+}  // namespace switchyard
 
-#endif  // SWITCHYARD_CLI_FLAGS_H_
+#endif  // SWITCHYARD_CORE_FLAGS_H_

@@ -9,7 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "tests/cuda/emulator/device_emulation.h"
+#include "cuda/emulator/device_emulation.h"
 
 namespace switchyard::emulator {
 namespace {

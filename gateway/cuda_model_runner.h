@@ -1,0 +1,142 @@
+// The whole Mixtral step on a GPU: the CUDA implementation of StepRunner.
+// It strings together the dense half (attention_service/cuda_dense_model.h)
+// and the experts, either on the same GPU (expert_service/cuda_experts.h) or
+// behind any ExpertBackend (remote or CPU experts, through host buffers).
+//
+// Legend: T tokens in the step, B sequences, D hidden, F expert ffn,
+// H query heads, Hkv kv heads, hd head dim, E experts, K experts per token,
+// V vocabulary, L layers, R logit rows.
+//
+// Data flow of CudaModelRunner::Step (all on one stream):
+//   ids ─embed─► h[T, D]; per layer:
+//     h += attention(rmsnorm(h)) over each sequence's device cache;
+//     x = rmsnorm(h); router_logits = x · gate^T; top-K on the device;
+//     (host: the MoE dispatch plan, gateway/moe_dispatch.h, the same as the
+//     CPU runner's)
+//     gather x rows per expert; expert FFNs, on this GPU or through an
+//     ExpertBackend with host buffers;
+//     h += Σ_k w_k · expert_k(x) summed in expert-index order;
+//   rows wanted ─► rmsnorm ─► · lm_head^T ─► logits to the host.
+// Each layer copies the routing (T·K ids and weights) to the host, since the
+// expert GEMM sizes are decided there.
+//
+// KV cache: the runner's KvCachePool should be built with host_storage =
+// false (it then only accounts slots). Each sequence's K/V lives on the
+// device in its SequenceKv::attachment() ([L][2][reserved][Hkv hd] FP32, see
+// cuda/kernels/kv_layout.h), allocated with the reserved capacity and
+// reallocated (with a copy of the cached positions) when the reservation
+// grows; it is freed with the sequence. A SequenceKv used by a
+// CudaModelRunner must not be used by another runner (the attachment is the
+// runner's).
+//
+// Thread-safety: CudaModelRunner::Step is thread-compatible (callers
+// serialise steps, as for the CPU runner).
+#ifndef SWITCHYARD_GATEWAY_CUDA_MODEL_RUNNER_H_
+#define SWITCHYARD_GATEWAY_CUDA_MODEL_RUNNER_H_
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "attention_service/cuda_dense_model.h"
+#include "core/checkpoint.h"
+#include "cuda/device.h"
+#include "cuda/kernels/kv_layout.h"
+#include "cuda/precision.h"
+#include "expert_service/cuda_experts.h"
+#include "expert_service/expert_backend.h"
+#include "gateway/step_runner.h"
+
+namespace switchyard::cuda {
+
+// A sequence's device K/V: the SequenceKv attachment a CudaModelRunner keeps.
+struct DeviceKv {
+  DeviceBuffer<float> buffer;  // [L][2][capacity][Hkv hd]
+  int capacity = 0;
+};
+
+class CudaModelRunner : public StepRunner {
+ public:
+  // Exactly one of `experts` (experts on this GPU) and `remote` (any
+  // ExpertBackend with host buffers; not owned, must outlive the runner)
+  // must be given. `observer` (optional, not owned) is told the tokens
+  // routed per (layer, expert).
+  static absl::StatusOr<std::unique_ptr<CudaModelRunner>> Create(
+      std::unique_ptr<CudaContext> ctx, std::unique_ptr<CudaDenseModel> dense,
+      std::unique_ptr<CudaExpertStore> experts, ExpertBackend* remote,
+      RoutingObserver* observer = nullptr);
+
+  // As StepRunner (and the CPU runner, gateway/model_runner.h): validates ids and lengths
+  // (INVALID_ARGUMENT) and reserves cache (RESOURCE_EXHAUSTED, also when the
+  // device K/V cannot be allocated) before any work; on error no cache
+  // length changes.
+  absl::StatusOr<StepOutput> Step(absl::Span<const StepInput> inputs,
+                                  StepTrace* trace = nullptr) override;
+  const ModelConfig& config() const override { return dense_->config(); }
+
+  const CudaDenseModel& dense() const { return *dense_; }
+  const CudaExpertStore* experts() const { return experts_.get(); }
+  const CudaContext& context() const { return *ctx_; }
+
+ private:
+  CudaModelRunner() = default;
+
+  absl::Status EnsureStepBuffers(int tokens, int sequences, int logit_rows);
+  absl::StatusOr<DeviceKv*> EnsureDeviceKv(SequenceKv* kv);
+  // h += Σ_k w · expert_k(x) for one layer; fills the trace's entries.
+  absl::Status MoeLayer(int layer, int tokens, int64_t* expert_tokens, StepTrace* trace);
+
+  std::unique_ptr<CudaContext> ctx_;
+  std::unique_ptr<CudaDenseModel> dense_;
+  std::unique_ptr<CudaExpertStore> experts_;
+  ExpertBackend* remote_ = nullptr;
+  RoutingObserver* observer_ = nullptr;
+
+  // Step buffers, grown on demand (device unless named h_*, pinned host).
+  DeviceBuffer<int32_t> ids_, positions_, tok_seq_;  // [T]
+  DeviceBuffer<SeqKvDesc> seqs_;                     // [B]
+  DeviceBuffer<float> h_, x_;                        // [T, D]
+  DeviceBuffer<float> qkv_;                          // [T, (H + 2 Hkv) hd]
+  DeviceBuffer<float> attn_;                         // [T, H hd]
+  DeviceBuffer<float> router_logits_;                // [T, E]
+  DeviceBuffer<int32_t> topk_experts_;               // [T, K]
+  DeviceBuffer<float> topk_weights_;                 // [T, K]
+  DeviceBuffer<int32_t>
+      moe_index_;                // [3 T K]: gather rows, combine rows, combine weights (as float)
+  DeviceBuffer<float> moe_in_;   // [T K, D] x rows grouped by expert
+  DeviceBuffer<float> moe_out_;  // [T K, D] expert outputs, same order
+  DeviceBuffer<float> gate_up_;  // [T, 2F] (local experts)
+  DeviceBuffer<float> act_;      // [T, F] (local experts)
+  DeviceBuffer<__nv_bfloat16> bf16_;      // [T max(D, H hd, F)] (BF16 GEMM inputs)
+  DeviceBuffer<int32_t> logit_rows_;      // [R]
+  DeviceBuffer<float> logit_x_;           // [R, D]
+  DeviceBuffer<float> logits_;            // [R, V]
+  PinnedBuffer<int32_t> h_topk_experts_;  // [T, K]
+  PinnedBuffer<float> h_topk_weights_;    // [T, K]
+  PinnedBuffer<float> h_router_logits_;   // [T, E] (trace only)
+  PinnedBuffer<int32_t> h_moe_index_;     // [3 T K]
+  PinnedBuffer<float> h_moe_in_;          // [T K, D] (remote experts)
+  PinnedBuffer<float> h_moe_out_;         // [T K, D] (remote experts)
+  size_t bf16_elems_ = 0;
+};
+
+// The factories the binaries use.
+//
+// A StepRunner on GPU `device`: dense weights from `checkpoint` (its selection
+// must include them) and either every expert the selection includes, on the
+// same GPU (remote_or_null == nullptr), or the experts behind
+// `remote_or_null` (not owned; must outlive the runner; the checkpoint may
+// then be opened WeightSelection::DenseOnly()). The checkpoint may be closed
+// after the call. Pair it with KvCachePool(config, tokens, /*host_storage=*/false).
+absl::StatusOr<std::unique_ptr<StepRunner>> MakeCudaRunner(const Checkpoint& checkpoint,
+                                                           Precision precision,
+                                                           ExpertBackend* remote_or_null,
+                                                           RoutingObserver* observer = nullptr,
+                                                           int device = 0);
+
+}  // namespace switchyard::cuda
+
+#endif  // SWITCHYARD_GATEWAY_CUDA_MODEL_RUNNER_H_
