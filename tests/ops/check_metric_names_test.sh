@@ -32,7 +32,7 @@ mutate() {  # file sed-expression expected-message
 }
 mutate deploy/grafana/switchyard-dashboard.json 's/switchyard_gateway_waiting_requests/switchyard_gateway_queued_requests/' \
   "switchyard_gateway_queued_requests is not documented"
-mutate deploy/grafana/switchyard-dashboard.json 's/{outcome!=\\"ok\\"}/{status!=\\"ok\\"}/' \
+mutate deploy/grafana/switchyard-dashboard.json 's/outcome!=\\"ok\\"/status!=\\"ok\\"/' \
   "switchyard_gateway_requests_total has no label status"
 mutate deploy/prometheus/rules.yml 's/sum by (expert) (rate(switchyard_expert_tokens_total/sum by (experts_typo) (rate(switchyard_expert_tokens_total/' \
   "groups by experts_typo"
