@@ -12,7 +12,11 @@
 //   - no unknown fields: .validate() lets them through, so every field name is
 //     also checked against the models' TypeScript declarations (a typo like
 //     `readinesProbe` or `tolerations` under the wrong parent fails).
-// Then Switchyard's own rules over the whole set (see checkSwitchyard).
+// Then Switchyard's own rules over the whole set (see checkSwitchyard):
+// pods, Services, every expert served once and mapped by the gateway to its
+// pod (one or several experts per pod), PDBs that keep the last replica,
+// spread gateways, autoscalers (KEDA: namespace-filtered queries, fallback,
+// throughput + saturation), and the monitoring component (checkMonitoring).
 // Prints one line per problem and "N passed, M failed" (one per overlay);
 // exits 1 if anything failed.
 import fs from "node:fs";
@@ -515,6 +519,7 @@ function checkAutoscaler(x, indices, problems) {
     else {
       if (!(Number.isInteger(fb.failureThreshold) && fb.failureThreshold >= 1)) problems.push(`${where}: fallback.failureThreshold must be an integer >= 1`);
       if (!(fb.replicas >= Math.max(1, x.spec.minReplicaCount || 1))) problems.push(`${where}: fallback.replicas must be >= minReplicaCount and >= 1`);
+      if (fb.replicas > x.spec.maxReplicaCount) problems.push(`${where}: fallback.replicas ${fb.replicas} > maxReplicaCount ${x.spec.maxReplicaCount}`);
     }
     const triggers = x.spec.triggers || [];
     if (!triggers.length) problems.push(`${where}: no triggers`);
