@@ -458,11 +458,11 @@ function checkSwitchyard(name, objects, problems) {
     const where = describe(p);
     if (p.spec.maxUnavailable !== undefined) problems.push(`${where}: uses maxUnavailable, which lets a drain evict the only replica: want minAvailable >= 1`);
     if (!(Number.isInteger(p.spec.minAvailable) && p.spec.minAvailable >= 1)) problems.push(`${where}: minAvailable ${p.spec.minAvailable}, want an integer >= 1`);
-    for (const d of deployments) {
-      if (d.spec.replicas !== undefined && matches(p.spec.selector, d.spec.template.metadata?.labels) &&
-          d.spec.replicas <= p.spec.minAvailable && d === gateway) {
-        problems.push(`${where}: minAvailable ${p.spec.minAvailable} >= the gateway's ${d.spec.replicas} replicas: no drain could proceed`);
-      }
+    // Experts may sit at one replica (a drain then waits: deploy/README.md);
+    // the gateway's fixed replica count must leave room for one eviction.
+    if (gateway && matches(p.spec.selector, gateway.spec.template.metadata?.labels) &&
+        gateway.spec.replicas !== undefined && gateway.spec.replicas <= p.spec.minAvailable) {
+      problems.push(`${where}: minAvailable ${p.spec.minAvailable} >= the gateway's ${gateway.spec.replicas} replicas: no drain could proceed`);
     }
   }
 
