@@ -76,7 +76,11 @@ def common_mutations():
     def pdb_zero(docs):
         find(docs, "PodDisruptionBudget", "switchyard-gateway")["spec"]["minAvailable"] = 0
 
+    def gateway_pdb_blocks(docs):
+        find(docs, "PodDisruptionBudget", "switchyard-gateway")["spec"]["minAvailable"] = 2
+
     out = [
+        (gateway_pdb_blocks, "no drain could proceed"),
         (one_gateway, "gateway replicas 1, want >= 2"),
         (gateway_not_spread, "no topology spread or anti-affinity"),
         (pdb_max_unavailable, "uses maxUnavailable"),
