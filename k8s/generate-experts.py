@@ -1,24 +1,35 @@
 #!/usr/bin/env python3
 """Writes the per-expert Kubernetes manifests, which kustomize cannot loop over.
 
-For every expert index 0..N-1 (Mixtral: 8):
-  k8s/base/experts/expert-N.yaml          Deployment + headless Service + PodDisruptionBudget
+One expert per pod (P = 1), for every expert index 0..N-1 (Mixtral: 8):
+  k8s/base/experts/expert-E.yaml          Deployment + headless Service + PodDisruptionBudget
   k8s/base/experts/kustomization.yaml     lists them
   k8s/autoscaling/keda/scaledobjects.yaml one KEDA ScaledObject per expert
   k8s/autoscaling/hpa/hpas.yaml           one autoscaling/v2 HorizontalPodAutoscaler per expert
 
+P experts per pod (P > 1: experts 0..P-1 in one pod, P..2P-1 in the next, ...;
+one GPU holds several experts, `switchyard-expert --experts 0,1,...`):
+  k8s/packed/P-per-pod/experts/expert-A-B.yaml   the same three objects per group
+  k8s/packed/P-per-pod/keda/                      a component with their ScaledObjects
+  k8s/packed/P-per-pod/kustomization.yaml         base/core + these experts, and the
+                                                  gateway's --experts mapping every
+                                                  expert to the Service of its pod
+
 The output is committed. Edit this script, not its output, then run
   python3 k8s/generate-experts.py
-tests/ops/validate_k8s.sh regenerates into a scratch folder and fails if the
-committed files differ.
+which writes every committed layout (P = 1 and P = 2). tests/ops/validate_k8s.sh
+regenerates into a scratch folder and fails if the committed files differ.
 
-Usage: generate-experts.py [--experts N] [--out-dir DIR]   (DIR defaults to this k8s/ folder)
+Usage: generate-experts.py [--experts N] [--experts-per-pod P ...] [--out-dir DIR]
+  (P repeatable, default 1 and 2; DIR defaults to this k8s/ folder)
 """
 import argparse
 import os
 import sys
 
-NAMESPACE = "switchyard"  # fixed: the gateway's expert SPEC names it (k8s/base/gateway.yaml)
+NAMESPACE = "switchyard"  # fixed: the gateway's expert SPEC names it (k8s/base/core/gateway.yaml)
+PROMETHEUS = "http://prometheus-operated.monitoring.svc.cluster.local:9090"
+DEFAULT_PACKINGS = (1, 2)  # experts per pod written by default (committed)
 GRPC_PORT = 50061
 METRICS_PORT = 9090
 UID = 65532
@@ -28,9 +39,9 @@ HEADER = """\
 """
 
 EXPERT = """\
-{header}# Expert {e}: its Deployment, the headless Service the gateway resolves
+{header}# {what}: the Deployment, the headless Service the gateway resolves
 # (dns:///switchyard-expert-{e}.{ns}.svc.cluster.local:{grpc}, one address per ready
-# replica, spread over by gRPC round_robin) and its PodDisruptionBudget.
+# replica, spread over by gRPC round_robin) and the PodDisruptionBudget.
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -82,7 +93,7 @@ spec:
           command: ["/usr/local/bin/switchyard-expert"]
           args:
             - --model=/models/mixtral
-            - --experts={e}
+            - --experts={flag}
             - --listen=0.0.0.0:{grpc}
             - --metrics-listen=0.0.0.0:{metrics}
             # Clients reconnect every 5 minutes, so the gateway re-resolves the
@@ -178,7 +189,12 @@ metadata:
   labels:
 {labels}
 spec:
-  maxUnavailable: 1
+  # Never evict the last ready replica: the gateway fails every request that
+  # routes to an expert with none. With one replica (the default until the
+  # autoscaler adds more) a node drain waits here until another replica is
+  # ready elsewhere: scale the Deployment up first (deploy/README.md). A pod
+  # that is not ready serves nothing and may always be evicted.
+  minAvailable: 1
   unhealthyPodEvictionPolicy: AlwaysAllow
   selector:
     matchLabels:
@@ -203,20 +219,39 @@ spec:
   minReplicaCount: 1
   maxReplicaCount: 8
   pollingInterval: 15
+  # Prometheus unreachable, or a query failing, 3 polls in a row: hold 2
+  # replicas (not 1, which a drain could not move) until it answers again.
+  fallback:
+    failureThreshold: 3
+    replicas: 2
   advanced:
     horizontalPodAutoscalerConfig:
       behavior:
 {behavior}
+  # The HPA KEDA creates takes the largest replica count any trigger asks
+  # for. Both are AverageValue (the HPA divides the query by the replica
+  # count; KEDA's fallback needs AverageValue) and filtered to this
+  # namespace, so a second installation elsewhere does not count.
   triggers:
+    # Throughput: the tokens/s one replica should sustain (measure it with
+    # `switchyard bench`; overlays set it).
     - type: prometheus
-      # AverageValue: the HPA divides the query by the replica count, so the
-      # threshold is the tokens/s one replica should sustain (measure it with
-      # `switchyard bench`; overlays set it).
+      name: tokens
       metricType: AverageValue
       metadata:
-        serverAddress: http://prometheus-operated.monitoring.svc.cluster.local:9090
-        query: sum(rate(switchyard_expert_tokens_total{{expert="{e}"}}[1m]))
+        serverAddress: {prometheus}
+        query: sum(rate(switchyard_expert_tokens_total{{namespace="{ns}",{expert_matcher}}}[1m]))
         threshold: "500"
+    # Saturation: seconds busy per second (1.0 = one of the --workers
+    # threads, default 2, always computing), per replica. Catches load the
+    # token rate misses: large batches, a slower GPU, a noisy neighbour.
+    - type: prometheus
+      name: busy
+      metricType: AverageValue
+      metadata:
+        serverAddress: {prometheus}
+        query: sum(rate(switchyard_expert_busy_seconds_total{{namespace="{ns}",experts="{e}"}}[1m]))
+        threshold: "1.4"
 """
 
 HPA = """\
@@ -247,6 +282,18 @@ spec:
         target:
           type: AverageValue
           averageValue: "500"
+    # Saturation: seconds busy per second of each pod (rate of
+    # switchyard_expert_busy_seconds_total; 1.0 = one of the --workers
+    # threads, default 2, always computing). The HPA follows whichever
+    # metric asks for more replicas. (No fallback: a plain HPA keeps its
+    # replica count while the adapter cannot answer.)
+    - type: Pods
+      pods:
+        metric:
+          name: switchyard_expert_busy_ratio
+        target:
+          type: AverageValue
+          averageValue: "1400m"
   behavior:
 {behavior}
 """
@@ -283,50 +330,151 @@ def indent(text, n):
     return "\n".join(pad + line if line else line for line in text.rstrip("\n").split("\n"))
 
 
-def labels_block(e, n, selector_only=False):
+def labels_block(unit, n, selector_only=False):
     pairs = [("app.kubernetes.io/name", "switchyard-expert")]
     if not selector_only:
         pairs += [("app.kubernetes.io/component", "expert"), ("app.kubernetes.io/part-of", "switchyard")]
-    pairs.append(("switchyard/expert", '"%d"' % e))
+    pairs.append(("switchyard/expert", '"%s"' % unit_id(unit)))
     return indent("\n".join("%s: %s" % kv for kv in pairs), n)
 
 
-def render(num_experts):
-    files = {}
-    names = []
-    for e in range(num_experts):
-        name = "expert-%d.yaml" % e
+def unit_id(unit):
+    """Name part and label value of a pod's experts: "3", or "0-1" for experts 0 and 1."""
+    return "-".join(str(e) for e in unit)
+
+
+def units(num_experts, per_pod):
+    return [tuple(range(b, min(b + per_pod, num_experts))) for b in range(0, num_experts, per_pod)]
+
+
+def service(unit):
+    return "dns:///switchyard-expert-%s.%s.svc.cluster.local:%d" % (unit_id(unit), NAMESPACE, GRPC_PORT)
+
+
+def gateway_spec(num_experts, per_pod):
+    """The gateway's --experts: every expert -> the headless Service of the pod that holds it."""
+    return ";".join("%d=%s" % (e, service(u)) for u in units(num_experts, per_pod) for e in u)
+
+
+def expert_files(num_experts, per_pod, prefix):
+    files, names = {}, []
+    for u in units(num_experts, per_pod):
+        name = "expert-%s.yaml" % unit_id(u)
         names.append(name)
-        files[os.path.join("base", "experts", name)] = EXPERT.format(
-            header=HEADER, e=e, ns=NAMESPACE, grpc=GRPC_PORT, metrics=METRICS_PORT, uid=UID,
-            labels=labels_block(e, 4), selector=labels_block(e, 6, True),
-            template_labels=labels_block(e, 8), spread_selector=labels_block(e, 14, True))
-    files[os.path.join("base", "experts", "kustomization.yaml")] = (
+        what = ("Expert %d" % u[0]) if len(u) == 1 else (
+            "Experts %s in one pod (one process, --experts=%s)" % (", ".join(map(str, u)), ",".join(map(str, u))))
+        files[os.path.join(prefix, name)] = EXPERT.format(
+            header=HEADER, what=what, e=unit_id(u), flag=",".join(map(str, u)), ns=NAMESPACE,
+            grpc=GRPC_PORT, metrics=METRICS_PORT, uid=UID,
+            labels=labels_block(u, 4), selector=labels_block(u, 6, True),
+            template_labels=labels_block(u, 8), spread_selector=labels_block(u, 14, True))
+    files[os.path.join(prefix, "kustomization.yaml")] = (
         HEADER + "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n"
         + "".join("  - %s\n" % n for n in names))
-    files[os.path.join("autoscaling", "keda", "scaledobjects.yaml")] = HEADER + "".join(
-        SCALED_OBJECT.format(e=e, ns=NAMESPACE, labels=labels_block(e, 4),
-                             behavior=indent(BEHAVIOR, 8)) for e in range(num_experts))
-    files[os.path.join("autoscaling", "hpa", "hpas.yaml")] = HEADER + "".join(
-        HPA.format(e=e, ns=NAMESPACE, labels=labels_block(e, 4), behavior=indent(BEHAVIOR, 4))
-        for e in range(num_experts))
+    return files
+
+
+def scaled_objects(num_experts, per_pod):
+    out = HEADER
+    for u in units(num_experts, per_pod):
+        matcher = ('expert="%d"' % u[0]) if len(u) == 1 else ('expert=~"%s"' % "|".join(map(str, u)))
+        out += SCALED_OBJECT.format(e=unit_id(u), ns=NAMESPACE, labels=labels_block(u, 4),
+                                    behavior=indent(BEHAVIOR, 8), prometheus=PROMETHEUS,
+                                    expert_matcher=matcher)
+    return out
+
+
+KEDA_COMPONENT = """\
+{header}# Autoscaling with KEDA of the {per_pod}-experts-per-pod Deployments (see
+# k8s/autoscaling/keda for the triggers): one ScaledObject per pod group.
+apiVersion: kustomize.config.k8s.io/v1alpha1
+kind: Component
+resources:
+  - scaledobjects.yaml
+patches:
+  - target:
+      group: apps
+      version: v1
+      kind: Deployment
+      labelSelector: app.kubernetes.io/component=expert
+    patch: |-
+      - op: remove
+        path: /spec/replicas
+"""
+
+PACKED = """\
+{header}# {per_pod} experts per pod: {num_units} expert Deployments of one process
+# each (`switchyard-expert --experts=0,1,...`, one GPU holds them all), each
+# behind its headless Service; the gateway maps every expert to the Service of
+# the pod that holds it. Use it as an overlay's resource instead of k8s/base
+# (k8s/overlays/gpu-packed), with the keda/ component for autoscaling.
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: {ns}
+resources:
+  - ../../base/core
+  - experts
+patches:
+  - target:
+      group: apps
+      version: v1
+      kind: Deployment
+      name: switchyard-gateway
+    # `test` fails the build if k8s/base/core/gateway.yaml's --experts moves or
+    # changes, instead of replacing another flag.
+    patch: |-
+      - op: test
+        path: /spec/template/spec/containers/0/args/2
+        value: "--experts={base_spec}"
+      - op: replace
+        path: /spec/template/spec/containers/0/args/2
+        value: "--experts={spec}"
+"""
+
+
+def render(num_experts, packings=DEFAULT_PACKINGS):
+    files = {}
+    for per_pod in packings:
+        if per_pod == 1:
+            files.update(expert_files(num_experts, 1, os.path.join("base", "experts")))
+            files[os.path.join("autoscaling", "keda", "scaledobjects.yaml")] = scaled_objects(num_experts, 1)
+            files[os.path.join("autoscaling", "hpa", "hpas.yaml")] = HEADER + "".join(
+                HPA.format(e=e, ns=NAMESPACE, labels=labels_block((e,), 4), behavior=indent(BEHAVIOR, 4))
+                for e in range(num_experts))
+            continue
+        top = os.path.join("packed", "%d-per-pod" % per_pod)
+        files.update(expert_files(num_experts, per_pod, os.path.join(top, "experts")))
+        files[os.path.join(top, "keda", "scaledobjects.yaml")] = scaled_objects(num_experts, per_pod)
+        files[os.path.join(top, "keda", "kustomization.yaml")] = KEDA_COMPONENT.format(
+            header=HEADER, per_pod=per_pod)
+        files[os.path.join(top, "kustomization.yaml")] = PACKED.format(
+            header=HEADER, per_pod=per_pod, num_units=len(units(num_experts, per_pod)), ns=NAMESPACE,
+            base_spec=gateway_spec(num_experts, 1), spec=gateway_spec(num_experts, per_pod))
     return files
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experts", type=int, default=8, help="number of experts (default 8)")
+    parser.add_argument("--experts-per-pod", type=int, action="append", metavar="P",
+                        help="write the layout with P experts per pod (repeatable; default: 1 and 2)")
     parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)),
                         help="the k8s/ folder to write into (default: the one holding this script)")
     args = parser.parse_args()
     if not 1 <= args.experts <= 256:
         parser.error("--experts must be in [1, 256]")
-    experts_dir = os.path.join(args.out_dir, "base", "experts")
-    if os.path.isdir(experts_dir):  # drop files of experts that no longer exist
-        for old in os.listdir(experts_dir):
-            if old.startswith("expert-") and old.endswith(".yaml"):
-                os.remove(os.path.join(experts_dir, old))
-    for rel, text in sorted(render(args.experts).items()):
+    packings = sorted(set(args.experts_per_pod or DEFAULT_PACKINGS))
+    for p in packings:
+        if not 1 <= p <= args.experts:
+            parser.error("--experts-per-pod must be in [1, --experts], got %d" % p)
+    for p in packings:  # drop files of experts that no longer exist
+        experts_dir = os.path.join(args.out_dir, *(("base", "experts") if p == 1 else
+                                                   ("packed", "%d-per-pod" % p, "experts")))
+        if os.path.isdir(experts_dir):
+            for old in os.listdir(experts_dir):
+                if old.startswith("expert-") and old.endswith(".yaml"):
+                    os.remove(os.path.join(experts_dir, old))
+    for rel, text in sorted(render(args.experts, packings).items()):
         path = os.path.join(args.out_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8", newline="\n") as f:

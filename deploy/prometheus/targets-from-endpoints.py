@@ -8,7 +8,7 @@ The output is a file_sd JSON list with one target group per process that has a
 metrics address, labelled role (gateway | expert) and experts (the expert
 indices it serves, comma-separated; none for the gateway):
   [{"targets": ["127.0.0.1:41300"], "labels": {"role": "expert", "experts": "0"}}, ...]
-The same labels as the Kubernetes PodMonitors (k8s/base/podmonitors.yaml) set.
+The same labels as the Kubernetes PodMonitors (k8s/base/core/podmonitors.yaml) set.
 
 usage: targets-from-endpoints.py ENDPOINTS.json [--out FILE] [--watch]
   --out FILE  where to write (default: stdout); written atomically, so

@@ -62,6 +62,10 @@ class Use:
 
 def fill_templates(expr):
     """Grafana and prometheus-adapter template variables -> plain PromQL."""
+    # Grafana's label_values(SELECTOR, LABEL) variable queries: the selector.
+    m = re.match(r"^\s*label_values\((.*),\s*[A-Za-z_][A-Za-z0-9_]*\s*\)\s*$", expr, re.S)
+    if m:
+        expr = m.group(1)
     expr = re.sub(r"\$__(rate_)?interval|\$__range|\$\{__(rate_)?interval\}", "5m", expr)
     expr = expr.replace("<<.Series>>", "switchyard_adapter_series")
     expr = expr.replace("<<.LabelMatchers>>", 'namespace="switchyard",pod="p"')

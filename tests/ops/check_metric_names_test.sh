@@ -32,9 +32,9 @@ mutate() {  # file sed-expression expected-message
 }
 mutate deploy/grafana/switchyard-dashboard.json 's/switchyard_gateway_waiting_requests/switchyard_gateway_queued_requests/' \
   "switchyard_gateway_queued_requests is not documented"
-mutate deploy/grafana/switchyard-dashboard.json 's/{outcome!=\\"ok\\"}/{status!=\\"ok\\"}/' \
+mutate deploy/grafana/switchyard-dashboard.json 's/outcome!=\\"ok\\"/status!=\\"ok\\"/' \
   "switchyard_gateway_requests_total has no label status"
-mutate deploy/prometheus/rules.yml 's/sum by (expert) (rate(switchyard_expert_tokens_total/sum by (experts_typo) (rate(switchyard_expert_tokens_total/' \
+mutate deploy/prometheus/rules.yml 's/sum by (namespace, expert) (rate(switchyard_expert_tokens_total/sum by (namespace, experts_typo) (rate(switchyard_expert_tokens_total/' \
   "groups by experts_typo"
 mutate deploy/prometheus/rules.yml 's/record: switchyard:gateway_kv_cache_utilisation:ratio/record: switchyard:kv:ratio/' \
   "recording rule switchyard:gateway_kv_cache_utilisation:ratio is not defined"

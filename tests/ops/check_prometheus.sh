@@ -39,6 +39,6 @@ step "PromQL of dashboards, KEDA and prometheus-adapter rules parses" \
   bash -c 'python3 "$1/check_metric_names.py" --root "$2" --promql-out "$3/promql.yml" >/dev/null &&
            promtool check rules "$3/promql.yml"' _ "$ops" "$src" "$work"
 step "targets-from-endpoints.py tests" python3 "$ops/test_targets_from_endpoints.py" "$src"
-step "Grafana dashboards" python3 "$ops/check_dashboard.py" "$src"
+step "Grafana dashboards (and their self-test)" python3 "$ops/check_dashboard.py" "$src" --self-test
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

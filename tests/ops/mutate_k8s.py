@@ -25,6 +25,130 @@ def container(docs, name):
     return find(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
 
 
+def autoscaler_kind(docs):
+    return "ScaledObject" if any(d["kind"] == "ScaledObject" for d in docs) else "HorizontalPodAutoscaler"
+
+
+def monitoring_mutations():
+    """Broken PrometheusRule / dashboard ConfigMap (renders with components/monitoring)."""
+
+    def first_alert(docs):
+        return next(r for g in find(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"] if "alert" in r)
+
+    def no_runbook_url(docs):
+        first_alert(docs)["annotations"].pop("runbook_url")
+
+    def runbook_section_missing(docs):
+        first_alert(docs)["annotations"]["runbook_url"] = "docs/runbook.md#no-such-section"
+
+    def rule_drift(docs):  # a PrometheusRule edited by hand instead of generated
+        first_alert(docs)["for"] = "1h"
+
+    def dashboard_label(docs):
+        find(docs, "ConfigMap", "switchyard-dashboard")["metadata"]["labels"].pop("grafana_dashboard")
+
+    return [
+        (no_runbook_url, "has no runbook_url"),
+        (runbook_section_missing, "docs/runbook.md has no section #no-such-section"),
+        (rule_drift, "groups differ from deploy/prometheus/rules.yml"),
+        (dashboard_label, "no ConfigMap with label grafana_dashboard carries"),
+    ]
+
+
+def common_mutations():
+    """Gateway, PDB and KEDA rules that hold for every layout (first expert Deployment)."""
+
+    def first_expert(docs):
+        return next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] != "switchyard-gateway")
+
+    def one_gateway(docs):
+        find(docs, "Deployment", "switchyard-gateway")["spec"]["replicas"] = 1
+
+    def gateway_not_spread(docs):
+        find(docs, "Deployment", "switchyard-gateway")["spec"]["template"]["spec"].pop("topologySpreadConstraints")
+
+    def pdb_max_unavailable(docs):
+        name = first_expert(docs)["metadata"]["name"]
+        spec = find(docs, "PodDisruptionBudget", name)["spec"]
+        spec.pop("minAvailable")
+        spec["maxUnavailable"] = 1
+
+    def pdb_zero(docs):
+        find(docs, "PodDisruptionBudget", "switchyard-gateway")["spec"]["minAvailable"] = 0
+
+    def gateway_pdb_blocks(docs):
+        find(docs, "PodDisruptionBudget", "switchyard-gateway")["spec"]["minAvailable"] = 2
+
+    out = [
+        (gateway_pdb_blocks, "no drain could proceed"),
+        (one_gateway, "gateway replicas 1, want >= 2"),
+        (gateway_not_spread, "no topology spread or anti-affinity"),
+        (pdb_max_unavailable, "uses maxUnavailable"),
+        (pdb_zero, "minAvailable 0, want an integer >= 1"),
+    ]
+
+    def scaled(docs):
+        return find(docs, "ScaledObject", first_expert(docs)["metadata"]["name"])
+
+    def no_fallback(docs):
+        scaled(docs)["spec"].pop("fallback")
+
+    def query_any_namespace(docs):
+        t = scaled(docs)["spec"]["triggers"][1]
+        t["metadata"]["query"] = t["metadata"]["query"].replace('namespace="switchyard",', "")
+
+    def throughput_only(docs):
+        so = scaled(docs)
+        so["spec"]["triggers"] = so["spec"]["triggers"][:1]
+
+    def value_metric(docs):
+        scaled(docs)["spec"]["triggers"][0]["metricType"] = "Value"
+
+    def no_busy_metric(docs):
+        hpa = find(docs, "HorizontalPodAutoscaler", first_expert(docs)["metadata"]["name"])
+        hpa["spec"]["metrics"] = hpa["spec"]["metrics"][:1]
+
+    return out, [
+        (no_fallback, "no fallback"),
+        (query_any_namespace, 'has no namespace="switchyard" matcher'),
+        (throughput_only, "no saturation trigger"),
+        (value_metric, "metricType must be AverageValue"),
+    ], [
+        (no_busy_metric, "want a Pods metric switchyard_expert_busy_ratio"),
+    ]
+
+
+def packed_mutations():
+    """Several experts per pod: every expert served once and mapped to its pod."""
+
+    def gateway_to_wrong_pod(docs):
+        c = container(docs, "switchyard-gateway")
+        c["args"] = [a.replace("3=dns:///switchyard-expert-2-3.", "3=dns:///switchyard-expert-4-5.") for a in c["args"]]
+
+    def expert_served_twice(docs):
+        d = find(docs, "Deployment", "switchyard-expert-2-3")
+        d["metadata"]["name"] = "switchyard-expert-2-1"
+        d["spec"]["template"]["metadata"]["labels"]["switchyard/expert"] = "2-1"
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        c["args"] = ["--experts=2,1" if a == "--experts=2,3" else a for a in c["args"]]
+
+    def gateway_maps_twice(docs):
+        c = container(docs, "switchyard-gateway")
+        c["args"] = [a + ";0=dns:///switchyard-expert-0-1.switchyard.svc.cluster.local:50061"
+                     if a.startswith("--experts=") else a for a in c["args"]]
+
+    def three_per_pod(docs):
+        c = container(docs, "switchyard-expert-0-1")
+        c["args"] = ["--experts=0,1,2" if a == "--experts=0,1" else a for a in c["args"]]
+
+    return [
+        (gateway_to_wrong_pod, "gateway --experts maps expert 3 to dns:///switchyard-expert-4-5"),
+        (expert_served_twice, "expert 1 is served by 2 Deployments"),
+        (gateway_maps_twice, "gateway --experts maps expert 0 twice"),
+        (three_per_pod, "serves 3 experts, want at most 2 per pod"),
+    ]
+
+
 def mutations():
     def typo_field(docs):  # validate() accepts unknown fields; the .d.ts check must not
         c = container(docs, "switchyard-expert-1")
@@ -110,7 +234,13 @@ def main():
     with open(sys.argv[1], encoding="utf-8") as f:
         original = [d for d in yaml.safe_load_all(f) if d]
     os.makedirs(sys.argv[2], exist_ok=True)
-    for i, (mutate, expect) in enumerate(mutations()):
+    packed = any(d["kind"] == "Deployment" and d["metadata"]["name"] == "switchyard-expert-0-1" for d in original)
+    common, keda, hpa = common_mutations()
+    chosen = packed_mutations() if packed else mutations()
+    chosen += common + (keda if autoscaler_kind(original) == "ScaledObject" else hpa)
+    if any(d["kind"] == "PrometheusRule" for d in original):
+        chosen += monitoring_mutations()
+    for i, (mutate, expect) in enumerate(chosen):
         docs = copy.deepcopy(original)
         mutate(docs)
         base = os.path.join(sys.argv[2], "%02d-%s" % (i, mutate.__name__))

@@ -3,7 +3,9 @@
 # (`switchyard up`, targets from its endpoints file); after some traffic, a
 # PromQL query for the per-expert token rate returns one series per expert;
 # every metric name that a scaling rule, adapter rule, recording rule or the
-# dashboard uses exists in the real /metrics output of the running cluster.
+# dashboard uses exists in the real /metrics output of the running cluster;
+# every dashboard query (namespace / instance = All) evaluates, and the
+# layer x expert routing heatmap's shares sum to 1 in every layer.
 #
 # usage: prometheus_scrape_test.sh BUILD_DIR SOURCE_DIR
 set -euo pipefail
@@ -79,6 +81,45 @@ rule=$(curl -sG "http://127.0.0.1:$prom_port/api/v1/query" --data-urlencode 'que
   python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]["result"]))' 2>/dev/null || echo 0)
 echo "recording rule switchyard:expert_tokens:rate1m -> $rule series"
 if [ "$rule" = 8 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL: recording rule"; fi
+
+# The dashboard's queries against the live Prometheus, variables at "All".
+if python3 - "$source/deploy/grafana/switchyard-dashboard.json" "http://127.0.0.1:$prom_port" <<'PY'
+import json, re, sys, urllib.parse, urllib.request
+dashboard, prom = sys.argv[1], sys.argv[2]
+
+def query(expr):
+    url = prom + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.load(r)["data"]["result"]
+
+def fill(expr):
+    expr = expr.replace("$__rate_interval", "30s").replace("$__interval", "30s")
+    return re.sub(r"\$(namespace|instance)\b", ".*", expr)
+
+d = json.load(open(dashboard))
+panels = [p for top in d["panels"] for p in [top] + top.get("panels", [])]
+bad = 0
+for p in panels:
+    for t in p.get("targets") or []:
+        try:
+            query(fill(t["expr"]))
+        except Exception as e:  # a 400 from Prometheus: the query does not evaluate
+            print("FAIL: panel %r %s: %s" % (p["title"], t["refId"], e)); bad += 1
+heat = [p for p in panels if p["type"] == "heatmap" and "layer" in p["title"].lower()]
+shares = query("sum by (layer) (%s)" % fill(heat[0]["targets"][0]["expr"])) if heat else []
+off = [(s["metric"].get("layer"), float(s["value"][1])) for s in shares if abs(float(s["value"][1]) - 1) > 1e-6]
+print("dashboard: %d queries evaluated; routing heatmap: %d layers, max |sum of shares - 1| = %g" % (
+    sum(len(p.get("targets") or []) for p in panels), len(shares),
+    max([abs(float(s["value"][1]) - 1) for s in shares] or [float("nan")])))
+if not shares or off:
+    print("FAIL: routing shares per layer should sum to 1: %s" % (off or "no series")); bad += 1
+sys.exit(1 if bad else 0)
+PY
+then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1)); echo "FAIL: dashboard queries against the live Prometheus"
+fi
 
 if python3 "$source/tests/ops/check_metric_names.py" --root "$source" --endpoints "$work/endpoints.json"; then
   passed=$((passed + 1))

@@ -12,7 +12,11 @@
 //   - no unknown fields: .validate() lets them through, so every field name is
 //     also checked against the models' TypeScript declarations (a typo like
 //     `readinesProbe` or `tolerations` under the wrong parent fails).
-// Then Switchyard's own rules over the whole set (see checkSwitchyard).
+// Then Switchyard's own rules over the whole set (see checkSwitchyard):
+// pods, Services, every expert served once and mapped by the gateway to its
+// pod (one or several experts per pod), PDBs that keep the last replica,
+// spread gateways, autoscalers (KEDA: namespace-filtered queries, fallback,
+// throughput + saturation), and the monitoring component (checkMonitoring).
 // Prints one line per problem and "N passed, M failed" (one per overlay);
 // exits 1 if anything failed.
 import fs from "node:fs";
@@ -49,16 +53,26 @@ const MODELS = {
 // Empty on purpose: add "group/version/Kind" here only with a reason.
 const ALLOWLIST = new Set([]);
 
-// Overlay-specific expectations.
+// Overlay-specific expectations (perPod: experts per expert pod; monitoring:
+// the PrometheusRule and dashboard ConfigMap of components/monitoring).
 const OVERLAYS = {
-  "cpu-demo": { image: "switchyard:cpu", autoscaler: "ScaledObject", gpu: false, modelPvc: false },
-  gpu: { image: "switchyard:gpu", autoscaler: "ScaledObject", gpu: true, modelPvc: true },
-  "gpu-hpa": { image: "switchyard:gpu", autoscaler: "HorizontalPodAutoscaler", gpu: true, modelPvc: true },
-  "gpu-tls": { image: "switchyard:gpu", autoscaler: "ScaledObject", gpu: true, modelPvc: true, tls: true },
+  "cpu-demo": { image: "switchyard:cpu", autoscaler: "ScaledObject", gpu: false, modelPvc: false, perPod: 1, monitoring: true },
+  gpu: { image: "switchyard:gpu", autoscaler: "ScaledObject", gpu: true, modelPvc: true, perPod: 1, monitoring: true },
+  "gpu-hpa": { image: "switchyard:gpu", autoscaler: "HorizontalPodAutoscaler", gpu: true, modelPvc: true, perPod: 1, monitoring: true },
+  "gpu-tls": { image: "switchyard:gpu", autoscaler: "ScaledObject", gpu: true, modelPvc: true, tls: true, perPod: 1, monitoring: true },
+  "gpu-packed": { image: "switchyard:gpu", autoscaler: "ScaledObject", gpu: true, modelPvc: true, perPod: 2, monitoring: true },
 };
 
 const NAMESPACE = "switchyard";
 const UID = 65532;
+const NUM_EXPERTS = 8;  // Mixtral; every render serves each expert exactly once
+const GATEWAY_MIN_REPLICAS = 2;
+
+// The sources the generated monitoring objects must equal.
+const REPO = path.join(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
+const RULES_FILE = path.join(REPO, "deploy", "prometheus", "rules.yml");
+const RUNBOOK_FILE = path.join(REPO, "docs", "runbook.md");
+const DASHBOARD_DIR = path.join(REPO, "deploy", "grafana");
 
 // ---------------------------------------------------------------------------
 // Field names from the models' .d.ts files.
@@ -351,15 +365,24 @@ function checkSwitchyard(name, objects, problems) {
   }
 
   // Experts: index, headless Service, autoscaler.
-  const expertService = new Map();  // expert index -> Service
+  const expertService = new Map();  // pod's expert label ("3", "0-1") -> Service
+  const servedBy = new Map();  // expert index -> Deployments whose --experts list it
   for (const d of experts) {
     const where = describe(d);
     const labels = d.spec.template.metadata.labels;
     const c = d.spec.template.spec.containers[0];
     const a = args(c);
-    const index = a.get("experts");
-    if (!/^\d+$/.test(index || "")) problems.push(`${where}: --experts must be one expert index, got ${index}`);
-    if (labels["switchyard/expert"] !== index) problems.push(`${where}: label switchyard/expert ${labels["switchyard/expert"]} != --experts ${index}`);
+    const flag = a.get("experts");
+    const indices = /^\d+(,\d+)*$/.test(flag || "") ? flag.split(",") : [];
+    if (!indices.length) problems.push(`${where}: --experts must be a comma-separated list of expert indices, got ${flag}`);
+    const index = indices.join("-");  // the label value and name part: "3", or "0-1"
+    if (labels["switchyard/expert"] !== index) problems.push(`${where}: label switchyard/expert ${labels["switchyard/expert"]} != --experts ${flag}`);
+    if (d.metadata.name !== `switchyard-expert-${index}`) problems.push(`${where}: name should be switchyard-expert-${index} for --experts ${flag}`);
+    if (expect && indices.length > expect.perPod) problems.push(`${where}: serves ${indices.length} experts, want at most ${expect.perPod} per pod`);
+    for (const e of indices) {
+      if (!servedBy.has(e)) servedBy.set(e, []);
+      servedBy.get(e).push(d);
+    }
     if (!a.has("max-connection-age-ms") || Number(a.get("max-connection-age-ms")) <= 0) problems.push(`${where}: needs --max-connection-age-ms > 0 so the gateway finds new replicas`);
     const svcs = services.filter((s) => s.spec.selector && matches({ matchLabels: s.spec.selector }, labels));
     const headless = svcs.filter((s) => s.spec.clusterIP === "None");
@@ -383,28 +406,67 @@ function checkSwitchyard(name, objects, problems) {
       }
     } else if (mine.length > 1) problems.push(`${where}: ${mine.length} autoscalers`);
     if (mine.length && d.spec.replicas !== undefined) problems.push(`${where}: sets replicas although ${describe(mine[0])} owns them`);
-    for (const x of mine) checkAutoscaler(x, index, problems);
+    for (const x of mine) checkAutoscaler(x, indices, problems);
   }
+  for (let e = 0; e < NUM_EXPERTS; e++) {
+    const by = servedBy.get(String(e)) || [];
+    if (by.length !== 1) problems.push(`expert ${e} is served by ${by.length} Deployments (${by.map(describe).join(", ")}), want exactly 1`);
+  }
+  for (const e of servedBy.keys()) if (!(Number(e) < NUM_EXPERTS)) problems.push(`expert ${e} is served, but the model has ${NUM_EXPERTS} experts`);
   for (const x of autoscalers) {
     if (!experts.some((d) => d.metadata.name === x.spec.scaleTargetRef?.name)) problems.push(`${describe(x)}: scales no expert Deployment`);
   }
 
-  // The gateway's --experts SPEC names every expert's headless Service.
+  // The gateway's --experts SPEC maps every expert, exactly once, to the
+  // headless Service of the pod that serves it.
   if (gateway) {
     const spec = args(gateway.spec.template.spec.containers[0]).get("experts") || "";
     const mapped = new Map();
     for (const entry of spec.split(";").filter(Boolean)) {
       const [e, targets] = entry.split("=");
-      mapped.set(e, targets.split("|"));
+      if (mapped.has(e)) problems.push(`gateway --experts maps expert ${e} twice`);
+      mapped.set(e, (targets || "").split("|"));
     }
-    for (const [index, s] of expertService) {
+    for (const [e, by] of servedBy) {
+      if (by.length !== 1) continue;
+      const s = expertService.get(by[0].spec.template.metadata.labels["switchyard/expert"]);
+      if (!s) continue;
       const port = s.spec.ports[0].port;
       const want = `dns:///${s.metadata.name}.${s.metadata.namespace}.svc.cluster.local:${port}`;
-      const got = mapped.get(index);
-      if (!got || got.length !== 1 || got[0] !== want) problems.push(`gateway --experts maps expert ${index} to ${got}, want ${want}`);
+      const got = mapped.get(e);
+      if (!got || got.length !== 1 || got[0] !== want) problems.push(`gateway --experts maps expert ${e} to ${got}, want ${want}`);
     }
-    for (const index of mapped.keys()) if (!expertService.has(index)) problems.push(`gateway --experts maps expert ${index}, which no Deployment serves`);
+    for (const e of mapped.keys()) if (!servedBy.has(e)) problems.push(`gateway --experts maps expert ${e}, which no Deployment serves`);
+
+    // Several gateways behind one Service, spread over nodes, one always up.
+    const where = describe(gateway);
+    const glabels = gateway.spec.template.metadata.labels;
+    if (!(gateway.spec.replicas >= GATEWAY_MIN_REPLICAS)) problems.push(`${where}: gateway replicas ${gateway.spec.replicas}, want >= ${GATEWAY_MIN_REPLICAS}`);
+    const spread = (gateway.spec.template.spec.topologySpreadConstraints || []).some((t) =>
+      t.topologyKey === "kubernetes.io/hostname" && matches(t.labelSelector, glabels));
+    const anti = (gateway.spec.template.spec.affinity?.podAntiAffinity?.preferredDuringSchedulingIgnoredDuringExecution || [])
+      .some((w) => w.podAffinityTerm?.topologyKey === "kubernetes.io/hostname" && matches(w.podAffinityTerm.labelSelector, glabels));
+    if (!spread && !anti) problems.push(`${where}: no topology spread or anti-affinity over kubernetes.io/hostname for its pods`);
+    const front = services.filter((s) => s.spec.clusterIP !== "None" && s.spec.selector && matches({ matchLabels: s.spec.selector }, glabels) &&
+      (s.spec.ports || []).some((p) => p.targetPort === "grpc" || p.targetPort === portOf(args(gateway.spec.template.spec.containers[0]).get("listen"))));
+    if (front.length !== 1) problems.push(`${where}: ${front.length} load-balancing Services in front of its grpc port, want 1`);
   }
+
+  // PodDisruptionBudgets never let a drain take the last replica, and let one
+  // of several gateways go.
+  for (const p of pdbs) {
+    const where = describe(p);
+    if (p.spec.maxUnavailable !== undefined) problems.push(`${where}: uses maxUnavailable, which lets a drain evict the only replica: want minAvailable >= 1`);
+    if (!(Number.isInteger(p.spec.minAvailable) && p.spec.minAvailable >= 1)) problems.push(`${where}: minAvailable ${p.spec.minAvailable}, want an integer >= 1`);
+    // Experts may sit at one replica (a drain then waits: deploy/README.md);
+    // the gateway's fixed replica count must leave room for one eviction.
+    if (gateway && matches(p.spec.selector, gateway.spec.template.metadata?.labels) &&
+        gateway.spec.replicas !== undefined && gateway.spec.replicas <= p.spec.minAvailable) {
+      problems.push(`${where}: minAvailable ${p.spec.minAvailable} >= the gateway's ${gateway.spec.replicas} replicas: no drain could proceed`);
+    }
+  }
+
+  if (expect?.monitoring) checkMonitoring(objects, problems);
 
   // NetworkPolicy: only gateway pods reach an expert's gRPC port.
   const policies = of("NetworkPolicy");
@@ -440,34 +502,137 @@ function checkSwitchyard(name, objects, problems) {
   }
 }
 
-function checkAutoscaler(x, index, problems) {
+// Metric selectors (name{...}) of a PromQL expression: [[name, matchers text]].
+function selectors(expr) {
+  return [...String(expr).matchAll(/\b(switchyard_[A-Za-z0-9_]+)\s*(\{([^}]*)\})?/g)].map((m) => [m[1], m[3] || ""]);
+}
+
+function checkAutoscaler(x, indices, problems) {
   const where = describe(x);
+  const label = indices.join("-");
   let behavior;
   if (x.kind === "ScaledObject") {
     if (!(x.spec.minReplicaCount >= 1)) problems.push(`${where}: minReplicaCount must be >= 1 (the gateway needs every expert)`);
     if (!(x.spec.maxReplicaCount >= x.spec.minReplicaCount)) problems.push(`${where}: maxReplicaCount < minReplicaCount`);
-    const triggers = x.spec.triggers || [];
-    if (triggers.length !== 1 || triggers[0].type !== "prometheus") problems.push(`${where}: want one prometheus trigger`);
+    const fb = x.spec.fallback;
+    if (!fb) problems.push(`${where}: no fallback (replicas to hold while Prometheus cannot be queried)`);
     else {
-      const t = triggers[0];
-      const want = `sum(rate(switchyard_expert_tokens_total{expert="${index}"}[1m]))`;
-      if (t.metadata.query.replace(/\s+/g, "") !== want) problems.push(`${where}: query ${t.metadata.query}, want ${want}`);
-      if (!(Number(t.metadata.threshold) > 0)) problems.push(`${where}: threshold must be a positive number`);
-      if (!t.metadata.serverAddress) problems.push(`${where}: no serverAddress`);
-      if (t.metricType && t.metricType !== "AverageValue") problems.push(`${where}: metricType must be AverageValue (tokens/s per replica)`);
+      if (!(Number.isInteger(fb.failureThreshold) && fb.failureThreshold >= 1)) problems.push(`${where}: fallback.failureThreshold must be an integer >= 1`);
+      if (!(fb.replicas >= Math.max(1, x.spec.minReplicaCount || 1))) problems.push(`${where}: fallback.replicas must be >= minReplicaCount and >= 1`);
+      if (fb.replicas > x.spec.maxReplicaCount) problems.push(`${where}: fallback.replicas ${fb.replicas} > maxReplicaCount ${x.spec.maxReplicaCount}`);
     }
+    const triggers = x.spec.triggers || [];
+    if (!triggers.length) problems.push(`${where}: no triggers`);
+    const expertMatcher = indices.length === 1 ? `expert="${indices[0]}"` : `expert=~"${indices.join("|")}"`;
+    let throughput = false;
+    let saturation = false;
+    for (const [i, t] of triggers.entries()) {
+      const tw = `${where} trigger ${i}`;
+      if (t.type !== "prometheus") { problems.push(`${tw}: type ${t.type}, want prometheus`); continue; }
+      // KEDA rejects a fallback unless every trigger is AverageValue.
+      if (t.metricType !== "AverageValue") problems.push(`${tw}: metricType must be AverageValue (per replica; KEDA's fallback needs it)`);
+      if (!(Number(t.metadata?.threshold) > 0)) problems.push(`${tw}: threshold must be a positive number`);
+      if (!t.metadata?.serverAddress) problems.push(`${tw}: no serverAddress`);
+      const query = String(t.metadata?.query || "").replace(/\s+/g, "");
+      const sels = selectors(query);
+      if (!sels.length) problems.push(`${tw}: query ${query} reads no switchyard metric`);
+      for (const [name, m] of sels) {
+        if (!m.split(",").includes(`namespace="${NAMESPACE}"`)) problems.push(`${tw}: ${name} has no namespace="${NAMESPACE}" matcher`);
+      }
+      const names = new Set(sels.map(([n]) => n));
+      if (names.has("switchyard_expert_tokens_total")) {
+        throughput = true;
+        const want = `sum(rate(switchyard_expert_tokens_total{namespace="${NAMESPACE}",${expertMatcher}}[1m]))`;
+        if (query !== want) problems.push(`${where}: query ${query}, want ${want}`);
+      }
+      if (names.has("switchyard_expert_busy_seconds_total") || names.has("switchyard_expert_queue_seconds_bucket") ||
+          names.has("switchyard_expert_queue_seconds_sum")) {
+        saturation = true;
+        if (!sels.every(([, m]) => m.split(",").includes(`experts="${label}"`))) problems.push(`${tw}: saturation query ${query} is not filtered to experts="${label}"`);
+      }
+    }
+    if (!throughput) problems.push(`${where}: no throughput trigger (switchyard_expert_tokens_total)`);
+    if (!saturation) problems.push(`${where}: no saturation trigger (busy ratio or queue time)`);
     behavior = x.spec.advanced?.horizontalPodAutoscalerConfig?.behavior;
   } else {
     if (!(x.spec.minReplicas >= 1)) problems.push(`${where}: minReplicas must be >= 1`);
     const m = x.spec.metrics || [];
-    const ok = m.length === 1 && m[0].type === "Pods" && m[0].pods.metric.name === "switchyard_expert_tokens_per_second" &&
-      m[0].pods.target.type === "AverageValue" && Number(m[0].pods.target.averageValue) > 0;
-    if (!ok) problems.push(`${where}: want one Pods metric switchyard_expert_tokens_per_second with a positive AverageValue target`);
+    const pods = (name) => m.some((mm) => mm.type === "Pods" && mm.pods.metric.name === name &&
+      mm.pods.target.type === "AverageValue" && parseQuantity(mm.pods.target.averageValue) > 0);
+    if (!pods("switchyard_expert_tokens_per_second")) problems.push(`${where}: want a Pods metric switchyard_expert_tokens_per_second with a positive AverageValue target`);
+    if (!pods("switchyard_expert_busy_ratio")) problems.push(`${where}: want a Pods metric switchyard_expert_busy_ratio (saturation) with a positive AverageValue target`);
     behavior = x.spec.behavior;
   }
   if (behavior?.scaleUp?.stabilizationWindowSeconds !== 0) problems.push(`${where}: scaleUp.stabilizationWindowSeconds must be 0`);
   if (behavior?.scaleDown?.stabilizationWindowSeconds !== 300) problems.push(`${where}: scaleDown.stabilizationWindowSeconds must be 300`);
   if (!(behavior?.scaleUp?.policies || []).length || !(behavior?.scaleDown?.policies || []).length) problems.push(`${where}: needs scaleUp and scaleDown policies`);
+}
+
+// JSON with object keys sorted: kustomize reorders keys, values must match.
+function canonical(v) {
+  if (Array.isArray(v)) return `[${v.map(canonical).join(",")}]`;
+  if (v && typeof v === "object") return `{${Object.keys(v).sort().map((k) => `${JSON.stringify(k)}:${canonical(v[k])}`).join(",")}}`;
+  return JSON.stringify(v);
+}
+
+function parseQuantity(q) {
+  const m = /^([0-9.]+)(m?)$/.exec(String(q));
+  if (!m) return NaN;
+  return Number(m[1]) / (m[2] === "m" ? 1000 : 1);
+}
+
+// GitHub's heading anchors: lower case, punctuation dropped, spaces to '-'.
+function anchors(markdown) {
+  const out = new Set();
+  for (const m of markdown.matchAll(/^#{1,6}\s+(.*)$/gm)) {
+    out.add(m[1].trim().toLowerCase().replace(/[^\w\- ]/g, "").replace(/ /g, "-"));
+  }
+  return out;
+}
+
+// The PrometheusRule equals deploy/prometheus/rules.yml, every alert has a
+// runbook_url into docs/runbook.md; the dashboard ConfigMaps carry the
+// sidecar's label and equal deploy/grafana.
+function checkMonitoring(objects, problems) {
+  const rules = objects.filter((o) => o.kind === "PrometheusRule");
+  if (rules.length !== 1) problems.push(`${rules.length} PrometheusRules, want 1 (components/monitoring)`);
+  const source = parseAllDocuments(fs.readFileSync(RULES_FILE, "utf8"))[0].toJS();
+  const runbook = anchors(fs.readFileSync(RUNBOOK_FILE, "utf8"));
+  for (const r of rules) {
+    const where = describe(r);
+    if (canonical(r.spec.groups) !== canonical(source.groups)) {
+      problems.push(`${where}: groups differ from deploy/prometheus/rules.yml (run k8s/generate-monitoring.py)`);
+    }
+    let alerts = 0;
+    for (const g of r.spec.groups || []) {
+      for (const rule of g.rules || []) {
+        if (!rule.alert) continue;
+        alerts++;
+        const url = rule.annotations?.runbook_url;
+        const m = /^docs\/runbook\.md#([\w-]+)$/.exec(url || "");
+        if (!url) problems.push(`${where}: alert ${rule.alert} has no runbook_url`);
+        else if (!m) problems.push(`${where}: alert ${rule.alert}: runbook_url ${url} is not docs/runbook.md#SECTION`);
+        else if (!runbook.has(m[1])) problems.push(`${where}: alert ${rule.alert}: docs/runbook.md has no section #${m[1]}`);
+        else if (m[1] !== rule.alert.toLowerCase()) problems.push(`${where}: alert ${rule.alert}: runbook_url points at #${m[1]}, not its own section`);
+        if (!rule.labels?.severity) problems.push(`${where}: alert ${rule.alert} has no severity label`);
+      }
+    }
+    if (!alerts) problems.push(`${where}: no alerts`);
+  }
+  const dashboards = objects.filter((o) => o.kind === "ConfigMap" && o.metadata.labels?.grafana_dashboard !== undefined);
+  const files = fs.readdirSync(DASHBOARD_DIR).filter((f) => f.endsWith(".json"));
+  for (const f of files) {
+    const cm = dashboards.find((o) => o.data && f in o.data);
+    if (!cm) { problems.push(`no ConfigMap with label grafana_dashboard carries deploy/grafana/${f}`); continue; }
+    if (cm.metadata.labels.grafana_dashboard !== "1") problems.push(`${describe(cm)}: label grafana_dashboard is ${JSON.stringify(cm.metadata.labels.grafana_dashboard)}, want "1"`);
+    let parsed;
+    try { parsed = JSON.parse(cm.data[f]); } catch (e) { problems.push(`${describe(cm)}: ${f} is not JSON: ${e.message}`); continue; }
+    const want = JSON.parse(fs.readFileSync(path.join(DASHBOARD_DIR, f), "utf8"));
+    if (canonical(parsed) !== canonical(want)) problems.push(`${describe(cm)}: ${f} differs from deploy/grafana/${f} (run k8s/generate-monitoring.py)`);
+  }
+  const unlabelled = objects.filter((o) => o.kind === "ConfigMap" && o.metadata.labels?.grafana_dashboard === undefined &&
+    Object.keys(o.data || {}).some((k) => k.endsWith(".json") && files.includes(k)));
+  for (const o of unlabelled) problems.push(`${describe(o)}: carries a dashboard but has no grafana_dashboard label`);
 }
 
 // ---------------------------------------------------------------------------

