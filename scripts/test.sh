@@ -4,7 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/check-format.sh
-scripts/build.sh
+python3 scripts/check-layering.py
+# Everything but the tests first: proves that -DSWITCHYARD_BUILD_TESTS=OFF
+# builds and links every library, server, tool and benchmark (the emulator's
+# included); the second call only adds the test suites.
+scripts/build.sh -DSWITCHYARD_BUILD_TESTS=OFF
+scripts/build.sh -DSWITCHYARD_BUILD_TESTS=ON
 cd build
 ctest --output-on-failure -j"${SWITCHYARD_JOBS:-$(nproc)}" --timeout 900
 cd ..
