@@ -98,14 +98,14 @@ absl::Status CudaDenseModel::AttentionBlock(const CudaContext& ctx, int layer,
   const int qkv_dim = q_dim + 2 * kv_dim;
 
   // x[T, D] = rmsnorm(h)
-  SY_RETURN_IF_ERROR(LaunchRmsNorm(h, w.input_norm.data(), T, D,
-                                   static_cast<float>(c.rms_norm_eps), s.x, stream));
+  SY_RETURN_IF_ERROR(
+      LaunchRmsNorm(h, w.input_norm.data(), T, D, static_cast<float>(c.rms_norm_eps), s.x, stream));
   // qkv[T, (H + 2 Hkv) hd] = x · Wqkv^T
   SY_RETURN_IF_ERROR(
       Linear(ctx, s.x, T, w.wqkv.view(), s.qkv, /*accumulate=*/false, s.bf16, s.bf16_elems));
   // RoPE on q and k at once: per row H + Hkv consecutive heads.
-  SY_RETURN_IF_ERROR(LaunchRopeRotateHalf(s.qkv, qkv_dim, s.positions, T, H + Hkv, hd,
-                                          inv_freq_.data(), stream));
+  SY_RETURN_IF_ERROR(
+      LaunchRopeRotateHalf(s.qkv, qkv_dim, s.positions, T, H + Hkv, hd, inv_freq_.data(), stream));
   // This step's k, v into each sequence's cache, then attention over it.
   SY_RETURN_IF_ERROR(LaunchKvAppend(s.qkv, qkv_dim, /*k_offset=*/q_dim,
                                     /*v_offset=*/q_dim + kv_dim, T, kv_dim, s.seqs, s.tok_seq,
@@ -124,8 +124,8 @@ absl::Status CudaDenseModel::RouterInput(const CudaContext& ctx, int layer, cons
   const Layer& w = layers_[layer];
   const int T = tokens, D = c.hidden_size, E = c.num_local_experts, K = c.num_experts_per_tok;
   // x[T, D] = rmsnorm(h)
-  SY_RETURN_IF_ERROR(LaunchRmsNorm(h, w.post_norm.data(), T, D,
-                                   static_cast<float>(c.rms_norm_eps), x, ctx.stream()));
+  SY_RETURN_IF_ERROR(LaunchRmsNorm(h, w.post_norm.data(), T, D, static_cast<float>(c.rms_norm_eps),
+                                   x, ctx.stream()));
   // router_logits[T, E] = x · gate^T (FP32)
   SY_RETURN_IF_ERROR(
       Linear(ctx, x, T, w.gate.view(), router_logits, /*accumulate=*/false, nullptr, 0));
@@ -134,14 +134,13 @@ absl::Status CudaDenseModel::RouterInput(const CudaContext& ctx, int layer, cons
 }
 
 absl::Status CudaDenseModel::Logits(const CudaContext& ctx, const float* h, const int32_t* rows,
-                                    int num_rows, float* x_rows, float* logits,
-                                    __nv_bfloat16* bf16, size_t bf16_elems) const {
+                                    int num_rows, float* x_rows, float* logits, __nv_bfloat16* bf16,
+                                    size_t bf16_elems) const {
   const int D = config_.hidden_size;
   // x_rows[R, D] = rmsnorm(h[rows])
   SY_RETURN_IF_ERROR(LaunchGatherRows(h, D, rows, num_rows, x_rows, ctx.stream()));
   SY_RETURN_IF_ERROR(LaunchRmsNorm(x_rows, final_norm_.data(), num_rows, D,
-                                   static_cast<float>(config_.rms_norm_eps), x_rows,
-                                   ctx.stream()));
+                                   static_cast<float>(config_.rms_norm_eps), x_rows, ctx.stream()));
   // logits[R, V] = x_rows · lm_head^T
   return Linear(ctx, x_rows, num_rows, lm_head_.view(), logits, /*accumulate=*/false, bf16,
                 bf16_elems);

@@ -47,7 +47,7 @@ class CudaDenseModel {
 
   // The device state of one step's attention (not owned; the runner's).
   struct AttentionStep {
-    int tokens = 0;                     // T
+    int tokens = 0;                      // T
     const int32_t* positions = nullptr;  // [T] position of each row
     const int32_t* tok_seq = nullptr;    // [T] sequence (index into seqs) of each row
     const SeqKvDesc* seqs = nullptr;     // [B] each sequence's device K/V
@@ -89,8 +89,7 @@ class CudaDenseModel {
                            float* router_logits, int32_t* topk_experts, float* topk_weights) const;
   // logits[R, V] = lm_head(rmsnorm(h[rows])); x_rows[R, D] is scratch.
   absl::Status Logits(const CudaContext& ctx, const float* h, const int32_t* rows, int num_rows,
-                      float* x_rows, float* logits, __nv_bfloat16* bf16,
-                      size_t bf16_elems) const;
+                      float* x_rows, float* logits, __nv_bfloat16* bf16, size_t bf16_elems) const;
 
  private:
   ModelConfig config_;

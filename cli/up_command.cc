@@ -40,8 +40,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cli/commands.h"
-#include "core/flags.h"
 #include "cli/grpc_client.h"
+#include "core/flags.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 

@@ -8,8 +8,8 @@
 #include "absl/strings/str_join.h"
 #include "core/fingerprint.h"
 #include "core/status_macros.h"
-#include "core/version.h"
 #include "core/tensor_names.h"
+#include "core/version.h"
 #include "rpc/status.h"
 #include "rpc/tensor_codec.h"
 

@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "core/flags.h"
 #include "core/checkpoint.h"
+#include "core/flags.h"
 #include "core/status_macros.h"
 #include "gateway/gateway_server.h"
 

@@ -26,13 +26,13 @@
 namespace switchyard {
 
 struct MoeDispatch {
-  int tokens = 0;                       // T
-  int top_k = 0;                        // K
-  int num_experts = 0;                  // E
-  std::vector<int> offset;              // [E + 1]
-  std::vector<int32_t> gather;          // [T K]: the token of each grouped row
-  std::vector<int32_t> combine_rows;    // [T, K]: token t's grouped rows, expert-index order
-  std::vector<float> combine_weights;   // [T, K]: their router weights
+  int tokens = 0;                      // T
+  int top_k = 0;                       // K
+  int num_experts = 0;                 // E
+  std::vector<int> offset;             // [E + 1]
+  std::vector<int32_t> gather;         // [T K]: the token of each grouped row
+  std::vector<int32_t> combine_rows;   // [T, K]: token t's grouped rows, expert-index order
+  std::vector<float> combine_weights;  // [T, K]: their router weights
 
   int rows(int expert) const { return offset[expert + 1] - offset[expert]; }
   int total_rows() const { return tokens * top_k; }

@@ -1,5 +1,5 @@
 // switchyard-expert's ExpertProcess with --device cuda, on the CPU emulator
-// of the CUDA backend (tests/cuda/emulator/): the process's CUDA branch
+// of the CUDA backend (cuda/emulator/): the process's CUDA branch
 // (precision, CudaExpertBackend, the backend name it reports) and the GPU
 // backend behind the ExpertService's worker threads, called over real gRPC
 // through the gateway's RemoteExpertBackend, against the CPU experts.

@@ -31,6 +31,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "rpc/status.h"
 #include "switchyard/v1/generation.grpc.pb.h"
 #include "tests/process_util.h"
 #include "tests/test_util.h"
@@ -278,27 +279,7 @@ inline std::string MetricLines(const std::string& text, const std::string& prefi
   return out;
 }
 
-inline std::string CodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {"OK",
-                                       "CANCELLED",
-                                       "UNKNOWN",
-                                       "INVALID_ARGUMENT",
-                                       "DEADLINE_EXCEEDED",
-                                       "NOT_FOUND",
-                                       "ALREADY_EXISTS",
-                                       "PERMISSION_DENIED",
-                                       "RESOURCE_EXHAUSTED",
-                                       "FAILED_PRECONDITION",
-                                       "ABORTED",
-                                       "OUT_OF_RANGE",
-                                       "UNIMPLEMENTED",
-                                       "INTERNAL",
-                                       "UNAVAILABLE",
-                                       "DATA_LOSS",
-                                       "UNAUTHENTICATED"};
-  const int c = static_cast<int>(code);
-  return c >= 0 && c <= 16 ? kNames[c] : absl::StrCat("code ", c);
-}
+inline std::string CodeName(grpc::StatusCode code) { return rpc::GrpcCodeName(code); }
 
 inline std::string Describe(const grpc::Status& s) {
   return absl::StrCat(CodeName(s.error_code()), ": ", s.error_message());

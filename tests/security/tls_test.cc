@@ -25,8 +25,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "core/flags.h"
 #include "core/checkpoint.h"
+#include "core/flags.h"
 #include "expert_service/expert_process.h"
 #include "gateway/gateway_server.h"
 #include "gateway/remote_expert_backend.h"
@@ -282,9 +282,9 @@ absl::StatusOr<GatewayOptions> OptionsFromArgs(std::vector<std::string> args) {
   args.insert(args.begin(), {"--model", testing::TinyMixtralDir()});
   auto flags =
       Flags::Parse(args,
-                        {"model", "experts", "tls-cert", "tls-key", "tls-client-ca",
-                         "auth-token-file", "expert-tls-ca", "expert-tls-cert", "expert-tls-key"},
-                        {});
+                   {"model", "experts", "tls-cert", "tls-key", "tls-client-ca", "auth-token-file",
+                    "expert-tls-ca", "expert-tls-cert", "expert-tls-key"},
+                   {});
   if (!flags.ok()) return flags.status();
   return GatewayOptionsFromFlags(*flags);
 }
