@@ -1,7 +1,7 @@
 // The gateway's Prometheus metrics (names and meanings: docs/metrics.md).
 // Children that the hot path touches are resolved once, here.
 //
-// Thread-safety: thread-safe (the metrics are atomics).
+// Thread-safety: thread-safe (prometheus-cpp's metrics and families are).
 #ifndef SWITCHYARD_GATEWAY_GATEWAY_METRICS_H_
 #define SWITCHYARD_GATEWAY_GATEWAY_METRICS_H_
 
@@ -21,6 +21,10 @@ struct GatewayMetrics {
   metrics::Counter& RoutedTokens(int layer, int expert) {
     return *routed_tokens[layer * num_experts + expert];
   }
+  // The call-latency histogram of `expert` (created up front for 0..E-1).
+  metrics::Histogram& ExpertCallDuration(int expert);
+  // Failed calls to `expert` with gRPC status code name `code` (UNAVAILABLE).
+  metrics::Counter& ExpertCallErrors(int expert, const std::string& code);
 
   metrics::Family<metrics::Counter>& requests;
   metrics::Counter& prompt_tokens;
