@@ -5,9 +5,9 @@
 namespace switchyard {
 
 ExpertMetrics::ExpertMetrics(metrics::Registry* r, const std::vector<std::pair<int, int>>& held)
-    : in_flight_(metrics::AddGauge(*r, "switchyard_expert_calls_in_flight",
-                                   "Calls queued or computing.")
-                     .Add({})),
+    : in_flight_(
+          metrics::AddGauge(*r, "switchyard_expert_calls_in_flight", "Calls queued or computing.")
+              .Add({})),
       queue_seconds_(metrics::AddHistogram(*r, "switchyard_expert_queue_seconds",
                                            "Wait from arrival to compute start.")
                          .Add({}, metrics::LatencyBuckets())),
@@ -17,8 +17,9 @@ ExpertMetrics::ExpertMetrics(metrics::Registry* r, const std::vector<std::pair<i
       busy_seconds_(metrics::AddCounter(*r, "switchyard_expert_busy_seconds_total",
                                         "Seconds spent computing (its rate is the utilisation).")
                         .Add({})) {
-  auto& tokens = metrics::AddCounter(*r, "switchyard_expert_tokens_total",
-                                     "Tokens run through each (layer, expert): the scaling signal.");
+  auto& tokens =
+      metrics::AddCounter(*r, "switchyard_expert_tokens_total",
+                          "Tokens run through each (layer, expert): the scaling signal.");
   auto& calls = metrics::AddCounter(*r, "switchyard_expert_calls_total",
                                     "Forward calls served per (layer, expert).");
   for (const auto& [layer, expert] : held) {

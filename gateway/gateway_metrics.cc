@@ -13,10 +13,12 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
       generated_tokens(
           metrics::AddCounter(*r, "switchyard_gateway_generated_tokens_total", "Tokens generated.")
               .Add({})),
-      time_to_first_token(metrics::AddHistogram(*r, "switchyard_gateway_time_to_first_token_seconds",
+      time_to_first_token(metrics::AddHistogram(*r,
+                                                "switchyard_gateway_time_to_first_token_seconds",
                                                 "Admission to the first generated token.")
                               .Add({}, metrics::LatencyBuckets())),
-      inter_token_latency(metrics::AddHistogram(*r, "switchyard_gateway_inter_token_latency_seconds",
+      inter_token_latency(metrics::AddHistogram(*r,
+                                                "switchyard_gateway_inter_token_latency_seconds",
                                                 "Time between successive tokens of one request.")
                               .Add({}, metrics::LatencyBuckets())),
       request_duration(metrics::AddHistogram(*r, "switchyard_gateway_request_duration_seconds",

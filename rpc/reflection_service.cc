@@ -15,10 +15,10 @@
 namespace switchyard::rpc {
 namespace {
 
-using grpc::reflection::v1::ServerReflectionRequest;
-using grpc::reflection::v1::ServerReflectionResponse;
 using google::protobuf::DescriptorPool;
 using google::protobuf::FileDescriptor;
+using grpc::reflection::v1::ServerReflectionRequest;
+using grpc::reflection::v1::ServerReflectionResponse;
 
 const DescriptorPool& Pool() { return *DescriptorPool::generated_pool(); }
 
@@ -35,7 +35,8 @@ void AddFileAndDependencies(const FileDescriptor* file, std::set<std::string>* s
   if (!seen->insert(file->name()).second) return;
   google::protobuf::FileDescriptorProto proto;
   file->CopyTo(&proto);
-  proto.SerializeToString(response->mutable_file_descriptor_response()->add_file_descriptor_proto());
+  proto.SerializeToString(
+      response->mutable_file_descriptor_response()->add_file_descriptor_proto());
   for (int i = 0; i < file->dependency_count(); ++i) {
     AddFileAndDependencies(file->dependency(i), seen, response);
   }
@@ -123,8 +124,7 @@ void ReflectionV1Service::SetServiceNames(std::vector<std::string> names) {
   have_names_ = true;
 }
 
-ServerReflectionResponse ReflectionV1Service::Answer(
-    const ServerReflectionRequest& request) const {
+ServerReflectionResponse ReflectionV1Service::Answer(const ServerReflectionRequest& request) const {
   ServerReflectionResponse response;
   response.set_valid_host(request.host());
   *response.mutable_original_request() = request;
@@ -152,7 +152,8 @@ ServerReflectionResponse ReflectionV1Service::Answer(
     }
     case ServerReflectionRequest::kFileContainingExtension: {
       const auto& ext = request.file_containing_extension();
-      const google::protobuf::Descriptor* type = Pool().FindMessageTypeByName(ext.containing_type());
+      const google::protobuf::Descriptor* type =
+          Pool().FindMessageTypeByName(ext.containing_type());
       const google::protobuf::FieldDescriptor* field =
           type == nullptr ? nullptr : Pool().FindExtensionByNumber(type, ext.extension_number());
       if (type == nullptr) {
@@ -187,8 +188,7 @@ ServerReflectionResponse ReflectionV1Service::Answer(
     case ServerReflectionRequest::kListServices: {
       std::lock_guard<std::mutex> lock(mu_);
       if (!have_names_) {
-        SetError(grpc::StatusCode::NOT_FOUND, "the server's services are not known yet",
-                 &response);
+        SetError(grpc::StatusCode::NOT_FOUND, "the server's services are not known yet", &response);
         break;
       }
       auto* list = response.mutable_list_services_response();

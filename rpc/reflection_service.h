@@ -25,8 +25,7 @@
 
 namespace switchyard::rpc {
 
-class ReflectionV1Service final
-    : public grpc::reflection::v1::ServerReflection::CallbackService {
+class ReflectionV1Service final : public grpc::reflection::v1::ServerReflection::CallbackService {
  public:
   grpc::ServerBidiReactor<grpc::reflection::v1::ServerReflectionRequest,
                           grpc::reflection::v1::ServerReflectionResponse>*

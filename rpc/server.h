@@ -60,7 +60,7 @@ class RunningServer {
  private:
   RunningServer() = default;
 
-  std::unique_ptr<HealthService> health_;                // outlives server_
+  std::unique_ptr<HealthService> health_;               // outlives server_
   std::unique_ptr<ReflectionV1Service> reflection_v1_;  // outlives server_
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

@@ -107,8 +107,9 @@ TEST(MetricsTest, PromtoolAcceptsTheExposition) {
   EXPECT_NE(text.find("switchyard_test_call_duration_seconds_count{expert=\"2\"} 0\n"),
             std::string::npos)
       << text;
-  EXPECT_NE(text.find("switchyard_test_call_duration_seconds_bucket{expert=\"1\",le=\"0.0032\"} 1\n"),
-            std::string::npos)
+  EXPECT_NE(
+      text.find("switchyard_test_call_duration_seconds_bucket{expert=\"1\",le=\"0.0032\"} 1\n"),
+      std::string::npos)
       << text;
   EXPECT_NE(text.find("switchyard_test_step_tokens_bucket{le=\"+Inf\"} 1\n"), std::string::npos)
       << text;

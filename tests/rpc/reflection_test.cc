@@ -2,8 +2,6 @@
 // real clients: grpc.reflection.v1 (rpc/reflection_service.h, through its
 // generated stub) and gRPC's own grpc.reflection.v1alpha (same wire format,
 // asked with the v1 messages on the v1alpha method).
-#include "rpc/reflection_service.h"
-
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/descriptor.pb.h>
 #include <google/protobuf/descriptor_database.h>
@@ -17,6 +15,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "rpc/reflection_service.h"
 #include "rpc/server.h"
 #include "switchyard/v1/generation.grpc.pb.h"
 
@@ -75,12 +74,13 @@ class ReflectionTest : public ::testing::Test {
       stream = stub_->ServerReflectionInfo(&context);
     } else {
       // What a generated stub does, on the v1alpha method name.
-      stream.reset(grpc::internal::ClientReaderWriterFactory<
-                   ServerReflectionRequest, ServerReflectionResponse>::
-                       Create(channel_.get(),
-                              grpc::internal::RpcMethod(
-                                  method, grpc::internal::RpcMethod::BIDI_STREAMING, channel_),
-                              &context));
+      stream.reset(
+          grpc::internal::
+              ClientReaderWriterFactory<ServerReflectionRequest, ServerReflectionResponse>::Create(
+                  channel_.get(),
+                  grpc::internal::RpcMethod(method, grpc::internal::RpcMethod::BIDI_STREAMING,
+                                            channel_),
+                  &context));
     }
     std::vector<ServerReflectionResponse> out;
     for (const auto& request : requests) {
@@ -136,11 +136,11 @@ TEST_F(ReflectionTest, ListsTheServersServicesOverV1AndV1alpha) {
 }
 
 TEST_F(ReflectionTest, FileDescriptorsAreCompleteEnoughToCallTheService) {
-  const auto responses =
-      Ask(kV1Method, {Symbol("switchyard.v1.GenerationService"),
-                      Symbol("switchyard.v1.GenerationService.Generate"),
-                      Symbol("switchyard.v1.GenerateRequest"), File("switchyard/v1/generation.proto"),
-                      File("grpc/reflection/v1/reflection.proto")});
+  const auto responses = Ask(
+      kV1Method,
+      {Symbol("switchyard.v1.GenerationService"),
+       Symbol("switchyard.v1.GenerationService.Generate"), Symbol("switchyard.v1.GenerateRequest"),
+       File("switchyard/v1/generation.proto"), File("grpc/reflection/v1/reflection.proto")});
   for (int i = 0; i < 4; ++i) {
     ASSERT_TRUE(responses[i].has_file_descriptor_response()) << i << responses[i].DebugString();
     EXPECT_EQ(Files(responses[i])[0].name(), "switchyard/v1/generation.proto") << i;
@@ -205,8 +205,7 @@ TEST_F(ReflectionTest, UnanswerableQuestionsGetErrorsAndTheStreamGoesOn) {
   EXPECT_THAT(r[0].error_response().error_message(), ::testing::HasSubstr("no/such.proto"));
   EXPECT_EQ(r[0].original_request().file_by_filename(), "no/such.proto");
   EXPECT_EQ(r[1].error_response().error_code(), grpc::StatusCode::NOT_FOUND);
-  EXPECT_THAT(r[1].error_response().error_message(),
-              ::testing::HasSubstr("switchyard.v1.Nothing"));
+  EXPECT_THAT(r[1].error_response().error_message(), ::testing::HasSubstr("switchyard.v1.Nothing"));
   EXPECT_EQ(r[2].error_response().error_code(), grpc::StatusCode::UNIMPLEMENTED);
   EXPECT_TRUE(r[3].has_list_services_response()) << r[3].DebugString();
 }
