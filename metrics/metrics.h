@@ -8,7 +8,10 @@
 // This header gives the project's names for prometheus-cpp's types and a few
 // helpers that keep call sites short: registration (which escapes HELP text,
 // which prometheus-cpp 1.0.1 writes verbatim), bucket layouts and the text
-// exposition.
+// exposition. Registry is prometheus::Registry plus one thing: families that
+// have no child yet are still exposed (HELP and TYPE, no samples), so a
+// scrape shows every metric the process has, e.g. an error counter before
+// the first error; prometheus-cpp alone leaves them out.
 //
 // Hot path: look a child up once (Family::Add returns a reference that stays
 // valid for the life of the family) and keep it.
@@ -18,6 +21,7 @@
 #ifndef SWITCHYARD_METRICS_METRICS_H_
 #define SWITCHYARD_METRICS_METRICS_H_
 
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -26,11 +30,27 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/labels.h"
+#include "prometheus/metric_family.h"
 #include "prometheus/registry.h"
 
 namespace switchyard::metrics {
 
-using Registry = prometheus::Registry;
+// prometheus::Registry that also reports its families without children (see
+// above). Families are registered with AddCounter/AddGauge/AddHistogram.
+class Registry final : public prometheus::Registry {
+ public:
+  std::vector<prometheus::MetricFamily> Collect() const override;
+
+  // Remembers a family for Collect() to report while it has no child (the
+  // Add* helpers below call this).
+  void Announce(const std::string& name, const std::string& escaped_help,
+                prometheus::MetricType type);
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<prometheus::MetricFamily> announced_;  // without samples
+};
+
 using Counter = prometheus::Counter;
 using Gauge = prometheus::Gauge;
 using Histogram = prometheus::Histogram;
@@ -39,8 +59,10 @@ using Family = prometheus::Family<T>;
 // Label name -> value of one child.
 using Labels = prometheus::Labels;
 
-// Register a family under `name` (must match [a-zA-Z_:][a-zA-Z0-9_:]* and not
-// be registered as another type; SY_CHECK: a programming error, not input).
+// Register a family under `name`, which must match [a-zA-Z_:][a-zA-Z0-9_:]*
+// and not be registered as another type (else the process aborts with a
+// message: a programming error, not input). Registering a name again with
+// the same type and help returns the same family.
 // Children come from Family::Add(labels) (histograms: Add(labels, bounds)).
 Family<Counter>& AddCounter(Registry& registry, const std::string& name, const std::string& help);
 Family<Gauge>& AddGauge(Registry& registry, const std::string& name, const std::string& help);

@@ -113,6 +113,12 @@ TEST(MetricsTest, PromtoolAcceptsTheExposition) {
       << text;
   EXPECT_NE(text.find("switchyard_test_step_tokens_bucket{le=\"+Inf\"} 1\n"), std::string::npos)
       << text;
+  // A family without children is announced (HELP and TYPE, no samples).
+  EXPECT_NE(text.find("# HELP switchyard_test_unused_total A family without children.\n"
+                      "# TYPE switchyard_test_unused_total counter\n"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("\nswitchyard_test_unused_total"), std::string::npos) << text;
 }
 
 TEST(MetricsTest, ConcurrentUpdatesAreNotLost) {
