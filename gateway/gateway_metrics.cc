@@ -55,7 +55,10 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
   }
   // Make every per-expert series exist from the start, so dashboards and
   // scaling rules see zeros rather than nothing.
-  for (int e = 0; e < config.num_local_experts; ++e) ExpertCallDuration(e);
+  for (int e = 0; e < config.num_local_experts; ++e) {
+    expert_call_seconds.push_back(
+        &expert_call_duration.Add({{"expert", std::to_string(e)}}, metrics::LatencyBuckets()));
+  }
   for (const char* method : {"Generate", "GenerateStream"}) Requests(method, "ok");
 }
 
@@ -64,6 +67,9 @@ metrics::Counter& GatewayMetrics::Requests(const std::string& method, const std:
 }
 
 metrics::Histogram& GatewayMetrics::ExpertCallDuration(int expert) {
+  if (expert >= 0 && expert < static_cast<int>(expert_call_seconds.size())) {
+    return *expert_call_seconds[expert];
+  }
   return expert_call_duration.Add({{"expert", std::to_string(expert)}}, metrics::LatencyBuckets());
 }
 

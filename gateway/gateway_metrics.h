@@ -21,7 +21,9 @@ struct GatewayMetrics {
   metrics::Counter& RoutedTokens(int layer, int expert) {
     return *routed_tokens[layer * num_experts + expert];
   }
-  // The call-latency histogram of `expert` (created up front for 0..E-1).
+  // The call-latency histogram of `expert` (0..E-1, created up front: the
+  // lookup on each call is a vector index, as prometheus-cpp's Family::Add
+  // would build and drop a histogram every time).
   metrics::Histogram& ExpertCallDuration(int expert);
   // Failed calls to `expert` with gRPC status code name `code` (UNAVAILABLE).
   metrics::Counter& ExpertCallErrors(int expert, const std::string& code);
@@ -42,7 +44,8 @@ struct GatewayMetrics {
 
  private:
   int num_experts;
-  std::vector<metrics::Counter*> routed_tokens;  // [L * E]
+  std::vector<metrics::Counter*> routed_tokens;          // [L * E]
+  std::vector<metrics::Histogram*> expert_call_seconds;  // [E]
 };
 
 // The outcome label for a gRPC/absl status code name.
