@@ -6,24 +6,25 @@ namespace switchyard {
 
 ExpertMetrics::ExpertMetrics(metrics::Registry* r, const std::vector<std::pair<int, int>>& held)
     : in_flight_(
-          r->AddGauge("switchyard_expert_calls_in_flight", "Calls queued or computing.").Add({})),
-      queue_seconds_(r->AddHistogram("switchyard_expert_queue_seconds",
-                                     "Wait from arrival to compute start.",
-                                     metrics::LatencyBuckets())
-                         .Add({})),
-      compute_seconds_(r->AddHistogram("switchyard_expert_compute_seconds",
-                                       "Compute time per call.", metrics::LatencyBuckets())
-                           .Add({})),
-      busy_seconds_(r->AddCounter("switchyard_expert_busy_seconds_total",
-                                  "Seconds spent computing (its rate is the utilisation).")
+          metrics::AddGauge(*r, "switchyard_expert_calls_in_flight", "Calls queued or computing.")
+              .Add({})),
+      queue_seconds_(metrics::AddHistogram(*r, "switchyard_expert_queue_seconds",
+                                           "Wait from arrival to compute start.")
+                         .Add({}, metrics::LatencyBuckets())),
+      compute_seconds_(
+          metrics::AddHistogram(*r, "switchyard_expert_compute_seconds", "Compute time per call.")
+              .Add({}, metrics::LatencyBuckets())),
+      busy_seconds_(metrics::AddCounter(*r, "switchyard_expert_busy_seconds_total",
+                                        "Seconds spent computing (its rate is the utilisation).")
                         .Add({})) {
-  auto& tokens = r->AddCounter("switchyard_expert_tokens_total",
-                               "Tokens run through each (layer, expert): the scaling signal.",
-                               {"layer", "expert"});
-  auto& calls = r->AddCounter("switchyard_expert_calls_total",
-                              "Forward calls served per (layer, expert).", {"layer", "expert"});
+  auto& tokens =
+      metrics::AddCounter(*r, "switchyard_expert_tokens_total",
+                          "Tokens run through each (layer, expert): the scaling signal.");
+  auto& calls = metrics::AddCounter(*r, "switchyard_expert_calls_total",
+                                    "Forward calls served per (layer, expert).");
   for (const auto& [layer, expert] : held) {
-    const std::vector<std::string> labels = {std::to_string(layer), std::to_string(expert)};
+    const metrics::Labels labels = {{"layer", std::to_string(layer)},
+                                    {"expert", std::to_string(expert)}};
     per_expert_[{layer, expert}] = {&tokens.Add(labels), &calls.Add(labels)};
   }
 }

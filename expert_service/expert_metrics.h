@@ -2,7 +2,7 @@
 // docs/metrics.md). `switchyard_expert_tokens_total` is the per-expert load
 // signal autoscaling reads.
 //
-// Thread-safety: thread-safe (the metrics are atomics).
+// Thread-safety: thread-safe (prometheus-cpp's metrics and families are).
 #ifndef SWITCHYARD_EXPERT_SERVICE_EXPERT_METRICS_H_
 #define SWITCHYARD_EXPERT_SERVICE_EXPERT_METRICS_H_
 

@@ -176,8 +176,8 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
   const double load_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
 
-  p->registry.AddGauge("switchyard_build_info", "Always 1.", {"version", "role"})
-      .Add({Version(), "expert"})
+  metrics::AddGauge(p->registry, "switchyard_build_info", "Always 1.")
+      .Add({{"version", Version()}, {"role", "expert"}})
       .Set(1);
   p->expert_metrics = std::make_unique<ExpertMetrics>(&p->registry, p->shard.Held());
   if (!options.metrics_listen.empty()) {

@@ -5,67 +5,76 @@
 namespace switchyard {
 
 GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
-    : requests(r->AddCounter("switchyard_gateway_requests_total",
-                             "Finished generation requests by method and outcome.",
-                             {"method", "outcome"})),
-      prompt_tokens(r->AddCounter("switchyard_gateway_prompt_tokens_total",
-                                  "Prompt tokens of admitted requests.")
+    : requests(metrics::AddCounter(*r, "switchyard_gateway_requests_total",
+                                   "Finished generation requests by method and outcome.")),
+      prompt_tokens(metrics::AddCounter(*r, "switchyard_gateway_prompt_tokens_total",
+                                        "Prompt tokens of admitted requests.")
                         .Add({})),
       generated_tokens(
-          r->AddCounter("switchyard_gateway_generated_tokens_total", "Tokens generated.").Add({})),
-      time_to_first_token(r->AddHistogram("switchyard_gateway_time_to_first_token_seconds",
-                                          "Admission to the first generated token.",
-                                          metrics::LatencyBuckets())
-                              .Add({})),
-      inter_token_latency(r->AddHistogram("switchyard_gateway_inter_token_latency_seconds",
-                                          "Time between successive tokens of one request.",
-                                          metrics::LatencyBuckets())
-                              .Add({})),
-      request_duration(r->AddHistogram("switchyard_gateway_request_duration_seconds",
-                                       "Admission to the end of a request.",
-                                       metrics::LatencyBuckets())
+          metrics::AddCounter(*r, "switchyard_gateway_generated_tokens_total", "Tokens generated.")
+              .Add({})),
+      time_to_first_token(metrics::AddHistogram(*r,
+                                                "switchyard_gateway_time_to_first_token_seconds",
+                                                "Admission to the first generated token.")
+                              .Add({}, metrics::LatencyBuckets())),
+      inter_token_latency(metrics::AddHistogram(*r,
+                                                "switchyard_gateway_inter_token_latency_seconds",
+                                                "Time between successive tokens of one request.")
+                              .Add({}, metrics::LatencyBuckets())),
+      request_duration(metrics::AddHistogram(*r, "switchyard_gateway_request_duration_seconds",
+                                             "Admission to the end of a request.")
+                           .Add({}, metrics::LatencyBuckets())),
+      running_sequences(metrics::AddGauge(*r, "switchyard_gateway_running_sequences",
+                                          "Sequences in the running batch.")
+                            .Add({})),
+      waiting_requests(metrics::AddGauge(*r, "switchyard_gateway_waiting_requests",
+                                         "Requests in the admission queue.")
                            .Add({})),
-      running_sequences(
-          r->AddGauge("switchyard_gateway_running_sequences", "Sequences in the running batch.")
-              .Add({})),
-      waiting_requests(
-          r->AddGauge("switchyard_gateway_waiting_requests", "Requests in the admission queue.")
-              .Add({})),
-      kv_used_tokens(
-          r->AddGauge("switchyard_gateway_kv_cache_used_tokens", "KV cache token slots in use.")
-              .Add({})),
-      kv_capacity_tokens(
-          r->AddGauge("switchyard_gateway_kv_cache_capacity_tokens", "KV cache token slots in all.")
-              .Add({})),
-      step_tokens(r->AddHistogram("switchyard_gateway_step_tokens",
-                                  "Tokens per scheduler step (decodes and prefill chunks).",
-                                  metrics::ExponentialBuckets(1, 2, 14))
-                      .Add({})),
-      expert_call_duration(r->AddHistogram("switchyard_gateway_expert_call_duration_seconds",
-                                           "Latency of expert calls as the gateway sees it.",
-                                           metrics::LatencyBuckets(), {"expert"})),
-      expert_call_errors(r->AddCounter("switchyard_gateway_expert_call_errors_total",
-                                       "Failed expert calls by gRPC status code.",
-                                       {"expert", "code"})),
+      kv_used_tokens(metrics::AddGauge(*r, "switchyard_gateway_kv_cache_used_tokens",
+                                       "KV cache token slots in use.")
+                         .Add({})),
+      kv_capacity_tokens(metrics::AddGauge(*r, "switchyard_gateway_kv_cache_capacity_tokens",
+                                           "KV cache token slots in all.")
+                             .Add({})),
+      step_tokens(metrics::AddHistogram(*r, "switchyard_gateway_step_tokens",
+                                        "Tokens per scheduler step (decodes and prefill chunks).")
+                      .Add({}, metrics::ExponentialBuckets(1, 2, 14))),
+      expert_call_duration(
+          metrics::AddHistogram(*r, "switchyard_gateway_expert_call_duration_seconds",
+                                "Latency of expert calls as the gateway sees it.")),
+      expert_call_errors(metrics::AddCounter(*r, "switchyard_gateway_expert_call_errors_total",
+                                             "Failed expert calls by gRPC status code.")),
       num_experts(config.num_local_experts) {
-  auto& routed =
-      r->AddCounter("switchyard_gateway_routed_tokens_total",
-                    "Tokens the router sent to each (layer, expert).", {"layer", "expert"});
+  auto& routed = metrics::AddCounter(*r, "switchyard_gateway_routed_tokens_total",
+                                     "Tokens the router sent to each (layer, expert).");
   for (int l = 0; l < config.num_hidden_layers; ++l) {
     for (int e = 0; e < config.num_local_experts; ++e) {
-      routed_tokens.push_back(&routed.Add({std::to_string(l), std::to_string(e)}));
+      routed_tokens.push_back(
+          &routed.Add({{"layer", std::to_string(l)}, {"expert", std::to_string(e)}}));
     }
   }
   // Make every per-expert series exist from the start, so dashboards and
   // scaling rules see zeros rather than nothing.
   for (int e = 0; e < config.num_local_experts; ++e) {
-    expert_call_duration.Add({std::to_string(e)});
+    expert_call_seconds.push_back(
+        &expert_call_duration.Add({{"expert", std::to_string(e)}}, metrics::LatencyBuckets()));
   }
   for (const char* method : {"Generate", "GenerateStream"}) Requests(method, "ok");
 }
 
 metrics::Counter& GatewayMetrics::Requests(const std::string& method, const std::string& outcome) {
-  return requests.Add({method, outcome});
+  return requests.Add({{"method", method}, {"outcome", outcome}});
+}
+
+metrics::Histogram& GatewayMetrics::ExpertCallDuration(int expert) {
+  if (expert >= 0 && expert < static_cast<int>(expert_call_seconds.size())) {
+    return *expert_call_seconds[expert];
+  }
+  return expert_call_duration.Add({{"expert", std::to_string(expert)}}, metrics::LatencyBuckets());
+}
+
+metrics::Counter& GatewayMetrics::ExpertCallErrors(int expert, const std::string& code) {
+  return expert_call_errors.Add({{"expert", std::to_string(expert)}, {"code", code}});
 }
 
 std::string OutcomeLabel(int code) {

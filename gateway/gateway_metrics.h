@@ -1,7 +1,7 @@
 // The gateway's Prometheus metrics (names and meanings: docs/metrics.md).
 // Children that the hot path touches are resolved once, here.
 //
-// Thread-safety: thread-safe (the metrics are atomics).
+// Thread-safety: thread-safe (prometheus-cpp's metrics and families are).
 #ifndef SWITCHYARD_GATEWAY_GATEWAY_METRICS_H_
 #define SWITCHYARD_GATEWAY_GATEWAY_METRICS_H_
 
@@ -27,6 +27,12 @@ struct GatewayMetrics : public RoutingObserver {
   metrics::Counter& RoutedTokens(int layer, int expert) {
     return *routed_tokens[layer * num_experts + expert];
   }
+  // The call-latency histogram of `expert` (0..E-1, created up front: the
+  // lookup on each call is a vector index, as prometheus-cpp's Family::Add
+  // would build and drop a histogram every time).
+  metrics::Histogram& ExpertCallDuration(int expert);
+  // Failed calls to `expert` with gRPC status code name `code` (UNAVAILABLE).
+  metrics::Counter& ExpertCallErrors(int expert, const std::string& code);
 
   metrics::Family<metrics::Counter>& requests;
   metrics::Counter& prompt_tokens;
@@ -44,7 +50,8 @@ struct GatewayMetrics : public RoutingObserver {
 
  private:
   int num_experts;
-  std::vector<metrics::Counter*> routed_tokens;  // [L * E]
+  std::vector<metrics::Counter*> routed_tokens;          // [L * E]
+  std::vector<metrics::Histogram*> expert_call_seconds;  // [E]
 };
 
 // The outcome label for a gRPC/absl status code name.

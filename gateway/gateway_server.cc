@@ -42,10 +42,9 @@ class AuthenticatedGenerationService final : public v1::GenerationService::Callb
                                  metrics::Registry* registry)
       : inner_(inner),
         authenticator_(authenticator),
-        refused_(registry->AddCounter("switchyard_gateway_unauthenticated_calls_total",
-                                      "Generation API calls refused for a missing or invalid "
-                                      "bearer token.",
-                                      {"method"})) {}
+        refused_(metrics::AddCounter(*registry, "switchyard_gateway_unauthenticated_calls_total",
+                                     "Generation API calls refused for a missing or invalid "
+                                     "bearer token.")) {}
 
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
                                      const v1::GenerateRequest* request,
@@ -90,7 +89,7 @@ class AuthenticatedGenerationService final : public v1::GenerationService::Callb
  private:
   absl::Status Check(grpc::CallbackServerContext* context, const char* method) {
     absl::Status status = authenticator_->Check(context->client_metadata());
-    if (!status.ok()) refused_.Add({method}).Increment();
+    if (!status.ok()) refused_.Add({{"method", method}}).Increment();
     return status;
   }
 
@@ -256,8 +255,8 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   if (!on_gpu) {
     SY_ASSIGN_OR_RETURN(p->attention, AttentionModel::Load(*checkpoint));
   }
-  p->registry.AddGauge("switchyard_build_info", "Always 1.", {"version", "role"})
-      .Add({Version(), "gateway"})
+  metrics::AddGauge(p->registry, "switchyard_build_info", "Always 1.")
+      .Add({{"version", Version()}, {"role", "gateway"}})
       .Set(1);
   p->metrics = std::make_unique<GatewayMetrics>(&p->registry, config);
   if (!options.metrics_listen.empty()) {
@@ -295,10 +294,9 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
     remote.credentials = expert_credentials;
     GatewayMetrics* metrics = p->metrics.get();
     remote.on_call_done = [metrics](int expert, double seconds, int code) {
-      const std::string e = std::to_string(expert);
-      metrics->expert_call_duration.Add({e}).Observe(seconds);
+      metrics->ExpertCallDuration(expert).Observe(seconds);
       if (code != 0) {
-        metrics->expert_call_errors.Add({e, rpc::GrpcCodeName(static_cast<grpc::StatusCode>(code))})
+        metrics->ExpertCallErrors(expert, rpc::GrpcCodeName(static_cast<grpc::StatusCode>(code)))
             .Increment();
       }
     };

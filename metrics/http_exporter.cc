@@ -242,7 +242,7 @@ std::string HttpExporter::Respond(const std::string& head) const {
     return Reply("405 Method Not Allowed", "Allow: GET, HEAD\r\n", "text/plain",
                  absl::StrCat("method ", method, " not allowed on /metrics\n"), false);
   }
-  return Reply("200 OK", "", "text/plain; version=0.0.4; charset=utf-8", registry_->Serialize(),
+  return Reply("200 OK", "", "text/plain; version=0.0.4; charset=utf-8", Serialize(*registry_),
                method == "HEAD");
 }
 

@@ -1,10 +1,12 @@
-// Serves a Registry as Prometheus text at GET /metrics over HTTP/1.1.
+// Serves a Registry as Prometheus text (prometheus-cpp's TextSerializer) at
+// GET /metrics over HTTP/1.1.
 //
 // A small server of its own (POSIX sockets, one accept thread, a thread per
-// connection, at most kMaxConnections at once, each closed after one reply),
-// because scrapes are rare and tiny and because its threads must have
-// ordinary stacks: the CUDA runtime's static thread-local storage does not
-// fit the fixed 100 KB worker stacks of the civetweb library used before.
+// connection, at most kMaxConnections at once, each closed after one reply)
+// rather than prometheus-cpp's pull exposer, because scrapes are rare and tiny
+// and because its threads must have ordinary stacks: the static thread-local
+// storage of OpenBLAS and the CUDA runtime does not fit the fixed 100 KB
+// worker stacks of the civetweb library that exposer runs on.
 //
 // Thread-safety: thread-safe; requests are served on the exporter's threads,
 // which read the Registry (itself thread-safe). The destructor stops them.

@@ -1,139 +1,83 @@
-// A small Prometheus metrics module in the spirit of prometheus-cpp (which
-// Debian 12 does not package): counter, gauge and histogram families with
-// labels, and the text exposition format.
+// Prometheus metrics through prometheus-cpp's core library (Debian 12:
+// prometheus-cpp-dev 1.0.1): its Registry, Family, Counter, Gauge, Histogram
+// and TextSerializer. Only the core is used; prometheus-cpp's pull exposer
+// (civetweb, fixed 100 KB thread stacks) is not, because the static
+// thread-local storage of OpenBLAS and cuBLAS overflows those stacks; the
+// /metrics endpoint is metrics/http_exporter.h.
 //
-// Hot path: look a child up once (Family::Add returns a stable reference) and
-// keep it; Increment/Set/Observe are lock-free atomics.
+// This header gives the project's names for prometheus-cpp's types and a few
+// helpers that keep call sites short: registration (which escapes HELP text,
+// which prometheus-cpp 1.0.1 writes verbatim), bucket layouts and the text
+// exposition. Registry is prometheus::Registry plus one thing: families that
+// have no child yet are still exposed (HELP and TYPE, no samples), so a
+// scrape shows every metric the process has, e.g. an error counter before
+// the first error; prometheus-cpp alone leaves them out.
 //
-// Thread-safety: everything here is thread-safe.
+// Hot path: look a child up once (Family::Add returns a reference that stays
+// valid for the life of the family) and keep it.
+//
+// Thread-safety: everything here is thread-safe (prometheus-cpp's metrics and
+// families are).
 #ifndef SWITCHYARD_METRICS_METRICS_H_
 #define SWITCHYARD_METRICS_METRICS_H_
 
-#include <atomic>
-#include <cstdint>
-#include <map>
-#include <memory>
 #include <mutex>
 #include <string>
-#include <type_traits>
 #include <vector>
 
-#include "core/status_macros.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/labels.h"
+#include "prometheus/metric_family.h"
+#include "prometheus/registry.h"
 
 namespace switchyard::metrics {
 
-class Counter {
+// prometheus::Registry that also reports its families without children (see
+// above). Families are registered with AddCounter/AddGauge/AddHistogram.
+class Registry final : public prometheus::Registry {
  public:
-  void Increment(double by = 1.0);  // by >= 0
-  double Value() const;
+  std::vector<prometheus::MetricFamily> Collect() const override;
+
+  // Remembers a family for Collect() to report while it has no child (the
+  // Add* helpers below call this).
+  void Announce(const std::string& name, const std::string& escaped_help,
+                prometheus::MetricType type);
 
  private:
-  std::atomic<double> value_{0.0};
+  mutable std::mutex mu_;
+  std::vector<prometheus::MetricFamily> announced_;  // without samples
 };
 
-class Gauge {
- public:
-  void Set(double v) { value_.store(v, std::memory_order_relaxed); }
-  void Increment(double by = 1.0);
-  void Decrement(double by = 1.0) { Increment(-by); }
-  double Value() const { return value_.load(std::memory_order_relaxed); }
+using Counter = prometheus::Counter;
+using Gauge = prometheus::Gauge;
+using Histogram = prometheus::Histogram;
+template <typename T>
+using Family = prometheus::Family<T>;
+// Label name -> value of one child.
+using Labels = prometheus::Labels;
 
- private:
-  std::atomic<double> value_{0.0};
-};
+// Register a family under `name`, which must match [a-zA-Z_:][a-zA-Z0-9_:]*
+// and not be registered as another type (else the process aborts with a
+// message: a programming error, not input). Registering a name again with
+// the same type and help returns the same family.
+// Children come from Family::Add(labels) (histograms: Add(labels, bounds)).
+Family<Counter>& AddCounter(Registry& registry, const std::string& name, const std::string& help);
+Family<Gauge>& AddGauge(Registry& registry, const std::string& name, const std::string& help);
+Family<Histogram>& AddHistogram(Registry& registry, const std::string& name,
+                                const std::string& help);
 
-class Histogram {
- public:
-  // `bounds`: upper bounds of the buckets, increasing; +Inf is implicit.
-  explicit Histogram(std::vector<double> bounds);
-  void Observe(double v);
-
-  const std::vector<double>& bounds() const { return bounds_; }
-  // Cumulative counts per bound, then the +Inf count.
-  std::vector<uint64_t> CumulativeCounts() const;
-  double Sum() const;
-  uint64_t Count() const { return count_.load(std::memory_order_relaxed); }
-
- private:
-  std::vector<double> bounds_;
-  std::unique_ptr<std::atomic<uint64_t>[]> buckets_;  // per bucket, not cumulative
-  std::atomic<double> sum_{0.0};
-  std::atomic<uint64_t> count_{0};
-};
-
-// Bucket helpers: `count` bounds start, start*factor, ...
+// Bucket helpers: `count` upper bounds start, start*factor, ... (+Inf is
+// implicit).
 std::vector<double> ExponentialBuckets(double start, double factor, int count);
 // Latency buckets from 100 µs to ~100 s, for *_seconds histograms.
-std::vector<double> LatencyBuckets();
+const std::vector<double>& LatencyBuckets();
 
-enum class MetricType { kCounter, kGauge, kHistogram };
-
-// A metric name with one child per distinct label value tuple.
-template <typename T>
-class Family {
- public:
-  // The child for `label_values` (one per label name), created on first use.
-  // The reference stays valid for the life of the family.
-  T& Add(const std::vector<std::string>& label_values);
-
-  const std::string& name() const { return name_; }
-
- private:
-  friend class Registry;
-  Family(std::string name, std::string help, std::vector<std::string> label_names,
-         std::vector<double> bounds)
-      : name_(std::move(name)),
-        help_(std::move(help)),
-        label_names_(std::move(label_names)),
-        bounds_(std::move(bounds)) {}
-
-  std::string name_;
-  std::string help_;
-  std::vector<std::string> label_names_;
-  std::vector<double> bounds_;  // histograms only
-  mutable std::mutex mu_;
-  std::map<std::vector<std::string>, std::unique_ptr<T>> children_;
-};
-
-// Owns families and renders them. Names must match [a-zA-Z_:][a-zA-Z0-9_:]*
-// and be unique (checked with SY_CHECK: a programming error, not input).
-class Registry {
- public:
-  Family<Counter>& AddCounter(const std::string& name, const std::string& help,
-                              std::vector<std::string> label_names = {});
-  Family<Gauge>& AddGauge(const std::string& name, const std::string& help,
-                          std::vector<std::string> label_names = {});
-  Family<Histogram>& AddHistogram(const std::string& name, const std::string& help,
-                                  std::vector<double> bounds,
-                                  std::vector<std::string> label_names = {});
-
-  // Prometheus text exposition format 0.0.4.
-  std::string Serialize() const;
-
- private:
-  void CheckNew(const std::string& name);
-
-  mutable std::mutex mu_;
-  std::vector<std::string> order_;
-  std::map<std::string, std::unique_ptr<Family<Counter>>> counters_;
-  std::map<std::string, std::unique_ptr<Family<Gauge>>> gauges_;
-  std::map<std::string, std::unique_ptr<Family<Histogram>>> histograms_;
-};
-
-template <typename T>
-T& Family<T>::Add(const std::vector<std::string>& label_values) {
-  SY_CHECK(label_values.size() == label_names_.size());
-  std::lock_guard<std::mutex> lock(mu_);
-  auto& child = children_[label_values];
-  if (!child) {
-    if constexpr (std::is_same_v<T, Histogram>) {
-      child = std::make_unique<T>(bounds_);
-    } else {
-      child = std::make_unique<T>();
-    }
-  }
-  return *child;
-}
+// The registry in the Prometheus text exposition format 0.0.4
+// (prometheus::TextSerializer).
+std::string Serialize(const Registry& registry);
 
 }  // namespace switchyard::metrics
 

@@ -12,6 +12,7 @@ absl::StatusOr<std::unique_ptr<RunningServer>> RunningServer::Start(
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   auto server = std::unique_ptr<RunningServer>(new RunningServer());
   server->health_ = std::make_unique<HealthService>(options.health_service_names);
+  server->reflection_v1_ = std::make_unique<ReflectionV1Service>();
   grpc::ServerBuilder builder;
   int selected_port = 0;
   auto credentials = options.credentials ? options.credentials : grpc::InsecureServerCredentials();
@@ -26,6 +27,7 @@ absl::StatusOr<std::unique_ptr<RunningServer>> RunningServer::Start(
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, 30000);
   }
   builder.RegisterService(server->health_.get());
+  AddReflectionV1(builder, server->reflection_v1_.get());
   for (grpc::Service* s : services) builder.RegisterService(s);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr) {

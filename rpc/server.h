@@ -1,7 +1,8 @@
 // Starting a gRPC server the Switchyard way: the services given, standard
 // health checking (grpc.health.v1, rpc/health_service.h) and server
-// reflection on every server,
-// message size limits, and optional connection max-age.
+// reflection (grpc.reflection.v1, rpc/reflection_service.h, and gRPC's own
+// grpc.reflection.v1alpha) on every server, message size limits, and
+// optional connection max-age.
 //
 // Thread-safety: RunningServer methods are thread-safe.
 #ifndef SWITCHYARD_RPC_SERVER_H_
@@ -16,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "rpc/health_service.h"
+#include "rpc/reflection_service.h"
 
 namespace switchyard::rpc {
 
@@ -58,7 +60,8 @@ class RunningServer {
  private:
   RunningServer() = default;
 
-  std::unique_ptr<HealthService> health_;  // outlives server_
+  std::unique_ptr<HealthService> health_;               // outlives server_
+  std::unique_ptr<ReflectionV1Service> reflection_v1_;  // outlives server_
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::string address_;

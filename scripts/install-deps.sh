@@ -6,8 +6,9 @@ packages=(
   build-essential cmake ninja-build pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev nlohmann-json3-dev libopenblas-dev
+  prometheus-cpp-dev  # metrics: prometheus-cpp's core library
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-grpcio python3-grpc-tools
+  python3 python3-grpcio python3-protobuf  # Python client test: stubs from protoc + grpc_python_plugin
   openssl curl iproute2 procps  # TLS certificates, HTTP scrapes, network namespaces in tests
   clang-format-14  # scripts/check-format.sh
   clang-14 libclang-rt-14-dev libomp-14-dev  # scripts/fuzz.sh: clang, libFuzzer/ASan/UBSan runtimes, OpenMP for clang

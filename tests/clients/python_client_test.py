@@ -36,27 +36,24 @@ def check(condition, message):
 
 
 def generate_stubs(protos_dir, out_dir):
-    """Compiles protos_dir/switchyard/v1/*.proto into out_dir.
+    """Compiles protos_dir/switchyard/v1/*.proto into out_dir, as the README says.
 
-    Tries grpc_tools.protoc first. Debian 12's python3-grpc-tools bundles protoc
-    3.5, which rejects proto3 `optional`; then falls back to the system protoc
-    with grpc_python_plugin (protobuf-compiler-grpc).
+    With the system protoc and grpc_python_plugin (Debian 12:
+    protobuf-compiler and protobuf-compiler-grpc), not `python -m
+    grpc_tools.protoc`: Debian 12's python3-grpc-tools bundles protoc 3.5, which
+    rejects proto3 `optional`.
     """
     protos = sorted(glob.glob(os.path.join(protos_dir, "switchyard", "v1", "*.proto")))
     check(protos, f"no .proto files under {protos_dir}/switchyard/v1")
-    common = ["-I", protos_dir, f"--python_out={out_dir}", f"--grpc_python_out={out_dir}"]
-    attempts = [[sys.executable, "-m", "grpc_tools.protoc"] + common + protos]
-    plugin = shutil.which("grpc_python_plugin")
     protoc = shutil.which("protoc")
-    if plugin and protoc:
-        attempts.append([protoc, f"--plugin=protoc-gen-grpc_python={plugin}"] + common + protos)
-    errors = []
-    for cmd in attempts:
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode == 0:
-            return
-        errors.append(f"{' '.join(cmd[:3])}...: {result.stderr.strip()[:500]}")
-    raise CheckFailed("could not generate Python stubs:\n  " + "\n  ".join(errors))
+    plugin = shutil.which("grpc_python_plugin")
+    check(protoc and plugin, "need protoc and grpc_python_plugin "
+          "(apt-get install protobuf-compiler protobuf-compiler-grpc)")
+    cmd = [protoc, "-I", protos_dir, f"--python_out={out_dir}",
+           f"--grpc_python_out={out_dir}", f"--plugin=protoc-gen-grpc_python={plugin}"] + protos
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    check(result.returncode == 0,
+          f"could not generate Python stubs ({' '.join(cmd)}):\n{result.stderr.strip()[:2000]}")
 
 
 def main():

@@ -336,9 +336,10 @@ TEST_F(NetnsTest, CutLinkFailsItsRequestsAndServiceResumesWhenRestored) {
   ConcurrentStreams again(channel_, requests, /*min_tokens=*/1);
   again.Join();
   EXPECT_TRUE(faults::AllMatchSolo(again.outcomes(), solo));
-  std::printf("[ metrics  ] %s", faults::MetricLines(gateway_->metrics_registry().Serialize(),
-                                                     "switchyard_gateway_expert_call_errors_total")
-                                     .c_str());
+  std::printf("[ metrics  ] %s",
+              faults::MetricLines(metrics::Serialize(gateway_->metrics_registry()),
+                                  "switchyard_gateway_expert_call_errors_total")
+                  .c_str());
 }
 
 // Both hosts hold every expert, so each expert has one replica per host.
@@ -367,9 +368,10 @@ TEST_F(NetnsTest, CutLinkToOneReplicaHostLosesNoRequest) {
   // dead (observed: ~10 s); a safety bound only.
   EXPECT_LT(after_cut, 90.0);
   EXPECT_TRUE(faults::AllMatchSolo(streams.outcomes(), solo));
-  std::printf("[ metrics  ] %s", faults::MetricLines(gateway_->metrics_registry().Serialize(),
-                                                     "switchyard_gateway_expert_call_errors_total")
-                                     .c_str());
+  std::printf("[ metrics  ] %s",
+              faults::MetricLines(metrics::Serialize(gateway_->metrics_registry()),
+                                  "switchyard_gateway_expert_call_errors_total")
+                  .c_str());
   SetLink(hosts_[0], /*up=*/true);
 }
 

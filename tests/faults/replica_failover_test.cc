@@ -120,7 +120,7 @@ class ReplicaFailoverTest : public ::testing::Test {
   }
 
   std::string GatewayMetricLines(const std::string& prefix, const std::string& contains) {
-    return faults::MetricLines(gateway_->metrics_registry().Serialize(), prefix, contains);
+    return faults::MetricLines(metrics::Serialize(gateway_->metrics_registry()), prefix, contains);
   }
 
   static Gateway* local_;

@@ -19,50 +19,116 @@
 namespace switchyard::metrics {
 namespace {
 
+// What a histogram holds, read back through prometheus-cpp's Collect().
+std::vector<uint64_t> CumulativeCounts(const Histogram& h) {
+  std::vector<uint64_t> out;
+  for (const auto& bucket : h.Collect().histogram.bucket) out.push_back(bucket.cumulative_count);
+  return out;
+}
+double Sum(const Histogram& h) { return h.Collect().histogram.sample_sum; }
+uint64_t Count(const Histogram& h) { return h.Collect().histogram.sample_count; }
+
 TEST(MetricsTest, CountersGaugesHistograms) {
   Registry r;
-  Counter& c = r.AddCounter("switchyard_test_total", "A counter.", {"kind"}).Add({"a"});
+  Counter& c = AddCounter(r, "switchyard_test_total", "A counter.").Add({{"kind", "a"}});
   c.Increment();
   c.Increment(2.5);
   c.Increment(-7);  // ignored: counters never go down
   EXPECT_DOUBLE_EQ(c.Value(), 3.5);
-  Gauge& g = r.AddGauge("switchyard_test_gauge", "A gauge.").Add({});
+  Gauge& g = AddGauge(r, "switchyard_test_gauge", "A gauge.").Add({});
   g.Set(10);
   g.Decrement(3);
   EXPECT_DOUBLE_EQ(g.Value(), 7);
-  Histogram& h = r.AddHistogram("switchyard_test_seconds", "A histogram.", {0.1, 1.0}).Add({});
+  Histogram& h = AddHistogram(r, "switchyard_test_seconds", "A histogram.")
+                     .Add({}, Histogram::BucketBoundaries{0.1, 1.0});
   for (double v : {0.05, 0.1, 0.5, 2.0}) h.Observe(v);
-  EXPECT_EQ(h.CumulativeCounts(), (std::vector<uint64_t>{2, 3, 4}));
-  EXPECT_DOUBLE_EQ(h.Sum(), 2.65);
-  EXPECT_EQ(h.Count(), 4u);
+  EXPECT_EQ(CumulativeCounts(h), (std::vector<uint64_t>{2, 3, 4}));
+  EXPECT_DOUBLE_EQ(Sum(h), 2.65);
+  EXPECT_EQ(Count(h), 4u);
 }
 
+// prometheus-cpp's TextSerializer writes a histogram's _count and _sum before
+// its buckets; HELP is escaped by metrics::AddCounter, label values by the
+// serializer.
 TEST(MetricsTest, TextFormatIsExact) {
   Registry r;
-  r.AddCounter("switchyard_requests_total", "Requests\nby outcome.", {"outcome"})
-      .Add({"o\"k\\"})
+  AddCounter(r, "switchyard_requests_total", "Requests\nby outcome.")
+      .Add({{"outcome", "o\"k\\"}})
       .Increment(3);
-  r.AddHistogram("switchyard_latency_seconds", "Latency.", {0.5}).Add({}).Observe(0.25);
-  EXPECT_EQ(r.Serialize(),
+  AddHistogram(r, "switchyard_latency_seconds", "Latency.")
+      .Add({}, Histogram::BucketBoundaries{0.5})
+      .Observe(0.25);
+  EXPECT_EQ(Serialize(r),
             "# HELP switchyard_requests_total Requests\\nby outcome.\n"
             "# TYPE switchyard_requests_total counter\n"
             "switchyard_requests_total{outcome=\"o\\\"k\\\\\"} 3\n"
             "# HELP switchyard_latency_seconds Latency.\n"
             "# TYPE switchyard_latency_seconds histogram\n"
-            "switchyard_latency_seconds_bucket{le=\"0.5\"} 1\n"
-            "switchyard_latency_seconds_bucket{le=\"+Inf\"} 1\n"
+            "switchyard_latency_seconds_count 1\n"
             "switchyard_latency_seconds_sum 0.25\n"
-            "switchyard_latency_seconds_count 1\n");
+            "switchyard_latency_seconds_bucket{le=\"0.5\"} 1\n"
+            "switchyard_latency_seconds_bucket{le=\"+Inf\"} 1\n");
+}
+
+// The exposition of a registry like the servers' (labelled counters and
+// histograms, zero-valued children, escaped labels and HELP) passes
+// `promtool check metrics` (Debian's prometheus package).
+TEST(MetricsTest, PromtoolAcceptsTheExposition) {
+  Registry r;
+  auto& requests = AddCounter(r, "switchyard_test_requests_total",
+                              "Requests by method and outcome (\"quoted\", back\\slash).");
+  requests.Add({{"method", "Generate"}, {"outcome", "ok"}}).Increment(2);
+  requests.Add({{"method", "Generate"}, {"outcome", "line\nbreak \"q\" \\"}});
+  AddGauge(r, "switchyard_test_build_info", "Always 1.")
+      .Add({{"version", "0.1.0"}, {"role", "gateway"}})
+      .Set(1);
+  AddGauge(r, "switchyard_test_waiting_requests", "Requests waiting.").Add({}).Decrement(0);
+  auto& latency = AddHistogram(r, "switchyard_test_call_duration_seconds", "Call latency.");
+  for (int e = 0; e < 3; ++e) latency.Add({{"expert", std::to_string(e)}}, LatencyBuckets());
+  latency.Add({{"expert", "1"}}, LatencyBuckets()).Observe(0.003);
+  AddHistogram(r, "switchyard_test_step_tokens", "Tokens per step.")
+      .Add({}, ExponentialBuckets(1, 2, 14))
+      .Observe(17);
+  AddCounter(r, "switchyard_test_unused_total", "A family without children.");
+  const std::string text = Serialize(r);
+  const std::string path = ::testing::TempDir() + "/metrics_test_exposition.txt";
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  ASSERT_NE(f, nullptr);
+  std::fwrite(text.data(), 1, text.size(), f);
+  std::fclose(f);
+  std::FILE* p = popen(("promtool check metrics < " + path + " 2>&1").c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string output;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) output.append(buf, n);
+  EXPECT_EQ(pclose(p), 0) << "promtool check metrics:\n" << output << "\non:\n" << text;
+  // Every child created up front is exposed, with 0.
+  EXPECT_NE(text.find("switchyard_test_call_duration_seconds_count{expert=\"2\"} 0\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(
+      text.find("switchyard_test_call_duration_seconds_bucket{expert=\"1\",le=\"0.0032\"} 1\n"),
+      std::string::npos)
+      << text;
+  EXPECT_NE(text.find("switchyard_test_step_tokens_bucket{le=\"+Inf\"} 1\n"), std::string::npos)
+      << text;
+  // A family without children is announced (HELP and TYPE, no samples).
+  EXPECT_NE(text.find("# HELP switchyard_test_unused_total A family without children.\n"
+                      "# TYPE switchyard_test_unused_total counter\n"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("\nswitchyard_test_unused_total"), std::string::npos) << text;
 }
 
 TEST(MetricsTest, ConcurrentUpdatesAreNotLost) {
   Registry r;
-  auto& family = r.AddCounter("switchyard_c_total", "c", {"t"});
-  Histogram& h = r.AddHistogram("switchyard_h_seconds", "h", LatencyBuckets()).Add({});
+  auto& family = AddCounter(r, "switchyard_c_total", "c");
+  Histogram& h = AddHistogram(r, "switchyard_h_seconds", "h").Add({}, LatencyBuckets());
   std::vector<std::thread> threads;
   for (int t = 0; t < 8; ++t) {
     threads.emplace_back([&, t] {
-      Counter& mine = family.Add({std::to_string(t % 2)});
+      Counter& mine = family.Add({{"t", std::to_string(t % 2)}});
       for (int i = 0; i < 10000; ++i) {
         mine.Increment();
         h.Observe(0.001);
@@ -70,9 +136,9 @@ TEST(MetricsTest, ConcurrentUpdatesAreNotLost) {
     });
   }
   for (auto& t : threads) t.join();
-  EXPECT_DOUBLE_EQ(family.Add({"0"}).Value() + family.Add({"1"}).Value(), 80000);
-  EXPECT_EQ(h.Count(), 80000u);
-  EXPECT_NEAR(h.Sum(), 80.0, 1e-6);
+  EXPECT_DOUBLE_EQ(family.Add({{"t", "0"}}).Value() + family.Add({{"t", "1"}}).Value(), 80000);
+  EXPECT_EQ(Count(h), 80000u);
+  EXPECT_NEAR(Sum(h), 80.0, 1e-6);
 }
 
 // A connected TCP socket to 127.0.0.1:port, or -1.
@@ -114,7 +180,7 @@ std::string HttpGet(int port, const std::string& path) {
 
 TEST(HttpExporterTest, ServesMetricsOnAFreePort) {
   Registry r;
-  r.AddGauge("switchyard_up", "Up.").Add({}).Set(1);
+  AddGauge(r, "switchyard_up", "Up.").Add({}).Set(1);
   auto exporter = HttpExporter::Start("127.0.0.1:0", &r);
   ASSERT_TRUE(exporter.ok()) << exporter.status();
   ASSERT_GT((*exporter)->port(), 0);
@@ -131,7 +197,7 @@ TEST(HttpExporterTest, ServesMetricsOnAFreePort) {
 
 TEST(HttpExporterTest, AnswersOtherPathsMethodsAndMalformedRequestsClearly) {
   Registry r;
-  r.AddGauge("switchyard_up", "Up.").Add({}).Set(1);
+  AddGauge(r, "switchyard_up", "Up.").Add({}).Set(1);
   auto exporter = HttpExporter::Start("127.0.0.1:0", &r);
   ASSERT_TRUE(exporter.ok()) << exporter.status();
   const int port = (*exporter)->port();
@@ -157,7 +223,7 @@ TEST(HttpExporterTest, AnswersOtherPathsMethodsAndMalformedRequestsClearly) {
 
 TEST(HttpExporterTest, SilentClientsNeitherBlockScrapesNorTheShutdown) {
   Registry r;
-  r.AddGauge("switchyard_up", "Up.").Add({}).Set(1);
+  AddGauge(r, "switchyard_up", "Up.").Add({}).Set(1);
   auto exporter = HttpExporter::Start("127.0.0.1:0", &r);
   ASSERT_TRUE(exporter.ok()) << exporter.status();
   const int port = (*exporter)->port();
@@ -200,7 +266,7 @@ TEST(HttpExporterTest, SilentClientsNeitherBlockScrapesNorTheShutdown) {
 
 TEST(HttpExporterTest, ListensOnEveryInterfaceAndOnIpv6) {
   Registry r;
-  r.AddGauge("switchyard_up", "Up.").Add({}).Set(1);
+  AddGauge(r, "switchyard_up", "Up.").Add({}).Set(1);
   auto any = HttpExporter::Start(":0", &r);
   ASSERT_TRUE(any.ok()) << any.status();
   EXPECT_EQ((*any)->address(), "127.0.0.1:" + std::to_string((*any)->port()));

@@ -661,7 +661,7 @@ TEST_F(TokenAuthTest, WrongTokenIsUnauthenticatedAndNotEchoed) {
   EXPECT_EQ(Generate(Channel(), std::string(kToken).substr(0, 10)).error_code(),
             grpc::StatusCode::UNAUTHENTICATED);
   // Refusals are counted; no token appears in the metrics.
-  const std::string metrics = gateway_->metrics_registry().Serialize();
+  const std::string metrics = switchyard::metrics::Serialize(gateway_->metrics_registry());
   EXPECT_THAT(metrics, HasSubstr("switchyard_gateway_unauthenticated_calls_total"));
   EXPECT_THAT(metrics, Not(HasSubstr(kWrongToken)));
   EXPECT_THAT(metrics, Not(HasSubstr(kToken)));
