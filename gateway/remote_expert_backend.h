@@ -145,7 +145,6 @@ class RemoteExpertBackend : public ExpertBackend {
   struct ExpertState;
   struct CallSlot;
   struct LayerCall;
-
   struct ShardInfoCall;
 
   RemoteExpertBackend(const ModelConfig& config, const RemoteExpertOptions& options);
