@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
 #include "core/utf8.h"
 #include "nlohmann/json.hpp"
 
@@ -226,6 +227,77 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromDir(const std::string&
   return FromFiles(dir + "/tokenizer.json", dir + "/tokenizer_config.json");
 }
 
+// The stages of Build, in the order Build runs them (which fixes which error a
+// file with several problems reports). A nested class so that the stages may
+// fill the Tokenizer's private fields.
+class Tokenizer::Loader {
+ public:
+  // The "model" object of tokenizer.json, or InvalidArgument if it is missing.
+  static absl::StatusOr<const json*> FindModel(const json& root, const std::string& mwhere);
+  // Rejects a model other than plain BPE; reads byte_fallback, fuse_unk, ignore_merges.
+  static absl::Status ReadModelOptions(const json& model, const std::string& mwhere, Tokenizer* t);
+  // Reads model.vocab into token_to_id_; returns the largest id (-1 if empty).
+  static absl::StatusOr<int64_t> ReadVocab(const json& model, const std::string& mwhere,
+                                           Tokenizer* t);
+  // Reads added_tokens into added_tokens_; returns max(max_id, their largest id).
+  static absl::StatusOr<int64_t> ReadAddedTokens(const json& root, const std::string& path,
+                                                 int64_t max_id, Tokenizer* t);
+  // Sizes the by-id tables to max_id + 1 and fills them from the vocab and added tokens.
+  static void BuildIdTables(int64_t max_id, Tokenizer* t);
+  // Finds the byte-fallback tokens <0x00>..<0xFF> in the vocab.
+  static void FindByteTokens(Tokenizer* t);
+  // Reads model.unk_token into unk_id_ (stays -1 if it is not in the vocab).
+  static absl::Status ReadUnkToken(const json& model, const std::string& mwhere, Tokenizer* t);
+  // Reads model.merges into merges_ (rank = position in the list).
+  static absl::Status ReadMerges(const json& model, const std::string& mwhere, Tokenizer* t);
+  // Reads the normalizer (Prepend / Replace steps, alone or in a Sequence).
+  static absl::Status ReadNormalizer(const json& root, const std::string& path, Tokenizer* t);
+  // Rejects any pre_tokenizer but null.
+  static absl::Status CheckPreTokenizer(const json& root, const std::string& path);
+  // Splits added tokens into raw and normalized matching sets (needs the normalizer).
+  static void IndexAddedTokens(Tokenizer* t);
+  // Reads a TemplateProcessing post_processor into prefix_ids_ / suffix_ids_.
+  static absl::Status ReadPostProcessor(const json& root, const std::string& path, Tokenizer* t);
+  // Reads the decoder and fills decoded_piece_ / byte_value_ for every id.
+  static absl::Status ReadDecoder(const json& root, const std::string& path, Tokenizer* t);
+  // Reads tokenizer_config.json (may be empty) and sets BOS/EOS and add_bos_ / add_eos_.
+  static absl::Status ReadSpecialTokenConfig(std::string_view config_json,
+                                             const std::string& config_path, Tokenizer* t);
+
+ private:
+  // What the decoder does to each token string, as parsed from "decoder".
+  struct DecoderSteps {
+    bool has_replace = false;
+    std::string replace_pattern;
+    std::string replace_content;
+    bool has_byte_fallback = false;
+  };
+  // What tokenizer_config.json says about BOS/EOS.
+  struct SpecialTokenConfig {
+    std::string bos_token;  // empty: not given
+    std::string eos_token;
+    bool has_add = false;  // whether add_bos_token or add_eos_token is present
+    bool add_bos = true;
+    bool add_eos = false;
+  };
+
+  // Parses the decoder's steps; sets strip_char_, strip_start_ and has_decoder_.
+  static absl::StatusOr<DecoderSteps> ParseDecoder(const json& root, const std::string& path,
+                                                   Tokenizer* t);
+  // Applies `steps` to every token string to fill decoded_piece_ / byte_value_.
+  static void BuildDecodedPieces(const DecoderSteps& steps, Tokenizer* t);
+  // Parses tokenizer_config.json's add_bos_token, add_eos_token, bos_token, eos_token.
+  static absl::StatusOr<SpecialTokenConfig> ParseSpecialTokenConfig(std::string_view config_json,
+                                                                    const std::string& config_path);
+  // Sets bos_id_ / eos_id_: from the config's tokens, else the template's, else <s> / </s>.
+  static absl::Status ResolveBosEos(const SpecialTokenConfig& config,
+                                    const std::string& config_path, Tokenizer* t);
+  // Sets add_bos_ / add_eos_ (and the template ids) from the config if it says, else the
+  // post_processor template.
+  static absl::Status ApplyAddSpecialTokens(const SpecialTokenConfig& config,
+                                            const std::string& config_path, Tokenizer* t);
+};
+
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Build(std::string_view tokenizer_json,
                                                             const std::string& path,
                                                             std::string_view config_json,
@@ -236,11 +308,36 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Build(std::string_view tok
   std::unique_ptr<Tokenizer> t(new Tokenizer());
   std::fill(std::begin(t->byte_ids_), std::end(t->byte_ids_), -1);
 
-  // --- model ---
+  // Model and added tokens.
   const std::string mwhere = absl::StrCat(path, ": model");
+  SY_ASSIGN_OR_RETURN(const json* model, Loader::FindModel(root, mwhere));
+  SY_RETURN_IF_ERROR(Loader::ReadModelOptions(*model, mwhere, t.get()));
+  SY_ASSIGN_OR_RETURN(int64_t max_id, Loader::ReadVocab(*model, mwhere, t.get()));
+  SY_ASSIGN_OR_RETURN(max_id, Loader::ReadAddedTokens(root, path, max_id, t.get()));
+  Loader::BuildIdTables(max_id, t.get());
+  Loader::FindByteTokens(t.get());
+  SY_RETURN_IF_ERROR(Loader::ReadUnkToken(*model, mwhere, t.get()));
+  SY_RETURN_IF_ERROR(Loader::ReadMerges(*model, mwhere, t.get()));
+
+  // The rest of the pipeline.
+  SY_RETURN_IF_ERROR(Loader::ReadNormalizer(root, path, t.get()));
+  SY_RETURN_IF_ERROR(Loader::CheckPreTokenizer(root, path));
+  Loader::IndexAddedTokens(t.get());
+  SY_RETURN_IF_ERROR(Loader::ReadPostProcessor(root, path, t.get()));
+  SY_RETURN_IF_ERROR(Loader::ReadDecoder(root, path, t.get()));
+  SY_RETURN_IF_ERROR(Loader::ReadSpecialTokenConfig(config_json, config_path, t.get()));
+  return t;
+}
+
+absl::StatusOr<const json*> Tokenizer::Loader::FindModel(const json& root,
+                                                         const std::string& mwhere) {
   auto mit = root.find("model");
   if (mit == root.end() || !mit->is_object()) return FieldError(mwhere, "missing or not an object");
-  const json& model = *mit;
+  return &*mit;
+}
+
+absl::Status Tokenizer::Loader::ReadModelOptions(const json& model, const std::string& mwhere,
+                                                 Tokenizer* t) {
   if (auto type = model.find("type"); type != model.end()) {
     if (!type->is_string() || type->get<std::string>() != "BPE") {
       return absl::UnimplementedError(
@@ -266,7 +363,11 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Build(std::string_view tok
   t->fuse_unk_ = *b;
   if (!(b = OptBool(model, "ignore_merges", false, mwhere)).ok()) return b.status();
   t->ignore_merges_ = *b;
+  return absl::OkStatus();
+}
 
+absl::StatusOr<int64_t> Tokenizer::Loader::ReadVocab(const json& model, const std::string& mwhere,
+                                                     Tokenizer* t) {
   auto vit = model.find("vocab");
   if (vit == model.end() || !vit->is_object()) {
     return FieldError(absl::StrCat(mwhere, ".vocab"), "missing or not an object");
@@ -283,46 +384,52 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Build(std::string_view tok
     t->token_to_id_[it.key()] = static_cast<int32_t>(id);
     max_id = std::max(max_id, id);
   }
+  return max_id;
+}
 
-  // --- added tokens ---
-  if (auto ait = root.find("added_tokens"); ait != root.end() && !ait->is_null()) {
-    if (!ait->is_array()) return FieldError(absl::StrCat(path, ": added_tokens"), "not an array");
-    for (size_t i = 0; i < ait->size(); ++i) {
-      const json& e = (*ait)[i];
-      const std::string where = absl::StrCat(path, ": added_tokens[", i, "]");
-      if (!e.is_object()) return FieldError(where, "not an object");
-      AddedToken a;
-      auto id = e.find("id");
-      if (id == e.end() || !id->is_number_integer() || id->get<int64_t>() < 0 ||
-          id->get<int64_t>() > (int64_t{1} << 30)) {
-        return FieldError(absl::StrCat(where, ".id"), "missing or not a non-negative integer");
-      }
-      a.id = static_cast<int32_t>(id->get<int64_t>());
-      absl::StatusOr<std::string> content = RequiredString(e, "content", where);
-      if (!content.ok()) return content.status();
-      a.content = *std::move(content);
-      if (a.content.empty()) return FieldError(absl::StrCat(where, ".content"), "is empty");
-      // Absent "normalized" defaults to !special, as AddedToken(special=...) does.
-      struct {
-        const char* key;
-        bool* field;
-      } flags[] = {{"special", &a.special},
-                   {"single_word", &a.single_word},
-                   {"lstrip", &a.lstrip},
-                   {"rstrip", &a.rstrip},
-                   {"normalized", &a.normalized}};
-      for (auto& f : flags) {
-        const bool dflt = f.field == &a.normalized ? !a.special : false;
-        absl::StatusOr<bool> v = OptBool(e, f.key, dflt, where);
-        if (!v.ok()) return v.status();
-        *f.field = *v;
-      }
-      max_id = std::max<int64_t>(max_id, a.id);
-      t->added_tokens_.push_back(std::move(a));
+absl::StatusOr<int64_t> Tokenizer::Loader::ReadAddedTokens(const json& root,
+                                                           const std::string& path, int64_t max_id,
+                                                           Tokenizer* t) {
+  auto ait = root.find("added_tokens");
+  if (ait == root.end() || ait->is_null()) return max_id;
+  if (!ait->is_array()) return FieldError(absl::StrCat(path, ": added_tokens"), "not an array");
+  for (size_t i = 0; i < ait->size(); ++i) {
+    const json& e = (*ait)[i];
+    const std::string where = absl::StrCat(path, ": added_tokens[", i, "]");
+    if (!e.is_object()) return FieldError(where, "not an object");
+    AddedToken a;
+    auto id = e.find("id");
+    if (id == e.end() || !id->is_number_integer() || id->get<int64_t>() < 0 ||
+        id->get<int64_t>() > (int64_t{1} << 30)) {
+      return FieldError(absl::StrCat(where, ".id"), "missing or not a non-negative integer");
     }
+    a.id = static_cast<int32_t>(id->get<int64_t>());
+    absl::StatusOr<std::string> content = RequiredString(e, "content", where);
+    if (!content.ok()) return content.status();
+    a.content = *std::move(content);
+    if (a.content.empty()) return FieldError(absl::StrCat(where, ".content"), "is empty");
+    // Absent "normalized" defaults to !special, as AddedToken(special=...) does.
+    struct {
+      const char* key;
+      bool* field;
+    } flags[] = {{"special", &a.special},
+                 {"single_word", &a.single_word},
+                 {"lstrip", &a.lstrip},
+                 {"rstrip", &a.rstrip},
+                 {"normalized", &a.normalized}};
+    for (auto& f : flags) {
+      const bool dflt = f.field == &a.normalized ? !a.special : false;
+      absl::StatusOr<bool> v = OptBool(e, f.key, dflt, where);
+      if (!v.ok()) return v.status();
+      *f.field = *v;
+    }
+    max_id = std::max<int64_t>(max_id, a.id);
+    t->added_tokens_.push_back(std::move(a));
   }
+  return max_id;
+}
 
-  // id -> token table.
+void Tokenizer::Loader::BuildIdTables(int64_t max_id, Tokenizer* t) {
   t->id_to_token_.assign(static_cast<size_t>(max_id + 1), std::string());
   t->has_token_.assign(static_cast<size_t>(max_id + 1), false);
   t->is_special_.assign(static_cast<size_t>(max_id + 1), false);
@@ -335,23 +442,30 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Build(std::string_view tok
     t->has_token_[a.id] = true;
     if (a.special) t->is_special_[a.id] = true;
   }
+}
 
-  // Byte-fallback ids, as `tokenizers` spells them: format!("<{:#04X}>", b).
+void Tokenizer::Loader::FindByteTokens(Tokenizer* t) {
+  // As `tokenizers` spells them: format!("<{:#04X}>", b).
   for (int v = 0; v < 256; ++v) {
     static const char kHex[] = "0123456789ABCDEF";
     const char name[7] = {'<', '0', 'x', kHex[v >> 4], kHex[v & 15], '>', 0};
     auto it = t->token_to_id_.find(std::string_view(name, 6));
     if (it != t->token_to_id_.end()) t->byte_ids_[v] = it->second;
   }
+}
 
-  // unk_token.
+absl::Status Tokenizer::Loader::ReadUnkToken(const json& model, const std::string& mwhere,
+                                             Tokenizer* t) {
   if (auto u = model.find("unk_token"); u != model.end() && !u->is_null()) {
     if (!u->is_string()) return FieldError(absl::StrCat(mwhere, ".unk_token"), "not a string");
     auto it = t->token_to_id_.find(u->get<std::string>());
     if (it != t->token_to_id_.end()) t->unk_id_ = it->second;
   }
+  return absl::OkStatus();
+}
 
-  // Merges.
+absl::Status Tokenizer::Loader::ReadMerges(const json& model, const std::string& mwhere,
+                                           Tokenizer* t) {
   auto merges = model.find("merges");
   if (merges == model.end() || !merges->is_array()) {
     return FieldError(absl::StrCat(mwhere, ".merges"), "missing or not an array");
@@ -388,57 +502,64 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Build(std::string_view tok
     // Later duplicates overwrite earlier ones, as in `tokenizers`' HashMap.
     t->merges_[PairKey(a->second, c->second)] = {static_cast<int32_t>(i), n->second};
   }
+  return absl::OkStatus();
+}
 
-  // --- normalizer ---
-  if (auto nit = root.find("normalizer"); nit != root.end() && !nit->is_null()) {
-    std::vector<const json*> steps;
-    const std::string where = absl::StrCat(path, ": normalizer");
-    if (!nit->is_object()) return FieldError(where, "not an object");
-    absl::StatusOr<std::string> type = RequiredString(*nit, "type", where);
-    if (!type.ok()) return type.status();
-    if (*type == "Sequence") {
-      auto list = nit->find("normalizers");
-      if (list == nit->end() || !list->is_array()) {
-        return FieldError(absl::StrCat(where, ".normalizers"), "missing or not an array");
-      }
-      for (const json& s : *list) steps.push_back(&s);
-    } else {
-      steps.push_back(&*nit);
+absl::Status Tokenizer::Loader::ReadNormalizer(const json& root, const std::string& path,
+                                               Tokenizer* t) {
+  auto nit = root.find("normalizer");
+  if (nit == root.end() || nit->is_null()) return absl::OkStatus();
+  std::vector<const json*> steps;
+  const std::string where = absl::StrCat(path, ": normalizer");
+  if (!nit->is_object()) return FieldError(where, "not an object");
+  absl::StatusOr<std::string> type = RequiredString(*nit, "type", where);
+  if (!type.ok()) return type.status();
+  if (*type == "Sequence") {
+    auto list = nit->find("normalizers");
+    if (list == nit->end() || !list->is_array()) {
+      return FieldError(absl::StrCat(where, ".normalizers"), "missing or not an array");
     }
-    for (size_t i = 0; i < steps.size(); ++i) {
-      const json& s = *steps[i];
-      const std::string swhere = absl::StrCat(where, "[", i, "]");
-      if (!s.is_object()) return FieldError(swhere, "not an object");
-      absl::StatusOr<std::string> st = RequiredString(s, "type", swhere);
-      if (!st.ok()) return st.status();
-      NormalizerStep step;
-      if (*st == "Prepend") {
-        absl::StatusOr<std::string> p = RequiredString(s, "prepend", swhere);
-        if (!p.ok()) return p.status();
-        step.is_prepend = true;
-        step.content = *std::move(p);
-      } else if (*st == "Replace") {
-        absl::StatusOr<std::string> pat = StringPattern(s, swhere);
-        if (!pat.ok()) return pat.status();
-        absl::StatusOr<std::string> content = RequiredString(s, "content", swhere);
-        if (!content.ok()) return content.status();
-        step.pattern = *std::move(pat);
-        step.content = *std::move(content);
-      } else {
-        return absl::UnimplementedError(
-            absl::StrCat(swhere, ": unsupported normalizer type \"", *st, "\""));
-      }
-      t->normalizer_.push_back(std::move(step));
-    }
+    for (const json& s : *list) steps.push_back(&s);
+  } else {
+    steps.push_back(&*nit);
   }
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const json& s = *steps[i];
+    const std::string swhere = absl::StrCat(where, "[", i, "]");
+    if (!s.is_object()) return FieldError(swhere, "not an object");
+    absl::StatusOr<std::string> st = RequiredString(s, "type", swhere);
+    if (!st.ok()) return st.status();
+    NormalizerStep step;
+    if (*st == "Prepend") {
+      absl::StatusOr<std::string> p = RequiredString(s, "prepend", swhere);
+      if (!p.ok()) return p.status();
+      step.is_prepend = true;
+      step.content = *std::move(p);
+    } else if (*st == "Replace") {
+      absl::StatusOr<std::string> pat = StringPattern(s, swhere);
+      if (!pat.ok()) return pat.status();
+      absl::StatusOr<std::string> content = RequiredString(s, "content", swhere);
+      if (!content.ok()) return content.status();
+      step.pattern = *std::move(pat);
+      step.content = *std::move(content);
+    } else {
+      return absl::UnimplementedError(
+          absl::StrCat(swhere, ": unsupported normalizer type \"", *st, "\""));
+    }
+    t->normalizer_.push_back(std::move(step));
+  }
+  return absl::OkStatus();
+}
 
-  // --- pre_tokenizer ---
+absl::Status Tokenizer::Loader::CheckPreTokenizer(const json& root, const std::string& path) {
   if (auto pit = root.find("pre_tokenizer"); pit != root.end() && !pit->is_null()) {
     return absl::UnimplementedError(
         absl::StrCat(path, ": pre_tokenizer: only null is supported, got ", pit->dump(-1)));
   }
+  return absl::OkStatus();
+}
 
-  // Added-token matching sets (after the normalizer is known).
+void Tokenizer::Loader::IndexAddedTokens(Tokenizer* t) {
   t->normalized_added_content_.resize(t->added_tokens_.size());
   for (size_t i = 0; i < t->added_tokens_.size(); ++i) {
     const AddedToken& a = t->added_tokens_[i];
@@ -452,209 +573,237 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Build(std::string_view tok
       t->raw_added_.push_back(static_cast<int>(i));
     }
   }
+}
 
-  // --- post_processor ---
-  bool template_bos = false;
-  bool template_eos = false;
-  if (auto pp = root.find("post_processor"); pp != root.end() && !pp->is_null()) {
-    const std::string where = absl::StrCat(path, ": post_processor");
-    if (!pp->is_object()) return FieldError(where, "not an object");
-    absl::StatusOr<std::string> type = RequiredString(*pp, "type", where);
-    if (!type.ok()) return type.status();
-    if (*type != "TemplateProcessing") {
-      return absl::UnimplementedError(
-          absl::StrCat(where, ": unsupported post_processor type \"", *type, "\""));
-    }
-    auto single = pp->find("single");
-    if (single == pp->end() || !single->is_array()) {
-      return FieldError(absl::StrCat(where, ".single"), "missing or not an array");
-    }
-    auto specials = pp->find("special_tokens");
-    bool seen_sequence = false;
-    for (size_t i = 0; i < single->size(); ++i) {
-      const json& item = (*single)[i];
-      const std::string iwhere = absl::StrCat(where, ".single[", i, "]");
-      if (item.is_object() && item.contains("Sequence")) {
-        seen_sequence = true;
-        continue;
-      }
-      if (!item.is_object() || !item.contains("SpecialToken") ||
-          !item["SpecialToken"].is_object()) {
-        return FieldError(iwhere, "must be {\"Sequence\": ...} or {\"SpecialToken\": ...}");
-      }
-      absl::StatusOr<std::string> name = RequiredString(item["SpecialToken"], "id", iwhere);
-      if (!name.ok()) return name.status();
-      if (specials == pp->end() || !specials->is_object() || !specials->contains(*name) ||
-          !(*specials)[*name].is_object() || !(*specials)[*name].contains("ids") ||
-          !(*specials)[*name]["ids"].is_array()) {
-        return FieldError(
-            iwhere, absl::StrCat("special token \"", *name, "\" has no ids in special_tokens"));
-      }
-      for (const json& id : (*specials)[*name]["ids"]) {
-        if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
-            id.get<int64_t>() >= static_cast<int64_t>(t->id_to_token_.size())) {
-          return FieldError(iwhere, absl::StrCat("special token \"", *name, "\" has a bad id"));
-        }
-        (seen_sequence ? t->suffix_ids_ : t->prefix_ids_).push_back(id.get<int32_t>());
-      }
-    }
-    template_bos = !t->prefix_ids_.empty();
-    template_eos = !t->suffix_ids_.empty();
+absl::Status Tokenizer::Loader::ReadPostProcessor(const json& root, const std::string& path,
+                                                  Tokenizer* t) {
+  auto pp = root.find("post_processor");
+  if (pp == root.end() || pp->is_null()) return absl::OkStatus();
+  const std::string where = absl::StrCat(path, ": post_processor");
+  if (!pp->is_object()) return FieldError(where, "not an object");
+  absl::StatusOr<std::string> type = RequiredString(*pp, "type", where);
+  if (!type.ok()) return type.status();
+  if (*type != "TemplateProcessing") {
+    return absl::UnimplementedError(
+        absl::StrCat(where, ": unsupported post_processor type \"", *type, "\""));
   }
+  auto single = pp->find("single");
+  if (single == pp->end() || !single->is_array()) {
+    return FieldError(absl::StrCat(where, ".single"), "missing or not an array");
+  }
+  auto specials = pp->find("special_tokens");
+  bool seen_sequence = false;
+  for (size_t i = 0; i < single->size(); ++i) {
+    const json& item = (*single)[i];
+    const std::string iwhere = absl::StrCat(where, ".single[", i, "]");
+    if (item.is_object() && item.contains("Sequence")) {
+      seen_sequence = true;
+      continue;
+    }
+    if (!item.is_object() || !item.contains("SpecialToken") || !item["SpecialToken"].is_object()) {
+      return FieldError(iwhere, "must be {\"Sequence\": ...} or {\"SpecialToken\": ...}");
+    }
+    absl::StatusOr<std::string> name = RequiredString(item["SpecialToken"], "id", iwhere);
+    if (!name.ok()) return name.status();
+    if (specials == pp->end() || !specials->is_object() || !specials->contains(*name) ||
+        !(*specials)[*name].is_object() || !(*specials)[*name].contains("ids") ||
+        !(*specials)[*name]["ids"].is_array()) {
+      return FieldError(iwhere,
+                        absl::StrCat("special token \"", *name, "\" has no ids in special_tokens"));
+    }
+    for (const json& id : (*specials)[*name]["ids"]) {
+      if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
+          id.get<int64_t>() >= static_cast<int64_t>(t->id_to_token_.size())) {
+        return FieldError(iwhere, absl::StrCat("special token \"", *name, "\" has a bad id"));
+      }
+      (seen_sequence ? t->suffix_ids_ : t->prefix_ids_).push_back(id.get<int32_t>());
+    }
+  }
+  return absl::OkStatus();
+}
 
-  // --- decoder ---
+absl::Status Tokenizer::Loader::ReadDecoder(const json& root, const std::string& path,
+                                            Tokenizer* t) {
   t->decoded_piece_.assign(t->id_to_token_.size(), std::string());
   t->byte_value_.assign(t->id_to_token_.size(), -1);
-  std::string replace_pattern;
-  std::string replace_content;
-  bool has_replace = false;
-  bool has_byte_fallback = false;
-  if (auto dit = root.find("decoder"); dit != root.end() && !dit->is_null()) {
-    const std::string where = absl::StrCat(path, ": decoder");
-    if (!dit->is_object()) return FieldError(where, "not an object");
-    absl::StatusOr<std::string> type = RequiredString(*dit, "type", where);
-    if (!type.ok()) return type.status();
-    std::vector<const json*> steps;
-    if (*type == "Sequence") {
-      auto list = dit->find("decoders");
-      if (list == dit->end() || !list->is_array()) {
-        return FieldError(absl::StrCat(where, ".decoders"), "missing or not an array");
-      }
-      for (const json& s : *list) steps.push_back(&s);
-    } else {
-      steps.push_back(&*dit);
+  SY_ASSIGN_OR_RETURN(const DecoderSteps steps, ParseDecoder(root, path, t));
+  BuildDecodedPieces(steps, t);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Tokenizer::Loader::DecoderSteps> Tokenizer::Loader::ParseDecoder(
+    const json& root, const std::string& path, Tokenizer* t) {
+  DecoderSteps result;
+  auto dit = root.find("decoder");
+  if (dit == root.end() || dit->is_null()) return result;
+  const std::string where = absl::StrCat(path, ": decoder");
+  if (!dit->is_object()) return FieldError(where, "not an object");
+  absl::StatusOr<std::string> type = RequiredString(*dit, "type", where);
+  if (!type.ok()) return type.status();
+  std::vector<const json*> steps;
+  if (*type == "Sequence") {
+    auto list = dit->find("decoders");
+    if (list == dit->end() || !list->is_array()) {
+      return FieldError(absl::StrCat(where, ".decoders"), "missing or not an array");
     }
-    // Supported shape: [Replace] [ByteFallback] [Fuse] [Strip(stop=0)], in order.
-    int stage = 0;  // 0: start, 1: after Replace, 2: after ByteFallback, 3: after Fuse, 4: Strip
-    bool fused = false;
-    for (size_t i = 0; i < steps.size(); ++i) {
-      const json& s = *steps[i];
-      const std::string swhere = absl::StrCat(where, "[", i, "]");
-      if (!s.is_object()) return FieldError(swhere, "not an object");
-      absl::StatusOr<std::string> st = RequiredString(s, "type", swhere);
-      if (!st.ok()) return st.status();
-      const auto unsupported = [&]() {
-        return absl::UnimplementedError(
-            absl::StrCat(swhere, ": unsupported decoder \"", *st,
-                         "\" here; supported: Replace, ByteFallback, Fuse, Strip (in that order)"));
-      };
-      if (*st == "Replace" && stage < 1) {
-        absl::StatusOr<std::string> pat = StringPattern(s, swhere);
-        if (!pat.ok()) return pat.status();
-        absl::StatusOr<std::string> content = RequiredString(s, "content", swhere);
-        if (!content.ok()) return content.status();
-        replace_pattern = *std::move(pat);
-        replace_content = *std::move(content);
-        has_replace = true;
-        stage = 1;
-      } else if (*st == "ByteFallback" && stage < 2) {
-        has_byte_fallback = true;
-        stage = 2;
-      } else if (*st == "Fuse" && stage < 3) {
-        fused = true;
-        stage = 3;
-      } else if (*st == "Strip" && stage < 4 && fused) {
-        absl::StatusOr<std::string> content = RequiredString(s, "content", swhere);
-        if (!content.ok()) return content.status();
-        if (content->empty() || CharLen(*content, 0) != content->size()) {
-          return FieldError(absl::StrCat(swhere, ".content"), "must be one character");
-        }
-        auto start = s.find("start");
-        auto stop = s.find("stop");
-        if (start == s.end() || !start->is_number_unsigned() || stop == s.end() ||
-            !stop->is_number_unsigned()) {
-          return FieldError(swhere, "start/stop must be non-negative integers");
-        }
-        if (stop->get<uint64_t>() != 0) {
-          return absl::UnimplementedError(absl::StrCat(swhere, ": Strip with stop > 0"));
-        }
-        t->strip_char_ = *std::move(content);
-        t->strip_start_ = static_cast<int>(std::min<uint64_t>(start->get<uint64_t>(), 1 << 20));
-        stage = 4;
-      } else {
-        return unsupported();
-      }
-    }
-    t->has_decoder_ = true;
+    for (const json& s : *list) steps.push_back(&s);
+  } else {
+    steps.push_back(&*dit);
   }
+  // Supported shape: [Replace] [ByteFallback] [Fuse] [Strip(stop=0)], in order.
+  int stage = 0;  // 0: start, 1: after Replace, 2: after ByteFallback, 3: after Fuse, 4: Strip
+  bool fused = false;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const json& s = *steps[i];
+    const std::string swhere = absl::StrCat(where, "[", i, "]");
+    if (!s.is_object()) return FieldError(swhere, "not an object");
+    absl::StatusOr<std::string> st = RequiredString(s, "type", swhere);
+    if (!st.ok()) return st.status();
+    const auto unsupported = [&]() {
+      return absl::UnimplementedError(
+          absl::StrCat(swhere, ": unsupported decoder \"", *st,
+                       "\" here; supported: Replace, ByteFallback, Fuse, Strip (in that order)"));
+    };
+    if (*st == "Replace" && stage < 1) {
+      absl::StatusOr<std::string> pat = StringPattern(s, swhere);
+      if (!pat.ok()) return pat.status();
+      absl::StatusOr<std::string> content = RequiredString(s, "content", swhere);
+      if (!content.ok()) return content.status();
+      result.replace_pattern = *std::move(pat);
+      result.replace_content = *std::move(content);
+      result.has_replace = true;
+      stage = 1;
+    } else if (*st == "ByteFallback" && stage < 2) {
+      result.has_byte_fallback = true;
+      stage = 2;
+    } else if (*st == "Fuse" && stage < 3) {
+      fused = true;
+      stage = 3;
+    } else if (*st == "Strip" && stage < 4 && fused) {
+      absl::StatusOr<std::string> content = RequiredString(s, "content", swhere);
+      if (!content.ok()) return content.status();
+      if (content->empty() || CharLen(*content, 0) != content->size()) {
+        return FieldError(absl::StrCat(swhere, ".content"), "must be one character");
+      }
+      auto start = s.find("start");
+      auto stop = s.find("stop");
+      if (start == s.end() || !start->is_number_unsigned() || stop == s.end() ||
+          !stop->is_number_unsigned()) {
+        return FieldError(swhere, "start/stop must be non-negative integers");
+      }
+      if (stop->get<uint64_t>() != 0) {
+        return absl::UnimplementedError(absl::StrCat(swhere, ": Strip with stop > 0"));
+      }
+      t->strip_char_ = *std::move(content);
+      t->strip_start_ = static_cast<int>(std::min<uint64_t>(start->get<uint64_t>(), 1 << 20));
+      stage = 4;
+    } else {
+      return unsupported();
+    }
+  }
+  t->has_decoder_ = true;
+  return result;
+}
+
+void Tokenizer::Loader::BuildDecodedPieces(const DecoderSteps& steps, Tokenizer* t) {
   std::string piece;
   for (size_t id = 0; id < t->id_to_token_.size(); ++id) {
-    if (has_replace) {
-      ReplaceAll(t->id_to_token_[id], replace_pattern, replace_content, &piece);
+    if (steps.has_replace) {
+      ReplaceAll(t->id_to_token_[id], steps.replace_pattern, steps.replace_content, &piece);
     } else {
       piece = t->id_to_token_[id];
     }
-    if (has_byte_fallback) t->byte_value_[id] = static_cast<int16_t>(ByteFallbackValue(piece));
+    if (steps.has_byte_fallback) {
+      t->byte_value_[id] = static_cast<int16_t>(ByteFallbackValue(piece));
+    }
     t->decoded_piece_[id] = piece;
   }
+}
 
-  // --- tokenizer_config.json ---
-  std::string bos_token;
-  std::string eos_token;
-  bool config_has_add = false;
-  bool config_add_bos = true;
-  bool config_add_eos = false;
-  if (!config_json.empty()) {
-    absl::StatusOr<json> cfg = ParseJson(config_json, config_path);
-    if (!cfg.ok()) return cfg.status();
-    const std::string where = config_path;
-    config_has_add = cfg->contains("add_bos_token") || cfg->contains("add_eos_token");
-    absl::StatusOr<bool> v = OptBool(*cfg, "add_bos_token", true, where);
-    if (!v.ok()) return v.status();
-    config_add_bos = *v;
-    if (!(v = OptBool(*cfg, "add_eos_token", false, where)).ok()) return v.status();
-    config_add_eos = *v;
-    absl::StatusOr<std::string> s = TokenString(*cfg, "bos_token", where);
-    if (!s.ok()) return s.status();
-    bos_token = *std::move(s);
-    if (!(s = TokenString(*cfg, "eos_token", where)).ok()) return s.status();
-    eos_token = *std::move(s);
-  }
-  if (!bos_token.empty()) {
-    t->bos_id_ = t->TokenToId(bos_token);
+absl::Status Tokenizer::Loader::ReadSpecialTokenConfig(std::string_view config_json,
+                                                       const std::string& config_path,
+                                                       Tokenizer* t) {
+  SY_ASSIGN_OR_RETURN(const SpecialTokenConfig config,
+                      ParseSpecialTokenConfig(config_json, config_path));
+  SY_RETURN_IF_ERROR(ResolveBosEos(config, config_path, t));
+  return ApplyAddSpecialTokens(config, config_path, t);
+}
+
+absl::StatusOr<Tokenizer::Loader::SpecialTokenConfig> Tokenizer::Loader::ParseSpecialTokenConfig(
+    std::string_view config_json, const std::string& config_path) {
+  SpecialTokenConfig config;
+  if (config_json.empty()) return config;
+  absl::StatusOr<json> cfg = ParseJson(config_json, config_path);
+  if (!cfg.ok()) return cfg.status();
+  const std::string where = config_path;
+  config.has_add = cfg->contains("add_bos_token") || cfg->contains("add_eos_token");
+  absl::StatusOr<bool> v = OptBool(*cfg, "add_bos_token", true, where);
+  if (!v.ok()) return v.status();
+  config.add_bos = *v;
+  if (!(v = OptBool(*cfg, "add_eos_token", false, where)).ok()) return v.status();
+  config.add_eos = *v;
+  absl::StatusOr<std::string> s = TokenString(*cfg, "bos_token", where);
+  if (!s.ok()) return s.status();
+  config.bos_token = *std::move(s);
+  if (!(s = TokenString(*cfg, "eos_token", where)).ok()) return s.status();
+  config.eos_token = *std::move(s);
+  return config;
+}
+
+absl::Status Tokenizer::Loader::ResolveBosEos(const SpecialTokenConfig& config,
+                                              const std::string& config_path, Tokenizer* t) {
+  if (!config.bos_token.empty()) {
+    t->bos_id_ = t->TokenToId(config.bos_token);
     if (t->bos_id_ < 0) {
       return FieldError(absl::StrCat(config_path, ".bos_token"),
-                        absl::StrCat("\"", bos_token, "\" is not a token"));
+                        absl::StrCat("\"", config.bos_token, "\" is not a token"));
     }
   } else if (t->prefix_ids_.size() == 1) {
     t->bos_id_ = t->prefix_ids_[0];
   } else {
     t->bos_id_ = t->TokenToId("<s>");
   }
-  if (!eos_token.empty()) {
-    t->eos_id_ = t->TokenToId(eos_token);
+  if (!config.eos_token.empty()) {
+    t->eos_id_ = t->TokenToId(config.eos_token);
     if (t->eos_id_ < 0) {
       return FieldError(absl::StrCat(config_path, ".eos_token"),
-                        absl::StrCat("\"", eos_token, "\" is not a token"));
+                        absl::StrCat("\"", config.eos_token, "\" is not a token"));
     }
   } else if (t->suffix_ids_.size() == 1) {
     t->eos_id_ = t->suffix_ids_[0];
   } else {
     t->eos_id_ = t->TokenToId("</s>");
   }
-  if (config_has_add) {
-    // As transformers' LlamaTokenizerFast.update_post_processor does.
-    t->prefix_ids_.clear();
-    t->suffix_ids_.clear();
-    if (config_add_bos) {
-      if (t->bos_id_ < 0) {
-        return FieldError(config_path, "add_bos_token is true but there is no bos_token");
-      }
-      t->prefix_ids_.push_back(t->bos_id_);
-    }
-    if (config_add_eos) {
-      if (t->eos_id_ < 0) {
-        return FieldError(config_path, "add_eos_token is true but there is no eos_token");
-      }
-      t->suffix_ids_.push_back(t->eos_id_);
-    }
-    t->add_bos_ = config_add_bos;
-    t->add_eos_ = config_add_eos;
-  } else {
-    t->add_bos_ = template_bos;
-    t->add_eos_ = template_eos;
+  return absl::OkStatus();
+}
+
+absl::Status Tokenizer::Loader::ApplyAddSpecialTokens(const SpecialTokenConfig& config,
+                                                      const std::string& config_path,
+                                                      Tokenizer* t) {
+  if (!config.has_add) {
+    // The post_processor template decides.
+    t->add_bos_ = !t->prefix_ids_.empty();
+    t->add_eos_ = !t->suffix_ids_.empty();
+    return absl::OkStatus();
   }
-  return t;
+  // As transformers' LlamaTokenizerFast.update_post_processor does.
+  t->prefix_ids_.clear();
+  t->suffix_ids_.clear();
+  if (config.add_bos) {
+    if (t->bos_id_ < 0) {
+      return FieldError(config_path, "add_bos_token is true but there is no bos_token");
+    }
+    t->prefix_ids_.push_back(t->bos_id_);
+  }
+  if (config.add_eos) {
+    if (t->eos_id_ < 0) {
+      return FieldError(config_path, "add_eos_token is true but there is no eos_token");
+    }
+    t->suffix_ids_.push_back(t->eos_id_);
+  }
+  t->add_bos_ = config.add_bos;
+  t->add_eos_ = config.add_eos;
+  return absl::OkStatus();
 }
 
 // ---------------------------------------------------------------------------

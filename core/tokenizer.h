@@ -114,6 +114,9 @@ class Tokenizer {
   };
   using StringMap = std::unordered_map<std::string, int32_t, StringHash, std::equal_to<>>;
 
+  // Build's loading stages, one per part of tokenizer.json (defined in tokenizer.cc).
+  class Loader;
+
   Tokenizer() = default;
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Build(std::string_view tokenizer_json,
                                                           const std::string& tokenizer_path,

@@ -224,10 +224,11 @@ RemoteExpertBackend::RemoteExpertBackend(const ModelConfig& config,
 
 RemoteExpertBackend::~RemoteExpertBackend() = default;
 
-absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connect(
-    const ExpertTopology& topology, const ModelConfig& gateway_config,
-    const std::string& checkpoint_dir, const RemoteExpertOptions& options) {
-  const int num_experts = gateway_config.num_local_experts;
+namespace {
+
+// Checks that `topology` maps every expert and that `options` are usable.
+absl::Status ValidateConnectArgs(const ExpertTopology& topology, int num_experts,
+                                 const RemoteExpertOptions& options) {
   SY_RETURN_IF_ERROR(ValidateTopology(topology, num_experts, "expert topology: "));
   if (options.wire_dtype != v1::DTYPE_F32 && options.wire_dtype != v1::DTYPE_BF16) {
     return absl::InvalidArgumentError(
@@ -238,29 +239,35 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
     return absl::InvalidArgumentError(
         "remote experts: call deadline must be > 0 ms and connect timeout >= 0 ms");
   }
+  return absl::OkStatus();
+}
 
-  // The expert weights the gateway's own checkpoint folder holds.
+// The expert weights the gateway's own checkpoint folder holds, by expert (all
+// empty when `checkpoint_dir` is empty).
+absl::StatusOr<std::vector<std::string>> LocalExpertFingerprints(
+    const ModelConfig& gateway_config, const std::string& checkpoint_dir) {
+  const int num_experts = gateway_config.num_local_experts;
   std::vector<std::string> local_fingerprints(num_experts);
-  if (!checkpoint_dir.empty()) {
-    std::vector<int> all(num_experts);
-    for (int e = 0; e < num_experts; ++e) all[e] = e;
-    SY_ASSIGN_OR_RETURN(auto checkpoint,
-                        Checkpoint::Open(checkpoint_dir, WeightSelection::ExpertsOnly(all)));
-    if (checkpoint->config().Fingerprint() != gateway_config.Fingerprint()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("remote experts: the checkpoint at ", checkpoint_dir, " has config ",
-                       checkpoint->config().Fingerprint(), " but the gateway runs config ",
-                       gateway_config.Fingerprint()));
-    }
-    for (int e = 0; e < num_experts; ++e) {
-      SY_ASSIGN_OR_RETURN(local_fingerprints[e], ExpertWeightsFingerprint(*checkpoint, e));
-    }
+  if (checkpoint_dir.empty()) return local_fingerprints;
+  std::vector<int> all(num_experts);
+  for (int e = 0; e < num_experts; ++e) all[e] = e;
+  SY_ASSIGN_OR_RETURN(auto checkpoint,
+                      Checkpoint::Open(checkpoint_dir, WeightSelection::ExpertsOnly(all)));
+  if (checkpoint->config().Fingerprint() != gateway_config.Fingerprint()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("remote experts: the checkpoint at ", checkpoint_dir, " has config ",
+                     checkpoint->config().Fingerprint(), " but the gateway runs config ",
+                     gateway_config.Fingerprint()));
   }
+  for (int e = 0; e < num_experts; ++e) {
+    SY_ASSIGN_OR_RETURN(local_fingerprints[e], ExpertWeightsFingerprint(*checkpoint, e));
+  }
+  return local_fingerprints;
+}
 
-  auto backend =
-      std::unique_ptr<RemoteExpertBackend>(new RemoteExpertBackend(gateway_config, options));
-  // One channel per distinct target, shared by the experts it serves.
-  std::map<std::string, int> replica_index;
+// Arguments of every expert channel: keepalive, reconnect backoff, message
+// size limits and round_robin over a name's addresses.
+grpc::ChannelArguments ExpertChannelArguments(const RemoteExpertOptions& options) {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, options.keepalive_time_ms);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
@@ -269,75 +276,152 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
   args.SetMaxSendMessageSize(options.max_message_bytes);
   // Spreads calls over every address a DNS name resolves to.
   args.SetServiceConfigJSON(kRoundRobinServiceConfig);
+  return args;
+}
+
+// Checks that the replica described by `info` (named `at`) serves `expert` of
+// the gateway's model: config fingerprint, dims, the expert, all layers, and
+// (when `checkpoint_dir` is set) the same expert weights.
+absl::Status CheckShardInfo(const v1::ShardInfo& info, int expert, const std::string& at,
+                            const ModelConfig& c, const std::string& want_config,
+                            const std::string& checkpoint_dir,
+                            const std::string& local_fingerprint) {
+  const int e = expert;
+  if (info.config_fingerprint() != want_config) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        at, " serves model ", info.config_fingerprint(), " but the gateway loaded ", want_config));
+  }
+  const v1::ModelDims& d = info.dims();
+  if (d.hidden_size() != static_cast<uint32_t>(c.hidden_size) ||
+      d.intermediate_size() != static_cast<uint32_t>(c.intermediate_size) ||
+      d.num_layers() != static_cast<uint32_t>(c.num_hidden_layers) ||
+      d.num_experts() != static_cast<uint32_t>(c.num_local_experts) ||
+      d.experts_per_token() != static_cast<uint32_t>(c.num_experts_per_tok)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        at, " has dims hidden=", d.hidden_size(), " ffn=", d.intermediate_size(),
+        " layers=", d.num_layers(), " experts=", d.num_experts(), " top_k=", d.experts_per_token(),
+        " but the gateway has hidden=", c.hidden_size, " ffn=", c.intermediate_size, " layers=",
+        c.num_hidden_layers, " experts=", c.num_local_experts, " top_k=", c.num_experts_per_tok));
+  }
+  if (std::find(info.experts().begin(), info.experts().end(), static_cast<uint32_t>(e)) ==
+      info.experts().end()) {
+    return absl::FailedPreconditionError(absl::StrCat(at, " is wrong: that replica holds experts [",
+                                                      absl::StrJoin(info.experts(), ", "), "] not ",
+                                                      e));
+  }
+  if (info.layer_begin() != 0 || info.layer_end() != static_cast<uint32_t>(c.num_hidden_layers)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(at, " holds layers [", info.layer_begin(), ", ", info.layer_end(),
+                     ") but the gateway needs all layers [0, ", c.num_hidden_layers, ")"));
+  }
+  if (!checkpoint_dir.empty()) {
+    auto fp = info.expert_weight_fingerprints().find(static_cast<uint32_t>(e));
+    const std::string remote =
+        fp == info.expert_weight_fingerprints().end() ? "(none)" : fp->second;
+    if (remote != local_fingerprint) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          at, " has expert weights ", remote, " but the gateway's checkpoint ", checkpoint_dir,
+          " has ", local_fingerprint, " (different checkpoint or dtype)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// One GetShardInfo call to one replica.
+struct RemoteExpertBackend::ShardInfoCall {
+  grpc::ClientContext context;
+  v1::ShardInfo info;
+  grpc::Status status;
+};
+
+absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connect(
+    const ExpertTopology& topology, const ModelConfig& gateway_config,
+    const std::string& checkpoint_dir, const RemoteExpertOptions& options) {
+  SY_RETURN_IF_ERROR(ValidateConnectArgs(topology, gateway_config.num_local_experts, options));
+  SY_ASSIGN_OR_RETURN(const std::vector<std::string> local_fingerprints,
+                      LocalExpertFingerprints(gateway_config, checkpoint_dir));
+  auto backend =
+      std::unique_ptr<RemoteExpertBackend>(new RemoteExpertBackend(gateway_config, options));
+  backend->OpenChannels(topology);
+  const std::vector<std::unique_ptr<ShardInfoCall>> infos = backend->AskShardInfo();
+  SY_RETURN_IF_ERROR(backend->CheckAllAnswered(infos));
+  SY_RETURN_IF_ERROR(backend->CheckReplicas(infos, checkpoint_dir, local_fingerprints));
+  return backend;
+}
+
+void RemoteExpertBackend::OpenChannels(const ExpertTopology& topology) {
+  // One channel per distinct target, shared by the experts it serves.
+  std::map<std::string, int> replica_index;
+  const grpc::ChannelArguments args = ExpertChannelArguments(options_);
   const auto credentials =
-      options.credentials ? options.credentials : grpc::InsecureChannelCredentials();
-  for (int e = 0; e < num_experts; ++e) {
+      options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials();
+  for (int e = 0; e < config_.num_local_experts; ++e) {
     auto state = std::make_unique<ExpertState>();
     state->expert = e;
     for (const std::string& target : topology.replicas.at(e)) {
-      auto [it, inserted] =
-          replica_index.emplace(target, static_cast<int>(backend->replicas_.size()));
+      auto [it, inserted] = replica_index.emplace(target, static_cast<int>(replicas_.size()));
       if (inserted) {
         auto replica = std::make_unique<Replica>();
         replica->target = target;
         replica->channel = grpc::CreateCustomChannel(target, credentials, args);
         replica->stub = v1::ExpertService::NewStub(replica->channel);
-        backend->replicas_.push_back(std::move(replica));
+        replicas_.push_back(std::move(replica));
       }
       if (std::find(state->replicas.begin(), state->replicas.end(), it->second) ==
           state->replicas.end()) {
         state->replicas.push_back(it->second);
       }
     }
-    backend->experts_.push_back(std::move(state));
+    experts_.push_back(std::move(state));
   }
+}
 
-  // Ask every replica what it serves, all at once, waiting for those still
-  // starting up.
-  const size_t n = backend->replicas_.size();
-  struct InfoCall {
-    grpc::ClientContext context;
-    v1::ShardInfo info;
-    grpc::Status status;
-  };
-  std::vector<std::unique_ptr<InfoCall>> infos(n);
+std::vector<std::unique_ptr<RemoteExpertBackend::ShardInfoCall>> RemoteExpertBackend::AskShardInfo()
+    const {
+  const size_t n = replicas_.size();
+  std::vector<std::unique_ptr<ShardInfoCall>> infos(n);
   std::mutex mu;
   std::condition_variable cv;
   size_t pending = n;
   const v1::GetShardInfoRequest info_request;
   const auto deadline =
-      std::chrono::system_clock::now() + std::chrono::milliseconds(options.connect_timeout_ms);
+      std::chrono::system_clock::now() + std::chrono::milliseconds(options_.connect_timeout_ms);
   for (size_t i = 0; i < n; ++i) {
-    infos[i] = std::make_unique<InfoCall>();
-    InfoCall* call = infos[i].get();
+    infos[i] = std::make_unique<ShardInfoCall>();
+    ShardInfoCall* call = infos[i].get();
     call->context.set_wait_for_ready(true);
     call->context.set_deadline(deadline);
-    backend->replicas_[i]->stub->async()->GetShardInfo(&call->context, &info_request, &call->info,
-                                                       [&, call](grpc::Status s) {
-                                                         call->status = std::move(s);
-                                                         std::lock_guard<std::mutex> lock(mu);
-                                                         if (--pending == 0) cv.notify_all();
-                                                       });
+    replicas_[i]->stub->async()->GetShardInfo(&call->context, &info_request, &call->info,
+                                              [&, call](grpc::Status s) {
+                                                call->status = std::move(s);
+                                                std::lock_guard<std::mutex> lock(mu);
+                                                if (--pending == 0) cv.notify_all();
+                                              });
   }
   {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return pending == 0; });
   }
+  return infos;
+}
 
+absl::Status RemoteExpertBackend::CheckAllAnswered(
+    const std::vector<std::unique_ptr<ShardInfoCall>>& infos) const {
   // Targets that did not answer, with the experts mapped to them.
   std::vector<std::string> unreachable;
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = 0; i < infos.size(); ++i) {
     const grpc::Status& s = infos[i]->status;
     if (s.ok()) continue;
     std::vector<int> mapped;
-    for (const auto& state : backend->experts_) {
+    for (const auto& state : experts_) {
       for (int r : state->replicas) {
         if (r == static_cast<int>(i)) mapped.push_back(state->expert);
       }
     }
-    const std::string what =
-        absl::StrCat(mapped.size() == 1 ? "expert " : "experts ", absl::StrJoin(mapped, ","),
-                     " at ", backend->replicas_[i]->target);
+    const std::string what = absl::StrCat(mapped.size() == 1 ? "expert " : "experts ",
+                                          absl::StrJoin(mapped, ","), " at ", replicas_[i]->target);
     if (!IsRetryable(s)) {
       return absl::FailedPreconditionError(
           absl::StrCat(what, ": GetShardInfo failed: ", StatusText(s)));
@@ -346,61 +430,24 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
   }
   if (!unreachable.empty()) {
     return absl::UnavailableError(absl::StrCat("no answer to GetShardInfo within ",
-                                               options.connect_timeout_ms, " ms from ",
+                                               options_.connect_timeout_ms, " ms from ",
                                                absl::StrJoin(unreachable, "; ")));
   }
+  return absl::OkStatus();
+}
 
-  // Every (expert, replica) pair must serve this model and these weights.
-  const std::string& want_config = backend->config_fingerprint_;
-  const ModelConfig& c = gateway_config;
-  for (const auto& state : backend->experts_) {
+absl::Status RemoteExpertBackend::CheckReplicas(
+    const std::vector<std::unique_ptr<ShardInfoCall>>& infos, const std::string& checkpoint_dir,
+    const std::vector<std::string>& local_fingerprints) const {
+  for (const auto& state : experts_) {
     const int e = state->expert;
     for (int r : state->replicas) {
-      const v1::ShardInfo& info = infos[r]->info;
-      const std::string at = absl::StrCat("expert ", e, " at ", backend->replicas_[r]->target);
-      if (info.config_fingerprint() != want_config) {
-        return absl::FailedPreconditionError(absl::StrCat(at, " serves model ",
-                                                          info.config_fingerprint(),
-                                                          " but the gateway loaded ", want_config));
-      }
-      const v1::ModelDims& d = info.dims();
-      if (d.hidden_size() != static_cast<uint32_t>(c.hidden_size) ||
-          d.intermediate_size() != static_cast<uint32_t>(c.intermediate_size) ||
-          d.num_layers() != static_cast<uint32_t>(c.num_hidden_layers) ||
-          d.num_experts() != static_cast<uint32_t>(c.num_local_experts) ||
-          d.experts_per_token() != static_cast<uint32_t>(c.num_experts_per_tok)) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            at, " has dims hidden=", d.hidden_size(), " ffn=", d.intermediate_size(),
-            " layers=", d.num_layers(), " experts=", d.num_experts(),
-            " top_k=", d.experts_per_token(), " but the gateway has hidden=", c.hidden_size,
-            " ffn=", c.intermediate_size, " layers=", c.num_hidden_layers,
-            " experts=", c.num_local_experts, " top_k=", c.num_experts_per_tok));
-      }
-      if (std::find(info.experts().begin(), info.experts().end(), static_cast<uint32_t>(e)) ==
-          info.experts().end()) {
-        return absl::FailedPreconditionError(
-            absl::StrCat(at, " is wrong: that replica holds experts [",
-                         absl::StrJoin(info.experts(), ", "), "] not ", e));
-      }
-      if (info.layer_begin() != 0 ||
-          info.layer_end() != static_cast<uint32_t>(c.num_hidden_layers)) {
-        return absl::FailedPreconditionError(
-            absl::StrCat(at, " holds layers [", info.layer_begin(), ", ", info.layer_end(),
-                         ") but the gateway needs all layers [0, ", c.num_hidden_layers, ")"));
-      }
-      if (!checkpoint_dir.empty()) {
-        auto fp = info.expert_weight_fingerprints().find(static_cast<uint32_t>(e));
-        const std::string remote =
-            fp == info.expert_weight_fingerprints().end() ? "(none)" : fp->second;
-        if (remote != local_fingerprints[e]) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              at, " has expert weights ", remote, " but the gateway's checkpoint ", checkpoint_dir,
-              " has ", local_fingerprints[e], " (different checkpoint or dtype)"));
-        }
-      }
+      const std::string at = absl::StrCat("expert ", e, " at ", replicas_[r]->target);
+      SY_RETURN_IF_ERROR(CheckShardInfo(infos[r]->info, e, at, config_, config_fingerprint_,
+                                        checkpoint_dir, local_fingerprints[e]));
     }
   }
-  return backend;
+  return absl::OkStatus();
 }
 
 int RemoteExpertBackend::PickReplica(const ExpertState& state, int exclude) const {

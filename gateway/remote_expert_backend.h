@@ -145,8 +145,22 @@ class RemoteExpertBackend : public ExpertBackend {
   struct ExpertState;
   struct CallSlot;
   struct LayerCall;
+  struct ShardInfoCall;
 
   RemoteExpertBackend(const ModelConfig& config, const RemoteExpertOptions& options);
+  // Connect's stages, in the order it runs them. Opens one channel per distinct target of
+  // `topology`; fills replicas_ and experts_.
+  void OpenChannels(const ExpertTopology& topology);
+  // Asks every replica for its ShardInfo at once; returns when all have answered or
+  // connect_timeout_ms has passed (waiting for replicas still starting up).
+  std::vector<std::unique_ptr<ShardInfoCall>> AskShardInfo() const;
+  // FAILED_PRECONDITION if a replica refused GetShardInfo, UNAVAILABLE naming
+  // those that did not answer.
+  absl::Status CheckAllAnswered(const std::vector<std::unique_ptr<ShardInfoCall>>& infos) const;
+  // Every (expert, replica) pair must serve this model and these weights.
+  absl::Status CheckReplicas(const std::vector<std::unique_ptr<ShardInfoCall>>& infos,
+                             const std::string& checkpoint_dir,
+                             const std::vector<std::string>& local_fingerprints) const;
   // The replica to try next for `expert`, not `exclude` when another exists.
   int PickReplica(const ExpertState& state, int exclude) const;
   void StartAttempt(const std::shared_ptr<LayerCall>& call, size_t slot, int replica);
