@@ -24,7 +24,7 @@ Routing AwkwardRouting() {
   Routing r;
   r.tokens = T;
   r.top_k = K;
-  r.experts = {3, 0, 0, 1, 2, 0, 0, 3, 1, 3, 0, 2, 3, 1};               // [T, K]
+  r.experts = {3, 0, 0, 1, 2, 0, 0, 3, 1, 3, 0, 2, 3, 1};  // [T, K]
   r.weights = {.7f, .3f, .6f, .4f, .55f, .45f, .9f, .1f, .5f, .5f, .8f, .2f, .65f, .35f};
   return r;
 }
