@@ -429,7 +429,7 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::GetModelInfo(
   response->set_num_experts(config_.num_local_experts);
   response->set_experts_per_token(config_.num_experts_per_tok);
   response->set_max_context_tokens(config_.max_position_embeddings);
-  response->set_max_new_tokens_limit(options_.limits.max_new_tokens_limit);
+  response->set_max_new_tokens_limit(EffectiveMaxNewTokensLimit(options_.limits, config_));
   response->set_bos_token_id(tokenizer_->bos_id());
   response->set_eos_token_id(tokenizer_->eos_id());
   response->set_config_fingerprint(config_.Fingerprint());

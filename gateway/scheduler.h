@@ -134,8 +134,10 @@ class Scheduler {
   struct Sequence;
 
   void Loop();
-  // Moves waiting requests into the running set while the cache allows.
-  void AdmitLocked();
+  // Moves waiting requests into the running set while the cache allows;
+  // false when the queue's head does not fit now. Takes mu_ only briefly:
+  // the cache is reserved (allocated and zeroed) without it.
+  bool Admit();
   void RunStep(std::vector<Sequence*>& batch);
   // Samples, detokenizes and checks stop conditions after a step.
   void Advance(Sequence& seq, const float* logits);
