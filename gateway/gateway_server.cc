@@ -418,6 +418,21 @@ std::string Gateway::metrics_address() const {
 const metrics::Registry& Gateway::metrics_registry() const { return parts_->registry; }
 Scheduler& Gateway::scheduler() { return *parts_->scheduler; }
 
+namespace {
+
+// Ends what the drain left running with UNAVAILABLE and a reason, before the
+// server cancels those calls with a bare "Cancelling all calls".
+void EndUnfinishedRequests(Scheduler& scheduler, absl::Duration grace) {
+  scheduler.AbortAll(absl::UnavailableError(
+      absl::StrCat("the gateway is shutting down: the request did not finish within the ",
+                   absl::FormatDuration(grace), " drain grace period; retry on another gateway")));
+  // The loop ends them at its next step boundary (after an expert call in
+  // flight at most); the server's deadline below covers a slower one.
+  (void)scheduler.Drain(absl::Seconds(1));
+}
+
+}  // namespace
+
 void Gateway::Shutdown(absl::Duration grace) {
   // Stop admitting before health says NOT_SERVING, so no request that sees
   // NOT_SERVING can still be admitted.
@@ -425,9 +440,13 @@ void Gateway::Shutdown(absl::Duration grace) {
   parts_->server->SetServing(false);
   const absl::Time deadline = absl::Now() + grace;
   absl::Status drained = parts_->scheduler->Drain(grace);
-  if (!drained.ok())
+  if (!drained.ok()) {
     std::fprintf(stderr, "switchyard-gateway: %s\n", std::string(drained.message()).c_str());
-  parts_->server->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
+    EndUnfinishedRequests(*parts_->scheduler, grace);
+  }
+  // A moment past the grace for the ended requests' last messages to go out.
+  parts_->server->Shutdown(
+      absl::ToChronoTime(std::max(deadline, absl::Now()) + absl::Milliseconds(500)));
 }
 
 int RunGateway(const GatewayOptions& options) {

@@ -25,6 +25,11 @@ struct RequestLimits {
   int max_stop_token_ids = 1024;
   int max_request_id_bytes = 256;  // printable ASCII only
   int max_top_logprobs = 20;
+  // GenerateStream messages kept for a client that does not read: beyond
+  // either bound the request is cancelled and the stream ends with
+  // RESOURCE_EXHAUSTED.
+  int max_stream_queued_messages = 1024;
+  int64_t max_stream_queued_bytes = 4 << 20;
 };
 
 // The max_new_tokens limit in force for `config`: limits.max_new_tokens_limit

@@ -151,6 +151,15 @@ absl::Status Scheduler::Drain(absl::Duration timeout) {
   return absl::OkStatus();
 }
 
+void Scheduler::AbortAll(absl::Status status) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    draining_ = true;
+    abort_status_ = std::move(status);
+  }
+  wake_.notify_all();
+}
+
 SchedulerStats Scheduler::Stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   SchedulerStats s = stats_;
@@ -188,6 +197,8 @@ void Scheduler::Loop() {
   bool admission_blocked = false;  // the queue's head did not fit and nothing runs
   while (true) {
     std::vector<std::unique_ptr<Sequence>> dropped;  // cancelled while waiting
+    std::vector<std::unique_ptr<Sequence>> aborted;  // waiting when AbortAll ran
+    absl::Status abort;
     {
       std::unique_lock<std::mutex> lock(mu_);
       const auto has_work = [&] {
@@ -215,11 +226,22 @@ void Scheduler::Loop() {
         }
       }
       cancelled_.clear();
+      abort = abort_status_;
+      if (!abort.ok()) {
+        for (auto& seq : waiting_) aborted.push_back(std::move(seq));
+        waiting_.clear();
+      }
       stats_.waiting = static_cast<int>(waiting_.size());
     }
     for (auto& seq : dropped) Finish(*seq, FinishReason::kCancelled);
     for (auto& seq : running_) {
       if (seq->cancelled && !seq->done) Finish(*seq, FinishReason::kCancelled);
+    }
+    if (!abort.ok()) {
+      for (auto& seq : aborted) Fail(*seq, abort);
+      for (auto& seq : running_) {
+        if (!seq->done) Fail(*seq, abort);
+      }
     }
     admission_blocked = !Admit() && running_.empty();
 
@@ -232,7 +254,7 @@ void Scheduler::Loop() {
       RunStep(batch);
     }
 
-    const size_t before = running_.size() + dropped.size();
+    const size_t before = running_.size() + dropped.size() + aborted.size();
     running_.erase(
         std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
         running_.end());
@@ -283,15 +305,7 @@ void Scheduler::RunStep(std::vector<Sequence*>& batch) {
   }
   if (metrics_ != nullptr) metrics_->step_tokens.Observe(step_tokens);
   if (!out.ok()) {
-    for (Sequence* seq : batch) {
-      seq->done = true;
-      seq->kv.reset();
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        ++stats_.requests_failed;
-      }
-      seq->sink->OnError(out.status());
-    }
+    for (Sequence* seq : batch) Fail(*seq, out.status());
     return;
   }
   const int V = runner_->config().vocab_size;
@@ -354,6 +368,16 @@ void Scheduler::Advance(Sequence& seq, const float* logits) {
   if (static_cast<int>(seq.output.size()) >= r.options.max_new_tokens) {
     Finish(seq, FinishReason::kLength);
   }
+}
+
+void Scheduler::Fail(Sequence& seq, const absl::Status& status) {
+  seq.done = true;
+  seq.kv.reset();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.requests_failed;
+  }
+  seq.sink->OnError(status);
 }
 
 void Scheduler::Finish(Sequence& seq, FinishReason reason) {

@@ -127,6 +127,11 @@ class Scheduler {
   // and running ones to finish. DEADLINE_EXCEEDED if some are still going.
   absl::Status Drain(absl::Duration timeout);
 
+  // Ends every queued and running request with `status` (an error) at the
+  // next step boundary, and refuses new ones: what a drain whose grace ran
+  // out does, so clients learn why rather than seeing a cut connection.
+  void AbortAll(absl::Status status);
+
   SchedulerStats Stats() const;
   const SchedulerOptions& options() const { return options_; }
 
@@ -142,6 +147,8 @@ class Scheduler {
   // Samples, detokenizes and checks stop conditions after a step.
   void Advance(Sequence& seq, const float* logits);
   void Finish(Sequence& seq, FinishReason reason);
+  // Ends `seq` with an error and frees its cache.
+  void Fail(Sequence& seq, const absl::Status& status);
 
   StepRunner* runner_;
   KvCachePool* kv_pool_;
@@ -153,7 +160,8 @@ class Scheduler {
   std::condition_variable wake_;
   bool stopping_ = false;
   bool draining_ = false;
-  int busy_ = 0;  // waiting + running, guarded by mu_
+  absl::Status abort_status_;  // guarded by mu_; an error once AbortAll ran
+  int busy_ = 0;               // waiting + running, guarded by mu_
   RequestId next_id_ = 1;
   std::deque<std::unique_ptr<Sequence>> waiting_;   // guarded by mu_
   std::vector<RequestId> cancelled_;                // guarded by mu_
