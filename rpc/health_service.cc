@@ -29,6 +29,7 @@ class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheck
   void Update(ServingStatus status, bool end) {
     {
       std::lock_guard<std::mutex> lock(mu_);
+      if (cancelled_) return;  // nobody to tell
       if (status != last_queued_) {
         pending_ = status;
         has_pending_ = true;

@@ -63,10 +63,10 @@ constexpr int64_t kRssSlack = int64_t{64} << 20;
 
 TEST(LimitsTest, GatewayRefusesOversizedInputsAndItsMemoryStaysBounded) {
   testing::ChildProcess gateway;
-  auto address = gateway.Start({testing::BinaryDir() + "/switchyard-gateway", "--model",
-                                testing::TinyMixtralDir(), "--experts", "local", "--listen",
-                                "127.0.0.1:0", "--kv-cache-tokens", "65536", "--metrics-listen",
-                                "127.0.0.1:0"});
+  auto address =
+      gateway.Start({testing::BinaryDir() + "/switchyard-gateway", "--model",
+                     testing::TinyMixtralDir(), "--experts", "local", "--listen", "127.0.0.1:0",
+                     "--kv-cache-tokens", "65536", "--metrics-listen", "127.0.0.1:0"});
   ASSERT_TRUE(address.ok()) << address.status();
   grpc::ChannelArguments args;
   // A paused reader's flow-control window stays small, so the gateway's
@@ -101,9 +101,10 @@ TEST(LimitsTest, GatewayRefusesOversizedInputsAndItsMemoryStaysBounded) {
     }
     rss.push_back(ResidentBytes(gateway.pid()));
   }
-  std::printf("gateway RSS: %lld MB at start, after waves of 16 oversized calls: %lld, %lld, %lld MB\n",
-              static_cast<long long>(rss_start >> 20), static_cast<long long>(rss[0] >> 20),
-              static_cast<long long>(rss[1] >> 20), static_cast<long long>(rss[2] >> 20));
+  std::printf(
+      "gateway RSS: %lld MB at start, after waves of 16 oversized calls: %lld, %lld, %lld MB\n",
+      static_cast<long long>(rss_start >> 20), static_cast<long long>(rss[0] >> 20),
+      static_cast<long long>(rss[1] >> 20), static_cast<long long>(rss[2] >> 20));
   // Three waves send 384 MiB; what stays resident must not scale with it.
   EXPECT_LT(rss[2] - rss_start, int64_t{128} << 20);
   // Just over the documented limits: INVALID_ARGUMENT naming the field.
@@ -169,8 +170,8 @@ TEST(LimitsTest, ExpertRefusesOversizedForwardAndItsMemoryStaysBounded) {
                                testing::TinyMixtralDir(), "--experts", "0", "--listen",
                                "127.0.0.1:0", "--max-forward-rows", "1024"});
   ASSERT_TRUE(address.ok()) << address.status();
-  auto stub = v1::ExpertService::NewStub(
-      grpc::CreateChannel(*address, grpc::InsecureChannelCredentials()));
+  auto stub =
+      v1::ExpertService::NewStub(grpc::CreateChannel(*address, grpc::InsecureChannelCredentials()));
   v1::ShardInfo info;
   {
     grpc::ClientContext ctx;
@@ -201,8 +202,7 @@ TEST(LimitsTest, ExpertRefusesOversizedForwardAndItsMemoryStaysBounded) {
   // resident set once; later waves must not raise it further.
   std::vector<int64_t> rss;
   for (int wave = 0; wave < 3; ++wave) {
-    for (grpc::StatusCode code :
-         Concurrently(8, [&] { return forward(200'000, v1::DTYPE_F32); })) {
+    for (grpc::StatusCode code : Concurrently(8, [&] { return forward(200'000, v1::DTYPE_F32); })) {
       EXPECT_EQ(code, grpc::StatusCode::RESOURCE_EXHAUSTED);
     }
     rss.push_back(ResidentBytes(expert.pid()));
