@@ -62,6 +62,10 @@ Scheduler::Scheduler(StepRunner* runner, KvCachePool* kv_pool, const Tokenizer* 
       tokenizer_(tokenizer),
       options_(options),
       metrics_(metrics) {
+  // Below 1 the loop could never make progress and would spin: the gateway
+  // refuses such flags, and a scheduler built in code takes the least that works.
+  options_.max_running = std::max(1, options_.max_running);
+  options_.max_step_tokens = std::max(1, options_.max_step_tokens);
   stats_.kv_capacity_tokens = kv_pool_->capacity_tokens();
   if (metrics_ != nullptr) metrics_->kv_capacity_tokens.Set(kv_pool_->capacity_tokens());
   thread_ = std::thread([this] { Loop(); });

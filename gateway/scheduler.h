@@ -6,11 +6,13 @@
 // long prompt is prefilled over several steps without stalling decodes.
 //
 // KV cache policy: a request is admitted only when the cache can hold its
-// worst case (prompt + max_new_tokens); those slots are reserved at
-// admission, so a running sequence never runs out of cache and nothing is
-// preempted. Requests that fit wait in a FIFO queue of bounded length
-// (RESOURCE_EXHAUSTED past it); a request whose worst case exceeds the whole
-// cache is refused at once with RESOURCE_EXHAUSTED.
+// worst case (prompt + max_new_tokens, rounded up to whole cache blocks);
+// those slots are reserved at admission, so a running sequence never runs
+// out of cache and nothing is preempted. Requests that fit wait in a FIFO
+// queue of bounded length (RESOURCE_EXHAUSTED past it); a request whose
+// worst case exceeds the whole cache is refused at once with
+// RESOURCE_EXHAUSTED. The reservation (allocation and zeroing) runs on the
+// scheduler thread without the lock, so Submit and Cancel never wait for it.
 //
 // A cancelled request (client gone, deadline passed) leaves at the next step
 // boundary and frees its cache at once. If a step fails (an expert is
@@ -43,6 +45,8 @@
 
 namespace switchyard {
 
+// Each at least 1 (the gateway checks its flags, gateway_server.h; the
+// Scheduler raises max_running and max_step_tokens below 1 to 1).
 struct SchedulerOptions {
   int max_queue = 256;        // waiting requests before RESOURCE_EXHAUSTED
   int max_running = 64;       // sequences in one step

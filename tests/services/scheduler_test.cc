@@ -310,6 +310,20 @@ TEST_F(SchedulerTest, ManyUnsortedStopTokenIdsStillStopAtTheFirstOneGenerated) {
             std::vector<int32_t>(solo.token_ids.begin(), solo.token_ids.begin() + k + 1));
 }
 
+TEST_F(SchedulerTest, ZeroStepBudgetOrBatchCannotWedgeTheLoop) {
+  // What `--max-step-tokens 4294967296` used to become once narrowed to int.
+  SchedulerOptions options;
+  options.max_step_tokens = 0;
+  options.max_running = 0;
+  auto scheduler = MakeScheduler(options);
+  auto sink = std::make_shared<RecordingSink>();
+  GenerationRequest r = Request(kPrompts[0], 3);
+  ASSERT_TRUE(scheduler->Submit(r, sink).ok());
+  ASSERT_TRUE(sink->WaitFor(std::chrono::seconds(60))) << "the scheduler is wedged";
+  EXPECT_TRUE(sink->error.ok()) << sink->error;
+  EXPECT_EQ(sink->tokens, Solo(r).token_ids);
+}
+
 // The cache hands out blocks of 16 slots. With a capacity that is not a
 // multiple of 16, a request whose prompt + max_new_tokens fits the capacity
 // but not in whole blocks used to pass Submit and then never be admitted: the
