@@ -41,8 +41,7 @@ SequenceKv::~SequenceKv() {
 
 absl::Status SequenceKv::Reserve(int new_length) {
   if (new_length <= reserved_) return absl::OkStatus();
-  const int block = KvCachePool::kBlockTokens;
-  const int target = (new_length + block - 1) / block * block;
+  const int target = static_cast<int>(KvCachePool::SlotsFor(new_length));
   if (!pool_->TryAcquire(target - reserved_)) {
     return absl::ResourceExhaustedError(
         absl::StrCat("KV cache full: ", pool_->used_tokens(), " of ", pool_->capacity_tokens(),

@@ -35,6 +35,13 @@ class KvCachePool {
 
   std::unique_ptr<SequenceKv> NewSequence();
 
+  // Slots a sequence of `tokens` positions takes: whole blocks, so more than
+  // `tokens` unless it is a multiple of kBlockTokens. Admission compares this,
+  // not `tokens`, with capacity_tokens().
+  static int64_t SlotsFor(int64_t tokens) {
+    return (tokens + kBlockTokens - 1) / kBlockTokens * kBlockTokens;
+  }
+
   int64_t capacity_tokens() const { return max_tokens_; }
   int64_t used_tokens() const { return used_tokens_.load(); }
   int64_t live_sequences() const { return live_sequences_.load(); }

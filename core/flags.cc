@@ -73,6 +73,18 @@ absl::StatusOr<int64_t> Flags::Int(const std::string& name, int64_t fallback) co
   return out;
 }
 
+absl::StatusOr<int64_t> Flags::IntInRange(const std::string& name, int64_t fallback, int64_t min,
+                                          int64_t max) const {
+  auto v = Get(name);
+  if (!v) return fallback;
+  int64_t out;
+  if (!absl::SimpleAtoi(*v, &out) || out < min || out > max) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be an integer in [", min, ", ", max, "], got '", *v, "'"));
+  }
+  return out;
+}
+
 absl::StatusOr<double> Flags::Double(const std::string& name, double fallback) const {
   auto v = Get(name);
   if (!v) return fallback;

@@ -32,6 +32,11 @@ class Flags {
   std::string GetOr(const std::string& name, const std::string& fallback) const;
   // Parsed numbers; INVALID_ARGUMENT names the flag.
   absl::StatusOr<int64_t> Int(const std::string& name, int64_t fallback) const;
+  // An integer in [min, max] (the fallback when absent); INVALID_ARGUMENT
+  // names the flag and the range. Check every numeric flag in the range of
+  // the type it ends up in, so nothing is narrowed into a different value.
+  absl::StatusOr<int64_t> IntInRange(const std::string& name, int64_t fallback, int64_t min,
+                                     int64_t max) const;
   absl::StatusOr<double> Double(const std::string& name, double fallback) const;
   absl::StatusOr<std::optional<uint64_t>> OptionalUint(const std::string& name) const;
 

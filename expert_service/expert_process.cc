@@ -1,5 +1,6 @@
 #include "expert_service/expert_process.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <mutex>
@@ -103,6 +104,8 @@ absl::StatusOr<ShardCompute> LoadCompute(const Checkpoint& checkpoint, const std
 #endif
 }
 
+constexpr int kMaxForwardRowsLimit = 65536;
+
 absl::Status ValidateTls(const rpc::TlsFiles& tls) {
   if (tls.cert_file.empty() != tls.key_file.empty()) {
     return absl::InvalidArgumentError("--tls-cert and --tls-key go together: give both or neither");
@@ -143,6 +146,10 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
   }
   if (options.gpu < 0 || options.gpu > 1023) {
     return absl::InvalidArgumentError("--gpu must be a device index");
+  }
+  if (options.max_forward_rows < 1 || options.max_forward_rows > kMaxForwardRowsLimit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-forward-rows must be in [1, ", kMaxForwardRowsLimit, "]"));
   }
   // Transport security, checked before the (slow) weight load.
   SY_RETURN_IF_ERROR(ValidateTls(options.tls));
@@ -187,6 +194,7 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
   p->service = std::make_unique<ExpertServiceImpl>(config, p->compute.backend.get(), p->shard,
                                                    ExpertServerOptions{
                                                        .workers = options.workers,
+                                                       .max_forward_rows = options.max_forward_rows,
                                                        .metrics = p->expert_metrics.get(),
                                                        .backend_name = p->compute.name,
                                                    });
@@ -194,6 +202,9 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
   server_options.health_service_names = {v1::ExpertService::service_full_name()};
   server_options.listen_address = options.listen;
   server_options.max_connection_age_ms = options.max_connection_age_ms;
+  // The largest legal Forward: max_forward_rows F32 rows, plus headers.
+  server_options.max_receive_message_bytes = static_cast<int>(std::min<int64_t>(
+      int64_t{options.max_forward_rows} * config.hidden_size * 4 + (1 << 16), int64_t{1} << 30));
   server_options.credentials = credentials;
   SY_ASSIGN_OR_RETURN(p->server, rpc::RunningServer::Start(server_options, {p->service.get()}));
 

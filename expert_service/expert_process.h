@@ -32,6 +32,9 @@ struct ExpertProcessOptions {
   std::string device = "cpu";            // "cpu" (FP32) or "cuda" (CUDA builds)
   std::string precision;                 // cuda: "bf16" (default) or "f32"; cpu: "" or "f32"
   int gpu = 0;                           // cuda: device index
+  // Rows one Forward call may carry, [1, 65536]; default 16384 (the gateway's
+  // largest step). The server's max receive message size follows from it.
+  int max_forward_rows = 16384;
 };
 
 class ExpertProcess {

@@ -169,6 +169,13 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::Forward(grpc::CallbackServerContext
                                "hidden_states: unsupported dtype ", v1::DType_Name(dtype),
                                " (expected DTYPE_F32 or DTYPE_BF16)")));
   }
+  const v1::Tensor& x = request->hidden_states();
+  if (x.shape_size() >= 1 && x.shape(0) > options_.max_forward_rows) {
+    return Reject(context,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "hidden_states: ", x.shape(0), " rows, at most ", options_.max_forward_rows,
+                      " per Forward call (the expert's --max-forward-rows)")));
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -58,12 +58,20 @@ struct ShardDescription {
 absl::StatusOr<ShardDescription> DescribeShard(const std::string& checkpoint_dir,
                                                const Checkpoint& checkpoint);
 
+// Default of ExpertServerOptions::max_forward_rows: the most rows a gateway
+// step can send to one expert (the gateway caps --max-step-tokens and
+// --max-running at this).
+inline constexpr int kDefaultMaxForwardRows = 16384;
+
 struct ExpertServerOptions {
   // Worker threads running expert compute. Default 2.
   int workers = 2;
   // Forward calls allowed to wait for a worker; beyond that calls fail with
   // RESOURCE_EXHAUSTED. Default 4096.
   int max_queued_calls = 4096;
+  // Rows (tokens) one Forward call may carry; more is INVALID_ARGUMENT before
+  // any decoding. Default kDefaultMaxForwardRows.
+  int max_forward_rows = kDefaultMaxForwardRows;
   // Prometheus metrics to update. Default nullptr: none. Not owned.
   ExpertMetrics* metrics = nullptr;
   // Compute device and precision, reported as ShardInfo.backend. Default

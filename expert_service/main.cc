@@ -22,6 +22,7 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -45,7 +46,9 @@ constexpr char kUsage[] =
     "         [--tls-client-ca FILE: with TLS, accept only clients whose certificate this CA\n"
     "          signed (mutual TLS)]\n"
     "         [--device cpu|cuda (default cpu)] [--precision bf16|f32 (cuda; default bf16)]\n"
-    "         [--gpu N (cuda; default 0)]\n";
+    "         [--gpu N (cuda; default 0)]\n"
+    "         [--max-forward-rows N (default 16384, at most 65536): rows per Forward call;\n"
+    "          at least the gateway's --max-step-tokens and --max-running]\n";
 
 int Fail(const absl::Status& status) {
   std::fprintf(stderr, "switchyard-expert: %s\n", std::string(status.message()).c_str());
@@ -59,15 +62,10 @@ absl::StatusOr<ExpertProcessOptions> OptionsFromFlags(const Flags& flags) {
   o.listen = flags.GetOr("listen", o.listen);
   o.experts = flags.GetOr("experts", o.experts);
   o.layers = flags.GetOr("layers", "");
-  SY_ASSIGN_OR_RETURN(int64_t workers, flags.Int("workers", o.workers));
-  if (workers < 1 || workers > 256) {
-    return absl::InvalidArgumentError("--workers must be in [1, 256]");
-  }
+  SY_ASSIGN_OR_RETURN(int64_t workers, flags.IntInRange("workers", o.workers, 1, 256));
   o.workers = static_cast<int>(workers);
-  SY_ASSIGN_OR_RETURN(int64_t max_age, flags.Int("max-connection-age-ms", 0));
-  if (max_age < 0 || max_age > (int64_t{1} << 31) - 1) {
-    return absl::InvalidArgumentError("--max-connection-age-ms must be >= 0");
-  }
+  SY_ASSIGN_OR_RETURN(int64_t max_age, flags.IntInRange("max-connection-age-ms", 0, 0,
+                                                        std::numeric_limits<int32_t>::max()));
   o.max_connection_age_ms = static_cast<int>(max_age);
   o.metrics_listen = flags.GetOr("metrics-listen", "");
   for (const char* name : {"tls-cert", "tls-key", "tls-client-ca"}) {
@@ -80,9 +78,11 @@ absl::StatusOr<ExpertProcessOptions> OptionsFromFlags(const Flags& flags) {
            .ca_file = flags.GetOr("tls-client-ca", "")};
   o.device = flags.GetOr("device", o.device);
   o.precision = flags.GetOr("precision", "");
-  SY_ASSIGN_OR_RETURN(int64_t gpu, flags.Int("gpu", 0));
-  if (gpu < 0 || gpu > 1023) return absl::InvalidArgumentError("--gpu must be a device index");
+  SY_ASSIGN_OR_RETURN(int64_t gpu, flags.IntInRange("gpu", 0, 0, 1023));
   o.gpu = static_cast<int>(gpu);
+  SY_ASSIGN_OR_RETURN(int64_t rows,
+                      flags.IntInRange("max-forward-rows", o.max_forward_rows, 1, 65536));
+  o.max_forward_rows = static_cast<int>(rows);
   return o;
 }
 
@@ -96,11 +96,12 @@ int Run(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   std::vector<std::string> args(argv + 1, argv + argc);
-  absl::StatusOr<Flags> flags = Flags::Parse(
-      args,
-      {"model", "listen", "experts", "layers", "workers", "max-connection-age-ms", "grace-ms",
-       "metrics-listen", "tls-cert", "tls-key", "tls-client-ca", "device", "precision", "gpu"},
-      {"help"});
+  absl::StatusOr<Flags> flags =
+      Flags::Parse(args,
+                   {"model", "listen", "experts", "layers", "workers", "max-connection-age-ms",
+                    "grace-ms", "metrics-listen", "tls-cert", "tls-key", "tls-client-ca", "device",
+                    "precision", "gpu", "max-forward-rows"},
+                   {"help"});
   if (!flags.ok()) {
     std::fputs(kUsage, stderr);
     return Fail(flags.status());
@@ -111,9 +112,9 @@ int Run(int argc, char** argv) {
   }
   absl::StatusOr<ExpertProcessOptions> options = OptionsFromFlags(*flags);
   if (!options.ok()) return Fail(options.status());
-  absl::StatusOr<int64_t> grace_ms = flags->Int("grace-ms", 5000);
+  // At most a day: a longer grace is a typo, and absl::Milliseconds needs a sane value.
+  absl::StatusOr<int64_t> grace_ms = flags->IntInRange("grace-ms", 5000, 0, 86400000);
   if (!grace_ms.ok()) return Fail(grace_ms.status());
-  if (*grace_ms < 0) return Fail(absl::InvalidArgumentError("--grace-ms must be >= 0"));
 
   absl::StatusOr<std::unique_ptr<ExpertProcess>> process = ExpertProcess::Start(*options);
   if (!process.ok()) return Fail(process.status());

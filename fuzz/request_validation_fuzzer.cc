@@ -86,8 +86,9 @@ void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limi
 
   // Length.
   const int max_new = g.options.max_new_tokens;
-  FUZZ_CHECK(max_new >= 1 && max_new <= limits.max_new_tokens_limit,
-             "max_new_tokens %d outside [1, %d]", max_new, limits.max_new_tokens_limit);
+  const int max_new_limit = switchyard::EffectiveMaxNewTokensLimit(limits, env.config);
+  FUZZ_CHECK(max_new >= 1 && max_new <= max_new_limit, "max_new_tokens %d outside [1, %d]", max_new,
+             max_new_limit);
   if (req.stopping().has_max_new_tokens()) {
     FUZZ_CHECK(static_cast<uint32_t>(max_new) == req.stopping().max_new_tokens(),
                "max_new_tokens %d != requested %u", max_new, req.stopping().max_new_tokens());
@@ -112,6 +113,8 @@ void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limi
   FUZZ_CHECK(
       static_cast<int>(g.options.stop_token_ids.size()) == req.stopping().stop_token_ids_size(),
       "stop token ids dropped");
+  FUZZ_CHECK(static_cast<int>(g.options.stop_token_ids.size()) <= limits.max_stop_token_ids,
+             "%zu stop token ids", g.options.stop_token_ids.size());
   for (int32_t id : g.options.stop_token_ids) {
     FUZZ_CHECK(id >= 0 && id < V, "stop token id %d outside the vocabulary", id);
   }
@@ -132,6 +135,11 @@ void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limi
              g.top_logprobs);
   FUZZ_CHECK(g.top_logprobs == 0 || g.return_logprobs, "top_logprobs without return_logprobs");
   FUZZ_CHECK(g.request_id == req.request_id(), "request_id changed");
+  FUZZ_CHECK(static_cast<int>(g.request_id.size()) <= limits.max_request_id_bytes,
+             "request_id of %zu bytes", g.request_id.size());
+  for (unsigned char c : g.request_id) {
+    FUZZ_CHECK(c >= 0x20 && c <= 0x7e, "request_id byte 0x%02x is not printable", c);
+  }
 }
 
 }  // namespace
@@ -157,6 +165,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   tight.max_stop_strings = 2;
   tight.max_stop_string_bytes = 4;
   tight.max_top_logprobs = 2;
+  tight.max_stop_token_ids = 3;
+  tight.max_request_id_bytes = 4;
   Check(request, tight);
   return 0;
 }

@@ -4,6 +4,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <limits>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -14,6 +15,7 @@
 #include "core/tokenizer.h"
 #include "core/version.h"
 #include "expert_service/expert_ffn.h"
+#include "expert_service/expert_server.h"
 #include "gateway/generation_service.h"
 #include "gateway/model_runner.h"
 #ifdef SWITCHYARD_HAVE_CUDA
@@ -133,35 +135,77 @@ struct Gateway::Parts {
   std::unique_ptr<rpc::RunningServer> server;
 };
 
+namespace {
+
+// The range of every numeric option, in the type it is stored in: a flag is
+// checked against these before it is narrowed, so no value wraps into a
+// different one (4294967296 into 0).
+struct NumericRange {
+  const char* flag;
+  int64_t min;
+  int64_t max;
+};
+static_assert(kMaxStepRows == kDefaultMaxForwardRows,
+              "an expert with default settings must accept the gateway's largest step");
+constexpr int64_t kMaxIntOption = std::numeric_limits<int32_t>::max();
+constexpr int64_t kOneDayMs = int64_t{24} * 3600 * 1000;
+constexpr NumericRange kKvCacheTokens{"kv-cache-tokens", KvCachePool::kBlockTokens, 1 << 30};
+constexpr NumericRange kMaxQueue{"max-queue", 1, 1 << 20};
+constexpr NumericRange kMaxRunning{"max-running", 1, kMaxStepRows};
+constexpr NumericRange kMaxStepTokens{"max-step-tokens", 1, kMaxStepRows};
+constexpr NumericRange kMaxNewTokensLimit{"max-new-tokens-limit", 0, kMaxIntOption};
+constexpr NumericRange kExpertTimeoutMs{"expert-timeout-ms", 1, kOneDayMs};
+constexpr NumericRange kGraceMs{"grace-ms", 0, kOneDayMs};
+constexpr NumericRange kMaxConnectionAgeMs{"max-connection-age-ms", 0, kMaxIntOption};
+
+absl::Status CheckRange(const NumericRange& r, int64_t value) {
+  if (value < r.min || value > r.max) {
+    return absl::InvalidArgumentError(absl::StrCat("--", r.flag, " must be an integer in [", r.min,
+                                                   ", ", r.max, "], got ", value));
+  }
+  return absl::OkStatus();
+}
+
+// Reads a flag (or keeps *value) within its range.
+template <typename T>
+absl::Status ReadInRange(const Flags& f, const NumericRange& r, T* value) {
+  SY_ASSIGN_OR_RETURN(int64_t v, f.IntInRange(r.flag, *value, r.min, r.max));
+  *value = static_cast<T>(v);
+  return absl::OkStatus();
+}
+
+absl::Status ParseNumericFlags(const Flags& f, GatewayOptions* o) {
+  SY_RETURN_IF_ERROR(ReadInRange(f, kKvCacheTokens, &o->kv_cache_tokens));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kMaxQueue, &o->scheduler.max_queue));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kMaxRunning, &o->scheduler.max_running));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kMaxStepTokens, &o->scheduler.max_step_tokens));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kMaxNewTokensLimit, &o->limits.max_new_tokens_limit));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kExpertTimeoutMs, &o->expert_timeout_ms));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kGraceMs, &o->grace_ms));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kMaxConnectionAgeMs, &o->max_connection_age_ms));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateNumericOptions(const GatewayOptions& o) {
+  SY_RETURN_IF_ERROR(CheckRange(kKvCacheTokens, o.kv_cache_tokens));
+  SY_RETURN_IF_ERROR(CheckRange(kMaxQueue, o.scheduler.max_queue));
+  SY_RETURN_IF_ERROR(CheckRange(kMaxRunning, o.scheduler.max_running));
+  SY_RETURN_IF_ERROR(CheckRange(kMaxStepTokens, o.scheduler.max_step_tokens));
+  SY_RETURN_IF_ERROR(CheckRange(kMaxNewTokensLimit, o.limits.max_new_tokens_limit));
+  SY_RETURN_IF_ERROR(CheckRange(kExpertTimeoutMs, o.expert_timeout_ms));
+  SY_RETURN_IF_ERROR(CheckRange(kGraceMs, o.grace_ms));
+  SY_RETURN_IF_ERROR(CheckRange(kMaxConnectionAgeMs, o.max_connection_age_ms));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& f) {
   GatewayOptions o;
   SY_ASSIGN_OR_RETURN(o.model_dir, f.Required("model"));
   o.listen = f.GetOr("listen", o.listen);
   o.experts = f.GetOr("experts", o.experts);
-  SY_ASSIGN_OR_RETURN(o.kv_cache_tokens, f.Int("kv-cache-tokens", o.kv_cache_tokens));
-  SY_ASSIGN_OR_RETURN(int64_t max_queue, f.Int("max-queue", o.scheduler.max_queue));
-  SY_ASSIGN_OR_RETURN(int64_t max_running, f.Int("max-running", o.scheduler.max_running));
-  SY_ASSIGN_OR_RETURN(int64_t step_tokens, f.Int("max-step-tokens", o.scheduler.max_step_tokens));
-  SY_ASSIGN_OR_RETURN(int64_t new_limit,
-                      f.Int("max-new-tokens-limit", o.limits.max_new_tokens_limit));
-  SY_ASSIGN_OR_RETURN(int64_t timeout, f.Int("expert-timeout-ms", o.expert_timeout_ms));
-  SY_ASSIGN_OR_RETURN(int64_t grace, f.Int("grace-ms", o.grace_ms));
-  SY_ASSIGN_OR_RETURN(int64_t age, f.Int("max-connection-age-ms", o.max_connection_age_ms));
-  for (auto [name, v] : {std::pair{"kv-cache-tokens", o.kv_cache_tokens},
-                         {"max-queue", max_queue},
-                         {"max-running", max_running},
-                         {"max-step-tokens", step_tokens},
-                         {"max-new-tokens-limit", new_limit},
-                         {"expert-timeout-ms", timeout}}) {
-    if (v < 1) return absl::InvalidArgumentError(absl::StrCat("--", name, " must be >= 1"));
-  }
-  o.scheduler.max_queue = static_cast<int>(max_queue);
-  o.scheduler.max_running = static_cast<int>(max_running);
-  o.scheduler.max_step_tokens = static_cast<int>(step_tokens);
-  o.limits.max_new_tokens_limit = static_cast<int>(new_limit);
-  o.expert_timeout_ms = static_cast<int>(timeout);
-  o.grace_ms = static_cast<int>(grace);
-  o.max_connection_age_ms = static_cast<int>(age);
+  SY_RETURN_IF_ERROR(ParseNumericFlags(f, &o));
   const std::string wire = f.GetOr("wire-dtype", "f32");
   if (wire != "f32" && wire != "bf16") {
     return absl::InvalidArgumentError("--wire-dtype must be f32 or bf16, got '" + wire + "'");
@@ -190,6 +234,7 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& f) {
     }
   }
   SY_RETURN_IF_ERROR(ValidateSecurityOptions(o));
+  SY_RETURN_IF_ERROR(ValidateNumericOptions(o));
   return o;
 }
 
@@ -218,7 +263,8 @@ absl::Status ValidateSecurityOptions(const GatewayOptions& o) {
 }
 
 absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& options) {
-  // Security settings first: a bad file fails before the model loads.
+  // Settings first: a bad value or file fails before the model loads.
+  SY_RETURN_IF_ERROR(ValidateNumericOptions(options));
   SY_RETURN_IF_ERROR(ValidateSecurityOptions(options));
   std::shared_ptr<grpc::ServerCredentials> server_credentials;
   if (!options.tls_cert_file.empty()) {
@@ -343,6 +389,8 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   rpc::ServerOptions server_options;
   server_options.listen_address = options.listen;
   server_options.max_connection_age_ms = options.max_connection_age_ms;
+  server_options.max_receive_message_bytes =
+      static_cast<int>(std::min<int64_t>(MaxLegalRequestBytes(options.limits, config), 1 << 30));
   server_options.health_service_names = {v1::GenerationService::service_full_name()};
   server_options.credentials = server_credentials;
   grpc::Service* public_service = p->service.get();
@@ -370,6 +418,21 @@ std::string Gateway::metrics_address() const {
 const metrics::Registry& Gateway::metrics_registry() const { return parts_->registry; }
 Scheduler& Gateway::scheduler() { return *parts_->scheduler; }
 
+namespace {
+
+// Ends what the drain left running with UNAVAILABLE and a reason, before the
+// server cancels those calls with a bare "Cancelling all calls".
+void EndUnfinishedRequests(Scheduler& scheduler, absl::Duration grace) {
+  scheduler.AbortAll(absl::UnavailableError(
+      absl::StrCat("the gateway is shutting down: the request did not finish within the ",
+                   absl::FormatDuration(grace), " drain grace period; retry on another gateway")));
+  // The loop ends them at its next step boundary (after an expert call in
+  // flight at most); the server's deadline below covers a slower one.
+  (void)scheduler.Drain(absl::Seconds(1));
+}
+
+}  // namespace
+
 void Gateway::Shutdown(absl::Duration grace) {
   // Stop admitting before health says NOT_SERVING, so no request that sees
   // NOT_SERVING can still be admitted.
@@ -377,9 +440,13 @@ void Gateway::Shutdown(absl::Duration grace) {
   parts_->server->SetServing(false);
   const absl::Time deadline = absl::Now() + grace;
   absl::Status drained = parts_->scheduler->Drain(grace);
-  if (!drained.ok())
+  if (!drained.ok()) {
     std::fprintf(stderr, "switchyard-gateway: %s\n", std::string(drained.message()).c_str());
-  parts_->server->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
+    EndUnfinishedRequests(*parts_->scheduler, grace);
+  }
+  // A moment past the grace for the ended requests' last messages to go out.
+  parts_->server->Shutdown(
+      absl::ToChronoTime(std::max(deadline, absl::Now()) + absl::Milliseconds(500)));
 }
 
 int RunGateway(const GatewayOptions& options) {

@@ -24,7 +24,7 @@ struct GatewayOptions {
   std::string model_dir;                  // required
   std::string listen = "0.0.0.0:50051";   // "127.0.0.1:0" picks a free port
   std::string experts = "local";          // "local", a topology spec, or "@file.json"
-  int64_t kv_cache_tokens = 65536;        // KV cache budget in token slots
+  int64_t kv_cache_tokens = 65536;        // KV cache budget in token slots, [16, 2^30]
   SchedulerOptions scheduler;             // queue, batch and step-token limits
   RequestLimits limits;                   // request validation limits
   int expert_timeout_ms = 10000;          // deadline of each expert call
@@ -60,7 +60,18 @@ struct GatewayOptions {
   std::string expert_tls_key_file;
 };
 
+// The most rows (tokens) one step can send to one expert is the larger of
+// max_step_tokens and max_running, so both are capped here; an expert's
+// --max-forward-rows (default the same) must be at least that large.
+inline constexpr int kMaxStepRows = 16384;
+
 absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& flags);
+
+// Checks every numeric option against its range (INVALID_ARGUMENT naming the
+// flag and the range), so no setting can wedge the scheduler (a zero step
+// budget) or refuse everything. GatewayOptionsFromFlags and Gateway::Start
+// call it.
+absl::Status ValidateNumericOptions(const GatewayOptions& options);
 
 // Checks the transport-security options for consistency (files that must
 // come in pairs, TLS-only options without TLS, expert TLS with local

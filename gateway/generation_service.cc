@@ -185,22 +185,55 @@ class UnarySink final : public GenerationSink {
 class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamResponse>,
                          public SharedCall<StreamCall> {
  public:
-  explicit StreamCall(Scheduler* scheduler) : link(scheduler) {}
+  // A reader that falls behind by more than `max_queued_messages` messages or
+  // `max_queued_bytes` bytes has its request cancelled and its stream ended
+  // with RESOURCE_EXHAUSTED: the scheduler cannot wait for one slow client,
+  // and the gateway does not buffer without limit.
+  StreamCall(Scheduler* scheduler, int max_queued_messages, int64_t max_queued_bytes)
+      : link(scheduler),
+        max_queued_messages_(max_queued_messages),
+        max_queued_bytes_(max_queued_bytes) {}
 
   // Queues `message` (if any); `last` ends the stream with `status` once
   // everything queued is written.
   void Enqueue(std::optional<v1::GenerateStreamResponse> message, bool last,
                grpc::Status status = grpc::Status::OK) {
     Action action;
+    bool overflow = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (message && !broken_) queue_.push_back(std::move(*message));
-      if (last) {
+      if (overflowed_) return;  // already ending; the cancelled request's events are dropped
+      if (message && !broken_) {
+        const int64_t bytes = static_cast<int64_t>(message->ByteSizeLong());
+        if (static_cast<int64_t>(queue_.size()) >= max_queued_messages_ ||
+            queued_bytes_ + bytes > max_queued_bytes_) {
+          overflow = overflowed_ = true;
+          terminal_ = true;
+          final_status_ = grpc::Status(
+              grpc::StatusCode::RESOURCE_EXHAUSTED,
+              absl::StrCat("the client is not reading the stream: ", queue_.size(), " messages (",
+                           queued_bytes_, " bytes) wait to be sent, at most ", max_queued_messages_,
+                           " messages and ", max_queued_bytes_,
+                           " bytes are kept; the request was cancelled"));
+          // Keep only the write in flight (gRPC still holds a pointer to it).
+          while (queue_.size() > (writing_ ? 1u : 0u)) {
+            queue_.pop_back();
+            queued_bytes_ -= sizes_.back();
+            sizes_.pop_back();
+          }
+        } else {
+          queued_bytes_ += bytes;
+          queue_.push_back(std::move(*message));
+          sizes_.push_back(bytes);
+        }
+      }
+      if (last && !overflow) {
         terminal_ = true;
         final_status_ = std::move(status);
       }
       action = NextLocked();
     }
+    if (overflow) link.Cancel();
     Run(action);
   }
 
@@ -209,10 +242,14 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
     {
       std::lock_guard<std::mutex> lock(mu_);
       writing_ = false;
+      queued_bytes_ -= sizes_.front();
       queue_.pop_front();
+      sizes_.pop_front();
       if (!ok) {  // the client is gone: stop writing, end the request
         broken_ = true;
         queue_.clear();
+        sizes_.clear();
+        queued_bytes_ = 0;
       }
       action = NextLocked();
     }
@@ -262,8 +299,13 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
     if (a.finish) Finish(a.status);
   }
 
+  const int max_queued_messages_;
+  const int64_t max_queued_bytes_;
   std::mutex mu_;
-  std::deque<v1::GenerateStreamResponse> queue_;
+  std::deque<v1::GenerateStreamResponse> queue_;  // front: the write in flight, if writing_
+  std::deque<int64_t> sizes_;                     // serialized size of each queued message
+  int64_t queued_bytes_ = 0;                      // their sum
+  bool overflowed_ = false;                       // the reader fell too far behind
   bool writing_ = false;
   bool terminal_ = false;
   bool finished_ = false;
@@ -360,7 +402,8 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Generate(grpc::CallbackServerCo
 
 grpc::ServerWriteReactor<v1::GenerateStreamResponse>* GenerationServiceImpl::GenerateStream(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  auto* call = new StreamCall(scheduler_);
+  auto* call = new StreamCall(scheduler_, options_.limits.max_stream_queued_messages,
+                              options_.limits.max_stream_queued_bytes);
   absl::StatusOr<GenerationRequest> validated =
       ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits);
   if (!validated.ok()) {
@@ -430,7 +473,7 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::GetModelInfo(
   response->set_num_experts(config_.num_local_experts);
   response->set_experts_per_token(config_.num_experts_per_tok);
   response->set_max_context_tokens(config_.max_position_embeddings);
-  response->set_max_new_tokens_limit(options_.limits.max_new_tokens_limit);
+  response->set_max_new_tokens_limit(EffectiveMaxNewTokensLimit(options_.limits, config_));
   response->set_bos_token_id(tokenizer_->bos_id());
   response->set_eos_token_id(tokenizer_->eos_id());
   response->set_config_fingerprint(config_.Fingerprint());

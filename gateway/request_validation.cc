@@ -1,5 +1,6 @@
 #include "gateway/request_validation.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -13,13 +14,49 @@ absl::Status Invalid(const std::string& field, const std::string& why) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
 }
 
+bool IsPrintableAscii(const std::string& s) {
+  for (unsigned char c : s) {
+    if (c < 0x20 || c > 0x7e) return false;
+  }
+  return true;
+}
+
 }  // namespace
+
+int EffectiveMaxNewTokensLimit(const RequestLimits& limits, const ModelConfig& config) {
+  const int most = std::max(1, config.max_position_embeddings - 1);
+  return limits.max_new_tokens_limit > 0 ? std::min(limits.max_new_tokens_limit, most) : most;
+}
+
+int64_t MaxLegalRequestBytes(const RequestLimits& limits, const ModelConfig& config) {
+  // Protobuf's worst cases: a varint int32 takes up to 10 bytes (negative
+  // values, refused later but legal on the wire), a string its bytes plus a
+  // tag and a length of at most 6 bytes.
+  constexpr int64_t kVarint = 10, kFieldOverhead = 6;
+  const int64_t prompt =
+      std::max<int64_t>(limits.max_prompt_bytes, int64_t{config.max_position_embeddings} * kVarint);
+  const int64_t stops =
+      int64_t{limits.max_stop_strings} * (limits.max_stop_string_bytes + kFieldOverhead);
+  const int64_t stop_ids = int64_t{limits.max_stop_token_ids} * kVarint;
+  // Sampling parameters, flags and nested-message headers: well under 4 KiB.
+  constexpr int64_t kScalars = 4096;
+  return prompt + kFieldOverhead + stops + stop_ids + limits.max_request_id_bytes + kFieldOverhead +
+         kScalars;
+}
 
 absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequest& request,
                                                           const Tokenizer& tokenizer,
                                                           const ModelConfig& config,
                                                           const RequestLimits& limits) {
   GenerationRequest out;
+  // request_id is echoed in every stream message and in logs: bound it.
+  if (static_cast<int64_t>(request.request_id().size()) > limits.max_request_id_bytes) {
+    return Invalid("request_id", absl::StrCat(request.request_id().size(), " bytes, at most ",
+                                              limits.max_request_id_bytes, " allowed"));
+  }
+  if (!IsPrintableAscii(request.request_id())) {
+    return Invalid("request_id", "must be printable ASCII (0x20 to 0x7e)");
+  }
   out.request_id = request.request_id();
   const int V = config.vocab_size;
 
@@ -56,10 +93,10 @@ absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequ
     if (stopping.max_new_tokens() == 0) {
       return Invalid("stopping.max_new_tokens", "must be at least 1");
     }
-    if (stopping.max_new_tokens() > static_cast<uint32_t>(limits.max_new_tokens_limit)) {
+    const int limit = EffectiveMaxNewTokensLimit(limits, config);
+    if (stopping.max_new_tokens() > static_cast<uint32_t>(limit)) {
       return Invalid("stopping.max_new_tokens",
-                     absl::StrCat(stopping.max_new_tokens(), " is above the limit of ",
-                                  limits.max_new_tokens_limit));
+                     absl::StrCat(stopping.max_new_tokens(), " is above the limit of ", limit));
     }
     max_new = static_cast<int>(stopping.max_new_tokens());
   }
@@ -86,6 +123,11 @@ absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequ
     }
     if (!IsValidUtf8(s)) return Invalid(field, "stop string is not valid UTF-8");
     out.stop.push_back(s);
+  }
+  if (stopping.stop_token_ids_size() > limits.max_stop_token_ids) {
+    return Invalid("stopping.stop_token_ids",
+                   absl::StrCat(stopping.stop_token_ids_size(), " stop token ids, at most ",
+                                limits.max_stop_token_ids, " allowed"));
   }
   for (int i = 0; i < stopping.stop_token_ids_size(); ++i) {
     const int32_t id = stopping.stop_token_ids(i);

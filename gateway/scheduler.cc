@@ -1,6 +1,7 @@
 #include "gateway/scheduler.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
@@ -14,6 +15,7 @@ struct Scheduler::Sequence {
   std::unique_ptr<SequenceKv> kv;
   std::unique_ptr<Sampler> sampler;
   std::unique_ptr<IncrementalDecoder> decoder;
+  std::vector<int32_t> stop_ids;  // sorted, unique: a binary search per generated token
   std::vector<int32_t> output;
   int prefilled = 0;  // prompt tokens already in the cache
   std::string held;   // decoded text held back: it may begin a stop string
@@ -60,6 +62,10 @@ Scheduler::Scheduler(StepRunner* runner, KvCachePool* kv_pool, const Tokenizer* 
       tokenizer_(tokenizer),
       options_(options),
       metrics_(metrics) {
+  // Below 1 the loop could never make progress and would spin: the gateway
+  // refuses such flags, and a scheduler built in code takes the least that works.
+  options_.max_running = std::max(1, options_.max_running);
+  options_.max_step_tokens = std::max(1, options_.max_step_tokens);
   stats_.kv_capacity_tokens = kv_pool_->capacity_tokens();
   if (metrics_ != nullptr) metrics_->kv_capacity_tokens.Set(kv_pool_->capacity_tokens());
   thread_ = std::thread([this] { Loop(); });
@@ -85,10 +91,15 @@ absl::StatusOr<Scheduler::RequestId> Scheduler::Submit(GenerationRequest request
   seq->request = std::move(request);
   seq->sink = std::move(sink);
   seq->submitted = absl::Now();
-  if (seq->worst_case_tokens() > kv_pool_->capacity_tokens()) {
+  // The cache hands out whole blocks, so compare what Reserve will take: a
+  // request that passed a check on the unrounded count could never be admitted.
+  const int64_t slots = KvCachePool::SlotsFor(seq->worst_case_tokens());
+  if (slots > kv_pool_->capacity_tokens()) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "prompt plus max_new_tokens (", seq->worst_case_tokens(),
-        " tokens) exceeds the KV cache capacity of ", kv_pool_->capacity_tokens(), " tokens"));
+        "prompt plus max_new_tokens (", seq->prompt_size(), " + ",
+        seq->request.options.max_new_tokens, " = ", seq->worst_case_tokens(), " tokens, ", slots,
+        " slots in blocks of ", KvCachePool::kBlockTokens, ") exceeds the KV cache capacity of ",
+        kv_pool_->capacity_tokens(), " token slots"));
   }
   const int V = runner_->config().vocab_size;
   for (int32_t id : seq->request.prompt_ids) {
@@ -97,6 +108,9 @@ absl::StatusOr<Scheduler::RequestId> Scheduler::Submit(GenerationRequest request
           absl::StrCat("prompt token id ", id, " is outside the vocabulary [0, ", V, ")"));
     }
   }
+  seq->stop_ids = seq->request.options.stop_token_ids;
+  std::sort(seq->stop_ids.begin(), seq->stop_ids.end());
+  seq->stop_ids.erase(std::unique(seq->stop_ids.begin(), seq->stop_ids.end()), seq->stop_ids.end());
   seq->sampler = std::make_unique<Sampler>(seq->request.options.sampling);
   seq->decoder = std::make_unique<IncrementalDecoder>(tokenizer_, seq->request.prompt_ids);
   RequestId id;
@@ -141,6 +155,15 @@ absl::Status Scheduler::Drain(absl::Duration timeout) {
   return absl::OkStatus();
 }
 
+void Scheduler::AbortAll(absl::Status status) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    draining_ = true;
+    abort_status_ = std::move(status);
+  }
+  wake_.notify_all();
+}
+
 SchedulerStats Scheduler::Stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   SchedulerStats s = stats_;
@@ -149,28 +172,50 @@ SchedulerStats Scheduler::Stats() const {
   return s;
 }
 
-void Scheduler::AdmitLocked() {
-  while (!waiting_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
-    Sequence& next = *waiting_.front();
-    next.kv = kv_pool_->NewSequence();
-    if (!next.kv->Reserve(next.worst_case_tokens()).ok()) {
-      next.kv.reset();  // FIFO: wait for running sequences to free their cache
-      return;
+bool Scheduler::Admit() {
+  while (static_cast<int>(running_.size()) < options_.max_running) {
+    Sequence* next;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (waiting_.empty()) return true;
+      // Only this thread removes from waiting_, so `next` stays the front.
+      next = waiting_.front().get();
     }
-    if (metrics_ != nullptr) metrics_->prompt_tokens.Increment(next.prompt_size());
+    // Reserving allocates and zero-fills the worst case: no lock held, so
+    // Submit and Cancel on gRPC threads never wait behind it.
+    std::unique_ptr<SequenceKv> kv = kv_pool_->NewSequence();
+    if (!kv->Reserve(next->worst_case_tokens()).ok()) {
+      return false;  // FIFO: wait for running sequences to free their cache
+    }
+    next->kv = std::move(kv);
+    if (metrics_ != nullptr) metrics_->prompt_tokens.Increment(next->prompt_size());
+    std::lock_guard<std::mutex> lock(mu_);
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
+    stats_.waiting = static_cast<int>(waiting_.size());
   }
+  return true;
 }
 
 void Scheduler::Loop() {
+  bool admission_blocked = false;  // the queue's head did not fit and nothing runs
   while (true) {
     std::vector<std::unique_ptr<Sequence>> dropped;  // cancelled while waiting
+    std::vector<std::unique_ptr<Sequence>> aborted;  // waiting when AbortAll ran
+    absl::Status abort;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      wake_.wait(lock, [&] {
-        return stopping_ || !waiting_.empty() || !running_.empty() || !cancelled_.empty();
-      });
+      const auto has_work = [&] {
+        return stopping_ || (!waiting_.empty() && !admission_blocked) || !running_.empty() ||
+               !cancelled_.empty();
+      };
+      if (admission_blocked) {
+        // Only cache held outside this scheduler can block an idle queue
+        // (Submit refuses what can never fit): poll for it, never spin.
+        wake_.wait_for(lock, std::chrono::milliseconds(10), has_work);
+      } else {
+        wake_.wait(lock, has_work);
+      }
       if (stopping_) return;
       for (RequestId id : cancelled_) {
         auto it = std::find_if(waiting_.begin(), waiting_.end(),
@@ -185,13 +230,24 @@ void Scheduler::Loop() {
         }
       }
       cancelled_.clear();
-      AdmitLocked();
+      abort = abort_status_;
+      if (!abort.ok()) {
+        for (auto& seq : waiting_) aborted.push_back(std::move(seq));
+        waiting_.clear();
+      }
       stats_.waiting = static_cast<int>(waiting_.size());
     }
     for (auto& seq : dropped) Finish(*seq, FinishReason::kCancelled);
     for (auto& seq : running_) {
       if (seq->cancelled && !seq->done) Finish(*seq, FinishReason::kCancelled);
     }
+    if (!abort.ok()) {
+      for (auto& seq : aborted) Fail(*seq, abort);
+      for (auto& seq : running_) {
+        if (!seq->done) Fail(*seq, abort);
+      }
+    }
+    admission_blocked = !Admit() && running_.empty();
 
     // Decodes first (one token each), then prompt chunks, within the budget.
     std::vector<Sequence*> batch;
@@ -202,7 +258,7 @@ void Scheduler::Loop() {
       RunStep(batch);
     }
 
-    const size_t before = running_.size() + dropped.size();
+    const size_t before = running_.size() + dropped.size() + aborted.size();
     running_.erase(
         std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
         running_.end());
@@ -253,15 +309,7 @@ void Scheduler::RunStep(std::vector<Sequence*>& batch) {
   }
   if (metrics_ != nullptr) metrics_->step_tokens.Observe(step_tokens);
   if (!out.ok()) {
-    for (Sequence* seq : batch) {
-      seq->done = true;
-      seq->kv.reset();
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        ++stats_.requests_failed;
-      }
-      seq->sink->OnError(out.status());
-    }
+    for (Sequence* seq : batch) Fail(*seq, out.status());
     return;
   }
   const int V = runner_->config().vocab_size;
@@ -296,8 +344,7 @@ void Scheduler::Advance(Sequence& seq, const float* logits) {
   if (r.return_logprobs) event.logprobs.push_back({next.id, next.logprob, std::move(next.top)});
 
   const bool eos = !r.options.ignore_eos && next.id == tokenizer_->eos_id();
-  const bool stop_id = std::find(r.options.stop_token_ids.begin(), r.options.stop_token_ids.end(),
-                                 next.id) != r.options.stop_token_ids.end();
+  const bool stop_id = std::binary_search(seq.stop_ids.begin(), seq.stop_ids.end(), next.id);
   if (eos || stop_id) {
     seq.sink->OnTokens(event);
     Finish(seq, eos ? FinishReason::kEos : FinishReason::kStopSequence);
@@ -325,6 +372,16 @@ void Scheduler::Advance(Sequence& seq, const float* logits) {
   if (static_cast<int>(seq.output.size()) >= r.options.max_new_tokens) {
     Finish(seq, FinishReason::kLength);
   }
+}
+
+void Scheduler::Fail(Sequence& seq, const absl::Status& status) {
+  seq.done = true;
+  seq.kv.reset();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.requests_failed;
+  }
+  seq.sink->OnError(status);
 }
 
 void Scheduler::Finish(Sequence& seq, FinishReason reason) {

@@ -6,11 +6,13 @@
 // long prompt is prefilled over several steps without stalling decodes.
 //
 // KV cache policy: a request is admitted only when the cache can hold its
-// worst case (prompt + max_new_tokens); those slots are reserved at
-// admission, so a running sequence never runs out of cache and nothing is
-// preempted. Requests that fit wait in a FIFO queue of bounded length
-// (RESOURCE_EXHAUSTED past it); a request whose worst case exceeds the whole
-// cache is refused at once with RESOURCE_EXHAUSTED.
+// worst case (prompt + max_new_tokens, rounded up to whole cache blocks);
+// those slots are reserved at admission, so a running sequence never runs
+// out of cache and nothing is preempted. Requests that fit wait in a FIFO
+// queue of bounded length (RESOURCE_EXHAUSTED past it); a request whose
+// worst case exceeds the whole cache is refused at once with
+// RESOURCE_EXHAUSTED. The reservation (allocation and zeroing) runs on the
+// scheduler thread without the lock, so Submit and Cancel never wait for it.
 //
 // A cancelled request (client gone, deadline passed) leaves at the next step
 // boundary and frees its cache at once. If a step fails (an expert is
@@ -43,6 +45,8 @@
 
 namespace switchyard {
 
+// Each at least 1 (the gateway checks its flags, gateway_server.h; the
+// Scheduler raises max_running and max_step_tokens below 1 to 1).
 struct SchedulerOptions {
   int max_queue = 256;        // waiting requests before RESOURCE_EXHAUSTED
   int max_running = 64;       // sequences in one step
@@ -127,6 +131,11 @@ class Scheduler {
   // and running ones to finish. DEADLINE_EXCEEDED if some are still going.
   absl::Status Drain(absl::Duration timeout);
 
+  // Ends every queued and running request with `status` (an error) at the
+  // next step boundary, and refuses new ones: what a drain whose grace ran
+  // out does, so clients learn why rather than seeing a cut connection.
+  void AbortAll(absl::Status status);
+
   SchedulerStats Stats() const;
   const SchedulerOptions& options() const { return options_; }
 
@@ -134,12 +143,16 @@ class Scheduler {
   struct Sequence;
 
   void Loop();
-  // Moves waiting requests into the running set while the cache allows.
-  void AdmitLocked();
+  // Moves waiting requests into the running set while the cache allows;
+  // false when the queue's head does not fit now. Takes mu_ only briefly:
+  // the cache is reserved (allocated and zeroed) without it.
+  bool Admit();
   void RunStep(std::vector<Sequence*>& batch);
   // Samples, detokenizes and checks stop conditions after a step.
   void Advance(Sequence& seq, const float* logits);
   void Finish(Sequence& seq, FinishReason reason);
+  // Ends `seq` with an error and frees its cache.
+  void Fail(Sequence& seq, const absl::Status& status);
 
   StepRunner* runner_;
   KvCachePool* kv_pool_;
@@ -151,7 +164,8 @@ class Scheduler {
   std::condition_variable wake_;
   bool stopping_ = false;
   bool draining_ = false;
-  int busy_ = 0;  // waiting + running, guarded by mu_
+  absl::Status abort_status_;  // guarded by mu_; an error once AbortAll ran
+  int busy_ = 0;               // waiting + running, guarded by mu_
   RequestId next_id_ = 1;
   std::deque<std::unique_ptr<Sequence>> waiting_;   // guarded by mu_
   std::vector<RequestId> cancelled_;                // guarded by mu_

@@ -29,6 +29,7 @@ class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheck
   void Update(ServingStatus status, bool end) {
     {
       std::lock_guard<std::mutex> lock(mu_);
+      if (cancelled_) return;  // nobody to tell
       if (status != last_queued_) {
         pending_ = status;
         has_pending_ = true;
@@ -43,8 +44,11 @@ class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheck
     {
       std::lock_guard<std::mutex> lock(mu_);
       writing_ = false;
-      if (!ok) end_ = true;  // the client went away: nothing more to write
-      if (!ok) has_pending_ = false;
+      if (!ok) {  // the client went away: nothing more to write
+        cancelled_ = true;
+        end_ = true;
+        has_pending_ = false;
+      }
     }
     Pump();
   }
@@ -52,7 +56,12 @@ class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheck
   void OnCancel() override {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (finished_) return;
+      cancelled_ = true;
+      end_ = true;
+      has_pending_ = false;
+      // A write claimed by Pump may not have been started yet: finishing now
+      // could let it start after Finish. Its OnWriteDone finishes instead.
+      if (finished_ || writing_) return;
       finished_ = true;
     }
     Finish(grpc::Status::CANCELLED);
@@ -66,9 +75,13 @@ class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheck
  private:
   ~Watcher() override = default;
 
-  // Starts the next write, or the finish, if it is due and nothing is in flight.
+  // Starts the next write, or the finish, if it is due and nothing is in
+  // flight. The decision and its claim (writing_ or finished_) are made in one
+  // critical section, so at most one thread acts on the call at a time and
+  // nothing is started after Finish.
   void Pump() {
     enum { kNothing, kWrite, kFinish } action = kNothing;
+    bool cancelled = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (finished_ || writing_) return;
@@ -79,12 +92,15 @@ class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheck
         action = kWrite;
       } else if (end_) {
         finished_ = true;
+        cancelled = cancelled_;
         action = kFinish;
       }
     }
     if (action == kWrite) StartWrite(&response_);
-    if (action == kFinish)
-      Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server shutting down"));
+    if (action == kFinish) {
+      Finish(cancelled ? grpc::Status::CANCELLED
+                       : grpc::Status(grpc::StatusCode::UNAVAILABLE, "server shutting down"));
+    }
   }
 
   HealthService* const service_;
@@ -97,6 +113,7 @@ class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheck
   bool has_pending_ = false;
   bool writing_ = false;
   bool end_ = false;
+  bool cancelled_ = false;  // the client cancelled or went away
   bool finished_ = false;
 };
 

@@ -20,7 +20,9 @@ absl::StatusOr<std::unique_ptr<RunningServer>> RunningServer::Start(
   // Without this gRPC sets SO_REUSEPORT and a second server on a busy port
   // silently shares it instead of failing.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes > 0
+                                       ? options.max_receive_message_bytes
+                                       : options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   if (options.max_connection_age_ms > 0) {
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, options.max_connection_age_ms);

@@ -26,6 +26,11 @@ struct ServerOptions {
   std::string listen_address;
   // Largest request or response message. Default 256 MiB.
   int max_message_bytes = 256 << 20;
+  // Largest request message, when smaller than max_message_bytes: size it to
+  // the largest legal request so an oversized one is refused
+  // (RESOURCE_EXHAUSTED) before it is read into memory. Default 0: the same
+  // as max_message_bytes.
+  int max_receive_message_bytes = 0;
   // Close connections older than this so clients re-resolve and discover new
   // replicas (Kubernetes scale-up). 0 (default): never.
   int max_connection_age_ms = 0;

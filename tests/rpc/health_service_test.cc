@@ -151,5 +151,39 @@ TEST_F(HealthServiceTest, ManyWatchersChangesAndCancelsRaceSafely) {
   }
 }
 
+TEST_F(HealthServiceTest, CancelsThatCrossAWriteInFlightEndEachWatchOnce) {
+  // Cancels land at any point of a write, including between Pump claiming a
+  // write and starting it: the watch must end exactly once (CANCELLED), never
+  // writing after its Finish. The status flips as fast as it can so a write
+  // is nearly always in flight. Meant for the TSan/ASan builds
+  // (scripts/sanitize.sh), where a write after Finish is a reported error.
+  std::atomic<bool> stop{false};
+  std::thread flipper([&] {
+    for (int i = 0; !stop.load(); ++i) server_->SetServing(i % 2 == 0);
+  });
+  std::vector<std::thread> clients;
+  for (int t = 0; t < 4; ++t) {
+    clients.emplace_back([&, t] {
+      for (int i = 0; i < 40; ++i) {
+        Watch w(stub_.get(), kService);
+        // Cancel after 0, 1 or 2 messages read: before, during and between writes.
+        for (int read = 0; read < (i + t) % 3; ++read) {
+          if (!w.Next().has_value()) break;
+        }
+        w.Cancel();
+        while (w.Next().has_value()) {
+        }
+        EXPECT_EQ(w.Finish().error_code(), grpc::StatusCode::CANCELLED);
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  stop = true;
+  flipper.join();
+  // Every cancelled watcher was forgotten: shutdown does not wait for any.
+  HealthCheckResponse r;
+  EXPECT_TRUE(Check("", &r).ok());
+}
+
 }  // namespace
 }  // namespace switchyard::rpc

@@ -318,6 +318,16 @@ TEST_F(ExpertServiceTest, BadRequestsAreRefusedAndTheServerKeepsServing) {
     EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_THAT(s.error_message(), HasSubstr("bytes"));
   }
+  {  // More rows than one Forward may carry: refused before decoding, even
+     // when the shape lies about the data (none sent here).
+    v1::ForwardRequest r = good(1);
+    r.mutable_hidden_states()->set_shape(0, kDefaultMaxForwardRows + 1);
+    grpc::Status s = call(r);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(),
+                HasSubstr(absl::StrCat(kDefaultMaxForwardRows + 1, " rows, at most ",
+                                       kDefaultMaxForwardRows)));
+  }
   {  // Rank 1, and no rows.
     v1::ForwardRequest r = good(2);
     r.mutable_hidden_states()->clear_shape();

@@ -1,10 +1,14 @@
 // The Generation API over real gRPC, against an in-process gateway with
 // in-process experts: unary and streaming agree, stop conditions, concurrent
 // streams, cancellation and deadlines free the cache, bad input is refused.
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <cstdio>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -286,6 +290,14 @@ TEST_F(GatewayTest, BadRequestsNameTheFieldAndTheServerKeepsServing) {
       {"empty stop", [](auto* r) { r->mutable_stopping()->add_stop(""); }, "stopping.stop[0]"},
       {"stop id", [](auto* r) { r->mutable_stopping()->add_stop_token_ids(99999); },
        "stop_token_ids[0]"},
+      {"too many stop ids",
+       [](auto* r) {
+         for (int i = 0; i < 1025; ++i) r->mutable_stopping()->add_stop_token_ids(i);
+       },
+       "stopping.stop_token_ids"},
+      {"long request_id", [](auto* r) { r->set_request_id(std::string(257, 'r')); }, "request_id"},
+      {"unprintable request_id", [](auto* r) { r->set_request_id("id\nwith newline"); },
+       "request_id"},
       {"top_logprobs",
        [](auto* r) {
          r->set_return_logprobs(true);
@@ -351,6 +363,229 @@ TEST_F(GatewayTest, TokenizeDetokenizeModelInfoHealth) {
   grpc::ClientContext ctx;
   ASSERT_TRUE(health->Check(&ctx, hr, &hs).ok());
   EXPECT_EQ(hs.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+}
+
+TEST_F(GatewayTest, LimitsAreTheLargestLegalValuesAndOversizedRequestsAreRefusedUnread) {
+  // The advertised max_new_tokens limit is usable: context - 1 with a
+  // one-token prompt; the check is prompt + max_new_tokens <= context.
+  v1::ModelInfo info;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(Stub()->GetModelInfo(&ctx, {}, &info).ok());
+  }
+  EXPECT_EQ(info.max_new_tokens_limit(), info.max_context_tokens() - 1);
+  v1::GenerateRequest longest;
+  longest.mutable_token_ids()->add_ids(1);
+  longest.mutable_stopping()->set_max_new_tokens(info.max_new_tokens_limit());
+  longest.mutable_stopping()->set_ignore_eos(true);
+  {
+    grpc::ClientContext ctx;  // accepted: it runs until the deadline cuts it
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+    v1::GenerateResponse r;
+    EXPECT_EQ(Stub()->Generate(&ctx, longest, &r).error_code(),
+              grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  longest.mutable_token_ids()->add_ids(1);  // one token more than the context
+  {
+    grpc::ClientContext ctx;
+    v1::GenerateResponse r;
+    grpc::Status status = Stub()->Generate(&ctx, longest, &r);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(status.error_message().find("exceeds the context"), std::string::npos)
+        << status.error_message();
+  }
+
+  // A request larger than any legal one is refused by gRPC before it is
+  // read (limits_test checks the server's memory against a real process).
+  v1::GenerateRequest huge = Greedy("Hello", 4);
+  huge.set_request_id(std::string(8 << 20, 'x'));
+  {
+    grpc::ClientContext ctx;
+    v1::GenerateResponse r;
+    EXPECT_EQ(Stub()->Generate(&ctx, huge, &r).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  }
+  Streamed streamed = Stream(huge);
+  EXPECT_EQ(streamed.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(streamed.messages.empty());
+  v1::GenerateResponse ok;
+  grpc::ClientContext ctx;
+  EXPECT_TRUE(Stub()->Generate(&ctx, Greedy("Still serving", 4), &ok).ok());
+}
+
+TEST_F(GatewayTest, MalformedAndNonUtf8RequestsAreRefusedAndTheServerKeepsServing) {
+  // Bytes that are not a GenerateRequest at all, and a request whose text
+  // (a proto3 `string`) is not UTF-8, sent as raw bytes: protobuf refuses to
+  // parse both before the service sees them, so the answer is gRPC's (gRPC
+  // C++ 1.51: UNIMPLEMENTED with an empty message; documented in
+  // generation.proto). Clients generated from the .proto cannot send either.
+  grpc::GenericStub generic(*channel_);
+  v1::GenerateRequest valid = Greedy("A valid prompt", 4);
+  std::string non_utf8 = valid.SerializeAsString();
+  const size_t at = non_utf8.find("valid");
+  ASSERT_NE(at, std::string::npos);
+  non_utf8[at] = '\xff';
+  for (const std::string& bytes : {std::string("\xff\xff\xff\xff"), non_utf8}) {
+    for (const char* method : {"/switchyard.v1.GenerationService/Generate",
+                               "/switchyard.v1.GenerationService/GenerateStream"}) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+      grpc::Slice slice(bytes);
+      grpc::ByteBuffer request(&slice, 1), response;
+      std::mutex mu;
+      std::condition_variable cv;
+      bool done = false;
+      grpc::Status status;
+      generic.UnaryCall(&ctx, method, grpc::StubOptions(), &request, &response,
+                        [&](grpc::Status s) {
+                          std::lock_guard<std::mutex> lock(mu);
+                          status = s;
+                          done = true;
+                          cv.notify_all();
+                        });
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return done; });
+      std::printf("%s, %zu bytes: %d '%s'\n", method, bytes.size(), status.error_code(),
+                  status.error_message().c_str());
+      EXPECT_FALSE(status.ok());
+    }
+  }
+  v1::GenerateResponse ok;
+  grpc::ClientContext ctx;
+  EXPECT_TRUE(Stub()->Generate(&ctx, Greedy("Still serving", 4), &ok).ok());
+}
+
+TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
+  struct Case {
+    std::vector<std::string> args;
+    const char* flag;
+  };
+  // Values that used to pass a 64-bit ">= 1" check and then wrap when
+  // narrowed to int (4294967296 -> 0: a scheduler that spins; a queue of 0).
+  const std::vector<Case> cases = {
+      {{"--max-step-tokens", "4294967296"}, "--max-step-tokens"},
+      {{"--max-queue", "4294967296"}, "--max-queue"},
+      {{"--max-running", "4294967297"}, "--max-running"},
+      {{"--max-new-tokens-limit", "4294967296"}, "--max-new-tokens-limit"},
+      {{"--expert-timeout-ms", "4294967296"}, "--expert-timeout-ms"},
+      {{"--grace-ms", "-1"}, "--grace-ms"},
+      {{"--max-connection-age-ms", "2147483648"}, "--max-connection-age-ms"},
+      {{"--kv-cache-tokens", "8"}, "--kv-cache-tokens"},
+      {{"--max-step-tokens", "0"}, "--max-step-tokens"},
+      {{"--max-queue", "ten"}, "--max-queue"},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> args = {"--model", "m"};
+    args.insert(args.end(), c.args.begin(), c.args.end());
+    auto flags = Flags::Parse(
+        args,
+        {"model", "kv-cache-tokens", "max-queue", "max-running", "max-step-tokens",
+         "max-new-tokens-limit", "expert-timeout-ms", "grace-ms", "max-connection-age-ms"},
+        {});
+    ASSERT_TRUE(flags.ok()) << flags.status();
+    auto options = GatewayOptionsFromFlags(*flags);
+    ASSERT_FALSE(options.ok()) << c.args[0] << " " << c.args[1];
+    EXPECT_EQ(options.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(options.status().message().find(c.flag), std::string::npos) << options.status();
+  }
+  auto flags = Flags::Parse({"--model", "m", "--max-step-tokens", "16384", "--max-queue", "1048576",
+                             "--kv-cache-tokens", "1000"},
+                            {"model", "max-step-tokens", "max-queue", "kv-cache-tokens"}, {});
+  ASSERT_TRUE(flags.ok());
+  auto options = GatewayOptionsFromFlags(*flags);
+  ASSERT_TRUE(options.ok()) << options.status();
+  EXPECT_EQ(options->scheduler.max_step_tokens, 16384);
+  EXPECT_EQ(options->scheduler.max_queue, 1048576);
+
+  // Options built in code are checked by Start, before the model loads.
+  GatewayOptions zero_step;
+  zero_step.model_dir = testing::TinyMixtralDir();
+  zero_step.listen = "127.0.0.1:0";
+  zero_step.scheduler.max_step_tokens = 0;
+  auto gateway = Gateway::Start(zero_step);
+  ASSERT_FALSE(gateway.ok());
+  EXPECT_EQ(gateway.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(gateway.status().message().find("--max-step-tokens"), std::string::npos);
+}
+
+// A gateway of its own: a small per-stream queue bound, and a shutdown.
+class GatewayLifecycleTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<Gateway> StartGateway(const RequestLimits& limits) {
+    GatewayOptions options;
+    options.model_dir = testing::TinyMixtralDir();
+    options.listen = "127.0.0.1:0";
+    options.kv_cache_tokens = 8192;
+    options.limits = limits;
+    auto gateway = Gateway::Start(options);
+    EXPECT_TRUE(gateway.ok()) << gateway.status();
+    return gateway.ok() ? *std::move(gateway) : nullptr;
+  }
+  static v1::GenerateRequest Long() {
+    v1::GenerateRequest r;
+    r.set_text("The capital of France is");
+    r.set_request_id("a-request-id-that-every-message-repeats");
+    r.mutable_stopping()->set_max_new_tokens(4000);
+    r.mutable_stopping()->set_ignore_eos(true);
+    r.set_return_logprobs(true);
+    r.set_top_logprobs(20);  // large messages: the transport's window fills quickly
+    return r;
+  }
+};
+
+TEST_F(GatewayLifecycleTest, AStreamWhoseClientStopsReadingIsCancelledNotBuffered) {
+  RequestLimits limits;
+  limits.max_stream_queued_messages = 16;
+  auto gateway = StartGateway(limits);
+  ASSERT_NE(gateway, nullptr);
+  // No BDP probing, so the client's flow-control window stays small and a
+  // reader that does not read soon stops the server's writes.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  auto channel =
+      grpc::CreateCustomChannel(gateway->address(), grpc::InsecureChannelCredentials(), args);
+  auto stub = v1::GenerationService::NewStub(channel);
+  grpc::ClientContext ctx;
+  auto reader = stub->GenerateStream(&ctx, Long());
+  // Not reading: the scheduler must end the request long before 4000 tokens.
+  SchedulerStats stats;
+  for (int i = 0; i < 6000; ++i) {
+    stats = gateway->scheduler().Stats();
+    if (stats.requests_cancelled == 1 && stats.kv_used_tokens == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(stats.requests_cancelled, 1);
+  EXPECT_EQ(stats.kv_used_tokens, 0);
+  v1::GenerateStreamResponse m;
+  int tokens = 0;
+  while (reader->Read(&m)) tokens += m.token_ids_size();
+  grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  EXPECT_NE(status.error_message().find("not reading"), std::string::npos)
+      << status.error_message();
+  EXPECT_LT(tokens, 4000);
+}
+
+TEST_F(GatewayLifecycleTest, ADrainThatCutsAStreamSaysTheGatewayIsShuttingDown) {
+  auto gateway = StartGateway({});
+  ASSERT_NE(gateway, nullptr);
+  auto stub = v1::GenerationService::NewStub(
+      grpc::CreateChannel(gateway->address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  v1::GenerateRequest request = Long();
+  request.set_return_logprobs(false);
+  request.set_top_logprobs(0);
+  auto reader = stub->GenerateStream(&ctx, request);
+  v1::GenerateStreamResponse m;
+  ASSERT_TRUE(reader->Read(&m));  // running
+  std::thread drain([&] { gateway->Shutdown(absl::Milliseconds(100)); });
+  int tokens = m.token_ids_size();
+  while (reader->Read(&m)) tokens += m.token_ids_size();
+  grpc::Status status = reader->Finish();
+  drain.join();
+  EXPECT_LT(tokens, 4000);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_NE(status.error_message().find("shutting down"), std::string::npos)
+      << status.error_message();
 }
 
 }  // namespace

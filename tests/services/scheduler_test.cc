@@ -3,6 +3,8 @@
 // queue and cache limits answer RESOURCE_EXHAUSTED.
 #include "gateway/scheduler.h"
 
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <fstream>
 #include <memory>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "gateway/local_model.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -45,6 +48,11 @@ class RecordingSink : public GenerationSink {
   void Wait() {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return done; });
+  }
+  // False if the request has not ended within `timeout`.
+  bool WaitFor(std::chrono::seconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return done; });
   }
   void WaitForTokens(size_t n) {
     std::unique_lock<std::mutex> lock(mu_);
@@ -275,6 +283,86 @@ TEST_F(SchedulerTest, WaitsForCacheInsteadOfFailing) {
     EXPECT_EQ(s->tokens.size(), 20u);
   }
   EXPECT_EQ((*model)->kv_pool().used_tokens(), 0);
+}
+
+TEST_F(SchedulerTest, ManyUnsortedStopTokenIdsStillStopAtTheFirstOneGenerated) {
+  auto scheduler = MakeScheduler();
+  GenerationRequest r = Request(kPrompts[2], 24);
+  const GenerateResult solo = Solo(r);
+  // The 6th greedy token (first occurrence) among 1000 other ids, some repeated.
+  size_t k = 5;
+  while (std::find(solo.token_ids.begin(), solo.token_ids.begin() + k, solo.token_ids[k]) !=
+         solo.token_ids.begin() + k) {
+    ++k;
+  }
+  for (int id = 31999; static_cast<int>(r.options.stop_token_ids.size()) < 1000; id -= 7) {
+    if (std::find(solo.token_ids.begin(), solo.token_ids.end(), id) == solo.token_ids.end()) {
+      r.options.stop_token_ids.push_back(id);
+      r.options.stop_token_ids.push_back(id);
+    }
+  }
+  r.options.stop_token_ids.insert(r.options.stop_token_ids.begin() + 501, solo.token_ids[k]);
+  auto sink = std::make_shared<RecordingSink>();
+  ASSERT_TRUE(scheduler->Submit(r, sink).ok());
+  sink->Wait();
+  EXPECT_EQ(sink->finish.reason, FinishReason::kStopSequence);
+  EXPECT_EQ(sink->tokens,
+            std::vector<int32_t>(solo.token_ids.begin(), solo.token_ids.begin() + k + 1));
+}
+
+TEST_F(SchedulerTest, ZeroStepBudgetOrBatchCannotWedgeTheLoop) {
+  // What `--max-step-tokens 4294967296` used to become once narrowed to int.
+  SchedulerOptions options;
+  options.max_step_tokens = 0;
+  options.max_running = 0;
+  auto scheduler = MakeScheduler(options);
+  auto sink = std::make_shared<RecordingSink>();
+  GenerationRequest r = Request(kPrompts[0], 3);
+  ASSERT_TRUE(scheduler->Submit(r, sink).ok());
+  ASSERT_TRUE(sink->WaitFor(std::chrono::seconds(60))) << "the scheduler is wedged";
+  EXPECT_TRUE(sink->error.ok()) << sink->error;
+  EXPECT_EQ(sink->tokens, Solo(r).token_ids);
+}
+
+// The cache hands out blocks of 16 slots. With a capacity that is not a
+// multiple of 16, a request whose prompt + max_new_tokens fits the capacity
+// but not in whole blocks used to pass Submit and then never be admitted: the
+// loop spun and everything behind it waited forever. Now it is refused up
+// front, and the scheduler keeps serving.
+TEST_F(SchedulerTest, CapacityNotAMultipleOfTheBlockRefusesUpFrontAndNeverWedges) {
+  for (int capacity : {1000, 5000}) {
+    SCOPED_TRACE(capacity);
+    LocalModelOptions small;
+    small.kv_cache_tokens = capacity;
+    auto model = LocalModel::Load(testing::TinyMixtralDir(), small);
+    ASSERT_TRUE(model.ok()) << model.status();
+    Scheduler scheduler(&(*model)->runner(), &(*model)->kv_pool(), &(*model)->tokenizer(), {});
+    const int context = (*model)->runner().config().max_position_embeddings;
+    auto request = [](int prompt_tokens, int max_new) {
+      GenerationRequest r;
+      for (int i = 0; i < prompt_tokens; ++i) r.prompt_ids.push_back(100 + i % 1000);
+      r.options.max_new_tokens = max_new;
+      r.options.ignore_eos = true;
+      return r;
+    };
+
+    // Exactly the capacity: fits the count, not the blocks.
+    auto refused = scheduler.Submit(request(capacity - 8, 8), std::make_shared<RecordingSink>());
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_TRUE(absl::StrContains(refused.status().message(), absl::StrCat(capacity)))
+        << refused.status();
+    EXPECT_TRUE(absl::StrContains(refused.status().message(), "blocks of 16")) << refused.status();
+
+    // The largest request whole blocks allow (within the model's context) runs.
+    const int fits = std::min(capacity / 16 * 16, context);
+    auto sink = std::make_shared<RecordingSink>();
+    ASSERT_TRUE(scheduler.Submit(request(fits - 8, 8), sink).ok());
+    ASSERT_TRUE(sink->WaitFor(std::chrono::seconds(120))) << "the scheduler is wedged";
+    EXPECT_TRUE(sink->error.ok()) << sink->error;
+    EXPECT_EQ(sink->tokens.size(), 8u);
+    EXPECT_EQ((*model)->kv_pool().used_tokens(), 0);
+  }
 }
 
 }  // namespace
