@@ -337,7 +337,8 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Generate(grpc::CallbackServerCo
                                                           v1::GenerateResponse* response) {
   auto* call = new UnaryCall(scheduler_);
   absl::StatusOr<GenerationRequest> validated =
-      ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits);
+      ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits,
+                              options_.chat_template);
   if (!validated.ok()) {
     CountRequest(options_.metrics, "Generate",
                  OutcomeLabel(static_cast<int>(validated.status().code())));
@@ -361,7 +362,8 @@ grpc::ServerWriteReactor<v1::GenerateStreamResponse>* GenerationServiceImpl::Gen
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto* call = new StreamCall(scheduler_);
   absl::StatusOr<GenerationRequest> validated =
-      ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits);
+      ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits,
+                              options_.chat_template);
   if (!validated.ok()) {
     CountRequest(options_.metrics, "GenerateStream",
                  OutcomeLabel(static_cast<int>(validated.status().code())));
