@@ -4,10 +4,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/string_view.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
 #include "core/chat_template.h"
-#include "absl/strings/string_view.h"
 #include "nlohmann/json.hpp"
 
 namespace switchyard::cli {
@@ -32,8 +32,8 @@ absl::StatusOr<nlohmann::ordered_json> ReadMessages(const std::string& path) {
   if (j.is_discarded()) return absl::InvalidArgumentError(path + ": not valid JSON");
   if (j.is_object() && j.contains("messages")) j = j["messages"];
   if (!j.is_array()) {
-    return absl::InvalidArgumentError(path +
-                                      ": expected a JSON array of messages or {\"messages\": [...]}");
+    return absl::InvalidArgumentError(
+        path + ": expected a JSON array of messages or {\"messages\": [...]}");
   }
   for (size_t i = 0; i < j.size(); ++i) {
     if (!j[i].is_object() || !j[i].contains("role") || !j[i]["role"].is_string()) {
@@ -47,8 +47,8 @@ absl::StatusOr<nlohmann::ordered_json> ReadMessages(const std::string& path) {
 }  // namespace
 
 int RunChatTemplate(const std::vector<std::string>& args) {
-  auto flags = Flags::Parse(args, {"model", "template", "messages"},
-                            {"add-generation-prompt", "json"});
+  auto flags =
+      Flags::Parse(args, {"model", "template", "messages"}, {"add-generation-prompt", "json"});
   if (!flags.ok()) return Fail(flags.status().message());
   const std::string model_dir = flags->GetOr("model", "");
   const std::string template_file = flags->GetOr("template", "");

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -83,8 +84,8 @@ std::string Encode(std::u32string_view s) {
 // Python's str.isspace().
 bool IsPySpace(char32_t c) {
   return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 ||
-         c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 ||
-         c == 0x202F || c == 0x205F || c == 0x3000;
+         c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
+         c == 0x205F || c == 0x3000;
 }
 
 locale_t Utf8Locale() {
@@ -259,6 +260,7 @@ struct Value {
   std::shared_ptr<Dict> dict;
   bool is_namespace = false;
   std::shared_ptr<Callable> fn;
+  int nest = 0;  // kList: how deeply lists and dicts nest inside it, itself included
 
   static Value Undef(std::string why) {
     Value v;
@@ -294,13 +296,7 @@ struct Value {
     v.s = std::move(x);
     return v;
   }
-  static Value List(ValueList items, bool tuple = false) {
-    Value v;
-    v.kind = kList;
-    v.list = std::make_shared<ValueList>(std::move(items));
-    v.tuple = tuple;
-    return v;
-  }
+  static Value List(ValueList items, bool tuple = false);
   static Value MakeDict(std::shared_ptr<Dict> d) {
     Value v;
     v.kind = kDict;
@@ -319,8 +315,14 @@ struct Value {
   int64_t AsInt() const { return kind == kBool ? (b ? 1 : 0) : i; }
 };
 
+// How deeply lists and dicts nest in `v` (0 for scalars). Bounded
+// (CheckNest) so that printing, comparing and freeing values cannot recurse
+// without limit.
+int Nest(const Value& v);
+
 struct Dict {
   std::vector<std::pair<std::string, Value>> items;
+  int nest = 1;  // grows only, an upper bound after replacements
   const Value* Find(std::string_view key) const {
     for (const auto& [k, v] : items) {
       if (k == key) return &v;
@@ -328,6 +330,7 @@ struct Dict {
     return nullptr;
   }
   void Set(const std::string& key, Value v) {
+    nest = std::max(nest, 1 + Nest(v));
     for (auto& [k, old] : items) {
       if (k == key) {
         old = std::move(v);
@@ -339,6 +342,31 @@ struct Dict {
 };
 
 Value NewDict() { return Value::MakeDict(std::make_shared<Dict>()); }
+
+int Nest(const Value& v) {
+  if (v.kind == Value::kDict) return v.dict->nest;
+  return v.kind == Value::kList ? v.nest : 0;
+}
+
+Value Value::List(ValueList items, bool tuple) {
+  Value v;
+  v.kind = kList;
+  v.nest = 1;
+  for (const Value& x : items) v.nest = std::max(v.nest, 1 + Nest(x));
+  v.list = std::make_shared<ValueList>(std::move(items));
+  v.tuple = tuple;
+  return v;
+}
+
+constexpr int kMaxValueNest = 64;
+
+absl::Status CheckNest(const Value& v) {
+  if (Nest(v) > kMaxValueNest) {
+    return absl::ResourceExhaustedError(absl::StrCat("chat template exceeded its limit of ",
+                                                     kMaxValueNest, " nested lists and dicts"));
+  }
+  return absl::OkStatus();
+}
 
 struct Args {
   std::vector<Value> pos;
@@ -525,8 +553,8 @@ absl::StatusOr<int> Compare(const Value& a, const Value& b, std::string_view op)
     }
     return a.list->size() < b.list->size() ? -1 : a.list->size() > b.list->size() ? 1 : 0;
   }
-  return RenderError(absl::StrCat("'", std::string(op), "' not supported between instances of '", TypeName(a),
-                                  "' and '", TypeName(b), "'"));
+  return RenderError(absl::StrCat("'", std::string(op), "' not supported between instances of '",
+                                  TypeName(a), "' and '", TypeName(b), "'"));
 }
 
 // Python's json.dumps(ensure_ascii=False), as transformers' tojson filter.
@@ -666,6 +694,24 @@ Value FromJson(const nlohmann::ordered_json& j) {
   }
 }
 
+// Whether `v` is or contains a namespace (or loop object); counts the values
+// it looks at in `visited`. Values nest at most kMaxValueNest deep, and
+// namespaces hold none, so this ends.
+bool HoldsNamespace(const Value& v, int64_t* visited) {
+  ++*visited;
+  if (v.kind == Value::kDict) {
+    if (v.is_namespace) return true;
+    for (const auto& [k, x] : v.dict->items) {
+      if (HoldsNamespace(x, visited)) return true;
+    }
+  } else if (v.kind == Value::kList) {
+    for (const Value& x : *v.list) {
+      if (HoldsNamespace(x, visited)) return true;
+    }
+  }
+  return false;
+}
+
 // ---------------------------------------------------------------- lexer ---
 
 struct Tok {
@@ -686,8 +732,8 @@ struct Piece {
 };
 
 absl::Status SyntaxError(int line, std::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat("chat template syntax error (line ", line,
-                                                 "): ", std::string(what)));
+  return absl::InvalidArgumentError(
+      absl::StrCat("chat template syntax error (line ", line, "): ", std::string(what)));
 }
 
 // jinja2 lexes string literals with Python's unicode-escape.
@@ -871,8 +917,8 @@ class Lexer {
     const int line = line_;
     const size_t end = src_.find("#}", pos_);
     if (end == std::string::npos) return SyntaxError(line, "missing end of comment tag");
-    const char sign = end > pos_ && (src_[end - 1] == '-' || src_[end - 1] == '+') ? src_[end - 1]
-                                                                                  : 0;
+    const char sign =
+        end > pos_ && (src_[end - 1] == '-' || src_[end - 1] == '+') ? src_[end - 1] : 0;
     CountLines(pos_, end);
     pos_ = end + 2;
     AfterEnd(sign, true);
@@ -884,8 +930,8 @@ class Lexer {
     int depth = 0;
     const char close = kind == Piece::kVar ? '}' : '%';
     while (true) {
-      while (pos_ < src_.size() && (src_[pos_] == ' ' || src_[pos_] == '\t' ||
-                                    src_[pos_] == '\n' || src_[pos_] == '\r')) {
+      while (pos_ < src_.size() && (src_[pos_] == ' ' || src_[pos_] == '\t' || src_[pos_] == '\n' ||
+                                    src_[pos_] == '\r')) {
         if (src_[pos_] == '\n') ++line_;
         ++pos_;
       }
@@ -918,8 +964,8 @@ class Lexer {
       const char c = src_[pos_];
       if (std::isalpha(static_cast<unsigned char>(c)) || c == '_') {
         size_t e = pos_;
-        while (e < src_.size() && (std::isalnum(static_cast<unsigned char>(src_[e])) ||
-                                   src_[e] == '_')) {
+        while (e < src_.size() &&
+               (std::isalnum(static_cast<unsigned char>(src_[e])) || src_[e] == '_')) {
           ++e;
         }
         t.kind = Tok::kName;
@@ -927,8 +973,8 @@ class Lexer {
         pos_ = e;
       } else if (std::isdigit(static_cast<unsigned char>(c))) {
         size_t e = pos_;
-        while (e < src_.size() && (std::isdigit(static_cast<unsigned char>(src_[e])) ||
-                                   src_[e] == '_')) {
+        while (e < src_.size() &&
+               (std::isdigit(static_cast<unsigned char>(src_[e])) || src_[e] == '_')) {
           ++e;
         }
         bool is_float = false;
@@ -936,8 +982,8 @@ class Lexer {
             std::isdigit(static_cast<unsigned char>(src_[e + 1]))) {
           is_float = true;
           ++e;
-          while (e < src_.size() && (std::isdigit(static_cast<unsigned char>(src_[e])) ||
-                                     src_[e] == '_')) {
+          while (e < src_.size() &&
+                 (std::isdigit(static_cast<unsigned char>(src_[e])) || src_[e] == '_')) {
             ++e;
           }
         }
@@ -969,8 +1015,8 @@ class Lexer {
         }
         if (e >= src_.size()) return SyntaxError(line_, "unterminated string literal");
         t.kind = Tok::kString;
-        SY_ASSIGN_OR_RETURN(t.text, Unescape(std::string_view(src_).substr(pos_ + 1, e - pos_ - 1),
-                                             line_));
+        SY_ASSIGN_OR_RETURN(t.text,
+                            Unescape(std::string_view(src_).substr(pos_ + 1, e - pos_ - 1), line_));
         CountLines(pos_, e);
         pos_ = e + 1;
       } else {
@@ -988,8 +1034,8 @@ class Lexer {
             break;
           }
         }
-        if (!found) return SyntaxError(line_, absl::StrCat("unexpected char '", std::string(1, c),
-                                                           "'"));
+        if (!found)
+          return SyntaxError(line_, absl::StrCat("unexpected char '", std::string(1, c), "'"));
         if (t.text == "(" || t.text == "[" || t.text == "{") ++depth;
         if (t.text == ")" || t.text == "]" || t.text == "}") {
           if (depth == 0) return SyntaxError(line_, absl::StrCat("unexpected '", t.text, "'"));
@@ -1192,8 +1238,11 @@ class Parser {
       }
       if (IsName("recursive")) return SyntaxError(line, "recursive loops are not supported");
       SY_RETURN_IF_ERROR(ExpectEnd());
-      SY_ASSIGN_OR_RETURN(Body body, ParseBody({"else", "endfor"}, &ended_by));
-      s.bodies.push_back(std::move(body));
+      ++loop_depth_;
+      absl::StatusOr<Body> body = ParseBody({"else", "endfor"}, &ended_by);
+      --loop_depth_;
+      if (!body.ok()) return body.status();
+      s.bodies.push_back(*std::move(body));
       if (ended_by == "else") {
         SY_RETURN_IF_ERROR(ExpectEnd());
         SY_ASSIGN_OR_RETURN(s.else_body, ParseBody({"endfor"}, &ended_by));
@@ -1248,16 +1297,18 @@ class Parser {
       }
       ++ti_;
       SY_RETURN_IF_ERROR(ExpectEnd());
-      SY_ASSIGN_OR_RETURN(Body body, ParseBody({"endmacro"}, &ended_by));
-      s.bodies.push_back(std::move(body));
+      const int outer_loops = loop_depth_;
+      loop_depth_ = 0;  // a macro body is not inside the loop it is defined in
+      absl::StatusOr<Body> body = ParseBody({"endmacro"}, &ended_by);
+      loop_depth_ = outer_loops;
+      if (!body.ok()) return body.status();
+      s.bodies.push_back(*std::move(body));
       if (Cur().kind == Tok::kName) ++ti_;  // {% endmacro name %}
       SY_RETURN_IF_ERROR(ExpectEnd());
       return s;
     }
     if (tag == "break" || tag == "continue") {
-      if (loop_depth_ == 0) {
-        // jinja2 accepts these only inside a loop.
-      }
+      if (loop_depth_ == 0) return SyntaxError(line, absl::StrCat("'", tag, "' outside loop"));
       Stmt s = NewStmt(tag == "break" ? Stmt::kBreak : Stmt::kContinue);
       s.line = line;
       SY_RETURN_IF_ERROR(ExpectEnd());
@@ -1272,8 +1323,8 @@ class Parser {
       SY_RETURN_IF_ERROR(ExpectEnd());
       return s;
     }
-    static const char* const kEnds[] = {"endif",  "endfor",   "endset", "endmacro",
-                                        "elif",   "else",     "endgeneration"};
+    static const char* const kEnds[] = {"endif", "endfor", "endset",       "endmacro",
+                                        "elif",  "else",   "endgeneration"};
     for (const char* e : kEnds) {
       if (tag == e) return SyntaxError(line, absl::StrCat("unexpected '", tag, "'"));
     }
@@ -1394,9 +1445,9 @@ class Parser {
     ExprPtr cmp;
     while (true) {
       std::string op;
-      if (Cur().kind == Tok::kOp && (Cur().text == "==" || Cur().text == "!=" ||
-                                     Cur().text == "<" || Cur().text == ">" ||
-                                     Cur().text == "<=" || Cur().text == ">=")) {
+      if (Cur().kind == Tok::kOp &&
+          (Cur().text == "==" || Cur().text == "!=" || Cur().text == "<" || Cur().text == ">" ||
+           Cur().text == "<=" || Cur().text == ">=")) {
         op = Cur().text;
         ++ti_;
       } else if (IsName("in")) {
@@ -1740,8 +1791,17 @@ class Context {
  public:
   explicit Context(const ChatTemplateLimits& limits) : limits_(limits) {}
 
-  absl::Status Step() {
-    if (++steps_ > limits_.max_steps) return Exhausted("evaluation steps", limits_.max_steps);
+  absl::Status Step() { return StepN(1); }
+  absl::Status StepN(int64_t n) {
+    const int64_t before = steps_;
+    steps_ += n;
+    if (steps_ > limits_.max_steps) return Exhausted("evaluation steps", limits_.max_steps);
+    // The clock is the catch-all for operations whose cost grows with the
+    // size of their operands (comparing, searching, decoding big strings).
+    if ((before >> 8) != (steps_ >> 8) && std::chrono::steady_clock::now() - start_ >
+                                              std::chrono::milliseconds(limits_.max_render_ms)) {
+      return Exhausted("milliseconds", limits_.max_render_ms);
+    }
     return absl::OkStatus();
   }
   // Accounts for a new string of `n` bytes.
@@ -1768,13 +1828,22 @@ class Context {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<Value> Eval(const Expr& e, const ScopePtr& scope);
+  absl::StatusOr<Value> Eval(const Expr& e, const ScopePtr& scope) {
+    if (++depth_ > limits_.max_render_depth) {
+      --depth_;
+      return Exhausted("nested evaluations", limits_.max_render_depth);
+    }
+    absl::StatusOr<Value> v = EvalExpr(e, scope);
+    --depth_;
+    return v;
+  }
   absl::StatusOr<Flow> Exec(const Body& body, const ScopePtr& scope, std::string* out);
 
   const ChatTemplateLimits& limits_;
   int call_depth_ = 0;
 
  private:
+  absl::StatusOr<Value> EvalExpr(const Expr& e, const ScopePtr& scope);
   absl::StatusOr<Flow> ExecOne(const Stmt& s, const ScopePtr& scope, std::string* out);
   absl::StatusOr<Flow> ExecFor(const Stmt& s, const ScopePtr& scope, std::string* out);
   absl::Status Assign(const std::vector<std::string>& targets, const Value& v, Scope* scope);
@@ -1788,13 +1857,24 @@ class Context {
                                     const ScopePtr& scope);
   absl::StatusOr<bool> ApplyTest(const std::string& name, const Value& v, Args& args);
 
+  const std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+  int depth_ = 0;
   int64_t steps_ = 0;
   int64_t work_ = 0;
   int64_t iterations_ = 0;
 };
 
 // The items of an iterable: list items, dict keys, string characters.
-absl::StatusOr<ValueList> Items(const Value& v) {
+absl::StatusOr<ValueList> ItemsUncharged(const Value& v);
+
+// Items(), with the copy charged as evaluation steps.
+absl::StatusOr<ValueList> Items(const Value& v, Context& ctx) {
+  SY_ASSIGN_OR_RETURN(ValueList items, ItemsUncharged(v));
+  SY_RETURN_IF_ERROR(ctx.StepN(static_cast<int64_t>(items.size())));
+  return items;
+}
+
+absl::StatusOr<ValueList> ItemsUncharged(const Value& v) {
   switch (v.kind) {
     case Value::kUndefined:
       return ValueList{};
@@ -1835,8 +1915,8 @@ absl::StatusOr<bool> Contains(const Value& container, const Value& item) {
   switch (container.kind) {
     case Value::kString:
       if (item.kind != Value::kString) {
-        return RenderError(absl::StrCat("'in <string>' requires string as left operand, not ",
-                                        TypeName(item)));
+        return RenderError(
+            absl::StrCat("'in <string>' requires string as left operand, not ", TypeName(item)));
       }
       return container.s.find(item.s) != std::string::npos;
     case Value::kList:
@@ -1855,8 +1935,7 @@ absl::StatusOr<bool> Contains(const Value& container, const Value& item) {
 }
 
 // Python's slice semantics over `n` items.
-std::vector<int64_t> SliceIndices(int64_t n, const Value* start, const Value* stop,
-                                  int64_t step) {
+std::vector<int64_t> SliceIndices(int64_t n, const Value* start, const Value* stop, int64_t step) {
   std::vector<int64_t> idx;
   auto norm = [&](const Value* v, int64_t def, bool is_start) {
     if (v == nullptr || v->kind == Value::kNone) return def;
@@ -1885,7 +1964,8 @@ absl::StatusOr<Value> Context::GetItem(const Value& obj, const Value& key) {
         if (const Value* v = obj.dict->Find(key.s)) return *v;
         return Value::Undef(absl::StrCat("'", ObjectRepr(obj), "' has no attribute '", key.s, "'"));
       }
-      return Value::Undef(absl::StrCat("'", ObjectRepr(obj), "' has no attribute '", Str(key), "'"));
+      return Value::Undef(
+          absl::StrCat("'", ObjectRepr(obj), "' has no attribute '", Str(key), "'"));
     case Value::kList:
     case Value::kString: {
       if (key.kind != Value::kInt && key.kind != Value::kBool) {
@@ -1898,8 +1978,7 @@ absl::StatusOr<Value> Context::GetItem(const Value& obj, const Value& key) {
         const int64_t n = static_cast<int64_t>(obj.list->size());
         if (i < 0) i += n;
         if (i < 0 || i >= n) {
-          return Value::Undef(
-              absl::StrCat("'", ObjectRepr(obj), "' has no element ", key.AsInt()));
+          return Value::Undef(absl::StrCat("'", ObjectRepr(obj), "' has no element ", key.AsInt()));
         }
         return (*obj.list)[i];
       }
@@ -1912,7 +1991,8 @@ absl::StatusOr<Value> Context::GetItem(const Value& obj, const Value& key) {
       return Value::Str(Encode(u.substr(i, 1)));
     }
     default:
-      return Value::Undef(absl::StrCat("'", ObjectRepr(obj), "' has no attribute '", Str(key), "'"));
+      return Value::Undef(
+          absl::StrCat("'", ObjectRepr(obj), "' has no attribute '", Str(key), "'"));
   }
 }
 
@@ -1950,14 +2030,14 @@ absl::StatusOr<Value> StringMethod(const std::string& s, const std::string& name
       } else if (p->kind == Value::kString) {
         options.push_back(p->s);
       } else {
-        return RenderError(absl::StrCat(name, " first arg must be str or a tuple of str, not ",
-                                        TypeName(*p)));
+        return RenderError(
+            absl::StrCat(name, " first arg must be str or a tuple of str, not ", TypeName(*p)));
       }
       for (const std::string& o : options) {
-        const bool hit = name == "startswith"
-                             ? s.compare(0, o.size(), o) == 0
-                             : s.size() >= o.size() && s.compare(s.size() - o.size(), o.size(),
-                                                                 o) == 0;
+        const bool hit =
+            name == "startswith"
+                ? s.compare(0, o.size(), o) == 0
+                : s.size() >= o.size() && s.compare(s.size() - o.size(), o.size(), o) == 0;
         if (hit) return Value::Bool(true);
       }
       return Value::Bool(false);
@@ -2061,7 +2141,7 @@ absl::StatusOr<Value> StringMethod(const std::string& s, const std::string& name
     return Value::Func(name, [s](Context& ctx, Args& a) -> absl::StatusOr<Value> {
       const Value* x = a.Get(0, "iterable");
       if (x == nullptr) return RenderError("join() takes exactly one argument (0 given)");
-      SY_ASSIGN_OR_RETURN(ValueList items, Items(*x));
+      SY_ASSIGN_OR_RETURN(ValueList items, Items(*x, ctx));
       std::string r;
       for (size_t k = 0; k < items.size(); ++k) {
         if (items[k].kind != Value::kString) {
@@ -2130,7 +2210,8 @@ absl::StatusOr<Value> Context::Binary(const std::string& op, const Value& a, con
   const bool nums = a.numeric() && b.numeric();
   const bool floats = nums && (a.kind == Value::kFloat || b.kind == Value::kFloat);
   if (op == "+") {
-    if (nums) return floats ? Value::Float(a.AsDouble() + b.AsDouble()) : Value::Int(a.AsInt() + b.AsInt());
+    if (nums)
+      return floats ? Value::Float(a.AsDouble() + b.AsDouble()) : Value::Int(a.AsInt() + b.AsInt());
     if (a.kind == Value::kString && b.kind == Value::kString) {
       SY_RETURN_IF_ERROR(Charge(a.s.size() + b.s.size()));
       return Value::Str(a.s + b.s);
@@ -2139,7 +2220,9 @@ absl::StatusOr<Value> Context::Binary(const std::string& op, const Value& a, con
       SY_RETURN_IF_ERROR(Charge(16 * (a.list->size() + b.list->size())));
       ValueList items = *a.list;
       items.insert(items.end(), b.list->begin(), b.list->end());
-      return Value::List(std::move(items), a.tuple);
+      Value sum = Value::List(std::move(items), a.tuple);
+      SY_RETURN_IF_ERROR(CheckNest(sum));
+      return sum;
     }
     if (a.kind == Value::kString) {
       return RenderError(
@@ -2156,7 +2239,8 @@ absl::StatusOr<Value> Context::Binary(const std::string& op, const Value& a, con
     return floats ? Value::Float(a.AsDouble() - b.AsDouble()) : Value::Int(a.AsInt() - b.AsInt());
   }
   if (op == "*") {
-    if (nums) return floats ? Value::Float(a.AsDouble() * b.AsDouble()) : Value::Int(a.AsInt() * b.AsInt());
+    if (nums)
+      return floats ? Value::Float(a.AsDouble() * b.AsDouble()) : Value::Int(a.AsInt() * b.AsInt());
     const Value* seq = a.kind == Value::kString || a.kind == Value::kList ? &a : &b;
     const Value* times = seq == &a ? &b : &a;
     if ((seq->kind != Value::kString && seq->kind != Value::kList) ||
@@ -2334,16 +2418,17 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
   };
   if (name == "trim") {
     const Value* chars = kw(0, "chars");
-    return new_string(PyStrip(Str(v), chars && chars->kind != Value::kNone
-                                          ? std::optional<std::string>(Str(*chars))
-                                          : std::nullopt,
+    return new_string(PyStrip(Str(v),
+                              chars && chars->kind != Value::kNone
+                                  ? std::optional<std::string>(Str(*chars))
+                                  : std::nullopt,
                               true, true));
   }
   if (name == "tojson") {
     const Value* indent = kw(0, "indent");
     std::string out;
-    SY_RETURN_IF_ERROR(ToJson(v, indent && indent->kind != Value::kNone ? indent->AsInt() : -1, 0,
-                              &out));
+    SY_RETURN_IF_ERROR(
+        ToJson(v, indent && indent->kind != Value::kNone ? indent->AsInt() : -1, 0, &out));
     return new_string(std::move(out));
   }
   if (name == "length" || name == "count") {
@@ -2363,7 +2448,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
   if (name == "join") {
     const Value* sep = kw(0, "d");
     const Value* attr = kw(1, "attribute");
-    SY_ASSIGN_OR_RETURN(ValueList items, Items(v));
+    SY_ASSIGN_OR_RETURN(ValueList items, Items(v, *this));
     std::string out;
     const std::string s = sep ? Str(*sep) : "";
     for (size_t k = 0; k < items.size(); ++k) {
@@ -2382,7 +2467,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
   }
   if (name == "first" || name == "last") {
     SY_RETURN_IF_ERROR(need_defined());
-    SY_ASSIGN_OR_RETURN(ValueList items, Items(v));
+    SY_ASSIGN_OR_RETURN(ValueList items, Items(v, *this));
     if (items.empty()) return Value::Undef(absl::StrCat("No ", name, " item, sequence was empty."));
     return name == "first" ? items.front() : items.back();
   }
@@ -2453,7 +2538,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
     return Value::List(std::move(out));
   }
   if (name == "list") {
-    SY_ASSIGN_OR_RETURN(ValueList items, Items(v));
+    SY_ASSIGN_OR_RETURN(ValueList items, Items(v, *this));
     return Value::List(std::move(items));
   }
   if (name == "reverse") {
@@ -2462,12 +2547,12 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
       std::reverse(u.begin(), u.end());
       return new_string(Encode(u));
     }
-    SY_ASSIGN_OR_RETURN(ValueList items, Items(v));
+    SY_ASSIGN_OR_RETURN(ValueList items, Items(v, *this));
     std::reverse(items.begin(), items.end());
     return Value::List(std::move(items));
   }
   if (name == "unique") {
-    SY_ASSIGN_OR_RETURN(ValueList items, Items(v));
+    SY_ASSIGN_OR_RETURN(ValueList items, Items(v, *this));
     ValueList out;
     for (const Value& x : items) {
       SY_RETURN_IF_ERROR(Step());
@@ -2488,7 +2573,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
     return Call(method, args);
   }
   if (name == "map") {
-    SY_ASSIGN_OR_RETURN(ValueList items, Items(v));
+    SY_ASSIGN_OR_RETURN(ValueList items, Items(v, *this));
     const Value* attr = nullptr;
     for (const auto& [k, x] : args.kw) {
       if (k == "attribute") attr = &x;
@@ -2522,7 +2607,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
   if (name == "select" || name == "reject" || name == "selectattr" || name == "rejectattr") {
     const bool attr_form = name == "selectattr" || name == "rejectattr";
     const bool keep = name == "select" || name == "selectattr";
-    SY_ASSIGN_OR_RETURN(ValueList items, Items(v));
+    SY_ASSIGN_OR_RETURN(ValueList items, Items(v, *this));
     size_t next = 0;
     std::string attr;
     if (attr_form) {
@@ -2552,7 +2637,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
     return Value::List(std::move(out));
   }
   if (name == "sort") {
-    SY_ASSIGN_OR_RETURN(ValueList items, Items(v));
+    SY_ASSIGN_OR_RETURN(ValueList items, Items(v, *this));
     const Value* rev = kw(0, "reverse");
     const Value* cs = kw(1, "case_sensitive");
     const Value* attr = kw(2, "attribute");
@@ -2613,7 +2698,7 @@ absl::StatusOr<Value> Context_AttrPath(Context&, const Value& v, const std::stri
   return cur;
 }
 
-absl::StatusOr<Value> Context::Eval(const Expr& e, const ScopePtr& scope) {
+absl::StatusOr<Value> Context::EvalExpr(const Expr& e, const ScopePtr& scope) {
   SY_RETURN_IF_ERROR(Step());
   switch (e.kind) {
     case Expr::kLiteral:
@@ -2629,7 +2714,9 @@ absl::StatusOr<Value> Context::Eval(const Expr& e, const ScopePtr& scope) {
         SY_ASSIGN_OR_RETURN(Value v, Eval(*k, scope));
         items.push_back(std::move(v));
       }
-      return Value::List(std::move(items), e.kind == Expr::kTuple);
+      Value list = Value::List(std::move(items), e.kind == Expr::kTuple);
+      SY_RETURN_IF_ERROR(CheckNest(list));
+      return list;
     }
     case Expr::kDict: {
       Value d = NewDict();
@@ -2641,6 +2728,7 @@ absl::StatusOr<Value> Context::Eval(const Expr& e, const ScopePtr& scope) {
         }
         d.dict->Set(key.s, std::move(val));
       }
+      SY_RETURN_IF_ERROR(CheckNest(d));
       return d;
     }
     case Expr::kAttr: {
@@ -2661,8 +2749,7 @@ absl::StatusOr<Value> Context::Eval(const Expr& e, const ScopePtr& scope) {
         if (parts[k].undefined()) return UndefinedError(parts[k]);
         if (parts[k].kind != Value::kNone && parts[k].kind != Value::kInt &&
             parts[k].kind != Value::kBool) {
-          return RenderError(
-              "slice indices must be integers or None or have an __index__ method");
+          return RenderError("slice indices must be integers or None or have an __index__ method");
         }
       }
       const int64_t step = parts[2].kind == Value::kInt ? parts[2].i : 1;
@@ -2673,10 +2760,11 @@ absl::StatusOr<Value> Context::Eval(const Expr& e, const ScopePtr& scope) {
       if (obj.undefined()) return UndefinedError(obj);
       if (obj.kind == Value::kList) {
         ValueList out;
-        for (int64_t k : SliceIndices(static_cast<int64_t>(obj.list->size()), bound(0), bound(1),
-                                      step)) {
+        for (int64_t k :
+             SliceIndices(static_cast<int64_t>(obj.list->size()), bound(0), bound(1), step)) {
           out.push_back((*obj.list)[k]);
         }
+        SY_RETURN_IF_ERROR(StepN(static_cast<int64_t>(out.size())));
         return Value::List(std::move(out), obj.tuple);
       }
       if (obj.kind == Value::kString) {
@@ -2712,8 +2800,7 @@ absl::StatusOr<Value> Context::Eval(const Expr& e, const ScopePtr& scope) {
       if (v.undefined()) return UndefinedError(v);
       if (!v.numeric()) {
         return RenderError(absl::StrCat("bad operand type for unary ",
-                                        e.kind == Expr::kNeg ? "-" : "+", ": '", TypeName(v),
-                                        "'"));
+                                        e.kind == Expr::kNeg ? "-" : "+", ": '", TypeName(v), "'"));
       }
       if (e.kind == Expr::kPos) return v.kind == Value::kBool ? Value::Int(v.AsInt()) : v;
       return v.kind == Value::kFloat ? Value::Float(-v.f) : Value::Int(-v.AsInt());
@@ -2744,6 +2831,9 @@ absl::StatusOr<Value> Context::Eval(const Expr& e, const ScopePtr& scope) {
         } else if (op == "!=") {
           r = !Equal(left, right);
         } else if (op == "in" || op == "notin") {
+          if (right.kind == Value::kList) {
+            SY_RETURN_IF_ERROR(StepN(static_cast<int64_t>(right.list->size())));
+          }
           SY_ASSIGN_OR_RETURN(r, Contains(right, left));
           if (op == "notin") r = !r;
         } else {
@@ -2787,13 +2877,13 @@ absl::Status Context::Assign(const std::vector<std::string>& targets, const Valu
     scope->vars[targets[0]] = v;
     return absl::OkStatus();
   }
-  SY_ASSIGN_OR_RETURN(ValueList items, Items(v));
+  SY_ASSIGN_OR_RETURN(ValueList items, Items(v, *this));
   if (items.size() != targets.size()) {
-    return RenderError(items.size() < targets.size()
-                           ? absl::StrCat("not enough values to unpack (expected ",
-                                          targets.size(), ", got ", items.size(), ")")
-                           : absl::StrCat("too many values to unpack (expected ", targets.size(),
-                                          ")"));
+    return RenderError(
+        items.size() < targets.size()
+            ? absl::StrCat("not enough values to unpack (expected ", targets.size(), ", got ",
+                           items.size(), ")")
+            : absl::StrCat("too many values to unpack (expected ", targets.size(), ")"));
   }
   for (size_t k = 0; k < targets.size(); ++k) scope->vars[targets[k]] = items[k];
   return absl::OkStatus();
@@ -2802,62 +2892,71 @@ absl::Status Context::Assign(const std::vector<std::string>& targets, const Valu
 Value Context::MakeMacro(const Stmt& s, const ScopePtr& scope) {
   const Stmt* macro = &s;
   ScopePtr defined_in = scope;
-  return Value::Func(s.text, [macro, defined_in](Context& ctx, Args& args) -> absl::StatusOr<Value> {
-    if (args.pos.size() > macro->params.size()) {
-      return RenderError(absl::StrCat("macro '", macro->text, "' takes not more than ",
-                                      macro->params.size(), " argument(s)"));
-    }
-    if (ctx.call_depth_ >= ctx.limits_.max_call_depth) {
-      return Exhausted("nested macro calls", ctx.limits_.max_call_depth);
-    }
-    auto frame = std::make_shared<Scope>();
-    frame->parent = defined_in;
-    for (size_t k = 0; k < macro->params.size(); ++k) {
-      const std::string& p = macro->params[k];
-      if (k < args.pos.size()) {
-        frame->vars[p] = args.pos[k];
-        continue;
-      }
-      bool found = false;
-      for (const auto& [name, v] : args.kw) {
-        if (name == p) {
-          frame->vars[p] = v;
-          found = true;
+  return Value::Func(
+      s.text, [macro, defined_in](Context& ctx, Args& args) -> absl::StatusOr<Value> {
+        if (args.pos.size() > macro->params.size()) {
+          return RenderError(absl::StrCat("macro '", macro->text, "' takes not more than ",
+                                          macro->params.size(), " argument(s)"));
         }
-      }
-      if (found) continue;
-      if (macro->defaults[k] != nullptr) {
-        SY_ASSIGN_OR_RETURN(frame->vars[p], ctx.Eval(*macro->defaults[k], frame));
-      } else {
-        frame->vars[p] = Value::Undef(absl::StrCat("'", p, "' is undefined"));
-      }
-    }
-    for (const auto& [name, v] : args.kw) {
-      if (std::find(macro->params.begin(), macro->params.end(), name) == macro->params.end()) {
-        return RenderError(
-            absl::StrCat("macro '", macro->text, "' takes no keyword argument '", name, "'"));
-      }
-    }
-    std::string out;
-    ++ctx.call_depth_;
-    absl::StatusOr<Flow> flow = ctx.Exec(macro->bodies[0], frame, &out);
-    --ctx.call_depth_;
-    if (!flow.ok()) return flow.status();
-    return Value::Str(std::move(out));
-  });
+        if (ctx.call_depth_ >= ctx.limits_.max_call_depth) {
+          return Exhausted("nested macro calls", ctx.limits_.max_call_depth);
+        }
+        auto frame = std::make_shared<Scope>();
+        frame->parent = defined_in;
+        for (size_t k = 0; k < macro->params.size(); ++k) {
+          const std::string& p = macro->params[k];
+          if (k < args.pos.size()) {
+            frame->vars[p] = args.pos[k];
+            continue;
+          }
+          bool found = false;
+          for (const auto& [name, v] : args.kw) {
+            if (name == p) {
+              frame->vars[p] = v;
+              found = true;
+            }
+          }
+          if (found) continue;
+          if (macro->defaults[k] != nullptr) {
+            SY_ASSIGN_OR_RETURN(frame->vars[p], ctx.Eval(*macro->defaults[k], frame));
+          } else {
+            frame->vars[p] = Value::Undef(absl::StrCat("'", p, "' is undefined"));
+          }
+        }
+        for (const auto& [name, v] : args.kw) {
+          if (std::find(macro->params.begin(), macro->params.end(), name) == macro->params.end()) {
+            return RenderError(
+                absl::StrCat("macro '", macro->text, "' takes no keyword argument '", name, "'"));
+          }
+        }
+        std::string out;
+        ++ctx.call_depth_;
+        absl::StatusOr<Flow> flow = ctx.Exec(macro->bodies[0], frame, &out);
+        --ctx.call_depth_;
+        if (!flow.ok()) return flow.status();
+        return Value::Str(std::move(out));
+      });
 }
 
 absl::StatusOr<Flow> Context::Exec(const Body& body, const ScopePtr& scope, std::string* out) {
-  for (const Stmt& s : body) {
-    SY_ASSIGN_OR_RETURN(Flow f, ExecOne(s, scope, out));
-    if (f != Flow::kNormal) return f;
+  if (++depth_ > limits_.max_render_depth) {
+    --depth_;
+    return Exhausted("nested evaluations", limits_.max_render_depth);
   }
+  for (const Stmt& s : body) {
+    absl::StatusOr<Flow> f = ExecOne(s, scope, out);
+    if (!f.ok() || *f != Flow::kNormal) {
+      --depth_;
+      return f;
+    }
+  }
+  --depth_;
   return Flow::kNormal;
 }
 
 absl::StatusOr<Flow> Context::ExecFor(const Stmt& s, const ScopePtr& scope, std::string* out) {
   SY_ASSIGN_OR_RETURN(Value iterable, Eval(*s.expr, scope));
-  SY_ASSIGN_OR_RETURN(ValueList items, Items(iterable));
+  SY_ASSIGN_OR_RETURN(ValueList items, Items(iterable, *this));
   if (s.filter != nullptr) {
     ValueList kept;
     for (const Value& x : items) {
@@ -2930,7 +3029,13 @@ absl::StatusOr<Flow> Context::ExecOne(const Stmt& s, const ScopePtr& scope, std:
         if (obj.kind != Value::kDict || !obj.is_namespace || obj.dict->Find("index0") != nullptr) {
           return RenderError("cannot assign attribute on non-namespace object");
         }
+        // A namespace inside a namespace could make a cycle (set ns.a = ns).
+        int64_t visited = 0;
+        const bool holds = HoldsNamespace(v, &visited);
+        SY_RETURN_IF_ERROR(StepN(visited));
+        if (holds) return RenderError("a namespace cannot hold a namespace");
         obj.dict->Set(s.target_attr, std::move(v));
+        SY_RETURN_IF_ERROR(CheckNest(obj));
         return Flow::kNormal;
       }
       SY_RETURN_IF_ERROR(Assign(s.targets, v, scope.get()));
@@ -2963,27 +3068,37 @@ ScopePtr Globals() {
         const Value* m = a.Get(0, "message");
         return absl::InvalidArgumentError(m ? Str(*m) : "");
       });
-  g->vars["namespace"] = Value::Func("namespace", [](Context&, Args& a) -> absl::StatusOr<Value> {
-    Value ns = NewDict();
-    ns.is_namespace = true;
-    if (!a.pos.empty()) {
-      if (a.pos[0].kind != Value::kDict) return RenderError("namespace() takes a mapping");
-      for (const auto& [k, v] : a.pos[0].dict->items) ns.dict->Set(k, v);
-    }
-    for (const auto& [k, v] : a.kw) ns.dict->Set(k, v);
-    return ns;
-  });
+  g->vars["namespace"] =
+      Value::Func("namespace", [](Context& ctx, Args& a) -> absl::StatusOr<Value> {
+        Value ns = NewDict();
+        ns.is_namespace = true;
+        if (!a.pos.empty()) {
+          if (a.pos[0].kind != Value::kDict) return RenderError("namespace() takes a mapping");
+          for (const auto& [k, v] : a.pos[0].dict->items) ns.dict->Set(k, v);
+        }
+        for (const auto& [k, v] : a.kw) {
+          // A namespace inside a namespace could make a cycle (set ns.a = ns).
+          int64_t visited = 0;
+          const bool holds = HoldsNamespace(v, &visited);
+          SY_RETURN_IF_ERROR(ctx.StepN(visited));
+          if (holds) return RenderError("a namespace cannot hold a namespace");
+          ns.dict->Set(k, v);
+        }
+        SY_RETURN_IF_ERROR(CheckNest(ns));
+        return ns;
+      });
   g->vars["dict"] = Value::Func("dict", [](Context&, Args& a) -> absl::StatusOr<Value> {
     Value d = NewDict();
     for (const auto& [k, v] : a.kw) d.dict->Set(k, v);
+    SY_RETURN_IF_ERROR(CheckNest(d));
     return d;
   });
   g->vars["range"] = Value::Func("range", [](Context& ctx, Args& a) -> absl::StatusOr<Value> {
     int64_t start = 0, stop = 0, step = 1;
     for (const Value& v : a.pos) {
       if (v.kind != Value::kInt && v.kind != Value::kBool) {
-        return RenderError(absl::StrCat("'", TypeName(v),
-                                        "' object cannot be interpreted as an integer"));
+        return RenderError(
+            absl::StrCat("'", TypeName(v), "' object cannot be interpreted as an integer"));
       }
     }
     if (a.pos.size() == 1) {
@@ -3039,7 +3154,7 @@ ChatTemplate::ChatTemplate(std::unique_ptr<ChatTemplateImpl> impl) : impl_(std::
 ChatTemplate::~ChatTemplate() = default;
 
 absl::StatusOr<std::unique_ptr<ChatTemplate>> ChatTemplate::Compile(std::string_view source,
-                                                                     ChatTemplateLimits limits) {
+                                                                    ChatTemplateLimits limits) {
   if (static_cast<int64_t>(source.size()) > limits.max_source_bytes) {
     return absl::InvalidArgumentError(absl::StrCat("chat template is ", source.size(),
                                                    " bytes, more than the limit of ",
@@ -3152,8 +3267,7 @@ absl::StatusOr<std::unique_ptr<ChatTemplate>> LoadChatTemplate(const std::string
       }
       config = *std::move(parsed);
     } else if (template_file.empty()) {
-      return absl::NotFoundError(
-          absl::StrCat("no chat template: cannot read ", config_path));
+      return absl::NotFoundError(absl::StrCat("no chat template: cannot read ", config_path));
     }
   }
   std::string source;

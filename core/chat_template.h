@@ -67,14 +67,18 @@ namespace switchyard {
 // Bounds on one render, so a hostile template cannot hang or exhaust a
 // server. Exceeding one fails the render with ResourceExhausted.
 struct ChatTemplateLimits {
-  int64_t max_source_bytes = 1 << 20;   // template text accepted by Compile
-  int max_nesting = 100;                // nesting of tags and expressions (Compile)
-  int64_t max_output_bytes = 4 << 20;   // rendered text, and any one string value
-  int64_t max_work_bytes = 64 << 20;    // bytes of all strings built during a render
-  int64_t max_steps = 2'000'000;        // evaluated expressions and statements
+  int64_t max_source_bytes = 1 << 20;     // template text accepted by Compile
+  int max_nesting = 100;                  // nesting of tags and expressions (Compile)
+  int64_t max_output_bytes = 4 << 20;     // rendered text, and any one string value
+  int64_t max_work_bytes = 64 << 20;      // bytes of all strings built during a render
+  int64_t max_steps = 2'000'000;          // evaluated expressions and statements
   int64_t max_loop_iterations = 200'000;  // for-loop iterations, all loops together
-  int64_t max_range = 100'000;          // longest range(...)
-  int max_call_depth = 64;              // nested macro calls
+  int64_t max_range = 100'000;            // longest range(...)
+  int64_t max_render_ms = 1000;           // wall-clock time of one render
+  int max_call_depth = 64;                // nested macro calls
+  // Nested statement bodies and expressions being evaluated at once, macro
+  // calls included: bounds the stack a render uses (roughly 1 KiB a level).
+  int max_render_depth = 400;
 };
 
 struct ChatTemplateImpl;

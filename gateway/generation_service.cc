@@ -336,9 +336,8 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Generate(grpc::CallbackServerCo
                                                           const v1::GenerateRequest* request,
                                                           v1::GenerateResponse* response) {
   auto* call = new UnaryCall(scheduler_);
-  absl::StatusOr<GenerationRequest> validated =
-      ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits,
-                              options_.chat_template);
+  absl::StatusOr<GenerationRequest> validated = ValidateGenerateRequest(
+      *request, *tokenizer_, config_, options_.limits, options_.chat_template);
   if (!validated.ok()) {
     CountRequest(options_.metrics, "Generate",
                  OutcomeLabel(static_cast<int>(validated.status().code())));
@@ -361,9 +360,8 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Generate(grpc::CallbackServerCo
 grpc::ServerWriteReactor<v1::GenerateStreamResponse>* GenerationServiceImpl::GenerateStream(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto* call = new StreamCall(scheduler_);
-  absl::StatusOr<GenerationRequest> validated =
-      ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits,
-                              options_.chat_template);
+  absl::StatusOr<GenerationRequest> validated = ValidateGenerateRequest(
+      *request, *tokenizer_, config_, options_.limits, options_.chat_template);
   if (!validated.ok()) {
     CountRequest(options_.metrics, "GenerateStream",
                  OutcomeLabel(static_cast<int>(validated.status().code())));

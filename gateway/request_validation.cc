@@ -27,9 +27,9 @@ absl::StatusOr<std::vector<int32_t>> EncodeMessages(const v1::GenerateRequest& r
         "token_ids");
   }
   if (request.messages_size() > limits.max_messages) {
-    return Invalid("messages", absl::StrCat(request.messages_size(),
-                                            " messages, more than the limit of ",
-                                            limits.max_messages));
+    return Invalid("messages",
+                   absl::StrCat(request.messages_size(), " messages, more than the limit of ",
+                                limits.max_messages));
   }
   nlohmann::ordered_json messages = nlohmann::ordered_json::array();
   int64_t bytes = 0;
@@ -42,23 +42,23 @@ absl::StatusOr<std::vector<int32_t>> EncodeMessages(const v1::GenerateRequest& r
     messages.push_back({{"role", m.role()}, {"content", m.content()}});
   }
   if (bytes > limits.max_prompt_bytes) {
-    return Invalid("messages", absl::StrCat("the conversation is ", bytes,
-                                            " bytes, more than the limit of ",
-                                            limits.max_prompt_bytes));
+    return Invalid("messages",
+                   absl::StrCat("the conversation is ", bytes, " bytes, more than the limit of ",
+                                limits.max_prompt_bytes));
   }
   absl::StatusOr<std::string> text = chat_template->RenderChat(messages, true);
   if (!text.ok()) {
     // The template's own message (raise_exception's text) reaches the caller
     // unchanged; a template that hits its limits is the request's fault too.
-    return absl::InvalidArgumentError(text.status().code() == absl::StatusCode::kInvalidArgument
-                                          ? std::string(text.status().message())
-                                          : absl::StrCat("messages: chat template: ",
-                                                         text.status().message()));
+    return absl::InvalidArgumentError(
+        text.status().code() == absl::StatusCode::kInvalidArgument
+            ? std::string(text.status().message())
+            : absl::StrCat("messages: chat template: ", text.status().message()));
   }
   if (static_cast<int64_t>(text->size()) > limits.max_prompt_bytes) {
-    return Invalid("messages", absl::StrCat("the rendered prompt is ", text->size(),
-                                            " bytes, more than the limit of ",
-                                            limits.max_prompt_bytes));
+    return Invalid("messages",
+                   absl::StrCat("the rendered prompt is ", text->size(),
+                                " bytes, more than the limit of ", limits.max_prompt_bytes));
   }
   std::vector<int32_t> ids = tokenizer.Encode(*text, /*add_special_tokens=*/false);
   if (ids.empty()) return Invalid("messages", "the chat template rendered an empty prompt");
@@ -76,8 +76,7 @@ absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequ
   out.request_id = request.request_id();
   const int V = config.vocab_size;
 
-  if (request.messages_size() > 0 &&
-      request.prompt_case() != v1::GenerateRequest::PROMPT_NOT_SET) {
+  if (request.messages_size() > 0 && request.prompt_case() != v1::GenerateRequest::PROMPT_NOT_SET) {
     return Invalid("messages", "set only one of text, token_ids and messages");
   }
   switch (request.prompt_case()) {

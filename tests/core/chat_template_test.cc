@@ -4,6 +4,8 @@
 // with Python's jinja2), template loading, and bounds on hostile templates.
 #include "core/chat_template.h"
 
+#include <pthread.h>
+
 #include <chrono>
 #include <string>
 #include <thread>
@@ -24,7 +26,8 @@ using ::switchyard::testing::WriteAll;
 std::string TemplatesDir() { return DataDir() + "/chat-templates"; }
 
 TEST(ChatTemplateReferences, EveryFixtureRenderingAndRefusal) {
-  const nlohmann::ordered_json refs = nlohmann::ordered_json::parse(ReadAll(TemplatesDir() + "/references.json"));
+  const nlohmann::ordered_json refs =
+      nlohmann::ordered_json::parse(ReadAll(TemplatesDir() + "/references.json"));
   ASSERT_GT(refs["references"].size(), 0u);
   int texts = 0, errors = 0;
   for (const nlohmann::ordered_json& ref : refs["references"]) {
@@ -87,7 +90,7 @@ TEST(ChatTemplate, CompileOnceRenderManyFromThreads) {
   (*tmpl)->set_bos_token("<s>");
   (*tmpl)->set_eos_token("</s>");
   const nlohmann::ordered_json messages = {{{"role", "system"}, {"content", "S"}},
-                                   {{"role", "user"}, {"content", "U"}}};
+                                           {{"role", "user"}, {"content", "U"}}};
   const std::string expected = "<s> [INST] S\n\nU [/INST]";
   std::vector<std::thread> threads;
   std::vector<int> good(4, 0);
@@ -115,9 +118,9 @@ TEST(ChatTemplate, GenerationBlockRendersItsBody) {
 }
 
 TEST(ChatTemplate, SyntaxErrorsNameTheLine) {
-  for (const char* source : {"line one\n{% if x %}open", "{{ x ", "{% endfor %}", "{{ (1 }}",
-                             "{% for %}", "{% macro m( %}{% endmacro %}", "{{ 'unterminated }}",
-                             "{% raw %}x{% endraw %}"}) {
+  for (const char* source :
+       {"line one\n{% if x %}open", "{{ x ", "{% endfor %}", "{{ (1 }}", "{% for %}",
+        "{% macro m( %}{% endmacro %}", "{{ 'unterminated }}", "{% raw %}x{% endraw %}"}) {
     SCOPED_TRACE(source);
     auto tmpl = ChatTemplate::Compile(source);
     ASSERT_FALSE(tmpl.ok());
@@ -143,18 +146,34 @@ TEST(ChatTemplate, HostileTemplatesHitLimits) {
     const char* name;
     const char* source;
   } cases[] = {
-      {"nested loops", "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}"
-                       "{% endfor %}"},
+      {"nested loops",
+       "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}"
+       "{% endfor %}"},
       {"huge range", "{% for a in range(1000000000) %}{% endfor %}"},
       {"string repetition", "{{ 'x' * 1000000000 }}"},
-      {"doubling", "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(100) %}"
-                   "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}"},
+      {"doubling",
+       "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(100) %}"
+       "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}"},
       {"huge output", "{% for a in range(100000) %}{{ 'y' * 1000 }}{% endfor %}"},
-      {"list growth", "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}"
-                      "{% set ns.l = ns.l + ns.l %}{% endfor %}"},
+      {"list growth",
+       "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}"
+       "{% set ns.l = ns.l + ns.l %}{% endfor %}"},
       {"recursive macro", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"},
-      {"exponential macro", "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}"
-                            "{% endif %}{% endmacro %}{{ f(40) }}"},
+      {"nesting lists",
+       "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}"
+       "{% set ns.l = [ns.l] %}{% endfor %}{{ ns.l }}"},
+      {"nesting dicts",
+       "{% set ns = namespace(d={}) %}{% for i in range(100000) %}"
+       "{% set ns.d = dict(a=ns.d) %}{% endfor %}{{ ns.d | tojson }}"},
+      {"scanning a big list",
+       "{% set ns = namespace(l=range(100000) | list) %}"
+       "{% for i in range(100000) %}{% set ns.l = ns.l %}{% endfor %}"},
+      {"big string operations",
+       "{% set s = 'x' * 4000000 %}{% for i in range(100000) %}"
+       "{% if s | length > 0 and 'y' not in s %}{% endif %}{% endfor %}"},
+      {"exponential macro",
+       "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}"
+       "{% endif %}{% endmacro %}{{ f(40) }}"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.name);
@@ -167,9 +186,55 @@ TEST(ChatTemplate, HostileTemplatesHitLimits) {
     ASSERT_FALSE(text.ok()) << "rendered " << text->size() << " bytes";
     EXPECT_EQ(text.status().code(), absl::StatusCode::kResourceExhausted) << text.status();
     EXPECT_NE(text.status().message().find("limit"), std::string::npos) << text.status();
-    std::printf("%s: %s (%.2f s)\n", c.name, std::string(text.status().message()).c_str(),
-                seconds);
+    std::printf("%s: %s (%.2f s)\n", c.name, std::string(text.status().message()).c_str(), seconds);
   }
+}
+
+TEST(ChatTemplate, NamespacesCannotHoldNamespaces) {
+  for (const char* source : {"{% set ns = namespace() %}{% set ns.me = ns %}",
+                             "{% set ns = namespace() %}{% set ns.l = [1, {'a': ns}] %}",
+                             "{% set a = namespace() %}{% set b = namespace(x=a) %}",
+                             "{% for x in [1] %}{% set ns = namespace() %}{% set ns.l = loop %}"
+                             "{% endfor %}"}) {
+    SCOPED_TRACE(source);
+    auto tmpl = ChatTemplate::Compile(source);
+    ASSERT_TRUE(tmpl.ok()) << tmpl.status();
+    auto text = (*tmpl)->Render(nlohmann::ordered_json::object());
+    EXPECT_EQ(text.status().code(), absl::StatusCode::kInvalidArgument) << text.status();
+  }
+}
+
+// The deepest render the limits allow fits in a 1 MiB thread stack (gRPC and
+// HTTP server threads have at least that).
+TEST(ChatTemplate, DeepestRenderFitsASmallStack) {
+  std::string source = "{% macro f(n) %}";
+  for (int k = 0; k < 30; ++k) source += "{% if true %}";
+  source += "{{ ((((((((((f(n + 1))))))))))) }}";
+  for (int k = 0; k < 30; ++k) source += "{% endif %}";
+  source += "{% endmacro %}{{ f(0) }}";
+  auto tmpl = ChatTemplate::Compile(source);
+  ASSERT_TRUE(tmpl.ok()) << tmpl.status();
+  absl::Status result;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, 1 << 20);
+  struct Job {
+    const ChatTemplate* tmpl;
+    absl::Status* result;
+  } job{tmpl->get(), &result};
+  pthread_t thread;
+  ASSERT_EQ(pthread_create(
+                &thread, &attr,
+                [](void* arg) -> void* {
+                  auto* j = static_cast<Job*>(arg);
+                  *j->result = j->tmpl->Render(nlohmann::ordered_json::object()).status();
+                  return nullptr;
+                },
+                &job),
+            0);
+  pthread_join(thread, nullptr);
+  pthread_attr_destroy(&attr);
+  EXPECT_EQ(result.code(), absl::StatusCode::kResourceExhausted) << result;
 }
 
 TEST(ChatTemplate, DeepNestingIsACompileError) {

@@ -111,7 +111,8 @@ TEST(ChatGateway, MessagesGenerateWhatTheRenderedTokenIdsGenerate) {
   auto reader = stub->GenerateStream(&ctx, Conversation());
   v1::GenerateStreamResponse m;
   std::vector<int32_t> streamed;
-  while (reader->Read(&m)) streamed.insert(streamed.end(), m.token_ids().begin(), m.token_ids().end());
+  while (reader->Read(&m))
+    streamed.insert(streamed.end(), m.token_ids().begin(), m.token_ids().end());
   ASSERT_TRUE(reader->Finish().ok());
   EXPECT_EQ(streamed, Ids(direct.token_ids()));
   gateway->Shutdown(absl::Seconds(1));
@@ -132,7 +133,8 @@ TEST(ChatGateway, RefusalsAndBadRequestsAreInvalidArgument) {
   AddMessage(&assistant_first, "assistant", "I speak first.");
   grpc::Status s = call(assistant_first);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_EQ(s.error_message(), "Conversation roles must alternate user/assistant/user/assistant/...");
+  EXPECT_EQ(s.error_message(),
+            "Conversation roles must alternate user/assistant/user/assistant/...");
 
   v1::GenerateRequest tool;
   AddMessage(&tool, "user", "tool?");
@@ -183,8 +185,7 @@ TEST(ChatGateway, AChatTemplateFlagThatDoesNotLoadStopsStartUp) {
   options.chat_template_file = dir + "/broken.jinja";
   auto gateway = Gateway::Start(options);
   ASSERT_FALSE(gateway.ok());
-  EXPECT_NE(gateway.status().message().find("broken.jinja"), std::string::npos)
-      << gateway.status();
+  EXPECT_NE(gateway.status().message().find("broken.jinja"), std::string::npos) << gateway.status();
   options.chat_template_file = dir + "/missing.jinja";
   gateway = Gateway::Start(options);
   ASSERT_FALSE(gateway.ok());
