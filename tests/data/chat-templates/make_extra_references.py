@@ -224,6 +224,36 @@ CASES = [
      "        {{- \" \" + message[\"content\"]|trim + eos_token}}\n    {%- else %}\n"
      "        {{- raise_exception(\"Only user and assistant roles are supported, with the exception of an initial optional system message!\") }}\n"
      "    {%- endif %}\n{%- endfor %}\n"),
+    ("whitespace_edges",
+     "  {%- if true %}A{% endif %}\n  {% if true %}B{% endif %}\nx  {% if true %}C{% endif %}\n"
+     "  {{ 'D' }}\n\t{% if true %}\n E\n\t{% endif %}\n{{ 'F' -}}\n\n  G {#- c #}\n"
+     "  {# own line #}\nH{{- ' I ' }}J {%- if true -%}  K  {%- endif -%}  \n\n L\n"
+     "{% for x in [1, 2] %}\n  {{ x }}\n{% endfor %}\n{% if true %}end{% endif %}\n\n"),
+    ("whitespace_plus_and_minus",
+     "a  {%+ if true +%}\n  b {%- if true %}\n c\n{%+ endif -%}\n\n d {% endif %}\n  {#+ k +#}\ne"),
+    ("template_ending_in_tag_newline", "{% for m in messages %}{{ m.role }}\n{% endfor %}\n"),
+    ("deepseek_style",
+     "{% set ns = namespace(is_first=false, system_prompt='', is_tool=false) %}"
+     "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+     "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+     "{{ bos_token }}{{ ns.system_prompt }}"
+     "{%- for message in messages %}{%- if message['role'] == 'user' %}"
+     "{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+     "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
+     "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+     "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}{%- endfor -%}"
+     "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\n' }}{% endif %}"),
+    ("multimodal_content_parts",
+     "{% for message in messages %}{{ message.role }}: {% if message.content is string %}"
+     "{{ message.content }}{% else %}{% for part in message.content %}{% if part.type == 'text' %}"
+     "{{ part.text }}{% elif part.type == 'image' %}<image>{% endif %}{% endfor %}{% endif %}\n"
+     "{% endfor %}"),
+    ("phi3_style",
+     "{% for message in messages %}{% if message['role'] == 'system' %}"
+     "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+     "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+     "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"),
     ("generation_prompt_false",
      "{% for m in messages %}{{ m.role }}{% endfor %}{% if add_generation_prompt %}+{% endif %}"),
 ]
@@ -231,6 +261,14 @@ CASES = [
 # Cases rendered with different variables.
 VAR_OVERRIDES = {
     "generation_prompt_false": {"add_generation_prompt": False},
+    "deepseek_style": {"messages": [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "<think>hmm</think>A1"},
+        {"role": "user", "content": "Q2"}]},
+    "multimodal_content_parts": {"messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A cat."}]},
 }
 
 
