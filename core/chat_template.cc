@@ -856,7 +856,6 @@ class Lexer {
         break;
       }
       std::string text = src_.substr(pos_, tag - pos_);
-      const int text_line = line_;
       CountLines(pos_, tag);
       const char type = src_[tag + 1];
       char sign = tag + 2 < src_.size() ? src_[tag + 2] : 0;
@@ -873,7 +872,6 @@ class Lexer {
           }
         }
       }
-      (void)text_line;
       AddText(std::move(text), &out);
       pos_ = tag + 2 + (sign ? 1 : 0);
       if (type == '#') {
@@ -899,7 +897,6 @@ class Lexer {
   void AfterEnd(char sign, bool block_like) {
     const size_t start = pos_;
     if (sign == '-') {
-      std::u32string rest = Decode(std::string_view(src_).substr(pos_, 64));
       while (pos_ < src_.size()) {
         const size_t n = std::max<size_t>(ValidUtf8Len(src_, pos_), 1);
         std::u32string c = Decode(std::string_view(src_).substr(pos_, n));
@@ -1807,7 +1804,7 @@ class Context {
   // Accounts for a new string of `n` bytes.
   absl::Status Charge(size_t n) {
     if (static_cast<int64_t>(n) > limits_.max_output_bytes) {
-      return Exhausted("bytes in one string", limits_.max_output_bytes);
+      return Exhausted("bytes in one value", limits_.max_output_bytes);
     }
     work_ += static_cast<int64_t>(n);
     if (work_ > limits_.max_work_bytes) return Exhausted("bytes of work", limits_.max_work_bytes);
@@ -1937,19 +1934,18 @@ absl::StatusOr<bool> Contains(const Value& container, const Value& item) {
 // Python's slice semantics over `n` items.
 std::vector<int64_t> SliceIndices(int64_t n, const Value* start, const Value* stop, int64_t step) {
   std::vector<int64_t> idx;
-  auto norm = [&](const Value* v, int64_t def, bool is_start) {
+  auto norm = [&](const Value* v, int64_t def) {
     if (v == nullptr || v->kind == Value::kNone) return def;
     int64_t x = v->AsInt();
     if (x < 0) x += n;
     if (step > 0) return std::clamp<int64_t>(x, 0, n);
-    (void)is_start;
     return std::clamp<int64_t>(x, -1, n - 1);
   };
   if (step > 0) {
-    const int64_t b = norm(start, 0, true), e = norm(stop, n, false);
+    const int64_t b = norm(start, 0), e = norm(stop, n);
     for (int64_t k = b; k < e; k += step) idx.push_back(k);
   } else {
-    const int64_t b = norm(start, n - 1, true), e = norm(stop, -1, false);
+    const int64_t b = norm(start, n - 1), e = norm(stop, -1);
     for (int64_t k = b; k > e; k += step) idx.push_back(k);
   }
   return idx;
@@ -2251,7 +2247,7 @@ absl::StatusOr<Value> Context::Binary(const std::string& op, const Value& a, con
     const int64_t unit = seq->kind == Value::kString ? static_cast<int64_t>(seq->s.size())
                                                      : 16 * static_cast<int64_t>(seq->list->size());
     if (unit != 0 && n > limits_.max_output_bytes / unit) {
-      return Exhausted("bytes in one string", limits_.max_output_bytes);
+      return Exhausted("bytes in one value", limits_.max_output_bytes);
     }
     SY_RETURN_IF_ERROR(Charge(static_cast<size_t>(unit * n)));
     if (seq->kind == Value::kString) {
@@ -2400,8 +2396,8 @@ absl::StatusOr<bool> Context::ApplyTest(const std::string& name, const Value& v,
   return RenderError(absl::StrCat("No test named '", name, "'."));
 }
 
-// An attribute path like "a.b" or "0" applied as jinja2's make_attrgetter.
-absl::StatusOr<Value> Context_AttrPath(Context& ctx, const Value& v, const std::string& path);
+// An attribute path like "a.b" or "0", looked up as jinja2's make_attrgetter does.
+Value AttrPath(const Value& v, const std::string& path);
 
 absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value& v, Args& args,
                                            const ScopePtr& scope) {
@@ -2455,12 +2451,12 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
       if (k) out += s;
       Value item = items[k];
       if (attr) {
-        SY_ASSIGN_OR_RETURN(item, Context_AttrPath(*this, item, Str(*attr)));
+        item = AttrPath(item, Str(*attr));
       }
       out += Str(item);
       SY_RETURN_IF_ERROR(Charge(s.size()));
       if (static_cast<int64_t>(out.size()) > limits_.max_output_bytes) {
-        return Exhausted("bytes in one string", limits_.max_output_bytes);
+        return Exhausted("bytes in one value", limits_.max_output_bytes);
       }
     }
     return new_string(std::move(out));
@@ -2586,7 +2582,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
       }
       for (const Value& x : items) {
         SY_RETURN_IF_ERROR(Step());
-        SY_ASSIGN_OR_RETURN(Value y, Context_AttrPath(*this, x, Str(*attr)));
+        Value y = AttrPath(x, Str(*attr));
         out.push_back(y.undefined() && def ? *def : y);
       }
       return Value::List(std::move(out));
@@ -2624,7 +2620,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
       SY_RETURN_IF_ERROR(Step());
       Value subject = x;
       if (attr_form) {
-        SY_ASSIGN_OR_RETURN(subject, Context_AttrPath(*this, x, attr));
+        subject = AttrPath(x, attr);
       }
       bool pass;
       if (test.empty()) {
@@ -2646,7 +2642,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
     for (const Value& x : items) {
       Value key = x;
       if (attr) {
-        SY_ASSIGN_OR_RETURN(key, Context_AttrPath(*this, x, Str(*attr)));
+        key = AttrPath(x, Str(*attr));
       }
       if (!case_sensitive && key.kind == Value::kString) key = Value::Str(MapCase(key.s, false));
       keyed.emplace_back(std::move(key), x);
@@ -2670,7 +2666,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
   return RenderError(absl::StrCat("No filter named '", name, "'."));
 }
 
-absl::StatusOr<Value> Context_AttrPath(Context&, const Value& v, const std::string& path) {
+Value AttrPath(const Value& v, const std::string& path) {
   Value cur = v;
   size_t b = 0;
   while (true) {
@@ -2862,7 +2858,7 @@ absl::StatusOr<Value> Context::EvalExpr(const Expr& e, const ScopePtr& scope) {
         SY_RETURN_IF_ERROR(Charge(s.size()));
         out += s;
         if (static_cast<int64_t>(out.size()) > limits_.max_output_bytes) {
-          return Exhausted("bytes in one string", limits_.max_output_bytes);
+          return Exhausted("bytes in one value", limits_.max_output_bytes);
         }
       }
       return Value::Str(std::move(out));
