@@ -2887,7 +2887,9 @@ absl::Status Context::Assign(const std::vector<std::string>& targets, const Valu
 
 Value Context::MakeMacro(const Stmt& s, const ScopePtr& scope) {
   const Stmt* macro = &s;
-  ScopePtr defined_in = scope;
+  // Weak: the macro is stored in that scope, and a strong pointer would be a
+  // cycle that outlives the render.
+  std::weak_ptr<Scope> defined_in = scope;
   return Value::Func(
       s.text, [macro, defined_in](Context& ctx, Args& args) -> absl::StatusOr<Value> {
         if (args.pos.size() > macro->params.size()) {
@@ -2898,7 +2900,11 @@ Value Context::MakeMacro(const Stmt& s, const ScopePtr& scope) {
           return Exhausted("nested macro calls", ctx.limits_.max_call_depth);
         }
         auto frame = std::make_shared<Scope>();
-        frame->parent = defined_in;
+        frame->parent = defined_in.lock();
+        if (frame->parent == nullptr) {
+          return RenderError(
+              absl::StrCat("macro '", macro->text, "' called after its scope ended"));
+        }
         for (size_t k = 0; k < macro->params.size(); ++k) {
           const std::string& p = macro->params[k];
           if (k < args.pos.size()) {

@@ -40,7 +40,10 @@
 // Values print as Python's str() does (None, True, 1.5, ['a'] ...). Case
 // mapping (upper/lower/title) covers the characters glibc's C.UTF-8 locale
 // maps one to one (so "ß".upper() stays "ß"; Python gives "SS").
-// Anything outside the subset is a compile or render error naming it.
+// Anything outside the subset is a compile or render error naming it. Known
+// differences from jinja2, all in constructs chat templates do not use: a
+// namespace cannot hold a namespace (cycles), dict keys are strings, and a
+// macro defined inside a loop cannot be called once that iteration ended.
 //
 // Errors are absl::Status: InvalidArgument for syntax errors (with line
 // number) and for render errors such as calling something undefined, with
