@@ -414,6 +414,17 @@ absl::Status RenderError(std::string message) {
   return absl::InvalidArgumentError(std::move(message));
 }
 
+// Python's integers are unbounded; these are 64-bit.
+absl::Status IntegerOverflow() {
+  return RenderError("integer overflow (integers are 64-bit here)");
+}
+
+absl::StatusOr<Value> FloatToInt(double d) {
+  const double t = std::trunc(d);
+  if (!(t >= -9223372036854775808.0 && t < 9223372036854775808.0)) return IntegerOverflow();
+  return Value::Int(static_cast<int64_t>(t));
+}
+
 absl::Status UndefinedError(const Value& v) {
   return RenderError(v.s.empty() ? "undefined value" : v.s);
 }
@@ -558,7 +569,11 @@ absl::StatusOr<int> Compare(const Value& a, const Value& b, std::string_view op)
 }
 
 // Python's json.dumps(ensure_ascii=False), as transformers' tojson filter.
-absl::Status ToJson(const Value& v, int indent, int level, std::string* out) {
+absl::Status ToJson(const Value& v, int indent, int level, int64_t limit, std::string* out) {
+  if (static_cast<int64_t>(out->size()) > limit) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("chat template exceeded its limit of ", limit, " bytes in one value"));
+  }
   auto newline = [&](int lvl) {
     if (indent >= 0) {
       out->push_back('\n');
@@ -631,7 +646,7 @@ absl::Status ToJson(const Value& v, int indent, int level, std::string* out) {
       for (size_t k = 0; k < v.list->size(); ++k) {
         if (k) *out += indent >= 0 ? "," : ", ";
         newline(level + 1);
-        SY_RETURN_IF_ERROR(ToJson((*v.list)[k], indent, level + 1, out));
+        SY_RETURN_IF_ERROR(ToJson((*v.list)[k], indent, level + 1, limit, out));
       }
       newline(level);
       out->push_back(']');
@@ -649,9 +664,9 @@ absl::Status ToJson(const Value& v, int indent, int level, std::string* out) {
         if (!first) *out += indent >= 0 ? "," : ", ";
         first = false;
         newline(level + 1);
-        SY_RETURN_IF_ERROR(ToJson(Value::Str(k), indent, level + 1, out));
+        SY_RETURN_IF_ERROR(ToJson(Value::Str(k), indent, level + 1, limit, out));
         *out += ": ";
-        SY_RETURN_IF_ERROR(ToJson(x, indent, level + 1, out));
+        SY_RETURN_IF_ERROR(ToJson(x, indent, level + 1, limit, out));
       }
       newline(level);
       out->push_back('}');
@@ -1943,10 +1958,16 @@ std::vector<int64_t> SliceIndices(int64_t n, const Value* start, const Value* st
   };
   if (step > 0) {
     const int64_t b = norm(start, 0), e = norm(stop, n);
-    for (int64_t k = b; k < e; k += step) idx.push_back(k);
+    for (int64_t k = b; k < e;) {
+      idx.push_back(k);
+      if (__builtin_add_overflow(k, step, &k)) break;
+    }
   } else {
     const int64_t b = norm(start, n - 1), e = norm(stop, -1);
-    for (int64_t k = b; k > e; k += step) idx.push_back(k);
+    for (int64_t k = b; k > e;) {
+      idx.push_back(k);
+      if (__builtin_add_overflow(k, step, &k)) break;
+    }
   }
   return idx;
 }
@@ -2206,8 +2227,12 @@ absl::StatusOr<Value> Context::Binary(const std::string& op, const Value& a, con
   const bool nums = a.numeric() && b.numeric();
   const bool floats = nums && (a.kind == Value::kFloat || b.kind == Value::kFloat);
   if (op == "+") {
-    if (nums)
-      return floats ? Value::Float(a.AsDouble() + b.AsDouble()) : Value::Int(a.AsInt() + b.AsInt());
+    if (nums) {
+      if (floats) return Value::Float(a.AsDouble() + b.AsDouble());
+      int64_t r;
+      if (__builtin_add_overflow(a.AsInt(), b.AsInt(), &r)) return IntegerOverflow();
+      return Value::Int(r);
+    }
     if (a.kind == Value::kString && b.kind == Value::kString) {
       SY_RETURN_IF_ERROR(Charge(a.s.size() + b.s.size()));
       return Value::Str(a.s + b.s);
@@ -2232,11 +2257,18 @@ absl::StatusOr<Value> Context::Binary(const std::string& op, const Value& a, con
   }
   if (op == "-") {
     if (!nums) return unsupported();
-    return floats ? Value::Float(a.AsDouble() - b.AsDouble()) : Value::Int(a.AsInt() - b.AsInt());
+    if (floats) return Value::Float(a.AsDouble() - b.AsDouble());
+    int64_t r;
+    if (__builtin_sub_overflow(a.AsInt(), b.AsInt(), &r)) return IntegerOverflow();
+    return Value::Int(r);
   }
   if (op == "*") {
-    if (nums)
-      return floats ? Value::Float(a.AsDouble() * b.AsDouble()) : Value::Int(a.AsInt() * b.AsInt());
+    if (nums) {
+      if (floats) return Value::Float(a.AsDouble() * b.AsDouble());
+      int64_t r;
+      if (__builtin_mul_overflow(a.AsInt(), b.AsInt(), &r)) return IntegerOverflow();
+      return Value::Int(r);
+    }
     const Value* seq = a.kind == Value::kString || a.kind == Value::kList ? &a : &b;
     const Value* times = seq == &a ? &b : &a;
     if ((seq->kind != Value::kString && seq->kind != Value::kList) ||
@@ -2279,6 +2311,10 @@ absl::StatusOr<Value> Context::Binary(const std::string& op, const Value& a, con
       return Value::Float(std::floor((x - m) / y + 0.5));
     }
     const int64_t x = a.AsInt(), y = b.AsInt();
+    if (x == INT64_MIN && y == -1) {
+      if (op == "%") return Value::Int(0);
+      return IntegerOverflow();
+    }
     int64_t q = x / y, m = x % y;
     if (m != 0 && ((m < 0) != (y < 0))) {
       m += y;
@@ -2288,13 +2324,14 @@ absl::StatusOr<Value> Context::Binary(const std::string& op, const Value& a, con
   }
   if (op == "**") {
     if (!floats && b.AsInt() >= 0) {
+      // Exponentiation by squaring: O(log exponent) steps.
       int64_t r = 1, base = a.AsInt();
-      for (int64_t e = b.AsInt(); e > 0; --e) {
-        if (base != 0 && std::abs(r) > INT64_MAX / std::max<int64_t>(std::abs(base), 1)) {
-          return RenderError("integer overflow in **");
+      for (int64_t e = b.AsInt(); e > 0; e >>= 1) {
+        if ((e & 1) && __builtin_mul_overflow(r, base, &r)) return IntegerOverflow();
+        if (e > 1 && __builtin_mul_overflow(base, base, &base)) {
+          if (a.AsInt() == -1 || a.AsInt() == 0 || a.AsInt() == 1) break;  // cannot happen
+          return IntegerOverflow();
         }
-        r *= base;
-        if (r == 0 || r == 1) break;
       }
       return Value::Int(r);
     }
@@ -2423,8 +2460,9 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
   if (name == "tojson") {
     const Value* indent = kw(0, "indent");
     std::string out;
-    SY_RETURN_IF_ERROR(
-        ToJson(v, indent && indent->kind != Value::kNone ? indent->AsInt() : -1, 0, &out));
+    int64_t spaces = indent && indent->kind != Value::kNone ? indent->AsInt() : -1;
+    if (spaces > 1000) return RenderError("tojson: indent must be at most 1000");
+    SY_RETURN_IF_ERROR(ToJson(v, static_cast<int>(spaces), 0, limits_.max_output_bytes, &out));
     return new_string(std::move(out));
   }
   if (name == "length" || name == "count") {
@@ -2479,7 +2517,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
     if (v.kind == Value::kFloat) {
       if (!is_int) return v;
       if (!std::isfinite(v.f)) return fallback;
-      return Value::Int(static_cast<int64_t>(std::trunc(v.f)));
+      return FloatToInt(v.f);
     }
     if (v.kind == Value::kString) {
       std::string t = PyStrip(v.s, std::nullopt, true, true);
@@ -2493,7 +2531,7 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
       const double d = std::strtod(t.c_str(), &end);
       if (!t.empty() && end == t.c_str() + t.size()) {
         if (!is_int) return Value::Float(d);
-        if (std::isfinite(d)) return Value::Int(static_cast<int64_t>(std::trunc(d)));
+        if (std::isfinite(d)) return FloatToInt(d);
       }
     }
     return fallback;
@@ -2501,7 +2539,10 @@ absl::StatusOr<Value> Context::ApplyFilter(const std::string& name, const Value&
   if (name == "abs") {
     SY_RETURN_IF_ERROR(need_defined());
     if (v.kind == Value::kFloat) return Value::Float(std::fabs(v.f));
-    if (v.numeric()) return Value::Int(std::abs(v.AsInt()));
+    if (v.numeric()) {
+      if (v.AsInt() == INT64_MIN) return IntegerOverflow();
+      return Value::Int(std::abs(v.AsInt()));
+    }
     return RenderError(absl::StrCat("bad operand type for abs(): '", TypeName(v), "'"));
   }
   if (name == "round") {
@@ -2799,7 +2840,9 @@ absl::StatusOr<Value> Context::EvalExpr(const Expr& e, const ScopePtr& scope) {
                                         e.kind == Expr::kNeg ? "-" : "+", ": '", TypeName(v), "'"));
       }
       if (e.kind == Expr::kPos) return v.kind == Value::kBool ? Value::Int(v.AsInt()) : v;
-      return v.kind == Value::kFloat ? Value::Float(-v.f) : Value::Int(-v.AsInt());
+      if (v.kind == Value::kFloat) return Value::Float(-v.f);
+      if (v.AsInt() == INT64_MIN) return IntegerOverflow();
+      return Value::Int(-v.AsInt());
     }
     case Expr::kNot: {
       SY_ASSIGN_OR_RETURN(Value v, Eval(*e.kids[0], scope));
@@ -3118,7 +3161,10 @@ ScopePtr Globals() {
       return Exhausted("items in range()", ctx.limits_.max_range);
     }
     ValueList out;
-    for (int64_t v = start; step > 0 ? v < stop : v > stop; v += step) out.push_back(Value::Int(v));
+    for (int64_t v = start; step > 0 ? v < stop : v > stop;) {
+      out.push_back(Value::Int(v));
+      if (__builtin_add_overflow(v, step, &v)) break;
+    }
     return Value::List(std::move(out));
   });
   return g;

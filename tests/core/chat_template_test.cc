@@ -171,6 +171,7 @@ TEST(ChatTemplate, HostileTemplatesHitLimits) {
       {"big string operations",
        "{% set s = 'x' * 4000000 %}{% for i in range(100000) %}"
        "{% if s | length > 0 and 'y' not in s %}{% endif %}{% endfor %}"},
+      {"indented json", "{{ range(100000) | list | tojson(indent=1000) }}"},
       {"exponential macro",
        "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}"
        "{% endif %}{% endmacro %}{{ f(40) }}"},
@@ -187,6 +188,42 @@ TEST(ChatTemplate, HostileTemplatesHitLimits) {
     EXPECT_EQ(text.status().code(), absl::StatusCode::kResourceExhausted) << text.status();
     EXPECT_NE(text.status().message().find("limit"), std::string::npos) << text.status();
     std::printf("%s: %s (%.2f s)\n", c.name, std::string(text.status().message()).c_str(), seconds);
+  }
+}
+
+// Python's integers are unbounded; ours are 64-bit and say so instead of
+// wrapping.
+TEST(ChatTemplate, IntegersAreCheckedNotWrapped) {
+  const struct {
+    const char* source;
+    const char* text;  // nullptr: an integer overflow error
+  } cases[] = {
+      {"{{ (-1) ** 3 }} {{ 2 ** 62 }} {{ 3 ** 0 }} {{ (-2) ** 63 }}",
+       "-1 4611686018427387904 1 -9223372036854775808"},
+      {"{{ [1, 2, 3][1::9223372036854775807] }} {{ range(9223372036854775806, 9223372036854775807, "
+       "9223372036854775807) | list }}",
+       "[2] [9223372036854775806]"},
+      {"{{ 9223372036854775807 + 1 }}", nullptr},
+      {"{{ -9223372036854775807 - 2 }}", nullptr},
+      {"{{ 4294967296 * 4294967296 }}", nullptr},
+      {"{{ 2 ** 63 }}", nullptr},
+      {"{{ -(-9223372036854775807 - 1) }}", nullptr},
+      {"{{ (-9223372036854775807 - 1) // -1 }}", nullptr},
+      {"{{ 1e300 | int }}", nullptr},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.source);
+    auto tmpl = ChatTemplate::Compile(c.source);
+    ASSERT_TRUE(tmpl.ok()) << tmpl.status();
+    auto text = (*tmpl)->Render(nlohmann::ordered_json::object());
+    if (c.text != nullptr) {
+      ASSERT_TRUE(text.ok()) << text.status();
+      EXPECT_EQ(*text, c.text);
+    } else {
+      ASSERT_FALSE(text.ok()) << *text;
+      EXPECT_NE(text.status().message().find("integer overflow"), std::string::npos)
+          << text.status();
+    }
   }
 }
 
