@@ -42,8 +42,10 @@
 // maps one to one (so "ß".upper() stays "ß"; Python gives "SS").
 // Anything outside the subset is a compile or render error naming it. Known
 // differences from jinja2, all in constructs chat templates do not use: a
-// namespace cannot hold a namespace (cycles), dict keys are strings, and a
-// macro defined inside a loop cannot be called once that iteration ended.
+// namespace cannot hold a namespace (cycles), dict keys are strings,
+// integers are 64-bit (overflow is an error), lists and dicts nest at most
+// 64 deep, and a macro defined inside a loop cannot be called once that
+// iteration ended.
 //
 // Errors are absl::Status: InvalidArgument for syntax errors (with line
 // number) and for render errors such as calling something undefined, with
@@ -51,8 +53,9 @@
 // `msg` as the status message (InvalidArgument); ResourceExhausted when a
 // render exceeds ChatTemplateLimits.
 //
-// Thread-safety: a ChatTemplate is immutable after Compile; Render may be
-// called from many threads at once (each render has its own state).
+// Thread-safety: set the special tokens before sharing a ChatTemplate; after
+// that it is immutable, and Render/RenderChat may be called from many threads
+// at once (each render has its own state).
 #ifndef SWITCHYARD_CORE_CHAT_TEMPLATE_H_
 #define SWITCHYARD_CORE_CHAT_TEMPLATE_H_
 
