@@ -24,6 +24,9 @@ int RunUp(const std::vector<std::string>& args);
 // `switchyard bench`: closed-loop streaming load generator;
 // cli/bench_command.cc.
 int RunBench(const std::vector<std::string>& args);
+// `switchyard chat-template`: renders messages with a chat template;
+// cli/chat_template_command.cc.
+int RunChatTemplate(const std::vector<std::string>& args);
 
 }  // namespace switchyard::cli
 

@@ -31,6 +31,8 @@ constexpr char kUsage[] =
     "              [--device cpu|cuda] [--precision bf16|f32] (for every process)\n"
     "  bench       --server HOST:PORT [--concurrency C] [--requests N] [--prompt-tokens P]\n"
     "              [--output-tokens O] [--seed S] [--timeout-ms N] [--json]\n"
+    "  chat-template (--model DIR | --template FILE) --messages FILE.json\n"
+    "              [--add-generation-prompt] [--json]: render a conversation\n"
     "  make-model  --preset tiny|bench|mixtral-8x7b --out DIR [--layers N] [--seed S]\n"
     "              [--dtype bf16|f16|f32] [--shard-size-mb M] [--tokenizer-dir DIR]\n";
 
@@ -63,6 +65,7 @@ int main(int argc, char** argv) {
   if (command == "up") return switchyard::cli::RunUp(args);
   if (command == "bench") return switchyard::cli::RunBench(args);
   if (command == "make-model") return switchyard::cli::RunMakeModel(args);
+  if (command == "chat-template") return switchyard::cli::RunChatTemplate(args);
   std::fprintf(stderr, "switchyard: unknown command '%s'\n\n%s", command.c_str(), kUsage);
   return 2;
 }

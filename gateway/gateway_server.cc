@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "attention_service/attention_model.h"
+#include "core/chat_template.h"
 #include "core/checkpoint.h"
 #include "core/status_macros.h"
 #include "core/tokenizer.h"
@@ -123,6 +124,7 @@ struct Gateway::Parts {
   std::unique_ptr<GatewayMetrics> metrics;
   std::unique_ptr<metrics::HttpExporter> exporter;
   std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<ChatTemplate> chat_template;  // null: messages prompts are refused
   std::unique_ptr<AttentionModel> attention;
   std::unique_ptr<ExpertStore> local_experts;  // --experts local only
   std::unique_ptr<ExpertBackend> backend;
@@ -212,6 +214,7 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& f) {
   }
   o.wire_bf16 = wire == "bf16";
   o.metrics_listen = f.GetOr("metrics-listen", "");
+  o.chat_template_file = f.GetOr("chat-template", "");
   o.device = f.GetOr("device", o.device);
   if (o.device != "cpu" && o.device != "cuda") {
     return absl::InvalidArgumentError("--device must be cpu or cuda, got '" + o.device + "'");
@@ -291,6 +294,18 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   SY_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options.model_dir, selection));
   const ModelConfig config = checkpoint->config();  // a copy: the checkpoint is freed below
   SY_ASSIGN_OR_RETURN(p->tokenizer, Tokenizer::FromDir(options.model_dir));
+  // A template given by flag must load; the model's own may be absent, and
+  // one outside the supported subset only disables `messages` prompts.
+  absl::StatusOr<std::unique_ptr<ChatTemplate>> chat_template =
+      LoadChatTemplate(options.model_dir, options.chat_template_file);
+  if (chat_template.ok()) {
+    p->chat_template = *std::move(chat_template);
+  } else if (!options.chat_template_file.empty()) {
+    return chat_template.status();
+  } else if (!absl::IsNotFound(chat_template.status())) {
+    std::fprintf(stderr, "switchyard-gateway: chat template unusable, messages prompts off: %s\n",
+                 std::string(chat_template.status().message()).c_str());
+  }
   const bool on_gpu = options.device == "cuda";
 #ifndef SWITCHYARD_HAVE_CUDA
   if (on_gpu) {
@@ -314,6 +329,7 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   service_options.model_name = options.model_dir;
   service_options.limits = options.limits;
   service_options.metrics = p->metrics.get();
+  service_options.chat_template = p->chat_template.get();
   if (local) {
     // On the GPU the CUDA runner holds the experts itself.
     if (!on_gpu) {

@@ -35,6 +35,10 @@ struct GatewayOptions {
   std::string metrics_listen;             // "HOST:PORT" for /metrics; empty (default): off
   std::string device = "cpu";             // "cpu" or "cuda" (CUDA builds only)
   std::string precision = "bf16";  // on cuda: "bf16" (BF16 weights, FP32 accumulate) or "f32"
+  // Chat template for `messages` prompts (--chat-template): a file whose
+  // text is the template. Empty (default): the model's tokenizer_config.json
+  // chat_template, if it has one.
+  std::string chat_template_file;
 
   // Transport security of the public Generation API (and of health and
   // reflection on the same port). Both empty (default): plaintext. Both set:

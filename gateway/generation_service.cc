@@ -379,8 +379,8 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Generate(grpc::CallbackServerCo
                                                           const v1::GenerateRequest* request,
                                                           v1::GenerateResponse* response) {
   auto* call = new UnaryCall(scheduler_);
-  absl::StatusOr<GenerationRequest> validated =
-      ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits);
+  absl::StatusOr<GenerationRequest> validated = ValidateGenerateRequest(
+      *request, *tokenizer_, config_, options_.limits, options_.chat_template);
   if (!validated.ok()) {
     CountRequest(options_.metrics, "Generate",
                  OutcomeLabel(static_cast<int>(validated.status().code())));
@@ -404,8 +404,8 @@ grpc::ServerWriteReactor<v1::GenerateStreamResponse>* GenerationServiceImpl::Gen
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto* call = new StreamCall(scheduler_, options_.limits.max_stream_queued_messages,
                               options_.limits.max_stream_queued_bytes);
-  absl::StatusOr<GenerationRequest> validated =
-      ValidateGenerateRequest(*request, *tokenizer_, config_, options_.limits);
+  absl::StatusOr<GenerationRequest> validated = ValidateGenerateRequest(
+      *request, *tokenizer_, config_, options_.limits, options_.chat_template);
   if (!validated.ok()) {
     CountRequest(options_.metrics, "GenerateStream",
                  OutcomeLabel(static_cast<int>(validated.status().code())));

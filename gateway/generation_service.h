@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "core/chat_template.h"
 #include "core/model_config.h"
 #include "core/tokenizer.h"
 #include "gateway/gateway_metrics.h"
@@ -28,6 +29,9 @@ struct GenerationServiceOptions {
   RequestLimits limits;
   std::vector<v1::ExpertRoute> expert_routes;  // reported by GetModelInfo
   GatewayMetrics* metrics = nullptr;           // requests by outcome; not owned
+  // Renders `messages` prompts; not owned. nullptr (default): such requests
+  // get FAILED_PRECONDITION.
+  const ChatTemplate* chat_template = nullptr;
 };
 
 class GenerationServiceImpl final : public v1::GenerationService::CallbackService {

@@ -21,9 +21,11 @@ constexpr char kUsage[] =
     "  [--kv-cache-tokens N] [--max-queue N] [--max-running N] [--max-step-tokens N]\n"
     "  [--max-new-tokens-limit N] [--expert-timeout-ms N] [--wire-dtype f32|bf16]\n"
     "  [--grace-ms N] [--max-connection-age-ms N] [--metrics-listen HOST:PORT]\n"
-    "  [--device cpu|cuda] [--precision bf16|f32 (cuda only)]\n"
+    "  [--device cpu|cuda] [--precision bf16|f32 (cuda only)] [--chat-template FILE]\n"
     "  [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--auth-token-file FILE]\n"
     "  [--expert-tls-ca FILE [--expert-tls-cert FILE --expert-tls-key FILE]]\n"
+    "--chat-template FILE: the Jinja chat template for messages prompts (default: the\n"
+    "  model's tokenizer_config.json chat_template)\n"
     "SPEC: 0=HOST:PORT|HOST:PORT;1=unix:/path;... ('|' separates replicas); @FILE: JSON topology\n"
     "Ranges: --kv-cache-tokens 16..2^30 (default 65536), --max-queue 1..2^20 (256),\n"
     "  --max-running 1..16384 (64), --max-step-tokens 1..16384 (512),\n"
@@ -62,6 +64,7 @@ int main(int argc, char** argv) {
                              "metrics-listen",
                              "device",
                              "precision",
+                             "chat-template",
                              "tls-cert",
                              "tls-key",
                              "tls-client-ca",

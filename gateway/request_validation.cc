@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
 #include "core/utf8.h"
+#include "nlohmann/json.hpp"
 
 namespace switchyard {
 namespace {
@@ -21,6 +22,57 @@ bool IsPrintableAscii(const std::string& s) {
   return true;
 }
 
+// Renders a `messages` prompt with the chat template and tokenizes it
+// without special tokens, as apply_chat_template(tokenize=True) does.
+absl::StatusOr<std::vector<int32_t>> EncodeMessages(const v1::GenerateRequest& request,
+                                                    const Tokenizer& tokenizer,
+                                                    const RequestLimits& limits,
+                                                    const ChatTemplate* chat_template) {
+  if (chat_template == nullptr) {
+    return absl::FailedPreconditionError(
+        "messages: this gateway has no chat template (the model's tokenizer_config.json has no "
+        "chat_template; start switchyard-gateway with --chat-template FILE), so send text or "
+        "token_ids");
+  }
+  if (request.messages_size() > limits.max_messages) {
+    return Invalid("messages",
+                   absl::StrCat(request.messages_size(), " messages, more than the limit of ",
+                                limits.max_messages));
+  }
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+  int64_t bytes = 0;
+  for (int i = 0; i < request.messages_size(); ++i) {
+    const v1::ChatMessage& m = request.messages(i);
+    const std::string field = absl::StrCat("messages[", i, "]");
+    if (!IsValidUtf8(m.role())) return Invalid(field + ".role", "not valid UTF-8");
+    if (!IsValidUtf8(m.content())) return Invalid(field + ".content", "not valid UTF-8");
+    bytes += static_cast<int64_t>(m.role().size() + m.content().size());
+    messages.push_back({{"role", m.role()}, {"content", m.content()}});
+  }
+  if (bytes > limits.max_prompt_bytes) {
+    return Invalid("messages",
+                   absl::StrCat("the conversation is ", bytes, " bytes, more than the limit of ",
+                                limits.max_prompt_bytes));
+  }
+  absl::StatusOr<std::string> text = chat_template->RenderChat(messages, true);
+  if (!text.ok()) {
+    // The template's own message (raise_exception's text) reaches the caller
+    // unchanged; a template that hits its limits is the request's fault too.
+    return absl::InvalidArgumentError(
+        text.status().code() == absl::StatusCode::kInvalidArgument
+            ? std::string(text.status().message())
+            : absl::StrCat("messages: chat template: ", text.status().message()));
+  }
+  if (static_cast<int64_t>(text->size()) > limits.max_prompt_bytes) {
+    return Invalid("messages",
+                   absl::StrCat("the rendered prompt is ", text->size(),
+                                " bytes, more than the limit of ", limits.max_prompt_bytes));
+  }
+  std::vector<int32_t> ids = tokenizer.Encode(*text, /*add_special_tokens=*/false);
+  if (ids.empty()) return Invalid("messages", "the chat template rendered an empty prompt");
+  return ids;
+}
+
 }  // namespace
 
 int EffectiveMaxNewTokensLimit(const RequestLimits& limits, const ModelConfig& config) {
@@ -33,8 +85,12 @@ int64_t MaxLegalRequestBytes(const RequestLimits& limits, const ModelConfig& con
   // values, refused later but legal on the wire), a string its bytes plus a
   // tag and a length of at most 6 bytes.
   constexpr int64_t kVarint = 10, kFieldOverhead = 6;
+  // A `messages` prompt: its text plus a header for each message and for its
+  // role and content.
+  const int64_t conversation =
+      limits.max_prompt_bytes + int64_t{limits.max_messages} * 3 * kFieldOverhead;
   const int64_t prompt =
-      std::max<int64_t>(limits.max_prompt_bytes, int64_t{config.max_position_embeddings} * kVarint);
+      std::max<int64_t>(conversation, int64_t{config.max_position_embeddings} * kVarint);
   const int64_t stops =
       int64_t{limits.max_stop_strings} * (limits.max_stop_string_bytes + kFieldOverhead);
   const int64_t stop_ids = int64_t{limits.max_stop_token_ids} * kVarint;
@@ -47,7 +103,8 @@ int64_t MaxLegalRequestBytes(const RequestLimits& limits, const ModelConfig& con
 absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequest& request,
                                                           const Tokenizer& tokenizer,
                                                           const ModelConfig& config,
-                                                          const RequestLimits& limits) {
+                                                          const RequestLimits& limits,
+                                                          const ChatTemplate* chat_template) {
   GenerationRequest out;
   // request_id is echoed in every stream message and in logs: bound it.
   if (static_cast<int64_t>(request.request_id().size()) > limits.max_request_id_bytes) {
@@ -60,6 +117,9 @@ absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequ
   out.request_id = request.request_id();
   const int V = config.vocab_size;
 
+  if (request.messages_size() > 0 && request.prompt_case() != v1::GenerateRequest::PROMPT_NOT_SET) {
+    return Invalid("messages", "set only one of text, token_ids and messages");
+  }
   switch (request.prompt_case()) {
     case v1::GenerateRequest::kText:
       if (request.text().empty()) return Invalid("text", "prompt is empty");
@@ -83,7 +143,11 @@ absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequ
       out.prompt_ids.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
       break;
     default:
-      return Invalid("prompt", "set either text or token_ids");
+      if (request.messages_size() == 0) {
+        return Invalid("prompt", "set one of text, token_ids and messages");
+      }
+      SY_ASSIGN_OR_RETURN(out.prompt_ids,
+                          EncodeMessages(request, tokenizer, limits, chat_template));
   }
   if (out.prompt_ids.empty()) return Invalid("text", "prompt encodes to no tokens");
 

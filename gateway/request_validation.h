@@ -7,6 +7,7 @@
 #define SWITCHYARD_GATEWAY_REQUEST_VALIDATION_H_
 
 #include "absl/status/statusor.h"
+#include "core/chat_template.h"
 #include "core/model_config.h"
 #include "core/tokenizer.h"
 #include "gateway/scheduler.h"
@@ -19,7 +20,8 @@ struct RequestLimits {
   // Largest max_new_tokens accepted. Default 0: the model's context - 1 (the
   // most a one-token prompt can use); larger values are capped to that.
   int max_new_tokens_limit = 0;
-  int max_prompt_bytes = 1 << 20;  // longest text prompt
+  int max_prompt_bytes = 1 << 20;  // longest text prompt (and conversation, rendered or not)
+  int max_messages = 10000;        // most turns in a `messages` prompt
   int max_stop_strings = 16;
   int max_stop_string_bytes = 256;
   int max_stop_token_ids = 1024;
@@ -41,10 +43,11 @@ int EffectiveMaxNewTokensLimit(const RequestLimits& limits, const ModelConfig& c
 // is set to, so nothing larger is ever read into memory.
 int64_t MaxLegalRequestBytes(const RequestLimits& limits, const ModelConfig& config);
 
-absl::StatusOr<GenerationRequest> ValidateGenerateRequest(const v1::GenerateRequest& request,
-                                                          const Tokenizer& tokenizer,
-                                                          const ModelConfig& config,
-                                                          const RequestLimits& limits);
+// `chat_template` renders `messages` prompts; nullptr (default): such
+// requests get FAILED_PRECONDITION.
+absl::StatusOr<GenerationRequest> ValidateGenerateRequest(
+    const v1::GenerateRequest& request, const Tokenizer& tokenizer, const ModelConfig& config,
+    const RequestLimits& limits, const ChatTemplate* chat_template = nullptr);
 
 }  // namespace switchyard
 
