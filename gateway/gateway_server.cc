@@ -135,6 +135,31 @@ struct Gateway::Parts {
   std::unique_ptr<rpc::BearerTokenAuthenticator> authenticator;           // --auth-token-file only
   std::unique_ptr<AuthenticatedGenerationService> authenticated_service;  // the same
   std::unique_ptr<rpc::RunningServer> server;
+
+  // The stages of Gateway::Start, in order.
+  //
+  // TLS credentials (server and expert side) and the bearer tokens.
+  absl::Status LoadSecurity(const GatewayOptions& options);
+  // Tokenizer and chat template: a template given by flag must load; the
+  // model's own may be absent, and one outside the supported subset only
+  // disables `messages` prompts.
+  absl::Status LoadTokenizer(const GatewayOptions& options);
+  // The dense weights on the CPU (the CUDA runner uploads its own), build
+  // info, the gateway's metrics and their /metrics endpoint.
+  absl::Status LoadDenseModelAndMetrics(const GatewayOptions& options,
+                                        const Checkpoint& checkpoint);
+  // The experts: in-process (--experts local) or remote expert services,
+  // checked against this model; records their routes for GetModelInfo.
+  absl::Status ConnectExperts(const GatewayOptions& options, const Checkpoint& checkpoint,
+                              GenerationServiceOptions* service_options);
+  // The StepRunner for --device and the KV cache pool it pairs with.
+  absl::Status MakeRunner(const GatewayOptions& options, const Checkpoint& checkpoint);
+  // Scheduler, Generation API service and the gRPC server.
+  absl::Status StartServing(const GatewayOptions& options, const ModelConfig& config,
+                            GenerationServiceOptions service_options);
+
+  std::shared_ptr<grpc::ServerCredentials> server_credentials;  // null: plaintext
+  std::shared_ptr<grpc::ChannelCredentials> expert_credentials;  // null: plaintext
 };
 
 namespace {
@@ -265,11 +290,7 @@ absl::Status ValidateSecurityOptions(const GatewayOptions& o) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& options) {
-  // Settings first: a bad value or file fails before the model loads.
-  SY_RETURN_IF_ERROR(ValidateNumericOptions(options));
-  SY_RETURN_IF_ERROR(ValidateSecurityOptions(options));
-  std::shared_ptr<grpc::ServerCredentials> server_credentials;
+absl::Status Gateway::Parts::LoadSecurity(const GatewayOptions& options) {
   if (!options.tls_cert_file.empty()) {
     SY_ASSIGN_OR_RETURN(server_credentials,
                         rpc::ServerCredentialsFromFiles({.cert_file = options.tls_cert_file,
@@ -277,131 +298,137 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
                                                          .ca_file = options.tls_client_ca_file},
                                                         !options.tls_client_ca_file.empty()));
   }
-  std::shared_ptr<grpc::ChannelCredentials> expert_credentials;
   if (!options.expert_tls_ca_file.empty()) {
     SY_ASSIGN_OR_RETURN(expert_credentials,
                         rpc::ChannelCredentialsFromFiles({.cert_file = options.expert_tls_cert_file,
                                                           .key_file = options.expert_tls_key_file,
                                                           .ca_file = options.expert_tls_ca_file}));
   }
-  auto p = std::make_unique<Parts>();
   if (!options.auth_token_file.empty()) {
-    SY_ASSIGN_OR_RETURN(p->authenticator,
+    SY_ASSIGN_OR_RETURN(authenticator,
                         rpc::BearerTokenAuthenticator::FromFile(options.auth_token_file));
   }
-  const bool local = options.experts == "local";
-  WeightSelection selection = local ? WeightSelection::All() : WeightSelection::DenseOnly();
-  SY_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options.model_dir, selection));
-  const ModelConfig config = checkpoint->config();  // a copy: the checkpoint is freed below
-  SY_ASSIGN_OR_RETURN(p->tokenizer, Tokenizer::FromDir(options.model_dir));
-  // A template given by flag must load; the model's own may be absent, and
-  // one outside the supported subset only disables `messages` prompts.
-  absl::StatusOr<std::unique_ptr<ChatTemplate>> chat_template =
+  return absl::OkStatus();
+}
+
+absl::Status Gateway::Parts::LoadTokenizer(const GatewayOptions& options) {
+  SY_ASSIGN_OR_RETURN(tokenizer, Tokenizer::FromDir(options.model_dir));
+  absl::StatusOr<std::unique_ptr<ChatTemplate>> loaded =
       LoadChatTemplate(options.model_dir, options.chat_template_file);
-  if (chat_template.ok()) {
-    p->chat_template = *std::move(chat_template);
+  if (loaded.ok()) {
+    chat_template = *std::move(loaded);
   } else if (!options.chat_template_file.empty()) {
-    return chat_template.status();
-  } else if (!absl::IsNotFound(chat_template.status())) {
+    return loaded.status();
+  } else if (!absl::IsNotFound(loaded.status())) {
     std::fprintf(stderr, "switchyard-gateway: chat template unusable, messages prompts off: %s\n",
-                 std::string(chat_template.status().message()).c_str());
+                 std::string(loaded.status().message()).c_str());
   }
-  const bool on_gpu = options.device == "cuda";
-#ifndef SWITCHYARD_HAVE_CUDA
-  if (on_gpu) {
-    return absl::FailedPreconditionError(
-        "--device cuda: this build has no CUDA backend (configure with -DSWITCHYARD_CUDA=ON)");
+  return absl::OkStatus();
+}
+
+absl::Status Gateway::Parts::LoadDenseModelAndMetrics(const GatewayOptions& options,
+                                                      const Checkpoint& checkpoint) {
+  if (options.device != "cuda") {
+    SY_ASSIGN_OR_RETURN(attention, AttentionModel::Load(checkpoint));
   }
-#endif
-  if (!on_gpu) {
-    SY_ASSIGN_OR_RETURN(p->attention, AttentionModel::Load(*checkpoint));
-  }
-  metrics::AddGauge(p->registry, "switchyard_build_info", "Always 1.")
+  metrics::AddGauge(registry, "switchyard_build_info", "Always 1.")
       .Add({{"version", Version()}, {"role", "gateway"}})
       .Set(1);
-  p->metrics = std::make_unique<GatewayMetrics>(&p->registry, config);
+  metrics = std::make_unique<GatewayMetrics>(&registry, checkpoint.config());
   if (!options.metrics_listen.empty()) {
-    SY_ASSIGN_OR_RETURN(p->exporter,
-                        metrics::HttpExporter::Start(options.metrics_listen, &p->registry));
+    SY_ASSIGN_OR_RETURN(exporter, metrics::HttpExporter::Start(options.metrics_listen, &registry));
   }
+  return absl::OkStatus();
+}
 
-  GenerationServiceOptions service_options;
-  service_options.model_name = options.model_dir;
-  service_options.limits = options.limits;
-  service_options.metrics = p->metrics.get();
-  service_options.chat_template = p->chat_template.get();
-  if (local) {
+absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
+                                            const Checkpoint& checkpoint,
+                                            GenerationServiceOptions* service_options) {
+  const ModelConfig& config = checkpoint.config();
+  if (options.experts == "local") {
     // On the GPU the CUDA runner holds the experts itself.
-    if (!on_gpu) {
-      SY_ASSIGN_OR_RETURN(p->local_experts, ExpertStore::Load(*checkpoint));
-      p->backend = std::make_unique<LocalExpertBackend>(p->local_experts.get());
+    if (options.device != "cuda") {
+      SY_ASSIGN_OR_RETURN(local_experts, ExpertStore::Load(checkpoint));
+      backend = std::make_unique<LocalExpertBackend>(local_experts.get());
     }
     for (int e = 0; e < config.num_local_experts; ++e) {
       v1::ExpertRoute route;
       route.set_expert(e);
       route.set_target("local");
-      service_options.expert_routes.push_back(route);
+      service_options->expert_routes.push_back(route);
     }
-  } else {
-    absl::StatusOr<ExpertTopology> topology =
-        absl::StartsWith(options.experts, "@")
-            ? ParseExpertTopologyFile(options.experts.substr(1), config.num_local_experts)
-            : ParseExpertTopology(options.experts, config.num_local_experts);
-    if (!topology.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("--experts: ", topology.status().message()));
-    }
-    RemoteExpertOptions remote;
-    remote.call_deadline_ms = options.expert_timeout_ms;
-    remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
-    remote.credentials = expert_credentials;
-    GatewayMetrics* metrics = p->metrics.get();
-    remote.on_call_done = [metrics](int expert, double seconds, int code) {
-      metrics->ExpertCallDuration(expert).Observe(seconds);
-      if (code != 0) {
-        metrics->ExpertCallErrors(expert, rpc::GrpcCodeName(static_cast<grpc::StatusCode>(code)))
-            .Increment();
-      }
-    };
-    remote.connect_timeout_ms = options.expert_connect_timeout_ms;
-    absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> backend =
-        RemoteExpertBackend::Connect(*topology, config, options.model_dir, remote);
-    if (!backend.ok()) {
-      if (backend.status().code() != absl::StatusCode::kUnavailable) return backend.status();
-      // Unreachable experts: a TLS mismatch looks the same as a dead replica
-      // from here (the handshake error is only in gRPC's log), so say what
-      // to check.
-      return absl::UnavailableError(
-          absl::StrCat(backend.status().message(), ExpertSecurityHint(options)));
-    }
-    for (const auto& [e, replicas] : topology->replicas) {
-      v1::ExpertRoute route;
-      route.set_expert(e);
-      route.set_target(absl::StrJoin(replicas, "|"));
-      for (const std::string& r : replicas) route.add_replicas(r);
-      service_options.expert_routes.push_back(route);
-    }
-    p->backend = *std::move(backend);
+    return absl::OkStatus();
   }
+  absl::StatusOr<ExpertTopology> topology =
+      absl::StartsWith(options.experts, "@")
+          ? ParseExpertTopologyFile(options.experts.substr(1), config.num_local_experts)
+          : ParseExpertTopology(options.experts, config.num_local_experts);
+  if (!topology.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--experts: ", topology.status().message()));
+  }
+  RemoteExpertOptions remote;
+  remote.call_deadline_ms = options.expert_timeout_ms;
+  remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
+  remote.credentials = expert_credentials;
+  GatewayMetrics* gateway_metrics = metrics.get();
+  remote.on_call_done = [gateway_metrics](int expert, double seconds, int code) {
+    gateway_metrics->ExpertCallDuration(expert).Observe(seconds);
+    if (code != 0) {
+      gateway_metrics
+          ->ExpertCallErrors(expert, rpc::GrpcCodeName(static_cast<grpc::StatusCode>(code)))
+          .Increment();
+    }
+  };
+  remote.connect_timeout_ms = options.expert_connect_timeout_ms;
+  absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> connected =
+      RemoteExpertBackend::Connect(*topology, config, options.model_dir, remote);
+  if (!connected.ok()) {
+    if (connected.status().code() != absl::StatusCode::kUnavailable) return connected.status();
+    // Unreachable experts: a TLS mismatch looks the same as a dead replica
+    // from here (the handshake error is only in gRPC's log), so say what
+    // to check.
+    return absl::UnavailableError(
+        absl::StrCat(connected.status().message(), ExpertSecurityHint(options)));
+  }
+  for (const auto& [e, replicas] : topology->replicas) {
+    v1::ExpertRoute route;
+    route.set_expert(e);
+    route.set_target(absl::StrJoin(replicas, "|"));
+    for (const std::string& r : replicas) route.add_replicas(r);
+    service_options->expert_routes.push_back(route);
+  }
+  backend = *std::move(connected);
+  return absl::OkStatus();
+}
+
+absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
+                                        const Checkpoint& checkpoint) {
+  const ModelConfig& config = checkpoint.config();
+  if (options.device == "cuda") {
 #ifdef SWITCHYARD_HAVE_CUDA
-  if (on_gpu) {
     SY_ASSIGN_OR_RETURN(cuda::Precision precision, cuda::ParsePrecision(options.precision));
-    SY_ASSIGN_OR_RETURN(p->runner, cuda::MakeCudaRunner(*checkpoint, precision, p->backend.get(),
-                                                        p->metrics.get()));
+    SY_ASSIGN_OR_RETURN(runner,
+                        cuda::MakeCudaRunner(checkpoint, precision, backend.get(), metrics.get()));
     // The K/V tensors live on the device; the pool only keeps the budget.
-    p->kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens,
-                                               /*host_storage=*/false);
-  }
+    kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens,
+                                            /*host_storage=*/false);
+    return absl::OkStatus();
+#else
+    return absl::FailedPreconditionError(
+        "--device cuda: this build has no CUDA backend (configure with -DSWITCHYARD_CUDA=ON)");
 #endif
-  if (!on_gpu) {
-    p->kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens);
-    p->runner =
-        std::make_unique<ModelRunner>(p->attention.get(), p->backend.get(), p->metrics.get());
   }
-  checkpoint.reset();  // weights are copied; drop the mappings
-  p->scheduler = std::make_unique<Scheduler>(p->runner.get(), p->kv_pool.get(), p->tokenizer.get(),
-                                             options.scheduler, p->metrics.get());
-  p->service = std::make_unique<GenerationServiceImpl>(p->scheduler.get(), p->tokenizer.get(),
-                                                       config, std::move(service_options));
+  kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens);
+  runner = std::make_unique<ModelRunner>(attention.get(), backend.get(), metrics.get());
+  return absl::OkStatus();
+}
+
+absl::Status Gateway::Parts::StartServing(const GatewayOptions& options, const ModelConfig& config,
+                                          GenerationServiceOptions service_options) {
+  scheduler = std::make_unique<Scheduler>(runner.get(), kv_pool.get(), tokenizer.get(),
+                                          options.scheduler, metrics.get());
+  service = std::make_unique<GenerationServiceImpl>(scheduler.get(), tokenizer.get(), config,
+                                                    std::move(service_options));
   rpc::ServerOptions server_options;
   server_options.listen_address = options.listen;
   server_options.max_connection_age_ms = options.max_connection_age_ms;
@@ -409,13 +436,45 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
       static_cast<int>(std::min<int64_t>(MaxLegalRequestBytes(options.limits, config), 1 << 30));
   server_options.health_service_names = {v1::GenerationService::service_full_name()};
   server_options.credentials = server_credentials;
-  grpc::Service* public_service = p->service.get();
-  if (p->authenticator != nullptr) {
-    p->authenticated_service = std::make_unique<AuthenticatedGenerationService>(
-        p->service.get(), p->authenticator.get(), &p->registry);
-    public_service = p->authenticated_service.get();
+  grpc::Service* public_service = service.get();
+  if (authenticator != nullptr) {
+    authenticated_service = std::make_unique<AuthenticatedGenerationService>(
+        service.get(), authenticator.get(), &registry);
+    public_service = authenticated_service.get();
   }
-  SY_ASSIGN_OR_RETURN(p->server, rpc::RunningServer::Start(server_options, {public_service}));
+  SY_ASSIGN_OR_RETURN(server, rpc::RunningServer::Start(server_options, {public_service}));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& options) {
+  // Settings first: a bad value or file fails before the model loads.
+  SY_RETURN_IF_ERROR(ValidateNumericOptions(options));
+  SY_RETURN_IF_ERROR(ValidateSecurityOptions(options));
+#ifndef SWITCHYARD_HAVE_CUDA
+  if (options.device == "cuda") {
+    return absl::FailedPreconditionError(
+        "--device cuda: this build has no CUDA backend (configure with -DSWITCHYARD_CUDA=ON)");
+  }
+#endif
+  auto p = std::make_unique<Parts>();
+  SY_RETURN_IF_ERROR(p->LoadSecurity(options));
+  const WeightSelection selection =
+      options.experts == "local" ? WeightSelection::All() : WeightSelection::DenseOnly();
+  SY_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint,
+                      Checkpoint::Open(options.model_dir, selection));
+  const ModelConfig config = checkpoint->config();  // a copy: the checkpoint is freed below
+  SY_RETURN_IF_ERROR(p->LoadTokenizer(options));
+  SY_RETURN_IF_ERROR(p->LoadDenseModelAndMetrics(options, *checkpoint));
+
+  GenerationServiceOptions service_options;
+  service_options.model_name = options.model_dir;
+  service_options.limits = options.limits;
+  service_options.metrics = p->metrics.get();
+  service_options.chat_template = p->chat_template.get();
+  SY_RETURN_IF_ERROR(p->ConnectExperts(options, *checkpoint, &service_options));
+  SY_RETURN_IF_ERROR(p->MakeRunner(options, *checkpoint));
+  checkpoint.reset();  // weights are copied; drop the mappings
+  SY_RETURN_IF_ERROR(p->StartServing(options, config, std::move(service_options)));
   return std::unique_ptr<Gateway>(new Gateway(std::move(p)));
 }
 
