@@ -73,19 +73,27 @@ def dependency_closure(packages):
     return closure
 
 
-def owning_package(path):
-    """The Debian package that installed PATH (trying its /usr-merged aliases), or None."""
-    candidates = [path, os.path.realpath(path)]
-    for p in list(candidates):
-        if p.startswith("/usr/lib/"):
-            candidates.append(p[len("/usr"):])
-        elif p.startswith("/lib/"):
-            candidates.append("/usr" + p)
-    for p in candidates:
-        out = subprocess.run(["dpkg", "-S", p], capture_output=True, text=True)
-        if out.returncode == 0:
-            return out.stdout.split(":")[0].split(",")[0].strip()
-    return None
+def owners(paths):
+    """{path: the Debian package that installed it} for PATHS that some package owns.
+
+    One `dpkg -S` for all of them (each call reads the whole database); each
+    path is also tried as its /usr-merged alias and its symlink target.
+    """
+    aliases = {}
+    for path in paths:
+        for p in {path, os.path.realpath(path)}:
+            aliases.setdefault(p, set()).add(path)
+            if p.startswith("/usr/lib/"):
+                aliases.setdefault(p[len("/usr"):], set()).add(path)
+            elif p.startswith("/lib/"):
+                aliases.setdefault("/usr" + p, set()).add(path)
+    out = subprocess.run(["dpkg", "-S"] + sorted(aliases), capture_output=True, text=True)
+    found = {}
+    for line in out.stdout.splitlines():
+        package, _, owned = line.partition(": ")
+        for path in aliases.get(owned.strip(), ()):
+            found.setdefault(path, package.split(",")[0].split(":")[0].strip())
+    return found
 
 
 def linked_libraries(binary):
@@ -119,23 +127,25 @@ def main():
     print(f"{args.dockerfile}: runtime stage installs {' '.join(listed)} "
           f"({len(provided)} packages with their dependencies)")
 
-    missing, cuda_libs, checked = [], set(), 0
-    for binary in args.binaries:
-        for soname, path in linked_libraries(binary):
-            checked += 1
-            if path is None:
-                missing.append(f"{binary}: {soname} is not found here (ldd)")
+    links = [(binary, soname, path) for binary in args.binaries
+             for soname, path in linked_libraries(binary)]
+    owner = owners({path for _, _, path in links if path})
+    missing, cuda_libs = [], set()
+    for binary, soname, path in links:
+        if path is None:
+            missing.append(f"{binary}: {soname} is not found here (ldd)")
+            continue
+        package = owner.get(path)
+        if package is None:
+            if args.cuda_base and CUDA_RUNTIME_LIBS.match(soname):
+                cuda_libs.add(soname)
                 continue
-            package = owning_package(path)
-            if package is None:
-                if args.cuda_base and CUDA_RUNTIME_LIBS.match(soname):
-                    cuda_libs.add(soname)
-                    continue
-                missing.append(f"{binary}: {soname} ({path}) belongs to no Debian package "
-                               "and is not a CUDA runtime library the base image ships")
-            elif package not in provided:
-                missing.append(f"{binary}: {soname} needs package {package}, which the runtime "
-                               "stage neither installs nor gets as a dependency")
+            missing.append(f"{binary}: {soname} ({path}) belongs to no Debian package "
+                           "and is not a CUDA runtime library the base image ships")
+        elif package not in provided:
+            missing.append(f"{binary}: {soname} needs package {package}, which the runtime "
+                           "stage neither installs nor gets as a dependency")
+    checked = len(links)
     print(f"checked {checked} library links of {len(args.binaries)} binaries"
           + (f"; from the CUDA base image: {' '.join(sorted(cuda_libs))}" if cuda_libs else ""))
     if missing:
