@@ -11,7 +11,7 @@
 # 2. `podman build --layers` of deploy/Dockerfile.cpu (the builder stage
 #    compiles the project with SWITCHYARD_JOBS jobs, default nproc).
 # 3. In the image: `--help` of every binary in /usr/local/bin (exit 0, a
-#    `usage:` line on stdout), `ldd` of every binary (no `not found`).
+#    `usage:` line on stdout, any case), `ldd` of every binary (no `not found`).
 # 4. The default command in a container with a read-only root filesystem (and
 #    a tmpfs on /tmp, as the Kubernetes manifests give it), all capabilities
 #    dropped, as the image's user: a generation through the published gateway
@@ -59,7 +59,7 @@ done
 [ -x "$client" ] || fail "$client is missing (build the switchyard target)"
 
 # --- podman configuration, private to this test --------------------------------
-# runc: Debian 12's podman defaults to crun, which is not installed. cgroupfs:
+# runc: Debian 12's podman prefers crun, which install-deps.sh does not install. cgroupfs:
 # there may be no systemd. Ulimits: podman's default nofile (1048576) is above
 # this machine's hard limit, and podman caps its own nproc at 32768; a
 # container asking for more than either fails with "error setting rlimit".
@@ -173,14 +173,25 @@ if ! podman run --rm --network none localhost/debian:12 true 2>"$state/run.err";
 fi
 
 # --- build the image ----------------------------------------------------------
+: >"$state/build.log"
+# Working containers of a build that was interrupted (a ctest timeout).
+podman ps -a --external --format '{{.ID}} {{.Command}}' | awk '$2 == "buildah" { print $1 }' |
+  xargs -r podman rm -f --storage >/dev/null 2>&1 || true
 jobs=${SWITCHYARD_JOBS:-$(nproc)}
 say "podman build deploy/Dockerfile.cpu (SWITCHYARD_JOBS=$jobs)"
-if ! podman build --layers --pull=never --build-arg SWITCHYARD_JOBS="$jobs" \
-  -f "$source_dir/deploy/Dockerfile.cpu" -t "$image" "$source_dir" >"$state/build.log" 2>&1; then
-  tail -n 40 "$state/build.log" >&2
-  fail "podman build failed (log: $state/build.log)"
-fi
-# Drop superseded images of earlier runs; the current chain stays as the cache.
+# The builder stage is built and tagged first: the prune below removes every
+# untagged image that nothing builds on, and the builder stage's last layer is
+# one (the runtime stage only copies from it), then the whole chain under it.
+for target in builder ""; do
+  if ! podman build --layers --pull=never --build-arg SWITCHYARD_JOBS="$jobs" \
+    ${target:+--target "$target"} -f "$source_dir/deploy/Dockerfile.cpu" \
+    -t "$image${target:+-$target}" "$source_dir" >>"$state/build.log" 2>&1; then
+    tail -n 40 "$state/build.log" >&2
+    fail "podman build ${target:+--target $target }failed (log: $state/build.log)"
+  fi
+done
+# Drop the images of earlier runs (superseded by these tags); the current
+# chains stay as the layer cache of the next run.
 podman image prune -f >/dev/null 2>&1 || true
 say "built $image ($(podman image inspect --format '{{.Size}}' "$image" | numfmt --to=si)B)"
 
@@ -195,7 +206,7 @@ for b in $binaries; do
     cat "$state/help.err" >&2
     fail "$b --help exits non-zero in the image"
   fi
-  grep -q '^usage: ' <<<"$out" || fail "$b --help printed no usage line: $out"
+  grep -qi '^usage: ' <<<"$out" || fail "$b --help printed no usage line on stdout: $out"
   say "$b --help: ok"
 done
 # ldd of each binary: exit 0, resolves libgrpc++ (it is dynamic), nothing not found.
@@ -206,8 +217,9 @@ if grep -qE 'not found|LDD FAILED' <<<"$ldd_out"; then
   fail "ldd in the image: missing libraries (add their packages to the runtime stage)"
 fi
 for b in $binaries; do
-  awk -v b="== /usr/local/bin/$b" '$0 == b { on = 1; next } /^== / { on = 0 } on' <<<"$ldd_out" |
-    grep -q 'libgrpc++' || fail "ldd /usr/local/bin/$b shows no libgrpc++: $ldd_out"
+  # (No `| grep -q` under pipefail: grep's early exit would fail the writer.)
+  libs=$(awk -v b="== /usr/local/bin/$b" '$0 == b { on = 1; next } /^== / { on = 0 } on' <<<"$ldd_out")
+  grep -q 'libgrpc++' <<<"$libs" || fail "ldd /usr/local/bin/$b shows no libgrpc++: $ldd_out"
 done
 say "ldd: every library of $(wc -w <<<"$binaries") binaries found"
 
@@ -262,7 +274,7 @@ if [ "$code" != 0 ] || [ "$stop_s" -ge "$grace" ]; then
   podman logs "$container" >&2 || true
   fail "podman stop: exit status $code after ${stop_s} s (want 0 within the ${grace} s grace period)"
 fi
-podman logs "$container" 2>&1 | grep -q 'SIGTERM received' ||
-  fail "the logs do not show the SIGTERM being handled"
+logs=$(podman logs "$container" 2>&1)
+grep -q 'SIGTERM received' <<<"$logs" || fail "the logs do not show the SIGTERM being handled: $logs"
 say "podman stop: exit status 0 after ${stop_s} s"
 say "PASS in $((SECONDS - t0)) s"
