@@ -158,7 +158,7 @@ struct Gateway::Parts {
   absl::Status StartServing(const GatewayOptions& options, const ModelConfig& config,
                             GenerationServiceOptions service_options);
 
-  std::shared_ptr<grpc::ServerCredentials> server_credentials;  // null: plaintext
+  std::shared_ptr<grpc::ServerCredentials> server_credentials;   // null: plaintext
   std::shared_ptr<grpc::ChannelCredentials> expert_credentials;  // null: plaintext
 };
 
