@@ -154,7 +154,8 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket) {
     shard->timed = std::make_unique<TimedExpertService>(shard->service.get());
     rpc::ServerOptions options;
     if (unix_socket) {
-      shard->socket_path = absl::StrCat("/tmp/switchyard-dispatch-bench-", getpid(), "-", e, ".sock");
+      shard->socket_path =
+          absl::StrCat("/tmp/switchyard-dispatch-bench-", getpid(), "-", e, ".sock");
       std::filesystem::remove(shard->socket_path);
       options.listen_address = "unix:" + shard->socket_path;
     } else {
@@ -260,9 +261,9 @@ void BM_DispatchLayer(benchmark::State& state) {
     for (size_t i = 0; i < input.size(); ++i) {
       const float want = bf16 ? Bf16ToF32(F32ToBf16(input[i])) : input[i];
       if (outputs[e][i] != want) {
-        state.SkipWithError(absl::StrCat("expert ", e, " output[", i, "] = ", outputs[e][i],
-                                         ", expected ", want)
-                                .c_str());
+        state.SkipWithError(
+            absl::StrCat("expert ", e, " output[", i, "] = ", outputs[e][i], ", expected ", want)
+                .c_str());
         return;
       }
     }
