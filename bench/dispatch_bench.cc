@@ -1,8 +1,9 @@
 // The gateway -> expert hop in isolation (issue #10): one layer's dispatch
 // through the real RemoteExpertBackend::RunLayer (what the model runner calls
 // per layer) to real in-process gRPC expert servers (ExpertServiceImpl), one
-// server per expert as in the split deployment, whose compute is a no-op
-// (copies input to output) or a fixed sleep.
+// server per expert as in the split deployment (switchyard-expert's default
+// options: 2 workers), whose compute is a no-op (copies input to output) or a
+// fixed sleep.
 //
 // Shapes: the Mixtral-8x7B config (hidden D = 4096); no checkpoint is needed
 // because the servers are built from the config and a ShardDescription, and
