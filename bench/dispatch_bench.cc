@@ -1,0 +1,350 @@
+// The gateway -> expert hop in isolation (issue #10): one layer's dispatch
+// through the real RemoteExpertBackend::RunLayer (what the model runner calls
+// per layer) to real in-process gRPC expert servers (ExpertServiceImpl), one
+// server per expert as in the split deployment (switchyard-expert's default
+// options: 2 workers), whose compute is a no-op (copies input to output) or a
+// fixed sleep.
+//
+// Shapes: the Mixtral-8x7B config (hidden D = 4096); no checkpoint is needed
+// because the servers are built from the config and a ShardDescription, and
+// Connect runs without a checkpoint folder (no weight fingerprint check).
+// A case "tokens:N/experts:k" sends the same N rows to each of experts
+// 0..k-1 (as top-k routing with k experts per token would), so a layer moves
+// k * N * D values each way.
+//
+// Reported per layer (manual time = the RunLayer call): p50_us, p99_us,
+// mean_us, and a breakdown from timestamps taken in the same process
+// (steady clock), averaged over iterations:
+//   send_us     RunLayer start -> the server's Forward handler entered
+//               (client encode, call start, transport), mean over the calls
+//   server_us   handler entered -> compute starts (worker queue hop, decode)
+//   compute_us  the no-op/sleep itself, mean over the calls
+//   reply_us    last compute end -> RunLayer returns (server encode, reply,
+//               client decode and copy into the output)
+// BM_Encode / BM_Decode time rpc/tensor_codec on an [N, D] matrix alone.
+//
+// Servers listen on 127.0.0.1:0 ("unix:0") or unix:/tmp/switchyard-dispatch-
+// bench-PID-E.sock ("unix:1"); "bf16:1" sets RemoteExpertOptions::wire_dtype.
+#include <benchmark/benchmark.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/dtype.h"
+#include "core/model_config.h"
+#include "expert_service/expert_backend.h"
+#include "expert_service/expert_server.h"
+#include "gateway/remote_expert_backend.h"
+#include "rpc/server.h"
+#include "rpc/tensor_codec.h"
+#include "switchyard/v1/expert.grpc.pb.h"
+
+namespace switchyard {
+namespace {
+
+int64_t NowNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Mixtral-8x7B: hidden 4096, 8 experts, top-2.
+const ModelConfig& BenchConfig() {
+  static const ModelConfig config;
+  return config;
+}
+
+// An expert whose compute copies input to output after sleeping delay_us
+// (0: no sleep), recording when its last call started and ended.
+class NoOpExpertBackend final : public ExpertBackend {
+ public:
+  absl::Status RunLayer(int, absl::Span<const ExpertBatch> batches) override {
+    const int64_t start = NowNanos();
+    const int delay = delay_us.load(std::memory_order_relaxed);
+    if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+    const size_t d = static_cast<size_t>(BenchConfig().hidden_size);
+    for (const ExpertBatch& b : batches) {
+      std::memcpy(b.output, b.input, sizeof(float) * d * static_cast<size_t>(b.tokens));
+    }
+    compute_start.store(start, std::memory_order_relaxed);
+    compute_end.store(NowNanos(), std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
+  std::string Describe() const override { return "no-op (dispatch_bench)"; }
+
+  std::atomic<int> delay_us{0};
+  std::atomic<int64_t> compute_start{0};
+  std::atomic<int64_t> compute_end{0};
+};
+
+// The real ExpertServiceImpl behind a wrapper that records when each Forward
+// reached the server's handler.
+class TimedExpertService final : public v1::ExpertService::CallbackService {
+ public:
+  explicit TimedExpertService(ExpertServiceImpl* real) : real_(real) {}
+  grpc::ServerUnaryReactor* GetShardInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetShardInfoRequest* request,
+                                         v1::ShardInfo* response) override {
+    return real_->GetShardInfo(context, request, response);
+  }
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
+                                    const v1::ForwardRequest* request,
+                                    v1::ForwardResponse* response) override {
+    received.store(NowNanos(), std::memory_order_relaxed);
+    return real_->Forward(context, request, response);
+  }
+
+  std::atomic<int64_t> received{0};
+
+ private:
+  ExpertServiceImpl* real_;
+};
+
+// One expert server: backend, service, wrapper, server (torn down server first).
+struct ExpertShard {
+  NoOpExpertBackend backend;
+  std::unique_ptr<ExpertServiceImpl> service;
+  std::unique_ptr<TimedExpertService> timed;
+  std::unique_ptr<rpc::RunningServer> server;
+  std::string socket_path;  // unix transport only
+
+  ~ExpertShard() {
+    if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    server.reset();
+    if (service) service->Shutdown();
+    if (!socket_path.empty()) std::filesystem::remove(socket_path);
+  }
+};
+
+// Eight expert servers on one transport and a RemoteExpertBackend per wire dtype.
+struct Cluster {
+  std::vector<std::unique_ptr<ExpertShard>> shards;
+  std::array<std::unique_ptr<RemoteExpertBackend>, 2> backends;  // [f32, bf16]
+};
+
+std::array<std::unique_ptr<Cluster>, 2> clusters;  // [tcp, unix]
+
+absl::StatusOr<Cluster*> GetCluster(bool unix_socket) {
+  std::unique_ptr<Cluster>& slot = clusters[unix_socket ? 1 : 0];
+  if (slot) return slot.get();
+  const ModelConfig& config = BenchConfig();
+  auto cluster = std::make_unique<Cluster>();
+  ExpertTopology topology;
+  for (int e = 0; e < config.num_local_experts; ++e) {
+    auto shard = std::make_unique<ExpertShard>();
+    ShardDescription description;
+    description.experts = {e};
+    description.layer_begin = 0;
+    description.layer_end = config.num_hidden_layers;
+    description.weights_dtype = "bf16";
+    shard->service =
+        std::make_unique<ExpertServiceImpl>(config, &shard->backend, std::move(description));
+    shard->timed = std::make_unique<TimedExpertService>(shard->service.get());
+    rpc::ServerOptions options;
+    if (unix_socket) {
+      shard->socket_path =
+          absl::StrCat("/tmp/switchyard-dispatch-bench-", getpid(), "-", e, ".sock");
+      std::filesystem::remove(shard->socket_path);
+      options.listen_address = "unix:" + shard->socket_path;
+    } else {
+      options.listen_address = "127.0.0.1:0";
+    }
+    auto server = rpc::RunningServer::Start(options, {shard->timed.get()});
+    if (!server.ok()) return server.status();
+    shard->server = *std::move(server);
+    topology.replicas[e] = {shard->server->address()};
+    cluster->shards.push_back(std::move(shard));
+  }
+  for (int wire = 0; wire < 2; ++wire) {
+    RemoteExpertOptions options;
+    options.wire_dtype = wire == 0 ? v1::DTYPE_F32 : v1::DTYPE_BF16;
+    options.connect_timeout_ms = 10000;
+    auto backend = RemoteExpertBackend::Connect(topology, config, /*checkpoint_dir=*/"", options);
+    if (!backend.ok()) return backend.status();
+    cluster->backends[wire] = *std::move(backend);
+  }
+  slot = std::move(cluster);
+  return slot.get();
+}
+
+std::vector<float> RandomRows(int64_t n, int64_t d) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(n * d));
+  for (float& v : x) v = dist(rng);
+  return x;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size())));
+  return v[i];
+}
+
+// Args: tokens, experts, unix (0 TCP loopback, 1 unix socket), bf16 (wire
+// dtype), delay_us (expert compute; 0 = no-op copy).
+void BM_DispatchLayer(benchmark::State& state) {
+  const int tokens = static_cast<int>(state.range(0));
+  const int k = static_cast<int>(state.range(1));
+  const bool unix_socket = state.range(2) != 0;
+  const bool bf16 = state.range(3) != 0;
+  const int delay_us = static_cast<int>(state.range(4));
+  const int64_t d = BenchConfig().hidden_size;
+  auto cluster = GetCluster(unix_socket);
+  if (!cluster.ok()) {
+    state.SkipWithError(cluster.status().ToString().c_str());
+    return;
+  }
+  RemoteExpertBackend* backend = (*cluster)->backends[bf16 ? 1 : 0].get();
+  std::vector<ExpertShard*> shards;
+  for (int e = 0; e < k; ++e) {
+    shards.push_back((*cluster)->shards[e].get());
+    shards.back()->backend.delay_us.store(delay_us);
+  }
+
+  const std::vector<float> input = RandomRows(tokens, d);
+  std::vector<std::vector<float>> outputs(k, std::vector<float>(input.size()));
+  std::vector<ExpertBatch> batches;
+  for (int e = 0; e < k; ++e) {
+    batches.push_back(
+        {.expert = e, .tokens = tokens, .input = input.data(), .output = outputs[e].data()});
+  }
+
+  // Untimed first call: connections warm, buffers allocated.
+  if (absl::Status s = backend->RunLayer(0, batches); !s.ok()) {
+    state.SkipWithError(s.ToString().c_str());
+    return;
+  }
+  std::vector<double> layer_us;
+  double send = 0, server = 0, compute = 0, reply = 0;
+  for (auto _ : state) {
+    const int64_t t0 = NowNanos();
+    const absl::Status status = backend->RunLayer(0, batches);
+    const int64_t t1 = NowNanos();
+    if (!status.ok()) {
+      state.SkipWithError(status.ToString().c_str());
+      break;
+    }
+    state.SetIterationTime(static_cast<double>(t1 - t0) * 1e-9);
+    layer_us.push_back(static_cast<double>(t1 - t0) * 1e-3);
+    int64_t last_end = t0;
+    for (ExpertShard* s : shards) {
+      const int64_t received = s->timed->received.load(std::memory_order_relaxed);
+      const int64_t start = s->backend.compute_start.load(std::memory_order_relaxed);
+      const int64_t end = s->backend.compute_end.load(std::memory_order_relaxed);
+      send += static_cast<double>(received - t0) / k;
+      server += static_cast<double>(start - received) / k;
+      compute += static_cast<double>(end - start) / k;
+      last_end = std::max(last_end, end);
+    }
+    reply += static_cast<double>(t1 - last_end);
+  }
+  for (ExpertShard* s : shards) s->backend.delay_us.store(0);
+  if (layer_us.empty()) return;
+
+  // The no-op expert returns its input: what came back must be the input, as
+  // rounded by the wire dtype.
+  for (int e = 0; e < k; ++e) {
+    for (size_t i = 0; i < input.size(); ++i) {
+      const float want = bf16 ? Bf16ToF32(F32ToBf16(input[i])) : input[i];
+      if (outputs[e][i] != want) {
+        state.SkipWithError(
+            absl::StrCat("expert ", e, " output[", i, "] = ", outputs[e][i], ", expected ", want)
+                .c_str());
+        return;
+      }
+    }
+  }
+
+  const double n = static_cast<double>(layer_us.size());
+  state.counters["p50_us"] = Percentile(layer_us, 0.50);
+  state.counters["p99_us"] = Percentile(layer_us, 0.99);
+  state.counters["send_us"] = send / n * 1e-3;
+  state.counters["server_us"] = server / n * 1e-3;
+  state.counters["compute_us"] = compute / n * 1e-3;
+  state.counters["reply_us"] = reply / n * 1e-3;
+  state.counters["wire_MB"] =
+      static_cast<double>(2 * k * tokens * d * (bf16 ? 2 : 4)) / 1e6;  // both directions
+  state.SetLabel(absl::StrCat(unix_socket ? "unix" : "tcp", " ", bf16 ? "bf16" : "f32", " ",
+                              delay_us == 0 ? "no-op" : absl::StrCat("sleep ", delay_us, "us")));
+}
+
+void DispatchArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"tokens", "experts", "unix", "bf16", "delay_us"});
+  b->ArgsProduct({{1, 16, 256}, {1, 2, 8}, {0, 1}, {0, 1}, {0}});
+  // A fixed 100 us expert compute: what the hop adds around real work.
+  b->ArgsProduct({{1, 16}, {2}, {0, 1}, {1}, {100}});
+}
+BENCHMARK(BM_DispatchLayer)->Apply(DispatchArgs)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+// Args: tokens, bf16.
+void BM_Encode(benchmark::State& state) {
+  const int64_t tokens = state.range(0);
+  const v1::DType dtype = state.range(1) != 0 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
+  const int64_t d = BenchConfig().hidden_size;
+  const std::vector<float> x = RandomRows(tokens, d);
+  for (auto _ : state) {
+    v1::Tensor tensor;
+    rpc::EncodeMatrix(x.data(), tokens, d, dtype, &tensor);
+    benchmark::DoNotOptimize(tensor);
+  }
+  state.SetBytesProcessed(state.iterations() * tokens * d * static_cast<int64_t>(sizeof(float)));
+}
+BENCHMARK(BM_Encode)
+    ->ArgNames({"tokens", "bf16"})
+    ->ArgsProduct({{1, 16, 256}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond);
+
+// Args: tokens, bf16.
+void BM_Decode(benchmark::State& state) {
+  const int64_t tokens = state.range(0);
+  const v1::DType dtype = state.range(1) != 0 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
+  const int64_t d = BenchConfig().hidden_size;
+  const std::vector<float> x = RandomRows(tokens, d);
+  v1::Tensor tensor;
+  rpc::EncodeMatrix(x.data(), tokens, d, dtype, &tensor);
+  for (auto _ : state) {
+    absl::StatusOr<std::vector<float>> y = rpc::DecodeMatrix(tensor, d, "bench");
+    if (!y.ok()) {
+      state.SkipWithError(y.status().ToString().c_str());
+      break;
+    }
+    benchmark::DoNotOptimize(y->data());
+  }
+  state.SetBytesProcessed(state.iterations() * tokens * d * static_cast<int64_t>(sizeof(float)));
+}
+BENCHMARK(BM_Decode)
+    ->ArgNames({"tokens", "bf16"})
+    ->ArgsProduct({{1, 16, 256}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond);
+
+}  // namespace
+}  // namespace switchyard
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  // Backends (channels) first, then the servers, so no call is in flight.
+  for (auto& cluster : switchyard::clusters) {
+    if (!cluster) continue;
+    for (auto& backend : cluster->backends) backend.reset();
+    cluster.reset();
+  }
+  benchmark::Shutdown();
+  return 0;
+}
