@@ -692,10 +692,14 @@ int Supervisor::Run() {
   const std::string gateway_bin = (bin / "switchyard-gateway").string();
   const auto deadline = Clock::now() + std::chrono::seconds(options_.start_timeout_s);
 
+  RestartPolicy restart_policy;
+  restart_policy.max_restarts = options_.max_restarts;
+
   // Experts, all started at once.
   for (int first = 0; first < *num_experts; first += options_.experts_per_process) {
     auto child = std::make_unique<Child>();
     child->role = "expert";
+    child->restarts = RestartTracker(restart_policy);
     for (int e = first; e < std::min(*num_experts, first + options_.experts_per_process); ++e) {
       child->experts.push_back(e);
     }
@@ -747,6 +751,7 @@ int Supervisor::Run() {
   }
   gateway_ = std::make_unique<Child>();
   gateway_->role = "gateway";
+  gateway_->restarts = RestartTracker(restart_policy);
   gateway_->name = "gateway";
   std::vector<std::string> argv = {gateway_bin,
                                    "--model",
