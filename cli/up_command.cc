@@ -247,9 +247,9 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "max-queue",
                                                         "max-step-tokens", "max-new-tokens-limit"};
   std::set<std::string> value_flags = {
-      "model",      "port",        "endpoints-file",  "experts-per-process",
-      "bin-dir",    "listen-host", "start-timeout-s", "expert-workers",
-      "expert-arg", "gateway-arg", "device",          "precision",
+      "model",       "port",        "endpoints-file",  "experts-per-process",
+      "bin-dir",     "listen-host", "start-timeout-s", "expert-workers",
+      "expert-arg",  "gateway-arg", "device",          "precision",
       "max-restarts"};
   value_flags.insert(gateway_passthrough.begin(), gateway_passthrough.end());
   SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, {}));
@@ -378,8 +378,8 @@ struct Child {
   pid_t pid = -1;
   bool running = false;
   Phase phase = Phase::kServing;
-  Clock::time_point restart_at;      // in kBackoff
-  Clock::time_point started_at;      // in kStarting
+  Clock::time_point restart_at;  // in kBackoff
+  Clock::time_point started_at;  // in kStarting
   RestartTracker restarts;
   int wait_status = 0;
   std::string address;  // as reported on its stdout
@@ -801,9 +801,9 @@ bool Supervisor::ScheduleRestart(Child& child) {
   child.restart_at = Clock::now() + decision.delay;
   child.healthy = false;
   child.channel.reset();
-  Say(absl::StrCat("restarting ", child.name, " in ", decision.delay.count() / 1000.0, " s (restart ",
-                   decision.restarts_in_window, " of at most ", policy.max_restarts, " within ",
-                   window_s, " s)"));
+  Say(absl::StrCat("restarting ", child.name, " in ", decision.delay.count() / 1000.0,
+                   " s (restart ", decision.restarts_in_window, " of at most ", policy.max_restarts,
+                   " within ", window_s, " s)"));
   return true;
 }
 
@@ -811,8 +811,8 @@ absl::Status Supervisor::Respawn(Child& child) {
   std::vector<std::string> argv = child.argv;
   // The same addresses as before, so the gateway's channels (and whatever
   // scrapes the metrics) reconnect to the new process.
-  for (const auto& [flag, address] : {std::pair{"--listen", child.address},
-                                      std::pair{"--metrics-listen", child.metrics}}) {
+  for (const auto& [flag, address] :
+       {std::pair{"--listen", child.address}, std::pair{"--metrics-listen", child.metrics}}) {
     for (size_t i = 0; i + 1 < argv.size(); ++i) {
       if (argv[i] == flag && !address.empty()) {
         argv[i + 1] = absl::StrCat(HostOf(argv[i + 1]), ":", PortOf(address));
