@@ -2,8 +2,12 @@
 // processes: one switchyard-expert per group of experts and one
 // switchyard-gateway in front of them. Waits until every process is healthy
 // (grpc.health.v1), writes an endpoints file, and supervises: SIGINT/SIGTERM
-// stop everything gracefully (gateway first, then experts); a child that dies
-// on its own stops everything with exit status 1.
+// stop everything gracefully (gateway first, then experts). A child that dies
+// on its own is restarted on the same addresses after a backoff (see
+// cli/restart_policy.h) while the others keep serving, and the endpoints file
+// is rewritten with its new pid; a child that crash-loops past the limit stops
+// everything with exit status 1. Everything listens on --listen-host
+// (default 127.0.0.1).
 //
 // Children run in their own process groups (so a terminal's Ctrl-C reaches
 // only `up`, which then stops them in order) and get SIGTERM if `up` itself
@@ -41,6 +45,7 @@
 #include "absl/strings/str_join.h"
 #include "cli/commands.h"
 #include "cli/grpc_client.h"
+#include "cli/restart_policy.h"
 #include "core/flags.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -221,8 +226,11 @@ struct UpOptions {
   std::string endpoints_file;
   int experts_per_process = 1;
   std::string bin_dir;
-  std::string listen_host = "0.0.0.0";
+  // Where every process listens (gRPC and metrics). Default loopback only.
+  std::string listen_host = "127.0.0.1";
   int start_timeout_s = 300;
+  // Restarts of one child allowed within a minute before `up` gives up.
+  int max_restarts = 5;
   // Extra flags for every switchyard-expert / the switchyard-gateway.
   std::vector<std::string> expert_args;
   std::vector<std::string> gateway_args;
@@ -239,9 +247,10 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "max-queue",
                                                         "max-step-tokens", "max-new-tokens-limit"};
   std::set<std::string> value_flags = {
-      "model",      "port",        "endpoints-file",  "experts-per-process",
-      "bin-dir",    "listen-host", "start-timeout-s", "expert-workers",
-      "expert-arg", "gateway-arg", "device",          "precision"};
+      "model",       "port",        "endpoints-file",  "experts-per-process",
+      "bin-dir",     "listen-host", "start-timeout-s", "expert-workers",
+      "expert-arg",  "gateway-arg", "device",          "precision",
+      "max-restarts"};
   value_flags.insert(gateway_passthrough.begin(), gateway_passthrough.end());
   SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, {}));
   UpOptions o;
@@ -270,6 +279,12 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError("--start-timeout-s must be in [1, 86400]");
   }
   o.start_timeout_s = static_cast<int>(timeout);
+  SY_ASSIGN_OR_RETURN(int64_t max_restarts, f.Int("max-restarts", o.max_restarts));
+  if (max_restarts < 0 || max_restarts > 1000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-restarts must be in [0, 1000], got ", max_restarts));
+  }
+  o.max_restarts = static_cast<int>(max_restarts);
   if (auto workers = f.Get("expert-workers")) o.expert_args = {"--workers", *workers};
   for (const std::string& a : f.GetAll("expert-arg")) o.expert_args.push_back(a);
   for (const std::string& name : gateway_passthrough) {
@@ -339,13 +354,33 @@ std::string DescribeWaitStatus(int status) {
   return "stopped";
 }
 
+// "HOST:PORT" -> "HOST" (everything before the last ':').
+std::string HostOf(const std::string& address) { return address.substr(0, address.rfind(':')); }
+// "HOST:PORT" -> "PORT".
+std::string PortOf(const std::string& address) { return address.substr(address.rfind(':') + 1); }
+
 // One child process.
 struct Child {
+  // Where a child is in its life after `up` became ready.
+  enum class Phase {
+    kServing,   // running (or died, not yet reaped)
+    kBackoff,   // died; restarts at restart_at
+    kStarting,  // restarted; waiting for its address and health
+  };
+
   std::string name;  // "expert 0-1", "gateway"
   std::string role;  // "expert" | "gateway"
   std::vector<int> experts;
+  // How it was started (argv[0] first) and its extra environment; a restart
+  // reuses them with --listen/--metrics-listen pinned to the first addresses.
+  std::vector<std::string> argv;
+  std::vector<std::string> env;
   pid_t pid = -1;
   bool running = false;
+  Phase phase = Phase::kServing;
+  Clock::time_point restart_at;  // in kBackoff
+  Clock::time_point started_at;  // in kStarting
+  RestartTracker restarts;
   int wait_status = 0;
   std::string address;  // as reported on its stdout
   std::string metrics;  // its /metrics address, as reported ("" if none)
@@ -369,8 +404,18 @@ class Supervisor {
   // ("NAME=VALUE", overriding).
   absl::Status Spawn(Child& child, const std::vector<std::string>& argv,
                      const std::vector<std::string>& extra_env = {});
-  // Reaps exited children; true if one exited that was not being stopped.
-  bool Reap();
+  // Reaps exited children; those that exited while not being stopped.
+  std::vector<Child*> Reap();
+  // After startup: restarts children that die, until a stop signal (exit 0)
+  // or a crash loop (exit 1).
+  int Serve();
+  // A child died while serving: schedules its restart; false to give up.
+  bool ScheduleRestart(Child& child);
+  // Starts a dead child again on its old addresses.
+  absl::Status Respawn(Child& child);
+  // A restarted child: notes its address and health; when it is serving,
+  // rewrites the endpoints file.
+  void CheckRestarted(Child& child);
   // Waits, handling signals and child exits, until `done()` holds or `deadline`.
   Wake WaitUntil(const std::function<bool()>& done, Clock::time_point deadline);
   // Reports why a wait ended early and stops everything; an exit code.
@@ -450,6 +495,8 @@ absl::Status Supervisor::Spawn(Child& child, const std::vector<std::string>& arg
     return absl::InternalError(absl::StrCat("fork: ", std::strerror(fork_errno)));
   }
   setpgid(pid, pid);  // Also here, so it holds before we ever signal the group.
+  child.argv = argv;
+  child.env = extra_env;
   child.pid = pid;
   child.running = true;
   const std::string prefix = absl::StrCat("[", child.name, "] ");
@@ -458,8 +505,8 @@ absl::Status Supervisor::Spawn(Child& child, const std::vector<std::string>& arg
   return absl::OkStatus();
 }
 
-bool Supervisor::Reap() {
-  bool unexpected = false;
+std::vector<Child*> Supervisor::Reap() {
+  std::vector<Child*> unexpected;
   auto reap = [&](Child& c) {
     if (!c.running) return;
     int status = 0;
@@ -468,7 +515,7 @@ bool Supervisor::Reap() {
       c.running = false;
       c.wait_status = status;
       if (!stopping_) {
-        unexpected = true;
+        unexpected.push_back(&c);
         Say(absl::StrCat(c.name, " (pid ", c.pid, ") ", DescribeWaitStatus(status)));
       }
     }
@@ -481,7 +528,7 @@ bool Supervisor::Reap() {
 Supervisor::Wake Supervisor::WaitUntil(const std::function<bool()>& done,
                                        Clock::time_point deadline) {
   while (true) {
-    if (Reap()) return Wake::kChildExited;
+    if (!Reap().empty()) return Wake::kChildExited;
     if (done()) return Wake::kDone;
     const auto now = Clock::now();
     if (now >= deadline) return Wake::kTimeout;
@@ -645,10 +692,14 @@ int Supervisor::Run() {
   const std::string gateway_bin = (bin / "switchyard-gateway").string();
   const auto deadline = Clock::now() + std::chrono::seconds(options_.start_timeout_s);
 
+  RestartPolicy restart_policy;
+  restart_policy.max_restarts = options_.max_restarts;
+
   // Experts, all started at once.
   for (int first = 0; first < *num_experts; first += options_.experts_per_process) {
     auto child = std::make_unique<Child>();
     child->role = "expert";
+    child->restarts = RestartTracker(restart_policy);
     for (int e = first; e < std::min(*num_experts, first + options_.experts_per_process); ++e) {
       child->experts.push_back(e);
     }
@@ -657,11 +708,11 @@ int Supervisor::Run() {
                                      "--model",
                                      options_.model_dir,
                                      "--listen",
-                                     "127.0.0.1:0",
+                                     absl::StrCat(options_.listen_host, ":0"),
                                      "--experts",
                                      absl::StrJoin(child->experts, ","),
                                      "--metrics-listen",
-                                     "127.0.0.1:0"};
+                                     absl::StrCat(options_.listen_host, ":0")};
     argv.insert(argv.end(), options_.expert_args.begin(), options_.expert_args.end());
     // The experts share this host's cores: one OpenMP thread each unless the
     // user chose (2 cores, split cluster: 34 -> 40 output tokens/s).
@@ -700,6 +751,7 @@ int Supervisor::Run() {
   }
   gateway_ = std::make_unique<Child>();
   gateway_->role = "gateway";
+  gateway_->restarts = RestartTracker(restart_policy);
   gateway_->name = "gateway";
   std::vector<std::string> argv = {gateway_bin,
                                    "--model",
@@ -733,8 +785,99 @@ int Supervisor::Run() {
               static_cast<int>(gateway_->pid), experts_.size());
   std::fflush(stdout);
 
-  wake = WaitUntil([] { return false; }, Clock::time_point::max());
-  return Abort(wake, "");
+  return Serve();
+}
+
+bool Supervisor::ScheduleRestart(Child& child) {
+  const RestartDecision decision = child.restarts.OnExit(Clock::now());
+  const RestartPolicy& policy = child.restarts.policy();
+  const auto window_s = std::chrono::duration_cast<std::chrono::seconds>(policy.window).count();
+  if (decision.give_up) {
+    Say(absl::StrCat(child.name, " is crash-looping (", decision.restarts_in_window,
+                     " restarts within ", window_s, " s, the limit of --max-restarts); giving up"));
+    return false;
+  }
+  child.phase = Child::Phase::kBackoff;
+  child.restart_at = Clock::now() + decision.delay;
+  child.healthy = false;
+  child.channel.reset();
+  Say(absl::StrCat("restarting ", child.name, " in ", decision.delay.count() / 1000.0,
+                   " s (restart ", decision.restarts_in_window, " of at most ", policy.max_restarts,
+                   " within ", window_s, " s)"));
+  return true;
+}
+
+absl::Status Supervisor::Respawn(Child& child) {
+  std::vector<std::string> argv = child.argv;
+  // The same addresses as before, so the gateway's channels (and whatever
+  // scrapes the metrics) reconnect to the new process.
+  for (const auto& [flag, address] :
+       {std::pair{"--listen", child.address}, std::pair{"--metrics-listen", child.metrics}}) {
+    for (size_t i = 0; i + 1 < argv.size(); ++i) {
+      if (argv[i] == flag && !address.empty()) {
+        argv[i + 1] = absl::StrCat(HostOf(argv[i + 1]), ":", PortOf(address));
+      }
+    }
+  }
+  const std::vector<std::string> env = child.env;  // Spawn overwrites child.env.
+  SY_RETURN_IF_ERROR(Spawn(child, argv, env));
+  child.phase = Child::Phase::kStarting;
+  child.started_at = Clock::now();
+  return absl::OkStatus();
+}
+
+void Supervisor::CheckRestarted(Child& child) {
+  if (!child.running) return;  // Reaped as an exit already; handled there.
+  const std::string address = pump_.Address(child.pid);
+  if (address.empty() || !AllHealthy({&child})) {
+    if (Clock::now() - child.started_at > std::chrono::seconds(options_.start_timeout_s)) {
+      Say(absl::StrCat(child.name, " (pid ", child.pid, ") did not become healthy within ",
+                       options_.start_timeout_s, " s after its restart; killing it"));
+      kill(-child.pid, SIGKILL);  // Reaped as a crash on the next round.
+    }
+    return;
+  }
+  const std::string metrics = pump_.MetricsAddress(child.pid);
+  if (!metrics.empty()) child.metrics = metrics;
+  child.channel.reset();
+  child.phase = Child::Phase::kServing;
+  if (absl::Status s = WriteEndpoints(); !s.ok()) Say(StatusLine(s));
+  Say(absl::StrCat(child.name, " restarted (pid ", child.pid, ") and serving on ", address));
+}
+
+int Supervisor::Serve() {
+  std::vector<Child*> children;
+  for (auto& e : experts_) children.push_back(e.get());
+  children.push_back(gateway_.get());
+  while (true) {
+    for (Child* c : Reap()) {
+      if (!ScheduleRestart(*c)) {
+        Say("stopping everything");
+        StopAll();
+        return 1;
+      }
+    }
+    for (Child* c : children) {
+      if (c->phase == Child::Phase::kBackoff && Clock::now() >= c->restart_at) {
+        if (absl::Status s = Respawn(*c); !s.ok()) {
+          Say(absl::StrCat("cannot restart ", c->name, ": ", StatusLine(s)));
+          if (!ScheduleRestart(*c)) {
+            Say("stopping everything");
+            StopAll();
+            return 1;
+          }
+        }
+      } else if (c->phase == Child::Phase::kStarting) {
+        CheckRestarted(*c);
+      }
+    }
+    timespec tick{0, 100 * 1000 * 1000};
+    const int sig = sigtimedwait(&signals_, nullptr, &tick);
+    if (sig == SIGINT || sig == SIGTERM || sig == SIGHUP) {
+      stop_signal_ = sig;
+      return Abort(Wake::kStopSignal, "");
+    }
+  }
 }
 
 }  // namespace
