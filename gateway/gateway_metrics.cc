@@ -1,5 +1,7 @@
 #include "gateway/gateway_metrics.h"
 
+#include <algorithm>
+
 #include "absl/status/status.h"
 
 namespace switchyard {
@@ -44,6 +46,15 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
                                 "Latency of expert calls as the gateway sees it.")),
       expert_call_errors(metrics::AddCounter(*r, "switchyard_gateway_expert_call_errors_total",
                                              "Failed expert calls by gRPC status code.")),
+      expert_network_duration(metrics::AddHistogram(
+          *r, "switchyard_gateway_expert_network_seconds",
+          "Round trip of successful expert calls minus the shard's queue and compute time.")),
+      expert_queue_duration(
+          metrics::AddHistogram(*r, "switchyard_gateway_expert_queue_seconds",
+                                "Queue time the expert shard reported for successful calls.")),
+      expert_compute_duration(
+          metrics::AddHistogram(*r, "switchyard_gateway_expert_compute_seconds",
+                                "Compute time the expert shard reported for successful calls.")),
       num_experts(config.num_local_experts) {
   auto& routed = metrics::AddCounter(*r, "switchyard_gateway_routed_tokens_total",
                                      "Tokens the router sent to each (layer, expert).");
@@ -58,6 +69,12 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
   for (int e = 0; e < config.num_local_experts; ++e) {
     expert_call_seconds.push_back(
         &expert_call_duration.Add({{"expert", std::to_string(e)}}, metrics::LatencyBuckets()));
+    const metrics::Labels label = {{"expert", std::to_string(e)}};
+    expert_network_seconds.push_back(
+        &expert_network_duration.Add(label, metrics::LatencyBuckets()));
+    expert_queue_seconds.push_back(&expert_queue_duration.Add(label, metrics::LatencyBuckets()));
+    expert_compute_seconds.push_back(
+        &expert_compute_duration.Add(label, metrics::LatencyBuckets()));
   }
   for (const char* method : {"Generate", "GenerateStream"}) Requests(method, "ok");
 }
@@ -71,6 +88,23 @@ metrics::Histogram& GatewayMetrics::ExpertCallDuration(int expert) {
     return *expert_call_seconds[expert];
   }
   return expert_call_duration.Add({{"expert", std::to_string(expert)}}, metrics::LatencyBuckets());
+}
+
+void GatewayMetrics::ObserveExpertHop(int expert, double round_trip_seconds, double queue_seconds,
+                                      double compute_seconds) {
+  const double queue = std::max(0.0, queue_seconds);
+  const double compute = std::max(0.0, compute_seconds);
+  const double network = std::max(0.0, round_trip_seconds - queue - compute);
+  if (expert >= 0 && expert < static_cast<int>(expert_network_seconds.size())) {
+    expert_network_seconds[expert]->Observe(network);
+    expert_queue_seconds[expert]->Observe(queue);
+    expert_compute_seconds[expert]->Observe(compute);
+    return;
+  }
+  const metrics::Labels label = {{"expert", std::to_string(expert)}};
+  expert_network_duration.Add(label, metrics::LatencyBuckets()).Observe(network);
+  expert_queue_duration.Add(label, metrics::LatencyBuckets()).Observe(queue);
+  expert_compute_duration.Add(label, metrics::LatencyBuckets()).Observe(compute);
 }
 
 metrics::Counter& GatewayMetrics::ExpertCallErrors(int expert, const std::string& code) {

@@ -362,6 +362,10 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
             .Increment();
       }
     };
+    remote.on_reply_timing = [metrics](int expert, double round_trip, double queue,
+                                       double compute) {
+      metrics->ObserveExpertHop(expert, round_trip, queue, compute);
+    };
     remote.connect_timeout_ms = options.expert_connect_timeout_ms;
     absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> backend =
         RemoteExpertBackend::Connect(*topology, config, options.model_dir, remote);
