@@ -78,8 +78,8 @@ struct RequestResult {
 absl::StatusOr<BenchOptions> ParseBenchOptions(const std::vector<std::string>& args) {
   SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args,
                                             {"server", "concurrency", "requests", "prompt-tokens",
-                                             "output-tokens", "seed", "timeout-ms", "metrics", "tls-ca",
-                                             "tls-cert", "tls-key", "auth-token-file"},
+                                             "output-tokens", "seed", "timeout-ms", "metrics",
+                                             "tls-ca", "tls-cert", "tls-key", "auth-token-file"},
                                             {"json"}));
   BenchOptions o;
   SY_ASSIGN_OR_RETURN(o.server, f.Required("server"));
@@ -105,9 +105,8 @@ absl::StatusOr<BenchOptions> ParseBenchOptions(const std::vector<std::string>& a
   o.json = f.Has("json");
   o.metrics = f.GetOr("metrics", "");
   if (f.Has("metrics") && (o.metrics.empty() || o.metrics.rfind(':') == std::string::npos)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--metrics must be HOST:PORT (the gateway's --metrics-listen), got '",
-                     o.metrics, "'"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--metrics must be HOST:PORT (the gateway's --metrics-listen), got '", o.metrics, "'"));
   }
   return o;
 }
@@ -218,8 +217,8 @@ absl::StatusOr<std::string> ScrapeMetrics(const std::string& host_port) {
   if (fd < 0) {
     return absl::UnavailableError(absl::StrCat("--metrics ", host_port, ": cannot connect"));
   }
-  const std::string request = "GET /metrics HTTP/1.1\r\nHost: " + host_port +
-                              "\r\nConnection: close\r\n\r\n";
+  const std::string request =
+      "GET /metrics HTTP/1.1\r\nHost: " + host_port + "\r\nConnection: close\r\n\r\n";
   bool sent = write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size());
   std::string response;
   char buf[16384];
@@ -536,15 +535,21 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
     if (hops.empty()) {
       std::printf("  %s\n", hops_note.c_str());
     } else {
-      std::printf("  expert call breakdown, us per call (gateway %s):\n", o.metrics.c_str());
+      std::printf(
+          "  expert call breakdown, us per call (gateway %s; p50 interpolated in the histogram's "
+          "buckets):\n",
+          o.metrics.c_str());
       std::printf("  %-8s %8s %10s %10s %10s %10s %10s %10s\n", "expert", "calls", "net mean",
                   "net p50", "queue mean", "queue p50", "comp mean", "comp p50");
-      for (const auto& [expert, row] : hops) {
-        const std::string name = expert < 0 ? "all" : std::to_string(expert);
+      auto print_row = [](const std::string& name, const HopRow& row) {
         std::printf("  %-8s %8.0f %10.1f %10.1f %10.1f %10.1f %10.1f %10.1f\n", name.c_str(),
                     row.calls, row.mean_us[0], row.p50_us[0], row.mean_us[1], row.p50_us[1],
                     row.mean_us[2], row.p50_us[2]);
+      };
+      for (const auto& [expert, row] : hops) {
+        if (expert >= 0) print_row(std::to_string(expert), row);
       }
+      print_row("all", hops.at(-1));
     }
   }
   std::fflush(stdout);

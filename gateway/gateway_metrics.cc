@@ -5,6 +5,17 @@
 #include "absl/status/status.h"
 
 namespace switchyard {
+namespace {
+
+// The per-hop histograms' buckets: factor 2 like metrics::LatencyBuckets but
+// from 10 us (10 us .. 10.5 s), since a GPU expert's compute and a loopback
+// hop are tens of microseconds, all in LatencyBuckets' first (100 us) bucket.
+const std::vector<double>& HopBuckets() {
+  static const std::vector<double> buckets = metrics::ExponentialBuckets(1e-5, 2.0, 21);
+  return buckets;
+}
+
+}  // namespace
 
 GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
     : requests(metrics::AddCounter(*r, "switchyard_gateway_requests_total",
@@ -70,11 +81,9 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
     expert_call_seconds.push_back(
         &expert_call_duration.Add({{"expert", std::to_string(e)}}, metrics::LatencyBuckets()));
     const metrics::Labels label = {{"expert", std::to_string(e)}};
-    expert_network_seconds.push_back(
-        &expert_network_duration.Add(label, metrics::LatencyBuckets()));
-    expert_queue_seconds.push_back(&expert_queue_duration.Add(label, metrics::LatencyBuckets()));
-    expert_compute_seconds.push_back(
-        &expert_compute_duration.Add(label, metrics::LatencyBuckets()));
+    expert_network_seconds.push_back(&expert_network_duration.Add(label, HopBuckets()));
+    expert_queue_seconds.push_back(&expert_queue_duration.Add(label, HopBuckets()));
+    expert_compute_seconds.push_back(&expert_compute_duration.Add(label, HopBuckets()));
   }
   for (const char* method : {"Generate", "GenerateStream"}) Requests(method, "ok");
 }
@@ -102,9 +111,9 @@ void GatewayMetrics::ObserveExpertHop(int expert, double round_trip_seconds, dou
     return;
   }
   const metrics::Labels label = {{"expert", std::to_string(expert)}};
-  expert_network_duration.Add(label, metrics::LatencyBuckets()).Observe(network);
-  expert_queue_duration.Add(label, metrics::LatencyBuckets()).Observe(queue);
-  expert_compute_duration.Add(label, metrics::LatencyBuckets()).Observe(compute);
+  expert_network_duration.Add(label, HopBuckets()).Observe(network);
+  expert_queue_duration.Add(label, HopBuckets()).Observe(queue);
+  expert_compute_duration.Add(label, HopBuckets()).Observe(compute);
 }
 
 metrics::Counter& GatewayMetrics::ExpertCallErrors(int expert, const std::string& code) {

@@ -218,11 +218,10 @@ TEST_F(ClusterTest, PerHopTimingSplitsEachExpertCallsDuration) {
                            "_count{expert=\"" + std::to_string(e) + "\"}"),
                 std::string::npos)
           << kParts[k] << " expert " << e;
-      const double count = series(after, kParts[k], "_count", e) -
-                           series(before, kParts[k], "_count", e);
+      const double count =
+          series(after, kParts[k], "_count", e) - series(before, kParts[k], "_count", e);
       EXPECT_EQ(count, calls) << kParts[k] << " expert " << e;
-      part_seconds[k] =
-          series(after, kParts[k], "_sum", e) - series(before, kParts[k], "_sum", e);
+      part_seconds[k] = series(after, kParts[k], "_sum", e) - series(before, kParts[k], "_sum", e);
       EXPECT_GE(part_seconds[k], 0) << kParts[k] << " expert " << e;
       parts_seconds += part_seconds[k];
     }
@@ -246,6 +245,43 @@ TEST_F(ClusterTest, PerHopTimingSplitsEachExpertCallsDuration) {
   // one expert per step, so there are many calls and at least K experts.
   EXPECT_GE(called_experts, 2);
   EXPECT_GE(total_calls, 2 * 8 * 2);
+}
+
+// `switchyard bench --metrics` prints the run's per-hop breakdown: one row
+// per called expert and an "all" row whose call count is the number of
+// expert calls the gateway counted during the run.
+TEST_F(ClusterTest, BenchPrintsThePerHopBreakdown) {
+  const std::string before = testing::HttpGetBody(split_->metrics_address(), "/metrics");
+  const std::string command = testing::BinaryDir() + "/switchyard bench --server " +
+                              split_->address() + " --concurrency 2 --requests 4 " +
+                              "--prompt-tokens 8 --output-tokens 4 --json --metrics " +
+                              split_->metrics_address() + " 2>&1";
+  FILE* p = popen(command.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string output;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) output.append(buf, n);
+  ASSERT_EQ(pclose(p), 0) << output;
+  const std::string after = testing::HttpGetBody(split_->metrics_address(), "/metrics");
+  const nlohmann::json out = nlohmann::json::parse(output);
+  ASSERT_TRUE(out.contains("expert_hops")) << output;
+  const nlohmann::json& hops = out["expert_hops"];
+  const double calls =
+      SumSeries(after, "switchyard_gateway_expert_call_duration_seconds_count", "") -
+      SumSeries(before, "switchyard_gateway_expert_call_duration_seconds_count", "");
+  ASSERT_GT(calls, 0);
+  EXPECT_EQ(hops["all"]["calls"].get<double>(), calls) << output;
+  double per_expert_calls = 0;
+  for (const auto& [name, row] : hops.items()) {
+    for (const char* part : {"network_us", "queue_us", "compute_us"}) {
+      EXPECT_GE(row[part]["mean"].get<double>(), 0) << name << " " << part;
+      EXPECT_GE(row[part]["p50"].get<double>(), 0) << name << " " << part;
+    }
+    if (name != "all") per_expert_calls += row["calls"].get<double>();
+  }
+  EXPECT_EQ(per_expert_calls, calls);
+  std::printf("[ bench ] %s\n", hops["all"].dump().c_str());
 }
 
 TEST_F(ClusterTest, PromtoolAcceptsEveryProcesssMetrics) {
