@@ -4,10 +4,18 @@
 // from --seed and the request index; ignore_eos makes every request produce
 // exactly --output-tokens tokens. Reports throughput, time to first token
 // (TTFT) and inter-token latency (ITL; a message carrying k tokens after a
-// gap g counts as k gaps of g/k).
+// gap g counts as k gaps of g/k). With --metrics HOST:PORT (the gateway's
+// --metrics-listen address) it scrapes the gateway's /metrics before and
+// after the run and prints the per-hop breakdown of the run's expert calls:
+// network, queue and compute time (docs/metrics.md, "Per-hop timing").
 #include <grpcpp/grpcpp.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -51,6 +59,9 @@ struct BenchOptions {
   uint64_t seed = 0;
   int64_t timeout_ms = 0;
   bool json = false;
+  // The gateway's metrics address for the per-hop breakdown. Default: none
+  // (the breakdown is skipped with a note saying what to pass).
+  std::string metrics;
 };
 
 // What one request measured.
@@ -67,8 +78,8 @@ struct RequestResult {
 absl::StatusOr<BenchOptions> ParseBenchOptions(const std::vector<std::string>& args) {
   SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args,
                                             {"server", "concurrency", "requests", "prompt-tokens",
-                                             "output-tokens", "seed", "timeout-ms", "tls-ca",
-                                             "tls-cert", "tls-key", "auth-token-file"},
+                                             "output-tokens", "seed", "timeout-ms", "metrics",
+                                             "tls-ca", "tls-cert", "tls-key", "auth-token-file"},
                                             {"json"}));
   BenchOptions o;
   SY_ASSIGN_OR_RETURN(o.server, f.Required("server"));
@@ -92,6 +103,11 @@ absl::StatusOr<BenchOptions> ParseBenchOptions(const std::vector<std::string>& a
   SY_ASSIGN_OR_RETURN(o.timeout_ms, f.Int("timeout-ms", 0));
   if (o.timeout_ms < 0) return absl::InvalidArgumentError("--timeout-ms must be >= 0");
   o.json = f.Has("json");
+  o.metrics = f.GetOr("metrics", "");
+  if (f.Has("metrics") && (o.metrics.empty() || o.metrics.rfind(':') == std::string::npos)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--metrics must be HOST:PORT (the gateway's --metrics-listen), got '", o.metrics, "'"));
+  }
   return o;
 }
 
@@ -167,6 +183,198 @@ double Mean(const std::vector<double>& v) {
   return v.empty() ? 0 : std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
 }
 
+// GET http://HOST:PORT/metrics with a 10 s socket timeout; the body, or
+// UNAVAILABLE naming the address and what failed.
+absl::StatusOr<std::string> ScrapeMetrics(const std::string& host_port) {
+  const size_t colon = host_port.rfind(':');
+  std::string host = host_port.substr(0, colon);
+  const std::string port = host_port.substr(colon + 1);
+  if (!host.empty() && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  if (host.empty() || host == "0.0.0.0") host = "127.0.0.1";
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* addrs = nullptr;
+  if (const int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &addrs); rc != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("--metrics ", host_port, ": cannot resolve: ", gai_strerror(rc)));
+  }
+  int fd = -1;
+  for (addrinfo* a = addrs; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+    if (fd < 0) continue;
+    timeval timeout{10, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+    if (connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
+      close(fd);
+      fd = -1;
+    }
+  }
+  freeaddrinfo(addrs);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrCat("--metrics ", host_port, ": cannot connect"));
+  }
+  const std::string request =
+      "GET /metrics HTTP/1.1\r\nHost: " + host_port + "\r\nConnection: close\r\n\r\n";
+  bool sent = write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size());
+  std::string response;
+  char buf[16384];
+  ssize_t n;
+  while (sent && (n = read(fd, buf, sizeof(buf))) > 0) response.append(buf, n);
+  close(fd);
+  const size_t body = response.find("\r\n\r\n");
+  if (!sent || body == std::string::npos || response.compare(0, 12, "HTTP/1.1 200") != 0) {
+    return absl::UnavailableError(absl::StrCat("--metrics ", host_port,
+                                               ": no HTTP 200 answer to GET /metrics (",
+                                               response.substr(0, response.find('\r')), ")"));
+  }
+  return response.substr(body + 4);
+}
+
+// One histogram series: cumulative buckets by upper bound, sum and count.
+struct HistogramSeries {
+  std::map<double, double> buckets;  // le -> cumulative count
+  double sum = 0;
+  double count = 0;
+};
+
+// The value of label `name` in a Prometheus label text (a="1",b="2").
+std::string LabelValue(const std::string& labels, const std::string& name) {
+  const std::string key = name + "=\"";
+  size_t at = labels.find(key);
+  while (at != std::string::npos && at > 0 && labels[at - 1] != ',' && labels[at - 1] != '{') {
+    at = labels.find(key, at + 1);
+  }
+  if (at == std::string::npos) return "";
+  const size_t begin = at + key.size();
+  return labels.substr(begin, labels.find('"', begin) - begin);
+}
+
+// The histogram `name`'s series by their `expert` label, from Prometheus text.
+std::map<int, HistogramSeries> ExpertHistograms(const std::string& text, const std::string& name) {
+  std::map<int, HistogramSeries> out;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    const std::string line = text.substr(pos, end - pos);
+    pos = end + 1;
+    if (line.compare(0, name.size(), name) != 0) continue;
+    const size_t open = line.find('{'), close = line.find('}');
+    if (open == std::string::npos || close == std::string::npos || close < open) continue;
+    const std::string suffix = line.substr(name.size(), open - name.size());
+    const std::string labels = line.substr(open + 1, close - open - 1);
+    const std::string expert = LabelValue(labels, "expert");
+    double value = 0;
+    try {
+      value = std::stod(line.substr(close + 1));
+    } catch (...) {
+      continue;
+    }
+    if (expert.empty() || expert.find_first_not_of("0123456789") != std::string::npos) continue;
+    HistogramSeries& h = out[std::stoi(expert)];
+    if (suffix == "_sum") {
+      h.sum = value;
+    } else if (suffix == "_count") {
+      h.count = value;
+    } else if (suffix == "_bucket") {
+      const std::string le = LabelValue(labels, "le");
+      h.buckets[le == "+Inf" ? INFINITY : std::strtod(le.c_str(), nullptr)] = value;
+    }
+  }
+  return out;
+}
+
+// after - before, bucket by bucket (the run's own observations).
+HistogramSeries Delta(const HistogramSeries& after, const HistogramSeries& before) {
+  HistogramSeries d = after;
+  d.sum -= before.sum;
+  d.count -= before.count;
+  for (auto& [le, c] : d.buckets) {
+    auto it = before.buckets.find(le);
+    if (it != before.buckets.end()) c -= it->second;
+  }
+  return d;
+}
+
+// The q-quantile of a histogram, interpolated linearly inside its bucket as
+// Prometheus' histogram_quantile does (the lowest bucket starts at 0; a
+// quantile in the +Inf bucket is the highest finite bound).
+double HistogramQuantile(const HistogramSeries& h, double q) {
+  if (h.count <= 0 || h.buckets.empty()) return 0;
+  const double rank = q * h.count;
+  double lower = 0, below = 0, highest_finite = 0;
+  for (const auto& [le, cumulative] : h.buckets) {
+    if (std::isinf(le)) return highest_finite;
+    if (cumulative >= rank) {
+      const double in_bucket = cumulative - below;
+      return in_bucket > 0 ? lower + (le - lower) * (rank - below) / in_bucket : le;
+    }
+    lower = highest_finite = le;
+    below = cumulative;
+  }
+  return highest_finite;
+}
+
+// The per-hop histograms the gateway keeps (docs/metrics.md).
+constexpr const char* kHopParts[] = {"network", "queue", "compute"};
+
+std::map<int, std::array<HistogramSeries, 3>> HopHistograms(const std::string& text) {
+  std::map<int, std::array<HistogramSeries, 3>> out;
+  for (int k = 0; k < 3; ++k) {
+    for (auto& [expert, h] : ExpertHistograms(
+             text, absl::StrCat("switchyard_gateway_expert_", kHopParts[k], "_seconds"))) {
+      out[expert][k] = std::move(h);
+    }
+  }
+  return out;
+}
+
+// The run's breakdown per expert (only experts called during the run) and,
+// under key -1, over all experts: [part] -> (mean, p50) in microseconds, and
+// the number of calls.
+struct HopRow {
+  double calls = 0;
+  std::array<double, 3> mean_us{};
+  std::array<double, 3> p50_us{};
+};
+
+std::map<int, HopRow> HopBreakdown(const std::string& before_text, const std::string& after_text) {
+  const auto before = HopHistograms(before_text);
+  const auto after = HopHistograms(after_text);
+  std::map<int, HopRow> rows;
+  std::array<HistogramSeries, 3> all;
+  for (const auto& [expert, parts] : after) {
+    auto b = before.find(expert);
+    std::array<HistogramSeries, 3> d;
+    for (int k = 0; k < 3; ++k) {
+      d[k] = b == before.end() ? parts[k] : Delta(parts[k], b->second[k]);
+      all[k].sum += d[k].sum;
+      all[k].count += d[k].count;
+      for (const auto& [le, c] : d[k].buckets) all[k].buckets[le] += c;
+    }
+    if (d[0].count <= 0) continue;
+    HopRow& row = rows[expert];
+    row.calls = d[0].count;
+    for (int k = 0; k < 3; ++k) {
+      row.mean_us[k] = d[k].count > 0 ? 1e6 * d[k].sum / d[k].count : 0;
+      row.p50_us[k] = 1e6 * HistogramQuantile(d[k], 0.5);
+    }
+  }
+  if (!rows.empty()) {
+    HopRow& total = rows[-1];
+    total.calls = all[0].count;
+    for (int k = 0; k < 3; ++k) {
+      total.mean_us[k] = all[k].count > 0 ? 1e6 * all[k].sum / all[k].count : 0;
+      total.p50_us[k] = 1e6 * HistogramQuantile(all[k], 0.5);
+    }
+  }
+  return rows;
+}
+
 absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   SY_ASSIGN_OR_RETURN(BenchOptions o, ParseBenchOptions(args));
 
@@ -198,6 +406,13 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
     return absl::InvalidArgumentError(
         absl::StrCat("--prompt-tokens + --output-tokens exceeds the server's max_context_tokens ",
                      info.max_context_tokens()));
+  }
+
+  // Scraped before the run so the breakdown covers this run's calls only;
+  // a wrong --metrics fails here, before any load is sent.
+  std::string metrics_before;
+  if (!o.metrics.empty()) {
+    SY_ASSIGN_OR_RETURN(metrics_before, ScrapeMetrics(o.metrics));
   }
 
   std::vector<RequestResult> results(o.requests);
@@ -242,6 +457,23 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   const double itl_p50 = Percentile(itl, 50), itl_p99 = Percentile(itl, 99);
   const double lat_p50 = Percentile(latency, 50), lat_p99 = Percentile(latency, 99);
 
+  // The per-hop breakdown, or a note saying why there is none.
+  std::map<int, HopRow> hops;
+  std::string hops_note;
+  if (o.metrics.empty()) {
+    hops_note =
+        "per-hop breakdown needs --metrics HOST:PORT (the gateway's --metrics-listen address)";
+  } else if (absl::StatusOr<std::string> after = ScrapeMetrics(o.metrics); !after.ok()) {
+    hops_note = absl::StrCat("per-hop breakdown unavailable: ", after.status().message());
+  } else {
+    hops = HopBreakdown(metrics_before, *after);
+    if (hops.empty()) {
+      hops_note =
+          "per-hop breakdown: no remote expert calls in this run (in-process experts, or not a "
+          "gateway's metrics address?)";
+    }
+  }
+
   if (o.json) {
     nlohmann::json errors_json = nlohmann::json::array();
     for (const auto& [message, count] : error_counts) {
@@ -267,6 +499,20 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
         {"itl_ms", {{"p50", itl_p50}, {"p99", itl_p99}, {"mean", itl_mean}}},
         {"latency_ms", {{"p50", lat_p50}, {"p99", lat_p99}, {"mean", latency_mean}}},
         {"error_messages", std::move(errors_json)}};
+    if (!hops.empty()) {
+      nlohmann::json hops_json = nlohmann::json::object();
+      for (const auto& [expert, row] : hops) {
+        nlohmann::json entry = {{"calls", row.calls}};
+        for (int k = 0; k < 3; ++k) {
+          entry[absl::StrCat(kHopParts[k], "_us")] = {{"mean", row.mean_us[k]},
+                                                      {"p50", row.p50_us[k]}};
+        }
+        hops_json[expert < 0 ? "all" : std::to_string(expert)] = std::move(entry);
+      }
+      out["expert_hops"] = std::move(hops_json);
+    } else {
+      out["expert_hops_note"] = hops_note;
+    }
     std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
   } else {
     std::printf("switchyard bench: %s (model %s)\n", o.server.c_str(), info.model().c_str());
@@ -285,6 +531,25 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
                 latency_mean);
     for (const auto& [message, count] : error_counts) {
       std::printf("  error x%d: %s\n", count, message.c_str());
+    }
+    if (hops.empty()) {
+      std::printf("  %s\n", hops_note.c_str());
+    } else {
+      std::printf(
+          "  expert call breakdown, us per call (gateway %s; p50 interpolated in the histogram's "
+          "buckets):\n",
+          o.metrics.c_str());
+      std::printf("  %-8s %8s %10s %10s %10s %10s %10s %10s\n", "expert", "calls", "net mean",
+                  "net p50", "queue mean", "queue p50", "comp mean", "comp p50");
+      auto print_row = [](const std::string& name, const HopRow& row) {
+        std::printf("  %-8s %8.0f %10.1f %10.1f %10.1f %10.1f %10.1f %10.1f\n", name.c_str(),
+                    row.calls, row.mean_us[0], row.p50_us[0], row.mean_us[1], row.p50_us[1],
+                    row.mean_us[2], row.p50_us[2]);
+      };
+      for (const auto& [expert, row] : hops) {
+        if (expert >= 0) print_row(std::to_string(expert), row);
+      }
+      print_row("all", hops.at(-1));
     }
   }
   std::fflush(stdout);

@@ -31,6 +31,7 @@ constexpr char kUsage[] =
     "              [--device cpu|cuda] [--precision bf16|f32] (for every process)\n"
     "  bench       --server HOST:PORT [--concurrency C] [--requests N] [--prompt-tokens P]\n"
     "              [--output-tokens O] [--seed S] [--timeout-ms N] [--json]\n"
+    "              [--metrics HOST:PORT] (gateway metrics: per-hop expert call breakdown)\n"
     "  chat-template (--model DIR | --template FILE) --messages FILE.json\n"
     "              [--add-generation-prompt] [--json]: render a conversation\n"
     "  make-model  --preset tiny|bench|mixtral-8x7b --out DIR [--layers N] [--seed S]\n"

@@ -1,8 +1,21 @@
 #include "gateway/gateway_metrics.h"
 
+#include <algorithm>
+
 #include "absl/status/status.h"
 
 namespace switchyard {
+namespace {
+
+// The per-hop histograms' buckets: factor 2 like metrics::LatencyBuckets but
+// from 10 us (10 us .. 10.5 s), since a GPU expert's compute and a loopback
+// hop are tens of microseconds, all in LatencyBuckets' first (100 us) bucket.
+const std::vector<double>& HopBuckets() {
+  static const std::vector<double> buckets = metrics::ExponentialBuckets(1e-5, 2.0, 21);
+  return buckets;
+}
+
+}  // namespace
 
 GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
     : requests(metrics::AddCounter(*r, "switchyard_gateway_requests_total",
@@ -44,6 +57,15 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
                                 "Latency of expert calls as the gateway sees it.")),
       expert_call_errors(metrics::AddCounter(*r, "switchyard_gateway_expert_call_errors_total",
                                              "Failed expert calls by gRPC status code.")),
+      expert_network_duration(metrics::AddHistogram(
+          *r, "switchyard_gateway_expert_network_seconds",
+          "Round trip of successful expert calls minus the shard's queue and compute time.")),
+      expert_queue_duration(
+          metrics::AddHistogram(*r, "switchyard_gateway_expert_queue_seconds",
+                                "Queue time the expert shard reported for successful calls.")),
+      expert_compute_duration(
+          metrics::AddHistogram(*r, "switchyard_gateway_expert_compute_seconds",
+                                "Compute time the expert shard reported for successful calls.")),
       num_experts(config.num_local_experts) {
   auto& routed = metrics::AddCounter(*r, "switchyard_gateway_routed_tokens_total",
                                      "Tokens the router sent to each (layer, expert).");
@@ -58,6 +80,10 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
   for (int e = 0; e < config.num_local_experts; ++e) {
     expert_call_seconds.push_back(
         &expert_call_duration.Add({{"expert", std::to_string(e)}}, metrics::LatencyBuckets()));
+    const metrics::Labels label = {{"expert", std::to_string(e)}};
+    expert_network_seconds.push_back(&expert_network_duration.Add(label, HopBuckets()));
+    expert_queue_seconds.push_back(&expert_queue_duration.Add(label, HopBuckets()));
+    expert_compute_seconds.push_back(&expert_compute_duration.Add(label, HopBuckets()));
   }
   for (const char* method : {"Generate", "GenerateStream"}) Requests(method, "ok");
 }
@@ -71,6 +97,23 @@ metrics::Histogram& GatewayMetrics::ExpertCallDuration(int expert) {
     return *expert_call_seconds[expert];
   }
   return expert_call_duration.Add({{"expert", std::to_string(expert)}}, metrics::LatencyBuckets());
+}
+
+void GatewayMetrics::ObserveExpertHop(int expert, double round_trip_seconds, double queue_seconds,
+                                      double compute_seconds) {
+  const double queue = std::max(0.0, queue_seconds);
+  const double compute = std::max(0.0, compute_seconds);
+  const double network = std::max(0.0, round_trip_seconds - queue - compute);
+  if (expert >= 0 && expert < static_cast<int>(expert_network_seconds.size())) {
+    expert_network_seconds[expert]->Observe(network);
+    expert_queue_seconds[expert]->Observe(queue);
+    expert_compute_seconds[expert]->Observe(compute);
+    return;
+  }
+  const metrics::Labels label = {{"expert", std::to_string(expert)}};
+  expert_network_duration.Add(label, HopBuckets()).Observe(network);
+  expert_queue_duration.Add(label, HopBuckets()).Observe(queue);
+  expert_compute_duration.Add(label, HopBuckets()).Observe(compute);
 }
 
 metrics::Counter& GatewayMetrics::ExpertCallErrors(int expert, const std::string& code) {

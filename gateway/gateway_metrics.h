@@ -31,6 +31,12 @@ struct GatewayMetrics : public RoutingObserver {
   // lookup on each call is a vector index, as prometheus-cpp's Family::Add
   // would build and drop a histogram every time).
   metrics::Histogram& ExpertCallDuration(int expert);
+  // Splits one successful expert call's round trip (as the gateway timed it)
+  // into the time the shard reported queueing and computing and the rest,
+  // network = round trip - queue - compute (each clamped at 0), and observes
+  // the three per-expert histograms.
+  void ObserveExpertHop(int expert, double round_trip_seconds, double queue_seconds,
+                        double compute_seconds);
   // Failed calls to `expert` with gRPC status code name `code` (UNAVAILABLE).
   metrics::Counter& ExpertCallErrors(int expert, const std::string& code);
 
@@ -47,11 +53,18 @@ struct GatewayMetrics : public RoutingObserver {
   metrics::Histogram& step_tokens;
   metrics::Family<metrics::Histogram>& expert_call_duration;
   metrics::Family<metrics::Counter>& expert_call_errors;
+  metrics::Family<metrics::Histogram>& expert_network_duration;
+  metrics::Family<metrics::Histogram>& expert_queue_duration;
+  metrics::Family<metrics::Histogram>& expert_compute_duration;
 
  private:
   int num_experts;
   std::vector<metrics::Counter*> routed_tokens;          // [L * E]
   std::vector<metrics::Histogram*> expert_call_seconds;  // [E]
+  // Per-expert hop breakdown, [E] each, created up front like the above.
+  std::vector<metrics::Histogram*> expert_network_seconds;
+  std::vector<metrics::Histogram*> expert_queue_seconds;
+  std::vector<metrics::Histogram*> expert_compute_seconds;
 };
 
 // The outcome label for a gRPC/absl status code name.

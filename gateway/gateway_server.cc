@@ -379,6 +379,10 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
           .Increment();
     }
   };
+  remote.on_reply_timing = [gateway_metrics](int expert, double round_trip, double queue,
+                                             double compute) {
+    gateway_metrics->ObserveExpertHop(expert, round_trip, queue, compute);
+  };
   remote.connect_timeout_ms = options.expert_connect_timeout_ms;
   absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> connected =
       RemoteExpertBackend::Connect(*topology, config, options.model_dir, remote);

@@ -501,12 +501,20 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
   CallSlot& s = call->slots[slot];
   ExpertState& state = *experts_[s.expert];
   RemoteExpertCounters& counters = state.counters;
-  counters.latency_micros_sum.fetch_add(
-      static_cast<uint64_t>(NowMicros() - s.start_micros[attempt]), std::memory_order_relaxed);
+  // One reading serves every consumer, so the call-duration histogram and the
+  // per-hop breakdown describe the same round trip.
+  const int64_t round_trip_micros = NowMicros() - s.start_micros[attempt];
+  counters.latency_micros_sum.fetch_add(static_cast<uint64_t>(round_trip_micros),
+                                        std::memory_order_relaxed);
   counters.latency_count.fetch_add(1, std::memory_order_relaxed);
   if (options_.on_call_done) {
-    options_.on_call_done(s.expert, (NowMicros() - s.start_micros[attempt]) * 1e-6,
+    options_.on_call_done(s.expert, round_trip_micros * 1e-6,
                           static_cast<int>(status.error_code()));
+  }
+  if (status.ok() && options_.on_reply_timing) {
+    const v1::ForwardResponse& reply = s.responses[attempt];
+    options_.on_reply_timing(s.expert, round_trip_micros * 1e-6, reply.queue_micros() * 1e-6,
+                             reply.compute_micros() * 1e-6);
   }
   if (!status.ok()) {
     const int code = static_cast<int>(status.error_code());

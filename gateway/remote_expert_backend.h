@@ -88,6 +88,12 @@ struct RemoteExpertOptions {
   // Called when each Forward attempt completes, from a gRPC thread: the
   // expert, seconds it took, and its status code (0 = OK). Default: none.
   std::function<void(int expert, double seconds, int code)> on_call_done;
+  // Called after on_call_done for each OK Forward attempt, from a gRPC
+  // thread: the expert, the same round-trip seconds, and the queue and
+  // compute seconds the shard put in its reply (per-hop timing). Default: none.
+  std::function<void(int expert, double round_trip_seconds, double queue_seconds,
+                     double compute_seconds)>
+      on_reply_timing;
 };
 
 // Live per-expert counters. errors_by_code is indexed by grpc::StatusCode

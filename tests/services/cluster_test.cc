@@ -1,7 +1,8 @@
 // The split cluster: a gateway with one real switchyard-expert process per
 // expert over loopback TCP gives the same greedy tokens as in-process experts
 // and as Hugging Face; the metrics of gateway and experts agree on the
-// routed tokens and pass promtool.
+// routed tokens and pass promtool; the per-hop timing splits each expert
+// call's duration.
 #include <grpcpp/grpcpp.h>
 
 #include <cstdio>
@@ -175,6 +176,112 @@ TEST_F(ClusterTest, RoutedTokensOnTheGatewayEqualWhatExpertsCounted) {
   std::printf(
       "[ metrics ] %g token-expert pairs routed = (%u prompt + %u generated - 1) x %d x %d\n",
       gateway_total, r.usage().prompt_tokens(), r.usage().completion_tokens(), K, L);
+}
+
+// The per-hop histograms: one observation per successful expert call, each
+// part >= 0, and network + queue + compute adds up to the call duration the
+// gateway measured (the same reading; rounding slack only).
+TEST_F(ClusterTest, PerHopTimingSplitsEachExpertCallsDuration) {
+  auto series = [](const std::string& text, const std::string& metric, const std::string& suffix,
+                   int e) {
+    return SumSeries(text, "switchyard_gateway_expert_" + metric + suffix,
+                     "expert=\"" + std::to_string(e) + "\"");
+  };
+  const char* kParts[] = {"network_seconds", "queue_seconds", "compute_seconds"};
+  const std::string before = testing::HttpGetBody(split_->metrics_address(), "/metrics");
+  v1::GenerateRequest request;
+  request.set_text("Per-hop timing splits every expert call into");
+  request.mutable_stopping()->set_max_new_tokens(8);
+  request.mutable_stopping()->set_ignore_eos(true);
+  for (int i = 0; i < 2; ++i) ASSERT_EQ(Generate(split_, request).token_ids_size(), 8);
+  const std::string after = testing::HttpGetBody(split_->metrics_address(), "/metrics");
+
+  double total_calls = 0;
+  int called_experts = 0;
+  for (int e = 0; e < kExperts; ++e) {
+    const double calls = series(after, "call_duration_seconds", "_count", e) -
+                         series(before, "call_duration_seconds", "_count", e);
+    const double call_seconds = series(after, "call_duration_seconds", "_sum", e) -
+                                series(before, "call_duration_seconds", "_sum", e);
+    const double errors = SumSeries(after, "switchyard_gateway_expert_call_errors_total",
+                                    "expert=\"" + std::to_string(e) + "\"") -
+                          SumSeries(before, "switchyard_gateway_expert_call_errors_total",
+                                    "expert=\"" + std::to_string(e) + "\"");
+    ASSERT_EQ(errors, 0) << "expert " << e;
+    total_calls += calls;
+    if (calls > 0) ++called_experts;
+    double parts_seconds = 0;
+    double part_seconds[3];
+    for (int k = 0; k < 3; ++k) {
+      // Every expert's series exists from the start, called or not.
+      EXPECT_NE(after.find("switchyard_gateway_expert_" + std::string(kParts[k]) +
+                           "_count{expert=\"" + std::to_string(e) + "\"}"),
+                std::string::npos)
+          << kParts[k] << " expert " << e;
+      const double count =
+          series(after, kParts[k], "_count", e) - series(before, kParts[k], "_count", e);
+      EXPECT_EQ(count, calls) << kParts[k] << " expert " << e;
+      part_seconds[k] = series(after, kParts[k], "_sum", e) - series(before, kParts[k], "_sum", e);
+      EXPECT_GE(part_seconds[k], 0) << kParts[k] << " expert " << e;
+      parts_seconds += part_seconds[k];
+    }
+    // Per call, network = round trip - queue - compute unless the shard
+    // reports more than the round trip; microsecond rounding of the three
+    // parts gives at most ~1 us per call of slack.
+    const double slack = 2e-6 * calls + 1e-9;
+    EXPECT_LE(parts_seconds, call_seconds + slack) << "expert " << e;
+    EXPECT_GE(parts_seconds, call_seconds - slack) << "expert " << e;
+    if (calls > 0) {
+      // The shard really did report compute time.
+      EXPECT_GT(part_seconds[2], 0) << "expert " << e;
+      std::printf(
+          "[ hop ] expert %d: %g calls, mean call %.1f us = network %.1f + queue %.1f + "
+          "compute %.1f us\n",
+          e, calls, 1e6 * call_seconds / calls, 1e6 * part_seconds[0] / calls,
+          1e6 * part_seconds[1] / calls, 1e6 * part_seconds[2] / calls);
+    }
+  }
+  // 2 generations of a prompt through 2 layers: every layer calls at least
+  // one expert per step, so there are many calls and at least K experts.
+  EXPECT_GE(called_experts, 2);
+  EXPECT_GE(total_calls, 2 * 8 * 2);
+}
+
+// `switchyard bench --metrics` prints the run's per-hop breakdown: one row
+// per called expert and an "all" row whose call count is the number of
+// expert calls the gateway counted during the run.
+TEST_F(ClusterTest, BenchPrintsThePerHopBreakdown) {
+  const std::string before = testing::HttpGetBody(split_->metrics_address(), "/metrics");
+  const std::string command = testing::BinaryDir() + "/switchyard bench --server " +
+                              split_->address() + " --concurrency 2 --requests 4 " +
+                              "--prompt-tokens 8 --output-tokens 4 --json --metrics " +
+                              split_->metrics_address() + " 2>&1";
+  FILE* p = popen(command.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string output;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) output.append(buf, n);
+  ASSERT_EQ(pclose(p), 0) << output;
+  const std::string after = testing::HttpGetBody(split_->metrics_address(), "/metrics");
+  const nlohmann::json out = nlohmann::json::parse(output);
+  ASSERT_TRUE(out.contains("expert_hops")) << output;
+  const nlohmann::json& hops = out["expert_hops"];
+  const double calls =
+      SumSeries(after, "switchyard_gateway_expert_call_duration_seconds_count", "") -
+      SumSeries(before, "switchyard_gateway_expert_call_duration_seconds_count", "");
+  ASSERT_GT(calls, 0);
+  EXPECT_EQ(hops["all"]["calls"].get<double>(), calls) << output;
+  double per_expert_calls = 0;
+  for (const auto& [name, row] : hops.items()) {
+    for (const char* part : {"network_us", "queue_us", "compute_us"}) {
+      EXPECT_GE(row[part]["mean"].get<double>(), 0) << name << " " << part;
+      EXPECT_GE(row[part]["p50"].get<double>(), 0) << name << " " << part;
+    }
+    if (name != "all") per_expert_calls += row["calls"].get<double>();
+  }
+  EXPECT_EQ(per_expert_calls, calls);
+  std::printf("[ bench ] %s\n", hops["all"].dump().c_str());
 }
 
 TEST_F(ClusterTest, PromtoolAcceptsEveryProcesssMetrics) {
