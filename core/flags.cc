@@ -63,8 +63,11 @@ std::string HelpText(const CommandSpec& spec) {
     absl::StrAppend(&out, head, f.help);
     if (f.default_text == "required") {
       absl::StrAppend(&out, " (required)");
-    } else if (!f.default_text.empty()) {
-      absl::StrAppend(&out, " (default: ", f.default_text, ")");
+    } else {
+      // Every flag states its default: a boolean is off, a value flag without one is unset.
+      const std::string fallback = f.takes_value ? "none" : "off";
+      absl::StrAppend(&out, " (default: ", f.default_text.empty() ? fallback : f.default_text,
+                      ")");
     }
     absl::StrAppend(&out, "\n");
   }

@@ -20,7 +20,9 @@ namespace switchyard {
 struct FlagSpec {
   std::string name;          // Without the leading "--".
   bool takes_value = true;   // false: a boolean flag (`--name` or `--name=false`).
-  std::string default_text;  // Shown as "(default: ...)"; "required"; empty: none shown.
+  // Shown as "(default: ...)", or "(required)" for "required"; empty: "off" for
+  // a boolean, "none" for a value flag.
+  std::string default_text;
   std::string help;          // What the flag means; one line or more.
 };
 
