@@ -5,8 +5,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
-#include "cli/commands.h"
 #include "cli/command_specs.h"
+#include "cli/commands.h"
 #include "core/flags.h"
 #include "core/status_macros.h"
 #include "core/tokenizer.h"

@@ -2,8 +2,8 @@
 #include <cstdio>
 
 #include "absl/strings/ascii.h"
-#include "cli/commands.h"
 #include "cli/command_specs.h"
+#include "cli/commands.h"
 #include "core/flags.h"
 #include "core/make_model.h"
 #include "core/status_macros.h"

@@ -66,8 +66,7 @@ std::string HelpText(const CommandSpec& spec) {
     } else {
       // Every flag states its default: a boolean is off, a value flag without one is unset.
       const std::string fallback = f.takes_value ? "none" : "off";
-      absl::StrAppend(&out, " (default: ", f.default_text.empty() ? fallback : f.default_text,
-                      ")");
+      absl::StrAppend(&out, " (default: ", f.default_text.empty() ? fallback : f.default_text, ")");
     }
     absl::StrAppend(&out, "\n");
   }

@@ -18,12 +18,12 @@ namespace switchyard {
 
 // One flag of a command: what Flags::Parse accepts and what --help prints.
 struct FlagSpec {
-  std::string name;          // Without the leading "--".
-  bool takes_value = true;   // false: a boolean flag (`--name` or `--name=false`).
+  std::string name;         // Without the leading "--".
+  bool takes_value = true;  // false: a boolean flag (`--name` or `--name=false`).
   // Shown as "(default: ...)", or "(required)" for "required"; empty: "off" for
   // a boolean, "none" for a value flag.
   std::string default_text;
-  std::string help;          // What the flag means; one line or more.
+  std::string help;  // What the flag means; one line or more.
 };
 
 // A command for --help: its name ("switchyard generate"), a usage line and

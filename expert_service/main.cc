@@ -20,9 +20,11 @@
 // SIGTERM/SIGINT: health NOT_SERVING, stop accepting, finish in-flight calls
 // within --grace-ms, exit 0. Start-up errors: one line on stderr, exit 1.
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -31,6 +33,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "core/flags.h"
+#include "core/load_progress.h"
 #include "core/status_macros.h"
 #include "expert_service/expert_process.h"
 
@@ -113,8 +116,8 @@ int Run(int argc, char** argv) {
 
   std::vector<std::string> args(argv + 1, argv + argc);
   std::optional<Flags> flags(std::in_place);
-  if (std::optional<int> code = HandleCommandLine(Spec().name, HelpText(Spec()), Spec().flags, args,
-                                                  &*flags)) {
+  if (std::optional<int> code =
+          HandleCommandLine(Spec().name, HelpText(Spec()), Spec().flags, args, &*flags)) {
     return *code;
   }
   absl::StatusOr<ExpertProcessOptions> options = OptionsFromFlags(*flags);
@@ -123,6 +126,13 @@ int Run(int argc, char** argv) {
   absl::StatusOr<int64_t> grace_ms = flags->IntInRange("grace-ms", 5000, 0, 86400000);
   if (!grace_ms.ok()) return Fail(grace_ms.status());
 
+  // Loading progress on stderr: a bar on a terminal, lines in a log.
+  auto meter = std::make_shared<LoadProgressMeter>("switchyard-expert: loading weights",
+                                                   isatty(STDERR_FILENO) != 0);
+  options->load_progress = [meter](const LoadProgress& p) {
+    const std::string text = meter->Update(p);
+    std::fputs(text.c_str(), stderr);
+  };
   absl::StatusOr<std::unique_ptr<ExpertProcess>> process = ExpertProcess::Start(*options);
   if (!process.ok()) return Fail(process.status());
   std::fprintf(stderr, "switchyard-expert: %s\n", (*process)->summary().c_str());

@@ -293,6 +293,7 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   WeightSelection selection = local ? WeightSelection::All() : WeightSelection::DenseOnly();
   SY_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options.model_dir, selection));
   const ModelConfig config = checkpoint->config();  // a copy: the checkpoint is freed below
+  if (options.load_progress) checkpoint->SetLoadProgressCallback(options.load_progress);
   SY_ASSIGN_OR_RETURN(p->tokenizer, Tokenizer::FromDir(options.model_dir));
   // A template given by flag must load; the model's own may be absent, and
   // one outside the supported subset only disables `messages` prompts.
@@ -396,6 +397,10 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
     p->kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens);
     p->runner =
         std::make_unique<ModelRunner>(p->attention.get(), p->backend.get(), p->metrics.get());
+  }
+  if (options.load_progress) {
+    checkpoint->SetLoadProgressCallback(nullptr);
+    options.load_progress({checkpoint->bytes_read(), checkpoint->selected_bytes(), true});
   }
   checkpoint.reset();  // weights are copied; drop the mappings
   p->scheduler = std::make_unique<Scheduler>(p->runner.get(), p->kv_pool.get(), p->tokenizer.get(),

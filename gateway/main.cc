@@ -2,6 +2,8 @@
 // the expert FFN weights, runs attention and routing, and sends each layer's
 // routed tokens to the expert services (or runs them in-process with
 // `--experts local`).
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdio>
 #include <memory>
@@ -12,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
 #include "core/flags.h"
+#include "core/load_progress.h"
 #include "core/status_macros.h"
 #include "gateway/gateway_server.h"
 
@@ -73,5 +76,12 @@ int main(int argc, char** argv) {
                  std::string(options.status().message()).c_str());
     return 2;
   }
+  // Loading progress on stderr: a bar on a terminal, lines in a log.
+  auto meter = std::make_shared<switchyard::LoadProgressMeter>(
+      "switchyard-gateway: loading weights", isatty(STDERR_FILENO) != 0);
+  options->load_progress = [meter](const switchyard::LoadProgress& p) {
+    const std::string text = meter->Update(p);
+    std::fputs(text.c_str(), stderr);
+  };
   return switchyard::RunGateway(*options);
 }
