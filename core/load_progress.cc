@@ -46,7 +46,9 @@ std::string LoadProgressMeter::Update(const LoadProgress& p, Clock::time_point n
     return out + "\n";
   }
   const int tenth =
-      p.bytes_total == 0 ? 10 : static_cast<int>(10 * p.bytes_done / std::max<uint64_t>(1, p.bytes_total));
+      p.bytes_total == 0
+          ? 10
+          : static_cast<int>(10 * p.bytes_done / std::max<uint64_t>(1, p.bytes_total));
   if (terminal_) {
     // Redraw at most ten times a second.
     if (drew_ && now - last_ < std::chrono::milliseconds(100)) return "";
