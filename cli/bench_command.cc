@@ -35,6 +35,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "cli/command_specs.h"
 #include "cli/commands.h"
 #include "cli/grpc_client.h"
 #include "core/flags.h"
@@ -76,11 +77,7 @@ struct RequestResult {
 };
 
 absl::StatusOr<BenchOptions> ParseBenchOptions(const std::vector<std::string>& args) {
-  SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args,
-                                            {"server", "concurrency", "requests", "prompt-tokens",
-                                             "output-tokens", "seed", "timeout-ms", "metrics",
-                                             "tls-ca", "tls-cert", "tls-key", "auth-token-file"},
-                                            {"json"}));
+  SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, FormFlags("bench", false)));
   BenchOptions o;
   SY_ASSIGN_OR_RETURN(o.server, f.Required("server"));
   SY_RETURN_IF_ERROR(ConfigureClientSecurity(f));

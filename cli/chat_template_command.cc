@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "absl/strings/string_view.h"
+#include "cli/command_specs.h"
 #include "cli/commands.h"
 #include "core/chat_template.h"
 #include "core/flags.h"
@@ -47,8 +48,7 @@ absl::StatusOr<nlohmann::ordered_json> ReadMessages(const std::string& path) {
 }  // namespace
 
 int RunChatTemplate(const std::vector<std::string>& args) {
-  auto flags =
-      Flags::Parse(args, {"model", "template", "messages"}, {"add-generation-prompt", "json"});
+  auto flags = Flags::Parse(args, FormFlags("chat-template", false));
   if (!flags.ok()) return Fail(flags.status().message());
   const std::string model_dir = flags->GetOr("model", "");
   const std::string template_file = flags->GetOr("template", "");

@@ -5,6 +5,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "cli/command_specs.h"
 #include "cli/commands.h"
 #include "core/flags.h"
 #include "core/status_macros.h"
@@ -56,11 +57,7 @@ absl::StatusOr<GenerateOptions> ParseGenerateOptions(const Flags& f) {
 }  // namespace
 
 int RunGenerate(const std::vector<std::string>& args) {
-  auto flags = Flags::Parse(
-      args,
-      {"model", "prompt", "max-new-tokens", "temperature", "top-p", "top-k", "min-p",
-       "repetition-penalty", "presence-penalty", "frequency-penalty", "seed", "stop-token-id"},
-      {"json", "ignore-eos"});
+  auto flags = Flags::Parse(args, FormFlags("generate", false));
   if (!flags.ok()) return Fail(flags.status(), "generate");
   auto model_dir = flags->Required("model");
   if (!model_dir.ok()) return Fail(model_dir.status(), "generate");
@@ -93,7 +90,7 @@ int RunGenerate(const std::vector<std::string>& args) {
 }
 
 int RunTokenize(const std::vector<std::string>& args) {
-  auto flags = Flags::Parse(args, {"model", "text"}, {});
+  auto flags = Flags::Parse(args, FormFlags("tokenize", false));
   if (!flags.ok()) return Fail(flags.status(), "tokenize");
   auto model_dir = flags->Required("model");
   if (!model_dir.ok()) return Fail(model_dir.status(), "tokenize");

@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "absl/strings/ascii.h"
+#include "cli/command_specs.h"
 #include "cli/commands.h"
 #include "core/flags.h"
 #include "core/make_model.h"
@@ -38,8 +39,7 @@ absl::StatusOr<MakeModelOptions> ParseOptions(const Flags& f) {
 }  // namespace
 
 int RunMakeModel(const std::vector<std::string>& args) {
-  auto flags = Flags::Parse(
-      args, {"preset", "out", "layers", "seed", "dtype", "shard-size-mb", "tokenizer-dir"}, {});
+  auto flags = Flags::Parse(args, FormFlags("make-model", false));
   absl::StatusOr<MakeModelOptions> options =
       flags.ok() ? ParseOptions(*flags) : absl::StatusOr<MakeModelOptions>(flags.status());
   absl::Status status = options.ok() ? MakeModel(*options) : options.status();

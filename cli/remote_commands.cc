@@ -17,6 +17,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "cli/command_specs.h"
 #include "cli/commands.h"
 #include "cli/grpc_client.h"
 #include "core/flags.h"
@@ -257,28 +258,7 @@ absl::StatusOr<std::vector<int32_t>> PromptIds(v1::GenerationService::Stub& stub
 }
 
 absl::Status GenerateRemote(const std::vector<std::string>& args) {
-  SY_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, {"server",
-                                                       "prompt",
-                                                       "token-ids",
-                                                       "max-new-tokens",
-                                                       "temperature",
-                                                       "top-p",
-                                                       "top-k",
-                                                       "min-p",
-                                                       "repetition-penalty",
-                                                       "presence-penalty",
-                                                       "frequency-penalty",
-                                                       "seed",
-                                                       "stop-token-id",
-                                                       "stop",
-                                                       "timeout-ms",
-                                                       "logprobs",
-                                                       "request-id",
-                                                       "tls-ca",
-                                                       "tls-cert",
-                                                       "tls-key",
-                                                       "auth-token-file"},
-                                                {"json", "ignore-eos", "stream"}));
+  SY_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, FormFlags("generate", true)));
   SY_ASSIGN_OR_RETURN(GenerateCall call, ParseGenerateCall(flags));
   SY_RETURN_IF_ERROR(ConfigureClientSecurity(flags));
   auto stub = v1::GenerationService::NewStub(MakeChannel(call.server));
@@ -315,10 +295,7 @@ absl::Status GenerateRemote(const std::vector<std::string>& args) {
 }
 
 absl::Status TokenizeRemote(const std::vector<std::string>& args) {
-  SY_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
-                                                {"server", "text", "timeout-ms", "tls-ca",
-                                                 "tls-cert", "tls-key", "auth-token-file"},
-                                                {"add-special-tokens"}));
+  SY_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, FormFlags("tokenize", true)));
   SY_RETURN_IF_ERROR(ConfigureClientSecurity(flags));
   SY_ASSIGN_OR_RETURN(std::string server, flags.Required("server"));
   v1::TokenizeRequest request;
@@ -345,10 +322,7 @@ absl::Status TokenizeRemote(const std::vector<std::string>& args) {
 // `health`: one grpc.health.v1 Check, for exec probes where the prober
 // cannot speak TLS (Kubernetes' grpc probes are plaintext only).
 absl::Status Health(const std::vector<std::string>& args) {
-  SY_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args,
-                                                {"server", "service", "timeout-ms", "tls-ca",
-                                                 "tls-cert", "tls-key", "auth-token-file"},
-                                                {}));
+  SY_ASSIGN_OR_RETURN(Flags flags, Flags::Parse(args, FormFlags("health", false)));
   SY_RETURN_IF_ERROR(ConfigureClientSecurity(flags));
   SY_ASSIGN_OR_RETURN(std::string server, flags.Required("server"));
   const std::string service = flags.GetOr("service", "");

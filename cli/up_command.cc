@@ -146,6 +146,9 @@ class OutputPump {
           metrics = metrics.substr(0, metrics.find_first_of(" \t\r"));
           if (metrics != "none") metrics_[source.address_slot] = metrics;
         }
+        // Which processes are ready, as they become ready.
+        std::fprintf(stderr, "switchyard up: %sready at %s (%zu ready)\n", source.prefix.c_str(),
+                     addresses_[source.address_slot].c_str(), addresses_.size());
       }
     }
     std::string out = absl::StrCat(source.prefix, line, "\n");

@@ -3,8 +3,11 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <fstream>
 #include <map>
+#include <mutex>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <utility>
@@ -149,6 +152,21 @@ struct Checkpoint::Impl {
   std::map<std::string, TensorView, std::less<>> views;  // every selected tensor
   std::vector<std::string> selected;
   uint64_t selected_bytes = 0;
+
+  // Load progress (SetLoadProgressCallback); `reporting` keeps View lock-free
+  // when nobody listens.
+  std::atomic<bool> reporting{false};
+  std::mutex progress_mu;
+  std::set<std::string, std::less<>> read;  // guarded by progress_mu
+  uint64_t bytes_read = 0;                  // guarded by progress_mu
+  LoadProgressCallback progress;            // guarded by progress_mu
+
+  void CountRead(const std::string& name, uint64_t nbytes) {
+    std::lock_guard<std::mutex> lock(progress_mu);
+    if (!progress || !read.insert(name).second) return;
+    bytes_read += nbytes;
+    progress({std::min(bytes_read, selected_bytes), selected_bytes, false});
+  }
 };
 
 absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir,
@@ -267,11 +285,25 @@ std::vector<std::string> Checkpoint::opened_files() const {
   return out;
 }
 
+void Checkpoint::SetLoadProgressCallback(LoadProgressCallback callback) const {
+  std::lock_guard<std::mutex> lock(impl_->progress_mu);
+  impl_->reporting.store(static_cast<bool>(callback));
+  impl_->progress = std::move(callback);
+}
+
+uint64_t Checkpoint::bytes_read() const {
+  std::lock_guard<std::mutex> lock(impl_->progress_mu);
+  return std::min(impl_->bytes_read, impl_->selected_bytes);
+}
+
 absl::StatusOr<TensorView> Checkpoint::View(const std::string& name) const {
   auto it = impl_->views.find(name);
   if (it == impl_->views.end()) {
     return absl::NotFoundError(
         absl::StrCat(impl_->dir, ": tensor '", name, "' is not selected or not in the checkpoint"));
+  }
+  if (impl_->reporting.load(std::memory_order_relaxed)) {
+    impl_->CountRead(it->first, it->second.nbytes);
   }
   return it->second;
 }

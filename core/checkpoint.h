@@ -17,6 +17,7 @@
 #define SWITCHYARD_CORE_CHECKPOINT_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -71,6 +72,16 @@ struct ExpectedTensor {
 // make-model writes it.
 std::vector<ExpectedTensor> ExpectedTensors(const ModelConfig& config);
 
+// How far loading the weights has come: the stored bytes of the distinct
+// selected tensors read so far, of all selected. `finished` on the last report.
+struct LoadProgress {
+  uint64_t bytes_done = 0;
+  uint64_t bytes_total = 0;
+  bool finished = false;
+};
+// Receives LoadProgress reports; the servers print them (core prints nothing).
+using LoadProgressCallback = std::function<void(const LoadProgress&)>;
+
 class Checkpoint {
  public:
   // Opens `dir`, parses config.json and the safetensors headers of the shards
@@ -96,6 +107,14 @@ class Checkpoint {
   // tied embeddings and no lm_head.weight stored, both ReadF32 and View of
   // lm_head.weight give the embedding matrix.
   absl::StatusOr<TensorView> View(const std::string& name) const;
+
+  // While a callback is set, the first View or ReadF32 of each tensor adds its
+  // stored bytes and reports them (on the reading thread, serialized: keep the
+  // callback short). nullptr stops the reports. Const because reporting does
+  // not change what the checkpoint holds; safe to call from any thread.
+  void SetLoadProgressCallback(LoadProgressCallback callback) const;
+  // Stored bytes of the distinct tensors read while a callback was set.
+  uint64_t bytes_read() const;
 
   // Selected tensor names, in ExpectedTensors order.
   const std::vector<std::string>& selected_tensors() const;

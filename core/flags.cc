@@ -1,7 +1,10 @@
 #include "core/flags.h"
 
+#include <cstdio>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "core/version.h"
 
 namespace switchyard {
 
@@ -38,6 +41,73 @@ absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args,
     }
   }
   return f;
+}
+
+absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args,
+                                   const std::vector<FlagSpec>& specs) {
+  std::set<std::string> value_flags, bool_flags;
+  for (const FlagSpec& s : specs) (s.takes_value ? value_flags : bool_flags).insert(s.name);
+  return Parse(args, value_flags, bool_flags);
+}
+
+std::string HelpText(const CommandSpec& spec) {
+  std::string out = absl::StrCat("usage: ", spec.usage, "\n\nflags:\n");
+  for (const FlagSpec& f : spec.flags) {
+    std::string head = absl::StrCat("  --", f.name, f.takes_value ? " VALUE" : "");
+    // Aligned descriptions; a long name gets its description on the next line.
+    if (head.size() < 30) {
+      head.resize(30, ' ');
+    } else {
+      absl::StrAppend(&head, "\n", std::string(30, ' '));
+    }
+    absl::StrAppend(&out, head, f.help);
+    if (f.default_text == "required") {
+      absl::StrAppend(&out, " (required)");
+    } else {
+      // Every flag states its default: a boolean is off, a value flag without one is unset.
+      const std::string fallback = f.takes_value ? "none" : "off";
+      absl::StrAppend(&out, " (default: ", f.default_text.empty() ? fallback : f.default_text, ")");
+    }
+    absl::StrAppend(&out, "\n");
+  }
+  absl::StrAppend(&out, "  --help, -h                  print this help and exit\n",
+                  "  --version                   print the version and exit\n");
+  if (!spec.notes.empty()) absl::StrAppend(&out, "\n", spec.notes);
+  return out;
+}
+
+std::optional<int> HandleCommandLine(const std::string& name, const std::string& help,
+                                     const std::vector<FlagSpec>& specs,
+                                     const std::vector<std::string>& args, Flags* out) {
+  // --help and --version win wherever they are, even next to a bad flag; a
+  // value that happens to read "-h" (--prompt -h) is not a help request.
+  std::set<std::string> value_flags;
+  for (const FlagSpec& s : specs) {
+    if (s.takes_value) value_flags.insert(s.name);
+  }
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h") {
+      std::fputs(help.c_str(), stdout);
+      return 0;
+    }
+    if (a == "--version") {
+      std::printf("%s %s\n", name.c_str(), Version());
+      return 0;
+    }
+    if (a.rfind("--", 0) == 0 && a.find('=') == std::string::npos &&
+        value_flags.count(a.substr(2))) {
+      ++i;  // Skip the value.
+    }
+  }
+  absl::StatusOr<Flags> flags = Flags::Parse(args, specs);
+  if (!flags.ok()) {
+    std::fprintf(stderr, "%s: %s\nsee %s --help\n", name.c_str(),
+                 std::string(flags.status().message()).c_str(), name.c_str());
+    return 2;
+  }
+  if (out != nullptr) *out = *std::move(flags);
+  return std::nullopt;
 }
 
 std::optional<std::string> Flags::Get(const std::string& name) const {

@@ -16,12 +16,37 @@
 
 namespace switchyard {
 
+// One flag of a command: what Flags::Parse accepts and what --help prints.
+struct FlagSpec {
+  std::string name;         // Without the leading "--".
+  bool takes_value = true;  // false: a boolean flag (`--name` or `--name=false`).
+  // Shown as "(default: ...)", or "(required)" for "required"; empty: "off" for
+  // a boolean, "none" for a value flag.
+  std::string default_text;
+  std::string help;  // What the flag means; one line or more.
+};
+
+// A command for --help: its name ("switchyard generate"), a usage line and
+// its flags. `notes` is printed after the flags (may be empty).
+struct CommandSpec {
+  std::string name;
+  std::string usage;
+  std::vector<FlagSpec> flags;
+  std::string notes;
+};
+
+// The help text of `spec`: usage, then every flag with its meaning and default.
+std::string HelpText(const CommandSpec& spec);
+
 class Flags {
  public:
   // value_flags take a value; bool_flags do not.
   static absl::StatusOr<Flags> Parse(const std::vector<std::string>& args,
                                      const std::set<std::string>& value_flags,
                                      const std::set<std::string>& bool_flags);
+  // The flags named in `specs` (takes_value picks value or boolean).
+  static absl::StatusOr<Flags> Parse(const std::vector<std::string>& args,
+                                     const std::vector<FlagSpec>& specs);
 
   bool Has(const std::string& name) const { return values_.count(name) > 0; }
   // The last value given for `name`.
@@ -44,6 +69,16 @@ class Flags {
   std::map<std::string, std::string> values_;
   std::map<std::string, std::vector<std::string>> all_values_;
 };
+
+// The shared front door of every binary and subcommand. `--help`/`-h` print
+// `help` to stdout and give 0; `--version` prints "NAME VERSION" and gives 0;
+// a flag not in `specs` (or a missing value) prints one line naming it plus
+// "see NAME --help" to stderr and gives 2. Otherwise returns nullopt and
+// stores the parsed flags in *out (when out is non-null).
+// Prints to stdout/stderr; call from main threads only.
+std::optional<int> HandleCommandLine(const std::string& name, const std::string& help,
+                                     const std::vector<FlagSpec>& specs,
+                                     const std::vector<std::string>& args, Flags* out);
 
 }  // namespace switchyard
 

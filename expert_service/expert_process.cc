@@ -176,9 +176,14 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
         std::unique_ptr<Checkpoint> checkpoint,
         Checkpoint::Open(options.model_dir, WeightSelection::ExpertsOnly(
                                                 p->experts, p->layers.first, p->layers.second)));
+    if (options.load_progress) checkpoint->SetLoadProgressCallback(options.load_progress);
     SY_ASSIGN_OR_RETURN(p->compute,
                         LoadCompute(*checkpoint, options.device, options.precision, options.gpu));
     SY_ASSIGN_OR_RETURN(p->shard, DescribeShard(options.model_dir, *checkpoint));
+    if (options.load_progress) {
+      checkpoint->SetLoadProgressCallback(nullptr);
+      options.load_progress({checkpoint->bytes_read(), checkpoint->selected_bytes(), true});
+    }
   }
   const double load_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();

@@ -16,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "core/checkpoint.h"
 #include "rpc/tls.h"
 
 namespace switchyard {
@@ -35,6 +36,9 @@ struct ExpertProcessOptions {
   // Rows one Forward call may carry, [1, 65536]; default 16384 (the gateway's
   // largest step). The server's max receive message size follows from it.
   int max_forward_rows = 16384;
+  // Reports while the weights load (core/checkpoint.h), last with
+  // finished=true; called on the loading thread. Default: none.
+  LoadProgressCallback load_progress;
 };
 
 class ExpertProcess {

@@ -20,9 +20,12 @@
 // SIGTERM/SIGINT: health NOT_SERVING, stop accepting, finish in-flight calls
 // within --grace-ms, exit 0. Start-up errors: one line on stderr, exit 1.
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <limits>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,25 +33,41 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "core/flags.h"
+#include "core/load_progress.h"
 #include "core/status_macros.h"
 #include "expert_service/expert_process.h"
 
 namespace switchyard {
 namespace {
 
-constexpr char kUsage[] =
-    "usage: switchyard-expert --model DIR [--listen ADDR (default 0.0.0.0:50061)]\n"
-    "         [--experts 0,1,... (default 0)] [--layers B:E (default all)]\n"
-    "         [--workers N (default 2)] [--max-connection-age-ms MS (default 0: never)]\n"
-    "         [--grace-ms MS (default 5000)]\n"
-    "         [--metrics-listen HOST:PORT (default: no metrics; port 0 picks one)]\n"
-    "         [--tls-cert FILE --tls-key FILE (default: plaintext): serve over TLS (PEM files)]\n"
-    "         [--tls-client-ca FILE: with TLS, accept only clients whose certificate this CA\n"
-    "          signed (mutual TLS)]\n"
-    "         [--device cpu|cuda (default cpu)] [--precision bf16|f32 (cuda; default bf16)]\n"
-    "         [--gpu N (cuda; default 0)]\n"
-    "         [--max-forward-rows N (default 16384, at most 65536): rows per Forward call;\n"
-    "          at least the gateway's --max-step-tokens and --max-running]\n";
+const CommandSpec& Spec() {
+  static const auto* spec = new CommandSpec{
+      "switchyard-expert",
+      "switchyard-expert --model DIR [--listen ADDR] [--experts 0,1,...] [FLAGS]",
+      {
+          {"model", true, "required", "model directory (config.json, weights)"},
+          {"listen", true, "0.0.0.0:50061", "the Expert API address (port 0 picks one)"},
+          {"experts", true, "0", "the experts to serve, comma-separated"},
+          {"layers", true, "all", "the layers to serve, B:E"},
+          {"workers", true, "2", "threads computing Forward calls (1..256)"},
+          {"max-connection-age-ms", true, "0: never",
+           "close client connections after this age, so they rebalance"},
+          {"grace-ms", true, "5000", "on SIGTERM, time for calls in flight (0..86400000)"},
+          {"metrics-listen", true, "none", "serve Prometheus /metrics on HOST:PORT (port 0 picks)"},
+          {"tls-cert", true, "plaintext", "serve over TLS with this certificate (PEM)"},
+          {"tls-key", true, "", "the private key of --tls-cert (PEM)"},
+          {"tls-client-ca", true, "",
+           "with TLS, accept only clients whose certificate this CA signed"},
+          {"device", true, "cpu", "where the experts compute: cpu or cuda"},
+          {"precision", true, "bf16", "cuda weights precision: bf16 or f32"},
+          {"gpu", true, "0", "the CUDA device index"},
+          {"max-forward-rows", true, "16384",
+           "rows per Forward call, at most 65536; at least the gateway's --max-step-tokens and "
+           "--max-running"},
+      },
+      ""};
+  return *spec;
+}
 
 int Fail(const absl::Status& status) {
   std::fprintf(stderr, "switchyard-expert: %s\n", std::string(status.message()).c_str());
@@ -96,19 +115,10 @@ int Run(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   std::vector<std::string> args(argv + 1, argv + argc);
-  absl::StatusOr<Flags> flags =
-      Flags::Parse(args,
-                   {"model", "listen", "experts", "layers", "workers", "max-connection-age-ms",
-                    "grace-ms", "metrics-listen", "tls-cert", "tls-key", "tls-client-ca", "device",
-                    "precision", "gpu", "max-forward-rows"},
-                   {"help"});
-  if (!flags.ok()) {
-    std::fputs(kUsage, stderr);
-    return Fail(flags.status());
-  }
-  if (flags->Has("help")) {
-    std::fputs(kUsage, stdout);
-    return 0;
+  std::optional<Flags> flags(std::in_place);
+  if (std::optional<int> code =
+          HandleCommandLine(Spec().name, HelpText(Spec()), Spec().flags, args, &*flags)) {
+    return *code;
   }
   absl::StatusOr<ExpertProcessOptions> options = OptionsFromFlags(*flags);
   if (!options.ok()) return Fail(options.status());
@@ -116,6 +126,13 @@ int Run(int argc, char** argv) {
   absl::StatusOr<int64_t> grace_ms = flags->IntInRange("grace-ms", 5000, 0, 86400000);
   if (!grace_ms.ok()) return Fail(grace_ms.status());
 
+  // Loading progress on stderr: a bar on a terminal, lines in a log.
+  auto meter = std::make_shared<LoadProgressMeter>("switchyard-expert: loading weights",
+                                                   isatty(STDERR_FILENO) != 0);
+  options->load_progress = [meter](const LoadProgress& p) {
+    const std::string text = meter->Update(p);
+    std::fputs(text.c_str(), stderr);
+  };
   absl::StatusOr<std::unique_ptr<ExpertProcess>> process = ExpertProcess::Start(*options);
   if (!process.ok()) return Fail(process.status());
   std::fprintf(stderr, "switchyard-expert: %s\n", (*process)->summary().c_str());

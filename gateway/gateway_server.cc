@@ -467,6 +467,7 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   SY_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint,
                       Checkpoint::Open(options.model_dir, selection));
   const ModelConfig config = checkpoint->config();  // a copy: the checkpoint is freed below
+  if (options.load_progress) checkpoint->SetLoadProgressCallback(options.load_progress);
   SY_RETURN_IF_ERROR(p->LoadTokenizer(options));
   SY_RETURN_IF_ERROR(p->LoadDenseModelAndMetrics(options, *checkpoint));
 
@@ -477,6 +478,10 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   service_options.chat_template = p->chat_template.get();
   SY_RETURN_IF_ERROR(p->ConnectExperts(options, *checkpoint, &service_options));
   SY_RETURN_IF_ERROR(p->MakeRunner(options, *checkpoint));
+  if (options.load_progress) {
+    checkpoint->SetLoadProgressCallback(nullptr);
+    options.load_progress({checkpoint->bytes_read(), checkpoint->selected_bytes(), true});
+  }
   checkpoint.reset();  // weights are copied; drop the mappings
   SY_RETURN_IF_ERROR(p->StartServing(options, config, std::move(service_options)));
   return std::unique_ptr<Gateway>(new Gateway(std::move(p)));

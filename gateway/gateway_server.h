@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "core/checkpoint.h"
 #include "core/flags.h"
 #include "gateway/request_validation.h"
 #include "gateway/scheduler.h"
@@ -39,6 +40,9 @@ struct GatewayOptions {
   // text is the template. Empty (default): the model's tokenizer_config.json
   // chat_template, if it has one.
   std::string chat_template_file;
+  // Reports while the weights load (core/checkpoint.h), last with
+  // finished=true; called on the loading thread. Default: none.
+  LoadProgressCallback load_progress;
 
   // Transport security of the public Generation API (and of health and
   // reflection on the same port). Both empty (default): plaintext. Both set:

@@ -2,83 +2,86 @@
 // the expert FFN weights, runs attention and routing, and sends each layer's
 // routed tokens to the expert services (or runs them in-process with
 // `--experts local`).
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
 #include "core/flags.h"
+#include "core/load_progress.h"
 #include "core/status_macros.h"
 #include "gateway/gateway_server.h"
 
 namespace {
 
-constexpr char kUsage[] =
-    "usage: switchyard-gateway --model DIR [--listen ADDR] [--experts local|SPEC|@FILE]\n"
-    "  [--kv-cache-tokens N] [--max-queue N] [--max-running N] [--max-step-tokens N]\n"
-    "  [--max-new-tokens-limit N] [--expert-timeout-ms N] [--wire-dtype f32|bf16]\n"
-    "  [--grace-ms N] [--max-connection-age-ms N] [--metrics-listen HOST:PORT]\n"
-    "  [--device cpu|cuda] [--precision bf16|f32 (cuda only)] [--chat-template FILE]\n"
-    "  [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--auth-token-file FILE]\n"
-    "  [--expert-tls-ca FILE [--expert-tls-cert FILE --expert-tls-key FILE]]\n"
-    "--chat-template FILE: the Jinja chat template for messages prompts (default: the\n"
-    "  model's tokenizer_config.json chat_template)\n"
-    "SPEC: 0=HOST:PORT|HOST:PORT;1=unix:/path;... ('|' separates replicas); @FILE: JSON topology\n"
-    "Ranges: --kv-cache-tokens 16..2^30 (default 65536), --max-queue 1..2^20 (256),\n"
-    "  --max-running 1..16384 (64), --max-step-tokens 1..16384 (512),\n"
-    "  --max-new-tokens-limit 0..2^31-1 (0: the model's context - 1), --expert-timeout-ms\n"
-    "  1..86400000 (10000), --grace-ms 0..86400000 (5000), --max-connection-age-ms 0..2^31-1\n"
-    "Security (PEM files; default: plaintext, no auth):\n"
-    "  --tls-cert/--tls-key    serve the Generation API over TLS with this certificate and key\n"
-    "  --tls-client-ca         also require client certificates signed by this CA (mutual TLS)\n"
-    "  --auth-token-file       require 'authorization: Bearer TOKEN' on Generation API calls,\n"
-    "                          TOKEN a line of the file (health and reflection need no token)\n"
-    "  --expert-tls-ca         TLS to the experts, verifying their certificates against this CA\n"
-    "  --expert-tls-cert/-key  present this client certificate to the experts (mutual TLS)\n";
+const switchyard::CommandSpec& Spec() {
+  static const auto* spec = new switchyard::CommandSpec{
+      "switchyard-gateway",
+      "switchyard-gateway --model DIR [--listen ADDR] [--experts local|SPEC|@FILE] [FLAGS]",
+      {
+          {"model", true, "required", "model directory (config.json, tokenizer, weights)"},
+          {"listen", true, "0.0.0.0:50051", "the Generation API address (port 0 picks one)"},
+          {"experts", true, "local",
+           "where the experts are: local (in this process), SPEC or @FILE (JSON topology)"},
+          {"kv-cache-tokens", true, "65536", "KV cache size in tokens (16..2^30)"},
+          {"max-queue", true, "256", "requests waiting at most; more are refused (1..2^20)"},
+          {"max-running", true, "64", "requests decoding at once (1..16384)"},
+          {"max-step-tokens", true, "512", "tokens per scheduler step (1..16384)"},
+          {"max-new-tokens-limit", true, "0: the model's context - 1",
+           "largest max_new_tokens a request may ask for (0..2^31-1)"},
+          {"expert-timeout-ms", true, "10000", "deadline of each expert call (1..86400000)"},
+          {"wire-dtype", true, "f32", "activations to the experts as f32 or bf16"},
+          {"grace-ms", true, "5000", "on SIGTERM, time for requests in flight (0..86400000)"},
+          {"max-connection-age-ms", true, "0: never",
+           "close client connections after this age, so they rebalance"},
+          {"metrics-listen", true, "none", "serve Prometheus /metrics on HOST:PORT"},
+          {"device", true, "cpu", "where attention and local experts compute: cpu or cuda"},
+          {"precision", true, "bf16", "cuda weights precision: bf16 or f32"},
+          {"chat-template", true, "the model's tokenizer_config.json chat_template",
+           "Jinja chat template file for messages prompts"},
+          {"tls-cert", true, "plaintext", "serve over TLS with this certificate (PEM)"},
+          {"tls-key", true, "", "the private key of --tls-cert (PEM)"},
+          {"tls-client-ca", true, "", "also require client certificates signed by this CA"},
+          {"auth-token-file", true, "no auth",
+           "require 'authorization: Bearer TOKEN', TOKEN a line of the file"},
+          {"expert-tls-ca", true, "plaintext",
+           "TLS to the experts, verifying them against this CA"},
+          {"expert-tls-cert", true, "", "client certificate for the experts (mutual TLS)"},
+          {"expert-tls-key", true, "", "the private key of --expert-tls-cert"},
+      },
+      "SPEC: 0=HOST:PORT|HOST:PORT;1=unix:/path;... ('|' separates replicas)\n"
+      "Health and reflection need no auth token.\n"};
+  return *spec;
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
   using switchyard::Flags;
   const std::vector<std::string> args(argv + 1, argv + argc);
-  if (!args.empty() && (args[0] == "--help" || args[0] == "-h")) {
-    std::fputs(kUsage, stdout);
-    return 0;
+  Flags parsed;
+  if (std::optional<int> code = switchyard::HandleCommandLine(
+          Spec().name, switchyard::HelpText(Spec()), Spec().flags, args, &parsed)) {
+    return *code;
   }
-  auto flags = Flags::Parse(args,
-                            {"model",
-                             "listen",
-                             "experts",
-                             "kv-cache-tokens",
-                             "max-queue",
-                             "max-running",
-                             "max-step-tokens",
-                             "max-new-tokens-limit",
-                             "expert-timeout-ms",
-                             "wire-dtype",
-                             "grace-ms",
-                             "max-connection-age-ms",
-                             "metrics-listen",
-                             "device",
-                             "precision",
-                             "chat-template",
-                             "tls-cert",
-                             "tls-key",
-                             "tls-client-ca",
-                             "auth-token-file",
-                             "expert-tls-ca",
-                             "expert-tls-cert",
-                             "expert-tls-key"},
-                            {});
-  auto options = flags.ok() ? switchyard::GatewayOptionsFromFlags(*flags)
-                            : absl::StatusOr<switchyard::GatewayOptions>(flags.status());
+  absl::StatusOr<switchyard::GatewayOptions> options = switchyard::GatewayOptionsFromFlags(parsed);
   if (!options.ok()) {
-    std::fprintf(stderr, "switchyard-gateway: %s\n%s",
-                 std::string(options.status().message()).c_str(), kUsage);
+    std::fprintf(stderr, "switchyard-gateway: %s\nsee switchyard-gateway --help\n",
+                 std::string(options.status().message()).c_str());
     return 2;
   }
+  // Loading progress on stderr: a bar on a terminal, lines in a log.
+  auto meter = std::make_shared<switchyard::LoadProgressMeter>(
+      "switchyard-gateway: loading weights", isatty(STDERR_FILENO) != 0);
+  options->load_progress = [meter](const switchyard::LoadProgress& p) {
+    const std::string text = meter->Update(p);
+    std::fputs(text.c_str(), stderr);
+  };
   return switchyard::RunGateway(*options);
 }

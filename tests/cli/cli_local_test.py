@@ -67,7 +67,7 @@ check("missing model dir", e.returncode == 1 and "/nonexistent" in e.stderr, e.s
 e = run("generate", "--model", model, "--prompt", "x", "--temperature", "-1")
 check("bad temperature", e.returncode == 1 and "temperature" in e.stderr, e.stderr)
 e = run("generate", "--model", model, "--prompt", "x", "--bogus", "1")
-check("unknown flag", e.returncode == 1 and "--bogus" in e.stderr, e.stderr)
+check("unknown flag", e.returncode == 2 and "unknown flag --bogus" in e.stderr and "see switchyard generate --help" in e.stderr, e.stderr)
 e = run("make-model", "--preset", "huge", "--out", tempfile.mkdtemp())
 check("bad preset", e.returncode == 1 and "huge" in e.stderr and "tiny" in e.stderr, e.stderr)
 

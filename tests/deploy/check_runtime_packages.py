@@ -114,6 +114,10 @@ def main():
     parser.add_argument("--dockerfile", required=True)
     parser.add_argument("--cuda-base", action="store_true",
                         help="the runtime stage's base image ships the CUDA runtime libraries")
+    parser.add_argument("--image-without-cuda", action="store_true",
+                        help="the image's binaries are built without the CUDA backend (the CPU "
+                             "image: -DSWITCHYARD_CUDA=OFF), so CUDA libraries linked by these "
+                             "binaries are not its concern")
     parser.add_argument("binaries", nargs="+")
     args = parser.parse_args()
 
@@ -137,7 +141,7 @@ def main():
             continue
         package = owner.get(path)
         if package is None:
-            if args.cuda_base and CUDA_RUNTIME_LIBS.match(soname):
+            if (args.cuda_base or args.image_without_cuda) and CUDA_RUNTIME_LIBS.match(soname):
                 cuda_libs.add(soname)
                 continue
             missing.append(f"{binary}: {soname} ({path}) belongs to no Debian package "
@@ -147,7 +151,8 @@ def main():
                            "stage neither installs nor gets as a dependency")
     checked = len(links)
     print(f"checked {checked} library links of {len(args.binaries)} binaries"
-          + (f"; from the CUDA base image: {' '.join(sorted(cuda_libs))}" if cuda_libs else ""))
+          + (f"; {'not in this image (built without CUDA)' if args.image_without_cuda else 'from the CUDA base image'}: "
+             f"{' '.join(sorted(cuda_libs))}" if cuda_libs else ""))
     if missing:
         print(f"{args.dockerfile}: MISSING runtime libraries:")
         for m in sorted(set(missing)):
