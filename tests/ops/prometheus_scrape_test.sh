@@ -77,8 +77,14 @@ passed=0; failed=0
 if [ "$series" = 8 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL: expected 8 series"; tail -5 "$work/prometheus.log"; fi
 
 # The recording rule the dashboard and autoscalers read is live too.
-rule=$(curl -sG "http://127.0.0.1:$prom_port/api/v1/query" --data-urlencode 'query=switchyard:expert_tokens:rate1m' |
-  python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]["result"]))' 2>/dev/null || echo 0)
+# Rules are evaluated every second on their own clock, so the first
+# evaluation that sees all 8 experts may come a little after the raw query.
+rule=0
+for _ in $(seq 1 30); do
+  rule=$(count 'switchyard:expert_tokens:rate1m')
+  [ "$rule" = 8 ] && break
+  sleep 1
+done
 echo "recording rule switchyard:expert_tokens:rate1m -> $rule series"
 if [ "$rule" = 8 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL: recording rule"; fi
 
