@@ -2,22 +2,26 @@
 // expert over loopback TCP gives the same greedy tokens as in-process experts
 // and as Hugging Face; the metrics of gateway and experts agree on the
 // routed tokens and pass promtool; the per-hop timing splits each expert
-// call's duration.
+// call's duration; two gateways share one expert pool under load.
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <latch>
 #include <map>
 #include <memory>
 #include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gateway/gateway_server.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "switchyard/v1/generation.grpc.pb.h"
+#include "tests/faults/fault_util.h"
 #include "tests/http_util.h"
 #include "tests/process_util.h"
 #include "tests/test_util.h"
@@ -72,6 +76,7 @@ class ClusterTest : public ::testing::Test {
       ASSERT_FALSE(expert_metrics_[e].empty());
       spec += std::to_string(e) + "=" + *line + ";";
     }
+    expert_spec_ = spec;
     GatewayOptions options;
     options.model_dir = testing::TinyMixtralDir();
     options.listen = "127.0.0.1:0";
@@ -116,6 +121,7 @@ class ClusterTest : public ::testing::Test {
   static testing::ChildProcess* experts_[kExperts];
   static std::string expert_addresses_[kExperts];
   static std::string expert_metrics_[kExperts];
+  static std::string expert_spec_;  // the --experts spec of split_
 };
 
 Gateway* ClusterTest::split_ = nullptr;
@@ -123,6 +129,7 @@ Gateway* ClusterTest::local_ = nullptr;
 testing::ChildProcess* ClusterTest::experts_[kExperts] = {};
 std::string ClusterTest::expert_addresses_[kExperts];
 std::string ClusterTest::expert_metrics_[kExperts];
+std::string ClusterTest::expert_spec_;
 
 TEST_F(ClusterTest, SplitEqualsLocalEqualsHuggingFace) {
   const nlohmann::json reference =
@@ -282,6 +289,122 @@ TEST_F(ClusterTest, BenchPrintsThePerHopBreakdown) {
   }
   EXPECT_EQ(per_expert_calls, calls);
   std::printf("[ bench ] %s\n", hops["all"].dump().c_str());
+}
+
+// Several gateways, one expert pool: a second gateway over the same eight
+// expert processes, and 8 concurrent greedy streams on each gateway at once.
+// Every stream completes with exactly its solo run's tokens, every expert
+// served tokens for both gateways, and what the experts counted is what the
+// two gateways routed together.
+TEST_F(ClusterTest, TwoGatewaysShareOneExpertPoolUnderLoad) {
+  GatewayOptions options;
+  options.model_dir = testing::TinyMixtralDir();
+  options.listen = "127.0.0.1:0";
+  options.experts = expert_spec_;
+  options.metrics_listen = "127.0.0.1:0";
+  auto second_or = Gateway::Start(options);
+  ASSERT_TRUE(second_or.ok()) << second_or.status();
+  std::unique_ptr<Gateway> second = std::move(*second_or);
+  Gateway* gateways[2] = {split_, second.get()};
+
+  constexpr int kPerGateway = 8;
+  constexpr int kNewTokens = 16;
+  constexpr int kStreams = 2 * kPerGateway;
+  std::vector<v1::GenerateRequest> requests;
+  for (int i = 0; i < kStreams; ++i) {
+    requests.push_back(faults::GreedyRequest("Request " + std::to_string(i) + " of gateway " +
+                                                 std::to_string(i % 2) +
+                                                 ": the shared experts of layer one say that",
+                                             kNewTokens));
+  }
+
+  // Solo runs: each request alone on the first gateway.
+  const auto first_channel = faults::Dial(split_->address());
+  std::vector<std::vector<int32_t>> solo(kStreams);
+  for (int i = 0; i < kStreams; ++i) {
+    const faults::StreamOutcome o =
+        faults::Stream(first_channel, requests[i], nullptr, std::chrono::seconds(60));
+    ASSERT_TRUE(o.status.ok()) << "solo " << i << ": " << faults::Describe(o.status);
+    ASSERT_EQ(o.tokens.size(), static_cast<size_t>(kNewTokens)) << "solo " << i;
+    solo[i] = o.tokens;
+  }
+
+  std::string gateway_before[2];
+  for (int g = 0; g < 2; ++g) {
+    gateway_before[g] = testing::HttpGetBody(gateways[g]->metrics_address(), "/metrics");
+  }
+  std::vector<std::string> expert_before(kExperts);
+  for (int e = 0; e < kExperts; ++e) expert_before[e] = ExpertMetrics(e);
+
+  // Load: stream i goes to gateway i % 2; all 16 calls are released together
+  // (one channel per stream, each with its own deadline).
+  std::vector<faults::StreamOutcome> outcomes(kStreams);
+  std::vector<double> first_token_s(kStreams, -1), end_s(kStreams, -1);
+  {
+    std::latch go(kStreams);
+    std::vector<std::thread> threads;
+    const auto start = faults::Clock::now();
+    for (int i = 0; i < kStreams; ++i) {
+      threads.emplace_back([&, i] {
+        const auto channel = faults::Dial(gateways[i % 2]->address());
+        go.arrive_and_wait();
+        outcomes[i] = faults::Stream(
+            channel, requests[i],
+            [&](size_t tokens) {
+              if (first_token_s[i] < 0 && tokens > 0)
+                first_token_s[i] = faults::SecondsSince(start);
+            },
+            std::chrono::seconds(120));
+        end_s[i] = faults::SecondsSince(start);
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+  // For information: how much the streams overlapped in time.
+  std::printf(
+      "[ two gateways ] %d streams: last first token at %.0f ms, first stream ended at %.0f ms, "
+      "last at %.0f ms\n",
+      kStreams, 1e3 * *std::max_element(first_token_s.begin(), first_token_s.end()),
+      1e3 * *std::min_element(end_s.begin(), end_s.end()),
+      1e3 * *std::max_element(end_s.begin(), end_s.end()));
+  EXPECT_TRUE(faults::AllMatchSolo(outcomes, solo));
+  for (int i = 0; i < kStreams; ++i) {
+    EXPECT_EQ(outcomes[i].finish_reason, v1::FINISH_REASON_LENGTH) << "stream " << i;
+  }
+
+  std::string gateway_after[2];
+  for (int g = 0; g < 2; ++g) {
+    gateway_after[g] = testing::HttpGetBody(gateways[g]->metrics_address(), "/metrics");
+    EXPECT_EQ(SumSeries(gateway_after[g], "switchyard_gateway_expert_call_errors_total", "") -
+                  SumSeries(gateway_before[g], "switchyard_gateway_expert_call_errors_total", ""),
+              0)
+        << "gateway " << g;
+  }
+  for (int e = 0; e < kExperts; ++e) {
+    const std::string label = "expert=\"" + std::to_string(e) + "\"";
+    auto gateway_delta = [&](int g, const std::string& name) {
+      return SumSeries(gateway_after[g], name, label) - SumSeries(gateway_before[g], name, label);
+    };
+    double routed[2], calls[2];
+    for (int g = 0; g < 2; ++g) {
+      routed[g] = gateway_delta(g, "switchyard_gateway_routed_tokens_total");
+      calls[g] = gateway_delta(g, "switchyard_gateway_expert_call_duration_seconds_count");
+      EXPECT_GT(calls[g], 0) << "expert " << e << " served no call of gateway " << g;
+      EXPECT_GT(routed[g], 0) << "expert " << e << " served no token of gateway " << g;
+    }
+    const std::string expert_after = ExpertMetrics(e);
+    auto expert_delta = [&](const std::string& name) {
+      return SumSeries(expert_after, name, "") - SumSeries(expert_before[e], name, "");
+    };
+    // What the expert process counted is what the two gateways sent it.
+    EXPECT_EQ(expert_delta("switchyard_expert_tokens_total"), routed[0] + routed[1])
+        << "expert " << e;
+    EXPECT_EQ(expert_delta("switchyard_expert_calls_total"), calls[0] + calls[1]) << "expert " << e;
+    std::printf(
+        "[ two gateways ] expert %d: %g tokens in %g calls from gateway 0, %g tokens in %g calls "
+        "from gateway 1\n",
+        e, routed[0], calls[0], routed[1], calls[1]);
+  }
 }
 
 TEST_F(ClusterTest, PromtoolAcceptsEveryProcesssMetrics) {
