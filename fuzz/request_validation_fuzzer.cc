@@ -14,6 +14,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "core/chat_template.h"
 #include "core/model_config.h"
 #include "core/tokenizer.h"
 #include "core/utf8.h"
@@ -33,6 +34,8 @@ using switchyard::Tokenizer;
 struct Env {
   std::unique_ptr<Tokenizer> tokenizer;
   ModelConfig config;
+  // Mixtral-Instruct's template (tests/data/chat-templates), for `messages`.
+  std::unique_ptr<switchyard::ChatTemplate> chat_template;
 };
 
 const Env& GetEnv() {
@@ -47,19 +50,34 @@ const Env& GetEnv() {
     }
     e->tokenizer = *std::move(t);
     e->config = *c;
+    absl::StatusOr<std::unique_ptr<switchyard::ChatTemplate>> chat =
+        switchyard::LoadChatTemplate(SWITCHYARD_FUZZ_MODEL_DIR, SWITCHYARD_FUZZ_CHAT_TEMPLATE);
+    if (!chat.ok()) {
+      std::fprintf(stderr, "cannot load %s: %s\n", SWITCHYARD_FUZZ_CHAT_TEMPLATE,
+                   chat.status().ToString().c_str());
+      std::abort();
+    }
+    e->chat_template = *std::move(chat);
     return e;
   }();
   return *env;
 }
 
-void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limits) {
+// Validates `req` with the chat template or without one: bad input is
+// INVALID_ARGUMENT, and only a `messages` prompt without a template is
+// FAILED_PRECONDITION (the gateway cannot serve that form at all).
+void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limits,
+           bool with_template) {
   const Env& env = GetEnv();
   const int V = env.config.vocab_size;
-  absl::StatusOr<GenerationRequest> r =
-      switchyard::ValidateGenerateRequest(req, *env.tokenizer, env.config, limits);
+  absl::StatusOr<GenerationRequest> r = switchyard::ValidateGenerateRequest(
+      req, *env.tokenizer, env.config, limits, with_template ? env.chat_template.get() : nullptr);
   if (!r.ok()) {
-    FUZZ_CHECK(r.status().code() == absl::StatusCode::kInvalidArgument, "rejected with %s",
-               r.status().ToString().c_str());
+    const bool no_template_for_messages =
+        !with_template && req.messages_size() > 0 &&
+        r.status().code() == absl::StatusCode::kFailedPrecondition;
+    FUZZ_CHECK(r.status().code() == absl::StatusCode::kInvalidArgument || no_template_for_messages,
+               "rejected with %s", r.status().ToString().c_str());
     return;
   }
   const GenerationRequest& g = *r;
@@ -157,7 +175,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   switchyard::v1::GenerateRequest request;
   if (!request.ParseFromArray(data, static_cast<int>(size))) return 0;
 
-  Check(request, RequestLimits{});
+  for (bool with_template : {false, true}) Check(request, RequestLimits{}, with_template);
   RequestLimits tight;
   tight.default_max_new_tokens = 8;
   tight.max_new_tokens_limit = 64;
@@ -167,6 +185,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   tight.max_top_logprobs = 2;
   tight.max_stop_token_ids = 3;
   tight.max_request_id_bytes = 4;
-  Check(request, tight);
+  tight.max_messages = 2;
+  for (bool with_template : {false, true}) Check(request, tight, with_template);
   return 0;
 }
