@@ -505,24 +505,38 @@ absl::Status Tokenizer::Loader::ReadMerges(const json& model, const std::string&
   return absl::OkStatus();
 }
 
+namespace {
+
+// The steps of a normalizer or decoder node: the node itself, or the list
+// under `list_key` when its type is "Sequence".
+absl::StatusOr<std::vector<const json*>> SequenceSteps(const json& node, const char* list_key,
+                                                       const std::string& where) {
+  if (!node.is_object()) return FieldError(where, "not an object");
+  absl::StatusOr<std::string> type = RequiredString(node, "type", where);
+  if (!type.ok()) return type.status();
+  std::vector<const json*> steps;
+  if (*type != "Sequence") {
+    steps.push_back(&node);
+    return steps;
+  }
+  auto list = node.find(list_key);
+  if (list == node.end() || !list->is_array()) {
+    return FieldError(absl::StrCat(where, ".", list_key), "missing or not an array");
+  }
+  for (const json& s : *list) steps.push_back(&s);
+  return steps;
+}
+
+}  // namespace
+
 absl::Status Tokenizer::Loader::ReadNormalizer(const json& root, const std::string& path,
                                                Tokenizer* t) {
   auto nit = root.find("normalizer");
   if (nit == root.end() || nit->is_null()) return absl::OkStatus();
-  std::vector<const json*> steps;
   const std::string where = absl::StrCat(path, ": normalizer");
-  if (!nit->is_object()) return FieldError(where, "not an object");
-  absl::StatusOr<std::string> type = RequiredString(*nit, "type", where);
-  if (!type.ok()) return type.status();
-  if (*type == "Sequence") {
-    auto list = nit->find("normalizers");
-    if (list == nit->end() || !list->is_array()) {
-      return FieldError(absl::StrCat(where, ".normalizers"), "missing or not an array");
-    }
-    for (const json& s : *list) steps.push_back(&s);
-  } else {
-    steps.push_back(&*nit);
-  }
+  absl::StatusOr<std::vector<const json*>> sequence = SequenceSteps(*nit, "normalizers", where);
+  if (!sequence.ok()) return sequence.status();
+  const std::vector<const json*>& steps = *sequence;
   for (size_t i = 0; i < steps.size(); ++i) {
     const json& s = *steps[i];
     const std::string swhere = absl::StrCat(where, "[", i, "]");
@@ -637,19 +651,9 @@ absl::StatusOr<Tokenizer::Loader::DecoderSteps> Tokenizer::Loader::ParseDecoder(
   auto dit = root.find("decoder");
   if (dit == root.end() || dit->is_null()) return result;
   const std::string where = absl::StrCat(path, ": decoder");
-  if (!dit->is_object()) return FieldError(where, "not an object");
-  absl::StatusOr<std::string> type = RequiredString(*dit, "type", where);
-  if (!type.ok()) return type.status();
-  std::vector<const json*> steps;
-  if (*type == "Sequence") {
-    auto list = dit->find("decoders");
-    if (list == dit->end() || !list->is_array()) {
-      return FieldError(absl::StrCat(where, ".decoders"), "missing or not an array");
-    }
-    for (const json& s : *list) steps.push_back(&s);
-  } else {
-    steps.push_back(&*dit);
-  }
+  absl::StatusOr<std::vector<const json*>> sequence = SequenceSteps(*dit, "decoders", where);
+  if (!sequence.ok()) return sequence.status();
+  const std::vector<const json*>& steps = *sequence;
   // Supported shape: [Replace] [ByteFallback] [Fuse] [Strip(stop=0)], in order.
   int stage = 0;  // 0: start, 1: after Replace, 2: after ByteFallback, 3: after Fuse, 4: Strip
   bool fused = false;

@@ -8,8 +8,14 @@
 #    imported as debian:12 and debian:12-slim. The root filesystem tarball and
 #    the image store (podman's layer cache) live in BUILD_DIR/image-test, so a
 #    second run reuses both.
-# 2. `podman build --layers` of deploy/Dockerfile.cpu (the builder stage
-#    compiles the project with SWITCHYARD_JOBS jobs, default nproc).
+# 2. `podman build --layers` of deploy/Dockerfile.cpu. By default its
+#    runtime stage takes the binaries this host's build made (BUILD_DIR/bin,
+#    stripped, imported as an image and passed as SWITCHYARD_BINARIES): the
+#    host is Debian 12 with the same compiler and libraries, and the builder
+#    stage would only repeat scripts/install-deps.sh + scripts/build.sh, which
+#    CI has just run on a fresh machine (that repeat was ~6 of CI's minutes).
+#    SWITCHYARD_IMAGE_TEST_FULL_BUILD=1 builds the builder stage as
+#    `docker build` does (it compiles with SWITCHYARD_JOBS jobs, default nproc).
 # 3. In the image: `--help` of every binary in /usr/local/bin (exit 0, a
 #    `usage:` line on stdout, any case), `ldd` of every binary (no `not found`).
 # 4. The default command in a container with a read-only root filesystem (and
@@ -25,7 +31,8 @@
 # namespaces can be created. A missing tool is a failure: scripts/install-deps.sh
 # installs them.
 #
-# Environment: SWITCHYARD_JOBS (builder's compile jobs), SWITCHYARD_IMAGE_TEST_KEEP=1
+# Environment: SWITCHYARD_IMAGE_TEST_FULL_BUILD=1 (build the builder stage too),
+# SWITCHYARD_JOBS (its compile jobs), SWITCHYARD_IMAGE_TEST_KEEP=1
 # (leave the test container behind for inspection).
 set -euo pipefail
 
@@ -178,12 +185,32 @@ fi
 podman ps -a --external --format '{{.ID}} {{.Command}}' | awk '$2 == "buildah" { print $1 }' |
   xargs -r podman rm -f --storage >/dev/null 2>&1 || true
 jobs=${SWITCHYARD_JOBS:-$(nproc)}
-say "podman build deploy/Dockerfile.cpu (SWITCHYARD_JOBS=$jobs)"
-# The builder stage is built and tagged first: the prune below removes every
-# untagged image that nothing builds on, and the builder stage's last layer is
-# one (the runtime stage only copies from it), then the whole chain under it.
-for target in builder ""; do
-  if ! podman build --layers --pull=never --build-arg SWITCHYARD_JOBS="$jobs" \
+if [ "${SWITCHYARD_IMAGE_TEST_FULL_BUILD:-0}" = 1 ]; then
+  say "podman build deploy/Dockerfile.cpu, builder stage included (SWITCHYARD_JOBS=$jobs)"
+  # The builder stage is built and tagged first: the prune below removes every
+  # untagged image that nothing builds on, and the builder stage's last layer
+  # is one (the runtime stage only copies from it), then the whole chain under it.
+  targets=(builder "")
+  binaries_arg=()
+else
+  # The host's binaries, stripped as the builder stage strips them, as an
+  # image with only /src/build/bin (the path the runtime stage copies from).
+  say "podman build deploy/Dockerfile.cpu with this host's binaries"
+  prebuilt="$state/prebuilt"
+  rm -rf "$prebuilt"
+  mkdir -p "$prebuilt/src/build/bin"
+  for b in switchyard switchyard-gateway switchyard-expert; do
+    [ -x "$build_dir/bin/$b" ] || fail "$build_dir/bin/$b is missing (build it first)"
+    strip --strip-debug -o "$prebuilt/src/build/bin/$b" "$build_dir/bin/$b"
+  done
+  tar -C "$prebuilt" --numeric-owner -cf "$prebuilt.tar" src
+  podman import --quiet "$prebuilt.tar" localhost/switchyard-binaries:test >/dev/null
+  rm -rf "$prebuilt" "$prebuilt.tar"
+  targets=("")
+  binaries_arg=(--build-arg SWITCHYARD_BINARIES=localhost/switchyard-binaries:test)
+fi
+for target in "${targets[@]}"; do
+  if ! podman build --layers --pull=never --build-arg SWITCHYARD_JOBS="$jobs" "${binaries_arg[@]}" \
     ${target:+--target "$target"} -f "$source_dir/deploy/Dockerfile.cpu" \
     -t "$image${target:+-$target}" "$source_dir" >>"$state/build.log" 2>&1; then
     tail -n 40 "$state/build.log" >&2
