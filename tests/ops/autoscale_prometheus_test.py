@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""The Kubernetes autoscaling path against a real Prometheus (issue #17 item 4).
+
+A local cluster (`switchyard up`, tiny-mixtral, one process per expert) gets
+a skewed load (`switchyard bench --skew-experts 3 --request-rate R`: prompts
+of the tokens the router sends most to expert 3). A real Prometheus scrapes
+every process with the labels the Prometheus Operator and the PodMonitors
+give them on Kubernetes (namespace="switchyard", pod, role, experts). Then
+every KEDA ScaledObject trigger and every HPA metric of every overlay that
+`kubectl kustomize k8s/overlays/*` renders is evaluated through Prometheus'
+HTTP API, all at one instant: the ScaledObjects' queries as written, the
+HPAs' through the prometheus-adapter rules of the rendered ConfigMap
+(metricsQuery with GroupBy=pod and the Deployment's pods as LabelMatchers).
+scaling_rule_eval (cli/scaling_rule.h) turns the answers into the replica
+counts KEDA and the HPA would set, each at the current 1 replica.
+
+Checks: every query evaluates, and returns series except where a layout
+does not match this cluster (the packed overlay's experts="0-1" pods);
+the expert-3 ScaledObject of the CPU overlay (cpu-demo, this model's) asks
+for more replicas than every other expert's; the HPAs (gpu-hpa, the only
+HPA overlay) do the same when given cpu-demo's per-replica targets, and
+agree with KEDA there; the GPU overlays' own targets (GPU capacity) keep
+every expert at 1 replica under this CPU load; and each tokens/s
+threshold is at most what one replica does at the busy threshold, measured
+here as busy threshold x (tokens per busy second of the hot expert), so the
+tokens trigger never waits for a saturation the busy trigger would see
+first.
+
+usage: autoscale_prometheus_test.py BUILD_DIR SOURCE_DIR SCALING_RULE_EVAL
+"""
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+
+import yaml
+
+build, source, evaluator = sys.argv[1], sys.argv[2], sys.argv[3]
+bin_dir = os.path.join(build, "bin")
+HOT = 3
+EXPERTS = 8
+# The offered load: requests/s of 96 prompt tokens and 2 generated. About
+# 400 tokens are routed per request, about half to expert 3.
+RATE, LOAD_S, PROMPT, OUTPUT = 4.0, 30, 96, 2
+failures = []
+passed = 0
+
+
+def check(name, condition, detail=""):
+    global passed
+    if condition:
+        passed += 1
+        print("ok   %s" % name)
+    else:
+        failures.append(name)
+        print("FAIL %s: %s" % (name, detail))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quantity(q):
+    """A Kubernetes quantity ("1400m", "20000", "2k") as a float."""
+    m = re.fullmatch(r"([0-9.]+)([mkMG]?)", str(q))
+    return float(m.group(1)) * {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
+
+
+def rules(behavior):
+    """An autoscaling/v2 behavior side as scaling_rule_eval's JSON."""
+    if not behavior:
+        return None
+    return {"window": behavior.get("stabilizationWindowSeconds", 0),
+            "select": behavior.get("selectPolicy", "Max"),
+            "policies": [{"type": p["type"], "value": p["value"], "period": p["periodSeconds"]}
+                         for p in behavior.get("policies", [])]}
+
+
+# 1. The rendered manifests.
+scaled_objects, hpas, adapter_rules = [], [], {}
+for overlay in sorted(glob.glob(os.path.join(source, "k8s", "overlays", "*"))):
+    name = os.path.basename(overlay)
+    rendered = subprocess.run(["kubectl", "kustomize", overlay], capture_output=True, text=True,
+                              check=True).stdout
+    for doc in yaml.safe_load_all(rendered):
+        if not doc:
+            continue
+        if doc["kind"] == "ScaledObject":
+            scaled_objects.append((name, doc))
+        elif doc["kind"] == "HorizontalPodAutoscaler":
+            hpas.append((name, doc))
+        elif doc["kind"] == "ConfigMap" and "config.yaml" in doc.get("data", {}):
+            for rule in yaml.safe_load(doc["data"]["config.yaml"]).get("rules", []):
+                series = rule["name"]["matches"].strip("^$")
+                adapter_rules[rule["name"]["as"]] = (series, rule["metricsQuery"])
+print("rendered: %d ScaledObjects, %d HPAs, adapter metrics %s" %
+      (len(scaled_objects), len(hpas), sorted(adapter_rules)))
+check("overlays render ScaledObjects and HPAs", scaled_objects and hpas and adapter_rules)
+
+work = tempfile.mkdtemp(prefix="switchyard-autoscale-test.")
+procs = []
+try:
+    # 2. The local cluster.
+    port = free_port()
+    endpoints = os.path.join(work, "endpoints.json")
+    up_log = open(os.path.join(work, "up.log"), "w")
+    procs.append(subprocess.Popen(
+        [os.path.join(bin_dir, "switchyard"), "up", "--model",
+         os.path.join(source, "tests", "data", "tiny-mixtral"), "--port", str(port),
+         "--listen-host", "127.0.0.1", "--endpoints-file", endpoints],
+        stdout=up_log, stderr=subprocess.STDOUT))
+    for _ in range(600):
+        if os.path.exists(endpoints) and os.path.getsize(endpoints) > 0:
+            break
+        time.sleep(0.1)
+    processes = json.load(open(endpoints))["processes"]
+    gateway_metrics = next(p["metrics"] for p in processes if p["role"] == "gateway")
+
+    # Targets labelled as on Kubernetes: the Operator adds namespace and pod,
+    # the PodMonitors role and experts ("0-1" for a pod serving 0 and 1).
+    groups = []
+    for p in processes:
+        labels = {"namespace": "switchyard", "role": p["role"]}
+        if p["role"] == "expert":
+            experts = sorted(p["experts"])
+            labels["experts"] = "-".join(str(e) for e in experts)
+            labels["pod"] = "switchyard-expert-%s-local" % labels["experts"]
+        else:
+            labels["pod"] = "switchyard-gateway-local"
+        groups.append({"targets": [p["metrics"]], "labels": labels})
+    json.dump(groups, open(os.path.join(work, "targets.json"), "w"))
+    with open(os.path.join(work, "prometheus.yml"), "w") as f:
+        f.write("""global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: switchyard
+    file_sd_configs:
+      - files: [%s]
+""" % os.path.join(work, "targets.json"))
+    prom = "http://127.0.0.1:%d" % free_port()
+    procs.append(subprocess.Popen(
+        ["prometheus", "--config.file", os.path.join(work, "prometheus.yml"),
+         "--storage.tsdb.path", os.path.join(work, "tsdb"),
+         "--web.listen-address", prom[len("http://"):]],
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "prometheus.log"), "w")))
+
+    def query(expr, at=None):
+        """(status, result list) of an instant query; raises on HTTP errors."""
+        params = {"query": expr}
+        if at is not None:
+            params["time"] = "%.3f" % at
+        url = prom + "/api/v1/query?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.load(r)
+        return body["status"], body["data"]["result"]
+
+    for _ in range(100):
+        try:
+            if len(query("up == 1")[1]) == len(processes):
+                break
+        except OSError:
+            pass
+        time.sleep(0.3)
+    check("Prometheus scrapes every process", len(query("up == 1")[1]) == len(processes))
+
+    # 3. Skewed load at a fixed rate (open loop), so the load does not
+    # depend on the machine's speed as long as it keeps up.
+    bench = subprocess.run(
+        [os.path.join(bin_dir, "switchyard"), "bench", "--server", "127.0.0.1:%d" % port,
+         "--metrics", gateway_metrics, "--skew-experts", str(HOT), "--json",
+         "--request-rate", str(RATE), "--requests", str(int(RATE * LOAD_S)), "--concurrency", "8",
+         "--prompt-tokens", str(PROMPT), "--output-tokens", str(OUTPUT)],
+        capture_output=True, text=True, timeout=240)
+    check("skewed bench succeeds", bench.returncode == 0, bench.stderr[-2000:])
+    report = json.loads(bench.stdout)
+    print("bench: %d requests in %.1f s, %.0f tokens/s; expert %d got %.3f of routed tokens" %
+          (report["succeeded"], report["wall_s"], report["total_tokens_per_s"], HOT,
+           report["skew"]["run_share"]))
+    time.sleep(2)  # the last scrape
+    at = time.time() - 1  # every query at this one instant
+
+    # 4. Every ScaledObject trigger, as written.
+    keda_inputs = []
+    keda_values = {}
+    for overlay, so in scaled_objects:
+        spec = so["spec"]
+        behavior = (spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
+                    .get("behavior", {}))
+        triggers = []
+        for t in spec["triggers"]:
+            status, result = query(t["metadata"]["query"], at)
+            value = sum(float(s["value"][1]) for s in result)  # KEDA sums; none = 0
+            check_name = "%s %s %s evaluates" % (overlay, so["metadata"]["name"], t["name"])
+            packed_busy = t["name"] == "busy" and "-" in so["metadata"]["name"][18:]
+            check(check_name, status == "success" and (result or packed_busy),
+                  (status, result, t["metadata"]["query"]))
+            keda_values[(overlay, so["metadata"]["name"], t["name"])] = value
+            triggers.append({"value": value, "threshold": float(t["metadata"]["threshold"])})
+        keda_inputs.append({"name": "%s/%s" % (overlay, so["metadata"]["name"]), "current": 1,
+                            "min": spec.get("minReplicaCount", 0),
+                            "max": spec.get("maxReplicaCount", 100),
+                            "scale_up": rules(behavior.get("scaleUp")),
+                            "scale_down": rules(behavior.get("scaleDown")),
+                            "fallback": {"failure_threshold": spec["fallback"]["failureThreshold"],
+                                         "replicas": spec["fallback"]["replicas"]},
+                            "triggers": triggers})
+
+    # 5. Every HPA metric, through the adapter's rule for it.
+    hpa_values = {}
+    for overlay, hpa in hpas:
+        deployment = hpa["spec"]["scaleTargetRef"]["name"]
+        pods = "%s-local" % deployment
+        for m in hpa["spec"]["metrics"]:
+            metric = m["pods"]["metric"]["name"]
+            series, template = adapter_rules[metric]
+            expr = (template.replace("<<.GroupBy>>", "pod").replace("<<.Series>>", series)
+                    .replace("<<.LabelMatchers>>", 'namespace="switchyard",pod=~"%s"' % pods))
+            status, result = query(expr, at)
+            check("%s %s %s evaluates" % (overlay, hpa["metadata"]["name"], metric),
+                  status == "success" and len(result) == 1, (status, result, expr))
+            # The HPA averages the per-pod values over the pods.
+            hpa_values[(overlay, hpa["metadata"]["name"], metric)] = (
+                sum(float(s["value"][1]) for s in result) / max(1, len(result)))
+
+    def hpa_input(overlay, hpa, targets):
+        spec = hpa["spec"]
+        behavior = spec.get("behavior", {})
+        metrics = []
+        for m in spec["metrics"]:
+            metric = m["pods"]["metric"]["name"]
+            metrics.append({"kind": "pods_average_value",
+                            "value": hpa_values[(overlay, hpa["metadata"]["name"], metric)],
+                            "target": targets.get(metric, quantity(m["pods"]["target"]
+                                                                   ["averageValue"]))})
+        return {"name": "%s/%s" % (overlay, hpa["metadata"]["name"]), "current": 1,
+                "min": spec.get("minReplicas", 1), "max": spec["maxReplicas"],
+                "scale_up": rules(behavior.get("scaleUp")),
+                "scale_down": rules(behavior.get("scaleDown")), "metrics": metrics}
+
+    # cpu-demo's per-replica targets for the same two signals.
+    demo = {so["metadata"]["name"]: so for o, so in scaled_objects if o == "cpu-demo"}
+    demo_thresholds = {t["name"]: float(t["metadata"]["threshold"])
+                       for t in demo["switchyard-expert-0"]["spec"]["triggers"]}
+    demo_targets = {"switchyard_expert_tokens_per_second": demo_thresholds["tokens"],
+                    "switchyard_expert_busy_ratio": demo_thresholds["busy"]}
+    hpa_inputs = [hpa_input(o, h, {}) for o, h in hpas]
+    hpa_demo_inputs = [dict(hpa_input(o, h, demo_targets), name="%s+cpu-demo-targets/%s" % (
+        o, h["metadata"]["name"])) for o, h in hpas]
+
+    evaluated = subprocess.run([evaluator], input=json.dumps(
+        {"objects": keda_inputs + hpa_inputs + hpa_demo_inputs}), capture_output=True, text=True)
+    check("scaling_rule_eval runs", evaluated.returncode == 0, evaluated.stderr)
+    desired = {k: v["desired"] for k, v in json.loads(evaluated.stdout).items()}
+
+    # 6. What the numbers say.
+    def per_expert(prefix):
+        return {int(re.search(r"expert-(\d+)$", k).group(1)): v for k, v in desired.items()
+                if k.startswith(prefix) and re.search(r"expert-(\d+)$", k)}
+
+    tokens = {e: keda_values[("cpu-demo", "switchyard-expert-%d" % e, "tokens")]
+              for e in range(EXPERTS)}
+    busy = {e: keda_values[("cpu-demo", "switchyard-expert-%d" % e, "busy")]
+            for e in range(EXPERTS)}
+    keda_demo = per_expert("cpu-demo/")
+    hpa_demo = per_expert("gpu-hpa+cpu-demo-targets/")
+    print("\nexpert  tokens/s  busy   KEDA cpu-demo  HPA (cpu-demo targets)  KEDA gpu  HPA gpu-hpa")
+    for e in range(EXPERTS):
+        print("%-7s %8.1f  %5.3f  %13d  %22d  %8d  %11d" % (
+            "%d%s" % (e, " *" if e == HOT else ""), tokens[e], busy[e], keda_demo[e],
+            hpa_demo[e], per_expert("gpu/")[e], per_expert("gpu-hpa/")[e]))
+    print("(every object at 1 replica; tokens/s and busy: the cpu-demo ScaledObjects' queries)")
+    share = tokens[HOT] / max(1e-9, sum(tokens.values()))
+    check("Prometheus sees the skew: hot expert >= 2x the even share of tokens/s",
+          share >= 2.0 / EXPERTS, share)
+    cold = [e for e in range(EXPERTS) if e != HOT]
+    check("KEDA (cpu-demo) gives the hot expert more replicas than every cold one",
+          all(keda_demo[HOT] > keda_demo[e] for e in cold) and keda_demo[HOT] >= 2, keda_demo)
+    check("HPA (gpu-hpa objects, cpu-demo targets) gives the hot expert more than every cold one",
+          all(hpa_demo[HOT] > hpa_demo[e] for e in cold) and hpa_demo[HOT] >= 2, hpa_demo)
+    check("HPA and KEDA agree on the same signals and targets", hpa_demo == keda_demo,
+          (hpa_demo, keda_demo))
+    gpu_objects = {k: v for k, v in desired.items() if k.split("/")[0] in
+                   ("gpu", "gpu-tls", "gpu-packed", "gpu-hpa")}
+    check("GPU targets keep every expert at 1 replica under this CPU load",
+          set(gpu_objects.values()) == {1}, gpu_objects)
+
+    # The thresholds against measured capacity: tokens per busy second of
+    # the hot expert (its compute rate) times the busy threshold is what one
+    # replica does when the busy trigger fires.
+    per_busy_s = tokens[HOT] / busy[HOT] if busy[HOT] > 0 else float("inf")
+    at_busy = demo_thresholds["busy"] * per_busy_s
+    print("hot expert: %.0f tokens per busy second -> %.0f tokens/s at busy %.2f; "
+          "cpu-demo tokens threshold %.0f" % (per_busy_s, at_busy, demo_thresholds["busy"],
+                                             demo_thresholds["tokens"]))
+    check("cpu-demo tokens threshold <= one replica's tokens/s at the busy threshold",
+          demo_thresholds["tokens"] <= at_busy, (demo_thresholds, at_busy))
+finally:
+    for p in reversed(procs):
+        p.terminate()
+    for p in reversed(procs):
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    if failures:
+        for log in ("up.log", "prometheus.log"):
+            path = os.path.join(work, log)
+            if os.path.exists(path):
+                print("--- %s (tail)" % log)
+                print("".join(open(path).readlines()[-15:]))
+    shutil.rmtree(work, ignore_errors=True)
+
+print("%d passed, %d failed" % (passed, len(failures)))
+sys.exit(1 if failures else 0)
