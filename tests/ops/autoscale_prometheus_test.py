@@ -50,13 +50,15 @@ HOT = 3
 EXPERTS = 8
 # The offered load: requests/s of 96 prompt tokens and 2 generated. About
 # 400 tokens are routed per request, about half to expert 3.
-RATE, LOAD_S, PROMPT, OUTPUT = 4.0, 30, 96, 2
+RATE, LOAD_S, PROMPT, OUTPUT = 4.0, 25, 96, 2
 failures = []
 passed = 0
+started = time.time()
 
 
 def check(name, condition, detail=""):
     global passed
+    name = "[%4.1fs] %s" % (time.time() - started, name)
     if condition:
         passed += 1
         print("ok   %s" % name)
@@ -87,31 +89,10 @@ def rules(behavior):
                          for p in behavior.get("policies", [])]}
 
 
-# 1. The rendered manifests.
-scaled_objects, hpas, adapter_rules = [], [], {}
-for overlay in sorted(glob.glob(os.path.join(source, "k8s", "overlays", "*"))):
-    name = os.path.basename(overlay)
-    rendered = subprocess.run(["kubectl", "kustomize", overlay], capture_output=True, text=True,
-                              check=True).stdout
-    for doc in yaml.safe_load_all(rendered):
-        if not doc:
-            continue
-        if doc["kind"] == "ScaledObject":
-            scaled_objects.append((name, doc))
-        elif doc["kind"] == "HorizontalPodAutoscaler":
-            hpas.append((name, doc))
-        elif doc["kind"] == "ConfigMap" and "config.yaml" in doc.get("data", {}):
-            for rule in yaml.safe_load(doc["data"]["config.yaml"]).get("rules", []):
-                series = rule["name"]["matches"].strip("^$")
-                adapter_rules[rule["name"]["as"]] = (series, rule["metricsQuery"])
-print("rendered: %d ScaledObjects, %d HPAs, adapter metrics %s" %
-      (len(scaled_objects), len(hpas), sorted(adapter_rules)))
-check("overlays render ScaledObjects and HPAs", scaled_objects and hpas and adapter_rules)
-
 work = tempfile.mkdtemp(prefix="switchyard-autoscale-test.")
 procs = []
 try:
-    # 2. The local cluster.
+    # 1. The local cluster (started first: it takes longest).
     port = free_port()
     endpoints = os.path.join(work, "endpoints.json")
     up_log = open(os.path.join(work, "up.log"), "w")
@@ -120,6 +101,12 @@ try:
          os.path.join(source, "tests", "data", "tiny-mixtral"), "--port", str(port),
          "--listen-host", "127.0.0.1", "--endpoints-file", endpoints],
         stdout=up_log, stderr=subprocess.STDOUT))
+    renders = []
+    for overlay in sorted(glob.glob(os.path.join(source, "k8s", "overlays", "*"))):
+        renders.append((os.path.basename(overlay), subprocess.Popen(
+            ["kubectl", "kustomize", overlay], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)))
+        procs.append(renders[-1][1])
     for _ in range(600):
         if os.path.exists(endpoints) and os.path.getsize(endpoints) > 0:
             break
@@ -165,6 +152,26 @@ scrape_configs:
         with urllib.request.urlopen(url, timeout=10) as r:
             body = json.load(r)
         return body["status"], body["data"]["result"]
+
+    # 2. The rendered manifests (rendered while the cluster loads).
+    scaled_objects, hpas, adapter_rules = [], [], {}
+    for name, render in renders:
+        rendered, err = render.communicate(timeout=120)
+        check("kubectl kustomize k8s/overlays/%s" % name, render.returncode == 0, err)
+        for doc in yaml.safe_load_all(rendered):
+            if not doc:
+                continue
+            if doc["kind"] == "ScaledObject":
+                scaled_objects.append((name, doc))
+            elif doc["kind"] == "HorizontalPodAutoscaler":
+                hpas.append((name, doc))
+            elif doc["kind"] == "ConfigMap" and "config.yaml" in doc.get("data", {}):
+                for rule in yaml.safe_load(doc["data"]["config.yaml"]).get("rules", []):
+                    series = rule["name"]["matches"].strip("^$")
+                    adapter_rules[rule["name"]["as"]] = (series, rule["metricsQuery"])
+    print("rendered: %d ScaledObjects, %d HPAs, adapter metrics %s" %
+          (len(scaled_objects), len(hpas), sorted(adapter_rules)))
+    check("overlays render ScaledObjects and HPAs", scaled_objects and hpas and adapter_rules)
 
     for _ in range(100):
         try:
