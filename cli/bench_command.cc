@@ -149,8 +149,7 @@ absl::StatusOr<BenchOptions> ParseBenchOptions(const std::vector<std::string>& a
   } else if (f.Has("skew")) {
     o.skew_experts = {0};
   }
-  SY_RETURN_IF_ERROR(
-      in_range("skew-candidates", o.skew_candidates, 1, 100000, &o.skew_candidates));
+  SY_RETURN_IF_ERROR(in_range("skew-candidates", o.skew_candidates, 1, 100000, &o.skew_candidates));
   SY_RETURN_IF_ERROR(in_range("skew-pool", o.skew_pool, 1, 100000, &o.skew_pool));
   if (o.skew_pool > o.skew_candidates) {
     return absl::InvalidArgumentError(absl::StrCat("--skew-pool (", o.skew_pool,
@@ -161,9 +160,8 @@ absl::StatusOr<BenchOptions> ParseBenchOptions(const std::vector<std::string>& a
     const std::string rate = f.GetOr("request-rate", "");
     if (!absl::SimpleAtod(rate, &o.request_rate) || !(o.request_rate >= 0) ||
         o.request_rate > 1e6) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--request-rate must be a number in [0, 1e6] (requests/s), got '", rate,
-                       "'"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--request-rate must be a number in [0, 1e6] (requests/s), got '", rate, "'"));
     }
   }
   if (!o.skew_experts.empty() && o.metrics.empty()) {
@@ -654,15 +652,15 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
       auto stub = v1::GenerationService::NewStub(channels[t / kStreamsPerChannel]);
       for (int i; (i = next.fetch_add(1)) < o.requests;) {
         if (o.request_rate > 0) {
-          std::this_thread::sleep_until(
-              start + std::chrono::duration_cast<Clock::duration>(
-                          std::chrono::duration<double>(i / o.request_rate)));
+          std::this_thread::sleep_until(start +
+                                        std::chrono::duration_cast<Clock::duration>(
+                                            std::chrono::duration<double>(i / o.request_rate)));
         }
-        results[i] = RunOne(*stub, o,
-                            pool.empty()
-                                ? RandomPrompt(o.seed, i, o.prompt_tokens, info.vocab_size())
+        results[i] =
+            RunOne(*stub, o,
+                   pool.empty() ? RandomPrompt(o.seed, i, o.prompt_tokens, info.vocab_size())
                                 : PoolPrompt(o.seed, i, o.prompt_tokens, pool),
-                            i);
+                   i);
       }
     });
   }
@@ -826,10 +824,10 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
       std::printf("  routed tokens per expert (all layers, this run):\n");
       std::printf("  %-8s %10s %8s %8s\n", "expert", "tokens", "share", "x mean");
       for (const auto& [expert, n] : routed) {
-        const bool hot = std::find(o.skew_experts.begin(), o.skew_experts.end(), expert) !=
-                         o.skew_experts.end();
-        std::printf("  %-8s %10.0f %8.3f %8.2f\n", absl::StrCat(expert, hot ? " *" : "").c_str(),
-                    n, n / routed_total, n / routed_total * num_experts);
+        const bool hot =
+            std::find(o.skew_experts.begin(), o.skew_experts.end(), expert) != o.skew_experts.end();
+        std::printf("  %-8s %10.0f %8.3f %8.2f\n", absl::StrCat(expert, hot ? " *" : "").c_str(), n,
+                    n / routed_total, n / routed_total * num_experts);
       }
     }
     if (!o.skew_experts.empty()) {

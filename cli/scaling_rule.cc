@@ -34,7 +34,8 @@ int ReplicasForMetric(int current, const MetricReading& metric, double tolerance
 int ReplicasForMetrics(int current, const std::vector<MetricReading>& metrics, double tolerance) {
   if (metrics.empty()) return current;
   int best = INT_MIN;
-  for (const MetricReading& m : metrics) best = std::max(best, ReplicasForMetric(current, m, tolerance));
+  for (const MetricReading& m : metrics)
+    best = std::max(best, ReplicasForMetric(current, m, tolerance));
   return best;
 }
 
@@ -43,7 +44,8 @@ MetricReading KedaMetric(const KedaTrigger& trigger, const KedaFallback& fallbac
   m.kind = MetricKind::METRIC_KIND_EXTERNAL_AVERAGE_VALUE;
   m.target = trigger.threshold;
   m.value = trigger.query_value;
-  if (fallback.failure_threshold > 0 && trigger.consecutive_failures >= fallback.failure_threshold) {
+  if (fallback.failure_threshold > 0 &&
+      trigger.consecutive_failures >= fallback.failure_threshold) {
     // KEDA's fallback.go: fallbackReplicas × target, so the HPA asks for
     // exactly that many.
     m.value = static_cast<double>(fallback.replicas) * trigger.threshold;
@@ -97,10 +99,9 @@ int HpaController::ScaleUpLimit(TimePoint now, int current) const {
   for (const ScalingPolicy& p : rules.policies) {
     const int start = current - ChangeWithin(now, p.period_seconds, true) +
                       ChangeWithin(now, p.period_seconds, false);
-    const int proposed =
-        p.type == ScalingPolicy::Type::TYPE_PODS
-            ? start + p.value
-            : static_cast<int>(std::ceil(start * (1.0 + p.value / 100.0)));
+    const int proposed = p.type == ScalingPolicy::Type::TYPE_PODS
+                             ? start + p.value
+                             : static_cast<int>(std::ceil(start * (1.0 + p.value / 100.0)));
     result = take_max ? std::max(result, proposed) : std::min(result, proposed);
   }
   return rules.policies.empty() ? INT_MAX : result;
@@ -160,13 +161,13 @@ ScalingDecision HpaController::Reconcile(TimePoint now, int current,
     }
     if (d.reason.empty()) {
       if (d.recommended < current && d.stabilized > d.recommended) {
-        d.reason = absl::StrCat("scale-down held by the ",
-                                spec_.scale_down.stabilization_window_seconds,
-                                " s stabilization window");
+        d.reason =
+            absl::StrCat("scale-down held by the ", spec_.scale_down.stabilization_window_seconds,
+                         " s stabilization window");
       } else if (d.recommended > current && d.stabilized < d.recommended) {
-        d.reason = absl::StrCat("scale-up held by the ",
-                                spec_.scale_up.stabilization_window_seconds,
-                                " s stabilization window");
+        d.reason =
+            absl::StrCat("scale-up held by the ", spec_.scale_up.stabilization_window_seconds,
+                         " s stabilization window");
       } else if (d.desired == current) {
         d.reason = "within tolerance or at the recommendation";
       } else {

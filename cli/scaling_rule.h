@@ -97,7 +97,7 @@ MetricReading KedaMetric(const KedaTrigger& trigger, const KedaFallback& fallbac
 struct ScalingPolicy {
   enum class Type { TYPE_PODS, TYPE_PERCENT };
   Type type = Type::TYPE_PODS;
-  int value = 1;           // pods, or percent of the replicas at the period's start
+  int value = 1;  // pods, or percent of the replicas at the period's start
   int period_seconds = 60;
 };
 
@@ -116,10 +116,10 @@ struct HpaSpec {
   int max_replicas = 1;  // default 1 (KEDA: maxReplicaCount, default 100)
   double tolerance = kDefaultTolerance;
   // Default: at once, the larger of +100% or +4 pods per 15 s.
-  ScalingRules scale_up{0,
-                        ScalingRules::Select::SELECT_MAX,
-                        {{ScalingPolicy::Type::TYPE_PERCENT, 100, 15},
-                         {ScalingPolicy::Type::TYPE_PODS, 4, 15}}};
+  ScalingRules scale_up{
+      0,
+      ScalingRules::Select::SELECT_MAX,
+      {{ScalingPolicy::Type::TYPE_PERCENT, 100, 15}, {ScalingPolicy::Type::TYPE_PODS, 4, 15}}};
   // Default: the largest recommendation of the last 300 s, up to -100% per
   // 15 s.
   ScalingRules scale_down{

@@ -78,14 +78,14 @@ HpaSpec ExpertSpec() {  // the manifests' behavior (k8s/generate-experts.py)
   HpaSpec spec;
   spec.min_replicas = 1;
   spec.max_replicas = 8;
-  spec.scale_up = {0,
-                   ScalingRules::Select::SELECT_MAX,
-                   {{ScalingPolicy::Type::TYPE_PERCENT, 100, 15},
-                    {ScalingPolicy::Type::TYPE_PODS, 4, 15}}};
-  spec.scale_down = {300,
-                     ScalingRules::Select::SELECT_MAX,
-                     {{ScalingPolicy::Type::TYPE_PODS, 1, 60},
-                      {ScalingPolicy::Type::TYPE_PERCENT, 10, 60}}};
+  spec.scale_up = {
+      0,
+      ScalingRules::Select::SELECT_MAX,
+      {{ScalingPolicy::Type::TYPE_PERCENT, 100, 15}, {ScalingPolicy::Type::TYPE_PODS, 4, 15}}};
+  spec.scale_down = {
+      300,
+      ScalingRules::Select::SELECT_MAX,
+      {{ScalingPolicy::Type::TYPE_PODS, 1, 60}, {ScalingPolicy::Type::TYPE_PERCENT, 10, 60}}};
   return spec;
 }
 
@@ -140,10 +140,10 @@ TEST(ScalingRuleTest, DocsScaleDownPolicyExample80To72To64) {
   HpaSpec spec;
   spec.min_replicas = 1;
   spec.max_replicas = 100;
-  spec.scale_down = {0,
-                     ScalingRules::Select::SELECT_MAX,
-                     {{ScalingPolicy::Type::TYPE_PODS, 4, 60},
-                      {ScalingPolicy::Type::TYPE_PERCENT, 10, 60}}};
+  spec.scale_down = {
+      0,
+      ScalingRules::Select::SELECT_MAX,
+      {{ScalingPolicy::Type::TYPE_PODS, 4, 60}, {ScalingPolicy::Type::TYPE_PERCENT, 10, 60}}};
   HpaController hpa(spec);
   const MetricReading to_10 = Pods(0.125, 1);  // 80 * 0.125 = 10
   EXPECT_EQ(hpa.Reconcile(kT0, 80, {to_10}).desired, 72);

@@ -77,9 +77,10 @@ int main() {
           fallback.replicas = o["fallback"].at("replicas").get<int>();
         }
         for (const json& t : o.at("triggers")) {
-          metrics.push_back(scaling::KedaMetric(
-              {t.at("value").get<double>(), t.at("threshold").get<double>(), t.value("failures", 0)},
-              fallback));
+          metrics.push_back(
+              scaling::KedaMetric({t.at("value").get<double>(), t.at("threshold").get<double>(),
+                                   t.value("failures", 0)},
+                                  fallback));
         }
       }
       for (const json& m : o.value("metrics", json::array())) {
