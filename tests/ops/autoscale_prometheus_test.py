@@ -50,7 +50,11 @@ HOT = 3
 EXPERTS = 8
 # The offered load: requests/s of 96 prompt tokens and 2 generated. About
 # 400 tokens are routed per request, about half to expert 3.
-RATE, LOAD_S, PROMPT, OUTPUT = 4.0, 25, 96, 2
+# SWITCHYARD_AUTOSCALE_LOAD_S / _IDLE_S lengthen the load and add an idle
+# time after it (for a longer measured run; the test keeps CI short).
+RATE, PROMPT, OUTPUT = 4.0, 96, 2
+LOAD_S = int(os.environ.get("SWITCHYARD_AUTOSCALE_LOAD_S", "25"))
+IDLE_S = int(os.environ.get("SWITCHYARD_AUTOSCALE_IDLE_S", "0"))
 failures = []
 passed = 0
 started = time.time()
@@ -184,6 +188,7 @@ scrape_configs:
 
     # 3. Skewed load at a fixed rate (open loop), so the load does not
     # depend on the machine's speed as long as it keeps up.
+    load_start = time.time()
     bench = subprocess.run(
         [os.path.join(bin_dir, "switchyard"), "bench", "--server", "127.0.0.1:%d" % port,
          "--metrics", gateway_metrics, "--skew-experts", str(HOT), "--json",
@@ -195,7 +200,8 @@ scrape_configs:
     print("bench: %d requests in %.1f s, %.0f tokens/s; expert %d got %.3f of routed tokens" %
           (report["succeeded"], report["wall_s"], report["total_tokens_per_s"], HOT,
            report["skew"]["run_share"]))
-    time.sleep(2)  # the last scrape
+    load_end = time.time()
+    time.sleep(2 + IDLE_S)  # the last scrape, and the idle time after the load
     at = time.time() - 1  # every query at this one instant
 
     # 4. Every ScaledObject trigger, as written.
@@ -270,6 +276,74 @@ scrape_configs:
         {"objects": keda_inputs + hpa_inputs + hpa_demo_inputs}), capture_output=True, text=True)
     check("scaling_rule_eval runs", evaluated.returncode == 0, evaluated.stderr)
     desired = {k: v["desired"] for k, v in json.loads(evaluated.stdout).items()}
+
+    # A timeline: cpu-demo's ScaledObjects and the HPAs with cpu-demo's
+    # targets, reconciled every pollingInterval from the load's start, on
+    # what Prometheus answered for each instant (queried afterwards with
+    # `time`), each poll starting from the replicas the previous one set.
+    poll_s = demo["switchyard-expert-0"]["spec"].get("pollingInterval", 30)
+    instants = [load_start + k * poll_s for k in range(1, int((at - load_start) // poll_s) + 1)]
+    if not instants or instants[-1] < at - 1:
+        instants.append(at)
+    timeline_inputs = []
+    for so_input in [i for i in keda_inputs if i["name"].startswith("cpu-demo/")]:
+        so = demo[so_input["name"].split("/")[1]]
+        polls = []
+        for t in instants:
+            triggers = [{"value": sum(float(x["value"][1]) for x in
+                                      query(tr["metadata"]["query"], t)[1]),
+                         "threshold": float(tr["metadata"]["threshold"])}
+                        for tr in so["spec"]["triggers"]]
+            polls.append({"t": t - load_start, "triggers": triggers})
+        timeline_inputs.append(dict(so_input, name="timeline/keda/" + so["metadata"]["name"],
+                                    polls=polls))
+    for overlay, hpa in hpas:
+        base = hpa_input(overlay, hpa, demo_targets)
+        polls = []
+        for t in instants:
+            metrics = []
+            for m, spec_m in zip(base["metrics"], hpa["spec"]["metrics"]):
+                series, template = adapter_rules[spec_m["pods"]["metric"]["name"]]
+                expr = (template.replace("<<.GroupBy>>", "pod").replace("<<.Series>>", series)
+                        .replace("<<.LabelMatchers>>", 'namespace="switchyard",pod=~"%s-local"' %
+                                 hpa["spec"]["scaleTargetRef"]["name"]))
+                total = sum(float(x["value"][1]) for x in query(expr, t)[1])
+                # Measured on the one local replica: the total its
+                # replicas would share.
+                metrics.append(dict(m, value=total, spread=True))
+            polls.append({"t": t - load_start, "metrics": metrics})
+        timeline_inputs.append(dict(base, name="timeline/hpa/" + hpa["metadata"]["name"],
+                                    polls=polls))
+    timeline_run = subprocess.run([evaluator], input=json.dumps({"objects": timeline_inputs}),
+                                  capture_output=True, text=True)
+    check("scaling_rule_eval runs the timeline", timeline_run.returncode == 0, timeline_run.stderr)
+    timelines = json.loads(timeline_run.stdout)
+
+    def replicas_over_time(kind, e):
+        return [p["desired"] for p in timelines["timeline/%s/switchyard-expert-%d" % (kind, e)]
+                ["timeline"]]
+
+    hot_tokens_query = next(tr["metadata"]["query"] for tr in
+                            demo["switchyard-expert-%d" % HOT]["spec"]["triggers"]
+                            if tr["name"] == "tokens")
+    print("\nreplicas over time (cpu-demo KEDA; load %d s, then idle):" % round(load_end -
+                                                                          load_start))
+    print("t (s)  expert %d tokens/s  " % HOT + "  ".join("e%d" % e for e in range(EXPERTS)))
+    for k, t in enumerate(instants):
+        hot_rate = sum(float(x["value"][1]) for x in query(hot_tokens_query, t)[1])
+        print("%5.0f  %17.1f  " % (t - load_start, hot_rate) +
+              "  ".join("%2d" % replicas_over_time("keda", e)[k] for e in range(EXPERTS)))
+    # Up during the load; held for the scale-down window after it.
+    window = demo["switchyard-expert-0"]["spec"]["advanced"]["horizontalPodAutoscalerConfig"][
+        "behavior"]["scaleDown"]["stabilizationWindowSeconds"]
+    hot_line = [r for r, t in zip(replicas_over_time("keda", HOT), instants)
+                if t <= load_end + window]
+    check("the hot expert scales up and does not fall within the scale-down window",
+          all(b >= a for a, b in zip(hot_line, hot_line[1:])) and max(hot_line) >= 2, hot_line)
+    check("KEDA and HPA timelines agree",
+          all(replicas_over_time("keda", e) == replicas_over_time("hpa", e)
+              for e in range(EXPERTS)),
+          [(replicas_over_time("keda", e), replicas_over_time("hpa", e)) for e in range(EXPERTS)])
 
     # 6. What the numbers say.
     def per_expert(prefix):

@@ -11,8 +11,14 @@
 //          "fallback": {"failure_threshold": N, "replicas": N} (KEDA, optional),
 //          "triggers": [{"value": X, "threshold": T, "failures": 0}]       (KEDA) or
 //          "metrics": [{"kind": "pods_average_value|external_average_value|external_value",
-//                       "value": X, "target": T}]}, ...]}              (HPA)
-// stdout: {"NAME": {"recommended": N, "desired": N, "reason": "..."}, ...}
+//                       "value": X, "target": T, "spread": false}]}, ...]}  (HPA)
+//         or, for a sequence of reconciles, "polls": [{"t": SECONDS, "triggers": [...]
+//         or "metrics": [...]}, ...] instead of triggers/metrics: each poll starts from
+//         the replicas the previous one set; a metric with "spread": true is a total
+//         that the current replicas share evenly (its per-pod average is value / current).
+// stdout: {"NAME": {"recommended": N, "desired": N, "reason": "..."}, ...}, with polls
+//         {"NAME": {"timeline": [{"t": S, "current": N, "recommended": N, "desired": N,
+//                                 "reason": "..."}, ...]}}
 // Exit 2 with a message on malformed input.
 #include <chrono>
 #include <cstdio>
@@ -69,29 +75,49 @@ int main() {
       spec.tolerance = o.value("tolerance", scaling::kDefaultTolerance);
       spec.scale_up = Rules(o.value("scale_up", json()), spec.scale_up);
       spec.scale_down = Rules(o.value("scale_down", json()), spec.scale_down);
-      std::vector<scaling::MetricReading> metrics;
-      if (o.contains("triggers")) {
-        scaling::KedaFallback fallback;
-        if (o.contains("fallback")) {
-          fallback.failure_threshold = o["fallback"].at("failure_threshold").get<int>();
-          fallback.replicas = o["fallback"].at("replicas").get<int>();
+      scaling::KedaFallback fallback;
+      if (o.contains("fallback")) {
+        fallback.failure_threshold = o["fallback"].at("failure_threshold").get<int>();
+        fallback.replicas = o["fallback"].at("replicas").get<int>();
+      }
+      // The readings of one poll at `current` replicas.
+      auto readings = [&](const json& poll, int current) {
+        std::vector<scaling::MetricReading> metrics;
+        for (const json& t : poll.value("triggers", json::array())) {
+          metrics.push_back(scaling::KedaMetric(
+              {t.at("value").get<double>(), t.at("threshold").get<double>(), t.value("failures", 0)},
+              fallback));
         }
-        for (const json& t : o.at("triggers")) {
+        for (const json& m : poll.value("metrics", json::array())) {
+          double value = m.at("value").get<double>();
+          if (m.value("spread", false) && current > 0) value /= current;
           metrics.push_back(
-              scaling::KedaMetric({t.at("value").get<double>(), t.at("threshold").get<double>(),
-                                   t.value("failures", 0)},
-                                  fallback));
+              {Kind(m.at("kind").get<std::string>()), value, m.at("target").get<double>()});
         }
-      }
-      for (const json& m : o.value("metrics", json::array())) {
-        metrics.push_back({Kind(m.at("kind").get<std::string>()), m.at("value").get<double>(),
-                           m.at("target").get<double>()});
-      }
+        return metrics;
+      };
       scaling::HpaController hpa(spec);
-      const scaling::ScalingDecision d =
-          hpa.Reconcile(std::chrono::steady_clock::now(), o.at("current").get<int>(), metrics);
-      out[o.at("name").get<std::string>()] = {
-          {"recommended", d.recommended}, {"desired", d.desired}, {"reason", d.reason}};
+      const auto t0 = std::chrono::steady_clock::now();
+      int current = o.at("current").get<int>();
+      if (!o.contains("polls")) {
+        const scaling::ScalingDecision d = hpa.Reconcile(t0, current, readings(o, current));
+        out[o.at("name").get<std::string>()] = {
+            {"recommended", d.recommended}, {"desired", d.desired}, {"reason", d.reason}};
+        continue;
+      }
+      json timeline = json::array();
+      for (const json& poll : o.at("polls")) {
+        const auto at = t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                 std::chrono::duration<double>(poll.at("t").get<double>()));
+        const scaling::ScalingDecision d = hpa.Reconcile(at, current, readings(poll, current));
+        timeline.push_back({{"t", poll.at("t")},
+                            {"current", current},
+                            {"recommended", d.recommended},
+                            {"desired", d.desired},
+                            {"reason", d.reason}});
+        current = d.desired;  // as if the Deployment followed at once
+      }
+      out[o.at("name").get<std::string>()] = {{"timeline", std::move(timeline)}};
     }
     std::cout << out.dump(1) << std::endl;
     return 0;
