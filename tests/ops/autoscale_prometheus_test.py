@@ -18,8 +18,10 @@ Checks: every query evaluates, and returns series except where a layout
 does not match this cluster (the packed overlay's experts="0-1" pods);
 the expert-3 ScaledObject of the CPU overlay (cpu-demo, this model's) asks
 for more replicas than every other expert's; the HPAs (gpu-hpa, the only
-HPA overlay) do the same when given cpu-demo's per-replica targets, and
-agree with KEDA there; the GPU overlays' own targets (GPU capacity) keep
+HPA overlay) do the same when given cpu-demo's per-replica targets and
+maximum, and agree with KEDA there, at the load's end and over time (every
+pollingInterval from the load's start, each poll from the replicas the one
+before set); the GPU overlays' own targets (GPU capacity) keep
 every expert at 1 replica under this CPU load; and each tokens/s
 threshold is at most what one replica does at the busy threshold, measured
 here as busy threshold x (tokens per busy second of the hot expert), so the
@@ -202,7 +204,8 @@ scrape_configs:
            report["skew"]["run_share"]))
     load_end = time.time()
     time.sleep(2 + IDLE_S)  # the last scrape, and the idle time after the load
-    at = time.time() - 1  # every query at this one instant
+    at = load_end + 1  # every query at this one instant: the load's end
+    timeline_end = time.time() - 1
 
     # 4. Every ScaledObject trigger, as written.
     keda_inputs = []
@@ -258,16 +261,18 @@ scrape_configs:
                             "target": targets.get(metric, quantity(m["pods"]["target"]
                                                                    ["averageValue"]))})
         return {"name": "%s/%s" % (overlay, hpa["metadata"]["name"]), "current": 1,
-                "min": spec.get("minReplicas", 1), "max": spec["maxReplicas"],
+                "min": spec.get("minReplicas", 1), "max": targets.get("max", spec["maxReplicas"]),
                 "scale_up": rules(behavior.get("scaleUp")),
                 "scale_down": rules(behavior.get("scaleDown")), "metrics": metrics}
 
-    # cpu-demo's per-replica targets for the same two signals.
+    # cpu-demo's per-replica targets for the same two signals, and its
+    # maximum replicas.
     demo = {so["metadata"]["name"]: so for o, so in scaled_objects if o == "cpu-demo"}
     demo_thresholds = {t["name"]: float(t["metadata"]["threshold"])
                        for t in demo["switchyard-expert-0"]["spec"]["triggers"]}
     demo_targets = {"switchyard_expert_tokens_per_second": demo_thresholds["tokens"],
-                    "switchyard_expert_busy_ratio": demo_thresholds["busy"]}
+                    "switchyard_expert_busy_ratio": demo_thresholds["busy"],
+                    "max": demo["switchyard-expert-0"]["spec"]["maxReplicaCount"]}
     hpa_inputs = [hpa_input(o, h, {}) for o, h in hpas]
     hpa_demo_inputs = [dict(hpa_input(o, h, demo_targets), name="%s+cpu-demo-targets/%s" % (
         o, h["metadata"]["name"])) for o, h in hpas]
@@ -282,9 +287,10 @@ scrape_configs:
     # what Prometheus answered for each instant (queried afterwards with
     # `time`), each poll starting from the replicas the previous one set.
     poll_s = demo["switchyard-expert-0"]["spec"].get("pollingInterval", 30)
-    instants = [load_start + k * poll_s for k in range(1, int((at - load_start) // poll_s) + 1)]
-    if not instants or instants[-1] < at - 1:
-        instants.append(at)
+    instants = [load_start + k * poll_s
+                for k in range(1, int((timeline_end - load_start) // poll_s) + 1)]
+    if not instants or instants[-1] < timeline_end - 1:
+        instants.append(timeline_end)
     timeline_inputs = []
     for so_input in [i for i in keda_inputs if i["name"].startswith("cpu-demo/")]:
         so = demo[so_input["name"].split("/")[1]]
@@ -356,9 +362,10 @@ scrape_configs:
             for e in range(EXPERTS)}
     keda_demo = per_expert("cpu-demo/")
     hpa_demo = per_expert("gpu-hpa+cpu-demo-targets/")
-    print("\nexpert  tokens/s  busy   KEDA cpu-demo  HPA (cpu-demo targets)  KEDA gpu  HPA gpu-hpa")
+    print("\nat the load's end:")
+    print("expert  tokens/s  busy    KEDA cpu-demo  HPA (cpu-demo targets)  KEDA gpu  HPA gpu-hpa")
     for e in range(EXPERTS):
-        print("%-7s %8.1f  %5.3f  %13d  %22d  %8d  %11d" % (
+        print("%-7s %8.1f  %6.4f  %13d  %22d  %8d  %11d" % (
             "%d%s" % (e, " *" if e == HOT else ""), tokens[e], busy[e], keda_demo[e],
             hpa_demo[e], per_expert("gpu/")[e], per_expert("gpu-hpa/")[e]))
     print("(every object at 1 replica; tokens/s and busy: the cpu-demo ScaledObjects' queries)")
@@ -368,7 +375,7 @@ scrape_configs:
     cold = [e for e in range(EXPERTS) if e != HOT]
     check("KEDA (cpu-demo) gives the hot expert more replicas than every cold one",
           all(keda_demo[HOT] > keda_demo[e] for e in cold) and keda_demo[HOT] >= 2, keda_demo)
-    check("HPA (gpu-hpa objects, cpu-demo targets) gives the hot expert more than every cold one",
+    check("HPA (gpu-hpa objects, cpu-demo targets and max): hot expert gets more than every cold",
           all(hpa_demo[HOT] > hpa_demo[e] for e in cold) and hpa_demo[HOT] >= 2, hpa_demo)
     check("HPA and KEDA agree on the same signals and targets", hpa_demo == keda_demo,
           (hpa_demo, keda_demo))
