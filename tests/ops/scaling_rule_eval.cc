@@ -84,9 +84,10 @@ int main() {
       auto readings = [&](const json& poll, int current) {
         std::vector<scaling::MetricReading> metrics;
         for (const json& t : poll.value("triggers", json::array())) {
-          metrics.push_back(scaling::KedaMetric(
-              {t.at("value").get<double>(), t.at("threshold").get<double>(), t.value("failures", 0)},
-              fallback));
+          metrics.push_back(
+              scaling::KedaMetric({t.at("value").get<double>(), t.at("threshold").get<double>(),
+                                   t.value("failures", 0)},
+                                  fallback));
         }
         for (const json& m : poll.value("metrics", json::array())) {
           double value = m.at("value").get<double>();
