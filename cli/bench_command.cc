@@ -837,6 +837,11 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
           "share\n",
           absl::StrJoin(o.skew_experts, ",").c_str(), pool.size(), probed.size(), pool_share,
           run_hot_share, run_hot_share * num_experts / static_cast<double>(o.skew_experts.size()));
+      if (pool_share * num_experts <= static_cast<double>(o.skew_experts.size())) {
+        std::printf(
+            "  note: no probed token favours these experts more than an even spread would; try "
+            "more --skew-candidates\n");
+      }
     }
   }
   std::fflush(stdout);
