@@ -7,7 +7,21 @@
 // gap g counts as k gaps of g/k). With --metrics HOST:PORT (the gateway's
 // --metrics-listen address) it scrapes the gateway's /metrics before and
 // after the run and prints the per-hop breakdown of the run's expert calls:
-// network, queue and compute time (docs/metrics.md, "Per-hop timing").
+// network, queue and compute time (docs/metrics.md, "Per-hop timing"),
+// and the share of routed tokens each expert received during the run.
+//
+// --skew / --skew-experts E,...: a workload whose tokens the router sends
+// mostly to the experts E (to measure autoscaling of hot experts). Chosen by
+// what the served router does, not guessed: before the run, bench sends
+// --skew-candidates one-token prompts (distinct token ids from --seed), one
+// at a time, and reads from the gateway's /metrics
+// (switchyard_gateway_routed_tokens_total) where each token was routed in
+// every layer; the --skew-pool tokens with the largest share routed to E
+// make up every prompt (drawn uniformly, deterministic from --seed and the
+// request index). Generated tokens route wherever the model's output takes
+// them, so fewer --output-tokens keep the skew sharper. Needs --metrics and
+// a gateway that serves nobody else during the probes (checked: each probe
+// must move the gateway's prompt-token counter by exactly one).
 #include <grpcpp/grpcpp.h>
 #include <netdb.h>
 #include <sys/socket.h>
@@ -34,7 +48,11 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "cli/command_specs.h"
 #include "cli/commands.h"
 #include "cli/grpc_client.h"
@@ -63,6 +81,17 @@ struct BenchOptions {
   // The gateway's metrics address for the per-hop breakdown. Default: none
   // (the breakdown is skipped with a note saying what to pass).
   std::string metrics;
+  // The experts the skewed workload concentrates on; empty = random prompts.
+  // --skew alone means expert 0.
+  std::vector<int> skew_experts;
+  // Token ids probed through the router for the skewed workload. Default 64.
+  int skew_candidates = 64;
+  // The hottest probed tokens that prompts draw from. Default 8.
+  int skew_pool = 8;
+  // Requests started per second (request i no earlier than i / rate after
+  // the start), so the load does not depend on how fast the server is.
+  // Default 0: closed loop, each client starts its next request at once.
+  double request_rate = 0;
 };
 
 // What one request measured.
@@ -104,6 +133,41 @@ absl::StatusOr<BenchOptions> ParseBenchOptions(const std::vector<std::string>& a
   if (f.Has("metrics") && (o.metrics.empty() || o.metrics.rfind(':') == std::string::npos)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--metrics must be HOST:PORT (the gateway's --metrics-listen), got '", o.metrics, "'"));
+  }
+  if (f.Has("skew-experts")) {
+    const std::string list = f.GetOr("skew-experts", "");
+    for (absl::string_view part : absl::StrSplit(list, ',')) {
+      int e = -1;
+      if (!absl::SimpleAtoi(part, &e) || e < 0 || e > 4096) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--skew-experts must be a comma-separated list of expert indices, got '", list, "'"));
+      }
+      if (std::find(o.skew_experts.begin(), o.skew_experts.end(), e) == o.skew_experts.end()) {
+        o.skew_experts.push_back(e);
+      }
+    }
+  } else if (f.Has("skew")) {
+    o.skew_experts = {0};
+  }
+  SY_RETURN_IF_ERROR(in_range("skew-candidates", o.skew_candidates, 1, 100000, &o.skew_candidates));
+  SY_RETURN_IF_ERROR(in_range("skew-pool", o.skew_pool, 1, 100000, &o.skew_pool));
+  if (o.skew_pool > o.skew_candidates) {
+    return absl::InvalidArgumentError(absl::StrCat("--skew-pool (", o.skew_pool,
+                                                   ") must not exceed --skew-candidates (",
+                                                   o.skew_candidates, ")"));
+  }
+  if (f.Has("request-rate")) {
+    const std::string rate = f.GetOr("request-rate", "");
+    if (!absl::SimpleAtod(rate, &o.request_rate) || !(o.request_rate >= 0) ||
+        o.request_rate > 1e6) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--request-rate must be a number in [0, 1e6] (requests/s), got '", rate, "'"));
+    }
+  }
+  if (!o.skew_experts.empty() && o.metrics.empty()) {
+    return absl::InvalidArgumentError(
+        "--skew needs --metrics HOST:PORT (the gateway's --metrics-listen): the prompts are "
+        "chosen by the routing the gateway reports");
   }
   return o;
 }
@@ -372,6 +436,163 @@ std::map<int, HopRow> HopBreakdown(const std::string& before_text, const std::st
   return rows;
 }
 
+// The samples of metric `name` (exactly that name, no suffix) in Prometheus
+// text: (label text, value) per line.
+std::vector<std::pair<std::string, double>> Samples(const std::string& text,
+                                                    const std::string& name) {
+  std::vector<std::pair<std::string, double>> out;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    const std::string line = text.substr(pos, end - pos);
+    pos = end + 1;
+    if (line.compare(0, name.size(), name) != 0 || line.size() <= name.size()) continue;
+    std::string labels;
+    size_t value_at = name.size();
+    if (line[name.size()] == '{') {
+      const size_t close = line.find('}');
+      if (close == std::string::npos) continue;
+      labels = line.substr(name.size() + 1, close - name.size() - 1);
+      value_at = close + 1;
+    } else if (line[name.size()] != ' ') {
+      continue;  // a longer name with this prefix
+    }
+    double value = 0;
+    if (!absl::SimpleAtod(absl::StripAsciiWhitespace(line.substr(value_at)), &value)) continue;
+    out.emplace_back(std::move(labels), value);
+  }
+  return out;
+}
+
+// The sum of metric `name`'s samples (0 when absent).
+double SampleSum(const std::string& text, const std::string& name) {
+  double sum = 0;
+  for (const auto& [labels, value] : Samples(text, name)) sum += value;
+  return sum;
+}
+
+// switchyard_gateway_routed_tokens_total summed over layers: expert -> tokens.
+std::map<int, double> RoutedTokensByExpert(const std::string& text) {
+  std::map<int, double> out;
+  for (const auto& [labels, value] : Samples(text, "switchyard_gateway_routed_tokens_total")) {
+    int expert = -1;
+    if (absl::SimpleAtoi(LabelValue(labels, "expert"), &expert) && expert >= 0) {
+      out[expert] += value;
+    }
+  }
+  return out;
+}
+
+// after - before per expert (experts only in `after` count from 0).
+std::map<int, double> RoutedDelta(const std::string& before, const std::string& after) {
+  std::map<int, double> d = RoutedTokensByExpert(after);
+  for (const auto& [expert, tokens] : RoutedTokensByExpert(before)) d[expert] -= tokens;
+  return d;
+}
+
+// The share of `routed` that went to `experts`; 0 when nothing was routed.
+double ShareOf(const std::map<int, double>& routed, const std::vector<int>& experts) {
+  double hot = 0, all = 0;
+  for (const auto& [expert, tokens] : routed) {
+    all += tokens;
+    if (std::find(experts.begin(), experts.end(), expert) != experts.end()) hot += tokens;
+  }
+  return all > 0 ? hot / all : 0;
+}
+
+// One probed token and the share of its routing (all layers) to the hot
+// experts.
+struct ProbedToken {
+  int32_t token = 0;
+  double share = 0;
+};
+
+// Sends each candidate token alone as a prompt (one token generated: the
+// prefill's routing only) and measures where the gateway's router sent it.
+// Returns the candidates, hottest first.
+absl::StatusOr<std::vector<ProbedToken>> ProbeRouting(v1::GenerationService::Stub& stub,
+                                                      const BenchOptions& o,
+                                                      const v1::ModelInfo& info) {
+  for (int e : o.skew_experts) {
+    if (static_cast<uint32_t>(e) >= info.num_experts()) {
+      return absl::InvalidArgumentError(absl::StrCat("--skew-experts names expert ", e,
+                                                     " but the model has ", info.num_experts(),
+                                                     " experts"));
+    }
+  }
+  const int available = static_cast<int>(info.vocab_size()) - 3;
+  if (o.skew_candidates > available) {
+    return absl::InvalidArgumentError(absl::StrCat("--skew-candidates ", o.skew_candidates,
+                                                   " exceeds the ", available,
+                                                   " token ids that can be probed"));
+  }
+  // Distinct candidate ids in [3, vocab), deterministic from the seed.
+  std::seed_seq seq{static_cast<uint32_t>(o.seed), static_cast<uint32_t>(o.seed >> 32), 0x5e3du};
+  std::mt19937_64 rng(seq);
+  std::uniform_int_distribution<int32_t> dist(3, static_cast<int32_t>(info.vocab_size()) - 1);
+  std::vector<int32_t> candidates;
+  while (static_cast<int>(candidates.size()) < o.skew_candidates) {
+    const int32_t id = dist(rng);
+    if (std::find(candidates.begin(), candidates.end(), id) == candidates.end()) {
+      candidates.push_back(id);
+    }
+  }
+  std::vector<ProbedToken> probed;
+  SY_ASSIGN_OR_RETURN(std::string before, ScrapeMetrics(o.metrics));
+  for (int32_t token : candidates) {
+    bool measured = false;
+    for (int attempt = 0; attempt < 3 && !measured; ++attempt) {
+      v1::GenerateRequest request;
+      request.mutable_token_ids()->add_ids(token);
+      request.mutable_stopping()->set_max_new_tokens(1);
+      request.mutable_stopping()->set_ignore_eos(true);
+      request.set_request_id(absl::StrCat("bench-skew-probe-", token));
+      v1::GenerateResponse response;
+      grpc::ClientContext context;
+      PrepareContext(context);
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+      grpc::Status status = stub.Generate(&context, request, &response);
+      if (!status.ok()) return RpcError(status);
+      SY_ASSIGN_OR_RETURN(std::string after, ScrapeMetrics(o.metrics));
+      // Exactly our one prompt token: nobody else's traffic is in the delta.
+      const double prompt_delta = SampleSum(after, "switchyard_gateway_prompt_tokens_total") -
+                                  SampleSum(before, "switchyard_gateway_prompt_tokens_total");
+      const std::map<int, double> routed = RoutedDelta(before, after);
+      double routed_total = 0;
+      for (const auto& [expert, tokens] : routed) routed_total += tokens;
+      before = std::move(after);
+      if (prompt_delta == 1 && routed_total > 0) {
+        probed.push_back({token, ShareOf(routed, o.skew_experts)});
+        measured = true;
+      }
+    }
+    if (!measured) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--skew: could not measure token ", token,
+          "'s routing in 3 tries: the gateway at --metrics ", o.metrics,
+          " served other traffic meanwhile, or reports no switchyard_gateway_routed_tokens_total "
+          "(is it the --metrics-listen of the gateway at --server?)"));
+    }
+  }
+  std::stable_sort(probed.begin(), probed.end(),
+                   [](const ProbedToken& a, const ProbedToken& b) { return a.share > b.share; });
+  return probed;
+}
+
+// A skewed prompt: `length` tokens drawn from `pool`, deterministic from the
+// seed and the request index.
+std::vector<int32_t> PoolPrompt(uint64_t seed, int index, int length,
+                                const std::vector<ProbedToken>& pool) {
+  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
+                    static_cast<uint32_t>(index), 0x5e3du};
+  std::mt19937_64 rng(seq);
+  std::uniform_int_distribution<size_t> dist(0, pool.size() - 1);
+  std::vector<int32_t> ids(length);
+  for (int32_t& id : ids) id = pool[dist(rng)].token;
+  return ids;
+}
+
 absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   SY_ASSIGN_OR_RETURN(BenchOptions o, ParseBenchOptions(args));
 
@@ -405,6 +626,16 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
                      info.max_context_tokens()));
   }
 
+  // The skewed workload's token pool, by probing the router.
+  std::vector<ProbedToken> probed, pool;
+  double pool_share = 0;
+  if (!o.skew_experts.empty()) {
+    auto stub = v1::GenerationService::NewStub(channels[0]);
+    SY_ASSIGN_OR_RETURN(probed, ProbeRouting(*stub, o, info));
+    pool.assign(probed.begin(), probed.begin() + o.skew_pool);
+    for (const ProbedToken& p : pool) pool_share += p.share / static_cast<double>(pool.size());
+  }
+
   // Scraped before the run so the breakdown covers this run's calls only;
   // a wrong --metrics fails here, before any load is sent.
   std::string metrics_before;
@@ -420,8 +651,16 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
     threads.emplace_back([&, t] {
       auto stub = v1::GenerationService::NewStub(channels[t / kStreamsPerChannel]);
       for (int i; (i = next.fetch_add(1)) < o.requests;) {
+        if (o.request_rate > 0) {
+          std::this_thread::sleep_until(start +
+                                        std::chrono::duration_cast<Clock::duration>(
+                                            std::chrono::duration<double>(i / o.request_rate)));
+        }
         results[i] =
-            RunOne(*stub, o, RandomPrompt(o.seed, i, o.prompt_tokens, info.vocab_size()), i);
+            RunOne(*stub, o,
+                   pool.empty() ? RandomPrompt(o.seed, i, o.prompt_tokens, info.vocab_size())
+                                : PoolPrompt(o.seed, i, o.prompt_tokens, pool),
+                   i);
       }
     });
   }
@@ -456,6 +695,7 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
 
   // The per-hop breakdown, or a note saying why there is none.
   std::map<int, HopRow> hops;
+  std::map<int, double> routed;  // expert -> tokens routed during the run
   std::string hops_note;
   if (o.metrics.empty()) {
     hops_note =
@@ -463,6 +703,7 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   } else if (absl::StatusOr<std::string> after = ScrapeMetrics(o.metrics); !after.ok()) {
     hops_note = absl::StrCat("per-hop breakdown unavailable: ", after.status().message());
   } else {
+    routed = RoutedDelta(metrics_before, *after);
     hops = HopBreakdown(metrics_before, *after);
     if (hops.empty()) {
       hops_note =
@@ -470,6 +711,14 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
           "gateway's metrics address?)";
     }
   }
+
+  // Routed-token shares per expert; "x mean" is the share over the share of
+  // an even spread (1 / experts).
+  double routed_total = 0;
+  for (const auto& [expert, tokens] : routed) routed_total += tokens;
+  const double num_experts =
+      info.num_experts() > 0 ? info.num_experts() : static_cast<double>(routed.size());
+  const double run_hot_share = ShareOf(routed, o.skew_experts);
 
   if (o.json) {
     nlohmann::json errors_json = nlohmann::json::array();
@@ -487,6 +736,7 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
         {"prompt_tokens_per_request", o.prompt_tokens},
         {"output_tokens_per_request", o.output_tokens},
         {"seed", o.seed},
+        {"request_rate", o.request_rate},
         {"wall_s", wall_s},
         {"prompt_tokens", prompt_total},
         {"output_tokens", output_total},
@@ -510,12 +760,34 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
     } else {
       out["expert_hops_note"] = hops_note;
     }
+    if (routed_total > 0) {
+      nlohmann::json tokens = nlohmann::json::object(), shares = nlohmann::json::object();
+      for (const auto& [expert, n] : routed) {
+        tokens[std::to_string(expert)] = n;
+        shares[std::to_string(expert)] = n / routed_total;
+      }
+      out["routed_tokens"] = {{"tokens", std::move(tokens)}, {"share", std::move(shares)}};
+    }
+    if (!o.skew_experts.empty()) {
+      nlohmann::json pool_json = nlohmann::json::array();
+      for (const ProbedToken& p : pool) {
+        pool_json.push_back({{"token", p.token}, {"probe_share", p.share}});
+      }
+      out["skew"] = {{"experts", o.skew_experts},
+                     {"candidates", static_cast<int>(probed.size())},
+                     {"pool", std::move(pool_json)},
+                     {"pool_probe_share", pool_share},
+                     {"run_share", run_hot_share},
+                     {"run_share_over_mean",
+                      run_hot_share * num_experts / static_cast<double>(o.skew_experts.size())}};
+    }
     std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
   } else {
     std::printf("switchyard bench: %s (model %s)\n", o.server.c_str(), info.model().c_str());
     std::printf("  %-22s %d (concurrency %d, prompt %d tokens, output %d tokens, seed %llu)\n",
                 "requests", o.requests, o.concurrency, o.prompt_tokens, o.output_tokens,
                 static_cast<unsigned long long>(o.seed));
+    if (o.request_rate > 0) std::printf("  %-22s %.2f\n", "request rate /s", o.request_rate);
     std::printf("  %-22s %d\n", "errors", errors);
     if (short_requests > 0) std::printf("  %-22s %d\n", "short requests", short_requests);
     std::printf("  %-22s %.3f\n", "wall seconds", wall_s);
@@ -547,6 +819,29 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
         if (expert >= 0) print_row(std::to_string(expert), row);
       }
       print_row("all", hops.at(-1));
+    }
+    if (routed_total > 0) {
+      std::printf("  routed tokens per expert (all layers, this run):\n");
+      std::printf("  %-8s %10s %8s %8s\n", "expert", "tokens", "share", "x mean");
+      for (const auto& [expert, n] : routed) {
+        const bool hot =
+            std::find(o.skew_experts.begin(), o.skew_experts.end(), expert) != o.skew_experts.end();
+        std::printf("  %-8s %10.0f %8.3f %8.2f\n", absl::StrCat(expert, hot ? " *" : "").c_str(), n,
+                    n / routed_total, n / routed_total * num_experts);
+      }
+    }
+    if (!o.skew_experts.empty()) {
+      std::printf(
+          "  skew: experts %s (*); prompts from the %zu of %zu probed tokens routed most to them "
+          "(%.3f of their routing); this run sent them %.3f of its routed tokens, %.2fx an even "
+          "share\n",
+          absl::StrJoin(o.skew_experts, ",").c_str(), pool.size(), probed.size(), pool_share,
+          run_hot_share, run_hot_share * num_experts / static_cast<double>(o.skew_experts.size()));
+      if (pool_share * num_experts <= static_cast<double>(o.skew_experts.size())) {
+        std::printf(
+            "  note: no probed token favours these experts more than an even spread would; try "
+            "more --skew-candidates\n");
+      }
     }
   }
   std::fflush(stdout);

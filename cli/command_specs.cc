@@ -122,8 +122,18 @@ std::vector<Subcommand> Build() {
                          {"output-tokens", true, "32", "tokens generated per request"},
                          {"seed", true, "0", "seed of the random prompts"},
                          {"timeout-ms", true, "0: none", "deadline of each request"},
+                         {"request-rate", true, "0: closed loop",
+                          "requests started per second (open loop, at most --concurrency at "
+                          "once)"},
                          {"metrics", true, "none",
-                          "the gateway's /metrics HOST:PORT: print the per-hop expert breakdown"},
+                          "the gateway's /metrics HOST:PORT: print the per-hop expert breakdown "
+                          "and routed-token shares"},
+                         {"skew", false, "", "skewed workload on expert 0 (see --skew-experts)"},
+                         {"skew-experts", true, "none",
+                          "E,..: prompts of the tokens the router sends most to these experts "
+                          "(probed through --metrics before the run)"},
+                         {"skew-candidates", true, "64", "token ids probed for --skew"},
+                         {"skew-pool", true, "8", "hottest probed tokens the skewed prompts use"},
                          {"json", false, "", "print the results as JSON"}},
                         ClientSecurityFlags()),
                    ""}}});
