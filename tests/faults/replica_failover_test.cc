@@ -7,7 +7,12 @@
 //  - the only replica of an expert is killed mid-stream: the requests in
 //    flight end with UNAVAILABLE naming that expert, the gateway keeps
 //    serving (and fails requests fast, naming the expert, while it is down),
-//    and once the expert is restarted on the same port requests succeed again.
+//    and once the expert is restarted on the same port requests succeed again;
+//  - failures stay contained (issue #16): with 40 requests in flight and the
+//    only replica of an expert killed, only the requests with tokens routed
+//    to it end (UNAVAILABLE naming the expert and its address); every other
+//    request completes with exactly its solo run's tokens, and as many
+//    succeed together as one at a time.
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
@@ -15,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -296,6 +302,124 @@ TEST_F(ReplicaFailoverTest, KillingTheOnlyReplicaFailsItsRequestsAndRecoversAfte
               GatewayMetricLines("switchyard_gateway_expert_call_errors_total",
                                  absl::StrCat("expert=\"", kVictim, "\""))
                   .c_str());
+}
+
+}  // namespace
+}  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+// 40 short, distinct prompts (the issue's case): greedy, except every fifth
+// seeded sampling.
+std::vector<v1::GenerateRequest> FortyRequests(int max_new_tokens) {
+  const char* subjects[] = {"The cat",  "A river", "My friend", "The market", "Our team",
+                            "The moon", "A robot", "The city",  "Her book",   "The storm"};
+  const char* verbs[] = {"sees", "builds", "carries", "remembers"};
+  std::vector<v1::GenerateRequest> requests;
+  for (int i = 0; i < 40; ++i) {
+    v1::GenerateRequest r =
+        faults::GreedyRequest(absl::StrCat(subjects[i % 10], " ", verbs[i / 10]), max_new_tokens);
+    if (i % 5 == 4) faults::MakeSampled(&r, 9000 + i);
+    requests.push_back(r);
+  }
+  return requests;
+}
+
+// The only replica of expert 1 dies while 40 streams are generating. Only the
+// streams with tokens routed to it after that end, with UNAVAILABLE naming
+// expert 1 and its address, having streamed the start of their solo run;
+// every stream whose whole run avoids expert 1 (found afterwards, one request
+// at a time, with expert 1 still down) completes with its solo run's tokens.
+// Then the issue's exact case: 40 one-token requests together succeed for
+// exactly the requests that succeed one at a time.
+TEST_F(ReplicaFailoverTest, AKilledExpertFailsOnlyTheRequestsRoutedToIt) {
+  constexpr int kVictim = 1;
+  constexpr int kTokens = 12;
+  StartCluster({});
+  const std::string victim_address = addresses_.at(std::to_string(kVictim));
+  const std::vector<v1::GenerateRequest> requests = FortyRequests(kTokens);
+  const std::vector<std::vector<int32_t>> solo = SoloTokens(requests);
+  const size_t n = requests.size();
+
+  ConcurrentStreams streams(channel_, requests, /*min_tokens=*/2);
+  ASSERT_TRUE(streams.WaitAllStarted(std::chrono::seconds(60)));
+  const int finished_before_kill = streams.finished();
+  const int status = experts_.at(std::to_string(kVictim))->Kill(SIGKILL);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
+  streams.Join();
+
+  // Which requests touch expert 1 at all: run alone with it down, they fail.
+  std::vector<bool> avoids_victim(n);
+  for (size_t i = 0; i < n; ++i) {
+    faults::UnaryOutcome o = faults::Generate(channel_, requests[i], std::chrono::seconds(30));
+    avoids_victim[i] = o.status.ok();
+    if (o.status.ok()) {
+      EXPECT_EQ(o.tokens, solo[i]) << "request " << i << " alone";
+    } else {
+      EXPECT_EQ(o.status.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(o.status);
+      EXPECT_TRUE(faults::NamesExpert(o.status.error_message(), kVictim))
+          << faults::Describe(o.status);
+    }
+  }
+
+  int failed = 0, avoiding = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const faults::StreamOutcome& o = streams.outcomes()[i];
+    EXPECT_TRUE(faults::IsPrefixOfSolo(o.tokens, solo[i])) << "stream " << i;
+    if (avoids_victim[i]) ++avoiding;
+    if (o.status.ok()) {
+      EXPECT_EQ(o.tokens, solo[i]) << "stream " << i << " differs from its solo run";
+      continue;
+    }
+    ++failed;
+    EXPECT_FALSE(avoids_victim[i]) << "stream " << i << " never routes to expert " << kVictim
+                                   << " but failed: " << faults::Describe(o.status);
+    EXPECT_EQ(o.status.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(o.status);
+    EXPECT_TRUE(faults::NamesExpert(o.status.error_message(), kVictim))
+        << faults::Describe(o.status);
+    EXPECT_NE(o.status.error_message().find(victim_address), std::string::npos)
+        << "the error does not name the expert's address " << victim_address << ": "
+        << faults::Describe(o.status);
+    if (failed == 1) std::printf("[ error    ] %s\n", faults::Describe(o.status).c_str());
+  }
+  std::printf(
+      "[ fault    ] kill -9 expert %d (%s) with %d of %zu streams done: %d failed, %zu "
+      "completed; %d of the %zu never route to it\n",
+      kVictim, victim_address.c_str(), finished_before_kill, n, failed, n - failed, avoiding, n);
+  EXPECT_GT(failed, 0) << "the kill reached no stream";
+  EXPECT_GT(avoiding, finished_before_kill)
+      << "no stream in flight at the kill avoids the expert: the test shows nothing";
+
+  // The issue's case: 40 one-token requests, expert 1 down.
+  const std::vector<v1::GenerateRequest> one_token = FortyRequests(1);
+  std::set<size_t> alone_ok;
+  for (size_t i = 0; i < n; ++i) {
+    if (faults::Generate(channel_, one_token[i], std::chrono::seconds(30)).status.ok()) {
+      alone_ok.insert(i);
+    }
+  }
+  ConcurrentStreams together(channel_, one_token, /*min_tokens=*/1);
+  together.Join();
+  std::set<size_t> together_ok;
+  for (size_t i = 0; i < n; ++i) {
+    const faults::StreamOutcome& o = together.outcomes()[i];
+    if (o.status.ok()) {
+      together_ok.insert(i);
+      EXPECT_EQ(o.tokens, std::vector<int32_t>(solo[i].begin(), solo[i].begin() + 1)) << i;
+    } else {
+      EXPECT_EQ(o.status.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(o.status);
+      EXPECT_TRUE(faults::NamesExpert(o.status.error_message(), kVictim))
+          << faults::Describe(o.status);
+    }
+  }
+  std::printf(
+      "[ contain  ] one-token requests with expert %d down: %zu of %zu succeed alone, %zu "
+      "together\n",
+      kVictim, alone_ok.size(), n, together_ok.size());
+  EXPECT_EQ(together_ok, alone_ok);
+  EXPECT_GT(alone_ok.size(), 0u);
+  EXPECT_LT(alone_ok.size(), n);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -44,11 +45,27 @@ constexpr int kD = 64;  // tiny-mixtral hidden size
 
 std::vector<int> AllExperts() { return {0, 1, 2, 3, 4, 5, 6, 7}; }
 
+// The CPU experts after a fixed delay per Forward: a slow replica.
+class DelayedExpertBackend final : public ExpertBackend {
+ public:
+  DelayedExpertBackend(ExpertBackend* inner, int delay_ms) : inner_(inner), delay_ms_(delay_ms) {}
+  absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override {
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms_));
+    return inner_->RunLayer(layer, batches);
+  }
+  std::string Describe() const override { return inner_->Describe(); }
+
+ private:
+  ExpertBackend* inner_;
+  int delay_ms_;
+};
+
 // A running expert shard: store, service and server, torn down in that
 // reverse order (server first, so no call reaches a dead service).
 struct Shard {
   std::unique_ptr<ExpertStore> store;
   std::unique_ptr<LocalExpertBackend> backend;
+  std::unique_ptr<DelayedExpertBackend> delayed;  // with a delay only
   std::unique_ptr<ExpertServiceImpl> service;
   std::unique_ptr<rpc::RunningServer> server;
 
@@ -63,8 +80,9 @@ struct Shard {
   ~Shard() { Stop(); }
 };
 
-std::unique_ptr<Shard> StartShard(const std::string& dir, std::vector<int> experts,
-                                  int workers = 2) {
+// `delay_ms` > 0: every Forward takes that much longer (a slow replica).
+std::unique_ptr<Shard> StartShard(const std::string& dir, std::vector<int> experts, int workers = 2,
+                                  int delay_ms = 0) {
   auto checkpoint = Checkpoint::Open(dir, WeightSelection::ExpertsOnly(experts));
   EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
   if (!checkpoint.ok()) return nullptr;
@@ -77,9 +95,13 @@ std::unique_ptr<Shard> StartShard(const std::string& dir, std::vector<int> exper
   EXPECT_TRUE(description.ok()) << description.status();
   if (!description.ok()) return nullptr;
   shard->backend = std::make_unique<LocalExpertBackend>(shard->store.get());
-  shard->service =
-      std::make_unique<ExpertServiceImpl>(shard->store->config(), shard->backend.get(),
-                                          *description, ExpertServerOptions{.workers = workers});
+  ExpertBackend* compute = shard->backend.get();
+  if (delay_ms > 0) {
+    shard->delayed = std::make_unique<DelayedExpertBackend>(compute, delay_ms);
+    compute = shard->delayed.get();
+  }
+  shard->service = std::make_unique<ExpertServiceImpl>(
+      shard->store->config(), compute, *description, ExpertServerOptions{.workers = workers});
   rpc::ServerOptions options;
   options.listen_address = "127.0.0.1:0";
   auto server = rpc::RunningServer::Start(options, {shard->service.get()});
@@ -644,6 +666,136 @@ TEST_F(ExpertServiceTest, CancelledByTheServerIsRetriedOnAnotherReplica) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("expert 0 (layer 0) unavailable"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("CANCELLED"));
   (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+}
+
+// One expert's failure is its batch's alone: RunLayerPerBatch gives the dead
+// expert's batch UNAVAILABLE naming the expert and its address, and every
+// other batch its exact output (the model runners end only the sequences
+// whose tokens were in the failed batch).
+TEST_F(ExpertServiceTest, AFailedExpertFailsOnlyItsOwnBatch) {
+  auto doomed = StartShard(*dir_, {2});
+  ASSERT_NE(doomed, nullptr);
+  const std::string doomed_address = doomed->address();
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[2] = {doomed_address};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  options.call_deadline_ms = 3000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  doomed->Stop();
+
+  LocalExpertBackend local(local_store_);
+  LayerInput want = MakeLayerInput(41);
+  LayerInput got = MakeLayerInput(41);
+  ASSERT_TRUE(local.RunLayer(1, want.batches).ok());
+  std::vector<absl::Status> batch_status;
+  const absl::Status layer_status = (*backend)->RunLayerPerBatch(1, got.batches, &batch_status);
+  ASSERT_TRUE(layer_status.ok()) << layer_status;
+  ASSERT_EQ(batch_status.size(), got.batches.size());
+  for (size_t i = 0; i < got.batches.size(); ++i) {
+    if (got.batches[i].expert == 2) {
+      EXPECT_EQ(batch_status[i].code(), absl::StatusCode::kUnavailable) << batch_status[i];
+      EXPECT_THAT(std::string(batch_status[i].message()),
+                  HasSubstr("expert 2 (layer 1) unavailable"));
+      EXPECT_THAT(std::string(batch_status[i].message()), HasSubstr(doomed_address));
+    } else {
+      EXPECT_TRUE(batch_status[i].ok()) << batch_status[i];
+      EXPECT_EQ(MaxAbsDiff(got.outputs[i], want.outputs[i]), 0.0) << "batch " << i;
+    }
+  }
+  // RunLayer reports the same error for the whole layer.
+  LayerInput again = MakeLayerInput(42);
+  const absl::Status s = (*backend)->RunLayer(1, again.batches);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("expert 2 (layer 1) unavailable"));
+}
+
+// DNS mode: one target that stands for several addresses (here an ipv4:
+// list; on Kubernetes a dns:/// name with one address per pod). A call that
+// fails on one address is retried on another address of the same target.
+TEST_F(ExpertServiceTest, OneTargetWithSeveralAddressesRetriesOnAnotherAddress) {
+  auto real = StartShard(*dir_, {0});
+  ASSERT_NE(real, nullptr);
+  CancellingExpertService cancelling(real->service.get());
+  rpc::ServerOptions server_options;
+  server_options.listen_address = "127.0.0.1:0";
+  auto server = rpc::RunningServer::Start(server_options, {&cancelling});
+  ASSERT_TRUE(server.ok()) << server.status();
+
+  const std::string one_name = absl::StrCat("ipv4:", (*server)->address(), ",", real->address());
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[0] = {one_name};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  LocalExpertBackend local(local_store_);
+  constexpr int kLayers = 8;
+  for (uint32_t seed = 50; seed < 50 + kLayers; ++seed) {
+    LayerInput want = MakeLayerInput(seed, {0});
+    LayerInput got = MakeLayerInput(seed, {0});
+    ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
+    absl::Status s = (*backend)->RunLayer(0, got.batches);
+    ASSERT_TRUE(s.ok()) << "layer call " << seed - 50 << ": " << s;
+    EXPECT_EQ(MaxAbsDiff(got.outputs[0], want.outputs[0]), 0.0);
+  }
+  // round_robin spread the first attempts over both addresses, and every one
+  // that reached the cancelling address was retried on the real one.
+  const RemoteExpertStats::PerExpert& e0 = (*backend)->stats().experts[0];
+  std::printf("[ dns mode ] %s: %d of %d layer calls first went to the failing address\n",
+              one_name.c_str(), cancelling.forwards(), kLayers);
+  EXPECT_GE(cancelling.forwards(), 1);
+  EXPECT_EQ(e0.retries, static_cast<uint64_t>(cancelling.forwards()));
+  EXPECT_EQ(e0.calls, static_cast<uint64_t>(kLayers + cancelling.forwards()));
+  (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+}
+
+// Least outstanding calls: with one of two replicas slowed down, concurrent
+// callers send it far fewer calls than the even split round-robin gives.
+TEST_F(ExpertServiceTest, ASlowReplicaGetsFewerCalls) {
+  constexpr int kDelayMs = 40;
+  auto slow = StartShard(*dir_, {0}, /*workers=*/2, kDelayMs);
+  ASSERT_NE(slow, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[0] = {shard(0).address(), slow->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const auto calls_of = [](const Shard& s) {
+    uint64_t calls = 0;
+    for (const auto& e : s.service->Stats().experts) calls += e.calls;
+    return calls;
+  };
+  const uint64_t fast_before = calls_of(shard(0));
+  constexpr int kThreads = 6;
+  constexpr int kIterations = 15;
+  std::vector<int> failures(kThreads, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kIterations; ++i) {
+        LayerInput got = MakeLayerInput(3000 + t * kIterations + i, {0});
+        if (!(*backend)->RunLayer(i % 2, got.batches).ok()) ++failures[t];
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], 0) << "thread " << t;
+  const uint64_t fast_calls = calls_of(shard(0)) - fast_before;
+  const uint64_t slow_calls = calls_of(*slow);
+  std::printf("[ balance  ] %d callers, replica +%d ms: fast %llu calls, slow %llu calls\n",
+              kThreads, kDelayMs, static_cast<unsigned long long>(fast_calls),
+              static_cast<unsigned long long>(slow_calls));
+  EXPECT_EQ(fast_calls + slow_calls, static_cast<uint64_t>(kThreads * kIterations));
+  EXPECT_GT(slow_calls, 0u) << "a slow replica still gets calls when the fast one is busy";
+  // Round-robin would give each half; least outstanding gives the slow one
+  // at most a third.
+  EXPECT_LT(slow_calls * 3, static_cast<uint64_t>(kThreads * kIterations));
 }
 
 // (f) ----------------------------------------------------------------------
