@@ -15,6 +15,7 @@
 //    succeed together as one at a time.
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <map>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "gateway/gateway_server.h"
+#include "gateway/local_model.h"
 #include "gtest/gtest.h"
 #include "switchyard/v1/generation.grpc.pb.h"
 #include "tests/faults/fault_util.h"
@@ -326,57 +328,84 @@ std::vector<v1::GenerateRequest> FortyRequests(int max_new_tokens) {
   return requests;
 }
 
-// The only replica of expert 1 dies while 40 streams are generating. Only the
-// streams with tokens routed to it after that end, with UNAVAILABLE naming
-// expert 1 and its address, having streamed the start of their solo run;
-// every stream whose whole run avoids expert 1 (found afterwards, one request
-// at a time, with expert 1 still down) completes with its solo run's tokens.
-// Then the exact case: 40 one-token requests together succeed for
-// exactly the requests that succeed one at a time.
+// Per request: the experts its tokens route to (any layer) over its whole
+// run (prompt plus every generated token fed back: the first `fed_tokens` of
+// `outputs`), computed in-process on the tiny model.
+std::vector<std::set<int>> ExpertsUsed(const std::vector<v1::GenerateRequest>& requests,
+                                       const std::vector<std::vector<int32_t>>& outputs,
+                                       size_t fed_tokens) {
+  auto model = LocalModel::Load(testing::TinyMixtralDir());
+  EXPECT_TRUE(model.ok()) << model.status();
+  std::vector<std::set<int>> used(requests.size());
+  if (!model.ok()) return used;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    std::vector<int32_t> ids = (*model)->tokenizer().Encode(requests[i].text());
+    ids.insert(ids.end(), outputs[i].begin(),
+               outputs[i].begin() + std::min(fed_tokens, outputs[i].size()));
+    auto kv = (*model)->kv_pool().NewSequence();
+    StepInput in{kv.get(), ids, LogitsWanted::kNone};
+    StepTrace trace;
+    auto out = (*model)->runner().Step({&in, 1}, &trace);
+    EXPECT_TRUE(out.ok()) << out.status();
+    for (const Routing& r : trace.routing) used[i].insert(r.experts.begin(), r.experts.end());
+  }
+  return used;
+}
+
+// The only replica of an expert dies while 40 streams are generating. Only
+// the streams with tokens routed to it after that end, with UNAVAILABLE
+// naming the expert and its address, having streamed the start of their solo
+// run; every stream whose whole run avoids the expert completes with its solo
+// run's tokens. Then the exact case: 40 one-token requests together
+// succeed for exactly the requests that succeed one at a time (and that the
+// routing says avoid the expert).
 TEST_F(ReplicaFailoverTest, AKilledExpertFailsOnlyTheRequestsRoutedToIt) {
-  constexpr int kVictim = 1;
   constexpr int kTokens = 12;
-  StartCluster({});
-  const std::string victim_address = addresses_.at(std::to_string(kVictim));
   const std::vector<v1::GenerateRequest> requests = FortyRequests(kTokens);
+  const std::vector<v1::GenerateRequest> one_token = FortyRequests(1);
   const std::vector<std::vector<int32_t>> solo = SoloTokens(requests);
   const size_t n = requests.size();
+  // Every prompt starts with BOS, so the experts BOS routes to serve every
+  // request: the victim is the expert that the most whole runs avoid, among
+  // those that some but not all one-token requests avoid.
+  const std::vector<std::set<int>> used = ExpertsUsed(requests, solo, kTokens - 1);
+  const std::vector<std::set<int>> used_one = ExpertsUsed(one_token, solo, 0);
+  int victim = -1;
+  size_t best = 0;
+  for (int e = 0; e < kExperts; ++e) {
+    size_t avoid = 0, avoid_one = 0;
+    for (size_t i = 0; i < n; ++i) {
+      avoid += used[i].count(e) == 0;
+      avoid_one += used_one[i].count(e) == 0;
+    }
+    if (avoid_one > 0 && avoid_one < n && avoid > best) victim = e, best = avoid;
+  }
+  ASSERT_GE(victim, 0) << "no expert is avoided by some requests and used by others";
 
+  StartCluster({});
+  const std::string victim_address = addresses_.at(std::to_string(victim));
   ConcurrentStreams streams(channel_, requests, /*min_tokens=*/2);
   ASSERT_TRUE(streams.WaitAllStarted(std::chrono::seconds(60)));
   const int finished_before_kill = streams.finished();
-  const int status = experts_.at(std::to_string(kVictim))->Kill(SIGKILL);
+  const int status = experts_.at(std::to_string(victim))->Kill(SIGKILL);
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
   streams.Join();
-
-  // Which requests touch expert 1 at all: run alone with it down, they fail.
-  std::vector<bool> avoids_victim(n);
-  for (size_t i = 0; i < n; ++i) {
-    faults::UnaryOutcome o = faults::Generate(channel_, requests[i], std::chrono::seconds(30));
-    avoids_victim[i] = o.status.ok();
-    if (o.status.ok()) {
-      EXPECT_EQ(o.tokens, solo[i]) << "request " << i << " alone";
-    } else {
-      EXPECT_EQ(o.status.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(o.status);
-      EXPECT_TRUE(faults::NamesExpert(o.status.error_message(), kVictim))
-          << faults::Describe(o.status);
-    }
-  }
 
   int failed = 0, avoiding = 0;
   for (size_t i = 0; i < n; ++i) {
     const faults::StreamOutcome& o = streams.outcomes()[i];
+    const bool avoids_victim = used[i].count(victim) == 0;
     EXPECT_TRUE(faults::IsPrefixOfSolo(o.tokens, solo[i])) << "stream " << i;
-    if (avoids_victim[i]) ++avoiding;
+    if (avoids_victim) ++avoiding;
     if (o.status.ok()) {
       EXPECT_EQ(o.tokens, solo[i]) << "stream " << i << " differs from its solo run";
       continue;
     }
     ++failed;
-    EXPECT_FALSE(avoids_victim[i]) << "stream " << i << " never routes to expert " << kVictim
-                                   << " but failed: " << faults::Describe(o.status);
+    EXPECT_FALSE(avoids_victim) << "stream " << i << " never routes to expert " << victim
+                                << " but failed: " << faults::Describe(o.status);
     EXPECT_EQ(o.status.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(o.status);
-    EXPECT_TRUE(faults::NamesExpert(o.status.error_message(), kVictim))
+    EXPECT_TRUE(faults::NamesExpert(o.status.error_message(), victim))
         << faults::Describe(o.status);
     EXPECT_NE(o.status.error_message().find(victim_address), std::string::npos)
         << "the error does not name the expert's address " << victim_address << ": "
@@ -386,19 +415,21 @@ TEST_F(ReplicaFailoverTest, AKilledExpertFailsOnlyTheRequestsRoutedToIt) {
   std::printf(
       "[ fault    ] kill -9 expert %d (%s) with %d of %zu streams done: %d failed, %zu "
       "completed; %d of the %zu never route to it\n",
-      kVictim, victim_address.c_str(), finished_before_kill, n, failed, n - failed, avoiding, n);
+      victim, victim_address.c_str(), finished_before_kill, n, failed, n - failed, avoiding, n);
   EXPECT_GT(failed, 0) << "the kill reached no stream";
-  EXPECT_GT(avoiding, finished_before_kill)
-      << "no stream in flight at the kill avoids the expert: the test shows nothing";
+  // More streams avoid the expert than had finished, so some were in flight.
+  EXPECT_GT(avoiding, finished_before_kill) << "no stream in flight at the kill avoids the "
+                                               "expert: the test shows nothing";
 
-  // The case: 40 one-token requests, expert 1 down.
-  const std::vector<v1::GenerateRequest> one_token = FortyRequests(1);
-  std::set<size_t> alone_ok;
+  // The case: 40 one-token requests with the expert down.
+  std::set<size_t> alone_ok, predicted_ok;
   for (size_t i = 0; i < n; ++i) {
-    if (faults::Generate(channel_, one_token[i], std::chrono::seconds(30)).status.ok()) {
-      alone_ok.insert(i);
-    }
+    if (used_one[i].count(victim) == 0) predicted_ok.insert(i);
+    faults::UnaryOutcome o = faults::Generate(channel_, one_token[i], std::chrono::seconds(30));
+    if (o.status.ok()) alone_ok.insert(i);
   }
+  EXPECT_EQ(alone_ok, predicted_ok)
+      << "one at a time, exactly the requests that avoid expert " << victim << " succeed";
   ConcurrentStreams together(channel_, one_token, /*min_tokens=*/1);
   together.Join();
   std::set<size_t> together_ok;
@@ -409,14 +440,14 @@ TEST_F(ReplicaFailoverTest, AKilledExpertFailsOnlyTheRequestsRoutedToIt) {
       EXPECT_EQ(o.tokens, std::vector<int32_t>(solo[i].begin(), solo[i].begin() + 1)) << i;
     } else {
       EXPECT_EQ(o.status.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(o.status);
-      EXPECT_TRUE(faults::NamesExpert(o.status.error_message(), kVictim))
+      EXPECT_TRUE(faults::NamesExpert(o.status.error_message(), victim))
           << faults::Describe(o.status);
     }
   }
   std::printf(
       "[ contain  ] one-token requests with expert %d down: %zu of %zu succeed alone, %zu "
       "together\n",
-      kVictim, alone_ok.size(), n, together_ok.size());
+      victim, alone_ok.size(), n, together_ok.size());
   EXPECT_EQ(together_ok, alone_ok);
   EXPECT_GT(alone_ok.size(), 0u);
   EXPECT_LT(alone_ok.size(), n);
