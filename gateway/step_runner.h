@@ -42,9 +42,7 @@ struct StepOutput {
   // without the failed ones gives. Empty when every sequence succeeded.
   std::vector<absl::Status> sequence_status;
 
-  bool ok(size_t input) const {
-    return sequence_status.empty() || sequence_status[input].ok();
-  }
+  bool ok(size_t input) const { return sequence_status.empty() || sequence_status[input].ok(); }
 };
 
 // Optional per-layer record of the routing, for tests and metrics.
