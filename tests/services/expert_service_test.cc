@@ -1,7 +1,11 @@
 // The expert gRPC service and its client, RemoteExpertBackend, in-process:
 // servers on 127.0.0.1:0 over the tiny-mixtral fixture.
+#include <arpa/inet.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -751,6 +755,131 @@ TEST_F(ExpertServiceTest, OneTargetWithSeveralAddressesRetriesOnAnotherAddress) 
   EXPECT_EQ(e0.retries, static_cast<uint64_t>(cancelling.forwards()));
   EXPECT_EQ(e0.calls, static_cast<uint64_t>(kLayers + cancelling.forwards()));
   (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+}
+
+// A DNS server on 127.0.0.1 (UDP) that answers every A query with
+// `addresses` and every other query with no records: enough for gRPC's
+// c-ares resolver, pointed at it by a dns://127.0.0.1:PORT/NAME:P target,
+// to see one name with several addresses, as a Kubernetes headless Service
+// gives the gateway one address per ready pod.
+class FakeDnsServer {
+ public:
+  explicit FakeDnsServer(std::vector<std::string> addresses) : addresses_(std::move(addresses)) {
+    fd_ = socket(AF_INET, SOCK_DGRAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (fd_ < 0 || bind(fd_, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
+        getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      ADD_FAILURE() << "fake DNS server: cannot bind a UDP socket";
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] { Serve(); });
+  }
+  ~FakeDnsServer() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+    if (fd_ >= 0) close(fd_);
+  }
+  int port() const { return port_; }
+  int a_queries() const { return a_queries_.load(); }
+
+ private:
+  void Serve() {
+    while (!stop_) {
+      pollfd p{fd_, POLLIN, 0};
+      if (poll(&p, 1, 50) <= 0) continue;
+      uint8_t q[512];
+      sockaddr_in from{};
+      socklen_t from_len = sizeof(from);
+      const ssize_t n =
+          recvfrom(fd_, q, sizeof(q), 0, reinterpret_cast<sockaddr*>(&from), &from_len);
+      if (n < 12) continue;
+      // The question: labels up to a zero byte, then QTYPE and QCLASS.
+      size_t end = 12;
+      while (end < static_cast<size_t>(n) && q[end] != 0) end += q[end] + 1;
+      end += 5;
+      if (end > static_cast<size_t>(n)) continue;
+      const int qtype = (q[end - 4] << 8) | q[end - 3];
+      std::string reply(reinterpret_cast<const char*>(q), end);
+      reply[2] = static_cast<char>(0x84 | (q[2] & 0x01));  // response, authoritative, RD copied
+      reply[3] = 0;                                        // NOERROR
+      reply[4] = 0, reply[5] = 1;                          // one question
+      const bool a = qtype == 1;
+      if (a) a_queries_.fetch_add(1);
+      const size_t answers = a ? addresses_.size() : 0;
+      reply[6] = 0, reply[7] = static_cast<char>(answers);
+      for (int i = 8; i < 12; ++i) reply[i] = 0;
+      for (size_t i = 0; i < answers; ++i) {
+        in_addr ip{};
+        inet_pton(AF_INET, addresses_[i].c_str(), &ip);
+        const uint8_t record[] = {0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4};  // name, A, IN, TTL 5
+        reply.append(reinterpret_cast<const char*>(record), sizeof(record));
+        reply.append(reinterpret_cast<const char*>(&ip), 4);
+      }
+      sendto(fd_, reply.data(), reply.size(), 0, reinterpret_cast<sockaddr*>(&from), from_len);
+    }
+  }
+
+  std::vector<std::string> addresses_;
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> a_queries_{0};
+  std::thread thread_;
+};
+
+// DNS mode with a real name: one dns:/// target whose name resolves to two
+// addresses (127.0.0.1 and 127.0.0.2, the same port), one replica behind
+// each. A call that fails on one address is retried on the other.
+TEST_F(ExpertServiceTest, ADnsNameWithSeveralAddressesRetriesOnAnotherAddress) {
+  // The real replica on 127.0.0.2, the cancelling one on 127.0.0.1, same port.
+  auto real = StartShard(*dir_, {0});
+  ASSERT_NE(real, nullptr);
+  CancellingExpertService cancelling(real->service.get());
+  rpc::ServerOptions second;
+  second.listen_address = "127.0.0.2:0";
+  auto real_server = rpc::RunningServer::Start(second, {real->service.get()});
+  ASSERT_TRUE(real_server.ok()) << real_server.status();
+  const std::string port =
+      (*real_server)->address().substr((*real_server)->address().rfind(':') + 1);
+  rpc::ServerOptions first;
+  first.listen_address = "127.0.0.1:" + port;
+  auto cancelling_server = rpc::RunningServer::Start(first, {&cancelling});
+  ASSERT_TRUE(cancelling_server.ok()) << cancelling_server.status();
+
+  FakeDnsServer dns({"127.0.0.1", "127.0.0.2"});
+  const std::string name =
+      absl::StrCat("dns://127.0.0.1:", dns.port(), "/experts.switchyard.test:", port);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[0] = {name};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  LocalExpertBackend local(local_store_);
+  constexpr int kLayers = 8;
+  for (uint32_t seed = 70; seed < 70 + kLayers; ++seed) {
+    LayerInput want = MakeLayerInput(seed, {0});
+    LayerInput got = MakeLayerInput(seed, {0});
+    ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
+    absl::Status s = (*backend)->RunLayer(0, got.batches);
+    ASSERT_TRUE(s.ok()) << "layer call " << seed - 70 << ": " << s;
+    EXPECT_EQ(MaxAbsDiff(got.outputs[0], want.outputs[0]), 0.0);
+  }
+  const RemoteExpertStats::PerExpert& e0 = (*backend)->stats().experts[0];
+  std::printf(
+      "[ dns mode ] %s (%d A queries): %d of %d layer calls first went to the failing "
+      "address\n",
+      name.c_str(), dns.a_queries(), cancelling.forwards(), kLayers);
+  EXPECT_GE(dns.a_queries(), 1);
+  EXPECT_GE(cancelling.forwards(), 1) << "round_robin never used the first address";
+  EXPECT_EQ(e0.retries, static_cast<uint64_t>(cancelling.forwards()));
+  (*cancelling_server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  (*real_server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
 }
 
 // Least outstanding calls: with one of two replicas slowed down, concurrent
