@@ -4,6 +4,12 @@
 
 namespace switchyard {
 
+absl::Status ExpertBackend::RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
+                                             std::vector<absl::Status>* batch_status) {
+  batch_status->assign(batches.size(), absl::OkStatus());
+  return RunLayer(layer, batches);
+}
+
 absl::Status LocalExpertBackend::RunLayer(int layer, absl::Span<const ExpertBatch> batches) {
   for (const ExpertBatch& b : batches) {
     const ExpertFfn* ffn = store_->Find(layer, b.expert);

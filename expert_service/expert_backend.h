@@ -13,6 +13,7 @@
 #define SWITCHYARD_EXPERT_SERVICE_EXPERT_BACKEND_H_
 
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
@@ -35,6 +36,15 @@ class ExpertBackend {
   virtual ~ExpertBackend() = default;
   // Fills every batch's output for `layer`. On error no output may be used.
   virtual absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) = 0;
+  // Like RunLayer, but one expert's failure does not spoil the other batches:
+  // (*batch_status)[i] (resized to batches.size()) is batch i's outcome, and
+  // only the outputs of batches that are not OK are unusable. The returned
+  // status is for errors that spoil the whole layer (a bad batch, a caller
+  // bug). The model runners call this so that a failed expert call ends only
+  // the sequences whose tokens it carried. Default: RunLayer, whose error
+  // spoils the whole layer (every batch_status OK).
+  virtual absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
+                                        std::vector<absl::Status>* batch_status);
   // One line for logs: what runs the experts.
   virtual std::string Describe() const = 0;
 };

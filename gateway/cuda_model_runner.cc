@@ -132,6 +132,12 @@ absl::StatusOr<DeviceKv*> CudaModelRunner::EnsureDeviceKv(SequenceKv* kv) {
 
 absl::StatusOr<StepOutput> CudaModelRunner::Step(absl::Span<const StepInput> inputs,
                                                  StepTrace* trace) {
+  return RunStepContainingExpertFailures(
+      inputs, [&](absl::Span<const StepInput> live) { return StepOnce(live, trace); });
+}
+
+absl::StatusOr<StepOutput> CudaModelRunner::StepOnce(absl::Span<const StepInput> inputs,
+                                                     StepTrace* trace) {
   const ModelConfig& c = config();
   const int V = c.vocab_size;
   const cudaStream_t stream = ctx_->stream();
@@ -200,7 +206,13 @@ absl::StatusOr<StepOutput> CudaModelRunner::Step(absl::Span<const StepInput> inp
   attention.bf16_elems = bf16_elems_;
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     SY_RETURN_IF_ERROR(dense_->AttentionBlock(*ctx_, layer, attention, h_.data()));
-    SY_RETURN_IF_ERROR(MoeLayer(layer, tokens, &out.expert_tokens, trace));
+    SY_RETURN_IF_ERROR(
+        MoeLayer(layer, tokens, slices, &out.expert_tokens, trace, &out.sequence_status));
+    if (!out.sequence_status.empty()) {
+      // Nothing committed (see StepAttempt); the stream is idle again.
+      SY_RETURN_IF_ERROR(ctx_->Synchronize());
+      return out;
+    }
   }
 
   // logits[R, V] = lm_head(rmsnorm(h[rows]))
@@ -218,8 +230,10 @@ absl::StatusOr<StepOutput> CudaModelRunner::Step(absl::Span<const StepInput> inp
   return out;
 }
 
-absl::Status CudaModelRunner::MoeLayer(int layer, int tokens, int64_t* expert_tokens,
-                                       StepTrace* trace) {
+absl::Status CudaModelRunner::MoeLayer(int layer, int tokens,
+                                       absl::Span<const SequenceSlice> slices,
+                                       int64_t* expert_tokens, StepTrace* trace,
+                                       std::vector<absl::Status>* sequence_status) {
   const ModelConfig& c = config();
   const cudaStream_t stream = ctx_->stream();
   const int T = tokens, D = c.hidden_size, E = c.num_local_experts, K = c.num_experts_per_tok;
@@ -276,8 +290,15 @@ absl::Status CudaModelRunner::MoeLayer(int layer, int tokens, int64_t* expert_to
     const size_t n = static_cast<size_t>(TK) * D;
     SY_RETURN_IF_ERROR(CopyToHost(h_moe_in_.data(), moe_in_.data(), n, stream));
     SY_RETURN_IF_ERROR(ctx_->Synchronize());
-    SY_RETURN_IF_ERROR(
-        remote_->RunLayer(layer, ExpertBatches(plan, h_moe_in_.data(), h_moe_out_.data(), D)));
+    const std::vector<ExpertBatch> batches =
+        ExpertBatches(plan, h_moe_in_.data(), h_moe_out_.data(), D);
+    std::vector<absl::Status> batch_status;
+    SY_RETURN_IF_ERROR(remote_->RunLayerPerBatch(layer, batches, &batch_status));
+    if (std::any_of(batch_status.begin(), batch_status.end(),
+                    [](const absl::Status& s) { return !s.ok(); })) {
+      *sequence_status = SequencesOfFailedBatches(plan, batches, batch_status, slices);
+      return absl::OkStatus();
+    }
     SY_RETURN_IF_ERROR(CopyToDevice(moe_out_.data(), h_moe_out_.data(), n, stream));
   }
   // h[T, D] += Σ_k w[t, k] · moe_out[combine_src[t, k]]

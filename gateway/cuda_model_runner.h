@@ -86,8 +86,15 @@ class CudaModelRunner : public StepRunner {
 
   absl::Status EnsureStepBuffers(int tokens, int sequences, int logit_rows);
   absl::StatusOr<DeviceKv*> EnsureDeviceKv(SequenceKv* kv);
-  // h += Σ_k w · expert_k(x) for one layer; fills the trace's entries.
-  absl::Status MoeLayer(int layer, int tokens, int64_t* expert_tokens, StepTrace* trace);
+  // One attempt at the step (StepAttempt, gateway/step_runner.h): stops at
+  // the first layer where a remote expert call failed, committing nothing.
+  absl::StatusOr<StepOutput> StepOnce(absl::Span<const StepInput> inputs, StepTrace* trace);
+  // h += Σ_k w · expert_k(x) for one layer; fills the trace's entries. When
+  // remote expert calls fail, fills `sequence_status` (per slice) instead and
+  // leaves h unusable.
+  absl::Status MoeLayer(int layer, int tokens, absl::Span<const SequenceSlice> slices,
+                        int64_t* expert_tokens, StepTrace* trace,
+                        std::vector<absl::Status>* sequence_status);
 
   std::unique_ptr<CudaContext> ctx_;
   std::unique_ptr<CudaDenseModel> dense_;

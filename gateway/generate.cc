@@ -58,6 +58,7 @@ absl::StatusOr<GenerateResult> Generate(StepRunner& runner, KvCachePool& pool,
   while (true) {
     StepInput input{kv.get(), feed, LogitsWanted::kLast};
     SY_ASSIGN_OR_RETURN(StepOutput step, runner.Step({&input, 1}));
+    if (!step.ok(0)) return step.sequence_status[0];
     const int V = runner.config().vocab_size;
     SampledToken next = sampler.Sample(absl::MakeConstSpan(step.logits.data(), V),
                                        result.prompt_ids, result.token_ids);

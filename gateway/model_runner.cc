@@ -9,6 +9,12 @@
 namespace switchyard {
 
 absl::StatusOr<StepOutput> ModelRunner::Step(absl::Span<const StepInput> inputs, StepTrace* trace) {
+  return RunStepContainingExpertFailures(
+      inputs, [&](absl::Span<const StepInput> live) { return StepOnce(live, trace); });
+}
+
+absl::StatusOr<StepOutput> ModelRunner::StepOnce(absl::Span<const StepInput> inputs,
+                                                 StepTrace* trace) {
   const ModelConfig& c = model_->config();
   const int D = c.hidden_size, E = c.num_local_experts, V = c.vocab_size;
 
@@ -29,7 +35,9 @@ absl::StatusOr<StepOutput> ModelRunner::Step(absl::Span<const StepInput> inputs,
     model_->AttentionBlock(layer, h.data(), tokens, slices, layout.positions.data());
     model_->RouterInput(layer, h.data(), tokens, x.data(), router_logits.data());
     Routing routing = RouteTopK(router_logits.data(), tokens, E, c.num_experts_per_tok);
-    SY_RETURN_IF_ERROR(MoeBlock(layer, x.data(), routing, h.data(), &out.expert_tokens));
+    SY_RETURN_IF_ERROR(MoeBlock(layer, x.data(), routing, slices, h.data(), &out.expert_tokens,
+                                &out.sequence_status));
+    if (!out.sequence_status.empty()) return out;  // nothing committed; see StepAttempt
     if (trace != nullptr) {
       trace->router_logits[layer] = router_logits;
       trace->routing[layer] = std::move(routing);
@@ -51,8 +59,10 @@ absl::StatusOr<StepOutput> ModelRunner::Step(absl::Span<const StepInput> inputs,
   return out;
 }
 
-absl::Status ModelRunner::MoeBlock(int layer, const float* x, const Routing& routing, float* h,
-                                   int64_t* expert_tokens) {
+absl::Status ModelRunner::MoeBlock(int layer, const float* x, const Routing& routing,
+                                   absl::Span<const SequenceSlice> slices, float* h,
+                                   int64_t* expert_tokens,
+                                   std::vector<absl::Status>* sequence_status) {
   const ModelConfig& c = model_->config();
   const int D = c.hidden_size, E = c.num_local_experts;
   SY_ASSIGN_OR_RETURN(MoeDispatch plan, PlanMoeDispatch(routing.experts, routing.weights,
@@ -66,7 +76,13 @@ absl::Status ModelRunner::MoeBlock(int layer, const float* x, const Routing& rou
     *expert_tokens += b.tokens;
     if (observer_ != nullptr) observer_->OnExpertTokens(layer, b.expert, b.tokens);
   }
-  SY_RETURN_IF_ERROR(experts_->RunLayer(layer, batches));
+  std::vector<absl::Status> batch_status;
+  SY_RETURN_IF_ERROR(experts_->RunLayerPerBatch(layer, batches, &batch_status));
+  if (std::any_of(batch_status.begin(), batch_status.end(),
+                  [](const absl::Status& s) { return !s.ok(); })) {
+    *sequence_status = SequencesOfFailedBatches(plan, batches, batch_status, slices);
+    return absl::OkStatus();
+  }
   // h[T, D] += Σ_k w[t, k] · expert_k(x[t])
   CombineExpertRows(plan, grouped_out.data(), D, h);
   return absl::OkStatus();

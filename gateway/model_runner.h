@@ -39,10 +39,15 @@ class ModelRunner : public StepRunner {
   const ModelConfig& config() const override { return model_->config(); }
 
  private:
+  // One attempt at the step (StepAttempt, gateway/step_runner.h): stops at
+  // the first layer where an expert call failed, committing nothing.
+  absl::StatusOr<StepOutput> StepOnce(absl::Span<const StepInput> inputs, StepTrace* trace);
   // h[T, D] += Σ_k weight[t, k] · expert_k(x[t]), experts in index order as
-  // the reference implementation sums them.
-  absl::Status MoeBlock(int layer, const float* x, const Routing& routing, float* h,
-                        int64_t* expert_tokens);
+  // the reference implementation sums them. When expert calls fail, fills
+  // `sequence_status` (per slice) instead and leaves h unusable.
+  absl::Status MoeBlock(int layer, const float* x, const Routing& routing,
+                        absl::Span<const SequenceSlice> slices, float* h, int64_t* expert_tokens,
+                        std::vector<absl::Status>* sequence_status);
 
   const AttentionModel* model_;
   ExpertBackend* experts_;

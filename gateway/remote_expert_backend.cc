@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -45,6 +46,20 @@ bool IsRetryable(const grpc::Status& s) {
   return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
          s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
          s.error_code() == grpc::StatusCode::CANCELLED;
+}
+
+// Whether gRPC may resolve `target` to several addresses, each its own
+// subchannel under round_robin: a dns: name (a Kubernetes headless Service
+// gives one address per ready pod) or an ipv4:/ipv6: list. A retry of a
+// failed call on the same channel then goes to another address: the picker
+// takes the next READY subchannel in turn, and a connection that broke
+// leaves READY at once.
+bool MayHaveSeveralAddresses(const std::string& target) {
+  if (absl::StartsWith(target, "dns:")) return true;
+  if (absl::StartsWith(target, "ipv4:") || absl::StartsWith(target, "ipv6:")) {
+    return target.find(',') != std::string::npos;
+  }
+  return false;
 }
 
 // Every expert 0..num_experts-1 mapped, with at least one non-empty target.
@@ -177,18 +192,26 @@ std::string FormatExpertTopology(const ExpertTopology& topology) {
 
 struct RemoteExpertBackend::Replica {
   std::string target;
+  // The target may stand for several addresses (MayHaveSeveralAddresses).
+  bool several_addresses = false;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::ExpertService::Stub> stub;
   // Until this time (NowMicros) the replica is passed over when another one
   // can take the call: it just failed with a retryable status. A cut
   // link sends no reset, so the channel alone would keep looking healthy.
   std::atomic<int64_t> avoid_until_micros{0};
+  // Forward attempts sent to this target and not yet completed, over every
+  // expert it serves: the load PickReplica balances.
+  std::atomic<int> outstanding{0};
 };
 
 struct RemoteExpertBackend::ExpertState {
   int expert = 0;
-  std::vector<int> replicas;              // indices into replicas_
-  mutable std::atomic<uint64_t> next{0};  // round-robin cursor
+  std::vector<int> replicas;  // indices into replicas_
+  // A failed call can be retried elsewhere: several replicas, or one target
+  // with several addresses.
+  bool can_retry = false;
+  mutable std::atomic<uint64_t> next{0};  // tie-breaking cursor
   RemoteExpertCounters counters;
 };
 
@@ -365,6 +388,7 @@ void RemoteExpertBackend::OpenChannels(const ExpertTopology& topology) {
       if (inserted) {
         auto replica = std::make_unique<Replica>();
         replica->target = target;
+        replica->several_addresses = MayHaveSeveralAddresses(target);
         replica->channel = grpc::CreateCustomChannel(target, credentials, args);
         replica->stub = v1::ExpertService::NewStub(replica->channel);
         replicas_.push_back(std::move(replica));
@@ -374,6 +398,8 @@ void RemoteExpertBackend::OpenChannels(const ExpertTopology& topology) {
         state->replicas.push_back(it->second);
       }
     }
+    state->can_retry =
+        state->replicas.size() > 1 || replicas_[state->replicas[0]]->several_addresses;
     experts_.push_back(std::move(state));
   }
 }
@@ -453,24 +479,35 @@ absl::Status RemoteExpertBackend::CheckReplicas(
 int RemoteExpertBackend::PickReplica(const ExpertState& state, int exclude) const {
   const size_t n = state.replicas.size();
   if (n == 1) return state.replicas[0];
+  // Least outstanding calls, so a slow or busy replica gets fewer and a new
+  // one takes its share at once; ties go round-robin from a moving start.
+  // Counts are read without a lock: a pick that races another may tie where
+  // it would not have, which only costs balance, never correctness.
   const uint64_t start = state.next.fetch_add(1, std::memory_order_relaxed);
   const int64_t now = NowMicros();
+  const auto least_loaded = [&](const auto& eligible) {
+    int best = -1;
+    int best_outstanding = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const int r = state.replicas[(start + i) % n];
+      if (r == exclude || !eligible(r)) continue;
+      const int outstanding = replicas_[r]->outstanding.load(std::memory_order_relaxed);
+      if (best < 0 || outstanding < best_outstanding) {
+        best = r;
+        best_outstanding = outstanding;
+      }
+    }
+    return best;
+  };
   // Prefer a replica that has not failed lately and whose channel is not
   // known to be failing; then any other than `exclude`.
-  for (size_t i = 0; i < n; ++i) {
-    const int r = state.replicas[(start + i) % n];
-    if (r == exclude) continue;
-    if (replicas_[r]->avoid_until_micros.load(std::memory_order_relaxed) <= now &&
-        replicas_[r]->channel->GetState(/*try_to_connect=*/false) !=
-            GRPC_CHANNEL_TRANSIENT_FAILURE) {
-      return r;
-    }
-  }
-  for (size_t i = 0; i < n; ++i) {
-    const int r = state.replicas[(start + i) % n];
-    if (r != exclude) return r;
-  }
-  return state.replicas[start % n];
+  int r = least_loaded([&](int r) {
+    return replicas_[r]->avoid_until_micros.load(std::memory_order_relaxed) <= now &&
+           replicas_[r]->channel->GetState(/*try_to_connect=*/false) !=
+               GRPC_CHANNEL_TRANSIENT_FAILURE;
+  });
+  if (r < 0) r = least_loaded([](int) { return true; });
+  return r >= 0 ? r : state.replicas[start % n];
 }
 
 void RemoteExpertBackend::StartAttempt(const std::shared_ptr<LayerCall>& call, size_t slot,
@@ -481,13 +518,14 @@ void RemoteExpertBackend::StartAttempt(const std::shared_ptr<LayerCall>& call, s
   state.counters.calls.fetch_add(1, std::memory_order_relaxed);
   if (attempt > 0) state.counters.retries.fetch_add(1, std::memory_order_relaxed);
   s.replica[attempt] = replica;
+  replicas_[replica]->outstanding.fetch_add(1, std::memory_order_relaxed);
   s.contexts[attempt] = std::make_unique<grpc::ClientContext>();
   grpc::ClientContext* context = s.contexts[attempt].get();
-  // With another replica to retry on, the first attempt gets half of what is
-  // left of the layer's budget, so a retry still fits before the deadline.
+  // With another replica (or address) to retry on, the first attempt gets half
+  // of what is left of the layer's budget, so a retry still fits before the deadline.
   const auto now = std::chrono::system_clock::now();
   auto deadline = call->deadline;
-  if (attempt == 0 && state.replicas.size() > 1) deadline = now + (call->deadline - now) / 2;
+  if (attempt == 0 && state.can_retry) deadline = now + (call->deadline - now) / 2;
   context->set_deadline(deadline);
   s.start_micros[attempt] = NowMicros();
   replicas_[replica]->stub->async()->Forward(
@@ -501,6 +539,8 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
   CallSlot& s = call->slots[slot];
   ExpertState& state = *experts_[s.expert];
   RemoteExpertCounters& counters = state.counters;
+  Replica& replica = *replicas_[s.replica[attempt]];
+  replica.outstanding.fetch_sub(1, std::memory_order_relaxed);
   // One reading serves every consumer, so the call-duration histogram and the
   // per-hop breakdown describe the same round trip.
   const int64_t round_trip_micros = NowMicros() - s.start_micros[attempt];
@@ -521,14 +561,18 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
     if (code >= 0 && code < static_cast<int>(counters.errors_by_code.size())) {
       counters.errors_by_code[code].fetch_add(1, std::memory_order_relaxed);
     }
-    if (IsRetryable(status)) {
-      replicas_[s.replica[attempt]]->avoid_until_micros.store(
+    // A target with several addresses stays in use: round_robin passes over
+    // the address that failed, not the others.
+    if (IsRetryable(status) && !replica.several_addresses) {
+      replica.avoid_until_micros.store(
           NowMicros() + int64_t{1000} * options_.max_reconnect_backoff_ms,
           std::memory_order_relaxed);
     }
   }
+  // One target with several addresses retries on itself: its round_robin
+  // picker sends the retry to the next ready address (DNS mode).
   const bool retry = !status.ok() && IsRetryable(status) && attempt + 1 < CallSlot::kMaxAttempts &&
-                     state.replicas.size() > 1;
+                     state.can_retry;
   s.statuses[attempt] = std::move(status);
   if (retry) {
     // Starting a call from a callback is fine: it does not block.
@@ -540,6 +584,15 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
 }
 
 absl::Status RemoteExpertBackend::RunLayer(int layer, absl::Span<const ExpertBatch> batches) {
+  std::vector<absl::Status> batch_status;
+  SY_RETURN_IF_ERROR(RunLayerPerBatch(layer, batches, &batch_status));
+  for (const absl::Status& s : batch_status) SY_RETURN_IF_ERROR(s);
+  return absl::OkStatus();
+}
+
+absl::Status RemoteExpertBackend::RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
+                                                   std::vector<absl::Status>* batch_status) {
+  batch_status->assign(batches.size(), absl::OkStatus());
   if (layer < 0 || layer >= config_.num_hidden_layers) {
     return absl::InvalidArgumentError(absl::StrCat(
         "remote experts: layer ", layer, " out of range [0, ", config_.num_hidden_layers, ")"));
@@ -580,34 +633,41 @@ absl::Status RemoteExpertBackend::RunLayer(int layer, absl::Span<const ExpertBat
   }
 
   for (size_t i = 0; i < batches.size(); ++i) {
-    const CallSlot& s = call->slots[i];
-    const int last = s.attempts - 1;
-    const grpc::Status& status = s.statuses[last];
-    const std::string where = absl::StrCat("expert ", s.expert, " (layer ", layer, ")");
-    if (!status.ok()) {
-      if (IsRetryable(status)) {
-        std::vector<std::string> tried;
-        for (int a = 0; a < s.attempts; ++a) {
-          tried.push_back(
-              absl::StrCat(replicas_[s.replica[a]]->target, ": ", StatusText(s.statuses[a])));
-        }
-        return absl::UnavailableError(
-            absl::StrCat(where, " unavailable: ", absl::StrJoin(tried, "; ")));
-      }
-      return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                          absl::StrCat(where, " at ", replicas_[s.replica[last]]->target, ": ",
-                                       status.error_message()));
-    }
-    absl::StatusOr<std::vector<float>> out =
-        rpc::DecodeMatrix(s.responses[last].output(), d, "expert output");
-    if (!out.ok() || static_cast<int64_t>(out->size()) != s.tokens * d) {
-      return absl::InternalError(absl::StrCat(
-          where, " at ", replicas_[s.replica[last]]->target, " returned a bad output: ",
-          out.ok() ? absl::StrCat(out->size() / d, " rows for ", s.tokens, " tokens")
-                   : std::string(out.status().message())));
-    }
-    std::copy(out->begin(), out->end(), batches[i].output);
+    (*batch_status)[i] = BatchResult(*call, i, batches[i].output);
   }
+  return absl::OkStatus();
+}
+
+absl::Status RemoteExpertBackend::BatchResult(const LayerCall& call, size_t slot,
+                                              float* output) const {
+  const int64_t d = config_.hidden_size;
+  const CallSlot& s = call.slots[slot];
+  const int last = s.attempts - 1;
+  const grpc::Status& status = s.statuses[last];
+  const std::string where = absl::StrCat("expert ", s.expert, " (layer ", call.layer, ")");
+  if (!status.ok()) {
+    if (IsRetryable(status)) {
+      std::vector<std::string> tried;
+      for (int a = 0; a < s.attempts; ++a) {
+        tried.push_back(
+            absl::StrCat(replicas_[s.replica[a]]->target, ": ", StatusText(s.statuses[a])));
+      }
+      return absl::UnavailableError(
+          absl::StrCat(where, " unavailable: ", absl::StrJoin(tried, "; ")));
+    }
+    return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                        absl::StrCat(where, " at ", replicas_[s.replica[last]]->target, ": ",
+                                     status.error_message()));
+  }
+  absl::StatusOr<std::vector<float>> out =
+      rpc::DecodeMatrix(s.responses[last].output(), d, "expert output");
+  if (!out.ok() || static_cast<int64_t>(out->size()) != s.tokens * d) {
+    return absl::InternalError(
+        absl::StrCat(where, " at ", replicas_[s.replica[last]]->target, " returned a bad output: ",
+                     out.ok() ? absl::StrCat(out->size() / d, " rows for ", s.tokens, " tokens")
+                              : std::string(out.status().message())));
+  }
+  std::copy(out->begin(), out->end(), output);
   return absl::OkStatus();
 }
 

@@ -9,14 +9,26 @@
 // every layer, same dims, and the same expert weights as the gateway's own
 // checkpoint folder (ExpertWeightsFingerprint).
 //
-// RunLayer issues one Forward call per batch, all concurrently, spread
-// round-robin over the expert's replicas (skipping replicas whose channel is
-// in TRANSIENT_FAILURE while another is usable). A call that fails with
-// UNAVAILABLE or DEADLINE_EXCEEDED is retried once on another replica of the
-// same expert, if there is one. The layer's calls share one deadline
-// (call_deadline_ms from the start of the layer); with a replica to retry on,
-// the first attempt gets half of it. A replica that just failed that way is
-// passed over for max_reconnect_backoff_ms while another can serve.
+// RunLayer issues one Forward call per batch, all concurrently, each to the
+// expert's replica with the fewest calls outstanding (ties round-robin;
+// skipping replicas whose channel is in TRANSIENT_FAILURE while another is
+// usable), so a slow or overloaded replica gets fewer calls. A call that fails
+// with UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED is retried once on another
+// replica of the same expert, if there is one. The layer's calls share one
+// deadline (call_deadline_ms from the start of the layer); with somewhere to
+// retry, the first attempt gets half of it. A replica that just failed that
+// way is passed over for max_reconnect_backoff_ms while another can serve.
+//
+// DNS mode: one target that stands for several addresses (`dns:///name:port`,
+// e.g. a Kubernetes headless Service with one address per ready pod, or an
+// `ipv4:a:p,b:p` list) is one channel whose round_robin policy keeps a
+// subchannel per address and follows DNS as pods come and go. A failed call
+// on such a target is retried on the same channel, whose picker sends it to
+// the next ready address: a pod that died mid-call costs no request. (Resolving
+// names here and treating each address as a replica would also balance by
+// outstanding calls per pod, but would duplicate gRPC's re-resolution, TLS
+// target names and connection management; round_robin already spreads calls
+// evenly over the pods.)
 //
 // Thread-safety: RunLayer, Describe and stats() are thread-safe; several
 // model runners may share one backend.
@@ -140,6 +152,11 @@ class RemoteExpertBackend : public ExpertBackend {
   // with the expert, layer and replica prepended. Returns the error of the
   // first failing batch; all calls have finished when it returns.
   absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override;
+  // The same errors per batch: a batch whose call failed after its retries
+  // gets that error ("expert E (layer L) unavailable: TARGET: ..."), the
+  // others their outputs. Returns INVALID_ARGUMENT for a bad layer or batch.
+  absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
+                                std::vector<absl::Status>* batch_status) override;
   std::string Describe() const override;
 
   // Live counters of `expert`; nullptr if out of range.
@@ -167,11 +184,15 @@ class RemoteExpertBackend : public ExpertBackend {
   absl::Status CheckReplicas(const std::vector<std::unique_ptr<ShardInfoCall>>& infos,
                              const std::string& checkpoint_dir,
                              const std::vector<std::string>& local_fingerprints) const;
-  // The replica to try next for `expert`, not `exclude` when another exists.
+  // The replica to try next for `expert` (fewest calls outstanding), not `exclude`
+  // when another exists.
   int PickReplica(const ExpertState& state, int exclude) const;
   void StartAttempt(const std::shared_ptr<LayerCall>& call, size_t slot, int replica);
   void OnAttemptDone(const std::shared_ptr<LayerCall>& call, size_t slot, int attempt,
                      grpc::Status status);
+  // The outcome of slot `slot` once its attempts are done; on success its rows
+  // are copied to `output`.
+  absl::Status BatchResult(const LayerCall& call, size_t slot, float* output) const;
 
   const ModelConfig config_;
   const RemoteExpertOptions options_;

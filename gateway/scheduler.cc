@@ -315,6 +315,10 @@ void Scheduler::RunStep(std::vector<Sequence*>& batch) {
   const int V = runner_->config().vocab_size;
   for (size_t i = 0; i < batch.size(); ++i) {
     Sequence& seq = *batch[i];
+    if (!out->ok(i)) {  // an expert call carrying its tokens failed: it alone ends
+      Fail(seq, out->sequence_status[i]);
+      continue;
+    }
     seq.prefilled += chunk_sizes[i];
     if (!samples[i]) continue;
     Advance(seq, out->logits.data() + static_cast<int64_t>(out->logits_row_begin[i]) * V);

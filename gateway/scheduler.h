@@ -15,8 +15,12 @@
 // scheduler thread without the lock, so Submit and Cancel never wait for it.
 //
 // A cancelled request (client gone, deadline passed) leaves at the next step
-// boundary and frees its cache at once. If a step fails (an expert is
-// unavailable), only the requests in that step end, with that error.
+// boundary and frees its cache at once. If an expert call fails after its
+// retries, only the requests with tokens in it end, with its error (e.g.
+// UNAVAILABLE naming the expert and its address), and free their cache; the
+// others in the step go on as if those had not been in it
+// (StepOutput::sequence_status). A step that fails as a whole ends every
+// request in it.
 //
 // Thread-safety: Submit, Cancel and Stats are thread-safe. Sink callbacks run
 // on the scheduler thread, in order per request; they must not block.

@@ -52,4 +52,72 @@ absl::StatusOr<StepLayout> PrepareStep(const ModelConfig& c, absl::Span<const St
   return layout;
 }
 
+std::vector<absl::Status> SequencesOfFailedBatches(const MoeDispatch& plan,
+                                                   absl::Span<const ExpertBatch> batches,
+                                                   absl::Span<const absl::Status> batch_status,
+                                                   absl::Span<const SequenceSlice> slices) {
+  std::vector<absl::Status> status(slices.size());
+  // The input of each row of the step.
+  std::vector<int> input_of_token(plan.tokens, -1);
+  for (size_t i = 0; i < slices.size(); ++i) {
+    for (int t = 0; t < slices[i].tokens; ++t) {
+      input_of_token[slices[i].row_begin + t] = static_cast<int>(i);
+    }
+  }
+  for (size_t b = 0; b < batches.size() && b < batch_status.size(); ++b) {
+    if (batch_status[b].ok()) continue;
+    const int e = batches[b].expert;
+    for (int row = plan.offset[e]; row < plan.offset[e + 1]; ++row) {
+      const int input = input_of_token[plan.gather[row]];
+      if (input >= 0 && status[input].ok()) status[input] = batch_status[b];
+    }
+  }
+  return status;
+}
+
+absl::StatusOr<StepOutput> RunStepContainingExpertFailures(absl::Span<const StepInput> inputs,
+                                                           const StepAttempt& attempt) {
+  std::vector<absl::Status> status(inputs.size());
+  std::vector<size_t> live(inputs.size());  // indices into inputs still in the step
+  for (size_t i = 0; i < inputs.size(); ++i) live[i] = i;
+  int64_t expert_tokens = 0;  // sent by every attempt
+  bool any_failed = false;
+  while (true) {
+    std::vector<StepInput> live_inputs;
+    for (size_t i : live) live_inputs.push_back(inputs[i]);
+    SY_ASSIGN_OR_RETURN(StepOutput out, attempt(live_inputs));
+    expert_tokens += out.expert_tokens;
+    std::vector<size_t> survivors;
+    for (size_t j = 0; j < live.size(); ++j) {
+      if (out.ok(j)) {
+        survivors.push_back(live[j]);
+      } else {
+        status[live[j]] = out.sequence_status[j];
+      }
+    }
+    if (survivors.size() == live.size()) {
+      // This attempt committed every sequence in it: map its rows back.
+      StepOutput result;
+      result.logits = std::move(out.logits);
+      result.logits_row_begin.assign(inputs.size(), -1);
+      for (size_t j = 0; j < live.size(); ++j) {
+        result.logits_row_begin[live[j]] = out.logits_row_begin[j];
+      }
+      result.expert_tokens = expert_tokens;
+      if (any_failed) result.sequence_status = std::move(status);
+      return result;
+    }
+    // A failed attempt commits nothing; run the step again without the failed ones.
+    any_failed = true;
+    live = std::move(survivors);
+    if (live.empty()) {
+      StepOutput result;
+      result.logits_row_begin.assign(inputs.size(), -1);
+      result.expert_tokens = expert_tokens;
+      result.sequence_status = std::move(status);
+      return result;
+    }
+  }
+}
+
 }  // namespace switchyard

@@ -7,6 +7,7 @@
 #define SWITCHYARD_GATEWAY_STEP_RUNNER_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -14,6 +15,8 @@
 #include "attention_service/kv_cache.h"
 #include "attention_service/router.h"
 #include "core/model_config.h"
+#include "expert_service/expert_backend.h"
+#include "gateway/moe_dispatch.h"
 
 namespace switchyard {
 
@@ -31,6 +34,15 @@ struct StepOutput {
   std::vector<float> logits;          // [rows, V], sequences in input order
   std::vector<int> logits_row_begin;  // per input: first row in `logits` (-1 if none)
   int64_t expert_tokens = 0;          // token-expert pairs sent to experts, all layers
+  // Per input: OK, or why the step ended that sequence: an expert call that
+  // carried one of its tokens failed after the backend's retries (e.g.
+  // UNAVAILABLE "expert 3 (layer 1) unavailable: 10.0.0.7:50061: ..."). A
+  // failed sequence's cache did not grow and it has no logits
+  // (logits_row_begin -1); every other sequence got exactly what a step
+  // without the failed ones gives. Empty when every sequence succeeded.
+  std::vector<absl::Status> sequence_status;
+
+  bool ok(size_t input) const { return sequence_status.empty() || sequence_status[input].ok(); }
 };
 
 // Optional per-layer record of the routing, for tests and metrics.
@@ -56,6 +68,38 @@ struct StepLayout {
 absl::StatusOr<StepLayout> PrepareStep(const ModelConfig& config,
                                        absl::Span<const StepInput> inputs);
 
+// Per input (slices): the first error among the failed expert batches that
+// carried one of its tokens; OK for sequences none of whose tokens were in a
+// failed batch. `batches` are those ExpertBatches(plan, ...) built, with
+// `batch_status` from ExpertBackend::RunLayerPerBatch.
+std::vector<absl::Status> SequencesOfFailedBatches(const MoeDispatch& plan,
+                                                   absl::Span<const ExpertBatch> batches,
+                                                   absl::Span<const absl::Status> batch_status,
+                                                   absl::Span<const SequenceSlice> slices);
+
+// One attempt at a step over `inputs`: either a full StepOutput (every cache
+// committed), an error for the whole step, or, when expert calls failed for
+// some sequences, a StepOutput whose sequence_status names them and whose
+// step committed nothing (no cache length changed, logits unusable).
+using StepAttempt = std::function<absl::StatusOr<StepOutput>(absl::Span<const StepInput>)>;
+
+// Contains expert failures: runs `attempt` over `inputs`; while an attempt
+// reports failed sequences, drops them and runs the step again over the
+// others, until an attempt succeeds for every sequence still in (at most one
+// attempt per input). Returns the last attempt's output with sequence_status
+// and logits_row_begin over all `inputs`.
+//
+// Why run the survivors again rather than finish the attempt without the
+// failed ones: an attempt stops at the first layer with a failed expert, when
+// the survivors' hidden states are half done and every layer before it has
+// written K/V at the new positions of every sequence. Nothing was committed,
+// so a fresh attempt from the survivors' committed lengths overwrites those
+// positions and is exactly a step without the failed sequences, on any
+// runner, with no partial layer left in a surviving cache. It costs the
+// layers before the failure again, only when an expert call fails.
+absl::StatusOr<StepOutput> RunStepContainingExpertFailures(absl::Span<const StepInput> inputs,
+                                                           const StepAttempt& attempt);
+
 // Told what each step routes, e.g. to count tokens per (layer, expert) for
 // metrics. Called on the thread that runs the step, before the experts run.
 class RoutingObserver {
@@ -69,9 +113,10 @@ class StepRunner {
   virtual ~StepRunner() = default;
 
   // Runs one step. Validates token ids (INVALID_ARGUMENT) and reserves cache
-  // (RESOURCE_EXHAUSTED) before any work; expert errors are returned as they
-  // are. On success each sequence's cache has grown by its tokens; on error no
-  // cache length changes.
+  // (RESOURCE_EXHAUSTED) before any work. An expert call that fails ends only
+  // the sequences whose tokens it carried (StepOutput::sequence_status); the
+  // others complete the step. On success each surviving sequence's cache has
+  // grown by its tokens; on error (the whole step) no cache length changes.
   virtual absl::StatusOr<StepOutput> Step(absl::Span<const StepInput> inputs,
                                           StepTrace* trace = nullptr) = 0;
   virtual const ModelConfig& config() const = 0;

@@ -16,12 +16,15 @@
 // cuda_parity_emulated_test runs them on the CPU emulator
 // (cuda/emulator/device_emulation.h). One CPU-only test checks the CPU
 // model of BF16 mode that the BF16 tolerances were measured with.
+#include <algorithm>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
 #include "core/cpu_ops.h"
 #include "core/safetensors.h"
@@ -382,6 +385,124 @@ TEST_F(CudaParityTest, RemoteExpertBackendEqualsAllGpu) {
       tokens = {static_cast<int32_t>(200 + step)};
     }
   }
+}
+
+// The CPU experts, except that while `down` every call to `failing` fails
+// (as a dead remote expert's would after its retries), with NaN outputs.
+class OneExpertDownBackend final : public ExpertBackend {
+ public:
+  OneExpertDownBackend(const ExpertStore* store, int failing, int dim)
+      : local_(store), failing_(failing), dim_(dim) {}
+  absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override {
+    std::vector<absl::Status> status;
+    if (absl::Status s = RunLayerPerBatch(layer, batches, &status); !s.ok()) return s;
+    for (const absl::Status& b : status) {
+      if (!b.ok()) return b;
+    }
+    return absl::OkStatus();
+  }
+  absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
+                                std::vector<absl::Status>* batch_status) override {
+    batch_status->assign(batches.size(), absl::OkStatus());
+    for (size_t i = 0; i < batches.size(); ++i) {
+      const ExpertBatch& b = batches[i];
+      if (down && b.expert == failing_) {
+        std::fill_n(b.output, static_cast<size_t>(b.tokens) * dim_,
+                    std::numeric_limits<float>::quiet_NaN());
+        (*batch_status)[i] = absl::UnavailableError(
+            absl::StrCat("expert ", b.expert, " (layer ", layer, ") unavailable: test"));
+        continue;
+      }
+      if (absl::Status s = local_.RunLayer(layer, {&b, 1}); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+  std::string Describe() const override { return "one expert down"; }
+  bool down = true;
+
+ private:
+  LocalExpertBackend local_;
+  int failing_;
+  int dim_;
+};
+
+// With remote experts, a failed expert ends only the sequences with a token
+// routed to it (their device cache does not grow); the others get the logits
+// the all-GPU runner gives them alone, and their device caches stay right:
+// the next decode step, with the expert back, equals the all-GPU runner's.
+TEST_F(CudaParityTest, RemoteExpertFailureEndsOnlyItsSequences) {
+  constexpr int kSequences = 6;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < kSequences; ++i) {
+    std::vector<int32_t> ids = {1};
+    for (int t = 0; t < 1 + i % 3; ++t) ids.push_back(300 + 977 * i + 131 * t);
+    prompts.push_back(ids);
+  }
+  std::vector<std::vector<bool>> uses(kSequences, std::vector<bool>(8, false));
+  for (int i = 0; i < kSequences; ++i) {
+    auto kv = cpu().kv_pool().NewSequence();
+    StepInput in{kv.get(), prompts[i], LogitsWanted::kLast};
+    StepTrace trace;
+    SY_ASSERT_OK_AND_ASSIGN(StepOutput out, cpu().runner().Step({&in, 1}, &trace));
+    for (const Routing& r : trace.routing) {
+      for (int32_t e : r.experts) uses[i][e] = true;
+    }
+  }
+  int failing = -1;
+  for (int e = 0; e < 8 && failing < 0; ++e) {
+    int users = 0;
+    for (int i = 0; i < kSequences; ++i) users += uses[i][e];
+    if (users > 0 && users < kSequences) failing = e;
+  }
+  ASSERT_GE(failing, 0) << "every expert is used by all or none of the prompts";
+
+  OneExpertDownBackend backend(&cpu().experts(), failing, cpu().config().hidden_size);
+  SY_ASSERT_OK_AND_ASSIGN(auto dense_only,
+                          Checkpoint::Open(TinyMixtralDir(), WeightSelection::DenseOnly()));
+  SY_ASSERT_OK_AND_ASSIGN(auto runner,
+                          cuda::MakeCudaRunner(*dense_only, cuda::Precision::kF32, &backend));
+  std::vector<std::unique_ptr<SequenceKv>> kvs, alone_kvs;
+  std::vector<StepInput> inputs;
+  for (int i = 0; i < kSequences; ++i) {
+    kvs.push_back(pool().NewSequence());
+    alone_kvs.push_back(pool().NewSequence());
+    inputs.push_back({kvs.back().get(), prompts[i], LogitsWanted::kLast});
+  }
+  SY_ASSERT_OK_AND_ASSIGN(StepOutput out, runner->Step(inputs));
+  ASSERT_EQ(out.sequence_status.size(), static_cast<size_t>(kSequences));
+  int failed = 0;
+  std::vector<int32_t> next(kSequences, 0);
+  std::vector<StepInput> decode, alone_decode;
+  for (int i = 0; i < kSequences; ++i) {
+    // The all-GPU runner, alone: the reference for this sequence.
+    StepInput solo{alone_kvs[i].get(), prompts[i], LogitsWanted::kLast};
+    SY_ASSERT_OK_AND_ASSIGN(StepOutput want, shared_->gpu_f32->Step({&solo, 1}));
+    if (uses[i][failing]) {
+      ++failed;
+      EXPECT_EQ(out.sequence_status[i].code(), absl::StatusCode::kUnavailable) << i;
+      EXPECT_EQ(out.logits_row_begin[i], -1) << i;
+      EXPECT_EQ(kvs[i]->length(), 0) << "a failed sequence's cache grew";
+      continue;
+    }
+    ASSERT_TRUE(out.sequence_status[i].ok()) << i << ": " << out.sequence_status[i];
+    const auto row = absl::MakeConstSpan(out.logits)
+                         .subspan(static_cast<size_t>(out.logits_row_begin[i]) * V(), V());
+    EXPECT_TRUE(AllClose(row, want.logits, tolerance::kReorderAbs, tolerance::kReorderRel,
+                         "sequence " + std::to_string(i) + " beside a failed expert"));
+    next[i] = static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+    decode.push_back({kvs[i].get(), absl::MakeConstSpan(&next[i], 1), LogitsWanted::kLast});
+    alone_decode.push_back(
+        {alone_kvs[i].get(), absl::MakeConstSpan(&next[i], 1), LogitsWanted::kLast});
+  }
+  ASSERT_GT(failed, 0);
+  ASSERT_LT(failed, kSequences);
+  backend.down = false;
+  SY_ASSERT_OK_AND_ASSIGN(StepOutput got2, runner->Step(decode));
+  SY_ASSERT_OK_AND_ASSIGN(StepOutput want2, shared_->gpu_f32->Step(alone_decode));
+  EXPECT_TRUE(AllClose(got2.logits, want2.logits, tolerance::kReorderAbs, tolerance::kReorderRel,
+                       "survivors' decode after the failure"));
+  std::printf("[ contain ] expert %d down: %d of %d sequences ended\n", failing, failed,
+              kSequences);
 }
 
 TEST_F(CudaParityTest, CudaExpertBackendMatchesCpuExperts) {

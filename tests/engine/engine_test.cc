@@ -1,9 +1,13 @@
 // Model runner invariants: cached decode equals recompute, batching does not
 // change results, the KV cache budget holds, bad input is refused.
+#include <algorithm>
+#include <cstdio>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gateway/generate.h"
 #include "gateway/local_model.h"
 #include "gtest/gtest.h"
@@ -218,6 +222,133 @@ TEST_F(EngineTest, GenerateReservesTheWorstCaseUpFront) {
   EXPECT_EQ(result->token_ids.size(), 16u);
   EXPECT_EQ(runner.steps, 16);
   EXPECT_EQ((*small)->kv_pool().used_tokens(), 0);
+}
+
+// The CPU experts, except that every call to `failing` fails (as a dead
+// expert's would after its retries); its outputs are NaN so a use would show.
+class OneExpertDownBackend final : public ExpertBackend {
+ public:
+  OneExpertDownBackend(const ExpertStore* store, int failing) : local_(store), failing_(failing) {}
+  absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override {
+    std::vector<absl::Status> status;
+    if (absl::Status s = RunLayerPerBatch(layer, batches, &status); !s.ok()) return s;
+    for (const absl::Status& b : status) {
+      if (!b.ok()) return b;
+    }
+    return absl::OkStatus();
+  }
+  absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
+                                std::vector<absl::Status>* batch_status) override {
+    batch_status->assign(batches.size(), absl::OkStatus());
+    for (size_t i = 0; i < batches.size(); ++i) {
+      const ExpertBatch& b = batches[i];
+      if (b.expert == failing_) {
+        std::fill_n(b.output, static_cast<size_t>(b.tokens) * dim_,
+                    std::numeric_limits<float>::quiet_NaN());
+        (*batch_status)[i] = absl::UnavailableError(
+            absl::StrCat("expert ", b.expert, " (layer ", layer, ") unavailable: test"));
+        continue;
+      }
+      if (absl::Status s = local_.RunLayer(layer, {&b, 1}); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+  std::string Describe() const override { return "one expert down"; }
+  void set_dim(int dim) { dim_ = dim; }
+
+ private:
+  LocalExpertBackend local_;
+  int failing_;
+  int dim_ = 0;
+};
+
+// A failed expert ends only the sequences with a token routed to it: each
+// gets the expert's error and keeps its cache length; every other sequence
+// gets the logits it gets alone, and its cache stays right (its next decode
+// step, still beside the failed ones' requests, equals a full recompute).
+TEST_F(EngineTest, AFailedExpertEndsOnlyTheSequencesRoutedToIt) {
+  constexpr int kSequences = 6;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < kSequences; ++i) prompts.push_back(Prompt(40 + i, 2 + i % 3));
+  // Which experts each prompt's tokens route to, alone.
+  std::vector<std::vector<bool>> uses(kSequences, std::vector<bool>(8, false));
+  for (int i = 0; i < kSequences; ++i) {
+    auto kv = model_->kv_pool().NewSequence();
+    StepInput in{kv.get(), prompts[i], LogitsWanted::kLast};
+    StepTrace trace;
+    ASSERT_TRUE(model_->runner().Step({&in, 1}, &trace).ok());
+    for (const Routing& r : trace.routing) {
+      for (int32_t e : r.experts) uses[i][e] = true;
+    }
+  }
+  // An expert some sequences use and some do not.
+  int failing = -1;
+  for (int e = 0; e < 8 && failing < 0; ++e) {
+    int users = 0;
+    for (int i = 0; i < kSequences; ++i) users += uses[i][e];
+    if (users > 0 && users < kSequences) failing = e;
+  }
+  ASSERT_GE(failing, 0) << "every expert is used by all or none of the prompts";
+
+  OneExpertDownBackend backend(&model_->experts(), failing);
+  backend.set_dim(model_->config().hidden_size);
+  ModelRunner runner(&model_->attention(), &backend);
+  std::vector<std::unique_ptr<SequenceKv>> kvs;
+  std::vector<StepInput> inputs;
+  for (int i = 0; i < kSequences; ++i) {
+    kvs.push_back(model_->kv_pool().NewSequence());
+    inputs.push_back({kvs.back().get(), prompts[i], LogitsWanted::kLast});
+  }
+  auto out = runner.Step(inputs);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(out->sequence_status.size(), static_cast<size_t>(kSequences));
+  int failed = 0;
+  std::vector<int32_t> next(kSequences, 0);
+  for (int i = 0; i < kSequences; ++i) {
+    if (uses[i][failing]) {
+      ++failed;
+      EXPECT_EQ(out->sequence_status[i].code(), absl::StatusCode::kUnavailable) << i;
+      EXPECT_NE(out->sequence_status[i].message().find(absl::StrCat("expert ", failing)),
+                std::string::npos)
+          << out->sequence_status[i];
+      EXPECT_EQ(out->logits_row_begin[i], -1) << i;
+      EXPECT_EQ(kvs[i]->length(), 0) << "a failed sequence's cache grew";
+      continue;
+    }
+    ASSERT_TRUE(out->sequence_status[i].ok()) << i << ": " << out->sequence_status[i];
+    EXPECT_EQ(kvs[i]->length(), static_cast<int>(prompts[i].size()));
+    const std::vector<float> alone = FullLogits(prompts[i]);
+    const auto row = absl::MakeConstSpan(out->logits)
+                         .subspan(static_cast<size_t>(out->logits_row_begin[i]) * V(), V());
+    const auto last = absl::MakeConstSpan(alone).subspan(alone.size() - V(), V());
+    EXPECT_TRUE(AllClose(row, last, tolerance::kReorderAbs, tolerance::kReorderRel,
+                         absl::StrCat("sequence ", i, " beside a failed expert vs alone")));
+    // Greedy next token, then one decode step on the surviving caches.
+    next[i] = static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+  }
+  ASSERT_GT(failed, 0);
+  ASSERT_LT(failed, kSequences);
+  std::vector<StepInput> decode;
+  std::vector<int> who;
+  for (int i = 0; i < kSequences; ++i) {
+    if (uses[i][failing]) continue;
+    decode.push_back({kvs[i].get(), absl::MakeConstSpan(&next[i], 1), LogitsWanted::kLast});
+    who.push_back(i);
+  }
+  auto step2 = model_->runner().Step(decode);  // healthy experts: the cache is what matters
+  ASSERT_TRUE(step2.ok()) << step2.status();
+  for (size_t j = 0; j < who.size(); ++j) {
+    std::vector<int32_t> ids = prompts[who[j]];
+    ids.push_back(next[who[j]]);
+    const std::vector<float> full = FullLogits(ids);
+    EXPECT_TRUE(AllClose(absl::MakeConstSpan(step2->logits)
+                             .subspan(static_cast<size_t>(step2->logits_row_begin[j]) * V(), V()),
+                         absl::MakeConstSpan(full).subspan(full.size() - V(), V()),
+                         tolerance::kReorderAbs, tolerance::kReorderRel,
+                         absl::StrCat("sequence ", who[j], " decode after the failure")));
+  }
+  std::printf("[ contain  ] expert %d down: %d of %d sequences ended, the rest exact\n", failing,
+              failed, kSequences);
 }
 
 }  // namespace

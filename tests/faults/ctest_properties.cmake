@@ -10,6 +10,7 @@ set_tests_properties(
   ReplicaFailoverTest.KillingOneOfTwoReplicasMidStreamLosesNoRequest
   ReplicaFailoverTest.GracefulStopOfOneOfTwoReplicasMidStreamLosesNoRequest
   ReplicaFailoverTest.KillingTheOnlyReplicaFailsItsRequestsAndRecoversAfterRestart
+  ReplicaFailoverTest.AKilledExpertFailsOnlyTheRequestsRoutedToIt
   ShutdownTest.ExpertFinishesCallsInFlightOnSigtermRefusesNewOnesAndExitsZero
   PROPERTIES TIMEOUT 120)
 set_tests_properties(

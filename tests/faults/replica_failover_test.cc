@@ -7,18 +7,26 @@
 //  - the only replica of an expert is killed mid-stream: the requests in
 //    flight end with UNAVAILABLE naming that expert, the gateway keeps
 //    serving (and fails requests fast, naming the expert, while it is down),
-//    and once the expert is restarted on the same port requests succeed again.
+//    and once the expert is restarted on the same port requests succeed again;
+//  - failures stay contained (issue #16): with 40 requests in flight and the
+//    only replica of an expert killed, only the requests with tokens routed
+//    to it end (UNAVAILABLE naming the expert and its address); every other
+//    request completes with exactly its solo run's tokens, and as many
+//    succeed together as one at a time.
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "gateway/gateway_server.h"
+#include "gateway/local_model.h"
 #include "gtest/gtest.h"
 #include "switchyard/v1/generation.grpc.pb.h"
 #include "tests/faults/fault_util.h"
@@ -236,8 +244,11 @@ TEST_F(ReplicaFailoverTest, KillingTheOnlyReplicaFailsItsRequestsAndRecoversAfte
       EXPECT_EQ(o.finish_reason, v1::FINISH_REASON_UNSPECIFIED);
       if (i == 0) std::printf("[ error    ] %s\n", faults::Describe(o.status).c_str());
     }
+    // Only streams with tokens routed to expert 5 after the kill end (see
+    // AKilledExpertFailsOnlyTheRequestsRoutedToIt); over 200 tokens every
+    // reference prompt's run routes to it, so every stream in flight fails.
     EXPECT_EQ(failed, kStreams - finished_before_kill)
-        << "every stream in flight at the kill must fail";
+        << "every stream in flight at the kill routes to expert 5, so must fail";
     EXPECT_GT(failed, 0);
   }
 
@@ -296,6 +307,153 @@ TEST_F(ReplicaFailoverTest, KillingTheOnlyReplicaFailsItsRequestsAndRecoversAfte
               GatewayMetricLines("switchyard_gateway_expert_call_errors_total",
                                  absl::StrCat("expert=\"", kVictim, "\""))
                   .c_str());
+}
+
+}  // namespace
+}  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+// 40 short, distinct prompts (the issue's case): greedy, except every fifth
+// seeded sampling.
+std::vector<v1::GenerateRequest> FortyRequests(int max_new_tokens) {
+  const char* subjects[] = {"The cat",  "A river", "My friend", "The market", "Our team",
+                            "The moon", "A robot", "The city",  "Her book",   "The storm"};
+  const char* verbs[] = {"sees", "builds", "carries", "remembers"};
+  std::vector<v1::GenerateRequest> requests;
+  for (int i = 0; i < 40; ++i) {
+    v1::GenerateRequest r =
+        faults::GreedyRequest(absl::StrCat(subjects[i % 10], " ", verbs[i / 10]), max_new_tokens);
+    if (i % 5 == 4) faults::MakeSampled(&r, 9000 + i);
+    requests.push_back(r);
+  }
+  return requests;
+}
+
+// Per request: the experts its tokens route to (any layer) over its whole
+// run (prompt plus every generated token fed back: the first `fed_tokens` of
+// `outputs`), computed in-process on the tiny model.
+std::vector<std::set<int>> ExpertsUsed(const std::vector<v1::GenerateRequest>& requests,
+                                       const std::vector<std::vector<int32_t>>& outputs,
+                                       size_t fed_tokens) {
+  auto model = LocalModel::Load(testing::TinyMixtralDir());
+  EXPECT_TRUE(model.ok()) << model.status();
+  std::vector<std::set<int>> used(requests.size());
+  if (!model.ok()) return used;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    std::vector<int32_t> ids = (*model)->tokenizer().Encode(requests[i].text());
+    ids.insert(ids.end(), outputs[i].begin(),
+               outputs[i].begin() + std::min(fed_tokens, outputs[i].size()));
+    auto kv = (*model)->kv_pool().NewSequence();
+    StepInput in{kv.get(), ids, LogitsWanted::kNone};
+    StepTrace trace;
+    auto out = (*model)->runner().Step({&in, 1}, &trace);
+    EXPECT_TRUE(out.ok()) << out.status();
+    for (const Routing& r : trace.routing) used[i].insert(r.experts.begin(), r.experts.end());
+  }
+  return used;
+}
+
+// The only replica of an expert dies while 40 streams are generating. Only
+// the streams with tokens routed to it after that end, with UNAVAILABLE
+// naming the expert and its address, having streamed the start of their solo
+// run; every stream whose whole run avoids the expert completes with its solo
+// run's tokens. Then the issue's exact case: 40 one-token requests together
+// succeed for exactly the requests that succeed one at a time (and that the
+// routing says avoid the expert).
+TEST_F(ReplicaFailoverTest, AKilledExpertFailsOnlyTheRequestsRoutedToIt) {
+  constexpr int kTokens = 12;
+  const std::vector<v1::GenerateRequest> requests = FortyRequests(kTokens);
+  const std::vector<v1::GenerateRequest> one_token = FortyRequests(1);
+  const std::vector<std::vector<int32_t>> solo = SoloTokens(requests);
+  const size_t n = requests.size();
+  // Every prompt starts with BOS, so the experts BOS routes to serve every
+  // request: the victim is the expert that the most whole runs avoid, among
+  // those that some but not all one-token requests avoid.
+  const std::vector<std::set<int>> used = ExpertsUsed(requests, solo, kTokens - 1);
+  const std::vector<std::set<int>> used_one = ExpertsUsed(one_token, solo, 0);
+  int victim = -1;
+  size_t best = 0;
+  for (int e = 0; e < kExperts; ++e) {
+    size_t avoid = 0, avoid_one = 0;
+    for (size_t i = 0; i < n; ++i) {
+      avoid += used[i].count(e) == 0;
+      avoid_one += used_one[i].count(e) == 0;
+    }
+    if (avoid_one > 0 && avoid_one < n && avoid > best) victim = e, best = avoid;
+  }
+  ASSERT_GE(victim, 0) << "no expert is avoided by some requests and used by others";
+
+  StartCluster({});
+  const std::string victim_address = addresses_.at(std::to_string(victim));
+  ConcurrentStreams streams(channel_, requests, /*min_tokens=*/2);
+  ASSERT_TRUE(streams.WaitAllStarted(std::chrono::seconds(60)));
+  const int finished_before_kill = streams.finished();
+  const int status = experts_.at(std::to_string(victim))->Kill(SIGKILL);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
+  streams.Join();
+
+  int failed = 0, avoiding = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const faults::StreamOutcome& o = streams.outcomes()[i];
+    const bool avoids_victim = used[i].count(victim) == 0;
+    EXPECT_TRUE(faults::IsPrefixOfSolo(o.tokens, solo[i])) << "stream " << i;
+    if (avoids_victim) ++avoiding;
+    if (o.status.ok()) {
+      EXPECT_EQ(o.tokens, solo[i]) << "stream " << i << " differs from its solo run";
+      continue;
+    }
+    ++failed;
+    EXPECT_FALSE(avoids_victim) << "stream " << i << " never routes to expert " << victim
+                                << " but failed: " << faults::Describe(o.status);
+    EXPECT_EQ(o.status.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(o.status);
+    EXPECT_TRUE(faults::NamesExpert(o.status.error_message(), victim))
+        << faults::Describe(o.status);
+    EXPECT_NE(o.status.error_message().find(victim_address), std::string::npos)
+        << "the error does not name the expert's address " << victim_address << ": "
+        << faults::Describe(o.status);
+    if (failed == 1) std::printf("[ error    ] %s\n", faults::Describe(o.status).c_str());
+  }
+  std::printf(
+      "[ fault    ] kill -9 expert %d (%s) with %d of %zu streams done: %d failed, %zu "
+      "completed; %d of the %zu never route to it\n",
+      victim, victim_address.c_str(), finished_before_kill, n, failed, n - failed, avoiding, n);
+  EXPECT_GT(failed, 0) << "the kill reached no stream";
+  // More streams avoid the expert than had finished, so some were in flight.
+  EXPECT_GT(avoiding, finished_before_kill) << "no stream in flight at the kill avoids the "
+                                               "expert: the test shows nothing";
+
+  // The issue's case: 40 one-token requests with the expert down.
+  std::set<size_t> alone_ok, predicted_ok;
+  for (size_t i = 0; i < n; ++i) {
+    if (used_one[i].count(victim) == 0) predicted_ok.insert(i);
+    faults::UnaryOutcome o = faults::Generate(channel_, one_token[i], std::chrono::seconds(30));
+    if (o.status.ok()) alone_ok.insert(i);
+  }
+  EXPECT_EQ(alone_ok, predicted_ok)
+      << "one at a time, exactly the requests that avoid expert " << victim << " succeed";
+  ConcurrentStreams together(channel_, one_token, /*min_tokens=*/1);
+  together.Join();
+  std::set<size_t> together_ok;
+  for (size_t i = 0; i < n; ++i) {
+    const faults::StreamOutcome& o = together.outcomes()[i];
+    if (o.status.ok()) {
+      together_ok.insert(i);
+      EXPECT_EQ(o.tokens, std::vector<int32_t>(solo[i].begin(), solo[i].begin() + 1)) << i;
+    } else {
+      EXPECT_EQ(o.status.error_code(), grpc::StatusCode::UNAVAILABLE) << faults::Describe(o.status);
+      EXPECT_TRUE(faults::NamesExpert(o.status.error_message(), victim))
+          << faults::Describe(o.status);
+    }
+  }
+  std::printf(
+      "[ contain  ] one-token requests with expert %d down: %zu of %zu succeed alone, %zu "
+      "together\n",
+      victim, alone_ok.size(), n, together_ok.size());
+  EXPECT_EQ(together_ok, alone_ok);
+  EXPECT_GT(alone_ok.size(), 0u);
+  EXPECT_LT(alone_ok.size(), n);
 }
 
 }  // namespace

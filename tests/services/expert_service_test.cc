@@ -1,10 +1,15 @@
 // The expert gRPC service and its client, RemoteExpertBackend, in-process:
 // servers on 127.0.0.1:0 over the tiny-mixtral fixture.
+#include <arpa/inet.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -44,11 +49,27 @@ constexpr int kD = 64;  // tiny-mixtral hidden size
 
 std::vector<int> AllExperts() { return {0, 1, 2, 3, 4, 5, 6, 7}; }
 
+// The CPU experts after a fixed delay per Forward: a slow replica.
+class DelayedExpertBackend final : public ExpertBackend {
+ public:
+  DelayedExpertBackend(ExpertBackend* inner, int delay_ms) : inner_(inner), delay_ms_(delay_ms) {}
+  absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override {
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms_));
+    return inner_->RunLayer(layer, batches);
+  }
+  std::string Describe() const override { return inner_->Describe(); }
+
+ private:
+  ExpertBackend* inner_;
+  int delay_ms_;
+};
+
 // A running expert shard: store, service and server, torn down in that
 // reverse order (server first, so no call reaches a dead service).
 struct Shard {
   std::unique_ptr<ExpertStore> store;
   std::unique_ptr<LocalExpertBackend> backend;
+  std::unique_ptr<DelayedExpertBackend> delayed;  // with a delay only
   std::unique_ptr<ExpertServiceImpl> service;
   std::unique_ptr<rpc::RunningServer> server;
 
@@ -63,8 +84,9 @@ struct Shard {
   ~Shard() { Stop(); }
 };
 
-std::unique_ptr<Shard> StartShard(const std::string& dir, std::vector<int> experts,
-                                  int workers = 2) {
+// `delay_ms` > 0: every Forward takes that much longer (a slow replica).
+std::unique_ptr<Shard> StartShard(const std::string& dir, std::vector<int> experts, int workers = 2,
+                                  int delay_ms = 0) {
   auto checkpoint = Checkpoint::Open(dir, WeightSelection::ExpertsOnly(experts));
   EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
   if (!checkpoint.ok()) return nullptr;
@@ -77,9 +99,13 @@ std::unique_ptr<Shard> StartShard(const std::string& dir, std::vector<int> exper
   EXPECT_TRUE(description.ok()) << description.status();
   if (!description.ok()) return nullptr;
   shard->backend = std::make_unique<LocalExpertBackend>(shard->store.get());
-  shard->service =
-      std::make_unique<ExpertServiceImpl>(shard->store->config(), shard->backend.get(),
-                                          *description, ExpertServerOptions{.workers = workers});
+  ExpertBackend* compute = shard->backend.get();
+  if (delay_ms > 0) {
+    shard->delayed = std::make_unique<DelayedExpertBackend>(compute, delay_ms);
+    compute = shard->delayed.get();
+  }
+  shard->service = std::make_unique<ExpertServiceImpl>(
+      shard->store->config(), compute, *description, ExpertServerOptions{.workers = workers});
   rpc::ServerOptions options;
   options.listen_address = "127.0.0.1:0";
   auto server = rpc::RunningServer::Start(options, {shard->service.get()});
@@ -644,6 +670,261 @@ TEST_F(ExpertServiceTest, CancelledByTheServerIsRetriedOnAnotherReplica) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("expert 0 (layer 0) unavailable"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("CANCELLED"));
   (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+}
+
+// One expert's failure is its batch's alone: RunLayerPerBatch gives the dead
+// expert's batch UNAVAILABLE naming the expert and its address, and every
+// other batch its exact output (the model runners end only the sequences
+// whose tokens were in the failed batch).
+TEST_F(ExpertServiceTest, AFailedExpertFailsOnlyItsOwnBatch) {
+  auto doomed = StartShard(*dir_, {2});
+  ASSERT_NE(doomed, nullptr);
+  const std::string doomed_address = doomed->address();
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[2] = {doomed_address};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  options.call_deadline_ms = 3000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  doomed->Stop();
+
+  LocalExpertBackend local(local_store_);
+  LayerInput want = MakeLayerInput(41);
+  LayerInput got = MakeLayerInput(41);
+  ASSERT_TRUE(local.RunLayer(1, want.batches).ok());
+  std::vector<absl::Status> batch_status;
+  const absl::Status layer_status = (*backend)->RunLayerPerBatch(1, got.batches, &batch_status);
+  ASSERT_TRUE(layer_status.ok()) << layer_status;
+  ASSERT_EQ(batch_status.size(), got.batches.size());
+  for (size_t i = 0; i < got.batches.size(); ++i) {
+    if (got.batches[i].expert == 2) {
+      EXPECT_EQ(batch_status[i].code(), absl::StatusCode::kUnavailable) << batch_status[i];
+      EXPECT_THAT(std::string(batch_status[i].message()),
+                  HasSubstr("expert 2 (layer 1) unavailable"));
+      EXPECT_THAT(std::string(batch_status[i].message()), HasSubstr(doomed_address));
+    } else {
+      EXPECT_TRUE(batch_status[i].ok()) << batch_status[i];
+      EXPECT_EQ(MaxAbsDiff(got.outputs[i], want.outputs[i]), 0.0) << "batch " << i;
+    }
+  }
+  // RunLayer reports the same error for the whole layer.
+  LayerInput again = MakeLayerInput(42);
+  const absl::Status s = (*backend)->RunLayer(1, again.batches);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("expert 2 (layer 1) unavailable"));
+}
+
+// DNS mode: one target that stands for several addresses (here an ipv4:
+// list; on Kubernetes a dns:/// name with one address per pod). A call that
+// fails on one address is retried on another address of the same target.
+TEST_F(ExpertServiceTest, OneTargetWithSeveralAddressesRetriesOnAnotherAddress) {
+  auto real = StartShard(*dir_, {0});
+  ASSERT_NE(real, nullptr);
+  CancellingExpertService cancelling(real->service.get());
+  rpc::ServerOptions server_options;
+  server_options.listen_address = "127.0.0.1:0";
+  auto server = rpc::RunningServer::Start(server_options, {&cancelling});
+  ASSERT_TRUE(server.ok()) << server.status();
+
+  const std::string one_name = absl::StrCat("ipv4:", (*server)->address(), ",", real->address());
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[0] = {one_name};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  LocalExpertBackend local(local_store_);
+  constexpr int kLayers = 8;
+  for (uint32_t seed = 50; seed < 50 + kLayers; ++seed) {
+    LayerInput want = MakeLayerInput(seed, {0});
+    LayerInput got = MakeLayerInput(seed, {0});
+    ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
+    absl::Status s = (*backend)->RunLayer(0, got.batches);
+    ASSERT_TRUE(s.ok()) << "layer call " << seed - 50 << ": " << s;
+    EXPECT_EQ(MaxAbsDiff(got.outputs[0], want.outputs[0]), 0.0);
+  }
+  // round_robin spread the first attempts over both addresses, and every one
+  // that reached the cancelling address was retried on the real one.
+  const RemoteExpertStats::PerExpert& e0 = (*backend)->stats().experts[0];
+  std::printf("[ dns mode ] %s: %d of %d layer calls first went to the failing address\n",
+              one_name.c_str(), cancelling.forwards(), kLayers);
+  EXPECT_GE(cancelling.forwards(), 1);
+  EXPECT_EQ(e0.retries, static_cast<uint64_t>(cancelling.forwards()));
+  EXPECT_EQ(e0.calls, static_cast<uint64_t>(kLayers + cancelling.forwards()));
+  (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+}
+
+// A DNS server on 127.0.0.1 (UDP) that answers every A query with
+// `addresses` and every other query with no records: enough for gRPC's
+// c-ares resolver, pointed at it by a dns://127.0.0.1:PORT/NAME:P target,
+// to see one name with several addresses, as a Kubernetes headless Service
+// gives the gateway one address per ready pod.
+class FakeDnsServer {
+ public:
+  explicit FakeDnsServer(std::vector<std::string> addresses) : addresses_(std::move(addresses)) {
+    fd_ = socket(AF_INET, SOCK_DGRAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (fd_ < 0 || bind(fd_, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
+        getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      ADD_FAILURE() << "fake DNS server: cannot bind a UDP socket";
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] { Serve(); });
+  }
+  ~FakeDnsServer() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+    if (fd_ >= 0) close(fd_);
+  }
+  int port() const { return port_; }
+  int a_queries() const { return a_queries_.load(); }
+
+ private:
+  void Serve() {
+    while (!stop_) {
+      pollfd p{fd_, POLLIN, 0};
+      if (poll(&p, 1, 50) <= 0) continue;
+      uint8_t q[512];
+      sockaddr_in from{};
+      socklen_t from_len = sizeof(from);
+      const ssize_t n =
+          recvfrom(fd_, q, sizeof(q), 0, reinterpret_cast<sockaddr*>(&from), &from_len);
+      if (n < 12) continue;
+      // The question: labels up to a zero byte, then QTYPE and QCLASS.
+      size_t end = 12;
+      while (end < static_cast<size_t>(n) && q[end] != 0) end += q[end] + 1;
+      end += 5;
+      if (end > static_cast<size_t>(n)) continue;
+      const int qtype = (q[end - 4] << 8) | q[end - 3];
+      std::string reply(reinterpret_cast<const char*>(q), end);
+      reply[2] = static_cast<char>(0x84 | (q[2] & 0x01));  // response, authoritative, RD copied
+      reply[3] = 0;                                        // NOERROR
+      reply[4] = 0, reply[5] = 1;                          // one question
+      const bool a = qtype == 1;
+      if (a) a_queries_.fetch_add(1);
+      const size_t answers = a ? addresses_.size() : 0;
+      reply[6] = 0, reply[7] = static_cast<char>(answers);
+      for (int i = 8; i < 12; ++i) reply[i] = 0;
+      for (size_t i = 0; i < answers; ++i) {
+        in_addr ip{};
+        inet_pton(AF_INET, addresses_[i].c_str(), &ip);
+        const uint8_t record[] = {0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4};  // name, A, IN, TTL 5
+        reply.append(reinterpret_cast<const char*>(record), sizeof(record));
+        reply.append(reinterpret_cast<const char*>(&ip), 4);
+      }
+      sendto(fd_, reply.data(), reply.size(), 0, reinterpret_cast<sockaddr*>(&from), from_len);
+    }
+  }
+
+  std::vector<std::string> addresses_;
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> a_queries_{0};
+  std::thread thread_;
+};
+
+// DNS mode with a real name: one dns:/// target whose name resolves to two
+// addresses (127.0.0.1 and 127.0.0.2, the same port), one replica behind
+// each. A call that fails on one address is retried on the other.
+TEST_F(ExpertServiceTest, ADnsNameWithSeveralAddressesRetriesOnAnotherAddress) {
+  // The real replica on 127.0.0.2, the cancelling one on 127.0.0.1, same port.
+  auto real = StartShard(*dir_, {0});
+  ASSERT_NE(real, nullptr);
+  CancellingExpertService cancelling(real->service.get());
+  rpc::ServerOptions second;
+  second.listen_address = "127.0.0.2:0";
+  auto real_server = rpc::RunningServer::Start(second, {real->service.get()});
+  ASSERT_TRUE(real_server.ok()) << real_server.status();
+  const std::string port =
+      (*real_server)->address().substr((*real_server)->address().rfind(':') + 1);
+  rpc::ServerOptions first;
+  first.listen_address = "127.0.0.1:" + port;
+  auto cancelling_server = rpc::RunningServer::Start(first, {&cancelling});
+  ASSERT_TRUE(cancelling_server.ok()) << cancelling_server.status();
+
+  FakeDnsServer dns({"127.0.0.1", "127.0.0.2"});
+  const std::string name =
+      absl::StrCat("dns://127.0.0.1:", dns.port(), "/experts.switchyard.test:", port);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[0] = {name};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  LocalExpertBackend local(local_store_);
+  constexpr int kLayers = 8;
+  for (uint32_t seed = 70; seed < 70 + kLayers; ++seed) {
+    LayerInput want = MakeLayerInput(seed, {0});
+    LayerInput got = MakeLayerInput(seed, {0});
+    ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
+    absl::Status s = (*backend)->RunLayer(0, got.batches);
+    ASSERT_TRUE(s.ok()) << "layer call " << seed - 70 << ": " << s;
+    EXPECT_EQ(MaxAbsDiff(got.outputs[0], want.outputs[0]), 0.0);
+  }
+  const RemoteExpertStats::PerExpert& e0 = (*backend)->stats().experts[0];
+  std::printf(
+      "[ dns mode ] %s (%d A queries): %d of %d layer calls first went to the failing "
+      "address\n",
+      name.c_str(), dns.a_queries(), cancelling.forwards(), kLayers);
+  EXPECT_GE(dns.a_queries(), 1);
+  EXPECT_GE(cancelling.forwards(), 1) << "round_robin never used the first address";
+  EXPECT_EQ(e0.retries, static_cast<uint64_t>(cancelling.forwards()));
+  (*cancelling_server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  (*real_server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+}
+
+// Least outstanding calls: with one of two replicas slowed down, concurrent
+// callers send it far fewer calls than the even split round-robin gives.
+TEST_F(ExpertServiceTest, ASlowReplicaGetsFewerCalls) {
+  constexpr int kDelayMs = 40;
+  auto slow = StartShard(*dir_, {0}, /*workers=*/2, kDelayMs);
+  ASSERT_NE(slow, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[0] = {shard(0).address(), slow->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const auto calls_of = [](const Shard& s) {
+    uint64_t calls = 0;
+    for (const auto& e : s.service->Stats().experts) calls += e.calls;
+    return calls;
+  };
+  const uint64_t fast_before = calls_of(shard(0));
+  constexpr int kThreads = 6;
+  constexpr int kIterations = 15;
+  std::vector<int> failures(kThreads, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kIterations; ++i) {
+        LayerInput got = MakeLayerInput(3000 + t * kIterations + i, {0});
+        if (!(*backend)->RunLayer(i % 2, got.batches).ok()) ++failures[t];
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], 0) << "thread " << t;
+  const uint64_t fast_calls = calls_of(shard(0)) - fast_before;
+  const uint64_t slow_calls = calls_of(*slow);
+  std::printf("[ balance  ] %d callers, replica +%d ms: fast %llu calls, slow %llu calls\n",
+              kThreads, kDelayMs, static_cast<unsigned long long>(fast_calls),
+              static_cast<unsigned long long>(slow_calls));
+  EXPECT_EQ(fast_calls + slow_calls, static_cast<uint64_t>(kThreads * kIterations));
+  EXPECT_GT(slow_calls, 0u) << "a slow replica still gets calls when the fast one is busy";
+  // Round-robin would give each half; least outstanding gives the slow one
+  // at most a third.
+  EXPECT_LT(slow_calls * 3, static_cast<uint64_t>(kThreads * kIterations));
 }
 
 // (f) ----------------------------------------------------------------------
