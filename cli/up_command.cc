@@ -250,9 +250,9 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "max-queue",
                                                         "max-step-tokens", "max-new-tokens-limit"};
   std::set<std::string> value_flags = {
-      "model",       "port",        "endpoints-file",  "experts-per-process",
-      "bin-dir",     "listen-host", "start-timeout-s", "expert-workers",
-      "expert-arg",  "gateway-arg", "device",          "precision",
+      "model",        "port",        "endpoints-file",  "experts-per-process",
+      "bin-dir",      "listen-host", "start-timeout-s", "expert-workers",
+      "expert-arg",   "gateway-arg", "device",          "precision",
       "max-restarts", "http-port"};
   value_flags.insert(gateway_passthrough.begin(), gateway_passthrough.end());
   SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, {}));

@@ -37,7 +37,7 @@ struct GatewayOptions {
   // "HOST:PORT" for the OpenAI-compatible HTTP API (gateway/openai_http.h);
   // empty (default): off. Plaintext; bearer-token auth as the gRPC API's.
   std::string http_listen;
-  std::string device = "cpu";             // "cpu" or "cuda" (CUDA builds only)
+  std::string device = "cpu";      // "cpu" or "cuda" (CUDA builds only)
   std::string precision = "bf16";  // on cuda: "bf16" (BF16 weights, FP32 accumulate) or "f32"
   // Chat template for `messages` prompts (--chat-template): a file whose
   // text is the template. Empty (default): the model's tokenizer_config.json

@@ -106,8 +106,8 @@ absl::Status ParsePrompt(const Json& v, v1::GenerateRequest* request) {
     return absl::OkStatus();
   }
   if (!v.is_array()) {
-    return Bad("prompt", absl::StrCat("must be a string or an array of token ids, got ",
-                                      TypeName(v)));
+    return Bad("prompt",
+               absl::StrCat("must be a string or an array of token ids, got ", TypeName(v)));
   }
   if (v.empty()) return Bad("prompt", "is empty");
   if (v[0].is_string() || v[0].is_array()) {
@@ -129,8 +129,8 @@ absl::StatusOr<std::string> MessageContent(const Json& v, const std::string& fie
   if (v.is_null()) return std::string();
   if (v.is_string()) return v.get<std::string>();
   if (!v.is_array()) {
-    return Bad(field, absl::StrCat("must be a string or an array of text parts, got ",
-                                   TypeName(v)));
+    return Bad(field,
+               absl::StrCat("must be a string or an array of text parts, got ", TypeName(v)));
   }
   std::string text;
   for (size_t i = 0; i < v.size(); ++i) {
@@ -140,9 +140,8 @@ absl::StatusOr<std::string> MessageContent(const Json& v, const std::string& fie
       return Bad(part, "must be an object with a string `type`");
     }
     if (p["type"].get<std::string>() != "text") {
-      return Bad(absl::StrCat(part, ".type"),
-                 absl::StrCat("'", p["type"].get<std::string>(),
-                              "' is not supported (text parts only)"));
+      return Bad(absl::StrCat(part, ".type"), absl::StrCat("'", p["type"].get<std::string>(),
+                                                           "' is not supported (text parts only)"));
     }
     if (!p.contains("text") || !p["text"].is_string()) {
       return Bad(absl::StrCat(part, ".text"), "must be a string");
@@ -211,8 +210,8 @@ absl::Status CheckNeutral(const std::string& key, const Json& v) {
 bool IsNeutralOnlyKey(Endpoint endpoint, const std::string& key) {
   static const char* const kBoth[] = {"n", "logit_bias", "logprobs"};
   static const char* const kCompletions[] = {"best_of", "echo", "suffix"};
-  static const char* const kChat[] = {"top_logprobs",  "tools",           "tool_choice",
-                                      "functions",     "function_call",   "response_format",
+  static const char* const kChat[] = {"top_logprobs",        "tools",         "tool_choice",
+                                      "functions",           "function_call", "response_format",
                                       "parallel_tool_calls", "metadata"};
   for (const char* k : kBoth) {
     if (key == k) return true;
@@ -419,11 +418,11 @@ std::string ErrorJson(const Error& error) {
 }
 
 std::string ModelsJson(const std::string& id, int64_t created) {
-  Json body = {{"object", "list"},
-               {"data", Json::array({{{"id", id},
-                                      {"object", "model"},
-                                      {"created", created},
-                                      {"owned_by", "switchyard"}}})}};
+  Json body = {
+      {"object", "list"},
+      {"data",
+       Json::array(
+           {{{"id", id}, {"object", "model"}, {"created", created}, {"owned_by", "switchyard"}}})}};
   return Dump(body);
 }
 
@@ -451,17 +450,15 @@ Json Envelope(Endpoint endpoint, const ResponseHeader& header, bool chunk) {
   const char* object = endpoint == Endpoint::kCompletions ? "text_completion"
                        : chunk                            ? "chat.completion.chunk"
                                                           : "chat.completion";
-  Json j = {{"id", header.id},
-            {"object", object},
-            {"created", header.created},
-            {"model", header.model}};
+  Json j = {
+      {"id", header.id}, {"object", object}, {"created", header.created}, {"model", header.model}};
   return j;
 }
 
 }  // namespace
 
-std::string CompletionJson(Endpoint endpoint, const ResponseHeader& header,
-                           const std::string& text, FinishReason reason, const Usage& usage) {
+std::string CompletionJson(Endpoint endpoint, const ResponseHeader& header, const std::string& text,
+                           FinishReason reason, const Usage& usage) {
   Json j = Envelope(endpoint, header, /*chunk=*/false);
   Json choice = {{"index", 0}};
   if (endpoint == Endpoint::kCompletions) {

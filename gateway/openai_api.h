@@ -90,8 +90,8 @@ struct Usage {
 };
 
 // The whole (non-streaming) answer.
-std::string CompletionJson(Endpoint endpoint, const ResponseHeader& header,
-                           const std::string& text, FinishReason reason, const Usage& usage);
+std::string CompletionJson(Endpoint endpoint, const ResponseHeader& header, const std::string& text,
+                           FinishReason reason, const Usage& usage);
 
 // One streamed chunk's JSON (without the SSE framing). `finish_reason`
 // nullptr: JSON null (not the last chunk). For chat, `first` adds the

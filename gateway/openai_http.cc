@@ -166,9 +166,9 @@ struct OpenAiHttpServer::Handlers {
   void Count(Endpoint endpoint, const std::string& outcome) {
     if (options.metrics == nullptr) return;
     options.metrics
-        ->Requests(endpoint == Endpoint::kCompletions ? "OpenAI.Completions"
-                                                      : "OpenAI.ChatCompletions",
-                   outcome)
+        ->Requests(
+            endpoint == Endpoint::kCompletions ? "OpenAI.Completions" : "OpenAI.ChatCompletions",
+            outcome)
         .Increment();
   }
   void Fail(Endpoint endpoint, const absl::Status& status, httplib::Response& res) {
@@ -209,11 +209,15 @@ struct OpenAiHttpServer::Handlers {
 
 void OpenAiHttpServer::Handlers::Generate(Endpoint endpoint, const httplib::Request& req,
                                           httplib::Response& res) {
-  if (absl::Status s = Authorize(req); !s.ok()) return Fail(endpoint, s, res);
+  if (absl::Status s = Authorize(req); !s.ok()) {
+    // Not counted as a request: like gRPC calls refused for their token.
+    Reply(res, openai::ErrorFromStatus(s, endpoint));
+    return;
+  }
   absl::StatusOr<openai::ParsedRequest> parsed = openai::ParseRequest(endpoint, req.body);
   if (!parsed.ok()) return Fail(endpoint, parsed.status(), res);
   if (parsed->model != options.model_id) {
-    Count(endpoint, "not_found");
+    Count(endpoint, "invalid_argument");
     Reply(res, {404, "invalid_request_error",
                 absl::StrCat("model: '", parsed->model, "' does not exist; this gateway serves '",
                              options.model_id, "' (GET /v1/models)"),
@@ -227,7 +231,8 @@ void OpenAiHttpServer::Handlers::Generate(Endpoint endpoint, const httplib::Requ
       parsed->request, *tokenizer, config, options.limits, options.chat_template);
   if (!validated.ok()) return Fail(endpoint, validated.status(), res);
   if (parsed->max_tokens_defaulted) {
-    const int room = config.max_position_embeddings - static_cast<int>(validated->prompt_ids.size());
+    const int room =
+        config.max_position_embeddings - static_cast<int>(validated->prompt_ids.size());
     validated->options.max_new_tokens =
         std::max(1, std::min(EffectiveMaxNewTokensLimit(options.limits, config), room));
   }
@@ -330,7 +335,8 @@ void OpenAiHttpServer::Handlers::Stream(Endpoint endpoint, std::shared_ptr<HttpC
           // Headers are sent: the error travels as an event (the OpenAI SDKs
           // raise it), and no [DONE] follows.
           const absl::Status status = u.error.ok() ? ShuttingDown() : u.error;
-          self->Count(endpoint, u.error.ok() ? "cancelled" : OutcomeLabel(static_cast<int>(status.code())));
+          self->Count(endpoint,
+                      u.error.ok() ? "cancelled" : OutcomeLabel(static_cast<int>(status.code())));
           write(openai::SseEvent(openai::ErrorJson(openai::ErrorFromStatus(status, endpoint))));
           sink.done();
           return true;
@@ -363,8 +369,8 @@ absl::Status SplitHostPort(const std::string& listen, std::string* host, int* po
   const size_t colon = listen.rfind(':');
   if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), port) ||
       *port < 0 || *port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--http-listen must be HOST:PORT with PORT in [0, 65535], got '", listen, "'"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--http-listen must be HOST:PORT with PORT in [0, 65535], got '", listen, "'"));
   }
   *host = listen.substr(0, colon);
   if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
@@ -426,10 +432,9 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(
     Reply(res, e);
     return httplib::Server::HandlerResponse::Handled;
   }));
-  s->set_exception_handler(
-      [](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
-        Reply(res, {500, "server_error", "internal error while serving the request", "", ""});
-      });
+  s->set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
+    Reply(res, {500, "server_error", "internal error while serving the request", "", ""});
+  });
   if (port == 0) {
     port = s->bind_to_any_port(host);
     if (port < 0) port = -1;
@@ -443,7 +448,7 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(
   const bool any = host == "0.0.0.0" || host == "::";
   const std::string shown = any ? "127.0.0.1" : host;
   server->address_ = shown.find(':') != std::string::npos ? absl::StrCat("[", shown, "]:", port)
-                                                           : absl::StrCat(shown, ":", port);
+                                                          : absl::StrCat(shown, ":", port);
   httplib::Server* raw = s.get();
   server->server_ = std::move(s);
   server->thread_ = std::thread([raw] { raw->listen_after_bind(); });

@@ -52,7 +52,7 @@ TEST(OpenAiApi, CompletionFieldsMapOntoTheGenerateRequest) {
 
 TEST(OpenAiApi, DefaultsAreOpenAisNotTheProtos) {
   ParsedRequest p = MustParse(Endpoint::kCompletions, R"({"model":"m","prompt":"x"})");
-  EXPECT_EQ(p.request.sampling().temperature(), 1.0f);  // the proto's default would be greedy
+  EXPECT_EQ(p.request.sampling().temperature(), 1.0f);      // the proto's default would be greedy
   EXPECT_FALSE(p.request.stopping().has_max_new_tokens());  // the gateway's default, 16
   EXPECT_FALSE(p.stream);
   // null is "the default" for every optional parameter.
@@ -86,9 +86,8 @@ TEST(OpenAiApi, PromptForms) {
 }
 
 TEST(OpenAiApi, ChatMessagesMapOntoMessages) {
-  ParsedRequest p = MustParse(
-      Endpoint::kChatCompletions,
-      R"({"model":"m","messages":[{"role":"system","content":"be brief"},
+  ParsedRequest p = MustParse(Endpoint::kChatCompletions,
+                              R"({"model":"m","messages":[{"role":"system","content":"be brief"},
           {"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},
           {"role":"assistant","content":null,"name":"bot"}]})");
   ASSERT_EQ(p.request.messages_size(), 3);
@@ -173,8 +172,9 @@ TEST(OpenAiApi, ValidationErrorsSayOpenAisFieldNames) {
                       Endpoint::kCompletions);
   EXPECT_EQ(e.message, "prompt[1]: token id 99999 is outside");
   // A chat template's own refusal names no field: the conversation is at fault.
-  e = ErrorFromStatus(absl::InvalidArgumentError("Conversation roles must alternate user/assistant"),
-                      Endpoint::kChatCompletions);
+  e = ErrorFromStatus(
+      absl::InvalidArgumentError("Conversation roles must alternate user/assistant"),
+      Endpoint::kChatCompletions);
   EXPECT_EQ(e.param, "messages");
   EXPECT_EQ(e.message, "Conversation roles must alternate user/assistant");
   e = ErrorFromStatus(absl::FailedPreconditionError("messages: this gateway has no chat template"),
@@ -203,8 +203,8 @@ TEST(OpenAiApi, ErrorJsonIsOpenAisShape) {
 
 TEST(OpenAiApi, ResponseShapes) {
   const ResponseHeader h{"cmpl-1", "m", 1700000000};
-  Json j = Json::parse(
-      CompletionJson(Endpoint::kCompletions, h, "hi", FinishReason::kLength, {3, 2}));
+  Json j =
+      Json::parse(CompletionJson(Endpoint::kCompletions, h, "hi", FinishReason::kLength, {3, 2}));
   EXPECT_EQ(j["object"], "text_completion");
   EXPECT_EQ(j["choices"][0]["text"], "hi");
   EXPECT_EQ(j["choices"][0]["finish_reason"], "length");

@@ -190,9 +190,10 @@ TEST_F(OpenAiHttpTest, StopStringEndsWithFinishReasonStop) {
 
 TEST_F(OpenAiHttpTest, ChatEqualsTheGrpcPathsGreedyText) {
   v1::GenerateRequest g;
-  for (auto [role, content] : std::vector<std::pair<std::string, std::string>>{
-           {"user", "What is the capital of France?"}, {"assistant", "Paris."},
-           {"user", "And of Italy?"}}) {
+  for (auto [role, content] :
+       std::vector<std::pair<std::string, std::string>>{{"user", "What is the capital of France?"},
+                                                        {"assistant", "Paris."},
+                                                        {"user", "And of Italy?"}}) {
     v1::ChatMessage* m = g.add_messages();
     m->set_role(role);
     m->set_content(content);
@@ -203,10 +204,9 @@ TEST_F(OpenAiHttpTest, ChatEqualsTheGrpcPathsGreedyText) {
 
   const Json messages = Json::parse(R"([{"role":"user","content":"What is the capital of France?"},
       {"role":"assistant","content":"Paris."},{"role":"user","content":"And of Italy?"}])");
-  httplib::Result r = Post("/v1/chat/completions", {{"model", "tiny-mixtral"},
-                                                    {"messages", messages},
-                                                    {"max_tokens", 10},
-                                                    {"temperature", 0}});
+  httplib::Result r = Post(
+      "/v1/chat/completions",
+      {{"model", "tiny-mixtral"}, {"messages", messages}, {"max_tokens", 10}, {"temperature", 0}});
   ASSERT_TRUE(r);
   ASSERT_EQ(r->status, 200) << r->body;
   Json j = Json::parse(r->body);
@@ -279,14 +279,14 @@ TEST_F(OpenAiHttpTest, StreamedCompletionAddsUpToTheUnaryOne) {
 }
 
 TEST_F(OpenAiHttpTest, BadInputIs400NamingTheField) {
-  Json e = ErrorOf(Post("/v1/completions", {{"model", "tiny-mixtral"}, {"prompt", "x"}, {"n", 2}}),
-                   400);
+  Json e =
+      ErrorOf(Post("/v1/completions", {{"model", "tiny-mixtral"}, {"prompt", "x"}, {"n", 2}}), 400);
   EXPECT_EQ(e["param"], "n");
   EXPECT_EQ(e["type"], "invalid_request_error");
   // Refused by the gRPC path's validation, said with OpenAI's names.
-  e = ErrorOf(Post("/v1/completions",
-                   {{"model", "tiny-mixtral"}, {"prompt", "x"}, {"max_tokens", 100000}}),
-              400);
+  e = ErrorOf(
+      Post("/v1/completions", {{"model", "tiny-mixtral"}, {"prompt", "x"}, {"max_tokens", 100000}}),
+      400);
   EXPECT_EQ(e["param"], "max_tokens");
   EXPECT_NE(e["message"].get<std::string>().find("max_tokens: 100000 is above the limit"),
             std::string::npos)
@@ -296,11 +296,11 @@ TEST_F(OpenAiHttpTest, BadInputIs400NamingTheField) {
   e = ErrorOf(Post("/v1/completions", {{"model", "tiny-mixtral"}, {"prompt", {1, 32000}}}), 400);
   EXPECT_EQ(e["message"], "prompt[1]: token id 32000 is outside the vocabulary [0, 32000)");
   // The chat template's own refusal.
-  e = ErrorOf(Post("/v1/chat/completions",
-                   {{"model", "tiny-mixtral"},
-                    {"messages", Json::parse(R"([{"role":"user","content":"a"},
+  e = ErrorOf(
+      Post("/v1/chat/completions",
+           {{"model", "tiny-mixtral"}, {"messages", Json::parse(R"([{"role":"user","content":"a"},
                                                 {"role":"user","content":"b"}])")}}),
-              400);
+      400);
   EXPECT_EQ(e["param"], "messages");
   EXPECT_NE(e["message"].get<std::string>().find("alternate"), std::string::npos) << e;
   // Not JSON at all.
@@ -428,20 +428,20 @@ TEST(OpenAiHttpLoad, FullQueueIs429AndDrainingIs503) {
   }
   ASSERT_EQ(gateway->scheduler().Stats().waiting, 1);
   auto client = ClientFor(*gateway);
-  Json e = ErrorOf(client->Post("/v1/completions",
-                                R"({"model":"tiny-mixtral","prompt":"x","max_tokens":2})",
-                                "application/json"),
-                   429);
+  Json e = ErrorOf(
+      client->Post("/v1/completions", R"({"model":"tiny-mixtral","prompt":"x","max_tokens":2})",
+                   "application/json"),
+      429);
   EXPECT_EQ(e["code"], "rate_limit_exceeded");
   close(waiting);
   close(running);
 
   // Draining: new requests are refused with 503.
   gateway->scheduler().StopAdmitting();
-  e = ErrorOf(client->Post("/v1/completions",
-                           R"({"model":"tiny-mixtral","prompt":"x","max_tokens":2})",
-                           "application/json"),
-              503);
+  e = ErrorOf(
+      client->Post("/v1/completions", R"({"model":"tiny-mixtral","prompt":"x","max_tokens":2})",
+                   "application/json"),
+      503);
   EXPECT_EQ(e["type"], "server_error");
 }
 
