@@ -381,6 +381,40 @@ TEST_F(OpenAiHttpTest, ClientDisconnectCancelsAndFreesTheCache) {
   EXPECT_TRUE(WaitIdle(*gateway_, before)) << "unary request not cancelled";
 }
 
+TEST(OpenAiHttpShutdown, UnfinishedStreamsEndWithAnErrorEvent) {
+  std::unique_ptr<Gateway> gateway = Start(BaseOptions());
+  ASSERT_NE(gateway, nullptr);
+  const Json body = {{"model", "tiny-mixtral"},
+                     {"prompt", "Hello"},
+                     {"max_tokens", 4000},
+                     {"temperature", 0},
+                     {"stream", true}};
+  int fd = SendRaw(*gateway, "/v1/completions", body.dump());
+  timeval timeout{20, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  std::string got;
+  char buf[4096];
+  while (got.find("data: ") == std::string::npos) {
+    ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    ASSERT_GT(n, 0) << got;
+    got.append(buf, static_cast<size_t>(n));
+  }
+  // The drain's grace is far too short for 4000 tokens: the request is ended
+  // with UNAVAILABLE, which the stream reports as its last event.
+  gateway->Shutdown(absl::Milliseconds(200));
+  while (got.find("\r\n0\r\n\r\n") == std::string::npos) {  // the chunked body's end
+    ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) break;
+    got.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  EXPECT_NE(got.find("data: {\"error\""), std::string::npos) << got.substr(got.size() - 400);
+  EXPECT_NE(got.find("service_unavailable"), std::string::npos);
+  EXPECT_NE(got.find("shutting down"), std::string::npos);
+  EXPECT_EQ(got.find("[DONE]"), std::string::npos);
+  EXPECT_NE(got.find("\r\n0\r\n\r\n"), std::string::npos) << "the stream was cut, not ended";
+}
+
 TEST(OpenAiHttpAuth, BearerTokenIsRequiredWhenConfigured) {
   const std::string dir = testing::MakeTempDir();
   testing::WriteAll(dir + "/tokens", "secret-token\n");
