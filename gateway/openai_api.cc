@@ -188,10 +188,8 @@ absl::Status CheckNeutral(const std::string& key, const Json& v) {
   if (key == "n" || key == "best_of") {
     neutral = v.is_number_integer() && v.get<int64_t>() == 1;
     if (!neutral) return Bad(key, "only 1 is supported (one choice per request)");
-  } else if (key == "echo" || key == "logprobs" || key == "parallel_tool_calls") {
+  } else if (key == "echo" || key == "parallel_tool_calls") {
     neutral = v.is_boolean() && !v.get<bool>();
-  } else if (key == "top_logprobs") {
-    neutral = v.is_number_integer() && v.get<int64_t>() == 0;
   } else if (key == "suffix") {
     neutral = v.is_string() && v.get<std::string>().empty();
   } else if (key == "logit_bias" || key == "metadata") {
@@ -208,11 +206,11 @@ absl::Status CheckNeutral(const std::string& key, const Json& v) {
 }
 
 bool IsNeutralOnlyKey(Endpoint endpoint, const std::string& key) {
-  static const char* const kBoth[] = {"n", "logit_bias", "logprobs"};
+  static const char* const kBoth[] = {"n", "logit_bias"};
   static const char* const kCompletions[] = {"best_of", "echo", "suffix"};
-  static const char* const kChat[] = {"top_logprobs",        "tools",         "tool_choice",
-                                      "functions",           "function_call", "response_format",
-                                      "parallel_tool_calls", "metadata"};
+  static const char* const kChat[] = {"tools",         "tool_choice",     "functions",
+                                      "function_call", "response_format", "parallel_tool_calls",
+                                      "metadata"};
   for (const char* k : kBoth) {
     if (key == k) return true;
   }
@@ -290,6 +288,21 @@ absl::Status ParseField(Endpoint endpoint, const std::string& key, const Json& v
       if (!b.ok()) return b.status();
       out->include_usage = *b;
     }
+  } else if (key == "logprobs" && endpoint == Endpoint::kCompletions) {
+    absl::StatusOr<int64_t> n = Integer(v, key);
+    if (!n.ok()) return n.status();
+    if (*n < 0 || *n > 20) return Bad(key, absl::StrCat("must be in [0, 20], got ", *n));
+    r.set_return_logprobs(true);
+    r.set_top_logprobs(static_cast<uint32_t>(*n));
+  } else if (key == "logprobs") {
+    absl::StatusOr<bool> b = Boolean(v, key);
+    if (!b.ok()) return b.status();
+    r.set_return_logprobs(*b);
+  } else if (key == "top_logprobs" && endpoint == Endpoint::kChatCompletions) {
+    absl::StatusOr<int64_t> n = Integer(v, key);
+    if (!n.ok()) return n.status();
+    if (*n < 0 || *n > 20) return Bad(key, absl::StrCat("must be in [0, 20], got ", *n));
+    r.set_top_logprobs(static_cast<uint32_t>(*n));
   } else if (key == "user") {
     if (!v.is_string()) return Bad(key, absl::StrCat("must be a string, got ", TypeName(v)));
   } else if (IsNeutralOnlyKey(endpoint, key)) {
@@ -323,6 +336,10 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
   }
   if (endpoint == Endpoint::kChatCompletions && out.request.messages_size() == 0) {
     return Bad("messages", "required");
+  }
+  if (endpoint == Endpoint::kChatCompletions && out.request.top_logprobs() > 0 &&
+      !out.request.return_logprobs()) {
+    return Bad("top_logprobs", "needs logprobs: true");
   }
   if (!out.stream && out.include_usage) {
     return Bad("stream_options", "only allowed with stream: true");
@@ -446,6 +463,46 @@ Json UsageJson(const Usage& usage) {
           {"total_tokens", usage.prompt_tokens + usage.completion_tokens}};
 }
 
+Json Bytes(const std::string& s) {
+  Json bytes = Json::array();
+  for (unsigned char c : s) bytes.push_back(static_cast<int>(c));
+  return bytes;
+}
+
+Json LogprobsJson(Endpoint endpoint, const std::vector<TokenLogprob>* logprobs) {
+  if (logprobs == nullptr) return nullptr;
+  if (endpoint == Endpoint::kChatCompletions) {
+    Json content = Json::array();
+    for (const TokenLogprob& t : *logprobs) {
+      Json top = Json::array();
+      for (const auto& [token, lp] : t.top) {
+        top.push_back({{"token", token}, {"logprob", lp}, {"bytes", Bytes(token)}});
+      }
+      content.push_back({{"token", t.token},
+                         {"logprob", t.logprob},
+                         {"bytes", Bytes(t.token)},
+                         {"top_logprobs", top}});
+    }
+    return {{"content", content}, {"refusal", nullptr}};
+  }
+  Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
+       offsets = Json::array();
+  size_t offset = 0;
+  for (const TokenLogprob& t : *logprobs) {
+    tokens.push_back(t.token);
+    token_logprobs.push_back(t.logprob);
+    Json top = Json::object();
+    for (const auto& [token, lp] : t.top) top[token] = lp;
+    top_logprobs.push_back(top);
+    offsets.push_back(offset);
+    offset += t.token.size();
+  }
+  return {{"tokens", tokens},
+          {"token_logprobs", token_logprobs},
+          {"top_logprobs", top_logprobs},
+          {"text_offset", offsets}};
+}
+
 Json Envelope(Endpoint endpoint, const ResponseHeader& header, bool chunk) {
   const char* object = endpoint == Endpoint::kCompletions ? "text_completion"
                        : chunk                            ? "chat.completion.chunk"
@@ -458,7 +515,8 @@ Json Envelope(Endpoint endpoint, const ResponseHeader& header, bool chunk) {
 }  // namespace
 
 std::string CompletionJson(Endpoint endpoint, const ResponseHeader& header, const std::string& text,
-                           FinishReason reason, const Usage& usage) {
+                           FinishReason reason, const Usage& usage,
+                           const std::vector<TokenLogprob>* logprobs) {
   Json j = Envelope(endpoint, header, /*chunk=*/false);
   Json choice = {{"index", 0}};
   if (endpoint == Endpoint::kCompletions) {
@@ -466,7 +524,7 @@ std::string CompletionJson(Endpoint endpoint, const ResponseHeader& header, cons
   } else {
     choice["message"] = {{"role", "assistant"}, {"content", text}};
   }
-  choice["logprobs"] = nullptr;
+  choice["logprobs"] = LogprobsJson(endpoint, logprobs);
   choice["finish_reason"] = OpenAiFinishReason(reason);
   j["choices"] = Json::array({choice});
   j["usage"] = UsageJson(usage);
@@ -474,7 +532,8 @@ std::string CompletionJson(Endpoint endpoint, const ResponseHeader& header, cons
 }
 
 std::string ChunkJson(Endpoint endpoint, const ResponseHeader& header, const std::string& text,
-                      const char* finish_reason, bool first) {
+                      const char* finish_reason, bool first,
+                      const std::vector<TokenLogprob>* logprobs) {
   Json j = Envelope(endpoint, header, /*chunk=*/true);
   Json choice = {{"index", 0}};
   if (endpoint == Endpoint::kCompletions) {
@@ -485,7 +544,7 @@ std::string ChunkJson(Endpoint endpoint, const ResponseHeader& header, const std
     if (first || !text.empty()) delta["content"] = text;
     choice["delta"] = delta;
   }
-  choice["logprobs"] = nullptr;
+  choice["logprobs"] = LogprobsJson(endpoint, logprobs);
   choice["finish_reason"] = finish_reason == nullptr ? Json(nullptr) : Json(finish_reason);
   j["choices"] = Json::array({choice});
   return Dump(j);

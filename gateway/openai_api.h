@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -45,6 +46,8 @@ struct ParsedRequest {
 // Parses and checks a request body. INVALID_ARGUMENT "FIELD: why" (OpenAI's
 // field names) for malformed JSON, wrong types, unknown or unsupported
 // parameters (n > 1, best_of, echo, suffix, logit_bias, tools, ...).
+// `logprobs` (completions: an integer, the alternatives per token; chat: a
+// boolean, with `top_logprobs`) sets return_logprobs and top_logprobs.
 absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view body);
 
 // An error as OpenAI's API answers it.
@@ -89,15 +92,29 @@ struct Usage {
   int completion_tokens = 0;
 };
 
-// The whole (non-streaming) answer.
+// One generated token's log-probability (`logprobs` requested), with its
+// most likely alternatives; tokens as text (their bytes, which may be part
+// of a UTF-8 character).
+struct TokenLogprob {
+  std::string token;
+  float logprob = 0;
+  std::vector<std::pair<std::string, float>> top;
+};
+
+// The whole (non-streaming) answer. `logprobs` nullptr: JSON null (not
+// requested). Completions use the legacy shape {tokens, token_logprobs,
+// top_logprobs, text_offset}, chat {content: [{token, logprob, bytes,
+// top_logprobs}]}.
 std::string CompletionJson(Endpoint endpoint, const ResponseHeader& header, const std::string& text,
-                           FinishReason reason, const Usage& usage);
+                           FinishReason reason, const Usage& usage,
+                           const std::vector<TokenLogprob>* logprobs = nullptr);
 
 // One streamed chunk's JSON (without the SSE framing). `finish_reason`
 // nullptr: JSON null (not the last chunk). For chat, `first` adds the
 // assistant role to the delta.
 std::string ChunkJson(Endpoint endpoint, const ResponseHeader& header, const std::string& text,
-                      const char* finish_reason, bool first);
+                      const char* finish_reason, bool first,
+                      const std::vector<TokenLogprob>* logprobs = nullptr);
 
 // stream_options.include_usage's last chunk: no choices, the usage.
 std::string UsageChunkJson(Endpoint endpoint, const ResponseHeader& header, const Usage& usage);

@@ -16,6 +16,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "gateway/openai_api.h"
 #include "httplib.h"
 
@@ -35,6 +36,7 @@ class HttpCall final : public GenerationSink {
   // What arrived since the last Take.
   struct Update {
     std::string text;
+    std::vector<TokenLogprobs> logprobs;  // of the tokens since the last Take, when requested
     bool terminal = false;
     std::optional<FinishEvent> finish;  // set on success (also when cancelled)
     absl::Status error;                 // set on failure
@@ -43,6 +45,7 @@ class HttpCall final : public GenerationSink {
   void OnTokens(const TokenEvent& e) override {
     std::lock_guard<std::mutex> lock(mu_);
     text_ += e.text_delta;
+    logprobs_.insert(logprobs_.end(), e.logprobs.begin(), e.logprobs.end());
     cv_.notify_all();
   }
   void OnFinish(const FinishEvent& e) override {
@@ -62,9 +65,10 @@ class HttpCall final : public GenerationSink {
   // Waits up to `timeout` for news, then takes what has arrived.
   Update Take(std::chrono::milliseconds timeout) {
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_for(lock, timeout, [&] { return terminal_ || !text_.empty(); });
+    cv_.wait_for(lock, timeout, [&] { return terminal_ || !text_.empty() || !logprobs_.empty(); });
     Update u;
     u.text.swap(text_);
+    u.logprobs.swap(logprobs_);
     u.terminal = terminal_;
     if (terminal_) {
       u.finish = finish_;
@@ -76,7 +80,8 @@ class HttpCall final : public GenerationSink {
  private:
   std::mutex mu_;
   std::condition_variable cv_;
-  std::string text_;  // not yet taken
+  std::string text_;                     // not yet taken
+  std::vector<TokenLogprobs> logprobs_;  // not yet taken
   bool terminal_ = false;
   std::optional<FinishEvent> finish_;
   absl::Status error_;
@@ -128,6 +133,27 @@ bool PeerGone(int fd) {
   if (fd < 0) return false;
   pollfd p{fd, POLLRDHUP, 0};
   return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
+// A token as text: the vocabulary piece with SentencePiece's "▁" as a space
+// and a byte-fallback token ("<0x0A>") as its byte.
+std::string TokenText(const Tokenizer& tokenizer, int32_t id) {
+  const std::string piece = tokenizer.IdToToken(id).value_or("");
+  int byte = 0;
+  if (piece.size() == 6 && piece.rfind("<0x", 0) == 0 && piece[5] == '>' &&
+      absl::SimpleHexAtoi(piece.substr(3, 2), &byte)) {
+    return std::string(1, static_cast<char>(byte));
+  }
+  return absl::StrReplaceAll(piece, {{"\xE2\x96\x81", " "}});
+}
+
+void AppendLogprobs(const Tokenizer& tokenizer, const std::vector<TokenLogprobs>& in,
+                    std::vector<openai::TokenLogprob>* out) {
+  for (const TokenLogprobs& lp : in) {
+    openai::TokenLogprob t{TokenText(tokenizer, lp.id), lp.logprob, {}};
+    for (const auto& [id, logprob] : lp.top) t.top.emplace_back(TokenText(tokenizer, id), logprob);
+    out->push_back(std::move(t));
+  }
 }
 
 void Reply(httplib::Response& res, const openai::Error& error) {
@@ -201,9 +227,9 @@ struct OpenAiHttpServer::Handlers {
 
   void Generate(Endpoint endpoint, const httplib::Request& req, httplib::Response& res);
   void Unary(Endpoint endpoint, std::shared_ptr<HttpCall> call, Scheduler::RequestId id,
-             const openai::ResponseHeader& header, int fd, httplib::Response& res);
+             const openai::ResponseHeader& header, bool logprobs, int fd, httplib::Response& res);
   void Stream(Endpoint endpoint, std::shared_ptr<HttpCall> call, Scheduler::RequestId id,
-              const openai::ResponseHeader& header, bool include_usage, int fd,
+              const openai::ResponseHeader& header, bool include_usage, bool logprobs, int fd,
               httplib::Response& res);
 };
 
@@ -255,23 +281,26 @@ void OpenAiHttpServer::Handlers::Generate(Endpoint endpoint, const httplib::Requ
       openai::NewResponseId(endpoint == Endpoint::kCompletions ? "cmpl-" : "chatcmpl-"),
       parsed->model, static_cast<int64_t>(std::time(nullptr))};
   const int fd = FindConnectionFd(req);
+  const bool logprobs = parsed->request.return_logprobs();
   if (parsed->stream) {
-    Stream(endpoint, std::move(call), *id, header, parsed->include_usage, fd, res);
+    Stream(endpoint, std::move(call), *id, header, parsed->include_usage, logprobs, fd, res);
   } else {
-    Unary(endpoint, std::move(call), *id, header, fd, res);
+    Unary(endpoint, std::move(call), *id, header, logprobs, fd, res);
   }
 }
 
 void OpenAiHttpServer::Handlers::Unary(Endpoint endpoint, std::shared_ptr<HttpCall> call,
                                        Scheduler::RequestId id,
-                                       const openai::ResponseHeader& header, int fd,
+                                       const openai::ResponseHeader& header, bool logprobs, int fd,
                                        httplib::Response& res) {
   std::string text;
+  std::vector<openai::TokenLogprob> token_logprobs;
   bool cancelled = false;
   HttpCall::Update u;
   for (;;) {
     u = call->Take(kPollInterval);
     text += u.text;
+    AppendLogprobs(*tokenizer, u.logprobs, &token_logprobs);
     if (u.terminal) break;
     if (!cancelled && (Stopping() || PeerGone(fd))) {
       scheduler->Cancel(id);  // it ends at the next step boundary, freeing its cache
@@ -287,14 +316,15 @@ void OpenAiHttpServer::Handlers::Unary(Endpoint endpoint, std::shared_ptr<HttpCa
   }
   Count(endpoint, "ok");
   res.set_content(openai::CompletionJson(endpoint, header, text, u.finish->reason,
-                                         {u.finish->prompt_tokens, u.finish->completion_tokens}),
+                                         {u.finish->prompt_tokens, u.finish->completion_tokens},
+                                         logprobs ? &token_logprobs : nullptr),
                   "application/json");
 }
 
 void OpenAiHttpServer::Handlers::Stream(Endpoint endpoint, std::shared_ptr<HttpCall> call,
                                         Scheduler::RequestId id,
                                         const openai::ResponseHeader& header, bool include_usage,
-                                        int fd, httplib::Response& res) {
+                                        bool logprobs, int fd, httplib::Response& res) {
   struct State {
     bool first = true;
     bool cancelled = false;
@@ -305,8 +335,8 @@ void OpenAiHttpServer::Handlers::Stream(Endpoint endpoint, std::shared_ptr<HttpC
   res.set_header("Cache-Control", "no-cache");
   res.set_chunked_content_provider(
       "text/event-stream",
-      [self, endpoint, call, id, header, include_usage, fd, state](size_t,
-                                                                   httplib::DataSink& sink) {
+      [self, endpoint, call, id, header, include_usage, logprobs, fd, state](
+          size_t, httplib::DataSink& sink) {
         auto cancel = [&] {
           if (!state->cancelled) self->scheduler->Cancel(id);
           state->cancelled = true;
@@ -319,9 +349,12 @@ void OpenAiHttpServer::Handlers::Stream(Endpoint endpoint, std::shared_ptr<HttpC
         HttpCall::Update u = call->Take(kPollInterval);
         // Chat's first chunk carries the assistant role, even with no text yet.
         const bool role_chunk = state->first && endpoint == Endpoint::kChatCompletions;
-        if (!u.text.empty() || role_chunk) {
-          if (!write(openai::SseEvent(
-                  openai::ChunkJson(endpoint, header, u.text, nullptr, state->first)))) {
+        std::vector<openai::TokenLogprob> token_logprobs;
+        AppendLogprobs(*self->tokenizer, u.logprobs, &token_logprobs);
+        if (!u.text.empty() || role_chunk || !token_logprobs.empty()) {
+          if (!write(openai::SseEvent(openai::ChunkJson(endpoint, header, u.text, nullptr,
+                                                        state->first,
+                                                        logprobs ? &token_logprobs : nullptr)))) {
             return false;
           }
           state->first = false;

@@ -85,6 +85,45 @@ TEST(OpenAiApi, PromptForms) {
             "x");
 }
 
+TEST(OpenAiApi, LogprobsMapOntoReturnLogprobs) {
+  ParsedRequest p = MustParse(Endpoint::kCompletions, R"({"model":"m","prompt":"x","logprobs":3})");
+  EXPECT_TRUE(p.request.return_logprobs());
+  EXPECT_EQ(p.request.top_logprobs(), 3u);
+  p = MustParse(Endpoint::kCompletions, R"({"model":"m","prompt":"x","logprobs":0})");
+  EXPECT_TRUE(p.request.return_logprobs());
+  EXPECT_EQ(p.request.top_logprobs(), 0u);
+  p = MustParse(Endpoint::kChatCompletions, R"({"model":"m","messages":[{"role":"user",
+                "content":"x"}],"logprobs":true,"top_logprobs":2})");
+  EXPECT_TRUE(p.request.return_logprobs());
+  EXPECT_EQ(p.request.top_logprobs(), 2u);
+  p = MustParse(Endpoint::kChatCompletions,
+                R"({"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":false})");
+  EXPECT_FALSE(p.request.return_logprobs());
+}
+
+TEST(OpenAiApi, LogprobsShapes) {
+  const ResponseHeader h{"id", "m", 1};
+  const std::vector<TokenLogprob> lps = {{" Hi", -0.5f, {{" Hi", -0.5f}, {"!", -1.5f}}},
+                                         {"!", -0.25f, {{"!", -0.25f}, {"?", -2.0f}}}};
+  Json j = Json::parse(
+      CompletionJson(Endpoint::kCompletions, h, " Hi!", FinishReason::kLength, {1, 2}, &lps));
+  EXPECT_EQ(j["choices"][0]["logprobs"],
+            Json::parse(R"({"tokens":[" Hi","!"],"token_logprobs":[-0.5,-0.25],
+                            "top_logprobs":[{" Hi":-0.5,"!":-1.5},{"!":-0.25,"?":-2.0}],
+                            "text_offset":[0,3]})"));
+  j = Json::parse(ChunkJson(Endpoint::kChatCompletions, h, " Hi!", nullptr, false, &lps));
+  const Json& content = j["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 2u);
+  EXPECT_EQ(content[0]["token"], " Hi");
+  EXPECT_EQ(content[0]["logprob"], -0.5);
+  EXPECT_EQ(content[0]["bytes"], Json::parse("[32,72,105]"));
+  EXPECT_EQ(content[1]["top_logprobs"][1],
+            Json::parse(R"({"token":"?","logprob":-2.0,"bytes":[63]})"));
+  // Not requested: null.
+  j = Json::parse(ChunkJson(Endpoint::kChatCompletions, h, "x", nullptr, false));
+  EXPECT_TRUE(j["choices"][0]["logprobs"].is_null());
+}
+
 TEST(OpenAiApi, ChatMessagesMapOntoMessages) {
   ParsedRequest p = MustParse(Endpoint::kChatCompletions,
                               R"({"model":"m","messages":[{"role":"system","content":"be brief"},
@@ -127,8 +166,13 @@ TEST(OpenAiApi, BadInputIsRefusedNamingTheField) {
             "prompt[1]: token id -2 is outside the vocabulary");
   EXPECT_EQ(Refusal(c, R"({"model":"m","prompt":"x","frobnicate":1})"),
             "frobnicate: unrecognized request argument");
-  EXPECT_EQ(Refusal(c, R"({"model":"m","prompt":"x","logprobs":2})"),
-            "logprobs: not supported by this gateway");
+  EXPECT_EQ(Refusal(c, R"({"model":"m","prompt":"x","logprobs":true})"),
+            "logprobs: must be an integer, got a boolean");
+  EXPECT_EQ(Refusal(c, R"({"model":"m","prompt":"x","logprobs":21})"),
+            "logprobs: must be in [0, 20], got 21");
+  EXPECT_EQ(Refusal(chat, R"({"model":"m","messages":[{"role":"user","content":"x"}],
+              "top_logprobs":2})"),
+            "top_logprobs: needs logprobs: true");
   EXPECT_EQ(Refusal(c, R"({"model":"m","prompt":"x","stream_options":{"include_usage":true}})"),
             "stream_options: only allowed with stream: true");
   EXPECT_EQ(Refusal(chat, R"({"model":"m","messages":[]})"), "messages: is empty");

@@ -8,7 +8,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <thread>
@@ -167,6 +169,61 @@ TEST_F(OpenAiHttpTest, CompletionEqualsTheGrpcPathsGreedyText) {
   ASSERT_TRUE(r);
   ASSERT_EQ(r->status, 200) << r->body;
   EXPECT_EQ(Json::parse(r->body)["choices"][0]["text"], expected.text());
+}
+
+TEST_F(OpenAiHttpTest, LogprobsEqualTheGrpcPaths) {
+  v1::GenerateRequest g;
+  g.set_text("Hello world");
+  g.mutable_stopping()->set_max_new_tokens(6);
+  g.set_return_logprobs(true);
+  g.set_top_logprobs(2);
+  const v1::GenerateResponse expected = GrpcGenerate(g);
+  ASSERT_EQ(expected.logprobs_size(), 6);
+  httplib::Result r = Post("/v1/completions", {{"model", "tiny-mixtral"},
+                                               {"prompt", "Hello world"},
+                                               {"max_tokens", 6},
+                                               {"temperature", 0},
+                                               {"logprobs", 2}});
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const Json lp = Json::parse(r->body)["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["token_logprobs"].size(), 6u) << lp;
+  double max_diff = 0;
+  std::string tokens;
+  for (int i = 0; i < 6; ++i) {
+    max_diff = std::max(
+        max_diff, std::abs(lp["token_logprobs"][i].get<double>() - expected.logprobs(i).logprob()));
+    EXPECT_EQ(lp["top_logprobs"][i].size(), 2u);
+    tokens += lp["tokens"][i].get<std::string>();
+  }
+  // The same numbers (float, printed and parsed back).
+  EXPECT_LE(max_diff, 1e-6) << "max diff " << max_diff;
+  EXPECT_EQ(tokens, expected.text());  // the token texts spell the completion
+
+  // Chat, streamed: a logprob per generated token across the chunks.
+  r = Post("/v1/chat/completions",
+           {{"model", "tiny-mixtral"},
+            {"messages", Json::parse(R"([{"role":"user","content":"Hi"}])")},
+            {"max_tokens", 5},
+            {"temperature", 0},
+            {"logprobs", true},
+            {"top_logprobs", 1},
+            {"stream", true}});
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  size_t count = 0;
+  for (const std::string& event : SseData(r->body)) {
+    if (event == "[DONE]") continue;
+    const Json j = Json::parse(event);
+    if (!j["choices"][0]["logprobs"].is_null()) {
+      for (const Json& t : j["choices"][0]["logprobs"]["content"]) {
+        EXPECT_LE(t["logprob"].get<double>(), 0.0);
+        EXPECT_EQ(t["top_logprobs"].size(), 1u);
+        ++count;
+      }
+    }
+  }
+  EXPECT_EQ(count, 5u);
 }
 
 TEST_F(OpenAiHttpTest, StopStringEndsWithFinishReasonStop) {
