@@ -95,6 +95,8 @@ std::vector<Subcommand> Build() {
          "switchyard up --model DIR --port P [FLAGS]",
          {model,
           {"port", true, "required", "the gateway's port (0 picks one)"},
+          {"http-port", true, "none",
+           "also serve the OpenAI-compatible HTTP API on this port (the gateway's --http-listen)"},
           {"endpoints-file", true, "none", "write the expert endpoints (JSON topology) here"},
           {"experts-per-process", true, "1", "experts served by each switchyard-expert"},
           {"bin-dir", true, "this binary's folder", "where switchyard-expert/-gateway are"},

@@ -250,10 +250,10 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "max-queue",
                                                         "max-step-tokens", "max-new-tokens-limit"};
   std::set<std::string> value_flags = {
-      "model",       "port",        "endpoints-file",  "experts-per-process",
-      "bin-dir",     "listen-host", "start-timeout-s", "expert-workers",
-      "expert-arg",  "gateway-arg", "device",          "precision",
-      "max-restarts"};
+      "model",        "port",        "endpoints-file",  "experts-per-process",
+      "bin-dir",      "listen-host", "start-timeout-s", "expert-workers",
+      "expert-arg",   "gateway-arg", "device",          "precision",
+      "max-restarts", "http-port"};
   value_flags.insert(gateway_passthrough.begin(), gateway_passthrough.end());
   SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, {}));
   UpOptions o;
@@ -307,6 +307,15 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
         args->push_back(*v);
       }
     }
+  }
+  if (f.Has("http-port")) {
+    SY_ASSIGN_OR_RETURN(int64_t http_port, f.Int("http-port", 0));
+    if (http_port < 0 || http_port > 65535) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--http-port must be in [0, 65535], got ", http_port));
+    }
+    o.gateway_args.push_back("--http-listen");
+    o.gateway_args.push_back(absl::StrCat(o.listen_host, ":", http_port));
   }
   for (const std::string& a : f.GetAll("gateway-arg")) o.gateway_args.push_back(a);
   return o;

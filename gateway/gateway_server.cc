@@ -4,6 +4,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <limits>
 
 #include "absl/strings/match.h"
@@ -19,6 +20,7 @@
 #include "expert_service/expert_server.h"
 #include "gateway/generation_service.h"
 #include "gateway/model_runner.h"
+#include "gateway/openai_http.h"
 #ifdef SWITCHYARD_HAVE_CUDA
 #include "attention_service/cuda_dense_model.h"
 #include "gateway/cuda_model_runner.h"
@@ -135,6 +137,7 @@ struct Gateway::Parts {
   std::unique_ptr<rpc::BearerTokenAuthenticator> authenticator;           // --auth-token-file only
   std::unique_ptr<AuthenticatedGenerationService> authenticated_service;  // the same
   std::unique_ptr<rpc::RunningServer> server;
+  std::unique_ptr<OpenAiHttpServer> http;  // --http-listen only
 
   // The stages of Gateway::Start, in order.
   //
@@ -239,6 +242,7 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& f) {
   }
   o.wire_bf16 = wire == "bf16";
   o.metrics_listen = f.GetOr("metrics-listen", "");
+  o.http_listen = f.GetOr("http-listen", "");
   o.chat_template_file = f.GetOr("chat-template", "");
   o.device = f.GetOr("device", o.device);
   if (o.device != "cpu" && o.device != "cuda") {
@@ -447,6 +451,22 @@ absl::Status Gateway::Parts::StartServing(const GatewayOptions& options, const M
     public_service = authenticated_service.get();
   }
   SY_ASSIGN_OR_RETURN(server, rpc::RunningServer::Start(server_options, {public_service}));
+  if (!options.http_listen.empty()) {
+    OpenAiHttpOptions http_options;
+    http_options.listen = options.http_listen;
+    // The model's id: its folder's name ("tiny-mixtral").
+    http_options.model_id = std::filesystem::path(options.model_dir).lexically_normal().string();
+    while (http_options.model_id.size() > 1 && http_options.model_id.back() == '/') {
+      http_options.model_id.pop_back();
+    }
+    http_options.model_id = std::filesystem::path(http_options.model_id).filename().string();
+    http_options.limits = options.limits;
+    http_options.chat_template = chat_template.get();
+    http_options.authenticator = authenticator.get();
+    http_options.metrics = metrics.get();
+    SY_ASSIGN_OR_RETURN(http, OpenAiHttpServer::Start(std::move(http_options), scheduler.get(),
+                                                      tokenizer.get(), config));
+  }
   return absl::OkStatus();
 }
 
@@ -490,7 +510,8 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
 Gateway::Gateway(std::unique_ptr<Parts> parts) : parts_(std::move(parts)) {}
 
 Gateway::~Gateway() {
-  // The server first (no new calls), then the scheduler (ends what is left).
+  // The servers first (no new calls), then the scheduler (ends what is left).
+  parts_->http.reset();
   parts_->server.reset();
   parts_->scheduler.reset();
 }
@@ -499,6 +520,7 @@ const std::string& Gateway::address() const { return parts_->server->address(); 
 std::string Gateway::metrics_address() const {
   return parts_->exporter ? parts_->exporter->address() : "";
 }
+std::string Gateway::http_address() const { return parts_->http ? parts_->http->address() : ""; }
 const metrics::Registry& Gateway::metrics_registry() const { return parts_->registry; }
 Scheduler& Gateway::scheduler() { return *parts_->scheduler; }
 
@@ -528,6 +550,7 @@ void Gateway::Shutdown(absl::Duration grace) {
     std::fprintf(stderr, "switchyard-gateway: %s\n", std::string(drained.message()).c_str());
     EndUnfinishedRequests(*parts_->scheduler, grace);
   }
+  if (parts_->http) parts_->http->Stop();
   // A moment past the grace for the ended requests' last messages to go out.
   parts_->server->Shutdown(
       absl::ToChronoTime(std::max(deadline, absl::Now()) + absl::Milliseconds(500)));
@@ -557,8 +580,10 @@ int RunGateway(const GatewayOptions& options) {
                : options.expert_tls_ca_file.empty()   ? "plaintext"
                : options.expert_tls_cert_file.empty() ? "TLS"
                                                       : "mutual TLS");
-  std::printf("switchyard-gateway listening on %s metrics=%s\n", (*gateway)->address().c_str(),
-              metrics.empty() ? "none" : metrics.c_str());
+  const std::string http = (*gateway)->http_address();
+  std::printf("switchyard-gateway listening on %s metrics=%s http=%s\n",
+              (*gateway)->address().c_str(), metrics.empty() ? "none" : metrics.c_str(),
+              http.empty() ? "none" : http.c_str());
   std::fflush(stdout);
   int signal = 0;
   sigwait(&stop_signals, &signal);

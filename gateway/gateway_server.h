@@ -34,7 +34,10 @@ struct GatewayOptions {
   int grace_ms = 5000;                    // shutdown grace for in-flight requests
   int max_connection_age_ms = 0;          // 0: connections are never recycled
   std::string metrics_listen;             // "HOST:PORT" for /metrics; empty (default): off
-  std::string device = "cpu";             // "cpu" or "cuda" (CUDA builds only)
+  // "HOST:PORT" for the OpenAI-compatible HTTP API (gateway/openai_http.h);
+  // empty (default): off. Plaintext; bearer-token auth as the gRPC API's.
+  std::string http_listen;
+  std::string device = "cpu";      // "cpu" or "cuda" (CUDA builds only)
   std::string precision = "bf16";  // on cuda: "bf16" (BF16 weights, FP32 accumulate) or "f32"
   // Chat template for `messages` prompts (--chat-template): a file whose
   // text is the template. Empty (default): the model's tokenizer_config.json
@@ -97,6 +100,8 @@ class Gateway {
   const std::string& address() const;
   // Where /metrics is served ("" when off).
   std::string metrics_address() const;
+  // Where the OpenAI-compatible HTTP API is served ("" when off).
+  std::string http_address() const;
   // The metrics registry (for tests and embedding).
   const metrics::Registry& metrics_registry() const;
   Scheduler& scheduler();

@@ -41,6 +41,9 @@ const switchyard::CommandSpec& Spec() {
           {"max-connection-age-ms", true, "0: never",
            "close client connections after this age, so they rebalance"},
           {"metrics-listen", true, "none", "serve Prometheus /metrics on HOST:PORT"},
+          {"http-listen", true, "none",
+           "serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+           "/v1/chat/completions) on HOST:PORT"},
           {"device", true, "cpu", "where attention and local experts compute: cpu or cuda"},
           {"precision", true, "bf16", "cuda weights precision: bf16 or f32"},
           {"chat-template", true, "the model's tokenizer_config.json chat_template",

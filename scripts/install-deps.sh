@@ -7,6 +7,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev nlohmann-json3-dev libopenblas-dev
   prometheus-cpp-dev  # metrics: prometheus-cpp's core library
+  libcpp-httplib-dev  # the gateway's OpenAI-compatible HTTP API
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-protobuf  # Python client test: stubs from protoc + grpc_python_plugin
   openssl curl iproute2 procps  # TLS certificates, HTTP scrapes, network namespaces in tests

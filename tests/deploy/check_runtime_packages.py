@@ -47,8 +47,17 @@ def runtime_stage_packages(dockerfile):
     return packages
 
 
+# Ubuntu 24.04 packages whose upstream version (so soname and package name)
+# differs from Debian 12's, mapped to the Debian 12 package of the same library.
+UBUNTU_2404_LIBRARIES = {
+    "libcpp-httplib0.14t64": "libcpp-httplib0.11",  # cpp-httplib 0.14.3 there, 0.11.4 here
+}
+
+
 def debian_name(package):
     """Debian 12's name for a runtime-stage package (Ubuntu's t64 names mapped)."""
+    if package in UBUNTU_2404_LIBRARIES:
+        return UBUNTU_2404_LIBRARIES[package]
     if package.endswith("t64") and not known_package(package):
         return package[:-3]
     return package
