@@ -5,6 +5,8 @@
 // with `make-model --preset bench` into $TMPDIR/switchyard-bench-model.
 // Each sequence holds a 64-token context; every iteration decodes one token
 // per sequence and then rewinds the cache, so the context stays fixed.
+// The kernel level and precision come from SWITCHYARD_CPU_ISA and
+// SWITCHYARD_CPU_PRECISION (core/cpu_ops.h) and are printed in the context.
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
@@ -13,6 +15,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/cpu_ops.h"
 #include "core/make_model.h"
 #include "gateway/local_model.h"
 
@@ -89,4 +92,11 @@ BENCHMARK(BM_CpuDecodeStep)->Arg(1)->Arg(16)->Unit(benchmark::kMillisecond)->Use
 }  // namespace
 }  // namespace switchyard
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("kernels", switchyard::cpu::KernelDescription());
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
