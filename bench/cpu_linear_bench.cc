@@ -41,10 +41,10 @@ void BM_LinearBf16(benchmark::State& state) {
     cpu::Linear(x.data(), m, T, y.data());
     benchmark::DoNotOptimize(y.data());
   }
-  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * T * N * K * 1e-9,
-                                                 benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["weight GB/s"] = benchmark::Counter(
-      2.0 * N * K * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * T * N * K * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["weight GB/s"] =
+      benchmark::Counter(2.0 * N * K * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.SetLabel(cpu::CpuIsaName(cpu::ActiveIsa()));
   cpu::SetIsa(cpu::DetectedIsa());
   cpu::SetPrecision(cpu::MatmulPrecision::kF32);

@@ -15,8 +15,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -273,8 +273,8 @@ SY_AVX512BF16 void DpBlock(const uint16_t* xb, int Kp, const uint16_t* w, int K,
 }
 
 template <int RB, int TB>
-SY_AVX512BF16 void DpRows(const uint16_t* xb, int Kp, const uint16_t* w, int K, int N,
-                          int n_begin, int n_end, float* y, bool accumulate) {
+SY_AVX512BF16 void DpRows(const uint16_t* xb, int Kp, const uint16_t* w, int K, int N, int n_begin,
+                          int n_end, float* y, bool accumulate) {
   int n = n_begin;
   for (; n + RB <= n_end; n += RB) {
     DpBlock<RB, TB>(xb, Kp, w + static_cast<int64_t>(n) * K, K, N, y + n, accumulate);
@@ -345,8 +345,7 @@ struct KernelState {
   KernelState() {
     CpuIsa chosen = DetectedIsa();
     if (const char* env = std::getenv("SWITCHYARD_CPU_ISA"); env != nullptr && *env != '\0') {
-      for (CpuIsa level :
-           {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+      for (CpuIsa level : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
         if (std::strcmp(env, CpuIsaName(level)) == 0) chosen = std::min(chosen, level);
       }
     }
@@ -452,7 +451,8 @@ void LinearBf16Precision(CpuIsa isa, const float* x, const uint16_t* w, int toke
     thread_local std::vector<uint16_t> xb;  // [T, Kp], zero padded
     xb.assign(static_cast<size_t>(tokens) * Kp, 0);
     for (int t = 0; t < tokens; ++t) {
-      RoundToBf16Avx512(x + static_cast<int64_t>(t) * K, K, xb.data() + static_cast<int64_t>(t) * Kp);
+      RoundToBf16Avx512(x + static_cast<int64_t>(t) * K, K,
+                        xb.data() + static_cast<int64_t>(t) * Kp);
     }
     const uint16_t* xbp = xb.data();
     SplitRows(N, ThreadsFor(N, K, tokens), [&](int n_begin, int n_end) {

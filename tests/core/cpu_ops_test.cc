@@ -5,8 +5,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <string>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -179,8 +179,8 @@ TEST(CpuOpsTest, SoftmaxAndSwiGlu) {
 // The levels this CPU can run, lowest first.
 std::vector<cpu::CpuIsa> AvailableIsas() {
   std::vector<cpu::CpuIsa> out;
-  for (cpu::CpuIsa isa : {cpu::CpuIsa::kScalar, cpu::CpuIsa::kAvx2, cpu::CpuIsa::kAvx512,
-                          cpu::CpuIsa::kAvx512Bf16}) {
+  for (cpu::CpuIsa isa :
+       {cpu::CpuIsa::kScalar, cpu::CpuIsa::kAvx2, cpu::CpuIsa::kAvx512, cpu::CpuIsa::kAvx512Bf16}) {
     if (isa <= cpu::DetectedIsa()) out.push_back(isa);
   }
   return out;
@@ -212,18 +212,19 @@ TEST_F(KernelLevelTest, EveryLevelAndPrecisionMatchesOracleOnAwkwardShapes) {
   struct Shape {
     int T, K, N;
   };
-  const Shape shapes[] = {{1, 1, 1},    {1, 15, 7},    {2, 31, 9},    {3, 33, 65},  {4, 47, 17},
-                          {5, 100, 3},  {7, 1024, 13}, {16, 257, 33}, {17, 64, 66}, {33, 129, 71},
-                          {64, 1000, 9}, {1, 3584, 24}};
+  const Shape shapes[] = {{1, 1, 1},    {1, 15, 7},    {2, 31, 9},    {3, 33, 65},
+                          {4, 47, 17},  {5, 100, 3},   {7, 1024, 13}, {16, 257, 33},
+                          {17, 64, 66}, {33, 129, 71}, {64, 1000, 9}, {1, 3584, 24}};
   std::printf("%-12s %-5s %12s %12s\n", "level", "prec", "max |diff|", "bound used");
   for (cpu::CpuIsa isa : AvailableIsas()) {
     ASSERT_EQ(cpu::SetIsa(isa), isa);
-    for (cpu::MatmulPrecision precision : {cpu::MatmulPrecision::kF32, cpu::MatmulPrecision::kBf16}) {
+    for (cpu::MatmulPrecision precision :
+         {cpu::MatmulPrecision::kF32, cpu::MatmulPrecision::kBf16}) {
       cpu::SetPrecision(precision);
       const bool bf16 = precision == cpu::MatmulPrecision::kBf16;
       double worst = 0;
       for (const Shape& s : shapes) {
-        const auto x = Random(static_cast<size_t>(s.T) * s.K, 31 + s.K);  // [T, K]
+        const auto x = Random(static_cast<size_t>(s.T) * s.K, 31 + s.K);   // [T, K]
         const auto wf = Random(static_cast<size_t>(s.N) * s.K, 32 + s.N);  // [N, K]
         std::vector<uint16_t> wb(wf.size());                               // [N, K]
         for (size_t i = 0; i < wf.size(); ++i) wb[i] = F32ToBf16(wf[i]);
@@ -271,7 +272,8 @@ TEST_F(KernelLevelTest, EveryLevelRowIndependentOfBatch) {
   const cpu::Matrix m = cpu::Matrix::FromBf16(wb, N, K);
   for (cpu::CpuIsa isa : AvailableIsas()) {
     cpu::SetIsa(isa);
-    for (cpu::MatmulPrecision precision : {cpu::MatmulPrecision::kF32, cpu::MatmulPrecision::kBf16}) {
+    for (cpu::MatmulPrecision precision :
+         {cpu::MatmulPrecision::kF32, cpu::MatmulPrecision::kBf16}) {
       cpu::SetPrecision(precision);
       // T = 20 runs as one batch only where BF16 matrices skip BLAS.
       const int batch = isa >= cpu::CpuIsa::kAvx512 ? T : cpu::kSkinnyMaxTokens;
@@ -280,8 +282,7 @@ TEST_F(KernelLevelTest, EveryLevelRowIndependentOfBatch) {
       for (int t = 0; t < batch; ++t) {
         cpu::Linear(x.data() + static_cast<size_t>(t) * K, m, 1, one.data());
         EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + static_cast<size_t>(t) * N))
-            << cpu::CpuIsaName(isa) << " precision " << static_cast<int>(precision) << " row "
-            << t;
+            << cpu::CpuIsaName(isa) << " precision " << static_cast<int>(precision) << " row " << t;
       }
     }
   }
