@@ -305,8 +305,12 @@ TEST(CpuOpsEnvTest, EnvironmentCapsTheLevel) {
   if (env == nullptr) GTEST_SKIP() << "SWITCHYARD_CPU_ISA is not set";
   std::printf("SWITCHYARD_CPU_ISA=%s: %s\n", env, cpu::KernelDescription().c_str());
   EXPECT_LE(cpu::ActiveIsa(), cpu::DetectedIsa());
-  if (std::string(env) == "avx2") EXPECT_LE(cpu::ActiveIsa(), cpu::CpuIsa::kAvx2);
-  if (std::string(env) == "scalar") EXPECT_EQ(cpu::ActiveIsa(), cpu::CpuIsa::kScalar);
+  if (std::string(env) == "avx2") {
+    EXPECT_LE(cpu::ActiveIsa(), cpu::CpuIsa::kAvx2);
+  }
+  if (std::string(env) == "scalar") {
+    EXPECT_EQ(cpu::ActiveIsa(), cpu::CpuIsa::kScalar);
+  }
 }
 
 }  // namespace
