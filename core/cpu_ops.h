@@ -30,7 +30,7 @@
 //   kBf16: activations rounded to BF16 (round to nearest even) first, as
 //          llama.cpp does with F16 weights and the GPU's BF16 mode; the
 //          products are exact, the sums FP32. With AVX512_BF16 this runs on
-//          vdpbf16ps (twice the multiply rate of FP32 FMA), elsewhere as the
+//          vdpbf16ps (two products per lane and instruction), elsewhere as the
 //          same math in FP32. Select with SWITCHYARD_CPU_PRECISION=bf16 or
 //          SetPrecision. FP32 matrices always use kF32.
 //
