@@ -28,8 +28,8 @@ absl::Status LocalExpertBackend::RunLayer(int layer, absl::Span<const ExpertBatc
   if (!omp_in_parallel()) threads = std::min(count, omp_get_max_threads());
 #endif
   if (threads <= 1) {
-    for (int i = 0; i < count; ++i) ffns[i]->Forward(batches[i].input, batches[i].tokens,
-                                                     batches[i].output);
+    for (int i = 0; i < count; ++i)
+      ffns[i]->Forward(batches[i].input, batches[i].tokens, batches[i].output);
     return absl::OkStatus();
   }
   // Several experts: one OpenMP team takes whole experts (each Forward then
