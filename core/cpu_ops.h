@@ -16,9 +16,10 @@
 // streams each weight row once and computes all T dot products from it,
 // split over N across a persistent OpenMP team; each output element's
 // summation order depends only on Kin (and the kernel level), never on T, N or
-// the thread split. BF16 matrices use the same kernel for any T when the CPU
-// has AVX-512 (row blocks kept in cache while 16-token chunks pass over
-// them); otherwise, and for FP32 matrices, more rows go through BLAS.
+// the thread split. BF16 matrices use the same kernel for any T when the
+// level is avx512 or above, or the precision is kBf16 (row blocks kept in
+// cache while 16-token chunks pass over them); otherwise, and for FP32
+// matrices, more rows go through BLAS.
 //
 // Kernel levels (CpuIsa), picked at run time: the best the CPU has, capped by
 // SWITCHYARD_CPU_ISA=scalar|avx2|avx512|avx512_bf16 (tests force the lower
