@@ -57,11 +57,13 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
   const int q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  std::vector<float> x(static_cast<size_t>(tokens) * D);          // [T, D]
-  std::vector<float> qkv(static_cast<size_t>(tokens) * qkv_dim);  // [T, (H + 2 Hkv) hd]
-  std::vector<float> q(static_cast<size_t>(tokens) * q_dim);      // [T, H, hd]
-  std::vector<float> k(static_cast<size_t>(tokens) * kv_dim);     // [T, Hkv, hd]
-  std::vector<float> attn(static_cast<size_t>(tokens) * q_dim);   // [T, H, hd]
+  // Scratch reused across calls on this thread: no allocation per layer and step.
+  thread_local std::vector<float> x, qkv, q, k, attn, scores;
+  x.resize(static_cast<size_t>(tokens) * D);          // [T, D]
+  qkv.resize(static_cast<size_t>(tokens) * qkv_dim);  // [T, (H + 2 Hkv) hd]
+  q.resize(static_cast<size_t>(tokens) * q_dim);      // [T, H, hd]
+  k.resize(static_cast<size_t>(tokens) * kv_dim);     // [T, Hkv, hd]
+  attn.resize(static_cast<size_t>(tokens) * q_dim);   // [T, H, hd]
 
   cpu::RmsNorm(h, w.input_norm.data(), tokens, D, static_cast<float>(c.rms_norm_eps), x.data());
   cpu::Linear(x.data(), w.wqkv, tokens, qkv.data());  // [T, (H + 2 Hkv) hd]
@@ -73,7 +75,6 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
   cpu::RopeRotateHalf(q.data(), positions, tokens, H, hd, c.rope_theta);
   cpu::RopeRotateHalf(k.data(), positions, tokens, Hkv, hd, c.rope_theta);
 
-  std::vector<float> scores;  // [S]
   for (const SequenceSlice& s : slices) {
     // Append this chunk's keys and values to the cache first: tokens attend to
     // themselves and to earlier tokens of the same chunk.
@@ -89,7 +90,7 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
       const int pos = s.start_pos + i;
       const int first = c.sliding_window > 0 ? std::max(0, pos - c.sliding_window + 1) : 0;
       const int span = pos - first + 1;
-      scores.resize(span);
+      scores.resize(span);  // [S]
       for (int head = 0; head < H; ++head) {
         const int kv_head = head / group;
         const float* qv = q.data() + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]

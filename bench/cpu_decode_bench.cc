@@ -5,6 +5,9 @@
 // with `make-model --preset bench` into $TMPDIR/switchyard-bench-model.
 // Each sequence holds a 64-token context; every iteration decodes one token
 // per sequence and then rewinds the cache, so the context stays fixed.
+// BM_CpuPrefill prefills 16 sequences of 64 tokens in one step.
+// The kernel level and precision come from SWITCHYARD_CPU_ISA and
+// SWITCHYARD_CPU_PRECISION (core/cpu_ops.h) and are printed in the context.
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
@@ -13,6 +16,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/cpu_ops.h"
 #include "core/make_model.h"
 #include "gateway/local_model.h"
 
@@ -86,7 +90,46 @@ void BM_CpuDecodeStep(benchmark::State& state) {
 
 BENCHMARK(BM_CpuDecodeStep)->Arg(1)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
 
+// Prompt processing: one step prefills `batch` sequences of 64 tokens each
+// (llama-batched-bench's S_PP with -npp 64 -npl 16), then the caches rewind.
+void BM_CpuPrefill(benchmark::State& state) {
+  const int batch = static_cast<int>(state.range(0));
+  LocalModel* model = BenchModel();
+  const int V = model->config().vocab_size;
+  std::vector<std::unique_ptr<SequenceKv>> caches;
+  std::vector<std::vector<int32_t>> prompts(batch);
+  std::vector<StepInput> inputs;
+  for (int b = 0; b < batch; ++b) {
+    caches.push_back(model->kv_pool().NewSequence());
+    prompts[b].resize(kContext);
+    for (int i = 0; i < kContext; ++i) prompts[b][i] = 1 + (b * 7919 + i * 104729) % (V - 1);
+  }
+  for (int b = 0; b < batch; ++b) {
+    inputs.push_back({caches[b].get(), prompts[b], LogitsWanted::kLast});
+  }
+  for (auto _ : state) {
+    auto out = model->runner().Step(inputs);
+    if (!out.ok()) {
+      state.SkipWithError(out.status().ToString().c_str());
+      return;
+    }
+    benchmark::DoNotOptimize(out->logits.data());
+    for (auto& kv : caches) kv->Truncate(0);
+  }
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(batch) * kContext,
+                                                  benchmark::Counter::kIsIterationInvariantRate);
+}
+
+BENCHMARK(BM_CpuPrefill)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
+
 }  // namespace
 }  // namespace switchyard
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("kernels", switchyard::cpu::KernelDescription());
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -3,6 +3,10 @@
 #include <cblas.h>
 
 #if defined(__x86_64__) || defined(__i386__)
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about
+// it wherever they are inlined (a known false positive).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
@@ -10,7 +14,9 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -42,7 +48,10 @@ void SkinnyScalar(const float* x, const W* w, int tokens, int K, int N, int n_be
 }
 
 #if defined(__x86_64__) || defined(__i386__)
+#define SY_X86 1
 #define SY_AVX2 __attribute__((target("avx2,fma")))
+#define SY_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define SY_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
 SY_AVX2 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
 SY_AVX2 inline __m256 Load8(const uint16_t* p) {
@@ -130,19 +139,239 @@ SY_AVX2 void SkinnyAvx2(const float* x, const W* w, int tokens, int K, int N, in
   }
 }
 
-bool HasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+// ---- AVX-512F: the same FP32 math with 16 lanes ----
+
+SY_AVX512 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+SY_AVX512 inline __m512 Load16(const uint16_t* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
-#else
-bool HasAvx2() { return false; }
-#endif
+
+// As SkinnyBlockAvx2 with 16 lanes: 16-lane FMA accumulation over k < Kin
+// rounded down to 16, _mm512_reduce_add_ps, then the tail in order.
+template <int RB, int TB, typename W>
+SY_AVX512 void SkinnyBlockAvx512(const float* x, const W* w, int K, int N, float* y,
+                                 bool accumulate) {
+  __m512 acc[RB][TB];
+#pragma GCC unroll 16
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[RB];
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) wv[r] = Load16(w + static_cast<int64_t>(r) * K + k);
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) {
+      const __m512 xv = _mm512_loadu_ps(x + static_cast<int64_t>(t) * K + k);
+#pragma GCC unroll 16
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    const W* wr = w + static_cast<int64_t>(r) * K;  // [Kin]
+    for (int t = 0; t < TB; ++t) {
+      const float* xr = x + static_cast<int64_t>(t) * K;  // [Kin]
+      float s = _mm512_reduce_add_ps(acc[r][t]);
+      for (int kk = k; kk < K; ++kk) s = std::fma(xr[kk], ToF32(wr[kk]), s);
+      float& out = y[static_cast<int64_t>(t) * N + r];
+      out = accumulate ? out + s : s;
+    }
+  }
+}
+
+template <int RB, int TB, typename W>
+SY_AVX512 void SkinnyRowsAvx512(const float* x, const W* w, int K, int N, int n_begin, int n_end,
+                                float* y, bool accumulate) {
+  int n = n_begin;
+  for (; n + RB <= n_end; n += RB) {
+    SkinnyBlockAvx512<RB, TB>(x, w + static_cast<int64_t>(n) * K, K, N, y + n, accumulate);
+  }
+  for (; n < n_end; ++n) {
+    SkinnyBlockAvx512<1, TB>(x, w + static_cast<int64_t>(n) * K, K, N, y + n, accumulate);
+  }
+}
 
 template <typename W>
-void SkinnyRange(const float* x, const W* w, int tokens, int K, int N, int n_begin, int n_end,
-                 float* y, bool accumulate) {
-#if defined(__x86_64__) || defined(__i386__)
-  if (HasAvx2()) {
+SY_AVX512 void SkinnyAvx512(const float* x, const W* w, int tokens, int K, int N, int n_begin,
+                            int n_end, float* y, bool accumulate) {
+  // 4 rows × 4 tokens (16 accumulators, each weight vector used 4 times); a
+  // lone token takes 8 rows so that 8 FMA chains hide the latency.
+  int t = 0;
+  for (; t + 4 <= tokens; t += 4) {
+    SkinnyRowsAvx512<4, 4>(x + static_cast<int64_t>(t) * K, w, K, N, n_begin, n_end,
+                           y + static_cast<int64_t>(t) * N, accumulate);
+  }
+  const float* xt = x + static_cast<int64_t>(t) * K;  // [rest, Kin]
+  float* yt = y + static_cast<int64_t>(t) * N;        // [rest, N]
+  switch (tokens - t) {
+    case 3:
+      SkinnyRowsAvx512<4, 3>(xt, w, K, N, n_begin, n_end, yt, accumulate);
+      break;
+    case 2:
+      SkinnyRowsAvx512<4, 2>(xt, w, K, N, n_begin, n_end, yt, accumulate);
+      break;
+    case 1:
+      SkinnyRowsAvx512<8, 1>(xt, w, K, N, n_begin, n_end, yt, accumulate);
+      break;
+    default:
+      break;
+  }
+}
+
+// ---- AVX512_BF16: BF16 activations × BF16 weights with vdpbf16ps ----
+
+// xb[Kp] (Kp a multiple of 32, zero padded) · w[Kin] for RB rows × TB tokens.
+// vdpbf16ps adds the products of each BF16 pair into its FP32 lane; the tail
+// (Kin mod 32) loads masked weights against x's zero padding. Each element's
+// order depends only on Kin.
+template <int RB, int TB>
+SY_AVX512BF16 void DpBlock(const uint16_t* xb, int Kp, const uint16_t* w, int K, int N, float* y,
+                           bool accumulate) {
+  __m512 acc[RB][TB];
+#pragma GCC unroll 16
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[RB];
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) {
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + static_cast<int64_t>(r) * K + k);
+    }
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + static_cast<int64_t>(t) * Kp + k);
+#pragma GCC unroll 16
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+    __m512bh wv[RB];
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) {
+      wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + static_cast<int64_t>(r) * K + k);
+    }
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + static_cast<int64_t>(t) * Kp + k);
+#pragma GCC unroll 16
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) {
+      const float s = _mm512_reduce_add_ps(acc[r][t]);
+      float& out = y[static_cast<int64_t>(t) * N + r];
+      out = accumulate ? out + s : s;
+    }
+}
+
+template <int RB, int TB>
+SY_AVX512BF16 void DpRows(const uint16_t* xb, int Kp, const uint16_t* w, int K, int N, int n_begin,
+                          int n_end, float* y, bool accumulate) {
+  int n = n_begin;
+  for (; n + RB <= n_end; n += RB) {
+    DpBlock<RB, TB>(xb, Kp, w + static_cast<int64_t>(n) * K, K, N, y + n, accumulate);
+  }
+  for (; n < n_end; ++n) {
+    DpBlock<1, TB>(xb, Kp, w + static_cast<int64_t>(n) * K, K, N, y + n, accumulate);
+  }
+}
+
+SY_AVX512BF16 void SkinnyDpBf16(const uint16_t* xb, int Kp, const uint16_t* w, int tokens, int K,
+                                int N, int n_begin, int n_end, float* y, bool accumulate) {
+  int t = 0;
+  for (; t + 4 <= tokens; t += 4) {
+    DpRows<4, 4>(xb + static_cast<int64_t>(t) * Kp, Kp, w, K, N, n_begin, n_end,
+                 y + static_cast<int64_t>(t) * N, accumulate);
+  }
+  const uint16_t* xt = xb + static_cast<int64_t>(t) * Kp;  // [rest, Kp]
+  float* yt = y + static_cast<int64_t>(t) * N;             // [rest, N]
+  switch (tokens - t) {
+    case 3:
+      DpRows<4, 3>(xt, Kp, w, K, N, n_begin, n_end, yt, accumulate);
+      break;
+    case 2:
+      DpRows<4, 2>(xt, Kp, w, K, N, n_begin, n_end, yt, accumulate);
+      break;
+    case 1:
+      DpRows<8, 1>(xt, Kp, w, K, N, n_begin, n_end, yt, accumulate);
+      break;
+    default:
+      break;
+  }
+}
+
+// out[n] = F32ToBf16(x[n]) (round to nearest even, NaN kept), 16 at a time.
+SY_AVX512 void RoundToBf16Avx512(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  const __m512i quiet = _mm512_set1_epi32(0x40);
+  for (; i + 16 <= n; i += 16) {
+    const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(x + i));
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, lsb)), 16);
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, abs_mask), inf);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), quiet);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(r));
+  }
+  for (; i < n; ++i) out[i] = F32ToBf16(x[i]);
+}
+
+CpuIsa DetectIsa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return __builtin_cpu_supports("avx512bf16") ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::kAvx2;
+  return CpuIsa::kScalar;
+}
+#else
+CpuIsa DetectIsa() { return CpuIsa::kScalar; }
+#endif
+
+// The level and precision in force; set from the environment at first use.
+struct KernelState {
+  std::atomic<int> isa;
+  std::atomic<int> precision;
+  KernelState() {
+    CpuIsa chosen = DetectedIsa();
+    if (const char* env = std::getenv("SWITCHYARD_CPU_ISA"); env != nullptr && *env != '\0') {
+      for (CpuIsa level : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+        if (std::strcmp(env, CpuIsaName(level)) == 0) chosen = std::min(chosen, level);
+      }
+    }
+    isa.store(static_cast<int>(chosen));
+    MatmulPrecision p = MatmulPrecision::kF32;
+    if (const char* env = std::getenv("SWITCHYARD_CPU_PRECISION"); env != nullptr) {
+      if (std::strcmp(env, "bf16") == 0) p = MatmulPrecision::kBf16;
+    }
+    precision.store(static_cast<int>(p));
+  }
+};
+
+KernelState& State() {
+  static KernelState state;
+  return state;
+}
+
+template <typename W>
+void SkinnyRange(CpuIsa isa, const float* x, const W* w, int tokens, int K, int N, int n_begin,
+                 int n_end, float* y, bool accumulate) {
+#ifdef SY_X86
+  if (isa >= CpuIsa::kAvx512) {
+    SkinnyAvx512(x, w, tokens, K, N, n_begin, n_end, y, accumulate);
+    return;
+  }
+  if (isa >= CpuIsa::kAvx2) {
     SkinnyAvx2(x, w, tokens, K, N, n_begin, n_end, y, accumulate);
     return;
   }
@@ -150,34 +379,96 @@ void SkinnyRange(const float* x, const W* w, int tokens, int K, int N, int n_beg
   SkinnyScalar(x, w, tokens, K, N, n_begin, n_end, y, accumulate);
 }
 
-// y[T, N] = x[T, Kin] · w[N, Kin]^T for T <= kSkinnyMaxTokens, N split
-// across the OpenMP team when the weights are large enough to pay for it.
-template <typename W>
-void Skinny(const float* x, const W* w, int tokens, int K, int N, float* y, bool accumulate) {
-  constexpr int64_t kMinWeightsPerThread = 1 << 15;
+// Threads for a product over w[N, Kin]: as many as the weights pay for.
+int ThreadsFor(int64_t N, int64_t K, int64_t tokens) {
+  constexpr int64_t kMinWorkPerThread = 1 << 15;
   int threads = 1;
 #ifdef _OPENMP
   if (!omp_in_parallel()) {
-    const int64_t by_size = static_cast<int64_t>(N) * K / kMinWeightsPerThread;
+    const int64_t by_size = N * K * std::max<int64_t>(1, tokens / 4) / kMinWorkPerThread;
     threads = static_cast<int>(std::clamp<int64_t>(by_size, 1, omp_get_max_threads()));
-    threads = std::min(threads, std::max(1, N / 8));
+    threads = std::min<int64_t>(threads, std::max<int64_t>(1, N / 8));
   }
 #endif
+  return threads;
+}
+
+// Runs body(n_begin, n_end) over [0, N) split into whole 8-row groups across
+// `threads` OpenMP threads (only the last chunk has a ragged end).
+template <typename Body>
+void SplitRows(int N, int threads, const Body& body) {
   if (threads <= 1) {
-    SkinnyRange(x, w, tokens, K, N, 0, N, y, accumulate);
+    body(0, N);
     return;
   }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
   {
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    // Chunks of whole 8-row groups; only the last chunk has a ragged end.
     const int groups = (N + 7) / 8;
     const int begin = std::min(N, static_cast<int>(static_cast<int64_t>(groups) * id / nt) * 8);
     const int end = std::min(N, static_cast<int>(static_cast<int64_t>(groups) * (id + 1) / nt) * 8);
-    SkinnyRange(x, w, tokens, K, N, begin, end, y, accumulate);
+    body(begin, end);
   }
 #endif
+}
+
+// Rows [n_begin, n_end) for all T tokens: blocks of kRowBlock weight rows stay
+// in cache while every chunk of kSkinnyMaxTokens tokens passes over them.
+template <typename Kernel>
+void ForRowBlocks(int tokens, int N, int n_begin, int n_end, const Kernel& kernel) {
+  constexpr int kRowBlock = 64;
+  if (tokens <= kSkinnyMaxTokens) {
+    kernel(0, tokens, n_begin, n_end);
+    return;
+  }
+  for (int n0 = n_begin; n0 < n_end; n0 += kRowBlock) {
+    const int n1 = std::min(n_end, n0 + kRowBlock);
+    for (int t0 = 0; t0 < tokens; t0 += kSkinnyMaxTokens) {
+      kernel(t0, std::min(kSkinnyMaxTokens, tokens - t0), n0, n1);
+    }
+  }
+}
+
+// y[T, N] = x[T, Kin] · w[N, Kin]^T with the FP32 skinny kernels, any T.
+template <typename W>
+void Skinny(CpuIsa isa, const float* x, const W* w, int tokens, int K, int N, float* y,
+            bool accumulate) {
+  SplitRows(N, ThreadsFor(N, K, tokens), [&](int n_begin, int n_end) {
+    ForRowBlocks(tokens, N, n_begin, n_end, [&](int t0, int tb, int b, int e) {
+      SkinnyRange(isa, x + static_cast<int64_t>(t0) * K, w, tb, K, N, b, e,
+                  y + static_cast<int64_t>(t0) * N, accumulate);
+    });
+  });
+}
+
+// BF16 precision: x rounded to BF16, then BF16 × BF16 products summed in FP32.
+void LinearBf16Precision(CpuIsa isa, const float* x, const uint16_t* w, int tokens, int K, int N,
+                         float* y, bool accumulate) {
+#ifdef SY_X86
+  if (isa >= CpuIsa::kAvx512Bf16) {
+    const int Kp = (K + 31) / 32 * 32;
+    thread_local std::vector<uint16_t> xb;  // [T, Kp], zero padded
+    xb.assign(static_cast<size_t>(tokens) * Kp, 0);
+    for (int t = 0; t < tokens; ++t) {
+      RoundToBf16Avx512(x + static_cast<int64_t>(t) * K, K,
+                        xb.data() + static_cast<int64_t>(t) * Kp);
+    }
+    const uint16_t* xbp = xb.data();
+    SplitRows(N, ThreadsFor(N, K, tokens), [&](int n_begin, int n_end) {
+      ForRowBlocks(tokens, N, n_begin, n_end, [&](int t0, int tb, int b, int e) {
+        SkinnyDpBf16(xbp + static_cast<int64_t>(t0) * Kp, Kp, w, tb, K, N, b, e,
+                     y + static_cast<int64_t>(t0) * N, accumulate);
+      });
+    });
+    return;
+  }
+#endif
+  // Elsewhere the same products in FP32: BF16 × BF16 is exact in FP32.
+  thread_local std::vector<float> xr;  // [T, Kin], BF16-rounded
+  xr.resize(static_cast<size_t>(tokens) * K);
+  for (size_t i = 0; i < xr.size(); ++i) xr[i] = Bf16ToF32(F32ToBf16(x[i]));
+  Skinny(isa, xr.data(), w, tokens, K, N, y, accumulate);
 }
 
 void BlasLinear(const float* x, const float* w, int tokens, int in_features, int out_features,
@@ -259,11 +550,56 @@ void Matrix::RowToF32(int r, float* out) const {
   }
 }
 
+CpuIsa DetectedIsa() {
+  static const CpuIsa detected = DetectIsa();
+  return detected;
+}
+
+const char* CpuIsaName(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kScalar:
+      return "scalar";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    case CpuIsa::kAvx512:
+      return "avx512";
+    case CpuIsa::kAvx512Bf16:
+      return "avx512_bf16";
+  }
+  return "unknown";
+}
+
+CpuIsa ActiveIsa() { return static_cast<CpuIsa>(State().isa.load(std::memory_order_relaxed)); }
+
+CpuIsa SetIsa(CpuIsa isa) {
+  const CpuIsa chosen = std::min(isa, DetectedIsa());
+  State().isa.store(static_cast<int>(chosen));
+  return chosen;
+}
+
+MatmulPrecision ActivePrecision() {
+  return static_cast<MatmulPrecision>(State().precision.load(std::memory_order_relaxed));
+}
+
+void SetPrecision(MatmulPrecision precision) {
+  State().precision.store(static_cast<int>(precision));
+}
+
+std::string KernelDescription() {
+  const CpuIsa isa = ActiveIsa();
+  const bool bf16 = ActivePrecision() == MatmulPrecision::kBf16;
+  std::string s = std::string("cpu kernels: ") + CpuIsaName(isa) + " (cpu has " +
+                  CpuIsaName(DetectedIsa()) + "), bf16-weight products in " +
+                  (bf16 ? "bf16 precision" : "fp32 precision");
+  if (bf16) s += isa >= CpuIsa::kAvx512Bf16 ? " via vdpbf16ps" : " (fp32 emulation)";
+  return s;
+}
+
 void Linear(const float* x, const float* w, int tokens, int in_features, int out_features, float* y,
             bool accumulate) {
   if (tokens <= 0 || out_features <= 0) return;
   if (tokens <= kSkinnyMaxTokens) {
-    Skinny(x, w, tokens, in_features, out_features, y, accumulate);
+    Skinny(ActiveIsa(), x, w, tokens, in_features, out_features, y, accumulate);
     return;
   }
   BlasLinear(x, w, tokens, in_features, out_features, out_features, y, accumulate);
@@ -276,11 +612,17 @@ void Linear(const float* x, const Matrix& w, int tokens, float* y, bool accumula
   }
   const int K = w.cols(), N = w.rows();
   if (tokens <= 0 || N <= 0) return;
-  if (tokens <= kSkinnyMaxTokens) {
-    Skinny(x, w.bf16(), tokens, K, N, y, accumulate);
+  const CpuIsa isa = ActiveIsa();
+  if (ActivePrecision() == MatmulPrecision::kBf16) {
+    LinearBf16Precision(isa, x, w.bf16(), tokens, K, N, y, accumulate);
     return;
   }
-  // Many rows: convert blocks of about 256 KiB of weights to FP32 and GEMM.
+  if (tokens <= kSkinnyMaxTokens || isa >= CpuIsa::kAvx512) {
+    Skinny(isa, x, w.bf16(), tokens, K, N, y, accumulate);
+    return;
+  }
+  // Many rows without AVX-512: convert blocks of about 256 KiB of weights to
+  // FP32 and GEMM.
   const int block = std::max(16, (1 << 16) / std::max(K, 1));
   std::vector<float> wf(static_cast<size_t>(std::min(block, N)) * K);  // [block, Kin]
   for (int n0 = 0; n0 < N; n0 += block) {

@@ -13,13 +13,30 @@
 // y[t, n] = sum_k x[t, k] * float(w[n, k]), accumulated in FP32 (the
 // summation order differs between shapes and kernels, FP32 rounding only).
 // For few rows (T <= kSkinnyMaxTokens) Linear uses a "skinny" kernel that
-// streams each weight row once and computes all T dot products from it
-// (AVX2/FMA when the CPU has it, else a scalar loop), split over N across a
-// persistent OpenMP team; each output element's summation order depends only
-// on Kin, never on T, N or the thread split. More rows go through BLAS
-// (BF16 weights converted block by block).
+// streams each weight row once and computes all T dot products from it,
+// split over N across a persistent OpenMP team; each output element's
+// summation order depends only on Kin (and the kernel level), never on T, N or
+// the thread split. BF16 matrices use the same kernel for any T when the
+// level is avx512 or above, or the precision is kBf16 (row blocks kept in
+// cache while 16-token chunks pass over them); otherwise, and for FP32
+// matrices, more rows go through BLAS.
 //
-// Thread-safety: pure functions over caller-owned buffers; Matrix is
+// Kernel levels (CpuIsa), picked at run time: the best the CPU has, capped by
+// SWITCHYARD_CPU_ISA=scalar|avx2|avx512|avx512_bf16 (tests force the lower
+// paths this way or with SetIsa). scalar is the portable loop; avx2 and
+// avx512 are FMA kernels with 8 and 16 lanes.
+//
+// Precision of BF16-weight products (MatmulPrecision), default kF32:
+//   kF32:  FP32 activations × exact BF16 weights, FP32 sums (HF parity).
+//   kBf16: activations rounded to BF16 (round to nearest even) first, as
+//          llama.cpp does with F16 weights and the GPU's BF16 mode; the
+//          products are exact, the sums FP32. With AVX512_BF16 this runs on
+//          vdpbf16ps (two products per lane and instruction), elsewhere as the
+//          same math in FP32. Select with SWITCHYARD_CPU_PRECISION=bf16 or
+//          SetPrecision. FP32 matrices always use kF32.
+//
+// Thread-safety: pure functions over caller-owned buffers (the level and
+// precision are atomics read once per product); Matrix is
 // immutable after construction and may be shared across threads.
 #ifndef SWITCHYARD_CORE_CPU_OPS_H_
 #define SWITCHYARD_CORE_CPU_OPS_H_
@@ -37,6 +54,27 @@ class Checkpoint;
 }  // namespace switchyard
 
 namespace switchyard::cpu {
+
+// Instruction-set levels of the Linear kernels, lowest first.
+enum class CpuIsa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+// What a product with BF16 weights rounds (see the file comment).
+enum class MatmulPrecision { kF32 = 0, kBf16 = 1 };
+
+// The best level this CPU supports.
+CpuIsa DetectedIsa();
+// "scalar", "avx2", "avx512", "avx512_bf16".
+const char* CpuIsaName(CpuIsa isa);
+// The level in force: DetectedIsa() capped by SWITCHYARD_CPU_ISA at first use.
+CpuIsa ActiveIsa();
+// Sets the level (clamped to DetectedIsa()) for all threads; returns the level
+// in force. Call between products, not during one (tests and benchmarks).
+CpuIsa SetIsa(CpuIsa isa);
+// The precision in force: kBf16 when SWITCHYARD_CPU_PRECISION=bf16 at first use.
+MatmulPrecision ActivePrecision();
+void SetPrecision(MatmulPrecision precision);
+// One line for start-up logs: the active level, the CPU's, the precision.
+std::string KernelDescription();
 
 // Row counts up to this use the skinny kernel.
 inline constexpr int kSkinnyMaxTokens = 16;

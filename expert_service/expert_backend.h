@@ -51,12 +51,15 @@ class ExpertBackend {
 
 // Runs experts from an in-process ExpertStore on the CPU: the gateway's
 // `--experts local`, the expert service's `--device cpu`, and the oracle for
-// the other backends.
+// the other backends. A layer with several experts splits whole experts over
+// the OpenMP team (one fork/join per layer); a single expert splits its
+// products' rows instead (cpu::Linear).
 class LocalExpertBackend : public ExpertBackend {
  public:
   explicit LocalExpertBackend(const ExpertStore* store) : store_(store) {}
   absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override;
-  std::string Describe() const override { return "cpu (in-process, f32)"; }
+  // Names the CPU kernel level and precision (cpu::KernelDescription).
+  std::string Describe() const override;
 
  private:
   const ExpertStore* store_;

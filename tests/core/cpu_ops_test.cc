@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -169,6 +171,145 @@ TEST(CpuOpsTest, SoftmaxAndSwiGlu) {
   cpu::SwiGlu(g.data(), u.data(), 3, out.data());
   for (int i = 0; i < 3; ++i) {
     EXPECT_NEAR(out[i], g[i] / (1 + std::exp(-g[i])) * u[i], 1e-6);
+  }
+}
+
+// ---- Kernel levels (issue #11) ----
+
+// The levels this CPU can run, lowest first.
+std::vector<cpu::CpuIsa> AvailableIsas() {
+  std::vector<cpu::CpuIsa> out;
+  for (cpu::CpuIsa isa :
+       {cpu::CpuIsa::kScalar, cpu::CpuIsa::kAvx2, cpu::CpuIsa::kAvx512, cpu::CpuIsa::kAvx512Bf16}) {
+    if (isa <= cpu::DetectedIsa()) out.push_back(isa);
+  }
+  return out;
+}
+
+// Restores the process-wide level and precision when a test ends.
+class KernelLevelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    isa_ = cpu::ActiveIsa();
+    precision_ = cpu::ActivePrecision();
+  }
+  void TearDown() override {
+    cpu::SetIsa(isa_);
+    cpu::SetPrecision(precision_);
+  }
+
+ private:
+  cpu::CpuIsa isa_ = cpu::CpuIsa::kScalar;
+  cpu::MatmulPrecision precision_ = cpu::MatmulPrecision::kF32;
+};
+
+// Every level × precision × awkward shape (1 row, 1 column, Kin not a
+// multiple of 8/16/32, N not a multiple of the row blocks, T past the 16-token
+// chunks) against a double-accumulated loop over the values the precision
+// promises to use: x itself (kF32) or x rounded to BF16 (kBf16). One table of
+// max |diff| per level and precision is printed at the end.
+TEST_F(KernelLevelTest, EveryLevelAndPrecisionMatchesOracleOnAwkwardShapes) {
+  struct Shape {
+    int T, K, N;
+  };
+  const Shape shapes[] = {{1, 1, 1},    {1, 15, 7},    {2, 31, 9},    {3, 33, 65},
+                          {4, 47, 17},  {5, 100, 3},   {7, 1024, 13}, {16, 257, 33},
+                          {17, 64, 66}, {33, 129, 71}, {64, 1000, 9}, {1, 3584, 24}};
+  std::printf("%-12s %-5s %12s %12s\n", "level", "prec", "max |diff|", "bound used");
+  for (cpu::CpuIsa isa : AvailableIsas()) {
+    ASSERT_EQ(cpu::SetIsa(isa), isa);
+    for (cpu::MatmulPrecision precision :
+         {cpu::MatmulPrecision::kF32, cpu::MatmulPrecision::kBf16}) {
+      cpu::SetPrecision(precision);
+      const bool bf16 = precision == cpu::MatmulPrecision::kBf16;
+      double worst = 0;
+      for (const Shape& s : shapes) {
+        const auto x = Random(static_cast<size_t>(s.T) * s.K, 31 + s.K);   // [T, K]
+        const auto wf = Random(static_cast<size_t>(s.N) * s.K, 32 + s.N);  // [N, K]
+        std::vector<uint16_t> wb(wf.size());                               // [N, K]
+        for (size_t i = 0; i < wf.size(); ++i) wb[i] = F32ToBf16(wf[i]);
+        std::vector<float> ref(static_cast<size_t>(s.T) * s.N);  // [T, N]
+        for (int t = 0; t < s.T; ++t)
+          for (int n = 0; n < s.N; ++n) {
+            double sum = 0;
+            for (int k = 0; k < s.K; ++k) {
+              float xv = x[static_cast<size_t>(t) * s.K + k];
+              if (bf16) xv = Bf16ToF32(F32ToBf16(xv));
+              sum += static_cast<double>(xv) * Bf16ToF32(wb[static_cast<size_t>(n) * s.K + k]);
+            }
+            ref[static_cast<size_t>(t) * s.N + n] = static_cast<float>(sum);
+          }
+        const cpu::Matrix m = cpu::Matrix::FromBf16(wb, s.N, s.K);
+        std::vector<float> y(ref.size(), -7.0f), acc(ref.size(), 0.5f);  // [T, N]
+        cpu::Linear(x.data(), m, s.T, y.data());
+        cpu::Linear(x.data(), m, s.T, acc.data(), /*accumulate=*/true);
+        std::vector<float> ref_acc(ref);
+        for (float& v : ref_acc) v += 0.5f;
+        for (size_t i = 0; i < y.size(); ++i) {
+          worst = std::max(worst, std::abs(static_cast<double>(y[i]) - ref[i]));
+        }
+        const std::string what = std::string(cpu::CpuIsaName(isa)) + (bf16 ? " bf16" : " f32") +
+                                 " T=" + std::to_string(s.T) + " K=" + std::to_string(s.K) +
+                                 " N=" + std::to_string(s.N);
+        EXPECT_TRUE(AllClose(y, ref, tolerance::kLinearAbs, tolerance::kLinearRel, what)) << what;
+        EXPECT_TRUE(AllClose(acc, ref_acc, tolerance::kLinearAbs, tolerance::kLinearRel, what))
+            << "accumulate " << what;
+      }
+      std::printf("%-12s %-5s %12.3g %12.3g\n", cpu::CpuIsaName(isa), bf16 ? "bf16" : "f32", worst,
+                  tolerance::kLinearAbs);
+    }
+  }
+}
+
+// At every level and precision a row computed in a batch of 16 (or in the
+// 16-token chunks past it) is bitwise the row computed alone.
+TEST_F(KernelLevelTest, EveryLevelRowIndependentOfBatch) {
+  const int T = 20, K = 1000, N = 131;
+  const auto x = Random(static_cast<size_t>(T) * K, 41);   // [T, K]
+  const auto wf = Random(static_cast<size_t>(N) * K, 42);  // [N, K]
+  std::vector<uint16_t> wb(wf.size());                     // [N, K]
+  for (size_t i = 0; i < wf.size(); ++i) wb[i] = F32ToBf16(wf[i]);
+  const cpu::Matrix m = cpu::Matrix::FromBf16(wb, N, K);
+  for (cpu::CpuIsa isa : AvailableIsas()) {
+    cpu::SetIsa(isa);
+    for (cpu::MatmulPrecision precision :
+         {cpu::MatmulPrecision::kF32, cpu::MatmulPrecision::kBf16}) {
+      cpu::SetPrecision(precision);
+      // T = 20 runs as one batch only where BF16 matrices skip BLAS.
+      const int batch = isa >= cpu::CpuIsa::kAvx512 ? T : cpu::kSkinnyMaxTokens;
+      std::vector<float> all(static_cast<size_t>(batch) * N), one(N);  // [batch, N], [N]
+      cpu::Linear(x.data(), m, batch, all.data());
+      for (int t = 0; t < batch; ++t) {
+        cpu::Linear(x.data() + static_cast<size_t>(t) * K, m, 1, one.data());
+        EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + static_cast<size_t>(t) * N))
+            << cpu::CpuIsaName(isa) << " precision " << static_cast<int>(precision) << " row " << t;
+      }
+    }
+  }
+}
+
+TEST_F(KernelLevelTest, SetIsaClampsToTheCpuAndNamesTheLevel) {
+  EXPECT_EQ(cpu::SetIsa(cpu::CpuIsa::kAvx512Bf16), cpu::DetectedIsa());
+  EXPECT_EQ(cpu::ActiveIsa(), cpu::DetectedIsa());
+  EXPECT_EQ(cpu::SetIsa(cpu::CpuIsa::kScalar), cpu::CpuIsa::kScalar);
+  EXPECT_STREQ(cpu::CpuIsaName(cpu::CpuIsa::kAvx512Bf16), "avx512_bf16");
+  cpu::SetPrecision(cpu::MatmulPrecision::kBf16);
+  EXPECT_NE(cpu::KernelDescription().find("scalar"), std::string::npos) << cpu::KernelDescription();
+  EXPECT_NE(cpu::KernelDescription().find("bf16 precision"), std::string::npos);
+}
+
+// SWITCHYARD_CPU_ISA caps the level at start-up; ctest runs this binary a
+// second time with SWITCHYARD_CPU_ISA=avx2 (cpu_ops_test_avx2).
+TEST(CpuOpsEnvTest, EnvironmentCapsTheLevel) {
+  const char* env = std::getenv("SWITCHYARD_CPU_ISA");
+  if (env == nullptr) GTEST_SKIP() << "SWITCHYARD_CPU_ISA is not set";
+  std::printf("SWITCHYARD_CPU_ISA=%s: %s\n", env, cpu::KernelDescription().c_str());
+  EXPECT_LE(cpu::ActiveIsa(), cpu::DetectedIsa());
+  if (std::string(env) == "avx2") {
+    EXPECT_LE(cpu::ActiveIsa(), cpu::CpuIsa::kAvx2);
+  }
+  if (std::string(env) == "scalar") {
+    EXPECT_EQ(cpu::ActiveIsa(), cpu::CpuIsa::kScalar);
   }
 }
 
