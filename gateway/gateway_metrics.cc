@@ -49,6 +49,13 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
       kv_capacity_tokens(metrics::AddGauge(*r, "switchyard_gateway_kv_cache_capacity_tokens",
                                            "KV cache token slots in all.")
                              .Add({})),
+      kv_capacity_bytes(metrics::AddGauge(*r, "switchyard_gateway_kv_cache_capacity_bytes",
+                                          "Bytes of K/V storage the KV cache holds in all.")
+                            .Add({})),
+      kv_preemptions(metrics::AddCounter(*r, "switchyard_gateway_kv_cache_preemptions_total",
+                                         "Sequences that gave up their KV cache to older ones "
+                                         "when it ran out; their context is prefilled again.")
+                         .Add({})),
       step_tokens(metrics::AddHistogram(*r, "switchyard_gateway_step_tokens",
                                         "Tokens per scheduler step (decodes and prefill chunks).")
                       .Add({}, metrics::ExponentialBuckets(1, 2, 14))),
