@@ -1,5 +1,7 @@
 #include "attention_service/kv_cache.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace switchyard {
@@ -16,6 +18,7 @@ KvCachePool::KvCachePool(const ModelConfig& config, int64_t max_tokens, bool hos
   if (host_storage_ && layout_ == KvLayout::kPaged) {
     slab_.reset(new float[static_cast<size_t>(total_blocks_) * layers_ * 2 * block_plane_]);
   }
+  info_.resize(total_blocks_);
   // Popped from the back: the lowest blocks go first.
   free_.reserve(total_blocks_);
   for (int64_t b = total_blocks_ - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
@@ -29,19 +32,85 @@ int64_t KvCachePool::bytes_per_token() const {
   return int64_t{2} * config_.num_hidden_layers * config_.kv_dim() * sizeof(float);
 }
 
+namespace {
+
+// One step of the prefix hash chain: the hash of a block's tokens and of
+// every token before them (splitmix64 finaliser over each token).
+uint64_t ChainHash(uint64_t h, absl::Span<const int32_t> tokens) {
+  for (int32_t t : tokens) {
+    h ^= static_cast<uint64_t>(static_cast<uint32_t>(t)) + 0x9e3779b97f4a7c15ull + (h << 6) +
+         (h >> 2);
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebull;
+    h ^= h >> 31;
+  }
+  return h;
+}
+
+}  // namespace
+
+int64_t KvCachePool::cached_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int64_t>(lru_.size());
+}
+
 bool KvCachePool::TryAcquire(int n, std::vector<int32_t>* table) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (static_cast<int64_t>(free_.size()) < n) return false;
-  table->insert(table->end(), free_.end() - n, free_.end());
-  free_.resize(free_.size() - n);
+  if (static_cast<int64_t>(free_.size() + lru_.size()) < n) return false;
+  for (int i = 0; i < n; ++i) {
+    int32_t block;
+    if (!free_.empty()) {
+      block = free_.back();
+      free_.pop_back();
+    } else {  // evict the least recently used cached block
+      block = lru_.front();
+      lru_.pop_front();
+      by_hash_.erase(info_[block].hash);
+      info_[block].published = false;
+    }
+    info_[block].refs = 1;
+    table->push_back(block);
+  }
   used_blocks_.fetch_add(n);
   return true;
 }
 
 void KvCachePool::Release(const std::vector<int32_t>& blocks) {
   std::lock_guard<std::mutex> lock(mu_);
-  free_.insert(free_.end(), blocks.rbegin(), blocks.rend());
-  used_blocks_.fetch_sub(static_cast<int64_t>(blocks.size()));
+  // Last block first, so a prefix's deeper blocks are evicted before its
+  // shallower ones, which more requests share.
+  for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+    BlockInfo& b = info_[*it];
+    if (--b.refs > 0) continue;
+    used_blocks_.fetch_sub(1);
+    if (b.published) {
+      b.lru = lru_.insert(lru_.end(), *it);
+    } else {
+      free_.push_back(*it);
+    }
+  }
+}
+
+int32_t KvCachePool::Share(uint64_t hash) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto found = by_hash_.find(hash);
+  if (found == by_hash_.end()) return -1;
+  BlockInfo& b = info_[found->second];
+  if (b.refs++ == 0) {
+    lru_.erase(b.lru);
+    used_blocks_.fetch_add(1);
+  }
+  return found->second;
+}
+
+void KvCachePool::Publish(int32_t block, uint64_t hash) {
+  std::lock_guard<std::mutex> lock(mu_);
+  BlockInfo& b = info_[block];
+  if (b.published || !by_hash_.emplace(hash, block).second) return;
+  b.published = true;
+  b.hash = hash;
 }
 
 SequenceKv::SequenceKv(KvCachePool* pool)
@@ -59,6 +128,34 @@ SequenceKv::~SequenceKv() {
   attachment_.reset();  // device memory first, then the blocks
   pool_->Release(blocks_);
   pool_->live_sequences_.fetch_sub(1);
+}
+
+int SequenceKv::AttachCachedPrefix(absl::Span<const int32_t> tokens) {
+  constexpr int kB = KvCachePool::kBlockTokens;
+  if (!pool_->prefix_caching() || !blocks_.empty() || tokens.empty()) return length_;
+  const int most = (static_cast<int>(tokens.size()) - 1) / kB;  // leave a token to compute
+  uint64_t h = 0;
+  for (int i = 0; i < most; ++i) {
+    const uint64_t next = ChainHash(h, tokens.subspan(static_cast<size_t>(i) * kB, kB));
+    const int32_t block = pool_->Share(next);
+    if (block < 0) break;
+    blocks_.push_back(block);
+    h = next;
+  }
+  published_ = static_cast<int>(blocks_.size());
+  chain_hash_ = h;
+  length_ = published_ * kB;
+  return length_;
+}
+
+void SequenceKv::Publish(absl::Span<const int32_t> tokens) {
+  constexpr int kB = KvCachePool::kBlockTokens;
+  if (!pool_->prefix_caching()) return;
+  const int full = std::min(length_, static_cast<int>(tokens.size())) / kB;
+  for (; published_ < full; ++published_) {
+    chain_hash_ = ChainHash(chain_hash_, tokens.subspan(static_cast<size_t>(published_) * kB, kB));
+    pool_->Publish(blocks_[published_], chain_hash_);
+  }
 }
 
 absl::Status SequenceKv::Reserve(int new_length) {

@@ -10,6 +10,15 @@
 // when no block is free, and a sequence's blocks go back to the pool when its
 // SequenceKv is destroyed.
 //
+// Prefix reuse (paged host storage only): once a block is full, the
+// scheduler publishes it under the hash of every token up to its end
+// (Publish). A published block is shared read-only by every sequence whose
+// context starts with the same tokens (AttachCachedPrefix), and when no
+// sequence holds it any more it stays cached, evicted least recently used
+// first when the pool needs a free block. Only full blocks are shared and a
+// sequence only ever writes past its length, so a shared block is never
+// written: no copy is needed.
+//
 // KvLayout::kContiguous keeps each sequence's K/V in its own growing arrays
 // (the layout before paging): the oracle tests check the paged layout
 // against. A GPU runner keeps K/V on the device (host_storage = false): the
@@ -22,11 +31,14 @@
 
 #include <atomic>
 #include <cstdint>
+#include <list>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/types/span.h"
 #include "core/model_config.h"
 
 namespace switchyard {
@@ -64,7 +76,12 @@ class KvCachePool {
   int64_t used_tokens() const { return used_blocks_.load() * kBlockTokens; }
   int64_t live_sequences() const { return live_sequences_.load(); }
   int64_t total_blocks() const { return total_blocks_; }
+  // Blocks no sequence holds (cached ones included: they are evicted on demand).
   int64_t free_blocks() const { return total_blocks_ - used_blocks_.load(); }
+  // Blocks no sequence holds that still keep a published prefix.
+  int64_t cached_blocks() const;
+  // Whether sequences can share published prefix blocks (paged host storage).
+  bool prefix_caching() const { return slab_ != nullptr; }
   // Bytes one token slot takes (K and V, all layers, FP32).
   int64_t bytes_per_token() const;
   // Bytes of K/V the whole pool holds (every block), wherever it is stored.
@@ -75,8 +92,21 @@ class KvCachePool {
  private:
   friend class SequenceKv;
   // Appends `n` free blocks to `table`; false (and nothing taken) if fewer are free.
+  struct BlockInfo {
+    int refs = 0;            // sequences whose table holds the block
+    bool published = false;  // in by_hash_ (then in lru_ while refs == 0)
+    uint64_t hash = 0;
+    std::list<int32_t>::iterator lru;
+  };
+  // Appends `n` free blocks to `table` (evicting cached ones if it must);
+  // false (and nothing taken) if fewer are free.
   bool TryAcquire(int n, std::vector<int32_t>* table);
   void Release(const std::vector<int32_t>& blocks);
+  // The published block for `hash`, now also held by the caller, or -1.
+  int32_t Share(uint64_t hash);
+  // Makes `block` (full, written) findable under `hash` unless another block
+  // already is.
+  void Publish(int32_t block, uint64_t hash);
   // K of block `block`, layer `layer`: [kBlockTokens, Hkv*hd]; V follows it.
   float* BlockKeys(int32_t block, int layer) const {
     return slab_.get() + (static_cast<int64_t>(block) * layers_ + layer) * 2 * block_plane_;
@@ -92,8 +122,11 @@ class KvCachePool {
   // The paged slab, [blocks][L][K|V][kBlockTokens][Hkv*hd]. Allocated
   // without initialising, so the OS backs pages only as blocks are written.
   std::unique_ptr<float[]> slab_;
-  std::mutex mu_;
-  std::vector<int32_t> free_;  // guarded by mu_; popped from the back
+  mutable std::mutex mu_;
+  std::vector<int32_t> free_;    // guarded by mu_; unpublished, popped from the back
+  std::vector<BlockInfo> info_;  // guarded by mu_; [blocks]
+  std::unordered_map<uint64_t, int32_t> by_hash_;  // guarded by mu_; published blocks
+  std::list<int32_t> lru_;  // guarded by mu_; published, refs == 0, oldest first
   std::atomic<int64_t> used_blocks_{0};
   std::atomic<int64_t> live_sequences_{0};
 };
@@ -116,8 +149,19 @@ class SequenceKv {
   absl::Status Reserve(int new_length);
   // Marks `n` more positions as written.
   void Commit(int n) { length_ += n; }
-  // Forgets positions from `new_length` on (their slots stay reserved).
+  // Forgets positions from `new_length` on (their slots stay reserved). Only
+  // for sequences that never attached or published a prefix (benchmarks).
   void Truncate(int new_length) { length_ = new_length < length_ ? new_length : length_; }
+
+  // Prefix reuse. A fresh sequence (nothing reserved) whose context is
+  // `tokens` takes the longest run of published blocks that matches its
+  // first tokens, leaving at least one token to compute (the step that
+  // samples needs its logits). Returns the positions it now holds (its
+  // length; 0 without prefix caching).
+  int AttachCachedPrefix(absl::Span<const int32_t> tokens);
+  // Publishes the full blocks among the first length() positions, whose
+  // tokens are the first length() of `tokens`.
+  void Publish(absl::Span<const int32_t> tokens);
 
   // Backend state that lives and dies with this sequence (a GPU runner's
   // device K/V). Destroyed with the SequenceKv, so freeing a sequence frees
@@ -147,6 +191,8 @@ class SequenceKv {
   int kv_dim_;
   bool contiguous_;
   int length_ = 0;
+  int published_ = 0;                       // leading blocks published or attached
+  uint64_t chain_hash_ = 0;                 // hash of the tokens of those blocks
   std::vector<int32_t> blocks_;             // the block table
   std::vector<std::vector<float>> keys_;    // contiguous layout only: [L][S, Hkv*hd]
   std::vector<std::vector<float>> values_;  // contiguous layout only: [L][S, Hkv*hd]

@@ -204,7 +204,15 @@ bool Scheduler::Admit() {
     // Reserving allocates: no lock held, so Submit and Cancel on gRPC
     // threads never wait behind it.
     std::unique_ptr<SequenceKv> kv = kv_pool_->NewSequence();
+    // Blocks another sequence published for the same leading tokens are
+    // shared, not prefilled again (a preempted sequence often finds its own).
+    const int hit = kv->AttachCachedPrefix(next->context);
     if (!kv->Reserve(next->context_size()).ok()) return false;  // taken meanwhile
+    if (hit > 0) {
+      if (metrics_ != nullptr) metrics_->kv_prefix_hit_tokens.Increment(hit);
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.prefix_hit_tokens += hit;
+    }
     next->kv = std::move(kv);
     next->preempted = false;
     if (metrics_ != nullptr && !next->counted) {
@@ -309,6 +317,11 @@ void Scheduler::Loop() {
       metrics_->running_sequences.Set(static_cast<double>(running_.size()));
       metrics_->waiting_requests.Set(static_cast<double>(waiting_.size()));
       metrics_->kv_used_tokens.Set(static_cast<double>(kv_pool_->used_tokens()));
+      const int64_t cached = kv_pool_->cached_blocks();
+      metrics_->kv_blocks_used.Set(
+          static_cast<double>(kv_pool_->total_blocks() - kv_pool_->free_blocks()));
+      metrics_->kv_blocks_cached.Set(static_cast<double>(cached));
+      metrics_->kv_blocks_free.Set(static_cast<double>(kv_pool_->free_blocks() - cached));
     }
     if (before != running_.size()) wake_.notify_all();
   }
@@ -384,6 +397,8 @@ void Scheduler::RunStep() {
     for (const PlannedInput& p : plan) Fail(*p.seq, out.status());
     return;
   }
+  // Full blocks become reusable by later requests with the same prefix.
+  for (const PlannedInput& p : plan) p.seq->kv->Publish(p.seq->context);
   const int V = runner_->config().vocab_size;
   for (size_t i = 0; i < plan.size(); ++i) {
     Sequence& seq = *plan[i].seq;

@@ -21,6 +21,11 @@
 // (RESOURCE_EXHAUSTED past it). The cache is reserved on the scheduler
 // thread without the lock, so Submit and Cancel never wait for it.
 //
+// Prefix reuse: after each step a sequence's full cache blocks are published
+// under the hash of their token prefix, and an admitted sequence whose
+// context starts with published blocks shares them instead of prefilling
+// those tokens (see KvCachePool; paged host storage only).
+//
 // A cancelled request (client gone, deadline passed) leaves at the next step
 // boundary and frees its cache at once. If a step fails (an expert is
 // unavailable), only the requests in that step end, with that error.
@@ -113,7 +118,8 @@ struct SchedulerStats {
   int64_t requests_finished = 0;
   int64_t requests_cancelled = 0;
   int64_t requests_failed = 0;
-  int64_t preemptions = 0;  // sequences that gave up their cache to older ones
+  int64_t preemptions = 0;        // sequences that gave up their cache to older ones
+  int64_t prefix_hit_tokens = 0;  // prompt positions taken from cached prefix blocks
 };
 
 class Scheduler {

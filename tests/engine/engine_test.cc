@@ -209,6 +209,54 @@ TEST(KvCacheTest, BlocksAreReusedThroughTheBlockTable) {
   }
 }
 
+// Published full blocks are shared by a later sequence with the same leading
+// tokens, kept cached when no sequence holds them, and evicted when the pool
+// needs blocks.
+TEST(KvCacheTest, PublishedPrefixBlocksAreSharedCachedAndEvicted) {
+  ModelConfig config;
+  config.num_hidden_layers = 2;
+  config.num_key_value_heads = 2;
+  config.head_dim = 4;
+  KvCachePool pool(config, /*max_tokens=*/64);  // 4 blocks
+  ASSERT_TRUE(pool.prefix_caching());
+  std::vector<int32_t> tokens(40);
+  for (int i = 0; i < 40; ++i) tokens[i] = 5 + i;
+  auto a = pool.NewSequence();
+  ASSERT_TRUE(a->Reserve(33).ok());
+  a->Commit(33);
+  a->Publish(tokens);  // blocks 0 and 1 are full
+  const std::vector<int32_t> a_table = a->block_table();
+  a.reset();
+  EXPECT_EQ(pool.cached_blocks(), 2);
+  EXPECT_EQ(pool.free_blocks(), 4);
+  EXPECT_EQ(pool.used_tokens(), 0);
+
+  auto b = pool.NewSequence();
+  EXPECT_EQ(b->AttachCachedPrefix(tokens), 32);
+  EXPECT_EQ(b->length(), 32);
+  ASSERT_EQ(b->block_table().size(), 2u);
+  EXPECT_EQ(b->block_table()[0], a_table[0]);
+  EXPECT_EQ(b->block_table()[1], a_table[1]);
+  EXPECT_EQ(pool.cached_blocks(), 0);
+  EXPECT_EQ(pool.used_tokens(), 32);
+  // A prompt of exactly 32 tokens shares one block: one token must be computed.
+  auto exact = pool.NewSequence();
+  EXPECT_EQ(exact->AttachCachedPrefix(absl::MakeConstSpan(tokens).subspan(0, 32)), 16);
+  exact.reset();
+  std::vector<int32_t> other = tokens;
+  other[3] = 9999;  // differs in the first block: nothing to share
+  EXPECT_EQ(pool.NewSequence()->AttachCachedPrefix(other), 0);
+  b.reset();
+  EXPECT_EQ(pool.cached_blocks(), 2);
+
+  auto d = pool.NewSequence();
+  ASSERT_TRUE(d->Reserve(64).ok());  // needs every block: the cached ones are evicted
+  EXPECT_EQ(pool.cached_blocks(), 0);
+  d.reset();
+  EXPECT_EQ(pool.NewSequence()->AttachCachedPrefix(tokens), 0);
+  EXPECT_EQ(pool.used_tokens(), 0);
+}
+
 // Paged attention against the contiguous layout (the oracle): several
 // sequences in mixed steps, chunks and decodes of awkward lengths that start
 // and end inside blocks and cross their boundaries, on a pool whose free

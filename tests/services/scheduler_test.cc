@@ -381,6 +381,53 @@ TEST_F(SchedulerTest, AdmissionOnRealUseRunsMoreThanTheWorstCaseAllows) {
   EXPECT_EQ((*model)->kv_pool().used_tokens(), 0);
 }
 
+// Prefix reuse: a second request whose prompt starts with the first one's
+// shares the first one's full cache blocks instead of prefilling them, and
+// still gives exactly its solo run; so does a third that diverges inside a block.
+TEST_F(SchedulerTest, ASharedPromptPrefixIsNotPrefilledTwice) {
+  LocalModelOptions options;
+  options.kv_cache_tokens = 1024;
+  auto model = LocalModel::Load(testing::TinyMixtralDir(), options);
+  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_TRUE((*model)->kv_pool().prefix_caching());
+  Scheduler scheduler(&(*model)->runner(), &(*model)->kv_pool(), &(*model)->tokenizer(), {});
+  std::vector<int32_t> preamble;  // 70 tokens: 4 full blocks and 6 more
+  for (int i = 0; i < 70; ++i) preamble.push_back(300 + (i * 37) % 5000);
+  auto run = [&](std::vector<int32_t> prompt) {
+    GenerationRequest r;
+    r.prompt_ids = std::move(prompt);
+    r.options.max_new_tokens = 12;
+    r.options.ignore_eos = true;
+    auto sink = std::make_shared<RecordingSink>();
+    EXPECT_TRUE(scheduler.Submit(r, sink).ok());
+    EXPECT_TRUE(sink->WaitFor(std::chrono::seconds(120)));
+    EXPECT_TRUE(sink->error.ok()) << sink->error;
+    auto solo = Generate((*model)->runner(), (*model)->kv_pool(), (*model)->tokenizer(),
+                         r.prompt_ids, r.options);
+    EXPECT_TRUE(solo.ok()) << solo.status();
+    if (solo.ok()) {
+      EXPECT_EQ(sink->tokens, solo->token_ids);
+    }
+    return scheduler.Stats();
+  };
+  const SchedulerStats first = run(preamble);
+  EXPECT_EQ(first.prefix_hit_tokens, 0);
+  EXPECT_GT((*model)->kv_pool().cached_blocks(), 0) << "finished blocks are kept cached";
+
+  std::vector<int32_t> same = preamble;  // the same prompt: 4 blocks shared
+  const SchedulerStats second = run(same);
+  EXPECT_EQ(second.prefix_hit_tokens - first.prefix_hit_tokens, 64);
+  // Prefill computed only what was not shared.
+  EXPECT_EQ((second.step_tokens_total - first.step_tokens_total) + 64, first.step_tokens_total);
+
+  std::vector<int32_t> diverging(preamble.begin(), preamble.begin() + 40);  // block 3 differs
+  for (int i = 0; i < 30; ++i) diverging.push_back(7000 + i);
+  const SchedulerStats third = run(diverging);
+  EXPECT_EQ(third.prefix_hit_tokens - second.prefix_hit_tokens, 32);
+  std::printf("prefix hit tokens: %lld\n", static_cast<long long>(third.prefix_hit_tokens));
+  EXPECT_EQ((*model)->kv_pool().used_tokens(), 0);
+}
+
 TEST_F(SchedulerTest, ManyUnsortedStopTokenIdsStillStopAtTheFirstOneGenerated) {
   auto scheduler = MakeScheduler();
   GenerationRequest r = Request(kPrompts[2], 24);
