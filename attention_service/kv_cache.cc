@@ -1,6 +1,11 @@
 #include "attention_service/kv_cache.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 
@@ -16,12 +21,29 @@ KvCachePool::KvCachePool(const ModelConfig& config, int64_t max_tokens, bool hos
       block_plane_(static_cast<int64_t>(kBlockTokens) * config.kv_dim()),
       total_blocks_(max_tokens / kBlockTokens) {
   if (host_storage_ && layout_ == KvLayout::kPaged) {
-    slab_.reset(new float[static_cast<size_t>(total_blocks_) * layers_ * 2 * block_plane_]);
+    // Reserved address space, not memory: pages are backed as blocks are
+    // first written, and MAP_NORESERVE keeps a large budget from being
+    // refused up front by the kernel's overcommit heuristic.
+    slab_bytes_ = static_cast<size_t>(total_blocks_) * layers_ * 2 * block_plane_ * sizeof(float);
+    void* slab = slab_bytes_ == 0 ? MAP_FAILED
+                                  : mmap(nullptr, slab_bytes_, PROT_READ | PROT_WRITE,
+                                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (slab != MAP_FAILED) {
+      slab_ = static_cast<float*>(slab);
+    } else {
+      // No address space for the slab: grow each sequence's own arrays instead.
+      std::fprintf(stderr,
+                   "KV cache: cannot map %zu bytes for the paged pool (%s); using "
+                   "per-sequence arrays without prefix reuse\n",
+                   slab_bytes_, std::strerror(errno));
+      layout_ = KvLayout::kContiguous;
+      slab_bytes_ = 0;
+    }
   }
-  info_.resize(total_blocks_);
-  // Popped from the back: the lowest blocks go first.
-  free_.reserve(total_blocks_);
-  for (int64_t b = total_blocks_ - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+}
+
+KvCachePool::~KvCachePool() {
+  if (slab_ != nullptr) munmap(slab_, slab_bytes_);
 }
 
 std::unique_ptr<SequenceKv> KvCachePool::NewSequence() {
@@ -58,12 +80,17 @@ int64_t KvCachePool::cached_blocks() const {
 
 bool KvCachePool::TryAcquire(int n, std::vector<int32_t>* table) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (static_cast<int64_t>(free_.size() + lru_.size()) < n) return false;
+  const int64_t never_used = total_blocks_ - static_cast<int64_t>(info_.size());
+  if (static_cast<int64_t>(free_.size() + lru_.size()) + never_used < n) return false;
   for (int i = 0; i < n; ++i) {
     int32_t block;
     if (!free_.empty()) {
       block = free_.back();
       free_.pop_back();
+    } else if (static_cast<int64_t>(info_.size()) < total_blocks_) {
+      // Metadata grows with the blocks in use, not with the budget.
+      block = static_cast<int32_t>(info_.size());
+      info_.emplace_back();
     } else {  // evict the least recently used cached block
       block = lru_.front();
       lru_.pop_front();

@@ -60,8 +60,13 @@ class KvCachePool {
   // false: the pool then only accounts blocks, and the runner keeps the
   // tensors on the device (see SequenceKv::attachment).
   // layout: how host K/V are stored (default paged; ignored without host storage).
+  // If the address space for the paged slab cannot be mapped, the pool says
+  // so on stderr and falls back to the contiguous layout.
   KvCachePool(const ModelConfig& config, int64_t max_tokens, bool host_storage = true,
               KvLayout layout = KvLayout::kPaged);
+  ~KvCachePool();
+  KvCachePool(const KvCachePool&) = delete;
+  KvCachePool& operator=(const KvCachePool&) = delete;
 
   std::unique_ptr<SequenceKv> NewSequence();
 
@@ -109,7 +114,7 @@ class KvCachePool {
   void Publish(int32_t block, uint64_t hash);
   // K of block `block`, layer `layer`: [kBlockTokens, Hkv*hd]; V follows it.
   float* BlockKeys(int32_t block, int layer) const {
-    return slab_.get() + (static_cast<int64_t>(block) * layers_ + layer) * 2 * block_plane_;
+    return slab_ + (static_cast<int64_t>(block) * layers_ + layer) * 2 * block_plane_;
   }
 
   ModelConfig config_;
@@ -119,12 +124,13 @@ class KvCachePool {
   int layers_;
   int64_t block_plane_;  // floats of one block's K (or V) in one layer
   int64_t total_blocks_;
-  // The paged slab, [blocks][L][K|V][kBlockTokens][Hkv*hd]. Allocated
-  // without initialising, so the OS backs pages only as blocks are written.
-  std::unique_ptr<float[]> slab_;
+  // The paged slab, [blocks][L][K|V][kBlockTokens][Hkv*hd], mapped at
+  // construction; the OS backs its pages only as blocks are written.
+  float* slab_ = nullptr;
+  size_t slab_bytes_ = 0;
   mutable std::mutex mu_;
-  std::vector<int32_t> free_;    // guarded by mu_; unpublished, popped from the back
-  std::vector<BlockInfo> info_;  // guarded by mu_; [blocks]
+  std::vector<int32_t> free_;  // guarded by mu_; released unpublished blocks, popped from the back
+  std::vector<BlockInfo> info_;                    // guarded by mu_; [blocks handed out so far]
   std::unordered_map<uint64_t, int32_t> by_hash_;  // guarded by mu_; published blocks
   std::list<int32_t> lru_;  // guarded by mu_; published, refs == 0, oldest first
   std::atomic<int64_t> used_blocks_{0};
