@@ -75,6 +75,8 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
   cpu::RopeRotateHalf(q.data(), positions, tokens, H, hd, c.rope_theta);
   cpu::RopeRotateHalf(k.data(), positions, tokens, Hkv, hd, c.rope_theta);
 
+  // [S]: the cache's rows read through its block table (scratch, as above).
+  thread_local std::vector<const float*> key_rows, value_rows;
   for (const SequenceSlice& s : slices) {
     // Append this chunk's keys and values to the cache first: tokens attend to
     // themselves and to earlier tokens of the same chunk.
@@ -84,6 +86,13 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
                   s.kv->key(layer, s.start_pos + i));
       std::copy_n(qkv.data() + static_cast<int64_t>(row) * qkv_dim + q_dim + kv_dim, kv_dim,
                   s.kv->value(layer, s.start_pos + i));
+    }
+    const int end = s.start_pos + s.tokens;
+    key_rows.resize(end);
+    value_rows.resize(end);
+    for (int p = 0; p < end; ++p) {
+      key_rows[p] = s.kv->key(layer, p);
+      value_rows[p] = s.kv->value(layer, p);
     }
     for (int i = 0; i < s.tokens; ++i) {
       const int row = s.row_begin + i;
@@ -95,7 +104,7 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
         const int kv_head = head / group;
         const float* qv = q.data() + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
         for (int j = 0; j < span; ++j) {
-          const float* kv = s.kv->key(layer, first + j) + kv_head * hd;  // [hd]
+          const float* kv = key_rows[first + j] + kv_head * hd;  // [hd]
           float dot = 0.0f;
           for (int d = 0; d < hd; ++d) dot += qv[d] * kv[d];
           scores[j] = dot * scale;
@@ -104,7 +113,7 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
         float* out = attn.data() + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
         std::fill_n(out, hd, 0.0f);
         for (int j = 0; j < span; ++j) {
-          const float* vv = s.kv->value(layer, first + j) + kv_head * hd;  // [hd]
+          const float* vv = value_rows[first + j] + kv_head * hd;  // [hd]
           const float p = scores[j];
           for (int d = 0; d < hd; ++d) out[d] += p * vv[d];
         }

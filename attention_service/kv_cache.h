@@ -1,10 +1,28 @@
 // The key/value cache of the attention side.
 //
 // A KvCachePool owns a memory budget counted in token slots (one slot holds
-// one position's K and V for every layer). Each sequence gets a SequenceKv
-// that grows in blocks of kBlockTokens slots against that budget; Reserve
-// fails with RESOURCE_EXHAUSTED when the budget is spent, and the slots go
-// back to the pool when the SequenceKv is destroyed.
+// one position's K and V for every layer), handed out in fixed blocks of
+// kBlockTokens slots. By default (KvLayout::kPaged) the K/V of every block
+// live in one slab the pool allocates up front; each sequence keeps a block
+// table (block index per kBlockTokens positions) and attention reads its
+// K/V through it, so sequences grow a block at a time without copying and
+// any free block serves any sequence. Reserve fails with RESOURCE_EXHAUSTED
+// when no block is free, and a sequence's blocks go back to the pool when its
+// SequenceKv is destroyed.
+//
+// Prefix reuse (paged host storage only): once a block is full, the
+// scheduler publishes it under the hash of every token up to its end
+// (Publish). A published block is shared read-only by every sequence whose
+// context starts with the same tokens (AttachCachedPrefix), and when no
+// sequence holds it any more it stays cached, evicted least recently used
+// first when the pool needs a free block. Only full blocks are shared and a
+// sequence only ever writes past its length, so a shared block is never
+// written: no copy is needed.
+//
+// KvLayout::kContiguous keeps each sequence's K/V in its own growing arrays
+// (the layout before paging): the oracle tests check the paged layout
+// against. A GPU runner keeps K/V on the device (host_storage = false): the
+// pool then only accounts blocks.
 //
 // Thread-safety: KvCachePool is thread-safe. A SequenceKv is used by one
 // thread at a time (the engine step that owns it).
@@ -13,25 +31,42 @@
 
 #include <atomic>
 #include <cstdint>
+#include <list>
 #include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/types/span.h"
 #include "core/model_config.h"
 
 namespace switchyard {
 
 class SequenceKv;
 
+enum class KvLayout {
+  kPaged,       // blocks of one preallocated slab, read through a block table
+  kContiguous,  // one growing array per sequence and layer (the test oracle)
+};
+
 class KvCachePool {
  public:
   static constexpr int kBlockTokens = 16;
 
-  // max_tokens: the budget in token slots across all sequences.
+  // max_tokens: the budget in token slots across all sequences; whole blocks
+  // of it are usable (max_tokens / kBlockTokens blocks).
   // host_storage: keep K/V in host memory (default). A GPU runner passes
-  // false: the pool then only accounts slots, and the runner keeps the
+  // false: the pool then only accounts blocks, and the runner keeps the
   // tensors on the device (see SequenceKv::attachment).
-  KvCachePool(const ModelConfig& config, int64_t max_tokens, bool host_storage = true);
+  // layout: how host K/V are stored (default paged; ignored without host storage).
+  // If the address space for the paged slab cannot be mapped, the pool says
+  // so on stderr and falls back to the contiguous layout.
+  KvCachePool(const ModelConfig& config, int64_t max_tokens, bool host_storage = true,
+              KvLayout layout = KvLayout::kPaged);
+  ~KvCachePool();
+  KvCachePool(const KvCachePool&) = delete;
+  KvCachePool& operator=(const KvCachePool&) = delete;
 
   std::unique_ptr<SequenceKv> NewSequence();
 
@@ -43,21 +78,62 @@ class KvCachePool {
   }
 
   int64_t capacity_tokens() const { return max_tokens_; }
-  int64_t used_tokens() const { return used_tokens_.load(); }
+  int64_t used_tokens() const { return used_blocks_.load() * kBlockTokens; }
   int64_t live_sequences() const { return live_sequences_.load(); }
+  int64_t total_blocks() const { return total_blocks_; }
+  // Blocks no sequence holds (cached ones included: they are evicted on demand).
+  int64_t free_blocks() const { return total_blocks_ - used_blocks_.load(); }
+  // Blocks no sequence holds that still keep a published prefix.
+  int64_t cached_blocks() const;
+  // Whether sequences can share published prefix blocks (paged host storage).
+  bool prefix_caching() const { return slab_ != nullptr; }
   // Bytes one token slot takes (K and V, all layers, FP32).
   int64_t bytes_per_token() const;
+  // Bytes of K/V the whole pool holds (every block), wherever it is stored.
+  int64_t capacity_bytes() const { return total_blocks_ * kBlockTokens * bytes_per_token(); }
   const ModelConfig& config() const { return config_; }
+  KvLayout layout() const { return layout_; }
 
  private:
   friend class SequenceKv;
-  bool TryAcquire(int64_t tokens);
-  void Release(int64_t tokens);
+  // Appends `n` free blocks to `table`; false (and nothing taken) if fewer are free.
+  struct BlockInfo {
+    int refs = 0;            // sequences whose table holds the block
+    bool published = false;  // in by_hash_ (then in lru_ while refs == 0)
+    uint64_t hash = 0;
+    std::list<int32_t>::iterator lru;
+  };
+  // Appends `n` free blocks to `table` (evicting cached ones if it must);
+  // false (and nothing taken) if fewer are free.
+  bool TryAcquire(int n, std::vector<int32_t>* table);
+  void Release(const std::vector<int32_t>& blocks);
+  // The published block for `hash`, now also held by the caller, or -1.
+  int32_t Share(uint64_t hash);
+  // Makes `block` (full, written) findable under `hash` unless another block
+  // already is.
+  void Publish(int32_t block, uint64_t hash);
+  // K of block `block`, layer `layer`: [kBlockTokens, Hkv*hd]; V follows it.
+  float* BlockKeys(int32_t block, int layer) const {
+    return slab_ + (static_cast<int64_t>(block) * layers_ + layer) * 2 * block_plane_;
+  }
 
   ModelConfig config_;
   int64_t max_tokens_;
   bool host_storage_;
-  std::atomic<int64_t> used_tokens_{0};
+  KvLayout layout_;
+  int layers_;
+  int64_t block_plane_;  // floats of one block's K (or V) in one layer
+  int64_t total_blocks_;
+  // The paged slab, [blocks][L][K|V][kBlockTokens][Hkv*hd], mapped at
+  // construction; the OS backs its pages only as blocks are written.
+  float* slab_ = nullptr;
+  size_t slab_bytes_ = 0;
+  mutable std::mutex mu_;
+  std::vector<int32_t> free_;  // guarded by mu_; released unpublished blocks, popped from the back
+  std::vector<BlockInfo> info_;                    // guarded by mu_; [blocks handed out so far]
+  std::unordered_map<uint64_t, int32_t> by_hash_;  // guarded by mu_; published blocks
+  std::list<int32_t> lru_;  // guarded by mu_; published, refs == 0, oldest first
+  std::atomic<int64_t> used_blocks_{0};
   std::atomic<int64_t> live_sequences_{0};
 };
 
@@ -70,45 +146,62 @@ class SequenceKv {
   // Positions already written and committed.
   int length() const { return length_; }
   // Slots reserved from the pool (a multiple of kBlockTokens).
-  int reserved() const { return reserved_; }
+  int reserved() const { return static_cast<int>(blocks_.size()) * KvCachePool::kBlockTokens; }
+  // The pool blocks holding positions [16 i, 16 i + 16), in order.
+  const std::vector<int32_t>& block_table() const { return blocks_; }
 
-  // Makes room for positions [0, new_length). RESOURCE_EXHAUSTED if the pool's
-  // budget cannot cover it (nothing changes then).
+  // Makes room for positions [0, new_length). RESOURCE_EXHAUSTED if the pool
+  // has too few free blocks (nothing changes then).
   absl::Status Reserve(int new_length);
   // Marks `n` more positions as written.
   void Commit(int n) { length_ += n; }
-  // Forgets positions from `new_length` on (their slots stay reserved).
+  // Forgets positions from `new_length` on (their slots stay reserved). Only
+  // for sequences that never attached or published a prefix (benchmarks).
   void Truncate(int new_length) { length_ = new_length < length_ ? new_length : length_; }
+
+  // Prefix reuse. A fresh sequence (nothing reserved) whose context is
+  // `tokens` takes the longest run of published blocks that matches its
+  // first tokens, leaving at least one token to compute (the step that
+  // samples needs its logits). Returns the positions it now holds (its
+  // length; 0 without prefix caching).
+  int AttachCachedPrefix(absl::Span<const int32_t> tokens);
+  // Publishes the full blocks among the first length() positions, whose
+  // tokens are the first length() of `tokens`.
+  void Publish(absl::Span<const int32_t> tokens);
 
   // Backend state that lives and dies with this sequence (a GPU runner's
   // device K/V). Destroyed with the SequenceKv, so freeing a sequence frees
   // its device memory too.
   std::shared_ptr<void>& attachment() { return attachment_; }
 
-  // K or V row of one position in one layer: [Hkv * hd]. pos < reserved().
-  float* key(int layer, int pos) {
-    return keys_[layer].data() + static_cast<int64_t>(pos) * kv_dim_;
-  }
-  float* value(int layer, int pos) {
-    return values_[layer].data() + static_cast<int64_t>(pos) * kv_dim_;
-  }
-  const float* key(int layer, int pos) const {
-    return keys_[layer].data() + static_cast<int64_t>(pos) * kv_dim_;
-  }
-  const float* value(int layer, int pos) const {
-    return values_[layer].data() + static_cast<int64_t>(pos) * kv_dim_;
-  }
+  // K or V row of one position in one layer: [Hkv * hd]. pos < reserved();
+  // host storage only.
+  float* key(int layer, int pos) const { return Row(layer, pos, 0); }
+  float* value(int layer, int pos) const { return Row(layer, pos, 1); }
 
  private:
   friend class KvCachePool;
   explicit SequenceKv(KvCachePool* pool);
 
+  float* Row(int layer, int pos, int plane) const {
+    if (contiguous_) {
+      const auto& rows = plane == 0 ? keys_[layer] : values_[layer];
+      return const_cast<float*>(rows.data()) + static_cast<int64_t>(pos) * kv_dim_;
+    }
+    return pool_->BlockKeys(blocks_[pos / KvCachePool::kBlockTokens], layer) +
+           plane * pool_->block_plane_ +
+           static_cast<int64_t>(pos % KvCachePool::kBlockTokens) * kv_dim_;
+  }
+
   KvCachePool* pool_;
   int kv_dim_;
+  bool contiguous_;
   int length_ = 0;
-  int reserved_ = 0;
-  std::vector<std::vector<float>> keys_;    // [L][S, Hkv*hd]
-  std::vector<std::vector<float>> values_;  // [L][S, Hkv*hd]
+  int published_ = 0;                       // leading blocks published or attached
+  uint64_t chain_hash_ = 0;                 // hash of the tokens of those blocks
+  std::vector<int32_t> blocks_;             // the block table
+  std::vector<std::vector<float>> keys_;    // contiguous layout only: [L][S, Hkv*hd]
+  std::vector<std::vector<float>> values_;  // contiguous layout only: [L][S, Hkv*hd]
   std::shared_ptr<void> attachment_;
 };
 

@@ -49,6 +49,25 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
       kv_capacity_tokens(metrics::AddGauge(*r, "switchyard_gateway_kv_cache_capacity_tokens",
                                            "KV cache token slots in all.")
                              .Add({})),
+      kv_capacity_bytes(metrics::AddGauge(*r, "switchyard_gateway_kv_cache_capacity_bytes",
+                                          "Bytes of K/V storage the KV cache holds in all.")
+                            .Add({})),
+      kv_preemptions(metrics::AddCounter(*r, "switchyard_gateway_kv_cache_preemptions_total",
+                                         "Sequences that gave up their KV cache to older ones "
+                                         "when it ran out; their context is prefilled again.")
+                         .Add({})),
+      kv_prefix_hit_tokens(
+          metrics::AddCounter(*r, "switchyard_gateway_kv_cache_prefix_hit_tokens_total",
+                              "Prompt tokens taken from cached prefix blocks instead of "
+                              "being prefilled.")
+              .Add({})),
+      kv_blocks(metrics::AddGauge(*r, "switchyard_gateway_kv_cache_blocks",
+                                  "KV cache blocks by state: used (held by sequences), cached "
+                                  "(a published prefix no sequence holds; evicted on demand), "
+                                  "free.")),
+      kv_blocks_used(kv_blocks.Add({{"state", "used"}})),
+      kv_blocks_cached(kv_blocks.Add({{"state", "cached"}})),
+      kv_blocks_free(kv_blocks.Add({{"state", "free"}})),
       step_tokens(metrics::AddHistogram(*r, "switchyard_gateway_step_tokens",
                                         "Tokens per scheduler step (decodes and prefill chunks).")
                       .Add({}, metrics::ExponentialBuckets(1, 2, 14))),

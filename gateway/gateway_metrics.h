@@ -50,6 +50,13 @@ struct GatewayMetrics : public RoutingObserver {
   metrics::Gauge& waiting_requests;
   metrics::Gauge& kv_used_tokens;
   metrics::Gauge& kv_capacity_tokens;
+  metrics::Gauge& kv_capacity_bytes;
+  metrics::Counter& kv_preemptions;
+  metrics::Counter& kv_prefix_hit_tokens;
+  metrics::Family<metrics::Gauge>& kv_blocks;
+  metrics::Gauge& kv_blocks_used;
+  metrics::Gauge& kv_blocks_cached;
+  metrics::Gauge& kv_blocks_free;
   metrics::Histogram& step_tokens;
   metrics::Family<metrics::Histogram>& expert_call_duration;
   metrics::Family<metrics::Counter>& expert_call_errors;

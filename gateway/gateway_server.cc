@@ -433,6 +433,13 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
 
 absl::Status Gateway::Parts::StartServing(const GatewayOptions& options, const ModelConfig& config,
                                           GenerationServiceOptions service_options) {
+  std::fprintf(stderr,
+               "switchyard-gateway: KV cache %lld token slots in %lld blocks of %d, %.1f MiB of "
+               "K/V (%s)\n",
+               static_cast<long long>(kv_pool->capacity_tokens()),
+               static_cast<long long>(kv_pool->total_blocks()), KvCachePool::kBlockTokens,
+               static_cast<double>(kv_pool->capacity_bytes()) / (1 << 20),
+               options.device == "cuda" ? "a budget for device memory" : "host memory, paged");
   scheduler = std::make_unique<Scheduler>(runner.get(), kv_pool.get(), tokenizer.get(),
                                           options.scheduler, metrics.get());
   service = std::make_unique<GenerationServiceImpl>(scheduler.get(), tokenizer.get(), config,

@@ -17,8 +17,12 @@ struct Scheduler::Sequence {
   std::unique_ptr<IncrementalDecoder> decoder;
   std::vector<int32_t> stop_ids;  // sorted, unique: a binary search per generated token
   std::vector<int32_t> output;
-  int prefilled = 0;  // prompt tokens already in the cache
-  std::string held;   // decoded text held back: it may begin a stop string
+  // The prompt, then every generated token: what the cache must hold. After a
+  // preemption the cache is gone and this is prefilled again.
+  std::vector<int32_t> context;
+  bool counted = false;    // prompt tokens counted in the metrics (first admission)
+  bool preempted = false;  // lost its cache in this step's planning
+  std::string held;        // decoded text held back: it may begin a stop string
   absl::Time submitted;
   absl::Time first_token;
   absl::Time last_token;
@@ -27,6 +31,9 @@ struct Scheduler::Sequence {
 
   int prompt_size() const { return static_cast<int>(request.prompt_ids.size()); }
   int worst_case_tokens() const { return prompt_size() + request.options.max_new_tokens; }
+  int context_size() const { return static_cast<int>(context.size()); }
+  // Positions of `context` already in the cache.
+  int cached() const { return kv == nullptr ? 0 : kv->length(); }
 };
 
 namespace {
@@ -67,7 +74,11 @@ Scheduler::Scheduler(StepRunner* runner, KvCachePool* kv_pool, const Tokenizer* 
   options_.max_running = std::max(1, options_.max_running);
   options_.max_step_tokens = std::max(1, options_.max_step_tokens);
   stats_.kv_capacity_tokens = kv_pool_->capacity_tokens();
-  if (metrics_ != nullptr) metrics_->kv_capacity_tokens.Set(kv_pool_->capacity_tokens());
+  if (metrics_ != nullptr) {
+    metrics_->kv_capacity_tokens.Set(kv_pool_->capacity_tokens());
+    metrics_->kv_capacity_bytes.Set(
+        static_cast<double>(kv_pool_->capacity_tokens() * kv_pool_->bytes_per_token()));
+  }
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -111,6 +122,7 @@ absl::StatusOr<Scheduler::RequestId> Scheduler::Submit(GenerationRequest request
   seq->stop_ids = seq->request.options.stop_token_ids;
   std::sort(seq->stop_ids.begin(), seq->stop_ids.end());
   seq->stop_ids.erase(std::unique(seq->stop_ids.begin(), seq->stop_ids.end()), seq->stop_ids.end());
+  seq->context = seq->request.prompt_ids;
   seq->sampler = std::make_unique<Sampler>(seq->request.options.sampling);
   seq->decoder = std::make_unique<IncrementalDecoder>(tokenizer_, seq->request.prompt_ids);
   RequestId id;
@@ -181,20 +193,62 @@ bool Scheduler::Admit() {
       // Only this thread removes from waiting_, so `next` stays the front.
       next = waiting_.front().get();
     }
-    // Reserving allocates and zero-fills the worst case: no lock held, so
-    // Submit and Cancel on gRPC threads never wait behind it.
-    std::unique_ptr<SequenceKv> kv = kv_pool_->NewSequence();
-    if (!kv->Reserve(next->worst_case_tokens()).ok()) {
+    // Admit on what the sequence needs now (its context and the next
+    // token), keeping one block of growth per running sequence free so that
+    // a fresh admission does not force a preemption at the very next step.
+    const int64_t need = KvCachePool::SlotsFor(next->context_size() + 1);
+    const int64_t headroom = static_cast<int64_t>(running_.size()) * KvCachePool::kBlockTokens;
+    if (kv_pool_->capacity_tokens() - kv_pool_->used_tokens() < need + headroom) {
       return false;  // FIFO: wait for running sequences to free their cache
     }
+    // Reserving allocates: no lock held, so Submit and Cancel on gRPC
+    // threads never wait behind it.
+    std::unique_ptr<SequenceKv> kv = kv_pool_->NewSequence();
+    // Blocks another sequence published for the same leading tokens are
+    // shared, not prefilled again (a preempted sequence often finds its own).
+    const int hit = kv->AttachCachedPrefix(next->context);
+    if (!kv->Reserve(next->context_size()).ok()) return false;  // taken meanwhile
+    if (hit > 0) {
+      if (metrics_ != nullptr) metrics_->kv_prefix_hit_tokens.Increment(hit);
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.prefix_hit_tokens += hit;
+    }
     next->kv = std::move(kv);
-    if (metrics_ != nullptr) metrics_->prompt_tokens.Increment(next->prompt_size());
+    next->preempted = false;
+    if (metrics_ != nullptr && !next->counted) {
+      metrics_->prompt_tokens.Increment(next->prompt_size());
+    }
+    next->counted = true;
     std::lock_guard<std::mutex> lock(mu_);
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
     stats_.waiting = static_cast<int>(waiting_.size());
   }
   return true;
+}
+
+void Scheduler::Preempt(Sequence& seq) {
+  seq.kv.reset();  // its context is prefilled again when it is admitted again
+  seq.preempted = true;
+  if (metrics_ != nullptr) metrics_->kv_preemptions.Increment();
+  std::lock_guard<std::mutex> lock(mu_);
+  ++stats_.preemptions;
+}
+
+void Scheduler::RequeuePreempted() {
+  std::vector<std::unique_ptr<Sequence>> preempted;
+  for (auto& seq : running_) {
+    if (seq->preempted && !seq->done) preempted.push_back(std::move(seq));
+  }
+  if (preempted.empty()) return;
+  running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+  // Oldest first, ahead of every request that was never admitted.
+  std::sort(preempted.begin(), preempted.end(),
+            [](const auto& a, const auto& b) { return a->id < b->id; });
+  std::lock_guard<std::mutex> lock(mu_);
+  waiting_.insert(waiting_.begin(), std::make_move_iterator(preempted.begin()),
+                  std::make_move_iterator(preempted.end()));
+  stats_.waiting = static_cast<int>(waiting_.size());
 }
 
 void Scheduler::Loop() {
@@ -249,14 +303,8 @@ void Scheduler::Loop() {
     }
     admission_blocked = !Admit() && running_.empty();
 
-    // Decodes first (one token each), then prompt chunks, within the budget.
-    std::vector<Sequence*> batch;
-    for (auto& seq : running_) {
-      if (!seq->done && seq->prefilled == seq->prompt_size()) batch.push_back(seq.get());
-    }
-    if (!batch.empty() || !running_.empty()) {
-      RunStep(batch);
-    }
+    if (!running_.empty()) RunStep();
+    RequeuePreempted();
 
     const size_t before = running_.size() + dropped.size() + aborted.size();
     running_.erase(
@@ -269,36 +317,73 @@ void Scheduler::Loop() {
       metrics_->running_sequences.Set(static_cast<double>(running_.size()));
       metrics_->waiting_requests.Set(static_cast<double>(waiting_.size()));
       metrics_->kv_used_tokens.Set(static_cast<double>(kv_pool_->used_tokens()));
+      const int64_t cached = kv_pool_->cached_blocks();
+      metrics_->kv_blocks_used.Set(
+          static_cast<double>(kv_pool_->total_blocks() - kv_pool_->free_blocks()));
+      metrics_->kv_blocks_cached.Set(static_cast<double>(cached));
+      metrics_->kv_blocks_free.Set(static_cast<double>(kv_pool_->free_blocks() - cached));
     }
     if (before != running_.size()) wake_.notify_all();
   }
 }
 
-void Scheduler::RunStep(std::vector<Sequence*>& batch) {
-  int budget = options_.max_step_tokens - static_cast<int>(batch.size());
-  std::vector<StepInput> inputs;
-  std::vector<bool> samples;  // per batch entry: does this step end with a new token?
-  for (Sequence* seq : batch) {
-    inputs.push_back(
-        {seq->kv.get(), absl::MakeConstSpan(&seq->output.back(), 1), LogitsWanted::kLast});
-    samples.push_back(true);
+bool Scheduler::MakeRoom(Sequence& seq, int length, std::vector<PlannedInput>& plan) {
+  while (!seq.kv->Reserve(length).ok()) {
+    // Preempt the newest sequence that holds cache: the oldest always
+    // progresses, and Submit made sure each request fits the cache alone.
+    Sequence* victim = nullptr;
+    for (auto& other : running_) {
+      if (other->done || other->kv == nullptr) continue;
+      if (victim == nullptr || other->id > victim->id) victim = other.get();
+    }
+    Preempt(*victim);
+    plan.erase(std::remove_if(plan.begin(), plan.end(),
+                              [&](const PlannedInput& p) { return p.seq == victim; }),
+               plan.end());
+    if (victim == &seq) return false;
   }
-  std::vector<int> chunk_sizes(batch.size(), 0);
+  return true;
+}
+
+void Scheduler::RunStep() {
+  // Oldest first: when the cache runs out, the newest give theirs up.
+  std::vector<Sequence*> order;
   for (auto& seq : running_) {
+    if (!seq->done) order.push_back(seq.get());
+  }
+  std::sort(order.begin(), order.end(), [](Sequence* a, Sequence* b) { return a->id < b->id; });
+
+  // Decodes first (one token each), then prompt chunks (a preempted
+  // sequence's whole context counts as prompt), within the budget.
+  std::vector<PlannedInput> plan;
+  int budget = options_.max_step_tokens;
+  for (Sequence* seq : order) {
+    if (seq->kv == nullptr || seq->context_size() - seq->cached() != 1 || seq->output.empty()) {
+      continue;
+    }
+    if (!MakeRoom(*seq, seq->cached() + 1, plan)) continue;
+    plan.push_back({seq, 1});
+    --budget;
+  }
+  for (Sequence* seq : order) {
     if (budget <= 0) break;
-    if (seq->done || seq->prefilled == seq->prompt_size()) continue;
-    const int chunk = std::min(budget, seq->prompt_size() - seq->prefilled);
-    const bool completes = seq->prefilled + chunk == seq->prompt_size();
-    inputs.push_back({seq->kv.get(),
-                      absl::MakeConstSpan(seq->request.prompt_ids).subspan(seq->prefilled, chunk),
-                      completes ? LogitsWanted::kLast : LogitsWanted::kNone});
-    batch.push_back(seq.get());
-    chunk_sizes.push_back(chunk);
-    samples.push_back(completes);
+    if (seq->kv == nullptr) continue;
+    const int pending = seq->context_size() - seq->cached();
+    if (pending == 0 || (pending == 1 && !seq->output.empty())) continue;
+    const int chunk = std::min(budget, pending);
+    if (!MakeRoom(*seq, seq->cached() + chunk, plan)) continue;
+    plan.push_back({seq, chunk});
     budget -= chunk;
   }
-  if (inputs.empty()) return;
+  if (plan.empty()) return;
 
+  std::vector<StepInput> inputs;
+  for (const PlannedInput& p : plan) {
+    const bool completes = p.seq->cached() + p.tokens == p.seq->context_size();
+    inputs.push_back({p.seq->kv.get(),
+                      absl::MakeConstSpan(p.seq->context).subspan(p.seq->cached(), p.tokens),
+                      completes ? LogitsWanted::kLast : LogitsWanted::kNone});
+  }
   absl::StatusOr<StepOutput> out = runner_->Step(inputs);
   int step_tokens = 0;
   for (const StepInput& in : inputs) step_tokens += static_cast<int>(in.tokens.size());
@@ -309,18 +394,19 @@ void Scheduler::RunStep(std::vector<Sequence*>& batch) {
   }
   if (metrics_ != nullptr) metrics_->step_tokens.Observe(step_tokens);
   if (!out.ok()) {
-    for (Sequence* seq : batch) Fail(*seq, out.status());
+    for (const PlannedInput& p : plan) Fail(*p.seq, out.status());
     return;
   }
   const int V = runner_->config().vocab_size;
-  for (size_t i = 0; i < batch.size(); ++i) {
-    Sequence& seq = *batch[i];
+  for (size_t i = 0; i < plan.size(); ++i) {
+    Sequence& seq = *plan[i].seq;
     if (!out->ok(i)) {  // an expert call carrying its tokens failed: it alone ends
       Fail(seq, out->sequence_status[i]);
       continue;
     }
-    seq.prefilled += chunk_sizes[i];
-    if (!samples[i]) continue;
+    // Full blocks become reusable by later requests with the same prefix.
+    seq.kv->Publish(seq.context);
+    if (inputs[i].logits == LogitsWanted::kNone) continue;
     Advance(seq, out->logits.data() + static_cast<int64_t>(out->logits_row_begin[i]) * V);
   }
 }
@@ -341,6 +427,7 @@ void Scheduler::Advance(Sequence& seq, const float* logits) {
   }
   seq.last_token = now;
   seq.output.push_back(next.id);
+  seq.context.push_back(next.id);
   if (metrics_ != nullptr) metrics_->generated_tokens.Increment();
 
   TokenEvent event;

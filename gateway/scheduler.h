@@ -5,14 +5,26 @@
 // sequences (oldest first) until the per-step token budget is spent, so a
 // long prompt is prefilled over several steps without stalling decodes.
 //
-// KV cache policy: a request is admitted only when the cache can hold its
-// worst case (prompt + max_new_tokens, rounded up to whole cache blocks);
-// those slots are reserved at admission, so a running sequence never runs
-// out of cache and nothing is preempted. Requests that fit wait in a FIFO
-// queue of bounded length (RESOURCE_EXHAUSTED past it); a request whose
-// worst case exceeds the whole cache is refused at once with
-// RESOURCE_EXHAUSTED. The reservation (allocation and zeroing) runs on the
-// scheduler thread without the lock, so Submit and Cancel never wait for it.
+// KV cache policy: a request is admitted when the cache has room for what
+// it needs now (its prompt and first token, rounded up to whole blocks) plus
+// one block of growth per running sequence; its cache then grows block by
+// block as it generates. When a step cannot grow a sequence's cache, the
+// newest sequences are preempted: their cache is freed and they go back to
+// the front of the queue, keeping the tokens they have generated (and their
+// sampler's state). Readmitted, they prefill prompt + generated tokens again
+// and go on exactly where they stopped: nothing is sent twice or lost, and
+// every request still gives exactly the tokens of a solo run. The oldest
+// running sequence is never preempted, and a request whose worst case
+// (prompt + max_new_tokens in whole blocks) exceeds the whole cache is
+// refused at once with RESOURCE_EXHAUSTED, so every admitted request
+// completes. Requests wait in a FIFO queue of bounded length
+// (RESOURCE_EXHAUSTED past it). The cache is reserved on the scheduler
+// thread without the lock, so Submit and Cancel never wait for it.
+//
+// Prefix reuse: after each step a sequence's full cache blocks are published
+// under the hash of their token prefix, and an admitted sequence whose
+// context starts with published blocks shares them instead of prefilling
+// those tokens (see KvCachePool; paged host storage only).
 //
 // A cancelled request (client gone, deadline passed) leaves at the next step
 // boundary and frees its cache at once. If an expert call fails after its
@@ -110,6 +122,8 @@ struct SchedulerStats {
   int64_t requests_finished = 0;
   int64_t requests_cancelled = 0;
   int64_t requests_failed = 0;
+  int64_t preemptions = 0;        // sequences that gave up their cache to older ones
+  int64_t prefix_hit_tokens = 0;  // prompt positions taken from cached prefix blocks
 };
 
 class Scheduler {
@@ -145,13 +159,25 @@ class Scheduler {
 
  private:
   struct Sequence;
+  struct PlannedInput {
+    Sequence* seq;
+    int tokens;
+  };
 
   void Loop();
   // Moves waiting requests into the running set while the cache allows;
   // false when the queue's head does not fit now. Takes mu_ only briefly:
   // the cache is reserved (allocated and zeroed) without it.
   bool Admit();
-  void RunStep(std::vector<Sequence*>& batch);
+  // Plans one step (making room in the cache, preempting if it must) and runs it.
+  void RunStep();
+  // Grows `seq`'s cache to `length` positions, preempting the newest
+  // sequences (and dropping them from `plan`) until it fits. False if `seq`
+  // itself was preempted.
+  bool MakeRoom(Sequence& seq, int length, std::vector<PlannedInput>& plan);
+  // Frees `seq`'s cache; RequeuePreempted then moves it to the queue's front.
+  void Preempt(Sequence& seq);
+  void RequeuePreempted();
   // Samples, detokenizes and checks stop conditions after a step.
   void Advance(Sequence& seq, const float* logits);
   void Finish(Sequence& seq, FinishReason reason);

@@ -4,8 +4,10 @@
 #include "gateway/scheduler.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <fstream>
 #include <memory>
 #include <mutex>
@@ -282,6 +284,147 @@ TEST_F(SchedulerTest, WaitsForCacheInsteadOfFailing) {
     EXPECT_TRUE(s->error.ok()) << s->error;
     EXPECT_EQ(s->tokens.size(), 20u);
   }
+  EXPECT_EQ((*model)->kv_pool().used_tokens(), 0);
+}
+
+// Counts the sequences of each step, to see how many run at once.
+class CountingRunner : public StepRunner {
+ public:
+  explicit CountingRunner(StepRunner* inner) : inner_(inner) {}
+  absl::StatusOr<StepOutput> Step(absl::Span<const StepInput> inputs, StepTrace* trace) override {
+    max_inputs = std::max(max_inputs.load(), static_cast<int>(inputs.size()));
+    return inner_->Step(inputs, trace);
+  }
+  const ModelConfig& config() const override { return inner_->config(); }
+  std::atomic<int> max_inputs{0};
+
+ private:
+  StepRunner* inner_;
+};
+
+// A cache far smaller than eight streams need at once: sequences are
+// preempted (their cache freed, their context prefilled again later) many
+// times, and still every stream, greedy and seeded, equals its solo run with
+// nothing lost or repeated.
+TEST_F(SchedulerTest, ForcedPreemptionUnderEightStreamsKeepsEveryStreamEqualToItsSoloRun) {
+  LocalModelOptions small;
+  small.kv_cache_tokens = 160;
+  auto model = LocalModel::Load(testing::TinyMixtralDir(), small);
+  ASSERT_TRUE(model.ok()) << model.status();
+  SchedulerOptions options;
+  options.max_step_tokens = 24;  // recomputed contexts are prefilled in chunks too
+  auto scheduler = std::make_unique<Scheduler>(&(*model)->runner(), &(*model)->kv_pool(),
+                                               &(*model)->tokenizer(), options);
+  std::vector<GenerationRequest> requests;
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (int i = 0; i < 8; ++i) {
+    GenerationRequest r = Request(kPrompts[i % 6], 40 + 7 * i);
+    if (i % 2 == 1) {
+      r.options.sampling.temperature = 0.9f;
+      r.options.sampling.top_k = 40;
+      r.options.sampling.seed = 7 + i;
+    }
+    if (i == 6) r.options.sampling.repetition_penalty = 1.2f;
+    r.return_logprobs = true;
+    requests.push_back(r);
+    sinks.push_back(std::make_shared<RecordingSink>());
+    ASSERT_TRUE(scheduler->Submit(r, sinks.back()).ok());
+  }
+  for (auto& s : sinks) ASSERT_TRUE(s->WaitFor(std::chrono::seconds(300))) << "wedged";
+  const SchedulerStats stats = scheduler->Stats();
+  scheduler.reset();
+  EXPECT_GT(stats.preemptions, 0) << "the test no longer forces preemption";
+  std::printf("preemptions: %lld\n", static_cast<long long>(stats.preemptions));
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(sinks[i]->error.ok()) << sinks[i]->error;
+    GenerationRequest solo_request = requests[i];
+    auto solo = Generate((*model)->runner(), (*model)->kv_pool(), (*model)->tokenizer(),
+                         solo_request.prompt_ids, solo_request.options);
+    ASSERT_TRUE(solo.ok()) << solo.status();
+    EXPECT_EQ(sinks[i]->tokens, solo->token_ids) << "stream " << i;
+    EXPECT_EQ(sinks[i]->text, solo->text) << "stream " << i;
+    EXPECT_EQ(sinks[i]->finish.completion_tokens, requests[i].options.max_new_tokens);
+  }
+  EXPECT_EQ(stats.requests_finished, 8);
+  EXPECT_EQ(stats.kv_used_tokens, 0);
+  EXPECT_EQ(stats.kv_live_sequences, 0);
+}
+
+// Issue #15's example: eight requests of 10 prompt tokens that declare
+// max_new_tokens 400 but could all start in a cache of 2048 slots. Reserving
+// the worst case ran at most four at a time; admission on real use runs all
+// eight at once, preempting when they outgrow the cache, and all complete.
+TEST_F(SchedulerTest, AdmissionOnRealUseRunsMoreThanTheWorstCaseAllows) {
+  LocalModelOptions small;
+  small.kv_cache_tokens = 2048;
+  auto model = LocalModel::Load(testing::TinyMixtralDir(), small);
+  ASSERT_TRUE(model.ok()) << model.status();
+  CountingRunner counting(&(*model)->runner());
+  Scheduler scheduler(&counting, &(*model)->kv_pool(), &(*model)->tokenizer(), {});
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (int i = 0; i < 8; ++i) {
+    GenerationRequest r;
+    for (int t = 0; t < 10; ++t) r.prompt_ids.push_back(200 + 31 * i + t);
+    r.options.max_new_tokens = 400;
+    r.options.ignore_eos = true;
+    sinks.push_back(std::make_shared<RecordingSink>());
+    ASSERT_TRUE(scheduler.Submit(r, sinks.back()).ok());
+  }
+  for (auto& s : sinks) {
+    ASSERT_TRUE(s->WaitFor(std::chrono::seconds(600))) << "wedged";
+    EXPECT_TRUE(s->error.ok()) << s->error;
+    EXPECT_EQ(s->tokens.size(), 400u);
+  }
+  std::printf("most sequences in one step: %d, preemptions: %lld\n", counting.max_inputs.load(),
+              static_cast<long long>(scheduler.Stats().preemptions));
+  EXPECT_EQ(counting.max_inputs.load(), 8);
+  EXPECT_EQ((*model)->kv_pool().used_tokens(), 0);
+}
+
+// Prefix reuse: a second request whose prompt starts with the first one's
+// shares the first one's full cache blocks instead of prefilling them, and
+// still gives exactly its solo run; so does a third that diverges inside a block.
+TEST_F(SchedulerTest, ASharedPromptPrefixIsNotPrefilledTwice) {
+  LocalModelOptions options;
+  options.kv_cache_tokens = 1024;
+  auto model = LocalModel::Load(testing::TinyMixtralDir(), options);
+  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_TRUE((*model)->kv_pool().prefix_caching());
+  Scheduler scheduler(&(*model)->runner(), &(*model)->kv_pool(), &(*model)->tokenizer(), {});
+  std::vector<int32_t> preamble;  // 70 tokens: 4 full blocks and 6 more
+  for (int i = 0; i < 70; ++i) preamble.push_back(300 + (i * 37) % 5000);
+  auto run = [&](std::vector<int32_t> prompt) {
+    GenerationRequest r;
+    r.prompt_ids = std::move(prompt);
+    r.options.max_new_tokens = 12;
+    r.options.ignore_eos = true;
+    auto sink = std::make_shared<RecordingSink>();
+    EXPECT_TRUE(scheduler.Submit(r, sink).ok());
+    EXPECT_TRUE(sink->WaitFor(std::chrono::seconds(120)));
+    EXPECT_TRUE(sink->error.ok()) << sink->error;
+    auto solo = Generate((*model)->runner(), (*model)->kv_pool(), (*model)->tokenizer(),
+                         r.prompt_ids, r.options);
+    EXPECT_TRUE(solo.ok()) << solo.status();
+    if (solo.ok()) {
+      EXPECT_EQ(sink->tokens, solo->token_ids);
+    }
+    return scheduler.Stats();
+  };
+  const SchedulerStats first = run(preamble);
+  EXPECT_EQ(first.prefix_hit_tokens, 0);
+  EXPECT_GT((*model)->kv_pool().cached_blocks(), 0) << "finished blocks are kept cached";
+
+  std::vector<int32_t> same = preamble;  // the same prompt: 4 blocks shared
+  const SchedulerStats second = run(same);
+  EXPECT_EQ(second.prefix_hit_tokens - first.prefix_hit_tokens, 64);
+  // Prefill computed only what was not shared.
+  EXPECT_EQ((second.step_tokens_total - first.step_tokens_total) + 64, first.step_tokens_total);
+
+  std::vector<int32_t> diverging(preamble.begin(), preamble.begin() + 40);  // block 3 differs
+  for (int i = 0; i < 30; ++i) diverging.push_back(7000 + i);
+  const SchedulerStats third = run(diverging);
+  EXPECT_EQ(third.prefix_hit_tokens - second.prefix_hit_tokens, 32);
+  std::printf("prefix hit tokens: %lld\n", static_cast<long long>(third.prefix_hit_tokens));
   EXPECT_EQ((*model)->kv_pool().used_tokens(), 0);
 }
 
