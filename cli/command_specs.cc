@@ -43,18 +43,31 @@ std::vector<Subcommand> Build() {
   const FlagSpec model = {"model", true, "required", "model directory (config.json, weights)"};
   const FlagSpec server = {"server", true, "", "the gateway, HOST:PORT (selects the remote form)"};
   const FlagSpec timeout = {"timeout-ms", true, "0: none", "deadline of the call"};
+  const FlagSpec messages = {
+      "messages", true, "",
+      "the prompt as a chat: JSON [{\"role\": ..., \"content\": ...}, ...], or @FILE holding it; "
+      "rendered with the chat template (the gateway's with --server), generation prompt added"};
   std::vector<Subcommand> out;
   out.push_back(
       {"generate",
        "generate text, locally or from a gateway (--server)",
        {{"switchyard generate",
-         "switchyard generate --model DIR --prompt TEXT [FLAGS]   (in this process)",
-         Join({model, {"prompt", true, "required", "the prompt text"}}, SamplingFlags()), ""},
+         "switchyard generate --model DIR (--prompt TEXT | --messages JSON_OR_@FILE) [FLAGS]   (in "
+         "this process)",
+         Join({model,
+               {"prompt", true, "", "the prompt text (or --messages)"},
+               messages,
+               {"chat-template", true, "the model's tokenizer_config.json chat_template",
+                "Jinja chat template file that renders --messages"}},
+              SamplingFlags()),
+         ""},
         {"switchyard generate --server",
-         "switchyard generate --server HOST:PORT (--prompt TEXT | --token-ids 1,2,3) [FLAGS]",
+         "switchyard generate --server HOST:PORT (--prompt TEXT | --token-ids 1,2,3 | --messages "
+         "JSON_OR_@FILE) [FLAGS]",
          Join(Join({server,
-                    {"prompt", true, "", "the prompt text (or --token-ids)"},
-                    {"token-ids", true, "", "the prompt as token ids, comma-separated"}},
+                    {"prompt", true, "", "the prompt text (or --token-ids, --messages)"},
+                    {"token-ids", true, "", "the prompt as token ids, comma-separated"},
+                    messages},
                    SamplingFlags()),
               Join({{"stop", true, "none", "stop when the text contains STR (repeatable)"},
                     {"stream", false, "true",

@@ -2,11 +2,15 @@
 // model in this process.
 #include <cstdio>
 #include <iostream>
+#include <memory>
+#include <string>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "cli/command_specs.h"
 #include "cli/commands.h"
+#include "cli/messages_flag.h"
+#include "core/chat_template.h"
 #include "core/flags.h"
 #include "core/status_macros.h"
 #include "core/tokenizer.h"
@@ -54,6 +58,22 @@ absl::StatusOr<GenerateOptions> ParseGenerateOptions(const Flags& f) {
   return o;
 }
 
+// Flags that do not go together: one line and the usage hint, exit 2, as
+// for unknown flags.
+int UsageError(const char* message) {
+  std::fprintf(stderr, "switchyard generate: %s\nsee switchyard generate --help\n", message);
+  return 2;
+}
+
+// --messages rendered with the chat template (--chat-template FILE, else the
+// model's), the generation prompt added, as the gateway renders them.
+absl::StatusOr<std::string> RenderMessages(const Flags& f, const std::string& model_dir) {
+  SY_ASSIGN_OR_RETURN(nlohmann::ordered_json messages, ParseMessagesFlag(*f.Get("messages")));
+  SY_ASSIGN_OR_RETURN(std::unique_ptr<ChatTemplate> chat_template,
+                      LoadChatTemplate(model_dir, f.GetOr("chat-template", "")));
+  return chat_template->RenderChat(messages, /*add_generation_prompt=*/true);
+}
+
 }  // namespace
 
 int RunGenerate(const std::vector<std::string>& args) {
@@ -61,15 +81,36 @@ int RunGenerate(const std::vector<std::string>& args) {
   if (!flags.ok()) return Fail(flags.status(), "generate");
   auto model_dir = flags->Required("model");
   if (!model_dir.ok()) return Fail(model_dir.status(), "generate");
-  auto prompt = flags->Required("prompt");
-  if (!prompt.ok()) return Fail(prompt.status(), "generate");
+  const bool chat = flags->Has("messages");
+  if (chat == flags->Has("prompt")) {
+    return UsageError("give exactly one of --prompt TEXT or --messages JSON_OR_@FILE");
+  }
+  if (flags->Has("chat-template") && !chat) {
+    return UsageError("--chat-template renders --messages; give --messages JSON_OR_@FILE");
+  }
   auto options = ParseGenerateOptions(*flags);
   if (!options.ok()) return Fail(options.status(), "generate");
+  // The conversation is rendered before the (slow) model load, so a bad one
+  // fails at once.
+  std::string chat_text;
+  if (chat) {
+    auto rendered = RenderMessages(*flags, *model_dir);
+    if (!rendered.ok()) return Fail(rendered.status(), "generate");
+    chat_text = *std::move(rendered);
+  }
   auto model = LocalModel::Load(*model_dir);
   if (!model.ok()) return Fail(model.status(), "generate");
 
   const bool json = flags->Has("json");
-  const std::vector<int32_t> prompt_ids = (*model)->tokenizer().Encode(*prompt);
+  // The rendered chat is tokenized without special tokens, as the gateway
+  // does: the template writes BOS itself.
+  const std::vector<int32_t> prompt_ids =
+      chat ? (*model)->tokenizer().Encode(chat_text, /*add_special_tokens=*/false)
+           : (*model)->tokenizer().Encode(*flags->Get("prompt"));
+  if (chat && prompt_ids.empty()) {
+    return Fail(absl::InvalidArgumentError("the chat template rendered an empty prompt"),
+                "generate");
+  }
   auto stream = [](std::string_view delta) {
     std::fwrite(delta.data(), 1, delta.size(), stdout);
     std::fflush(stdout);

@@ -20,6 +20,7 @@
 #include "cli/command_specs.h"
 #include "cli/commands.h"
 #include "cli/grpc_client.h"
+#include "cli/messages_flag.h"
 #include "core/flags.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -31,6 +32,24 @@ namespace {
 int Fail(const absl::Status& status, const char* command) {
   std::fprintf(stderr, "switchyard %s: %s\n", command, StatusLine(status).c_str());
   return 1;
+}
+
+// Flags that do not go together: one line and the usage hint, exit 2, as
+// for unknown flags.
+int UsageError(absl::string_view message, const char* command) {
+  std::fprintf(stderr, "switchyard %s: %.*s\nsee switchyard %s --help\n", command,
+               static_cast<int>(message.size()), message.data(), command);
+  return 2;
+}
+
+// Exactly one prompt form: --prompt, --token-ids or --messages.
+absl::Status CheckPromptForm(const Flags& f) {
+  const int forms = f.Has("prompt") + f.Has("token-ids") + f.Has("messages");
+  if (forms != 1) {
+    return absl::InvalidArgumentError(
+        "give exactly one of --prompt TEXT, --token-ids 1,2,3 or --messages JSON_OR_@FILE");
+  }
+  return absl::OkStatus();
 }
 
 // A boolean flag: absent -> `fallback`; `--name` or `--name=true|1|yes` ->
@@ -74,15 +93,20 @@ absl::StatusOr<GenerateCall> ParseGenerateCall(const Flags& f) {
   SY_ASSIGN_OR_RETURN(call.server, f.Required("server"));
   v1::GenerateRequest& r = call.request;
 
-  const bool has_prompt = f.Has("prompt"), has_ids = f.Has("token-ids");
-  if (has_prompt == has_ids) {
-    return absl::InvalidArgumentError("give exactly one of --prompt TEXT or --token-ids 1,2,3");
-  }
-  if (has_prompt) {
+  SY_RETURN_IF_ERROR(CheckPromptForm(f));
+  if (f.Has("prompt")) {
     r.set_text(*f.Get("prompt"));
-  } else {
+  } else if (f.Has("token-ids")) {
     SY_ASSIGN_OR_RETURN(std::vector<int32_t> ids, IntListFlag(f, "token-ids"));
     r.mutable_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
+  } else {
+    // The gateway renders the conversation with its chat template.
+    SY_ASSIGN_OR_RETURN(nlohmann::ordered_json messages, ParseMessagesFlag(*f.Get("messages")));
+    for (const nlohmann::ordered_json& m : messages) {
+      v1::ChatMessage* message = r.add_messages();
+      message->set_role(m["role"].get<std::string>());
+      message->set_content(m["content"].get<std::string>());
+    }
   }
 
   // Sampling: only what was given is sent, so the server's defaults and
@@ -223,6 +247,7 @@ absl::StatusOr<v1::GenerateResponse> StreamGenerate(v1::GenerationService::Stub&
       whole.set_finish_reason(message.finish_reason());
     }
     if (message.has_usage()) *whole.mutable_usage() = message.usage();
+    whole.mutable_prompt_token_ids()->MergeFrom(message.prompt_token_ids());
     if (!message.request_id().empty()) whole.set_request_id(message.request_id());
     if (!quiet && !message.text_delta().empty()) {
       std::fwrite(message.text_delta().data(), 1, message.text_delta().size(), stdout);
@@ -238,8 +263,9 @@ absl::StatusOr<v1::GenerateResponse> StreamGenerate(v1::GenerationService::Stub&
   return whole;
 }
 
-// The prompt ids for --json output of a streamed call: as given, or the
-// server's tokenization of the text.
+// The prompt ids for --json output of a streamed call from a gateway that
+// does not send them: as given, or the server's tokenization of the text
+// (a `messages` prompt is rendered by the gateway, which sends its ids).
 absl::StatusOr<std::vector<int32_t>> PromptIds(v1::GenerationService::Stub& stub,
                                                const GenerateCall& call) {
   if (call.request.has_token_ids()) {
@@ -283,8 +309,10 @@ absl::Status GenerateRemote(const std::vector<std::string>& args) {
 
   SY_ASSIGN_OR_RETURN(v1::GenerateResponse whole, StreamGenerate(*stub, call, call.json));
   if (call.json) {
-    SY_ASSIGN_OR_RETURN(std::vector<int32_t> prompt_ids, PromptIds(*stub, call));
-    whole.mutable_prompt_token_ids()->Add(prompt_ids.begin(), prompt_ids.end());
+    if (whole.prompt_token_ids().empty() && call.request.messages().empty()) {
+      SY_ASSIGN_OR_RETURN(std::vector<int32_t> prompt_ids, PromptIds(*stub, call));
+      whole.mutable_prompt_token_ids()->Add(prompt_ids.begin(), prompt_ids.end());
+    }
     PrintJson(whole, with_logprobs);
   } else {
     std::fputc('\n', stdout);
@@ -344,6 +372,12 @@ int RunHealth(const std::vector<std::string>& args) {
 }
 
 int RunGenerateRemote(const std::vector<std::string>& args) {
+  absl::StatusOr<Flags> flags = Flags::Parse(args, FormFlags("generate", true));
+  if (flags.ok()) {
+    if (absl::Status form = CheckPromptForm(*flags); !form.ok()) {
+      return UsageError(form.message(), "generate");
+    }
+  }
   absl::Status status = GenerateRemote(args);
   return status.ok() ? 0 : Fail(status, "generate");
 }
