@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "cli/command_specs.h"
 #include "cli/commands.h"
@@ -69,9 +70,14 @@ int UsageError(const char* message) {
 // model's), the generation prompt added, as the gateway renders them.
 absl::StatusOr<std::string> RenderMessages(const Flags& f, const std::string& model_dir) {
   SY_ASSIGN_OR_RETURN(nlohmann::ordered_json messages, ParseMessagesFlag(*f.Get("messages")));
-  SY_ASSIGN_OR_RETURN(std::unique_ptr<ChatTemplate> chat_template,
-                      LoadChatTemplate(model_dir, f.GetOr("chat-template", "")));
-  return chat_template->RenderChat(messages, /*add_generation_prompt=*/true);
+  absl::StatusOr<std::unique_ptr<ChatTemplate>> chat_template =
+      LoadChatTemplate(model_dir, f.GetOr("chat-template", ""));
+  if (absl::IsNotFound(chat_template.status()) && !f.Has("chat-template")) {
+    return absl::NotFoundError(absl::StrCat(chat_template.status().message(),
+                                            "; give --chat-template FILE to render --messages"));
+  }
+  if (!chat_template.ok()) return chat_template.status();
+  return (*chat_template)->RenderChat(messages, /*add_generation_prompt=*/true);
 }
 
 }  // namespace

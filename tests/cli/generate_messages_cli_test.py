@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """`switchyard generate --messages`, run as a user would: a chat prompt sent
 over gRPC to a real gateway (rendered there with its --chat-template) gives
-the same greedy output as the rendered text sent as the prompt (rendered by
-`switchyard chat-template`), unary, streamed and in process (--model with
---chat-template); bad JSON and misused flags fail with a clear error.
+the same greedy output as the rendered text (rendered by `switchyard
+chat-template`) sent as --prompt (less the template's BOS, which the text path
+adds itself) and as --token-ids; unary, streamed and in process (--model with
+--chat-template). Bad JSON and misused flags fail with a clear error.
 
 usage: generate_messages_cli_test.py BUILD_DIR SOURCE_DIR
 """
@@ -72,7 +73,14 @@ try:
     r = run("tokenize", "--server", address, "--text", rendered, "--add-special-tokens=false")
     check("tokenize the rendered text", r.returncode == 0, r.stderr)
     rendered_ids = json.loads(r.stdout)
-    text_ref = as_json(run(*gen, "--prompt", rendered, "--json"))
+    # The text path adds BOS itself (add_bos_token), so the rendered text is
+    # sent as --prompt without the BOS the template wrote; sent whole it gets
+    # a second BOS, which the messages path does not add.
+    check("the template writes BOS first", rendered.startswith("<s>"), rendered)
+    text_ref = as_json(run(*gen, "--prompt", rendered[len("<s>"):], "--json"))
+    doubled = as_json(run(*gen, "--prompt", rendered, "--json"))
+    check("--prompt of the whole rendered text has two BOS",
+          doubled is not None and doubled["prompt_token_ids"] == [1] + rendered_ids, doubled)
     ids_ref = as_json(run(*gen, "--token-ids", ",".join(map(str, rendered_ids)), "--json"))
     check("reference generations", text_ref is not None and ids_ref is not None)
 
@@ -88,11 +96,10 @@ try:
               (out["token_ids"], out["text"]) == (ids_ref["token_ids"], ids_ref["text"]),
               (out, ids_ref))
         check(f"--messages {name}: 12 tokens", len(out["token_ids"]) == 12, out)
-        # The text path adds BOS where the tokenizer config says; the chat
-        # path does not add a second one.
-        if text_ref["prompt_token_ids"] == rendered_ids:
-            check(f"--messages {name}: greedy output equals --prompt of the rendered text",
-                  out["text"] == text_ref["text"], (out["text"], text_ref["text"]))
+        check(f"--messages {name}: greedy output equals --prompt of the rendered text",
+              (out["prompt_token_ids"], out["token_ids"], out["text"])
+              == (text_ref["prompt_token_ids"], text_ref["token_ids"], text_ref["text"]),
+              (out, text_ref))
 
     # Streamed (the default without --json): the same text; streamed --json
     # reports the prompt ids the gateway rendered.
@@ -157,8 +164,8 @@ if out is not None and ids_ref is not None:
           (out["prompt_token_ids"], out["token_ids"], out["text"])
           == (rendered_ids, ids_ref["token_ids"], ids_ref["text"]), (out, ids_ref))
 r = run(*local, "--messages", "@" + messages_file)
-check("local model without a chat template", r.returncode == 1 and "chat_template" in r.stderr,
-      r.stderr)
+check("local model without a chat template", r.returncode == 1 and "has no chat_template" in r.stderr
+      and "give --chat-template FILE" in r.stderr, r.stderr)
 r = run(*local, "--messages", "[{]")
 check("local bad JSON", r.returncode == 1 and "not valid JSON" in r.stderr, r.stderr)
 r = run(*local, "--prompt", "x", "--chat-template", template)
