@@ -30,7 +30,8 @@ std::string Describe(const nlohmann::ordered_json& v) {
 absl::StatusOr<std::string> ReadFile(const std::string& path, const std::string& where) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (f == nullptr) {
-    return absl::NotFoundError(absl::StrCat(where, ": cannot read the file: ", std::strerror(errno)));
+    return absl::NotFoundError(
+        absl::StrCat(where, ": cannot read the file: ", std::strerror(errno)));
   }
   std::string text;
   char buf[65536];
@@ -51,12 +52,11 @@ absl::Status CheckMessage(const nlohmann::ordered_json& m, size_t i, const std::
   for (const char* field : {"role", "content"}) {
     auto it = m.find(field);
     if (it == m.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": ", name, " has no \"", field, "\""));
+      return absl::InvalidArgumentError(absl::StrCat(where, ": ", name, " has no \"", field, "\""));
     }
     if (!it->is_string()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": ", name, ".", field,
-                                                     " must be a string, got ", Describe(*it)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": ", name, ".", field, " must be a string, got ", Describe(*it)));
     }
   }
   for (auto it = m.begin(); it != m.end(); ++it) {
@@ -106,9 +106,9 @@ absl::StatusOr<nlohmann::ordered_json> ParseMessagesFlag(const std::string& valu
     j = std::move(inner);
   }
   if (!j.is_array()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(where, ": expected a JSON array of messages [{\"role\": ..., \"content\": ...}] ",
-                     "or {\"messages\": [...]}, got ", Describe(j)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, ": expected a JSON array of messages [{\"role\": ..., \"content\": ...}] ",
+        "or {\"messages\": [...]}, got ", Describe(j)));
   }
   if (j.empty()) return absl::InvalidArgumentError(absl::StrCat(where, ": no messages"));
   for (size_t i = 0; i < j.size(); ++i) {
