@@ -154,6 +154,19 @@ finally:
     gateway.terminate()
     gateway.wait(timeout=30)
 
+# A gateway without a chat template (tiny-mixtral has none) refuses chat.
+plain = subprocess.Popen(
+    [os.path.join(bin_dir, "switchyard-gateway"), "--model", model, "--listen", "127.0.0.1:0",
+     "--experts", "local"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+try:
+    address = plain.stdout.readline().split("listening on ")[1].split()[0]
+    r = run("generate", "--server", address, "--messages", "@" + messages_file)
+    check("gateway without a template", r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr
+          and "--chat-template FILE" in r.stderr, r.stderr)
+finally:
+    plain.terminate()
+    plain.wait(timeout=30)
+
 # In process: --model with --chat-template renders the same way.
 local = ["generate", "--model", model, "--max-new-tokens", "12", "--ignore-eos", "--json"]
 r = run(*local, "--messages", "@" + messages_file, "--chat-template", template)
