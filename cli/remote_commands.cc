@@ -104,8 +104,8 @@ absl::StatusOr<GenerateCall> ParseGenerateCall(const Flags& f) {
     SY_ASSIGN_OR_RETURN(nlohmann::ordered_json messages, ParseMessagesFlag(*f.Get("messages")));
     for (const nlohmann::ordered_json& m : messages) {
       v1::ChatMessage* message = r.add_messages();
-      message->set_role(m["role"].get<std::string>());
-      message->set_content(m["content"].get<std::string>());
+      message->set_role(m.at("role").get<std::string>());
+      message->set_content(m.at("content").get<std::string>());
     }
   }
 
