@@ -40,7 +40,8 @@ constexpr int kNewTokens = 160;
 
 // Writes `experts` (expert -> targets) as a topology file, atomically (a
 // rename), as `switchyard up` writes its endpoints file.
-void WriteTopology(const std::string& path, const std::map<int, std::vector<std::string>>& experts) {
+void WriteTopology(const std::string& path,
+                   const std::map<int, std::vector<std::string>>& experts) {
   nlohmann::json j;
   j["experts"] = nlohmann::json::object();
   for (const auto& [e, targets] : experts) j["experts"][std::to_string(e)] = targets;
@@ -100,10 +101,9 @@ class TopologyReloadTest : public ::testing::Test {
 
   // The gateway's replica gauge of `expert`.
   double ReplicaGauge(int expert) {
-    const std::string lines =
-        faults::MetricLines(metrics::Serialize(gateway_->metrics_registry()),
-                            "switchyard_gateway_expert_replicas",
-                            "expert=\"" + std::to_string(expert) + "\"");
+    const std::string lines = faults::MetricLines(metrics::Serialize(gateway_->metrics_registry()),
+                                                  "switchyard_gateway_expert_replicas",
+                                                  "expert=\"" + std::to_string(expert) + "\"");
     double v = -1;
     if (!lines.empty()) {
       std::string first = lines.substr(0, lines.find('\n'));
@@ -221,9 +221,10 @@ TEST_F(TopologyReloadTest, ReplicasJoinAndLeaveUnderLoadWithoutDroppingARequest)
   }
   const double original_final = ExpertCalls("original");
   const double added_final = ExpertCalls("added");
-  std::printf("[ calls    ] original %.0f (after removal: +%.0f), added %.0f (after removal: +%.0f)\n",
-              original_final, original_final - original_after_drain, added_final,
-              added_final - added_at_removal);
+  std::printf(
+      "[ calls    ] original %.0f (after removal: +%.0f), added %.0f (after removal: +%.0f)\n",
+      original_final, original_final - original_after_drain, added_final,
+      added_final - added_at_removal);
   EXPECT_EQ(original_final, original_after_drain) << "the removed replica got calls after it left";
   EXPECT_GT(added_final, added_at_removal) << "the remaining replica served nothing after removal";
   // The gateway never retried or failed an expert call along the way.
