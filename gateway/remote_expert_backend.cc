@@ -422,6 +422,12 @@ std::shared_ptr<RemoteExpertBackend::Replica> RemoteExpertBackend::OpenReplica(
 absl::StatusOr<std::string> RemoteExpertBackend::ApplyTopology(const ExpertTopology& topology) {
   SY_RETURN_IF_ERROR(ValidateTopology(topology, config_.num_local_experts, "expert topology: "));
   std::lock_guard<std::mutex> lock(apply_mu_);
+  // Close the channels of removed replicas no call holds any more (nothing
+  // else can take a new reference to them).
+  retired_.erase(
+      std::remove_if(retired_.begin(), retired_.end(),
+                     [](const std::shared_ptr<Replica>& r) { return r.use_count() == 1; }),
+      retired_.end());
   // The next sets, reusing live channels; new ones are opened but not yet
   // published, so a failed check leaves everything as it was.
   std::map<std::string, std::shared_ptr<Replica>> next_channels;
@@ -459,7 +465,9 @@ absl::StatusOr<std::string> RemoteExpertBackend::ApplyTopology(const ExpertTopol
   }
   SY_RETURN_IF_ERROR(CheckPairs(new_pairs));
   for (size_t e = 0; e < experts_.size(); ++e) experts_[e]->Publish(std::move(next_sets[e]));
-  // Channels no expert uses any more close when their last call ends.
+  for (auto& [target, replica] : channels_) {
+    if (!next_channels.count(target)) retired_.push_back(std::move(replica));
+  }
   channels_ = std::move(next_channels);
   return absl::StrJoin(changes, "; ");
 }

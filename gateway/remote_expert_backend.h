@@ -182,7 +182,9 @@ class RemoteExpertBackend : public ExpertBackend {
   // answer GetShardInfo within connect_timeout_ms and serve this model and
   // expert: UNAVAILABLE / FAILED_PRECONDITION); on any error nothing changes.
   // Otherwise returns what changed ("expert 3: +a -b; ..."; empty when
-  // nothing did). Removed replicas are drained, never cut off.
+  // nothing did). Removed replicas are drained, never cut off; the channel of
+  // one no expert uses any more is closed by a later ApplyTopology once its
+  // last call has ended (or when the backend goes).
   absl::StatusOr<std::string> ApplyTopology(const ExpertTopology& topology);
   // The live topology.
   ExpertTopology topology() const;
@@ -235,6 +237,10 @@ class RemoteExpertBackend : public ExpertBackend {
   std::mutex apply_mu_;
   // One channel per distinct live target, shared by the experts it serves.
   std::map<std::string, std::shared_ptr<Replica>> channels_;  // guarded by apply_mu_
+  // Removed replicas, kept until no call holds them (then released by the
+  // next ApplyTopology), so no channel is destroyed on one of its own
+  // callback threads.
+  std::vector<std::shared_ptr<Replica>> retired_;  // guarded by apply_mu_
   // Attempts per target ever used; a target that comes back keeps counting.
   mutable std::mutex calls_mu_;
   std::map<std::string, std::shared_ptr<std::atomic<uint64_t>>> calls_by_target_;  // calls_mu_
