@@ -121,6 +121,23 @@ std::string ExpertSecurityHint(const GatewayOptions& o) {
 
 }  // namespace
 
+namespace {
+
+// What GetModelInfo reports for remote experts.
+std::vector<v1::ExpertRoute> ExpertRoutes(const ExpertTopology& topology) {
+  std::vector<v1::ExpertRoute> routes;
+  for (const auto& [e, replicas] : topology.replicas) {
+    v1::ExpertRoute route;
+    route.set_expert(e);
+    route.set_target(absl::StrJoin(replicas, "|"));
+    for (const std::string& r : replicas) route.add_replicas(r);
+    routes.push_back(std::move(route));
+  }
+  return routes;
+}
+
+}  // namespace
+
 struct Gateway::Parts {
   metrics::Registry registry;
   std::unique_ptr<GatewayMetrics> metrics;
@@ -403,13 +420,7 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
     return absl::UnavailableError(
         absl::StrCat(connected.status().message(), ExpertSecurityHint(options)));
   }
-  for (const auto& [e, replicas] : topology->replicas) {
-    v1::ExpertRoute route;
-    route.set_expert(e);
-    route.set_target(absl::StrJoin(replicas, "|"));
-    for (const std::string& r : replicas) route.add_replicas(r);
-    service_options->expert_routes.push_back(route);
-  }
+  service_options->expert_routes = ExpertRoutes(*topology);
   // Replicas per expert, kept true across live topology changes.
   auto& replicas_gauge = metrics::AddGauge(
       registry, "switchyard_gateway_expert_replicas",
@@ -427,6 +438,10 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
   RemoteExpertBackend* remote_backend = connected->get();
   backend = *std::move(connected);
   if (absl::StartsWith(options.experts, "@") && options.experts_reload_ms > 0) {
+    // The service goes before the backend (Parts' order), so this stays valid.
+    service_options->live_expert_routes = [remote_backend] {
+      return ExpertRoutes(remote_backend->topology());
+    };
     topology_watcher = std::make_unique<ExpertTopologyFileWatcher>(
         options.experts.substr(1), config.num_local_experts, remote_backend,
         options.experts_reload_ms, set_replica_gauges);

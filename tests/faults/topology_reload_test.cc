@@ -196,6 +196,17 @@ TEST_F(TopologyReloadTest, ReplicasJoinAndLeaveUnderLoadWithoutDroppingARequest)
   WriteTopology(file, topology);
   ASSERT_TRUE(WaitForReplicas(kHot, 1)) << "the removal never went live";
   const int finished_at_removal = streams.finished();
+  {
+    // GetModelInfo reports the live routes.
+    auto stub = v1::GenerationService::NewStub(faults::Dial(gateway_->address()));
+    grpc::ClientContext ctx;
+    v1::GetModelInfoRequest request;
+    v1::ModelInfo info;
+    ASSERT_TRUE(stub->GetModelInfo(&ctx, request, &info).ok());
+    ASSERT_EQ(info.experts_size(), kExperts);
+    EXPECT_EQ(info.experts(kHot).target(), added);
+    EXPECT_EQ(info.experts(0).target(), others);
+  }
   // Calls picked just before the swap may still be on their way; they finish.
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   const double original_after_drain = ExpertCalls("original");
