@@ -121,6 +121,23 @@ std::string ExpertSecurityHint(const GatewayOptions& o) {
 
 }  // namespace
 
+namespace {
+
+// What GetModelInfo reports for remote experts.
+std::vector<v1::ExpertRoute> ExpertRoutes(const ExpertTopology& topology) {
+  std::vector<v1::ExpertRoute> routes;
+  for (const auto& [e, replicas] : topology.replicas) {
+    v1::ExpertRoute route;
+    route.set_expert(e);
+    route.set_target(absl::StrJoin(replicas, "|"));
+    for (const std::string& r : replicas) route.add_replicas(r);
+    routes.push_back(std::move(route));
+  }
+  return routes;
+}
+
+}  // namespace
+
 struct Gateway::Parts {
   metrics::Registry registry;
   std::unique_ptr<GatewayMetrics> metrics;
@@ -138,6 +155,8 @@ struct Gateway::Parts {
   std::unique_ptr<AuthenticatedGenerationService> authenticated_service;  // the same
   std::unique_ptr<rpc::RunningServer> server;
   std::unique_ptr<OpenAiHttpServer> http;  // --http-listen only
+  // --experts @FILE only; declared last so it stops before the backend goes.
+  std::unique_ptr<ExpertTopologyFileWatcher> topology_watcher;
 
   // The stages of Gateway::Start, in order.
   //
@@ -186,6 +205,7 @@ constexpr NumericRange kMaxStepTokens{"max-step-tokens", 1, kMaxStepRows};
 constexpr NumericRange kMaxNewTokensLimit{"max-new-tokens-limit", 0, kMaxIntOption};
 constexpr NumericRange kExpertTimeoutMs{"expert-timeout-ms", 1, kOneDayMs};
 constexpr NumericRange kGraceMs{"grace-ms", 0, kOneDayMs};
+constexpr NumericRange kExpertsReloadMs{"experts-reload-ms", 0, kOneDayMs};
 constexpr NumericRange kMaxConnectionAgeMs{"max-connection-age-ms", 0, kMaxIntOption};
 
 absl::Status CheckRange(const NumericRange& r, int64_t value) {
@@ -212,6 +232,7 @@ absl::Status ParseNumericFlags(const Flags& f, GatewayOptions* o) {
   SY_RETURN_IF_ERROR(ReadInRange(f, kMaxNewTokensLimit, &o->limits.max_new_tokens_limit));
   SY_RETURN_IF_ERROR(ReadInRange(f, kExpertTimeoutMs, &o->expert_timeout_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kGraceMs, &o->grace_ms));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kExpertsReloadMs, &o->experts_reload_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kMaxConnectionAgeMs, &o->max_connection_age_ms));
   return absl::OkStatus();
 }
@@ -226,6 +247,7 @@ absl::Status ValidateNumericOptions(const GatewayOptions& o) {
   SY_RETURN_IF_ERROR(CheckRange(kMaxNewTokensLimit, o.limits.max_new_tokens_limit));
   SY_RETURN_IF_ERROR(CheckRange(kExpertTimeoutMs, o.expert_timeout_ms));
   SY_RETURN_IF_ERROR(CheckRange(kGraceMs, o.grace_ms));
+  SY_RETURN_IF_ERROR(CheckRange(kExpertsReloadMs, o.experts_reload_ms));
   SY_RETURN_IF_ERROR(CheckRange(kMaxConnectionAgeMs, o.max_connection_age_ms));
   return absl::OkStatus();
 }
@@ -398,14 +420,32 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
     return absl::UnavailableError(
         absl::StrCat(connected.status().message(), ExpertSecurityHint(options)));
   }
-  for (const auto& [e, replicas] : topology->replicas) {
-    v1::ExpertRoute route;
-    route.set_expert(e);
-    route.set_target(absl::StrJoin(replicas, "|"));
-    for (const std::string& r : replicas) route.add_replicas(r);
-    service_options->expert_routes.push_back(route);
+  service_options->expert_routes = ExpertRoutes(*topology);
+  // Replicas per expert, kept true across live topology changes.
+  auto& replicas_gauge = metrics::AddGauge(
+      registry, "switchyard_gateway_expert_replicas",
+      "Replica targets the gateway sends each expert's calls to (a dns:/// name counts as one).");
+  std::vector<metrics::Gauge*> replica_gauges;
+  for (int e = 0; e < config.num_local_experts; ++e) {
+    replica_gauges.push_back(&replicas_gauge.Add({{"expert", std::to_string(e)}}));
   }
+  auto set_replica_gauges = [replica_gauges](const ExpertTopology& live) {
+    for (const auto& [e, targets] : live.replicas) {
+      replica_gauges[e]->Set(static_cast<double>(targets.size()));
+    }
+  };
+  set_replica_gauges(*topology);
+  RemoteExpertBackend* remote_backend = connected->get();
   backend = *std::move(connected);
+  if (absl::StartsWith(options.experts, "@") && options.experts_reload_ms > 0) {
+    // The service goes before the backend (Parts' order), so this stays valid.
+    service_options->live_expert_routes = [remote_backend] {
+      return ExpertRoutes(remote_backend->topology());
+    };
+    topology_watcher = std::make_unique<ExpertTopologyFileWatcher>(
+        options.experts.substr(1), config.num_local_experts, remote_backend,
+        options.experts_reload_ms, set_replica_gauges);
+  }
   return absl::OkStatus();
 }
 
@@ -517,7 +557,9 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
 Gateway::Gateway(std::unique_ptr<Parts> parts) : parts_(std::move(parts)) {}
 
 Gateway::~Gateway() {
-  // The servers first (no new calls), then the scheduler (ends what is left).
+  // No topology change while stopping; then the servers (no new calls), then
+  // the scheduler (ends what is left).
+  parts_->topology_watcher.reset();
   parts_->http.reset();
   parts_->server.reset();
   parts_->scheduler.reset();

@@ -22,9 +22,13 @@
 namespace switchyard {
 
 struct GatewayOptions {
-  std::string model_dir;                  // required
-  std::string listen = "0.0.0.0:50051";   // "127.0.0.1:0" picks a free port
-  std::string experts = "local";          // "local", a topology spec, or "@file.json"
+  std::string model_dir;                 // required
+  std::string listen = "0.0.0.0:50051";  // "127.0.0.1:0" picks a free port
+  std::string experts = "local";         // "local", a topology spec, or "@file.json"
+  // With "@file.json": how often the file is re-read, in ms; when its content
+  // changes the new topology is applied live (ExpertTopologyFileWatcher,
+  // gateway/remote_expert_backend.h). Default 1000; 0: never re-read.
+  int experts_reload_ms = 1000;
   int64_t kv_cache_tokens = 65536;        // KV cache budget in token slots, [16, 2^30]
   SchedulerOptions scheduler;             // queue, batch and step-token limits
   RequestLimits limits;                   // request validation limits

@@ -477,7 +477,9 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::GetModelInfo(
   response->set_bos_token_id(tokenizer_->bos_id());
   response->set_eos_token_id(tokenizer_->eos_id());
   response->set_config_fingerprint(config_.Fingerprint());
-  for (const v1::ExpertRoute& r : options_.expert_routes) *response->add_experts() = r;
+  const std::vector<v1::ExpertRoute> routes =
+      options_.live_expert_routes ? options_.live_expert_routes() : options_.expert_routes;
+  for (const v1::ExpertRoute& r : routes) *response->add_experts() = r;
   response->set_version(Version());
   auto* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);

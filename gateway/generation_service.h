@@ -11,6 +11,7 @@
 #ifndef SWITCHYARD_GATEWAY_GENERATION_SERVICE_H_
 #define SWITCHYARD_GATEWAY_GENERATION_SERVICE_H_
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -28,7 +29,11 @@ struct GenerationServiceOptions {
   std::string model_name;  // reported by GetModelInfo
   RequestLimits limits;
   std::vector<v1::ExpertRoute> expert_routes;  // reported by GetModelInfo
-  GatewayMetrics* metrics = nullptr;           // requests by outcome; not owned
+  // When set, GetModelInfo reports what this returns instead (the live
+  // routes of a topology that can change); called on gRPC threads, so it
+  // must be thread-safe. Default: none.
+  std::function<std::vector<v1::ExpertRoute>()> live_expert_routes;
+  GatewayMetrics* metrics = nullptr;  // requests by outcome; not owned
   // Renders `messages` prompts; not owned. nullptr (default): such requests
   // get FAILED_PRECONDITION.
   const ChatTemplate* chat_template = nullptr;

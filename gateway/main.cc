@@ -29,6 +29,9 @@ const switchyard::CommandSpec& Spec() {
           {"listen", true, "0.0.0.0:50051", "the Generation API address (port 0 picks one)"},
           {"experts", true, "local",
            "where the experts are: local (in this process), SPEC or @FILE (JSON topology)"},
+          {"experts-reload-ms", true, "1000",
+           "with --experts @FILE: re-read FILE this often and apply a changed topology live "
+           "(0: never; 0..86400000)"},
           {"kv-cache-tokens", true, "65536", "KV cache size in tokens (16..2^30)"},
           {"max-queue", true, "256", "requests waiting at most; more are refused (1..2^20)"},
           {"max-running", true, "64", "requests decoding at once (1..16384)"},

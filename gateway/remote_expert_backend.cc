@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -203,16 +205,36 @@ struct RemoteExpertBackend::Replica {
   // Forward attempts sent to this target and not yet completed, over every
   // expert it serves: the load PickReplica balances.
   std::atomic<int> outstanding{0};
+  // Attempts ever sent to this target (shared with calls_by_target_).
+  std::shared_ptr<std::atomic<uint64_t>> calls;
+};
+
+// One expert's replicas at one moment; never changed once published, so a
+// call can use it without a lock while ApplyTopology publishes the next.
+struct RemoteExpertBackend::ReplicaSet {
+  std::vector<std::shared_ptr<Replica>> replicas;
+  // A failed call can be retried elsewhere: several replicas, or one target
+  // with several addresses.
+  bool can_retry = false;
 };
 
 struct RemoteExpertBackend::ExpertState {
   int expert = 0;
-  std::vector<int> replicas;  // indices into replicas_
-  // A failed call can be retried elsewhere: several replicas, or one target
-  // with several addresses.
-  bool can_retry = false;
   mutable std::atomic<uint64_t> next{0};  // tie-breaking cursor
   RemoteExpertCounters counters;
+
+  std::shared_ptr<const ReplicaSet> Snapshot() const {
+    std::lock_guard<std::mutex> lock(mu);
+    return set;
+  }
+  void Publish(std::shared_ptr<const ReplicaSet> next_set) {
+    std::lock_guard<std::mutex> lock(mu);
+    set = std::move(next_set);
+  }
+
+ private:
+  mutable std::mutex mu;
+  std::shared_ptr<const ReplicaSet> set;  // guarded by mu; never null after Connect
 };
 
 // One batch's call: up to two attempts (the first and one retry).
@@ -222,7 +244,8 @@ struct RemoteExpertBackend::CallSlot {
   int tokens = 0;
   v1::ForwardRequest request;
   int attempts = 0;
-  std::array<int, kMaxAttempts> replica{-1, -1};
+  // Held until the slot is done: a replica removed meanwhile stays open for it.
+  std::array<std::shared_ptr<Replica>, kMaxAttempts> replica;
   std::array<std::unique_ptr<grpc::ClientContext>, kMaxAttempts> contexts;
   std::array<v1::ForwardResponse, kMaxAttempts> responses;
   std::array<grpc::Status, kMaxAttempts> statuses;
@@ -367,87 +390,136 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
                       LocalExpertFingerprints(gateway_config, checkpoint_dir));
   auto backend =
       std::unique_ptr<RemoteExpertBackend>(new RemoteExpertBackend(gateway_config, options));
-  backend->OpenChannels(topology);
-  const std::vector<std::unique_ptr<ShardInfoCall>> infos = backend->AskShardInfo();
-  SY_RETURN_IF_ERROR(backend->CheckAllAnswered(infos));
-  SY_RETURN_IF_ERROR(backend->CheckReplicas(infos, checkpoint_dir, local_fingerprints));
+  backend->checkpoint_dir_ = checkpoint_dir;
+  backend->local_fingerprints_ = local_fingerprints;
+  for (int e = 0; e < gateway_config.num_local_experts; ++e) {
+    auto state = std::make_unique<ExpertState>();
+    state->expert = e;
+    state->Publish(std::make_shared<ReplicaSet>());
+    backend->experts_.push_back(std::move(state));
+  }
+  SY_RETURN_IF_ERROR(backend->ApplyTopology(topology).status());
   return backend;
 }
 
-void RemoteExpertBackend::OpenChannels(const ExpertTopology& topology) {
-  // One channel per distinct target, shared by the experts it serves.
-  std::map<std::string, int> replica_index;
-  const grpc::ChannelArguments args = ExpertChannelArguments(options_);
+std::shared_ptr<RemoteExpertBackend::Replica> RemoteExpertBackend::OpenReplica(
+    const std::string& target) {
   const auto credentials =
       options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials();
-  for (int e = 0; e < config_.num_local_experts; ++e) {
-    auto state = std::make_unique<ExpertState>();
-    state->expert = e;
-    for (const std::string& target : topology.replicas.at(e)) {
-      auto [it, inserted] = replica_index.emplace(target, static_cast<int>(replicas_.size()));
-      if (inserted) {
-        auto replica = std::make_unique<Replica>();
-        replica->target = target;
-        replica->several_addresses = MayHaveSeveralAddresses(target);
-        replica->channel = grpc::CreateCustomChannel(target, credentials, args);
-        replica->stub = v1::ExpertService::NewStub(replica->channel);
-        replicas_.push_back(std::move(replica));
-      }
-      if (std::find(state->replicas.begin(), state->replicas.end(), it->second) ==
-          state->replicas.end()) {
-        state->replicas.push_back(it->second);
-      }
-    }
-    state->can_retry =
-        state->replicas.size() > 1 || replicas_[state->replicas[0]]->several_addresses;
-    experts_.push_back(std::move(state));
-  }
+  auto replica = std::make_shared<Replica>();
+  replica->target = target;
+  replica->several_addresses = MayHaveSeveralAddresses(target);
+  replica->channel =
+      grpc::CreateCustomChannel(target, credentials, ExpertChannelArguments(options_));
+  replica->stub = v1::ExpertService::NewStub(replica->channel);
+  std::lock_guard<std::mutex> lock(calls_mu_);
+  auto& calls = calls_by_target_[target];
+  if (calls == nullptr) calls = std::make_shared<std::atomic<uint64_t>>(0);
+  replica->calls = calls;
+  return replica;
 }
 
-std::vector<std::unique_ptr<RemoteExpertBackend::ShardInfoCall>> RemoteExpertBackend::AskShardInfo()
-    const {
-  const size_t n = replicas_.size();
-  std::vector<std::unique_ptr<ShardInfoCall>> infos(n);
+absl::StatusOr<std::string> RemoteExpertBackend::ApplyTopology(const ExpertTopology& topology) {
+  SY_RETURN_IF_ERROR(ValidateTopology(topology, config_.num_local_experts, "expert topology: "));
+  std::lock_guard<std::mutex> lock(apply_mu_);
+  // Close the channels of removed replicas no call holds any more (nothing
+  // else can take a new reference to them).
+  retired_.erase(
+      std::remove_if(retired_.begin(), retired_.end(),
+                     [](const std::shared_ptr<Replica>& r) { return r.use_count() == 1; }),
+      retired_.end());
+  // The next sets, reusing live channels; new ones are opened but not yet
+  // published, so a failed check leaves everything as it was.
+  std::map<std::string, std::shared_ptr<Replica>> next_channels;
+  std::vector<std::shared_ptr<const ReplicaSet>> next_sets;
+  std::vector<NewPair> new_pairs;
+  std::vector<std::string> changes;
+  for (const auto& state : experts_) {
+    const int e = state->expert;
+    const std::shared_ptr<const ReplicaSet> current = state->Snapshot();
+    std::set<std::string> current_targets;
+    for (const auto& r : current->replicas) current_targets.insert(r->target);
+    auto next = std::make_shared<ReplicaSet>();
+    std::set<std::string> next_targets;
+    std::vector<std::string> added;
+    for (const std::string& target : topology.replicas.at(e)) {
+      if (!next_targets.insert(target).second) continue;  // listed twice: one replica
+      std::shared_ptr<Replica>& replica = next_channels[target];
+      if (replica == nullptr) {
+        auto live = channels_.find(target);
+        replica = live != channels_.end() ? live->second : OpenReplica(target);
+      }
+      next->replicas.push_back(replica);
+      if (!current_targets.count(target)) {
+        new_pairs.emplace_back(e, replica);
+        added.push_back(absl::StrCat("+", target));
+      }
+    }
+    for (const std::string& target : current_targets) {
+      if (!next_targets.count(target)) added.push_back(absl::StrCat("-", target));
+    }
+    next->can_retry = next->replicas.size() > 1 || next->replicas[0]->several_addresses;
+    if (!added.empty())
+      changes.push_back(absl::StrCat("expert ", e, ": ", absl::StrJoin(added, " ")));
+    next_sets.push_back(std::move(next));
+  }
+  SY_RETURN_IF_ERROR(CheckPairs(new_pairs));
+  for (size_t e = 0; e < experts_.size(); ++e) experts_[e]->Publish(std::move(next_sets[e]));
+  for (auto& [target, replica] : channels_) {
+    if (!next_channels.count(target)) retired_.push_back(std::move(replica));
+  }
+  channels_ = std::move(next_channels);
+  return absl::StrJoin(changes, "; ");
+}
+
+ExpertTopology RemoteExpertBackend::topology() const {
+  ExpertTopology topology;
+  for (const auto& state : experts_) {
+    std::vector<std::string>& targets = topology.replicas[state->expert];
+    for (const auto& r : state->Snapshot()->replicas) targets.push_back(r->target);
+  }
+  return topology;
+}
+
+absl::Status RemoteExpertBackend::CheckPairs(const std::vector<NewPair>& pairs) const {
+  // One GetShardInfo per distinct replica, all at once.
+  std::map<const Replica*, std::unique_ptr<ShardInfoCall>> infos;
+  std::map<const Replica*, std::vector<int>> mapped;  // replica -> experts, for messages
+  for (const auto& [e, replica] : pairs) {
+    infos[replica.get()];
+    mapped[replica.get()].push_back(e);
+  }
+  if (infos.empty()) return absl::OkStatus();
   std::mutex mu;
   std::condition_variable cv;
-  size_t pending = n;
+  size_t pending = infos.size();
   const v1::GetShardInfoRequest info_request;
   const auto deadline =
       std::chrono::system_clock::now() + std::chrono::milliseconds(options_.connect_timeout_ms);
-  for (size_t i = 0; i < n; ++i) {
-    infos[i] = std::make_unique<ShardInfoCall>();
-    ShardInfoCall* call = infos[i].get();
+  for (auto& [replica, info] : infos) {
+    info = std::make_unique<ShardInfoCall>();
+    ShardInfoCall* call = info.get();
     call->context.set_wait_for_ready(true);
     call->context.set_deadline(deadline);
-    replicas_[i]->stub->async()->GetShardInfo(&call->context, &info_request, &call->info,
-                                              [&, call](grpc::Status s) {
-                                                call->status = std::move(s);
-                                                std::lock_guard<std::mutex> lock(mu);
-                                                if (--pending == 0) cv.notify_all();
-                                              });
+    replica->stub->async()->GetShardInfo(&call->context, &info_request, &call->info,
+                                         [&, call](grpc::Status s) {
+                                           call->status = std::move(s);
+                                           std::lock_guard<std::mutex> lock(mu);
+                                           if (--pending == 0) cv.notify_all();
+                                         });
   }
   {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return pending == 0; });
   }
-  return infos;
-}
-
-absl::Status RemoteExpertBackend::CheckAllAnswered(
-    const std::vector<std::unique_ptr<ShardInfoCall>>& infos) const {
   // Targets that did not answer, with the experts mapped to them.
   std::vector<std::string> unreachable;
-  for (size_t i = 0; i < infos.size(); ++i) {
-    const grpc::Status& s = infos[i]->status;
+  for (const auto& [replica, info] : infos) {
+    const grpc::Status& s = info->status;
     if (s.ok()) continue;
-    std::vector<int> mapped;
-    for (const auto& state : experts_) {
-      for (int r : state->replicas) {
-        if (r == static_cast<int>(i)) mapped.push_back(state->expert);
-      }
-    }
-    const std::string what = absl::StrCat(mapped.size() == 1 ? "expert " : "experts ",
-                                          absl::StrJoin(mapped, ","), " at ", replicas_[i]->target);
+    const std::vector<int>& experts = mapped[replica];
+    const std::string what = absl::StrCat(experts.size() == 1 ? "expert " : "experts ",
+                                          absl::StrJoin(experts, ","), " at ", replica->target);
     if (!IsRetryable(s)) {
       return absl::FailedPreconditionError(
           absl::StrCat(what, ": GetShardInfo failed: ", StatusText(s)));
@@ -459,26 +531,20 @@ absl::Status RemoteExpertBackend::CheckAllAnswered(
                                                options_.connect_timeout_ms, " ms from ",
                                                absl::StrJoin(unreachable, "; ")));
   }
-  return absl::OkStatus();
-}
-
-absl::Status RemoteExpertBackend::CheckReplicas(
-    const std::vector<std::unique_ptr<ShardInfoCall>>& infos, const std::string& checkpoint_dir,
-    const std::vector<std::string>& local_fingerprints) const {
-  for (const auto& state : experts_) {
-    const int e = state->expert;
-    for (int r : state->replicas) {
-      const std::string at = absl::StrCat("expert ", e, " at ", replicas_[r]->target);
-      SY_RETURN_IF_ERROR(CheckShardInfo(infos[r]->info, e, at, config_, config_fingerprint_,
-                                        checkpoint_dir, local_fingerprints[e]));
-    }
+  // Every (expert, replica) pair must serve this model and these weights.
+  for (const auto& [e, replica] : pairs) {
+    const std::string at = absl::StrCat("expert ", e, " at ", replica->target);
+    SY_RETURN_IF_ERROR(CheckShardInfo(infos.at(replica.get())->info, e, at, config_,
+                                      config_fingerprint_, checkpoint_dir_,
+                                      local_fingerprints_[e]));
   }
   return absl::OkStatus();
 }
 
-int RemoteExpertBackend::PickReplica(const ExpertState& state, int exclude) const {
-  const size_t n = state.replicas.size();
-  if (n == 1) return state.replicas[0];
+std::shared_ptr<RemoteExpertBackend::Replica> RemoteExpertBackend::PickReplica(
+    const ExpertState& state, const ReplicaSet& set, const Replica* exclude) const {
+  const size_t n = set.replicas.size();
+  if (n == 1) return set.replicas[0];
   // Least outstanding calls, so a slow or busy replica gets fewer and a new
   // one takes its share at once; ties go round-robin from a moving start.
   // Counts are read without a lock: a pick that races another may tie where
@@ -486,52 +552,56 @@ int RemoteExpertBackend::PickReplica(const ExpertState& state, int exclude) cons
   const uint64_t start = state.next.fetch_add(1, std::memory_order_relaxed);
   const int64_t now = NowMicros();
   const auto least_loaded = [&](const auto& eligible) {
-    int best = -1;
+    const Replica* best = nullptr;
+    size_t best_index = 0;
     int best_outstanding = 0;
     for (size_t i = 0; i < n; ++i) {
-      const int r = state.replicas[(start + i) % n];
-      if (r == exclude || !eligible(r)) continue;
-      const int outstanding = replicas_[r]->outstanding.load(std::memory_order_relaxed);
-      if (best < 0 || outstanding < best_outstanding) {
+      const size_t index = (start + i) % n;
+      const Replica* r = set.replicas[index].get();
+      if (r == exclude || !eligible(*r)) continue;
+      const int outstanding = r->outstanding.load(std::memory_order_relaxed);
+      if (best == nullptr || outstanding < best_outstanding) {
         best = r;
+        best_index = index;
         best_outstanding = outstanding;
       }
     }
-    return best;
+    return best == nullptr ? -1 : static_cast<int>(best_index);
   };
   // Prefer a replica that has not failed lately and whose channel is not
   // known to be failing; then any other than `exclude`.
-  int r = least_loaded([&](int r) {
-    return replicas_[r]->avoid_until_micros.load(std::memory_order_relaxed) <= now &&
-           replicas_[r]->channel->GetState(/*try_to_connect=*/false) !=
-               GRPC_CHANNEL_TRANSIENT_FAILURE;
+  int i = least_loaded([&](const Replica& r) {
+    return r.avoid_until_micros.load(std::memory_order_relaxed) <= now &&
+           r.channel->GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_TRANSIENT_FAILURE;
   });
-  if (r < 0) r = least_loaded([](int) { return true; });
-  return r >= 0 ? r : state.replicas[start % n];
+  if (i < 0) i = least_loaded([](const Replica&) { return true; });
+  return set.replicas[i >= 0 ? static_cast<size_t>(i) : start % n];
 }
 
 void RemoteExpertBackend::StartAttempt(const std::shared_ptr<LayerCall>& call, size_t slot,
-                                       int replica) {
+                                       std::shared_ptr<Replica> replica) {
   CallSlot& s = call->slots[slot];
   const int attempt = s.attempts++;
   ExpertState& state = *experts_[s.expert];
   state.counters.calls.fetch_add(1, std::memory_order_relaxed);
   if (attempt > 0) state.counters.retries.fetch_add(1, std::memory_order_relaxed);
-  s.replica[attempt] = replica;
-  replicas_[replica]->outstanding.fetch_add(1, std::memory_order_relaxed);
+  replica->outstanding.fetch_add(1, std::memory_order_relaxed);
+  replica->calls->fetch_add(1, std::memory_order_relaxed);
+  v1::ExpertService::Stub* stub = replica->stub.get();
+  s.replica[attempt] = std::move(replica);
   s.contexts[attempt] = std::make_unique<grpc::ClientContext>();
   grpc::ClientContext* context = s.contexts[attempt].get();
   // With another replica (or address) to retry on, the first attempt gets half
   // of what is left of the layer's budget, so a retry still fits before the deadline.
   const auto now = std::chrono::system_clock::now();
   auto deadline = call->deadline;
-  if (attempt == 0 && state.can_retry) deadline = now + (call->deadline - now) / 2;
+  if (attempt == 0 && state.Snapshot()->can_retry) deadline = now + (call->deadline - now) / 2;
   context->set_deadline(deadline);
   s.start_micros[attempt] = NowMicros();
-  replicas_[replica]->stub->async()->Forward(
-      context, &s.request, &s.responses[attempt], [this, call, slot, attempt](grpc::Status status) {
-        OnAttemptDone(call, slot, attempt, std::move(status));
-      });
+  stub->async()->Forward(context, &s.request, &s.responses[attempt],
+                         [this, call, slot, attempt](grpc::Status status) {
+                           OnAttemptDone(call, slot, attempt, std::move(status));
+                         });
 }
 
 void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, size_t slot,
@@ -539,7 +609,7 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
   CallSlot& s = call->slots[slot];
   ExpertState& state = *experts_[s.expert];
   RemoteExpertCounters& counters = state.counters;
-  Replica& replica = *replicas_[s.replica[attempt]];
+  Replica& replica = *s.replica[attempt];
   replica.outstanding.fetch_sub(1, std::memory_order_relaxed);
   // One reading serves every consumer, so the call-duration histogram and the
   // per-hop breakdown describe the same round trip.
@@ -571,12 +641,14 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
   }
   // One target with several addresses retries on itself: its round_robin
   // picker sends the retry to the next ready address (DNS mode).
-  const bool retry = !status.ok() && IsRetryable(status) && attempt + 1 < CallSlot::kMaxAttempts &&
-                     state.can_retry;
+  // The retry picks from the live set: after a topology change, a new replica.
+  const std::shared_ptr<const ReplicaSet> set = state.Snapshot();
+  const bool retry =
+      !status.ok() && IsRetryable(status) && attempt + 1 < CallSlot::kMaxAttempts && set->can_retry;
   s.statuses[attempt] = std::move(status);
   if (retry) {
     // Starting a call from a callback is fine: it does not block.
-    StartAttempt(call, slot, PickReplica(state, s.replica[attempt]));
+    StartAttempt(call, slot, PickReplica(state, *set, s.replica[attempt].get()));
     return;
   }
   std::lock_guard<std::mutex> lock(call->mu);
@@ -625,7 +697,8 @@ absl::Status RemoteExpertBackend::RunLayerPerBatch(int layer, absl::Span<const E
     rpc::EncodeMatrix(b.input, b.tokens, d, options_.wire_dtype, s.request.mutable_hidden_states());
   }
   for (size_t i = 0; i < batches.size(); ++i) {
-    StartAttempt(call, i, PickReplica(*experts_[call->slots[i].expert], /*exclude=*/-1));
+    const ExpertState& state = *experts_[call->slots[i].expert];
+    StartAttempt(call, i, PickReplica(state, *state.Snapshot(), /*exclude=*/nullptr));
   }
   {
     std::unique_lock<std::mutex> lock(call->mu);
@@ -649,21 +722,20 @@ absl::Status RemoteExpertBackend::BatchResult(const LayerCall& call, size_t slot
     if (IsRetryable(status)) {
       std::vector<std::string> tried;
       for (int a = 0; a < s.attempts; ++a) {
-        tried.push_back(
-            absl::StrCat(replicas_[s.replica[a]]->target, ": ", StatusText(s.statuses[a])));
+        tried.push_back(absl::StrCat(s.replica[a]->target, ": ", StatusText(s.statuses[a])));
       }
       return absl::UnavailableError(
           absl::StrCat(where, " unavailable: ", absl::StrJoin(tried, "; ")));
     }
-    return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                        absl::StrCat(where, " at ", replicas_[s.replica[last]]->target, ": ",
-                                     status.error_message()));
+    return absl::Status(
+        static_cast<absl::StatusCode>(status.error_code()),
+        absl::StrCat(where, " at ", s.replica[last]->target, ": ", status.error_message()));
   }
   absl::StatusOr<std::vector<float>> out =
       rpc::DecodeMatrix(s.responses[last].output(), d, "expert output");
   if (!out.ok() || static_cast<int64_t>(out->size()) != s.tokens * d) {
     return absl::InternalError(
-        absl::StrCat(where, " at ", replicas_[s.replica[last]]->target, " returned a bad output: ",
+        absl::StrCat(where, " at ", s.replica[last]->target, " returned a bad output: ",
                      out.ok() ? absl::StrCat(out->size() / d, " rows for ", s.tokens, " tokens")
                               : std::string(out.status().message())));
   }
@@ -675,7 +747,7 @@ std::string RemoteExpertBackend::Describe() const {
   std::vector<std::string> entries;
   for (const auto& state : experts_) {
     std::vector<std::string> targets;
-    for (int r : state->replicas) targets.push_back(replicas_[r]->target);
+    for (const auto& r : state->Snapshot()->replicas) targets.push_back(r->target);
     entries.push_back(absl::StrCat(state->expert, "=", absl::StrJoin(targets, "|")));
   }
   return absl::StrCat("remote (gRPC, ", options_.wire_dtype == v1::DTYPE_BF16 ? "bf16" : "f32",
@@ -693,7 +765,7 @@ RemoteExpertStats RemoteExpertBackend::stats() const {
   for (const auto& state : experts_) {
     RemoteExpertStats::PerExpert p;
     p.expert = state->expert;
-    for (int r : state->replicas) p.targets.push_back(replicas_[r]->target);
+    for (const auto& r : state->Snapshot()->replicas) p.targets.push_back(r->target);
     const RemoteExpertCounters& c = state->counters;
     p.calls = c.calls.load(std::memory_order_relaxed);
     p.retries = c.retries.load(std::memory_order_relaxed);
@@ -707,7 +779,89 @@ RemoteExpertStats RemoteExpertBackend::stats() const {
     p.latency_count = c.latency_count.load(std::memory_order_relaxed);
     stats.experts.push_back(std::move(p));
   }
+  std::lock_guard<std::mutex> lock(calls_mu_);
+  for (const auto& [target, calls] : calls_by_target_) {
+    stats.calls_by_target[target] = calls->load(std::memory_order_relaxed);
+  }
   return stats;
+}
+
+// ---------------------------------------------------------------------------
+
+namespace {
+
+// The file's bytes; nullopt when it cannot be read (being replaced, say).
+std::optional<std::string> ReadWholeFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+ExpertTopologyFileWatcher::ExpertTopologyFileWatcher(
+    std::string path, int num_experts, RemoteExpertBackend* backend, int poll_ms,
+    std::function<void(const ExpertTopology&)> on_applied)
+    : path_(std::move(path)),
+      num_experts_(num_experts),
+      backend_(backend),
+      poll_ms_(std::max(poll_ms, 1)),
+      on_applied_(std::move(on_applied)) {
+  last_content_ = ReadWholeFile(path_).value_or("");
+  thread_ = std::thread([this] {
+    std::unique_lock<std::mutex> lock(stop_mu_);
+    while (
+        !stop_cv_.wait_for(lock, std::chrono::milliseconds(poll_ms_), [this] { return stop_; })) {
+      lock.unlock();
+      PollOnce();
+      lock.lock();
+    }
+  });
+}
+
+ExpertTopologyFileWatcher::~ExpertTopologyFileWatcher() {
+  {
+    std::lock_guard<std::mutex> lock(stop_mu_);
+    stop_ = true;
+  }
+  stop_cv_.notify_all();
+  thread_.join();
+}
+
+bool ExpertTopologyFileWatcher::PollOnce() {
+  std::lock_guard<std::mutex> lock(poll_mu_);
+  const std::optional<std::string> content = ReadWholeFile(path_);
+  // Unreadable (mid-rename) or unchanged: nothing to do; the old topology stays.
+  if (!content.has_value() || *content == last_content_) return false;
+  last_content_ = *content;
+  absl::StatusOr<ExpertTopology> topology = ParseExpertTopologyFile(path_, num_experts_);
+  if (!topology.ok()) {
+    refused_.fetch_add(1);
+    std::fprintf(stderr,
+                 "switchyard-gateway: expert topology file changed but is refused, keeping the "
+                 "current topology: %s\n",
+                 std::string(topology.status().message()).c_str());
+    return false;
+  }
+  absl::StatusOr<std::string> changed = backend_->ApplyTopology(*topology);
+  if (!changed.ok()) {
+    refused_.fetch_add(1);
+    // A replica that did not answer may still be starting: try again next poll.
+    if (changed.status().code() == absl::StatusCode::kUnavailable) last_content_.clear();
+    std::fprintf(stderr,
+                 "switchyard-gateway: %s changed but is refused, keeping the current topology: "
+                 "%s\n",
+                 path_.c_str(), changed.status().ToString().c_str());
+    return false;
+  }
+  if (changed->empty()) return false;
+  applied_.fetch_add(1);
+  std::fprintf(stderr, "switchyard-gateway: expert topology from %s applied: %s\n", path_.c_str(),
+               changed->c_str());
+  if (on_applied_) on_applied_(backend_->topology());
+  return true;
 }
 
 }  // namespace switchyard

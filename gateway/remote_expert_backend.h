@@ -30,8 +30,19 @@
 // target names and connection management; round_robin already spreads calls
 // evenly over the pods.)
 //
-// Thread-safety: RunLayer, Describe and stats() are thread-safe; several
-// model runners may share one backend.
+// Live topology changes: ApplyTopology swaps in a new set of replicas per
+// expert while calls run (ExpertTopologyFileWatcher drives it from an
+// `--experts @FILE` file). A new (expert, target) pair is checked as Connect
+// checks it before it takes a call; if any check fails nothing changes. A
+// removed replica is drained: it gets no new call once the swap is done,
+// calls in flight on it (and their results) finish, and its channel closes
+// when the last of them ends. Every expert always keeps at least one replica.
+//
+// Thread-safety: RunLayer, RunLayerPerBatch, Describe, stats() and
+// ApplyTopology are thread-safe; several model runners may share one backend.
+// ApplyTopology calls are serialized among themselves and never block
+// RunLayer: each call picks its replica from an immutable snapshot of its
+// expert's replica set, taken under a short per-expert lock.
 #ifndef SWITCHYARD_GATEWAY_REMOTE_EXPERT_BACKEND_H_
 #define SWITCHYARD_GATEWAY_REMOTE_EXPERT_BACKEND_H_
 
@@ -39,12 +50,16 @@
 
 #include <array>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -130,6 +145,9 @@ struct RemoteExpertStats {
     uint64_t latency_count = 0;
   };
   std::vector<PerExpert> experts;  // indexed by expert
+  // Forward attempts sent to each target ever used, removed ones included
+  // (over every expert it serves).
+  std::map<std::string, uint64_t> calls_by_target;
 };
 
 class RemoteExpertBackend : public ExpertBackend {
@@ -159,35 +177,48 @@ class RemoteExpertBackend : public ExpertBackend {
                                 std::vector<absl::Status>* batch_status) override;
   std::string Describe() const override;
 
+  // Makes `topology` the live one. Checks it like Connect (every expert
+  // mapped, at least one replica each: INVALID_ARGUMENT; new replicas must
+  // answer GetShardInfo within connect_timeout_ms and serve this model and
+  // expert: UNAVAILABLE / FAILED_PRECONDITION); on any error nothing changes.
+  // Otherwise returns what changed ("expert 3: +a -b; ..."; empty when
+  // nothing did). Removed replicas are drained, never cut off; the channel of
+  // one no expert uses any more is closed by a later ApplyTopology once its
+  // last call has ended (or when the backend goes).
+  absl::StatusOr<std::string> ApplyTopology(const ExpertTopology& topology);
+  // The live topology.
+  ExpertTopology topology() const;
+
   // Live counters of `expert`; nullptr if out of range.
   const RemoteExpertCounters* counters(int expert) const;
   RemoteExpertStats stats() const;
 
  private:
   struct Replica;
+  struct ReplicaSet;
   struct ExpertState;
   struct CallSlot;
   struct LayerCall;
   struct ShardInfoCall;
+  // An (expert, replica) pair to check before it serves.
+  using NewPair = std::pair<int, std::shared_ptr<Replica>>;
 
   RemoteExpertBackend(const ModelConfig& config, const RemoteExpertOptions& options);
-  // Connect's stages, in the order it runs them. Opens one channel per distinct target of
-  // `topology`; fills replicas_ and experts_.
-  void OpenChannels(const ExpertTopology& topology);
-  // Asks every replica for its ShardInfo at once; returns when all have answered or
-  // connect_timeout_ms has passed (waiting for replicas still starting up).
-  std::vector<std::unique_ptr<ShardInfoCall>> AskShardInfo() const;
-  // FAILED_PRECONDITION if a replica refused GetShardInfo, UNAVAILABLE naming
-  // those that did not answer.
-  absl::Status CheckAllAnswered(const std::vector<std::unique_ptr<ShardInfoCall>>& infos) const;
-  // Every (expert, replica) pair must serve this model and these weights.
-  absl::Status CheckReplicas(const std::vector<std::unique_ptr<ShardInfoCall>>& infos,
-                             const std::string& checkpoint_dir,
-                             const std::vector<std::string>& local_fingerprints) const;
-  // The replica to try next for `expert` (fewest calls outstanding), not `exclude`
-  // when another exists.
-  int PickReplica(const ExpertState& state, int exclude) const;
-  void StartAttempt(const std::shared_ptr<LayerCall>& call, size_t slot, int replica);
+  // A new channel to `target`.
+  std::shared_ptr<Replica> OpenReplica(const std::string& target);
+  // Asks every replica of `pairs` for its ShardInfo at once (once per distinct
+  // replica); returns when all have answered or connect_timeout_ms has passed
+  // (waiting for replicas still starting up). Then: FAILED_PRECONDITION if a
+  // replica refused GetShardInfo, UNAVAILABLE naming those that did not
+  // answer, FAILED_PRECONDITION if a pair's replica does not serve this model,
+  // its expert and these weights.
+  absl::Status CheckPairs(const std::vector<NewPair>& pairs) const;
+  // The replica to try next from `set` (fewest calls outstanding), not
+  // `exclude` when another exists.
+  std::shared_ptr<Replica> PickReplica(const ExpertState& state, const ReplicaSet& set,
+                                       const Replica* exclude) const;
+  void StartAttempt(const std::shared_ptr<LayerCall>& call, size_t slot,
+                    std::shared_ptr<Replica> replica);
   void OnAttemptDone(const std::shared_ptr<LayerCall>& call, size_t slot, int attempt,
                      grpc::Status status);
   // The outcome of slot `slot` once its attempts are done; on success its rows
@@ -197,8 +228,64 @@ class RemoteExpertBackend : public ExpertBackend {
   const ModelConfig config_;
   const RemoteExpertOptions options_;
   const std::string config_fingerprint_;
-  std::vector<std::unique_ptr<Replica>> replicas_;     // one per distinct target
-  std::vector<std::unique_ptr<ExpertState>> experts_;  // indexed by expert
+  // Set once by Connect, before any other call.
+  std::string checkpoint_dir_;
+  std::vector<std::string> local_fingerprints_;        // by expert; empty strings: no weight check
+  std::vector<std::unique_ptr<ExpertState>> experts_;  // indexed by expert; fixed size
+
+  // Serializes ApplyTopology.
+  std::mutex apply_mu_;
+  // One channel per distinct live target, shared by the experts it serves.
+  std::map<std::string, std::shared_ptr<Replica>> channels_;  // guarded by apply_mu_
+  // Removed replicas, kept until no call holds them (then released by the
+  // next ApplyTopology), so no channel is destroyed on one of its own
+  // callback threads.
+  std::vector<std::shared_ptr<Replica>> retired_;  // guarded by apply_mu_
+  // Attempts per target ever used; a target that comes back keeps counting.
+  mutable std::mutex calls_mu_;
+  std::map<std::string, std::shared_ptr<std::atomic<uint64_t>>> calls_by_target_;  // calls_mu_
+};
+
+// Watches an `--experts @FILE` topology file and applies it to a backend when
+// its content changes: it reads the file every poll_ms on its own thread; a
+// file that does not parse, maps an expert to no replica, or names replicas
+// that fail their check is logged (stderr) and ignored, and the current
+// topology stays. A file that changes while it is being written is read
+// again at the next poll, and so is one refused because a new replica did not
+// answer (it may still be starting).
+//
+// Thread-safety: constructed and destroyed on one thread; the destructor
+// stops the thread (waiting for a check in progress, at most
+// connect_timeout_ms). `on_applied` runs on the watcher thread.
+class ExpertTopologyFileWatcher {
+ public:
+  // `backend` must outlive the watcher. The file's current content is taken
+  // as already applied.
+  ExpertTopologyFileWatcher(std::string path, int num_experts, RemoteExpertBackend* backend,
+                            int poll_ms, std::function<void(const ExpertTopology&)> on_applied);
+  ~ExpertTopologyFileWatcher();
+
+  // Reads the file once now (what the thread does each poll); returns
+  // whether a new topology was applied. For tests and the thread.
+  bool PollOnce();
+  // Topology changes applied and files refused so far.
+  int applied() const { return applied_.load(); }
+  int refused() const { return refused_.load(); }
+
+ private:
+  const std::string path_;
+  const int num_experts_;
+  RemoteExpertBackend* const backend_;
+  const int poll_ms_;
+  const std::function<void(const ExpertTopology&)> on_applied_;
+  std::mutex poll_mu_;        // one PollOnce at a time
+  std::string last_content_;  // guarded by poll_mu_
+  std::atomic<int> applied_{0};
+  std::atomic<int> refused_{0};
+  std::mutex stop_mu_;
+  std::condition_variable stop_cv_;
+  bool stop_ = false;  // guarded by stop_mu_
+  std::thread thread_;
 };
 
 }  // namespace switchyard

@@ -12,6 +12,7 @@ set_tests_properties(
   ReplicaFailoverTest.KillingTheOnlyReplicaFailsItsRequestsAndRecoversAfterRestart
   ReplicaFailoverTest.AKilledExpertFailsOnlyTheRequestsRoutedToIt
   ShutdownTest.ExpertFinishesCallsInFlightOnSigtermRefusesNewOnesAndExitsZero
+  TopologyReloadTest.ReplicasJoinAndLeaveUnderLoadWithoutDroppingARequest
   PROPERTIES TIMEOUT 120)
 set_tests_properties(
   NetnsTest.CutLinkFailsItsRequestsAndServiceResumesWhenRestored

@@ -602,6 +602,82 @@ TEST_F(ExpertServiceTest, FailsOverToAnotherReplicaAndReportsWhenAllAreDown) {
   EXPECT_GE(unavailable, 16u);  // every expert, both replicas, on the last layer call
 }
 
+// Live topology changes: new replicas are checked as at Connect, a refused
+// change leaves everything as it was, a removed replica gets no new call.
+TEST_F(ExpertServiceTest, ApplyTopologyChecksNewReplicasAndDrainsRemovedOnes) {
+  auto extra = StartShard(*dir_, AllExperts());
+  ASSERT_NE(extra, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 500;
+  auto connected = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  RemoteExpertBackend& backend = **connected;
+  const std::string before = FormatExpertTopology(backend.topology());
+  EXPECT_EQ(before, FormatExpertTopology(topology));
+
+  // Refused: a replica holding another expert, a silent one, an expert left
+  // with no replica. Nothing changes.
+  ExpertTopology wrong = topology;
+  wrong.replicas[2].push_back(shard(5).address());
+  absl::StatusOr<std::string> r = backend.ApplyTopology(wrong);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("holds experts [5] not 2"));
+  ExpertTopology silent = topology;
+  silent.replicas[6].push_back("unix:/tmp/switchyard-no-such-socket-" + std::to_string(getpid()));
+  r = backend.ApplyTopology(silent);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("expert 6 at unix:/tmp/switchyard-no"));
+  ExpertTopology empty = topology;
+  empty.replicas[1].clear();
+  r = backend.ApplyTopology(empty);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("no replica given for expert 1"));
+  EXPECT_EQ(FormatExpertTopology(backend.topology()), before);
+  // The same topology again: nothing to do.
+  r = backend.ApplyTopology(topology);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, "");
+
+  LocalExpertBackend local(local_store_);
+  auto check_layer = [&](uint32_t seed) {
+    LayerInput want = MakeLayerInput(seed);
+    LayerInput got = MakeLayerInput(seed);
+    EXPECT_TRUE(local.RunLayer(1, want.batches).ok());
+    absl::Status s = backend.RunLayer(1, got.batches);
+    EXPECT_TRUE(s.ok()) << s;
+    for (size_t i = 0; i < want.outputs.size(); ++i) {
+      EXPECT_EQ(MaxAbsDiff(got.outputs[i], want.outputs[i]), 0.0);
+    }
+  };
+  // Join: every expert gets the extra replica too; it takes calls.
+  ExpertTopology joined = topology;
+  for (int e : AllExperts()) joined.replicas[e].push_back(extra->address());
+  r = backend.ApplyTopology(joined);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_THAT(*r, HasSubstr("expert 0: +" + extra->address()));
+  for (uint32_t seed = 1; seed <= 4; ++seed) check_layer(seed);
+  EXPECT_GT(backend.stats().calls_by_target.at(extra->address()), 0u);
+
+  // Leave: the original replicas go; they get no new call.
+  ExpertTopology left;
+  for (int e : AllExperts()) left.replicas[e] = {extra->address()};
+  r = backend.ApplyTopology(left);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_THAT(*r, HasSubstr("expert 3: -" + shard(3).address()));
+  const RemoteExpertStats at_leave = backend.stats();
+  for (uint32_t seed = 5; seed <= 8; ++seed) check_layer(seed);
+  const RemoteExpertStats after = backend.stats();
+  for (int e : AllExperts()) {
+    const std::string& gone = shard(e).address();
+    EXPECT_EQ(after.calls_by_target.at(gone), at_leave.calls_by_target.at(gone)) << gone;
+    EXPECT_EQ(after.experts[e].targets, std::vector<std::string>{extra->address()});
+  }
+  EXPECT_GT(after.calls_by_target.at(extra->address()),
+            at_leave.calls_by_target.at(extra->address()));
+}
+
 // A replica whose every Forward ends CANCELLED, as a shutting-down server
 // ends calls it received but had not started; GetShardInfo is the real one's.
 class CancellingExpertService final : public v1::ExpertService::CallbackService {
