@@ -22,6 +22,14 @@
 // them, so fewer --output-tokens keep the skew sharper. Needs --metrics and
 // a gateway that serves nobody else during the probes (checked: each probe
 // must move the gateway's prompt-token counter by exactly one).
+//
+// --shared-prefix-tokens N: every prompt starts with the same N tokens, then
+// its own --prompt-tokens; request 0 runs alone first (it prefills the
+// prefix), then the rest. Reports TTFT of request 0 against the later ones
+// and, with --metrics, the gateway's prefix-hit tokens for each part.
+// --max-new-tokens M > --output-tokens: requests declare M and bench
+// cancels each stream after --output-tokens tokens (clients that stop
+// early); with --metrics, the peak of the gateway's running sequences.
 #include <grpcpp/grpcpp.h>
 #include <netdb.h>
 #include <sys/socket.h>
@@ -92,6 +100,16 @@ struct BenchOptions {
   // the start), so the load does not depend on how fast the server is.
   // Default 0: closed loop, each client starts its next request at once.
   double request_rate = 0;
+  // Tokens every prompt starts with (the same for all requests, from the
+  // seed); --prompt-tokens distinct tokens follow. Default 0: no shared
+  // prefix. With N > 0 request 0 runs alone first, so the later ones can
+  // reuse its cached prefix.
+  int shared_prefix_tokens = 0;
+  // The max_new_tokens each request declares; when above --output-tokens,
+  // bench cancels the stream once --output-tokens tokens arrived (a client
+  // that stops early, as chat clients with a high max_tokens do). Default:
+  // --output-tokens.
+  int max_new_tokens = 0;
 };
 
 // What one request measured.
@@ -124,6 +142,13 @@ absl::StatusOr<BenchOptions> ParseBenchOptions(const std::vector<std::string>& a
   SY_RETURN_IF_ERROR(in_range("requests", o.requests, 1, 10000000, &o.requests));
   SY_RETURN_IF_ERROR(in_range("prompt-tokens", o.prompt_tokens, 1, 1 << 24, &o.prompt_tokens));
   SY_RETURN_IF_ERROR(in_range("output-tokens", o.output_tokens, 1, 1 << 24, &o.output_tokens));
+  SY_RETURN_IF_ERROR(in_range("shared-prefix-tokens", 0, 0, 1 << 24, &o.shared_prefix_tokens));
+  SY_RETURN_IF_ERROR(in_range("max-new-tokens", o.output_tokens, 1, 1 << 24, &o.max_new_tokens));
+  if (o.max_new_tokens < o.output_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-new-tokens (", o.max_new_tokens,
+                                                   ") must be at least --output-tokens (",
+                                                   o.output_tokens, ")"));
+  }
   SY_ASSIGN_OR_RETURN(std::optional<uint64_t> seed, f.OptionalUint("seed"));
   o.seed = seed.value_or(0);
   SY_ASSIGN_OR_RETURN(o.timeout_ms, f.Int("timeout-ms", 0));
@@ -184,13 +209,23 @@ std::vector<int32_t> RandomPrompt(uint64_t seed, int index, int length, uint32_t
   return ids;
 }
 
+// The prompt of request `index` with the shared prefix in front: the prefix
+// is RandomPrompt's for index -1 (the same for every request).
+std::vector<int32_t> WithSharedPrefix(uint64_t seed, int prefix_tokens, uint32_t vocab_size,
+                                      std::vector<int32_t> suffix) {
+  if (prefix_tokens == 0) return suffix;
+  std::vector<int32_t> ids = RandomPrompt(seed, -1, prefix_tokens, vocab_size);
+  ids.insert(ids.end(), suffix.begin(), suffix.end());
+  return ids;
+}
+
 double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 
 RequestResult RunOne(v1::GenerationService::Stub& stub, const BenchOptions& o,
                      const std::vector<int32_t>& prompt, int index) {
   v1::GenerateRequest request;
   request.mutable_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
-  request.mutable_stopping()->set_max_new_tokens(static_cast<uint32_t>(o.output_tokens));
+  request.mutable_stopping()->set_max_new_tokens(static_cast<uint32_t>(o.max_new_tokens));
   request.mutable_stopping()->set_ignore_eos(true);
   request.set_request_id(absl::StrCat("bench-", index));
 
@@ -206,8 +241,15 @@ RequestResult RunOne(v1::GenerationService::Stub& stub, const BenchOptions& o,
   bool first = true;
   auto reader = stub.GenerateStream(&context, request);
   v1::GenerateStreamResponse message;
-  while (reader->Read(&message)) {
-    const int k = message.token_ids_size();
+  bool stopped_early = false;
+  while (!stopped_early && reader->Read(&message)) {
+    int k = message.token_ids_size();
+    if (o.max_new_tokens > o.output_tokens && r.output_tokens + k >= o.output_tokens) {
+      // The client has what it wanted: count up to --output-tokens and cancel.
+      k = static_cast<int>(o.output_tokens - r.output_tokens);
+      stopped_early = true;
+      context.TryCancel();
+    }
     if (message.has_usage()) r.prompt_tokens = message.usage().prompt_tokens();
     if (k == 0) continue;
     const auto now = Clock::now();
@@ -221,8 +263,13 @@ RequestResult RunOne(v1::GenerationService::Stub& stub, const BenchOptions& o,
     last = now;
     r.output_tokens += k;
   }
+  if (stopped_early) {
+    while (reader->Read(&message)) {
+    }
+  }
   grpc::Status status = reader->Finish();
   r.latency_ms = Ms(Clock::now() - start);
+  if (stopped_early && status.error_code() == grpc::StatusCode::CANCELLED) status = grpc::Status();
   if (!status.ok()) {
     r.error = StatusLine(RpcError(status));
     return r;
@@ -614,16 +661,19 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
         absl::StrCat("the server's vocab_size is ", info.vocab_size(), "; need more than 3"));
   }
   if (info.max_new_tokens_limit() > 0 &&
-      static_cast<uint32_t>(o.output_tokens) > info.max_new_tokens_limit()) {
-    return absl::InvalidArgumentError(absl::StrCat("--output-tokens ", o.output_tokens,
-                                                   " exceeds the server's max_new_tokens_limit ",
-                                                   info.max_new_tokens_limit()));
+      static_cast<uint32_t>(o.max_new_tokens) > info.max_new_tokens_limit()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(o.max_new_tokens > o.output_tokens ? "--max-new-tokens " : "--output-tokens ",
+                     o.max_new_tokens, " exceeds the server's max_new_tokens_limit ",
+                     info.max_new_tokens_limit()));
   }
   if (info.max_context_tokens() > 0 &&
-      static_cast<uint64_t>(o.prompt_tokens) + o.output_tokens > info.max_context_tokens()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--prompt-tokens + --output-tokens exceeds the server's max_context_tokens ",
-                     info.max_context_tokens()));
+      static_cast<uint64_t>(o.shared_prefix_tokens) + o.prompt_tokens + o.max_new_tokens >
+          info.max_context_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--shared-prefix-tokens + --prompt-tokens + --max-new-tokens (or --output-tokens) "
+        "exceeds the server's max_context_tokens ",
+        info.max_context_tokens()));
   }
 
   // The skewed workload's token pool, by probing the router.
@@ -643,11 +693,51 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
     SY_ASSIGN_OR_RETURN(metrics_before, ScrapeMetrics(o.metrics));
   }
 
+  auto prompt_of = [&](int i) {
+    return WithSharedPrefix(o.seed, o.shared_prefix_tokens, info.vocab_size(),
+                            pool.empty()
+                                ? RandomPrompt(o.seed, i, o.prompt_tokens, info.vocab_size())
+                                : PoolPrompt(o.seed, i, o.prompt_tokens, pool));
+  };
+
+  // Peak of the gateway's running-sequences gauge, sampled every 200 ms
+  // while the run lasts (with --metrics).
+  std::atomic<bool> run_done{false};
+  std::atomic<int> peak_running{-1};
+  std::thread sampler;
+  if (!o.metrics.empty()) {
+    sampler = std::thread([&] {
+      while (!run_done.load()) {
+        if (absl::StatusOr<std::string> text = ScrapeMetrics(o.metrics); text.ok()) {
+          const int running =
+              static_cast<int>(SampleSum(*text, "switchyard_gateway_running_sequences"));
+          if (running > peak_running.load()) peak_running.store(running);
+        }
+        for (int k = 0; k < 20 && !run_done.load(); ++k) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
+      }
+    });
+  }
+
   std::vector<RequestResult> results(o.requests);
   std::atomic<int> next{0};
   const auto start = Clock::now();
+  // With a shared prefix, request 0 runs alone first: it prefills the prefix
+  // (a miss) and publishes it; the others may reuse it.
+  std::string metrics_after_first;
+  if (o.shared_prefix_tokens > 0) {
+    auto stub = v1::GenerationService::NewStub(channels[0]);
+    results[0] = RunOne(*stub, o, prompt_of(0), 0);
+    next.store(1);
+    if (!o.metrics.empty()) {
+      if (absl::StatusOr<std::string> text = ScrapeMetrics(o.metrics); text.ok()) {
+        metrics_after_first = *std::move(text);
+      }
+    }
+  }
   std::vector<std::thread> threads;
-  for (int t = 0; t < std::min(o.concurrency, o.requests); ++t) {
+  for (int t = 0; t < std::min(o.concurrency, o.requests - next.load()); ++t) {
     threads.emplace_back([&, t] {
       auto stub = v1::GenerationService::NewStub(channels[t / kStreamsPerChannel]);
       for (int i; (i = next.fetch_add(1)) < o.requests;) {
@@ -656,16 +746,14 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
                                         std::chrono::duration_cast<Clock::duration>(
                                             std::chrono::duration<double>(i / o.request_rate)));
         }
-        results[i] =
-            RunOne(*stub, o,
-                   pool.empty() ? RandomPrompt(o.seed, i, o.prompt_tokens, info.vocab_size())
-                                : PoolPrompt(o.seed, i, o.prompt_tokens, pool),
-                   i);
+        results[i] = RunOne(*stub, o, prompt_of(i), i);
       }
     });
   }
   for (std::thread& t : threads) t.join();
   const double wall_s = std::chrono::duration<double>(Clock::now() - start).count();
+  run_done.store(true);
+  if (sampler.joinable()) sampler.join();
 
   int ok = 0, errors = 0, short_requests = 0;
   int64_t prompt_total = 0, output_total = 0;
@@ -697,12 +785,14 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   std::map<int, HopRow> hops;
   std::map<int, double> routed;  // expert -> tokens routed during the run
   std::string hops_note;
+  std::string metrics_after;
   if (o.metrics.empty()) {
     hops_note =
         "per-hop breakdown needs --metrics HOST:PORT (the gateway's --metrics-listen address)";
   } else if (absl::StatusOr<std::string> after = ScrapeMetrics(o.metrics); !after.ok()) {
     hops_note = absl::StrCat("per-hop breakdown unavailable: ", after.status().message());
   } else {
+    metrics_after = *after;
     routed = RoutedDelta(metrics_before, *after);
     hops = HopBreakdown(metrics_before, *after);
     if (hops.empty()) {
@@ -711,6 +801,22 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
           "gateway's metrics address?)";
     }
   }
+
+  // The shared prefix: TTFT of request 0 (alone, cold) against the later
+  // requests, and the gateway's prefix-hit tokens for each part (-1: unknown).
+  const double ttft_first = results[0].ok ? results[0].ttft_ms : 0;
+  std::vector<double> ttft_later;
+  for (int i = 1; i < o.requests; ++i) {
+    if (results[i].ok && results[i].output_tokens > 0) ttft_later.push_back(results[i].ttft_ms);
+  }
+  const double ttft_later_mean = Mean(ttft_later), ttft_later_p50 = Percentile(ttft_later, 50);
+  double hits_first = -1, hits_later = -1;
+  if (!metrics_after_first.empty() && !metrics_after.empty()) {
+    const std::string kHits = "switchyard_gateway_kv_cache_prefix_hit_tokens_total";
+    hits_first = SampleSum(metrics_after_first, kHits) - SampleSum(metrics_before, kHits);
+    hits_later = SampleSum(metrics_after, kHits) - SampleSum(metrics_after_first, kHits);
+  }
+  const int peak = peak_running.load();
 
   // Routed-token shares per expert; "x mean" is the share over the share of
   // an even spread (1 / experts).
@@ -746,6 +852,19 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
         {"itl_ms", {{"p50", itl_p50}, {"p99", itl_p99}, {"mean", itl_mean}}},
         {"latency_ms", {{"p50", lat_p50}, {"p99", lat_p99}, {"mean", latency_mean}}},
         {"error_messages", std::move(errors_json)}};
+    if (o.max_new_tokens != o.output_tokens) out["max_new_tokens_declared"] = o.max_new_tokens;
+    if (peak >= 0) out["peak_running_sequences"] = peak;
+    if (o.shared_prefix_tokens > 0) {
+      nlohmann::json shared = {
+          {"tokens", o.shared_prefix_tokens},
+          {"first_ttft_ms", ttft_first},
+          {"later_ttft_ms", {{"p50", ttft_later_p50}, {"mean", ttft_later_mean}}},
+          {"first_over_later_p50", ttft_later_p50 > 0 ? ttft_first / ttft_later_p50 : 0}};
+      if (hits_first >= 0) {
+        shared["prefix_hit_tokens"] = {{"first", hits_first}, {"later", hits_later}};
+      }
+      out["shared_prefix"] = std::move(shared);
+    }
     if (!hops.empty()) {
       nlohmann::json hops_json = nlohmann::json::object();
       for (const auto& [expert, row] : hops) {
@@ -798,6 +917,25 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
     std::printf("  %-22s %10.2f %10.2f %10.2f\n", "ITL ms", itl_p50, itl_p99, itl_mean);
     std::printf("  %-22s %10.2f %10.2f %10.2f\n", "request latency ms", lat_p50, lat_p99,
                 latency_mean);
+    if (o.max_new_tokens != o.output_tokens) {
+      std::printf("  %-22s %d (streams cancelled after %d tokens)\n", "declared max_new",
+                  o.max_new_tokens, o.output_tokens);
+    }
+    if (peak >= 0) std::printf("  %-22s %d (sampled every 200 ms)\n", "peak running seqs", peak);
+    if (o.shared_prefix_tokens > 0) {
+      std::printf(
+          "  shared prefix %d tokens: TTFT first request %.2f ms (run alone), later p50 "
+          "%.2f ms, mean %.2f ms (%.2fx lower at p50)\n",
+          o.shared_prefix_tokens, ttft_first, ttft_later_p50, ttft_later_mean,
+          ttft_later_p50 > 0 ? ttft_first / ttft_later_p50 : 0);
+      if (hits_first >= 0) {
+        std::printf("  prefix-hit tokens (gateway): first request %.0f, later requests %.0f\n",
+                    hits_first, hits_later);
+      } else {
+        std::printf(
+            "  prefix-hit tokens: pass --metrics HOST:PORT to read the gateway's counter\n");
+      }
+    }
     for (const auto& [message, count] : error_counts) {
       std::printf("  error x%d: %s\n", count, message.c_str());
     }

@@ -135,6 +135,13 @@ std::vector<Subcommand> Build() {
                          {"requests", true, "32", "requests in all"},
                          {"prompt-tokens", true, "64", "random prompt tokens per request"},
                          {"output-tokens", true, "32", "tokens generated per request"},
+                         {"shared-prefix-tokens", true, "0",
+                          "tokens every prompt starts with (then --prompt-tokens of its own); "
+                          "request 0 runs alone first; reports TTFT first vs later and prefix "
+                          "hits (--metrics)"},
+                         {"max-new-tokens", true, "--output-tokens",
+                          "max_new_tokens each request declares; above --output-tokens, streams "
+                          "are cancelled after --output-tokens tokens"},
                          {"seed", true, "0", "seed of the random prompts"},
                          {"timeout-ms", true, "0: none", "deadline of each request"},
                          {"request-rate", true, "0: closed loop",
