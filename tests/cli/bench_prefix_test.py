@@ -13,55 +13,26 @@ usage: bench_prefix_test.py BUILD_DIR SOURCE_DIR
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
+
+from bench_testlib import check, finish, refused, scrape, start_gateway
 
 build, source = sys.argv[1], sys.argv[2]
 switchyard = os.path.join(build, "bin", "switchyard")
 model = os.path.join(source, "tests", "data", "tiny-mixtral")
-failures = []
-passed = 0
-
-
-def check(name, condition, detail=""):
-    global passed
-    if condition:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failures.append(name)
-        print(f"FAIL {name}: {detail}")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def counter(metrics, name):
-    text = urllib.request.urlopen("http://%s/metrics" % metrics, timeout=10).read().decode()
+    text = scrape(metrics)
     return sum(float(v) for v in re.findall(r'^%s(?:\{[^}]*\})? (\S+)$' % name, text, re.M))
 
 
 HITS = "switchyard_gateway_kv_cache_prefix_hit_tokens_total"
 PROMPTS = "switchyard_gateway_prompt_tokens_total"
 
-port, mport = free_port(), free_port()
-server, metrics = "127.0.0.1:%d" % port, "127.0.0.1:%d" % mport
-gateway = subprocess.Popen([os.path.join(build, "bin", "switchyard-gateway"), "--model", model,
-                            "--listen", server, "--experts", "local", "--metrics-listen", metrics],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+gateway, server, metrics = start_gateway(build, model)
 try:
-    for _ in range(300):
-        try:
-            counter(metrics, HITS)
-            break
-        except OSError:
-            time.sleep(0.1)
 
     hits_before, prompts_before = counter(metrics, HITS), counter(metrics, PROMPTS)
     r = subprocess.run([switchyard, "bench", "--server", server, "--metrics", metrics, "--json",
@@ -99,18 +70,12 @@ try:
           out.get("succeeded") == 4 and out.get("output_tokens") == 12 and
           out.get("short_requests") == 0 and out.get("max_new_tokens_declared") == 40, out)
 
-    def refused(args, needle):
-        r = subprocess.run([switchyard, "bench", "--server", server, *args], capture_output=True,
-                           text=True, timeout=60)
-        check("refused: %s" % " ".join(args), r.returncode == 1 and needle in r.stderr,
-              (r.returncode, r.stderr))
-
-    refused(["--shared-prefix-tokens", "-1"], "--shared-prefix-tokens")
-    refused(["--output-tokens", "8", "--max-new-tokens", "4"], "--max-new-tokens")
-    refused(["--shared-prefix-tokens", "100000000"], "--shared-prefix-tokens")
+    refused(switchyard, server, ["--shared-prefix-tokens", "-1"], "--shared-prefix-tokens")
+    refused(switchyard, server, ["--output-tokens", "8", "--max-new-tokens", "4"],
+            "--max-new-tokens")
+    refused(switchyard, server, ["--shared-prefix-tokens", "100000000"], "--shared-prefix-tokens")
 finally:
     gateway.terminate()
     gateway.wait(timeout=30)
 
-print("%d passed, %d failed" % (passed, len(failures)))
-sys.exit(1 if failures else 0)
+finish()

@@ -12,38 +12,19 @@ usage: bench_skew_test.py BUILD_DIR SOURCE_DIR
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
+
+from bench_testlib import check, finish, refused, scrape, start_gateway
 
 build, source = sys.argv[1], sys.argv[2]
 switchyard = os.path.join(build, "bin", "switchyard")
 model = os.path.join(source, "tests", "data", "tiny-mixtral")
-failures = []
-passed = 0
-
-
-def check(name, condition, detail=""):
-    global passed
-    if condition:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failures.append(name)
-        print(f"FAIL {name}: {detail}")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def routed(metrics):
     """expert -> tokens routed (all layers), from the gateway's /metrics."""
-    text = urllib.request.urlopen("http://%s/metrics" % metrics, timeout=10).read().decode()
+    text = scrape(metrics)
     out = {}
     for m in re.finditer(r'^switchyard_gateway_routed_tokens_total\{([^}]*)\} (\S+)$', text, re.M):
         expert = int(re.search(r'expert="(\d+)"', m.group(1)).group(1))
@@ -63,18 +44,8 @@ def bench_json(*args):
     return json.loads(r.stdout) if r.returncode == 0 else None
 
 
-port, mport = free_port(), free_port()
-server, metrics = "127.0.0.1:%d" % port, "127.0.0.1:%d" % mport
-gateway = subprocess.Popen([os.path.join(build, "bin", "switchyard-gateway"), "--model", model,
-                            "--listen", server, "--experts", "local", "--metrics-listen", metrics],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+gateway, server, metrics = start_gateway(build, model)
 try:
-    for _ in range(300):
-        try:
-            routed(metrics)
-            break
-        except OSError:
-            time.sleep(0.1)
     experts = 8
 
     # A random-prompt run first: the baseline share of expert 3.
@@ -124,21 +95,15 @@ try:
     check("request-rate paces the starts", wall >= 0.25, (paced.stderr, wall))
 
     # Bad input: exit 1 with a message naming the flag.
-    def refused(args, needle):
-        r = subprocess.run([switchyard, "bench", "--server", server, *args], capture_output=True,
-                           text=True, timeout=60)
-        check("refused: %s" % " ".join(args), r.returncode == 1 and needle in r.stderr,
-              (r.returncode, r.stderr))
-
-    refused(["--skew-experts", "3"], "--skew needs --metrics")
-    refused(["--skew-experts", "3,x", "--metrics", metrics], "--skew-experts")
-    refused(["--skew-experts", "9", "--metrics", metrics], "expert 9")
-    refused(["--skew", "--skew-pool", "9", "--skew-candidates", "4", "--metrics", metrics],
+    refused(switchyard, server, ["--skew-experts", "3"], "--skew needs --metrics")
+    refused(switchyard, server, ["--skew-experts", "3,x", "--metrics", metrics], "--skew-experts")
+    refused(switchyard, server, ["--skew-experts", "9", "--metrics", metrics], "expert 9")
+    refused(switchyard, server,
+            ["--skew", "--skew-pool", "9", "--skew-candidates", "4", "--metrics", metrics],
             "--skew-pool")
-    refused(["--request-rate", "-1"], "--request-rate")
+    refused(switchyard, server, ["--request-rate", "-1"], "--request-rate")
 finally:
     gateway.terminate()
     gateway.wait(timeout=30)
 
-print("%d passed, %d failed" % (passed, len(failures)))
-sys.exit(1 if failures else 0)
+finish()
