@@ -101,8 +101,7 @@ std::string ErrnoText(int err) { return std::strerror(err); }
 
 // HOST:PORT or [V6HOST]:PORT resolved to socket addresses (numeric or names).
 absl::StatusOr<std::vector<sockaddr_storage>> Resolve(const std::string& flag,
-                                                      const std::string& address,
-                                                      bool passive) {
+                                                      const std::string& address, bool passive) {
   const size_t colon = address.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == address.size()) {
     return absl::InvalidArgumentError(
@@ -125,9 +124,8 @@ absl::StatusOr<std::vector<sockaddr_storage>> Resolve(const std::string& flag,
   addrinfo* result = nullptr;
   const int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &result);
   if (rc != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", flag, " '", address, "': cannot resolve '", host, "': ",
-                     gai_strerror(rc)));
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, " '", address, "': cannot resolve '",
+                                                   host, "': ", gai_strerror(rc)));
   }
   std::vector<sockaddr_storage> out;
   for (addrinfo* a = result; a != nullptr; a = a->ai_next) {
@@ -176,8 +174,8 @@ struct Direction {
   int to = -1;
   std::deque<Chunk> queue;
   size_t queued_bytes = 0;
-  bool eof_read = false;      // the sender's FIN was read (and queued)
-  bool shut_written = false;  // that FIN was passed on (shutdown(to, SHUT_WR))
+  bool eof_read = false;       // the sender's FIN was read (and queued)
+  bool shut_written = false;   // that FIN was passed on (shutdown(to, SHUT_WR))
   bool write_blocked = false;  // `to` returned EAGAIN: wait for EPOLLOUT
 };
 
@@ -403,7 +401,8 @@ class DelayProxy {
   // chunks due after the delay. False when the connection was closed.
   bool Read(Connection& c, Direction& d, bool drain) {
     const bool up = &d == &c.up;
-    while (!d.eof_read && (drain || d.queued_bytes < static_cast<size_t>(options_.max_buffer_bytes))) {
+    while (!d.eof_read &&
+           (drain || d.queued_bytes < static_cast<size_t>(options_.max_buffer_bytes))) {
       const ssize_t n = recv(d.from, read_buffer_, sizeof(read_buffer_), 0);
       if (n < 0) {
         if (errno == EINTR) continue;
@@ -569,8 +568,8 @@ int Run(int argc, char** argv) {
 
   const std::vector<std::string> args(argv + 1, argv + argc);
   Flags flags;
-  if (std::optional<int> code = HandleCommandLine(kName, HelpText(Spec()), Spec().flags, args,
-                                                  &flags)) {
+  if (std::optional<int> code =
+          HandleCommandLine(kName, HelpText(Spec()), Spec().flags, args, &flags)) {
     return *code;
   }
   absl::StatusOr<Options> options = OptionsFromFlags(flags);

@@ -233,8 +233,8 @@ TEST(DelayProxyTest, ARoundTripTakesAtLeastTwiceTheOneWayDelay) {
       char back = 0;
       ASSERT_EQ(recv(fd, &back, 1, MSG_WAITALL), 1);
       EXPECT_EQ(back, c);
-      min_ms = std::min(
-          min_ms, std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+      min_ms =
+          std::min(min_ms, std::chrono::duration<double, std::milli>(Clock::now() - start).count());
     }
     std::printf("[ rtt      ] --delay-us %d: fastest of 20 round trips %.3f ms\n", delay_us,
                 min_ms);
