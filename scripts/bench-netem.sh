@@ -114,10 +114,10 @@ wait_line() {
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# One OpenMP thread per expert unless the caller chose, as `switchyard up` does.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# One OpenMP thread per expert unless the caller chose, as `switchyard up`
+# does; the gateway gets the caller's environment.
 for e in $(seq 0 $((experts - 1))); do
-  "$ip_cmd" netns exec "${tag}e$e" "$bin/switchyard-expert" --model "$model" \
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$ip_cmd" netns exec "${tag}e$e" "$bin/switchyard-expert" --model "$model" \
     --listen "${expert_ips[$e]}:50061" --experts "$e" >"$out/expert$e.log" 2>&1 &
   pids+=($!)
 done
