@@ -41,6 +41,10 @@ COMMANDS = {
     ("switchyard-expert", None): ["model", "listen", "experts", "layers", "workers", "grace-ms",
                                   "metrics-listen", "device", "gpu", "max-forward-rows"],
 }
+# Built with the benchmarks (bench/): checked where it was built.
+if os.path.exists(os.path.join(bin_dir, "switchyard-delay-proxy")):
+    COMMANDS[("switchyard-delay-proxy", None)] = ["target", "listen", "delay-us",
+                                                  "max-buffer-bytes"]
 
 FLAG_LINE = re.compile(r"^  --([a-z0-9-]+)( VALUE)?(?:\s+(.*))?$")
 
@@ -78,6 +82,10 @@ def probe_args(binary, sub, flag, takes_value):
     """Arguments that reach the command's own parser with `flag` set, and that
     fail fast afterwards (a missing model, an unreachable server)."""
     argv = [os.path.join(bin_dir, binary)] + ([sub] if sub else [])
+    if binary == "switchyard-delay-proxy":
+        # A --target that is no HOST:PORT: refused before it listens.
+        return argv + ([] if flag == "target" else ["--target", "no-port"]) + [
+            "--" + flag] + (["/nonexistent/x"] if takes_value else [])
     if sub in ("generate", "tokenize") and flag in ("server", "token-ids", "stop", "stream",
                                                     "logprobs", "request-id", "tls-ca",
                                                     "tls-cert", "tls-key", "auth-token-file",
