@@ -19,6 +19,8 @@
 #   STREAMS ["1 8 16 32"]    bench --concurrency values
 #   REQUESTS_PER_STREAM [2]  bench --requests = streams x this (at least 4)
 #   PROMPT_TOKENS [16]  OUTPUT_TOKENS [16]
+#   REPEATS [1]              bench runs per row (alternating overlap off/on);
+#                            the table shows their median
 #   NO_DIRECT=1              leave out the direct and proxy-0 rows
 #   BIN_DIR [build/bin]
 # Needs root and `ip` (iproute2) for the namespaces; where they cannot be
@@ -32,6 +34,7 @@ streams_list=${STREAMS:-1 8 16 32}
 per_stream=${REQUESTS_PER_STREAM:-2}
 prompt_tokens=${PROMPT_TOKENS:-16}
 output_tokens=${OUTPUT_TOKENS:-16}
+repeats=${REPEATS:-1}
 
 for b in switchyard switchyard-gateway switchyard-expert switchyard-delay-proxy; do
   [ -x "$bin/$b" ] || { echo "bench-netem: $bin/$b is missing; build it first" >&2; exit 1; }
@@ -154,33 +157,45 @@ stop_proxies() {
   for p in "${proxy_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
 }
 
-# run_network NAME RTT_MS: a gateway on `spec` per overlap mode, bench at each stream count.
+# run_network NAME RTT_MS: one gateway on `spec` per overlap mode, all up at
+# once; at each stream count the modes' bench runs alternate, REPEATS times,
+# so load drift on a shared machine hits both alike.
 results="$out/results.jsonl"
 run_network() {
+  local ports=()
+  local gateways=()
   for overlap in "${overlap_modes[@]}"; do
     local flags=()
     [ "$overlap" = off ] && [ "${#overlap_modes[@]}" -gt 1 ] && flags+=(--micro-batches 1)
     local port
     port=$(free_port)
     "$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:$port" --experts "$spec" \
-      "${flags[@]}" >"$out/gateway.log" 2>&1 &
+      "${flags[@]}" >"$out/gateway-$overlap.log" 2>&1 &
     local gw=$!
     pids+=("$gw")
-    wait_line "$out/gateway.log" "$gw" >/dev/null || { cat "$out/gateway.log" >&2; exit 1; }
+    gateways+=("$gw")
+    ports+=("$port")
+    wait_line "$out/gateway-$overlap.log" "$gw" >/dev/null ||
+      { cat "$out/gateway-$overlap.log" >&2; exit 1; }
     # Connections to every expert up before measuring.
     "$bin/switchyard" bench --server "127.0.0.1:$port" --concurrency 1 --requests 1 \
       --prompt-tokens 4 --output-tokens 2 --json >/dev/null
-    for s in $streams_list; do
-      local requests=$((s * per_stream))
-      [ "$requests" -ge 4 ] || requests=4
-      "$bin/switchyard" bench --server "127.0.0.1:$port" --concurrency "$s" --requests "$requests" \
-        --prompt-tokens "$prompt_tokens" --output-tokens "$output_tokens" --json >"$out/bench.json"
-      python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r.update(network=sys.argv[2], rtt=sys.argv[3], streams=int(sys.argv[4]), overlap=sys.argv[5]); print(json.dumps(r))' \
-        "$out/bench.json" "$1" "$2" "$s" "$overlap" >>"$results"
-      echo "bench-netem: $1 streams=$s overlap=$overlap done" >&2
-    done
-    kill -TERM "$gw"; wait "$gw" || true
   done
+  for s in $streams_list; do
+    local requests=$((s * per_stream))
+    [ "$requests" -ge 4 ] || requests=4
+    for repeat in $(seq 1 "$repeats"); do
+      for i in "${!overlap_modes[@]}"; do
+        "$bin/switchyard" bench --server "127.0.0.1:${ports[$i]}" --concurrency "$s" \
+          --requests "$requests" --prompt-tokens "$prompt_tokens" \
+          --output-tokens "$output_tokens" --json >"$out/bench.json"
+        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r.update(network=sys.argv[2], rtt=sys.argv[3], streams=int(sys.argv[4]), overlap=sys.argv[5]); print(json.dumps(r))' \
+          "$out/bench.json" "$1" "$2" "$s" "${overlap_modes[$i]}" >>"$results"
+        echo "bench-netem: $1 streams=$s overlap=${overlap_modes[$i]} run $repeat done" >&2
+      done
+    done
+  done
+  for gw in "${gateways[@]}"; do kill -TERM "$gw"; wait "$gw" || true; done
 }
 
 if [ -z "${NO_DIRECT:-}" ]; then
@@ -199,24 +214,32 @@ for rtt in $rtts; do
 done
 
 python3 - "$results" "$model" "$experts" "$overlap_note" "$prompt_tokens" "$output_tokens" \
-  "$per_stream" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+  "$per_stream" "$repeats" <<'PY'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
 print(f"model {sys.argv[2]}: gateway + {sys.argv[3]} expert processes, each in its own network "
       f"namespace; bench --prompt-tokens {sys.argv[5]} --output-tokens {sys.argv[6]} "
-      f"--requests streams x {sys.argv[7]}; {sys.argv[4]}")
+      f"--requests streams x {sys.argv[7]}; median of {sys.argv[8]} run(s) per row; {sys.argv[4]}")
 print("| network | RTT ms | streams | overlap | output tok/s | ITL p50 ms | errors | overlap / no overlap |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-off = {(r["network"], r["streams"]): r for r in rows if r["overlap"] == "off"}
+rows = {}  # (network, streams, overlap) -> runs, in first-seen order
+for r in runs:
+    rows.setdefault((r["network"], r["streams"], r["overlap"]), []).append(r)
+def tok_s(key):
+    return statistics.median(r["output_tokens_per_s"] for r in rows[key])
 errors = 0
-for r in rows:
+for (network, streams, overlap) in sorted(rows, key=lambda k: (
+        [r["network"] for r in runs].index(k[0]), k[1], k[2] != "off")):
+    group = rows[(network, streams, overlap)]
     ratio = "-"
-    base = off.get((r["network"], r["streams"]))
-    if r["overlap"] == "on" and base and base["output_tokens_per_s"] > 0:
-        ratio = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}"
-    errors += r["errors"]
-    print(f"| {r['network']} | {r['rtt']} | {r['streams']} | {r['overlap']} "
-          f"| {r['output_tokens_per_s']:.1f} | {r['itl_ms']['p50']:.1f} | {r['errors']} | {ratio} |")
+    base = (network, streams, "off")
+    if overlap == "on" and base in rows and tok_s(base) > 0:
+        ratio = f"{tok_s((network, streams, overlap)) / tok_s(base):.2f}"
+    failed = sum(r["errors"] for r in group)
+    errors += failed
+    itl = statistics.median(r["itl_ms"]["p50"] for r in group)
+    print(f"| {network} | {group[0]['rtt']} | {streams} | {overlap} "
+          f"| {tok_s((network, streams, overlap)):.1f} | {itl:.1f} | {failed} | {ratio} |")
 if errors:
     print(f"bench-netem: {errors} requests failed", file=sys.stderr)
     sys.exit(1)
