@@ -312,7 +312,14 @@ class DelayProxy {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
         if (errno == ECONNABORTED) continue;
         std::fprintf(stderr, "%s: accept: %s\n", kName, ErrnoText(errno).c_str());
-        return;  // EMFILE and the like: try again on the next event
+        // Out of descriptors (EMFILE, ENFILE) and the like: the listener
+        // would stay readable and wake the loop at once; leave it out of the
+        // epoll set until a connection closes.
+        if (!listener_paused_) {
+          epoll_ctl(epoll_, EPOLL_CTL_DEL, listener_, nullptr);
+          listener_paused_ = true;
+        }
+        return;
       }
       SetNoDelay(client);
       const sockaddr_storage& target = targets_[0];
@@ -538,6 +545,13 @@ class DelayProxy {
   void CloseConnection(Connection& c) {
     CloseFds(c);  // closing removes the fds from the epoll set
     connections_.erase(c.id);
+    if (listener_paused_) {  // descriptors are free again: accept again
+      epoll_event e{};
+      e.events = EPOLLIN;
+      e.data.u64 = kListenerTag;
+      epoll_ctl(epoll_, EPOLL_CTL_ADD, listener_, &e);
+      listener_paused_ = false;
+    }
   }
 
   Options options_;
@@ -548,6 +562,7 @@ class DelayProxy {
   int timer_ = -1;
   int signals_ = -1;
   bool timer_armed_ = false;
+  bool listener_paused_ = false;  // out of descriptors: not accepting until one closes
   Clock::time_point armed_for_{};
   uint64_t next_id_ = kFirstConnectionId;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
