@@ -22,7 +22,7 @@
 #   REPEATS [1]              bench runs per row (alternating overlap off/on);
 #                            the table shows their median
 #   NO_DIRECT=1              leave out the direct and proxy-0 rows
-#   BIN_DIR [build/bin]
+#   BIN_DIR [build/bin]      absolute, or relative to the repository root
 # Needs root and `ip` (iproute2) for the namespaces; where they cannot be
 # made it prints why and exits 77 (skipped). Namespaces, links and processes
 # are removed on exit, whatever happened.
