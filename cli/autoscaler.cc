@@ -210,12 +210,17 @@ std::vector<AutoscaleDecision> Autoscaler::Tick(TimePoint now) {
     d.desired = rule.desired;
     d.reason = rule.reason;
     d.decided = true;
+    if (d.desired != d.current || last_logged_reason_[e] != d.reason) {
+      Log(d);
+      last_logged_reason_[e] = d.reason;
+    }
 
     if (d.desired > d.current) {
       for (int i = d.current; i < d.desired; ++i) {
         absl::StatusOr<int> id = fleet_->StartReplica(e, PlaceNewReplica());
         if (!id.ok()) {
           d.reason = absl::StrCat(d.reason, "; start failed: ", id.status().message());
+          Log(d);
           break;
         }
       }
@@ -240,6 +245,7 @@ std::vector<AutoscaleDecision> Autoscaler::Tick(TimePoint now) {
         if (r->state == ReplicaView::State::STATE_SERVING && serving_left <= 1) break;
         if (absl::Status s = fleet_->DrainReplica(r->id); !s.ok()) {
           d.reason = absl::StrCat(d.reason, "; drain failed: ", s.message());
+          Log(d);
           break;
         }
         serving_left -= r->state == ReplicaView::State::STATE_SERVING;
@@ -249,10 +255,6 @@ std::vector<AutoscaleDecision> Autoscaler::Tick(TimePoint now) {
     if (!desired_gauges_.empty()) {
       desired_gauges_[e]->Set(d.desired);
       busy_gauges_[e]->Set(d.busy);
-    }
-    if (d.desired != d.current || last_logged_reason_[e] != d.reason) {
-      Log(d);
-      last_logged_reason_[e] = d.reason;
     }
     decisions.push_back(d);
   }

@@ -541,6 +541,11 @@ class Supervisor : public ReplicaFleet {
   int stop_signal_ = 0;
   bool stopping_ = false;
   bool endpoints_written_ = false;
+  bool topology_written_ = false;
+  // Everything was healthy once: the endpoints file may be written.
+  bool ready_ = false;
+  // The gateway's --experts @FILE (a temporary file).
+  std::string topology_file_;
   int next_replica_id_ = 0;
   Clock::time_point next_drain_check_;
   int num_experts_ = 0;
@@ -703,10 +708,9 @@ void Supervisor::StopAll() {
   for (auto& e : experts_) e->channel.reset();
   if (gateway_) gateway_->channel.reset();
   pump_.Stop();
-  if (endpoints_written_) {
-    std::error_code ec;
-    std::filesystem::remove(options_.endpoints_file, ec);
-  }
+  std::error_code ec;
+  if (endpoints_written_) std::filesystem::remove(options_.endpoints_file, ec);
+  if (topology_written_) std::filesystem::remove(topology_file_, ec);
 }
 
 int Supervisor::Abort(Wake wake, const std::string& waiting_for) {
@@ -744,6 +748,25 @@ bool Supervisor::AllHealthy(const std::vector<Child*>& group) {
     all = all && c->healthy;
   }
   return all;
+}
+
+// Writes `text` to a temporary file and renames it to `path`, so that no
+// reader (the gateway's topology watcher) sees half a file.
+absl::Status WriteAtomically(const std::string& path, const std::string& text) {
+  const std::string tmp = absl::StrCat(path, ".tmp.", getpid());
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << text;
+    out.close();
+    if (!out) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    return absl::UnavailableError(absl::StrCat("cannot write ", path, ": ", ec.message()));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Supervisor::WriteEndpoints() {
@@ -787,21 +810,14 @@ absl::Status Supervisor::WriteEndpoints() {
   if (exporter_) {
     doc["up"] = {{"metrics", exporter_->address()}, {"pid", static_cast<int>(getpid())}};
   }
-  const std::string tmp = absl::StrCat(options_.endpoints_file, ".tmp.", getpid());
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << doc.dump(2) << "\n";
-    out.close();
-    if (!out) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
+  const std::string text = doc.dump(2) + "\n";
+  SY_RETURN_IF_ERROR(WriteAtomically(topology_file_, text));
+  topology_written_ = true;
+  // The endpoints file appears once everything is ready (scripts wait for it).
+  if (ready_ && !options_.endpoints_file.empty()) {
+    SY_RETURN_IF_ERROR(WriteAtomically(options_.endpoints_file, text));
+    endpoints_written_ = true;
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, options_.endpoints_file, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    return absl::UnavailableError(
-        absl::StrCat("cannot write ", options_.endpoints_file, ": ", ec.message()));
-  }
-  endpoints_written_ = true;
   return absl::OkStatus();
 }
 
@@ -991,13 +1007,11 @@ int Supervisor::Run() {
 
   restart_policy_.max_restarts = options_.max_restarts;
 
-  // The gateway reads its topology from the endpoints file (--experts
-  // @FILE), so one is always written: a private one when none was asked for.
-  if (options_.endpoints_file.empty()) {
-    options_.endpoints_file =
-        (std::filesystem::temp_directory_path() / absl::StrCat("switchyard-up-", getpid(), ".json"))
-            .string();
-  }
+  // The gateway reads its topology (--experts @FILE) from a file with the
+  // endpoints file's content, written from before the gateway starts.
+  topology_file_ = (std::filesystem::temp_directory_path() /
+                    absl::StrCat("switchyard-up-", getpid(), "-topology.json"))
+                       .string();
   if (options_.metrics_port >= 0) {
     auto exporter = metrics::HttpExporter::Start(
         absl::StrCat(options_.listen_host, ":", options_.metrics_port), &registry_);
@@ -1073,7 +1087,7 @@ int Supervisor::Run() {
                                    "--listen",
                                    absl::StrCat(options_.listen_host, ":", options_.port),
                                    "--experts",
-                                   "@" + options_.endpoints_file,
+                                   "@" + topology_file_,
                                    "--metrics-listen",
                                    absl::StrCat(options_.listen_host, ":0")};
   argv.insert(argv.end(), options_.gateway_args.begin(), options_.gateway_args.end());
@@ -1089,6 +1103,7 @@ int Supervisor::Run() {
   gateway_->channel.reset();
   for (auto& e : experts_) e->channel.reset();
 
+  ready_ = true;
   if (absl::Status s = WriteEndpoints(); !s.ok()) {
     Say(StatusLine(s));
     StopAll();
