@@ -6,9 +6,9 @@
 #include <set>
 #include <utility>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
@@ -102,8 +102,8 @@ scaling::HpaSpec Autoscaler::SpecFor(const AutoscalerOptions& options) {
 }
 
 Autoscaler::Autoscaler(int num_experts, AutoscalerOptions options, ReplicaFleet* fleet,
-                       BusyReader busy, FreeGpuMemory free_gpu_memory,
-                       metrics::Registry* registry, std::function<void(const std::string&)> log)
+                       BusyReader busy, FreeGpuMemory free_gpu_memory, metrics::Registry* registry,
+                       std::function<void(const std::string&)> log)
     : num_experts_(num_experts),
       options_(std::move(options)),
       fleet_(fleet),
@@ -150,8 +150,8 @@ int Autoscaler::PlaceNewReplica() {
 
 void Autoscaler::Log(const AutoscaleDecision& d) {
   const std::string line =
-      absl::StrFormat("autoscaler: expert %d busy %.4f current %d desired %d: %s", d.expert,
-                      d.busy, d.current, d.desired, d.reason);
+      absl::StrFormat("autoscaler: expert %d busy %.4f current %d desired %d: %s", d.expert, d.busy,
+                      d.current, d.desired, d.reason);
   if (log_) {
     log_(line);
   } else {
@@ -190,9 +190,8 @@ std::vector<AutoscaleDecision> Autoscaler::Tick(TimePoint now) {
       if (last != last_sample_.end() && now > last->second.at) {
         const double seconds = std::chrono::duration<double>(now - last->second.at).count();
         // A counter that went down was reset (the process restarted).
-        const double delta = *busy >= last->second.busy_seconds
-                                 ? *busy - last->second.busy_seconds
-                                 : *busy;
+        const double delta =
+            *busy >= last->second.busy_seconds ? *busy - last->second.busy_seconds : *busy;
         total_rate += delta / seconds;
         ++rated;
       }

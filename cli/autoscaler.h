@@ -109,10 +109,10 @@ absl::StatusOr<std::map<int, int64_t>> NvidiaSmiFreeMemory();
 // One expert's outcome of a Tick (for logs, metrics and tests).
 struct AutoscaleDecision {
   int expert = 0;
-  double busy = 0;     // the metric: busy seconds per second per replica
-  int current = 0;     // replicas before (starting + serving)
-  int desired = 0;     // what the HPA rule asks for
-  std::string reason;  // the rule's reason, or why nothing was decided
+  double busy = 0;       // the metric: busy seconds per second per replica
+  int current = 0;       // replicas before (starting + serving)
+  int desired = 0;       // what the HPA rule asks for
+  std::string reason;    // the rule's reason, or why nothing was decided
   bool decided = false;  // false: no metrics yet, nothing changed
 };
 

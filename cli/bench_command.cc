@@ -739,7 +739,8 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   if (o.metrics.empty()) {
     hops_note =
         "per-hop breakdown needs --metrics HOST:PORT (the gateway's --metrics-listen address)";
-  } else if (absl::StatusOr<std::string> after = ScrapeMetrics(o.metrics, "--metrics "); !after.ok()) {
+  } else if (absl::StatusOr<std::string> after = ScrapeMetrics(o.metrics, "--metrics ");
+             !after.ok()) {
     hops_note = absl::StrCat("per-hop breakdown unavailable: ", after.status().message());
   } else {
     metrics_after = *after;

@@ -130,7 +130,8 @@ std::vector<Subcommand> Build() {
            "scale each expert's replicas on its busy ratio with the Kubernetes HPA rule "
            "(README, \"Autoscaling hot experts\"); needs --experts-per-process 1"},
           {"min-replicas", true, "1", "--autoscale: replicas per expert at least (and at start)"},
-          {"max-replicas", true, "max(4, --min-replicas)", "--autoscale: replicas per expert at most"},
+          {"max-replicas", true, "max(4, --min-replicas)",
+           "--autoscale: replicas per expert at most"},
           {"target-busy", true, "0.7",
            "--autoscale: the busy ratio per replica to scale to (rate of "
            "switchyard_expert_busy_seconds_total)"},

@@ -41,10 +41,10 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "cli/autoscaler.h"
 #include "cli/commands.h"
@@ -269,12 +269,27 @@ absl::StatusOr<std::string> SelfDir() {
 absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "max-queue",
                                                         "max-step-tokens", "max-new-tokens-limit"};
-  std::set<std::string> value_flags = {
-      "model",        "port",        "endpoints-file",  "experts-per-process",
-      "bin-dir",      "listen-host", "start-timeout-s", "expert-workers",
-      "expert-arg",   "gateway-arg", "device",          "precision",
-      "max-restarts", "http-port",   "min-replicas",    "max-replicas",
-      "target-busy",  "scale-down-delay-s", "autoscale-period-ms", "metrics-port", "gpus"};
+  std::set<std::string> value_flags = {"model",
+                                       "port",
+                                       "endpoints-file",
+                                       "experts-per-process",
+                                       "bin-dir",
+                                       "listen-host",
+                                       "start-timeout-s",
+                                       "expert-workers",
+                                       "expert-arg",
+                                       "gateway-arg",
+                                       "device",
+                                       "precision",
+                                       "max-restarts",
+                                       "http-port",
+                                       "min-replicas",
+                                       "max-replicas",
+                                       "target-busy",
+                                       "scale-down-delay-s",
+                                       "autoscale-period-ms",
+                                       "metrics-port",
+                                       "gpus"};
   value_flags.insert(gateway_passthrough.begin(), gateway_passthrough.end());
   SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, {"autoscale"}));
   UpOptions o;
@@ -352,15 +367,14 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   SY_ASSIGN_OR_RETURN(int64_t max_replicas,
                       f.IntInRange("max-replicas", std::max<int64_t>(min_replicas, 4), 1, 1024));
   if (max_replicas < min_replicas) {
-    return absl::InvalidArgumentError(absl::StrCat("--max-replicas (", max_replicas,
-                                                   ") is below --min-replicas (", min_replicas,
-                                                   ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max-replicas (", max_replicas, ") is below --min-replicas (", min_replicas, ")"));
   }
   o.autoscaler.max_replicas = static_cast<int>(max_replicas);
   SY_ASSIGN_OR_RETURN(o.autoscaler.target_busy, f.Double("target-busy", 0.7));
   if (!(o.autoscaler.target_busy > 0) || o.autoscaler.target_busy > 1024) {
-    return absl::InvalidArgumentError(absl::StrCat("--target-busy must be in (0, 1024], got ",
-                                                   o.autoscaler.target_busy));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--target-busy must be in (0, 1024], got ", o.autoscaler.target_busy));
   }
   SY_ASSIGN_OR_RETURN(int64_t delay, f.IntInRange("scale-down-delay-s", 300, 0, 86400));
   o.autoscaler.scale_down_delay_s = static_cast<int>(delay);
@@ -774,7 +788,8 @@ absl::Status Supervisor::WriteEndpoints() {
   // gateway's --experts @FILE topology (the replicas in service, by expert),
   // "processes" every process with its addresses and pid.
   nlohmann::ordered_json topology = nlohmann::ordered_json::object();
-  for (int e = 0; e < num_experts_; ++e) topology[std::to_string(e)] = nlohmann::ordered_json::array();
+  for (int e = 0; e < num_experts_; ++e)
+    topology[std::to_string(e)] = nlohmann::ordered_json::array();
   nlohmann::ordered_json processes = nlohmann::ordered_json::array();
   for (auto& e : experts_) {
     if (e->in_topology && !e->draining) {
@@ -785,8 +800,8 @@ absl::Status Supervisor::WriteEndpoints() {
         {"role", "expert"},
         {"experts", e->experts},
         {"grpc", e->address},
-        {"metrics", e->metrics.empty() ? nlohmann::ordered_json(nullptr)
-                                       : nlohmann::ordered_json(e->metrics)},
+        {"metrics",
+         e->metrics.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(e->metrics)},
         {"pid", e->pid}};
     if (options_.autoscale) {
       process["replica"] = e->replica_id;
@@ -912,8 +927,8 @@ void Supervisor::CheckJoining(Child& child) {
   child.in_topology = true;
   if (absl::Status s = WriteEndpoints(); !s.ok()) Say(StatusLine(s));
   const double seconds = std::chrono::duration<double>(Clock::now() - child.started_at).count();
-  Say(absl::StrFormat("%s (pid %d) healthy at %s after %.1f s; added to the topology",
-                      child.name, static_cast<int>(child.pid), child.address, seconds));
+  Say(absl::StrFormat("%s (pid %d) healthy at %s after %.1f s; added to the topology", child.name,
+                      static_cast<int>(child.pid), child.address, seconds));
 }
 
 int Supervisor::GatewayReplicas(int expert) {

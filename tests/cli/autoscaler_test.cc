@@ -336,9 +336,10 @@ TEST(AutoscalerFormulaTest, DecisionsEqualTheHpaAndKedaFormulasOnTheSameSeries) 
   // a ramp up, a plateau near the target, a spike, and the load going away.
   // (No total is a multiple of the target, where the two formulas' floating
   // point could round to different sides of an integer.)
-  const std::vector<double> total = {0.2, 0.5, 0.75, 0.8, 1.2, 1.45, 1.5, 2.9, 3.0, 4.5, 4.4,
-                                     4.6, 2.0, 1.0, 0.65, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
-                                     0.0, 0.0, 0.0, 0.1, 0.9, 0.9, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  const std::vector<double> total = {0.2, 0.5, 0.75, 0.8, 1.2,  1.45, 1.5, 2.9, 3.0, 4.5,
+                                     4.4, 4.6, 2.0,  1.0, 0.65, 0.3,  0.0, 0.0, 0.0, 0.0,
+                                     0.0, 0.0, 0.0,  0.0, 0.0,  0.1,  0.9, 0.9, 0.9, 0.0,
+                                     0.0, 0.0, 0.0,  0.0, 0.0,  0.0,  0.0};
   FakeFleet fleet;
   fleet.AddServing(0);
   Autoscaler scaler(1, options, &fleet, fleet.Reader(), nullptr, nullptr,
