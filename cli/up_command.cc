@@ -1220,6 +1220,7 @@ int Supervisor::Serve() {
       }
     }
     for (Child* c : children) {
+      if (c->draining) continue;  // leaving: not restarted, not added (AdvanceDrains)
       if (c->phase == Child::Phase::kBackoff && Clock::now() >= c->restart_at) {
         if (absl::Status s = Respawn(*c); !s.ok()) {
           Say(absl::StrCat("cannot restart ", c->name, ": ", StatusLine(s)));
