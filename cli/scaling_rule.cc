@@ -163,8 +163,8 @@ ScalingDecision HpaController::Reconcile(TimePoint now, int current,
       if (d.recommended < current && d.stabilized > d.recommended) {
         const int window = spec_.scale_down.stabilization_window_seconds;
         if (d.desired < current) {
-          d.reason = absl::StrCat("scale down to the largest recommendation of the last ", window,
-                                  " s");
+          d.reason =
+              absl::StrCat("scale down to the largest recommendation of the last ", window, " s");
         } else if (current == spec_.min_replicas) {
           d.reason = "held at min replicas";  // as when the window holds nothing higher
         } else {
