@@ -8,6 +8,8 @@ after the load stops, replicas return to the minimum (one per expert) after
 the scale-down delay, the drained replica's process exits, and `up`'s own
 /metrics and log show the decisions.
 
+Bad autoscaling flags are refused with a message naming the flag.
+
 The assertions are on outcomes (replica counts, calls served, tokens), each
 awaited with a generous deadline, never on how fast something happened.
 The timeline printed at the end is what README "Autoscaling hot experts"
@@ -33,6 +35,21 @@ model = os.path.join(source, "tests", "data", "tiny-mixtral")
 HOT = 3
 EXPERTS = 8
 DELAY_S = 6
+
+# Bad autoscaling flags: exit non-zero at once, naming the flag.
+for args, named in [(["--min-replicas", "2"], "--min-replicas needs --autoscale"),
+                    (["--autoscale", "--min-replicas", "3", "--max-replicas", "2"],
+                     "--max-replicas (2) is below --min-replicas (3)"),
+                    (["--autoscale", "--target-busy", "0"], "--target-busy"),
+                    (["--autoscale", "--scale-down-delay-s", "-1"], "--scale-down-delay-s"),
+                    (["--autoscale", "--autoscale-period-ms", "10"], "--autoscale-period-ms"),
+                    (["--autoscale", "--experts-per-process", "2"], "--experts-per-process 1"),
+                    (["--gpus", "0,1"], "--gpus needs --device cuda"),
+                    (["--device", "cuda", "--gpus", "0,x"], "'x' is not a GPU index")]:
+    r = subprocess.run([switchyard, "up", "--model", model, "--port", "0", *args],
+                       capture_output=True, text=True, timeout=60)
+    check("refused: %s" % " ".join(args), r.returncode != 0 and named in r.stderr,
+          (r.returncode, r.stderr[-300:]))
 
 folder = tempfile.mkdtemp(prefix="up_autoscale_")
 endpoints = os.path.join(folder, "endpoints.json")
