@@ -9,6 +9,14 @@
 // everything with exit status 1. Everything listens on --listen-host
 // (default 127.0.0.1).
 //
+// The gateway reads its topology from a file (--experts @FILE) with the
+// endpoints file's content, rewritten atomically whenever a replica joins
+// or leaves. With --autoscale an Autoscaler (cli/autoscaler.h) runs on the
+// main thread every period, through this supervisor as its ReplicaFleet: a
+// new replica joins the topology once healthy; a leaving one leaves the
+// topology first and gets SIGTERM once the gateway's
+// switchyard_gateway_expert_replicas shows it applied the change.
+//
 // Children run in their own process groups (so a terminal's Ctrl-C reaches
 // only `up`, which then stops them in order) and get SIGTERM if `up` itself
 // dies. Their stdout and stderr are forwarded, line by line and prefixed with
