@@ -64,6 +64,7 @@
 #include "cli/command_specs.h"
 #include "cli/commands.h"
 #include "cli/grpc_client.h"
+#include "cli/metrics_scrape.h"
 #include "core/flags.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -289,57 +290,6 @@ double Percentile(std::vector<double>& v, double p) {
 
 double Mean(const std::vector<double>& v) {
   return v.empty() ? 0 : std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
-}
-
-// GET http://HOST:PORT/metrics with a 10 s socket timeout; the body, or
-// UNAVAILABLE naming the address and what failed.
-absl::StatusOr<std::string> ScrapeMetrics(const std::string& host_port) {
-  const size_t colon = host_port.rfind(':');
-  std::string host = host_port.substr(0, colon);
-  const std::string port = host_port.substr(colon + 1);
-  if (!host.empty() && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
-  if (host.empty() || host == "0.0.0.0") host = "127.0.0.1";
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* addrs = nullptr;
-  if (const int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &addrs); rc != 0) {
-    return absl::UnavailableError(
-        absl::StrCat("--metrics ", host_port, ": cannot resolve: ", gai_strerror(rc)));
-  }
-  int fd = -1;
-  for (addrinfo* a = addrs; a != nullptr && fd < 0; a = a->ai_next) {
-    fd = socket(a->ai_family, a->ai_socktype, a->ai_protocol);
-    if (fd < 0) continue;
-    timeval timeout{10, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
-    if (connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
-      close(fd);
-      fd = -1;
-    }
-  }
-  freeaddrinfo(addrs);
-  if (fd < 0) {
-    return absl::UnavailableError(absl::StrCat("--metrics ", host_port, ": cannot connect"));
-  }
-  const std::string request =
-      "GET /metrics HTTP/1.1\r\nHost: " + host_port + "\r\nConnection: close\r\n\r\n";
-  bool sent = write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size());
-  std::string response;
-  char buf[16384];
-  ssize_t n;
-  while (sent && (n = read(fd, buf, sizeof(buf))) > 0) response.append(buf, n);
-  close(fd);
-  const size_t body = response.find("\r\n\r\n");
-  if (!sent || body == std::string::npos || response.compare(0, 12, "HTTP/1.1 200") != 0) {
-    return absl::UnavailableError(absl::StrCat("--metrics ", host_port,
-                                               ": no HTTP 200 answer to GET /metrics (",
-                                               response.substr(0, response.find('\r')), ")"));
-  }
-  return response.substr(body + 4);
 }
 
 // One histogram series: cumulative buckets by upper bound, sum and count.
@@ -586,7 +536,7 @@ absl::StatusOr<std::vector<ProbedToken>> ProbeRouting(v1::GenerationService::Stu
     }
   }
   std::vector<ProbedToken> probed;
-  SY_ASSIGN_OR_RETURN(std::string before, ScrapeMetrics(o.metrics));
+  SY_ASSIGN_OR_RETURN(std::string before, ScrapeMetrics(o.metrics, "--metrics "));
   for (int32_t token : candidates) {
     bool measured = false;
     for (int attempt = 0; attempt < 3 && !measured; ++attempt) {
@@ -601,7 +551,7 @@ absl::StatusOr<std::vector<ProbedToken>> ProbeRouting(v1::GenerationService::Stu
       context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
       grpc::Status status = stub.Generate(&context, request, &response);
       if (!status.ok()) return RpcError(status);
-      SY_ASSIGN_OR_RETURN(std::string after, ScrapeMetrics(o.metrics));
+      SY_ASSIGN_OR_RETURN(std::string after, ScrapeMetrics(o.metrics, "--metrics "));
       // Exactly our one prompt token: nobody else's traffic is in the delta.
       const double prompt_delta = SampleSum(after, "switchyard_gateway_prompt_tokens_total") -
                                   SampleSum(before, "switchyard_gateway_prompt_tokens_total");
@@ -690,7 +640,7 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   // a wrong --metrics fails here, before any load is sent.
   std::string metrics_before;
   if (!o.metrics.empty()) {
-    SY_ASSIGN_OR_RETURN(metrics_before, ScrapeMetrics(o.metrics));
+    SY_ASSIGN_OR_RETURN(metrics_before, ScrapeMetrics(o.metrics, "--metrics "));
   }
 
   auto prompt_of = [&](int i) {
@@ -708,7 +658,7 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   if (!o.metrics.empty()) {
     sampler = std::thread([&] {
       while (!run_done.load()) {
-        if (absl::StatusOr<std::string> text = ScrapeMetrics(o.metrics); text.ok()) {
+        if (absl::StatusOr<std::string> text = ScrapeMetrics(o.metrics, "--metrics "); text.ok()) {
           const int running =
               static_cast<int>(SampleSum(*text, "switchyard_gateway_running_sequences"));
           if (running > peak_running.load()) peak_running.store(running);
@@ -731,7 +681,7 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
     results[0] = RunOne(*stub, o, prompt_of(0), 0);
     next.store(1);
     if (!o.metrics.empty()) {
-      if (absl::StatusOr<std::string> text = ScrapeMetrics(o.metrics); text.ok()) {
+      if (absl::StatusOr<std::string> text = ScrapeMetrics(o.metrics, "--metrics "); text.ok()) {
         metrics_after_first = *std::move(text);
       }
     }
@@ -789,7 +739,8 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
   if (o.metrics.empty()) {
     hops_note =
         "per-hop breakdown needs --metrics HOST:PORT (the gateway's --metrics-listen address)";
-  } else if (absl::StatusOr<std::string> after = ScrapeMetrics(o.metrics); !after.ok()) {
+  } else if (absl::StatusOr<std::string> after = ScrapeMetrics(o.metrics, "--metrics ");
+             !after.ok()) {
     hops_note = absl::StrCat("per-hop breakdown unavailable: ", after.status().message());
   } else {
     metrics_after = *after;

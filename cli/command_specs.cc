@@ -125,7 +125,24 @@ std::vector<Subcommand> Build() {
           {"device", true, "cpu", "cpu or cuda, for every process"},
           {"precision", true, "bf16 on cuda", "bf16 or f32 (cuda), for every process"},
           {"max-restarts", true, "5",
-           "restarts of one process within 60 s before up gives up (0..1000)"}},
+           "restarts of one process within 60 s before up gives up (0..1000)"},
+          {"autoscale", false, "off",
+           "scale each expert's replicas on its busy ratio with the Kubernetes HPA rule "
+           "(README, \"Autoscaling hot experts\"); needs --experts-per-process 1"},
+          {"min-replicas", true, "1", "--autoscale: replicas per expert at least (and at start)"},
+          {"max-replicas", true, "max(4, --min-replicas)",
+           "--autoscale: replicas per expert at most"},
+          {"target-busy", true, "0.7",
+           "--autoscale: the busy ratio per replica to scale to (rate of "
+           "switchyard_expert_busy_seconds_total)"},
+          {"scale-down-delay-s", true, "300",
+           "--autoscale: scale down only to the largest count asked for over this window"},
+          {"autoscale-period-ms", true, "15000", "--autoscale: how often to scrape and decide"},
+          {"metrics-port", true, "none",
+           "serve up's own /metrics (the autoscaler's replica counts) on this port (0 picks)"},
+          {"gpus", true, "0",
+           "--device cuda: the GPUs experts go on, e.g. 0,1 (first replicas in turn; new "
+           "replicas on the one with the most free memory)"}},
          ""}}});
   out.push_back({"bench",
                  "closed-loop streaming load against a gateway; latency and throughput",

@@ -161,9 +161,15 @@ ScalingDecision HpaController::Reconcile(TimePoint now, int current,
     }
     if (d.reason.empty()) {
       if (d.recommended < current && d.stabilized > d.recommended) {
-        d.reason =
-            absl::StrCat("scale-down held by the ", spec_.scale_down.stabilization_window_seconds,
-                         " s stabilization window");
+        const int window = spec_.scale_down.stabilization_window_seconds;
+        if (d.desired < current) {
+          d.reason =
+              absl::StrCat("scale down to the largest recommendation of the last ", window, " s");
+        } else if (current == spec_.min_replicas) {
+          d.reason = "held at min replicas";  // as when the window holds nothing higher
+        } else {
+          d.reason = absl::StrCat("scale-down held by the ", window, " s stabilization window");
+        }
       } else if (d.recommended > current && d.stabilized < d.recommended) {
         d.reason =
             absl::StrCat("scale-up held by the ", spec_.scale_up.stabilization_window_seconds,

@@ -9,6 +9,14 @@
 // everything with exit status 1. Everything listens on --listen-host
 // (default 127.0.0.1).
 //
+// The gateway reads its topology from a file (--experts @FILE) with the
+// endpoints file's content, rewritten atomically whenever a replica joins
+// or leaves. With --autoscale an Autoscaler (cli/autoscaler.h) runs on the
+// main thread every period, through this supervisor as its ReplicaFleet: a
+// new replica joins the topology once healthy; a leaving one leaves the
+// topology first and gets SIGTERM once the gateway's
+// switchyard_gateway_expert_replicas shows it applied the change.
+//
 // Children run in their own process groups (so a terminal's Ctrl-C reaches
 // only `up`, which then stops them in order) and get SIGTERM if `up` itself
 // dies. Their stdout and stderr are forwarded, line by line and prefixed with
@@ -41,13 +49,20 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "cli/autoscaler.h"
 #include "cli/commands.h"
 #include "cli/grpc_client.h"
+#include "cli/metrics_scrape.h"
 #include "cli/restart_policy.h"
 #include "core/flags.h"
 #include "core/status_macros.h"
+#include "metrics/http_exporter.h"
+#include "metrics/metrics.h"
 #include "nlohmann/json.hpp"
 
 namespace switchyard::cli {
@@ -56,6 +71,9 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr auto kStopGrace = std::chrono::seconds(10);
+// A draining replica is stopped at the latest this long after it left the
+// topology, even when the gateway never confirmed it (gateway down).
+constexpr auto kDrainTimeout = std::chrono::seconds(30);
 constexpr char kListeningMarker[] = " listening on ";
 
 void Say(const std::string& line) {
@@ -237,6 +255,16 @@ struct UpOptions {
   // Extra flags for every switchyard-expert / the switchyard-gateway.
   std::vector<std::string> expert_args;
   std::vector<std::string> gateway_args;
+  // --autoscale: run the autoscaler (cli/autoscaler.h) every
+  // autoscale_period_ms (default 15000, the HPA's sync period).
+  bool autoscale = false;
+  AutoscalerOptions autoscaler;
+  int autoscale_period_ms = 15000;
+  // --metrics-port: where `up` serves its own /metrics (the autoscaler's);
+  // -1 (default): nowhere.
+  int metrics_port = -1;
+  // With --device cuda: the GPUs experts go on (--gpus); empty = GPU 0.
+  std::vector<int> gpus;
 };
 
 absl::StatusOr<std::string> SelfDir() {
@@ -249,13 +277,29 @@ absl::StatusOr<std::string> SelfDir() {
 absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "max-queue",
                                                         "max-step-tokens", "max-new-tokens-limit"};
-  std::set<std::string> value_flags = {
-      "model",        "port",        "endpoints-file",  "experts-per-process",
-      "bin-dir",      "listen-host", "start-timeout-s", "expert-workers",
-      "expert-arg",   "gateway-arg", "device",          "precision",
-      "max-restarts", "http-port"};
+  std::set<std::string> value_flags = {"model",
+                                       "port",
+                                       "endpoints-file",
+                                       "experts-per-process",
+                                       "bin-dir",
+                                       "listen-host",
+                                       "start-timeout-s",
+                                       "expert-workers",
+                                       "expert-arg",
+                                       "gateway-arg",
+                                       "device",
+                                       "precision",
+                                       "max-restarts",
+                                       "http-port",
+                                       "min-replicas",
+                                       "max-replicas",
+                                       "target-busy",
+                                       "scale-down-delay-s",
+                                       "autoscale-period-ms",
+                                       "metrics-port",
+                                       "gpus"};
   value_flags.insert(gateway_passthrough.begin(), gateway_passthrough.end());
-  SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, {}));
+  SY_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, {"autoscale"}));
   UpOptions o;
   SY_ASSIGN_OR_RETURN(o.model_dir, f.Required("model"));
   SY_RETURN_IF_ERROR(f.Required("port").status());
@@ -318,6 +362,54 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
     o.gateway_args.push_back(absl::StrCat(o.listen_host, ":", http_port));
   }
   for (const std::string& a : f.GetAll("gateway-arg")) o.gateway_args.push_back(a);
+
+  o.autoscale = f.Has("autoscale") && f.GetOr("autoscale", "true") != "false";
+  for (const char* name : {"min-replicas", "max-replicas", "target-busy", "scale-down-delay-s",
+                           "autoscale-period-ms"}) {
+    if (f.Has(name) && !o.autoscale) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " needs --autoscale"));
+    }
+  }
+  SY_ASSIGN_OR_RETURN(int64_t min_replicas, f.IntInRange("min-replicas", 1, 1, 1024));
+  o.autoscaler.min_replicas = static_cast<int>(min_replicas);
+  SY_ASSIGN_OR_RETURN(int64_t max_replicas,
+                      f.IntInRange("max-replicas", std::max<int64_t>(min_replicas, 4), 1, 1024));
+  if (max_replicas < min_replicas) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max-replicas (", max_replicas, ") is below --min-replicas (", min_replicas, ")"));
+  }
+  o.autoscaler.max_replicas = static_cast<int>(max_replicas);
+  SY_ASSIGN_OR_RETURN(o.autoscaler.target_busy, f.Double("target-busy", 0.7));
+  if (!(o.autoscaler.target_busy > 0) || o.autoscaler.target_busy > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--target-busy must be in (0, 1024], got ", o.autoscaler.target_busy));
+  }
+  SY_ASSIGN_OR_RETURN(int64_t delay, f.IntInRange("scale-down-delay-s", 300, 0, 86400));
+  o.autoscaler.scale_down_delay_s = static_cast<int>(delay);
+  SY_ASSIGN_OR_RETURN(int64_t period, f.IntInRange("autoscale-period-ms", 15000, 100, 3600000));
+  o.autoscale_period_ms = static_cast<int>(period);
+  if (o.autoscale && o.experts_per_process != 1) {
+    return absl::InvalidArgumentError(
+        "--autoscale scales each expert on its own: it needs --experts-per-process 1");
+  }
+  if (f.Has("metrics-port")) {
+    SY_ASSIGN_OR_RETURN(int64_t metrics_port, f.IntInRange("metrics-port", 0, 0, 65535));
+    o.metrics_port = static_cast<int>(metrics_port);
+  }
+  if (auto gpus = f.Get("gpus")) {
+    if (f.GetOr("device", "cpu") != "cuda") {
+      return absl::InvalidArgumentError("--gpus needs --device cuda");
+    }
+    for (absl::string_view item : absl::StrSplit(*gpus, ',')) {
+      int gpu = -1;
+      if (!absl::SimpleAtoi(item, &gpu) || gpu < 0 || gpu > 1023) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--gpus ", *gpus, ": '", item, "' is not a GPU index"));
+      }
+      o.gpus.push_back(gpu);
+    }
+    o.autoscaler.gpus = o.gpus;
+  }
   return o;
 }
 
@@ -398,13 +490,29 @@ struct Child {
   std::string metrics;  // its /metrics address, as reported ("" if none)
   std::shared_ptr<grpc::Channel> channel;
   bool healthy = false;
+  // Experts: which replica this is (unique, never reused), its GPU (-1:
+  // none given), and where it is in the topology: not yet in it (a new
+  // replica while starting), in it, or draining (taken out; terminated once
+  // the gateway stopped using it, then forgotten).
+  int replica_id = 0;
+  int gpu = -1;
+  bool in_topology = false;
+  bool draining = false;
+  bool terminating = false;  // SIGTERM sent while draining
+  Clock::time_point drain_since;
+  Clock::time_point terminate_since;
 };
 
 // Starts, watches and stops the children. Owned and used by the main thread
 // only (signals are taken synchronously with sigtimedwait).
-class Supervisor {
+class Supervisor : public ReplicaFleet {
  public:
   explicit Supervisor(UpOptions options) : options_(std::move(options)) {}
+
+  // ReplicaFleet, for the autoscaler (same thread).
+  std::vector<ReplicaView> Replicas() const override;
+  absl::StatusOr<int> StartReplica(int expert, int gpu) override;
+  absl::Status DrainReplica(int id) override;
 
   // Runs until stopped; the process exit code.
   int Run();
@@ -436,6 +544,16 @@ class Supervisor {
   void StopGroup(const std::vector<Child*>& group);
   bool AllHealthy(const std::vector<Child*>& group);
   absl::Status WriteEndpoints();
+  // A switchyard-expert command line for one replica of `experts`.
+  std::vector<std::string> ExpertArgv(const std::vector<int>& experts, int gpu) const;
+  // A new replica (not yet in the topology): once healthy, adds it.
+  void CheckJoining(Child& child);
+  // Draining replicas: terminate the ones the gateway no longer uses, kill
+  // the ones that outstay the grace, forget the ones that exited.
+  void AdvanceDrains();
+  // The replicas of `expert` the gateway routes to now, from its /metrics;
+  // -1 when unknown.
+  int GatewayReplicas(int expert);
 
   UpOptions options_;
   OutputPump pump_;
@@ -445,6 +563,20 @@ class Supervisor {
   int stop_signal_ = 0;
   bool stopping_ = false;
   bool endpoints_written_ = false;
+  bool topology_written_ = false;
+  // Everything was healthy once: the endpoints file may be written.
+  bool ready_ = false;
+  // The gateway's --experts @FILE (a temporary file).
+  std::string topology_file_;
+  int next_replica_id_ = 0;
+  Clock::time_point next_drain_check_;
+  int num_experts_ = 0;
+  std::string expert_bin_;
+  RestartPolicy restart_policy_;
+  // `up`'s own metrics (the autoscaler's) and their endpoint.
+  metrics::Registry registry_;
+  std::unique_ptr<metrics::HttpExporter> exporter_;
+  std::unique_ptr<Autoscaler> autoscaler_;
 };
 
 absl::Status Supervisor::Spawn(Child& child, const std::vector<std::string>& argv,
@@ -526,7 +658,7 @@ std::vector<Child*> Supervisor::Reap() {
     if (r == c.pid || (r < 0 && errno == ECHILD)) {
       c.running = false;
       c.wait_status = status;
-      if (!stopping_) {
+      if (!stopping_ && !c.draining) {
         unexpected.push_back(&c);
         Say(absl::StrCat(c.name, " (pid ", c.pid, ") ", DescribeWaitStatus(status)));
       }
@@ -598,10 +730,9 @@ void Supervisor::StopAll() {
   for (auto& e : experts_) e->channel.reset();
   if (gateway_) gateway_->channel.reset();
   pump_.Stop();
-  if (endpoints_written_) {
-    std::error_code ec;
-    std::filesystem::remove(options_.endpoints_file, ec);
-  }
+  std::error_code ec;
+  if (endpoints_written_) std::filesystem::remove(options_.endpoints_file, ec);
+  if (topology_written_) std::filesystem::remove(topology_file_, ec);
 }
 
 int Supervisor::Abort(Wake wake, const std::string& waiting_for) {
@@ -641,42 +772,234 @@ bool Supervisor::AllHealthy(const std::vector<Child*>& group) {
   return all;
 }
 
-absl::Status Supervisor::WriteEndpoints() {
-  if (options_.endpoints_file.empty()) return absl::OkStatus();
-  nlohmann::ordered_json processes = nlohmann::ordered_json::array();
-  for (auto& e : experts_) {
-    processes.push_back({{"role", "expert"},
-                         {"experts", e->experts},
-                         {"grpc", e->address},
-                         {"metrics", e->metrics.empty() ? nlohmann::ordered_json(nullptr)
-                                                        : nlohmann::ordered_json(e->metrics)},
-                         {"pid", e->pid}});
-  }
-  const std::string port = gateway_->address.substr(gateway_->address.rfind(':') + 1);
-  processes.push_back(
-      {{"role", "gateway"},
-       {"experts", nlohmann::ordered_json::array()},
-       {"grpc", absl::StrCat(options_.listen_host, ":", port)},
-       {"metrics", gateway_->metrics.empty() ? nlohmann::ordered_json(nullptr)
-                                             : nlohmann::ordered_json(gateway_->metrics)},
-       {"pid", gateway_->pid}});
-  const nlohmann::ordered_json doc = {{"processes", std::move(processes)}};
-  const std::string tmp = absl::StrCat(options_.endpoints_file, ".tmp.", getpid());
+// Writes `text` to a temporary file and renames it to `path`, so that no
+// reader (the gateway's topology watcher) sees half a file.
+absl::Status WriteAtomically(const std::string& path, const std::string& text) {
+  const std::string tmp = absl::StrCat(path, ".tmp.", getpid());
   {
     std::ofstream out(tmp, std::ios::trunc);
-    out << doc.dump(2) << "\n";
+    out << text;
     out.close();
     if (!out) return absl::UnavailableError(absl::StrCat("cannot write ", tmp));
   }
   std::error_code ec;
-  std::filesystem::rename(tmp, options_.endpoints_file, ec);
+  std::filesystem::rename(tmp, path, ec);
   if (ec) {
     std::filesystem::remove(tmp, ec);
-    return absl::UnavailableError(
-        absl::StrCat("cannot write ", options_.endpoints_file, ": ", ec.message()));
+    return absl::UnavailableError(absl::StrCat("cannot write ", path, ": ", ec.message()));
   }
-  endpoints_written_ = true;
   return absl::OkStatus();
+}
+
+absl::Status Supervisor::WriteEndpoints() {
+  // One file for people, Prometheus and the gateway: "experts" is the
+  // gateway's --experts @FILE topology (the replicas in service, by expert),
+  // "processes" every process with its addresses and pid.
+  nlohmann::ordered_json topology = nlohmann::ordered_json::object();
+  for (int e = 0; e < num_experts_; ++e)
+    topology[std::to_string(e)] = nlohmann::ordered_json::array();
+  nlohmann::ordered_json processes = nlohmann::ordered_json::array();
+  for (auto& e : experts_) {
+    if (e->in_topology && !e->draining) {
+      for (int expert : e->experts) topology[std::to_string(expert)].push_back(e->address);
+    }
+    if (e->address.empty()) continue;  // starting, address not yet known
+    nlohmann::ordered_json process = {
+        {"role", "expert"},
+        {"experts", e->experts},
+        {"grpc", e->address},
+        {"metrics",
+         e->metrics.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(e->metrics)},
+        {"pid", e->pid}};
+    if (options_.autoscale) {
+      process["replica"] = e->replica_id;
+      process["state"] = e->draining ? "draining" : e->in_topology ? "serving" : "starting";
+    }
+    if (e->gpu >= 0) process["gpu"] = e->gpu;
+    processes.push_back(std::move(process));
+  }
+  if (gateway_ && !gateway_->address.empty()) {
+    const std::string port = gateway_->address.substr(gateway_->address.rfind(':') + 1);
+    processes.push_back(
+        {{"role", "gateway"},
+         {"experts", nlohmann::ordered_json::array()},
+         {"grpc", absl::StrCat(options_.listen_host, ":", port)},
+         {"metrics", gateway_->metrics.empty() ? nlohmann::ordered_json(nullptr)
+                                               : nlohmann::ordered_json(gateway_->metrics)},
+         {"pid", gateway_->pid}});
+  }
+  nlohmann::ordered_json doc = {{"experts", std::move(topology)},
+                                {"processes", std::move(processes)}};
+  if (exporter_) {
+    doc["up"] = {{"metrics", exporter_->address()}, {"pid", static_cast<int>(getpid())}};
+  }
+  const std::string text = doc.dump(2) + "\n";
+  SY_RETURN_IF_ERROR(WriteAtomically(topology_file_, text));
+  topology_written_ = true;
+  // The endpoints file appears once everything is ready (scripts wait for it).
+  if (ready_ && !options_.endpoints_file.empty()) {
+    SY_RETURN_IF_ERROR(WriteAtomically(options_.endpoints_file, text));
+    endpoints_written_ = true;
+  }
+  return absl::OkStatus();
+}
+
+std::vector<std::string> Supervisor::ExpertArgv(const std::vector<int>& experts, int gpu) const {
+  std::vector<std::string> argv = {expert_bin_,
+                                   "--model",
+                                   options_.model_dir,
+                                   "--listen",
+                                   absl::StrCat(options_.listen_host, ":0"),
+                                   "--experts",
+                                   absl::StrJoin(experts, ","),
+                                   "--metrics-listen",
+                                   absl::StrCat(options_.listen_host, ":0")};
+  argv.insert(argv.end(), options_.expert_args.begin(), options_.expert_args.end());
+  if (gpu >= 0) {
+    argv.push_back("--gpu");
+    argv.push_back(std::to_string(gpu));
+  }
+  return argv;
+}
+
+std::vector<ReplicaView> Supervisor::Replicas() const {
+  std::vector<ReplicaView> out;
+  for (const auto& c : experts_) {
+    if (c->experts.empty()) continue;
+    ReplicaView r;
+    r.id = c->replica_id;
+    r.expert = c->experts[0];
+    r.state = c->draining      ? ReplicaView::State::STATE_DRAINING
+              : c->in_topology ? ReplicaView::State::STATE_SERVING
+                               : ReplicaView::State::STATE_STARTING;
+    r.metrics_address = c->metrics.empty() ? "" : DialAddress(c->metrics);
+    r.gpu = c->gpu;
+    out.push_back(r);
+  }
+  return out;
+}
+
+absl::StatusOr<int> Supervisor::StartReplica(int expert, int gpu) {
+  auto child = std::make_unique<Child>();
+  child->role = "expert";
+  child->restarts = RestartTracker(restart_policy_);
+  child->experts = {expert};
+  child->replica_id = next_replica_id_++;
+  child->gpu = gpu;
+  child->name = absl::StrCat("expert ", expert, " replica ", child->replica_id);
+  std::vector<std::string> env;
+  if (std::getenv("OMP_NUM_THREADS") == nullptr) env.push_back("OMP_NUM_THREADS=1");
+  SY_RETURN_IF_ERROR(Spawn(*child, ExpertArgv(child->experts, gpu), env));
+  child->phase = Child::Phase::kStarting;
+  child->started_at = Clock::now();
+  Say(absl::StrCat("starting ", child->name, gpu >= 0 ? absl::StrCat(" on GPU ", gpu) : "",
+                   " (pid ", child->pid, ")"));
+  const int id = child->replica_id;
+  experts_.push_back(std::move(child));
+  return id;
+}
+
+absl::Status Supervisor::DrainReplica(int id) {
+  for (auto& c : experts_) {
+    if (c->replica_id != id || c->draining) continue;
+    c->draining = true;
+    c->drain_since = Clock::now();
+    if (c->in_topology) {
+      SY_RETURN_IF_ERROR(WriteEndpoints());
+      Say(absl::StrCat("draining ", c->name, " at ", c->address,
+                       ": out of the topology; it stops once the gateway no longer uses it"));
+    } else {
+      Say(absl::StrCat("stopping ", c->name, ": still starting, no longer needed"));
+    }
+    return absl::OkStatus();
+  }
+  return absl::NotFoundError(absl::StrCat("no replica ", id, " to drain"));
+}
+
+void Supervisor::CheckJoining(Child& child) {
+  if (!child.running || child.draining) return;
+  if (child.address.empty()) {
+    child.address = pump_.Address(child.pid);
+    child.metrics = pump_.MetricsAddress(child.pid);
+  }
+  if (child.address.empty() || !AllHealthy({&child})) {
+    if (Clock::now() - child.started_at > std::chrono::seconds(options_.start_timeout_s)) {
+      Say(absl::StrCat(child.name, " (pid ", child.pid, ") did not become healthy within ",
+                       options_.start_timeout_s, " s; killing it"));
+      kill(-child.pid, SIGKILL);  // Reaped as a crash on the next round.
+    }
+    return;
+  }
+  child.channel.reset();
+  child.phase = Child::Phase::kServing;
+  child.in_topology = true;
+  if (absl::Status s = WriteEndpoints(); !s.ok()) Say(StatusLine(s));
+  const double seconds = std::chrono::duration<double>(Clock::now() - child.started_at).count();
+  Say(absl::StrFormat("%s (pid %d) healthy at %s after %.1f s; added to the topology", child.name,
+                      static_cast<int>(child.pid), child.address, seconds));
+}
+
+int Supervisor::GatewayReplicas(int expert) {
+  if (!gateway_ || gateway_->metrics.empty()) return -1;
+  absl::StatusOr<std::string> text = ScrapeMetrics(DialAddress(gateway_->metrics));
+  if (!text.ok()) return -1;
+  const std::string line =
+      absl::StrCat("switchyard_gateway_expert_replicas{expert=\"", expert, "\"} ");
+  const size_t at = text->find(line);
+  if (at == std::string::npos || (at > 0 && (*text)[at - 1] != '\n')) return -1;
+  return std::atoi(text->c_str() + at + line.size());
+}
+
+void Supervisor::AdvanceDrains() {
+  const auto now = Clock::now();
+  const bool check_gateway = now >= next_drain_check_;
+  if (check_gateway) next_drain_check_ = now + std::chrono::milliseconds(250);
+  std::map<int, int> gateway_counts;  // by expert, scraped at most once here
+  for (auto& c : experts_) {
+    if (!c->draining || !c->running) continue;
+    if (c->terminating) {
+      if (now - c->terminate_since > kStopGrace) {
+        Say(absl::StrCat(c->name, " (pid ", c->pid, ") did not stop in time; killing it"));
+        kill(-c->pid, SIGKILL);
+      }
+      continue;
+    }
+    bool done = !c->in_topology;  // never served: nothing to drain
+    if (!done && now - c->drain_since > kDrainTimeout) {
+      Say(absl::StrCat("the gateway did not confirm ", c->name, " left its topology within ",
+                       kDrainTimeout.count(), " s; stopping it anyway"));
+      done = true;
+    }
+    if (!done && check_gateway) {
+      const int expert = c->experts[0];
+      int in_service = 0;
+      for (auto& o : experts_) {
+        in_service += o->in_topology && !o->draining && o->experts[0] == expert;
+      }
+      if (!gateway_counts.count(expert)) gateway_counts[expert] = GatewayReplicas(expert);
+      // The gateway applied the topology without this replica: no new calls
+      // go to it, and the ones in flight finish within its SIGTERM grace.
+      done = gateway_counts[expert] == in_service;
+    }
+    if (done) {
+      kill(-c->pid, SIGTERM);
+      c->terminating = true;
+      c->terminate_since = now;
+      const double seconds = std::chrono::duration<double>(now - c->drain_since).count();
+      Say(absl::StrFormat("%s drained after %.1f s; stopping it (pid %d)", c->name, seconds,
+                          static_cast<int>(c->pid)));
+    }
+  }
+  for (auto it = experts_.begin(); it != experts_.end();) {
+    if ((*it)->draining && !(*it)->running) {
+      Say(absl::StrCat((*it)->name, " stopped (", DescribeWaitStatus((*it)->wait_status), ")"));
+      if ((*it)->pid > 0) kill(-(*it)->pid, SIGKILL);  // anything left in its group
+      it = experts_.erase(it);
+      if (absl::Status s = WriteEndpoints(); !s.ok()) Say(StatusLine(s));
+    } else {
+      ++it;
+    }
+  }
 }
 
 int Supervisor::Run() {
@@ -699,43 +1022,58 @@ int Supervisor::Run() {
     return 1;
   }
 
+  num_experts_ = *num_experts;
   const auto bin = std::filesystem::path(options_.bin_dir);
-  const std::string expert_bin = (bin / "switchyard-expert").string();
+  expert_bin_ = (bin / "switchyard-expert").string();
   const std::string gateway_bin = (bin / "switchyard-gateway").string();
   const auto deadline = Clock::now() + std::chrono::seconds(options_.start_timeout_s);
 
-  RestartPolicy restart_policy;
-  restart_policy.max_restarts = options_.max_restarts;
+  restart_policy_.max_restarts = options_.max_restarts;
 
-  // Experts, all started at once.
-  for (int first = 0; first < *num_experts; first += options_.experts_per_process) {
-    auto child = std::make_unique<Child>();
-    child->role = "expert";
-    child->restarts = RestartTracker(restart_policy);
-    for (int e = first; e < std::min(*num_experts, first + options_.experts_per_process); ++e) {
-      child->experts.push_back(e);
-    }
-    child->name = absl::StrCat("expert ", ExpertsLabel(child->experts));
-    std::vector<std::string> argv = {expert_bin,
-                                     "--model",
-                                     options_.model_dir,
-                                     "--listen",
-                                     absl::StrCat(options_.listen_host, ":0"),
-                                     "--experts",
-                                     absl::StrJoin(child->experts, ","),
-                                     "--metrics-listen",
-                                     absl::StrCat(options_.listen_host, ":0")};
-    argv.insert(argv.end(), options_.expert_args.begin(), options_.expert_args.end());
-    // The experts share this host's cores: one OpenMP thread each unless the
-    // user chose (2 cores, split cluster: 34 -> 40 output tokens/s).
-    std::vector<std::string> env;
-    if (std::getenv("OMP_NUM_THREADS") == nullptr) env.push_back("OMP_NUM_THREADS=1");
-    absl::Status s = Spawn(*child, argv, env);
-    experts_.push_back(std::move(child));
-    if (!s.ok()) {
-      Say(StatusLine(s));
+  // The gateway reads its topology (--experts @FILE) from a file with the
+  // endpoints file's content, written from before the gateway starts.
+  topology_file_ = (std::filesystem::temp_directory_path() /
+                    absl::StrCat("switchyard-up-", getpid(), "-topology.json"))
+                       .string();
+  if (options_.metrics_port >= 0) {
+    auto exporter = metrics::HttpExporter::Start(
+        absl::StrCat(options_.listen_host, ":", options_.metrics_port), &registry_);
+    if (!exporter.ok()) {
+      Say(absl::StrCat("--metrics-port: ", StatusLine(exporter.status())));
       StopAll();
       return 1;
+    }
+    exporter_ = *std::move(exporter);
+    Say(absl::StrCat("metrics on ", exporter_->address()));
+  }
+
+  // Experts, all started at once (with --autoscale, --min-replicas of each).
+  const int replicas_each = options_.autoscale ? options_.autoscaler.min_replicas : 1;
+  int placed = 0;
+  for (int first = 0; first < *num_experts; first += options_.experts_per_process) {
+    for (int replica = 0; replica < replicas_each; ++replica) {
+      auto child = std::make_unique<Child>();
+      child->role = "expert";
+      child->restarts = RestartTracker(restart_policy_);
+      for (int e = first; e < std::min(*num_experts, first + options_.experts_per_process); ++e) {
+        child->experts.push_back(e);
+      }
+      child->replica_id = next_replica_id_++;
+      child->name = absl::StrCat("expert ", ExpertsLabel(child->experts));
+      if (replica > 0) absl::StrAppend(&child->name, " replica ", child->replica_id);
+      if (!options_.gpus.empty()) child->gpu = options_.gpus[placed++ % options_.gpus.size()];
+      // The experts share this host's cores: one OpenMP thread each unless the
+      // user chose (2 cores, split cluster: 34 -> 40 output tokens/s).
+      std::vector<std::string> env;
+      if (std::getenv("OMP_NUM_THREADS") == nullptr) env.push_back("OMP_NUM_THREADS=1");
+      absl::Status s = Spawn(*child, ExpertArgv(child->experts, child->gpu), env);
+      child->in_topology = true;
+      experts_.push_back(std::move(child));
+      if (!s.ok()) {
+        Say(StatusLine(s));
+        StopAll();
+        return 1;
+      }
     }
   }
   auto addresses_known = [this](const std::vector<Child*>& group) {
@@ -756,14 +1094,15 @@ int Supervisor::Run() {
   wake = WaitUntil([&] { return AllHealthy(experts); }, deadline);
   if (wake != Wake::kDone) return Abort(wake, "the experts to become healthy");
 
-  // The gateway, routed to them.
-  std::vector<std::string> spec;
-  for (auto& e : experts_) {
-    for (int expert : e->experts) spec.push_back(absl::StrCat(expert, "=", e->address));
+  // The gateway, routed to them through the topology in the endpoints file.
+  if (absl::Status s = WriteEndpoints(); !s.ok()) {
+    Say(StatusLine(s));
+    StopAll();
+    return 1;
   }
   gateway_ = std::make_unique<Child>();
   gateway_->role = "gateway";
-  gateway_->restarts = RestartTracker(restart_policy);
+  gateway_->restarts = RestartTracker(restart_policy_);
   gateway_->name = "gateway";
   std::vector<std::string> argv = {gateway_bin,
                                    "--model",
@@ -771,7 +1110,7 @@ int Supervisor::Run() {
                                    "--listen",
                                    absl::StrCat(options_.listen_host, ":", options_.port),
                                    "--experts",
-                                   absl::StrJoin(spec, ";"),
+                                   "@" + topology_file_,
                                    "--metrics-listen",
                                    absl::StrCat(options_.listen_host, ":0")};
   argv.insert(argv.end(), options_.gateway_args.begin(), options_.gateway_args.end());
@@ -787,6 +1126,7 @@ int Supervisor::Run() {
   gateway_->channel.reset();
   for (auto& e : experts_) e->channel.reset();
 
+  ready_ = true;
   if (absl::Status s = WriteEndpoints(); !s.ok()) {
     Say(StatusLine(s));
     StopAll();
@@ -796,6 +1136,22 @@ int Supervisor::Run() {
   std::printf("switchyard up: ready on %s (gateway pid %d, %zu expert processes)\n", port.c_str(),
               static_cast<int>(gateway_->pid), experts_.size());
   std::fflush(stdout);
+
+  if (options_.autoscale) {
+    const AutoscalerOptions& a = options_.autoscaler;
+    Say(absl::StrFormat(
+        "autoscaling: %d..%d replicas per expert, target busy %.3f, scale-down delay %d s, "
+        "every %d ms",
+        a.min_replicas, a.max_replicas, a.target_busy, a.scale_down_delay_s,
+        options_.autoscale_period_ms));
+    autoscaler_ = std::make_unique<Autoscaler>(
+        num_experts_, a, this,
+        [](const std::string& address) -> absl::StatusOr<double> {
+          SY_ASSIGN_OR_RETURN(std::string text, ScrapeMetrics(address));
+          return MetricSum(text, "switchyard_expert_busy_seconds_total");
+        },
+        NvidiaSmiFreeMemory, &registry_, [](const std::string& line) { Say(line); });
+  }
 
   return Serve();
 }
@@ -858,10 +1214,12 @@ void Supervisor::CheckRestarted(Child& child) {
 }
 
 int Supervisor::Serve() {
-  std::vector<Child*> children;
-  for (auto& e : experts_) children.push_back(e.get());
-  children.push_back(gateway_.get());
+  auto next_tick = Clock::now() + std::chrono::milliseconds(options_.autoscale_period_ms);
+  if (autoscaler_) autoscaler_->Tick(Clock::now());  // the first samples
   while (true) {
+    std::vector<Child*> children;
+    for (auto& e : experts_) children.push_back(e.get());
+    children.push_back(gateway_.get());
     for (Child* c : Reap()) {
       if (!ScheduleRestart(*c)) {
         Say("stopping everything");
@@ -870,6 +1228,7 @@ int Supervisor::Serve() {
       }
     }
     for (Child* c : children) {
+      if (c->draining) continue;  // leaving: not restarted, not added (AdvanceDrains)
       if (c->phase == Child::Phase::kBackoff && Clock::now() >= c->restart_at) {
         if (absl::Status s = Respawn(*c); !s.ok()) {
           Say(absl::StrCat("cannot restart ", c->name, ": ", StatusLine(s)));
@@ -880,8 +1239,20 @@ int Supervisor::Serve() {
           }
         }
       } else if (c->phase == Child::Phase::kStarting) {
-        CheckRestarted(*c);
+        if (c->role == "expert" && !c->in_topology) {
+          CheckJoining(*c);
+        } else {
+          CheckRestarted(*c);
+        }
       }
+    }
+    AdvanceDrains();
+    if (autoscaler_ && Clock::now() >= next_tick) {
+      next_tick += std::chrono::milliseconds(options_.autoscale_period_ms);
+      if (next_tick < Clock::now()) {
+        next_tick = Clock::now() + std::chrono::milliseconds(options_.autoscale_period_ms);
+      }
+      autoscaler_->Tick(Clock::now());
     }
     timespec tick{0, 100 * 1000 * 1000};
     const int sig = sigtimedwait(&signals_, nullptr, &tick);
