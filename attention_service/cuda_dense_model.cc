@@ -108,10 +108,10 @@ absl::Status CudaDenseModel::AttentionBlock(const CudaContext& ctx, int layer,
       LaunchRopeRotateHalf(s.qkv, qkv_dim, s.positions, T, H + Hkv, hd, inv_freq_.data(), stream));
   // This step's k, v into each sequence's cache, then attention over it.
   SY_RETURN_IF_ERROR(LaunchKvAppend(s.qkv, qkv_dim, /*k_offset=*/q_dim,
-                                    /*v_offset=*/q_dim + kv_dim, T, kv_dim, s.seqs, s.tok_seq,
+                                    /*v_offset=*/q_dim + kv_dim, T, kv_dim, s.kv, s.tok_seq,
                                     s.positions, layer, stream));
   // attn[T, H, hd]
-  SY_RETURN_IF_ERROR(LaunchAttention(s.qkv, qkv_dim, T, H, Hkv, hd, c.sliding_window, s.seqs,
+  SY_RETURN_IF_ERROR(LaunchAttention(s.qkv, qkv_dim, T, H, Hkv, hd, c.sliding_window, s.kv,
                                      s.tok_seq, s.positions, layer, s.attn, stream));
   // h[T, D] += attn[T, H hd] · Wo^T
   return Linear(ctx, s.attn, T, w.wo.view(), h, /*accumulate=*/true, s.bf16, s.bf16_elems);
