@@ -177,7 +177,9 @@ absl::StatusOr<StepOutput> CudaModelRunner::StepOnce(absl::Span<const StepInput>
       return absl::InvalidArgumentError(
           absl::StrCat("input ", b, "'s KV cache is from another pool than input 0's"));
     }
-    if (b == 0) SY_ASSIGN_OR_RETURN(slab, AttachDeviceKvSlab(pool, kv_dtype(), ctx_->device()));
+    if (b == 0) {
+      SY_ASSIGN_OR_RETURN(slab, AttachDeviceKvSlab(pool, kv_dtype(), ctx_->device()));
+    }
     const std::vector<int32_t>& table = slices[b].kv->block_table();
     // kv_append drops rows past the table and attention would read past it:
     // never launch with a slice that does not fit.
