@@ -147,13 +147,15 @@ absl::Status CudaDenseModel::Logits(const CudaContext& ctx, const float* h, cons
 }
 
 absl::StatusOr<int64_t> DeviceKvTokensThatFit(const ModelConfig& config, double fraction,
-                                              int device) {
+                                              KvDType dtype, int device) {
   SY_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   size_t free_bytes = 0, total_bytes = 0;
   SY_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
-  const double per_token =
-      2.0 * config.num_hidden_layers * static_cast<double>(config.kv_dim()) * sizeof(float);
-  return static_cast<int64_t>(static_cast<double>(free_bytes) * fraction / per_token);
+  const double block_bytes =
+      static_cast<double>(PagedKvBlockElems(config.num_hidden_layers, config.kv_dim())) *
+      (dtype == KvDType::kBF16 ? 2 : 4);
+  const auto blocks = static_cast<int64_t>(static_cast<double>(free_bytes) * fraction / block_bytes);
+  return blocks * kKvBlockTokens;
 }
 
 }  // namespace switchyard::cuda

@@ -102,10 +102,11 @@ class CudaDenseModel {
   DeviceBuffer<float> inv_freq_;
 };
 
-// KV token slots that fit in `fraction` of the device's free memory now
-// (FP32 K and V, every layer), for sizing the KvCachePool.
+// KV token slots that fit in `fraction` of the device's free memory now (K
+// and V of every layer in `dtype`, whole blocks of kKvBlockTokens), for
+// sizing the KvCachePool whose device slab the runner allocates.
 absl::StatusOr<int64_t> DeviceKvTokensThatFit(const ModelConfig& config, double fraction,
-                                              int device = 0);
+                                              KvDType dtype = KvDType::kF32, int device = 0);
 
 }  // namespace switchyard::cuda
 

@@ -459,6 +459,15 @@ TEST_F(CudaParityTest, DeviceSlabMismatchesAreClearErrors) {
   EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted) << big.status();
   EXPECT_NE(big.status().message().find("bytes"), std::string::npos) << big.status();
   EXPECT_EQ(huge_kv->length(), 0);
+  // Sizing from free memory: whole blocks, half the bytes per slot in BF16.
+  SY_ASSERT_OK_AND_ASSIGN(int64_t f32_fit, cuda::DeviceKvTokensThatFit(cpu().config(), 0.5));
+  SY_ASSERT_OK_AND_ASSIGN(int64_t bf16_fit, cuda::DeviceKvTokensThatFit(cpu().config(), 0.5,
+                                                                        cuda::KvDType::kBF16));
+  EXPECT_GT(f32_fit, 0);
+  EXPECT_EQ(f32_fit % KvCachePool::kBlockTokens, 0);
+  EXPECT_EQ(bf16_fit % KvCachePool::kBlockTokens, 0);
+  EXPECT_NEAR(static_cast<double>(bf16_fit), 2.0 * static_cast<double>(f32_fit),
+              2.0 * KvCachePool::kBlockTokens);
   // The runner still works afterwards.
   auto ok_kv = pool().NewSequence();
   StepInput ok_in{ok_kv.get(), ids, LogitsWanted::kLast};
