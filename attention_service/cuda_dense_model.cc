@@ -154,7 +154,8 @@ absl::StatusOr<int64_t> DeviceKvTokensThatFit(const ModelConfig& config, double 
   const double block_bytes =
       static_cast<double>(PagedKvBlockElems(config.num_hidden_layers, config.kv_dim())) *
       (dtype == KvDType::kBF16 ? 2 : 4);
-  const auto blocks = static_cast<int64_t>(static_cast<double>(free_bytes) * fraction / block_bytes);
+  const auto blocks =
+      static_cast<int64_t>(static_cast<double>(free_bytes) * fraction / block_bytes);
   return blocks * kKvBlockTokens;
 }
 

@@ -121,11 +121,13 @@ absl::StatusOr<DeviceKvSlab*> AttachDeviceKvSlab(KvCachePool& pool, KvDType dtyp
     SY_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
     auto fresh = std::make_shared<DeviceKvSlab>();
     if (absl::Status s = fresh->storage.EnsureCapacity(static_cast<size_t>(bytes)); !s.ok()) {
-      return absl::Status(
-          s.code(), absl::StrCat("device KV cache: ", pool.total_blocks(), " blocks of ",
-                                 KvCachePool::kBlockTokens, " token slots (", bytes,
-                                 " bytes) do not fit on device ", device, " (lower the KV cache "
-                                 "budget): ", s.message()));
+      return absl::Status(s.code(),
+                          absl::StrCat("device KV cache: ", pool.total_blocks(), " blocks of ",
+                                       KvCachePool::kBlockTokens, " token slots (", bytes,
+                                       " bytes) do not fit on device ", device,
+                                       " (lower the KV cache "
+                                       "budget): ",
+                                       s.message()));
     }
     fresh->dtype = dtype;
     fresh->blocks = pool.total_blocks();
@@ -137,8 +139,9 @@ absl::StatusOr<DeviceKvSlab*> AttachDeviceKvSlab(KvCachePool& pool, KvDType dtyp
   if (slab->dtype != dtype || slab->device != device) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the KV pool's device slab is ", slab->dtype == KvDType::kBF16 ? "BF16" : "FP32",
-        " on device ", slab->device, ", this runner needs ", dtype == KvDType::kBF16 ? "BF16" : "FP32",
-        " on device ", device, ": give each runner precision and device its own pool"));
+        " on device ", slab->device, ", this runner needs ",
+        dtype == KvDType::kBF16 ? "BF16" : "FP32", " on device ", device,
+        ": give each runner precision and device its own pool"));
   }
   return slab;
 }

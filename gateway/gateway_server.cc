@@ -466,11 +466,11 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
     auto slab = cuda::AttachDeviceKvSlab(*kv_pool, kv_dtype, /*device=*/0);
     if (!slab.ok()) {
       auto fit = cuda::DeviceKvTokensThatFit(config, 0.9, kv_dtype);
-      return absl::Status(slab.status().code(),
-                          absl::StrCat(slab.status().message(), " (--kv-cache-tokens ",
-                                       options.kv_cache_tokens, "; about ",
-                                       fit.ok() ? absl::StrCat(*fit) : "?",
-                                       " would fit in 90% of the free device memory)"));
+      return absl::Status(
+          slab.status().code(),
+          absl::StrCat(slab.status().message(), " (--kv-cache-tokens ", options.kv_cache_tokens,
+                       "; about ", fit.ok() ? absl::StrCat(*fit) : "?",
+                       " would fit in 90% of the free device memory)"));
     }
     std::fprintf(stderr, "switchyard-gateway: device KV slab of %lld blocks, %.1f MiB (%s)\n",
                  static_cast<long long>((*slab)->blocks),

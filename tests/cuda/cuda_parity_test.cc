@@ -11,9 +11,9 @@
 //   sequence alone; a sequence whose paged device cache grows block by block
 //   equals one prefill; a prefix shared with another sequence's published
 //   blocks equals computing it; forced preemption under eight scheduler
-//   streams keeps every stream equal to its solo run; experts behind an ExpertBackend (the CPU's, as a remote
-//   service would be) equal the all-GPU path; the GPU ExpertBackend equals
-//   the CPU experts; errors match the CPU runner's.
+//   streams keeps every stream equal to its solo run; experts behind an ExpertBackend (the CPU's,
+//   as a remote service would be) equal the all-GPU path; the GPU ExpertBackend equals the CPU
+//   experts; errors match the CPU runner's.
 // Built twice: cuda_parity_test skips every GPU test without a device;
 // cuda_parity_emulated_test runs them on the CPU emulator
 // (cuda/emulator/device_emulation.h). One CPU-only test checks the CPU
@@ -169,8 +169,7 @@ class CudaParityTest : public testing::CudaTest {
     SY_ASSERT_OK_AND_ASSIGN(s->gpu_remote, cuda::MakeCudaRunner(*dense_only, cuda::Precision::kF32,
                                                                 s->cpu_experts.get()));
     s->pool = std::make_unique<KvCachePool>(s->cpu->config(), 1 << 16, /*host_storage=*/false);
-    s->bf16_pool =
-        std::make_unique<KvCachePool>(s->cpu->config(), 1 << 16, /*host_storage=*/false);
+    s->bf16_pool = std::make_unique<KvCachePool>(s->cpu->config(), 1 << 16, /*host_storage=*/false);
     SY_ASSERT_OK_AND_ASSIGN(s->emulation, testing::Bf16Emulation::Load(TinyMixtralDir()));
     shared_ = s.release();
   }
@@ -416,9 +415,9 @@ TEST_F(CudaParityTest, ForcedPreemptionUnderEightStreamsKeepsEachEqualToItsSoloR
   std::printf("preemptions: %lld\n", static_cast<long long>(stats.preemptions));
   for (int i = 0; i < 8; ++i) {
     ASSERT_TRUE(sinks[i]->error.ok()) << sinks[i]->error;
-    SY_ASSERT_OK_AND_ASSIGN(GenerateResult solo, Generate(gpu, pool(), cpu().tokenizer(),
-                                                          requests[i].prompt_ids,
-                                                          requests[i].options));
+    SY_ASSERT_OK_AND_ASSIGN(
+        GenerateResult solo,
+        Generate(gpu, pool(), cpu().tokenizer(), requests[i].prompt_ids, requests[i].options));
     EXPECT_EQ(sinks[i]->tokens, solo.token_ids) << "stream " << i;
   }
   EXPECT_EQ(stats.requests_finished, 8);
@@ -461,8 +460,8 @@ TEST_F(CudaParityTest, DeviceSlabMismatchesAreClearErrors) {
   EXPECT_EQ(huge_kv->length(), 0);
   // Sizing from free memory: whole blocks, half the bytes per slot in BF16.
   SY_ASSERT_OK_AND_ASSIGN(int64_t f32_fit, cuda::DeviceKvTokensThatFit(cpu().config(), 0.5));
-  SY_ASSERT_OK_AND_ASSIGN(int64_t bf16_fit, cuda::DeviceKvTokensThatFit(cpu().config(), 0.5,
-                                                                        cuda::KvDType::kBF16));
+  SY_ASSERT_OK_AND_ASSIGN(int64_t bf16_fit,
+                          cuda::DeviceKvTokensThatFit(cpu().config(), 0.5, cuda::KvDType::kBF16));
   EXPECT_GT(f32_fit, 0);
   EXPECT_EQ(f32_fit % KvCachePool::kBlockTokens, 0);
   EXPECT_EQ(bf16_fit % KvCachePool::kBlockTokens, 0);

@@ -217,9 +217,9 @@ TEST_F(CudaKernelsTest, PagedKvAppendAndAttentionMatchContiguousOracle) {
       cuda::LaunchAttention(nullptr, 0, 1, 4, 1, 16, 0, kv, nullptr, nullptr, 2, nullptr, stream())
           .code(),
       absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(cuda::LaunchKvAppend(nullptr, 48, 16, 32, 1, 16, kv, nullptr, nullptr, 2, stream())
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      cuda::LaunchKvAppend(nullptr, 48, 16, 32, 1, 16, kv, nullptr, nullptr, 2, stream()).code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 void CudaKernelsTest::CheckPagedKvAppendAndAttention(int H, int Hkv, int hd, cuda::KvDType dtype) {
@@ -233,8 +233,8 @@ void CudaKernelsTest::CheckPagedKvAppendAndAttention(int H, int Hkv, int hd, cud
     int shares_with = -1;  // takes the first `shared` blocks of this sequence's table
     int shared = 0;
   };
-  const std::vector<Seq> seqs = {{0, 1},   {0, 15}, {10, 6},  {16, 1},       {0, 33},
-                                 {99, 1},  {64, 36}, {32, 8}, {32, 3, 7, 2}};
+  const std::vector<Seq> seqs = {{0, 1},  {0, 15},  {10, 6}, {16, 1},      {0, 33},
+                                 {99, 1}, {64, 36}, {32, 8}, {32, 3, 7, 2}};
   const int S = static_cast<int>(seqs.size());
 
   // Block tables: a random permutation of the slab's ids, spare blocks left over.
@@ -346,9 +346,8 @@ void CudaKernelsTest::CheckPagedKvAppendAndAttention(int H, int Hkv, int hd, cud
     // rest untouched.
     std::vector<float> got_slab(slab.size());
     if (bf16) {
-      SY_ASSERT_OK_AND_ASSIGN(
-          auto raw,
-          Download(reinterpret_cast<const uint16_t*>(d_slab.data()), slab.size(), stream()));
+      SY_ASSERT_OK_AND_ASSIGN(auto raw, Download(reinterpret_cast<const uint16_t*>(d_slab.data()),
+                                                 slab.size(), stream()));
       for (size_t i = 0; i < raw.size(); ++i) got_slab[i] = Bf16ToF32(raw[i]);
     } else {
       SY_ASSERT_OK_AND_ASSIGN(
@@ -597,8 +596,8 @@ TEST_F(CudaKernelsTest, EveryLauncherAcceptsZeroTokens) {
                                            nullptr, stream()));
   SY_ASSERT_OK(cuda::LaunchRmsNorm(nullptr, nullptr, 0, 8, 1e-5f, nullptr, stream()));
   SY_ASSERT_OK(cuda::LaunchRopeRotateHalf(nullptr, 16, nullptr, 0, 2, 8, nullptr, stream()));
-  SY_ASSERT_OK(cuda::LaunchKvAppend(nullptr, 32, 16, 24, 0, 8, cuda::PagedKv{}, nullptr, nullptr,
-                                    0, stream()));
+  SY_ASSERT_OK(cuda::LaunchKvAppend(nullptr, 32, 16, 24, 0, 8, cuda::PagedKv{}, nullptr, nullptr, 0,
+                                    stream()));
   SY_ASSERT_OK(cuda::LaunchAttention(nullptr, 32, 0, 2, 1, 8, 0, cuda::PagedKv{}, nullptr, nullptr,
                                      0, nullptr, stream()));
   SY_ASSERT_OK(cuda::LaunchRouterTopK(nullptr, 0, 8, 2, nullptr, nullptr, stream()));
@@ -615,8 +614,8 @@ TEST_F(CudaKernelsTest, ErrorsAreStatusesNotCrashes) {
   // Bad arguments are INVALID_ARGUMENT before any launch; a failed CUDA call
   // is a status naming the call (out of memory: RESOURCE_EXHAUSTED); the
   // context stays usable.
-  const absl::Status s = cuda::LaunchAttention(nullptr, 0, 1, 4, 3, 18, 0, cuda::PagedKv{},
-                                               nullptr, nullptr, 0, nullptr, stream());
+  const absl::Status s = cuda::LaunchAttention(nullptr, 0, 1, 4, 3, 18, 0, cuda::PagedKv{}, nullptr,
+                                               nullptr, 0, nullptr, stream());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;  // 4 heads over 3 kv heads
   auto huge = DeviceBuffer<float>::Create(size_t{1} << 50);      // 4 PiB
   ASSERT_FALSE(huge.ok());
