@@ -178,16 +178,17 @@ TEST_F(CudaKernelsTest, RopeOnFusedQkvMatchesCpu) {
 // attention as naive loops over them. One launch holds nine sequences of
 // awkward lengths after the step: 1 (a lone first token), 15, 16 (a chunk
 // filling its block), 17 (a decode token opening a block), 33 (a prefill
-// chunk over three blocks), 100 (a decode token, and a 36-token chunk after
-// 64 cached), and two that share their first two blocks (a prefix reused
-// read-only) and then write their own. Block ids are a random permutation of
-// the slab, which holds spare blocks filled with garbage, so a read or write
-// through the wrong entry shows; the whole slab is compared exactly after the
-// append. Layer 1 of 2; full attention and a sliding window of 8. Head
-// shapes: GQA 6 over 2 with hd 18 (under one warp of head dims), 8 over 2
-// with hd 80, Mixtral's 32 over 8 with hd 128, and 4 over 1 with the largest
-// hd, 256. FP32 slabs, and BF16 ones for all but the 32-head shape: in BF16
-// the oracle holds the same BF16-rounded values, so both compare within the
+// chunk over three blocks), 100 (a decode token, and a 10-token chunk after
+// 90 cached that straddles a block boundary), and two that share their
+// first two blocks (a prefix reused read-only) and then write their own.
+// Block ids are a random permutation of the slab, which holds spare blocks
+// filled with garbage, so a read or write through the wrong entry shows; the
+// whole slab is compared exactly after the append. Layer 1 of 2; full
+// attention and (but for 32 heads) a sliding window of 8. Head shapes: GQA
+// 6 over 2 with hd 18 (under one warp of head dims), 8 over 2 with hd 80,
+// Mixtral's 32 over 8 with hd 128, and 4 over 1 with the largest hd, 256.
+// FP32 slabs, and BF16 ones for all but the 32-head shape: in BF16 the
+// oracle holds the same BF16-rounded values, so both compare within the
 // FP32 kernel tolerance.
 TEST_F(CudaKernelsTest, PagedKvAppendAndAttentionMatchContiguousOracle) {
   for (auto [H, Hkv, hd] : {std::tuple{6, 2, 18}, {8, 2, 80}, {32, 8, 128}, {4, 1, 256}}) {
@@ -234,7 +235,7 @@ void CudaKernelsTest::CheckPagedKvAppendAndAttention(int H, int Hkv, int hd, cud
     int shared = 0;
   };
   const std::vector<Seq> seqs = {{0, 1},  {0, 15},  {10, 6}, {16, 1},      {0, 33},
-                                 {99, 1}, {64, 36}, {32, 8}, {32, 3, 7, 2}};
+                                 {99, 1}, {90, 10}, {32, 8}, {32, 3, 7, 2}};
   const int S = static_cast<int>(seqs.size());
 
   // Block tables: a random permutation of the slab's ids, spare blocks left over.
@@ -315,6 +316,9 @@ void CudaKernelsTest::CheckPagedKvAppendAndAttention(int H, int Hkv, int hd, cud
   }
 
   for (int window : {0, 8}) {
+    // The window's arithmetic does not depend on the head shape: the
+    // emulator's slowest shape (32 heads) runs without it.
+    if (window > 0 && H > 8) continue;
     SCOPED_TRACE("sliding_window " + std::to_string(window));
     // A fresh device slab each time (the append rewrites the same rows).
     cuda::DeviceBuffer<uint8_t> d_slab;
