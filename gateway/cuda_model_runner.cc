@@ -125,9 +125,7 @@ absl::StatusOr<DeviceKvSlab*> AttachDeviceKvSlab(KvCachePool& pool, KvDType dtyp
                           absl::StrCat("device KV cache: ", pool.total_blocks(), " blocks of ",
                                        KvCachePool::kBlockTokens, " token slots (", bytes,
                                        " bytes) do not fit on device ", device,
-                                       " (lower the KV cache "
-                                       "budget): ",
-                                       s.message()));
+                                       " (lower the KV cache budget): ", s.message()));
     }
     fresh->dtype = dtype;
     fresh->blocks = pool.total_blocks();
