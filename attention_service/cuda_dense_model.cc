@@ -108,10 +108,10 @@ absl::Status CudaDenseModel::AttentionBlock(const CudaContext& ctx, int layer,
       LaunchRopeRotateHalf(s.qkv, qkv_dim, s.positions, T, H + Hkv, hd, inv_freq_.data(), stream));
   // This step's k, v into each sequence's cache, then attention over it.
   SY_RETURN_IF_ERROR(LaunchKvAppend(s.qkv, qkv_dim, /*k_offset=*/q_dim,
-                                    /*v_offset=*/q_dim + kv_dim, T, kv_dim, s.seqs, s.tok_seq,
+                                    /*v_offset=*/q_dim + kv_dim, T, kv_dim, s.kv, s.tok_seq,
                                     s.positions, layer, stream));
   // attn[T, H, hd]
-  SY_RETURN_IF_ERROR(LaunchAttention(s.qkv, qkv_dim, T, H, Hkv, hd, c.sliding_window, s.seqs,
+  SY_RETURN_IF_ERROR(LaunchAttention(s.qkv, qkv_dim, T, H, Hkv, hd, c.sliding_window, s.kv,
                                      s.tok_seq, s.positions, layer, s.attn, stream));
   // h[T, D] += attn[T, H hd] · Wo^T
   return Linear(ctx, s.attn, T, w.wo.view(), h, /*accumulate=*/true, s.bf16, s.bf16_elems);
@@ -147,13 +147,16 @@ absl::Status CudaDenseModel::Logits(const CudaContext& ctx, const float* h, cons
 }
 
 absl::StatusOr<int64_t> DeviceKvTokensThatFit(const ModelConfig& config, double fraction,
-                                              int device) {
+                                              KvDType dtype, int device) {
   SY_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
   size_t free_bytes = 0, total_bytes = 0;
   SY_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
-  const double per_token =
-      2.0 * config.num_hidden_layers * static_cast<double>(config.kv_dim()) * sizeof(float);
-  return static_cast<int64_t>(static_cast<double>(free_bytes) * fraction / per_token);
+  const double block_bytes =
+      static_cast<double>(PagedKvBlockElems(config.num_hidden_layers, config.kv_dim())) *
+      (dtype == KvDType::kBF16 ? 2 : 4);
+  const auto blocks =
+      static_cast<int64_t>(static_cast<double>(free_bytes) * fraction / block_bytes);
+  return blocks * kKvBlockTokens;
 }
 
 }  // namespace switchyard::cuda

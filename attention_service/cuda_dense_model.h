@@ -11,7 +11,8 @@
 //
 // Precision (cuda/precision.h): in kBF16 the projection weights (q/k/v/o,
 // embeddings, LM head) are BF16; norm weights, the router gate, RoPE,
-// attention, softmax, the KV cache and the residual stream stay FP32.
+// attention, softmax and the residual stream stay FP32; the KV cache is
+// FP32 or BF16 as the runner's slab is (cuda/kernels/kv_layout.h).
 //
 // Thread-safety: a loaded model is immutable; its stage methods may run
 // concurrently on different contexts and buffers.
@@ -50,7 +51,7 @@ class CudaDenseModel {
     int tokens = 0;                      // T
     const int32_t* positions = nullptr;  // [T] position of each row
     const int32_t* tok_seq = nullptr;    // [T] sequence (index into seqs) of each row
-    const SeqKvDesc* seqs = nullptr;     // [B] each sequence's device K/V
+    PagedKv kv;                          // the device K/V slab and [B] block tables
     float* x = nullptr;                  // [T, D] scratch
     float* qkv = nullptr;                // [T, (H + 2 Hkv) hd] scratch
     float* attn = nullptr;               // [T, H hd] scratch
@@ -101,10 +102,11 @@ class CudaDenseModel {
   DeviceBuffer<float> inv_freq_;
 };
 
-// KV token slots that fit in `fraction` of the device's free memory now
-// (FP32 K and V, every layer), for sizing the KvCachePool.
+// KV token slots that fit in `fraction` of the device's free memory now (K
+// and V of every layer in `dtype`, whole blocks of kKvBlockTokens), for
+// sizing the KvCachePool whose device slab the runner allocates.
 absl::StatusOr<int64_t> DeviceKvTokensThatFit(const ModelConfig& config, double fraction,
-                                              int device = 0);
+                                              KvDType dtype = KvDType::kF32, int device = 0);
 
 }  // namespace switchyard::cuda
 

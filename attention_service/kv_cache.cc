@@ -140,6 +140,17 @@ void KvCachePool::Publish(int32_t block, uint64_t hash) {
   b.hash = hash;
 }
 
+std::shared_ptr<void> KvCachePool::attachment() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return attachment_;
+}
+
+std::shared_ptr<void> KvCachePool::SetAttachmentIfUnset(std::shared_ptr<void> attachment) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (attachment_ == nullptr) attachment_ = std::move(attachment);
+  return attachment_;
+}
+
 SequenceKv::SequenceKv(KvCachePool* pool)
     : pool_(pool),
       kv_dim_(pool->config().kv_dim()),

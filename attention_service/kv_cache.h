@@ -10,7 +10,7 @@
 // when no block is free, and a sequence's blocks go back to the pool when its
 // SequenceKv is destroyed.
 //
-// Prefix reuse (paged host storage only): once a block is full, the
+// Prefix reuse (paged storage, host or device): once a block is full, the
 // scheduler publishes it under the hash of every token up to its end
 // (Publish). A published block is shared read-only by every sequence whose
 // context starts with the same tokens (AttachCachedPrefix), and when no
@@ -22,7 +22,10 @@
 // KvLayout::kContiguous keeps each sequence's K/V in its own growing arrays
 // (the layout before paging): the oracle tests check the paged layout
 // against. A GPU runner keeps K/V on the device (host_storage = false): the
-// pool then only accounts blocks.
+// pool then only accounts blocks, and the runner keeps a device slab of
+// total_blocks() blocks indexed by the same block ids (the pool's
+// attachment()), read through each sequence's block_table(); prefix reuse
+// works the same way there.
 //
 // Thread-safety: KvCachePool is thread-safe. A SequenceKv is used by one
 // thread at a time (the engine step that owns it).
@@ -85,14 +88,23 @@ class KvCachePool {
   int64_t free_blocks() const { return total_blocks_ - used_blocks_.load(); }
   // Blocks no sequence holds that still keep a published prefix.
   int64_t cached_blocks() const;
-  // Whether sequences can share published prefix blocks (paged host storage).
-  bool prefix_caching() const { return slab_ != nullptr; }
+  // Whether sequences can share published prefix blocks: paged host storage,
+  // or device storage (whose runner pages a device slab by the pool's block ids).
+  bool prefix_caching() const { return slab_ != nullptr || !host_storage_; }
+  // Whether the K/V live in this pool's host memory (else on a device).
+  bool host_storage() const { return host_storage_; }
   // Bytes one token slot takes (K and V, all layers, FP32).
   int64_t bytes_per_token() const;
   // Bytes of K/V the whole pool holds (every block), wherever it is stored.
   int64_t capacity_bytes() const { return total_blocks_ * kBlockTokens * bytes_per_token(); }
   const ModelConfig& config() const { return config_; }
   KvLayout layout() const { return layout_; }
+
+  // Backend state that lives as long as the pool (a GPU runner's device
+  // slab of total_blocks() blocks). Set once: SetAttachmentIfUnset keeps an
+  // existing one and returns whichever is now set.
+  std::shared_ptr<void> attachment() const;
+  std::shared_ptr<void> SetAttachmentIfUnset(std::shared_ptr<void> attachment);
 
  private:
   friend class SequenceKv;
@@ -135,6 +147,7 @@ class KvCachePool {
   std::list<int32_t> lru_;  // guarded by mu_; published, refs == 0, oldest first
   std::atomic<int64_t> used_blocks_{0};
   std::atomic<int64_t> live_sequences_{0};
+  std::shared_ptr<void> attachment_;  // guarded by mu_
 };
 
 class SequenceKv {
@@ -149,6 +162,8 @@ class SequenceKv {
   int reserved() const { return static_cast<int>(blocks_.size()) * KvCachePool::kBlockTokens; }
   // The pool blocks holding positions [16 i, 16 i + 16), in order.
   const std::vector<int32_t>& block_table() const { return blocks_; }
+  // The pool the blocks come from.
+  KvCachePool& pool() const { return *pool_; }
 
   // Makes room for positions [0, new_length). RESOURCE_EXHAUSTED if the pool
   // has too few free blocks (nothing changes then).
@@ -169,9 +184,8 @@ class SequenceKv {
   // tokens are the first length() of `tokens`.
   void Publish(absl::Span<const int32_t> tokens);
 
-  // Backend state that lives and dies with this sequence (a GPU runner's
-  // device K/V). Destroyed with the SequenceKv, so freeing a sequence frees
-  // its device memory too.
+  // Backend state that lives and dies with this sequence. Destroyed with
+  // the SequenceKv, before its blocks go back to the pool.
   std::shared_ptr<void>& attachment() { return attachment_; }
 
   // K or V row of one position in one layer: [Hkv * hd]. pos < reserved();

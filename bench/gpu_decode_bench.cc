@@ -192,8 +192,9 @@ void BM_GpuDecodeStep(benchmark::State& state) {
       static_cast<double>(batch) * c.hidden_size * esize +                  // embedding rows
       (want_logits ? static_cast<double>(dense.lm_head().bytes()) : 0.0) +  // LM head
       static_cast<double>(distinct) * static_cast<double>(experts.expert_bytes());
+  const double kv_elem = m->cuda_runner->kv_dtype() == cuda::KvDType::kBF16 ? 2.0 : 4.0;
   const double kv_bytes = static_cast<double>(batch) * (g_context + 1) * 2.0 * c.num_hidden_layers *
-                          c.kv_dim() * sizeof(float);
+                          c.kv_dim() * kv_elem;
   const double roofline_s = weight_bytes / m->bandwidth;
 
   for (int i = 0; i < 3; ++i) {  // warm-up: cuBLAS heuristics, allocations

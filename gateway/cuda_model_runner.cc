@@ -98,36 +98,50 @@ absl::Status CudaModelRunner::EnsureStepBuffers(int tokens, int sequences, int l
   return absl::OkStatus();
 }
 
-absl::StatusOr<DeviceKv*> CudaModelRunner::EnsureDeviceKv(SequenceKv* kv) {
-  const ModelConfig& c = config();
-  std::shared_ptr<void>& attachment = kv->attachment();
-  if (attachment == nullptr) attachment = std::make_shared<DeviceKv>();
-  auto* dkv = static_cast<DeviceKv*>(attachment.get());
-  const int need = kv->reserved();
-  if (dkv->capacity >= need) return dkv;
+KvDType DeviceKvDType(Precision precision) {
+  return precision == Precision::kBF16 ? KvDType::kBF16 : KvDType::kF32;
+}
 
-  const size_t kv_dim = c.kv_dim();
-  const size_t planes = size_t{2} * c.num_hidden_layers;  // (layer, K|V)
-  const size_t floats = planes * static_cast<size_t>(need) * kv_dim;
-  auto fresh = DeviceBuffer<float>::Create(floats);
-  if (!fresh.ok()) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("device KV cache: allocating ", floats * sizeof(float), " bytes for ", need,
-                     " token slots failed: ", fresh.status().message()));
+int64_t DeviceKvSlabBytes(const ModelConfig& config, KvDType dtype, int64_t blocks) {
+  const int64_t elem = dtype == KvDType::kBF16 ? 2 : 4;
+  return blocks * PagedKvBlockElems(config.num_hidden_layers, config.kv_dim()) * elem;
+}
+
+absl::StatusOr<DeviceKvSlab*> AttachDeviceKvSlab(KvCachePool& pool, KvDType dtype, int device) {
+  static_assert(kKvBlockTokens == KvCachePool::kBlockTokens,
+                "the device slab's blocks must be the pool's blocks");
+  if (pool.host_storage()) {
+    return absl::FailedPreconditionError(
+        "the CUDA runner needs a KvCachePool built with host_storage = false");
   }
-  // Keep the cached positions: the first `keep` rows of every plane.
-  const int keep = std::min(kv->length(), dkv->capacity);
-  if (keep > 0) {
-    SY_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
-        fresh->data(), static_cast<size_t>(need) * kv_dim * sizeof(float), dkv->buffer.data(),
-        static_cast<size_t>(dkv->capacity) * kv_dim * sizeof(float),
-        static_cast<size_t>(keep) * kv_dim * sizeof(float), planes, cudaMemcpyDeviceToDevice,
-        ctx_->stream()));
-    SY_RETURN_IF_ERROR(ctx_->Synchronize());  // before the old buffer is freed
+  auto* slab = static_cast<DeviceKvSlab*>(pool.attachment().get());
+  if (slab == nullptr) {
+    const ModelConfig& c = pool.config();
+    const int64_t bytes = DeviceKvSlabBytes(c, dtype, pool.total_blocks());
+    SY_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+    auto fresh = std::make_shared<DeviceKvSlab>();
+    if (absl::Status s = fresh->storage.EnsureCapacity(static_cast<size_t>(bytes)); !s.ok()) {
+      return absl::Status(s.code(),
+                          absl::StrCat("device KV cache: ", pool.total_blocks(), " blocks of ",
+                                       KvCachePool::kBlockTokens, " token slots (", bytes,
+                                       " bytes) do not fit on device ", device,
+                                       " (lower the KV cache budget): ", s.message()));
+    }
+    fresh->dtype = dtype;
+    fresh->blocks = pool.total_blocks();
+    fresh->layers = c.num_hidden_layers;
+    fresh->kv_dim = c.kv_dim();
+    fresh->device = device;
+    slab = static_cast<DeviceKvSlab*>(pool.SetAttachmentIfUnset(std::move(fresh)).get());
   }
-  dkv->buffer = std::move(*fresh);
-  dkv->capacity = need;
-  return dkv;
+  if (slab->dtype != dtype || slab->device != device) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the KV pool's device slab is ", slab->dtype == KvDType::kBF16 ? "BF16" : "FP32",
+        " on device ", slab->device, ", this runner needs ",
+        dtype == KvDType::kBF16 ? "BF16" : "FP32", " on device ", device,
+        ": give each runner precision and device its own pool"));
+  }
+  return slab;
 }
 
 absl::StatusOr<StepOutput> CudaModelRunner::Step(absl::Span<const StepInput> inputs,
@@ -153,19 +167,32 @@ absl::StatusOr<StepOutput> CudaModelRunner::StepOnce(absl::Span<const StepInput>
   // Nothing of an earlier (failed) step may still run while buffers change.
   SY_RETURN_IF_ERROR(ctx_->Synchronize());
 
+  // The step's block tables, concatenated; block ids index the pool's slab.
   const int B = static_cast<int>(slices.size());
   std::vector<SeqKvDesc> descs(B);
+  std::vector<int32_t> tables;
+  DeviceKvSlab* slab = nullptr;
   for (int b = 0; b < B; ++b) {
-    SY_ASSIGN_OR_RETURN(DeviceKv * dkv, EnsureDeviceKv(slices[b].kv));
-    // kv_append drops rows past the capacity and attention would read past
-    // the plane: never launch with a slice that does not fit.
-    if (slices[b].start_pos + slices[b].tokens > dkv->capacity) {
-      return absl::InternalError(absl::StrCat("device KV of input ", b, " holds ", dkv->capacity,
-                                              " positions, the step writes up to ",
+    KvCachePool& pool = slices[b].kv->pool();
+    if (b > 0 && &pool != &slices[0].kv->pool()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("input ", b, "'s KV cache is from another pool than input 0's"));
+    }
+    if (b == 0) {
+      SY_ASSIGN_OR_RETURN(slab, AttachDeviceKvSlab(pool, kv_dtype(), ctx_->device()));
+    }
+    const std::vector<int32_t>& table = slices[b].kv->block_table();
+    // kv_append drops rows past the table and attention would read past it:
+    // never launch with a slice that does not fit.
+    if (slices[b].start_pos + slices[b].tokens >
+        static_cast<int64_t>(table.size()) * kKvBlockTokens) {
+      return absl::InternalError(absl::StrCat("input ", b, " holds ", table.size(),
+                                              " KV blocks, the step writes up to position ",
                                               slices[b].start_pos + slices[b].tokens));
     }
-    descs[b].base = dkv->buffer.data();
-    descs[b].capacity = dkv->capacity;
+    descs[b].table_begin = static_cast<int32_t>(tables.size());
+    descs[b].num_blocks = static_cast<int32_t>(table.size());
+    tables.insert(tables.end(), table.begin(), table.end());
   }
 
   StepOutput out;
@@ -186,6 +213,8 @@ absl::StatusOr<StepOutput> CudaModelRunner::StepOnce(absl::Span<const StepInput>
   const std::vector<int32_t> rows(layout.logit_rows.begin(), layout.logit_rows.end());  // [R]
 
   SY_RETURN_IF_ERROR(EnsureStepBuffers(tokens, B, logit_rows));
+  SY_RETURN_IF_ERROR(block_tables_.EnsureCapacity(std::max<size_t>(tables.size(), 1)));
+  SY_RETURN_IF_ERROR(CopyToDevice(block_tables_.data(), tables.data(), tables.size(), stream));
   SY_RETURN_IF_ERROR(CopyToDevice(ids_.data(), ids.data(), ids.size(), stream));
   SY_RETURN_IF_ERROR(CopyToDevice(positions_.data(), positions.data(), positions.size(), stream));
   SY_RETURN_IF_ERROR(CopyToDevice(tok_seq_.data(), tok_seq.data(), tok_seq.size(), stream));
@@ -198,7 +227,11 @@ absl::StatusOr<StepOutput> CudaModelRunner::StepOnce(absl::Span<const StepInput>
   attention.tokens = tokens;
   attention.positions = positions_.data();
   attention.tok_seq = tok_seq_.data();
-  attention.seqs = seqs_.data();
+  attention.kv.slab = slab->storage.data();
+  attention.kv.dtype = slab->dtype;
+  attention.kv.layers = slab->layers;
+  attention.kv.block_tables = block_tables_.data();
+  attention.kv.seqs = seqs_.data();
   attention.x = x_.data();
   attention.qkv = qkv_.data();
   attention.attn = attn_.data();

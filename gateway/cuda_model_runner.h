@@ -20,14 +20,16 @@
 // Each layer copies the routing (T·K ids and weights) to the host, since the
 // expert GEMM sizes are decided there.
 //
-// KV cache: the runner's KvCachePool should be built with host_storage =
-// false (it then only accounts slots). Each sequence's K/V lives on the
-// device in its SequenceKv::attachment() ([L][2][reserved][Hkv hd] FP32, see
-// cuda/kernels/kv_layout.h), allocated with the reserved capacity and
-// reallocated (with a copy of the cached positions) when the reservation
-// grows; it is freed with the sequence. A SequenceKv used by a
-// CudaModelRunner must not be used by another runner (the attachment is the
-// runner's).
+// KV cache, paged (cuda/kernels/kv_layout.h): the runner's KvCachePool is
+// built with host_storage = false and only accounts blocks; the K/V live in
+// one device slab of the pool's total_blocks() blocks of kBlockTokens
+// positions, allocated once per pool (AttachDeviceKvSlab, or the first step
+// that sees the pool) and kept as the pool's attachment(). Block b of the
+// pool is block b of the slab, so each step uploads the sequences' block
+// tables and kv_append / attention go through them: a sequence grows a
+// block at a time without copying, and a prefix the pool shares between
+// sequences (AttachCachedPrefix) is shared on the device too. Every runner
+// that uses a pool must be on the slab's device and precision.
 //
 // Thread-safety: CudaModelRunner::Step is thread-compatible (callers
 // serialise steps, as for the CPU runner).
@@ -42,6 +44,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "attention_service/cuda_dense_model.h"
+#include "attention_service/kv_cache.h"
 #include "core/checkpoint.h"
 #include "cuda/device.h"
 #include "cuda/kernels/kv_layout.h"
@@ -52,11 +55,27 @@
 
 namespace switchyard::cuda {
 
-// A sequence's device K/V: the SequenceKv attachment a CudaModelRunner keeps.
-struct DeviceKv {
-  DeviceBuffer<float> buffer;  // [L][2][capacity][Hkv hd]
-  int capacity = 0;
+// The device K/V of a KvCachePool (its attachment()): [N][L][2][Bt][Hkv hd].
+struct DeviceKvSlab {
+  DeviceBuffer<uint8_t> storage;
+  KvDType dtype = KvDType::kF32;
+  int64_t blocks = 0;  // N, the pool's total_blocks()
+  int layers = 0;      // L
+  int kv_dim = 0;      // Hkv hd
+  int device = 0;
 };
+
+// The slab's element type for a compute precision: FP32 for kF32 (the exact
+// parity mode), BF16 for kBF16.
+KvDType DeviceKvDType(Precision precision);
+// Bytes of a slab of `blocks` blocks.
+int64_t DeviceKvSlabBytes(const ModelConfig& config, KvDType dtype, int64_t blocks);
+
+// Allocates `pool`'s device slab (total_blocks() blocks) on `device` unless
+// the pool has one; FAILED_PRECONDITION if it has one of another dtype or
+// device, or if it keeps host storage; RESOURCE_EXHAUSTED (naming the bytes)
+// if the device memory is not there.
+absl::StatusOr<DeviceKvSlab*> AttachDeviceKvSlab(KvCachePool& pool, KvDType dtype, int device);
 
 class CudaModelRunner : public StepRunner {
  public:
@@ -71,8 +90,8 @@ class CudaModelRunner : public StepRunner {
 
   // As StepRunner (and the CPU runner, gateway/model_runner.h): validates ids and lengths
   // (INVALID_ARGUMENT) and reserves cache (RESOURCE_EXHAUSTED, also when the
-  // device K/V cannot be allocated) before any work; on error no cache
-  // length changes.
+  // pool's device slab cannot be allocated) before any work; on error no
+  // cache length changes. Every input's SequenceKv must come from one pool.
   absl::StatusOr<StepOutput> Step(absl::Span<const StepInput> inputs,
                                   StepTrace* trace = nullptr) override;
   const ModelConfig& config() const override { return dense_->config(); }
@@ -80,12 +99,13 @@ class CudaModelRunner : public StepRunner {
   const CudaDenseModel& dense() const { return *dense_; }
   const CudaExpertStore* experts() const { return experts_.get(); }
   const CudaContext& context() const { return *ctx_; }
+  // Element type of the device K/V this runner writes.
+  KvDType kv_dtype() const { return DeviceKvDType(dense_->precision()); }
 
  private:
   CudaModelRunner() = default;
 
   absl::Status EnsureStepBuffers(int tokens, int sequences, int logit_rows);
-  absl::StatusOr<DeviceKv*> EnsureDeviceKv(SequenceKv* kv);
   // One attempt at the step (StepAttempt, gateway/step_runner.h): stops at
   // the first layer where a remote expert call failed, committing nothing.
   absl::StatusOr<StepOutput> StepOnce(absl::Span<const StepInput> inputs, StepTrace* trace);
@@ -105,6 +125,7 @@ class CudaModelRunner : public StepRunner {
   // Step buffers, grown on demand (device unless named h_*, pinned host).
   DeviceBuffer<int32_t> ids_, positions_, tok_seq_;  // [T]
   DeviceBuffer<SeqKvDesc> seqs_;                     // [B]
+  DeviceBuffer<int32_t> block_tables_;               // [Σ blocks of the step's sequences]
   DeviceBuffer<float> h_, x_;                        // [T, D]
   DeviceBuffer<float> qkv_;                          // [T, (H + 2 Hkv) hd]
   DeviceBuffer<float> attn_;                         // [T, H hd]
@@ -137,7 +158,8 @@ class CudaModelRunner : public StepRunner {
 // same GPU (remote_or_null == nullptr), or the experts behind
 // `remote_or_null` (not owned; must outlive the runner; the checkpoint may
 // then be opened WeightSelection::DenseOnly()). The checkpoint may be closed
-// after the call. Pair it with KvCachePool(config, tokens, /*host_storage=*/false).
+// after the call. Pair it with KvCachePool(config, tokens, /*host_storage=*/false)
+// (and AttachDeviceKvSlab to allocate its device K/V up front).
 absl::StatusOr<std::unique_ptr<StepRunner>> MakeCudaRunner(const Checkpoint& checkpoint,
                                                            Precision precision,
                                                            ExpertBackend* remote_or_null,

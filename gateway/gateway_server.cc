@@ -457,9 +457,25 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
     SY_ASSIGN_OR_RETURN(cuda::Precision precision, cuda::ParsePrecision(options.precision));
     SY_ASSIGN_OR_RETURN(runner,
                         cuda::MakeCudaRunner(checkpoint, precision, backend.get(), metrics.get()));
-    // The K/V tensors live on the device; the pool only keeps the budget.
+    // The K/V tensors live on the device, in one slab of the pool's blocks
+    // allocated now (so a budget the device cannot hold fails at startup);
+    // the pool hands out its block ids.
     kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens,
                                             /*host_storage=*/false);
+    const cuda::KvDType kv_dtype = cuda::DeviceKvDType(precision);
+    auto slab = cuda::AttachDeviceKvSlab(*kv_pool, kv_dtype, /*device=*/0);
+    if (!slab.ok()) {
+      auto fit = cuda::DeviceKvTokensThatFit(config, 0.9, kv_dtype);
+      return absl::Status(
+          slab.status().code(),
+          absl::StrCat(slab.status().message(), " (--kv-cache-tokens ", options.kv_cache_tokens,
+                       "; about ", fit.ok() ? absl::StrCat(*fit) : "?",
+                       " would fit in 90% of the free device memory)"));
+    }
+    std::fprintf(stderr, "switchyard-gateway: device KV slab of %lld blocks, %.1f MiB (%s)\n",
+                 static_cast<long long>((*slab)->blocks),
+                 static_cast<double>((*slab)->storage.bytes()) / (1 << 20),
+                 kv_dtype == cuda::KvDType::kBF16 ? "BF16" : "FP32");
     return absl::OkStatus();
 #else
     return absl::FailedPreconditionError(

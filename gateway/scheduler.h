@@ -24,7 +24,7 @@
 // Prefix reuse: after each step a sequence's full cache blocks are published
 // under the hash of their token prefix, and an admitted sequence whose
 // context starts with published blocks shares them instead of prefilling
-// those tokens (see KvCachePool; paged host storage only).
+// those tokens (see KvCachePool; host and device storage alike).
 //
 // A cancelled request (client gone, deadline passed) leaves at the next step
 // boundary and frees its cache at once. If an expert call fails after its

@@ -1,9 +1,10 @@
 // A CPU model of the CUDA backend's BF16 mode, for tests: the plain FP32 CPU
 // math (core/cpu_ops) over the whole sequence, except that the input of every
 // projection GEMM (q/k/v, o, expert w13 and w2, LM head) is rounded to BF16
-// and the weights are BF16 values, as cuda/linear.cc does on the GPU. Norms,
-// RoPE, attention, softmax, the router (FP32 gate on unrounded x) and the
-// residual stream stay FP32.
+// and the weights are BF16 values, as cuda/linear.cc does on the GPU, and the
+// cached K (after RoPE) and V are BF16 values, as the device KV slab keeps
+// them (gateway/cuda_model_runner.h). Norms, RoPE, attention, softmax, the
+// router (FP32 gate on unrounded x) and the residual stream stay FP32.
 //
 // It recomputes the whole prefix each call (no KV cache): slow but obvious,
 // fine for tiny-mixtral. With round_activations = false it is the FP32 CPU
@@ -130,6 +131,12 @@ class Bf16Emulation {
       Lin(xr.data(), l.wv.data(), T, D, kv_dim, v.data());
       cpu::RopeRotateHalf(q.data(), pos.data(), T, H, hd, c.rope_theta);
       cpu::RopeRotateHalf(k.data(), pos.data(), T, Hkv, hd, c.rope_theta);
+      // The KV cache stores K (after RoPE) and V in BF16 (the device slab's
+      // element type in BF16 mode); attention reads them back as FP32.
+      if (round_activations) {
+        RoundToBf16(k);
+        RoundToBf16(v);
+      }
       std::vector<float> attn(static_cast<size_t>(T) * q_dim, 0.0f);
       const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
       for (int t = 0; t < T; ++t) {

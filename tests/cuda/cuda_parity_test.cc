@@ -8,18 +8,23 @@
 //              model of BF16 mode, greedy tokens equal up to the first
 //              small-margin step;
 //   a mixed batch (decode, prefill chunks, no-logits inputs) equals each
-//   sequence alone; a sequence whose device cache grows (and is copied)
-//   equals one prefill; experts behind an ExpertBackend (the CPU's, as a remote
-//   service would be) equal the all-GPU path; the GPU ExpertBackend equals
-//   the CPU experts; errors match the CPU runner's.
+//   sequence alone; a sequence whose paged device cache grows block by block
+//   equals one prefill; a prefix shared with another sequence's published
+//   blocks equals computing it; forced preemption under eight scheduler
+//   streams keeps every stream equal to its solo run; experts behind an ExpertBackend (the CPU's,
+//   as a remote service would be) equal the all-GPU path; the GPU ExpertBackend equals the CPU
+//   experts; errors match the CPU runner's.
 // Built twice: cuda_parity_test skips every GPU test without a device;
 // cuda_parity_emulated_test runs them on the CPU emulator
 // (cuda/emulator/device_emulation.h). One CPU-only test checks the CPU
 // model of BF16 mode that the BF16 tolerances were measured with.
 #include <algorithm>
+#include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <vector>
@@ -34,6 +39,7 @@
 #include "gateway/cuda_model_runner.h"
 #include "gateway/generate.h"
 #include "gateway/local_model.h"
+#include "gateway/scheduler.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/cuda/bf16_emulation.h"
@@ -48,6 +54,34 @@ using testing::AllClose;
 using testing::TinyMixtralDir;
 
 constexpr int kPrompts = 4;
+
+// Records one scheduler request's events; Wait blocks until it ends.
+class RecordingSink : public GenerationSink {
+ public:
+  void OnTokens(const TokenEvent& e) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    tokens.insert(tokens.end(), e.token_ids.begin(), e.token_ids.end());
+  }
+  void OnFinish(const FinishEvent& e) override { End(absl::OkStatus()); }
+  void OnError(const absl::Status& s) override { End(s); }
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return done_; });
+  }
+  std::vector<int32_t> tokens;
+  absl::Status error;
+
+ private:
+  void End(absl::Status s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    error = std::move(s);
+    done_ = true;
+    cv_.notify_all();
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+};
 
 // The Hugging Face reference fixture.
 class Reference {
@@ -110,7 +144,9 @@ class CudaParityTest : public testing::CudaTest {
     std::unique_ptr<Reference> ref;
     std::unique_ptr<StepRunner> gpu_f32, gpu_bf16, gpu_remote;
     std::unique_ptr<LocalExpertBackend> cpu_experts;
-    std::unique_ptr<KvCachePool> pool;  // accounting only: host_storage = false
+    // Device K/V (host_storage = false): the F32 runners' slab, and the BF16
+    // runner's (a pool's slab has one element type).
+    std::unique_ptr<KvCachePool> pool, bf16_pool;
     std::unique_ptr<testing::Bf16Emulation> emulation;
   };
   static Shared* shared_;
@@ -133,6 +169,7 @@ class CudaParityTest : public testing::CudaTest {
     SY_ASSERT_OK_AND_ASSIGN(s->gpu_remote, cuda::MakeCudaRunner(*dense_only, cuda::Precision::kF32,
                                                                 s->cpu_experts.get()));
     s->pool = std::make_unique<KvCachePool>(s->cpu->config(), 1 << 16, /*host_storage=*/false);
+    s->bf16_pool = std::make_unique<KvCachePool>(s->cpu->config(), 1 << 16, /*host_storage=*/false);
     SY_ASSERT_OK_AND_ASSIGN(s->emulation, testing::Bf16Emulation::Load(TinyMixtralDir()));
     shared_ = s.release();
   }
@@ -140,6 +177,10 @@ class CudaParityTest : public testing::CudaTest {
   const Reference& ref() const { return *shared_->ref; }
   LocalModel& cpu() const { return *shared_->cpu; }
   KvCachePool& pool() const { return *shared_->pool; }
+  KvCachePool& bf16_pool() const { return *shared_->bf16_pool; }
+  KvCachePool& PoolFor(const StepRunner& runner) const {
+    return &runner == shared_->gpu_bf16.get() ? bf16_pool() : pool();
+  }
   int V() const { return cpu().config().vocab_size; }
 
   // Greedy decoding of prompt p for as many tokens as the HF reference has.
@@ -148,7 +189,7 @@ class CudaParityTest : public testing::CudaTest {
     options.max_new_tokens =
         static_cast<int>(ref().I64("p" + std::to_string(p) + ".greedy_ids").size());
     options.ignore_eos = true;
-    return Generate(runner, pool(), cpu().tokenizer(), ref().InputIds(p), options);
+    return Generate(runner, PoolFor(runner), cpu().tokenizer(), ref().InputIds(p), options);
   }
 
   // One prefill of prompt p with logits for every position, with the trace.
@@ -229,7 +270,7 @@ TEST_F(CudaParityTest, Bf16LogitsWithinStatedTolerance) {
     SCOPED_TRACE("prompt " + std::to_string(p));
     const std::vector<int32_t> ids = ref().InputIds(p);
     const int T = static_cast<int>(ids.size());
-    SY_ASSERT_OK_AND_ASSIGN(StepOutput out, Prefill(*shared_->gpu_bf16, p, nullptr, pool()));
+    SY_ASSERT_OK_AND_ASSIGN(StepOutput out, Prefill(*shared_->gpu_bf16, p, nullptr, bf16_pool()));
     const std::string prefix = "p" + std::to_string(p) + ".";
     EXPECT_TRUE(
         AllClose(absl::MakeConstSpan(out.logits).subspan(static_cast<size_t>(T - 1) * V(), V()),
@@ -264,8 +305,9 @@ TEST_F(CudaParityTest, Bf16GreedyMatchesUpToSmallMargins) {
 }
 
 // A sequence fed a few tokens at a time reserves its cache in blocks, so its
-// device K/V is reallocated and copied as it grows (16, 32, 48 positions):
-// every cached position survives, so its logits equal one whole prefill's.
+// device block table grows (16, 32, 48 positions) with chunks that straddle
+// block boundaries: every cached position is read back through the table, so
+// its logits equal one whole prefill's.
 TEST_F(CudaParityTest, GrowingDeviceCacheKeepsEveryPosition) {
   StepRunner& gpu = *shared_->gpu_f32;
   std::vector<int32_t> ids = ref().InputIds(1);
@@ -286,6 +328,149 @@ TEST_F(CudaParityTest, GrowingDeviceCacheKeepsEveryPosition) {
   EXPECT_GE(kv->reserved(), 48);
   EXPECT_TRUE(AllClose(got.logits, want.logits, tolerance::kReorderAbs, tolerance::kReorderRel,
                        "45 tokens 3 at a time vs one prefill"));
+}
+
+// Prefix reuse on the device: sequence a (43 tokens) publishes its two full
+// blocks; sequence b, whose context starts with the same 40 tokens, attaches
+// them (the same pool blocks, so the same slab blocks) and computes only its
+// positions 32..44. Its logits there, and after a decode step, equal a
+// sequence that computed all of b's context itself: b read a's K/V through
+// its block table.
+TEST_F(CudaParityTest, SharedPrefixBlocksEqualComputingThem) {
+  StepRunner& gpu = *shared_->gpu_f32;
+  // A pool of its own: nothing published by other tests.
+  KvCachePool own(cpu().config(), 1024, /*host_storage=*/false);
+  ASSERT_TRUE(own.prefix_caching());
+  std::vector<int32_t> prefix = ref().InputIds(2);
+  for (int i = 0; static_cast<int>(prefix.size()) < 40; ++i) prefix.push_back(300 + 29 * i);
+  prefix.resize(40);
+  std::vector<int32_t> a_ctx = prefix, b_ctx = prefix;
+  a_ctx.insert(a_ctx.end(), {11, 12, 13});
+  b_ctx.insert(b_ctx.end(), {21, 22, 23, 24, 25});
+
+  auto kv_a = own.NewSequence();
+  StepInput a{kv_a.get(), a_ctx, LogitsWanted::kLast};
+  SY_ASSERT_OK(gpu.Step({&a, 1}).status());
+  kv_a->Publish(a_ctx);
+
+  auto kv_b = own.NewSequence();
+  ASSERT_EQ(kv_b->AttachCachedPrefix(b_ctx), 32);
+  ASSERT_EQ(kv_b->block_table().size(), 2u);
+  EXPECT_EQ(kv_b->block_table()[0], kv_a->block_table()[0]);
+  EXPECT_EQ(kv_b->block_table()[1], kv_a->block_table()[1]);
+  const std::vector<int32_t> b_rest(b_ctx.begin() + 32, b_ctx.end());
+  StepInput b{kv_b.get(), b_rest, LogitsWanted::kAll};
+  SY_ASSERT_OK_AND_ASSIGN(StepOutput got, gpu.Step({&b, 1}));
+
+  auto kv_c = pool().NewSequence();
+  StepInput c{kv_c.get(), b_ctx, LogitsWanted::kAll};
+  SY_ASSERT_OK_AND_ASSIGN(StepOutput want, gpu.Step({&c, 1}));
+  EXPECT_TRUE(AllClose(got.logits, absl::MakeConstSpan(want.logits).subspan(32 * V()),
+                       tolerance::kReorderAbs, tolerance::kReorderRel,
+                       "positions 32..44 over an attached prefix vs computed"));
+
+  // a is gone (its blocks stay cached: b still holds the shared two); a
+  // decode step reads them again.
+  kv_a.reset();
+  const std::vector<int32_t> next = {77};
+  StepInput b2{kv_b.get(), next, LogitsWanted::kLast}, c2{kv_c.get(), next, LogitsWanted::kLast};
+  SY_ASSERT_OK_AND_ASSIGN(StepOutput got2, gpu.Step({&b2, 1}));
+  SY_ASSERT_OK_AND_ASSIGN(StepOutput want2, gpu.Step({&c2, 1}));
+  EXPECT_TRUE(AllClose(got2.logits, want2.logits, tolerance::kReorderAbs, tolerance::kReorderRel,
+                       "decode after an attached prefix vs computed"));
+}
+
+// A scheduler over the GPU runner with a device cache far smaller than eight
+// streams need at once: sequences are preempted (their blocks freed, their
+// context prefilled again later into other blocks), and still every stream,
+// greedy and seeded, equals its solo run with nothing lost or repeated.
+TEST_F(CudaParityTest, ForcedPreemptionUnderEightStreamsKeepsEachEqualToItsSoloRun) {
+  StepRunner& gpu = *shared_->gpu_f32;
+  // Four blocks: every request fits alone (prompt + max_new_tokens <= 64),
+  // not all of them at once.
+  KvCachePool small(cpu().config(), 64, /*host_storage=*/false);
+  SchedulerOptions options;
+  options.max_step_tokens = 24;  // recomputed contexts are prefilled in chunks too
+  auto scheduler = std::make_unique<Scheduler>(&gpu, &small, &cpu().tokenizer(), options);
+  std::vector<GenerationRequest> requests;
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  for (int i = 0; i < 8; ++i) {
+    GenerationRequest r;
+    r.prompt_ids = ref().InputIds(i % kPrompts);
+    r.options.max_new_tokens = 20 + 3 * i;
+    r.options.ignore_eos = true;
+    if (i % 2 == 1) {
+      r.options.sampling.temperature = 0.9f;
+      r.options.sampling.top_k = 40;
+      r.options.sampling.seed = 7 + i;
+    }
+    requests.push_back(r);
+    sinks.push_back(std::make_shared<RecordingSink>());
+    SY_ASSERT_OK(scheduler->Submit(r, sinks.back()).status());
+  }
+  for (auto& s : sinks) s->Wait();
+  const SchedulerStats stats = scheduler->Stats();
+  scheduler.reset();
+  EXPECT_GT(stats.preemptions, 0) << "the test no longer forces preemption";
+  std::printf("preemptions: %lld\n", static_cast<long long>(stats.preemptions));
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(sinks[i]->error.ok()) << sinks[i]->error;
+    SY_ASSERT_OK_AND_ASSIGN(
+        GenerateResult solo,
+        Generate(gpu, pool(), cpu().tokenizer(), requests[i].prompt_ids, requests[i].options));
+    EXPECT_EQ(sinks[i]->tokens, solo.token_ids) << "stream " << i;
+  }
+  EXPECT_EQ(stats.requests_finished, 8);
+  EXPECT_EQ(small.used_tokens(), 0);
+}
+
+// The device slab belongs to its pool: a runner of another precision is
+// refused (its K/V would not be the slab's type), as is a pool with host
+// storage; a slab too large for the device is RESOURCE_EXHAUSTED naming its
+// bytes, and nothing is committed.
+TEST_F(CudaParityTest, DeviceSlabMismatchesAreClearErrors) {
+  const std::vector<int32_t> ids = ref().InputIds(0);
+  KvCachePool f32_pool(cpu().config(), 256, /*host_storage=*/false);
+  {
+    auto kv = f32_pool.NewSequence();
+    StepInput in{kv.get(), ids, LogitsWanted::kLast};
+    SY_ASSERT_OK(shared_->gpu_f32->Step({&in, 1}).status());
+  }
+  auto kv = f32_pool.NewSequence();
+  StepInput in{kv.get(), ids, LogitsWanted::kLast};
+  auto s = shared_->gpu_bf16->Step({&in, 1});
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition) << s.status();
+  EXPECT_NE(s.status().message().find("FP32"), std::string::npos) << s.status();
+  EXPECT_EQ(kv->length(), 0);
+
+  KvCachePool host(cpu().config(), 256);
+  auto host_kv = host.NewSequence();
+  StepInput host_in{host_kv.get(), ids, LogitsWanted::kLast};
+  auto hs = shared_->gpu_f32->Step({&host_in, 1});
+  EXPECT_EQ(hs.status().code(), absl::StatusCode::kFailedPrecondition) << hs.status();
+
+  KvCachePool huge(cpu().config(), int64_t{1} << 40, /*host_storage=*/false);
+  auto huge_kv = huge.NewSequence();
+  StepInput huge_in{huge_kv.get(), ids, LogitsWanted::kLast};
+  auto big = shared_->gpu_f32->Step({&huge_in, 1});
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted) << big.status();
+  EXPECT_NE(big.status().message().find("bytes"), std::string::npos) << big.status();
+  EXPECT_EQ(huge_kv->length(), 0);
+  // Sizing from free memory: whole blocks, half the bytes per slot in BF16.
+  SY_ASSERT_OK_AND_ASSIGN(int64_t f32_fit, cuda::DeviceKvTokensThatFit(cpu().config(), 0.5));
+  SY_ASSERT_OK_AND_ASSIGN(int64_t bf16_fit,
+                          cuda::DeviceKvTokensThatFit(cpu().config(), 0.5, cuda::KvDType::kBF16));
+  EXPECT_GT(f32_fit, 0);
+  EXPECT_EQ(f32_fit % KvCachePool::kBlockTokens, 0);
+  EXPECT_EQ(bf16_fit % KvCachePool::kBlockTokens, 0);
+  EXPECT_NEAR(static_cast<double>(bf16_fit), 2.0 * static_cast<double>(f32_fit),
+              2.0 * KvCachePool::kBlockTokens);
+  // The runner still works afterwards.
+  auto ok_kv = pool().NewSequence();
+  StepInput ok_in{ok_kv.get(), ids, LogitsWanted::kLast};
+  SY_ASSERT_OK(shared_->gpu_f32->Step({&ok_in, 1}).status());
 }
 
 // One batched step holding a decode token, a whole prompt with every

@@ -4,8 +4,10 @@
 // Built twice: cuda_kernels_test skips every test without a GPU;
 // cuda_kernels_emulated_test runs them on the CPU emulator
 // (cuda/emulator/device_emulation.h).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -85,8 +87,9 @@ absl::StatusOr<cuda::DeviceMatrix> MakeMatrix(const std::vector<float>& w, int r
 
 class CudaKernelsTest : public testing::CudaTest {
  protected:
-  // KV append + attention against naive loops for one head shape.
-  void CheckKvAppendAndAttention(int H, int Hkv, int hd);
+  // Paged KV append + attention against the contiguous oracle for one head
+  // shape and slab dtype.
+  void CheckPagedKvAppendAndAttention(int H, int Hkv, int hd, cuda::KvDType dtype);
 };
 
 TEST_F(CudaKernelsTest, EmbeddingLookupCopiesRowsExactly) {
@@ -170,39 +173,122 @@ TEST_F(CudaKernelsTest, RopeOnFusedQkvMatchesCpu) {
   }
 }
 
-// KV append then attention, four sequences in one launch: a 33-token
-// prefill chunk from position 0, one decode token after 40 cached positions,
-// a 5-token chunk after 7 cached positions and one decode token after 333
-// (the block's warps get unequal shares); layer 1 of 2; full attention and a
-// sliding window of 8. Head shapes: GQA 6 over 2 with hd 18 (under one warp
-// of head dims), 8 over 2 with hd 80, Mixtral's 32 over 8 with hd 128, and
-// 4 over 1 with the largest hd, 256.
-TEST_F(CudaKernelsTest, KvAppendAndAttentionMatchNaive) {
+// Paged KV append then attention against the contiguous oracle: each
+// sequence's K/V also kept in its own [L][2][S][kv_dim] host arrays, with
+// attention as naive loops over them. One launch holds nine sequences of
+// awkward lengths after the step: 1 (a lone first token), 15, 16 (a chunk
+// filling its block), 17 (a decode token opening a block), 33 (a prefill
+// chunk over three blocks), 100 (a decode token, and a 10-token chunk after
+// 90 cached that straddles a block boundary), and two that share their
+// first two blocks (a prefix reused read-only) and then write their own.
+// Block ids are a random permutation of the slab, which holds spare blocks
+// filled with garbage, so a read or write through the wrong entry shows; the
+// whole slab is compared exactly after the append. Layer 1 of 2; full
+// attention and (but for 32 heads) a sliding window of 8. Head shapes: GQA
+// 6 over 2 with hd 18 (under one warp of head dims), 8 over 2 with hd 80,
+// Mixtral's 32 over 8 with hd 128, and 4 over 1 with the largest hd, 256.
+// FP32 slabs, and BF16 ones for all but the 32-head shape: in BF16 the
+// oracle holds the same BF16-rounded values, so both compare within the
+// FP32 kernel tolerance.
+TEST_F(CudaKernelsTest, PagedKvAppendAndAttentionMatchContiguousOracle) {
   for (auto [H, Hkv, hd] : {std::tuple{6, 2, 18}, {8, 2, 80}, {32, 8, 128}, {4, 1, 256}}) {
-    SCOPED_TRACE("H " + std::to_string(H) + " Hkv " + std::to_string(Hkv) + " hd " +
-                 std::to_string(hd));
-    CheckKvAppendAndAttention(H, Hkv, hd);
+    for (cuda::KvDType dtype : {cuda::KvDType::kF32, cuda::KvDType::kBF16}) {
+      // BF16 storage changes only the element type: the smaller head counts
+      // cover it (the emulator runs each of the 32 heads' blocks as fibers).
+      if (dtype == cuda::KvDType::kBF16 && H > 8) continue;
+      SCOPED_TRACE("H " + std::to_string(H) + " Hkv " + std::to_string(Hkv) + " hd " +
+                   std::to_string(hd) +
+                   (dtype == cuda::KvDType::kBF16 ? " bf16 slab" : " f32 slab"));
+      CheckPagedKvAppendAndAttention(H, Hkv, hd, dtype);
+    }
   }
-  // Head dims beyond the kernel's limit are refused before any launch.
-  EXPECT_EQ(cuda::LaunchAttention(nullptr, 0, 1, 4, 1, cuda::kAttentionMaxHeadDim + 1, 0, nullptr,
+  // Head dims beyond the kernel's limit and a layer outside the slab are
+  // refused before any launch.
+  cuda::PagedKv kv;
+  kv.layers = 2;
+  EXPECT_EQ(cuda::LaunchAttention(nullptr, 0, 1, 4, 1, cuda::kAttentionMaxHeadDim + 1, 0, kv,
                                   nullptr, nullptr, 0, nullptr, stream())
                 .code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(cuda::LaunchAttention(nullptr, 0, 1, 0, 1, 16, 0, nullptr, nullptr, nullptr, 0, nullptr,
-                                  stream())
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      cuda::LaunchAttention(nullptr, 0, 1, 0, 1, 16, 0, kv, nullptr, nullptr, 0, nullptr, stream())
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      cuda::LaunchAttention(nullptr, 0, 1, 4, 1, 16, 0, kv, nullptr, nullptr, 2, nullptr, stream())
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      cuda::LaunchKvAppend(nullptr, 48, 16, 32, 1, 16, kv, nullptr, nullptr, 2, stream()).code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
-void CudaKernelsTest::CheckKvAppendAndAttention(int H, int Hkv, int hd) {
+void CudaKernelsTest::CheckPagedKvAppendAndAttention(int H, int Hkv, int hd, cuda::KvDType dtype) {
+  constexpr int kBt = cuda::kKvBlockTokens;
   const int L = 2, layer = 1, group = H / Hkv;
   const int q_dim = H * hd, kv_dim = Hkv * hd, qkv_dim = q_dim + 2 * kv_dim;
+  const bool bf16 = dtype == cuda::KvDType::kBF16;
+  auto stored = [bf16](float v) { return bf16 ? Bf16ToF32(F32ToBf16(v)) : v; };
   struct Seq {
-    int capacity, cached, chunk;
+    int cached, chunk;
+    int shares_with = -1;  // takes the first `shared` blocks of this sequence's table
+    int shared = 0;
   };
-  const std::vector<Seq> seqs = {{48, 0, 33}, {48, 40, 1}, {16, 7, 5}, {350, 333, 1}};
+  const std::vector<Seq> seqs = {{0, 1},  {0, 15},  {10, 6}, {16, 1},      {0, 33},
+                                 {99, 1}, {90, 10}, {32, 8}, {32, 3, 7, 2}};
+  const int S = static_cast<int>(seqs.size());
+
+  // Block tables: a random permutation of the slab's ids, spare blocks left over.
+  std::vector<int> blocks_of(S);
+  int needed = 0;
+  for (int s = 0; s < S; ++s) {
+    blocks_of[s] = (seqs[s].cached + seqs[s].chunk + kBt - 1) / kBt;
+    needed += blocks_of[s] - seqs[s].shared;
+  }
+  const int N = needed + 5;
+  std::vector<int32_t> ids(N);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
+  std::vector<std::vector<int32_t>> tables(S);
+  int next = 0;
+  for (int s = 0; s < S; ++s) {
+    for (int i = 0; i < blocks_of[s]; ++i) {
+      tables[s].push_back(i < seqs[s].shared ? tables[seqs[s].shares_with][i] : ids[next++]);
+    }
+  }
+  std::vector<int32_t> flat;
+  std::vector<cuda::SeqKvDesc> descs;
+  for (int s = 0; s < S; ++s) {
+    descs.push_back({static_cast<int32_t>(flat.size()), static_cast<int32_t>(tables[s].size())});
+    flat.insert(flat.end(), tables[s].begin(), tables[s].end());
+  }
+
+  // The slab (as stored: rounded in BF16) full of random values; each
+  // sequence's contiguous copy of its positions [0, blocks * Bt).
+  const int64_t block_elems = cuda::PagedKvBlockElems(L, kv_dim);
+  std::vector<float> slab = Random(static_cast<size_t>(N * block_elems), 11, 1.5f);
+  for (float& v : slab) v = stored(v);
+  auto contiguous_offset = [&](int s, int l, int which, int pos) {
+    return ((static_cast<int64_t>(l) * 2 + which) * blocks_of[s] * kBt + pos) * kv_dim;
+  };
+  auto slab_offset = [&](int s, int l, int which, int pos) {
+    return cuda::PagedKvRowOffset(tables[s][pos / kBt], L, l, which, pos % kBt, kv_dim);
+  };
+  std::vector<std::vector<float>> oracle(S);
+  for (int s = 0; s < S; ++s) {
+    oracle[s].resize(static_cast<size_t>(L) * 2 * blocks_of[s] * kBt * kv_dim);
+    for (int l = 0; l < L; ++l) {
+      for (int which = 0; which < 2; ++which) {
+        for (int pos = 0; pos < blocks_of[s] * kBt; ++pos) {
+          std::copy_n(slab.data() + slab_offset(s, l, which, pos), kv_dim,
+                      oracle[s].data() + contiguous_offset(s, l, which, pos));
+        }
+      }
+    }
+  }
+
   std::vector<int32_t> tok_seq, tok_pos;
-  for (int s = 0; s < static_cast<int>(seqs.size()); ++s) {
+  for (int s = 0; s < S; ++s) {
     for (int i = 0; i < seqs[s].chunk; ++i) {
       tok_seq.push_back(s);
       tok_pos.push_back(seqs[s].cached + i);
@@ -213,51 +299,71 @@ void CudaKernelsTest::CheckKvAppendAndAttention(int H, int Hkv, int hd) {
   SY_ASSERT_OK_AND_ASSIGN(auto d_qkv, Upload(qkv));
   SY_ASSERT_OK_AND_ASSIGN(auto d_tok_seq, Upload(tok_seq));
   SY_ASSERT_OK_AND_ASSIGN(auto d_tok_pos, Upload(tok_pos));
+  SY_ASSERT_OK_AND_ASSIGN(auto d_tables, Upload(flat));
+  SY_ASSERT_OK_AND_ASSIGN(auto d_descs, Upload(descs));
+
+  // The append, on the oracle and the expected slab.
+  std::vector<float> want_slab = slab;
+  for (int t = 0; t < T; ++t) {
+    const int s = tok_seq[t];
+    for (int which = 0; which < 2; ++which) {
+      const float* row = qkv.data() + static_cast<size_t>(t) * qkv_dim + q_dim + which * kv_dim;
+      for (int i = 0; i < kv_dim; ++i) {
+        oracle[s][contiguous_offset(s, layer, which, tok_pos[t]) + i] = stored(row[i]);
+        want_slab[slab_offset(s, layer, which, tok_pos[t]) + i] = stored(row[i]);
+      }
+    }
+  }
 
   for (int window : {0, 8}) {
+    // The window's arithmetic does not depend on the head shape: the
+    // emulator's slowest shape (32 heads) runs without it.
+    if (window > 0 && H > 8) continue;
     SCOPED_TRACE("sliding_window " + std::to_string(window));
-    // Caches full of random values (cached positions and garbage alike).
-    std::vector<std::vector<float>> caches;
-    std::vector<DeviceBuffer<float>> d_caches;
-    std::vector<cuda::SeqKvDesc> descs;
-    for (size_t s = 0; s < seqs.size(); ++s) {
-      caches.push_back(
-          Random(static_cast<size_t>(L) * 2 * seqs[s].capacity * kv_dim, 100 + s, 1.5f));
-      SY_ASSERT_OK_AND_ASSIGN(auto d, Upload(caches.back()));
-      descs.push_back({d.data(), seqs[s].capacity, 0});
-      d_caches.push_back(std::move(d));
+    // A fresh device slab each time (the append rewrites the same rows).
+    cuda::DeviceBuffer<uint8_t> d_slab;
+    if (bf16) {
+      const auto bits = ToBf16Bits(slab);
+      SY_ASSERT_OK(d_slab.EnsureCapacity(bits.size() * 2));
+      SY_ASSERT_OK(cuda::UploadAndWait(d_slab.data(), bits.data(), bits.size() * 2));
+    } else {
+      SY_ASSERT_OK(d_slab.EnsureCapacity(slab.size() * 4));
+      SY_ASSERT_OK(cuda::UploadAndWait(d_slab.data(), slab.data(), slab.size() * 4));
     }
-    SY_ASSERT_OK_AND_ASSIGN(auto d_descs, Upload(descs));
+    cuda::PagedKv kv;
+    kv.slab = d_slab.data();
+    kv.dtype = dtype;
+    kv.layers = L;
+    kv.block_tables = d_tables.data();
+    kv.seqs = d_descs.data();
     SY_ASSERT_OK_AND_ASSIGN(auto d_out,
                             DeviceBuffer<float>::Create(static_cast<size_t>(T) * q_dim));
-
-    SY_ASSERT_OK(cuda::LaunchKvAppend(d_qkv.data(), qkv_dim, q_dim, q_dim + kv_dim, T, kv_dim,
-                                      d_descs.data(), d_tok_seq.data(), d_tok_pos.data(), layer,
-                                      stream()));
-    SY_ASSERT_OK(cuda::LaunchAttention(d_qkv.data(), qkv_dim, T, H, Hkv, hd, window, d_descs.data(),
+    SY_ASSERT_OK(cuda::LaunchKvAppend(d_qkv.data(), qkv_dim, q_dim, q_dim + kv_dim, T, kv_dim, kv,
+                                      d_tok_seq.data(), d_tok_pos.data(), layer, stream()));
+    SY_ASSERT_OK(cuda::LaunchAttention(d_qkv.data(), qkv_dim, T, H, Hkv, hd, window, kv,
                                        d_tok_seq.data(), d_tok_pos.data(), layer, d_out.data(),
                                        stream()));
     SY_ASSERT_OK_AND_ASSIGN(auto out,
                             Download(d_out.data(), static_cast<size_t>(T) * q_dim, stream()));
 
-    // The oracle: append on the host, then attention with naive loops.
-    for (int t = 0; t < T; ++t) {
-      const Seq& s = seqs[tok_seq[t]];
-      float* base = caches[tok_seq[t]].data();
-      std::copy_n(qkv.data() + t * qkv_dim + q_dim, kv_dim,
-                  base + cuda::KvRowOffset(s.capacity, layer, 0, tok_pos[t], kv_dim));
-      std::copy_n(qkv.data() + t * qkv_dim + q_dim + kv_dim, kv_dim,
-                  base + cuda::KvRowOffset(s.capacity, layer, 1, tok_pos[t], kv_dim));
+    // Every element of the slab: the appended rows where the tables say, the
+    // rest untouched.
+    std::vector<float> got_slab(slab.size());
+    if (bf16) {
+      SY_ASSERT_OK_AND_ASSIGN(auto raw, Download(reinterpret_cast<const uint16_t*>(d_slab.data()),
+                                                 slab.size(), stream()));
+      for (size_t i = 0; i < raw.size(); ++i) got_slab[i] = Bf16ToF32(raw[i]);
+    } else {
+      SY_ASSERT_OK_AND_ASSIGN(
+          got_slab, Download(reinterpret_cast<const float*>(d_slab.data()), slab.size(), stream()));
     }
-    for (size_t s = 0; s < seqs.size(); ++s) {
-      SY_ASSERT_OK_AND_ASSIGN(auto got, Download(d_caches[s].data(), caches[s].size(), stream()));
-      EXPECT_TRUE(AllClose(got, caches[s], 0, 0, "kv cache of sequence " + std::to_string(s)));
-    }
+    EXPECT_TRUE(AllClose(got_slab, want_slab, 0, 0, "paged kv slab after the append"));
+
     std::vector<float> ref(static_cast<size_t>(T) * q_dim);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     for (int t = 0; t < T; ++t) {
-      const Seq& s = seqs[tok_seq[t]];
-      const float* base = caches[tok_seq[t]].data();
+      const int s = tok_seq[t];
+      const float* base = oracle[s].data();
       const int pos = tok_pos[t];
       const int first = window > 0 ? std::max(0, pos - window + 1) : 0;
       for (int h = 0; h < H; ++h) {
@@ -266,7 +372,7 @@ void CudaKernelsTest::CheckKvAppendAndAttention(int H, int Hkv, int hd) {
         std::vector<double> p;
         double max_s = -INFINITY;
         for (int j = first; j <= pos; ++j) {
-          const float* kr = base + cuda::KvRowOffset(s.capacity, layer, 0, j, kv_dim) + kvh * hd;
+          const float* kr = base + contiguous_offset(s, layer, 0, j) + kvh * hd;
           double dot = 0;
           for (int d = 0; d < hd; ++d) dot += static_cast<double>(qv[d]) * kr[d];
           p.push_back(dot * scale);
@@ -277,8 +383,7 @@ void CudaKernelsTest::CheckKvAppendAndAttention(int H, int Hkv, int hd) {
         for (int d = 0; d < hd; ++d) {
           double acc = 0;
           for (int j = first; j <= pos; ++j) {
-            acc += p[j - first] / sum *
-                   base[cuda::KvRowOffset(s.capacity, layer, 1, j, kv_dim) + kvh * hd + d];
+            acc += p[j - first] / sum * base[contiguous_offset(s, layer, 1, j) + kvh * hd + d];
           }
           ref[(static_cast<size_t>(t) * H + h) * hd + d] = static_cast<float>(acc);
         }
@@ -286,7 +391,7 @@ void CudaKernelsTest::CheckKvAppendAndAttention(int H, int Hkv, int hd) {
     }
     EXPECT_TRUE(
         AllClose(out, ref, tolerance::kGpuKernelAbs, tolerance::kGpuKernelRel,
-                 "attention hd=" + std::to_string(hd) + " window=" + std::to_string(window)));
+                 "paged attention hd=" + std::to_string(hd) + " window=" + std::to_string(window)));
   }
 }
 
@@ -495,10 +600,10 @@ TEST_F(CudaKernelsTest, EveryLauncherAcceptsZeroTokens) {
                                            nullptr, stream()));
   SY_ASSERT_OK(cuda::LaunchRmsNorm(nullptr, nullptr, 0, 8, 1e-5f, nullptr, stream()));
   SY_ASSERT_OK(cuda::LaunchRopeRotateHalf(nullptr, 16, nullptr, 0, 2, 8, nullptr, stream()));
-  SY_ASSERT_OK(
-      cuda::LaunchKvAppend(nullptr, 32, 16, 24, 0, 8, nullptr, nullptr, nullptr, 0, stream()));
-  SY_ASSERT_OK(cuda::LaunchAttention(nullptr, 32, 0, 2, 1, 8, 0, nullptr, nullptr, nullptr, 0,
-                                     nullptr, stream()));
+  SY_ASSERT_OK(cuda::LaunchKvAppend(nullptr, 32, 16, 24, 0, 8, cuda::PagedKv{}, nullptr, nullptr, 0,
+                                    stream()));
+  SY_ASSERT_OK(cuda::LaunchAttention(nullptr, 32, 0, 2, 1, 8, 0, cuda::PagedKv{}, nullptr, nullptr,
+                                     0, nullptr, stream()));
   SY_ASSERT_OK(cuda::LaunchRouterTopK(nullptr, 0, 8, 2, nullptr, nullptr, stream()));
   SY_ASSERT_OK(cuda::LaunchGatherRows(nullptr, 8, nullptr, 0, nullptr, stream()));
   SY_ASSERT_OK(cuda::LaunchSwiGlu(nullptr, 0, 8, nullptr, stream()));
@@ -513,7 +618,7 @@ TEST_F(CudaKernelsTest, ErrorsAreStatusesNotCrashes) {
   // Bad arguments are INVALID_ARGUMENT before any launch; a failed CUDA call
   // is a status naming the call (out of memory: RESOURCE_EXHAUSTED); the
   // context stays usable.
-  const absl::Status s = cuda::LaunchAttention(nullptr, 0, 1, 4, 3, 18, 0, nullptr, nullptr,
+  const absl::Status s = cuda::LaunchAttention(nullptr, 0, 1, 4, 3, 18, 0, cuda::PagedKv{}, nullptr,
                                                nullptr, 0, nullptr, stream());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;  // 4 heads over 3 kv heads
   auto huge = DeviceBuffer<float>::Create(size_t{1} << 50);      // 4 PiB

@@ -259,6 +259,42 @@ TEST(KvCacheTest, PublishedPrefixBlocksAreSharedCachedAndEvicted) {
   EXPECT_EQ(pool.used_tokens(), 0);
 }
 
+// A pool whose K/V live on a device (host_storage = false) hands out the
+// same block ids and shares published prefix blocks the same way (the GPU
+// runner's slab is indexed by them), and keeps one backend attachment.
+TEST(KvCacheTest, DeviceStoragePoolsShareBlockIdsAndKeepOneAttachment) {
+  ModelConfig config;
+  config.num_hidden_layers = 2;
+  config.num_key_value_heads = 2;
+  config.head_dim = 4;
+  KvCachePool pool(config, /*max_tokens=*/64, /*host_storage=*/false);
+  EXPECT_FALSE(pool.host_storage());
+  ASSERT_TRUE(pool.prefix_caching());
+  std::vector<int32_t> tokens(40);
+  for (int i = 0; i < 40; ++i) tokens[i] = 5 + i;
+  auto a = pool.NewSequence();
+  EXPECT_EQ(&a->pool(), &pool);
+  ASSERT_TRUE(a->Reserve(33).ok());
+  a->Commit(33);
+  a->Publish(tokens);
+  for (int32_t block : a->block_table()) {
+    EXPECT_GE(block, 0);
+    EXPECT_LT(block, pool.total_blocks());
+  }
+  auto b = pool.NewSequence();
+  EXPECT_EQ(b->AttachCachedPrefix(tokens), 32);
+  ASSERT_EQ(b->block_table().size(), 2u);
+  EXPECT_EQ(b->block_table()[0], a->block_table()[0]);
+  EXPECT_EQ(b->block_table()[1], a->block_table()[1]);
+  EXPECT_EQ(pool.used_tokens(), 48);  // a's three blocks, two of them shared with b
+
+  EXPECT_EQ(pool.attachment(), nullptr);
+  auto first = std::make_shared<int>(1);
+  EXPECT_EQ(pool.SetAttachmentIfUnset(first), first);
+  EXPECT_EQ(pool.SetAttachmentIfUnset(std::make_shared<int>(2)), first);
+  EXPECT_EQ(pool.attachment(), first);
+}
+
 // Paged attention against the contiguous layout (the oracle): several
 // sequences in mixed steps, chunks and decodes of awkward lengths that start
 // and end inside blocks and cross their boundaries, on a pool whose free
