@@ -259,15 +259,43 @@ absl::StatusOr<int64_t> ParseByteSize(absl::string_view text, absl::string_view 
   return bad(absl::StrCat("unknown unit '", unit, "'"));
 }
 
+namespace {
+
+// The first number in `path`, or -1 (missing file, "max": no limit).
+int64_t ReadNumber(const char* path) {
+  std::ifstream in(path);
+  int64_t v = -1;
+  if (!(in >> v)) return -1;
+  return v;
+}
+
+}  // namespace
+
 absl::StatusOr<int64_t> HostMemAvailableBytes() {
   std::ifstream in("/proc/meminfo");
   std::string key, unit;
   int64_t kib = 0;
+  int64_t available = -1;
   while (in >> key >> kib) {
     std::getline(in, unit);
-    if (key == "MemAvailable:") return kib * 1024;
+    if (key == "MemAvailable:") {
+      available = kib * 1024;
+      break;
+    }
   }
-  return absl::UnavailableError("cannot read MemAvailable from /proc/meminfo");
+  if (available < 0) return absl::UnavailableError("cannot read MemAvailable from /proc/meminfo");
+  // In a container /proc/meminfo is the node's: the cgroup's limit (v2, else
+  // v1) less its usage is what this process may still take.
+  int64_t limit = ReadNumber("/sys/fs/cgroup/memory.max");
+  int64_t usage = ReadNumber("/sys/fs/cgroup/memory.current");
+  if (limit < 0) {
+    limit = ReadNumber("/sys/fs/cgroup/memory/memory.limit_in_bytes");
+    usage = ReadNumber("/sys/fs/cgroup/memory/memory.usage_in_bytes");
+  }
+  if (limit > 0 && usage >= 0 && limit < (int64_t{1} << 60)) {
+    available = std::min(available, std::max<int64_t>(limit - usage, 0));
+  }
+  return available;
 }
 
 std::string FormatBytes(int64_t bytes) {

@@ -260,7 +260,8 @@ class SequenceKv {
 // "512MiB", "1073741824". INVALID_ARGUMENT (naming `flag`) otherwise, or when
 // it is 0 or overflows.
 absl::StatusOr<int64_t> ParseByteSize(absl::string_view text, absl::string_view flag);
-// MemAvailable of /proc/meminfo in bytes (UNAVAILABLE when it cannot be read).
+// MemAvailable of /proc/meminfo in bytes, or less in a cgroup with a memory
+// limit (its limit minus its usage); UNAVAILABLE when it cannot be read.
 absl::StatusOr<int64_t> HostMemAvailableBytes();
 // The fraction of MemAvailable (measured once the weights are loaded) the
 // host KV cache takes when no size is given.

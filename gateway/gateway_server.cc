@@ -504,10 +504,6 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
     SY_ASSIGN_OR_RETURN(cuda::Precision precision, cuda::ParsePrecision(options.precision));
     SY_ASSIGN_OR_RETURN(runner,
                         cuda::MakeCudaRunner(checkpoint, precision, backend.get(), metrics.get()));
-    if (options.kv_cache_dtype == "bf16") {
-      return absl::InvalidArgumentError(
-          "--kv-cache-dtype bf16: the CUDA runner keeps K/V as FP32 (use auto or f32)");
-    }
     int64_t tokens = 0;
     if (options.kv_cache_tokens == 0 && options.kv_cache_memory == 0) {
       // After the weights: the budget is what they left free.
@@ -535,7 +531,7 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
       tokens = KvCachePool::TokensForBytes(
           config, dtype, static_cast<int64_t>(*available * kDefaultHostKvMemoryFraction));
       kv_sizing = absl::StrCat("default: ", kDefaultHostKvMemoryFraction * 100,
-                               "% of MemAvailable ", FormatBytes(*available));
+                               "% of available memory ", FormatBytes(*available));
     } else {
       tokens = kFallbackKvTokens;
       kv_sizing = absl::StrCat("default: ", available.status().message(), ", so ",
@@ -601,6 +597,11 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   // Settings first: a bad value or file fails before the model loads.
   SY_RETURN_IF_ERROR(ValidateNumericOptions(options));
   SY_RETURN_IF_ERROR(ValidateSecurityOptions(options));
+  SY_RETURN_IF_ERROR(ParseKvDtype(options.kv_cache_dtype).status());
+  if (options.device == "cuda" && options.kv_cache_dtype == "bf16") {
+    return absl::InvalidArgumentError(
+        "--kv-cache-dtype bf16: the CUDA runner keeps K/V as FP32 (use auto or f32)");
+  }
 #ifndef SWITCHYARD_HAVE_CUDA
   if (options.device == "cuda") {
     return absl::FailedPreconditionError(
