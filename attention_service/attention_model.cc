@@ -164,7 +164,8 @@ void AttentionModel::AttendBf16(int layer, const float* q, const float* k, const
     for (int head = 0; head < H; ++head) {
       const int kv_off = head / group * hd;
       const float* qv = q + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
-      for (int j = 0; j < span; ++j) scores[j] = ops.dot(qv, key_rows[first + j] + kv_off, hd) * scale;
+      for (int j = 0; j < span; ++j)
+        scores[j] = ops.dot(qv, key_rows[first + j] + kv_off, hd) * scale;
       cpu::SoftmaxInPlace(scores.data(), span);
       float* out = attn + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
       std::fill_n(out, hd, 0.0f);

@@ -226,9 +226,11 @@ absl::Status SequenceKv::Reserve(int new_length) {
 
 absl::StatusOr<int64_t> ParseByteSize(absl::string_view text, absl::string_view flag) {
   auto bad = [&](absl::string_view why) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--", flag, " must be a size in bytes with an optional unit (B, KiB, MiB, GiB, TiB, KB, "
-        "MB, GB, TB), e.g. 2GiB or 512MiB; got '", text, "'", why.empty() ? "" : ": ", why));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag,
+                     " must be a size in bytes with an optional unit (B, KiB, MiB, GiB, TiB, KB, "
+                     "MB, GB, TB), e.g. 2GiB or 512MiB; got '",
+                     text, "'", why.empty() ? "" : ": ", why));
   };
   absl::string_view s = absl::StripAsciiWhitespace(text);
   size_t digits = 0;

@@ -245,9 +245,9 @@ class SequenceKv {
   int kv_dim_;
   bool contiguous_;
   int length_ = 0;
-  int published_ = 0;                       // leading blocks published or attached
-  uint64_t chain_hash_ = 0;                 // hash of the tokens of those blocks
-  std::vector<int32_t> blocks_;             // the block table
+  int published_ = 0;                      // leading blocks published or attached
+  uint64_t chain_hash_ = 0;                // hash of the tokens of those blocks
+  std::vector<int32_t> blocks_;            // the block table
   std::vector<std::vector<char>> keys_;    // contiguous layout only: [L][S, Hkv*hd] in dtype
   std::vector<std::vector<char>> values_;  // contiguous layout only: [L][S, Hkv*hd] in dtype
   std::shared_ptr<void> attachment_;

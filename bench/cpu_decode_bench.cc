@@ -143,8 +143,8 @@ void BM_CpuDecodeKvBudget(benchmark::State& state) {
   KvCachePool pool(c, KvCachePool::TokensForBytes(c, dtype, kKvBudgetBytes),
                    /*host_storage=*/true, KvLayout::kPaged, dtype);
   const int64_t max_sequences = pool.capacity_tokens() / KvCachePool::SlotsFor(context + 1);
-  const int batch = state.range(2) > 0 ? static_cast<int>(state.range(2))
-                                       : static_cast<int>(max_sequences);
+  const int batch =
+      state.range(2) > 0 ? static_cast<int>(state.range(2)) : static_cast<int>(max_sequences);
   std::vector<std::unique_ptr<SequenceKv>> caches;
   uint32_t x = 12345;
   auto random = [&x] {  // in [-2, 2)

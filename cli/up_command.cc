@@ -247,9 +247,9 @@ absl::StatusOr<std::string> SelfDir() {
 }
 
 absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
-  const std::vector<std::string> gateway_passthrough = {
-      "kv-cache-tokens", "kv-cache-memory",      "kv-cache-dtype", "max-queue",
-      "max-step-tokens", "max-new-tokens-limit"};
+  const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "kv-cache-memory",
+                                                        "kv-cache-dtype",  "max-queue",
+                                                        "max-step-tokens", "max-new-tokens-limit"};
   std::set<std::string> value_flags = {
       "model",        "port",        "endpoints-file",  "experts-per-process",
       "bin-dir",      "listen-host", "start-timeout-s", "expert-workers",

@@ -540,8 +540,8 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
   }
   SY_ASSIGN_OR_RETURN(tokens, KvCacheTokens(options, config, dtype, tokens));
   if (kv_sizing.empty()) kv_sizing = ExplicitKvSizing(options, tokens);
-  kv_pool = std::make_unique<KvCachePool>(config, tokens, /*host_storage=*/true, KvLayout::kPaged,
-                                          dtype);
+  kv_pool =
+      std::make_unique<KvCachePool>(config, tokens, /*host_storage=*/true, KvLayout::kPaged, dtype);
   runner = std::make_unique<ModelRunner>(attention.get(), backend.get(), metrics.get());
   return absl::OkStatus();
 }

@@ -27,7 +27,7 @@ struct LocalModelOptions {
   // How the KV cache stores K/V; default DefaultHostKvDtype() (BF16 only in
   // the CPU's BF16 precision).
   std::optional<KvDtype> kv_dtype;
-  bool load_tokenizer = true;       // false: a checkpoint without tokenizer files is fine
+  bool load_tokenizer = true;  // false: a checkpoint without tokenizer files is fine
 };
 
 class LocalModel {

@@ -99,9 +99,9 @@ void EngineTest::CachedDecodeEqualsFullRecompute(KvCachePool* pool) {
     incremental.insert(incremental.end(), out->logits.begin(), out->logits.end());
   }
   EXPECT_EQ(kv->length(), static_cast<int>(ids.size()));
-  EXPECT_TRUE(AllClose(incremental, full, tolerance::kReorderAbs, tolerance::kReorderRel,
-                       absl::StrCat("prefill+decode vs recompute, ",
-                                    KvDtypeName(pool->dtype()), " K/V")));
+  EXPECT_TRUE(
+      AllClose(incremental, full, tolerance::kReorderAbs, tolerance::kReorderRel,
+               absl::StrCat("prefill+decode vs recompute, ", KvDtypeName(pool->dtype()), " K/V")));
 }
 
 TEST_F(EngineTest, ChunkedPrefillEqualsOneShot) {
@@ -123,9 +123,9 @@ void EngineTest::ChunkedPrefillEqualsOneShot(KvCachePool* pool) {
     ASSERT_TRUE(out.ok()) << out.status();
     chunked.insert(chunked.end(), out->logits.begin(), out->logits.end());
   }
-  EXPECT_TRUE(AllClose(chunked, full, tolerance::kReorderAbs, tolerance::kReorderRel,
-                       absl::StrCat("chunks of 10 vs one prefill, ", KvDtypeName(pool->dtype()),
-                                    " K/V")));
+  EXPECT_TRUE(
+      AllClose(chunked, full, tolerance::kReorderAbs, tolerance::kReorderRel,
+               absl::StrCat("chunks of 10 vs one prefill, ", KvDtypeName(pool->dtype()), " K/V")));
 }
 
 TEST_F(EngineTest, MixedBatchEqualsEachAlone) {
@@ -246,7 +246,8 @@ TEST(KvCacheTest, Bf16StorageHalvesTheBytesAndDoublesTheTokensOfABudget) {
       for (int pos = 0; pos < 40; ++pos) {
         for (int d = 0; d < 8; ++d) {
           seq->key_bf16(layer, pos)[d] = static_cast<uint16_t>(1000 * layer + 10 * pos + d);
-          seq->value_bf16(layer, pos)[d] = static_cast<uint16_t>(30000 + 1000 * layer + 10 * pos + d);
+          seq->value_bf16(layer, pos)[d] =
+              static_cast<uint16_t>(30000 + 1000 * layer + 10 * pos + d);
         }
       }
     }

@@ -173,9 +173,9 @@ TEST_F(HfParityTest, Bf16KvCacheMatchesReferenceWithinBf16Tolerance) {
     auto out = model_->runner().Step({&input, 1});
     ASSERT_TRUE(out.ok()) << out.status();
     const std::vector<float> last_ref = RefF32(prefix + "last_logits");
-    const auto last = absl::MakeConstSpan(out->logits)
-                          .subspan(static_cast<size_t>(p == 0 ? T - 1 : 0) * c.vocab_size,
-                                   c.vocab_size);
+    const auto last =
+        absl::MakeConstSpan(out->logits)
+            .subspan(static_cast<size_t>(p == 0 ? T - 1 : 0) * c.vocab_size, c.vocab_size);
     EXPECT_TRUE(AllClose(last, last_ref, tolerance::kBf16KvLogitAbs, tolerance::kBf16KvLogitRel,
                          prefix + "last_logits, bf16 K/V"));
     for (size_t i = 0; i < last.size(); ++i) {
