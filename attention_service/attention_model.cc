@@ -78,6 +78,10 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
   // [S]: the cache's rows read through its block table (scratch, as above).
   thread_local std::vector<const float*> key_rows, value_rows;
   for (const SequenceSlice& s : slices) {
+    if (s.kv->dtype() == KvDtype::kBf16) {
+      AttendBf16(layer, q.data(), k.data(), qkv.data(), s, attn.data());
+      continue;
+    }
     // Append this chunk's keys and values to the cache first: tokens attend to
     // themselves and to earlier tokens of the same chunk.
     for (int i = 0; i < s.tokens; ++i) {
@@ -122,6 +126,52 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
   }
   // h[T, D] += attn[T, H hd] · wo^T
   cpu::Linear(attn.data(), w.wo, tokens, h, /*accumulate=*/true);
+}
+
+void AttentionModel::AttendBf16(int layer, const float* q, const float* k, const float* qkv,
+                                const SequenceSlice& s, float* attn) const {
+  const ModelConfig& c = config_;
+  const int hd = c.head_dim, H = c.num_attention_heads;
+  const int group = H / c.num_key_value_heads;
+  const int q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const cpu::Bf16RowOps ops = cpu::Bf16Rows();
+  // The chunk's K/V go into the cache rounded to BF16 first; every position,
+  // these included, is then read back from it, so a token sees the same K/V
+  // whether it was cached in this step or an earlier one.
+  for (int i = 0; i < s.tokens; ++i) {
+    const int row = s.row_begin + i;
+    cpu::RoundToBf16(k + static_cast<int64_t>(row) * kv_dim, kv_dim,
+                     s.kv->key_bf16(layer, s.start_pos + i));
+    cpu::RoundToBf16(qkv + static_cast<int64_t>(row) * qkv_dim + q_dim + kv_dim, kv_dim,
+                     s.kv->value_bf16(layer, s.start_pos + i));
+  }
+  const int end = s.start_pos + s.tokens;
+  thread_local std::vector<const uint16_t*> key_rows, value_rows;  // [S]
+  thread_local std::vector<float> scores;                          // [S]
+  key_rows.resize(end);
+  value_rows.resize(end);
+  for (int p = 0; p < end; ++p) {
+    key_rows[p] = s.kv->key_bf16(layer, p);
+    value_rows[p] = s.kv->value_bf16(layer, p);
+  }
+  for (int i = 0; i < s.tokens; ++i) {
+    const int row = s.row_begin + i;
+    const int pos = s.start_pos + i;
+    const int first = c.sliding_window > 0 ? std::max(0, pos - c.sliding_window + 1) : 0;
+    const int span = pos - first + 1;
+    scores.resize(span);
+    for (int head = 0; head < H; ++head) {
+      const int kv_off = head / group * hd;
+      const float* qv = q + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
+      for (int j = 0; j < span; ++j)
+        scores[j] = ops.dot(qv, key_rows[first + j] + kv_off, hd) * scale;
+      cpu::SoftmaxInPlace(scores.data(), span);
+      float* out = attn + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
+      std::fill_n(out, hd, 0.0f);
+      for (int j = 0; j < span; ++j) ops.axpy(scores[j], value_rows[first + j] + kv_off, out, hd);
+    }
+  }
 }
 
 void AttentionModel::RouterInput(int layer, const float* h, int tokens, float* x,

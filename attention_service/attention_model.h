@@ -57,6 +57,12 @@ class AttentionModel {
     cpu::Matrix gate;               // [E, D]
   };
 
+  // AttentionBlock's attention for one sequence whose cache stores BF16:
+  // writes the slice's K (k[T, Hkv hd], rotated) and V (from qkv) rounded to
+  // BF16, then attn[rows of s] = softmax(q K^T / sqrt(hd)) V over its cache.
+  void AttendBf16(int layer, const float* q, const float* k, const float* qkv,
+                  const SequenceSlice& s, float* attn) const;
+
   ModelConfig config_;
   std::vector<float> embed_;       // [V, D]
   std::vector<Layer> layers_;      // [L]

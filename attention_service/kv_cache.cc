@@ -6,17 +6,40 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <limits>
+#include <string>
+#include <utility>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "core/cpu_ops.h"
 
 namespace switchyard {
 
+const char* KvDtypeName(KvDtype dtype) { return dtype == KvDtype::kBf16 ? "bf16" : "f32"; }
+
+KvDtype DefaultHostKvDtype() {
+  return cpu::ActivePrecision() == cpu::MatmulPrecision::kBf16 ? KvDtype::kBf16 : KvDtype::kF32;
+}
+
+absl::StatusOr<KvDtype> ParseKvDtype(absl::string_view text) {
+  if (text == "auto") return DefaultHostKvDtype();
+  if (text == "bf16") return KvDtype::kBf16;
+  if (text == "f32") return KvDtype::kF32;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--kv-cache-dtype must be auto, bf16 or f32, got '", text, "'"));
+}
+
 KvCachePool::KvCachePool(const ModelConfig& config, int64_t max_tokens, bool host_storage,
-                         KvLayout layout)
+                         KvLayout layout, KvDtype dtype)
     : config_(config),
       max_tokens_(max_tokens),
       host_storage_(host_storage),
       layout_(layout),
+      dtype_(dtype),
+      elem_bytes_(KvDtypeBytes(dtype)),
       layers_(config.num_hidden_layers),
       block_plane_(static_cast<int64_t>(kBlockTokens) * config.kv_dim()),
       total_blocks_(max_tokens / kBlockTokens) {
@@ -24,12 +47,12 @@ KvCachePool::KvCachePool(const ModelConfig& config, int64_t max_tokens, bool hos
     // Reserved address space, not memory: pages are backed as blocks are
     // first written, and MAP_NORESERVE keeps a large budget from being
     // refused up front by the kernel's overcommit heuristic.
-    slab_bytes_ = static_cast<size_t>(total_blocks_) * layers_ * 2 * block_plane_ * sizeof(float);
+    slab_bytes_ = static_cast<size_t>(total_blocks_) * layers_ * 2 * block_plane_ * elem_bytes_;
     void* slab = slab_bytes_ == 0 ? MAP_FAILED
                                   : mmap(nullptr, slab_bytes_, PROT_READ | PROT_WRITE,
                                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (slab != MAP_FAILED) {
-      slab_ = static_cast<float*>(slab);
+      slab_ = static_cast<char*>(slab);
     } else {
       // No address space for the slab: grow each sequence's own arrays instead.
       std::fprintf(stderr,
@@ -48,10 +71,6 @@ KvCachePool::~KvCachePool() {
 
 std::unique_ptr<SequenceKv> KvCachePool::NewSequence() {
   return std::unique_ptr<SequenceKv>(new SequenceKv(this));
-}
-
-int64_t KvCachePool::bytes_per_token() const {
-  return int64_t{2} * config_.num_hidden_layers * config_.kv_dim() * sizeof(float);
 }
 
 namespace {
@@ -207,13 +226,102 @@ absl::Status SequenceKv::Reserve(int new_length) {
                      (want - have) * KvCachePool::kBlockTokens, " more"));
   }
   if (contiguous_) {
-    const size_t rows = static_cast<size_t>(reserved()) * kv_dim_;
+    const size_t rows = static_cast<size_t>(reserved()) * kv_dim_ * pool_->elem_bytes_;
     for (size_t l = 0; l < keys_.size(); ++l) {
       keys_[l].resize(rows);
       values_[l].resize(rows);
     }
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> ParseByteSize(absl::string_view text, absl::string_view flag) {
+  auto bad = [&](absl::string_view why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag,
+                     " must be a size in bytes with an optional unit (B, KiB, MiB, GiB, TiB, KB, "
+                     "MB, GB, TB), e.g. 2GiB or 512MiB; got '",
+                     text, "'", why.empty() ? "" : ": ", why));
+  };
+  absl::string_view s = absl::StripAsciiWhitespace(text);
+  size_t digits = 0;
+  while (digits < s.size() && absl::ascii_isdigit(static_cast<unsigned char>(s[digits]))) ++digits;
+  if (digits == 0) return bad("");
+  uint64_t number = 0;
+  if (!absl::SimpleAtoi(s.substr(0, digits), &number)) return bad("too large");
+  const std::string unit = absl::AsciiStrToLower(absl::StripAsciiWhitespace(s.substr(digits)));
+  static const std::pair<const char*, uint64_t> kUnits[] = {
+      {"", 1},
+      {"b", 1},
+      {"kib", uint64_t{1} << 10},
+      {"mib", uint64_t{1} << 20},
+      {"gib", uint64_t{1} << 30},
+      {"tib", uint64_t{1} << 40},
+      {"kb", 1000},
+      {"mb", 1000 * 1000},
+      {"gb", uint64_t{1000} * 1000 * 1000},
+      {"tb", uint64_t{1000} * 1000 * 1000 * 1000}};
+  for (const auto& [name, scale] : kUnits) {
+    if (unit != name) continue;
+    if (number == 0) return bad("it must be more than 0");
+    if (number > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) / scale) {
+      return bad("too large");
+    }
+    return static_cast<int64_t>(number * scale);
+  }
+  return bad(absl::StrCat("unknown unit '", unit, "'"));
+}
+
+namespace {
+
+// The first number in `path`, or -1 (missing file, "max": no limit).
+int64_t ReadNumber(const char* path) {
+  std::ifstream in(path);
+  int64_t v = -1;
+  if (!(in >> v)) return -1;
+  return v;
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> HostMemAvailableBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key, unit;
+  int64_t kib = 0;
+  int64_t available = -1;
+  while (in >> key >> kib) {
+    std::getline(in, unit);
+    if (key == "MemAvailable:") {
+      available = kib * 1024;
+      break;
+    }
+  }
+  if (available < 0) return absl::UnavailableError("cannot read MemAvailable from /proc/meminfo");
+  // In a container /proc/meminfo is the node's: the cgroup's limit (v2, else
+  // v1) less its usage is what this process may still take.
+  int64_t limit = ReadNumber("/sys/fs/cgroup/memory.max");
+  int64_t usage = ReadNumber("/sys/fs/cgroup/memory.current");
+  if (limit < 0) {
+    limit = ReadNumber("/sys/fs/cgroup/memory/memory.limit_in_bytes");
+    usage = ReadNumber("/sys/fs/cgroup/memory/memory.usage_in_bytes");
+  }
+  if (limit > 0 && usage >= 0 && limit < (int64_t{1} << 60)) {
+    available = std::min(available, std::max<int64_t>(limit - usage, 0));
+  }
+  return available;
+}
+
+std::string FormatBytes(int64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
+  return buf;
 }
 
 }  // namespace switchyard

@@ -27,6 +27,12 @@
 // attachment()), read through each sequence's block_table(); prefix reuse
 // works the same way there.
 //
+// Host K/V are stored as FP32 (KvDtype::kF32, exact: the HF-parity mode) or
+// as BF16 (kBf16: half the bytes, so twice the tokens in the same memory;
+// K/V are rounded to nearest even when written and widened to FP32 when
+// attention reads them). The pool is sized in token slots; TokensForBytes
+// converts a byte budget, HostKvBudgetBytes gives the default one.
+//
 // Thread-safety: KvCachePool is thread-safe. A SequenceKv is used by one
 // thread at a time (the engine step that owns it).
 #ifndef SWITCHYARD_ATTENTION_SERVICE_KV_CACHE_H_
@@ -37,16 +43,36 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "core/model_config.h"
 
 namespace switchyard {
 
 class SequenceKv;
+
+// How host K/V are stored.
+enum class KvDtype {
+  kF32,   // 4 bytes per value, exact
+  kBf16,  // 2 bytes per value, rounded to nearest even when written
+};
+// "f32" or "bf16".
+const char* KvDtypeName(KvDtype dtype);
+// What --kv-cache-dtype auto means for host K/V: kBf16 when the CPU's
+// matmul precision is BF16 (SWITCHYARD_CPU_PRECISION=bf16, cpu_ops.h), kF32
+// (exact, the HF-parity mode) otherwise.
+KvDtype DefaultHostKvDtype();
+// "auto" (DefaultHostKvDtype()), "bf16" or "f32"; INVALID_ARGUMENT naming
+// --kv-cache-dtype otherwise.
+absl::StatusOr<KvDtype> ParseKvDtype(absl::string_view text);
+// Bytes per K or V value.
+inline int KvDtypeBytes(KvDtype dtype) { return dtype == KvDtype::kBf16 ? 2 : 4; }
 
 enum class KvLayout {
   kPaged,       // blocks of one preallocated slab, read through a block table
@@ -65,8 +91,10 @@ class KvCachePool {
   // layout: how host K/V are stored (default paged; ignored without host storage).
   // If the address space for the paged slab cannot be mapped, the pool says
   // so on stderr and falls back to the contiguous layout.
+  // dtype: the element type of K/V (default FP32); without host storage it
+  // only sets bytes_per_token().
   KvCachePool(const ModelConfig& config, int64_t max_tokens, bool host_storage = true,
-              KvLayout layout = KvLayout::kPaged);
+              KvLayout layout = KvLayout::kPaged, KvDtype dtype = KvDtype::kF32);
   ~KvCachePool();
   KvCachePool(const KvCachePool&) = delete;
   KvCachePool& operator=(const KvCachePool&) = delete;
@@ -93,8 +121,18 @@ class KvCachePool {
   bool prefix_caching() const { return slab_ != nullptr || !host_storage_; }
   // Whether the K/V live in this pool's host memory (else on a device).
   bool host_storage() const { return host_storage_; }
-  // Bytes one token slot takes (K and V, all layers, FP32).
-  int64_t bytes_per_token() const;
+  // Bytes one token slot takes (K and V, all layers, in dtype()).
+  int64_t bytes_per_token() const { return BytesPerToken(config_, dtype_); }
+  static int64_t BytesPerToken(const ModelConfig& config, KvDtype dtype) {
+    return int64_t{2} * config.num_hidden_layers * config.kv_dim() * KvDtypeBytes(dtype);
+  }
+  // Token slots (whole blocks) that `bytes` of K/V in `dtype` hold.
+  static int64_t TokensForBytes(const ModelConfig& config, KvDtype dtype, int64_t bytes) {
+    return bytes / BytesPerToken(config, dtype) / kBlockTokens * kBlockTokens;
+  }
+  // The element type of the K/V (host storage), or the one the device slab
+  // is accounted in (device storage).
+  KvDtype dtype() const { return dtype_; }
   // Bytes of K/V the whole pool holds (every block), wherever it is stored.
   int64_t capacity_bytes() const { return total_blocks_ * kBlockTokens * bytes_per_token(); }
   const ModelConfig& config() const { return config_; }
@@ -124,21 +162,23 @@ class KvCachePool {
   // Makes `block` (full, written) findable under `hash` unless another block
   // already is.
   void Publish(int32_t block, uint64_t hash);
-  // K of block `block`, layer `layer`: [kBlockTokens, Hkv*hd]; V follows it.
-  float* BlockKeys(int32_t block, int layer) const {
-    return slab_ + (static_cast<int64_t>(block) * layers_ + layer) * 2 * block_plane_;
+  // K of block `block`, layer `layer`: [kBlockTokens, Hkv*hd] in dtype_; V follows it.
+  char* BlockKeys(int32_t block, int layer) const {
+    return slab_ + (static_cast<int64_t>(block) * layers_ + layer) * 2 * block_plane_ * elem_bytes_;
   }
 
   ModelConfig config_;
   int64_t max_tokens_;
   bool host_storage_;
   KvLayout layout_;
+  KvDtype dtype_;
+  int elem_bytes_;  // KvDtypeBytes(dtype_)
   int layers_;
-  int64_t block_plane_;  // floats of one block's K (or V) in one layer
+  int64_t block_plane_;  // values of one block's K (or V) in one layer
   int64_t total_blocks_;
-  // The paged slab, [blocks][L][K|V][kBlockTokens][Hkv*hd], mapped at
-  // construction; the OS backs its pages only as blocks are written.
-  float* slab_ = nullptr;
+  // The paged slab, [blocks][L][K|V][kBlockTokens][Hkv*hd] in dtype_, mapped
+  // at construction; the OS backs its pages only as blocks are written.
+  char* slab_ = nullptr;
   size_t slab_bytes_ = 0;
   mutable std::mutex mu_;
   std::vector<int32_t> free_;  // guarded by mu_; released unpublished blocks, popped from the back
@@ -160,6 +200,8 @@ class SequenceKv {
   int length() const { return length_; }
   // Slots reserved from the pool (a multiple of kBlockTokens).
   int reserved() const { return static_cast<int>(blocks_.size()) * KvCachePool::kBlockTokens; }
+  // The element type of key()/value() (the pool's).
+  KvDtype dtype() const { return pool_->dtype(); }
   // The pool blocks holding positions [16 i, 16 i + 16), in order.
   const std::vector<int32_t>& block_table() const { return blocks_; }
   // The pool the blocks come from.
@@ -189,35 +231,59 @@ class SequenceKv {
   std::shared_ptr<void>& attachment() { return attachment_; }
 
   // K or V row of one position in one layer: [Hkv * hd]. pos < reserved();
-  // host storage only.
-  float* key(int layer, int pos) const { return Row(layer, pos, 0); }
-  float* value(int layer, int pos) const { return Row(layer, pos, 1); }
+  // host storage only; key/value in an FP32 pool, key_bf16/value_bf16 (BF16
+  // bits) in a BF16 one.
+  float* key(int layer, int pos) const { return reinterpret_cast<float*>(Row(layer, pos, 0)); }
+  float* value(int layer, int pos) const { return reinterpret_cast<float*>(Row(layer, pos, 1)); }
+  uint16_t* key_bf16(int layer, int pos) const {
+    return reinterpret_cast<uint16_t*>(Row(layer, pos, 0));
+  }
+  uint16_t* value_bf16(int layer, int pos) const {
+    return reinterpret_cast<uint16_t*>(Row(layer, pos, 1));
+  }
 
  private:
   friend class KvCachePool;
   explicit SequenceKv(KvCachePool* pool);
 
-  float* Row(int layer, int pos, int plane) const {
+  char* Row(int layer, int pos, int plane) const {
+    const int64_t row_bytes = static_cast<int64_t>(kv_dim_) * pool_->elem_bytes_;
     if (contiguous_) {
       const auto& rows = plane == 0 ? keys_[layer] : values_[layer];
-      return const_cast<float*>(rows.data()) + static_cast<int64_t>(pos) * kv_dim_;
+      return const_cast<char*>(rows.data()) + pos * row_bytes;
     }
     return pool_->BlockKeys(blocks_[pos / KvCachePool::kBlockTokens], layer) +
-           plane * pool_->block_plane_ +
-           static_cast<int64_t>(pos % KvCachePool::kBlockTokens) * kv_dim_;
+           plane * pool_->block_plane_ * pool_->elem_bytes_ +
+           (pos % KvCachePool::kBlockTokens) * row_bytes;
   }
 
   KvCachePool* pool_;
   int kv_dim_;
   bool contiguous_;
   int length_ = 0;
-  int published_ = 0;                       // leading blocks published or attached
-  uint64_t chain_hash_ = 0;                 // hash of the tokens of those blocks
-  std::vector<int32_t> blocks_;             // the block table
-  std::vector<std::vector<float>> keys_;    // contiguous layout only: [L][S, Hkv*hd]
-  std::vector<std::vector<float>> values_;  // contiguous layout only: [L][S, Hkv*hd]
+  int published_ = 0;                      // leading blocks published or attached
+  uint64_t chain_hash_ = 0;                // hash of the tokens of those blocks
+  std::vector<int32_t> blocks_;            // the block table
+  std::vector<std::vector<char>> keys_;    // contiguous layout only: [L][S, Hkv*hd] in dtype
+  std::vector<std::vector<char>> values_;  // contiguous layout only: [L][S, Hkv*hd] in dtype
   std::shared_ptr<void> attachment_;
 };
+
+// Sizing helpers for a byte budget.
+//
+// Parses a memory size: an integer with an optional unit B, KiB, MiB, GiB,
+// TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000), e.g. "2GiB",
+// "512MiB", "1073741824". INVALID_ARGUMENT (naming `flag`) otherwise, or when
+// it is 0 or overflows.
+absl::StatusOr<int64_t> ParseByteSize(absl::string_view text, absl::string_view flag);
+// MemAvailable of /proc/meminfo in bytes, or less in a cgroup with a memory
+// limit (its limit minus its usage); UNAVAILABLE when it cannot be read.
+absl::StatusOr<int64_t> HostMemAvailableBytes();
+// The fraction of MemAvailable (measured once the weights are loaded) the
+// host KV cache takes when no size is given.
+inline constexpr double kDefaultHostKvMemoryFraction = 0.5;
+// "1.5 GiB"-style text for logs.
+std::string FormatBytes(int64_t bytes);
 
 // Where one sequence's tokens sit in a step: rows [row_begin, row_begin + tokens)
 // of the step's activations, at positions [start_pos, start_pos + tokens).

@@ -6,10 +6,13 @@
 // Each sequence holds a 64-token context; every iteration decodes one token
 // per sequence and then rewinds the cache, so the context stays fixed.
 // BM_CpuPrefill prefills 16 sequences of 64 tokens in one step.
+// BM_CpuDecodeKvBudget decodes at a 2,048-token context from a 512 MiB KV
+// cache of FP32 or BF16 K/V.
 // The kernel level and precision come from SWITCHYARD_CPU_ISA and
 // SWITCHYARD_CPU_PRECISION (core/cpu_ops.h) and are printed in the context.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -121,6 +124,87 @@ void BM_CpuPrefill(benchmark::State& state) {
 }
 
 BENCHMARK(BM_CpuPrefill)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// Decode at a long context from a KV cache of a fixed byte budget, K/V stored
+// as FP32 or BF16 (issue #15): BF16 holds twice the tokens in the same
+// memory. Args: dtype (0 f32, 1 bf16), context, batch (0: as many sequences
+// of context + 1 tokens as the budget holds). The caches are filled with
+// random K/V (prefilling long contexts would take minutes on a small
+// machine; the attention reads the same bytes either way), then every
+// iteration decodes one token per sequence and rewinds. Counters: tokens/s,
+// `sequences` decoded per step, `max_sequences` the budget holds.
+constexpr int64_t kKvBudgetBytes = int64_t{512} << 20;
+
+void BM_CpuDecodeKvBudget(benchmark::State& state) {
+  const KvDtype dtype = state.range(0) == 1 ? KvDtype::kBf16 : KvDtype::kF32;
+  const int context = static_cast<int>(state.range(1));
+  LocalModel* model = BenchModel();
+  const ModelConfig& c = model->config();
+  KvCachePool pool(c, KvCachePool::TokensForBytes(c, dtype, kKvBudgetBytes),
+                   /*host_storage=*/true, KvLayout::kPaged, dtype);
+  const int64_t max_sequences = pool.capacity_tokens() / KvCachePool::SlotsFor(context + 1);
+  const int batch =
+      state.range(2) > 0 ? static_cast<int>(state.range(2)) : static_cast<int>(max_sequences);
+  std::vector<std::unique_ptr<SequenceKv>> caches;
+  uint32_t x = 12345;
+  auto random = [&x] {  // in [-2, 2)
+    x = x * 1664525u + 1013904223u;
+    return static_cast<float>(x >> 8) / static_cast<float>(1 << 24) * 4.0f - 2.0f;
+  };
+  std::vector<float> row(c.kv_dim());
+  for (int b = 0; b < batch; ++b) {
+    caches.push_back(pool.NewSequence());
+    SequenceKv& kv = *caches.back();
+    if (absl::Status s = kv.Reserve(context + 1); !s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      return;
+    }
+    for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+      for (int pos = 0; pos < context; ++pos) {
+        for (int plane = 0; plane < 2; ++plane) {
+          for (float& v : row) v = random();
+          if (dtype == KvDtype::kBf16) {
+            cpu::RoundToBf16(row.data(), c.kv_dim(),
+                             plane == 0 ? kv.key_bf16(layer, pos) : kv.value_bf16(layer, pos));
+          } else {
+            std::copy(row.begin(), row.end(),
+                      plane == 0 ? kv.key(layer, pos) : kv.value(layer, pos));
+          }
+        }
+      }
+    }
+    kv.Commit(context);
+  }
+  std::vector<std::vector<int32_t>> next(batch);
+  std::vector<StepInput> inputs;
+  for (int b = 0; b < batch; ++b) {
+    next[b] = {static_cast<int32_t>(100 + b)};
+    inputs.push_back({caches[b].get(), next[b], LogitsWanted::kLast});
+  }
+  for (auto _ : state) {
+    auto out = model->runner().Step(inputs);
+    if (!out.ok()) {
+      state.SkipWithError(out.status().ToString().c_str());
+      return;
+    }
+    benchmark::DoNotOptimize(out->logits.data());
+    for (auto& kv : caches) kv->Truncate(context);
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["sequences"] = batch;
+  state.counters["max_sequences"] = static_cast<double>(max_sequences);
+  state.SetLabel(KvDtypeName(dtype));
+}
+
+BENCHMARK(BM_CpuDecodeKvBudget)
+    ->ArgNames({"bf16", "context", "batch"})
+    ->Args({0, 2048, 8})
+    ->Args({1, 2048, 8})
+    ->Args({0, 2048, 0})
+    ->Args({1, 2048, 0})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 }  // namespace
 }  // namespace switchyard

@@ -275,7 +275,8 @@ absl::StatusOr<std::string> SelfDir() {
 }
 
 absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
-  const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "max-queue",
+  const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "kv-cache-memory",
+                                                        "kv-cache-dtype",  "max-queue",
                                                         "max-step-tokens", "max-new-tokens-limit"};
   std::set<std::string> value_flags = {"model",
                                        "port",

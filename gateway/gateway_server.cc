@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -148,6 +149,7 @@ struct Gateway::Parts {
   std::unique_ptr<ExpertStore> local_experts;  // --experts local only
   std::unique_ptr<ExpertBackend> backend;
   std::unique_ptr<KvCachePool> kv_pool;
+  std::string kv_sizing;  // how the KV budget was chosen, for the start-up line
   std::unique_ptr<StepRunner> runner;
   std::unique_ptr<Scheduler> scheduler;
   std::unique_ptr<GenerationServiceImpl> service;
@@ -225,7 +227,9 @@ absl::Status ReadInRange(const Flags& f, const NumericRange& r, T* value) {
 }
 
 absl::Status ParseNumericFlags(const Flags& f, GatewayOptions* o) {
-  SY_RETURN_IF_ERROR(ReadInRange(f, kKvCacheTokens, &o->kv_cache_tokens));
+  if (f.Has(kKvCacheTokens.flag)) {
+    SY_RETURN_IF_ERROR(ReadInRange(f, kKvCacheTokens, &o->kv_cache_tokens));
+  }
   SY_RETURN_IF_ERROR(ReadInRange(f, kMaxQueue, &o->scheduler.max_queue));
   SY_RETURN_IF_ERROR(ReadInRange(f, kMaxRunning, &o->scheduler.max_running));
   SY_RETURN_IF_ERROR(ReadInRange(f, kMaxStepTokens, &o->scheduler.max_step_tokens));
@@ -237,10 +241,47 @@ absl::Status ParseNumericFlags(const Flags& f, GatewayOptions* o) {
   return absl::OkStatus();
 }
 
+// Without any KV size given and no MemAvailable to go by.
+constexpr int64_t kFallbackKvTokens = 65536;
+
+// The pool's token slots: --kv-cache-tokens as given, --kv-cache-memory
+// converted at `dtype`'s bytes per token, or else `default_tokens`; capped to
+// 2^30. INVALID_ARGUMENT when a byte budget holds less than one block.
+absl::StatusOr<int64_t> KvCacheTokens(const GatewayOptions& o, const ModelConfig& config,
+                                      KvDtype dtype, int64_t default_tokens) {
+  if (o.kv_cache_tokens != 0) return o.kv_cache_tokens;
+  int64_t tokens = default_tokens;
+  if (o.kv_cache_memory != 0) {
+    tokens = KvCachePool::TokensForBytes(config, dtype, o.kv_cache_memory);
+    if (tokens < KvCachePool::kBlockTokens) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--kv-cache-memory ", o.kv_cache_memory, " bytes hold less than one block of ",
+          KvCachePool::kBlockTokens, " tokens (", KvCachePool::BytesPerToken(config, dtype),
+          " bytes per token with ", KvDtypeName(dtype), " K/V)"));
+    }
+  }
+  return std::clamp<int64_t>(tokens, KvCachePool::kBlockTokens, kKvCacheTokens.max);
+}
+
+// "--kv-cache-tokens" or "--kv-cache-memory 2.0 GiB" (and whether it was capped).
+std::string ExplicitKvSizing(const GatewayOptions& o, int64_t tokens) {
+  if (o.kv_cache_tokens != 0) return "--kv-cache-tokens";
+  return absl::StrCat("--kv-cache-memory ", FormatBytes(o.kv_cache_memory),
+                      tokens == kKvCacheTokens.max ? ", capped at 2^30 tokens" : "");
+}
+
 }  // namespace
 
 absl::Status ValidateNumericOptions(const GatewayOptions& o) {
-  SY_RETURN_IF_ERROR(CheckRange(kKvCacheTokens, o.kv_cache_tokens));
+  if (o.kv_cache_tokens != 0) SY_RETURN_IF_ERROR(CheckRange(kKvCacheTokens, o.kv_cache_tokens));
+  if (o.kv_cache_memory < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-cache-memory must be a positive size, got ", o.kv_cache_memory));
+  }
+  if (o.kv_cache_tokens != 0 && o.kv_cache_memory != 0) {
+    return absl::InvalidArgumentError(
+        "--kv-cache-tokens and --kv-cache-memory both size the KV cache: give one of them");
+  }
   SY_RETURN_IF_ERROR(CheckRange(kMaxQueue, o.scheduler.max_queue));
   SY_RETURN_IF_ERROR(CheckRange(kMaxRunning, o.scheduler.max_running));
   SY_RETURN_IF_ERROR(CheckRange(kMaxStepTokens, o.scheduler.max_step_tokens));
@@ -258,6 +299,12 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& f) {
   o.listen = f.GetOr("listen", o.listen);
   o.experts = f.GetOr("experts", o.experts);
   SY_RETURN_IF_ERROR(ParseNumericFlags(f, &o));
+  if (f.Has("kv-cache-memory")) {
+    SY_ASSIGN_OR_RETURN(o.kv_cache_memory,
+                        ParseByteSize(f.GetOr("kv-cache-memory", ""), "kv-cache-memory"));
+  }
+  o.kv_cache_dtype = f.GetOr("kv-cache-dtype", o.kv_cache_dtype);
+  SY_RETURN_IF_ERROR(ParseKvDtype(o.kv_cache_dtype).status());
   const std::string wire = f.GetOr("wire-dtype", "f32");
   if (wire != "f32" && wire != "bf16") {
     return absl::InvalidArgumentError("--wire-dtype must be f32 or bf16, got '" + wire + "'");
@@ -458,18 +505,29 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
     SY_ASSIGN_OR_RETURN(runner,
                         cuda::MakeCudaRunner(checkpoint, precision, backend.get(), metrics.get()));
     // The K/V tensors live on the device, in one slab of the pool's blocks
-    // allocated now (so a budget the device cannot hold fails at startup);
-    // the pool hands out its block ids.
-    kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens,
-                                            /*host_storage=*/false);
+    // allocated now (so a budget the device cannot hold fails at startup),
+    // stored in the compute precision; the pool hands out its block ids.
     const cuda::KvDType kv_dtype = cuda::DeviceKvDType(precision);
+    const KvDtype pool_dtype = kv_dtype == cuda::KvDType::kBF16 ? KvDtype::kBf16 : KvDtype::kF32;
+    int64_t tokens = 0;
+    if (options.kv_cache_tokens == 0 && options.kv_cache_memory == 0) {
+      // After the weights: the budget is what they left free.
+      SY_ASSIGN_OR_RETURN(tokens, cuda::DeviceKvTokensThatFit(
+                                      config, kDefaultHostKvMemoryFraction, kv_dtype));
+      kv_sizing = absl::StrCat("default: ", kDefaultHostKvMemoryFraction * 100,
+                               "% of the GPU's free memory");
+    }
+    SY_ASSIGN_OR_RETURN(tokens, KvCacheTokens(options, config, pool_dtype, tokens));
+    if (kv_sizing.empty()) kv_sizing = ExplicitKvSizing(options, tokens);
+    kv_pool = std::make_unique<KvCachePool>(config, tokens, /*host_storage=*/false,
+                                            KvLayout::kPaged, pool_dtype);
     auto slab = cuda::AttachDeviceKvSlab(*kv_pool, kv_dtype, /*device=*/0);
     if (!slab.ok()) {
       auto fit = cuda::DeviceKvTokensThatFit(config, 0.9, kv_dtype);
       return absl::Status(
           slab.status().code(),
-          absl::StrCat(slab.status().message(), " (--kv-cache-tokens ", options.kv_cache_tokens,
-                       "; about ", fit.ok() ? absl::StrCat(*fit) : "?",
+          absl::StrCat(slab.status().message(), " (", kv_sizing, ": ", tokens,
+                       " token slots; about ", fit.ok() ? absl::StrCat(*fit) : "?",
                        " would fit in 90% of the free device memory)"));
     }
     std::fprintf(stderr, "switchyard-gateway: device KV slab of %lld blocks, %.1f MiB (%s)\n",
@@ -482,7 +540,26 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
         "--device cuda: this build has no CUDA backend (configure with -DSWITCHYARD_CUDA=ON)");
 #endif
   }
-  kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens);
+  SY_ASSIGN_OR_RETURN(const KvDtype dtype, ParseKvDtype(options.kv_cache_dtype));
+  int64_t tokens = 0;
+  if (options.kv_cache_tokens == 0 && options.kv_cache_memory == 0) {
+    // Measured now, with the weights loaded: the budget is what they left.
+    absl::StatusOr<int64_t> available = HostMemAvailableBytes();
+    if (available.ok()) {
+      tokens = KvCachePool::TokensForBytes(
+          config, dtype, static_cast<int64_t>(*available * kDefaultHostKvMemoryFraction));
+      kv_sizing = absl::StrCat("default: ", kDefaultHostKvMemoryFraction * 100,
+                               "% of available memory ", FormatBytes(*available));
+    } else {
+      tokens = kFallbackKvTokens;
+      kv_sizing = absl::StrCat("default: ", available.status().message(), ", so ",
+                               kFallbackKvTokens, " tokens");
+    }
+  }
+  SY_ASSIGN_OR_RETURN(tokens, KvCacheTokens(options, config, dtype, tokens));
+  if (kv_sizing.empty()) kv_sizing = ExplicitKvSizing(options, tokens);
+  kv_pool =
+      std::make_unique<KvCachePool>(config, tokens, /*host_storage=*/true, KvLayout::kPaged, dtype);
   runner = std::make_unique<ModelRunner>(attention.get(), backend.get(), metrics.get());
   return absl::OkStatus();
 }
@@ -490,11 +567,12 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
 absl::Status Gateway::Parts::StartServing(const GatewayOptions& options, const ModelConfig& config,
                                           GenerationServiceOptions service_options) {
   std::fprintf(stderr,
-               "switchyard-gateway: KV cache %lld token slots in %lld blocks of %d, %.1f MiB of "
-               "K/V (%s)\n",
+               "switchyard-gateway: KV cache %lld token slots in %lld blocks of %d, %s of %s K/V "
+               "(%lld bytes per token; %s; %s)\n",
                static_cast<long long>(kv_pool->capacity_tokens()),
                static_cast<long long>(kv_pool->total_blocks()), KvCachePool::kBlockTokens,
-               static_cast<double>(kv_pool->capacity_bytes()) / (1 << 20),
+               FormatBytes(kv_pool->capacity_bytes()).c_str(), KvDtypeName(kv_pool->dtype()),
+               static_cast<long long>(kv_pool->bytes_per_token()), kv_sizing.c_str(),
                options.device == "cuda" ? "a budget for device memory" : "host memory, paged");
   scheduler = std::make_unique<Scheduler>(runner.get(), kv_pool.get(), tokenizer.get(),
                                           options.scheduler, metrics.get());
@@ -537,6 +615,17 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
   // Settings first: a bad value or file fails before the model loads.
   SY_RETURN_IF_ERROR(ValidateNumericOptions(options));
   SY_RETURN_IF_ERROR(ValidateSecurityOptions(options));
+  SY_RETURN_IF_ERROR(ParseKvDtype(options.kv_cache_dtype).status());
+  if (options.device == "cuda" && options.kv_cache_dtype != "auto") {
+    // The device slab stores K/V in the compute precision.
+    const std::string device_kv = options.precision == "bf16" ? "bf16" : "f32";
+    if (options.kv_cache_dtype != device_kv) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--kv-cache-dtype ", options.kv_cache_dtype, ": with --device cuda the K/V are stored in ",
+          "the compute precision (--precision ", options.precision, " stores ", device_kv,
+          "; use auto or ", device_kv, ")"));
+    }
+  }
 #ifndef SWITCHYARD_HAVE_CUDA
   if (options.device == "cuda") {
     return absl::FailedPreconditionError(

@@ -29,7 +29,20 @@ struct GatewayOptions {
   // changes the new topology is applied live (ExpertTopologyFileWatcher,
   // gateway/remote_expert_backend.h). Default 1000; 0: never re-read.
   int experts_reload_ms = 1000;
-  int64_t kv_cache_tokens = 65536;        // KV cache budget in token slots, [16, 2^30]
+  // The KV cache budget, at most one of:
+  //   kv_cache_tokens: token slots, [16, 2^30];
+  //   kv_cache_memory: bytes of K/V (in the cache's dtype), at least one
+  //     block's worth; more than 2^30 slots' worth is capped there.
+  // Neither (both 0, the default): kDefaultHostKvMemoryFraction of the host's
+  // MemAvailable once the weights are loaded (CPU runner), or that fraction
+  // of the GPU's free memory (cuda, DeviceKvTokensThatFit).
+  int64_t kv_cache_tokens = 0;
+  int64_t kv_cache_memory = 0;
+  // How the host KV cache stores K/V: "auto" (default: "bf16" when the CPU
+  // precision is BF16, SWITCHYARD_CPU_PRECISION=bf16; else "f32", exact),
+  // "bf16" or "f32". The CUDA runner keeps FP32 K/V: auto means f32 there
+  // and bf16 is refused.
+  std::string kv_cache_dtype = "auto";
   SchedulerOptions scheduler;             // queue, batch and step-token limits
   RequestLimits limits;                   // request validation limits
   int expert_timeout_ms = 10000;          // deadline of each expert call

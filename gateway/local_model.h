@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -23,7 +24,10 @@ namespace switchyard {
 
 struct LocalModelOptions {
   int64_t kv_cache_tokens = 65536;  // KV cache budget in token slots
-  bool load_tokenizer = true;       // false: a checkpoint without tokenizer files is fine
+  // How the KV cache stores K/V; default DefaultHostKvDtype() (BF16 only in
+  // the CPU's BF16 precision).
+  std::optional<KvDtype> kv_dtype;
+  bool load_tokenizer = true;  // false: a checkpoint without tokenizer files is fine
 };
 
 class LocalModel {

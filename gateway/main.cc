@@ -32,7 +32,14 @@ const switchyard::CommandSpec& Spec() {
           {"experts-reload-ms", true, "1000",
            "with --experts @FILE: re-read FILE this often and apply a changed topology live "
            "(0: never; 0..86400000)"},
-          {"kv-cache-tokens", true, "65536", "KV cache size in tokens (16..2^30)"},
+          {"kv-cache-tokens", true, "from --kv-cache-memory",
+           "KV cache size in tokens (16..2^30); not with --kv-cache-memory"},
+          {"kv-cache-memory", true, "50% of MemAvailable (cuda: of free GPU memory)",
+           "KV cache size in bytes, e.g. 2GiB or 512MiB (units B, KiB, MiB, GiB, TiB, KB, MB, "
+           "GB, TB); not with --kv-cache-tokens"},
+          {"kv-cache-dtype", true, "auto",
+           "K/V storage: auto (bf16 when SWITCHYARD_CPU_PRECISION=bf16, else f32), bf16 or f32 "
+           "(cuda: f32 only)"},
           {"max-queue", true, "256", "requests waiting at most; more are refused (1..2^20)"},
           {"max-running", true, "64", "requests decoding at once (1..16384)"},
           {"max-step-tokens", true, "512", "tokens per scheduler step (1..16384)"},

@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "core/dtype.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 #include "tests/tolerances.h"
@@ -285,6 +286,37 @@ TEST_F(KernelLevelTest, EveryLevelRowIndependentOfBatch) {
             << cpu::CpuIsaName(isa) << " precision " << static_cast<int>(precision) << " row " << t;
       }
     }
+  }
+}
+
+// The BF16-row kernels of the KV cache (dot, axpy, rounding) at every level
+// against double-accumulated loops over the same BF16 values, on lengths
+// around the 8- and 16-lane blocks; rounding is exact (bitwise F32ToBf16).
+TEST_F(KernelLevelTest, Bf16RowKernelsMatchTheOracleAtEveryLevel) {
+  for (cpu::CpuIsa isa : AvailableIsas()) {
+    ASSERT_EQ(cpu::SetIsa(isa), isa);
+    const cpu::Bf16RowOps ops = cpu::Bf16Rows();
+    double worst = 0;
+    for (int n : {1, 7, 8, 15, 16, 17, 31, 64, 100, 128}) {
+      SCOPED_TRACE(std::string(cpu::CpuIsaName(isa)) + " n=" + std::to_string(n));
+      const std::vector<float> x = Random(n, 11 + n), y = Random(n, 29 + n);
+      std::vector<uint16_t> yb(n);
+      cpu::RoundToBf16(y.data(), n, yb.data());
+      for (int i = 0; i < n; ++i) ASSERT_EQ(yb[i], F32ToBf16(y[i])) << i;
+      double want = 0;
+      for (int i = 0; i < n; ++i) want += static_cast<double>(x[i]) * Bf16ToF32(yb[i]);
+      const double dot = ops.dot(x.data(), yb.data(), n);
+      EXPECT_NEAR(dot, want, tolerance::kKernelAbs + tolerance::kKernelRel * std::fabs(want));
+      worst = std::max(worst, std::fabs(dot - want));
+      std::vector<float> acc = Random(n, 53 + n);
+      std::vector<float> expected(n);
+      for (int i = 0; i < n; ++i) {
+        expected[i] = static_cast<float>(acc[i] + 0.37 * static_cast<double>(Bf16ToF32(yb[i])));
+      }
+      ops.axpy(0.37f, yb.data(), acc.data(), n);
+      EXPECT_TRUE(AllClose(acc, expected, tolerance::kKernelAbs, tolerance::kKernelRel, "axpy"));
+    }
+    std::printf("bf16 rows, %s: max |dot diff| %g\n", cpu::CpuIsaName(isa), worst);
   }
 }
 

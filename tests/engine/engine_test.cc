@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "gateway/generate.h"
 #include "gateway/local_model.h"
@@ -28,24 +29,41 @@ class EngineTest : public ::testing::Test {
     auto model = LocalModel::Load(testing::TinyMixtralDir(), options);
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = model->release();
+    bf16_pool_ = new KvCachePool(model_->config(), 4096, /*host_storage=*/true, KvLayout::kPaged,
+                                 KvDtype::kBf16);
   }
-  static void TearDownTestSuite() { delete model_; }
+  static void TearDownTestSuite() {
+    delete bf16_pool_;
+    delete model_;
+  }
 
   int V() const { return model_->config().vocab_size; }
 
+  // The equivalence tests run on both: FP32 K/V (the model's pool; the
+  // suite runs without SWITCHYARD_CPU_PRECISION) and BF16 K/V. Both sides of
+  // each comparison read K/V of the same dtype, so the FP32 bound holds.
+  static std::vector<KvCachePool*> Pools() { return {&model_->kv_pool(), bf16_pool_}; }
+
   // Logits of every position of `ids`, computed in one prefill.
-  std::vector<float> FullLogits(const std::vector<int32_t>& ids) {
-    auto kv = model_->kv_pool().NewSequence();
+  std::vector<float> FullLogits(const std::vector<int32_t>& ids, KvCachePool* pool = nullptr) {
+    auto kv = (pool != nullptr ? pool : &model_->kv_pool())->NewSequence();
     StepInput in{kv.get(), ids, LogitsWanted::kAll};
     auto out = model_->runner().Step({&in, 1});
     EXPECT_TRUE(out.ok()) << out.status();
     return out.ok() ? out->logits : std::vector<float>();
   }
 
+  void CachedDecodeEqualsFullRecompute(KvCachePool* pool);
+  void ChunkedPrefillEqualsOneShot(KvCachePool* pool);
+  void MixedBatchEqualsEachAlone(KvCachePool* pool);
+  void PagedEqualsContiguous(KvDtype dtype);
+
   static LocalModel* model_;
+  static KvCachePool* bf16_pool_;
 };
 
 LocalModel* EngineTest::model_ = nullptr;
+KvCachePool* EngineTest::bf16_pool_ = nullptr;
 
 std::vector<int32_t> Prompt(int seed, int length) {
   std::vector<int32_t> ids = {1};
@@ -58,10 +76,17 @@ std::vector<int32_t> Prompt(int seed, int length) {
 }
 
 TEST_F(EngineTest, CachedDecodeEqualsFullRecompute) {
+  for (KvCachePool* pool : Pools()) {
+    SCOPED_TRACE(KvDtypeName(pool->dtype()));
+    CachedDecodeEqualsFullRecompute(pool);
+  }
+}
+
+void EngineTest::CachedDecodeEqualsFullRecompute(KvCachePool* pool) {
   const std::vector<int32_t> ids = Prompt(1, 23);
-  const std::vector<float> full = FullLogits(ids);
+  const std::vector<float> full = FullLogits(ids, pool);
   // Prefill 7 tokens, then feed the rest one at a time.
-  auto kv = model_->kv_pool().NewSequence();
+  auto kv = pool->NewSequence();
   std::vector<float> incremental;
   StepInput prefill{kv.get(), absl::MakeConstSpan(ids).subspan(0, 7), LogitsWanted::kAll};
   auto out = model_->runner().Step({&prefill, 1});
@@ -74,14 +99,22 @@ TEST_F(EngineTest, CachedDecodeEqualsFullRecompute) {
     incremental.insert(incremental.end(), out->logits.begin(), out->logits.end());
   }
   EXPECT_EQ(kv->length(), static_cast<int>(ids.size()));
-  EXPECT_TRUE(AllClose(incremental, full, tolerance::kReorderAbs, tolerance::kReorderRel,
-                       "prefill+decode vs recompute"));
+  EXPECT_TRUE(
+      AllClose(incremental, full, tolerance::kReorderAbs, tolerance::kReorderRel,
+               absl::StrCat("prefill+decode vs recompute, ", KvDtypeName(pool->dtype()), " K/V")));
 }
 
 TEST_F(EngineTest, ChunkedPrefillEqualsOneShot) {
+  for (KvCachePool* pool : Pools()) {
+    SCOPED_TRACE(KvDtypeName(pool->dtype()));
+    ChunkedPrefillEqualsOneShot(pool);
+  }
+}
+
+void EngineTest::ChunkedPrefillEqualsOneShot(KvCachePool* pool) {
   const std::vector<int32_t> ids = Prompt(2, 33);
-  const std::vector<float> full = FullLogits(ids);
-  auto kv = model_->kv_pool().NewSequence();
+  const std::vector<float> full = FullLogits(ids, pool);
+  auto kv = pool->NewSequence();
   std::vector<float> chunked;
   for (size_t begin = 0; begin < ids.size(); begin += 10) {
     const size_t n = std::min<size_t>(10, ids.size() - begin);
@@ -90,19 +123,28 @@ TEST_F(EngineTest, ChunkedPrefillEqualsOneShot) {
     ASSERT_TRUE(out.ok()) << out.status();
     chunked.insert(chunked.end(), out->logits.begin(), out->logits.end());
   }
-  EXPECT_TRUE(AllClose(chunked, full, tolerance::kReorderAbs, tolerance::kReorderRel,
-                       "chunks of 10 vs one prefill"));
+  EXPECT_TRUE(
+      AllClose(chunked, full, tolerance::kReorderAbs, tolerance::kReorderRel,
+               absl::StrCat("chunks of 10 vs one prefill, ", KvDtypeName(pool->dtype()), " K/V")));
 }
 
 TEST_F(EngineTest, MixedBatchEqualsEachAlone) {
+  for (KvCachePool* pool : Pools()) {
+    SCOPED_TRACE(KvDtypeName(pool->dtype()));
+    MixedBatchEqualsEachAlone(pool);
+  }
+}
+
+void EngineTest::MixedBatchEqualsEachAlone(KvCachePool* pool) {
   // Sequence A decodes one token after a 9-token prefill, B prefills 17
   // tokens, C prefills its second chunk of 5 after 4, D is a lone BOS.
   const std::vector<int32_t> a = Prompt(3, 10), b = Prompt(4, 17), c = Prompt(5, 9);
   const std::vector<int32_t> d = {1};
-  auto kv_a = model_->kv_pool().NewSequence();
-  auto kv_b = model_->kv_pool().NewSequence();
-  auto kv_c = model_->kv_pool().NewSequence();
-  auto kv_d = model_->kv_pool().NewSequence();
+  const std::string tag = absl::StrCat(", ", KvDtypeName(pool->dtype()), " K/V");
+  auto kv_a = pool->NewSequence();
+  auto kv_b = pool->NewSequence();
+  auto kv_c = pool->NewSequence();
+  auto kv_d = pool->NewSequence();
   StepInput pre_a{kv_a.get(), absl::MakeConstSpan(a).subspan(0, 9), LogitsWanted::kNone};
   StepInput pre_c{kv_c.get(), absl::MakeConstSpan(c).subspan(0, 4), LogitsWanted::kNone};
   ASSERT_TRUE(model_->runner().Step({&pre_a, 1}).ok());
@@ -124,18 +166,18 @@ TEST_F(EngineTest, MixedBatchEqualsEachAlone) {
                  static_cast<size_t>(count) * V());
   };
   auto alone = [&](const std::vector<int32_t>& ids, int first, int count) {
-    std::vector<float> full = FullLogits(ids);
+    std::vector<float> full = FullLogits(ids, pool);
     return std::vector<float>(full.begin() + static_cast<size_t>(first) * V(),
                               full.begin() + static_cast<size_t>(first + count) * V());
   };
   EXPECT_TRUE(AllClose(rows(0, 0, 1), alone(a, 9, 1), tolerance::kReorderAbs,
-                       tolerance::kReorderRel, "A: decode in batch vs alone"));
+                       tolerance::kReorderRel, "A: decode in batch vs alone" + tag));
   EXPECT_TRUE(AllClose(rows(1, 0, 17), alone(b, 0, 17), tolerance::kReorderAbs,
-                       tolerance::kReorderRel, "B: prefill in batch vs alone"));
+                       tolerance::kReorderRel, "B: prefill in batch vs alone" + tag));
   EXPECT_TRUE(AllClose(rows(2, 0, 5), alone(c, 4, 5), tolerance::kReorderAbs,
-                       tolerance::kReorderRel, "C: second chunk in batch vs alone"));
+                       tolerance::kReorderRel, "C: second chunk in batch vs alone" + tag));
   EXPECT_TRUE(AllClose(rows(3, 0, 1), alone(d, 0, 1), tolerance::kReorderAbs,
-                       tolerance::kReorderRel, "D: BOS in batch vs alone"));
+                       tolerance::kReorderRel, "D: BOS in batch vs alone" + tag));
 }
 
 TEST_F(EngineTest, InvalidTokenIsRefusedBeforeAnyWork) {
@@ -178,6 +220,75 @@ TEST(KvCacheTest, BudgetIsEnforcedAndReturned) {
 
 // Blocks come from one pool: a freed block serves the next sequence, the
 // table lists them in position order, and the pool reports its size in bytes.
+// BF16 K/V take half the bytes of FP32, so a byte budget holds twice the
+// tokens; the rows a BF16 pool hands out are 2-byte rows, distinct per
+// position and block.
+TEST(KvCacheTest, Bf16StorageHalvesTheBytesAndDoublesTheTokensOfABudget) {
+  ModelConfig config;
+  config.num_hidden_layers = 2;
+  config.num_key_value_heads = 2;
+  config.head_dim = 4;  // kv_dim 8
+  EXPECT_EQ(KvCachePool::BytesPerToken(config, KvDtype::kF32), 2 * 2 * 8 * 4);
+  EXPECT_EQ(KvCachePool::BytesPerToken(config, KvDtype::kBf16), 2 * 2 * 8 * 2);
+  const int64_t budget = int64_t{1} << 20;
+  const int64_t f32 = KvCachePool::TokensForBytes(config, KvDtype::kF32, budget);
+  const int64_t bf16 = KvCachePool::TokensForBytes(config, KvDtype::kBf16, budget);
+  EXPECT_EQ(f32, 8192);
+  EXPECT_EQ(bf16, 2 * f32);
+  EXPECT_EQ(KvCachePool::TokensForBytes(config, KvDtype::kF32, 128 * 31), 16);  // whole blocks
+  for (KvLayout layout : {KvLayout::kPaged, KvLayout::kContiguous}) {
+    KvCachePool pool(config, bf16, /*host_storage=*/true, layout, KvDtype::kBf16);
+    EXPECT_EQ(pool.capacity_bytes(), budget);
+    auto seq = pool.NewSequence();
+    ASSERT_TRUE(seq->Reserve(40).ok());
+    EXPECT_EQ(seq->dtype(), KvDtype::kBf16);
+    for (int layer = 0; layer < 2; ++layer) {
+      for (int pos = 0; pos < 40; ++pos) {
+        for (int d = 0; d < 8; ++d) {
+          seq->key_bf16(layer, pos)[d] = static_cast<uint16_t>(1000 * layer + 10 * pos + d);
+          seq->value_bf16(layer, pos)[d] =
+              static_cast<uint16_t>(30000 + 1000 * layer + 10 * pos + d);
+        }
+      }
+    }
+    for (int layer = 0; layer < 2; ++layer) {
+      for (int pos = 0; pos < 40; ++pos) {
+        for (int d = 0; d < 8; ++d) {
+          ASSERT_EQ(seq->key_bf16(layer, pos)[d], 1000 * layer + 10 * pos + d);
+          ASSERT_EQ(seq->value_bf16(layer, pos)[d], 30000 + 1000 * layer + 10 * pos + d);
+        }
+      }
+    }
+  }
+}
+
+TEST(KvCacheTest, ByteSizesParseWithUnitsAndBadOnesNameTheFlag) {
+  EXPECT_EQ(*ParseByteSize("2GiB", "kv-cache-memory"), int64_t{2} << 30);
+  EXPECT_EQ(*ParseByteSize("512MiB", "kv-cache-memory"), int64_t{512} << 20);
+  EXPECT_EQ(*ParseByteSize("512 mib", "kv-cache-memory"), int64_t{512} << 20);
+  EXPECT_EQ(*ParseByteSize("3KB", "kv-cache-memory"), 3000);
+  EXPECT_EQ(*ParseByteSize("1073741824", "kv-cache-memory"), int64_t{1} << 30);
+  EXPECT_EQ(*ParseByteSize("7B", "kv-cache-memory"), 7);
+  for (const char* bad : {"", "GiB", "-1GiB", "0", "0MiB", "2 GiBs", "1.5GiB", "2XB",
+                          "99999999999999999999", "9000000TiB"}) {
+    SCOPED_TRACE(bad);
+    absl::StatusOr<int64_t> parsed = ParseByteSize(bad, "kv-cache-memory");
+    ASSERT_FALSE(parsed.ok());
+    EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StrContains(parsed.status().message(), "--kv-cache-memory"))
+        << parsed.status();
+  }
+  EXPECT_EQ(*ParseKvDtype("bf16"), KvDtype::kBf16);
+  EXPECT_EQ(*ParseKvDtype("f32"), KvDtype::kF32);
+  EXPECT_EQ(*ParseKvDtype("auto"), DefaultHostKvDtype());
+  absl::StatusOr<KvDtype> bad = ParseKvDtype("fp8");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_TRUE(absl::StrContains(bad.status().message(), "--kv-cache-dtype")) << bad.status();
+  absl::StatusOr<int64_t> available = HostMemAvailableBytes();
+  ASSERT_TRUE(available.ok()) << available.status();
+  EXPECT_GT(*available, 0);
+}
+
 TEST(KvCacheTest, BlocksAreReusedThroughTheBlockTable) {
   ModelConfig config;
   config.num_hidden_layers = 2;
@@ -302,9 +413,18 @@ TEST(KvCacheTest, DeviceStoragePoolsShareBlockIdsAndKeepOneAttachment) {
 // arithmetic is the same in the same order, only the addresses differ, so
 // the logits must be bitwise equal (tolerance 0).
 TEST_F(EngineTest, PagedAttentionEqualsTheContiguousOracleOnAwkwardLengths) {
+  PagedEqualsContiguous(KvDtype::kF32);
+}
+
+// The same with K/V stored as BF16 on both sides: still bitwise equal.
+TEST_F(EngineTest, PagedBf16AttentionEqualsTheContiguousBf16Oracle) {
+  PagedEqualsContiguous(KvDtype::kBf16);
+}
+
+void EngineTest::PagedEqualsContiguous(KvDtype dtype) {
   const ModelConfig& c = model_->config();
-  KvCachePool oracle_pool(c, 4096, /*host_storage=*/true, KvLayout::kContiguous);
-  KvCachePool paged_pool(c, 4096);
+  KvCachePool oracle_pool(c, 4096, /*host_storage=*/true, KvLayout::kContiguous, dtype);
+  KvCachePool paged_pool(c, 4096, /*host_storage=*/true, KvLayout::kPaged, dtype);
   {
     // Fragment the paged pool: hold every block, free them in a scrambled order.
     std::vector<std::unique_ptr<SequenceKv>> holders;
@@ -358,7 +478,8 @@ TEST_F(EngineTest, PagedAttentionEqualsTheContiguousOracleOnAwkwardLengths) {
     const std::vector<int32_t>& table = paged_kv[s]->block_table();
     for (size_t i = 1; i < table.size(); ++i) fragmented |= table[i] != table[i - 1] + 1;
   }
-  std::printf("paged vs contiguous: max |diff| %g over all logits (tolerance 0)\n", max_diff);
+  std::printf("paged vs contiguous, %s K/V: max |diff| %g over all logits (tolerance 0)\n",
+              KvDtypeName(dtype), max_diff);
   EXPECT_TRUE(fragmented) << "the block tables are contiguous: the test checks nothing paged";
   EXPECT_EQ(max_diff, 0.0);
 }

@@ -13,10 +13,12 @@
 #include <thread>
 #include <vector>
 
+#include "attention_service/kv_cache.h"
 #include "core/utf8.h"
 #include "gateway/gateway_server.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "metrics/metrics.h"
 #include "nlohmann/json.hpp"
 #include "switchyard/v1/generation.grpc.pb.h"
 #include "tests/test_util.h"
@@ -472,15 +474,21 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
       {{"--kv-cache-tokens", "8"}, "--kv-cache-tokens"},
       {{"--max-step-tokens", "0"}, "--max-step-tokens"},
       {{"--max-queue", "ten"}, "--max-queue"},
+      {{"--kv-cache-memory", "2XB"}, "--kv-cache-memory"},
+      {{"--kv-cache-memory", "-1GiB"}, "--kv-cache-memory"},
+      {{"--kv-cache-memory", "0"}, "--kv-cache-memory"},
+      {{"--kv-cache-memory", "1GiB", "--kv-cache-tokens", "4096"}, "--kv-cache-memory"},
+      {{"--kv-cache-dtype", "fp8"}, "--kv-cache-dtype"},
   };
   for (const Case& c : cases) {
     std::vector<std::string> args = {"--model", "m"};
     args.insert(args.end(), c.args.begin(), c.args.end());
-    auto flags = Flags::Parse(
-        args,
-        {"model", "kv-cache-tokens", "max-queue", "max-running", "max-step-tokens",
-         "max-new-tokens-limit", "expert-timeout-ms", "grace-ms", "max-connection-age-ms"},
-        {});
+    auto flags =
+        Flags::Parse(args,
+                     {"model", "kv-cache-tokens", "max-queue", "max-running", "max-step-tokens",
+                      "max-new-tokens-limit", "expert-timeout-ms", "grace-ms",
+                      "max-connection-age-ms", "kv-cache-memory", "kv-cache-dtype"},
+                     {});
     ASSERT_TRUE(flags.ok()) << flags.status();
     auto options = GatewayOptionsFromFlags(*flags);
     ASSERT_FALSE(options.ok()) << c.args[0] << " " << c.args[1];
@@ -505,6 +513,67 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
   ASSERT_FALSE(gateway.ok());
   EXPECT_EQ(gateway.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(gateway.status().message().find("--max-step-tokens"), std::string::npos);
+}
+
+// The value of the unlabelled series `name` in Prometheus text, or -1.
+double GaugeValue(const std::string& text, const std::string& name) {
+  size_t at = 0;
+  while ((at = text.find(name, at)) != std::string::npos) {
+    const bool line_start = at == 0 || text[at - 1] == '\n';
+    const size_t end = text.find('\n', at);
+    const std::string line = text.substr(at, end - at);
+    at += name.size();
+    if (!line_start || line.size() <= name.size() ||
+        (line[name.size()] != ' ' && line[name.size()] != '{')) {
+      continue;
+    }
+    return std::stod(line.substr(line.rfind(' ') + 1));
+  }
+  return -1;
+}
+
+// --kv-cache-memory sizes the pool in bytes of its K/V dtype: the same budget
+// holds twice the tokens as BF16, and the gauges say both. Without a size the
+// pool takes half of MemAvailable.
+TEST(GatewayKvSizingTest, MemoryBudgetIsConvertedAtTheCacheDtypeAndReported) {
+  int64_t bf16_tokens = 0;
+  for (const char* dtype : {"f32", "bf16"}) {
+    SCOPED_TRACE(dtype);
+    GatewayOptions options;
+    options.model_dir = testing::TinyMixtralDir();
+    options.listen = "127.0.0.1:0";
+    options.kv_cache_memory = int64_t{1} << 20;
+    options.kv_cache_dtype = dtype;
+    auto gateway = Gateway::Start(options);
+    ASSERT_TRUE(gateway.ok()) << gateway.status();
+    const SchedulerStats stats = (*gateway)->scheduler().Stats();
+    const std::string text = metrics::Serialize((*gateway)->metrics_registry());
+    EXPECT_EQ(GaugeValue(text, "switchyard_gateway_kv_cache_capacity_bytes"), 1 << 20);
+    EXPECT_EQ(GaugeValue(text, "switchyard_gateway_kv_cache_capacity_tokens"),
+              stats.kv_capacity_tokens);
+    if (std::string(dtype) == "bf16") {
+      bf16_tokens = stats.kv_capacity_tokens;
+    } else {
+      EXPECT_EQ(stats.kv_capacity_tokens, 2048);  // 512 bytes per token
+    }
+    (*gateway)->Shutdown(absl::ZeroDuration());
+  }
+  EXPECT_EQ(bf16_tokens, 4096);
+
+  GatewayOptions by_default;
+  by_default.model_dir = testing::TinyMixtralDir();
+  by_default.listen = "127.0.0.1:0";
+  auto gateway = Gateway::Start(by_default);
+  ASSERT_TRUE(gateway.ok()) << gateway.status();
+  absl::StatusOr<int64_t> available = HostMemAvailableBytes();
+  ASSERT_TRUE(available.ok());
+  const int64_t tokens = (*gateway)->scheduler().Stats().kv_capacity_tokens;
+  // Half of MemAvailable at start-up, within what other processes moved since.
+  std::printf("default KV cache: %lld tokens, MemAvailable now %lld bytes\n",
+              static_cast<long long>(tokens), static_cast<long long>(*available));
+  EXPECT_GT(tokens * 512, *available / 4);
+  EXPECT_LT(tokens * 512, *available);
+  (*gateway)->Shutdown(absl::ZeroDuration());
 }
 
 // A gateway of its own: a small per-stream queue bound, and a shutdown.

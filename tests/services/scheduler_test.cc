@@ -104,6 +104,8 @@ class SchedulerTest : public ::testing::Test {
     return *result;
   }
 
+  void ForcedPreemptionUnderEightStreams(KvDtype dtype);
+
   std::unique_ptr<LocalModel> model_;
 };
 
@@ -306,9 +308,18 @@ class CountingRunner : public StepRunner {
 // preempted (their cache freed, their context prefilled again later) many
 // times, and still every stream, greedy and seeded, equals its solo run with
 // nothing lost or repeated.
+// With FP32 and with BF16 K/V (solo runs on the same dtype).
 TEST_F(SchedulerTest, ForcedPreemptionUnderEightStreamsKeepsEveryStreamEqualToItsSoloRun) {
+  for (KvDtype dtype : {KvDtype::kF32, KvDtype::kBf16}) {
+    SCOPED_TRACE(KvDtypeName(dtype));
+    ForcedPreemptionUnderEightStreams(dtype);
+  }
+}
+
+void SchedulerTest::ForcedPreemptionUnderEightStreams(KvDtype dtype) {
   LocalModelOptions small;
   small.kv_cache_tokens = 160;
+  small.kv_dtype = dtype;
   auto model = LocalModel::Load(testing::TinyMixtralDir(), small);
   ASSERT_TRUE(model.ok()) << model.status();
   SchedulerOptions options;
@@ -334,7 +345,8 @@ TEST_F(SchedulerTest, ForcedPreemptionUnderEightStreamsKeepsEveryStreamEqualToIt
   const SchedulerStats stats = scheduler->Stats();
   scheduler.reset();
   EXPECT_GT(stats.preemptions, 0) << "the test no longer forces preemption";
-  std::printf("preemptions: %lld\n", static_cast<long long>(stats.preemptions));
+  std::printf("%s K/V: preemptions: %lld\n", KvDtypeName(dtype),
+              static_cast<long long>(stats.preemptions));
   for (int i = 0; i < 8; ++i) {
     ASSERT_TRUE(sinks[i]->error.ok()) << sinks[i]->error;
     GenerationRequest solo_request = requests[i];
