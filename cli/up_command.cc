@@ -247,8 +247,8 @@ absl::StatusOr<std::string> SelfDir() {
 }
 
 absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
-  const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "max-queue",
-                                                        "max-step-tokens", "max-new-tokens-limit"};
+  const std::vector<std::string> gateway_passthrough = {
+      "kv-cache-tokens", "max-queue", "max-step-tokens", "max-new-tokens-limit", "micro-batches"};
   std::set<std::string> value_flags = {
       "model",        "port",        "endpoints-file",  "experts-per-process",
       "bin-dir",      "listen-host", "start-timeout-s", "expert-workers",

@@ -207,6 +207,7 @@ constexpr NumericRange kExpertTimeoutMs{"expert-timeout-ms", 1, kOneDayMs};
 constexpr NumericRange kGraceMs{"grace-ms", 0, kOneDayMs};
 constexpr NumericRange kExpertsReloadMs{"experts-reload-ms", 0, kOneDayMs};
 constexpr NumericRange kMaxConnectionAgeMs{"max-connection-age-ms", 0, kMaxIntOption};
+constexpr NumericRange kMicroBatches{"micro-batches", 0, 64};
 
 absl::Status CheckRange(const NumericRange& r, int64_t value) {
   if (value < r.min || value > r.max) {
@@ -234,6 +235,7 @@ absl::Status ParseNumericFlags(const Flags& f, GatewayOptions* o) {
   SY_RETURN_IF_ERROR(ReadInRange(f, kGraceMs, &o->grace_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kExpertsReloadMs, &o->experts_reload_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kMaxConnectionAgeMs, &o->max_connection_age_ms));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kMicroBatches, &o->micro_batches));
   return absl::OkStatus();
 }
 
@@ -249,6 +251,7 @@ absl::Status ValidateNumericOptions(const GatewayOptions& o) {
   SY_RETURN_IF_ERROR(CheckRange(kGraceMs, o.grace_ms));
   SY_RETURN_IF_ERROR(CheckRange(kExpertsReloadMs, o.experts_reload_ms));
   SY_RETURN_IF_ERROR(CheckRange(kMaxConnectionAgeMs, o.max_connection_age_ms));
+  SY_RETURN_IF_ERROR(CheckRange(kMicroBatches, o.micro_batches));
   return absl::OkStatus();
 }
 
@@ -452,11 +455,21 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
 absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
                                         const Checkpoint& checkpoint) {
   const ModelConfig& config = checkpoint.config();
+  const bool remote_experts = options.experts != "local";
+  const int micro_batches = ResolveMicroBatches(options.micro_batches, remote_experts);
+  std::fprintf(stderr,
+               "switchyard-gateway: micro-batches %d (%s; a step of 2+ sequences and at most %d "
+               "tokens splits, by whole sequences)\n",
+               micro_batches,
+               options.micro_batches > 0 ? "--micro-batches"
+               : remote_experts          ? "auto: remote experts"
+                                         : "auto: local experts",
+               kMaxMicroBatchedStepTokens);
   if (options.device == "cuda") {
 #ifdef SWITCHYARD_HAVE_CUDA
     SY_ASSIGN_OR_RETURN(cuda::Precision precision, cuda::ParsePrecision(options.precision));
-    SY_ASSIGN_OR_RETURN(runner,
-                        cuda::MakeCudaRunner(checkpoint, precision, backend.get(), metrics.get()));
+    SY_ASSIGN_OR_RETURN(runner, cuda::MakeCudaRunner(checkpoint, precision, backend.get(),
+                                                     metrics.get(), /*device=*/0, micro_batches));
     // The K/V tensors live on the device; the pool only keeps the budget.
     kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens,
                                             /*host_storage=*/false);
@@ -467,7 +480,8 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
 #endif
   }
   kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens);
-  runner = std::make_unique<ModelRunner>(attention.get(), backend.get(), metrics.get());
+  runner = std::make_unique<ModelRunner>(attention.get(), backend.get(), metrics.get(),
+                                         micro_batches);
   return absl::OkStatus();
 }
 

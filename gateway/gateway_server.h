@@ -35,6 +35,11 @@ struct GatewayOptions {
   int expert_timeout_ms = 10000;          // deadline of each expert call
   int expert_connect_timeout_ms = 30000;  // start-up wait for every expert to answer
   bool wire_bf16 = false;                 // send expert tensors as BF16 (default F32, exact)
+  // --micro-batches: the most micro-batches a step splits into so that
+  // attention and routing of one overlap the expert calls of another
+  // (gateway/step_runner.h). 0 (default): auto, 2 with remote experts and 1
+  // with local ones (ResolveMicroBatches). [0, 64].
+  int micro_batches = 0;
   int grace_ms = 5000;                    // shutdown grace for in-flight requests
   int max_connection_age_ms = 0;          // 0: connections are never recycled
   std::string metrics_listen;             // "HOST:PORT" for /metrics; empty (default): off

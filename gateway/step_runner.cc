@@ -52,6 +52,32 @@ absl::StatusOr<StepLayout> PrepareStep(const ModelConfig& c, absl::Span<const St
   return layout;
 }
 
+std::vector<int> SplitIntoMicroBatches(absl::Span<const SequenceSlice> slices, int tokens,
+                                       int max_micro_batches) {
+  const int sequences = static_cast<int>(slices.size());
+  int m = std::max(1, std::min(max_micro_batches, sequences));
+  if (tokens > kMaxMicroBatchedStepTokens) m = 1;
+  std::vector<int> bounds = {0};
+  int64_t done = 0;  // tokens of the sequences before the candidate cut
+  for (int b = 0; b + 1 < sequences && static_cast<int>(bounds.size()) < m; ++b) {
+    done += slices[b].tokens;
+    const int next = static_cast<int>(bounds.size());  // the cut being placed
+    const int left = sequences - (b + 1);              // sequences after the cut
+    // Cut once this micro-batch has its share of the tokens, or when every
+    // later micro-batch needs one of the remaining sequences.
+    if (done * m >= static_cast<int64_t>(tokens) * next || left == m - next) {
+      bounds.push_back(b + 1);
+    }
+  }
+  bounds.push_back(sequences);
+  return bounds;
+}
+
+int ResolveMicroBatches(int flag_value, bool remote_experts) {
+  if (flag_value > 0) return flag_value;
+  return remote_experts ? 2 : 1;
+}
+
 std::vector<absl::Status> SequencesOfFailedBatches(const MoeDispatch& plan,
                                                    absl::Span<const ExpertBatch> batches,
                                                    absl::Span<const absl::Status> batch_status,
