@@ -335,8 +335,8 @@ absl::Status CudaModelRunner::StartLayer(MicroBatch& mb, int layer,
     SY_RETURN_IF_ERROR(
         CopyToHost(h_router_logits, router_logits, static_cast<size_t>(T) * E, stream));
   }
-  // Wait for this micro-batch's routing only: work enqueued later (none
-  // yet, but the point is the event, not the stream) need not be done.
+  // The host needs this micro-batch's routing; the other micro-batches'
+  // expert calls stay in flight meanwhile.
   CudaEvent& routed = routed_[mb.index];
   SY_RETURN_IF_ERROR(routed.Record(stream));
   SY_RETURN_IF_ERROR(routed.Synchronize());

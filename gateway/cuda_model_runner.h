@@ -25,8 +25,8 @@
 // whose rows are contiguous slices of every step buffer. Per layer, each
 // micro-batch in turn waits for its expert calls of the previous layer,
 // enqueues their outputs and the combine, enqueues its attention and
-// routing, waits on an event recorded after its routing copies (not on the
-// whole stream) and starts its expert calls in the background
+// routing, waits on an event recorded after its routing copies and starts
+// its expert calls in the background
 // (ExpertBackend::StartLayerPerBatch), so that the GPU computes the next
 // micro-batch while the experts of the others are in flight. Results are
 // bit-for-bit those of one micro-batch. With experts on this GPU there is

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "core/cpu_ops.h"
 #include "core/status_macros.h"
 
 namespace switchyard {
@@ -51,6 +52,9 @@ absl::StatusOr<StepLayout> PrepareStep(const ModelConfig& c, absl::Span<const St
   }
   return layout;
 }
+
+static_assert(kMaxMicroBatchedStepTokens <= cpu::kSkinnyMaxTokens,
+              "a split step must stay on the row-invariant CPU kernels");
 
 std::vector<int> SplitIntoMicroBatches(absl::Span<const SequenceSlice> slices, int tokens,
                                        int max_micro_batches) {
