@@ -54,8 +54,7 @@ class ExpertBackend {
   // have several calls in flight at once, also for the same layer. Default:
   // RunLayerPerBatch on a thread of its own (std::async), so every backend
   // has it; a backend with its own asynchronous transport may override it.
-  virtual std::future<absl::Status> StartLayerPerBatch(int layer,
-                                                       std::vector<ExpertBatch> batches,
+  virtual std::future<absl::Status> StartLayerPerBatch(int layer, std::vector<ExpertBatch> batches,
                                                        std::vector<absl::Status>* batch_status);
   // One line for logs: what runs the experts.
   virtual std::string Describe() const = 0;

@@ -305,8 +305,8 @@ absl::Status CudaModelRunner::StartLayer(MicroBatch& mb, int layer,
   const int T = mb.tokens, D = c.hidden_size, E = c.num_local_experts, K = c.num_experts_per_tok;
   const int TK = T * K;
   const int64_t r0 = mb.row_begin;
-  float* h = h_.data() + r0 * D;                       // [T, D] of this micro-batch
-  float* x = x_.data() + r0 * D;                       // [T, D]
+  float* h = h_.data() + r0 * D;                          // [T, D] of this micro-batch
+  float* x = x_.data() + r0 * D;                          // [T, D]
   float* router_logits = router_logits_.data() + r0 * E;  // [T, E]
   int32_t* topk_experts = topk_experts_.data() + r0 * K;  // [T, K]
   float* topk_weights = topk_weights_.data() + r0 * K;    // [T, K]
@@ -324,8 +324,8 @@ absl::Status CudaModelRunner::StartLayer(MicroBatch& mb, int layer,
   SY_RETURN_IF_ERROR(dense_->AttentionBlock(*ctx_, layer, a, h));
 
   // x[T, D] = rmsnorm(h); router_logits[T, E] = x · gate^T; top-K on the device.
-  SY_RETURN_IF_ERROR(dense_->RouterInput(*ctx_, layer, h, T, x, router_logits, topk_experts,
-                                         topk_weights));
+  SY_RETURN_IF_ERROR(
+      dense_->RouterInput(*ctx_, layer, h, T, x, router_logits, topk_experts, topk_weights));
   int32_t* chosen = h_topk_experts_.data() + r0 * K;  // [T, K]
   float* weights = h_topk_weights_.data() + r0 * K;   // [T, K]
   float* h_router_logits = h_router_logits_.data() + r0 * E;

@@ -160,12 +160,9 @@ class CudaModelRunner : public StepRunner {
 // `remote_or_null` (not owned; must outlive the runner; the checkpoint may
 // then be opened WeightSelection::DenseOnly()). The checkpoint may be closed
 // after the call. Pair it with KvCachePool(config, tokens, /*host_storage=*/false).
-absl::StatusOr<std::unique_ptr<StepRunner>> MakeCudaRunner(const Checkpoint& checkpoint,
-                                                           Precision precision,
-                                                           ExpertBackend* remote_or_null,
-                                                           RoutingObserver* observer = nullptr,
-                                                           int device = 0,
-                                                           int max_micro_batches = 1);
+absl::StatusOr<std::unique_ptr<StepRunner>> MakeCudaRunner(
+    const Checkpoint& checkpoint, Precision precision, ExpertBackend* remote_or_null,
+    RoutingObserver* observer = nullptr, int device = 0, int max_micro_batches = 1);
 
 }  // namespace switchyard::cuda
 

@@ -480,8 +480,8 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
 #endif
   }
   kv_pool = std::make_unique<KvCachePool>(config, options.kv_cache_tokens);
-  runner = std::make_unique<ModelRunner>(attention.get(), backend.get(), metrics.get(),
-                                         micro_batches);
+  runner =
+      std::make_unique<ModelRunner>(attention.get(), backend.get(), metrics.get(), micro_batches);
   return absl::OkStatus();
 }
 

@@ -40,9 +40,9 @@ struct GatewayOptions {
   // (gateway/step_runner.h). 0 (default): auto, 2 with remote experts and 1
   // with local ones (ResolveMicroBatches). [0, 64].
   int micro_batches = 0;
-  int grace_ms = 5000;                    // shutdown grace for in-flight requests
-  int max_connection_age_ms = 0;          // 0: connections are never recycled
-  std::string metrics_listen;             // "HOST:PORT" for /metrics; empty (default): off
+  int grace_ms = 5000;            // shutdown grace for in-flight requests
+  int max_connection_age_ms = 0;  // 0: connections are never recycled
+  std::string metrics_listen;     // "HOST:PORT" for /metrics; empty (default): off
   // "HOST:PORT" for the OpenAI-compatible HTTP API (gateway/openai_http.h);
   // empty (default): off. Plaintext; bearer-token auth as the gRPC API's.
   std::string http_listen;

@@ -73,8 +73,8 @@ absl::StatusOr<StepOutput> ModelRunner::StepOnce(absl::Span<const StepInput> inp
   std::vector<float> h(static_cast<size_t>(tokens) * D);  // [T, D]
   model_->Embed(layout.ids.data(), tokens, h.data());
   if (trace != nullptr) {
-    trace->router_logits.assign(c.num_hidden_layers, std::vector<float>(
-                                                         static_cast<size_t>(tokens) * E));
+    trace->router_logits.assign(c.num_hidden_layers,
+                                std::vector<float>(static_cast<size_t>(tokens) * E));
     trace->routing.assign(c.num_hidden_layers, {});
     for (Routing& r : trace->routing) {
       r.tokens = tokens;
@@ -110,8 +110,7 @@ absl::StatusOr<StepOutput> ModelRunner::StepOnce(absl::Span<const StepInput> inp
   // calls: in the background when micro-batches overlap.
   auto start = [&](MicroBatch& mb, int layer) -> absl::Status {
     float* hm = h.data() + static_cast<int64_t>(mb.row_begin) * D;
-    model_->AttentionBlock(layer, hm, mb.tokens, mb.slices,
-                           layout.positions.data() + mb.row_begin);
+    model_->AttentionBlock(layer, hm, mb.tokens, mb.slices, layout.positions.data() + mb.row_begin);
     model_->RouterInput(layer, hm, mb.tokens, mb.x.data(), mb.router_logits.data());
     Routing routing = RouteTopK(mb.router_logits.data(), mb.tokens, E, K);
     if (trace != nullptr) {

@@ -601,8 +601,7 @@ absl::StatusOr<std::unique_ptr<GrpcExperts>> StartGrpcExperts(const ModelConfig&
   std::string spec;
   for (int e : all) spec += absl::StrCat(e, "=", g->server->address(), ";");
   spec.pop_back();
-  SY_ASSIGN_OR_RETURN(ExpertTopology topology,
-                      ParseExpertTopology(spec, config.num_local_experts));
+  SY_ASSIGN_OR_RETURN(ExpertTopology topology, ParseExpertTopology(spec, config.num_local_experts));
   RemoteExpertOptions remote;
   remote.connect_timeout_ms = 10000;
   SY_ASSIGN_OR_RETURN(g->client,
@@ -635,8 +634,8 @@ TEST_F(CudaParityTest, MicroBatchesGiveTheSameBitsAsOne) {
     ASSERT_FALSE(want.first.empty()) << c.name;
     for (int flag : {2, 3, 0}) {
       const int m = ResolveMicroBatches(flag, c.remote != nullptr);
-      SY_ASSERT_OK_AND_ASSIGN(auto runner, cuda::MakeCudaRunner(ckpt, c.precision, c.remote,
-                                                                nullptr, /*device=*/0, m));
+      SY_ASSERT_OK_AND_ASSIGN(
+          auto runner, cuda::MakeCudaRunner(ckpt, c.precision, c.remote, nullptr, /*device=*/0, m));
       const auto got = MicroBatchWorkload(*runner, pool());
       ASSERT_EQ(got.first.size(), want.first.size()) << c.name;
       double max_diff = 0;
@@ -690,15 +689,17 @@ TEST_F(CudaParityTest, RemoteExpertFailureWithMicroBatchesEndsOnlyItsSequences) 
         EXPECT_EQ(outs[1].logits_row_begin[i], -1);
         continue;
       }
-      EXPECT_EQ(std::memcmp(outs[1].logits.data() + static_cast<size_t>(outs[1].logits_row_begin[i]) * V,
-                            outs[0].logits.data() + static_cast<size_t>(outs[0].logits_row_begin[i]) * V,
-                            V * sizeof(float)),
-                0)
+      EXPECT_EQ(
+          std::memcmp(outs[1].logits.data() + static_cast<size_t>(outs[1].logits_row_begin[i]) * V,
+                      outs[0].logits.data() + static_cast<size_t>(outs[0].logits_row_begin[i]) * V,
+                      V * sizeof(float)),
+          0)
           << "survivor " << i << " with expert " << failing << " down";
     }
-    std::printf("[ micro-batch ] expert %d down, 2 micro-batches: %d of %d sequences ended, the "
-                "rest the same bits as 1\n",
-                failing, failed, kSequences);
+    std::printf(
+        "[ micro-batch ] expert %d down, 2 micro-batches: %d of %d sequences ended, the "
+        "rest the same bits as 1\n",
+        failing, failed, kSequences);
   }
   EXPECT_GT(tried, 0) << "every expert is used by all or none of the prompts";
 }

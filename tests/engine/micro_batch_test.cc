@@ -132,9 +132,9 @@ class MicroBatchTest : public ::testing::Test {
       auto description = DescribeShard(testing::TinyMixtralDir(), **ckpt);
       ASSERT_TRUE(description.ok()) << description.status();
       shard->backend = std::make_unique<LocalExpertBackend>(shard->store.get());
-      shard->service = std::make_unique<ExpertServiceImpl>(
-          shard->store->config(), shard->backend.get(), *description,
-          ExpertServerOptions{.workers = 2});
+      shard->service =
+          std::make_unique<ExpertServiceImpl>(shard->store->config(), shard->backend.get(),
+                                              *description, ExpertServerOptions{.workers = 2});
       rpc::ServerOptions server_options;
       server_options.listen_address = "127.0.0.1:0";
       auto server = rpc::RunningServer::Start(server_options, {shard->service.get()});
@@ -147,8 +147,8 @@ class MicroBatchTest : public ::testing::Test {
     ASSERT_TRUE(topology.ok()) << topology.status();
     RemoteExpertOptions remote;
     remote.connect_timeout_ms = 10000;
-    auto backend =
-        RemoteExpertBackend::Connect(*topology, model_->config(), testing::TinyMixtralDir(), remote);
+    auto backend = RemoteExpertBackend::Connect(*topology, model_->config(),
+                                                testing::TinyMixtralDir(), remote);
     ASSERT_TRUE(backend.ok()) << backend.status();
     remote_ = backend->release();
   }
@@ -287,8 +287,7 @@ TEST_F(MicroBatchTest, SameBitsAsOneMicroBatchWithLocalAndRemoteExperts) {
     for (int flag : {2, 3, 0}) {
       const int m = ResolveMicroBatches(flag, remote);
       const Transcript got = Run(&watch, m, &watch);
-      ExpectSameBits(got, one,
-                     absl::StrCat(where, ", --micro-batches ", flag, " (", m, ") vs 1"));
+      ExpectSameBits(got, one, absl::StrCat(where, ", --micro-batches ", flag, " (", m, ") vs 1"));
       // The split happened: a call per (layer, micro-batch) in the steps of
       // at most 16 tokens, one per layer in the 26-token step.
       ASSERT_EQ(got.expert_calls.size(), one.expert_calls.size());
@@ -368,9 +367,10 @@ TEST_F(MicroBatchTest, AFailedExpertEndsOnlyItsSequencesWithOverlap) {
               0)
         << "survivor " << i << " differs with overlap";
   }
-  std::printf("[ micro-batch ] expert %d down, 2 micro-batches: %d of %zu sequences ended, the "
-              "rest the same bits as 1\n",
-              failing, failed, ids.size());
+  std::printf(
+      "[ micro-batch ] expert %d down, 2 micro-batches: %d of %zu sequences ended, the "
+      "rest the same bits as 1\n",
+      failing, failed, ids.size());
 }
 
 }  // namespace

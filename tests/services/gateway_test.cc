@@ -472,29 +472,35 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
       {{"--kv-cache-tokens", "8"}, "--kv-cache-tokens"},
       {{"--max-step-tokens", "0"}, "--max-step-tokens"},
       {{"--max-queue", "ten"}, "--max-queue"},
+      {{"--micro-batches", "-1"}, "--micro-batches"},
+      {{"--micro-batches", "65"}, "--micro-batches"},
+      {{"--micro-batches", "two"}, "--micro-batches"},
   };
   for (const Case& c : cases) {
     std::vector<std::string> args = {"--model", "m"};
     args.insert(args.end(), c.args.begin(), c.args.end());
-    auto flags = Flags::Parse(
-        args,
-        {"model", "kv-cache-tokens", "max-queue", "max-running", "max-step-tokens",
-         "max-new-tokens-limit", "expert-timeout-ms", "grace-ms", "max-connection-age-ms"},
-        {});
+    auto flags = Flags::Parse(args,
+                              {"model", "kv-cache-tokens", "max-queue", "max-running",
+                               "max-step-tokens", "max-new-tokens-limit", "expert-timeout-ms",
+                               "grace-ms", "max-connection-age-ms", "micro-batches"},
+                              {});
     ASSERT_TRUE(flags.ok()) << flags.status();
     auto options = GatewayOptionsFromFlags(*flags);
     ASSERT_FALSE(options.ok()) << c.args[0] << " " << c.args[1];
     EXPECT_EQ(options.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(options.status().message().find(c.flag), std::string::npos) << options.status();
   }
-  auto flags = Flags::Parse({"--model", "m", "--max-step-tokens", "16384", "--max-queue", "1048576",
-                             "--kv-cache-tokens", "1000"},
-                            {"model", "max-step-tokens", "max-queue", "kv-cache-tokens"}, {});
+  auto flags = Flags::Parse(
+      {"--model", "m", "--max-step-tokens", "16384", "--max-queue", "1048576", "--kv-cache-tokens",
+       "1000", "--micro-batches", "3"},
+      {"model", "max-step-tokens", "max-queue", "kv-cache-tokens", "micro-batches"}, {});
   ASSERT_TRUE(flags.ok());
   auto options = GatewayOptionsFromFlags(*flags);
   ASSERT_TRUE(options.ok()) << options.status();
   EXPECT_EQ(options->scheduler.max_step_tokens, 16384);
   EXPECT_EQ(options->scheduler.max_queue, 1048576);
+  EXPECT_EQ(options->micro_batches, 3);
+  EXPECT_EQ(GatewayOptions().micro_batches, 0) << "the default is auto";
 
   // Options built in code are checked by Start, before the model loads.
   GatewayOptions zero_step;
