@@ -457,14 +457,15 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
   const ModelConfig& config = checkpoint.config();
   const bool remote_experts = options.experts != "local";
   const int micro_batches = ResolveMicroBatches(options.micro_batches, remote_experts);
-  std::fprintf(stderr,
-               "switchyard-gateway: micro-batches %d (%s; a step of 2+ sequences and at most %d "
-               "tokens splits, by whole sequences)\n",
-               micro_batches,
+  const std::string split = micro_batches > 1 ? absl::StrCat("a step of 2+ sequences and at most ",
+                                                             kMaxMicroBatchedStepTokens,
+                                                             " tokens splits by whole sequences")
+                                              : "no overlap";
+  std::fprintf(stderr, "switchyard-gateway: micro-batches %d (%s): %s\n", micro_batches,
                options.micro_batches > 0 ? "--micro-batches"
                : remote_experts          ? "auto: remote experts"
                                          : "auto: local experts",
-               kMaxMicroBatchedStepTokens);
+               split.c_str());
   if (options.device == "cuda") {
 #ifdef SWITCHYARD_HAVE_CUDA
     SY_ASSIGN_OR_RETURN(cuda::Precision precision, cuda::ParsePrecision(options.precision));

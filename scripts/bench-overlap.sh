@@ -45,11 +45,19 @@ up_port=$(free_port)
   >"$out/up.log" 2>&1 &
 pids+=($!)
 wait_ready "$up_port" "${pids[-1]}" || { cat "$out/up.log"; exit 1; }
+for _ in $(seq 1 100); do [ -s "$out/endpoints.json" ] && break; sleep 0.1; done
+# The expert processes' addresses as a topology SPEC (0=ADDR;1=ADDR;...).
+spec=$(python3 - "$out/endpoints.json" <<'PY'
+import json, sys
+procs = json.load(open(sys.argv[1]))["processes"]
+print(";".join(f"{e}={p['grpc']}" for p in procs if p["role"] == "expert" for e in p["experts"]))
+PY
+)
 declare -A port
 for mb in 1 0; do
   port[$mb]=$(free_port)
   "$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:${port[$mb]}" \
-    --experts "@$out/endpoints.json" --micro-batches "$mb" >"$out/gateway-$mb.log" 2>&1 &
+    --experts "$spec" --micro-batches "$mb" >"$out/gateway-$mb.log" 2>&1 &
   pids+=($!)
   wait_ready "${port[$mb]}" "${pids[-1]}" || { cat "$out/gateway-$mb.log"; exit 1; }
   grep -h "micro-batches" "$out/gateway-$mb.log" || true
