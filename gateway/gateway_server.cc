@@ -147,6 +147,7 @@ struct Gateway::Parts {
   std::unique_ptr<AttentionModel> attention;
   std::unique_ptr<ExpertStore> local_experts;  // --experts local only
   std::unique_ptr<ExpertBackend> backend;
+  bool experts_off_host = false;  // some expert target is on another host (at start-up)
   std::unique_ptr<KvCachePool> kv_pool;
   std::unique_ptr<StepRunner> runner;
   std::unique_ptr<Scheduler> scheduler;
@@ -253,6 +254,31 @@ absl::Status ValidateNumericOptions(const GatewayOptions& o) {
   SY_RETURN_IF_ERROR(CheckRange(kMaxConnectionAgeMs, o.max_connection_age_ms));
   SY_RETURN_IF_ERROR(CheckRange(kMicroBatches, o.micro_batches));
   return absl::OkStatus();
+}
+
+bool ExpertTargetIsOnThisHost(std::string_view target) {
+  auto loopback_host = [](std::string_view host) {
+    if (host.starts_with('[') && host.ends_with(']')) host = host.substr(1, host.size() - 2);
+    return host == "localhost" || host == "::1" || host.starts_with("127.");
+  };
+  // HOST:PORT (or [V6]:PORT) -> whether HOST is a loopback name or address.
+  auto loopback_address = [&](std::string_view address) {
+    const size_t colon = address.rfind(':');
+    return colon != std::string_view::npos && loopback_host(address.substr(0, colon));
+  };
+  if (target.starts_with("unix:") || target.starts_with("unix-abstract:")) return true;
+  for (std::string_view scheme : {"ipv4:", "ipv6:"}) {
+    if (!target.starts_with(scheme)) continue;
+    std::string_view list = target.substr(scheme.size());
+    while (true) {
+      const size_t comma = list.find(',');
+      if (!loopback_address(list.substr(0, comma))) return false;
+      if (comma == std::string_view::npos) return true;
+      list = list.substr(comma + 1);
+    }
+  }
+  if (target.find(":///") != std::string_view::npos) return false;  // dns:/// and other resolvers
+  return loopback_address(target);
 }
 
 absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& f) {
@@ -395,6 +421,11 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
   if (!topology.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--experts: ", topology.status().message()));
   }
+  for (const auto& [expert, targets] : topology->replicas) {
+    for (const std::string& target : targets) {
+      if (!ExpertTargetIsOnThisHost(target)) experts_off_host = true;
+    }
+  }
   RemoteExpertOptions remote;
   remote.call_deadline_ms = options.expert_timeout_ms;
   remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
@@ -455,16 +486,16 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
 absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
                                         const Checkpoint& checkpoint) {
   const ModelConfig& config = checkpoint.config();
-  const bool remote_experts = options.experts != "local";
-  const int micro_batches = ResolveMicroBatches(options.micro_batches, remote_experts);
+  const int micro_batches = ResolveMicroBatches(options.micro_batches, experts_off_host);
   const std::string split = micro_batches > 1 ? absl::StrCat("a step of 2+ sequences and at most ",
                                                              kMaxMicroBatchedStepTokens,
                                                              " tokens splits by whole sequences")
                                               : "no overlap";
   std::fprintf(stderr, "switchyard-gateway: micro-batches %d (%s): %s\n", micro_batches,
-               options.micro_batches > 0 ? "--micro-batches"
-               : remote_experts          ? "auto: remote experts"
-                                         : "auto: local experts",
+               options.micro_batches > 0    ? "--micro-batches"
+               : experts_off_host           ? "auto: experts on another host"
+               : options.experts == "local" ? "auto: local experts"
+                                            : "auto: every expert on this host",
                split.c_str());
   if (options.device == "cuda") {
 #ifdef SWITCHYARD_HAVE_CUDA

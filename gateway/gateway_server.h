@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -37,8 +38,9 @@ struct GatewayOptions {
   bool wire_bf16 = false;                 // send expert tensors as BF16 (default F32, exact)
   // --micro-batches: the most micro-batches a step splits into so that
   // attention and routing of one overlap the expert calls of another
-  // (gateway/step_runner.h). 0 (default): auto, 2 with remote experts and 1
-  // with local ones (ResolveMicroBatches). [0, 64].
+  // (gateway/step_runner.h). 0 (default): auto, 2 when an expert is on
+  // another host (ExpertTargetIsOnThisHost, at start-up), else 1
+  // (ResolveMicroBatches). [0, 64].
   int micro_batches = 0;
   int grace_ms = 5000;            // shutdown grace for in-flight requests
   int max_connection_age_ms = 0;  // 0: connections are never recycled
@@ -92,6 +94,13 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& flags);
 // budget) or refuse everything. GatewayOptionsFromFlags and Gateway::Start
 // call it.
 absl::Status ValidateNumericOptions(const GatewayOptions& options);
+
+// Whether a gRPC expert target is on this host: unix sockets, localhost,
+// 127.0.0.0/8 and ::1 (also in ipv4:/ipv6: lists); anything else, a
+// dns:/// name included, counts as another host. --micro-batches auto
+// overlaps only when some expert is on another host: on one host the
+// expert "wait" is the same cores computing, with nothing to hide.
+bool ExpertTargetIsOnThisHost(std::string_view target);
 
 // Checks the transport-security options for consistency (files that must
 // come in pairs, TLS-only options without TLS, expert TLS with local

@@ -77,9 +77,9 @@ std::vector<int> SplitIntoMicroBatches(absl::Span<const SequenceSlice> slices, i
   return bounds;
 }
 
-int ResolveMicroBatches(int flag_value, bool remote_experts) {
+int ResolveMicroBatches(int flag_value, bool experts_off_host) {
   if (flag_value > 0) return flag_value;
-  return remote_experts ? 2 : 1;
+  return experts_off_host ? 2 : 1;
 }
 
 std::vector<absl::Status> SequencesOfFailedBatches(const MoeDispatch& plan,

@@ -2,7 +2,8 @@
 # Micro-batch overlap benchmark: one split cluster (`switchyard up`: a
 # gateway + one switchyard-expert per expert) and two more gateways on the
 # same expert processes, one with --micro-batches 1 (no overlap) and one with
-# the default (auto: 2 with remote experts). `switchyard bench` runs against
+# --micro-batches ${MICRO_BATCHES:-2} (auto would pick 1 here: every expert is on
+# this host). `switchyard bench` runs against
 # them alternately, ROUNDS times at each concurrency, in one run; prints every
 # run and the mean overlap / no-overlap throughput ratio per concurrency.
 #
@@ -25,6 +26,8 @@ fi
 bench_flags=("$@")
 [ ${#bench_flags[@]} -gt 0 ] || bench_flags=(--prompt-tokens 16 --output-tokens 64)
 rounds=${ROUNDS:-2}
+overlap=${MICRO_BATCHES:-2}
+[ "$overlap" != 1 ] || { echo "MICRO_BATCHES must not be 1 (that is the baseline)" >&2; exit 2; }
 concurrency=${CONCURRENCY:-8 16}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_ready() {  # wait_ready PORT PID
@@ -54,7 +57,7 @@ print(";".join(f"{e}={p['grpc']}" for p in procs if p["role"] == "expert" for e 
 PY
 )
 declare -A port
-for mb in 1 0; do
+for mb in 1 "$overlap"; do
   port[$mb]=$(free_port)
   "$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:${port[$mb]}" \
     --experts "$spec" --micro-batches "$mb" >"$out/gateway-$mb.log" 2>&1 &
@@ -64,24 +67,25 @@ for mb in 1 0; do
 done
 for r in $(seq 1 "$rounds"); do
   for c in $concurrency; do
-    for mb in 1 0; do
+    for mb in 1 "$overlap"; do
       "$bin/switchyard" bench --server "127.0.0.1:${port[$mb]}" --concurrency "$c" \
         --requests $((2 * c)) "${bench_flags[@]}" --json >"$out/r$r-c$c-mb$mb.json"
     done
   done
 done
 
-python3 - "$out" "$rounds" "$concurrency" "$model" "${bench_flags[*]}" <<'PY'
+python3 - "$out" "$rounds" "$concurrency" "$model" "${bench_flags[*]}" "$overlap" <<'PY'
 import json, sys
-out, rounds, conc, model, flags = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4], sys.argv[5]
+out, rounds, conc, model, flags, m = (sys.argv[1], int(sys.argv[2]), sys.argv[3].split(),
+                                      sys.argv[4], sys.argv[5], sys.argv[6])
 print(f"model {model}, bench {flags}, {rounds} rounds alternating, split cluster on this host")
-print("| streams | round | --micro-batches 1 tok/s | auto (2) tok/s | ITL p50 ms (1 / auto) | ratio |")
+print(f"| streams | round | --micro-batches 1 tok/s | {m} tok/s | ITL p50 ms (1 / {m}) | ratio |")
 print("| --- | --- | --- | --- | --- | --- |")
 for c in conc:
     ratios = []
     for r in range(1, rounds + 1):
         a = json.load(open(f"{out}/r{r}-c{c}-mb1.json"))
-        b = json.load(open(f"{out}/r{r}-c{c}-mb0.json"))
+        b = json.load(open(f"{out}/r{r}-c{c}-mb{m}.json"))
         ratio = b["output_tokens_per_s"] / a["output_tokens_per_s"]
         ratios.append(ratio)
         print(f"| {c} | {r} | {a['output_tokens_per_s']:.1f} | {b['output_tokens_per_s']:.1f} "

@@ -275,9 +275,9 @@ TEST(MicroBatchSplitTest, WholeSequencesBalancedByTokens) {
   EXPECT_EQ(SplitIntoMicroBatches(slices({1, 1, 1, 6}), 9, 3), (std::vector<int>{0, 2, 3, 4}));
   // More tokens than the row-count-invariant CPU products take: one.
   EXPECT_EQ(SplitIntoMicroBatches(slices({10, 10}), 20, 2), (std::vector<int>{0, 2}));
-  EXPECT_EQ(ResolveMicroBatches(0, /*remote_experts=*/true), 2);
-  EXPECT_EQ(ResolveMicroBatches(0, /*remote_experts=*/false), 1);
-  EXPECT_EQ(ResolveMicroBatches(3, /*remote_experts=*/false), 3);
+  EXPECT_EQ(ResolveMicroBatches(0, /*experts_off_host=*/true), 2);
+  EXPECT_EQ(ResolveMicroBatches(0, /*experts_off_host=*/false), 1);
+  EXPECT_EQ(ResolveMicroBatches(3, /*experts_off_host=*/false), 3);
 }
 
 TEST_F(MicroBatchTest, SameBitsAsOneMicroBatchWithLocalAndRemoteExperts) {

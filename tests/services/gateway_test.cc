@@ -594,5 +594,19 @@ TEST_F(GatewayLifecycleTest, ADrainThatCutsAStreamSaysTheGatewayIsShuttingDown) 
       << status.error_message();
 }
 
+// --micro-batches auto overlaps only when some expert is on another host.
+TEST(GatewayOptionsTest, ExpertTargetsOnThisHostAreRecognised) {
+  for (const char* local :
+       {"127.0.0.1:5000", "localhost:5000", "127.1.2.3:1", "[::1]:5000", "unix:/tmp/e.sock",
+        "unix-abstract:e", "ipv4:127.0.0.1:1,127.0.0.2:2", "ipv6:[::1]:1"}) {
+    EXPECT_TRUE(ExpertTargetIsOnThisHost(local)) << local;
+  }
+  for (const char* remote :
+       {"10.0.0.7:50061", "expert-3.svc:50051", "dns:///experts.default.svc:50051",
+        "ipv4:127.0.0.1:1,10.0.0.2:2", "[fe80::1]:5000", "127.0.0.1"}) {
+    EXPECT_FALSE(ExpertTargetIsOnThisHost(remote)) << remote;
+  }
+}
+
 }  // namespace
 }  // namespace switchyard
