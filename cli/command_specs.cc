@@ -123,6 +123,7 @@ std::vector<Subcommand> Build() {
           {"max-queue", true, "256", "the gateway's --max-queue"},
           {"max-step-tokens", true, "512", "the gateway's --max-step-tokens"},
           {"max-new-tokens-limit", true, "0: context - 1", "the gateway's --max-new-tokens-limit"},
+          {"micro-batches", true, "0: auto", "the gateway's --micro-batches"},
           {"expert-arg", true, "none", "one more argument for every expert (repeatable)"},
           {"gateway-arg", true, "none", "one more argument for the gateway (repeatable)"},
           {"device", true, "cpu", "cpu or cuda, for every process"},

@@ -76,4 +76,24 @@ absl::Status CudaContext::Synchronize() const {
   return absl::OkStatus();
 }
 
+absl::StatusOr<CudaEvent> CudaEvent::Create() {
+  CudaEvent e;
+  SY_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e.event_, cudaEventDisableTiming));
+  return e;
+}
+
+CudaEvent::~CudaEvent() {
+  if (event_ != nullptr) cudaEventDestroy(event_);
+}
+
+absl::Status CudaEvent::Record(cudaStream_t stream) {
+  SY_CUDA_RETURN_IF_ERROR(cudaEventRecord(event_, stream));
+  return absl::OkStatus();
+}
+
+absl::Status CudaEvent::Synchronize() const {
+  SY_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(event_));
+  return absl::OkStatus();
+}
+
 }  // namespace switchyard::cuda

@@ -168,6 +168,32 @@ absl::Status CopyOnDevice(T* dst, const T* src, size_t count, cudaStream_t strea
 // and tests; the serving path copies asynchronously on its stream.
 absl::Status UploadAndWait(void* dst, const void* src, size_t bytes);
 
+// A CUDA event without timing: marks a point in a stream so that the host
+// can wait for the work queued before it and not for what was queued after
+// (the micro-batch ping-pong of gateway/cuda_model_runner.h).
+// Thread-compatible.
+class CudaEvent {
+ public:
+  static absl::StatusOr<CudaEvent> Create();
+  CudaEvent() = default;
+  CudaEvent(CudaEvent&& other) noexcept : event_(std::exchange(other.event_, nullptr)) {}
+  CudaEvent& operator=(CudaEvent&& other) noexcept {
+    std::swap(event_, other.event_);
+    return *this;
+  }
+  CudaEvent(const CudaEvent&) = delete;
+  CudaEvent& operator=(const CudaEvent&) = delete;
+  ~CudaEvent();
+
+  // Marks the current end of `stream`.
+  absl::Status Record(cudaStream_t stream);
+  // Waits for the work before the last Record; returns its error, if any.
+  absl::Status Synchronize() const;
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
 // One device, one non-blocking stream and one cuBLAS handle bound to it.
 // Everything a CudaContext launches is ordered on its stream.
 class CudaContext {

@@ -19,6 +19,14 @@ absl::Status ExpertBackend::RunLayerPerBatch(int layer, absl::Span<const ExpertB
   return RunLayer(layer, batches);
 }
 
+std::future<absl::Status> ExpertBackend::StartLayerPerBatch(
+    int layer, std::vector<ExpertBatch> batches, std::vector<absl::Status>* batch_status) {
+  return std::async(std::launch::async,
+                    [this, layer, batches = std::move(batches), batch_status]() {
+                      return RunLayerPerBatch(layer, batches, batch_status);
+                    });
+}
+
 absl::Status LocalExpertBackend::RunLayer(int layer, absl::Span<const ExpertBatch> batches) {
   const int count = static_cast<int>(batches.size());
   std::vector<const ExpertFfn*> ffns(count);

@@ -12,6 +12,7 @@
 #ifndef SWITCHYARD_EXPERT_SERVICE_EXPERT_BACKEND_H_
 #define SWITCHYARD_EXPERT_SERVICE_EXPERT_BACKEND_H_
 
+#include <future>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,16 @@ class ExpertBackend {
   // spoils the whole layer (every batch_status OK).
   virtual absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
                                         std::vector<absl::Status>* batch_status);
+  // RunLayerPerBatch started in the background, so that a caller can compute
+  // something else (another micro-batch's attention) while the experts run;
+  // the future yields RunLayerPerBatch's return value. `batches`, the
+  // buffers they point to and `batch_status` must stay valid until the
+  // future is ready; wait on every future before they go away. Callers may
+  // have several calls in flight at once, also for the same layer. Default:
+  // RunLayerPerBatch on a thread of its own (std::async), so every backend
+  // has it; a backend with its own asynchronous transport may override it.
+  virtual std::future<absl::Status> StartLayerPerBatch(int layer, std::vector<ExpertBatch> batches,
+                                                       std::vector<absl::Status>* batch_status);
   // One line for logs: what runs the experts.
   virtual std::string Describe() const = 0;
 };

@@ -12,9 +12,35 @@
 
 namespace switchyard::cuda {
 
+// One micro-batch of a step: whole sequences, rows [row_begin, row_begin +
+// tokens) of the step, hence rows [row_begin K, (row_begin + tokens) K) of
+// the grouped expert buffers and its own part of every index buffer.
+struct CudaModelRunner::MicroBatch {
+  int index = 0;
+  int row_begin = 0;
+  int tokens = 0;
+  int slice_begin = 0;                // its first input
+  std::vector<SequenceSlice> slices;  // row_begin relative to the micro-batch
+  MoeDispatch plan;
+  std::vector<ExpertBatch> batches;
+  std::vector<absl::Status> batch_status;
+  std::future<absl::Status> experts;  // valid while its expert calls may run
+};
+
+namespace {
+
+std::future<absl::Status> Ready(absl::Status status) {
+  std::promise<absl::Status> done;
+  done.set_value(std::move(status));
+  return done.get_future();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<CudaModelRunner>> CudaModelRunner::Create(
     std::unique_ptr<CudaContext> ctx, std::unique_ptr<CudaDenseModel> dense,
-    std::unique_ptr<CudaExpertStore> experts, ExpertBackend* remote, RoutingObserver* observer) {
+    std::unique_ptr<CudaExpertStore> experts, ExpertBackend* remote, RoutingObserver* observer,
+    int max_micro_batches) {
   if (ctx == nullptr || dense == nullptr) {
     return absl::InvalidArgumentError("CudaModelRunner needs a context and a dense model");
   }
@@ -49,6 +75,7 @@ absl::StatusOr<std::unique_ptr<CudaModelRunner>> CudaModelRunner::Create(
   r->experts_ = std::move(experts);
   r->remote_ = remote;
   r->observer_ = observer;
+  r->max_micro_batches_ = std::max(1, max_micro_batches);
   return r;
 }
 
@@ -198,9 +225,16 @@ absl::StatusOr<StepOutput> CudaModelRunner::StepOnce(absl::Span<const StepInput>
   StepOutput out;
   out.logits_row_begin = layout.logits_row_begin;
   if (trace != nullptr) {
-    trace->router_logits.assign(c.num_hidden_layers, {});
+    const size_t TE = static_cast<size_t>(tokens) * c.num_local_experts;
+    const size_t TK = static_cast<size_t>(tokens) * c.num_experts_per_tok;
+    trace->router_logits.assign(c.num_hidden_layers, std::vector<float>(TE));
     trace->routing.assign(c.num_hidden_layers, {});
-    for (Routing& r : trace->routing) r.top_k = c.num_experts_per_tok;
+    for (Routing& r : trace->routing) {
+      r.tokens = tokens;
+      r.top_k = c.num_experts_per_tok;
+      r.experts.resize(TK);
+      r.weights.resize(TK);
+    }
   }
   if (tokens == 0) return out;
 
@@ -223,6 +257,27 @@ absl::StatusOr<StepOutput> CudaModelRunner::StepOnce(absl::Span<const StepInput>
   // h[T, D] = embeddings
   SY_RETURN_IF_ERROR(dense_->Embed(*ctx_, ids_.data(), tokens, h_.data()));
 
+  const std::vector<int> bounds = SplitIntoMicroBatches(slices, tokens, max_micro_batches_);
+  const int M = static_cast<int>(bounds.size()) - 1;
+  const bool overlap = M > 1 && remote_ != nullptr;
+  while (static_cast<int>(routed_.size()) < M) {
+    SY_ASSIGN_OR_RETURN(CudaEvent event, CudaEvent::Create());
+    routed_.push_back(std::move(event));
+  }
+  std::vector<MicroBatch> mbs(M);
+  for (int m = 0; m < M; ++m) {
+    MicroBatch& mb = mbs[m];
+    mb.index = m;
+    mb.slice_begin = bounds[m];
+    mb.row_begin = slices[bounds[m]].row_begin;
+    for (int b = bounds[m]; b < bounds[m + 1]; ++b) {
+      SequenceSlice s = slices[b];
+      s.row_begin -= mb.row_begin;
+      mb.tokens += s.tokens;
+      mb.slices.push_back(s);
+    }
+  }
+
   CudaDenseModel::AttentionStep attention;
   attention.tokens = tokens;
   attention.positions = positions_.data();
@@ -237,15 +292,33 @@ absl::StatusOr<StepOutput> CudaModelRunner::StepOnce(absl::Span<const StepInput>
   attention.attn = attn_.data();
   attention.bf16 = bf16_.data();
   attention.bf16_elems = bf16_elems_;
-  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
-    SY_RETURN_IF_ERROR(dense_->AttentionBlock(*ctx_, layer, attention, h_.data()));
-    SY_RETURN_IF_ERROR(
-        MoeLayer(layer, tokens, slices, &out.expert_tokens, trace, &out.sequence_status));
-    if (!out.sequence_status.empty()) {
-      // Nothing committed (see StepAttempt); the stream is idle again.
-      SY_RETURN_IF_ERROR(ctx_->Synchronize());
-      return out;
+  // Per layer, each micro-batch in turn: finish its previous layer, start
+  // this one. An error or a failed expert stops the step (nothing committed,
+  // see StepAttempt) once every call in flight is done with the buffers.
+  absl::Status status;
+  for (int layer = 0; layer < c.num_hidden_layers && status.ok(); ++layer) {
+    for (MicroBatch& mb : mbs) {
+      if (mb.experts.valid()) status = FinishLayer(mb, B, &out.sequence_status);
+      if (!status.ok() || !out.sequence_status.empty()) break;
+      status = StartLayer(mb, layer, attention, overlap, &out.expert_tokens, trace);
+      if (!status.ok()) break;
     }
+    if (!out.sequence_status.empty()) break;
+  }
+  for (MicroBatch& mb : mbs) {
+    if (!mb.experts.valid()) continue;
+    if (status.ok()) {
+      status = FinishLayer(mb, B, &out.sequence_status);  // records late failures too
+    } else {
+      mb.experts.wait();  // its buffers stay in use until then
+    }
+  }
+  if (!status.ok() || !out.sequence_status.empty()) {
+    // Nothing committed (see StepAttempt); the stream is idle again.
+    const absl::Status idle = ctx_->Synchronize();
+    SY_RETURN_IF_ERROR(status);
+    SY_RETURN_IF_ERROR(idle);
+    return out;
   }
 
   // logits[R, V] = lm_head(rmsnorm(h[rows]))
@@ -263,35 +336,57 @@ absl::StatusOr<StepOutput> CudaModelRunner::StepOnce(absl::Span<const StepInput>
   return out;
 }
 
-absl::Status CudaModelRunner::MoeLayer(int layer, int tokens,
-                                       absl::Span<const SequenceSlice> slices,
-                                       int64_t* expert_tokens, StepTrace* trace,
-                                       std::vector<absl::Status>* sequence_status) {
+absl::Status CudaModelRunner::StartLayer(MicroBatch& mb, int layer,
+                                         const CudaDenseModel::AttentionStep& step, bool overlap,
+                                         int64_t* expert_tokens, StepTrace* trace) {
   const ModelConfig& c = config();
   const cudaStream_t stream = ctx_->stream();
-  const int T = tokens, D = c.hidden_size, E = c.num_local_experts, K = c.num_experts_per_tok;
+  const int T = mb.tokens, D = c.hidden_size, E = c.num_local_experts, K = c.num_experts_per_tok;
   const int TK = T * K;
+  const int64_t r0 = mb.row_begin;
+  float* h = h_.data() + r0 * D;                          // [T, D] of this micro-batch
+  float* x = x_.data() + r0 * D;                          // [T, D]
+  float* router_logits = router_logits_.data() + r0 * E;  // [T, E]
+  int32_t* topk_experts = topk_experts_.data() + r0 * K;  // [T, K]
+  float* topk_weights = topk_weights_.data() + r0 * K;    // [T, K]
+  int32_t* moe_index = moe_index_.data() + 3 * r0 * K;    // [3 T K]
+  int32_t* h_moe_index = h_moe_index_.data() + 3 * r0 * K;
+  const int64_t grouped = r0 * K * D;  // first element of its grouped rows
+
+  CudaDenseModel::AttentionStep a = step;
+  a.tokens = T;
+  a.positions = positions_.data() + r0;
+  a.tok_seq = tok_seq_.data() + r0;  // indexes the step's sequences, as seqs does
+  a.x = x;
+  a.qkv = qkv_.data() + r0 * (c.q_dim() + 2 * static_cast<int64_t>(c.kv_dim()));
+  a.attn = attn_.data() + r0 * c.q_dim();
+  SY_RETURN_IF_ERROR(dense_->AttentionBlock(*ctx_, layer, a, h));
 
   // x[T, D] = rmsnorm(h); router_logits[T, E] = x · gate^T; top-K on the device.
-  SY_RETURN_IF_ERROR(dense_->RouterInput(*ctx_, layer, h_.data(), T, x_.data(),
-                                         router_logits_.data(), topk_experts_.data(),
-                                         topk_weights_.data()));
-  SY_RETURN_IF_ERROR(CopyToHost(h_topk_experts_.data(), topk_experts_.data(), TK, stream));
-  SY_RETURN_IF_ERROR(CopyToHost(h_topk_weights_.data(), topk_weights_.data(), TK, stream));
+  SY_RETURN_IF_ERROR(
+      dense_->RouterInput(*ctx_, layer, h, T, x, router_logits, topk_experts, topk_weights));
+  int32_t* chosen = h_topk_experts_.data() + r0 * K;  // [T, K]
+  float* weights = h_topk_weights_.data() + r0 * K;   // [T, K]
+  float* h_router_logits = h_router_logits_.data() + r0 * E;
+  SY_RETURN_IF_ERROR(CopyToHost(chosen, topk_experts, TK, stream));
+  SY_RETURN_IF_ERROR(CopyToHost(weights, topk_weights, TK, stream));
   if (trace != nullptr) {
-    SY_RETURN_IF_ERROR(CopyToHost(h_router_logits_.data(), router_logits_.data(),
-                                  static_cast<size_t>(T) * E, stream));
+    SY_RETURN_IF_ERROR(
+        CopyToHost(h_router_logits, router_logits, static_cast<size_t>(T) * E, stream));
   }
-  SY_RETURN_IF_ERROR(ctx_->Synchronize());
-  const int32_t* chosen = h_topk_experts_.data();  // [T, K]
-  const float* weights = h_topk_weights_.data();   // [T, K]
+  // The host needs this micro-batch's routing; the other micro-batches'
+  // expert calls stay in flight meanwhile.
+  CudaEvent& routed = routed_[mb.index];
+  SY_RETURN_IF_ERROR(routed.Record(stream));
+  SY_RETURN_IF_ERROR(routed.Synchronize());
 
-  // The dispatch plan (the CPU runner's): row i of moe_in/moe_out is
-  // expert e's (i - offset[e])-th token.
-  SY_ASSIGN_OR_RETURN(MoeDispatch plan, PlanMoeDispatch(absl::MakeConstSpan(chosen, TK),
-                                                        absl::MakeConstSpan(weights, TK), T, K, E));
-  int32_t* gather = h_moe_index_.data();  // [T K]: source token of row i
-  int32_t* combine_src = gather + TK;     // [T, K]: rows of token t, expert order
+  // The dispatch plan (the CPU runner's): row i of its moe_in/moe_out part
+  // is expert e's (i - offset[e])-th token.
+  SY_ASSIGN_OR_RETURN(mb.plan, PlanMoeDispatch(absl::MakeConstSpan(chosen, TK),
+                                               absl::MakeConstSpan(weights, TK), T, K, E));
+  const MoeDispatch& plan = mb.plan;
+  int32_t* gather = h_moe_index;       // [T K]: source token of row i
+  int32_t* combine_src = gather + TK;  // [T, K]: rows of token t, expert order
   float* combine_w = reinterpret_cast<float*>(gather + 2 * TK);  // [T, K]: their weights
   std::copy(plan.gather.begin(), plan.gather.end(), gather);
   std::copy(plan.combine_rows.begin(), plan.combine_rows.end(), combine_src);
@@ -301,9 +396,16 @@ absl::Status CudaModelRunner::MoeLayer(int layer, int tokens,
     *expert_tokens += plan.rows(e);
     if (observer_ != nullptr) observer_->OnExpertTokens(layer, e, plan.rows(e));
   }
-  SY_RETURN_IF_ERROR(CopyToDevice(moe_index_.data(), h_moe_index_.data(), 3 * TK, stream));
+  if (trace != nullptr) {
+    std::copy(h_router_logits, h_router_logits + static_cast<size_t>(T) * E,
+              trace->router_logits[layer].begin() + r0 * E);
+    Routing& r = trace->routing[layer];
+    std::copy(chosen, chosen + TK, r.experts.begin() + r0 * K);
+    std::copy(weights, weights + TK, r.weights.begin() + r0 * K);
+  }
+  SY_RETURN_IF_ERROR(CopyToDevice(moe_index, h_moe_index, 3 * TK, stream));
   // moe_in[T K, D] = x rows grouped by expert
-  SY_RETURN_IF_ERROR(LaunchGatherRows(x_.data(), D, moe_index_.data(), TK, moe_in_.data(), stream));
+  SY_RETURN_IF_ERROR(LaunchGatherRows(x, D, moe_index, TK, moe_in_.data() + grouped, stream));
 
   if (experts_ != nullptr) {
     for (int e = 0; e < E; ++e) {
@@ -313,42 +415,61 @@ absl::Status CudaModelRunner::MoeLayer(int layer, int tokens,
         return absl::NotFoundError(
             absl::StrCat("expert ", e, " of layer ", layer, " is not loaded in this process"));
       }
-      const int64_t off = static_cast<int64_t>(plan.offset[e]) * D;
+      const int64_t off = grouped + static_cast<int64_t>(plan.offset[e]) * D;
       SY_RETURN_IF_ERROR(ExpertForward(*ctx_, *expert, moe_in_.data() + off, plan.rows(e),
                                        gate_up_.data(), act_.data(), bf16_.data(), bf16_elems_,
                                        moe_out_.data() + off));
     }
-  } else {
-    // Experts elsewhere: rows to the host, the backend, outputs back.
-    const size_t n = static_cast<size_t>(TK) * D;
-    SY_RETURN_IF_ERROR(CopyToHost(h_moe_in_.data(), moe_in_.data(), n, stream));
-    SY_RETURN_IF_ERROR(ctx_->Synchronize());
-    const std::vector<ExpertBatch> batches =
-        ExpertBatches(plan, h_moe_in_.data(), h_moe_out_.data(), D);
-    std::vector<absl::Status> batch_status;
-    SY_RETURN_IF_ERROR(remote_->RunLayerPerBatch(layer, batches, &batch_status));
-    if (std::any_of(batch_status.begin(), batch_status.end(),
-                    [](const absl::Status& s) { return !s.ok(); })) {
-      *sequence_status = SequencesOfFailedBatches(plan, batches, batch_status, slices);
-      return absl::OkStatus();
-    }
-    SY_RETURN_IF_ERROR(CopyToDevice(moe_out_.data(), h_moe_out_.data(), n, stream));
+    mb.experts = Ready(absl::OkStatus());
+    return absl::OkStatus();
   }
-  // h[T, D] += Σ_k w[t, k] · moe_out[combine_src[t, k]]
-  SY_RETURN_IF_ERROR(LaunchMoeCombine(moe_out_.data(), moe_index_.data() + TK,
-                                      reinterpret_cast<const float*>(moe_index_.data() + 2 * TK), T,
-                                      K, D, h_.data(), stream));
-
-  if (trace != nullptr) {
-    trace->router_logits[layer].assign(h_router_logits_.data(),
-                                       h_router_logits_.data() + static_cast<size_t>(T) * E);
-    Routing& r = trace->routing[layer];
-    r.tokens = T;
-    r.top_k = K;
-    r.experts.assign(chosen, chosen + TK);
-    r.weights.assign(weights, weights + TK);
+  // Experts elsewhere: rows to the host, then the backend (outputs back in
+  // FinishLayer).
+  const size_t n = static_cast<size_t>(TK) * D;
+  SY_RETURN_IF_ERROR(CopyToHost(h_moe_in_.data() + grouped, moe_in_.data() + grouped, n, stream));
+  SY_RETURN_IF_ERROR(routed.Record(stream));
+  SY_RETURN_IF_ERROR(routed.Synchronize());
+  mb.batches = ExpertBatches(plan, h_moe_in_.data() + grouped, h_moe_out_.data() + grouped, D);
+  if (overlap) {
+    mb.experts = remote_->StartLayerPerBatch(layer, mb.batches, &mb.batch_status);
+  } else {
+    mb.experts = Ready(remote_->RunLayerPerBatch(layer, mb.batches, &mb.batch_status));
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaModelRunner::FinishLayer(MicroBatch& mb, int sequences,
+                                          std::vector<absl::Status>* sequence_status) {
+  const ModelConfig& c = config();
+  const cudaStream_t stream = ctx_->stream();
+  const int T = mb.tokens, D = c.hidden_size, K = c.num_experts_per_tok;
+  const int TK = T * K;
+  const int64_t r0 = mb.row_begin;
+  const int64_t grouped = r0 * K * D;
+  const int32_t* moe_index = moe_index_.data() + 3 * r0 * K;
+
+  absl::Status status = mb.experts.get();
+  mb.experts = {};
+  SY_RETURN_IF_ERROR(status);
+  if (remote_ != nullptr) {
+    if (std::any_of(mb.batch_status.begin(), mb.batch_status.end(),
+                    [](const absl::Status& s) { return !s.ok(); })) {
+      const std::vector<absl::Status> failed =
+          SequencesOfFailedBatches(mb.plan, mb.batches, mb.batch_status, mb.slices);
+      sequence_status->resize(sequences);
+      for (size_t i = 0; i < failed.size(); ++i) {
+        if (!failed[i].ok()) (*sequence_status)[mb.slice_begin + i] = failed[i];
+      }
+      return absl::OkStatus();
+    }
+    const size_t n = static_cast<size_t>(TK) * D;
+    SY_RETURN_IF_ERROR(
+        CopyToDevice(moe_out_.data() + grouped, h_moe_out_.data() + grouped, n, stream));
+  }
+  // h[T, D] += Σ_k w[t, k] · moe_out[combine_src[t, k]]
+  return LaunchMoeCombine(moe_out_.data() + grouped, moe_index + TK,
+                          reinterpret_cast<const float*>(moe_index + 2 * TK), T, K, D,
+                          h_.data() + r0 * D, stream);
 }
 
 // ---------------------------------------------------------------------------
@@ -357,7 +478,8 @@ absl::Status CudaModelRunner::MoeLayer(int layer, int tokens,
 absl::StatusOr<std::unique_ptr<StepRunner>> MakeCudaRunner(const Checkpoint& checkpoint,
                                                            Precision precision,
                                                            ExpertBackend* remote_or_null,
-                                                           RoutingObserver* observer, int device) {
+                                                           RoutingObserver* observer, int device,
+                                                           int max_micro_batches) {
   SY_ASSIGN_OR_RETURN(std::unique_ptr<CudaContext> ctx, CudaContext::Create(device));
   SY_ASSIGN_OR_RETURN(std::unique_ptr<CudaDenseModel> dense,
                       CudaDenseModel::Load(checkpoint, precision));
@@ -367,7 +489,7 @@ absl::StatusOr<std::unique_ptr<StepRunner>> MakeCudaRunner(const Checkpoint& che
   }
   SY_ASSIGN_OR_RETURN(std::unique_ptr<CudaModelRunner> runner,
                       CudaModelRunner::Create(std::move(ctx), std::move(dense), std::move(experts),
-                                              remote_or_null, observer));
+                                              remote_or_null, observer, max_micro_batches));
   return std::unique_ptr<StepRunner>(std::move(runner));
 }
 

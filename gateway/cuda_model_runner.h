@@ -20,6 +20,18 @@
 // Each layer copies the routing (T·K ids and weights) to the host, since the
 // expert GEMM sizes are decided there.
 //
+// Micro-batches (max_micro_batches > 1; gateway/step_runner.h,
+// SplitIntoMicroBatches): the step's sequences split into micro-batches
+// whose rows are contiguous slices of every step buffer. Per layer, each
+// micro-batch in turn waits for its expert calls of the previous layer,
+// enqueues their outputs and the combine, enqueues its attention and
+// routing, waits on an event recorded after its routing copies and starts
+// its expert calls in the background
+// (ExpertBackend::StartLayerPerBatch), so that the GPU computes the next
+// micro-batch while the experts of the others are in flight. Results are
+// bit-for-bit those of one micro-batch. With experts on this GPU there is
+// nothing to overlap with; they run in turn on the one stream.
+//
 // KV cache, paged (cuda/kernels/kv_layout.h): the runner's KvCachePool is
 // built with host_storage = false and only accounts blocks; the K/V live in
 // one device slab of the pool's total_blocks() blocks of kBlockTokens
@@ -39,7 +51,9 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <future>
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -83,10 +97,12 @@ class CudaModelRunner : public StepRunner {
   // ExpertBackend with host buffers; not owned, must outlive the runner)
   // must be given. `observer` (optional, not owned) is told the tokens
   // routed per (layer, expert).
+  // `max_micro_batches` (>= 1; default 1, no overlap): the most micro-batches
+  // a step splits into.
   static absl::StatusOr<std::unique_ptr<CudaModelRunner>> Create(
       std::unique_ptr<CudaContext> ctx, std::unique_ptr<CudaDenseModel> dense,
       std::unique_ptr<CudaExpertStore> experts, ExpertBackend* remote,
-      RoutingObserver* observer = nullptr);
+      RoutingObserver* observer = nullptr, int max_micro_batches = 1);
 
   // As StepRunner (and the CPU runner, gateway/model_runner.h): validates ids and lengths
   // (INVALID_ARGUMENT) and reserves cache (RESOURCE_EXHAUSTED, also when the
@@ -109,18 +125,24 @@ class CudaModelRunner : public StepRunner {
   // One attempt at the step (StepAttempt, gateway/step_runner.h): stops at
   // the first layer where a remote expert call failed, committing nothing.
   absl::StatusOr<StepOutput> StepOnce(absl::Span<const StepInput> inputs, StepTrace* trace);
-  // h += Σ_k w · expert_k(x) for one layer; fills the trace's entries. When
-  // remote expert calls fail, fills `sequence_status` (per slice) instead and
-  // leaves h unusable.
-  absl::Status MoeLayer(int layer, int tokens, absl::Span<const SequenceSlice> slices,
-                        int64_t* expert_tokens, StepTrace* trace,
-                        std::vector<absl::Status>* sequence_status);
+  struct MicroBatch;
+  // Attention, routing and the expert calls of one micro-batch for `layer`
+  // (the calls in the background when `overlap`); fills the trace's rows.
+  absl::Status StartLayer(MicroBatch& mb, int layer, const CudaDenseModel::AttentionStep& step,
+                          bool overlap, int64_t* expert_tokens, StepTrace* trace);
+  // Waits for the micro-batch's expert calls, then enqueues h += Σ_k w ·
+  // expert_k(x) for its rows. When remote expert calls failed, fills
+  // `sequence_status` (per input of the step) instead and leaves h unusable.
+  absl::Status FinishLayer(MicroBatch& mb, int sequences,
+                           std::vector<absl::Status>* sequence_status);
 
   std::unique_ptr<CudaContext> ctx_;
   std::unique_ptr<CudaDenseModel> dense_;
   std::unique_ptr<CudaExpertStore> experts_;
   ExpertBackend* remote_ = nullptr;
   RoutingObserver* observer_ = nullptr;
+  int max_micro_batches_ = 1;
+  std::vector<CudaEvent> routed_;  // per micro-batch: its routing is on the host
 
   // Step buffers, grown on demand (device unless named h_*, pinned host).
   DeviceBuffer<int32_t> ids_, positions_, tok_seq_;  // [T]
@@ -160,11 +182,9 @@ class CudaModelRunner : public StepRunner {
 // then be opened WeightSelection::DenseOnly()). The checkpoint may be closed
 // after the call. Pair it with KvCachePool(config, tokens, /*host_storage=*/false)
 // (and AttachDeviceKvSlab to allocate its device K/V up front).
-absl::StatusOr<std::unique_ptr<StepRunner>> MakeCudaRunner(const Checkpoint& checkpoint,
-                                                           Precision precision,
-                                                           ExpertBackend* remote_or_null,
-                                                           RoutingObserver* observer = nullptr,
-                                                           int device = 0);
+absl::StatusOr<std::unique_ptr<StepRunner>> MakeCudaRunner(
+    const Checkpoint& checkpoint, Precision precision, ExpertBackend* remote_or_null,
+    RoutingObserver* observer = nullptr, int device = 0, int max_micro_batches = 1);
 
 }  // namespace switchyard::cuda
 

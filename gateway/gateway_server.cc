@@ -148,6 +148,7 @@ struct Gateway::Parts {
   std::unique_ptr<AttentionModel> attention;
   std::unique_ptr<ExpertStore> local_experts;  // --experts local only
   std::unique_ptr<ExpertBackend> backend;
+  bool experts_off_host = false;  // some expert target is on another host (at start-up)
   std::unique_ptr<KvCachePool> kv_pool;
   std::string kv_sizing;  // how the KV budget was chosen, for the start-up line
   std::unique_ptr<StepRunner> runner;
@@ -209,6 +210,7 @@ constexpr NumericRange kExpertTimeoutMs{"expert-timeout-ms", 1, kOneDayMs};
 constexpr NumericRange kGraceMs{"grace-ms", 0, kOneDayMs};
 constexpr NumericRange kExpertsReloadMs{"experts-reload-ms", 0, kOneDayMs};
 constexpr NumericRange kMaxConnectionAgeMs{"max-connection-age-ms", 0, kMaxIntOption};
+constexpr NumericRange kMicroBatches{"micro-batches", 0, 64};
 
 absl::Status CheckRange(const NumericRange& r, int64_t value) {
   if (value < r.min || value > r.max) {
@@ -238,6 +240,7 @@ absl::Status ParseNumericFlags(const Flags& f, GatewayOptions* o) {
   SY_RETURN_IF_ERROR(ReadInRange(f, kGraceMs, &o->grace_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kExpertsReloadMs, &o->experts_reload_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kMaxConnectionAgeMs, &o->max_connection_age_ms));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kMicroBatches, &o->micro_batches));
   return absl::OkStatus();
 }
 
@@ -290,7 +293,33 @@ absl::Status ValidateNumericOptions(const GatewayOptions& o) {
   SY_RETURN_IF_ERROR(CheckRange(kGraceMs, o.grace_ms));
   SY_RETURN_IF_ERROR(CheckRange(kExpertsReloadMs, o.experts_reload_ms));
   SY_RETURN_IF_ERROR(CheckRange(kMaxConnectionAgeMs, o.max_connection_age_ms));
+  SY_RETURN_IF_ERROR(CheckRange(kMicroBatches, o.micro_batches));
   return absl::OkStatus();
+}
+
+bool ExpertTargetIsOnThisHost(std::string_view target) {
+  auto loopback_host = [](std::string_view host) {
+    if (host.starts_with('[') && host.ends_with(']')) host = host.substr(1, host.size() - 2);
+    return host == "localhost" || host == "::1" || host.starts_with("127.");
+  };
+  // HOST:PORT (or [V6]:PORT) -> whether HOST is a loopback name or address.
+  auto loopback_address = [&](std::string_view address) {
+    const size_t colon = address.rfind(':');
+    return colon != std::string_view::npos && loopback_host(address.substr(0, colon));
+  };
+  if (target.starts_with("unix:") || target.starts_with("unix-abstract:")) return true;
+  for (std::string_view scheme : {"ipv4:", "ipv6:"}) {
+    if (!target.starts_with(scheme)) continue;
+    std::string_view list = target.substr(scheme.size());
+    while (true) {
+      const size_t comma = list.find(',');
+      if (!loopback_address(list.substr(0, comma))) return false;
+      if (comma == std::string_view::npos) return true;
+      list = list.substr(comma + 1);
+    }
+  }
+  if (target.find(":///") != std::string_view::npos) return false;  // dns:/// and other resolvers
+  return loopback_address(target);
 }
 
 absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& f) {
@@ -439,6 +468,11 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
   if (!topology.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--experts: ", topology.status().message()));
   }
+  for (const auto& [expert, targets] : topology->replicas) {
+    for (const std::string& target : targets) {
+      if (!ExpertTargetIsOnThisHost(target)) experts_off_host = true;
+    }
+  }
   RemoteExpertOptions remote;
   remote.call_deadline_ms = options.expert_timeout_ms;
   remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
@@ -499,11 +533,23 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
 absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
                                         const Checkpoint& checkpoint) {
   const ModelConfig& config = checkpoint.config();
+  const int micro_batches = ResolveMicroBatches(options.micro_batches, experts_off_host);
+  const std::string split = micro_batches > 1 ? absl::StrCat("a step of 2+ sequences and at most ",
+                                                             kMaxMicroBatchedStepTokens,
+                                                             " tokens splits by whole sequences")
+                                              : "no overlap";
+  std::fprintf(stderr, "switchyard-gateway: micro-batches %d (%s): %s\n", micro_batches,
+               options.micro_batches > 0    ? "--micro-batches"
+               : experts_off_host           ? "auto: experts on another host"
+               : options.experts == "local" ? "auto: local experts"
+                                            : "auto: every expert on this host",
+               split.c_str());
   if (options.device == "cuda") {
 #ifdef SWITCHYARD_HAVE_CUDA
     SY_ASSIGN_OR_RETURN(cuda::Precision precision, cuda::ParsePrecision(options.precision));
     SY_ASSIGN_OR_RETURN(runner,
-                        cuda::MakeCudaRunner(checkpoint, precision, backend.get(), metrics.get()));
+                        cuda::MakeCudaRunner(checkpoint, precision, backend.get(),
+                                                     metrics.get(), /*device=*/0, micro_batches));
     // The K/V tensors live on the device, in one slab of the pool's blocks
     // allocated now (so a budget the device cannot hold fails at startup),
     // stored in the compute precision; the pool hands out its block ids.
@@ -560,7 +606,8 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
   if (kv_sizing.empty()) kv_sizing = ExplicitKvSizing(options, tokens);
   kv_pool =
       std::make_unique<KvCachePool>(config, tokens, /*host_storage=*/true, KvLayout::kPaged, dtype);
-  runner = std::make_unique<ModelRunner>(attention.get(), backend.get(), metrics.get());
+  runner =
+      std::make_unique<ModelRunner>(attention.get(), backend.get(), metrics.get(), micro_batches);
   return absl::OkStatus();
 }
 

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -48,9 +49,15 @@ struct GatewayOptions {
   int expert_timeout_ms = 10000;          // deadline of each expert call
   int expert_connect_timeout_ms = 30000;  // start-up wait for every expert to answer
   bool wire_bf16 = false;                 // send expert tensors as BF16 (default F32, exact)
-  int grace_ms = 5000;                    // shutdown grace for in-flight requests
-  int max_connection_age_ms = 0;          // 0: connections are never recycled
-  std::string metrics_listen;             // "HOST:PORT" for /metrics; empty (default): off
+  // --micro-batches: the most micro-batches a step splits into so that
+  // attention and routing of one overlap the expert calls of another
+  // (gateway/step_runner.h). 0 (default): auto, 2 when an expert is on
+  // another host (ExpertTargetIsOnThisHost, at start-up), else 1
+  // (ResolveMicroBatches). [0, 64].
+  int micro_batches = 0;
+  int grace_ms = 5000;            // shutdown grace for in-flight requests
+  int max_connection_age_ms = 0;  // 0: connections are never recycled
+  std::string metrics_listen;     // "HOST:PORT" for /metrics; empty (default): off
   // "HOST:PORT" for the OpenAI-compatible HTTP API (gateway/openai_http.h);
   // empty (default): off. Plaintext; bearer-token auth as the gRPC API's.
   std::string http_listen;
@@ -100,6 +107,13 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& flags);
 // budget) or refuse everything. GatewayOptionsFromFlags and Gateway::Start
 // call it.
 absl::Status ValidateNumericOptions(const GatewayOptions& options);
+
+// Whether a gRPC expert target is on this host: unix sockets, localhost,
+// 127.0.0.0/8 and ::1 (also in ipv4:/ipv6: lists); anything else, a
+// dns:/// name included, counts as another host. --micro-batches auto
+// overlaps only when some expert is on another host: on one host the
+// expert "wait" is the same cores computing, with nothing to hide.
+bool ExpertTargetIsOnThisHost(std::string_view target);
 
 // Checks the transport-security options for consistency (files that must
 // come in pairs, TLS-only options without TLS, expert TLS with local

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "core/cpu_ops.h"
 #include "core/status_macros.h"
 
 namespace switchyard {
@@ -50,6 +51,35 @@ absl::StatusOr<StepLayout> PrepareStep(const ModelConfig& c, absl::Span<const St
     for (int i = 0; i < s.tokens; ++i) layout.positions[s.row_begin + i] = s.start_pos + i;
   }
   return layout;
+}
+
+static_assert(kMaxMicroBatchedStepTokens <= cpu::kSkinnyMaxTokens,
+              "a split step must stay on the row-invariant CPU kernels");
+
+std::vector<int> SplitIntoMicroBatches(absl::Span<const SequenceSlice> slices, int tokens,
+                                       int max_micro_batches) {
+  const int sequences = static_cast<int>(slices.size());
+  int m = std::max(1, std::min(max_micro_batches, sequences));
+  if (tokens > kMaxMicroBatchedStepTokens) m = 1;
+  std::vector<int> bounds = {0};
+  int64_t done = 0;  // tokens of the sequences before the candidate cut
+  for (int b = 0; b + 1 < sequences && static_cast<int>(bounds.size()) < m; ++b) {
+    done += slices[b].tokens;
+    const int next = static_cast<int>(bounds.size());  // the cut being placed
+    const int left = sequences - (b + 1);              // sequences after the cut
+    // Cut once this micro-batch has its share of the tokens, or when every
+    // later micro-batch needs one of the remaining sequences.
+    if (done * m >= static_cast<int64_t>(tokens) * next || left == m - next) {
+      bounds.push_back(b + 1);
+    }
+  }
+  bounds.push_back(sequences);
+  return bounds;
+}
+
+int ResolveMicroBatches(int flag_value, bool experts_off_host) {
+  if (flag_value > 0) return flag_value;
+  return experts_off_host ? 2 : 1;
 }
 
 std::vector<absl::Status> SequencesOfFailedBatches(const MoeDispatch& plan,

@@ -68,6 +68,39 @@ struct StepLayout {
 absl::StatusOr<StepLayout> PrepareStep(const ModelConfig& config,
                                        absl::Span<const StepInput> inputs);
 
+// Micro-batch ping-pong (the --micro-batches flag): a step's sequences split
+// into micro-batches so that while one micro-batch's expert calls are in
+// flight the runner computes attention and routing of the next, and the
+// experts of both run at once (MegaScale-Infer, SGLang two-batch overlap).
+//
+// Results are bit-for-bit those of one micro-batch: every row's attention,
+// norm, router and combine depend on that row (and its own sequence's cache)
+// alone, and the FP32/BF16 CPU products (core/cpu_ops.h) give every output
+// row the same bits whatever the number of rows as long as that number is at
+// most kSkinnyMaxTokens; above it they switch to a BLAS GEMM with another
+// summation order. So a step splits only when its tokens (hence every
+// micro-batch's rows and every expert batch's rows, in the gateway and in a
+// CPU expert service) stay at most kMaxMicroBatchedStepTokens: a step of
+// decode tokens of up to 16 sequences, the latency-bound case where the hop
+// to the experts matters most. A larger step runs as one micro-batch.
+inline constexpr int kMaxMicroBatchedStepTokens = 16;  // == cpu::kSkinnyMaxTokens
+
+// The micro-batches of a step: boundaries b[0] = 0 < b[1] < ... < b[M] =
+// slices.size() over the inputs (whole sequences, in input order), M at most
+// `max_micro_batches` (>= 1) and at most the number of sequences, the
+// micro-batches balanced by tokens. M = 1 when the step has more than
+// kMaxMicroBatchedStepTokens tokens (see above).
+std::vector<int> SplitIntoMicroBatches(absl::Span<const SequenceSlice> slices, int tokens,
+                                       int max_micro_batches);
+
+// The gateway's --micro-batches: 0 (auto, the default) is 2 when some
+// expert is on another host (a network round trip worth hiding) and 1 for
+// local experts or experts on this host (the wait is the same cores
+// computing: overlap measured 0.6-0.9x on 2 shared cores, README); N >= 1
+// is at most N. Each step then splits as SplitIntoMicroBatches says (so a
+// single sequence is always one).
+int ResolveMicroBatches(int flag_value, bool experts_off_host);
+
 // Per input (slices): the first error among the failed expert batches that
 // carried one of its tokens; OK for sequences none of whose tokens were in a
 // failed batch. `batches` are those ExpertBatches(plan, ...) built, with

@@ -8,8 +8,10 @@
 #   direct     gateway -> expert namespaces, no proxy (the veth link alone)
 #   proxy 0    through the proxies with no delay: the proxy's own cost
 #   RTT R ms   through the proxies adding R ms per round trip
-# each with micro-batch overlap off (--micro-batches 1) and on (the gateway's
-# default) where switchyard-gateway has --micro-batches; without that flag
+# each with micro-batch overlap off (--micro-batches 1) and on
+# (--micro-batches $OVERLAP_MICRO_BATCHES, 2 by default: the gateway's own
+# default, auto, would pick 1, since the proxies listen on 127.0.0.1) where
+# switchyard-gateway has --micro-batches; without that flag
 # only the gateway as it is runs, and the table says so.
 #
 # usage: scripts/bench-netem.sh [MODEL_DIR]
@@ -19,6 +21,7 @@
 #   STREAMS ["1 8 16 32"]    bench --concurrency values
 #   REQUESTS_PER_STREAM [2]  bench --requests = streams x this (at least 4)
 #   PROMPT_TOKENS [16]  OUTPUT_TOKENS [16]
+#   OVERLAP_MICRO_BATCHES [2]  micro-batches of the overlap-on gateway
 #   REPEATS [1]              bench runs per row (alternating overlap off/on);
 #                            the table shows their median
 #   NO_DIRECT=1              leave out the direct and proxy-0 rows
@@ -35,6 +38,7 @@ per_stream=${REQUESTS_PER_STREAM:-2}
 prompt_tokens=${PROMPT_TOKENS:-16}
 output_tokens=${OUTPUT_TOKENS:-16}
 repeats=${REPEATS:-1}
+overlap_micro_batches=${OVERLAP_MICRO_BATCHES:-2}
 
 for b in switchyard switchyard-gateway switchyard-expert switchyard-delay-proxy; do
   [ -x "$bin/$b" ] || { echo "bench-netem: $bin/$b is missing; build it first" >&2; exit 1; }
@@ -132,7 +136,7 @@ done
 # Micro-batch overlap: only where the gateway has the flag.
 if "$bin/switchyard-gateway" --help | grep -q -- '--micro-batches'; then
   overlap_modes=(off on)
-  overlap_note="overlap off: --micro-batches 1; on: the gateway's default"
+  overlap_note="overlap off: --micro-batches 1; on: --micro-batches $overlap_micro_batches"
 else
   overlap_modes=(off)
   overlap_note="switchyard-gateway has no --micro-batches: only the gateway without overlap ran"
@@ -166,7 +170,9 @@ run_network() {
   local gateways=()
   for overlap in "${overlap_modes[@]}"; do
     local flags=()
-    [ "$overlap" = off ] && [ "${#overlap_modes[@]}" -gt 1 ] && flags+=(--micro-batches 1)
+    if [ "${#overlap_modes[@]}" -gt 1 ]; then
+      if [ "$overlap" = off ]; then flags+=(--micro-batches 1); else flags+=(--micro-batches "$overlap_micro_batches"); fi
+    fi
     local port
     port=$(free_port)
     "$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:$port" --experts "$spec" \

@@ -149,6 +149,25 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 
 cudaError_t cudaStreamSynchronize(cudaStream_t /*stream*/) { return cudaSuccess; }
 
+// Work runs when it is enqueued, so an event is complete once recorded.
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int /*flags*/) {
+  *event = reinterpret_cast<cudaEvent_t>(new int(0));
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  delete reinterpret_cast<int*>(event);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t /*stream*/) {
+  return event == nullptr ? Fail(cudaErrorInvalidResourceHandle) : cudaSuccess;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  return event == nullptr ? Fail(cudaErrorInvalidResourceHandle) : cudaSuccess;
+}
+
 cudaError_t cudaMalloc(void** ptr, size_t size) {
   *ptr = Allocate(size);
   return *ptr != nullptr ? cudaSuccess : Fail(cudaErrorMemoryAllocation);

@@ -13,7 +13,10 @@
 //   blocks equals computing it; forced preemption under eight scheduler
 //   streams keeps every stream equal to its solo run; experts behind an ExpertBackend (the CPU's,
 //   as a remote service would be) equal the all-GPU path; the GPU ExpertBackend equals the CPU
-//   experts; errors match the CPU runner's.
+//   experts; errors match the CPU runner's; micro-batch
+//   ping-pong (--micro-batches 2, 3, auto) gives the same bits as one micro-batch with
+//   GPU experts, CPU experts and remote experts over real gRPC, and a failed
+//   remote expert still ends only its sequences with overlap on.
 // Built twice: cuda_parity_test skips every GPU test without a device;
 // cuda_parity_emulated_test runs them on the CPU emulator
 // (cuda/emulator/device_emulation.h). One CPU-only test checks the CPU
@@ -36,12 +39,15 @@
 #include "core/tensor_names.h"
 #include "expert_service/expert_backend.h"
 #include "expert_service/expert_ffn.h"
+#include "expert_service/expert_server.h"
 #include "gateway/cuda_model_runner.h"
 #include "gateway/generate.h"
 #include "gateway/local_model.h"
+#include "gateway/remote_expert_backend.h"
 #include "gateway/scheduler.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "rpc/server.h"
 #include "tests/cuda/bf16_emulation.h"
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/test_util.h"
@@ -688,6 +694,199 @@ TEST_F(CudaParityTest, RemoteExpertFailureEndsOnlyItsSequences) {
                        "survivors' decode after the failure"));
   std::printf("[ contain ] expert %d down: %d of %d sequences ended\n", failing, failed,
               kSequences);
+}
+
+// ---------------------------------------------------------------------------
+// Micro-batch ping-pong (gateway/cuda_model_runner.h): the same bits as one
+// micro-batch.
+
+// Six sequences greedily: a 13-token prefill step, four decode steps of 6,
+// then a step that adds two 10-token prompts (26 tokens: one micro-batch).
+// Every step's logits and greedy tokens, in order.
+std::pair<std::vector<float>, std::vector<int32_t>> MicroBatchWorkload(StepRunner& runner,
+                                                                       KvCachePool& pool) {
+  const int V = runner.config().vocab_size;
+  auto prompt = [](int seed, int length) {
+    std::vector<int32_t> p = {1};
+    uint32_t x = 777u + 131u * seed;
+    while (static_cast<int>(p.size()) < length) {
+      x = x * 1664525u + 1013904223u;
+      p.push_back(3 + static_cast<int32_t>((x >> 8) % 31990));
+    }
+    return p;
+  };
+  const std::vector<int> lengths = {2, 3, 2, 1, 3, 2};
+  std::vector<std::vector<int32_t>> ids;
+  std::vector<std::unique_ptr<SequenceKv>> kvs;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    ids.push_back(prompt(static_cast<int>(i), lengths[i]));
+    kvs.push_back(pool.NewSequence());
+  }
+  std::vector<float> logits;
+  std::vector<int32_t> tokens, next(ids.size());
+  for (int step = 0; step < 6; ++step) {
+    std::vector<StepInput> inputs;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      inputs.push_back({kvs[i].get(),
+                        step == 0 ? absl::MakeConstSpan(ids[i]) : absl::MakeConstSpan(&next[i], 1),
+                        LogitsWanted::kLast});
+    }
+    std::vector<std::vector<int32_t>> extra;
+    std::vector<std::unique_ptr<SequenceKv>> extra_kvs;
+    if (step == 5) {
+      for (int j = 0; j < 2; ++j) {
+        extra.push_back(prompt(20 + j, 10));
+        extra_kvs.push_back(pool.NewSequence());
+      }
+      for (int j = 0; j < 2; ++j) inputs.push_back({extra_kvs[j].get(), extra[j]});
+    }
+    auto out = runner.Step(inputs);
+    EXPECT_TRUE(out.ok()) << out.status();
+    if (!out.ok()) return {};
+    EXPECT_TRUE(out->sequence_status.empty());
+    logits.insert(logits.end(), out->logits.begin(), out->logits.end());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const float* row = out->logits.data() + static_cast<size_t>(out->logits_row_begin[i]) * V;
+      next[i] = static_cast<int32_t>(std::max_element(row, row + V) - row);
+      tokens.push_back(next[i]);
+    }
+  }
+  return {logits, tokens};
+}
+
+// An in-process expert service over real gRPC on loopback, every expert.
+struct GrpcExperts {
+  std::unique_ptr<ExpertStore> store;
+  std::unique_ptr<LocalExpertBackend> compute;
+  std::unique_ptr<ExpertServiceImpl> service;
+  std::unique_ptr<rpc::RunningServer> server;
+  std::unique_ptr<RemoteExpertBackend> client;
+  ~GrpcExperts() {
+    client.reset();
+    if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    server.reset();
+    if (service) service->Shutdown();
+  }
+};
+
+absl::StatusOr<std::unique_ptr<GrpcExperts>> StartGrpcExperts(const ModelConfig& config) {
+  auto g = std::make_unique<GrpcExperts>();
+  std::vector<int> all(config.num_local_experts);
+  for (int e = 0; e < config.num_local_experts; ++e) all[e] = e;
+  SY_ASSIGN_OR_RETURN(auto ckpt,
+                      Checkpoint::Open(TinyMixtralDir(), WeightSelection::ExpertsOnly(all)));
+  SY_ASSIGN_OR_RETURN(g->store, ExpertStore::Load(*ckpt));
+  SY_ASSIGN_OR_RETURN(ShardDescription description, DescribeShard(TinyMixtralDir(), *ckpt));
+  g->compute = std::make_unique<LocalExpertBackend>(g->store.get());
+  g->service = std::make_unique<ExpertServiceImpl>(g->store->config(), g->compute.get(),
+                                                   description, ExpertServerOptions{.workers = 2});
+  rpc::ServerOptions server_options;
+  server_options.listen_address = "127.0.0.1:0";
+  SY_ASSIGN_OR_RETURN(g->server, rpc::RunningServer::Start(server_options, {g->service.get()}));
+  std::string spec;
+  for (int e : all) spec += absl::StrCat(e, "=", g->server->address(), ";");
+  spec.pop_back();
+  SY_ASSIGN_OR_RETURN(ExpertTopology topology, ParseExpertTopology(spec, config.num_local_experts));
+  RemoteExpertOptions remote;
+  remote.connect_timeout_ms = 10000;
+  SY_ASSIGN_OR_RETURN(g->client,
+                      RemoteExpertBackend::Connect(topology, config, TinyMixtralDir(), remote));
+  return g;
+}
+
+TEST_F(CudaParityTest, MicroBatchesGiveTheSameBitsAsOne) {
+  SY_ASSERT_OK_AND_ASSIGN(auto full, Checkpoint::Open(TinyMixtralDir()));
+  SY_ASSERT_OK_AND_ASSIGN(auto dense_only,
+                          Checkpoint::Open(TinyMixtralDir(), WeightSelection::DenseOnly()));
+  SY_ASSERT_OK_AND_ASSIGN(std::unique_ptr<GrpcExperts> grpc, StartGrpcExperts(cpu().config()));
+  struct Case {
+    std::string name;
+    ExpertBackend* remote;  // nullptr: experts on the GPU
+    cuda::Precision precision;
+  };
+  const std::vector<Case> cases = {
+      {"GPU experts f32", nullptr, cuda::Precision::kF32},
+      {"GPU experts bf16", nullptr, cuda::Precision::kBF16},
+      {"CPU experts (ExpertBackend)", shared_->cpu_experts.get(), cuda::Precision::kF32},
+      {"remote experts (gRPC)", grpc->client.get(), cuda::Precision::kF32},
+      {"remote experts (gRPC) bf16", grpc->client.get(), cuda::Precision::kBF16},
+  };
+  for (const Case& c : cases) {
+    const Checkpoint& ckpt = c.remote == nullptr ? *full : *dense_only;
+    SY_ASSERT_OK_AND_ASSIGN(auto one, cuda::MakeCudaRunner(ckpt, c.precision, c.remote, nullptr,
+                                                           /*device=*/0, 1));
+    const auto want = MicroBatchWorkload(*one, pool());
+    ASSERT_FALSE(want.first.empty()) << c.name;
+    for (int flag : {2, 3, 0}) {
+      const int m = ResolveMicroBatches(flag, c.remote != nullptr);
+      SY_ASSERT_OK_AND_ASSIGN(
+          auto runner, cuda::MakeCudaRunner(ckpt, c.precision, c.remote, nullptr, /*device=*/0, m));
+      const auto got = MicroBatchWorkload(*runner, pool());
+      ASSERT_EQ(got.first.size(), want.first.size()) << c.name;
+      double max_diff = 0;
+      for (size_t i = 0; i < got.first.size(); ++i) {
+        max_diff = std::max(max_diff, std::fabs(static_cast<double>(got.first[i]) - want.first[i]));
+      }
+      std::printf("[ micro-batch ] %s, --micro-batches %d (%d) vs 1: %zu logits, max |diff| %g\n",
+                  c.name.c_str(), flag, m, got.first.size(), max_diff);
+      EXPECT_EQ(max_diff, 0.0) << c.name << " " << flag;
+      EXPECT_EQ(std::memcmp(got.first.data(), want.first.data(), got.first.size() * sizeof(float)),
+                0)
+          << c.name << " " << flag << ": the logits' bits differ";
+      EXPECT_EQ(got.second, want.second) << c.name << " " << flag;
+    }
+  }
+}
+
+// A failed remote expert with two micro-batches: the same sequences end as
+// with one, and the survivors get the same bits.
+TEST_F(CudaParityTest, RemoteExpertFailureWithMicroBatchesEndsOnlyItsSequences) {
+  constexpr int kSequences = 6;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < kSequences; ++i) prompts.push_back({1, 300 + 17 * i});  // 12 tokens: splits
+  SY_ASSERT_OK_AND_ASSIGN(auto dense_only,
+                          Checkpoint::Open(TinyMixtralDir(), WeightSelection::DenseOnly()));
+  const int V = cpu().config().vocab_size;
+  int tried = 0;
+  for (int failing = 0; failing < 8; ++failing) {
+    OneExpertDownBackend backend(&cpu().experts(), failing, cpu().config().hidden_size);
+    StepOutput outs[2];
+    std::vector<std::unique_ptr<SequenceKv>> kvs[2];
+    for (int m = 1; m <= 2; ++m) {
+      SY_ASSERT_OK_AND_ASSIGN(auto runner, cuda::MakeCudaRunner(*dense_only, cuda::Precision::kF32,
+                                                                &backend, nullptr, 0, m));
+      std::vector<StepInput> inputs;
+      for (const auto& p : prompts) {
+        kvs[m - 1].push_back(pool().NewSequence());
+        inputs.push_back({kvs[m - 1].back().get(), p, LogitsWanted::kLast});
+      }
+      SY_ASSERT_OK_AND_ASSIGN(outs[m - 1], runner->Step(inputs));
+    }
+    int failed = 0;
+    for (int i = 0; i < kSequences; ++i) failed += !outs[0].ok(i);
+    if (failed == 0 || failed == kSequences) continue;
+    ++tried;
+    for (int i = 0; i < kSequences; ++i) {
+      ASSERT_EQ(outs[1].ok(i), outs[0].ok(i)) << "expert " << failing << " sequence " << i;
+      EXPECT_EQ(kvs[1][i]->length(), kvs[0][i]->length()) << i;
+      if (!outs[0].ok(i)) {
+        EXPECT_EQ(outs[1].sequence_status[i].code(), absl::StatusCode::kUnavailable);
+        EXPECT_EQ(outs[1].logits_row_begin[i], -1);
+        continue;
+      }
+      EXPECT_EQ(
+          std::memcmp(outs[1].logits.data() + static_cast<size_t>(outs[1].logits_row_begin[i]) * V,
+                      outs[0].logits.data() + static_cast<size_t>(outs[0].logits_row_begin[i]) * V,
+                      V * sizeof(float)),
+          0)
+          << "survivor " << i << " with expert " << failing << " down";
+    }
+    std::printf(
+        "[ micro-batch ] expert %d down, 2 micro-batches: %d of %d sequences ended, the "
+        "rest the same bits as 1\n",
+        failing, failed, kSequences);
+  }
+  EXPECT_GT(tried, 0) << "every expert is used by all or none of the prompts";
 }
 
 TEST_F(CudaParityTest, CudaExpertBackendMatchesCpuExperts) {

@@ -479,6 +479,9 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
       {{"--kv-cache-memory", "0"}, "--kv-cache-memory"},
       {{"--kv-cache-memory", "1GiB", "--kv-cache-tokens", "4096"}, "--kv-cache-memory"},
       {{"--kv-cache-dtype", "fp8"}, "--kv-cache-dtype"},
+      {{"--micro-batches", "-1"}, "--micro-batches"},
+      {{"--micro-batches", "65"}, "--micro-batches"},
+      {{"--micro-batches", "two"}, "--micro-batches"},
   };
   for (const Case& c : cases) {
     std::vector<std::string> args = {"--model", "m"};
@@ -487,7 +490,7 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
         Flags::Parse(args,
                      {"model", "kv-cache-tokens", "max-queue", "max-running", "max-step-tokens",
                       "max-new-tokens-limit", "expert-timeout-ms", "grace-ms",
-                      "max-connection-age-ms", "kv-cache-memory", "kv-cache-dtype"},
+                      "max-connection-age-ms", "kv-cache-memory", "kv-cache-dtype", "micro-batches"},
                      {});
     ASSERT_TRUE(flags.ok()) << flags.status();
     auto options = GatewayOptionsFromFlags(*flags);
@@ -495,14 +498,17 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
     EXPECT_EQ(options.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(options.status().message().find(c.flag), std::string::npos) << options.status();
   }
-  auto flags = Flags::Parse({"--model", "m", "--max-step-tokens", "16384", "--max-queue", "1048576",
-                             "--kv-cache-tokens", "1000"},
-                            {"model", "max-step-tokens", "max-queue", "kv-cache-tokens"}, {});
+  auto flags = Flags::Parse(
+      {"--model", "m", "--max-step-tokens", "16384", "--max-queue", "1048576", "--kv-cache-tokens",
+       "1000", "--micro-batches", "3"},
+      {"model", "max-step-tokens", "max-queue", "kv-cache-tokens", "micro-batches"}, {});
   ASSERT_TRUE(flags.ok());
   auto options = GatewayOptionsFromFlags(*flags);
   ASSERT_TRUE(options.ok()) << options.status();
   EXPECT_EQ(options->scheduler.max_step_tokens, 16384);
   EXPECT_EQ(options->scheduler.max_queue, 1048576);
+  EXPECT_EQ(options->micro_batches, 3);
+  EXPECT_EQ(GatewayOptions().micro_batches, 0) << "the default is auto";
 
   // Options built in code are checked by Start, before the model loads.
   GatewayOptions zero_step;
@@ -655,6 +661,20 @@ TEST_F(GatewayLifecycleTest, ADrainThatCutsAStreamSaysTheGatewayIsShuttingDown) 
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
   EXPECT_NE(status.error_message().find("shutting down"), std::string::npos)
       << status.error_message();
+}
+
+// --micro-batches auto overlaps only when some expert is on another host.
+TEST(GatewayOptionsTest, ExpertTargetsOnThisHostAreRecognised) {
+  for (const char* local :
+       {"127.0.0.1:5000", "localhost:5000", "127.1.2.3:1", "[::1]:5000", "unix:/tmp/e.sock",
+        "unix-abstract:e", "ipv4:127.0.0.1:1,127.0.0.2:2", "ipv6:[::1]:1"}) {
+    EXPECT_TRUE(ExpertTargetIsOnThisHost(local)) << local;
+  }
+  for (const char* remote :
+       {"10.0.0.7:50061", "expert-3.svc:50051", "dns:///experts.default.svc:50051",
+        "ipv4:127.0.0.1:1,10.0.0.2:2", "[fe80::1]:5000", "127.0.0.1"}) {
+    EXPECT_FALSE(ExpertTargetIsOnThisHost(remote)) << remote;
+  }
 }
 
 }  // namespace
