@@ -110,11 +110,19 @@ void ExpertServiceImpl::WorkerLoop() {
 
 bool ExpertServiceImpl::TakeInlineSlotLocked() {
   if (!options_.inline_compute_when_idle || !queue_.empty() ||
-      running_ >= std::max(1, options_.workers)) {
+      running_ >= std::max(1, options_.workers) ||
+      compute_average_micros_.load(std::memory_order_relaxed) >
+          options_.inline_compute_max_micros) {
     return false;
   }
   ++running_;
   return true;
+}
+
+void ExpertServiceImpl::RecordComputeMicros(int64_t micros) {
+  // Racy read-modify-write: a lost update only delays the average a little.
+  const int64_t average = compute_average_micros_.load(std::memory_order_relaxed);
+  compute_average_micros_.store((7 * average + micros) / 8, std::memory_order_relaxed);
 }
 
 void ExpertServiceImpl::ComputeDone() {
@@ -261,6 +269,7 @@ void ExpertServiceImpl::RunForward(grpc::CallbackServerContext* context,
         status = backend_->RunLayer(static_cast<int>(request->layer()), {&batch, 1});
       }
       compute_micros = NowMicros() - compute_start;
+      RecordComputeMicros(compute_micros);
       if (status.ok()) {
         response->set_compute_micros(compute_micros);
         response->set_queue_micros(start - enqueued_micros);
@@ -499,6 +508,7 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
     const int64_t compute_start = NowMicros();
     const absl::Status layer_status = backend_->RunLayerPerBatch(layer, batches, &batch_status);
     const int64_t elapsed = NowMicros() - compute_start;
+    RecordComputeMicros(elapsed);
     for (size_t j = 0; j < indices.size(); ++j) {
       const int i = indices[j];
       compute_micros[i] = elapsed;

@@ -6,7 +6,8 @@
 // callback threads and are validated there (cheap lookups only). When no call
 // is queued and fewer than `workers` computations run, the call is computed
 // right there on the callback thread (decode, backend, encode, reply): no
-// thread hop at low load. Otherwise it is queued to the pool of worker
+// thread hop at low load; only while calls compute quickly, see
+// ExpertServerOptions::inline_compute_max_micros). Otherwise it is queued to the pool of worker
 // threads, so under load at most `workers` computations run on their own
 // threads and the queue (and its metrics) shows the backlog. Calls whose
 // deadline passed while queued are dropped without compute.
@@ -89,6 +90,11 @@ struct ExpertServerOptions {
   // and fewer than `workers` computations run (no worker hop). Default true;
   // false: every call goes through the worker queue.
   bool inline_compute_when_idle = true;
+  // ... but only while the shard's recent compute time per call (a moving
+  // average) is at most this many microseconds: longer compute (CPU experts
+  // at large batches) goes to the workers, so it never holds gRPC's threads,
+  // which also carry the shard's I/O. Default 200.
+  int64_t inline_compute_max_micros = 200;
 };
 
 // Counters of one (layer, expert). Monotonic except in_flight.
@@ -189,6 +195,9 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   std::deque<std::function<void()>> queue_;  // guarded by mu_
   bool stopping_ = false;                    // guarded by mu_
   int running_ = 0;  // computations running, inline or on workers; guarded by mu_
+  // Moving average of compute time per call, in us (for inline_compute_max_micros).
+  std::atomic<int64_t> compute_average_micros_{0};
+  void RecordComputeMicros(int64_t micros);
   std::mutex join_mu_;                       // serialises Shutdown's joins
   std::vector<std::thread> workers_;
 };

@@ -201,8 +201,8 @@ class RemoteExpertBackend::Stream final
     : public grpc::ClientBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>,
       public std::enable_shared_from_this<Stream> {
  public:
-  Stream(RemoteExpertBackend* backend, std::string target)
-      : backend_(backend), target_(std::move(target)) {}
+  Stream(RemoteExpertBackend* backend, Replica* replica)
+      : backend_(backend), replica_(replica) {}
 
   // Binds the call to `stub` and starts it; call once, right after make_shared.
   void Start(v1::ExpertService::Stub* stub) {
@@ -213,15 +213,14 @@ class RemoteExpertBackend::Stream final
   }
 
   // Sends `request` (its id is set here) for the attempts `refs`, one per
-  // batch in order. False when the stream has ended: nothing was sent and
-  // `request` is untouched.
-  bool Send(std::unique_ptr<v1::ForwardStreamRequest>& request, std::vector<AttemptRef> refs) {
+  // batch in order. False when the stream has ended: nothing was sent.
+  bool Send(std::shared_ptr<v1::ForwardStreamRequest> request, std::vector<AttemptRef> refs) {
     std::unique_lock<std::mutex> lock(mu_);
     if (ended_) return false;
     const uint64_t id = next_id_++;
     request->set_id(id);
-    pending_.emplace(id, std::move(refs));
-    writes_.push_back(std::move(request));
+    writes_.push_back(request);
+    pending_.emplace(id, Unanswered{std::move(refs), std::move(request)});
     if (writing_) return true;
     writing_ = true;
     const v1::ForwardStreamRequest* next = writes_.front().get();
@@ -265,7 +264,7 @@ class RemoteExpertBackend::Stream final
       std::lock_guard<std::mutex> lock(mu_);
       auto it = pending_.find(read_.id());
       if (it != pending_.end()) {
-        refs = std::move(it->second);
+        refs = std::move(it->second.refs);
         pending_.erase(it);
       }
     }
@@ -275,20 +274,15 @@ class RemoteExpertBackend::Stream final
   }
 
   void OnDone(const grpc::Status& status) override {
-    std::map<uint64_t, std::vector<AttemptRef>> unanswered;
+    std::vector<Unanswered> unanswered;
     {
       std::lock_guard<std::mutex> lock(mu_);
       ended_ = true;
-      unanswered.swap(pending_);
+      for (auto& [id, entry] : pending_) unanswered.push_back(std::move(entry));
+      pending_.clear();
       writes_.clear();
     }
-    // Broken mid-flight: the attempts on it fail with a status that says so;
-    // UNAVAILABLE, so they are retried on another replica where there is one.
-    const grpc::Status failed(
-        grpc::StatusCode::UNAVAILABLE,
-        absl::StrCat("ForwardStream to ", target_, " broke with ", unanswered.size(),
-                     " request(s) in flight: ", StatusText(status)));
-    for (const auto& [id, refs] : unanswered) backend_->FailAttempts(refs, failed);
+    backend_->OnStreamEnded(replica_, std::move(unanswered), status);
     std::shared_ptr<Stream> keep = std::move(self_);  // may be the last reference
     std::lock_guard<std::mutex> lock(mu_);
     done_ = true;
@@ -297,7 +291,7 @@ class RemoteExpertBackend::Stream final
 
  private:
   RemoteExpertBackend* const backend_;
-  const std::string target_;
+  Replica* const replica_;  // outlives the stream (~Replica closes it)
   grpc::ClientContext context_;
   v1::ForwardStreamResponse read_;  // only touched by the read chain
   std::shared_ptr<Stream> self_;    // set by Start, dropped by OnDone
@@ -305,8 +299,8 @@ class RemoteExpertBackend::Stream final
   mutable std::mutex mu_;
   std::condition_variable done_cv_;
   uint64_t next_id_ = 1;                                   // guarded by mu_
-  std::map<uint64_t, std::vector<AttemptRef>> pending_;    // guarded by mu_
-  std::deque<std::unique_ptr<v1::ForwardStreamRequest>> writes_;  // front: being written
+  std::map<uint64_t, Unanswered> pending_;                 // guarded by mu_
+  std::deque<std::shared_ptr<v1::ForwardStreamRequest>> writes_;  // front: being written
   bool writing_ = false;                                   // guarded by mu_
   bool ended_ = false;                                     // guarded by mu_
   bool done_ = false;                                      // OnDone finished; mu_
@@ -337,7 +331,7 @@ struct RemoteExpertBackend::Replica {
     {
       std::lock_guard<std::mutex> lock(stream_mu);
       if (stream != nullptr && !stream->ended()) return stream;
-      stream = std::make_shared<Stream>(backend, target);
+      stream = std::make_shared<Stream>(backend, this);
       opened = stream;
     }
     opened->Start(stub.get());
@@ -394,13 +388,10 @@ struct RemoteExpertBackend::CallSlot {
   int tokens = 0;
   const float* input = nullptr;  // the caller's rows, encoded at each attempt
   float* output = nullptr;       // the caller's buffer, decoded into on success
-  v1::ForwardRequest request;    // unary attempts only
   // Attempts started; guarded by LayerCall::mu.
   int attempts = 0;
   // Held until the slot is done: a replica removed meanwhile stays open for it.
   std::array<std::shared_ptr<Replica>, kMaxAttempts> replica;
-  std::array<std::unique_ptr<grpc::ClientContext>, kMaxAttempts> contexts;
-  std::array<v1::ForwardResponse, kMaxAttempts> responses;
   std::array<grpc::Status, kMaxAttempts> statuses;
   std::array<int64_t, kMaxAttempts> start_micros{};
   // Per attempt, written under LayerCall::mu when it starts: its deadline and
@@ -791,7 +782,7 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
                       request->mutable_hidden_states());
   };
   if (stream) {
-    auto request = std::make_unique<v1::ForwardStreamRequest>();
+    auto request = std::make_shared<v1::ForwardStreamRequest>();
     for (const AttemptRef& ref : refs) fill(call->slots[ref.slot], request->add_batches());
     request->set_timeout_micros(std::max<int64_t>(
         1, std::chrono::duration_cast<std::chrono::microseconds>(latest_deadline - now).count()));
@@ -804,23 +795,57 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
                                                  " ended before the request could be sent")));
     return;
   }
-  v1::ExpertService::Stub* stub = replica->stub.get();
   for (const AttemptRef& ref : refs) {
-    CallSlot& s = call->slots[ref.slot];
-    if (!s.request.has_hidden_states()) fill(s, &s.request);
-    s.contexts[ref.attempt] = std::make_unique<grpc::ClientContext>();
-    grpc::ClientContext* context = s.contexts[ref.attempt].get();
-    context->set_deadline(s.deadline[ref.attempt]);
-    const size_t slot = ref.slot;
-    const int attempt = ref.attempt;
-    stub->async()->Forward(context, &s.request, &s.responses[attempt],
-                           [this, call, slot, attempt](grpc::Status status) {
-                             if (!call->slots[slot].Claim(attempt)) return;
-                             const v1::ForwardResponse* reply =
-                                 status.ok() ? &call->slots[slot].responses[attempt] : nullptr;
-                             OnAttemptDone(call, slot, attempt, std::move(status), reply);
-                           });
+    auto request = std::make_unique<v1::ForwardRequest>();
+    fill(call->slots[ref.slot], request.get());
+    SendUnary(ref, replica.get(), std::move(request));
   }
+}
+
+void RemoteExpertBackend::SendUnary(const AttemptRef& ref, Replica* replica,
+                                    std::unique_ptr<v1::ForwardRequest> request) {
+  // Everything the call uses lives as long as its callback.
+  struct UnaryCall {
+    grpc::ClientContext context;
+    std::unique_ptr<v1::ForwardRequest> request;
+    v1::ForwardResponse response;
+  };
+  auto unary = std::make_shared<UnaryCall>();
+  unary->request = std::move(request);
+  unary->context.set_deadline(ref.call->slots[ref.slot].deadline[ref.attempt]);
+  UnaryCall* raw = unary.get();
+  replica->stub->async()->Forward(
+      &raw->context, raw->request.get(), &raw->response,
+      [this, ref, unary = std::move(unary)](grpc::Status status) {
+        if (!ref.call->slots[ref.slot].Claim(ref.attempt)) return;
+        const v1::ForwardResponse* reply = status.ok() ? &unary->response : nullptr;
+        OnAttemptDone(ref.call, ref.slot, ref.attempt, std::move(status), reply);
+      });
+}
+
+void RemoteExpertBackend::OnStreamEnded(Replica* replica, std::vector<Unanswered> unanswered,
+                                        const grpc::Status& status) {
+  if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
+    // The shard said it serves ForwardStream but does not (a proxy or an
+    // older build behind the same address): unary calls from now on, and
+    // the requests already encoded go that way.
+    replica->use_stream.store(false);
+    for (Unanswered& u : unanswered) {
+      for (size_t i = 0; i < u.refs.size(); ++i) {
+        auto request = std::make_unique<v1::ForwardRequest>(
+            std::move(*u.request->mutable_batches(static_cast<int>(i))));
+        SendUnary(u.refs[i], replica, std::move(request));
+      }
+    }
+    return;
+  }
+  // Broken mid-flight: the attempts on it fail with a status that says so;
+  // UNAVAILABLE, so they are retried on another replica where there is one.
+  const grpc::Status failed(grpc::StatusCode::UNAVAILABLE,
+                            absl::StrCat("ForwardStream to ", replica->target, " broke with ",
+                                         unanswered.size(),
+                                         " request(s) in flight: ", StatusText(status)));
+  for (const Unanswered& u : unanswered) FailAttempts(u.refs, failed);
 }
 
 void RemoteExpertBackend::FailAttempts(const std::vector<AttemptRef>& refs,

@@ -248,6 +248,20 @@ class RemoteExpertBackend : public ExpertBackend {
   // decodes `reply` into the batch output; retries or counts the slot done.
   void OnAttemptDone(const std::shared_ptr<LayerCall>& call, size_t slot, int attempt,
                      grpc::Status status, const v1::ForwardResponse* reply);
+  // Starts attempt `ref` as a unary Forward call of `request` on `replica`.
+  void SendUnary(const AttemptRef& ref, Replica* replica,
+                 std::unique_ptr<v1::ForwardRequest> request);
+  // A stream request still unanswered when its stream ended.
+  struct Unanswered {
+    std::vector<AttemptRef> refs;  // by batch
+    std::shared_ptr<v1::ForwardStreamRequest> request;
+  };
+  // A stream to `replica` ended with `status`, `unanswered` still in flight
+  // on it: fails them (UNAVAILABLE, naming the stream), or, when the shard
+  // does not implement ForwardStream, sends them as unary calls and keeps the
+  // replica on unary calls.
+  void OnStreamEnded(Replica* replica, std::vector<Unanswered> unanswered,
+                     const grpc::Status& status);
   // Completes each of `refs` whose attempt is still open with `status`.
   void FailAttempts(const std::vector<AttemptRef>& refs, const grpc::Status& status);
   // Completes the attempts of `refs` from the results of a stream reply.
