@@ -204,10 +204,14 @@ class RemoteExpertBackend::Stream final
   Stream(RemoteExpertBackend* backend, Replica* replica)
       : backend_(backend), replica_(replica) {}
 
-  // Binds the call to `stub` and starts it; call once, right after make_shared.
-  void Start(v1::ExpertService::Stub* stub) {
+  // Binds the call to `stub`: once, right after make_shared, before anyone
+  // else can Send (this gRPC's StartWrite needs the call bound).
+  void Bind(v1::ExpertService::Stub* stub) {
     self_ = shared_from_this();
     stub->async()->ForwardStream(&context_, this);
+  }
+  // Starts the bound call (Sends may come before: gRPC holds them until then).
+  void Start() {
     StartRead(&read_);
     StartCall();
   }
@@ -332,9 +336,10 @@ struct RemoteExpertBackend::Replica {
       std::lock_guard<std::mutex> lock(stream_mu);
       if (stream != nullptr && !stream->ended()) return stream;
       stream = std::make_shared<Stream>(backend, this);
+      stream->Bind(stub.get());
       opened = stream;
     }
-    opened->Start(stub.get());
+    opened->Start();
     return opened;
   }
   // Ends the stream, if any, waiting for its end (before the channel goes).
@@ -789,6 +794,15 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
     // A stream that ended between GetStream and Send is replaced once.
     for (int tries = 0; tries < 2; ++tries) {
       if (replica->GetStream(this)->Send(request, refs)) return;
+    }
+    // It ended UNIMPLEMENTED (OnStreamEnded switched the replica to unary).
+    if (!replica->use_stream.load()) {
+      for (size_t i = 0; i < refs.size(); ++i) {
+        SendUnary(refs[i], replica.get(),
+                  std::make_unique<v1::ForwardRequest>(
+                      std::move(*request->mutable_batches(static_cast<int>(i)))));
+      }
+      return;
     }
     FailAttempts(refs, grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                     absl::StrCat("ForwardStream to ", replica->target,
