@@ -311,16 +311,42 @@ class ExpertServiceImpl::StreamReactor final
     }
     const int64_t received = NowMicros();
     auto request = std::make_unique<v1::ForwardStreamRequest>(std::move(read_));
+    bool ending;
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++pending_;
+      ending = ending_;
     }
     read_.Clear();
     // The next request may be read (and computed on another thread) while
     // this one computes here.
-    StartRead(&read_);
+    if (!ending) StartRead(&read_);
+    if (ending) {
+      // Refused, so the caller retries it elsewhere.
+      auto response = std::make_unique<v1::ForwardStreamResponse>();
+      response->set_id(request->id());
+      for (int i = 0; i < request->batches_size(); ++i) {
+        v1::ForwardResult* r = response->add_results();
+        r->set_code(static_cast<int>(absl::StatusCode::kUnavailable));
+        r->set_error_message("expert shard is shutting down");
+      }
+      Reply(std::move(response));
+      return;
+    }
     service_->AcceptStreamRequest(std::move(request), received, this);
   }
+
+  // Ends the stream once its accepted requests are answered (EndStreams);
+  // returns whether the caller must call Finish now (nothing is pending).
+  // Never calls into gRPC, so it may run under the service's streams_mu_.
+  bool BeginEnd() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ending_ = true;
+    if (finished_ || pending_ > 0 || writing_) return false;
+    finished_ = true;
+    return true;
+  }
+  void FinishEnded() { Finish(EndedStatus()); }
 
   // Sends the answer to one accepted request (any thread).
   void Reply(std::unique_ptr<v1::ForwardStreamResponse> response) {
@@ -355,15 +381,22 @@ class ExpertServiceImpl::StreamReactor final
     StartWrite(next);
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    service_->ForgetStream(this);
+    delete this;
+  }
 
  private:
+  static grpc::Status EndedStatus() {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "expert shard is shutting down");
+  }
   // Finishes the stream once nothing is left to do; unlocks `lock`.
   void MaybeFinish(std::unique_lock<std::mutex>& lock) {
-    const bool finish = reads_done_ && pending_ == 0 && !writing_ && !finished_;
+    const bool finish = (reads_done_ || ending_) && pending_ == 0 && !writing_ && !finished_;
     if (finish) finished_ = true;
+    const bool ended = ending_ && !reads_done_;
     lock.unlock();
-    if (finish) Finish(grpc::Status::OK);
+    if (finish) Finish(ended ? EndedStatus() : grpc::Status::OK);
   }
 
   ExpertServiceImpl* const service_;
@@ -375,6 +408,7 @@ class ExpertServiceImpl::StreamReactor final
   bool reads_done_ = false;  // no more requests will come
   bool broken_ = false;      // a write failed
   bool finished_ = false;
+  bool ending_ = false;  // EndStreams: finish when idle, read no more
 };
 
 struct ExpertServiceImpl::StreamWork {
@@ -387,7 +421,34 @@ struct ExpertServiceImpl::StreamWork {
 
 grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>*
 ExpertServiceImpl::ForwardStream(grpc::CallbackServerContext* /*context*/) {
-  return new StreamReactor(this);
+  auto* reactor = new StreamReactor(this);
+  bool finish_now = false;
+  {
+    std::lock_guard<std::mutex> lock(streams_mu_);
+    streams_.insert(reactor);
+    if (streams_ending_) finish_now = reactor->BeginEnd();
+  }
+  if (finish_now) reactor->FinishEnded();
+  return reactor;
+}
+
+void ExpertServiceImpl::ForgetStream(StreamReactor* reactor) {
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  streams_.erase(reactor);
+}
+
+void ExpertServiceImpl::EndStreams() {
+  // A reactor is deleted only after its Finish, so those not finished here
+  // stay valid after the lock is released.
+  std::vector<StreamReactor*> finish_now;
+  {
+    std::lock_guard<std::mutex> lock(streams_mu_);
+    streams_ending_ = true;
+    for (StreamReactor* reactor : streams_) {
+      if (reactor->BeginEnd()) finish_now.push_back(reactor);
+    }
+  }
+  for (StreamReactor* reactor : finish_now) reactor->FinishEnded();
 }
 
 void ExpertServiceImpl::AcceptStreamRequest(std::unique_ptr<v1::ForwardStreamRequest> request,

@@ -31,6 +31,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -145,6 +146,13 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>* ForwardStream(
       grpc::CallbackServerContext* context) override;
 
+  // Ends every open ForwardStream once the requests it accepted are answered
+  // (status UNAVAILABLE "expert shard is shutting down"); requests read after
+  // this are refused the same way, so callers retry elsewhere. Call before
+  // the grpc::Server's graceful Shutdown, which otherwise waits its whole
+  // deadline for the streams (they never end on their own).
+  void EndStreams();
+
   // Refuses new Forward calls (UNAVAILABLE), finishes every queued call and
   // joins the workers. Idempotent. Call after the grpc::Server stopped
   // accepting (RunningServer::Shutdown), so its in-flight calls complete.
@@ -175,6 +183,8 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
                            int64_t received_micros, StreamReactor* reactor);
   // Computes the accepted batches of `work` (decode, backend, encode).
   void RunStreamWork(StreamWork* work);
+  // Called by a stream's OnDone.
+  void ForgetStream(StreamReactor* reactor);
   // Runs one accepted Forward call on a worker thread and finishes it.
   void RunForward(grpc::CallbackServerContext* context, const v1::ForwardRequest* request,
                   v1::ForwardResponse* response, grpc::ServerUnaryReactor* reactor,
@@ -195,6 +205,9 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   std::deque<std::function<void()>> queue_;  // guarded by mu_
   bool stopping_ = false;                    // guarded by mu_
   int running_ = 0;  // computations running, inline or on workers; guarded by mu_
+  std::mutex streams_mu_;
+  std::set<StreamReactor*> streams_;  // open streams; guarded by streams_mu_
+  bool streams_ending_ = false;       // guarded by streams_mu_
   // Moving average of compute time per call, in us (for inline_compute_max_micros).
   std::atomic<int64_t> compute_average_micros_{0};
   void RecordComputeMicros(int64_t micros);
