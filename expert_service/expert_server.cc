@@ -168,10 +168,9 @@ absl::StatusOr<ExpertCounters*> ExpertServiceImpl::Validate(
     const v1::ForwardRequest& request) const {
   if (!request.config_fingerprint().empty() &&
       request.config_fingerprint() != config_fingerprint_) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("config fingerprint ", request.config_fingerprint(),
-                     " does not match this shard's ", config_fingerprint_,
-                     ": the caller and this expert shard serve different models"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "config fingerprint ", request.config_fingerprint(), " does not match this shard's ",
+        config_fingerprint_, ": the caller and this expert shard serve different models"));
   }
   ExpertCounters* counters = nullptr;
   if (request.layer() < (1u << 30) && request.expert() < (1u << 30)) {
@@ -180,10 +179,10 @@ absl::StatusOr<ExpertCounters*> ExpertServiceImpl::Validate(
     if (auto it = counters_.find(key); it != counters_.end()) counters = it->second.get();
   }
   if (counters == nullptr) {
-    return absl::NotFoundError(absl::StrCat(
-        "layer ", request.layer(), " expert ", request.expert(),
-        " is not held by this shard (it holds experts [", absl::StrJoin(shard_.experts, ", "),
-        "] of layers [", shard_.layer_begin, ", ", shard_.layer_end, "))"));
+    return absl::NotFoundError(absl::StrCat("layer ", request.layer(), " expert ", request.expert(),
+                                            " is not held by this shard (it holds experts [",
+                                            absl::StrJoin(shard_.experts, ", "), "] of layers [",
+                                            shard_.layer_begin, ", ", shard_.layer_end, "))"));
   }
   const v1::DType dtype = request.hidden_states().dtype();
   if (dtype != v1::DTYPE_F32 && dtype != v1::DTYPE_BF16) {
@@ -537,9 +536,9 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
   for (int i = 0; i < n; ++i) {
     if (work->counters[i] == nullptr) continue;
     if (expired) {
-      status[i] = absl::DeadlineExceededError(
-          absl::StrCat("waited ", start - work->received_micros, " us in the queue, over the ",
-                       timeout, " us the caller waits"));
+      status[i] = absl::DeadlineExceededError(absl::StrCat("waited ", start - work->received_micros,
+                                                           " us in the queue, over the ", timeout,
+                                                           " us the caller waits"));
       continue;
     }
     const v1::Tensor& x = request.batches(i).hidden_states();
@@ -556,7 +555,8 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
                                       input.data() + row_begin[i] * d, "hidden_states");
     if (status[i].ok()) by_layer[static_cast<int>(request.batches(i).layer())].push_back(i);
   }
-  std::vector<int64_t> compute_micros(n, 0);
+  std::vector<int64_t> compute_micros(n, 0);  // the batch's whole backend call (in its reply)
+  std::vector<int64_t> compute_share(n, 0);   // its rows' share of it (busy time, metrics)
   for (const auto& [layer, indices] : by_layer) {
     std::vector<ExpertBatch> batches;
     for (int i : indices) {
@@ -570,10 +570,13 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
     const absl::Status layer_status = backend_->RunLayerPerBatch(layer, batches, &batch_status);
     const int64_t elapsed = NowMicros() - compute_start;
     RecordComputeMicros(elapsed);
+    int64_t layer_rows = 0;
+    for (int i : indices) layer_rows += rows[i];
     for (size_t j = 0; j < indices.size(); ++j) {
       const int i = indices[j];
       compute_micros[i] = elapsed;
-      status[i] = !layer_status.ok() ? layer_status
+      compute_share[i] = layer_rows > 0 ? elapsed * rows[i] / layer_rows : elapsed;
+      status[i] = !layer_status.ok()        ? layer_status
                   : j < batch_status.size() ? batch_status[j]
                                             : absl::OkStatus();
     }
@@ -589,8 +592,8 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
       v1::ForwardResponse* r = result->mutable_response();
       r->set_compute_micros(compute_micros[i]);
       r->set_queue_micros(start - work->received_micros);
-      rpc::EncodeMatrix(output.data() + row_begin[i] * d, rows[i], d,
-                        batch.hidden_states().dtype(), r->mutable_output());
+      rpc::EncodeMatrix(output.data() + row_begin[i] * d, rows[i], d, batch.hidden_states().dtype(),
+                        r->mutable_output());
     } else {
       rejected_calls_.fetch_add(1, std::memory_order_relaxed);
       result->set_code(static_cast<int>(status[i].code()));
@@ -606,7 +609,7 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
     if (options_.metrics != nullptr) {
       options_.metrics->CallDone(static_cast<int>(batch.layer()), static_cast<int>(batch.expert()),
                                  tokens, (start - work->received_micros) * 1e-6,
-                                 compute_micros[i] * 1e-6);
+                                 compute_share[i] * 1e-6);
     }
   }
   work->reactor->Reply(std::move(work->response));

@@ -211,7 +211,7 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   // Moving average of compute time per call, in us (for inline_compute_max_micros).
   std::atomic<int64_t> compute_average_micros_{0};
   void RecordComputeMicros(int64_t micros);
-  std::mutex join_mu_;                       // serialises Shutdown's joins
+  std::mutex join_mu_;  // serialises Shutdown's joins
   std::vector<std::thread> workers_;
 };
 

@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
-#include <deque>
 #include <cstdio>
+#include <deque>
 #include <fstream>
 #include <mutex>
 #include <optional>
@@ -201,8 +201,7 @@ class RemoteExpertBackend::Stream final
     : public grpc::ClientBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>,
       public std::enable_shared_from_this<Stream> {
  public:
-  Stream(RemoteExpertBackend* backend, Replica* replica)
-      : backend_(backend), replica_(replica) {}
+  Stream(RemoteExpertBackend* backend, Replica* replica) : backend_(backend), replica_(replica) {}
 
   // Binds the call to `stub`: once, right after make_shared, before anyone
   // else can Send (this gRPC's StartWrite needs the call bound).
@@ -302,12 +301,12 @@ class RemoteExpertBackend::Stream final
 
   mutable std::mutex mu_;
   std::condition_variable done_cv_;
-  uint64_t next_id_ = 1;                                   // guarded by mu_
-  std::map<uint64_t, Unanswered> pending_;                 // guarded by mu_
+  uint64_t next_id_ = 1;                                          // guarded by mu_
+  std::map<uint64_t, Unanswered> pending_;                        // guarded by mu_
   std::deque<std::shared_ptr<v1::ForwardStreamRequest>> writes_;  // front: being written
-  bool writing_ = false;                                   // guarded by mu_
-  bool ended_ = false;                                     // guarded by mu_
-  bool done_ = false;                                      // OnDone finished; mu_
+  bool writing_ = false;                                          // guarded by mu_
+  bool ended_ = false;                                            // guarded by mu_
+  bool done_ = false;                                             // OnDone finished; mu_
 };
 
 struct RemoteExpertBackend::Replica {
@@ -855,10 +854,10 @@ void RemoteExpertBackend::OnStreamEnded(Replica* replica, std::vector<Unanswered
   }
   // Broken mid-flight: the attempts on it fail with a status that says so;
   // UNAVAILABLE, so they are retried on another replica where there is one.
-  const grpc::Status failed(grpc::StatusCode::UNAVAILABLE,
-                            absl::StrCat("ForwardStream to ", replica->target, " broke with ",
-                                         unanswered.size(),
-                                         " request(s) in flight: ", StatusText(status)));
+  const grpc::Status failed(
+      grpc::StatusCode::UNAVAILABLE,
+      absl::StrCat("ForwardStream to ", replica->target, " broke with ", unanswered.size(),
+                   " request(s) in flight: ", StatusText(status)));
   for (const Unanswered& u : unanswered) FailAttempts(u.refs, failed);
 }
 
@@ -924,10 +923,9 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
     absl::Status decoded = rpc::DecodeMatrixInto(reply->output(), config_.hidden_size, s.tokens,
                                                  s.output, "expert output");
     if (!decoded.ok()) {
-      s.bad_output = absl::InternalError(absl::StrCat("expert ", s.expert, " (layer ", call->layer,
-                                                      ") at ", replica.target,
-                                                      " returned a bad output: ",
-                                                      decoded.message()));
+      s.bad_output = absl::InternalError(
+          absl::StrCat("expert ", s.expert, " (layer ", call->layer, ") at ", replica.target,
+                       " returned a bad output: ", decoded.message()));
     }
   }
   if (!status.ok()) {
@@ -1036,8 +1034,7 @@ absl::Status RemoteExpertBackend::RunLayerPerBatch(int layer, absl::Span<const E
     s.input = b.input;
     s.output = b.output;
     const ExpertState& state = *experts_[b.expert];
-    std::shared_ptr<Replica> replica =
-        PickReplica(state, *state.Snapshot(), /*exclude=*/nullptr);
+    std::shared_ptr<Replica> replica = PickReplica(state, *state.Snapshot(), /*exclude=*/nullptr);
     auto group = std::find_if(groups.begin(), groups.end(),
                               [&](const auto& g) { return g.first == replica; });
     if (group != groups.end() && replica->use_stream.load(std::memory_order_relaxed)) {
@@ -1082,8 +1079,8 @@ std::string RemoteExpertBackend::Describe() const {
     entries.push_back(absl::StrCat(state->expert, "=", absl::StrJoin(targets, "|")));
   }
   return absl::StrCat("remote (gRPC", options_.use_stream ? " streams" : "", ", ",
-                      options_.wire_dtype == v1::DTYPE_BF16 ? "bf16" : "f32", " wire, ", options_.call_deadline_ms,
-                      " ms deadline): ", absl::StrJoin(entries, ";"));
+                      options_.wire_dtype == v1::DTYPE_BF16 ? "bf16" : "f32", " wire, ",
+                      options_.call_deadline_ms, " ms deadline): ", absl::StrJoin(entries, ";"));
 }
 
 const RemoteExpertCounters* RemoteExpertBackend::counters(int expert) const {

@@ -83,8 +83,7 @@ absl::Status DecodeMatrixInto(const v1::Tensor& tensor, int64_t d, int64_t rows,
   DType dtype;
   if (absl::Status s = CheckMatrix(tensor, d, what, &n, &dtype); !s.ok()) return s;
   if (n != rows) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": ", n, " rows, expected ", rows));
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", n, " rows, expected ", rows));
   }
   ConvertToF32(dtype, tensor.data().data(), static_cast<size_t>(n * d), out);
   return absl::OkStatus();
