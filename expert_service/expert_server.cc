@@ -23,6 +23,12 @@ int64_t NowMicros() {
       .count();
 }
 
+// The dtype a reply's output is sent in (Validate checked output_dtype).
+v1::DType OutputDType(const v1::ForwardRequest& request) {
+  return request.output_dtype() == v1::DTYPE_UNSPECIFIED ? request.hidden_states().dtype()
+                                                         : request.output_dtype();
+}
+
 }  // namespace
 
 std::vector<std::pair<int, int>> ShardDescription::Held() const {
@@ -190,6 +196,13 @@ absl::StatusOr<ExpertCounters*> ExpertServiceImpl::Validate(
                                                    v1::DType_Name(dtype),
                                                    " (expected DTYPE_F32 or DTYPE_BF16)"));
   }
+  const v1::DType out_dtype = request.output_dtype();
+  if (out_dtype != v1::DTYPE_UNSPECIFIED && out_dtype != v1::DTYPE_F32 &&
+      out_dtype != v1::DTYPE_BF16) {
+    return absl::InvalidArgumentError(absl::StrCat("output_dtype: unsupported dtype ",
+                                                   v1::DType_Name(out_dtype),
+                                                   " (expected DTYPE_F32 or DTYPE_BF16)"));
+  }
   const v1::Tensor& x = request.hidden_states();
   if (x.shape_size() >= 1 && x.shape(0) > options_.max_forward_rows) {
     return absl::InvalidArgumentError(
@@ -272,8 +285,7 @@ void ExpertServiceImpl::RunForward(grpc::CallbackServerContext* context,
       if (status.ok()) {
         response->set_compute_micros(compute_micros);
         response->set_queue_micros(start - enqueued_micros);
-        rpc::EncodeMatrix(out.data(), tokens, d, request->hidden_states().dtype(),
-                          response->mutable_output());
+        rpc::EncodeMatrix(out.data(), tokens, d, OutputDType(*request), response->mutable_output());
       }
     }
   }
@@ -592,7 +604,7 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
       v1::ForwardResponse* r = result->mutable_response();
       r->set_compute_micros(compute_micros[i]);
       r->set_queue_micros(start - work->received_micros);
-      rpc::EncodeMatrix(output.data() + row_begin[i] * d, rows[i], d, batch.hidden_states().dtype(),
+      rpc::EncodeMatrix(output.data() + row_begin[i] * d, rows[i], d, OutputDType(batch),
                         r->mutable_output());
     } else {
       rejected_calls_.fetch_add(1, std::memory_order_relaxed);

@@ -327,6 +327,8 @@ struct RemoteExpertBackend::Replica {
   // Calls go on a ForwardStream: the shard serves it (its ShardInfo said so),
   // the backend's use_stream is on and the target is one address.
   std::atomic<bool> use_stream{false};
+  // Hidden states go as BF16 (RemoteExpertOptions::bf16_inputs_to_bf16_shards).
+  std::atomic<bool> bf16_inputs{false};
 
   // The live stream, opened if there is none or the last one ended.
   std::shared_ptr<Stream> GetStream(RemoteExpertBackend* backend) {
@@ -698,6 +700,8 @@ absl::Status RemoteExpertBackend::CheckPairs(const std::vector<NewPair>& pairs) 
   for (const auto& [replica, info] : infos) {
     const_cast<Replica*>(replica)->use_stream.store(
         options_.use_stream && !replica->several_addresses && info->info.forward_stream());
+    const_cast<Replica*>(replica)->bf16_inputs.store(options_.bf16_inputs_to_bf16_shards &&
+                                                     absl::EndsWith(info->info.backend(), "-bf16"));
   }
   // Every (expert, replica) pair must serve this model and these weights.
   for (const auto& [e, replica] : pairs) {
@@ -777,13 +781,16 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
   }
   // A retry started from a callback must be watched by AwaitLayer too.
   if (stream) call->done_cv.notify_all();
+  const v1::DType input_dtype =
+      replica->bf16_inputs.load(std::memory_order_relaxed) ? v1::DTYPE_BF16 : options_.wire_dtype;
   const auto fill = [&](const CallSlot& s, v1::ForwardRequest* request) {
     request->set_layer(static_cast<uint32_t>(call->layer));
     request->set_expert(static_cast<uint32_t>(s.expert));
     request->set_config_fingerprint(config_fingerprint_);
     // Straight from the caller's rows into the message.
-    rpc::EncodeMatrix(s.input, s.tokens, config_.hidden_size, options_.wire_dtype,
+    rpc::EncodeMatrix(s.input, s.tokens, config_.hidden_size, input_dtype,
                       request->mutable_hidden_states());
+    request->set_output_dtype(options_.wire_dtype);
   };
   if (stream) {
     auto request = std::make_shared<v1::ForwardStreamRequest>();

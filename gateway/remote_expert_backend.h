@@ -125,6 +125,12 @@ struct RemoteExpertOptions {
   // Upper bound of the reconnect backoff, in ms, so a restarted replica is
   // used again soon. Default 5000.
   int max_reconnect_backoff_ms = 5000;
+  // With wire_dtype F32: send BF16 hidden states to a replica that computes
+  // in BF16 (ShardInfo.backend ends in "-bf16"; it rounds its GEMM inputs to
+  // BF16, so its results are the same) and still get F32 outputs: half the
+  // request bytes, exact. Default true. A replica computing in F32 (the
+  // parity mode) always gets F32.
+  bool bf16_inputs_to_bf16_shards = true;
   // Multiplex calls on one ForwardStream per replica (see above). Default
   // true; false: one unary Forward call per batch.
   bool use_stream = true;

@@ -1240,7 +1240,8 @@ struct CountedShard {
 };
 
 std::unique_ptr<CountedShard> StartCountedShard(const std::string& dir, std::vector<int> experts,
-                                                const std::string& listen = "127.0.0.1:0") {
+                                                const std::string& listen = "127.0.0.1:0",
+                                                const std::string& backend_name = "cpu-f32") {
   auto checkpoint = Checkpoint::Open(dir, WeightSelection::ExpertsOnly(experts));
   EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
   if (!checkpoint.ok()) return nullptr;
@@ -1254,8 +1255,9 @@ std::unique_ptr<CountedShard> StartCountedShard(const std::string& dir, std::vec
   if (!description.ok()) return nullptr;
   shard->local = std::make_unique<LocalExpertBackend>(shard->store.get());
   shard->recording = std::make_unique<RecordingExpertBackend>(shard->local.get());
-  shard->service = std::make_unique<ExpertServiceImpl>(shard->store->config(),
-                                                       shard->recording.get(), *description);
+  shard->service = std::make_unique<ExpertServiceImpl>(
+      shard->store->config(), shard->recording.get(), *description,
+      ExpertServerOptions{.backend_name = backend_name});
   shard->counting = std::make_unique<CountingExpertService>(shard->service.get());
   rpc::ServerOptions options;
   options.listen_address = listen;
@@ -1465,6 +1467,38 @@ TEST_F(ExpertServiceTest, AStreamReplyThatNeverComesFailsAtTheDeadline) {
   EXPECT_THAT(std::string(batch_status[1].message()), HasSubstr("DEADLINE_EXCEEDED"));
   for (size_t b = 0; b < 8; ++b) {
     if (b != 1) EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
+  }
+}
+
+// A shard that computes in BF16 (its backend name ends in "-bf16") gets its
+// hidden states as BF16, which it would round them to anyway, and replies in
+// F32: the output is exactly the expert of the BF16-rounded input. A shard in
+// F32 (the parity mode) gets F32 and is exact.
+TEST_F(ExpertServiceTest, Bf16InputsGoOnlyToShardsThatComputeInBf16) {
+  auto bf16 = StartCountedShard(*dir_, {3}, "127.0.0.1:0", "test-bf16");
+  ASSERT_NE(bf16, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[3] = {bf16->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  for (bool use_stream : {true, false}) {
+    options.use_stream = use_stream;
+    auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    LayerInput got = MakeLayerInput(95);
+    ASSERT_TRUE((*backend)->RunLayer(1, got.batches).ok());
+    for (size_t b = 0; b < 8; ++b) {
+      const int n = got.batches[b].tokens;
+      const std::vector<float> x = b == 3 ? RoundToBf16(got.inputs[b]) : got.inputs[b];
+      std::vector<float> want(x.size());
+      local_store_->Find(1, static_cast<int>(b))->Forward(x.data(), n, want.data());
+      EXPECT_EQ(MaxAbsDiff(got.outputs[b], want), 0.0)
+          << "expert " << b << " stream " << use_stream;
+    }
+    // The output came back in F32: not every value is a BF16 value.
+    const std::vector<float>& out3 = got.outputs[3];
+    EXPECT_NE(RoundToBf16(out3), out3);
   }
 }
 
