@@ -1031,8 +1031,17 @@ absl::Status RemoteExpertBackend::RunLayerPerBatch(int layer, absl::Span<const E
       std::chrono::system_clock::now() + std::chrono::milliseconds(options_.call_deadline_ms);
   call->slots = std::vector<CallSlot>(batches.size());
   call->pending = batches.size();
-  // Batches bound for the same replica go together (one stream request).
-  std::vector<std::pair<std::shared_ptr<Replica>, std::vector<size_t>>> groups;
+  // Batches bound for the same replica go together (one stream request), as
+  // long as the request and its reply stay within the message size limit
+  // (counted as F32 both ways, plus room for the framing).
+  struct Group {
+    std::shared_ptr<Replica> replica;
+    std::vector<size_t> slots;
+    int64_t bytes = 0;
+  };
+  std::vector<Group> groups;
+  const int64_t group_budget =
+      std::max<int64_t>(int64_t{options_.max_message_bytes} - (64 << 10), 0);
   for (size_t i = 0; i < batches.size(); ++i) {
     const ExpertBatch& b = batches[i];
     CallSlot& s = call->slots[i];
@@ -1042,15 +1051,18 @@ absl::Status RemoteExpertBackend::RunLayerPerBatch(int layer, absl::Span<const E
     s.output = b.output;
     const ExpertState& state = *experts_[b.expert];
     std::shared_ptr<Replica> replica = PickReplica(state, *state.Snapshot(), /*exclude=*/nullptr);
-    auto group = std::find_if(groups.begin(), groups.end(),
-                              [&](const auto& g) { return g.first == replica; });
+    const int64_t bytes = int64_t{b.tokens} * config_.hidden_size * 4 + 64;
+    auto group = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
+      return g.replica == replica && g.bytes + bytes <= group_budget;
+    });
     if (group != groups.end() && replica->use_stream.load(std::memory_order_relaxed)) {
-      group->second.push_back(i);
+      group->slots.push_back(i);
+      group->bytes += bytes;
     } else {
-      groups.emplace_back(std::move(replica), std::vector<size_t>{i});
+      groups.push_back({std::move(replica), std::vector<size_t>{i}, bytes});
     }
   }
-  for (auto& [replica, slots] : groups) StartAttempts(call, slots, replica);
+  for (Group& g : groups) StartAttempts(call, g.slots, g.replica);
   AwaitLayer(call);
 
   for (size_t i = 0; i < batches.size(); ++i) (*batch_status)[i] = BatchResult(*call, i);

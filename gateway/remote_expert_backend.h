@@ -14,7 +14,7 @@
 // on which every RunLayer multiplexes its calls (requests carry an id, replies
 // are matched by it), so a layer costs no call setup. The batches of one layer
 // that go to the same replica (a shard holding several experts) travel as one
-// request and run there as one layer. A stream that breaks (replica killed,
+// request (up to max_message_bytes) and run there as one layer. A stream that breaks (replica killed,
 // connection lost) fails exactly the batches in flight on it, UNAVAILABLE
 // "ForwardStream to TARGET broke", which are retried like failed calls; the
 // next call opens a new stream. A target with several addresses (DNS mode),
