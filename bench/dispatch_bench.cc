@@ -23,6 +23,12 @@
 //               client decode and copy into the output)
 // BM_Encode / BM_Decode time rpc/tensor_codec on an [N, D] matrix alone.
 //
+// "path:0" is the transport as it was before issue #10's second item (unary
+// Forward per batch, every call through the shard's worker queue); "path:1"
+// the default now (one ForwardStream per replica, compute on the receiving
+// thread while the shard is idle and fast); there send_us runs to the
+// compute start and server_us is 0.
+//
 // Servers listen on 127.0.0.1:0 ("unix:0") or unix:/tmp/switchyard-dispatch-
 // bench-PID-E.sock ("unix:1"); "bf16:1" sets RemoteExpertOptions::wire_dtype.
 #include <benchmark/benchmark.h>

@@ -20,7 +20,10 @@
 // next call opens a new stream. A target with several addresses (DNS mode),
 // a shard without ForwardStream, and use_stream = false use one unary Forward
 // call per batch instead. Replies are decoded straight into the batch outputs
-// on the thread that receives them.
+// on the thread that receives them. A stream attempt has no gRPC deadline of
+// its own: the thread waiting for the layer sleeps until the earliest open
+// attempt's deadline and fails those still unanswered then
+// (DEADLINE_EXCEEDED, retried like a unary call's); a late reply is dropped.
 //
 // RunLayer issues one Forward call per batch, all concurrently, each to the
 // expert's replica with the fewest calls outstanding (ties round-robin;
