@@ -14,16 +14,14 @@
 // on which every RunLayer multiplexes its calls (requests carry an id, replies
 // are matched by it), so a layer costs no call setup. The batches of one layer
 // that go to the same replica (a shard holding several experts) travel as one
-// request (up to max_message_bytes) and run there as one layer. A stream that breaks (replica killed,
-// connection lost) fails exactly the batches in flight on it, UNAVAILABLE
-// "ForwardStream to TARGET broke", which are retried like failed calls; the
-// next call opens a new stream. A target with several addresses (DNS mode),
-// a shard without ForwardStream, and use_stream = false use one unary Forward
-// call per batch instead. Replies are decoded straight into the batch outputs
-// on the thread that receives them. A stream attempt has no gRPC deadline of
-// its own: the thread waiting for the layer sleeps until the earliest open
-// attempt's deadline and fails those still unanswered then
-// (DEADLINE_EXCEEDED, retried like a unary call's); a late reply is dropped.
+// request (up to max_message_bytes) and run there as one layer. A stream that breaks (replica
+// killed, connection lost) fails exactly the batches in flight on it, UNAVAILABLE "ForwardStream to
+// TARGET broke", which are retried like failed calls; the next call opens a new stream. A target
+// with several addresses (DNS mode), a shard without ForwardStream, and use_stream = false use one
+// unary Forward call per batch instead. Replies are decoded straight into the batch outputs on the
+// thread that receives them. A stream attempt has no gRPC deadline of its own: the thread waiting
+// for the layer sleeps until the earliest open attempt's deadline and fails those still unanswered
+// then (DEADLINE_EXCEEDED, retried like a unary call's); a late reply is dropped.
 //
 // RunLayer issues one Forward call per batch, all concurrently, each to the
 // expert's replica with the fewest calls outstanding (ties round-robin;
