@@ -23,6 +23,12 @@
 //               client decode and copy into the output)
 // BM_Encode / BM_Decode time rpc/tensor_codec on an [N, D] matrix alone.
 //
+// "path:0" is the transport as it was before issue #10's second item (unary
+// Forward per batch, every call through the shard's worker queue); "path:1"
+// the default now (one ForwardStream per replica, compute on the receiving
+// thread while the shard is idle and fast); there send_us runs to the
+// compute start and server_us is 0.
+//
 // Servers listen on 127.0.0.1:0 ("unix:0") or unix:/tmp/switchyard-dispatch-
 // bench-PID-E.sock ("unix:1"); "bf16:1" sets RemoteExpertOptions::wire_dtype.
 #include <benchmark/benchmark.h>
@@ -106,6 +112,10 @@ class TimedExpertService final : public v1::ExpertService::CallbackService {
     received.store(NowNanos(), std::memory_order_relaxed);
     return real_->Forward(context, request, response);
   }
+  grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>* ForwardStream(
+      grpc::CallbackServerContext* context) override {
+    return real_->ForwardStream(context);
+  }
 
   std::atomic<int64_t> received{0};
 
@@ -135,10 +145,14 @@ struct Cluster {
   std::array<std::unique_ptr<RemoteExpertBackend>, 2> backends;  // [f32, bf16]
 };
 
-std::array<std::unique_ptr<Cluster>, 2> clusters;  // [tcp, unix]
+// [tcp, unix][path]: path 0 is the transport before issue #10's second item
+// (unary Forward per batch, every call through the server's worker queue),
+// path 1 the current default (one ForwardStream per replica, compute on the
+// receiving thread when the shard is idle).
+std::array<std::array<std::unique_ptr<Cluster>, 2>, 2> clusters;
 
-absl::StatusOr<Cluster*> GetCluster(bool unix_socket) {
-  std::unique_ptr<Cluster>& slot = clusters[unix_socket ? 1 : 0];
+absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path) {
+  std::unique_ptr<Cluster>& slot = clusters[unix_socket ? 1 : 0][path];
   if (slot) return slot.get();
   const ModelConfig& config = BenchConfig();
   auto cluster = std::make_unique<Cluster>();
@@ -150,13 +164,15 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket) {
     description.layer_begin = 0;
     description.layer_end = config.num_hidden_layers;
     description.weights_dtype = "bf16";
-    shard->service =
-        std::make_unique<ExpertServiceImpl>(config, &shard->backend, std::move(description));
+    ExpertServerOptions server_options;
+    server_options.inline_compute_when_idle = path == 1;
+    shard->service = std::make_unique<ExpertServiceImpl>(config, &shard->backend,
+                                                         std::move(description), server_options);
     shard->timed = std::make_unique<TimedExpertService>(shard->service.get());
     rpc::ServerOptions options;
     if (unix_socket) {
       shard->socket_path =
-          absl::StrCat("/tmp/switchyard-dispatch-bench-", getpid(), "-", e, ".sock");
+          absl::StrCat("/tmp/switchyard-dispatch-bench-", getpid(), "-", path, "-", e, ".sock");
       std::filesystem::remove(shard->socket_path);
       options.listen_address = "unix:" + shard->socket_path;
     } else {
@@ -172,6 +188,7 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket) {
     RemoteExpertOptions options;
     options.wire_dtype = wire == 0 ? v1::DTYPE_F32 : v1::DTYPE_BF16;
     options.connect_timeout_ms = 10000;
+    options.use_stream = path == 1;
     auto backend = RemoteExpertBackend::Connect(topology, config, /*checkpoint_dir=*/"", options);
     if (!backend.ok()) return backend.status();
     cluster->backends[wire] = *std::move(backend);
@@ -196,15 +213,17 @@ double Percentile(std::vector<double> v, double p) {
 }
 
 // Args: tokens, experts, unix (0 TCP loopback, 1 unix socket), bf16 (wire
-// dtype), delay_us (expert compute; 0 = no-op copy).
+// dtype), delay_us (expert compute; 0 = no-op copy), path (0 before, 1 now;
+// see `clusters`).
 void BM_DispatchLayer(benchmark::State& state) {
   const int tokens = static_cast<int>(state.range(0));
   const int k = static_cast<int>(state.range(1));
   const bool unix_socket = state.range(2) != 0;
   const bool bf16 = state.range(3) != 0;
   const int delay_us = static_cast<int>(state.range(4));
+  const int path = static_cast<int>(state.range(5));
   const int64_t d = BenchConfig().hidden_size;
-  auto cluster = GetCluster(unix_socket);
+  auto cluster = GetCluster(unix_socket, path);
   if (!cluster.ok()) {
     state.SkipWithError(cluster.status().ToString().c_str());
     return;
@@ -243,7 +262,10 @@ void BM_DispatchLayer(benchmark::State& state) {
     layer_us.push_back(static_cast<double>(t1 - t0) * 1e-3);
     int64_t last_end = t0;
     for (ExpertShard* s : shards) {
-      const int64_t received = s->timed->received.load(std::memory_order_relaxed);
+      // The stream path does not see the handler: its send_us runs to the
+      // compute start (server_us 0).
+      const int64_t received = path == 0 ? s->timed->received.load(std::memory_order_relaxed)
+                                         : s->backend.compute_start.load(std::memory_order_relaxed);
       const int64_t start = s->backend.compute_start.load(std::memory_order_relaxed);
       const int64_t end = s->backend.compute_end.load(std::memory_order_relaxed);
       send += static_cast<double>(received - t0) / k;
@@ -279,15 +301,16 @@ void BM_DispatchLayer(benchmark::State& state) {
   state.counters["reply_us"] = reply / n * 1e-3;
   state.counters["wire_MB"] =
       static_cast<double>(2 * k * tokens * d * (bf16 ? 2 : 4)) / 1e6;  // both directions
-  state.SetLabel(absl::StrCat(unix_socket ? "unix" : "tcp", " ", bf16 ? "bf16" : "f32", " ",
+  state.SetLabel(absl::StrCat(path == 0 ? "before " : "stream ", unix_socket ? "unix" : "tcp", " ",
+                              bf16 ? "bf16" : "f32", " ",
                               delay_us == 0 ? "no-op" : absl::StrCat("sleep ", delay_us, "us")));
 }
 
 void DispatchArgs(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"tokens", "experts", "unix", "bf16", "delay_us"});
-  b->ArgsProduct({{1, 16, 256}, {1, 2, 8}, {0, 1}, {0, 1}, {0}});
+  b->ArgNames({"tokens", "experts", "unix", "bf16", "delay_us", "path"});
+  b->ArgsProduct({{1, 16, 256}, {1, 2, 8}, {0, 1}, {0, 1}, {0}, {0, 1}});
   // A fixed 100 us expert compute: what the hop adds around real work.
-  b->ArgsProduct({{1, 16}, {2}, {0, 1}, {1}, {100}});
+  b->ArgsProduct({{1, 16}, {2}, {0, 1}, {1}, {100}, {0, 1}});
 }
 BENCHMARK(BM_DispatchLayer)->Apply(DispatchArgs)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
@@ -340,10 +363,12 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();
   // Backends (channels) first, then the servers, so no call is in flight.
-  for (auto& cluster : switchyard::clusters) {
-    if (!cluster) continue;
-    for (auto& backend : cluster->backends) backend.reset();
-    cluster.reset();
+  for (auto& by_path : switchyard::clusters) {
+    for (auto& cluster : by_path) {
+      if (!cluster) continue;
+      for (auto& backend : cluster->backends) backend.reset();
+      cluster.reset();
+    }
   }
   benchmark::Shutdown();
   return 0;

@@ -249,6 +249,9 @@ void ExpertProcess::Shutdown(absl::Duration grace) {
     // Health first (so balancers stop routing here), then stop accepting and
     // let in-flight calls finish until the deadline, then drain the workers.
     parts_->server->SetServing(false);
+    // Gateways' ForwardStreams would keep the server busy until the deadline:
+    // end each once its accepted requests are answered.
+    parts_->service->EndStreams();
     parts_->server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(grace));
     parts_->service->Shutdown();
   });

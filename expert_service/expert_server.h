@@ -2,11 +2,20 @@
 // ExpertBackend that computes the shard's experts: LocalExpertBackend on the
 // CPU, cuda::CudaExpertBackend on a GPU. What switchyard-expert serves.
 //
-// Forward calls arrive on gRPC's callback threads, are validated there
-// (cheap lookups only) and queued to a small pool of worker threads that
-// decode, run the backend, encode and Finish the call, so expert compute
-// never blocks gRPC's threads. Calls whose deadline passed while
-// queued are dropped without compute.
+// Forward calls (unary, or multiplexed on a ForwardStream) arrive on gRPC's
+// callback threads and are validated there (cheap lookups only). When no call
+// is queued and fewer than `workers` computations run, the call is computed
+// right there on the callback thread (decode, backend, encode, reply): no
+// thread hop at low load; only while calls compute quickly, see
+// ExpertServerOptions::inline_compute_max_micros). Otherwise it is queued to the pool of worker
+// threads, so under load at most `workers` computations run on their own
+// threads and the queue (and its metrics) shows the backlog. Calls whose
+// deadline passed while queued are dropped without compute.
+//
+// A ForwardStream is one ServerBidiReactor per gateway connection: it keeps a
+// read posted, hands each request to the same inline-or-queue path, and
+// writes the responses one at a time in completion order. It ends when the
+// caller half-closes or goes away, after its accepted requests are answered.
 //
 // Thread-safety: all methods are thread-safe. The backend must outlive the
 // service; the service must outlive the grpc::Server it is registered with
@@ -22,6 +31,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -77,6 +87,15 @@ struct ExpertServerOptions {
   // Compute device and precision, reported as ShardInfo.backend. Default
   // "cpu-f32" (LocalExpertBackend's FP32 math).
   std::string backend_name = "cpu-f32";
+  // Compute a call on the gRPC thread that received it when nothing is queued
+  // and fewer than `workers` computations run (no worker hop). Default true;
+  // false: every call goes through the worker queue.
+  bool inline_compute_when_idle = true;
+  // ... but only while the shard's recent compute time per call (a moving
+  // average) is at most this many microseconds: longer compute (CPU experts
+  // at large batches) goes to the workers, so it never holds gRPC's threads,
+  // which also carry the shard's I/O. Default 200.
+  int64_t inline_compute_max_micros = 200;
 };
 
 // Counters of one (layer, expert). Monotonic except in_flight.
@@ -124,6 +143,15 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
                                     const v1::ForwardRequest* request,
                                     v1::ForwardResponse* response) override;
+  grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>* ForwardStream(
+      grpc::CallbackServerContext* context) override;
+
+  // Ends every open ForwardStream once the requests it accepted are answered
+  // (status UNAVAILABLE "expert shard is shutting down"); requests read after
+  // this are refused the same way, so callers retry elsewhere. Call before
+  // the grpc::Server's graceful Shutdown, which otherwise waits its whole
+  // deadline for the streams (they never end on their own).
+  void EndStreams();
 
   // Refuses new Forward calls (UNAVAILABLE), finishes every queued call and
   // joins the workers. Idempotent. Call after the grpc::Server stopped
@@ -136,7 +164,27 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   const ShardDescription& shard() const { return shard_; }
 
  private:
+  class StreamReactor;
+  // One ForwardStreamRequest being served: its batches' counters (nullptr
+  // for batches refused at validation) and the response being built.
+  struct StreamWork;
+
   void WorkerLoop();
+  // The counters of the (layer, expert) `request` names, after the cheap
+  // checks (fingerprint, held, dtype, row limit); the error otherwise.
+  absl::StatusOr<ExpertCounters*> Validate(const v1::ForwardRequest& request) const;
+  // Under mu_: whether the caller may compute on its own thread now (then
+  // counted in running_ until it calls ComputeDone).
+  bool TakeInlineSlotLocked();
+  void ComputeDone();
+  // Accepts a stream request read at `received_micros`: answers refused
+  // batches, computes or queues the others, and replies through `reactor`.
+  void AcceptStreamRequest(std::unique_ptr<v1::ForwardStreamRequest> request,
+                           int64_t received_micros, StreamReactor* reactor);
+  // Computes the accepted batches of `work` (decode, backend, encode).
+  void RunStreamWork(StreamWork* work);
+  // Called by a stream's OnDone.
+  void ForgetStream(StreamReactor* reactor);
   // Runs one accepted Forward call on a worker thread and finishes it.
   void RunForward(grpc::CallbackServerContext* context, const v1::ForwardRequest* request,
                   v1::ForwardResponse* response, grpc::ServerUnaryReactor* reactor,
@@ -156,7 +204,14 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   std::condition_variable work_cv_;
   std::deque<std::function<void()>> queue_;  // guarded by mu_
   bool stopping_ = false;                    // guarded by mu_
-  std::mutex join_mu_;                       // serialises Shutdown's joins
+  int running_ = 0;  // computations running, inline or on workers; guarded by mu_
+  std::mutex streams_mu_;
+  std::set<StreamReactor*> streams_;  // open streams; guarded by streams_mu_
+  bool streams_ending_ = false;       // guarded by streams_mu_
+  // Moving average of compute time per call, in us (for inline_compute_max_micros).
+  std::atomic<int64_t> compute_average_micros_{0};
+  void RecordComputeMicros(int64_t micros);
+  std::mutex join_mu_;  // serialises Shutdown's joins
   std::vector<std::thread> workers_;
 };
 

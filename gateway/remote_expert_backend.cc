@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <deque>
 #include <fstream>
 #include <mutex>
 #include <optional>
@@ -192,6 +193,122 @@ std::string FormatExpertTopology(const ExpertTopology& topology) {
 
 // ---------------------------------------------------------------------------
 
+// One ForwardStream to one replica, shared by every call to it. Requests are
+// written one at a time (the reactor allows one write in flight); a read is
+// always posted, so a broken stream ends (OnDone) at once. Holds itself until
+// OnDone; after it, Send refuses and the replica opens a new stream.
+class RemoteExpertBackend::Stream final
+    : public grpc::ClientBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>,
+      public std::enable_shared_from_this<Stream> {
+ public:
+  Stream(RemoteExpertBackend* backend, Replica* replica) : backend_(backend), replica_(replica) {}
+
+  // Binds the call to `stub`: once, right after make_shared, before anyone
+  // else can Send (this gRPC's StartWrite needs the call bound).
+  void Bind(v1::ExpertService::Stub* stub) {
+    self_ = shared_from_this();
+    stub->async()->ForwardStream(&context_, this);
+  }
+  // Starts the bound call (Sends may come before: gRPC holds them until then).
+  void Start() {
+    StartRead(&read_);
+    StartCall();
+  }
+
+  // Sends `request` (its id is set here) for the attempts `refs`, one per
+  // batch in order. False when the stream has ended: nothing was sent.
+  bool Send(std::shared_ptr<v1::ForwardStreamRequest> request, std::vector<AttemptRef> refs) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (ended_) return false;
+    const uint64_t id = next_id_++;
+    request->set_id(id);
+    writes_.push_back(request);
+    pending_.emplace(id, Unanswered{std::move(refs), std::move(request)});
+    if (writing_) return true;
+    writing_ = true;
+    const v1::ForwardStreamRequest* next = writes_.front().get();
+    lock.unlock();
+    StartWrite(next);
+    return true;
+  }
+
+  bool ended() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return ended_;
+  }
+
+  // Cancels the stream and waits until OnDone has run (its pending attempts
+  // failed). Not from one of this stream's own callbacks.
+  void Close() {
+    context_.TryCancel();
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return done_; });
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    writes_.pop_front();
+    // A failed write means the stream broke: OnDone follows (the posted read
+    // fails too) and fails every pending attempt, the unsent ones included.
+    if (!ok) writes_.clear();
+    if (writes_.empty()) {
+      writing_ = false;
+      return;
+    }
+    const v1::ForwardStreamRequest* next = writes_.front().get();
+    lock.unlock();
+    StartWrite(next);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // the stream ended: OnDone has the status
+    std::vector<AttemptRef> refs;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = pending_.find(read_.id());
+      if (it != pending_.end()) {
+        refs = std::move(it->second.refs);
+        pending_.erase(it);
+      }
+    }
+    if (!refs.empty()) backend_->OnStreamReply(refs, read_);
+    read_.Clear();
+    StartRead(&read_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    std::vector<Unanswered> unanswered;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ended_ = true;
+      for (auto& [id, entry] : pending_) unanswered.push_back(std::move(entry));
+      pending_.clear();
+      writes_.clear();
+    }
+    backend_->OnStreamEnded(replica_, std::move(unanswered), status);
+    std::shared_ptr<Stream> keep = std::move(self_);  // may be the last reference
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ = true;
+    done_cv_.notify_all();
+  }
+
+ private:
+  RemoteExpertBackend* const backend_;
+  Replica* const replica_;  // outlives the stream (~Replica closes it)
+  grpc::ClientContext context_;
+  v1::ForwardStreamResponse read_;  // only touched by the read chain
+  std::shared_ptr<Stream> self_;    // set by Start, dropped by OnDone
+
+  mutable std::mutex mu_;
+  std::condition_variable done_cv_;
+  uint64_t next_id_ = 1;                                          // guarded by mu_
+  std::map<uint64_t, Unanswered> pending_;                        // guarded by mu_
+  std::deque<std::shared_ptr<v1::ForwardStreamRequest>> writes_;  // front: being written
+  bool writing_ = false;                                          // guarded by mu_
+  bool ended_ = false;                                            // guarded by mu_
+  bool done_ = false;                                             // OnDone finished; mu_
+};
+
 struct RemoteExpertBackend::Replica {
   std::string target;
   // The target may stand for several addresses (MayHaveSeveralAddresses).
@@ -207,6 +324,39 @@ struct RemoteExpertBackend::Replica {
   std::atomic<int> outstanding{0};
   // Attempts ever sent to this target (shared with calls_by_target_).
   std::shared_ptr<std::atomic<uint64_t>> calls;
+  // Calls go on a ForwardStream: the shard serves it (its ShardInfo said so),
+  // the backend's use_stream is on and the target is one address.
+  std::atomic<bool> use_stream{false};
+  // Hidden states go as BF16 (RemoteExpertOptions::bf16_inputs_to_bf16_shards).
+  std::atomic<bool> bf16_inputs{false};
+
+  // The live stream, opened if there is none or the last one ended.
+  std::shared_ptr<Stream> GetStream(RemoteExpertBackend* backend) {
+    std::shared_ptr<Stream> opened;
+    {
+      std::lock_guard<std::mutex> lock(stream_mu);
+      if (stream != nullptr && !stream->ended()) return stream;
+      stream = std::make_shared<Stream>(backend, this);
+      stream->Bind(stub.get());
+      opened = stream;
+    }
+    opened->Start();
+    return opened;
+  }
+  // Ends the stream, if any, waiting for its end (before the channel goes).
+  void CloseStream() {
+    std::shared_ptr<Stream> s;
+    {
+      std::lock_guard<std::mutex> lock(stream_mu);
+      s = std::move(stream);
+    }
+    if (s != nullptr) s->Close();
+  }
+  ~Replica() { CloseStream(); }
+
+ private:
+  std::mutex stream_mu;
+  std::shared_ptr<Stream> stream;  // guarded by stream_mu
 };
 
 // One expert's replicas at one moment; never changed once published, so a
@@ -242,14 +392,25 @@ struct RemoteExpertBackend::CallSlot {
   static constexpr int kMaxAttempts = 2;
   int expert = 0;
   int tokens = 0;
-  v1::ForwardRequest request;
+  const float* input = nullptr;  // the caller's rows, encoded at each attempt
+  float* output = nullptr;       // the caller's buffer, decoded into on success
+  // Attempts started; guarded by LayerCall::mu.
   int attempts = 0;
   // Held until the slot is done: a replica removed meanwhile stays open for it.
   std::array<std::shared_ptr<Replica>, kMaxAttempts> replica;
-  std::array<std::unique_ptr<grpc::ClientContext>, kMaxAttempts> contexts;
-  std::array<v1::ForwardResponse, kMaxAttempts> responses;
   std::array<grpc::Status, kMaxAttempts> statuses;
   std::array<int64_t, kMaxAttempts> start_micros{};
+  // Per attempt, written under LayerCall::mu when it starts: its deadline and
+  // whether it went on a stream (whose deadline AwaitLayer enforces).
+  std::array<std::chrono::system_clock::time_point, kMaxAttempts> deadline{};
+  std::array<bool, kMaxAttempts> on_stream{};
+  // Set by whoever completes the attempt first (reply, stream end, deadline);
+  // the others leave it alone.
+  std::array<std::atomic<bool>, kMaxAttempts> claimed{};
+  // A reply that did not decode (no retry).
+  absl::Status bad_output;
+
+  bool Claim(int attempt) { return !claimed[attempt].exchange(true, std::memory_order_acq_rel); }
 };
 
 // Everything one RunLayer shares with its callbacks; callbacks hold it by
@@ -260,15 +421,20 @@ struct RemoteExpertBackend::LayerCall {
   std::chrono::system_clock::time_point deadline;
   std::vector<CallSlot> slots;
   std::mutex mu;
-  std::condition_variable done_cv;
-  size_t pending = 0;  // guarded by mu
+  std::condition_variable done_cv;  // a slot finished or an attempt started
+  size_t pending = 0;               // guarded by mu
 };
 
 RemoteExpertBackend::RemoteExpertBackend(const ModelConfig& config,
                                          const RemoteExpertOptions& options)
     : config_(config), options_(options), config_fingerprint_(config.Fingerprint()) {}
 
-RemoteExpertBackend::~RemoteExpertBackend() = default;
+RemoteExpertBackend::~RemoteExpertBackend() {
+  // Streams first: their callbacks use this backend.
+  std::lock_guard<std::mutex> lock(apply_mu_);
+  for (auto& [target, replica] : channels_) replica->CloseStream();
+  for (auto& replica : retired_) replica->CloseStream();
+}
 
 namespace {
 
@@ -531,6 +697,12 @@ absl::Status RemoteExpertBackend::CheckPairs(const std::vector<NewPair>& pairs) 
                                                options_.connect_timeout_ms, " ms from ",
                                                absl::StrJoin(unreachable, "; ")));
   }
+  for (const auto& [replica, info] : infos) {
+    const_cast<Replica*>(replica)->use_stream.store(
+        options_.use_stream && !replica->several_addresses && info->info.forward_stream());
+    const_cast<Replica*>(replica)->bf16_inputs.store(options_.bf16_inputs_to_bf16_shards &&
+                                                     absl::EndsWith(info->info.backend(), "-bf16"));
+  }
   // Every (expert, replica) pair must serve this model and these weights.
   for (const auto& [e, replica] : pairs) {
     const std::string at = absl::StrCat("expert ", e, " at ", replica->target);
@@ -578,34 +750,161 @@ std::shared_ptr<RemoteExpertBackend::Replica> RemoteExpertBackend::PickReplica(
   return set.replicas[i >= 0 ? static_cast<size_t>(i) : start % n];
 }
 
-void RemoteExpertBackend::StartAttempt(const std::shared_ptr<LayerCall>& call, size_t slot,
-                                       std::shared_ptr<Replica> replica) {
-  CallSlot& s = call->slots[slot];
-  const int attempt = s.attempts++;
-  ExpertState& state = *experts_[s.expert];
-  state.counters.calls.fetch_add(1, std::memory_order_relaxed);
-  if (attempt > 0) state.counters.retries.fetch_add(1, std::memory_order_relaxed);
-  replica->outstanding.fetch_add(1, std::memory_order_relaxed);
-  replica->calls->fetch_add(1, std::memory_order_relaxed);
-  v1::ExpertService::Stub* stub = replica->stub.get();
-  s.replica[attempt] = std::move(replica);
-  s.contexts[attempt] = std::make_unique<grpc::ClientContext>();
-  grpc::ClientContext* context = s.contexts[attempt].get();
-  // With another replica (or address) to retry on, the first attempt gets half
-  // of what is left of the layer's budget, so a retry still fits before the deadline.
+void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
+                                        const std::vector<size_t>& slots,
+                                        std::shared_ptr<Replica> replica) {
+  const bool stream = replica->use_stream.load(std::memory_order_relaxed);
   const auto now = std::chrono::system_clock::now();
-  auto deadline = call->deadline;
-  if (attempt == 0 && state.Snapshot()->can_retry) deadline = now + (call->deadline - now) / 2;
-  context->set_deadline(deadline);
-  s.start_micros[attempt] = NowMicros();
-  stub->async()->Forward(context, &s.request, &s.responses[attempt],
-                         [this, call, slot, attempt](grpc::Status status) {
-                           OnAttemptDone(call, slot, attempt, std::move(status));
-                         });
+  std::vector<AttemptRef> refs;
+  auto latest_deadline = now;
+  {
+    std::lock_guard<std::mutex> lock(call->mu);
+    for (size_t slot : slots) {
+      CallSlot& s = call->slots[slot];
+      const int attempt = s.attempts++;
+      ExpertState& state = *experts_[s.expert];
+      state.counters.calls.fetch_add(1, std::memory_order_relaxed);
+      if (attempt > 0) state.counters.retries.fetch_add(1, std::memory_order_relaxed);
+      replica->outstanding.fetch_add(1, std::memory_order_relaxed);
+      replica->calls->fetch_add(1, std::memory_order_relaxed);
+      s.replica[attempt] = replica;
+      // With another replica (or address) to retry on, the first attempt gets
+      // half of what is left of the layer's budget, so a retry still fits.
+      auto deadline = call->deadline;
+      if (attempt == 0 && state.Snapshot()->can_retry) deadline = now + (call->deadline - now) / 2;
+      s.deadline[attempt] = deadline;
+      s.on_stream[attempt] = stream;
+      s.start_micros[attempt] = NowMicros();
+      latest_deadline = std::max(latest_deadline, deadline);
+      refs.push_back({call, slot, attempt});
+    }
+  }
+  // A retry started from a callback must be watched by AwaitLayer too.
+  if (stream) call->done_cv.notify_all();
+  const v1::DType input_dtype =
+      replica->bf16_inputs.load(std::memory_order_relaxed) ? v1::DTYPE_BF16 : options_.wire_dtype;
+  const auto fill = [&](const CallSlot& s, v1::ForwardRequest* request) {
+    request->set_layer(static_cast<uint32_t>(call->layer));
+    request->set_expert(static_cast<uint32_t>(s.expert));
+    request->set_config_fingerprint(config_fingerprint_);
+    // Straight from the caller's rows into the message.
+    rpc::EncodeMatrix(s.input, s.tokens, config_.hidden_size, input_dtype,
+                      request->mutable_hidden_states());
+    request->set_output_dtype(options_.wire_dtype);
+  };
+  if (stream) {
+    auto request = std::make_shared<v1::ForwardStreamRequest>();
+    for (const AttemptRef& ref : refs) fill(call->slots[ref.slot], request->add_batches());
+    request->set_timeout_micros(std::max<int64_t>(
+        1, std::chrono::duration_cast<std::chrono::microseconds>(latest_deadline - now).count()));
+    // A stream that ended between GetStream and Send is replaced once.
+    for (int tries = 0; tries < 2; ++tries) {
+      if (replica->GetStream(this)->Send(request, refs)) return;
+    }
+    // It ended UNIMPLEMENTED (OnStreamEnded switched the replica to unary).
+    if (!replica->use_stream.load()) {
+      for (size_t i = 0; i < refs.size(); ++i) {
+        SendUnary(refs[i], replica.get(),
+                  std::make_unique<v1::ForwardRequest>(
+                      std::move(*request->mutable_batches(static_cast<int>(i)))));
+      }
+      return;
+    }
+    FailAttempts(refs, grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                    absl::StrCat("ForwardStream to ", replica->target,
+                                                 " ended before the request could be sent")));
+    return;
+  }
+  for (const AttemptRef& ref : refs) {
+    auto request = std::make_unique<v1::ForwardRequest>();
+    fill(call->slots[ref.slot], request.get());
+    SendUnary(ref, replica.get(), std::move(request));
+  }
+}
+
+void RemoteExpertBackend::SendUnary(const AttemptRef& ref, Replica* replica,
+                                    std::unique_ptr<v1::ForwardRequest> request) {
+  // Everything the call uses lives as long as its callback.
+  struct UnaryCall {
+    grpc::ClientContext context;
+    std::unique_ptr<v1::ForwardRequest> request;
+    v1::ForwardResponse response;
+  };
+  auto unary = std::make_shared<UnaryCall>();
+  unary->request = std::move(request);
+  unary->context.set_deadline(ref.call->slots[ref.slot].deadline[ref.attempt]);
+  UnaryCall* raw = unary.get();
+  replica->stub->async()->Forward(
+      &raw->context, raw->request.get(), &raw->response,
+      [this, ref, unary = std::move(unary)](grpc::Status status) {
+        if (!ref.call->slots[ref.slot].Claim(ref.attempt)) return;
+        const v1::ForwardResponse* reply = status.ok() ? &unary->response : nullptr;
+        OnAttemptDone(ref.call, ref.slot, ref.attempt, std::move(status), reply);
+      });
+}
+
+void RemoteExpertBackend::OnStreamEnded(Replica* replica, std::vector<Unanswered> unanswered,
+                                        const grpc::Status& status) {
+  if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
+    // The shard said it serves ForwardStream but does not (a proxy or an
+    // older build behind the same address): unary calls from now on, and
+    // the requests already encoded go that way.
+    replica->use_stream.store(false);
+    for (Unanswered& u : unanswered) {
+      for (size_t i = 0; i < u.refs.size(); ++i) {
+        auto request = std::make_unique<v1::ForwardRequest>(
+            std::move(*u.request->mutable_batches(static_cast<int>(i))));
+        SendUnary(u.refs[i], replica, std::move(request));
+      }
+    }
+    return;
+  }
+  // Broken mid-flight: the attempts on it fail with a status that says so;
+  // UNAVAILABLE, so they are retried on another replica where there is one.
+  const grpc::Status failed(
+      grpc::StatusCode::UNAVAILABLE,
+      absl::StrCat("ForwardStream to ", replica->target, " broke with ", unanswered.size(),
+                   " request(s) in flight: ", StatusText(status)));
+  for (const Unanswered& u : unanswered) FailAttempts(u.refs, failed);
+}
+
+void RemoteExpertBackend::FailAttempts(const std::vector<AttemptRef>& refs,
+                                       const grpc::Status& status) {
+  for (const AttemptRef& ref : refs) {
+    if (ref.call->slots[ref.slot].Claim(ref.attempt)) {
+      OnAttemptDone(ref.call, ref.slot, ref.attempt, status, nullptr);
+    }
+  }
+}
+
+void RemoteExpertBackend::OnStreamReply(const std::vector<AttemptRef>& refs,
+                                        const v1::ForwardStreamResponse& reply) {
+  for (size_t i = 0; i < refs.size(); ++i) {
+    const AttemptRef& ref = refs[i];
+    if (!ref.call->slots[ref.slot].Claim(ref.attempt)) continue;  // timed out meanwhile
+    if (i >= static_cast<size_t>(reply.results_size())) {
+      OnAttemptDone(ref.call, ref.slot, ref.attempt,
+                    grpc::Status(grpc::StatusCode::INTERNAL,
+                                 absl::StrCat("ForwardStream reply has ", reply.results_size(),
+                                              " results for ", refs.size(), " batches")),
+                    nullptr);
+      continue;
+    }
+    const v1::ForwardResult& result = reply.results(static_cast<int>(i));
+    if (result.code() == 0) {
+      OnAttemptDone(ref.call, ref.slot, ref.attempt, grpc::Status::OK, &result.response());
+    } else {
+      const int code = result.code() > 0 && result.code() <= 16 ? result.code() : 2;  // UNKNOWN
+      OnAttemptDone(ref.call, ref.slot, ref.attempt,
+                    grpc::Status(static_cast<grpc::StatusCode>(code), result.error_message()),
+                    nullptr);
+    }
+  }
 }
 
 void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, size_t slot,
-                                        int attempt, grpc::Status status) {
+                                        int attempt, grpc::Status status,
+                                        const v1::ForwardResponse* reply) {
   CallSlot& s = call->slots[slot];
   ExpertState& state = *experts_[s.expert];
   RemoteExpertCounters& counters = state.counters;
@@ -621,10 +920,20 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
     options_.on_call_done(s.expert, round_trip_micros * 1e-6,
                           static_cast<int>(status.error_code()));
   }
-  if (status.ok() && options_.on_reply_timing) {
-    const v1::ForwardResponse& reply = s.responses[attempt];
-    options_.on_reply_timing(s.expert, round_trip_micros * 1e-6, reply.queue_micros() * 1e-6,
-                             reply.compute_micros() * 1e-6);
+  if (status.ok()) {
+    if (options_.on_reply_timing) {
+      options_.on_reply_timing(s.expert, round_trip_micros * 1e-6, reply->queue_micros() * 1e-6,
+                               reply->compute_micros() * 1e-6);
+    }
+    // Straight into the caller's output; a reply that does not fit is an
+    // error of this batch (the shard is broken, so no retry).
+    absl::Status decoded = rpc::DecodeMatrixInto(reply->output(), config_.hidden_size, s.tokens,
+                                                 s.output, "expert output");
+    if (!decoded.ok()) {
+      s.bad_output = absl::InternalError(
+          absl::StrCat("expert ", s.expert, " (layer ", call->layer, ") at ", replica.target,
+                       " returned a bad output: ", decoded.message()));
+    }
   }
   if (!status.ok()) {
     const int code = static_cast<int>(status.error_code());
@@ -648,11 +957,48 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
   s.statuses[attempt] = std::move(status);
   if (retry) {
     // Starting a call from a callback is fine: it does not block.
-    StartAttempt(call, slot, PickReplica(state, *set, s.replica[attempt].get()));
+    StartAttempts(call, {slot}, PickReplica(state, *set, s.replica[attempt].get()));
     return;
   }
   std::lock_guard<std::mutex> lock(call->mu);
   if (--call->pending == 0) call->done_cv.notify_all();
+}
+
+void RemoteExpertBackend::AwaitLayer(const std::shared_ptr<LayerCall>& call) {
+  std::unique_lock<std::mutex> lock(call->mu);
+  while (call->pending > 0) {
+    // The earliest deadline of a stream attempt still open (unary calls have
+    // gRPC's own deadline). No polling: sleep until then or until notified.
+    auto earliest = std::chrono::system_clock::time_point::max();
+    for (const CallSlot& s : call->slots) {
+      for (int a = 0; a < s.attempts; ++a) {
+        if (s.on_stream[a] && !s.claimed[a].load(std::memory_order_acquire)) {
+          earliest = std::min(earliest, s.deadline[a]);
+        }
+      }
+    }
+    if (earliest == std::chrono::system_clock::time_point::max()) {
+      call->done_cv.wait(lock);
+      continue;
+    }
+    if (call->done_cv.wait_until(lock, earliest) != std::cv_status::timeout) continue;
+    std::vector<AttemptRef> expired;
+    const auto now = std::chrono::system_clock::now();
+    for (size_t i = 0; i < call->slots.size(); ++i) {
+      const CallSlot& s = call->slots[i];
+      for (int a = 0; a < s.attempts; ++a) {
+        if (s.on_stream[a] && s.deadline[a] <= now &&
+            !s.claimed[a].load(std::memory_order_acquire)) {
+          expired.push_back({call, i, a});
+        }
+      }
+    }
+    lock.unlock();
+    // The reply may still come: the stream drops it (the attempt is claimed).
+    FailAttempts(expired, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                       "no reply on the ForwardStream before the deadline"));
+    lock.lock();
+  }
 }
 
 absl::Status RemoteExpertBackend::RunLayer(int layer, absl::Span<const ExpertBatch> batches) {
@@ -679,41 +1025,51 @@ absl::Status RemoteExpertBackend::RunLayerPerBatch(int layer, absl::Span<const E
   }
   if (batches.empty()) return absl::OkStatus();
 
-  const int64_t d = config_.hidden_size;
   auto call = std::make_shared<LayerCall>();
   call->layer = layer;
   call->deadline =
       std::chrono::system_clock::now() + std::chrono::milliseconds(options_.call_deadline_ms);
   call->slots = std::vector<CallSlot>(batches.size());
   call->pending = batches.size();
+  // Batches bound for the same replica go together (one stream request), as
+  // long as the request and its reply stay within the message size limit
+  // (counted as F32 both ways, plus room for the framing).
+  struct Group {
+    std::shared_ptr<Replica> replica;
+    std::vector<size_t> slots;
+    int64_t bytes = 0;
+  };
+  std::vector<Group> groups;
+  const int64_t group_budget =
+      std::max<int64_t>(int64_t{options_.max_message_bytes} - (64 << 10), 0);
   for (size_t i = 0; i < batches.size(); ++i) {
     const ExpertBatch& b = batches[i];
     CallSlot& s = call->slots[i];
     s.expert = b.expert;
     s.tokens = b.tokens;
-    s.request.set_layer(static_cast<uint32_t>(layer));
-    s.request.set_expert(static_cast<uint32_t>(b.expert));
-    s.request.set_config_fingerprint(config_fingerprint_);
-    rpc::EncodeMatrix(b.input, b.tokens, d, options_.wire_dtype, s.request.mutable_hidden_states());
+    s.input = b.input;
+    s.output = b.output;
+    const ExpertState& state = *experts_[b.expert];
+    std::shared_ptr<Replica> replica = PickReplica(state, *state.Snapshot(), /*exclude=*/nullptr);
+    const int64_t bytes = int64_t{b.tokens} * config_.hidden_size * 4 + 64;
+    auto group = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
+      return g.replica == replica && g.bytes + bytes <= group_budget;
+    });
+    if (group != groups.end() && replica->use_stream.load(std::memory_order_relaxed)) {
+      group->slots.push_back(i);
+      group->bytes += bytes;
+    } else {
+      groups.push_back({std::move(replica), std::vector<size_t>{i}, bytes});
+    }
   }
-  for (size_t i = 0; i < batches.size(); ++i) {
-    const ExpertState& state = *experts_[call->slots[i].expert];
-    StartAttempt(call, i, PickReplica(state, *state.Snapshot(), /*exclude=*/nullptr));
-  }
-  {
-    std::unique_lock<std::mutex> lock(call->mu);
-    call->done_cv.wait(lock, [&] { return call->pending == 0; });
-  }
+  for (Group& g : groups) StartAttempts(call, g.slots, g.replica);
+  AwaitLayer(call);
 
-  for (size_t i = 0; i < batches.size(); ++i) {
-    (*batch_status)[i] = BatchResult(*call, i, batches[i].output);
-  }
+  for (size_t i = 0; i < batches.size(); ++i) (*batch_status)[i] = BatchResult(*call, i);
   return absl::OkStatus();
 }
 
-absl::Status RemoteExpertBackend::BatchResult(const LayerCall& call, size_t slot,
-                                              float* output) const {
-  const int64_t d = config_.hidden_size;
+absl::Status RemoteExpertBackend::BatchResult(const LayerCall& call, size_t slot) const {
   const CallSlot& s = call.slots[slot];
   const int last = s.attempts - 1;
   const grpc::Status& status = s.statuses[last];
@@ -731,16 +1087,7 @@ absl::Status RemoteExpertBackend::BatchResult(const LayerCall& call, size_t slot
         static_cast<absl::StatusCode>(status.error_code()),
         absl::StrCat(where, " at ", s.replica[last]->target, ": ", status.error_message()));
   }
-  absl::StatusOr<std::vector<float>> out =
-      rpc::DecodeMatrix(s.responses[last].output(), d, "expert output");
-  if (!out.ok() || static_cast<int64_t>(out->size()) != s.tokens * d) {
-    return absl::InternalError(
-        absl::StrCat(where, " at ", s.replica[last]->target, " returned a bad output: ",
-                     out.ok() ? absl::StrCat(out->size() / d, " rows for ", s.tokens, " tokens")
-                              : std::string(out.status().message())));
-  }
-  std::copy(out->begin(), out->end(), output);
-  return absl::OkStatus();
+  return s.bad_output;
 }
 
 std::string RemoteExpertBackend::Describe() const {
@@ -750,9 +1097,9 @@ std::string RemoteExpertBackend::Describe() const {
     for (const auto& r : state->Snapshot()->replicas) targets.push_back(r->target);
     entries.push_back(absl::StrCat(state->expert, "=", absl::StrJoin(targets, "|")));
   }
-  return absl::StrCat("remote (gRPC, ", options_.wire_dtype == v1::DTYPE_BF16 ? "bf16" : "f32",
-                      " wire, ", options_.call_deadline_ms,
-                      " ms deadline): ", absl::StrJoin(entries, ";"));
+  return absl::StrCat("remote (gRPC", options_.use_stream ? " streams" : "", ", ",
+                      options_.wire_dtype == v1::DTYPE_BF16 ? "bf16" : "f32", " wire, ",
+                      options_.call_deadline_ms, " ms deadline): ", absl::StrJoin(entries, ";"));
 }
 
 const RemoteExpertCounters* RemoteExpertBackend::counters(int expert) const {

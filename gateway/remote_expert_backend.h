@@ -9,6 +9,20 @@
 // every layer, same dims, and the same expert weights as the gateway's own
 // checkpoint folder (ExpertWeightsFingerprint).
 //
+// Transport: by default every replica that serves it (ShardInfo.forward_stream)
+// gets one long-lived ForwardStream from this backend, opened on first use,
+// on which every RunLayer multiplexes its calls (requests carry an id, replies
+// are matched by it), so a layer costs no call setup. The batches of one layer
+// that go to the same replica (a shard holding several experts) travel as one
+// request (up to max_message_bytes) and run there as one layer. A stream that breaks (replica
+// killed, connection lost) fails exactly the batches in flight on it, UNAVAILABLE "ForwardStream to
+// TARGET broke", which are retried like failed calls; the next call opens a new stream. A target
+// with several addresses (DNS mode), a shard without ForwardStream, and use_stream = false use one
+// unary Forward call per batch instead. Replies are decoded straight into the batch outputs on the
+// thread that receives them. A stream attempt has no gRPC deadline of its own: the thread waiting
+// for the layer sleeps until the earliest open attempt's deadline and fails those still unanswered
+// then (DEADLINE_EXCEEDED, retried like a unary call's); a late reply is dropped.
+//
 // RunLayer issues one Forward call per batch, all concurrently, each to the
 // expert's replica with the fewest calls outstanding (ties round-robin;
 // skipping replicas whose channel is in TRANSIENT_FAILURE while another is
@@ -112,7 +126,16 @@ struct RemoteExpertOptions {
   // Upper bound of the reconnect backoff, in ms, so a restarted replica is
   // used again soon. Default 5000.
   int max_reconnect_backoff_ms = 5000;
-  // Called when each Forward attempt completes, from a gRPC thread: the
+  // With wire_dtype F32: send BF16 hidden states to a replica that computes
+  // in BF16 (ShardInfo.backend ends in "-bf16"; it rounds its GEMM inputs to
+  // BF16, so its results are the same) and still get F32 outputs: half the
+  // request bytes, exact. Default true. A replica computing in F32 (the
+  // parity mode) always gets F32.
+  bool bf16_inputs_to_bf16_shards = true;
+  // Multiplex calls on one ForwardStream per replica (see above). Default
+  // true; false: one unary Forward call per batch.
+  bool use_stream = true;
+  // Called when each Forward attempt (one batch) completes, from a gRPC thread: the
   // expert, seconds it took, and its status code (0 = OK). Default: none.
   std::function<void(int expert, double seconds, int code)> on_call_done;
   // Called after on_call_done for each OK Forward attempt, from a gRPC
@@ -200,6 +223,13 @@ class RemoteExpertBackend : public ExpertBackend {
   struct CallSlot;
   struct LayerCall;
   struct ShardInfoCall;
+  class Stream;
+  // One attempt of one batch: what a stream reply or failure completes.
+  struct AttemptRef {
+    std::shared_ptr<LayerCall> call;
+    size_t slot = 0;
+    int attempt = 0;
+  };
   // An (expert, replica) pair to check before it serves.
   using NewPair = std::pair<int, std::shared_ptr<Replica>>;
 
@@ -217,13 +247,37 @@ class RemoteExpertBackend : public ExpertBackend {
   // `exclude` when another exists.
   std::shared_ptr<Replica> PickReplica(const ExpertState& state, const ReplicaSet& set,
                                        const Replica* exclude) const;
-  void StartAttempt(const std::shared_ptr<LayerCall>& call, size_t slot,
-                    std::shared_ptr<Replica> replica);
+  // Starts the next attempt of each of `slots` on `replica`: one stream
+  // request carrying them all, or (unary) one call per slot.
+  void StartAttempts(const std::shared_ptr<LayerCall>& call, const std::vector<size_t>& slots,
+                     std::shared_ptr<Replica> replica);
+  // Completes an attempt that its caller has claimed (CallSlot::Claim): on OK
+  // decodes `reply` into the batch output; retries or counts the slot done.
   void OnAttemptDone(const std::shared_ptr<LayerCall>& call, size_t slot, int attempt,
-                     grpc::Status status);
-  // The outcome of slot `slot` once its attempts are done; on success its rows
-  // are copied to `output`.
-  absl::Status BatchResult(const LayerCall& call, size_t slot, float* output) const;
+                     grpc::Status status, const v1::ForwardResponse* reply);
+  // Starts attempt `ref` as a unary Forward call of `request` on `replica`.
+  void SendUnary(const AttemptRef& ref, Replica* replica,
+                 std::unique_ptr<v1::ForwardRequest> request);
+  // A stream request still unanswered when its stream ended.
+  struct Unanswered {
+    std::vector<AttemptRef> refs;  // by batch
+    std::shared_ptr<v1::ForwardStreamRequest> request;
+  };
+  // A stream to `replica` ended with `status`, `unanswered` still in flight
+  // on it: fails them (UNAVAILABLE, naming the stream), or, when the shard
+  // does not implement ForwardStream, sends them as unary calls and keeps the
+  // replica on unary calls.
+  void OnStreamEnded(Replica* replica, std::vector<Unanswered> unanswered,
+                     const grpc::Status& status);
+  // Completes each of `refs` whose attempt is still open with `status`.
+  void FailAttempts(const std::vector<AttemptRef>& refs, const grpc::Status& status);
+  // Completes the attempts of `refs` from the results of a stream reply.
+  void OnStreamReply(const std::vector<AttemptRef>& refs, const v1::ForwardStreamResponse& reply);
+  // Waits until every slot of `call` is done, failing stream attempts whose
+  // deadline passed (DEADLINE_EXCEEDED) so that no call waits past its budget.
+  void AwaitLayer(const std::shared_ptr<LayerCall>& call);
+  // The outcome of slot `slot` once its attempts are done.
+  absl::Status BatchResult(const LayerCall& call, size_t slot) const;
 
   const ModelConfig config_;
   const RemoteExpertOptions options_;

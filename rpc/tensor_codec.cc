@@ -26,8 +26,11 @@ void EncodeMatrix(const float* rows, int64_t n, int64_t d, v1::DType dtype, v1::
   }
 }
 
-absl::StatusOr<std::vector<float>> DecodeMatrix(const v1::Tensor& tensor, int64_t d,
-                                                const char* what) {
+namespace {
+
+// Checks `tensor` is a well-formed [N, D] matrix; returns N and its dtype.
+absl::Status CheckMatrix(const v1::Tensor& tensor, int64_t d, const char* what, int64_t* rows,
+                         DType* dtype_out) {
   if (tensor.shape_size() != 2) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": expected a rank-2 tensor [N, ", d,
                                                    "], got rank ", tensor.shape_size()));
@@ -57,9 +60,33 @@ absl::StatusOr<std::vector<float>> DecodeMatrix(const v1::Tensor& tensor, int64_
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": ", tensor.data().size(), " data bytes, expected ", expected));
   }
+  *rows = n;
+  *dtype_out = dtype;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<float>> DecodeMatrix(const v1::Tensor& tensor, int64_t d,
+                                                const char* what) {
+  int64_t n = 0;
+  DType dtype;
+  if (absl::Status s = CheckMatrix(tensor, d, what, &n, &dtype); !s.ok()) return s;
   std::vector<float> out(static_cast<size_t>(n * d));
   ConvertToF32(dtype, tensor.data().data(), out.size(), out.data());
   return out;
+}
+
+absl::Status DecodeMatrixInto(const v1::Tensor& tensor, int64_t d, int64_t rows, float* out,
+                              const char* what) {
+  int64_t n = 0;
+  DType dtype;
+  if (absl::Status s = CheckMatrix(tensor, d, what, &n, &dtype); !s.ok()) return s;
+  if (n != rows) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", n, " rows, expected ", rows));
+  }
+  ConvertToF32(dtype, tensor.data().data(), static_cast<size_t>(n * d), out);
+  return absl::OkStatus();
 }
 
 }  // namespace switchyard::rpc

@@ -21,6 +21,12 @@ void EncodeMatrix(const float* rows, int64_t n, int64_t d, v1::DType dtype, v1::
 absl::StatusOr<std::vector<float>> DecodeMatrix(const v1::Tensor& tensor, int64_t d,
                                                 const char* what);
 
+// Like DecodeMatrix, but into `out`, which has room for exactly `rows` rows
+// of D: also INVALID_ARGUMENT unless the tensor has `rows` rows. Decodes
+// straight into the caller's buffer (no intermediate vector).
+absl::Status DecodeMatrixInto(const v1::Tensor& tensor, int64_t d, int64_t rows, float* out,
+                              const char* what);
+
 }  // namespace switchyard::rpc
 
 #endif  // SWITCHYARD_RPC_TENSOR_CODEC_H_

@@ -8,12 +8,15 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -1160,6 +1163,372 @@ TEST_F(ExpertServiceTest, GracefulStopFinishesAcceptedCalls) {
   EXPECT_EQ(stats.experts[0].in_flight, 0);
   EXPECT_EQ(stats.experts[0].calls, static_cast<uint64_t>(kBatches));
   s->service->Shutdown();  // idempotent
+}
+
+// The ForwardStream path ------------------------------------------------------
+
+// Forwards to the real service, counting unary Forward calls and streams.
+class CountingExpertService final : public v1::ExpertService::CallbackService {
+ public:
+  explicit CountingExpertService(ExpertServiceImpl* real) : real_(real) {}
+  grpc::ServerUnaryReactor* GetShardInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetShardInfoRequest* request,
+                                         v1::ShardInfo* response) override {
+    return real_->GetShardInfo(context, request, response);
+  }
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
+                                    const v1::ForwardRequest* request,
+                                    v1::ForwardResponse* response) override {
+    unary_calls.fetch_add(1);
+    return real_->Forward(context, request, response);
+  }
+  grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>* ForwardStream(
+      grpc::CallbackServerContext* context) override {
+    streams.fetch_add(1);
+    return real_->ForwardStream(context);
+  }
+  std::atomic<int> unary_calls{0};
+  std::atomic<int> streams{0};
+
+ private:
+  ExpertServiceImpl* real_;
+};
+
+// The CPU experts, recording how many batches each backend call carried (and
+// sleeping delay_ms first when set).
+class RecordingExpertBackend final : public ExpertBackend {
+ public:
+  explicit RecordingExpertBackend(ExpertBackend* inner) : inner_(inner) {}
+  absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override {
+    const int delay = delay_ms.load();
+    if (delay > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay));
+    std::lock_guard<std::mutex> lock(mu_);
+    ++calls_by_batches_[batches.size()];
+    return inner_->RunLayer(layer, batches);
+  }
+  std::string Describe() const override { return inner_->Describe(); }
+  int CallsWithBatches(size_t n) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return calls_by_batches_[n];
+  }
+  std::atomic<int> delay_ms{0};
+
+ private:
+  ExpertBackend* inner_;
+  std::mutex mu_;
+  std::map<size_t, int> calls_by_batches_;
+};
+
+// A shard behind CountingExpertService and RecordingExpertBackend, on
+// `listen` (default a free port; pass "127.0.0.1:PORT" to restart one).
+struct CountedShard {
+  std::unique_ptr<ExpertStore> store;
+  std::unique_ptr<LocalExpertBackend> local;
+  std::unique_ptr<RecordingExpertBackend> recording;
+  std::unique_ptr<ExpertServiceImpl> service;
+  std::unique_ptr<CountingExpertService> counting;
+  std::unique_ptr<rpc::RunningServer> server;
+
+  std::string address() const { return server->address(); }
+  // Stops at once: calls and streams in flight are cancelled.
+  void Kill() {
+    if (server) server->Shutdown(std::chrono::system_clock::now());
+    server.reset();
+    if (service) service->Shutdown();
+  }
+  ~CountedShard() { Kill(); }
+};
+
+std::unique_ptr<CountedShard> StartCountedShard(const std::string& dir, std::vector<int> experts,
+                                                const std::string& listen = "127.0.0.1:0",
+                                                const std::string& backend_name = "cpu-f32") {
+  auto checkpoint = Checkpoint::Open(dir, WeightSelection::ExpertsOnly(experts));
+  EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
+  if (!checkpoint.ok()) return nullptr;
+  auto shard = std::make_unique<CountedShard>();
+  auto store = ExpertStore::Load(**checkpoint);
+  EXPECT_TRUE(store.ok()) << store.status();
+  if (!store.ok()) return nullptr;
+  shard->store = *std::move(store);
+  auto description = DescribeShard(dir, **checkpoint);
+  EXPECT_TRUE(description.ok()) << description.status();
+  if (!description.ok()) return nullptr;
+  shard->local = std::make_unique<LocalExpertBackend>(shard->store.get());
+  shard->recording = std::make_unique<RecordingExpertBackend>(shard->local.get());
+  shard->service = std::make_unique<ExpertServiceImpl>(
+      shard->store->config(), shard->recording.get(), *description,
+      ExpertServerOptions{.backend_name = backend_name});
+  shard->counting = std::make_unique<CountingExpertService>(shard->service.get());
+  rpc::ServerOptions options;
+  options.listen_address = listen;
+  auto server = rpc::RunningServer::Start(options, {shard->counting.get()});
+  EXPECT_TRUE(server.ok()) << server.status();
+  if (!server.ok()) return nullptr;
+  shard->server = *std::move(server);
+  return shard;
+}
+
+// Several threads run layers at once through one backend: the stream
+// multiplexes them (one stream to the shard, no unary call), each layer's
+// eight batches travel as one request that the shard runs as one layer, and
+// every output equals the unary path's and the local backend's exactly.
+TEST_F(ExpertServiceTest, StreamedLayersFromSeveralThreadsMatchUnaryExactly) {
+  auto all = StartCountedShard(*dir_, AllExperts());
+  ASSERT_NE(all, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {all->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto streamed = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(streamed.ok()) << streamed.status();
+  options.use_stream = false;
+  auto unary = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(unary.ok()) << unary.status();
+  EXPECT_THAT((*streamed)->Describe(), HasSubstr("streams"));
+
+  LocalExpertBackend local(local_store_);
+  constexpr int kThreads = 6;
+  constexpr int kIterations = 10;
+  std::vector<int> failures(kThreads, 0);
+  std::vector<double> max_diff(kThreads, 0.0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kIterations; ++i) {
+        const uint32_t seed = 4000 + t * kIterations + i;
+        const int layer = (t + i) % 2;
+        LayerInput want = MakeLayerInput(seed);
+        LayerInput via_unary = MakeLayerInput(seed);
+        LayerInput via_stream = MakeLayerInput(seed);
+        std::vector<absl::Status> batch_status;
+        if (!local.RunLayer(layer, want.batches).ok() ||
+            !(*unary)->RunLayer(layer, via_unary.batches).ok() ||
+            !(*streamed)->RunLayerPerBatch(layer, via_stream.batches, &batch_status).ok()) {
+          ++failures[t];
+          continue;
+        }
+        for (size_t b = 0; b < want.outputs.size(); ++b) {
+          if (!batch_status[b].ok()) ++failures[t];
+          max_diff[t] = std::max({max_diff[t], MaxAbsDiff(via_stream.outputs[b], want.outputs[b]),
+                                  MaxAbsDiff(via_stream.outputs[b], via_unary.outputs[b])});
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  const double worst = *std::max_element(max_diff.begin(), max_diff.end());
+  std::printf("[ stream   ] %d threads x %d layers: max |stream - unary|, |stream - local| = %g\n",
+              kThreads, kIterations, worst);
+  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], 0) << "thread " << t;
+  EXPECT_EQ(worst, 0.0);
+  // The unary backend's calls only, one per batch; one stream for all threads.
+  EXPECT_EQ(all->counting->unary_calls.load(), kThreads * kIterations * 8);
+  EXPECT_EQ(all->counting->streams.load(), 1);
+  EXPECT_EQ(all->recording->CallsWithBatches(8), kThreads * kIterations);
+  EXPECT_EQ(all->service->Stats().queued_calls, 0);
+}
+
+// A replica that goes away mid-stream fails exactly the batches in flight on
+// it, with a status naming the broken stream, and nothing else; the layer
+// returns well within its deadline.
+TEST_F(ExpertServiceTest, AReplicaKilledMidStreamFailsOnlyItsBatches) {
+  auto doomed = StartCountedShard(*dir_, {2});
+  ASSERT_NE(doomed, nullptr);
+  const std::string doomed_address = doomed->address();
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[2] = {doomed_address};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  options.call_deadline_ms = 20000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  {  // warm: the stream is open
+    LayerInput got = MakeLayerInput(60);
+    ASSERT_TRUE((*backend)->RunLayer(0, got.batches).ok());
+  }
+  doomed->recording->delay_ms = 2000;  // calls to it are in flight when it dies
+  LocalExpertBackend local(local_store_);
+  LayerInput want = MakeLayerInput(61);
+  ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
+  LayerInput got = MakeLayerInput(61);
+  std::vector<absl::Status> batch_status;
+  absl::Status layer_status;
+  const auto start = std::chrono::steady_clock::now();
+  std::thread runner(
+      [&] { layer_status = (*backend)->RunLayerPerBatch(0, got.batches, &batch_status); });
+  const ExpertCounters* counters = doomed->service->counters(0, 2);
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (counters->in_flight.load() == 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(counters->in_flight.load(), 1);
+  std::thread killer([&] { doomed->Kill(); });
+  runner.join();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  killer.join();
+  ASSERT_TRUE(layer_status.ok()) << layer_status;
+  ASSERT_EQ(batch_status.size(), 8u);
+  std::printf("[ killed   ] layer returned after %.2f s: %s\n", seconds,
+              batch_status[2].ToString().c_str());
+  EXPECT_EQ(batch_status[2].code(), absl::StatusCode::kUnavailable) << batch_status[2];
+  EXPECT_THAT(std::string(batch_status[2].message()), HasSubstr("expert 2 (layer 0)"));
+  EXPECT_THAT(std::string(batch_status[2].message()), HasSubstr(doomed_address));
+  EXPECT_THAT(std::string(batch_status[2].message()), HasSubstr("ForwardStream"));
+  for (size_t b = 0; b < 8; ++b) {
+    if (b == 2) continue;
+    EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
+    EXPECT_EQ(MaxAbsDiff(got.outputs[b], want.outputs[b]), 0.0) << b;
+  }
+  EXPECT_LT(seconds, 10.0) << "the broken stream was not noticed before the deadline";
+}
+
+// A stream to a replica that stopped fails fast; once the replica is back on
+// the same address, the next layers open a new stream to it and succeed.
+TEST_F(ExpertServiceTest, AStreamReconnectsAfterTheReplicaRestarts) {
+  auto first = StartCountedShard(*dir_, {5});
+  ASSERT_NE(first, nullptr);
+  const std::string address = first->address();
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[5] = {address};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  options.call_deadline_ms = 2000;
+  options.max_reconnect_backoff_ms = 200;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  LocalExpertBackend local(local_store_);
+  LayerInput want = MakeLayerInput(70);
+  ASSERT_TRUE(local.RunLayer(1, want.batches).ok());
+  {
+    LayerInput got = MakeLayerInput(70);
+    ASSERT_TRUE((*backend)->RunLayer(1, got.batches).ok());
+    EXPECT_EQ(MaxAbsDiff(got.outputs[5], want.outputs[5]), 0.0);
+  }
+  EXPECT_EQ(first->counting->streams.load(), 1);
+  first->Kill();
+  {
+    LayerInput got = MakeLayerInput(70);
+    std::vector<absl::Status> batch_status;
+    ASSERT_TRUE((*backend)->RunLayerPerBatch(1, got.batches, &batch_status).ok());
+    EXPECT_EQ(batch_status[5].code(), absl::StatusCode::kUnavailable) << batch_status[5];
+    for (size_t b = 0; b < 8; ++b) {
+      if (b != 5) EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
+    }
+  }
+  auto second = StartCountedShard(*dir_, {5}, address);
+  ASSERT_NE(second, nullptr);
+  absl::Status status;
+  int tries = 0;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  do {
+    ++tries;
+    LayerInput got = MakeLayerInput(70);
+    status = (*backend)->RunLayer(1, got.batches);
+    if (status.ok()) {
+      EXPECT_EQ(MaxAbsDiff(got.outputs[5], want.outputs[5]), 0.0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  } while (std::chrono::steady_clock::now() < give_up);
+  std::printf("[ restart  ] back after %d layer call(s): %s\n", tries, status.ToString().c_str());
+  ASSERT_TRUE(status.ok()) << status;
+  EXPECT_GE(second->counting->streams.load(), 1);
+  EXPECT_EQ(second->counting->unary_calls.load(), 0);
+}
+
+// A replica that accepts a request but never answers in time: the batch fails
+// when the layer's deadline passes (the stream itself is healthy, so only the
+// deadline can end the wait), the other batches are fine, nothing hangs.
+TEST_F(ExpertServiceTest, AStreamReplyThatNeverComesFailsAtTheDeadline) {
+  auto stuck = StartCountedShard(*dir_, {1});
+  ASSERT_NE(stuck, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[1] = {stuck->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  options.call_deadline_ms = 300;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  stuck->recording->delay_ms = 1500;
+  LayerInput got = MakeLayerInput(80);
+  std::vector<absl::Status> batch_status;
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_TRUE((*backend)->RunLayerPerBatch(0, got.batches, &batch_status).ok());
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("[ deadline ] 300 ms budget, returned after %.3f s: %s\n", seconds,
+              batch_status[1].ToString().c_str());
+  EXPECT_LT(seconds, 1.2);
+  EXPECT_EQ(batch_status[1].code(), absl::StatusCode::kUnavailable) << batch_status[1];
+  EXPECT_THAT(std::string(batch_status[1].message()), HasSubstr("DEADLINE_EXCEEDED"));
+  for (size_t b = 0; b < 8; ++b) {
+    if (b != 1) EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
+  }
+}
+
+// A shard that computes in BF16 (its backend name ends in "-bf16") gets its
+// hidden states as BF16, which it would round them to anyway, and replies in
+// F32: the output is exactly the expert of the BF16-rounded input. A shard in
+// F32 (the parity mode) gets F32 and is exact.
+TEST_F(ExpertServiceTest, Bf16InputsGoOnlyToShardsThatComputeInBf16) {
+  auto bf16 = StartCountedShard(*dir_, {3}, "127.0.0.1:0", "test-bf16");
+  ASSERT_NE(bf16, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[3] = {bf16->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  for (bool use_stream : {true, false}) {
+    options.use_stream = use_stream;
+    auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    LayerInput got = MakeLayerInput(95);
+    ASSERT_TRUE((*backend)->RunLayer(1, got.batches).ok());
+    for (size_t b = 0; b < 8; ++b) {
+      const int n = got.batches[b].tokens;
+      const std::vector<float> x = b == 3 ? RoundToBf16(got.inputs[b]) : got.inputs[b];
+      std::vector<float> want(x.size());
+      local_store_->Find(1, static_cast<int>(b))->Forward(x.data(), n, want.data());
+      EXPECT_EQ(MaxAbsDiff(got.outputs[b], want), 0.0)
+          << "expert " << b << " stream " << use_stream;
+    }
+    // The output came back in F32: not every value is a BF16 value.
+    const std::vector<float>& out3 = got.outputs[3];
+    EXPECT_NE(RoundToBf16(out3), out3);
+  }
+}
+
+// EndStreams (what switchyard-expert runs before its graceful stop) ends an
+// idle stream at once, so the server's shutdown does not wait out its grace
+// period for it; the gateway then gets UNAVAILABLE and can go elsewhere.
+TEST_F(ExpertServiceTest, EndStreamsLetsAGracefulStopFinishEarly) {
+  auto s = StartCountedShard(*dir_, {4});
+  ASSERT_NE(s, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[4] = {s->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  LayerInput got = MakeLayerInput(90);
+  ASSERT_TRUE((*backend)->RunLayer(0, got.batches).ok());
+  s->service->EndStreams();
+  const auto start = std::chrono::steady_clock::now();
+  s->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("[ end      ] graceful stop took %.3f s (grace 20 s)\n", seconds);
+  EXPECT_LT(seconds, 10.0);
+  s->server.reset();
+  LayerInput after = MakeLayerInput(91);
+  std::vector<absl::Status> batch_status;
+  ASSERT_TRUE((*backend)->RunLayerPerBatch(0, after.batches, &batch_status).ok());
+  EXPECT_EQ(batch_status[4].code(), absl::StatusCode::kUnavailable) << batch_status[4];
 }
 
 // ExpertProcess: what switchyard-expert runs, in-process -----------------------
