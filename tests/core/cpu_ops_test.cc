@@ -180,7 +180,8 @@ TEST(CpuOpsTest, SoftmaxAndSwiGlu) {
 std::vector<cpu::CpuIsa> AvailableIsas() {
   std::vector<cpu::CpuIsa> out;
   for (cpu::CpuIsa isa :
-       {cpu::CpuIsa::kScalar, cpu::CpuIsa::kAvx2, cpu::CpuIsa::kAvx512, cpu::CpuIsa::kAvx512Bf16}) {
+       {cpu::CpuIsa::kScalar, cpu::CpuIsa::kAvx2, cpu::CpuIsa::kAvx512, cpu::CpuIsa::kAvx512Bf16,
+        cpu::CpuIsa::kAmx}) {
     if (isa <= cpu::DetectedIsa()) out.push_back(isa);
   }
   return out;
@@ -289,10 +290,11 @@ TEST_F(KernelLevelTest, EveryLevelRowIndependentOfBatch) {
 }
 
 TEST_F(KernelLevelTest, SetIsaClampsToTheCpuAndNamesTheLevel) {
-  EXPECT_EQ(cpu::SetIsa(cpu::CpuIsa::kAvx512Bf16), cpu::DetectedIsa());
+  EXPECT_EQ(cpu::SetIsa(cpu::CpuIsa::kAmx), cpu::DetectedIsa());
   EXPECT_EQ(cpu::ActiveIsa(), cpu::DetectedIsa());
   EXPECT_EQ(cpu::SetIsa(cpu::CpuIsa::kScalar), cpu::CpuIsa::kScalar);
   EXPECT_STREQ(cpu::CpuIsaName(cpu::CpuIsa::kAvx512Bf16), "avx512_bf16");
+  EXPECT_STREQ(cpu::CpuIsaName(cpu::CpuIsa::kAmx), "amx");
   cpu::SetPrecision(cpu::MatmulPrecision::kBf16);
   EXPECT_NE(cpu::KernelDescription().find("scalar"), std::string::npos) << cpu::KernelDescription();
   EXPECT_NE(cpu::KernelDescription().find("bf16 precision"), std::string::npos);
