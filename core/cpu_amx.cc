@@ -72,7 +72,9 @@ void PackX(const float* x, int tokens, int k, int terms, PackedX* out) {
 
 namespace {
 
-#define SY_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
+// No AVX-512 here: GCC would keep values in zmm16-31, whose dirty upper halves
+// (vzeroupper does not clear them) slow down the SSE code that runs next.
+#define SY_AMX __attribute__((target("amx-tile,amx-bf16")))
 
 // The 64-byte LDTILECFG operand.
 struct alignas(64) TileConfig {
