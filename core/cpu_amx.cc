@@ -34,6 +34,73 @@ int64_t ChunkBase(const PackedX& x, int t0) {
 
 }  // namespace
 
+namespace {
+
+// The BF16 terms of 32 consecutive values of x, each pair (2 BF16 in one
+// 32-bit word, lower column in the low half) as B-tile rows want them:
+// words[p][i] for term p and pair i.
+void SplitChunkScalar(const float* x, int terms, uint32_t words[3][16]) {
+  for (int i = 0; i < 16; ++i) {
+    uint16_t bits[3][2];
+    for (int half = 0; half < 2; ++half) {
+      const float v = x[2 * i + half];
+      bits[0][half] = F32ToBf16(v);
+      // x = hi + mid + lo exactly (each residual is exact in FP32).
+      const float r1 = std::isfinite(v) ? v - Bf16ToF32(bits[0][half]) : 0.0f;
+      bits[1][half] = F32ToBf16(r1);
+      bits[2][half] = F32ToBf16(r1 - Bf16ToF32(bits[1][half]));
+    }
+    for (int p = 0; p < terms; ++p) words[p][i] = bits[p][0] | (uint32_t{bits[p][1]} << 16);
+  }
+}
+
+#ifdef SY_HAVE_AMX
+#define SY_PACK_AVX2 __attribute__((target("avx2,fma")))
+
+// F32ToBf16 on 8 lanes: the BF16 bits in the low half of each 32-bit lane.
+SY_PACK_AVX2 inline __m256i RoundBf16x8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i abs = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+  const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  return _mm256_blendv_epi8(rounded, quiet, nan);
+}
+
+// SplitChunkScalar with AVX2 (bitwise the same terms).
+SY_PACK_AVX2 void SplitChunkAvx2(const float* x, int terms, uint32_t words[3][16]) {
+  const __m256i lo16 = _mm256_set1_epi64x(0xffff), hi16 = _mm256_set1_epi64x(0xffff0000);
+  const __m256i gather_even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int q = 0; q < 4; ++q) {  // 8 values = 4 pairs at a time
+    const __m256 v = _mm256_loadu_ps(x + 8 * q);
+    __m256i bits[3];
+    bits[0] = RoundBf16x8(v);
+    if (terms == 3) {
+      const __m256i abs = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff));
+      const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7f800000), abs);
+      const __m256 r1 = _mm256_and_ps(
+          _mm256_sub_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(bits[0], 16))),
+          _mm256_castsi256_ps(finite));
+      bits[1] = RoundBf16x8(r1);
+      const __m256 r2 = _mm256_sub_ps(r1, _mm256_castsi256_ps(_mm256_slli_epi32(bits[1], 16)));
+      bits[2] = RoundBf16x8(r2);
+    }
+    for (int p = 0; p < terms; ++p) {
+      // Lanes (2j, 2j+1) -> one word in the low half of 64-bit lane j.
+      const __m256i pairs = _mm256_or_si256(_mm256_and_si256(bits[p], lo16),
+                                            _mm256_and_si256(_mm256_srli_epi64(bits[p], 16), hi16));
+      const __m256i packed = _mm256_permutevar8x32_epi32(pairs, gather_even);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&words[p][4 * q]),
+                       _mm256_castsi256_si128(packed));
+    }
+  }
+}
+#endif
+
+}  // namespace
+
 void PackX(const float* x, int tokens, int k, int terms, PackedX* out) {
   SY_CHECK(terms == 1 || terms == 3);
   out->tokens = tokens;
@@ -43,25 +110,29 @@ void PackX(const float* x, int tokens, int k, int terms, PackedX* out) {
   const int kf = out->chunks * kTileK, rest = k - kf;
   out->tiles.resize(static_cast<size_t>(terms) * out->chunks * kTileK * tokens);
   out->tail.resize(static_cast<size_t>(tokens) * rest);
+#ifdef SY_HAVE_AMX
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  uint32_t words[3][16];
   for (int t0 = 0; t0 < tokens; t0 += kChunkTokens) {
     const int tc = std::min(kChunkTokens, tokens - t0);
     uint16_t* base = out->tiles.data() + ChunkBase(*out, t0);  // [chunks][terms][16][tc][2]
     for (int t = 0; t < tc; ++t) {
       const float* xr = x + static_cast<int64_t>(t0 + t) * k;  // [Kin]
-      for (int kk = 0; kk < kf; ++kk) {
-        const int kc = kk / kTileK, pair = (kk % kTileK) / 2, half = kk % 2;
-        uint16_t* tile = base + static_cast<int64_t>(kc) * terms * kTileK * tc;
-        const int64_t at = (static_cast<int64_t>(pair) * tc + t) * 2 + half;
-        const float v = xr[kk];
-        const uint16_t hi = F32ToBf16(v);
-        tile[at] = hi;
-        if (terms == 3) {
-          // x = hi + mid + lo exactly (each residual is exact in FP32).
-          const float r1 = std::isfinite(v) ? v - Bf16ToF32(hi) : 0.0f;
-          const uint16_t mid = F32ToBf16(r1);
-          const float r2 = r1 - Bf16ToF32(mid);
-          tile[at + 2 * kTileK / 2 * tc] = mid;  // next term's tile: 16 pairs x tc x 2
-          tile[at + 2 * (2 * kTileK / 2 * tc)] = F32ToBf16(r2);
+      for (int kc = 0; kc < out->chunks; ++kc) {
+#ifdef SY_HAVE_AMX
+        if (avx2) {
+          SplitChunkAvx2(xr + kc * kTileK, terms, words);
+        } else {
+          SplitChunkScalar(xr + kc * kTileK, terms, words);
+        }
+#else
+        SplitChunkScalar(xr + kc * kTileK, terms, words);
+#endif
+        uint16_t* tile = base + static_cast<int64_t>(kc) * terms * kTileK * tc;  // term 0
+        for (int p = 0; p < terms; ++p) {
+          uint16_t* tp = tile + static_cast<int64_t>(p) * kTileK * tc;  // [16][tc][2]
+          for (int i = 0; i < 16; ++i) std::memcpy(tp + (i * tc + t) * 2, &words[p][i], 4);
         }
       }
       for (int kk = kf; kk < k; ++kk) {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <random>
 #include <string>
 #include <tuple>
@@ -309,6 +310,7 @@ TEST(CpuAmxTest, ThreeBf16TermsSumExactlyToX) {
   x[5] = 3.14159274f;
   x[6] = -1.0e-20f;
   x[7] = 65504.123f;
+  x[8] = -std::numeric_limits<float>::infinity();
   cpu::amx::PackedX packed;
   cpu::amx::PackX(x.data(), T, K, /*terms=*/3, &packed);
   ASSERT_EQ(packed.chunks, 2);
