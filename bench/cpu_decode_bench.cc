@@ -11,8 +11,8 @@
 //
 // Roofline: BM_Triad (run first) measures the STREAM triad bandwidth
 // a[i] = b[i] + s c[i] with the OpenMP team (best of its iterations, 3 x 8
-// bytes per element as STREAM counts them, the same program as
-// ../shared/tools/peers' triad.c). Each decode step then reports
+// bytes per element as STREAM and ../shared/tools/peers/stream.c count
+// them, no write-allocate). Each decode step then reports
 // weight_MB/token (the weights a step must read: every dense matrix, the LM
 // head, and min(E, batch x K) experts per layer, divided by the batch),
 // weight_GB/s (those bytes per wall-clock second over the whole loop) and
@@ -59,8 +59,8 @@ void BM_Triad(benchmark::State& state) {
     const double *bp = b.data(), *cp = c.data();
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) ap[i] = bp[i] + 3.0 * cp[i];
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-                              .count());
+    best = std::min(
+        best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     benchmark::DoNotOptimize(a.data());
   }
   triad_bytes_per_s = 3.0 * 8 * n / best;

@@ -63,8 +63,8 @@ SY_PACK_AVX2 inline __m256i RoundBf16x8(__m256 v) {
   const __m256i abs = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
   const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(
-      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
   const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
   return _mm256_blendv_epi8(rounded, quiet, nan);
 }
@@ -80,9 +80,9 @@ SY_PACK_AVX2 void SplitChunkAvx2(const float* x, int terms, uint32_t words[3][16
     if (terms == 3) {
       const __m256i abs = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff));
       const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7f800000), abs);
-      const __m256 r1 = _mm256_and_ps(
-          _mm256_sub_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(bits[0], 16))),
-          _mm256_castsi256_ps(finite));
+      const __m256 r1 =
+          _mm256_and_ps(_mm256_sub_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(bits[0], 16))),
+                        _mm256_castsi256_ps(finite));
       bits[1] = RoundBf16x8(r1);
       const __m256 r2 = _mm256_sub_ps(r1, _mm256_castsi256_ps(_mm256_slli_epi32(bits[1], 16)));
       bits[2] = RoundBf16x8(r2);
@@ -181,7 +181,7 @@ SY_AMX void Configure(int tc) {
 template <int kTerms>
 SY_AMX void Block(const uint16_t* a, int64_t ld, const uint16_t* b, int chunks, int tc,
                   float* c /* [32][16] */) {
-  const int64_t a_stride = ld * 2, b_stride = tc * 4;  // bytes
+  const int64_t a_stride = ld * 2, b_stride = tc * 4;        // bytes
   const int64_t b_tile = static_cast<int64_t>(kTileK) * tc;  // elements per term tile
   _tile_zero(0);
   _tile_zero(1);
@@ -214,7 +214,7 @@ template <int kTerms>
 SY_AMX void Rows(const PackedX& x, const uint16_t* w, int n, int n_begin, int n_end, float* y,
                  bool accumulate) {
   const int K = x.k, kf = x.chunks * kTileK, rest = K - kf;
-  thread_local std::vector<uint16_t> padded;  // [32, Kin]: a partial block, zero padded
+  thread_local std::vector<uint16_t> padded;       // [32, Kin]: a partial block, zero padded
   alignas(64) float c[kBlockRows * kChunkTokens];  // [32 rows][16 tokens]
   int configured = 0;
   for (int n0 = n_begin; n0 < n_end; n0 += kBlockRows) {

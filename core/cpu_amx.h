@@ -38,9 +38,9 @@ bool AmxUsable();
 // the precision (x itself for 3 terms, BF16-rounded x for 1 term).
 struct PackedX {
   int tokens = 0;
-  int k = 0;       // Kin
-  int chunks = 0;  // Kin / 32, rounded down
-  int terms = 0;   // 1 (BF16 precision) or 3 (FP32 precision)
+  int k = 0;                    // Kin
+  int chunks = 0;               // Kin / 32, rounded down
+  int terms = 0;                // 1 (BF16 precision) or 3 (FP32 precision)
   std::vector<uint16_t> tiles;  // see above
   std::vector<float> tail;      // [T, Kin - 32 chunks]
 };

@@ -347,8 +347,8 @@ struct KernelState {
   KernelState() {
     CpuIsa chosen = DetectedIsa();
     if (const char* env = std::getenv("SWITCHYARD_CPU_ISA"); env != nullptr && *env != '\0') {
-      for (CpuIsa level : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16,
-                            CpuIsa::kAmx}) {
+      for (CpuIsa level :
+           {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16, CpuIsa::kAmx}) {
         if (std::strcmp(env, CpuIsaName(level)) == 0) chosen = std::min(chosen, level);
       }
     }
@@ -409,8 +409,7 @@ void SplitRows(int N, int threads, const Body& body, int group = 8) {
   {
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
     const int groups = (N + group - 1) / group;
-    const int begin =
-        std::min(N, static_cast<int>(static_cast<int64_t>(groups) * id / nt) * group);
+    const int begin = std::min(N, static_cast<int>(static_cast<int64_t>(groups) * id / nt) * group);
     const int end =
         std::min(N, static_cast<int>(static_cast<int64_t>(groups) * (id + 1) / nt) * group);
     body(begin, end);

@@ -181,9 +181,8 @@ TEST(CpuOpsTest, SoftmaxAndSwiGlu) {
 // The levels this CPU can run, lowest first.
 std::vector<cpu::CpuIsa> AvailableIsas() {
   std::vector<cpu::CpuIsa> out;
-  for (cpu::CpuIsa isa :
-       {cpu::CpuIsa::kScalar, cpu::CpuIsa::kAvx2, cpu::CpuIsa::kAvx512, cpu::CpuIsa::kAvx512Bf16,
-        cpu::CpuIsa::kAmx}) {
+  for (cpu::CpuIsa isa : {cpu::CpuIsa::kScalar, cpu::CpuIsa::kAvx2, cpu::CpuIsa::kAvx512,
+                          cpu::CpuIsa::kAvx512Bf16, cpu::CpuIsa::kAmx}) {
     if (isa <= cpu::DetectedIsa()) out.push_back(isa);
   }
   return out;
@@ -281,7 +280,7 @@ TEST_F(KernelLevelTest, EveryLevelEveryRowCountUpTo17) {
       const bool bf16 = precision == cpu::MatmulPrecision::kBf16;
       for (int T = 1; T <= 17; ++T) {
         const auto x = Random(static_cast<size_t>(T) * K, 53 + T);  // [T, K]
-        std::vector<float> ref(static_cast<size_t>(T) * N);          // [T, N]
+        std::vector<float> ref(static_cast<size_t>(T) * N);         // [T, N]
         for (int t = 0; t < T; ++t)
           for (int n = 0; n < N; ++n) {
             double sum = 0;
