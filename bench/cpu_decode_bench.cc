@@ -10,9 +10,23 @@
 // cache of FP32 or BF16 K/V.
 // The kernel level and precision come from SWITCHYARD_CPU_ISA and
 // SWITCHYARD_CPU_PRECISION (core/cpu_ops.h) and are printed in the context.
+//
+// Roofline: BM_Triad (run first) measures the STREAM triad bandwidth
+// a[i] = b[i] + s c[i] with the OpenMP team (best of its iterations, 3 x 8
+// bytes per element as STREAM and ../shared/tools/peers/stream.c count
+// them, no write-allocate). Each decode step then reports
+// weight_MB/token (the weights a step must read: every dense matrix, the LM
+// head, and min(E, batch x K) experts per layer, divided by the batch),
+// weight_GB/s (those bytes per wall-clock second over the whole loop) and
+// triad_fraction (weight_GB/s over the triad bandwidth; absent when BM_Triad
+// was filtered out).
 #include <benchmark/benchmark.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -27,6 +41,49 @@ namespace switchyard {
 namespace {
 
 constexpr int kContext = 64;
+
+// Best triad bandwidth of this run in bytes/s; 0 until BM_Triad ran.
+double triad_bytes_per_s = 0;
+
+void BM_Triad(benchmark::State& state) {
+  const int64_t n = 80'000'000;  // doubles per array: 640 MB, far past the caches
+  std::vector<double> a(n), b(n), c(n);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = 0;
+    b[i] = 1;
+    c[i] = 2;
+  }
+  double best = 1e30;
+  for (auto _ : state) {
+    const auto start = std::chrono::steady_clock::now();
+    double* ap = a.data();
+    const double *bp = b.data(), *cp = c.data();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) ap[i] = bp[i] + 3.0 * cp[i];
+    best = std::min(
+        best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    benchmark::DoNotOptimize(a.data());
+  }
+  triad_bytes_per_s = 3.0 * 8 * n / best;
+  state.counters["best_GB/s"] = triad_bytes_per_s * 1e-9;
+}
+
+BENCHMARK(BM_Triad)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(10);
+
+// Bytes of weights one decode step of `batch` sequences must read (see the
+// file comment): BF16 or FP32 as the checkpoint stores them.
+double WeightBytesPerStep(const ModelConfig& c, int batch) {
+  const double elem = c.torch_dtype == "float32" ? 4.0 : 2.0;
+  const double D = c.hidden_size, F = c.intermediate_size;
+  const double dense = static_cast<double>(c.num_hidden_layers) *
+                       (D * (c.q_dim() + 2.0 * c.kv_dim()) + c.q_dim() * D +
+                        static_cast<double>(c.num_local_experts) * D);
+  const double lm_head = static_cast<double>(c.vocab_size) * D;
+  const int experts = std::min(c.num_local_experts, batch * c.num_experts_per_tok);
+  const double expert = static_cast<double>(c.num_hidden_layers) * experts * 3.0 * D * F;
+  return elem * (dense + lm_head + expert);
+}
 
 LocalModel* BenchModel() {
   static LocalModel* model = [] {
@@ -78,6 +135,7 @@ void BM_CpuDecodeStep(benchmark::State& state) {
   }
   std::vector<StepInput> inputs;
   for (int b = 0; b < batch; ++b) inputs.push_back({caches[b].get(), next[b], LogitsWanted::kLast});
+  const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
     auto out = model->runner().Step(inputs);
     if (!out.ok()) {
@@ -87,8 +145,15 @@ void BM_CpuDecodeStep(benchmark::State& state) {
     benchmark::DoNotOptimize(out->logits.data());
     for (auto& kv : caches) kv->Truncate(kContext);
   }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   state.counters["tokens/s"] =
       benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+  const double bytes = WeightBytesPerStep(model->config(), batch);
+  const double bytes_per_s = bytes * static_cast<double>(state.iterations()) / seconds;
+  state.counters["weight_MB/token"] = bytes / batch * 1e-6;
+  state.counters["weight_GB/s"] = bytes_per_s * 1e-9;
+  if (triad_bytes_per_s > 0) state.counters["triad_fraction"] = bytes_per_s / triad_bytes_per_s;
 }
 
 BENCHMARK(BM_CpuDecodeStep)->Arg(1)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -3,7 +3,8 @@
 // should use, and how far each is from the CPU's FMA / memory limits.
 //
 // Args: tokens, kernel (0 scalar, 1 avx2, 2 avx512, 3 avx512_bf16 with
-// precision bf16, 4 avx512 with precision bf16 emulated in FP32), shape
+// precision bf16, 4 avx512 with precision bf16 emulated in FP32, 5 amx with
+// precision f32 (x as three BF16 terms), 6 amx with precision bf16), shape
 // (0: w13 [2F=7168, D=1024], 1: w2 [D=1024, F=3584]).
 #include <benchmark/benchmark.h>
 
@@ -22,14 +23,16 @@ void BM_LinearBf16(benchmark::State& state) {
   const int kernel = static_cast<int>(state.range(1));
   const bool w13 = state.range(2) == 0;
   const int N = w13 ? 7168 : 1024, K = w13 ? 1024 : 3584;
-  const cpu::CpuIsa want = kernel == 3   ? cpu::CpuIsa::kAvx512Bf16
+  const cpu::CpuIsa want = kernel >= 5   ? cpu::CpuIsa::kAmx
+                           : kernel == 3 ? cpu::CpuIsa::kAvx512Bf16
                            : kernel == 4 ? cpu::CpuIsa::kAvx512
                                          : static_cast<cpu::CpuIsa>(kernel);
   if (cpu::SetIsa(want) != want) {
     state.SkipWithError("this CPU lacks the kernel level");
     return;
   }
-  cpu::SetPrecision(kernel >= 3 ? cpu::MatmulPrecision::kBf16 : cpu::MatmulPrecision::kF32);
+  const bool bf16 = kernel == 3 || kernel == 4 || kernel == 6;
+  cpu::SetPrecision(bf16 ? cpu::MatmulPrecision::kBf16 : cpu::MatmulPrecision::kF32);
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::vector<uint16_t> w(static_cast<size_t>(N) * K);  // [N, K]
@@ -51,7 +54,7 @@ void BM_LinearBf16(benchmark::State& state) {
 }
 
 BENCHMARK(BM_LinearBf16)
-    ->ArgsProduct({{1, 4, 16, 64}, {1, 2, 3, 4}, {0, 1}})
+    ->ArgsProduct({{1, 4, 16, 64}, {1, 2, 3, 4, 5, 6}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

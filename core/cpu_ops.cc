@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "core/checkpoint.h"
+#include "core/cpu_amx.h"
 #include "core/status_macros.h"
 
 namespace switchyard::cpu {
@@ -371,7 +372,8 @@ CpuIsa DetectIsa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl")) {
-    return __builtin_cpu_supports("avx512bf16") ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
+    if (!__builtin_cpu_supports("avx512bf16")) return CpuIsa::kAvx512;
+    return amx::AmxUsable() ? CpuIsa::kAmx : CpuIsa::kAvx512Bf16;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::kAvx2;
   return CpuIsa::kScalar;
@@ -387,7 +389,8 @@ struct KernelState {
   KernelState() {
     CpuIsa chosen = DetectedIsa();
     if (const char* env = std::getenv("SWITCHYARD_CPU_ISA"); env != nullptr && *env != '\0') {
-      for (CpuIsa level : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+      for (CpuIsa level :
+           {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16, CpuIsa::kAmx}) {
         if (std::strcmp(env, CpuIsaName(level)) == 0) chosen = std::min(chosen, level);
       }
     }
@@ -435,10 +438,10 @@ int ThreadsFor(int64_t N, int64_t K, int64_t tokens) {
   return threads;
 }
 
-// Runs body(n_begin, n_end) over [0, N) split into whole 8-row groups across
-// `threads` OpenMP threads (only the last chunk has a ragged end).
+// Runs body(n_begin, n_end) over [0, N) split into whole `group`-row groups
+// across `threads` OpenMP threads (only the last chunk has a ragged end).
 template <typename Body>
-void SplitRows(int N, int threads, const Body& body) {
+void SplitRows(int N, int threads, const Body& body, int group = 8) {
   if (threads <= 1) {
     body(0, N);
     return;
@@ -447,9 +450,10 @@ void SplitRows(int N, int threads, const Body& body) {
 #pragma omp parallel num_threads(threads)
   {
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    const int groups = (N + 7) / 8;
-    const int begin = std::min(N, static_cast<int>(static_cast<int64_t>(groups) * id / nt) * 8);
-    const int end = std::min(N, static_cast<int>(static_cast<int64_t>(groups) * (id + 1) / nt) * 8);
+    const int groups = (N + group - 1) / group;
+    const int begin = std::min(N, static_cast<int>(static_cast<int64_t>(groups) * id / nt) * group);
+    const int end =
+        std::min(N, static_cast<int>(static_cast<int64_t>(groups) * (id + 1) / nt) * group);
     body(begin, end);
   }
 #endif
@@ -607,6 +611,8 @@ const char* CpuIsaName(CpuIsa isa) {
       return "avx512";
     case CpuIsa::kAvx512Bf16:
       return "avx512_bf16";
+    case CpuIsa::kAmx:
+      return "amx";
   }
   return "unknown";
 }
@@ -633,7 +639,11 @@ std::string KernelDescription() {
   std::string s = std::string("cpu kernels: ") + CpuIsaName(isa) + " (cpu has " +
                   CpuIsaName(DetectedIsa()) + "), bf16-weight products in " +
                   (bf16 ? "bf16 precision" : "fp32 precision");
-  if (bf16) s += isa >= CpuIsa::kAvx512Bf16 ? " via vdpbf16ps" : " (fp32 emulation)";
+  if (isa >= CpuIsa::kAmx) {
+    s += bf16 ? " via AMX tiles" : " via AMX tiles (x as 3 bf16 terms)";
+  } else if (bf16) {
+    s += isa >= CpuIsa::kAvx512Bf16 ? " via vdpbf16ps" : " (fp32 emulation)";
+  }
   return s;
 }
 
@@ -655,6 +665,17 @@ void Linear(const float* x, const Matrix& w, int tokens, float* y, bool accumula
   const int K = w.cols(), N = w.rows();
   if (tokens <= 0 || N <= 0) return;
   const CpuIsa isa = ActiveIsa();
+  if (isa >= CpuIsa::kAmx) {
+    thread_local amx::PackedX packed_here;
+    amx::PackX(x, tokens, K, ActivePrecision() == MatmulPrecision::kBf16 ? 1 : 3, &packed_here);
+    const amx::PackedX& packed = packed_here;  // the lambda's threads see this thread's copy
+    const uint16_t* wb = w.bf16();
+    SplitRows(
+        N, ThreadsFor(N, K, tokens),
+        [&](int n_begin, int n_end) { amx::AmxRows(packed, wb, N, n_begin, n_end, y, accumulate); },
+        /*group=*/32);
+    return;
+  }
   if (ActivePrecision() == MatmulPrecision::kBf16) {
     LinearBf16Precision(isa, x, w.bf16(), tokens, K, N, y, accumulate);
     return;

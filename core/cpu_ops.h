@@ -22,9 +22,11 @@
 // matrices, more rows go through BLAS.
 //
 // Kernel levels (CpuIsa), picked at run time: the best the CPU has, capped by
-// SWITCHYARD_CPU_ISA=scalar|avx2|avx512|avx512_bf16 (tests force the lower
-// paths this way or with SetIsa). scalar is the portable loop; avx2 and
-// avx512 are FMA kernels with 8 and 16 lanes.
+// SWITCHYARD_CPU_ISA=scalar|avx2|avx512|avx512_bf16|amx (tests force the
+// lower paths this way or with SetIsa). scalar is the portable loop; avx2 and
+// avx512 are FMA kernels with 8 and 16 lanes; amx (Intel AMX-BF16 tiles,
+// core/cpu_amx.h) runs every BF16-weight product, any T, in both precisions
+// (kF32 as three BF16 terms of x, see there); FP32 matrices use avx512.
 //
 // Precision of BF16-weight products (MatmulPrecision), default kF32:
 //   kF32:  FP32 activations × exact BF16 weights, FP32 sums (HF parity).
@@ -56,14 +58,14 @@ class Checkpoint;
 namespace switchyard::cpu {
 
 // Instruction-set levels of the Linear kernels, lowest first.
-enum class CpuIsa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+enum class CpuIsa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
 // What a product with BF16 weights rounds (see the file comment).
 enum class MatmulPrecision { kF32 = 0, kBf16 = 1 };
 
 // The best level this CPU supports.
 CpuIsa DetectedIsa();
-// "scalar", "avx2", "avx512", "avx512_bf16".
+// "scalar", "avx2", "avx512", "avx512_bf16", "amx".
 const char* CpuIsaName(CpuIsa isa);
 // The level in force: DetectedIsa() capped by SWITCHYARD_CPU_ISA at first use.
 CpuIsa ActiveIsa();

@@ -5,11 +5,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <random>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "core/cpu_amx.h"
 #include "core/dtype.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -180,8 +182,8 @@ TEST(CpuOpsTest, SoftmaxAndSwiGlu) {
 // The levels this CPU can run, lowest first.
 std::vector<cpu::CpuIsa> AvailableIsas() {
   std::vector<cpu::CpuIsa> out;
-  for (cpu::CpuIsa isa :
-       {cpu::CpuIsa::kScalar, cpu::CpuIsa::kAvx2, cpu::CpuIsa::kAvx512, cpu::CpuIsa::kAvx512Bf16}) {
+  for (cpu::CpuIsa isa : {cpu::CpuIsa::kScalar, cpu::CpuIsa::kAvx2, cpu::CpuIsa::kAvx512,
+                          cpu::CpuIsa::kAvx512Bf16, cpu::CpuIsa::kAmx}) {
     if (isa <= cpu::DetectedIsa()) out.push_back(isa);
   }
   return out;
@@ -262,6 +264,79 @@ TEST_F(KernelLevelTest, EveryLevelAndPrecisionMatchesOracleOnAwkwardShapes) {
   }
 }
 
+// Every row count 1..17 (the skinny kernels' register blocks, the 16-token
+// tiles and the first row past them) with an odd Kin and N at every level and
+// precision, against the same double-accumulated oracle.
+TEST_F(KernelLevelTest, EveryLevelEveryRowCountUpTo17) {
+  const int K = 99, N = 37;
+  const auto wf = Random(static_cast<size_t>(N) * K, 52);  // [N, K]
+  std::vector<uint16_t> wb(wf.size());                     // [N, K]
+  for (size_t i = 0; i < wf.size(); ++i) wb[i] = F32ToBf16(wf[i]);
+  const cpu::Matrix m = cpu::Matrix::FromBf16(wb, N, K);
+  for (cpu::CpuIsa isa : AvailableIsas()) {
+    ASSERT_EQ(cpu::SetIsa(isa), isa);
+    for (cpu::MatmulPrecision precision :
+         {cpu::MatmulPrecision::kF32, cpu::MatmulPrecision::kBf16}) {
+      cpu::SetPrecision(precision);
+      const bool bf16 = precision == cpu::MatmulPrecision::kBf16;
+      for (int T = 1; T <= 17; ++T) {
+        const auto x = Random(static_cast<size_t>(T) * K, 53 + T);  // [T, K]
+        std::vector<float> ref(static_cast<size_t>(T) * N);         // [T, N]
+        for (int t = 0; t < T; ++t)
+          for (int n = 0; n < N; ++n) {
+            double sum = 0;
+            for (int k = 0; k < K; ++k) {
+              float xv = x[static_cast<size_t>(t) * K + k];
+              if (bf16) xv = Bf16ToF32(F32ToBf16(xv));
+              sum += static_cast<double>(xv) * Bf16ToF32(wb[static_cast<size_t>(n) * K + k]);
+            }
+            ref[static_cast<size_t>(t) * N + n] = static_cast<float>(sum);
+          }
+        std::vector<float> y(ref.size(), -7.0f);  // [T, N]
+        cpu::Linear(x.data(), m, T, y.data());
+        const std::string what = std::string(cpu::CpuIsaName(isa)) + (bf16 ? " bf16" : " f32") +
+                                 " T=" + std::to_string(T);
+        EXPECT_TRUE(AllClose(y, ref, tolerance::kLinearAbs, tolerance::kLinearRel, what)) << what;
+      }
+    }
+  }
+}
+
+// The AMX kernel's FP32 precision rests on x = hi + mid + lo with three BF16
+// terms (core/cpu_amx.h). PackX is portable code, so this runs everywhere.
+TEST(CpuAmxTest, ThreeBf16TermsSumExactlyToX) {
+  const int T = 3, K = 70;  // two 32-column chunks and a 6-column tail
+  std::vector<float> x = Random(static_cast<size_t>(T) * K, 61);  // [T, K]
+  x[5] = 3.14159274f;
+  x[6] = -1.0e-20f;
+  x[7] = 65504.123f;
+  x[8] = -std::numeric_limits<float>::infinity();
+  cpu::amx::PackedX packed;
+  cpu::amx::PackX(x.data(), T, K, /*terms=*/3, &packed);
+  ASSERT_EQ(packed.chunks, 2);
+  ASSERT_EQ(packed.tail.size(), static_cast<size_t>(T) * 6);
+  int checked = 0;
+  for (int t = 0; t < T; ++t) {
+    for (int k = 0; k < 64; ++k) {
+      // Tile (chunk kc, term p) holds [16 pairs][T tokens][2].
+      const int kc = k / 32, pair = (k % 32) / 2, half = k % 2;
+      float sum = 0;
+      for (int p = 2; p >= 0; --p) {  // smallest first: every partial sum is exact
+        const size_t at = (static_cast<size_t>(kc) * 3 + p) * 32 * T +
+                          (static_cast<size_t>(pair) * T + t) * 2 + half;
+        sum += Bf16ToF32(packed.tiles[at]);
+      }
+      EXPECT_EQ(sum, x[static_cast<size_t>(t) * K + k]) << "t " << t << " k " << k;
+      ++checked;
+    }
+    for (int k = 64; k < K; ++k) {
+      EXPECT_EQ(packed.tail[static_cast<size_t>(t) * 6 + (k - 64)],
+                x[static_cast<size_t>(t) * K + k]);
+    }
+  }
+  EXPECT_EQ(checked, T * 64);
+}
+
 // At every level and precision a row computed in a batch of 16 (or in the
 // 16-token chunks past it) is bitwise the row computed alone.
 TEST_F(KernelLevelTest, EveryLevelRowIndependentOfBatch) {
@@ -321,10 +396,11 @@ TEST_F(KernelLevelTest, Bf16RowKernelsMatchTheOracleAtEveryLevel) {
 }
 
 TEST_F(KernelLevelTest, SetIsaClampsToTheCpuAndNamesTheLevel) {
-  EXPECT_EQ(cpu::SetIsa(cpu::CpuIsa::kAvx512Bf16), cpu::DetectedIsa());
+  EXPECT_EQ(cpu::SetIsa(cpu::CpuIsa::kAmx), cpu::DetectedIsa());
   EXPECT_EQ(cpu::ActiveIsa(), cpu::DetectedIsa());
   EXPECT_EQ(cpu::SetIsa(cpu::CpuIsa::kScalar), cpu::CpuIsa::kScalar);
   EXPECT_STREQ(cpu::CpuIsaName(cpu::CpuIsa::kAvx512Bf16), "avx512_bf16");
+  EXPECT_STREQ(cpu::CpuIsaName(cpu::CpuIsa::kAmx), "amx");
   cpu::SetPrecision(cpu::MatmulPrecision::kBf16);
   EXPECT_NE(cpu::KernelDescription().find("scalar"), std::string::npos) << cpu::KernelDescription();
   EXPECT_NE(cpu::KernelDescription().find("bf16 precision"), std::string::npos);
