@@ -275,10 +275,9 @@ absl::StatusOr<std::string> SelfDir() {
 }
 
 absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
-  const std::vector<std::string> gateway_passthrough = {"kv-cache-tokens", "kv-cache-memory",
-                                                        "kv-cache-dtype",  "max-queue",
-                                                        "max-step-tokens", "max-new-tokens-limit",
-                                                        "micro-batches"};
+  const std::vector<std::string> gateway_passthrough = {
+      "kv-cache-tokens", "kv-cache-memory",      "kv-cache-dtype", "max-queue",
+      "max-step-tokens", "max-new-tokens-limit", "micro-batches"};
   std::set<std::string> value_flags = {"model",
                                        "port",
                                        "endpoints-file",

@@ -547,8 +547,7 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
   if (options.device == "cuda") {
 #ifdef SWITCHYARD_HAVE_CUDA
     SY_ASSIGN_OR_RETURN(cuda::Precision precision, cuda::ParsePrecision(options.precision));
-    SY_ASSIGN_OR_RETURN(runner,
-                        cuda::MakeCudaRunner(checkpoint, precision, backend.get(),
+    SY_ASSIGN_OR_RETURN(runner, cuda::MakeCudaRunner(checkpoint, precision, backend.get(),
                                                      metrics.get(), /*device=*/0, micro_batches));
     // The K/V tensors live on the device, in one slab of the pool's blocks
     // allocated now (so a budget the device cannot hold fails at startup),
@@ -558,8 +557,8 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
     int64_t tokens = 0;
     if (options.kv_cache_tokens == 0 && options.kv_cache_memory == 0) {
       // After the weights: the budget is what they left free.
-      SY_ASSIGN_OR_RETURN(tokens, cuda::DeviceKvTokensThatFit(
-                                      config, kDefaultHostKvMemoryFraction, kv_dtype));
+      SY_ASSIGN_OR_RETURN(
+          tokens, cuda::DeviceKvTokensThatFit(config, kDefaultHostKvMemoryFraction, kv_dtype));
       kv_sizing = absl::StrCat("default: ", kDefaultHostKvMemoryFraction * 100,
                                "% of the GPU's free memory");
     }
@@ -570,11 +569,10 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
     auto slab = cuda::AttachDeviceKvSlab(*kv_pool, kv_dtype, /*device=*/0);
     if (!slab.ok()) {
       auto fit = cuda::DeviceKvTokensThatFit(config, 0.9, kv_dtype);
-      return absl::Status(
-          slab.status().code(),
-          absl::StrCat(slab.status().message(), " (", kv_sizing, ": ", tokens,
-                       " token slots; about ", fit.ok() ? absl::StrCat(*fit) : "?",
-                       " would fit in 90% of the free device memory)"));
+      return absl::Status(slab.status().code(),
+                          absl::StrCat(slab.status().message(), " (", kv_sizing, ": ", tokens,
+                                       " token slots; about ", fit.ok() ? absl::StrCat(*fit) : "?",
+                                       " would fit in 90% of the free device memory)"));
     }
     std::fprintf(stderr, "switchyard-gateway: device KV slab of %lld blocks, %.1f MiB (%s)\n",
                  static_cast<long long>((*slab)->blocks),
@@ -668,9 +666,9 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(const GatewayOptions& op
     const std::string device_kv = options.precision == "bf16" ? "bf16" : "f32";
     if (options.kv_cache_dtype != device_kv) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "--kv-cache-dtype ", options.kv_cache_dtype, ": with --device cuda the K/V are stored in ",
-          "the compute precision (--precision ", options.precision, " stores ", device_kv,
-          "; use auto or ", device_kv, ")"));
+          "--kv-cache-dtype ", options.kv_cache_dtype,
+          ": with --device cuda the K/V are stored in ", "the compute precision (--precision ",
+          options.precision, " stores ", device_kv, "; use auto or ", device_kv, ")"));
     }
   }
 #ifndef SWITCHYARD_HAVE_CUDA

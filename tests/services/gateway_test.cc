@@ -486,12 +486,12 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
   for (const Case& c : cases) {
     std::vector<std::string> args = {"--model", "m"};
     args.insert(args.end(), c.args.begin(), c.args.end());
-    auto flags =
-        Flags::Parse(args,
-                     {"model", "kv-cache-tokens", "max-queue", "max-running", "max-step-tokens",
-                      "max-new-tokens-limit", "expert-timeout-ms", "grace-ms",
-                      "max-connection-age-ms", "kv-cache-memory", "kv-cache-dtype", "micro-batches"},
-                     {});
+    auto flags = Flags::Parse(
+        args,
+        {"model", "kv-cache-tokens", "max-queue", "max-running", "max-step-tokens",
+         "max-new-tokens-limit", "expert-timeout-ms", "grace-ms", "max-connection-age-ms",
+         "kv-cache-memory", "kv-cache-dtype", "micro-batches"},
+        {});
     ASSERT_TRUE(flags.ok()) << flags.status();
     auto options = GatewayOptionsFromFlags(*flags);
     ASSERT_FALSE(options.ok()) << c.args[0] << " " << c.args[1];
