@@ -815,13 +815,15 @@ TEST_F(CudaParityTest, MicroBatchesGiveTheSameBitsAsOne) {
     const Checkpoint& ckpt = c.remote == nullptr ? *full : *dense_only;
     SY_ASSERT_OK_AND_ASSIGN(auto one, cuda::MakeCudaRunner(ckpt, c.precision, c.remote, nullptr,
                                                            /*device=*/0, 1));
-    const auto want = MicroBatchWorkload(*one, pool());
+    // A pool's device slab has one dtype: the f32 and bf16 runners each get theirs.
+    KvCachePool& kv_pool = c.precision == cuda::Precision::kBF16 ? bf16_pool() : pool();
+    const auto want = MicroBatchWorkload(*one, kv_pool);
     ASSERT_FALSE(want.first.empty()) << c.name;
     for (int flag : {2, 3, 0}) {
       const int m = ResolveMicroBatches(flag, c.remote != nullptr);
       SY_ASSERT_OK_AND_ASSIGN(
           auto runner, cuda::MakeCudaRunner(ckpt, c.precision, c.remote, nullptr, /*device=*/0, m));
-      const auto got = MicroBatchWorkload(*runner, pool());
+      const auto got = MicroBatchWorkload(*runner, kv_pool);
       ASSERT_EQ(got.first.size(), want.first.size()) << c.name;
       double max_diff = 0;
       for (size_t i = 0; i < got.first.size(); ++i) {
