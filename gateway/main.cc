@@ -39,7 +39,7 @@ const switchyard::CommandSpec& Spec() {
            "GB, TB); not with --kv-cache-tokens"},
           {"kv-cache-dtype", true, "auto",
            "K/V storage: auto (bf16 when SWITCHYARD_CPU_PRECISION=bf16, else f32), bf16 or f32 "
-           "(cuda: f32 only)"},
+           "(cuda: the --precision dtype)"},
           {"max-queue", true, "256", "requests waiting at most; more are refused (1..2^20)"},
           {"max-running", true, "64", "requests decoding at once (1..16384)"},
           {"max-step-tokens", true, "512", "tokens per scheduler step (1..16384)"},

@@ -204,7 +204,10 @@ try:
           not mismatches and checked[0] > 0, (checked[0], mismatches[:3]))
     text = log()
     check("the scale-up decision is logged",
-          re.search(r"autoscaler: expert 3 busy \S+ current 1 desired 2: scale up", text), "")
+          # (a recommendation above --max-replicas is logged as capped there)
+          re.search(r"autoscaler: expert 3 busy \S+ current 1 desired 2: "
+                    r"(scale up|capped at max replicas|scale-up limited by the rate policies)", text),
+          "")
 
     # Idle: back to one replica per expert after the delay.
     deadline = time.time() + DELAY_S + 60
@@ -244,7 +247,8 @@ try:
     text = log()
     check("the drain is logged", re.search(r"expert 3 replica \d+ drained after", text), "")
     check("the gateway applied the removal",
-          re.search(r"expert topology from .* applied: expert 3: -", text), "")
+          # (one reload may apply several experts' changes: "expert 0: -A; expert 3: -B")
+          re.search(r"expert topology from .* applied: (.*; )?expert 3: -", text), "")
     # The timeline (for the README).
     joined_at = re.search(r"expert 3 replica \d+ \(pid \d+\) healthy at \S+ after (\S+) s", text)
     print("load rounds: %d (100 requests each, concurrency 32), ended at %.1f s; %d hot-prompt "
