@@ -85,15 +85,16 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
   cpu::RopeRotateHalf(q.data(), positions, tokens, H, hd, c.rope_theta);
   cpu::RopeRotateHalf(k.data(), positions, tokens, Hkv, hd, c.rope_theta);
 
-  // [S]: the cache's rows read through its block table (scratch, as above).
-  thread_local std::vector<const float*> key_rows, value_rows;
+  // Every slice's chunk goes into its cache first (tokens attend to themselves
+  // and to earlier tokens of the same chunk); then all slices' attention runs
+  // as one batch, FP32 and BF16 caches apart.
+  size_t f32_rows = 0, bf16_rows = 0;
   for (const SequenceSlice& s : slices) {
     if (s.kv->dtype() == KvDtype::kBf16) {
-      AttendBf16(layer, q.data(), k.data(), qkv.data(), s, attn.data());
+      StoreKvBf16(layer, k.data(), qkv.data(), s);
+      bf16_rows += s.start_pos + s.tokens;
       continue;
     }
-    // Append this chunk's keys and values to the cache first: tokens attend to
-    // themselves and to earlier tokens of the same chunk.
     for (int i = 0; i < s.tokens; ++i) {
       const int row = s.row_begin + i;
       std::copy_n(k.data() + static_cast<int64_t>(row) * kv_dim, kv_dim,
@@ -101,28 +102,55 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
       std::copy_n(qkv.data() + static_cast<int64_t>(row) * qkv_dim + q_dim + kv_dim, kv_dim,
                   s.kv->value(layer, s.start_pos + i));
     }
-    const int end = s.start_pos + s.tokens;
-    key_rows.resize(end);
-    value_rows.resize(end);
-    for (int p = 0; p < end; ++p) {
-      key_rows[p] = s.kv->key(layer, p);
-      value_rows[p] = s.kv->value(layer, p);
-    }
-    cpu::Attend(AttentionShapeOf(c), q.data() + static_cast<int64_t>(s.row_begin) * q_dim,
-                s.tokens, s.start_pos, key_rows.data(), value_rows.data(),
-                attn.data() + static_cast<int64_t>(s.row_begin) * q_dim);
+    f32_rows += s.start_pos + s.tokens;
   }
+  // [sum S]: each slice's cache rows read through its block table (scratch, as above).
+  thread_local std::vector<const float*> key_rows, value_rows;
+  thread_local std::vector<const uint16_t*> key_rows_bf16, value_rows_bf16;
+  thread_local std::vector<cpu::AttentionRows<float>> jobs;
+  thread_local std::vector<cpu::AttentionRows<uint16_t>> jobs_bf16;
+  key_rows.resize(f32_rows);
+  value_rows.resize(f32_rows);
+  key_rows_bf16.resize(bf16_rows);
+  value_rows_bf16.resize(bf16_rows);
+  jobs.clear();
+  jobs_bf16.clear();
+  size_t f32_at = 0, bf16_at = 0;
+  for (const SequenceSlice& s : slices) {
+    const int end = s.start_pos + s.tokens;
+    const float* qs = q.data() + static_cast<int64_t>(s.row_begin) * q_dim;  // [T_s, H, hd]
+    float* out = attn.data() + static_cast<int64_t>(s.row_begin) * q_dim;    // [T_s, H, hd]
+    if (s.kv->dtype() == KvDtype::kBf16) {
+      for (int p = 0; p < end; ++p) {
+        key_rows_bf16[bf16_at + p] = s.kv->key_bf16(layer, p);
+        value_rows_bf16[bf16_at + p] = s.kv->value_bf16(layer, p);
+      }
+      jobs_bf16.push_back({qs, s.tokens, s.start_pos, key_rows_bf16.data() + bf16_at,
+                           value_rows_bf16.data() + bf16_at, out});
+      bf16_at += end;
+    } else {
+      for (int p = 0; p < end; ++p) {
+        key_rows[f32_at + p] = s.kv->key(layer, p);
+        value_rows[f32_at + p] = s.kv->value(layer, p);
+      }
+      jobs.push_back({qs, s.tokens, s.start_pos, key_rows.data() + f32_at,
+                      value_rows.data() + f32_at, out});
+      f32_at += end;
+    }
+  }
+  const cpu::AttentionShape shape = AttentionShapeOf(c);
+  if (!jobs.empty()) cpu::Attend(shape, absl::MakeConstSpan(jobs));
+  if (!jobs_bf16.empty()) cpu::Attend(shape, absl::MakeConstSpan(jobs_bf16));
   // h[T, D] += attn[T, H hd] · wo^T
   cpu::Linear(attn.data(), w.wo, tokens, h, /*accumulate=*/true);
 }
 
-void AttentionModel::AttendBf16(int layer, const float* q, const float* k, const float* qkv,
-                                const SequenceSlice& s, float* attn) const {
+void AttentionModel::StoreKvBf16(int layer, const float* k, const float* qkv,
+                                 const SequenceSlice& s) const {
   const ModelConfig& c = config_;
   const int q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
-  // The chunk's K/V go into the cache rounded to BF16 first; every position,
-  // these included, is then read back from it, so a token sees the same K/V
-  // whether it was cached in this step or an earlier one.
+  // Every position, these included, is then read back from the cache, so a
+  // token sees the same K/V whether it was cached in this step or an earlier one.
   for (int i = 0; i < s.tokens; ++i) {
     const int row = s.row_begin + i;
     cpu::RoundToBf16(k + static_cast<int64_t>(row) * kv_dim, kv_dim,
@@ -130,17 +158,6 @@ void AttentionModel::AttendBf16(int layer, const float* q, const float* k, const
     cpu::RoundToBf16(qkv + static_cast<int64_t>(row) * qkv_dim + q_dim + kv_dim, kv_dim,
                      s.kv->value_bf16(layer, s.start_pos + i));
   }
-  const int end = s.start_pos + s.tokens;
-  thread_local std::vector<const uint16_t*> key_rows, value_rows;  // [S]
-  key_rows.resize(end);
-  value_rows.resize(end);
-  for (int p = 0; p < end; ++p) {
-    key_rows[p] = s.kv->key_bf16(layer, p);
-    value_rows[p] = s.kv->value_bf16(layer, p);
-  }
-  cpu::Attend(AttentionShapeOf(c), q + static_cast<int64_t>(s.row_begin) * q_dim, s.tokens,
-              s.start_pos, key_rows.data(), value_rows.data(),
-              attn + static_cast<int64_t>(s.row_begin) * q_dim);
 }
 
 void AttentionModel::RouterInput(int layer, const float* h, int tokens, float* x,

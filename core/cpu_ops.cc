@@ -916,41 +916,52 @@ GroupRowOps<W> GroupRows() {
 constexpr int64_t kAttendMinParallelWork = int64_t{1} << 20;
 
 template <typename W>
-void AttendImpl(const AttentionShape& shape, const float* q, int tokens, int start_pos,
-                const W* const* key_rows, const W* const* value_rows, float* out) {
+void AttendImpl(const AttentionShape& shape, absl::Span<const AttentionRows<W>> jobs) {
   const int hd = shape.head_dim, H = shape.heads, Hkv = shape.kv_heads, group = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const GroupRowOps<W> ops = GroupRows<W>();
+  // Every (job, row) of the batch, so one team covers all sequences of a step.
+  thread_local std::vector<std::pair<int, int>> rows;
+  rows.clear();
+  int64_t work = 0;  // multiply-adds
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const AttentionRows<W>& job = jobs[j];
+    for (int t = 0; t < job.tokens; ++t) {
+      rows.emplace_back(static_cast<int>(j), t);
+      const int pos = job.start_pos + t;
+      work += static_cast<int64_t>(
+                  shape.sliding_window > 0 ? std::min(pos + 1, shape.sliding_window) : pos + 1) *
+              H * hd * 2;
+    }
+  }
+  const std::vector<std::pair<int, int>>& all_rows = rows;
   // One item = one query row's group of heads sharing a kv head: each K and
   // V row of its span is read once for the whole group.
   auto item = [&](int64_t index) {
-    const int t = static_cast<int>(index / Hkv), kv_head = static_cast<int>(index % Hkv);
-    const int pos = start_pos + t;
+    const AttentionRows<W>& job = jobs[all_rows[index / Hkv].first];
+    const int t = all_rows[index / Hkv].second, kv_head = static_cast<int>(index % Hkv);
+    const int pos = job.start_pos + t;
     const int first = shape.sliding_window > 0 ? std::max(0, pos - shape.sliding_window + 1) : 0;
     const int span = pos - first + 1;
     thread_local std::vector<float> scores, column;  // [group, S], [group]
     scores.resize(static_cast<size_t>(group) * span);
     column.resize(group);
     const int64_t head0 = static_cast<int64_t>(t) * H + static_cast<int64_t>(kv_head) * group;
-    const float* qg = q + head0 * hd;  // [group, hd]
+    const float* qg = job.q + head0 * hd;  // [group, hd]
     const int64_t kv_off = static_cast<int64_t>(kv_head) * hd;
     for (int j = 0; j < span; ++j) {
-      ops.dot(qg, group, key_rows[first + j] + kv_off, hd, column.data());
+      ops.dot(qg, group, job.key_rows[first + j] + kv_off, hd, column.data());
       for (int g = 0; g < group; ++g) scores[static_cast<size_t>(g) * span + j] = column[g] * scale;
     }
     for (int g = 0; g < group; ++g) SoftmaxInPlace(scores.data() + static_cast<size_t>(g) * span, span);
-    float* og = out + head0 * hd;  // [group, hd]
+    float* og = job.out + head0 * hd;  // [group, hd]
     std::fill_n(og, static_cast<size_t>(group) * hd, 0.0f);
     for (int j = 0; j < span; ++j) {
       for (int g = 0; g < group; ++g) column[g] = scores[static_cast<size_t>(g) * span + j];
-      ops.axpy(column.data(), group, value_rows[first + j] + kv_off, og, hd);
+      ops.axpy(column.data(), group, job.value_rows[first + j] + kv_off, og, hd);
     }
   };
-  const int64_t items = static_cast<int64_t>(tokens) * Hkv;
-  const int64_t mean_span =
-      shape.sliding_window > 0 ? std::min(start_pos + tokens, shape.sliding_window)
-                               : start_pos + (tokens + 1) / 2;
-  const int64_t work = static_cast<int64_t>(tokens) * H * mean_span * hd * 2;
+  const int64_t items = static_cast<int64_t>(all_rows.size()) * Hkv;
   int threads = 1;
 #ifdef _OPENMP
   if (!omp_in_parallel() && work >= kAttendMinParallelWork) {
@@ -1003,11 +1014,19 @@ void AttendReferenceImpl(const AttentionShape& shape, const float* q, int tokens
 
 void Attend(const AttentionShape& shape, const float* q, int tokens, int start_pos,
             const float* const* key_rows, const float* const* value_rows, float* out) {
-  AttendImpl(shape, q, tokens, start_pos, key_rows, value_rows, out);
+  const AttentionRows<float> job{q, tokens, start_pos, key_rows, value_rows, out};
+  AttendImpl<float>(shape, absl::MakeConstSpan(&job, 1));
 }
 void Attend(const AttentionShape& shape, const float* q, int tokens, int start_pos,
             const uint16_t* const* key_rows, const uint16_t* const* value_rows, float* out) {
-  AttendImpl(shape, q, tokens, start_pos, key_rows, value_rows, out);
+  const AttentionRows<uint16_t> job{q, tokens, start_pos, key_rows, value_rows, out};
+  AttendImpl<uint16_t>(shape, absl::MakeConstSpan(&job, 1));
+}
+void Attend(const AttentionShape& shape, absl::Span<const AttentionRows<float>> jobs) {
+  AttendImpl<float>(shape, jobs);
+}
+void Attend(const AttentionShape& shape, absl::Span<const AttentionRows<uint16_t>> jobs) {
+  AttendImpl<uint16_t>(shape, jobs);
 }
 void AttendReference(const AttentionShape& shape, const float* q, int tokens, int start_pos,
                      const float* const* key_rows, const float* const* value_rows, float* out) {

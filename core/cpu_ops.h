@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "core/dtype.h"
 
 namespace switchyard {
@@ -167,6 +168,20 @@ void Attend(const AttentionShape& shape, const float* q, int tokens, int start_p
             const float* const* key_rows, const float* const* value_rows, float* out);
 void Attend(const AttentionShape& shape, const float* q, int tokens, int start_pos,
             const uint16_t* const* key_rows, const uint16_t* const* value_rows, float* out);
+// One sequence's part of a batched Attend: the arguments above.
+template <typename W>
+struct AttentionRows {
+  const float* q;            // [T, H, hd]
+  int tokens;                // T
+  int start_pos;             // position of q's first row
+  const W* const* key_rows;  // [start_pos + T] -> [Hkv, hd]
+  const W* const* value_rows;
+  float* out;  // [T, H, hd]
+};
+// Attend for several sequences with one OpenMP team (the rows of every job
+// are the items); each row's result is the same as in a call of its own.
+void Attend(const AttentionShape& shape, absl::Span<const AttentionRows<float>> jobs);
+void Attend(const AttentionShape& shape, absl::Span<const AttentionRows<uint16_t>> jobs);
 // The same math as the readable oracle: a scalar loop per query head over
 // every position (the K/V rows re-read per head), single-threaded.
 void AttendReference(const AttentionShape& shape, const float* q, int tokens, int start_pos,

@@ -9,6 +9,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "core/cpu_amx.h"
@@ -448,6 +449,17 @@ TEST_F(KernelLevelTest, GroupedAttentionMatchesThePerHeadOracle) {
               for (size_t i = 0; i < n; ++i) {
                 worst = std::max(worst, static_cast<double>(std::fabs(got[i] - want[i])));
               }
+              // The same rows as a batch of two jobs (as the engine batches sequences).
+              using W = std::remove_const_t<
+                  std::remove_pointer_t<typename std::decay_t<decltype(krows)>::value_type>>;
+              std::vector<float> split(n);
+              const int half = tokens / 2;
+              const cpu::AttentionRows<W> jobs[] = {
+                  {q.data(), half, start, krows.data(), vrows.data(), split.data()},
+                  {q.data() + static_cast<size_t>(half) * q_dim, tokens - half, start + half,
+                   krows.data(), vrows.data(), split.data() + static_cast<size_t>(half) * q_dim}};
+              cpu::Attend(shape, absl::MakeConstSpan(jobs));
+              EXPECT_TRUE(split == got) << "a batch of two jobs differs from one call";
               for (int t = 0; t < tokens; ++t) {
                 std::vector<float> solo(q_dim);
                 cpu::Attend(shape, q.data() + static_cast<size_t>(t) * q_dim, 1, start + t,
