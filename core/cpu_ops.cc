@@ -943,22 +943,28 @@ void AttendImpl(const AttentionShape& shape, absl::Span<const AttentionRows<W>> 
     const int pos = job.start_pos + t;
     const int first = shape.sliding_window > 0 ? std::max(0, pos - shape.sliding_window + 1) : 0;
     const int span = pos - first + 1;
-    thread_local std::vector<float> scores, column;  // [group, S], [group]
-    scores.resize(static_cast<size_t>(group) * span);
-    column.resize(group);
+    // Position-major [S, group]: the dot of row j writes, and the axpy of row
+    // j reads, one contiguous group of scores.
+    thread_local std::vector<float> scores, head;  // [S, group], [S]
+    scores.resize(static_cast<size_t>(span) * group);
+    head.resize(span);
     const int64_t head0 = static_cast<int64_t>(t) * H + static_cast<int64_t>(kv_head) * group;
     const float* qg = job.q + head0 * hd;  // [group, hd]
     const int64_t kv_off = static_cast<int64_t>(kv_head) * hd;
     for (int j = 0; j < span; ++j) {
-      ops.dot(qg, group, job.key_rows[first + j] + kv_off, hd, column.data());
-      for (int g = 0; g < group; ++g) scores[static_cast<size_t>(g) * span + j] = column[g] * scale;
+      ops.dot(qg, group, job.key_rows[first + j] + kv_off, hd,
+              scores.data() + static_cast<size_t>(j) * group);
     }
-    for (int g = 0; g < group; ++g) SoftmaxInPlace(scores.data() + static_cast<size_t>(g) * span, span);
+    for (int g = 0; g < group; ++g) {
+      for (int j = 0; j < span; ++j) head[j] = scores[static_cast<size_t>(j) * group + g] * scale;
+      SoftmaxInPlace(head.data(), span);
+      for (int j = 0; j < span; ++j) scores[static_cast<size_t>(j) * group + g] = head[j];
+    }
     float* og = job.out + head0 * hd;  // [group, hd]
     std::fill_n(og, static_cast<size_t>(group) * hd, 0.0f);
     for (int j = 0; j < span; ++j) {
-      for (int g = 0; g < group; ++g) column[g] = scores[static_cast<size_t>(g) * span + j];
-      ops.axpy(column.data(), group, job.value_rows[first + j] + kv_off, og, hd);
+      ops.axpy(scores.data() + static_cast<size_t>(j) * group, group,
+               job.value_rows[first + j] + kv_off, og, hd);
     }
   };
   const int64_t items = static_cast<int64_t>(all_rows.size()) * Hkv;
