@@ -1,7 +1,6 @@
 #include "attention_service/attention_model.h"
 
 #include <algorithm>
-#include <cmath>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -133,8 +132,8 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
         key_rows[f32_at + p] = s.kv->key(layer, p);
         value_rows[f32_at + p] = s.kv->value(layer, p);
       }
-      jobs.push_back({qs, s.tokens, s.start_pos, key_rows.data() + f32_at,
-                      value_rows.data() + f32_at, out});
+      jobs.push_back(
+          {qs, s.tokens, s.start_pos, key_rows.data() + f32_at, value_rows.data() + f32_at, out});
       f32_at += end;
     }
   }

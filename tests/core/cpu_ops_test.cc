@@ -415,10 +415,9 @@ TEST_F(KernelLevelTest, GroupedAttentionMatchesThePerHeadOracle) {
       for (int window : {0, 16}) {
         for (const Heads& g : heads) {
           for (int hd : {20, 64}) {
-            SCOPED_TRACE(std::string(cpu::CpuIsaName(isa)) + " context=" +
-                         std::to_string(context) + " window=" + std::to_string(window) +
-                         " H=" + std::to_string(g.H) + " Hkv=" + std::to_string(g.Hkv) +
-                         " hd=" + std::to_string(hd));
+            SCOPED_TRACE(std::string(cpu::CpuIsaName(isa)) + " context=" + std::to_string(context) +
+                         " window=" + std::to_string(window) + " H=" + std::to_string(g.H) +
+                         " Hkv=" + std::to_string(g.Hkv) + " hd=" + std::to_string(hd));
             const cpu::AttentionShape shape{
                 .heads = g.H, .kv_heads = g.Hkv, .head_dim = hd, .sliding_window = window};
             const int kv_dim = g.Hkv * hd, q_dim = g.H * hd;
@@ -444,8 +443,8 @@ TEST_F(KernelLevelTest, GroupedAttentionMatchesThePerHeadOracle) {
               cpu::Attend(shape, q.data(), tokens, start, krows.data(), vrows.data(), got.data());
               cpu::AttendReference(shape, q.data(), tokens, start, krows.data(), vrows.data(),
                                    want.data());
-              EXPECT_TRUE(AllClose(got, want, tolerance::kKernelAbs, tolerance::kKernelRel,
-                                   "attend"));
+              EXPECT_TRUE(
+                  AllClose(got, want, tolerance::kKernelAbs, tolerance::kKernelRel, "attend"));
               for (size_t i = 0; i < n; ++i) {
                 worst = std::max(worst, static_cast<double>(std::fabs(got[i] - want[i])));
               }
@@ -475,10 +474,10 @@ TEST_F(KernelLevelTest, GroupedAttentionMatchesThePerHeadOracle) {
         }
       }
     }
-    std::printf("grouped attention, %s: max |diff| vs per-head oracle: FP32 K/V %g, BF16 K/V %g "
-                "(bound %g + %g |ref|)\n",
-                cpu::CpuIsaName(isa), worst_f32, worst_bf16, tolerance::kKernelAbs,
-                tolerance::kKernelRel);
+    std::printf(
+        "grouped attention, %s: max |diff| vs per-head oracle: FP32 K/V %g, BF16 K/V %g "
+        "(bound %g + %g |ref|)\n",
+        cpu::CpuIsaName(isa), worst_f32, worst_bf16, tolerance::kKernelAbs, tolerance::kKernelRel);
   }
 }
 
