@@ -1,7 +1,6 @@
 #include "attention_service/attention_model.h"
 
 #include <algorithm>
-#include <cmath>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -10,6 +9,17 @@
 #include "core/tensor_names.h"
 
 namespace switchyard {
+namespace {
+
+cpu::AttentionShape AttentionShapeOf(const ModelConfig& c) {
+  return {.heads = c.num_attention_heads,
+          .kv_heads = c.num_key_value_heads,
+          .head_dim = c.head_dim,
+          .sliding_window = c.sliding_window};
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<AttentionModel>> AttentionModel::Load(const Checkpoint& checkpoint) {
   if (!checkpoint.selection().dense) {
     return absl::FailedPreconditionError(
@@ -53,12 +63,11 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
   const ModelConfig& c = config_;
   const Layer& w = layers_[layer];
   const int D = c.hidden_size, hd = c.head_dim, H = c.num_attention_heads;
-  const int Hkv = c.num_key_value_heads, group = H / Hkv;
+  const int Hkv = c.num_key_value_heads;
   const int q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
   // Scratch reused across calls on this thread: no allocation per layer and step.
-  thread_local std::vector<float> x, qkv, q, k, attn, scores;
+  thread_local std::vector<float> x, qkv, q, k, attn;
   x.resize(static_cast<size_t>(tokens) * D);          // [T, D]
   qkv.resize(static_cast<size_t>(tokens) * qkv_dim);  // [T, (H + 2 Hkv) hd]
   q.resize(static_cast<size_t>(tokens) * q_dim);      // [T, H, hd]
@@ -75,15 +84,16 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
   cpu::RopeRotateHalf(q.data(), positions, tokens, H, hd, c.rope_theta);
   cpu::RopeRotateHalf(k.data(), positions, tokens, Hkv, hd, c.rope_theta);
 
-  // [S]: the cache's rows read through its block table (scratch, as above).
-  thread_local std::vector<const float*> key_rows, value_rows;
+  // Every slice's chunk goes into its cache first (tokens attend to themselves
+  // and to earlier tokens of the same chunk); then all slices' attention runs
+  // as one batch, FP32 and BF16 caches apart.
+  size_t f32_rows = 0, bf16_rows = 0;
   for (const SequenceSlice& s : slices) {
     if (s.kv->dtype() == KvDtype::kBf16) {
-      AttendBf16(layer, q.data(), k.data(), qkv.data(), s, attn.data());
+      StoreKvBf16(layer, k.data(), qkv.data(), s);
+      bf16_rows += s.start_pos + s.tokens;
       continue;
     }
-    // Append this chunk's keys and values to the cache first: tokens attend to
-    // themselves and to earlier tokens of the same chunk.
     for (int i = 0; i < s.tokens; ++i) {
       const int row = s.row_begin + i;
       std::copy_n(k.data() + static_cast<int64_t>(row) * kv_dim, kv_dim,
@@ -91,86 +101,61 @@ void AttentionModel::AttentionBlock(int layer, float* h, int tokens,
       std::copy_n(qkv.data() + static_cast<int64_t>(row) * qkv_dim + q_dim + kv_dim, kv_dim,
                   s.kv->value(layer, s.start_pos + i));
     }
+    f32_rows += s.start_pos + s.tokens;
+  }
+  // [sum S]: each slice's cache rows read through its block table (scratch, as above).
+  thread_local std::vector<const float*> key_rows, value_rows;
+  thread_local std::vector<const uint16_t*> key_rows_bf16, value_rows_bf16;
+  thread_local std::vector<cpu::AttentionRows<float>> jobs;
+  thread_local std::vector<cpu::AttentionRows<uint16_t>> jobs_bf16;
+  key_rows.resize(f32_rows);
+  value_rows.resize(f32_rows);
+  key_rows_bf16.resize(bf16_rows);
+  value_rows_bf16.resize(bf16_rows);
+  jobs.clear();
+  jobs_bf16.clear();
+  size_t f32_at = 0, bf16_at = 0;
+  for (const SequenceSlice& s : slices) {
     const int end = s.start_pos + s.tokens;
-    key_rows.resize(end);
-    value_rows.resize(end);
-    for (int p = 0; p < end; ++p) {
-      key_rows[p] = s.kv->key(layer, p);
-      value_rows[p] = s.kv->value(layer, p);
-    }
-    for (int i = 0; i < s.tokens; ++i) {
-      const int row = s.row_begin + i;
-      const int pos = s.start_pos + i;
-      const int first = c.sliding_window > 0 ? std::max(0, pos - c.sliding_window + 1) : 0;
-      const int span = pos - first + 1;
-      scores.resize(span);  // [S]
-      for (int head = 0; head < H; ++head) {
-        const int kv_head = head / group;
-        const float* qv = q.data() + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
-        for (int j = 0; j < span; ++j) {
-          const float* kv = key_rows[first + j] + kv_head * hd;  // [hd]
-          float dot = 0.0f;
-          for (int d = 0; d < hd; ++d) dot += qv[d] * kv[d];
-          scores[j] = dot * scale;
-        }
-        cpu::SoftmaxInPlace(scores.data(), span);
-        float* out = attn.data() + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
-        std::fill_n(out, hd, 0.0f);
-        for (int j = 0; j < span; ++j) {
-          const float* vv = value_rows[first + j] + kv_head * hd;  // [hd]
-          const float p = scores[j];
-          for (int d = 0; d < hd; ++d) out[d] += p * vv[d];
-        }
+    const float* qs = q.data() + static_cast<int64_t>(s.row_begin) * q_dim;  // [T_s, H, hd]
+    float* out = attn.data() + static_cast<int64_t>(s.row_begin) * q_dim;    // [T_s, H, hd]
+    if (s.kv->dtype() == KvDtype::kBf16) {
+      for (int p = 0; p < end; ++p) {
+        key_rows_bf16[bf16_at + p] = s.kv->key_bf16(layer, p);
+        value_rows_bf16[bf16_at + p] = s.kv->value_bf16(layer, p);
       }
+      jobs_bf16.push_back({qs, s.tokens, s.start_pos, key_rows_bf16.data() + bf16_at,
+                           value_rows_bf16.data() + bf16_at, out});
+      bf16_at += end;
+    } else {
+      for (int p = 0; p < end; ++p) {
+        key_rows[f32_at + p] = s.kv->key(layer, p);
+        value_rows[f32_at + p] = s.kv->value(layer, p);
+      }
+      jobs.push_back(
+          {qs, s.tokens, s.start_pos, key_rows.data() + f32_at, value_rows.data() + f32_at, out});
+      f32_at += end;
     }
   }
+  const cpu::AttentionShape shape = AttentionShapeOf(c);
+  if (!jobs.empty()) cpu::Attend(shape, absl::MakeConstSpan(jobs));
+  if (!jobs_bf16.empty()) cpu::Attend(shape, absl::MakeConstSpan(jobs_bf16));
   // h[T, D] += attn[T, H hd] · wo^T
   cpu::Linear(attn.data(), w.wo, tokens, h, /*accumulate=*/true);
 }
 
-void AttentionModel::AttendBf16(int layer, const float* q, const float* k, const float* qkv,
-                                const SequenceSlice& s, float* attn) const {
+void AttentionModel::StoreKvBf16(int layer, const float* k, const float* qkv,
+                                 const SequenceSlice& s) const {
   const ModelConfig& c = config_;
-  const int hd = c.head_dim, H = c.num_attention_heads;
-  const int group = H / c.num_key_value_heads;
   const int q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const cpu::Bf16RowOps ops = cpu::Bf16Rows();
-  // The chunk's K/V go into the cache rounded to BF16 first; every position,
-  // these included, is then read back from it, so a token sees the same K/V
-  // whether it was cached in this step or an earlier one.
+  // Every position, these included, is then read back from the cache, so a
+  // token sees the same K/V whether it was cached in this step or an earlier one.
   for (int i = 0; i < s.tokens; ++i) {
     const int row = s.row_begin + i;
     cpu::RoundToBf16(k + static_cast<int64_t>(row) * kv_dim, kv_dim,
                      s.kv->key_bf16(layer, s.start_pos + i));
     cpu::RoundToBf16(qkv + static_cast<int64_t>(row) * qkv_dim + q_dim + kv_dim, kv_dim,
                      s.kv->value_bf16(layer, s.start_pos + i));
-  }
-  const int end = s.start_pos + s.tokens;
-  thread_local std::vector<const uint16_t*> key_rows, value_rows;  // [S]
-  thread_local std::vector<float> scores;                          // [S]
-  key_rows.resize(end);
-  value_rows.resize(end);
-  for (int p = 0; p < end; ++p) {
-    key_rows[p] = s.kv->key_bf16(layer, p);
-    value_rows[p] = s.kv->value_bf16(layer, p);
-  }
-  for (int i = 0; i < s.tokens; ++i) {
-    const int row = s.row_begin + i;
-    const int pos = s.start_pos + i;
-    const int first = c.sliding_window > 0 ? std::max(0, pos - c.sliding_window + 1) : 0;
-    const int span = pos - first + 1;
-    scores.resize(span);
-    for (int head = 0; head < H; ++head) {
-      const int kv_off = head / group * hd;
-      const float* qv = q + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
-      for (int j = 0; j < span; ++j)
-        scores[j] = ops.dot(qv, key_rows[first + j] + kv_off, hd) * scale;
-      cpu::SoftmaxInPlace(scores.data(), span);
-      float* out = attn + (static_cast<int64_t>(row) * H + head) * hd;  // [hd]
-      std::fill_n(out, hd, 0.0f);
-      for (int j = 0; j < span; ++j) ops.axpy(scores[j], value_rows[first + j] + kv_off, out, hd);
-    }
   }
 }
 

@@ -57,11 +57,9 @@ class AttentionModel {
     cpu::Matrix gate;               // [E, D]
   };
 
-  // AttentionBlock's attention for one sequence whose cache stores BF16:
-  // writes the slice's K (k[T, Hkv hd], rotated) and V (from qkv) rounded to
-  // BF16, then attn[rows of s] = softmax(q K^T / sqrt(hd)) V over its cache.
-  void AttendBf16(int layer, const float* q, const float* k, const float* qkv,
-                  const SequenceSlice& s, float* attn) const;
+  // Writes one slice's K (k[T, Hkv hd], rotated) and V (from qkv[T, (H + 2 Hkv)
+  // hd]) into its BF16 cache, rounded to BF16.
+  void StoreKvBf16(int layer, const float* k, const float* qkv, const SequenceSlice& s) const;
 
   ModelConfig config_;
   std::vector<float> embed_;       // [V, D]

@@ -368,6 +368,93 @@ SY_AVX512 void AxpyBf16Avx512(float a, const uint16_t* x, float* y, int n) {
   for (; i < n; ++i) y[i] = std::fma(a, Bf16ToF32(x[i]), y[i]);
 }
 
+// Attention row kernels for a group of G query heads sharing one K or V row
+// (grouped-query attention): the row is loaded once per lane chunk and used
+// by every head. Each head's dot product sums in the same order as
+// DotRows*<1> (lane accumulators, a fixed horizontal sum, then the tail in
+// order), so the result does not depend on how heads are blocked.
+template <int G, typename W>
+SY_AVX2 void DotBlockAvx2(const float* q, const W* k, int n, float* out) {
+  __m256 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 kv = Load8(k + i);
+    for (int g = 0; g < G; ++g)
+      acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + static_cast<int64_t>(g) * n + i), kv, acc[g]);
+  }
+  for (int g = 0; g < G; ++g) {
+    const float* qg = q + static_cast<int64_t>(g) * n;  // [n]
+    float s = HorizontalSum(acc[g]);
+    for (int j = i; j < n; ++j) s = std::fma(qg[j], ToF32(k[j]), s);
+    out[g] = s;
+  }
+}
+
+template <typename W>
+SY_AVX2 void DotRowsAvx2(const float* q, int heads, const W* k, int n, float* out) {
+  int g = 0;
+  for (; g + 4 <= heads; g += 4) DotBlockAvx2<4>(q + static_cast<int64_t>(g) * n, k, n, out + g);
+  for (; g < heads; ++g) DotBlockAvx2<1>(q + static_cast<int64_t>(g) * n, k, n, out + g);
+}
+
+template <typename W>
+SY_AVX2 void AxpyRowsAvx2(const float* a, int heads, const W* v, float* y, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 vv = Load8(v + i);
+    for (int g = 0; g < heads; ++g) {
+      float* yg = y + static_cast<int64_t>(g) * n + i;
+      _mm256_storeu_ps(yg, _mm256_fmadd_ps(_mm256_set1_ps(a[g]), vv, _mm256_loadu_ps(yg)));
+    }
+  }
+  for (int g = 0; g < heads; ++g) {
+    float* yg = y + static_cast<int64_t>(g) * n;
+    for (int j = i; j < n; ++j) yg[j] = std::fma(a[g], ToF32(v[j]), yg[j]);
+  }
+}
+
+template <int G, typename W>
+SY_AVX512 void DotBlockAvx512(const float* q, const W* k, int n, float* out) {
+  __m512 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 kv = Load16(k + i);
+    for (int g = 0; g < G; ++g)
+      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + static_cast<int64_t>(g) * n + i), kv, acc[g]);
+  }
+  for (int g = 0; g < G; ++g) {
+    const float* qg = q + static_cast<int64_t>(g) * n;  // [n]
+    float s = _mm512_reduce_add_ps(acc[g]);
+    for (int j = i; j < n; ++j) s = std::fma(qg[j], ToF32(k[j]), s);
+    out[g] = s;
+  }
+}
+
+template <typename W>
+SY_AVX512 void DotRowsAvx512(const float* q, int heads, const W* k, int n, float* out) {
+  int g = 0;
+  for (; g + 4 <= heads; g += 4) DotBlockAvx512<4>(q + static_cast<int64_t>(g) * n, k, n, out + g);
+  for (; g < heads; ++g) DotBlockAvx512<1>(q + static_cast<int64_t>(g) * n, k, n, out + g);
+}
+
+template <typename W>
+SY_AVX512 void AxpyRowsAvx512(const float* a, int heads, const W* v, float* y, int n) {
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 vv = Load16(v + i);
+    for (int g = 0; g < heads; ++g) {
+      float* yg = y + static_cast<int64_t>(g) * n + i;
+      _mm512_storeu_ps(yg, _mm512_fmadd_ps(_mm512_set1_ps(a[g]), vv, _mm512_loadu_ps(yg)));
+    }
+  }
+  for (int g = 0; g < heads; ++g) {
+    float* yg = y + static_cast<int64_t>(g) * n;
+    for (int j = i; j < n; ++j) yg[j] = std::fma(a[g], ToF32(v[j]), yg[j]);
+  }
+}
+
 CpuIsa DetectIsa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -785,6 +872,176 @@ void RoundToBf16(const float* x, int64_t n, uint16_t* out) {
   }
 #endif
   for (int64_t i = 0; i < n; ++i) out[i] = F32ToBf16(x[i]);
+}
+
+namespace {
+
+template <typename W>
+void DotRowsScalar(const float* q, int heads, const W* k, int n, float* out) {
+  for (int g = 0; g < heads; ++g) {
+    const float* qg = q + static_cast<int64_t>(g) * n;  // [n]
+    float s = 0.0f;
+    for (int i = 0; i < n; ++i) s += qg[i] * ToF32(k[i]);
+    out[g] = s;
+  }
+}
+
+template <typename W>
+void AxpyRowsScalar(const float* a, int heads, const W* v, float* y, int n) {
+  for (int g = 0; g < heads; ++g) {
+    float* yg = y + static_cast<int64_t>(g) * n;  // [n]
+    for (int i = 0; i < n; ++i) yg[i] += a[g] * ToF32(v[i]);
+  }
+}
+
+// out[heads] = q[heads, n] · k[n] and y[heads, n] += a[heads] * v[n], at one level.
+template <typename W>
+struct GroupRowOps {
+  void (*dot)(const float* q, int heads, const W* k, int n, float* out);
+  void (*axpy)(const float* a, int heads, const W* v, float* y, int n);
+};
+
+template <typename W>
+GroupRowOps<W> GroupRows() {
+#ifdef SY_X86
+  const CpuIsa isa = ActiveIsa();
+  if (isa >= CpuIsa::kAvx512) return {DotRowsAvx512<W>, AxpyRowsAvx512<W>};
+  if (isa >= CpuIsa::kAvx2) return {DotRowsAvx2<W>, AxpyRowsAvx2<W>};
+#endif
+  return {DotRowsScalar<W>, AxpyRowsScalar<W>};
+}
+
+// Below this many multiply-adds (tokens x H x span x hd x 2) a call stays on
+// the calling thread: a team costs more than it saves.
+constexpr int64_t kAttendMinParallelWork = int64_t{1} << 20;
+
+template <typename W>
+void AttendImpl(const AttentionShape& shape, absl::Span<const AttentionRows<W>> jobs) {
+  const int hd = shape.head_dim, H = shape.heads, Hkv = shape.kv_heads, group = H / Hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const GroupRowOps<W> ops = GroupRows<W>();
+  // Every (job, row) of the batch, so one team covers all sequences of a step.
+  thread_local std::vector<std::pair<int, int>> rows;
+  rows.clear();
+  int64_t work = 0;  // multiply-adds
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const AttentionRows<W>& job = jobs[j];
+    for (int t = 0; t < job.tokens; ++t) {
+      rows.emplace_back(static_cast<int>(j), t);
+      const int pos = job.start_pos + t;
+      work += static_cast<int64_t>(
+                  shape.sliding_window > 0 ? std::min(pos + 1, shape.sliding_window) : pos + 1) *
+              H * hd * 2;
+    }
+  }
+  const std::vector<std::pair<int, int>>& all_rows = rows;
+  // One item = one query row's group of heads sharing a kv head: each K and
+  // V row of its span is read once for the whole group.
+  auto item = [&](int64_t index) {
+    const AttentionRows<W>& job = jobs[all_rows[index / Hkv].first];
+    const int t = all_rows[index / Hkv].second, kv_head = static_cast<int>(index % Hkv);
+    const int pos = job.start_pos + t;
+    const int first = shape.sliding_window > 0 ? std::max(0, pos - shape.sliding_window + 1) : 0;
+    const int span = pos - first + 1;
+    // Position-major [S, group]: the dot of row j writes, and the axpy of row
+    // j reads, one contiguous group of scores.
+    thread_local std::vector<float> scores, head;  // [S, group], [S]
+    scores.resize(static_cast<size_t>(span) * group);
+    head.resize(span);
+    const int64_t head0 = static_cast<int64_t>(t) * H + static_cast<int64_t>(kv_head) * group;
+    const float* qg = job.q + head0 * hd;  // [group, hd]
+    const int64_t kv_off = static_cast<int64_t>(kv_head) * hd;
+    for (int j = 0; j < span; ++j) {
+      ops.dot(qg, group, job.key_rows[first + j] + kv_off, hd,
+              scores.data() + static_cast<size_t>(j) * group);
+    }
+    for (int g = 0; g < group; ++g) {
+      for (int j = 0; j < span; ++j) head[j] = scores[static_cast<size_t>(j) * group + g] * scale;
+      SoftmaxInPlace(head.data(), span);
+      for (int j = 0; j < span; ++j) scores[static_cast<size_t>(j) * group + g] = head[j];
+    }
+    float* og = job.out + head0 * hd;  // [group, hd]
+    std::fill_n(og, static_cast<size_t>(group) * hd, 0.0f);
+    for (int j = 0; j < span; ++j) {
+      ops.axpy(scores.data() + static_cast<size_t>(j) * group, group,
+               job.value_rows[first + j] + kv_off, og, hd);
+    }
+  };
+  const int64_t items = static_cast<int64_t>(all_rows.size()) * Hkv;
+  int threads = 1;
+#ifdef _OPENMP
+  if (!omp_in_parallel() && work >= kAttendMinParallelWork) {
+    threads = static_cast<int>(std::clamp<int64_t>(
+        std::min<int64_t>(work / kAttendMinParallelWork, items), 1, omp_get_max_threads()));
+  }
+#endif
+  if (threads <= 1) {
+    for (int64_t i = 0; i < items; ++i) item(i);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t i = 0; i < items; ++i) item(i);
+#endif
+}
+
+template <typename W>
+void AttendReferenceImpl(const AttentionShape& shape, const float* q, int tokens, int start_pos,
+                         const W* const* key_rows, const W* const* value_rows, float* out) {
+  const int hd = shape.head_dim, H = shape.heads, group = H / shape.kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  std::vector<float> scores;  // [S]
+  for (int t = 0; t < tokens; ++t) {
+    const int pos = start_pos + t;
+    const int first = shape.sliding_window > 0 ? std::max(0, pos - shape.sliding_window + 1) : 0;
+    const int span = pos - first + 1;
+    scores.resize(span);
+    for (int head = 0; head < H; ++head) {
+      const int kv_head = head / group;
+      const float* qv = q + (static_cast<int64_t>(t) * H + head) * hd;  // [hd]
+      for (int j = 0; j < span; ++j) {
+        const W* kv = key_rows[first + j] + kv_head * hd;  // [hd]
+        float dot = 0.0f;
+        for (int d = 0; d < hd; ++d) dot += qv[d] * ToF32(kv[d]);
+        scores[j] = dot * scale;
+      }
+      SoftmaxInPlace(scores.data(), span);
+      float* o = out + (static_cast<int64_t>(t) * H + head) * hd;  // [hd]
+      std::fill_n(o, hd, 0.0f);
+      for (int j = 0; j < span; ++j) {
+        const W* vv = value_rows[first + j] + kv_head * hd;  // [hd]
+        for (int d = 0; d < hd; ++d) o[d] += scores[j] * ToF32(vv[d]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void Attend(const AttentionShape& shape, const float* q, int tokens, int start_pos,
+            const float* const* key_rows, const float* const* value_rows, float* out) {
+  const AttentionRows<float> job{q, tokens, start_pos, key_rows, value_rows, out};
+  AttendImpl<float>(shape, absl::MakeConstSpan(&job, 1));
+}
+void Attend(const AttentionShape& shape, const float* q, int tokens, int start_pos,
+            const uint16_t* const* key_rows, const uint16_t* const* value_rows, float* out) {
+  const AttentionRows<uint16_t> job{q, tokens, start_pos, key_rows, value_rows, out};
+  AttendImpl<uint16_t>(shape, absl::MakeConstSpan(&job, 1));
+}
+void Attend(const AttentionShape& shape, absl::Span<const AttentionRows<float>> jobs) {
+  AttendImpl<float>(shape, jobs);
+}
+void Attend(const AttentionShape& shape, absl::Span<const AttentionRows<uint16_t>> jobs) {
+  AttendImpl<uint16_t>(shape, jobs);
+}
+void AttendReference(const AttentionShape& shape, const float* q, int tokens, int start_pos,
+                     const float* const* key_rows, const float* const* value_rows, float* out) {
+  AttendReferenceImpl(shape, q, tokens, start_pos, key_rows, value_rows, out);
+}
+void AttendReference(const AttentionShape& shape, const float* q, int tokens, int start_pos,
+                     const uint16_t* const* key_rows, const uint16_t* const* value_rows,
+                     float* out) {
+  AttendReferenceImpl(shape, q, tokens, start_pos, key_rows, value_rows, out);
 }
 
 }  // namespace switchyard::cpu

@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "core/dtype.h"
 
 namespace switchyard {
@@ -146,6 +147,48 @@ struct Bf16RowOps {
   void (*axpy)(float a, const uint16_t* x, float* y, int n);  // y[i] += a * float(x[i])
 };
 Bf16RowOps Bf16Rows();
+
+// Causal grouped-query attention over a cache read through row pointers.
+struct AttentionShape {
+  int heads = 0;           // H query heads
+  int kv_heads = 0;        // Hkv key/value heads; H is a multiple of Hkv
+  int head_dim = 0;        // hd
+  int sliding_window = 0;  // a position sees the last `sliding_window` ones; 0 = all
+};
+
+// out[T, H, hd] = softmax(q K^T / sqrt(hd)) V per query row t < T at position
+// start_pos + t, over cached positions [first, pos] (first = pos - window + 1
+// with a sliding window, else 0); key_rows[p] and value_rows[p] point at
+// [Hkv, hd] for every p < start_pos + T. FP32 or BF16 K/V.
+// Each K and V row is read once per group of H / Hkv query heads with the
+// kernels of the level in force; (row, kv head) items run across an OpenMP
+// team when the work is large. A row's result depends only on its own q and
+// the cache (fixed summation order), never on T, start_pos or the threads.
+void Attend(const AttentionShape& shape, const float* q, int tokens, int start_pos,
+            const float* const* key_rows, const float* const* value_rows, float* out);
+void Attend(const AttentionShape& shape, const float* q, int tokens, int start_pos,
+            const uint16_t* const* key_rows, const uint16_t* const* value_rows, float* out);
+// One sequence's part of a batched Attend: the arguments above.
+template <typename W>
+struct AttentionRows {
+  const float* q;            // [T, H, hd]
+  int tokens;                // T
+  int start_pos;             // position of q's first row
+  const W* const* key_rows;  // [start_pos + T] -> [Hkv, hd]
+  const W* const* value_rows;
+  float* out;  // [T, H, hd]
+};
+// Attend for several sequences with one OpenMP team (the rows of every job
+// are the items); each row's result is the same as in a call of its own.
+void Attend(const AttentionShape& shape, absl::Span<const AttentionRows<float>> jobs);
+void Attend(const AttentionShape& shape, absl::Span<const AttentionRows<uint16_t>> jobs);
+// The same math as the readable oracle: a scalar loop per query head over
+// every position (the K/V rows re-read per head), single-threaded.
+void AttendReference(const AttentionShape& shape, const float* q, int tokens, int start_pos,
+                     const float* const* key_rows, const float* const* value_rows, float* out);
+void AttendReference(const AttentionShape& shape, const float* q, int tokens, int start_pos,
+                     const uint16_t* const* key_rows, const uint16_t* const* value_rows,
+                     float* out);
 
 // out[n] = F32ToBf16(x[n]): round to nearest even, NaN kept quiet.
 void RoundToBf16(const float* x, int64_t n, uint16_t* out);

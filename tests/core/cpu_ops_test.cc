@@ -9,6 +9,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "core/cpu_amx.h"
@@ -392,6 +393,91 @@ TEST_F(KernelLevelTest, Bf16RowKernelsMatchTheOracleAtEveryLevel) {
       EXPECT_TRUE(AllClose(acc, expected, tolerance::kKernelAbs, tolerance::kKernelRel, "axpy"));
     }
     std::printf("bf16 rows, %s: max |dot diff| %g\n", cpu::CpuIsaName(isa), worst);
+  }
+}
+
+// Grouped-query attention (cpu::Attend: each K/V row read once per head group,
+// vector kernels, OpenMP over (row, kv head)) against the scalar per-head
+// oracle (cpu::AttendReference) at every level, FP32 and BF16 K/V, on
+// contexts around the lane blocks, with and without a sliding window, groups
+// H/Hkv of 1, 4 and 8 and a head dim that is not a multiple of 8. Every row of
+// a batched call must also equal, bitwise, the same row computed alone (the
+// batched calls here are large enough to run on a team, the solo ones not).
+TEST_F(KernelLevelTest, GroupedAttentionMatchesThePerHeadOracle) {
+  struct Heads {
+    int H, Hkv;
+  };
+  const Heads heads[] = {{2, 2}, {8, 2}, {8, 1}};
+  for (cpu::CpuIsa isa : AvailableIsas()) {
+    ASSERT_EQ(cpu::SetIsa(isa), isa);
+    double worst_f32 = 0, worst_bf16 = 0;
+    for (int context : {1, 15, 17, 100, 600}) {
+      for (int window : {0, 16}) {
+        for (const Heads& g : heads) {
+          for (int hd : {20, 64}) {
+            SCOPED_TRACE(std::string(cpu::CpuIsaName(isa)) + " context=" + std::to_string(context) +
+                         " window=" + std::to_string(window) + " H=" + std::to_string(g.H) +
+                         " Hkv=" + std::to_string(g.Hkv) + " hd=" + std::to_string(hd));
+            const cpu::AttentionShape shape{
+                .heads = g.H, .kv_heads = g.Hkv, .head_dim = hd, .sliding_window = window};
+            const int kv_dim = g.Hkv * hd, q_dim = g.H * hd;
+            const int tokens = std::min(context, 9), start = context - tokens;
+            std::vector<float> q = Random(static_cast<size_t>(tokens) * q_dim, 7 + context);
+            for (float& v : q) v *= 3.0f;  // peakier softmax
+            const auto kf = Random(static_cast<size_t>(context) * kv_dim, 8 + hd);
+            const auto vf = Random(static_cast<size_t>(context) * kv_dim, 9 + hd);
+            std::vector<uint16_t> kb(kf.size()), vb(vf.size());
+            cpu::RoundToBf16(kf.data(), kf.size(), kb.data());
+            cpu::RoundToBf16(vf.data(), vf.size(), vb.data());
+            std::vector<const float*> kr(context), vr(context);
+            std::vector<const uint16_t*> kbr(context), vbr(context);
+            for (int p = 0; p < context; ++p) {
+              kr[p] = kf.data() + static_cast<size_t>(p) * kv_dim;
+              vr[p] = vf.data() + static_cast<size_t>(p) * kv_dim;
+              kbr[p] = kb.data() + static_cast<size_t>(p) * kv_dim;
+              vbr[p] = vb.data() + static_cast<size_t>(p) * kv_dim;
+            }
+            auto check = [&](const auto& krows, const auto& vrows, double& worst) {
+              const size_t n = static_cast<size_t>(tokens) * q_dim;
+              std::vector<float> got(n), want(n);
+              cpu::Attend(shape, q.data(), tokens, start, krows.data(), vrows.data(), got.data());
+              cpu::AttendReference(shape, q.data(), tokens, start, krows.data(), vrows.data(),
+                                   want.data());
+              EXPECT_TRUE(
+                  AllClose(got, want, tolerance::kKernelAbs, tolerance::kKernelRel, "attend"));
+              for (size_t i = 0; i < n; ++i) {
+                worst = std::max(worst, static_cast<double>(std::fabs(got[i] - want[i])));
+              }
+              // The same rows as a batch of two jobs (as the engine batches sequences).
+              using W = std::remove_const_t<
+                  std::remove_pointer_t<typename std::decay_t<decltype(krows)>::value_type>>;
+              std::vector<float> split(n);
+              const int half = tokens / 2;
+              const cpu::AttentionRows<W> jobs[] = {
+                  {q.data(), half, start, krows.data(), vrows.data(), split.data()},
+                  {q.data() + static_cast<size_t>(half) * q_dim, tokens - half, start + half,
+                   krows.data(), vrows.data(), split.data() + static_cast<size_t>(half) * q_dim}};
+              cpu::Attend(shape, absl::MakeConstSpan(jobs));
+              EXPECT_TRUE(split == got) << "a batch of two jobs differs from one call";
+              for (int t = 0; t < tokens; ++t) {
+                std::vector<float> solo(q_dim);
+                cpu::Attend(shape, q.data() + static_cast<size_t>(t) * q_dim, 1, start + t,
+                            krows.data(), vrows.data(), solo.data());
+                ASSERT_TRUE(std::equal(solo.begin(), solo.end(),
+                                       got.begin() + static_cast<size_t>(t) * q_dim))
+                    << "row " << t << " differs when computed alone";
+              }
+            };
+            check(kr, vr, worst_f32);
+            check(kbr, vbr, worst_bf16);
+          }
+        }
+      }
+    }
+    std::printf(
+        "grouped attention, %s: max |diff| vs per-head oracle: FP32 K/V %g, BF16 K/V %g "
+        "(bound %g + %g |ref|)\n",
+        cpu::CpuIsaName(isa), worst_f32, worst_bf16, tolerance::kKernelAbs, tolerance::kKernelRel);
   }
 }
 
