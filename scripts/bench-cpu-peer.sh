@@ -66,5 +66,5 @@ done
 for c in 1 16; do
   echo "serving path, --experts local, $c stream(s), 16 prompt / 32 output tokens, load $(cut -d' ' -f1 /proc/loadavg):"
   "$bin/switchyard" bench --server "127.0.0.1:$port" --concurrency $c --requests $((c * 2)) \
-    --prompt-tokens 16 --output-tokens 32 2>&1 | grep -iE "tok/s|ttft|itl" || true
+    --prompt-tokens 16 --output-tokens 32 2>&1 | grep -iE "tokens/s|ttft|itl" || true
 done
