@@ -210,7 +210,12 @@ class RemoteExpertBackend::Stream final
     stub->async()->ForwardStream(&context_, this);
   }
   // Starts the bound call (Sends may come before: gRPC holds them until then).
+  // Sends come from threads outside this stream's reactions, so a hold keeps
+  // gRPC from ending the call (and running OnDone) until OnReadDone(false)
+  // has closed Send: without it a Send could start a write on a call gRPC
+  // had already torn down.
   void Start() {
+    AddHold();
     StartRead(&read_);
     StartCall();
   }
@@ -218,7 +223,7 @@ class RemoteExpertBackend::Stream final
   // Sends `request` (its id is set here) for the attempts `refs`, one per
   // batch in order. False when the stream has ended: nothing was sent.
   bool Send(std::shared_ptr<v1::ForwardStreamRequest> request, std::vector<AttemptRef> refs) {
-    std::unique_lock<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (ended_) return false;
     const uint64_t id = next_id_++;
     request->set_id(id);
@@ -226,9 +231,9 @@ class RemoteExpertBackend::Stream final
     pending_.emplace(id, Unanswered{std::move(refs), std::move(request)});
     if (writing_) return true;
     writing_ = true;
-    const v1::ForwardStreamRequest* next = writes_.front().get();
-    lock.unlock();
-    StartWrite(next);
+    // Under mu_, so that once OnReadDone(false) has set ended_ and released
+    // the hold no Send is between its check and its write.
+    StartWrite(writes_.front().get());
     return true;
   }
 
@@ -261,7 +266,14 @@ class RemoteExpertBackend::Stream final
   }
 
   void OnReadDone(bool ok) override {
-    if (!ok) return;  // the stream ended: OnDone has the status
+    if (!ok) {  // the stream ended: no more Sends; OnDone follows with the status
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ended_ = true;
+      }
+      RemoveHold();
+      return;
+    }
     std::vector<AttemptRef> refs;
     {
       std::lock_guard<std::mutex> lock(mu_);
