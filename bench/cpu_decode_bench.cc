@@ -116,6 +116,23 @@ LocalModel* BenchModel() {
   return model;
 }
 
+// The timed loop every step benchmark shares: one Step of `inputs` per
+// iteration, each cache cut back to `keep` positions after it so every
+// iteration sees the same context. False (the error reported) if a step fails.
+bool TimeSteps(benchmark::State& state, LocalModel* model, const std::vector<StepInput>& inputs,
+               const std::vector<std::unique_ptr<SequenceKv>>& caches, int keep) {
+  for (auto _ : state) {
+    auto out = model->runner().Step(inputs);
+    if (!out.ok()) {
+      state.SkipWithError(out.status().ToString().c_str());
+      return false;
+    }
+    benchmark::DoNotOptimize(out->logits.data());
+    for (auto& kv : caches) kv->Truncate(keep);
+  }
+  return true;
+}
+
 void BM_CpuDecodeStep(benchmark::State& state) {
   const int batch = static_cast<int>(state.range(0));
   LocalModel* model = BenchModel();
@@ -136,15 +153,7 @@ void BM_CpuDecodeStep(benchmark::State& state) {
   std::vector<StepInput> inputs;
   for (int b = 0; b < batch; ++b) inputs.push_back({caches[b].get(), next[b], LogitsWanted::kLast});
   const auto start = std::chrono::steady_clock::now();
-  for (auto _ : state) {
-    auto out = model->runner().Step(inputs);
-    if (!out.ok()) {
-      state.SkipWithError(out.status().ToString().c_str());
-      return;
-    }
-    benchmark::DoNotOptimize(out->logits.data());
-    for (auto& kv : caches) kv->Truncate(kContext);
-  }
+  if (!TimeSteps(state, model, inputs, caches, kContext)) return;
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   state.counters["tokens/s"] =
@@ -175,15 +184,7 @@ void BM_CpuPrefill(benchmark::State& state) {
   for (int b = 0; b < batch; ++b) {
     inputs.push_back({caches[b].get(), prompts[b], LogitsWanted::kLast});
   }
-  for (auto _ : state) {
-    auto out = model->runner().Step(inputs);
-    if (!out.ok()) {
-      state.SkipWithError(out.status().ToString().c_str());
-      return;
-    }
-    benchmark::DoNotOptimize(out->logits.data());
-    for (auto& kv : caches) kv->Truncate(0);
-  }
+  if (!TimeSteps(state, model, inputs, caches, 0)) return;
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(batch) * kContext,
                                                   benchmark::Counter::kIsIterationInvariantRate);
 }
@@ -246,15 +247,7 @@ void BM_CpuDecodeKvBudget(benchmark::State& state) {
     next[b] = {static_cast<int32_t>(100 + b)};
     inputs.push_back({caches[b].get(), next[b], LogitsWanted::kLast});
   }
-  for (auto _ : state) {
-    auto out = model->runner().Step(inputs);
-    if (!out.ok()) {
-      state.SkipWithError(out.status().ToString().c_str());
-      return;
-    }
-    benchmark::DoNotOptimize(out->logits.data());
-    for (auto& kv : caches) kv->Truncate(context);
-  }
+  if (!TimeSteps(state, model, inputs, caches, context)) return;
   state.counters["tokens/s"] =
       benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["sequences"] = batch;
