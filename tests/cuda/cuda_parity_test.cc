@@ -50,6 +50,7 @@
 #include "rpc/server.h"
 #include "tests/cuda/bf16_emulation.h"
 #include "tests/cuda/cuda_test_util.h"
+#include "tests/per_batch_backend.h"
 #include "tests/test_util.h"
 #include "tests/tolerances.h"
 
@@ -585,12 +586,7 @@ class OneExpertDownBackend final : public ExpertBackend {
   OneExpertDownBackend(const ExpertStore* store, int failing, int dim)
       : local_(store), failing_(failing), dim_(dim) {}
   absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override {
-    std::vector<absl::Status> status;
-    if (absl::Status s = RunLayerPerBatch(layer, batches, &status); !s.ok()) return s;
-    for (const absl::Status& b : status) {
-      if (!b.ok()) return b;
-    }
-    return absl::OkStatus();
+    return testing::RunLayerThroughPerBatch(*this, layer, batches);
   }
   absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
                                 std::vector<absl::Status>* batch_status) override {

@@ -13,6 +13,7 @@
 #include "gateway/generate.h"
 #include "gateway/local_model.h"
 #include "gtest/gtest.h"
+#include "tests/per_batch_backend.h"
 #include "tests/test_util.h"
 #include "tests/tolerances.h"
 
@@ -539,12 +540,7 @@ class OneExpertDownBackend final : public ExpertBackend {
  public:
   OneExpertDownBackend(const ExpertStore* store, int failing) : local_(store), failing_(failing) {}
   absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override {
-    std::vector<absl::Status> status;
-    if (absl::Status s = RunLayerPerBatch(layer, batches, &status); !s.ok()) return s;
-    for (const absl::Status& b : status) {
-      if (!b.ok()) return b;
-    }
-    return absl::OkStatus();
+    return testing::RunLayerThroughPerBatch(*this, layer, batches);
   }
   absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
                                 std::vector<absl::Status>* batch_status) override {

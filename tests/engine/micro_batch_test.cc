@@ -31,6 +31,7 @@
 #include "gateway/remote_expert_backend.h"
 #include "gtest/gtest.h"
 #include "rpc/server.h"
+#include "tests/per_batch_backend.h"
 #include "tests/test_util.h"
 
 namespace switchyard {
@@ -43,12 +44,7 @@ class WatchedBackend final : public ExpertBackend {
  public:
   explicit WatchedBackend(ExpertBackend* inner) : inner_(inner) {}
   absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override {
-    std::vector<absl::Status> status;
-    if (absl::Status s = RunLayerPerBatch(layer, batches, &status); !s.ok()) return s;
-    for (const absl::Status& b : status) {
-      if (!b.ok()) return b;
-    }
-    return absl::OkStatus();
+    return testing::RunLayerThroughPerBatch(*this, layer, batches);
   }
   absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
                                 std::vector<absl::Status>* batch_status) override {
