@@ -10,28 +10,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=build/bin
+. scripts/bench-lib.sh
 model=${1:-}
 shift || true
-if [ -z "$model" ]; then
-  model=${TMPDIR:-/tmp}/switchyard-bench-model
-  [ -f "$model/config.json" ] || "$bin/switchyard" make-model --preset bench --out "$model" --seed 1 \
-    --tokenizer-dir tests/data/mistral-tokenizer >/dev/null
-fi
-[ -f "$model/tokenizer.json" ] || cp tests/data/mistral-tokenizer/tokenizer*.json "$model/"
+model=$(bench_model "$model")
 device_flags=()
 [ -n "${DEVICE:-}" ] && device_flags+=(--device "$DEVICE")
 [ -n "${PRECISION:-}" ] && device_flags+=(--precision "$PRECISION")
 bench_flags=("$@")
 [ ${#bench_flags[@]} -gt 0 ] || bench_flags=(--concurrency 8 --requests 32 --prompt-tokens 64 --output-tokens 32)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() {  # wait_ready PORT PID
-  for _ in $(seq 1 1200); do
-    "$bin/switchyard" tokenize --server "127.0.0.1:$1" --text x >/dev/null 2>&1 && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.25
-  done
-  return 1
-}
 out=$(mktemp -d)
 
 port=$(free_port)

@@ -25,6 +25,7 @@ llama=$1
 gguf=$2
 bench=build/bench/cpu_decode_bench
 bin=build/bin
+. scripts/bench-lib.sh
 for f in "$llama/llama-bench" "$llama/llama-batched-bench" "$gguf" "$bench" "$bin/switchyard" \
   "$bin/switchyard-gateway"; do
   [ -e "$f" ] || { echo "bench-cpu-peer: $f is missing" >&2; exit 1; }
@@ -49,20 +50,14 @@ for r in $(seq "${REPS:-2}"); do
     -ntg 16 -npl 16 2>&1 | grep -E "^\|" | tail -3
 done
 [ "${SERVING:-1}" = 1 ] || exit 0
-model=${TMPDIR:-/tmp}/switchyard-bench-model
-[ -f "$model/config.json" ] || "$bin/switchyard" make-model --preset bench --out "$model" --seed 1 \
-  --tokenizer-dir tests/data/mistral-tokenizer >/dev/null
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+model=$(bench_model "")
+port=$(free_port)
 log=$(mktemp)
 OMP_NUM_THREADS=$threads "$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:$port" \
   --experts local >"$log" 2>&1 &
 gw=$!
 trap 'kill -TERM $gw 2>/dev/null || true; rm -f "$log"' EXIT
-for _ in $(seq 1 600); do
-  "$bin/switchyard" tokenize --server "127.0.0.1:$port" --text x >/dev/null 2>&1 && break
-  kill -0 $gw 2>/dev/null || { cat "$log" >&2; exit 1; }
-  sleep 0.2
-done
+wait_ready "$port" $gw || { cat "$log" >&2; exit 1; }
 for c in 1 16; do
   echo "serving path, --experts local, $c stream(s), 16 prompt / 32 output tokens, load $(cut -d' ' -f1 /proc/loadavg):"
   "$bin/switchyard" bench --server "127.0.0.1:$port" --concurrency $c --requests $((c * 2)) \

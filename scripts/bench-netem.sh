@@ -32,6 +32,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN_DIR:-build/bin}
+. scripts/bench-lib.sh
 rtts=${RTTS_MS:-0.2 1}
 streams_list=${STREAMS:-1 8 16 32}
 per_stream=${REQUESTS_PER_STREAM:-2}
@@ -50,12 +51,7 @@ ip_cmd=$(command -v ip || true)
 [ "$(id -u)" = 0 ] || skip "network namespaces need root (CAP_SYS_ADMIN, CAP_NET_ADMIN)"
 
 model=${1:-}
-if [ -z "$model" ]; then
-  model=${TMPDIR:-/tmp}/switchyard-bench-model
-  [ -f "$model/config.json" ] || "$bin/switchyard" make-model --preset bench --out "$model" --seed 1 \
-    --tokenizer-dir tests/data/mistral-tokenizer >/dev/null
-fi
-[ -f "$model/tokenizer.json" ] || cp tests/data/mistral-tokenizer/tokenizer*.json "$model/"
+model=$(bench_model "$model")
 experts=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["num_local_experts"])' \
   "$model/config.json")
 
@@ -119,7 +115,6 @@ wait_line() {
   done
   return 1
 }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # One OpenMP thread per expert unless the caller chose, as `switchyard up`
 # does; the gateway gets the caller's environment.

@@ -15,29 +15,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=build/bin
+. scripts/bench-lib.sh
 model=${1:-}
 shift || true
-if [ -z "$model" ]; then
-  model=${TMPDIR:-/tmp}/switchyard-bench-model
-  [ -f "$model/config.json" ] || "$bin/switchyard" make-model --preset bench --out "$model" --seed 1 \
-    --tokenizer-dir tests/data/mistral-tokenizer >/dev/null
-fi
-[ -f "$model/tokenizer.json" ] || cp tests/data/mistral-tokenizer/tokenizer*.json "$model/"
+model=$(bench_model "$model")
 bench_flags=("$@")
 [ ${#bench_flags[@]} -gt 0 ] || bench_flags=(--prompt-tokens 16 --output-tokens 64)
 rounds=${ROUNDS:-2}
 overlap=${MICRO_BATCHES:-2}
 [ "$overlap" != 1 ] || { echo "MICRO_BATCHES must not be 1 (that is the baseline)" >&2; exit 2; }
 concurrency=${CONCURRENCY:-8 16}
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() {  # wait_ready PORT PID
-  for _ in $(seq 1 1200); do
-    "$bin/switchyard" tokenize --server "127.0.0.1:$1" --text x >/dev/null 2>&1 && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.25
-  done
-  return 1
-}
 out=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait || true; }
