@@ -142,6 +142,25 @@ sockets = listening_sockets(pids)
 check("every process listens (gRPC and metrics)", len(sockets) >= 2 * len(pids), sockets)
 check("every listening socket is on 127.0.0.1", all(h in LOOPBACK for h, _ in sockets), sockets)
 
+
+def environment(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(v.decode().split("=", 1) for v in f.read().split(b"\0") if b"=" in v)
+
+
+# The processes share this host's cores: experts get one OpenMP thread, the
+# gateway's OpenMP threads sleep instead of spinning (unless the user set them).
+wait_policy = os.environ.get("OMP_WAIT_POLICY", "passive")
+omp_threads = os.environ.get("OMP_NUM_THREADS", "1")
+for p in up.processes():
+    env = environment(p["pid"])
+    if p["role"] == "gateway":
+        check(f"gateway: OMP_WAIT_POLICY={wait_policy}", env.get("OMP_WAIT_POLICY") == wait_policy,
+              env.get("OMP_WAIT_POLICY"))
+    else:
+        check(f"expert {p['experts']}: OMP_NUM_THREADS={omp_threads}", env.get("OMP_NUM_THREADS") == omp_threads,
+              env.get("OMP_NUM_THREADS"))
+
 # (role, which process of that role, signal, how up describes the death); a
 # SIGTERM'd expert stops cleanly (exit 0) but is still restarted.
 for role, index, sig, death in (("expert", 0, signal.SIGKILL, "was killed by signal 9"),
