@@ -16,6 +16,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <condition_variable>
+#include <future>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <thread>
@@ -251,6 +254,139 @@ LocalModel* MicroBatchTest::model_ = nullptr;
 std::vector<Shard*> MicroBatchTest::shards_;
 RemoteExpertBackend* MicroBatchTest::remote_ = nullptr;
 std::unique_ptr<LocalExpertBackend> MicroBatchTest::local_backend_;
+
+// A backend with only the synchronous call, for the default
+// StartLayerPerBatch: output = input * (expert + 1); every batch of expert
+// `failing` fails, and a call for layer `failing_layer` fails as a whole.
+// Counts the threads that ran its calls (a thread_local mark, so a new
+// thread counts even where the system reuses a finished thread's id) and
+// holds each call until `rendezvous` calls are in flight at once (10 s at
+// most), so calls that waited behind each other would show.
+class SyncOnlyBackend final : public ExpertBackend {
+ public:
+  SyncOnlyBackend(int rendezvous, int failing, int failing_layer)
+      : rendezvous_(rendezvous), failing_(failing), failing_layer_(failing_layer) {}
+  ~SyncOnlyBackend() override = default;
+  absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override {
+    return testing::RunLayerThroughPerBatch(*this, layer, batches);
+  }
+  absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
+                                std::vector<absl::Status>* batch_status) override {
+    thread_local const SyncOnlyBackend* counted_for = nullptr;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (counted_for != this) {
+        counted_for = this;
+        ++threads_;
+      }
+      ++calls_;
+      ++arrived_;
+      met_.notify_all();
+      const int round = (arrived_ - 1) / rendezvous_;  // the calls of one layer
+      if (!met_.wait_for(lock, std::chrono::seconds(10),
+                         [&] { return arrived_ >= (round + 1) * rendezvous_; })) {
+        ++missed_rendezvous_;
+      }
+    }
+    if (layer == failing_layer_) return absl::InvalidArgumentError("test: bad layer");
+    batch_status->assign(batches.size(), absl::OkStatus());
+    for (size_t i = 0; i < batches.size(); ++i) {
+      const ExpertBatch& b = batches[i];
+      if (b.expert == failing_) {
+        (*batch_status)[i] = absl::UnavailableError(absl::StrCat("expert ", b.expert, " down"));
+        continue;
+      }
+      for (int r = 0; r < b.tokens * kDim; ++r) b.output[r] = b.input[r] * (b.expert + 1);
+    }
+    return absl::OkStatus();
+  }
+  std::string Describe() const override { return "sync only (test)"; }
+
+  static constexpr int kDim = 4;
+  int threads() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return threads_;
+  }
+  int calls() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return calls_;
+  }
+  int missed_rendezvous() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return missed_rendezvous_;
+  }
+
+ private:
+  const int rendezvous_, failing_, failing_layer_;
+  mutable std::mutex mu_;
+  std::condition_variable met_;
+  int threads_ = 0, calls_ = 0, arrived_ = 0, missed_rendezvous_ = 0;
+};
+
+// The default StartLayerPerBatch runs calls on persistent workers: many
+// layers x micro-batches take as many threads as calls were in flight at
+// once (not one per call), the calls of a layer still run at the same time,
+// and a failed batch or call is reported for that batch or call only.
+TEST(StartLayerPerBatchTest, PersistentWorkersAndPerBatchFailures) {
+  constexpr int kLayers = 40, kMicroBatches = 3, kExperts = 4, kFailing = 2, kFailingLayer = 7;
+  constexpr int D = SyncOnlyBackend::kDim;
+  SyncOnlyBackend backend(kMicroBatches, kFailing, kFailingLayer);
+  EXPECT_EQ(backend.layer_call_threads(), 0);
+  for (int layer = 0; layer < kLayers; ++layer) {
+    struct MicroBatch {
+      std::vector<float> input, output;  // [kExperts * (m + 1) tokens, D]
+      std::vector<ExpertBatch> batches;
+      std::vector<absl::Status> batch_status;
+      std::future<absl::Status> done;
+    };
+    std::vector<MicroBatch> mbs(kMicroBatches);
+    for (int m = 0; m < kMicroBatches; ++m) {
+      MicroBatch& mb = mbs[m];
+      const int tokens = m + 1;  // per expert
+      mb.input.resize(static_cast<size_t>(kExperts) * tokens * D);
+      mb.output.assign(mb.input.size(), -1.0f);
+      for (size_t i = 0; i < mb.input.size(); ++i) mb.input[i] = layer + 0.25f * i + m;
+      for (int e = 0; e < kExperts; ++e) {
+        const size_t at = static_cast<size_t>(e) * tokens * D;
+        mb.batches.push_back({e, tokens, mb.input.data() + at, mb.output.data() + at});
+      }
+    }
+    for (MicroBatch& mb : mbs) {
+      mb.done = backend.StartLayerPerBatch(layer, mb.batches, &mb.batch_status);
+    }
+    for (int m = 0; m < kMicroBatches; ++m) {
+      MicroBatch& mb = mbs[m];
+      const absl::Status status = mb.done.get();
+      if (layer == kFailingLayer) {
+        EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+        continue;
+      }
+      ASSERT_TRUE(status.ok()) << "layer " << layer << " micro-batch " << m << ": " << status;
+      ASSERT_EQ(mb.batch_status.size(), mb.batches.size());
+      for (size_t i = 0; i < mb.batches.size(); ++i) {
+        const ExpertBatch& b = mb.batches[i];
+        if (b.expert == kFailing) {
+          EXPECT_EQ(mb.batch_status[i].code(), absl::StatusCode::kUnavailable);
+          EXPECT_NE(mb.batch_status[i].message().find("expert 2"), std::string::npos);
+          continue;
+        }
+        EXPECT_TRUE(mb.batch_status[i].ok()) << mb.batch_status[i];
+        for (int r = 0; r < b.tokens * D; ++r) {
+          ASSERT_EQ(b.output[r], b.input[r] * (b.expert + 1)) << "layer " << layer;
+        }
+      }
+    }
+  }
+  const int threads = backend.layer_call_threads();
+  std::printf("%d calls ran on %d threads (workers started: %d)\n", backend.calls(),
+              backend.threads(), threads);
+  EXPECT_EQ(backend.calls(), kLayers * kMicroBatches);
+  EXPECT_EQ(backend.missed_rendezvous(), 0) << "calls of one layer waited behind each other";
+  // Each layer's calls wait for each other, so kMicroBatches run at once:
+  // that many workers, reused by every layer.
+  EXPECT_EQ(threads, kMicroBatches);
+  EXPECT_EQ(backend.threads(), kMicroBatches);
+}
 
 TEST(MicroBatchSplitTest, WholeSequencesBalancedByTokens) {
   auto slices = [](std::vector<int> tokens) {
