@@ -137,6 +137,16 @@ int ExpertBackend::layer_call_threads() const {
   return workers_ == nullptr ? 0 : workers_->threads();
 }
 
+LocalExpertBackend::LocalExpertBackend(const ExpertStore* store) : store_(store) {
+  for (const auto& [layer, expert] : store_->Held()) {
+    if (!store_->Find(layer, expert)->bf16_weights()) bf16_weights_ = false;
+  }
+}
+
+bool LocalExpertBackend::RowsIndependentOfCount() const {
+  return bf16_weights_ && cpu::RowsIndependentOfCount(/*bf16_weights=*/true);
+}
+
 absl::Status LocalExpertBackend::RunLayer(int layer, absl::Span<const ExpertBatch> batches) {
   const int count = static_cast<int>(batches.size());
   std::vector<const ExpertFfn*> ffns(count);

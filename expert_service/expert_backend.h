@@ -67,6 +67,12 @@ class ExpertBackend {
   // transport may override it.
   virtual std::future<absl::Status> StartLayerPerBatch(int layer, std::vector<ExpertBatch> batches,
                                                        std::vector<absl::Status>* batch_status);
+  // Whether each batch's output rows have the same bits whatever the
+  // number of rows in the batch, for any number (cpu::RowsIndependentOfCount;
+  // micro-batches of more than gateway/step_runner.h's
+  // kMaxMicroBatchedStepTokens tokens rely on it). Default: false, which
+  // promises that only up to cpu::kSkinnyMaxTokens rows.
+  virtual bool RowsIndependentOfCount() const { return false; }
   // Threads the default StartLayerPerBatch has started so far (0 before its
   // first call): the peak of its calls in flight at once.
   int layer_call_threads() const;
@@ -86,13 +92,17 @@ class ExpertBackend {
 // products' rows instead (cpu::Linear).
 class LocalExpertBackend : public ExpertBackend {
  public:
-  explicit LocalExpertBackend(const ExpertStore* store) : store_(store) {}
+  explicit LocalExpertBackend(const ExpertStore* store);
   absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override;
+  // True when every expert of the store is BF16 and the CPU kernels in force
+  // keep rows independent of their count (cpu::RowsIndependentOfCount).
+  bool RowsIndependentOfCount() const override;
   // Names the CPU kernel level and precision (cpu::KernelDescription).
   std::string Describe() const override;
 
  private:
   const ExpertStore* store_;
+  bool bf16_weights_ = true;  // every expert of store_
 };
 
 }  // namespace switchyard
