@@ -16,12 +16,12 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
-#include <condition_variable>
 #include <future>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -267,10 +267,10 @@ class MicroBatchTest : public ::testing::Test {
       ASSERT_EQ(one.expert_calls.size(), 6u);
       for (int m : {2, 3}) {
         const Transcript got = RunPrefillChunks(&watch, m, &watch);
-        ExpectSameBits(got, one,
-                       absl::StrCat(where, ", steps of 17/33/100 tokens, ", m,
-                                    " micro-batches vs 1 (", cpu::CpuIsaName(cpu::ActiveIsa()),
-                                    split ? ", split)" : ", kept whole)"));
+        ExpectSameBits(
+            got, one,
+            absl::StrCat(where, ", steps of 17/33/100 tokens, ", m, " micro-batches vs 1 (",
+                         cpu::CpuIsaName(cpu::ActiveIsa()), split ? ", split)" : ", kept whole)"));
         ASSERT_EQ(got.expert_calls.size(), one.expert_calls.size());
         for (size_t s = 0; s < got.expert_calls.size(); ++s) {
           EXPECT_EQ(one.expert_calls[s], L) << where << " step " << s;
