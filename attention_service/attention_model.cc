@@ -176,4 +176,12 @@ void AttentionModel::Logits(const float* h, int rows, float* logits) const {
   cpu::Linear(x.data(), lm_head_, rows, logits);  // [N, V]
 }
 
+bool AttentionModel::RowsIndependentOfCount() const {
+  if (!lm_head_.is_bf16()) return false;
+  for (const Layer& l : layers_) {
+    if (!l.wqkv.is_bf16() || !l.wo.is_bf16() || !l.gate.is_bf16()) return false;
+  }
+  return cpu::RowsIndependentOfCount(/*bf16_weights=*/true);
+}
+
 }  // namespace switchyard

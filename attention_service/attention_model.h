@@ -48,6 +48,14 @@ class AttentionModel {
   // logits[N, V] = lm_head(rmsnorm(h[N, D])).
   void Logits(const float* h, int rows, float* logits) const;
 
+  // Whether every row of every method above has the same bits whatever the
+  // number of rows in the call, at the CPU kernel level and precision in
+  // force: all its products (q/k/v/o projections, router, lm_head) are on
+  // BF16 matrices and cpu::RowsIndependentOfCount says so (the rest is per
+  // row, or per sequence for attention). Otherwise that holds only up to
+  // cpu::kSkinnyMaxTokens rows.
+  bool RowsIndependentOfCount() const;
+
  private:
   struct Layer {
     std::vector<float> input_norm;  // [D]

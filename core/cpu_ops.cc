@@ -734,6 +734,13 @@ std::string KernelDescription() {
   return s;
 }
 
+bool RowsIndependentOfCount(bool bf16_weights) {
+  // Mirrors the dispatch of the two Linear functions below: only their BLAS
+  // branches depend on T.
+  if (!bf16_weights) return false;
+  return ActiveIsa() >= CpuIsa::kAvx512 || ActivePrecision() == MatmulPrecision::kBf16;
+}
+
 void Linear(const float* x, const float* w, int tokens, int in_features, int out_features, float* y,
             bool accumulate) {
   if (tokens <= 0 || out_features <= 0) return;

@@ -82,6 +82,17 @@ std::string KernelDescription();
 // Row counts up to this use the skinny kernel.
 inline constexpr int kSkinnyMaxTokens = 16;
 
+// Whether Linear, at the level and precision in force, gives every output row
+// the same bits whatever the number of rows T (any T, not only T <=
+// kSkinnyMaxTokens), for a matrix held as BF16 (`bf16_weights`) or FP32.
+// True for BF16 matrices at avx512 and above (AMX tiles, or the skinny
+// kernels over 16-row chunks) and in kBf16 precision at any level (skinny
+// kernels over 16-row chunks); false for FP32 matrices and for BF16 ones in
+// kF32 precision below avx512, whose products of more than kSkinnyMaxTokens
+// rows take a BLAS GEMM (another summation order). Micro-batches rely on it
+// (gateway/step_runner.h).
+bool RowsIndependentOfCount(bool bf16_weights);
+
 // A weight matrix w[N, Kin], row-major, held as FP32 or as BF16 bits.
 class Matrix {
  public:

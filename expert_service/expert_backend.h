@@ -13,6 +13,8 @@
 #define SWITCHYARD_EXPERT_SERVICE_EXPERT_BACKEND_H_
 
 #include <future>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -34,7 +36,12 @@ struct ExpertBatch {
 // share one backend.
 class ExpertBackend {
  public:
-  virtual ~ExpertBackend() = default;
+  ExpertBackend();
+  // Joins the workers of the default StartLayerPerBatch (every future it
+  // returned must be ready by now, see there).
+  virtual ~ExpertBackend();
+  ExpertBackend(const ExpertBackend&) = delete;
+  ExpertBackend& operator=(const ExpertBackend&) = delete;
   // Fills every batch's output for `layer`. On error no output may be used.
   virtual absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) = 0;
   // Like RunLayer, but one expert's failure does not spoil the other batches:
@@ -51,13 +58,31 @@ class ExpertBackend {
   // the future yields RunLayerPerBatch's return value. `batches`, the
   // buffers they point to and `batch_status` must stay valid until the
   // future is ready; wait on every future before they go away. Callers may
-  // have several calls in flight at once, also for the same layer. Default:
-  // RunLayerPerBatch on a thread of its own (std::async), so every backend
-  // has it; a backend with its own asynchronous transport may override it.
+  // have several calls in flight at once, also for the same layer, and
+  // every future must be ready before the backend is destroyed. Default:
+  // RunLayerPerBatch on one of the backend's persistent worker threads
+  // (started on first use, as many as calls were ever in flight at once, so
+  // concurrent calls never wait for each other and no call starts a thread
+  // once that peak is reached); a backend with its own asynchronous
+  // transport may override it.
   virtual std::future<absl::Status> StartLayerPerBatch(int layer, std::vector<ExpertBatch> batches,
                                                        std::vector<absl::Status>* batch_status);
+  // Whether each batch's output rows have the same bits whatever the
+  // number of rows in the batch, for any number (cpu::RowsIndependentOfCount;
+  // micro-batches of more than gateway/step_runner.h's
+  // kMaxMicroBatchedStepTokens tokens rely on it). Default: false, which
+  // promises that only up to cpu::kSkinnyMaxTokens rows.
+  virtual bool RowsIndependentOfCount() const { return false; }
+  // Threads the default StartLayerPerBatch has started so far (0 before its
+  // first call): the peak of its calls in flight at once.
+  int layer_call_threads() const;
   // One line for logs: what runs the experts.
   virtual std::string Describe() const = 0;
+
+ private:
+  class CallWorkers;  // expert_backend.cc
+  mutable std::mutex workers_mu_;
+  std::unique_ptr<CallWorkers> workers_;  // created by the first StartLayerPerBatch
 };
 
 // Runs experts from an in-process ExpertStore on the CPU: the gateway's
@@ -67,13 +92,17 @@ class ExpertBackend {
 // products' rows instead (cpu::Linear).
 class LocalExpertBackend : public ExpertBackend {
  public:
-  explicit LocalExpertBackend(const ExpertStore* store) : store_(store) {}
+  explicit LocalExpertBackend(const ExpertStore* store);
   absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override;
+  // True when every expert of the store is BF16 and the CPU kernels in force
+  // keep rows independent of their count (cpu::RowsIndependentOfCount).
+  bool RowsIndependentOfCount() const override;
   // Names the CPU kernel level and precision (cpu::KernelDescription).
   std::string Describe() const override;
 
  private:
   const ExpertStore* store_;
+  bool bf16_weights_ = true;  // every expert of store_
 };
 
 }  // namespace switchyard

@@ -31,6 +31,8 @@ class ExpertFfn {
 
   int hidden() const { return hidden_; }
   int ffn() const { return ffn_; }
+  // Both products are on BF16 matrices.
+  bool bf16_weights() const { return w13_.is_bf16() && w2_.is_bf16(); }
 
   // out[N, D] = expert(x[N, D]). N may be 0.
   void Forward(const float* x, int tokens, float* out) const;

@@ -157,6 +157,7 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::GetShardInfo(grpc::CallbackServerCo
   response->set_backend(options_.backend_name);
   response->set_version(Version());
   response->set_forward_stream(true);
+  response->set_rows_independent_of_count(backend_->RowsIndependentOfCount());
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

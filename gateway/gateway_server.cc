@@ -534,10 +534,18 @@ absl::Status Gateway::Parts::MakeRunner(const GatewayOptions& options,
                                         const Checkpoint& checkpoint) {
   const ModelConfig& config = checkpoint.config();
   const int micro_batches = ResolveMicroBatches(options.micro_batches, experts_off_host);
-  const std::string split = micro_batches > 1 ? absl::StrCat("a step of 2+ sequences and at most ",
-                                                             kMaxMicroBatchedStepTokens,
-                                                             " tokens splits by whole sequences")
-                                              : "no overlap";
+  // A larger step splits too on the CPU where every product keeps a row's
+  // bits whatever the row count (ModelRunner asks per step).
+  const std::string split =
+      micro_batches <= 1 ? "no overlap"
+      : options.device == "cuda"
+          ? absl::StrCat("a step of 2+ sequences and at most ", kMaxMicroBatchedStepTokens,
+                         " tokens splits by whole sequences")
+          : absl::StrCat("a step of 2+ sequences splits by whole sequences if it has at most ",
+                         kMaxMicroBatchedStepTokens,
+                         " tokens, or any number where the weights are BF16 and the CPU kernels "
+                         "of the gateway and of every expert keep rows independent of their "
+                         "count (amx, avx512, or bf16 precision)");
   std::fprintf(stderr, "switchyard-gateway: micro-batches %d (%s): %s\n", micro_batches,
                options.micro_batches > 0    ? "--micro-batches"
                : experts_off_host           ? "auto: experts on another host"

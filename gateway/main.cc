@@ -48,8 +48,9 @@ const switchyard::CommandSpec& Spec() {
           {"expert-timeout-ms", true, "10000", "deadline of each expert call (1..86400000)"},
           {"wire-dtype", true, "f32", "activations to the experts as f32 or bf16"},
           {"micro-batches", true, "0: auto, 2 when an expert is on another host, else 1",
-           "split a step of 2+ sequences (at most 16 tokens) into up to N micro-batches whose "
-           "attention and expert calls overlap; results are the same bits (0..64)"},
+           "split a step of 2+ sequences (at most 16 tokens, any number with BF16 weights on "
+           "amx/avx512 CPU kernels) into up to N micro-batches whose attention and expert calls "
+           "overlap; results are the same bits (0..64)"},
           {"grace-ms", true, "5000", "on SIGTERM, time for requests in flight (0..86400000)"},
           {"max-connection-age-ms", true, "0: never",
            "close client connections after this age, so they rebalance"},

@@ -50,7 +50,14 @@ absl::StatusOr<StepOutput> ModelRunner::StepOnce(absl::Span<const StepInput> inp
   const int tokens = layout.tokens;
   const std::vector<SequenceSlice>& slices = layout.slices;
 
-  const std::vector<int> bounds = SplitIntoMicroBatches(slices, tokens, max_micro_batches_);
+  // Past 16 tokens only where every product keeps rows independent of their
+  // count (asked per step: the kernel level may change, remote shards join).
+  const int max_split_tokens = max_micro_batches_ > 1 && tokens > kMaxMicroBatchedStepTokens
+                                   ? MaxSplitStepTokens(model_->RowsIndependentOfCount() &&
+                                                        experts_->RowsIndependentOfCount())
+                                   : kMaxMicroBatchedStepTokens;
+  const std::vector<int> bounds =
+      SplitIntoMicroBatches(slices, tokens, max_micro_batches_, max_split_tokens);
   const int M = static_cast<int>(bounds.size()) - 1;
   const bool overlap = M > 1;
   std::vector<MicroBatch> mbs(M);

@@ -341,6 +341,8 @@ struct RemoteExpertBackend::Replica {
   std::atomic<bool> use_stream{false};
   // Hidden states go as BF16 (RemoteExpertOptions::bf16_inputs_to_bf16_shards).
   std::atomic<bool> bf16_inputs{false};
+  // Its ShardInfo's rows_independent_of_count.
+  std::atomic<bool> rows_independent_of_count{false};
 
   // The live stream, opened if there is none or the last one ended.
   std::shared_ptr<Stream> GetStream(RemoteExpertBackend* backend) {
@@ -642,7 +644,15 @@ absl::StatusOr<std::string> RemoteExpertBackend::ApplyTopology(const ExpertTopol
     next_sets.push_back(std::move(next));
   }
   SY_RETURN_IF_ERROR(CheckPairs(new_pairs));
+  bool rows_independent = !next_channels.empty();
+  for (const auto& [target, replica] : next_channels) {
+    rows_independent = rows_independent && replica->rows_independent_of_count.load();
+  }
+  // Cleared before a replica that needs small batches can take calls, set
+  // only once every live one can take any.
+  if (!rows_independent) rows_independent_of_count_.store(false);
   for (size_t e = 0; e < experts_.size(); ++e) experts_[e]->Publish(std::move(next_sets[e]));
+  rows_independent_of_count_.store(rows_independent);
   for (auto& [target, replica] : channels_) {
     if (!next_channels.count(target)) retired_.push_back(std::move(replica));
   }
@@ -714,6 +724,8 @@ absl::Status RemoteExpertBackend::CheckPairs(const std::vector<NewPair>& pairs) 
         options_.use_stream && !replica->several_addresses && info->info.forward_stream());
     const_cast<Replica*>(replica)->bf16_inputs.store(options_.bf16_inputs_to_bf16_shards &&
                                                      absl::EndsWith(info->info.backend(), "-bf16"));
+    const_cast<Replica*>(replica)->rows_independent_of_count.store(
+        info->info.rows_independent_of_count());
   }
   // Every (expert, replica) pair must serve this model and these weights.
   for (const auto& [e, replica] : pairs) {

@@ -199,6 +199,9 @@ class RemoteExpertBackend : public ExpertBackend {
   absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
                                 std::vector<absl::Status>* batch_status) override;
   std::string Describe() const override;
+  // True when every live replica's ShardInfo (asked when it joined) said
+  // rows_independent_of_count.
+  bool RowsIndependentOfCount() const override { return rows_independent_of_count_.load(); }
 
   // Makes `topology` the live one. Checks it like Connect (every expert
   // mapped, at least one replica each: INVALID_ARGUMENT; new replicas must
@@ -295,6 +298,8 @@ class RemoteExpertBackend : public ExpertBackend {
   // next ApplyTopology), so no channel is destroyed on one of its own
   // callback threads.
   std::vector<std::shared_ptr<Replica>> retired_;  // guarded by apply_mu_
+  // RowsIndependentOfCount; written under apply_mu_.
+  std::atomic<bool> rows_independent_of_count_{false};
   // Attempts per target ever used; a target that comes back keeps counting.
   mutable std::mutex calls_mu_;
   std::map<std::string, std::shared_ptr<std::atomic<uint64_t>>> calls_by_target_;  // calls_mu_

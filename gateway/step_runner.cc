@@ -1,6 +1,7 @@
 #include "gateway/step_runner.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "core/cpu_ops.h"
@@ -56,11 +57,15 @@ absl::StatusOr<StepLayout> PrepareStep(const ModelConfig& c, absl::Span<const St
 static_assert(kMaxMicroBatchedStepTokens <= cpu::kSkinnyMaxTokens,
               "a split step must stay on the row-invariant CPU kernels");
 
+int MaxSplitStepTokens(bool rows_independent_of_count) {
+  return rows_independent_of_count ? std::numeric_limits<int>::max() : kMaxMicroBatchedStepTokens;
+}
+
 std::vector<int> SplitIntoMicroBatches(absl::Span<const SequenceSlice> slices, int tokens,
-                                       int max_micro_batches) {
+                                       int max_micro_batches, int max_split_tokens) {
   const int sequences = static_cast<int>(slices.size());
   int m = std::max(1, std::min(max_micro_batches, sequences));
-  if (tokens > kMaxMicroBatchedStepTokens) m = 1;
+  if (tokens > max_split_tokens) m = 1;
   std::vector<int> bounds = {0};
   int64_t done = 0;  // tokens of the sequences before the candidate cut
   for (int b = 0; b + 1 < sequences && static_cast<int>(bounds.size()) < m; ++b) {

@@ -77,21 +77,33 @@ absl::StatusOr<StepLayout> PrepareStep(const ModelConfig& config,
 // norm, router and combine depend on that row (and its own sequence's cache)
 // alone, and the FP32/BF16 CPU products (core/cpu_ops.h) give every output
 // row the same bits whatever the number of rows as long as that number is at
-// most kSkinnyMaxTokens; above it they switch to a BLAS GEMM with another
-// summation order. So a step splits only when its tokens (hence every
-// micro-batch's rows and every expert batch's rows, in the gateway and in a
-// CPU expert service) stay at most kMaxMicroBatchedStepTokens: a step of
-// decode tokens of up to 16 sequences, the latency-bound case where the hop
-// to the experts matters most. A larger step runs as one micro-batch.
+// most kSkinnyMaxTokens; above it some kernel paths switch to a BLAS GEMM
+// with another summation order. So a step splits only when its tokens (hence
+// every micro-batch's rows and every expert batch's rows, in the gateway and
+// in a CPU expert service) stay at most kMaxMicroBatchedStepTokens: a step
+// of decode tokens of up to 16 sequences, the latency-bound case where the
+// hop to the experts matters most. A larger step runs as one micro-batch,
+// except where every product is row-count invariant for any number of rows
+// (cpu::RowsIndependentOfCount: BF16 weights on the AMX or AVX-512 kernels or
+// in bf16 precision; the CPU runner asks its model and its ExpertBackend,
+// which for remote experts asks every shard): then any step of 2+ sequences
+// splits (MaxSplitStepTokens).
 inline constexpr int kMaxMicroBatchedStepTokens = 16;  // == cpu::kSkinnyMaxTokens
+
+// The most tokens a step may have and still split: no limit (INT_MAX) when
+// `rows_independent_of_count` (every product of the step, in the gateway and
+// in the experts, gives a row the same bits for any row count), else
+// kMaxMicroBatchedStepTokens.
+int MaxSplitStepTokens(bool rows_independent_of_count);
 
 // The micro-batches of a step: boundaries b[0] = 0 < b[1] < ... < b[M] =
 // slices.size() over the inputs (whole sequences, in input order), M at most
 // `max_micro_batches` (>= 1) and at most the number of sequences, the
 // micro-batches balanced by tokens. M = 1 when the step has more than
-// kMaxMicroBatchedStepTokens tokens (see above).
+// `max_split_tokens` tokens (MaxSplitStepTokens; see above).
 std::vector<int> SplitIntoMicroBatches(absl::Span<const SequenceSlice> slices, int tokens,
-                                       int max_micro_batches);
+                                       int max_micro_batches,
+                                       int max_split_tokens = kMaxMicroBatchedStepTokens);
 
 // The gateway's --micro-batches: 0 (auto, the default) is 2 when some
 // expert is on another host (a network round trip worth hiding) and 1 for

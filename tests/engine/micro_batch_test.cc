@@ -6,17 +6,22 @@
 // only the sequences routed to it.
 //
 // The workload's last step has 26 tokens, more than a split step may have
-// (gateway/step_runner.h): with the kernels capped at AVX2
-// (micro_batch_test_avx2), its products take the BLAS GEMM, and splitting it
-// anyway gave last-position logits up to 8.6e-6 off (measured with the rule
-// disabled), so that run checks that the rule keeps such steps whole.
+// (gateway/step_runner.h) unless every product is row-count invariant: with
+// the kernels capped at AVX2 (micro_batch_test_avx2), its products take the
+// BLAS GEMM, and splitting it anyway gave last-position logits up to 8.6e-6
+// off (measured with the rule disabled), so that run checks that the rule
+// keeps such steps whole; on AMX (BF16 tiles for any row count) such steps,
+// and prefill chunks of 17, 33 and 100 tokens, split with the same bits.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <future>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -24,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/checkpoint.h"
+#include "core/cpu_ops.h"
 #include "expert_service/expert_backend.h"
 #include "expert_service/expert_server.h"
 #include "gateway/local_model.h"
@@ -75,6 +81,7 @@ class WatchedBackend final : public ExpertBackend {
     return s;
   }
   std::string Describe() const override { return "watched " + inner_->Describe(); }
+  bool RowsIndependentOfCount() const override { return inner_->RowsIndependentOfCount(); }
 
   void set_delay_ms(int ms) { delay_ms_ = ms; }
   void set_failing(int expert) { failing_ = expert; }
@@ -214,6 +221,67 @@ class MicroBatchTest : public ::testing::Test {
     return t;
   }
 
+  // Prefill chunks: for each step size S of 17, 33 and 100 tokens, new
+  // sequences whose prompts add up to S, then a second chunk of the same
+  // lengths for the same sequences (positions past the first chunk), all
+  // logits wanted.
+  static Transcript RunPrefillChunks(ExpertBackend* experts, int max_micro_batches,
+                                     WatchedBackend* watch) {
+    Transcript t;
+    ModelRunner runner(&model_->attention(), experts, nullptr, max_micro_batches);
+    const std::vector<std::vector<int>> steps = {{9, 8}, {11, 11, 11}, {40, 25, 20, 15}};
+    for (size_t s = 0; s < steps.size(); ++s) {
+      std::vector<std::unique_ptr<SequenceKv>> kvs;
+      for (size_t i = 0; i < steps[s].size(); ++i) kvs.push_back(model_->kv_pool().NewSequence());
+      for (int chunk = 0; chunk < 2; ++chunk) {
+        std::vector<std::vector<int32_t>> ids;
+        std::vector<StepInput> inputs;
+        for (size_t i = 0; i < steps[s].size(); ++i) {
+          ids.push_back(Prompt(static_cast<int>(100 * s + 10 * chunk + i), steps[s][i]));
+        }
+        for (size_t i = 0; i < steps[s].size(); ++i) {
+          inputs.push_back({kvs[i].get(), ids[i], LogitsWanted::kAll});
+        }
+        watch->Reset();
+        auto out = runner.Step(inputs);
+        EXPECT_TRUE(out.ok()) << out.status();
+        if (!out.ok()) return t;
+        EXPECT_TRUE(out->sequence_status.empty());
+        t.logits.insert(t.logits.end(), out->logits.begin(), out->logits.end());
+        t.expert_calls.push_back(watch->calls());
+      }
+    }
+    return t;
+  }
+
+  // RunPrefillChunks with 2 and 3 micro-batches against 1, local and remote
+  // experts: the same bits; every step split (`split`) or none.
+  static void ExpectPrefillChunksSameBits(bool split) {
+    const int L = model_->config().num_hidden_layers;
+    LocalExpertBackend local(&model_->experts());
+    for (bool remote : {false, true}) {
+      ExpertBackend* inner = remote ? static_cast<ExpertBackend*>(remote_) : &local;
+      WatchedBackend watch(inner);
+      const std::string where = remote ? "remote experts (gRPC)" : "local experts";
+      const Transcript one = RunPrefillChunks(&watch, 1, &watch);
+      ASSERT_EQ(one.expert_calls.size(), 6u);
+      for (int m : {2, 3}) {
+        const Transcript got = RunPrefillChunks(&watch, m, &watch);
+        ExpectSameBits(
+            got, one,
+            absl::StrCat(where, ", steps of 17/33/100 tokens, ", m, " micro-batches vs 1 (",
+                         cpu::CpuIsaName(cpu::ActiveIsa()), split ? ", split)" : ", kept whole)"));
+        ASSERT_EQ(got.expert_calls.size(), one.expert_calls.size());
+        for (size_t s = 0; s < got.expert_calls.size(); ++s) {
+          EXPECT_EQ(one.expert_calls[s], L) << where << " step " << s;
+          // The 17-token steps have two sequences: at most two micro-batches.
+          const int parts = s < 2 ? std::min(m, 2) : m;
+          EXPECT_EQ(got.expert_calls[s], split ? L * parts : L) << where << " step " << s;
+        }
+      }
+    }
+  }
+
   static std::vector<int32_t> Prompt(int seed, int length) {
     std::vector<int32_t> p = {1};
     uint32_t x = 777u + 131u * seed;
@@ -252,6 +320,139 @@ std::vector<Shard*> MicroBatchTest::shards_;
 RemoteExpertBackend* MicroBatchTest::remote_ = nullptr;
 std::unique_ptr<LocalExpertBackend> MicroBatchTest::local_backend_;
 
+// A backend with only the synchronous call, for the default
+// StartLayerPerBatch: output = input * (expert + 1); every batch of expert
+// `failing` fails, and a call for layer `failing_layer` fails as a whole.
+// Counts the threads that ran its calls (a thread_local mark, so a new
+// thread counts even where the system reuses a finished thread's id) and
+// holds each call until `rendezvous` calls are in flight at once (10 s at
+// most), so calls that waited behind each other would show.
+class SyncOnlyBackend final : public ExpertBackend {
+ public:
+  SyncOnlyBackend(int rendezvous, int failing, int failing_layer)
+      : rendezvous_(rendezvous), failing_(failing), failing_layer_(failing_layer) {}
+  ~SyncOnlyBackend() override = default;
+  absl::Status RunLayer(int layer, absl::Span<const ExpertBatch> batches) override {
+    return testing::RunLayerThroughPerBatch(*this, layer, batches);
+  }
+  absl::Status RunLayerPerBatch(int layer, absl::Span<const ExpertBatch> batches,
+                                std::vector<absl::Status>* batch_status) override {
+    thread_local const SyncOnlyBackend* counted_for = nullptr;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (counted_for != this) {
+        counted_for = this;
+        ++threads_;
+      }
+      ++calls_;
+      ++arrived_;
+      met_.notify_all();
+      const int round = (arrived_ - 1) / rendezvous_;  // the calls of one layer
+      if (!met_.wait_for(lock, std::chrono::seconds(10),
+                         [&] { return arrived_ >= (round + 1) * rendezvous_; })) {
+        ++missed_rendezvous_;
+      }
+    }
+    if (layer == failing_layer_) return absl::InvalidArgumentError("test: bad layer");
+    batch_status->assign(batches.size(), absl::OkStatus());
+    for (size_t i = 0; i < batches.size(); ++i) {
+      const ExpertBatch& b = batches[i];
+      if (b.expert == failing_) {
+        (*batch_status)[i] = absl::UnavailableError(absl::StrCat("expert ", b.expert, " down"));
+        continue;
+      }
+      for (int r = 0; r < b.tokens * kDim; ++r) b.output[r] = b.input[r] * (b.expert + 1);
+    }
+    return absl::OkStatus();
+  }
+  std::string Describe() const override { return "sync only (test)"; }
+
+  static constexpr int kDim = 4;
+  int threads() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return threads_;
+  }
+  int calls() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return calls_;
+  }
+  int missed_rendezvous() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return missed_rendezvous_;
+  }
+
+ private:
+  const int rendezvous_, failing_, failing_layer_;
+  mutable std::mutex mu_;
+  std::condition_variable met_;
+  int threads_ = 0, calls_ = 0, arrived_ = 0, missed_rendezvous_ = 0;
+};
+
+// The default StartLayerPerBatch runs calls on persistent workers: many
+// layers x micro-batches take as many threads as calls were in flight at
+// once (not one per call), the calls of a layer still run at the same time,
+// and a failed batch or call is reported for that batch or call only.
+TEST(StartLayerPerBatchTest, PersistentWorkersAndPerBatchFailures) {
+  constexpr int kLayers = 40, kMicroBatches = 3, kExperts = 4, kFailing = 2, kFailingLayer = 7;
+  constexpr int D = SyncOnlyBackend::kDim;
+  SyncOnlyBackend backend(kMicroBatches, kFailing, kFailingLayer);
+  EXPECT_EQ(backend.layer_call_threads(), 0);
+  for (int layer = 0; layer < kLayers; ++layer) {
+    struct MicroBatch {
+      std::vector<float> input, output;  // [kExperts * (m + 1) tokens, D]
+      std::vector<ExpertBatch> batches;
+      std::vector<absl::Status> batch_status;
+      std::future<absl::Status> done;
+    };
+    std::vector<MicroBatch> mbs(kMicroBatches);
+    for (int m = 0; m < kMicroBatches; ++m) {
+      MicroBatch& mb = mbs[m];
+      const int tokens = m + 1;  // per expert
+      mb.input.resize(static_cast<size_t>(kExperts) * tokens * D);
+      mb.output.assign(mb.input.size(), -1.0f);
+      for (size_t i = 0; i < mb.input.size(); ++i) mb.input[i] = layer + 0.25f * i + m;
+      for (int e = 0; e < kExperts; ++e) {
+        const size_t at = static_cast<size_t>(e) * tokens * D;
+        mb.batches.push_back({e, tokens, mb.input.data() + at, mb.output.data() + at});
+      }
+    }
+    for (MicroBatch& mb : mbs) {
+      mb.done = backend.StartLayerPerBatch(layer, mb.batches, &mb.batch_status);
+    }
+    for (int m = 0; m < kMicroBatches; ++m) {
+      MicroBatch& mb = mbs[m];
+      const absl::Status status = mb.done.get();
+      if (layer == kFailingLayer) {
+        EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+        continue;
+      }
+      ASSERT_TRUE(status.ok()) << "layer " << layer << " micro-batch " << m << ": " << status;
+      ASSERT_EQ(mb.batch_status.size(), mb.batches.size());
+      for (size_t i = 0; i < mb.batches.size(); ++i) {
+        const ExpertBatch& b = mb.batches[i];
+        if (b.expert == kFailing) {
+          EXPECT_EQ(mb.batch_status[i].code(), absl::StatusCode::kUnavailable);
+          EXPECT_NE(mb.batch_status[i].message().find("expert 2"), std::string::npos);
+          continue;
+        }
+        EXPECT_TRUE(mb.batch_status[i].ok()) << mb.batch_status[i];
+        for (int r = 0; r < b.tokens * D; ++r) {
+          ASSERT_EQ(b.output[r], b.input[r] * (b.expert + 1)) << "layer " << layer;
+        }
+      }
+    }
+  }
+  const int threads = backend.layer_call_threads();
+  std::printf("%d calls ran on %d threads (workers started: %d)\n", backend.calls(),
+              backend.threads(), threads);
+  EXPECT_EQ(backend.calls(), kLayers * kMicroBatches);
+  EXPECT_EQ(backend.missed_rendezvous(), 0) << "calls of one layer waited behind each other";
+  // Each layer's calls wait for each other, so kMicroBatches run at once:
+  // that many workers, reused by every layer.
+  EXPECT_EQ(threads, kMicroBatches);
+  EXPECT_EQ(backend.threads(), kMicroBatches);
+}
+
 TEST(MicroBatchSplitTest, WholeSequencesBalancedByTokens) {
   auto slices = [](std::vector<int> tokens) {
     std::vector<SequenceSlice> s;
@@ -271,6 +472,13 @@ TEST(MicroBatchSplitTest, WholeSequencesBalancedByTokens) {
   EXPECT_EQ(SplitIntoMicroBatches(slices({1, 1, 1, 6}), 9, 3), (std::vector<int>{0, 2, 3, 4}));
   // More tokens than the row-count-invariant CPU products take: one.
   EXPECT_EQ(SplitIntoMicroBatches(slices({10, 10}), 20, 2), (std::vector<int>{0, 2}));
+  EXPECT_EQ(SplitIntoMicroBatches(slices({10, 10}), 20, 2, MaxSplitStepTokens(false)),
+            (std::vector<int>{0, 2}));
+  // Unless they are invariant for any row count.
+  EXPECT_EQ(SplitIntoMicroBatches(slices({10, 10}), 20, 2, MaxSplitStepTokens(true)),
+            (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(SplitIntoMicroBatches(slices({50, 30, 20}), 100, 2, MaxSplitStepTokens(true)),
+            (std::vector<int>{0, 1, 3}));
   EXPECT_EQ(ResolveMicroBatches(0, /*experts_off_host=*/true), 2);
   EXPECT_EQ(ResolveMicroBatches(0, /*experts_off_host=*/false), 1);
   EXPECT_EQ(ResolveMicroBatches(3, /*experts_off_host=*/false), 3);
@@ -291,11 +499,14 @@ TEST_F(MicroBatchTest, SameBitsAsOneMicroBatchWithLocalAndRemoteExperts) {
       const Transcript got = Run(&watch, m, &watch);
       ExpectSameBits(got, one, absl::StrCat(where, ", --micro-batches ", flag, " (", m, ") vs 1"));
       // The split happened: a call per (layer, micro-batch) in the steps of
-      // at most 16 tokens, one per layer in the 26-token step.
+      // at most 16 tokens; in the 26-token step only where every product is
+      // row-count invariant (else one call per layer).
       ASSERT_EQ(got.expert_calls.size(), one.expert_calls.size());
       EXPECT_EQ(got.expert_calls[0], L * m) << where << " " << m;
       EXPECT_EQ(got.expert_calls[1], L * m) << where << " " << m;
-      EXPECT_EQ(got.expert_calls[5], L) << where << " " << m;
+      const bool any_rows =
+          model_->attention().RowsIndependentOfCount() && inner->RowsIndependentOfCount();
+      EXPECT_EQ(got.expert_calls[5], any_rows ? L * m : L) << where << " " << m;
     }
   }
 }
@@ -373,6 +584,32 @@ TEST_F(MicroBatchTest, AFailedExpertEndsOnlyItsSequencesWithOverlap) {
       "[ micro-batch ] expert %d down, 2 micro-batches: %d of %zu sequences ended, the "
       "rest the same bits as 1\n",
       failing, failed, ids.size());
+}
+
+// On AMX every product (BF16 tiles) gives a row the same bits for any row
+// count, so steps of more than 16 tokens split too, with the same bits.
+TEST_F(MicroBatchTest, PrefillChunksSplitWithTheSameBitsOnAmx) {
+  if (cpu::ActiveIsa() != cpu::CpuIsa::kAmx) {
+    GTEST_SKIP() << "kernel level " << cpu::CpuIsaName(cpu::ActiveIsa()) << ", not amx";
+  }
+  ASSERT_TRUE(model_->attention().RowsIndependentOfCount());
+  ASSERT_TRUE(LocalExpertBackend(&model_->experts()).RowsIndependentOfCount());
+  ASSERT_TRUE(remote_->RowsIndependentOfCount()) << "the shards' ShardInfo said otherwise";
+  ExpectPrefillChunksSameBits(/*split=*/true);
+}
+
+// With FP32 precision below AVX-512, products of more than 16 rows take the
+// BLAS GEMM: such steps stay whole (and give the same bits).
+TEST_F(MicroBatchTest, PrefillChunksStayWholeWhereProductsDependOnRowCount) {
+  const cpu::CpuIsa isa = cpu::ActiveIsa();
+  const cpu::MatmulPrecision precision = cpu::ActivePrecision();
+  cpu::SetIsa(std::min(cpu::CpuIsa::kAvx2, cpu::DetectedIsa()));
+  cpu::SetPrecision(cpu::MatmulPrecision::kF32);
+  EXPECT_FALSE(model_->attention().RowsIndependentOfCount());
+  EXPECT_FALSE(LocalExpertBackend(&model_->experts()).RowsIndependentOfCount());
+  ExpectPrefillChunksSameBits(/*split=*/false);
+  cpu::SetIsa(isa);
+  cpu::SetPrecision(precision);
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/checkpoint.h"
+#include "core/cpu_ops.h"
 #include "core/dtype.h"
 #include "core/fingerprint.h"
 #include "core/make_model.h"
@@ -1068,6 +1069,9 @@ TEST_F(ExpertServiceTest, GetShardInfoDescribesTheShard) {
   EXPECT_EQ(info.dims().experts_per_token(), 2u);
   EXPECT_EQ(info.weights_dtype(), "bf16");
   EXPECT_EQ(info.backend(), "cpu-f32");
+  // BF16 weights: row-count invariant exactly where the CPU kernels in force
+  // are (true on AMX/AVX-512, false at avx2 in f32 precision).
+  EXPECT_EQ(info.rows_independent_of_count(), cpu::RowsIndependentOfCount(/*bf16_weights=*/true));
   EXPECT_EQ(info.version(), "0.1.0");
   ASSERT_EQ(info.expert_weight_fingerprints().size(), 1u);
   auto fp = ExpertWeightsFingerprint(*dir_, 3);
