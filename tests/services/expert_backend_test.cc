@@ -40,9 +40,10 @@ constexpr int kExperts = 8;
 std::string WriteExpertCheckpoint(DType dtype) {
   const std::string dir = testing::MakeTempDir();
   std::string config = testing::ReadAll(testing::TinyMixtralDir() + "/config.json");
-  config = absl::StrReplaceAll(config, {{"\"hidden_size\": 64", "\"hidden_size\": 136"},
-                                        {"\"intermediate_size\": 128", "\"intermediate_size\": 232"},
-                                        {"\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1"}});
+  config =
+      absl::StrReplaceAll(config, {{"\"hidden_size\": 64", "\"hidden_size\": 136"},
+                                   {"\"intermediate_size\": 128", "\"intermediate_size\": 232"},
+                                   {"\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1"}});
   testing::WriteAll(dir + "/config.json", config);
   std::vector<std::vector<uint8_t>> bytes;
   std::vector<SafetensorsTensor> tensors;
@@ -183,8 +184,7 @@ TEST_F(ExpertBackendTeamTest, EveryTeamSizeGivesTheOneThreadBits) {
               for (int j = 0; j < count; ++j) {
                 double diff = 0;
                 for (size_t i = 0; i < out[j].size(); ++i) {
-                  diff = std::max(diff, std::abs(static_cast<double>(out[j][i]) -
-                                                 reference[j][i]));
+                  diff = std::max(diff, std::abs(static_cast<double>(out[j][i]) - reference[j][i]));
                 }
                 worst = std::max(worst, diff);
                 EXPECT_EQ(0, std::memcmp(out[j].data(), reference[j].data(),
