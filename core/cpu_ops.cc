@@ -588,7 +588,7 @@ Matrix Matrix::FromF32(std::vector<float> data, int rows, int cols) {
   Matrix m;
   m.rows_ = rows;
   m.cols_ = cols;
-  m.f32_ = std::move(data);
+  m.f32_.assign(data.begin(), data.end());
   return m;
 }
 
@@ -598,20 +598,24 @@ Matrix Matrix::FromBf16(std::vector<uint16_t> data, int rows, int cols) {
   m.rows_ = rows;
   m.cols_ = cols;
   m.is_bf16_ = true;
-  m.bf16_ = std::move(data);
+  m.bf16_.assign(data.begin(), data.end());
   return m;
 }
 
 Matrix Matrix::FromStored(DType dtype, const void* data, int rows, int cols) {
   const size_t count = static_cast<size_t>(rows) * cols;
+  Matrix m;
+  m.rows_ = rows;
+  m.cols_ = cols;
   if (dtype == DType::kBF16) {
-    std::vector<uint16_t> bits(count);  // [rows, cols]
-    std::memcpy(bits.data(), data, count * sizeof(uint16_t));
-    return FromBf16(std::move(bits), rows, cols);
+    m.is_bf16_ = true;
+    m.bf16_.resize(count);  // [rows, cols]
+    std::memcpy(m.bf16_.data(), data, count * sizeof(uint16_t));
+  } else {
+    m.f32_.resize(count);  // [rows, cols]
+    ConvertToF32(dtype, data, count, m.f32_.data());
   }
-  std::vector<float> f(count);  // [rows, cols]
-  ConvertToF32(dtype, data, count, f.data());
-  return FromF32(std::move(f), rows, cols);
+  return m;
 }
 
 absl::StatusOr<Matrix> Matrix::Read(const Checkpoint& checkpoint, const std::string& name) {
@@ -631,18 +635,21 @@ Matrix Matrix::StackRows(const std::vector<const Matrix*>& parts) {
     rows += p->rows();
     all_bf16 = all_bf16 && p->is_bf16();
   }
+  Matrix m;
+  m.rows_ = rows;
+  m.cols_ = cols;
   if (all_bf16) {
-    std::vector<uint16_t> bits;  // [sum rows, cols]
-    bits.reserve(static_cast<size_t>(rows) * cols);
-    for (const Matrix* p : parts) bits.insert(bits.end(), p->bf16_.begin(), p->bf16_.end());
-    return FromBf16(std::move(bits), rows, cols);
+    m.is_bf16_ = true;
+    m.bf16_.reserve(static_cast<size_t>(rows) * cols);  // [sum rows, cols]
+    for (const Matrix* p : parts) m.bf16_.insert(m.bf16_.end(), p->bf16_.begin(), p->bf16_.end());
+    return m;
   }
-  std::vector<float> f(static_cast<size_t>(rows) * cols);  // [sum rows, cols]
+  m.f32_.resize(static_cast<size_t>(rows) * cols);  // [sum rows, cols]
   int64_t row = 0;
   for (const Matrix* p : parts) {
-    for (int r = 0; r < p->rows(); ++r, ++row) p->RowToF32(r, f.data() + row * cols);
+    for (int r = 0; r < p->rows(); ++r, ++row) p->RowToF32(r, m.f32_.data() + row * cols);
   }
-  return FromF32(std::move(f), rows, cols);
+  return m;
 }
 
 void Matrix::RowToF32(int r, float* out) const {

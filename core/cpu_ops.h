@@ -52,6 +52,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "core/dtype.h"
+#include "core/huge_pages.h"
 
 namespace switchyard {
 class Checkpoint;
@@ -111,8 +112,10 @@ class Matrix {
   int rows_ = 0;
   int cols_ = 0;
   bool is_bf16_ = false;
-  std::vector<float> f32_;      // [rows, cols] when !is_bf16_
-  std::vector<uint16_t> bf16_;  // [rows, cols] when is_bf16_
+  // In transparent huge pages when large (core/huge_pages.h): batch-1
+  // decode streams them with fewer TLB misses.
+  HugePageVector<float> f32_;      // [rows, cols] when !is_bf16_
+  HugePageVector<uint16_t> bf16_;  // [rows, cols] when is_bf16_
 };
 
 // y[T, N] = x[T, Kin] · w[N, Kin]^T  (+ y when accumulate), FP32 weights.
