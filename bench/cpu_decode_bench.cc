@@ -7,7 +7,8 @@
 // per sequence and then rewinds the cache, so the context stays fixed.
 // BM_CpuPrefill prefills 16 sequences of 64 tokens in one step.
 // BM_CpuDecodeKvBudget decodes at a 2,048-token context from a 512 MiB KV
-// cache of FP32 or BF16 K/V.
+// cache of FP32 or BF16 K/V. BM_CpuMoeLayer runs one MoE layer's experts at
+// batch 1 and 16 on teams of 1 to 64 threads.
 // The kernel level and precision come from SWITCHYARD_CPU_ISA and
 // SWITCHYARD_CPU_PRECISION (core/cpu_ops.h) and are printed in the context.
 //
@@ -35,6 +36,7 @@
 
 #include "core/cpu_ops.h"
 #include "core/make_model.h"
+#include "expert_service/expert_backend.h"
 #include "gateway/local_model.h"
 
 namespace switchyard {
@@ -190,6 +192,69 @@ void BM_CpuPrefill(benchmark::State& state) {
 }
 
 BENCHMARK(BM_CpuPrefill)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// One MoE layer's experts on an OpenMP team of a given size (issue #11): at
+// batch 1 two experts get one token each, at batch 16 all 8 experts get 4
+// (the 32 routed tokens spread evenly). Each iteration runs the next layer's
+// experts, so the weights come from memory as in a decode step. With more
+// threads than active experts LocalExpertBackend splits the experts' output
+// rows over the team; before, batch 1 kept 2 threads busy whatever the team,
+// as the threads=2 case still does. Args: batch, threads (skipped past the
+// CPUs this process may use). Counters: weight_GB/s, triad_fraction.
+void BM_CpuMoeLayer(benchmark::State& state) {
+  const int batch = static_cast<int>(state.range(0));
+  const int threads = static_cast<int>(state.range(1));
+#ifdef _OPENMP
+  if (threads > omp_get_num_procs()) {
+    state.SkipWithError("more threads than CPUs");
+    return;
+  }
+#endif
+  LocalModel* model = BenchModel();
+  const ModelConfig& c = model->config();
+  const int D = c.hidden_size;
+  const int experts = batch == 1 ? c.num_experts_per_tok : c.num_local_experts;
+  const int tokens = batch == 1 ? 1 : batch * c.num_experts_per_tok / experts;
+  std::vector<float> input(static_cast<size_t>(tokens) * D), output(input.size() * experts);
+  for (size_t i = 0; i < input.size(); ++i) input[i] = 0.01f * static_cast<float>(i % 97) - 0.5f;
+  LocalExpertBackend backend(&model->experts());
+  std::vector<ExpertBatch> batches(experts);
+#ifdef _OPENMP
+  const int saved_threads = omp_get_max_threads();
+  omp_set_num_threads(threads);
+#endif
+  int layer = 0;
+  const auto start = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    for (int j = 0; j < experts; ++j) {
+      // Batch 1: experts (layer, layer + 3) mod E, so layers differ.
+      const int e = (layer + 3 * j) % c.num_local_experts;
+      batches[j] = {e, tokens, input.data(), output.data() + static_cast<size_t>(j) * tokens * D};
+    }
+    if (absl::Status s = backend.RunLayer(layer, batches); !s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      break;
+    }
+    benchmark::DoNotOptimize(output.data());
+    layer = (layer + 1) % c.num_hidden_layers;
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+#ifdef _OPENMP
+  omp_set_num_threads(saved_threads);
+#endif
+  const double elem = c.torch_dtype == "float32" ? 4.0 : 2.0;
+  const double bytes = elem * experts * 3.0 * D * c.intermediate_size;  // per layer
+  const double bytes_per_s = bytes * static_cast<double>(state.iterations()) / seconds;
+  state.counters["weight_GB/s"] = bytes_per_s * 1e-9;
+  if (triad_bytes_per_s > 0) state.counters["triad_fraction"] = bytes_per_s / triad_bytes_per_s;
+}
+
+BENCHMARK(BM_CpuMoeLayer)
+    ->ArgNames({"batch", "threads"})
+    ->ArgsProduct({{1, 16}, {1, 2, 4, 8, 16, 32, 64}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 // Decode at a long context from a KV cache of a fixed byte budget, K/V stored
 // as FP32 or BF16 (issue #15): BF16 holds twice the tokens in the same

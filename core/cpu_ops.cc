@@ -575,35 +575,6 @@ void Skinny(CpuIsa isa, const float* x, const W* w, int tokens, int K, int N, fl
   });
 }
 
-// BF16 precision: x rounded to BF16, then BF16 × BF16 products summed in FP32.
-void LinearBf16Precision(CpuIsa isa, const float* x, const uint16_t* w, int tokens, int K, int N,
-                         float* y, bool accumulate) {
-#ifdef SY_X86
-  if (isa >= CpuIsa::kAvx512Bf16) {
-    const int Kp = (K + 31) / 32 * 32;
-    thread_local std::vector<uint16_t> xb;  // [T, Kp], zero padded
-    xb.assign(static_cast<size_t>(tokens) * Kp, 0);
-    for (int t = 0; t < tokens; ++t) {
-      RoundToBf16Avx512(x + static_cast<int64_t>(t) * K, K,
-                        xb.data() + static_cast<int64_t>(t) * Kp);
-    }
-    const uint16_t* xbp = xb.data();
-    SplitRows(N, ThreadsFor(N, K, tokens), [&](int n_begin, int n_end) {
-      ForRowBlocks(tokens, N, n_begin, n_end, [&](int t0, int tb, int b, int e) {
-        SkinnyDpBf16(xbp + static_cast<int64_t>(t0) * Kp, Kp, w, tb, K, N, b, e,
-                     y + static_cast<int64_t>(t0) * N, accumulate);
-      });
-    });
-    return;
-  }
-#endif
-  // Elsewhere the same products in FP32: BF16 × BF16 is exact in FP32.
-  thread_local std::vector<float> xr;  // [T, Kin], BF16-rounded
-  xr.resize(static_cast<size_t>(tokens) * K);
-  for (size_t i = 0; i < xr.size(); ++i) xr[i] = Bf16ToF32(F32ToBf16(x[i]));
-  Skinny(isa, xr.data(), w, tokens, K, N, y, accumulate);
-}
-
 void BlasLinear(const float* x, const float* w, int tokens, int in_features, int out_features,
                 int ldy, float* y, bool accumulate) {
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tokens, out_features, in_features, 1.0f, x,
@@ -617,7 +588,7 @@ Matrix Matrix::FromF32(std::vector<float> data, int rows, int cols) {
   Matrix m;
   m.rows_ = rows;
   m.cols_ = cols;
-  m.f32_ = std::move(data);
+  m.f32_.assign(data.begin(), data.end());
   return m;
 }
 
@@ -627,20 +598,24 @@ Matrix Matrix::FromBf16(std::vector<uint16_t> data, int rows, int cols) {
   m.rows_ = rows;
   m.cols_ = cols;
   m.is_bf16_ = true;
-  m.bf16_ = std::move(data);
+  m.bf16_.assign(data.begin(), data.end());
   return m;
 }
 
 Matrix Matrix::FromStored(DType dtype, const void* data, int rows, int cols) {
   const size_t count = static_cast<size_t>(rows) * cols;
+  Matrix m;
+  m.rows_ = rows;
+  m.cols_ = cols;
   if (dtype == DType::kBF16) {
-    std::vector<uint16_t> bits(count);  // [rows, cols]
-    std::memcpy(bits.data(), data, count * sizeof(uint16_t));
-    return FromBf16(std::move(bits), rows, cols);
+    m.is_bf16_ = true;
+    m.bf16_.resize(count);  // [rows, cols]
+    std::memcpy(m.bf16_.data(), data, count * sizeof(uint16_t));
+  } else {
+    m.f32_.resize(count);  // [rows, cols]
+    ConvertToF32(dtype, data, count, m.f32_.data());
   }
-  std::vector<float> f(count);  // [rows, cols]
-  ConvertToF32(dtype, data, count, f.data());
-  return FromF32(std::move(f), rows, cols);
+  return m;
 }
 
 absl::StatusOr<Matrix> Matrix::Read(const Checkpoint& checkpoint, const std::string& name) {
@@ -660,18 +635,21 @@ Matrix Matrix::StackRows(const std::vector<const Matrix*>& parts) {
     rows += p->rows();
     all_bf16 = all_bf16 && p->is_bf16();
   }
+  Matrix m;
+  m.rows_ = rows;
+  m.cols_ = cols;
   if (all_bf16) {
-    std::vector<uint16_t> bits;  // [sum rows, cols]
-    bits.reserve(static_cast<size_t>(rows) * cols);
-    for (const Matrix* p : parts) bits.insert(bits.end(), p->bf16_.begin(), p->bf16_.end());
-    return FromBf16(std::move(bits), rows, cols);
+    m.is_bf16_ = true;
+    m.bf16_.reserve(static_cast<size_t>(rows) * cols);  // [sum rows, cols]
+    for (const Matrix* p : parts) m.bf16_.insert(m.bf16_.end(), p->bf16_.begin(), p->bf16_.end());
+    return m;
   }
-  std::vector<float> f(static_cast<size_t>(rows) * cols);  // [sum rows, cols]
+  m.f32_.resize(static_cast<size_t>(rows) * cols);  // [sum rows, cols]
   int64_t row = 0;
   for (const Matrix* p : parts) {
-    for (int r = 0; r < p->rows(); ++r, ++row) p->RowToF32(r, f.data() + row * cols);
+    for (int r = 0; r < p->rows(); ++r, ++row) p->RowToF32(r, m.f32_.data() + row * cols);
   }
-  return FromF32(std::move(f), rows, cols);
+  return m;
 }
 
 void Matrix::RowToF32(int r, float* out) const {
@@ -751,42 +729,145 @@ void Linear(const float* x, const float* w, int tokens, int in_features, int out
   BlasLinear(x, w, tokens, in_features, out_features, out_features, y, accumulate);
 }
 
-void Linear(const float* x, const Matrix& w, int tokens, float* y, bool accumulate) {
-  if (!w.is_bf16()) {
-    Linear(x, w.f32(), tokens, w.cols(), w.rows(), y, accumulate);
-    return;
+struct LinearRows::Scratch {
+  std::vector<float> xr;     // [T, Kin] x rounded to BF16 (kBf16 without vdpbf16ps)
+  std::vector<uint16_t> xb;  // [T, kp] x as BF16, zero padded (vdpbf16ps)
+  int kp = 0;
+  amx::PackedX packed;  // x as AMX B tiles
+};
+
+LinearRows::LinearRows() : scratch_(std::make_unique<Scratch>()) {}
+LinearRows::~LinearRows() = default;
+LinearRows::LinearRows(LinearRows&&) noexcept = default;
+LinearRows& LinearRows::operator=(LinearRows&&) noexcept = default;
+
+LinearRows::Path LinearRows::Choose(const Matrix& w, int tokens, CpuIsa isa,
+                                    MatmulPrecision precision) {
+  if (tokens <= 0 || w.rows() <= 0) return Path::kNone;
+  if (!w.is_bf16()) return tokens <= kSkinnyMaxTokens ? Path::kSkinnyF32 : Path::kBlasF32;
+  if (isa >= CpuIsa::kAmx) return Path::kAmx;
+  if (precision == MatmulPrecision::kBf16) {
+    // x rounded to BF16, then BF16 × BF16 products summed in FP32: with
+    // vdpbf16ps, elsewhere in FP32 (BF16 × BF16 is exact in FP32).
+    return isa >= CpuIsa::kAvx512Bf16 ? Path::kDpBf16 : Path::kSkinnyBf16;
   }
+  if (tokens <= kSkinnyMaxTokens || isa >= CpuIsa::kAvx512) return Path::kSkinnyBf16;
+  return Path::kBlasBf16;
+}
+
+int LinearRows::GroupOf(Path path) {
+  switch (path) {
+    case Path::kAmx:
+      return 32;  // the AMX kernel's row tiles
+    case Path::kBlasF32:
+    case Path::kBlasBf16:
+      return 0;
+    default:
+      return 8;
+  }
+}
+
+int LinearRows::RowGroup(const Matrix& w, int tokens) {
+  return GroupOf(Choose(w, tokens, ActiveIsa(), ActivePrecision()));
+}
+
+void LinearRows::Prepare(const float* x, const Matrix& w, int tokens, float* y, bool accumulate) {
+  x_ = x;
+  w_ = &w;
+  tokens_ = std::max(tokens, 0);
+  rows_ = w.rows();
+  y_ = y;
+  accumulate_ = accumulate;
+  isa_ = ActiveIsa();
+  const MatmulPrecision precision = ActivePrecision();
+  path_ = Choose(w, tokens, isa_, precision);
+  row_group_ = GroupOf(path_);
+  const int K = w.cols();
+  if (path_ == Path::kAmx) {
+    amx::PackX(x, tokens, K, precision == MatmulPrecision::kBf16 ? 1 : 3, &scratch_->packed);
+  } else if (path_ == Path::kDpBf16) {
+#ifdef SY_X86
+    const int kp = (K + 31) / 32 * 32;
+    scratch_->kp = kp;
+    scratch_->xb.assign(static_cast<size_t>(tokens) * kp, 0);
+    for (int t = 0; t < tokens; ++t) {
+      RoundToBf16Avx512(x + static_cast<int64_t>(t) * K, K,
+                        scratch_->xb.data() + static_cast<int64_t>(t) * kp);
+    }
+#endif
+  } else if (path_ == Path::kSkinnyBf16 && precision == MatmulPrecision::kBf16) {
+    std::vector<float>& xr = scratch_->xr;  // [T, Kin]
+    xr.resize(static_cast<size_t>(tokens) * K);
+    for (size_t i = 0; i < xr.size(); ++i) xr[i] = Bf16ToF32(F32ToBf16(x[i]));
+    x_ = xr.data();
+  }
+}
+
+void LinearRows::Rows(int n_begin, int n_end) const {
+  if (n_begin >= n_end) return;
+  const int K = w_->cols(), N = rows_;
+  switch (path_) {
+    case Path::kNone:
+      return;
+    case Path::kSkinnyF32:
+    case Path::kSkinnyBf16:
+      ForRowBlocks(tokens_, N, n_begin, n_end, [&](int t0, int tb, int b, int e) {
+        const float* xt = x_ + static_cast<int64_t>(t0) * K;
+        float* yt = y_ + static_cast<int64_t>(t0) * N;
+        if (path_ == Path::kSkinnyF32) {
+          SkinnyRange(isa_, xt, w_->f32(), tb, K, N, b, e, yt, accumulate_);
+        } else {
+          SkinnyRange(isa_, xt, w_->bf16(), tb, K, N, b, e, yt, accumulate_);
+        }
+      });
+      return;
+    case Path::kDpBf16: {
+#ifdef SY_X86
+      const int kp = scratch_->kp;
+      const uint16_t* xb = scratch_->xb.data();
+      ForRowBlocks(tokens_, N, n_begin, n_end, [&](int t0, int tb, int b, int e) {
+        SkinnyDpBf16(xb + static_cast<int64_t>(t0) * kp, kp, w_->bf16(), tb, K, N, b, e,
+                     y_ + static_cast<int64_t>(t0) * N, accumulate_);
+      });
+#endif
+      return;
+    }
+    case Path::kAmx:
+      amx::AmxRows(scratch_->packed, w_->bf16(), N, n_begin, n_end, y_, accumulate_);
+      return;
+    case Path::kBlasF32:
+      SY_CHECK(n_begin == 0 && n_end == N);
+      BlasLinear(x_, w_->f32(), tokens_, K, N, N, y_, accumulate_);
+      return;
+    case Path::kBlasBf16: {
+      SY_CHECK(n_begin == 0 && n_end == N);
+      // Many rows without AVX-512: convert blocks of about 256 KiB of
+      // weights to FP32 and GEMM.
+      const int block = std::max(16, (1 << 16) / std::max(K, 1));
+      std::vector<float> wf(static_cast<size_t>(std::min(block, N)) * K);  // [block, Kin]
+      for (int n0 = 0; n0 < N; n0 += block) {
+        const int nb = std::min(block, N - n0);
+        for (int r = 0; r < nb; ++r) w_->RowToF32(n0 + r, wf.data() + static_cast<int64_t>(r) * K);
+        BlasLinear(x_, wf.data(), tokens_, K, nb, N, y_ + n0, accumulate_);  // y[:, n0:n0+nb]
+      }
+      return;
+    }
+  }
+}
+
+void Linear(const float* x, const Matrix& w, int tokens, float* y, bool accumulate) {
   const int K = w.cols(), N = w.rows();
   if (tokens <= 0 || N <= 0) return;
-  const CpuIsa isa = ActiveIsa();
-  if (isa >= CpuIsa::kAmx) {
-    thread_local amx::PackedX packed_here;
-    amx::PackX(x, tokens, K, ActivePrecision() == MatmulPrecision::kBf16 ? 1 : 3, &packed_here);
-    const amx::PackedX& packed = packed_here;  // the lambda's threads see this thread's copy
-    const uint16_t* wb = w.bf16();
-    SplitRows(
-        N, ThreadsFor(N, K, tokens),
-        [&](int n_begin, int n_end) { amx::AmxRows(packed, wb, N, n_begin, n_end, y, accumulate); },
-        /*group=*/32);
+  thread_local LinearRows product_here;
+  product_here.Prepare(x, w, tokens, y, accumulate);
+  const LinearRows& product = product_here;  // the team's threads see this thread's copy
+  if (product.row_group() == 0) {
+    product.Rows(0, N);
     return;
   }
-  if (ActivePrecision() == MatmulPrecision::kBf16) {
-    LinearBf16Precision(isa, x, w.bf16(), tokens, K, N, y, accumulate);
-    return;
-  }
-  if (tokens <= kSkinnyMaxTokens || isa >= CpuIsa::kAvx512) {
-    Skinny(isa, x, w.bf16(), tokens, K, N, y, accumulate);
-    return;
-  }
-  // Many rows without AVX-512: convert blocks of about 256 KiB of weights to
-  // FP32 and GEMM.
-  const int block = std::max(16, (1 << 16) / std::max(K, 1));
-  std::vector<float> wf(static_cast<size_t>(std::min(block, N)) * K);  // [block, Kin]
-  for (int n0 = 0; n0 < N; n0 += block) {
-    const int nb = std::min(block, N - n0);
-    for (int r = 0; r < nb; ++r) w.RowToF32(n0 + r, wf.data() + static_cast<int64_t>(r) * K);
-    BlasLinear(x, wf.data(), tokens, K, nb, N, y + n0, accumulate);  // y[:, n0:n0+nb]
-  }
+  SplitRows(
+      N, ThreadsFor(N, K, tokens), [&](int n_begin, int n_end) { product.Rows(n_begin, n_end); },
+      product.row_group());
 }
 
 void RmsNorm(const float* x, const float* weight, int tokens, int dim, float eps, float* y) {

@@ -45,12 +45,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "core/dtype.h"
+#include "core/huge_pages.h"
 
 namespace switchyard {
 class Checkpoint;
@@ -121,8 +123,10 @@ class Matrix {
   int rows_ = 0;
   int cols_ = 0;
   bool is_bf16_ = false;
-  std::vector<float> f32_;      // [rows, cols] when !is_bf16_
-  std::vector<uint16_t> bf16_;  // [rows, cols] when is_bf16_
+  // In transparent huge pages when large (core/huge_pages.h): batch-1
+  // decode streams them with fewer TLB misses.
+  HugePageVector<float> f32_;      // [rows, cols] when !is_bf16_
+  HugePageVector<uint16_t> bf16_;  // [rows, cols] when is_bf16_
 };
 
 // y[T, N] = x[T, Kin] · w[N, Kin]^T  (+ y when accumulate), FP32 weights.
@@ -132,6 +136,52 @@ void Linear(const float* x, const float* w, int tokens, int in_features, int out
 // y[T, N] = x[T, Kin] · w[N, Kin]^T  (+ y when accumulate), N = w.rows(),
 // Kin = w.cols(); either dtype.
 void Linear(const float* x, const Matrix& w, int tokens, float* y, bool accumulate = false);
+
+// Linear(x, w, tokens, y, accumulate) taken apart so that its output rows can
+// be computed as separate pieces of work, on any threads: Prepare once (it
+// rounds or packs x as the level and precision need), then Rows over ranges
+// that cover [0, rows()). Every output element is bitwise what Linear
+// computes (Linear itself runs this way over its own team), whatever the
+// ranges. The MoE layer spreads several experts' products over one team
+// with it (LocalExpertBackend::RunLayer).
+//
+// Thread-safety: Prepare is not; after it, Rows may run concurrently on
+// disjoint ranges. x, w and y must outlive the Rows calls.
+class LinearRows {
+ public:
+  LinearRows();
+  ~LinearRows();
+  LinearRows(LinearRows&&) noexcept;
+  LinearRows& operator=(LinearRows&&) noexcept;
+
+  void Prepare(const float* x, const Matrix& w, int tokens, float* y, bool accumulate = false);
+  // N, the output rows.
+  int rows() const { return rows_; }
+  // Ranges must start at multiples of this (8, or 32 for the AMX tiles). 0
+  // when the product runs only whole (the BLAS paths: Rows(0, rows())).
+  int row_group() const { return row_group_; }
+  // y[:, n_begin:n_end] for every token; no-op for an empty range.
+  void Rows(int n_begin, int n_end) const;
+  // The row_group() that Prepare(x, w, tokens, ...) will give at the level
+  // and precision in force, before x exists.
+  static int RowGroup(const Matrix& w, int tokens);
+
+ private:
+  struct Scratch;  // x as the kernel wants it (BF16-rounded, AMX-packed)
+  enum class Path { kNone, kSkinnyF32, kSkinnyBf16, kDpBf16, kAmx, kBlasF32, kBlasBf16 };
+  static Path Choose(const Matrix& w, int tokens, CpuIsa isa, MatmulPrecision precision);
+  static int GroupOf(Path path);
+  Path path_ = Path::kNone;
+  CpuIsa isa_ = CpuIsa::kScalar;
+  const float* x_ = nullptr;  // [T, Kin], or the rounded copy in scratch_
+  const Matrix* w_ = nullptr;
+  int tokens_ = 0;
+  int rows_ = 0;
+  int row_group_ = 0;
+  float* y_ = nullptr;
+  bool accumulate_ = false;
+  std::unique_ptr<Scratch> scratch_;
+};
 
 // y[T, D] = x / sqrt(mean(x^2) + eps) * weight, per row.
 void RmsNorm(const float* x, const float* weight, int tokens, int dim, float eps, float* y);

@@ -30,11 +30,16 @@ void ExpertFfn::Forward(const float* x, int tokens, float* out) const {
   gate_up.resize(static_cast<size_t>(tokens) * 2 * F);
   act.resize(static_cast<size_t>(tokens) * F);
   cpu::Linear(x, w13_, tokens, gate_up.data());  // [N, 2F]
+  Activate(gate_up.data(), tokens, act.data());  // [N, F]
+  cpu::Linear(act.data(), w2_, tokens, out);     // [N, D]
+}
+
+void ExpertFfn::Activate(const float* gate_up, int tokens, float* act) const {
+  const int64_t F = ffn_;
   for (int t = 0; t < tokens; ++t) {
-    const float* row = gate_up.data() + t * 2 * F;     // [2F]
-    cpu::SwiGlu(row, row + F, F, act.data() + t * F);  // [F]
+    const float* row = gate_up + t * 2 * F;     // [2F]
+    cpu::SwiGlu(row, row + F, F, act + t * F);  // [F]
   }
-  cpu::Linear(act.data(), w2_, tokens, out);  // [N, D]
 }
 
 absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Load(const Checkpoint& checkpoint) {

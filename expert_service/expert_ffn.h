@@ -37,6 +37,14 @@ class ExpertFfn {
   // out[N, D] = expert(x[N, D]). N may be 0.
   void Forward(const float* x, int tokens, float* out) const;
 
+  // Forward's steps, for a caller that spreads several experts' products
+  // over one team (LocalExpertBackend::RunLayer), bitwise the same:
+  // gate_up[N, 2F] = x · w13^T; Activate(gate_up) -> act[N, F];
+  // out[N, D] = act · w2^T.
+  const cpu::Matrix& w13() const { return w13_; }  // [2F, D]
+  const cpu::Matrix& w2() const { return w2_; }    // [D, F]
+  void Activate(const float* gate_up, int tokens, float* act) const;
+
  private:
   int hidden_;
   int ffn_;

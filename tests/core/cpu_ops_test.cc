@@ -3,8 +3,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -14,6 +16,7 @@
 
 #include "core/cpu_amx.h"
 #include "core/dtype.h"
+#include "core/huge_pages.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 #include "tests/tolerances.h"
@@ -48,6 +51,39 @@ TEST(CpuOpsTest, LinearMatchesNaive) {
     cpu::Linear(x.data(), w.data(), T, K, N, acc.data(), /*accumulate=*/true);
     EXPECT_TRUE(AllClose(acc, ref_acc, tolerance::kKernelAbs, tolerance::kKernelRel, "Linear+="));
   }
+}
+
+// Matrices of 2 MiB and more live in 2 MiB-aligned mappings (transparent
+// huge pages, core/huge_pages.h); every way of making one keeps the values,
+// and small ones still work from the heap.
+TEST(CpuOpsTest, LargeMatricesAreHugePageAlignedAndKeepTheirValues) {
+  const int rows = 1031, cols = 1024;  // 2.0 MiB of BF16, 4.0 MiB of FP32
+  const auto wf = Random(static_cast<size_t>(rows) * cols, 77);
+  std::vector<uint16_t> wb(wf.size());
+  for (size_t i = 0; i < wf.size(); ++i) wb[i] = F32ToBf16(wf[i]);
+  const cpu::Matrix b = cpu::Matrix::FromBf16(wb, rows, cols);
+  const cpu::Matrix f = cpu::Matrix::FromF32(wf, rows, cols);
+  const cpu::Matrix stored = cpu::Matrix::FromStored(DType::kF32, wf.data(), rows, cols);
+  const cpu::Matrix stacked = cpu::Matrix::StackRows({&b, &b});
+  const cpu::Matrix copy = b;  // NOLINT: the copy is what is tested
+  const cpu::Matrix small = cpu::Matrix::FromF32(Random(33 * 7, 78), 33, 7);
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kHugePageBytes == 0; };
+  EXPECT_TRUE(aligned(b.bf16()));
+  EXPECT_TRUE(aligned(f.f32()));
+  EXPECT_TRUE(aligned(stored.f32()));
+  EXPECT_TRUE(aligned(stacked.bf16()));
+  EXPECT_TRUE(aligned(copy.bf16()));
+  EXPECT_EQ(0, std::memcmp(b.bf16(), wb.data(), wb.size() * 2));
+  EXPECT_EQ(0, std::memcmp(copy.bf16(), wb.data(), wb.size() * 2));
+  EXPECT_EQ(0, std::memcmp(f.f32(), wf.data(), wf.size() * 4));
+  EXPECT_EQ(0, std::memcmp(stored.f32(), wf.data(), wf.size() * 4));
+  EXPECT_EQ(stacked.rows(), 2 * rows);
+  EXPECT_EQ(0, std::memcmp(stacked.bf16(), wb.data(), wb.size() * 2));
+  EXPECT_EQ(0, std::memcmp(stacked.bf16() + wb.size(), wb.data(), wb.size() * 2));
+  EXPECT_EQ(small.bytes(), 33u * 7 * 4);
+  std::vector<float> row(7);
+  small.RowToF32(32, row.data());
+  EXPECT_EQ(row[6], small.f32()[32 * 7 + 6]);
 }
 
 // The skinny kernel (T <= kSkinnyMaxTokens) and the BLAS path (T above it),
