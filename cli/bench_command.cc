@@ -904,9 +904,9 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
       std::printf("  %-8s %8s %10s %10s %10s %10s %10s %10s %10s\n", "expert", "calls", "net mean",
                   "net p50", "queue mean", "queue p50", "queue p99", "comp mean", "comp p50");
       auto print_row = [](const std::string& name, const HopRow& row) {
-        std::printf("  %-8s %8.0f %10.1f %10.1f %10.1f %10.1f %10.1f %10.1f %10.1f\n",
-                    name.c_str(), row.calls, row.mean_us[0], row.p50_us[0], row.mean_us[1],
-                    row.p50_us[1], row.p99_us[1], row.mean_us[2], row.p50_us[2]);
+        std::printf("  %-8s %8.0f %10.1f %10.1f %10.1f %10.1f %10.1f %10.1f %10.1f\n", name.c_str(),
+                    row.calls, row.mean_us[0], row.p50_us[0], row.mean_us[1], row.p50_us[1],
+                    row.p99_us[1], row.mean_us[2], row.p50_us[2]);
       };
       for (const auto& [expert, row] : hops) {
         if (expert >= 0) print_row(std::to_string(expert), row);
