@@ -392,12 +392,14 @@ std::map<int, std::array<HistogramSeries, 3>> HopHistograms(const std::string& t
 }
 
 // The run's breakdown per expert (only experts called during the run) and,
-// under key -1, over all experts: [part] -> (mean, p50) in microseconds, and
-// the number of calls.
+// under key -1, over all experts: [part] -> (mean, p50, p99) in microseconds,
+// and the number of calls. The quantiles are interpolated within the
+// histogram's buckets (factors of 2 apart), as Prometheus' histogram_quantile.
 struct HopRow {
   double calls = 0;
   std::array<double, 3> mean_us{};
   std::array<double, 3> p50_us{};
+  std::array<double, 3> p99_us{};
 };
 
 std::map<int, HopRow> HopBreakdown(const std::string& before_text, const std::string& after_text) {
@@ -420,6 +422,7 @@ std::map<int, HopRow> HopBreakdown(const std::string& before_text, const std::st
     for (int k = 0; k < 3; ++k) {
       row.mean_us[k] = d[k].count > 0 ? 1e6 * d[k].sum / d[k].count : 0;
       row.p50_us[k] = 1e6 * HistogramQuantile(d[k], 0.5);
+      row.p99_us[k] = 1e6 * HistogramQuantile(d[k], 0.99);
     }
   }
   if (!rows.empty()) {
@@ -428,6 +431,7 @@ std::map<int, HopRow> HopBreakdown(const std::string& before_text, const std::st
     for (int k = 0; k < 3; ++k) {
       total.mean_us[k] = all[k].count > 0 ? 1e6 * all[k].sum / all[k].count : 0;
       total.p50_us[k] = 1e6 * HistogramQuantile(all[k], 0.5);
+      total.p99_us[k] = 1e6 * HistogramQuantile(all[k], 0.99);
     }
   }
   return rows;
@@ -821,8 +825,8 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
       for (const auto& [expert, row] : hops) {
         nlohmann::json entry = {{"calls", row.calls}};
         for (int k = 0; k < 3; ++k) {
-          entry[absl::StrCat(kHopParts[k], "_us")] = {{"mean", row.mean_us[k]},
-                                                      {"p50", row.p50_us[k]}};
+          entry[absl::StrCat(kHopParts[k], "_us")] = {
+              {"mean", row.mean_us[k]}, {"p50", row.p50_us[k]}, {"p99", row.p99_us[k]}};
         }
         hops_json[expert < 0 ? "all" : std::to_string(expert)] = std::move(entry);
       }
@@ -894,15 +898,15 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
       std::printf("  %s\n", hops_note.c_str());
     } else {
       std::printf(
-          "  expert call breakdown, us per call (gateway %s; p50 interpolated in the histogram's "
-          "buckets):\n",
+          "  expert call breakdown, us per call (gateway %s; p50/p99 interpolated in the "
+          "histogram's buckets):\n",
           o.metrics.c_str());
-      std::printf("  %-8s %8s %10s %10s %10s %10s %10s %10s\n", "expert", "calls", "net mean",
-                  "net p50", "queue mean", "queue p50", "comp mean", "comp p50");
+      std::printf("  %-8s %8s %10s %10s %10s %10s %10s %10s %10s\n", "expert", "calls", "net mean",
+                  "net p50", "queue mean", "queue p50", "queue p99", "comp mean", "comp p50");
       auto print_row = [](const std::string& name, const HopRow& row) {
-        std::printf("  %-8s %8.0f %10.1f %10.1f %10.1f %10.1f %10.1f %10.1f\n", name.c_str(),
+        std::printf("  %-8s %8.0f %10.1f %10.1f %10.1f %10.1f %10.1f %10.1f %10.1f\n", name.c_str(),
                     row.calls, row.mean_us[0], row.p50_us[0], row.mean_us[1], row.p50_us[1],
-                    row.mean_us[2], row.p50_us[2]);
+                    row.p99_us[1], row.mean_us[2], row.p50_us[2]);
       };
       for (const auto& [expert, row] : hops) {
         if (expert >= 0) print_row(std::to_string(expert), row);

@@ -154,6 +154,24 @@ TEST_F(AutoscalerTest, ScalesUpAtOnceAndLogsTheDecision) {
       << text;
 }
 
+// The busy ratio is the delta since the last period over the period, not a
+// rate over a longer window: after a minute of idle 15 s periods, one busy
+// period gives that period's ratio and scales up in the same Tick (a 1m
+// window would average it with the idle 45 s before: 0.25, no scale-up).
+TEST_F(AutoscalerTest, BusyRatioIsPerPeriodSoOneBusyPeriodScalesUp) {
+  Make({.min_replicas = 1, .max_replicas = 4, .target_busy = 0.7});
+  scaler_->Tick(now_);
+  for (int i = 0; i < 4; ++i) {
+    const AutoscaleDecision idle = Period(0, 0.0, seconds(15));
+    EXPECT_NEAR(idle.busy, 0.0, 1e-9);
+    EXPECT_EQ(idle.desired, 1);
+  }
+  const AutoscaleDecision d = Period(0, 1.0, seconds(15));
+  EXPECT_NEAR(d.busy, 1.0, 1e-9);
+  EXPECT_EQ(d.desired, 2);  // ceil(1 x 1.0 / 0.7)
+  EXPECT_EQ(fleet_.started.size(), 1u);
+}
+
 TEST_F(AutoscalerTest, StartingReplicasCountAsIdleSoOneSpikeStartsOneReplica) {
   Make({.min_replicas = 1, .max_replicas = 8, .target_busy = 0.5});
   scaler_->Tick(now_);

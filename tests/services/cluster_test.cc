@@ -284,6 +284,8 @@ TEST_F(ClusterTest, BenchPrintsThePerHopBreakdown) {
     for (const char* part : {"network_us", "queue_us", "compute_us"}) {
       EXPECT_GE(row[part]["mean"].get<double>(), 0) << name << " " << part;
       EXPECT_GE(row[part]["p50"].get<double>(), 0) << name << " " << part;
+      EXPECT_GE(row[part]["p99"].get<double>(), row[part]["p50"].get<double>())
+          << name << " " << part;
     }
     if (name != "all") per_expert_calls += row["calls"].get<double>();
   }
