@@ -66,8 +66,7 @@ void CheckError(const absl::Status& status, openai::Endpoint endpoint) {
              status.ToString().c_str());
   const openai::Error error = openai::ErrorFromStatus(status, endpoint);
   FUZZ_CHECK(error.http_status == 400, "INVALID_ARGUMENT answered %d", error.http_status);
-  FUZZ_CHECK(!error.message.empty(), "an error without a message (%s)",
-             status.ToString().c_str());
+  FUZZ_CHECK(!error.message.empty(), "an error without a message (%s)", status.ToString().c_str());
   const nlohmann::json json =
       nlohmann::json::parse(openai::ErrorJson(error), nullptr, /*allow_exceptions=*/false);
   FUZZ_CHECK(json.is_object() && json.contains("error") && json["error"].is_object() &&
