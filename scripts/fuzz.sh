@@ -43,7 +43,7 @@ for spec in "${targets[@]}"; do
   [ -f fuzz/"${t%_fuzzer}".dict ] && args+=(-dict=fuzz/"${t%_fuzzer}".dict)
   echo "--- $t: fuzzing for ${t_seconds}s (log: $log)"
   if "$build"/fuzz/"$t" "${args[@]}" "$corpus" >"$log" 2>&1; then
-    grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
+    grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
     echo "    corpus: $(ls "$corpus" | wc -l) inputs"
   else
     echo "!!! $t FAILED; last lines of $log:"
@@ -56,4 +56,4 @@ if [ ${#failed[@]} -gt 0 ]; then
   echo "fuzz: FAILED: ${failed[*]}" >&2
   exit 1
 fi
-echo "fuzz: all targets ran ${seconds}s without a finding"
+echo "fuzz: all targets ran their time without a finding"
