@@ -11,54 +11,21 @@
 // with a non-empty message.
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <memory>
 #include <string>
 #include <string_view>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "core/chat_template.h"
-#include "core/model_config.h"
-#include "core/tokenizer.h"
 #include "fuzz/fuzz_check.h"
+#include "fuzz/tiny_mixtral_env.h"
 #include "gateway/openai_api.h"
 #include "gateway/request_validation.h"
-#include "google/protobuf/stubs/logging.h"
 #include "nlohmann/json.hpp"
 #include "switchyard/v1/generation.pb.h"
 
 namespace {
 
 namespace openai = switchyard::openai;
-
-struct Env {
-  std::unique_ptr<switchyard::Tokenizer> tokenizer;
-  switchyard::ModelConfig config;
-  std::unique_ptr<switchyard::ChatTemplate> chat_template;
-};
-
-const Env& GetEnv() {
-  static const Env* env = [] {
-    auto* e = new Env;
-    auto t = switchyard::Tokenizer::FromDir(SWITCHYARD_FUZZ_MODEL_DIR);
-    auto c = switchyard::LoadModelConfig(SWITCHYARD_FUZZ_MODEL_DIR);
-    auto chat =
-        switchyard::LoadChatTemplate(SWITCHYARD_FUZZ_MODEL_DIR, SWITCHYARD_FUZZ_CHAT_TEMPLATE);
-    if (!t.ok() || !c.ok() || !chat.ok()) {
-      std::fprintf(stderr, "cannot load %s: %s %s %s\n", SWITCHYARD_FUZZ_MODEL_DIR,
-                   t.status().ToString().c_str(), c.status().ToString().c_str(),
-                   chat.status().ToString().c_str());
-      std::abort();
-    }
-    e->tokenizer = *std::move(t);
-    e->config = *c;
-    e->chat_template = *std::move(chat);
-    return e;
-  }();
-  return *env;
-}
 
 // The error a client would get for `status`: a 4xx in OpenAI's shape.
 void CheckError(const absl::Status& status, openai::Endpoint endpoint) {
@@ -78,9 +45,8 @@ void CheckError(const absl::Status& status, openai::Endpoint endpoint) {
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  google::protobuf::SetLogHandler(
-      [](google::protobuf::LogLevel, const char*, int, const std::string&) {});
-  GetEnv();
+  switchyard::fuzz::SilenceProtobufLogs();
+  switchyard::fuzz::GetTinyMixtralEnv();
   return 0;
 }
 
@@ -110,7 +76,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // As openai_http.cc: a defaulted max_tokens validates with the smallest budget.
   switchyard::v1::GenerateRequest checked = request;
   if (parsed->max_tokens_defaulted) checked.mutable_stopping()->set_max_new_tokens(1);
-  const Env& env = GetEnv();
+  const switchyard::fuzz::TinyMixtralEnv& env = switchyard::fuzz::GetTinyMixtralEnv();
   absl::StatusOr<switchyard::GenerationRequest> validated = switchyard::ValidateGenerateRequest(
       checked, *env.tokenizer, env.config, switchyard::RequestLimits{}, env.chat_template.get());
   if (!validated.ok()) CheckError(validated.status(), endpoint);
