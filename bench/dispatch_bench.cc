@@ -57,6 +57,7 @@
 #include "rpc/server.h"
 #include "rpc/tensor_codec.h"
 #include "switchyard/v1/expert.grpc.pb.h"
+#include "tests/in_process_expert.h"
 
 namespace switchyard {
 namespace {
@@ -96,45 +97,14 @@ class NoOpExpertBackend final : public ExpertBackend {
   std::atomic<int64_t> compute_end{0};
 };
 
-// The real ExpertServiceImpl behind a wrapper that records when each Forward
-// reached the server's handler.
-class TimedExpertService final : public v1::ExpertService::CallbackService {
- public:
-  explicit TimedExpertService(ExpertServiceImpl* real) : real_(real) {}
-  grpc::ServerUnaryReactor* GetShardInfo(grpc::CallbackServerContext* context,
-                                         const v1::GetShardInfoRequest* request,
-                                         v1::ShardInfo* response) override {
-    return real_->GetShardInfo(context, request, response);
-  }
-  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
-                                    const v1::ForwardRequest* request,
-                                    v1::ForwardResponse* response) override {
-    received.store(NowNanos(), std::memory_order_relaxed);
-    return real_->Forward(context, request, response);
-  }
-  grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>* ForwardStream(
-      grpc::CallbackServerContext* context) override {
-    return real_->ForwardStream(context);
-  }
-
-  std::atomic<int64_t> received{0};
-
- private:
-  ExpertServiceImpl* real_;
-};
-
-// One expert server: backend, service, wrapper, server (torn down server first).
-struct ExpertShard {
-  NoOpExpertBackend backend;
-  std::unique_ptr<ExpertServiceImpl> service;
-  std::unique_ptr<TimedExpertService> timed;
-  std::unique_ptr<rpc::RunningServer> server;
-  std::string socket_path;  // unix transport only
+// One expert server over a NoOpExpertBackend, observed (the time each
+// Forward reached the handler), on TCP or a unix socket.
+struct ExpertShard : testing::InProcessExpert {
+  NoOpExpertBackend* noop = nullptr;  // in `compute`
+  std::string socket_path;            // unix transport only
 
   ~ExpertShard() {
-    if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    server.reset();
-    if (service) service->Shutdown();
+    Stop();
     if (!socket_path.empty()) std::filesystem::remove(socket_path);
   }
 };
@@ -159,6 +129,7 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path) {
   ExpertTopology topology;
   for (int e = 0; e < config.num_local_experts; ++e) {
     auto shard = std::make_unique<ExpertShard>();
+    shard->noop = shard->AddCompute(std::make_unique<NoOpExpertBackend>());
     ShardDescription description;
     description.experts = {e};
     description.layer_begin = 0;
@@ -166,21 +137,18 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path) {
     description.weights_dtype = "bf16";
     ExpertServerOptions server_options;
     server_options.inline_compute_when_idle = path == 1;
-    shard->service = std::make_unique<ExpertServiceImpl>(config, &shard->backend,
-                                                         std::move(description), server_options);
-    shard->timed = std::make_unique<TimedExpertService>(shard->service.get());
-    rpc::ServerOptions options;
+    std::string listen = "127.0.0.1:0";
     if (unix_socket) {
       shard->socket_path =
           absl::StrCat("/tmp/switchyard-dispatch-bench-", getpid(), "-", path, "-", e, ".sock");
       std::filesystem::remove(shard->socket_path);
-      options.listen_address = "unix:" + shard->socket_path;
-    } else {
-      options.listen_address = "127.0.0.1:0";
+      listen = "unix:" + shard->socket_path;
     }
-    auto server = rpc::RunningServer::Start(options, {shard->timed.get()});
-    if (!server.ok()) return server.status();
-    shard->server = *std::move(server);
+    if (absl::Status s = shard->Serve(config, std::move(description), server_options, listen,
+                                      /*observe=*/true);
+        !s.ok()) {
+      return s;
+    }
     topology.replicas[e] = {shard->server->address()};
     cluster->shards.push_back(std::move(shard));
   }
@@ -232,7 +200,7 @@ void BM_DispatchLayer(benchmark::State& state) {
   std::vector<ExpertShard*> shards;
   for (int e = 0; e < k; ++e) {
     shards.push_back((*cluster)->shards[e].get());
-    shards.back()->backend.delay_us.store(delay_us);
+    shards.back()->noop->delay_us.store(delay_us);
   }
 
   const std::vector<float> input = RandomRows(tokens, d);
@@ -264,10 +232,11 @@ void BM_DispatchLayer(benchmark::State& state) {
     for (ExpertShard* s : shards) {
       // The stream path does not see the handler: its send_us runs to the
       // compute start (server_us 0).
-      const int64_t received = path == 0 ? s->timed->received.load(std::memory_order_relaxed)
-                                         : s->backend.compute_start.load(std::memory_order_relaxed);
-      const int64_t start = s->backend.compute_start.load(std::memory_order_relaxed);
-      const int64_t end = s->backend.compute_end.load(std::memory_order_relaxed);
+      const int64_t received =
+          path == 0 ? s->observed->forward_received_ns.load(std::memory_order_relaxed)
+                    : s->noop->compute_start.load(std::memory_order_relaxed);
+      const int64_t start = s->noop->compute_start.load(std::memory_order_relaxed);
+      const int64_t end = s->noop->compute_end.load(std::memory_order_relaxed);
       send += static_cast<double>(received - t0) / k;
       server += static_cast<double>(start - received) / k;
       compute += static_cast<double>(end - start) / k;
@@ -275,7 +244,7 @@ void BM_DispatchLayer(benchmark::State& state) {
     }
     reply += static_cast<double>(t1 - last_end);
   }
-  for (ExpertShard* s : shards) s->backend.delay_us.store(0);
+  for (ExpertShard* s : shards) s->noop->delay_us.store(0);
   if (layer_us.empty()) return;
 
   // The no-op expert returns its input: what came back must be the input, as

@@ -779,51 +779,20 @@ absl::StatusOr<std::string> Unescape(std::string_view raw, int line) {
       k += n;
       return v;
     };
+    // Python's one-character escapes: \\ \' \" \a \b \f \n \r \t \v.
+    static constexpr std::string_view kEscaped = "\\'\"abfnrtv";
+    static constexpr std::string_view kMeaning = "\\'\"\a\b\f\n\r\t\v";
+    if (const size_t simple = kEscaped.find(c); simple != std::string_view::npos) {
+      out.push_back(kMeaning[simple]);
+      continue;
+    }
     switch (c) {
-      case '\n':
+      case '\n':  // a line continuation
         break;
-      case '\\':
-        out.push_back('\\');
-        break;
-      case '\'':
-        out.push_back('\'');
-        break;
-      case '"':
-        out.push_back('"');
-        break;
-      case 'a':
-        out.push_back('\a');
-        break;
-      case 'b':
-        out.push_back('\b');
-        break;
-      case 'f':
-        out.push_back('\f');
-        break;
-      case 'n':
-        out.push_back('\n');
-        break;
-      case 'r':
-        out.push_back('\r');
-        break;
-      case 't':
-        out.push_back('\t');
-        break;
-      case 'v':
-        out.push_back('\v');
-        break;
-      case 'x': {
-        SY_ASSIGN_OR_RETURN(uint32_t v, hex(2));
-        AppendUtf8(v, &out);
-        break;
-      }
-      case 'u': {
-        SY_ASSIGN_OR_RETURN(uint32_t v, hex(4));
-        AppendUtf8(v, &out);
-        break;
-      }
+      case 'x':
+      case 'u':
       case 'U': {
-        SY_ASSIGN_OR_RETURN(uint32_t v, hex(8));
+        SY_ASSIGN_OR_RETURN(uint32_t v, hex(c == 'x' ? 2 : c == 'u' ? 4 : 8));
         if (v > 0x10FFFF) return SyntaxError(line, "\\U escape out of range");
         AppendUtf8(v, &out);
         break;
@@ -1147,6 +1116,10 @@ class Parser {
   }
   bool IsOp(std::string_view op) const { return Cur().kind == Tok::kOp && Cur().text == op; }
   bool IsName(std::string_view n) const { return Cur().kind == Tok::kName && Cur().text == n; }
+  // == != < <= > >= (comparisons, and tests spelled as operators).
+  bool IsCompareOp() const {
+    return IsOp("==") || IsOp("!=") || IsOp("<") || IsOp("<=") || IsOp(">") || IsOp(">=");
+  }
   bool AtEnd() const { return Cur().kind == Tok::kEnd; }
   absl::Status Expect(std::string_view op) {
     if (!IsOp(op)) return Unexpected(absl::StrCat("expected '", std::string(op), "'"));
@@ -1417,23 +1390,19 @@ class Parser {
   }
 
   absl::StatusOr<ExprPtr> ParseOr() {
-    SY_ASSIGN_OR_RETURN(ExprPtr left, ParseAnd());
-    while (IsName("or")) {
-      ExprPtr e = Make(Expr::kOr);
-      ++ti_;
-      SY_ASSIGN_OR_RETURN(ExprPtr right, ParseAnd());
-      e->kids.push_back(std::move(left));
-      e->kids.push_back(std::move(right));
-      left = std::move(e);
-    }
-    return left;
+    return ParseLeftAssociative("or", Expr::kOr, &Parser::ParseAnd);
   }
   absl::StatusOr<ExprPtr> ParseAnd() {
-    SY_ASSIGN_OR_RETURN(ExprPtr left, ParseNot());
-    while (IsName("and")) {
-      ExprPtr e = Make(Expr::kAnd);
+    return ParseLeftAssociative("and", Expr::kAnd, &Parser::ParseNot);
+  }
+  // operand (KEYWORD operand)*, grouped from the left.
+  absl::StatusOr<ExprPtr> ParseLeftAssociative(std::string_view keyword, Expr::Kind kind,
+                                               absl::StatusOr<ExprPtr> (Parser::*operand)()) {
+    SY_ASSIGN_OR_RETURN(ExprPtr left, (this->*operand)());
+    while (IsName(keyword)) {
+      ExprPtr e = Make(kind);
       ++ti_;
-      SY_ASSIGN_OR_RETURN(ExprPtr right, ParseNot());
+      SY_ASSIGN_OR_RETURN(ExprPtr right, (this->*operand)());
       e->kids.push_back(std::move(left));
       e->kids.push_back(std::move(right));
       left = std::move(e);
@@ -1457,9 +1426,7 @@ class Parser {
     ExprPtr cmp;
     while (true) {
       std::string op;
-      if (Cur().kind == Tok::kOp &&
-          (Cur().text == "==" || Cur().text == "!=" || Cur().text == "<" || Cur().text == ">" ||
-           Cur().text == "<=" || Cur().text == ">=")) {
+      if (IsCompareOp()) {
         op = Cur().text;
         ++ti_;
       } else if (IsName("in")) {
@@ -1726,9 +1693,7 @@ class Parser {
         if (Cur().kind == Tok::kName) {
           e->name = Cur().text;
           ++ti_;
-        } else if (Cur().kind == Tok::kOp &&
-                   (Cur().text == "==" || Cur().text == "!=" || Cur().text == "<" ||
-                    Cur().text == "<=" || Cur().text == ">" || Cur().text == ">=")) {
+        } else if (IsCompareOp()) {
           e->name = Cur().text;
           ++ti_;
         } else {

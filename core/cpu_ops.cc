@@ -326,48 +326,6 @@ SY_AVX512 void RoundToBf16Avx512(const float* x, int64_t n, uint16_t* out) {
   for (; i < n; ++i) out[i] = F32ToBf16(x[i]);
 }
 
-// sum x[i] * float(y[i]): 8-lane FMA over n rounded down to 8, a fixed
-// horizontal sum, then the tail in order.
-SY_AVX2 float DotBf16Avx2(const float* x, const uint16_t* y, int n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), Load8(y + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), Load8(y + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), Load8(y + i), acc0);
-  float s = HorizontalSum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) s = std::fma(x[i], Bf16ToF32(y[i]), s);
-  return s;
-}
-
-SY_AVX2 void AxpyBf16Avx2(float a, const uint16_t* x, float* y, int n) {
-  const __m256 av = _mm256_set1_ps(a);
-  int i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, Load8(x + i), _mm256_loadu_ps(y + i)));
-  }
-  for (; i < n; ++i) y[i] = std::fma(a, Bf16ToF32(x[i]), y[i]);
-}
-
-SY_AVX512 float DotBf16Avx512(const float* x, const uint16_t* y, int n) {
-  __m512 acc = _mm512_setzero_ps();
-  int i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), Load16(y + i), acc);
-  float s = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) s = std::fma(x[i], Bf16ToF32(y[i]), s);
-  return s;
-}
-
-SY_AVX512 void AxpyBf16Avx512(float a, const uint16_t* x, float* y, int n) {
-  const __m512 av = _mm512_set1_ps(a);
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, Load16(x + i), _mm512_loadu_ps(y + i)));
-  }
-  for (; i < n; ++i) y[i] = std::fma(a, Bf16ToF32(x[i]), y[i]);
-}
-
 // Attention row kernels for a group of G query heads sharing one K or V row
 // (grouped-query attention): the row is loaded once per lane chunk and used
 // by every head. Each head's dot product sums in the same order as
@@ -927,29 +885,6 @@ void SwiGlu(const float* gate, const float* up, int64_t count, float* out) {
 
 void AddInPlace(float* y, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
-}
-
-namespace {
-
-float DotBf16Scalar(const float* x, const uint16_t* y, int n) {
-  float s = 0.0f;
-  for (int i = 0; i < n; ++i) s += x[i] * Bf16ToF32(y[i]);
-  return s;
-}
-
-void AxpyBf16Scalar(float a, const uint16_t* x, float* y, int n) {
-  for (int i = 0; i < n; ++i) y[i] += a * Bf16ToF32(x[i]);
-}
-
-}  // namespace
-
-Bf16RowOps Bf16Rows() {
-#ifdef SY_X86
-  const CpuIsa isa = ActiveIsa();
-  if (isa >= CpuIsa::kAvx512) return {DotBf16Avx512, AxpyBf16Avx512};
-  if (isa >= CpuIsa::kAvx2) return {DotBf16Avx2, AxpyBf16Avx2};
-#endif
-  return {DotBf16Scalar, AxpyBf16Scalar};
 }
 
 void RoundToBf16(const float* x, int64_t n, uint16_t* out) {

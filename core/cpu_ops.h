@@ -200,15 +200,6 @@ void SwiGlu(const float* gate, const float* up, int64_t count, float* out);
 // y[n] += x[n]
 void AddInPlace(float* y, const float* x, int64_t n);
 
-// Row kernels against BF16 data (the KV cache's BF16 storage), widened to
-// FP32 exactly and summed in FP32; at the level in force when Bf16Rows() is
-// called (vector levels sum in another order than the scalar loop).
-struct Bf16RowOps {
-  float (*dot)(const float* x, const uint16_t* y, int n);     // sum x[i] * float(y[i])
-  void (*axpy)(float a, const uint16_t* x, float* y, int n);  // y[i] += a * float(x[i])
-};
-Bf16RowOps Bf16Rows();
-
 // Causal grouped-query attention over a cache read through row pointers.
 struct AttentionShape {
   int heads = 0;           // H query heads

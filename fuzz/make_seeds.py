@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Writes the seed corpora in fuzz/corpus/<target>/ (committed; rerun after
-changing this script). Standard library only: the GenerateRequest seeds are
+changing this script). Seeds it does not write (a finding's reproducer kept
+as a regression seed) stay. Standard library only: the GenerateRequest seeds are
 encoded by hand in the protobuf wire format of protos/switchyard/v1/generation.proto.
 
 Usage: python3 fuzz/make_seeds.py
 """
 import json
 import os
-import shutil
 import struct
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -133,11 +133,63 @@ def request_seeds():
           field_bytes(4, field_varint(1, 5000)) + field_varint(6, 50))
 
 
+# --- chat_template_fuzzer: a template's source, NUL, the render's JSON input
+# (an array of messages, or an object of variables). The fixture templates of
+# tests/data/chat-templates with two of their conversations, and each
+# extra-references construct with its variables.
+def chat_template_seeds():
+    t = "chat_template_fuzzer"
+    templates = os.path.join(HERE, "..", "tests", "data", "chat-templates")
+    refs = json.load(open(os.path.join(templates, "references.json")))
+    conversations = refs["conversations"]
+    for name in sorted(os.listdir(templates)):
+        if not name.endswith(".jinja"):
+            continue
+        source = open(os.path.join(templates, name), encoding="utf-8").read()
+        for i in (1, 3):
+            write(t, "%s-%d" % (name[:-len(".jinja")], i),
+                  source + "\0" + json.dumps(conversations[i]))
+    extra = json.load(open(os.path.join(templates, "extra-references.json")))
+    for case in extra["cases"]:
+        write(t, "extra-" + case["name"], case["template"] + "\0" + json.dumps(extra["variables"]))
+    write(t, "no-input", "{{ bos_token }}{% for m in messages %}{{ m.content | upper }}{% endfor %}")
+    write(t, "syntax-error", "{% for m in messages %}{{ m.content \0[]")
+
+
+# --- openai_request_fuzzer: the first byte picks the endpoint (0 completions,
+# 1 chat completions), the rest is the JSON body.
+def openai_seeds():
+    t = "openai_request_fuzzer"
+    completions, chat = b"\x00", b"\x01"
+    def body(obj):
+        return json.dumps(obj).encode("utf-8")
+    write(t, "completion", completions + body({"model": "m", "prompt": "The capital of France is",
+                                               "max_tokens": 8}))
+    write(t, "completion-everything", completions + body({
+        "model": "m", "prompt": [1, 415, 5565], "max_tokens": 16, "temperature": 0.7,
+        "top_p": 0.9, "stop": [".", "\n"], "seed": 3, "logprobs": 2, "stream": True,
+        "stream_options": {"include_usage": True}, "frequency_penalty": 0.5,
+        "presence_penalty": -0.5, "user": "u"}))
+    write(t, "completion-bad", completions + body({"model": "m", "prompt": "x", "n": 2,
+                                                   "max_tokens": -1, "top_p": 2}))
+    write(t, "chat", chat + body({"model": "m", "messages": [
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hello!"}]}))
+    write(t, "chat-everything", chat + body({
+        "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                   {"role": "assistant", "content": "Hello"},
+                                   {"role": "user", "content": "Again"}],
+        "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 2, "stop": "\n",
+        "temperature": 0, "stream": True}))
+    write(t, "chat-bad", chat + body({"model": "m", "messages": [{"role": "user"}],
+                                      "tools": [], "logprobs": 3}))
+    write(t, "not-json", completions + b'{"model": "m", "prompt": ')
+
+
 if __name__ == "__main__":
-    if os.path.isdir(CORPUS):
-        shutil.rmtree(CORPUS)
     tokenizer_seeds()
     safetensors_seeds()
     request_seeds()
+    chat_template_seeds()
+    openai_seeds()
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(CORPUS) for f in fs)
     print(f"seeds written to {CORPUS} ({total} bytes)")

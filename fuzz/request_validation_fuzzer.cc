@@ -19,56 +19,24 @@
 #include "core/tokenizer.h"
 #include "core/utf8.h"
 #include "fuzz/fuzz_check.h"
+#include "fuzz/tiny_mixtral_env.h"
 #include "gateway/request_validation.h"
 #include "gateway/sampler.h"
-#include "google/protobuf/stubs/logging.h"
 #include "switchyard/v1/generation.pb.h"
 
 namespace {
 
 using switchyard::GenerationRequest;
-using switchyard::ModelConfig;
 using switchyard::RequestLimits;
-using switchyard::Tokenizer;
 
-struct Env {
-  std::unique_ptr<Tokenizer> tokenizer;
-  ModelConfig config;
-  // Mixtral-Instruct's template (tests/data/chat-templates), for `messages`.
-  std::unique_ptr<switchyard::ChatTemplate> chat_template;
-};
-
-const Env& GetEnv() {
-  static const Env* env = [] {
-    auto* e = new Env;
-    absl::StatusOr<std::unique_ptr<Tokenizer>> t = Tokenizer::FromDir(SWITCHYARD_FUZZ_MODEL_DIR);
-    absl::StatusOr<ModelConfig> c = switchyard::LoadModelConfig(SWITCHYARD_FUZZ_MODEL_DIR);
-    if (!t.ok() || !c.ok()) {
-      std::fprintf(stderr, "cannot load %s: %s %s\n", SWITCHYARD_FUZZ_MODEL_DIR,
-                   t.status().ToString().c_str(), c.status().ToString().c_str());
-      std::abort();
-    }
-    e->tokenizer = *std::move(t);
-    e->config = *c;
-    absl::StatusOr<std::unique_ptr<switchyard::ChatTemplate>> chat =
-        switchyard::LoadChatTemplate(SWITCHYARD_FUZZ_MODEL_DIR, SWITCHYARD_FUZZ_CHAT_TEMPLATE);
-    if (!chat.ok()) {
-      std::fprintf(stderr, "cannot load %s: %s\n", SWITCHYARD_FUZZ_CHAT_TEMPLATE,
-                   chat.status().ToString().c_str());
-      std::abort();
-    }
-    e->chat_template = *std::move(chat);
-    return e;
-  }();
-  return *env;
-}
+using Env = switchyard::fuzz::TinyMixtralEnv;
 
 // Validates `req` with the chat template or without one: bad input is
 // INVALID_ARGUMENT, and only a `messages` prompt without a template is
 // FAILED_PRECONDITION (the gateway cannot serve that form at all).
 void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limits,
            bool with_template) {
-  const Env& env = GetEnv();
+  const Env& env = switchyard::fuzz::GetTinyMixtralEnv();
   const int V = env.config.vocab_size;
   absl::StatusOr<GenerationRequest> r = switchyard::ValidateGenerateRequest(
       req, *env.tokenizer, env.config, limits, with_template ? env.chat_template.get() : nullptr);
@@ -163,11 +131,8 @@ void Check(const switchyard::v1::GenerateRequest& req, const RequestLimits& limi
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  // Protobuf logs every string field with invalid UTF-8 it refuses to parse;
-  // that is expected here and would drown the fuzzer's output.
-  google::protobuf::SetLogHandler(
-      [](google::protobuf::LogLevel, const char*, int, const std::string&) {});
-  GetEnv();
+  switchyard::fuzz::SilenceProtobufLogs();
+  switchyard::fuzz::GetTinyMixtralEnv();
   return 0;
 }
 

@@ -350,41 +350,35 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
 Error ErrorFromStatus(const absl::Status& status, Endpoint endpoint) {
   Error e;
   e.message = std::string(status.message());
-  switch (status.code()) {
-    case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kFailedPrecondition:
-    case absl::StatusCode::kOutOfRange:
-      e.http_status = 400;
-      e.type = "invalid_request_error";
-      break;
-    case absl::StatusCode::kUnauthenticated:
-      e.http_status = 401;
-      e.type = "invalid_request_error";
-      e.code = "invalid_api_key";
-      return e;
-    case absl::StatusCode::kPermissionDenied:
-      e.http_status = 403;
-      e.type = "invalid_request_error";
-      return e;
-    case absl::StatusCode::kNotFound:
-      e.http_status = 404;
-      e.type = "invalid_request_error";
-      return e;
-    case absl::StatusCode::kResourceExhausted:
-      e.http_status = 429;
-      e.type = "rate_limit_error";
-      e.code = "rate_limit_exceeded";
-      return e;
-    case absl::StatusCode::kUnavailable:
-      e.http_status = 503;
-      e.type = "server_error";
-      e.code = "service_unavailable";
-      return e;
-    default:
-      e.http_status = 500;
-      e.type = "server_error";
-      return e;
+  // OpenAI's status, type and code per absl code; any other code is a 500
+  // server_error.
+  struct Mapping {
+    absl::StatusCode status;
+    int http_status;
+    const char* type;
+    const char* code;
+  };
+  static constexpr Mapping kMappings[] = {
+      {absl::StatusCode::kInvalidArgument, 400, "invalid_request_error", ""},
+      {absl::StatusCode::kFailedPrecondition, 400, "invalid_request_error", ""},
+      {absl::StatusCode::kOutOfRange, 400, "invalid_request_error", ""},
+      {absl::StatusCode::kUnauthenticated, 401, "invalid_request_error", "invalid_api_key"},
+      {absl::StatusCode::kPermissionDenied, 403, "invalid_request_error", ""},
+      {absl::StatusCode::kNotFound, 404, "invalid_request_error", ""},
+      {absl::StatusCode::kResourceExhausted, 429, "rate_limit_error", "rate_limit_exceeded"},
+      {absl::StatusCode::kUnavailable, 503, "server_error", "service_unavailable"},
+  };
+  e.http_status = 500;
+  e.type = "server_error";
+  for (const Mapping& m : kMappings) {
+    if (m.status != status.code()) continue;
+    e.http_status = m.http_status;
+    e.type = m.type;
+    e.code = m.code;
+    break;
   }
+  // Only the 400s name a request field.
+  if (e.http_status != 400) return e;
   // ValidateGenerateRequest names proto fields; say OpenAI's.
   const bool chat = endpoint == Endpoint::kChatCompletions;
   struct Rename {

@@ -6,13 +6,15 @@
 # the reproducer is left in build-fuzz/artifacts/<target>/ (re-run it with
 # build-fuzz/fuzz/<target> FILE).
 # Usage: scripts/fuzz.sh [SECONDS per target, default 60]
-# Env: SWITCHYARD_JOBS (build parallelism), FUZZ_TARGETS (subset to run),
+# Env: SWITCHYARD_JOBS (build parallelism), FUZZ_TARGETS (subset to run; a
+#      target written NAME:SECONDS runs that long instead of SECONDS),
 #      FUZZ_CC / FUZZ_CXX (default clang-14 / clang++-14).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-60}
 jobs=${SWITCHYARD_JOBS:-$(nproc)}
-targets=(${FUZZ_TARGETS:-tokenizer_fuzzer safetensors_fuzzer request_validation_fuzzer})
+targets=(${FUZZ_TARGETS:-tokenizer_fuzzer safetensors_fuzzer request_validation_fuzzer
+          chat_template_fuzzer openai_request_fuzzer})
 build=build-fuzz
 
 # -O1 without NDEBUG: library assertions (Abseil, nlohmann_json) stay on.
@@ -21,24 +23,27 @@ CC=${FUZZ_CC:-clang-14} CXX=${FUZZ_CXX:-clang++-14} cmake -S . -B "$build" -G Ni
   -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g" \
   -DSWITCHYARD_FUZZ=ON -DSWITCHYARD_BUILD_TESTS=OFF -DSWITCHYARD_BUILD_BENCHMARKS=OFF \
   -DSWITCHYARD_CUDA=OFF >/dev/null
-cmake --build "$build" -j"$jobs" --target "${targets[@]}"
+cmake --build "$build" -j"$jobs" --target "${targets[@]%%:*}"
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:symbolize=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
 failed=()
-for t in "${targets[@]}"; do
+for spec in "${targets[@]}"; do
+  t=${spec%%:*}
+  t_seconds=$seconds
+  [ "$spec" != "$t" ] && t_seconds=${spec#*:}
   corpus=$build/corpus/$t
   artifacts=$build/artifacts/$t
   log=$build/logs/$t.log
   rm -rf "$corpus" "$artifacts"
   mkdir -p "$corpus" "$artifacts" "$(dirname "$log")"
   cp fuzz/corpus/"$t"/* "$corpus"/
-  args=(-max_total_time="$seconds" -rss_limit_mb=2048 -timeout=30 -max_len=4096
+  args=(-max_total_time="$t_seconds" -rss_limit_mb=2048 -timeout=30 -max_len=4096
         -print_final_stats=1 -artifact_prefix="$artifacts"/)
   [ -f fuzz/"${t%_fuzzer}".dict ] && args+=(-dict=fuzz/"${t%_fuzzer}".dict)
-  echo "--- $t: fuzzing for ${seconds}s (log: $log)"
+  echo "--- $t: fuzzing for ${t_seconds}s (log: $log)"
   if "$build"/fuzz/"$t" "${args[@]}" "$corpus" >"$log" 2>&1; then
-    grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
+    grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
     echo "    corpus: $(ls "$corpus" | wc -l) inputs"
   else
     echo "!!! $t FAILED; last lines of $log:"
@@ -51,4 +56,4 @@ if [ ${#failed[@]} -gt 0 ]; then
   echo "fuzz: FAILED: ${failed[*]}" >&2
   exit 1
 fi
-echo "fuzz: all targets ran ${seconds}s without a finding"
+echo "fuzz: all targets ran their time without a finding"

@@ -1,4 +1,5 @@
-"""What the `switchyard bench` tests share: pass/fail bookkeeping, a
+"""What the command-line tests share: pass/fail bookkeeping (check, finish;
+cli_local_test uses these too) and, for the `switchyard bench` tests, a
 gateway on tiny-mixtral with in-process experts and a /metrics port, a
 scrape of that port, and the bad-flag check (exit 1, the flag named).
 

@@ -10,26 +10,16 @@ import subprocess
 import sys
 import tempfile
 
+from bench_testlib import check, finish
+
 build, source = sys.argv[1], sys.argv[2]
 switchyard = os.path.join(build, "bin", "switchyard")
 model = os.path.join(source, "tests", "data", "tiny-mixtral")
 reference = json.load(open(os.path.join(model, "reference.json")))
-failures = []
-passed = 0
 
 
 def run(*args):
     return subprocess.run([switchyard, *args], capture_output=True, text=True, timeout=300)
-
-
-def check(name, condition, detail=""):
-    global passed
-    if condition:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failures.append(name)
-        print(f"FAIL {name}: {detail}")
 
 
 # generate --json reproduces the Hugging Face greedy continuation.
@@ -89,5 +79,4 @@ with tempfile.TemporaryDirectory() as out:
     g = run("generate", "--model", out, "--prompt", "Hi", "--max-new-tokens", "4", "--json")
     check("generate on made model", g.returncode == 0 and len(json.loads(g.stdout)["token_ids"]) == 4, g.stderr)
 
-print(f"{passed} passed, {len(failures)} failed")
-sys.exit(1 if failures else 0)
+finish()

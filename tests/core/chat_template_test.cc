@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/test_util.h"
@@ -138,6 +139,21 @@ TEST(ChatTemplate, RaiseExceptionMessageIsExactlyTheStatusMessage) {
   ASSERT_FALSE(text.ok());
   EXPECT_EQ(text.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(text.status().message(), "Roles must alternate: 2");
+}
+
+// String literals unescape as jinja2's (Python's unicode-escape): the
+// one-character escapes, \x \u \U, octal, a line continuation, and an
+// unknown escape kept as written; \U past U+10FFFF is a syntax error.
+TEST(ChatTemplate, StringLiteralEscapesArePythons) {
+  auto tmpl = ChatTemplate::Compile(
+      "{{ \"a\\tb\\\\\\'\\\"\\a\\b\\f\\n\\r\\v|\\x41\\u00e9\\U0001F600\\101\\q|\\\nz\" }}");
+  ASSERT_TRUE(tmpl.ok()) << tmpl.status();
+  auto text = (*tmpl)->Render(nlohmann::json::object());
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, "a\tb\\'\"\a\b\f\n\r\v|A\u00e9\U0001F600A\\q|z");
+  auto bad = ChatTemplate::Compile("{{ '\\U00110000' }}");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(bad.status().message(), ::testing::HasSubstr("\\U escape out of range"));
 }
 
 // Hostile templates end with an error quickly, never hang or exhaust memory.

@@ -40,6 +40,7 @@
 #include "rpc/tensor_codec.h"
 #include "switchyard/v1/expert.grpc.pb.h"
 #include "tests/http_util.h"
+#include "tests/in_process_expert.h"
 #include "tests/test_util.h"
 #include "tests/tolerances.h"
 
@@ -68,54 +69,24 @@ class DelayedExpertBackend final : public ExpertBackend {
   int delay_ms_;
 };
 
-// A running expert shard: store, service and server, torn down in that
-// reverse order (server first, so no call reaches a dead service).
-struct Shard {
-  std::unique_ptr<ExpertStore> store;
-  std::unique_ptr<LocalExpertBackend> backend;
-  std::unique_ptr<DelayedExpertBackend> delayed;  // with a delay only
-  std::unique_ptr<ExpertServiceImpl> service;
-  std::unique_ptr<rpc::RunningServer> server;
-
-  std::string address() const { return server->address(); }
-  void Stop() {
-    if (server) {
-      server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-      server.reset();
-    }
-    if (service) service->Shutdown();
-  }
-  ~Shard() { Stop(); }
-};
+// A running expert shard over the CPU experts of a checkpoint.
+using Shard = testing::InProcessExpert;
 
 // `delay_ms` > 0: every Forward takes that much longer (a slow replica).
 std::unique_ptr<Shard> StartShard(const std::string& dir, std::vector<int> experts, int workers = 2,
                                   int delay_ms = 0) {
-  auto checkpoint = Checkpoint::Open(dir, WeightSelection::ExpertsOnly(experts));
-  EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
-  if (!checkpoint.ok()) return nullptr;
   auto shard = std::make_unique<Shard>();
-  auto store = ExpertStore::Load(**checkpoint);
-  EXPECT_TRUE(store.ok()) << store.status();
-  if (!store.ok()) return nullptr;
-  shard->store = *std::move(store);
-  auto description = DescribeShard(dir, **checkpoint);
+  auto description = shard->LoadCheckpointExperts(dir, experts);
   EXPECT_TRUE(description.ok()) << description.status();
   if (!description.ok()) return nullptr;
-  shard->backend = std::make_unique<LocalExpertBackend>(shard->store.get());
-  ExpertBackend* compute = shard->backend.get();
   if (delay_ms > 0) {
-    shard->delayed = std::make_unique<DelayedExpertBackend>(compute, delay_ms);
-    compute = shard->delayed.get();
+    shard->AddCompute(
+        std::make_unique<DelayedExpertBackend>(shard->compute.back().get(), delay_ms));
   }
-  shard->service = std::make_unique<ExpertServiceImpl>(
-      shard->store->config(), compute, *description, ExpertServerOptions{.workers = workers});
-  rpc::ServerOptions options;
-  options.listen_address = "127.0.0.1:0";
-  auto server = rpc::RunningServer::Start(options, {shard->service.get()});
-  EXPECT_TRUE(server.ok()) << server.status();
-  if (!server.ok()) return nullptr;
-  shard->server = *std::move(server);
+  const absl::Status served = shard->Serve(shard->store->config(), *std::move(description),
+                                           ExpertServerOptions{.workers = workers});
+  EXPECT_TRUE(served.ok()) << served;
+  if (!served.ok()) return nullptr;
   return shard;
 }
 
@@ -1171,33 +1142,6 @@ TEST_F(ExpertServiceTest, GracefulStopFinishesAcceptedCalls) {
 
 // The ForwardStream path ------------------------------------------------------
 
-// Forwards to the real service, counting unary Forward calls and streams.
-class CountingExpertService final : public v1::ExpertService::CallbackService {
- public:
-  explicit CountingExpertService(ExpertServiceImpl* real) : real_(real) {}
-  grpc::ServerUnaryReactor* GetShardInfo(grpc::CallbackServerContext* context,
-                                         const v1::GetShardInfoRequest* request,
-                                         v1::ShardInfo* response) override {
-    return real_->GetShardInfo(context, request, response);
-  }
-  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
-                                    const v1::ForwardRequest* request,
-                                    v1::ForwardResponse* response) override {
-    unary_calls.fetch_add(1);
-    return real_->Forward(context, request, response);
-  }
-  grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>* ForwardStream(
-      grpc::CallbackServerContext* context) override {
-    streams.fetch_add(1);
-    return real_->ForwardStream(context);
-  }
-  std::atomic<int> unary_calls{0};
-  std::atomic<int> streams{0};
-
- private:
-  ExpertServiceImpl* real_;
-};
-
 // The CPU experts, recording how many batches each backend call carried (and
 // sleeping delay_ms first when set).
 class RecordingExpertBackend final : public ExpertBackend {
@@ -1223,52 +1167,30 @@ class RecordingExpertBackend final : public ExpertBackend {
   std::map<size_t, int> calls_by_batches_;
 };
 
-// A shard behind CountingExpertService and RecordingExpertBackend, on
+// A shard behind an ObservedExpertService and a RecordingExpertBackend, on
 // `listen` (default a free port; pass "127.0.0.1:PORT" to restart one).
-struct CountedShard {
-  std::unique_ptr<ExpertStore> store;
-  std::unique_ptr<LocalExpertBackend> local;
-  std::unique_ptr<RecordingExpertBackend> recording;
-  std::unique_ptr<ExpertServiceImpl> service;
-  std::unique_ptr<CountingExpertService> counting;
-  std::unique_ptr<rpc::RunningServer> server;
-
-  std::string address() const { return server->address(); }
-  // Stops at once: calls and streams in flight are cancelled.
-  void Kill() {
-    if (server) server->Shutdown(std::chrono::system_clock::now());
-    server.reset();
-    if (service) service->Shutdown();
-  }
-  ~CountedShard() { Kill(); }
+// Stops at once (Kill, and when destroyed): calls and streams in flight are
+// cancelled.
+struct CountedShard : testing::InProcessExpert {
+  RecordingExpertBackend* recording = nullptr;
+  void Kill() { Stop(std::chrono::milliseconds(0)); }
 };
 
 std::unique_ptr<CountedShard> StartCountedShard(const std::string& dir, std::vector<int> experts,
                                                 const std::string& listen = "127.0.0.1:0",
                                                 const std::string& backend_name = "cpu-f32") {
-  auto checkpoint = Checkpoint::Open(dir, WeightSelection::ExpertsOnly(experts));
-  EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
-  if (!checkpoint.ok()) return nullptr;
   auto shard = std::make_unique<CountedShard>();
-  auto store = ExpertStore::Load(**checkpoint);
-  EXPECT_TRUE(store.ok()) << store.status();
-  if (!store.ok()) return nullptr;
-  shard->store = *std::move(store);
-  auto description = DescribeShard(dir, **checkpoint);
+  shard->stop_grace = std::chrono::milliseconds(0);
+  auto description = shard->LoadCheckpointExperts(dir, experts);
   EXPECT_TRUE(description.ok()) << description.status();
   if (!description.ok()) return nullptr;
-  shard->local = std::make_unique<LocalExpertBackend>(shard->store.get());
-  shard->recording = std::make_unique<RecordingExpertBackend>(shard->local.get());
-  shard->service = std::make_unique<ExpertServiceImpl>(
-      shard->store->config(), shard->recording.get(), *description,
-      ExpertServerOptions{.backend_name = backend_name});
-  shard->counting = std::make_unique<CountingExpertService>(shard->service.get());
-  rpc::ServerOptions options;
-  options.listen_address = listen;
-  auto server = rpc::RunningServer::Start(options, {shard->counting.get()});
-  EXPECT_TRUE(server.ok()) << server.status();
-  if (!server.ok()) return nullptr;
-  shard->server = *std::move(server);
+  shard->recording =
+      shard->AddCompute(std::make_unique<RecordingExpertBackend>(shard->compute.back().get()));
+  const absl::Status served =
+      shard->Serve(shard->store->config(), *std::move(description),
+                   ExpertServerOptions{.backend_name = backend_name}, listen, /*observe=*/true);
+  EXPECT_TRUE(served.ok()) << served;
+  if (!served.ok()) return nullptr;
   return shard;
 }
 
@@ -1326,8 +1248,8 @@ TEST_F(ExpertServiceTest, StreamedLayersFromSeveralThreadsMatchUnaryExactly) {
   for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], 0) << "thread " << t;
   EXPECT_EQ(worst, 0.0);
   // The unary backend's calls only, one per batch; one stream for all threads.
-  EXPECT_EQ(all->counting->unary_calls.load(), kThreads * kIterations * 8);
-  EXPECT_EQ(all->counting->streams.load(), 1);
+  EXPECT_EQ(all->observed->unary_calls.load(), kThreads * kIterations * 8);
+  EXPECT_EQ(all->observed->streams.load(), 1);
   EXPECT_EQ(all->recording->CallsWithBatches(8), kThreads * kIterations);
   EXPECT_EQ(all->service->Stats().queued_calls, 0);
 }
@@ -1411,7 +1333,7 @@ TEST_F(ExpertServiceTest, AStreamReconnectsAfterTheReplicaRestarts) {
     ASSERT_TRUE((*backend)->RunLayer(1, got.batches).ok());
     EXPECT_EQ(MaxAbsDiff(got.outputs[5], want.outputs[5]), 0.0);
   }
-  EXPECT_EQ(first->counting->streams.load(), 1);
+  EXPECT_EQ(first->observed->streams.load(), 1);
   first->Kill();
   {
     LayerInput got = MakeLayerInput(70);
@@ -1439,8 +1361,8 @@ TEST_F(ExpertServiceTest, AStreamReconnectsAfterTheReplicaRestarts) {
   } while (std::chrono::steady_clock::now() < give_up);
   std::printf("[ restart  ] back after %d layer call(s): %s\n", tries, status.ToString().c_str());
   ASSERT_TRUE(status.ok()) << status;
-  EXPECT_GE(second->counting->streams.load(), 1);
-  EXPECT_EQ(second->counting->unary_calls.load(), 0);
+  EXPECT_GE(second->observed->streams.load(), 1);
+  EXPECT_EQ(second->observed->unary_calls.load(), 0);
 }
 
 // A replica that accepts a request but never answers in time: the batch fails
