@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -393,6 +394,29 @@ TEST_F(KernelLevelTest, Bf16RowKernelsMatchTheOracleAtEveryLevel) {
       EXPECT_TRUE(AllClose(acc, expected, tolerance::kKernelAbs, tolerance::kKernelRel, "axpy"));
     }
     std::printf("bf16 rows, %s: max |dot diff| %g\n", cpu::CpuIsaName(isa), worst);
+  }
+}
+
+// The wire codec's BF16 -> F32 widening at every level is bitwise Bf16ToF32,
+// for every one of the 65,536 bit patterns (NaN, infinities, subnormals) read
+// from an odd address, and on lengths around the 8-lane block.
+TEST_F(KernelLevelTest, WidenBf16IsBitwiseAtEveryLevel) {
+  std::vector<uint8_t> bytes(1 + 2 * 65536);
+  for (uint32_t v = 0; v < 65536; ++v) {
+    bytes[1 + 2 * v] = static_cast<uint8_t>(v & 0xff);
+    bytes[2 + 2 * v] = static_cast<uint8_t>(v >> 8);
+  }
+  for (cpu::CpuIsa isa : AvailableIsas()) {
+    ASSERT_EQ(cpu::SetIsa(isa), isa);
+    for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{9}, int64_t{65536}}) {
+      std::vector<float> out(static_cast<size_t>(n));
+      cpu::WidenBf16(bytes.data() + 1, n, out.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const float want = Bf16ToF32(static_cast<uint16_t>(i));
+        ASSERT_EQ(std::memcmp(&out[i], &want, sizeof(float)), 0)
+            << cpu::CpuIsaName(isa) << " n=" << n << " bits " << i;
+      }
+    }
   }
 }
 
