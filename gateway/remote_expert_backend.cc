@@ -223,7 +223,7 @@ class RemoteExpertBackend::Stream final
   // Sends `request` (its id is set here) for the attempts `refs`, one per
   // batch in order. False when the stream has ended: nothing was sent.
   bool Send(std::shared_ptr<v1::ForwardStreamRequest> request, std::vector<AttemptRef> refs) {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     if (ended_) return false;
     const uint64_t id = next_id_++;
     request->set_id(id);
@@ -231,9 +231,19 @@ class RemoteExpertBackend::Stream final
     pending_.emplace(id, Unanswered{std::move(refs), std::move(request)});
     if (writing_) return true;
     writing_ = true;
-    // Under mu_, so that once OnReadDone(false) has set ended_ and released
-    // the hold no Send is between its check and its write.
-    StartWrite(writes_.front().get());
+    // The write starts outside mu_ (its completion, OnWriteDone, takes mu_ on
+    // a gRPC thread that would otherwise wake only to block on it), but
+    // counted: OnReadDone(false) leaves the hold to the last Send still
+    // starting a write, so gRPC cannot tear the call down under it.
+    ++starting_writes_;
+    const v1::ForwardStreamRequest* first = writes_.front().get();
+    lock.unlock();
+    StartWrite(first);
+    lock.lock();
+    const bool release = --starting_writes_ == 0 && hold_left_to_send_;
+    if (release) hold_left_to_send_ = false;
+    lock.unlock();
+    if (release) RemoveHold();
     return true;
   }
 
@@ -267,11 +277,16 @@ class RemoteExpertBackend::Stream final
 
   void OnReadDone(bool ok) override {
     if (!ok) {  // the stream ended: no more Sends; OnDone follows with the status
+      bool release;
       {
         std::lock_guard<std::mutex> lock(mu_);
         ended_ = true;
+        // A Send between its check and the end of its StartWrite releases
+        // the hold when it is done (see Send).
+        release = starting_writes_ == 0;
+        hold_left_to_send_ = !release;
       }
-      RemoveHold();
+      if (release) RemoveHold();
       return;
     }
     std::vector<AttemptRef> refs;
@@ -319,6 +334,8 @@ class RemoteExpertBackend::Stream final
   bool writing_ = false;                                          // guarded by mu_
   bool ended_ = false;                                            // guarded by mu_
   bool done_ = false;                                             // OnDone finished; mu_
+  int starting_writes_ = 0;         // Sends inside StartWrite; guarded by mu_
+  bool hold_left_to_send_ = false;  // the read chain ended during one; mu_
 };
 
 struct RemoteExpertBackend::Replica {
@@ -972,8 +989,14 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
     StartAttempts(call, {slot}, PickReplica(state, *set, s.replica[attempt].get()));
     return;
   }
-  std::lock_guard<std::mutex> lock(call->mu);
-  if (--call->pending == 0) call->done_cv.notify_all();
+  bool last;
+  {
+    std::lock_guard<std::mutex> lock(call->mu);
+    last = --call->pending == 0;
+  }
+  // After unlocking, so the waiter does not wake only to block on call->mu
+  // (`call` is held by the caller, so the condition variable outlives this).
+  if (last) call->done_cv.notify_all();
 }
 
 void RemoteExpertBackend::AwaitLayer(const std::shared_ptr<LayerCall>& call) {
