@@ -196,7 +196,8 @@ std::string FormatExpertTopology(const ExpertTopology& topology) {
 // One ForwardStream to one replica, shared by every call to it. Requests are
 // written one at a time (the reactor allows one write in flight); a read is
 // always posted, so a broken stream ends (OnDone) at once. Holds itself until
-// OnDone; after it, Send refuses and the replica opens a new stream.
+// OnDone; a Send while it ends is parked for OnDone to answer; after OnDone,
+// Send refuses and the replica opens a new stream.
 class RemoteExpertBackend::Stream final
     : public grpc::ClientBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>,
       public std::enable_shared_from_this<Stream> {
@@ -224,9 +225,18 @@ class RemoteExpertBackend::Stream final
   // batch in order. False when the stream has ended: nothing was sent.
   bool Send(std::shared_ptr<v1::ForwardStreamRequest> request, std::vector<AttemptRef> refs) {
     std::unique_lock<std::mutex> lock(mu_);
-    if (ended_) return false;
+    // Once OnDone has taken the pending requests the caller decides (the
+    // replica's use_stream already says whether the stream was unimplemented).
+    if (collected_) return false;
     const uint64_t id = next_id_++;
     request->set_id(id);
+    // Ending but OnDone not run yet: parked unsent, OnDone answers it with the
+    // stream's outcome (unary calls if the shard lacks ForwardStream, else a
+    // retryable failure), as it does the requests in flight.
+    if (ended_) {
+      pending_.emplace(id, Unanswered{std::move(refs), std::move(request)});
+      return true;
+    }
     writes_.push_back(request);
     pending_.emplace(id, Unanswered{std::move(refs), std::move(request)});
     if (writing_) return true;
@@ -304,10 +314,13 @@ class RemoteExpertBackend::Stream final
   }
 
   void OnDone(const grpc::Status& status) override {
+    // Before collecting: a Send refused from here on must see the fallback.
+    if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED) MarkUnimplemented();
     std::vector<Unanswered> unanswered;
     {
       std::lock_guard<std::mutex> lock(mu_);
       ended_ = true;
+      collected_ = true;
       for (auto& [id, entry] : pending_) unanswered.push_back(std::move(entry));
       pending_.clear();
       writes_.clear();
@@ -336,6 +349,10 @@ class RemoteExpertBackend::Stream final
   bool done_ = false;                                             // OnDone finished; mu_
   int starting_writes_ = 0;         // Sends inside StartWrite; guarded by mu_
   bool hold_left_to_send_ = false;  // the read chain ended during one; mu_
+  bool collected_ = false;          // OnDone took pending_; mu_
+
+  // The replica's calls go unary from now on (defined after Replica).
+  void MarkUnimplemented();
 };
 
 struct RemoteExpertBackend::Replica {
@@ -387,6 +404,8 @@ struct RemoteExpertBackend::Replica {
   std::mutex stream_mu;
   std::shared_ptr<Stream> stream;  // guarded by stream_mu
 };
+
+void RemoteExpertBackend::Stream::MarkUnimplemented() { replica_->use_stream.store(false); }
 
 // One expert's replicas at one moment; never changed once published, so a
 // call can use it without a lock while ApplyTopology publishes the next.
