@@ -21,6 +21,8 @@
 //   compute_us  the no-op/sleep itself, mean over the calls
 //   reply_us    last compute end -> RunLayer returns (server encode, reply,
 //               client decode and copy into the output)
+//   switches    context switches of the whole process (every thread: the
+//               caller, gRPC's, the servers') per layer (getrusage)
 // BM_Encode / BM_Decode time rpc/tensor_codec on an [N, D] matrix alone.
 //
 // "path:0" is the transport as it was before issue #10's second item (unary
@@ -32,6 +34,7 @@
 // Servers listen on 127.0.0.1:0 ("unix:0") or unix:/tmp/switchyard-dispatch-
 // bench-PID-E.sock ("unix:1"); "bf16:1" sets RemoteExpertOptions::wire_dtype.
 #include <benchmark/benchmark.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -218,6 +221,13 @@ void BM_DispatchLayer(benchmark::State& state) {
   }
   std::vector<double> layer_us;
   double send = 0, server = 0, compute = 0, reply = 0;
+  // Context switches of the whole process (gateway and servers alike).
+  const auto switches = [] {
+    rusage usage{};
+    getrusage(RUSAGE_SELF, &usage);
+    return static_cast<double>(usage.ru_nvcsw + usage.ru_nivcsw);
+  };
+  const double switches_before = switches();
   for (auto _ : state) {
     const int64_t t0 = NowNanos();
     const absl::Status status = backend->RunLayer(0, batches);
@@ -244,6 +254,7 @@ void BM_DispatchLayer(benchmark::State& state) {
     }
     reply += static_cast<double>(t1 - last_end);
   }
+  const double switches_after = switches();
   for (ExpertShard* s : shards) s->noop->delay_us.store(0);
   if (layer_us.empty()) return;
 
@@ -268,6 +279,7 @@ void BM_DispatchLayer(benchmark::State& state) {
   state.counters["server_us"] = server / n * 1e-3;
   state.counters["compute_us"] = compute / n * 1e-3;
   state.counters["reply_us"] = reply / n * 1e-3;
+  state.counters["switches"] = (switches_after - switches_before) / n;
   state.counters["wire_MB"] =
       static_cast<double>(2 * k * tokens * d * (bf16 ? 2 : 4)) / 1e6;  // both directions
   state.SetLabel(absl::StrCat(path == 0 ? "before " : "stream ", unix_socket ? "unix" : "tcp", " ",

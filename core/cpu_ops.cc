@@ -140,6 +140,21 @@ SY_AVX2 void SkinnyAvx2(const float* x, const W* w, int tokens, int K, int N, in
   }
 }
 
+// out[i] = Bf16ToF32(x[i]) for little-endian BF16 at any address, 8 at a time.
+SY_AVX2 void WidenBf16Avx2(const uint8_t* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 2 * i));
+    _mm256_storeu_ps(out + i,
+                     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)));
+  }
+  for (; i < n; ++i) {
+    uint16_t v;
+    std::memcpy(&v, x + 2 * i, 2);
+    out[i] = Bf16ToF32(v);
+  }
+}
+
 // ---- AVX-512F: the same FP32 math with 16 lanes ----
 
 SY_AVX512 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -895,6 +910,21 @@ void RoundToBf16(const float* x, int64_t n, uint16_t* out) {
   }
 #endif
   for (int64_t i = 0; i < n; ++i) out[i] = F32ToBf16(x[i]);
+}
+
+void WidenBf16(const void* x, int64_t n, float* out) {
+  const auto* bytes = static_cast<const uint8_t*>(x);
+#ifdef SY_X86
+  if (ActiveIsa() >= CpuIsa::kAvx2) {
+    WidenBf16Avx2(bytes, n, out);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t v;
+    std::memcpy(&v, bytes + 2 * i, 2);
+    out[i] = Bf16ToF32(v);
+  }
 }
 
 namespace {

@@ -244,6 +244,9 @@ void AttendReference(const AttentionShape& shape, const float* q, int tokens, in
 
 // out[n] = F32ToBf16(x[n]): round to nearest even, NaN kept quiet.
 void RoundToBf16(const float* x, int64_t n, uint16_t* out);
+// out[n] = Bf16ToF32 of the n little-endian BF16 values at `x` (any alignment):
+// the wire codec's decode.
+void WidenBf16(const void* x, int64_t n, float* out);
 
 }  // namespace switchyard::cpu
 

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "core/cpu_ops.h"
 
 namespace switchyard {
 
@@ -93,11 +94,8 @@ void ConvertToF32(DType dtype, const void* src, size_t count, float* dst) {
       std::memcpy(dst, src, count * sizeof(float));
       return;
     case DType::kBF16:
-      for (size_t i = 0; i < count; ++i) {
-        uint16_t v;
-        std::memcpy(&v, bytes + 2 * i, 2);
-        dst[i] = Bf16ToF32(v);
-      }
+      cpu::WidenBf16(bytes, static_cast<int64_t>(count),
+                     dst);  // vector shifts where the CPU has them
       return;
     case DType::kF16:
       for (size_t i = 0; i < count; ++i) {

@@ -196,7 +196,8 @@ std::string FormatExpertTopology(const ExpertTopology& topology) {
 // One ForwardStream to one replica, shared by every call to it. Requests are
 // written one at a time (the reactor allows one write in flight); a read is
 // always posted, so a broken stream ends (OnDone) at once. Holds itself until
-// OnDone; after it, Send refuses and the replica opens a new stream.
+// OnDone; a Send while it ends is parked for OnDone to answer; after OnDone,
+// Send refuses and the replica opens a new stream.
 class RemoteExpertBackend::Stream final
     : public grpc::ClientBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>,
       public std::enable_shared_from_this<Stream> {
@@ -223,17 +224,36 @@ class RemoteExpertBackend::Stream final
   // Sends `request` (its id is set here) for the attempts `refs`, one per
   // batch in order. False when the stream has ended: nothing was sent.
   bool Send(std::shared_ptr<v1::ForwardStreamRequest> request, std::vector<AttemptRef> refs) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (ended_) return false;
+    std::unique_lock<std::mutex> lock(mu_);
+    // Once OnDone has taken the pending requests the caller decides (the
+    // replica's use_stream already says whether the stream was unimplemented).
+    if (collected_) return false;
     const uint64_t id = next_id_++;
     request->set_id(id);
+    // Ending but OnDone not run yet: parked unsent, OnDone answers it with the
+    // stream's outcome (unary calls if the shard lacks ForwardStream, else a
+    // retryable failure), as it does the requests in flight.
+    if (ended_) {
+      pending_.emplace(id, Unanswered{std::move(refs), std::move(request)});
+      return true;
+    }
     writes_.push_back(request);
     pending_.emplace(id, Unanswered{std::move(refs), std::move(request)});
     if (writing_) return true;
     writing_ = true;
-    // Under mu_, so that once OnReadDone(false) has set ended_ and released
-    // the hold no Send is between its check and its write.
-    StartWrite(writes_.front().get());
+    // The write starts outside mu_ (its completion, OnWriteDone, takes mu_ on
+    // a gRPC thread that would otherwise wake only to block on it), but
+    // counted: OnReadDone(false) leaves the hold to the last Send still
+    // starting a write, so gRPC cannot tear the call down under it.
+    ++starting_writes_;
+    const v1::ForwardStreamRequest* first = writes_.front().get();
+    lock.unlock();
+    StartWrite(first);
+    lock.lock();
+    const bool release = --starting_writes_ == 0 && hold_left_to_send_;
+    if (release) hold_left_to_send_ = false;
+    lock.unlock();
+    if (release) RemoveHold();
     return true;
   }
 
@@ -267,11 +287,16 @@ class RemoteExpertBackend::Stream final
 
   void OnReadDone(bool ok) override {
     if (!ok) {  // the stream ended: no more Sends; OnDone follows with the status
+      bool release;
       {
         std::lock_guard<std::mutex> lock(mu_);
         ended_ = true;
+        // A Send between its check and the end of its StartWrite releases
+        // the hold when it is done (see Send).
+        release = starting_writes_ == 0;
+        hold_left_to_send_ = !release;
       }
-      RemoveHold();
+      if (release) RemoveHold();
       return;
     }
     std::vector<AttemptRef> refs;
@@ -289,10 +314,13 @@ class RemoteExpertBackend::Stream final
   }
 
   void OnDone(const grpc::Status& status) override {
+    // Before collecting: a Send refused from here on must see the fallback.
+    if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED) MarkUnimplemented();
     std::vector<Unanswered> unanswered;
     {
       std::lock_guard<std::mutex> lock(mu_);
       ended_ = true;
+      collected_ = true;
       for (auto& [id, entry] : pending_) unanswered.push_back(std::move(entry));
       pending_.clear();
       writes_.clear();
@@ -319,6 +347,12 @@ class RemoteExpertBackend::Stream final
   bool writing_ = false;                                          // guarded by mu_
   bool ended_ = false;                                            // guarded by mu_
   bool done_ = false;                                             // OnDone finished; mu_
+  int starting_writes_ = 0;         // Sends inside StartWrite; guarded by mu_
+  bool hold_left_to_send_ = false;  // the read chain ended during one; mu_
+  bool collected_ = false;          // OnDone took pending_; mu_
+
+  // The replica's calls go unary from now on (defined after Replica).
+  void MarkUnimplemented();
 };
 
 struct RemoteExpertBackend::Replica {
@@ -372,6 +406,8 @@ struct RemoteExpertBackend::Replica {
   std::mutex stream_mu;
   std::shared_ptr<Stream> stream;  // guarded by stream_mu
 };
+
+void RemoteExpertBackend::Stream::MarkUnimplemented() { replica_->use_stream.store(false); }
 
 // One expert's replicas at one moment; never changed once published, so a
 // call can use it without a lock while ApplyTopology publishes the next.
@@ -984,8 +1020,14 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
     StartAttempts(call, {slot}, PickReplica(state, *set, s.replica[attempt].get()));
     return;
   }
-  std::lock_guard<std::mutex> lock(call->mu);
-  if (--call->pending == 0) call->done_cv.notify_all();
+  bool last;
+  {
+    std::lock_guard<std::mutex> lock(call->mu);
+    last = --call->pending == 0;
+  }
+  // After unlocking, so the waiter does not wake only to block on call->mu
+  // (`call` is held by the caller, so the condition variable outlives this).
+  if (last) call->done_cv.notify_all();
 }
 
 void RemoteExpertBackend::AwaitLayer(const std::shared_ptr<LayerCall>& call) {

@@ -1,8 +1,10 @@
 #include "rpc/tensor_codec.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/cpu_ops.h"
 #include "core/dtype.h"
 
 namespace switchyard::rpc {
@@ -16,9 +18,14 @@ void EncodeMatrix(const float* rows, int64_t n, int64_t d, v1::DType dtype, v1::
   std::string* data = out->mutable_data();
   if (dtype == v1::DTYPE_BF16) {
     data->resize(static_cast<size_t>(count) * 2);
-    for (int64_t i = 0; i < count; ++i) {
-      const uint16_t v = F32ToBf16(rows[i]);
-      std::memcpy(data->data() + 2 * i, &v, 2);
+    // Vector rounding (cpu::RoundToBf16) through a small buffer: the string's
+    // bytes are not uint16_t objects.
+    constexpr int64_t kChunk = 2048;
+    uint16_t chunk[kChunk];
+    for (int64_t begin = 0; begin < count; begin += kChunk) {
+      const int64_t n = std::min(kChunk, count - begin);
+      cpu::RoundToBf16(rows + begin, n, chunk);
+      std::memcpy(data->data() + 2 * begin, chunk, static_cast<size_t>(n) * 2);
     }
   } else {
     out->set_dtype(v1::DTYPE_F32);

@@ -460,6 +460,29 @@ TEST_F(KernelLevelTest, RoundToBf16IsExactAtEveryLevel) {
   }
 }
 
+// The wire codec's BF16 -> F32 widening at every level is bitwise Bf16ToF32,
+// for every one of the 65,536 bit patterns (NaN, infinities, subnormals) read
+// from an odd address, and on lengths around the 8-lane block.
+TEST_F(KernelLevelTest, WidenBf16IsBitwiseAtEveryLevel) {
+  std::vector<uint8_t> bytes(1 + 2 * 65536);
+  for (uint32_t v = 0; v < 65536; ++v) {
+    bytes[1 + 2 * v] = static_cast<uint8_t>(v & 0xff);
+    bytes[2 + 2 * v] = static_cast<uint8_t>(v >> 8);
+  }
+  for (cpu::CpuIsa isa : AvailableIsas()) {
+    ASSERT_EQ(cpu::SetIsa(isa), isa);
+    for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{9}, int64_t{65536}}) {
+      std::vector<float> out(static_cast<size_t>(n));
+      cpu::WidenBf16(bytes.data() + 1, n, out.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const float want = Bf16ToF32(static_cast<uint16_t>(i));
+        ASSERT_EQ(std::memcmp(&out[i], &want, sizeof(float)), 0)
+            << cpu::CpuIsaName(isa) << " n=" << n << " bits " << i;
+      }
+    }
+  }
+}
+
 // Grouped-query attention (cpu::Attend: each K/V row read once per head group,
 // vector kernels, OpenMP over (row, kv head)) against the scalar per-head
 // oracle (cpu::AttendReference) at every level, FP32 and BF16 K/V, on
