@@ -137,8 +137,9 @@ std::vector<Subcommand> Build() {
           {"max-replicas", true, "max(4, --min-replicas)",
            "--autoscale: replicas per expert at most"},
           {"target-busy", true, "0.7",
-           "--autoscale: the busy ratio per replica to scale to (rate of "
-           "switchyard_expert_busy_seconds_total)"},
+           "--autoscale: the busy ratio to scale to, per worker thread: a replica is scaled "
+           "towards --expert-workers x this busy seconds per second (rate of "
+           "switchyard_expert_busy_seconds_total), as the manifests' busy threshold"},
           {"scale-down-delay-s", true, "300",
            "--autoscale: scale down only to the largest count asked for over this window"},
           {"autoscale-period-ms", true, "15000", "--autoscale: how often to scrape and decide"},

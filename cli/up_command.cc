@@ -255,11 +255,16 @@ struct UpOptions {
   // Extra flags for every switchyard-expert / the switchyard-gateway.
   std::vector<std::string> expert_args;
   std::vector<std::string> gateway_args;
+  // --expert-workers: every expert's --workers. Default 2 (the expert's own).
+  int expert_workers = 2;
   // --autoscale: run the autoscaler (cli/autoscaler.h) every
   // autoscale_period_ms (default 15000, the HPA's sync period).
   bool autoscale = false;
   AutoscalerOptions autoscaler;
   int autoscale_period_ms = 15000;
+  // --target-busy as given: per worker thread (autoscaler.target_busy is
+  // this x expert_workers, per replica). Default 0.7.
+  double target_busy_per_worker = 0.7;
   // --metrics-port: where `up` serves its own /metrics (the autoscaler's);
   // -1 (default): nowhere.
   int metrics_port = -1;
@@ -333,7 +338,9 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
         absl::StrCat("--max-restarts must be in [0, 1000], got ", max_restarts));
   }
   o.max_restarts = static_cast<int>(max_restarts);
-  if (auto workers = f.Get("expert-workers")) o.expert_args = {"--workers", *workers};
+  SY_ASSIGN_OR_RETURN(int64_t expert_workers, f.IntInRange("expert-workers", 2, 1, 256));
+  o.expert_workers = static_cast<int>(expert_workers);
+  if (f.Has("expert-workers")) o.expert_args = {"--workers", absl::StrCat(expert_workers)};
   for (const std::string& a : f.GetAll("expert-arg")) o.expert_args.push_back(a);
   for (const std::string& name : gateway_passthrough) {
     if (auto v = f.Get(name)) {
@@ -385,6 +392,11 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError(
         absl::StrCat("--target-busy must be in (0, 1024], got ", o.autoscaler.target_busy));
   }
+  // --target-busy is per worker thread, as the manifests' busy threshold
+  // (TARGET_BUSY x --workers, k8s/generate-experts.py): a replica with W
+  // workers is scaled towards W x target busy seconds per second.
+  o.target_busy_per_worker = o.autoscaler.target_busy;
+  o.autoscaler.target_busy *= o.expert_workers;
   SY_ASSIGN_OR_RETURN(int64_t delay, f.IntInRange("scale-down-delay-s", 300, 0, 86400));
   o.autoscaler.scale_down_delay_s = static_cast<int>(delay);
   SY_ASSIGN_OR_RETURN(int64_t period, f.IntInRange("autoscale-period-ms", 15000, 100, 3600000));
@@ -1147,10 +1159,10 @@ int Supervisor::Run() {
   if (options_.autoscale) {
     const AutoscalerOptions& a = options_.autoscaler;
     Say(absl::StrFormat(
-        "autoscaling: %d..%d replicas per expert, target busy %.3f, scale-down delay %d s, "
-        "every %d ms",
-        a.min_replicas, a.max_replicas, a.target_busy, a.scale_down_delay_s,
-        options_.autoscale_period_ms));
+        "autoscaling: %d..%d replicas per expert, target busy %.3f per replica (%.3f of each "
+        "of %d workers), scale-down delay %d s, every %d ms",
+        a.min_replicas, a.max_replicas, a.target_busy, options_.target_busy_per_worker,
+        options_.expert_workers, a.scale_down_delay_s, options_.autoscale_period_ms));
     autoscaler_ = std::make_unique<Autoscaler>(
         num_experts_, a, this,
         [](const std::string& address) -> absl::StatusOr<double> {

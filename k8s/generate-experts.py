@@ -35,9 +35,10 @@ METRICS_PORT = 9090
 UID = 65532
 # The busy trigger's threshold is device-independent: a busy ratio, the same
 # on any CPU or GPU. Its unit is switchyard_expert_busy_seconds_total's rate,
-# busy seconds per second per replica, the unit of `switchyard up --autoscale
-# --target-busy`; 1.0 is one of the expert's --workers threads always
-# computing. The threshold is TARGET_BUSY of each worker: 0.7 x 2 = 1.4.
+# busy seconds per second per replica; 1.0 is one of the expert's --workers
+# threads always computing. The threshold is TARGET_BUSY of each worker:
+# 0.7 x 2 = 1.4, as `switchyard up --autoscale` computes its target
+# (--target-busy, per worker, x --expert-workers).
 # (The tokens/s threshold is device capacity instead: overlays set it, derived
 # with scripts/measure-expert-capacity.sh on the target device.)
 TARGET_BUSY = 0.7

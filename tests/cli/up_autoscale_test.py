@@ -57,11 +57,12 @@ log_path = os.path.join(folder, "up.log")
 log_file = open(log_path, "w")
 # A low target: the tiny model's experts compute for microseconds, so under
 # this load the hot expert is busy 0.5-1.5% of the time, its peers mostly
-# below 0.4% (a cold expert that crosses the target now and then may get a
+# below 0.4% (--target-busy is per worker: 0.002 x the experts' 2 workers is
+# 0.004 busy seconds per second per replica) (a cold expert that crosses the target now and then may get a
 # replica too; nothing here depends on it). A 2 s period smooths the ratio.
 up = subprocess.Popen([switchyard, "up", "--model", model, "--port", "0", "--endpoints-file",
                        endpoints, "--autoscale", "--min-replicas", "1", "--max-replicas", "2",
-                       "--target-busy", "0.004", "--autoscale-period-ms", "2000",
+                       "--target-busy", "0.002", "--autoscale-period-ms", "2000",
                        "--scale-down-delay-s", str(DELAY_S), "--metrics-port", "0"],
                       stdout=log_file, stderr=subprocess.STDOUT)
 t0 = time.time()
@@ -104,6 +105,11 @@ try:
     d = doc()
     gateway = [p for p in d["processes"] if p["role"] == "gateway"][0]
     server, gateway_metrics, up_metrics = gateway["grpc"], gateway["metrics"], d["up"]["metrics"]
+    said = "target busy 0.004 per replica (0.002 of each of 2 workers)"
+    deadline = time.time() + 10
+    while said not in log() and time.time() < deadline:
+        time.sleep(0.1)
+    check("--target-busy is per worker: 0.002 x 2 workers per replica", said in log(), log()[-1500:])
     check("one replica per expert in the topology at start",
           all(len(d["experts"][str(e)]) == 1 for e in range(EXPERTS)), d["experts"])
     text = scrape(up_metrics)
