@@ -23,6 +23,7 @@
 // the process name, to our stdout and stderr.
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -271,6 +272,14 @@ struct UpOptions {
   // With --device cuda: the GPUs experts go on (--gpus); empty = GPU 0.
   std::vector<int> gpus;
 };
+
+// CPUs this process may run on (its affinity mask, which containers and
+// taskset narrow), else the hardware's count; at least 1.
+int UsableCpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
 
 absl::StatusOr<std::string> SelfDir() {
   std::error_code ec;
@@ -584,6 +593,19 @@ class Supervisor : public ReplicaFleet {
   int next_replica_id_ = 0;
   Clock::time_point next_drain_check_;
   int num_experts_ = 0;
+  // OpenMP threads of each expert process: this host's usable CPUs shared
+  // by the expert processes started at first (at least 1).
+  int expert_threads_ = 1;
+
+  // The environment of an expert process: its share of the cores as
+  // OMP_NUM_THREADS unless the user set it, so the experts together never
+  // run more threads than there are CPUs (2 CPUs, 8 experts: 1 thread each;
+  // split cluster 34 -> 40 output tokens/s against OpenMP's default of all
+  // CPUs each), and a many-core host keeps its cores busy at batch 1.
+  std::vector<std::string> ExpertEnv() const {
+    if (std::getenv("OMP_NUM_THREADS") != nullptr) return {};
+    return {absl::StrCat("OMP_NUM_THREADS=", expert_threads_)};
+  }
   std::string expert_bin_;
   RestartPolicy restart_policy_;
   // `up`'s own metrics (the autoscaler's) and their endpoint.
@@ -900,9 +922,7 @@ absl::StatusOr<int> Supervisor::StartReplica(int expert, int gpu) {
   child->replica_id = next_replica_id_++;
   child->gpu = gpu;
   child->name = absl::StrCat("expert ", expert, " replica ", child->replica_id);
-  std::vector<std::string> env;
-  if (std::getenv("OMP_NUM_THREADS") == nullptr) env.push_back("OMP_NUM_THREADS=1");
-  SY_RETURN_IF_ERROR(Spawn(*child, ExpertArgv(child->experts, gpu), env));
+  SY_RETURN_IF_ERROR(Spawn(*child, ExpertArgv(child->experts, gpu), ExpertEnv()));
   child->phase = Child::Phase::kStarting;
   child->started_at = Clock::now();
   Say(absl::StrCat("starting ", child->name, gpu >= 0 ? absl::StrCat(" on GPU ", gpu) : "",
@@ -1062,6 +1082,9 @@ int Supervisor::Run() {
 
   // Experts, all started at once (with --autoscale, --min-replicas of each).
   const int replicas_each = options_.autoscale ? options_.autoscaler.min_replicas : 1;
+  const int processes = replicas_each * ((*num_experts + options_.experts_per_process - 1) /
+                                         options_.experts_per_process);
+  expert_threads_ = std::max(1, UsableCpus() / std::max(1, processes));
   int placed = 0;
   for (int first = 0; first < *num_experts; first += options_.experts_per_process) {
     for (int replica = 0; replica < replicas_each; ++replica) {
@@ -1075,11 +1098,7 @@ int Supervisor::Run() {
       child->name = absl::StrCat("expert ", ExpertsLabel(child->experts));
       if (replica > 0) absl::StrAppend(&child->name, " replica ", child->replica_id);
       if (!options_.gpus.empty()) child->gpu = options_.gpus[placed++ % options_.gpus.size()];
-      // The experts share this host's cores: one OpenMP thread each unless the
-      // user chose (2 cores, split cluster: 34 -> 40 output tokens/s).
-      std::vector<std::string> env;
-      if (std::getenv("OMP_NUM_THREADS") == nullptr) env.push_back("OMP_NUM_THREADS=1");
-      absl::Status s = Spawn(*child, ExpertArgv(child->experts, child->gpu), env);
+      absl::Status s = Spawn(*child, ExpertArgv(child->experts, child->gpu), ExpertEnv());
       child->in_topology = true;
       experts_.push_back(std::move(child));
       if (!s.ok()) {

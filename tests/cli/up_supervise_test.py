@@ -148,10 +148,11 @@ def environment(pid):
         return dict(v.decode().split("=", 1) for v in f.read().split(b"\0") if b"=" in v)
 
 
-# The processes share this host's cores: experts get one OpenMP thread, the
+# The processes share this host's cores: experts get their share as OpenMP threads, the
 # gateway's OpenMP threads sleep instead of spinning (unless the user set them).
 wait_policy = os.environ.get("OMP_WAIT_POLICY", "passive")
-omp_threads = os.environ.get("OMP_NUM_THREADS", "1")
+# up's share of the cores per expert process (8 experts, one process each).
+omp_threads = os.environ.get("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // 8)))
 for p in up.processes():
     env = environment(p["pid"])
     if p["role"] == "gateway":
