@@ -263,9 +263,6 @@ struct UpOptions {
   bool autoscale = false;
   AutoscalerOptions autoscaler;
   int autoscale_period_ms = 15000;
-  // --target-busy as given: per worker thread (autoscaler.target_busy is
-  // this x expert_workers, per replica). Default 0.7.
-  double target_busy_per_worker = 0.7;
   // --metrics-port: where `up` serves its own /metrics (the autoscaler's);
   // -1 (default): nowhere.
   int metrics_port = -1;
@@ -404,7 +401,6 @@ absl::StatusOr<UpOptions> ParseUpOptions(const std::vector<std::string>& args) {
   // --target-busy is per worker thread, as the manifests' busy threshold
   // (TARGET_BUSY x --workers, k8s/generate-experts.py): a replica with W
   // workers is scaled towards W x target busy seconds per second.
-  o.target_busy_per_worker = o.autoscaler.target_busy;
   o.autoscaler.target_busy *= o.expert_workers;
   SY_ASSIGN_OR_RETURN(int64_t delay, f.IntInRange("scale-down-delay-s", 300, 0, 86400));
   o.autoscaler.scale_down_delay_s = static_cast<int>(delay);
@@ -1180,7 +1176,7 @@ int Supervisor::Run() {
     Say(absl::StrFormat(
         "autoscaling: %d..%d replicas per expert, target busy %.3f per replica (%.3f of each "
         "of %d workers), scale-down delay %d s, every %d ms",
-        a.min_replicas, a.max_replicas, a.target_busy, options_.target_busy_per_worker,
+        a.min_replicas, a.max_replicas, a.target_busy, a.target_busy / options_.expert_workers,
         options_.expert_workers, a.scale_down_delay_s, options_.autoscale_period_ms));
     autoscaler_ = std::make_unique<Autoscaler>(
         num_experts_, a, this,
