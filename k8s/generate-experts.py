@@ -40,7 +40,8 @@ UID = 65532
 # 0.7 x 2 = 1.4, as `switchyard up --autoscale` computes its target
 # (--target-busy, per worker, x --expert-workers).
 # (The tokens/s threshold is device capacity instead: overlays set it, derived
-# with scripts/measure-expert-capacity.sh on the target device.)
+# with scripts/measure-expert-capacity.sh on the target device, or remove the
+# trigger where it is unmeasured, as the GPU overlays do.)
 TARGET_BUSY = 0.7
 EXPERT_WORKERS = 2  # switchyard-expert --workers, set in the Deployment
 BUSY_THRESHOLD_MILLI = round(1000 * TARGET_BUSY * EXPERT_WORKERS)
@@ -249,7 +250,8 @@ spec:
   triggers:
     # Throughput: the tokens/s one replica should sustain, device capacity:
     # overlays set it, derived with scripts/measure-expert-capacity.sh
-    # (busy threshold x tokens per busy second) on the target device.
+    # (busy threshold x tokens per busy second) on the target device, or
+    # remove this trigger where it is unmeasured (the GPU overlays).
     - type: prometheus
       name: tokens
       metricType: AverageValue
@@ -292,7 +294,8 @@ spec:
     # (prometheus-adapter-config.yaml): tokens/s of each pod, averaged over
     # the Deployment's pods and compared with the tokens/s one replica should
     # sustain (device capacity: overlays set it, derived with
-    # scripts/measure-expert-capacity.sh on the target device).
+    # scripts/measure-expert-capacity.sh on the target device, or remove
+    # this metric where it is unmeasured, as gpu-hpa does).
     - type: Pods
       pods:
         metric:

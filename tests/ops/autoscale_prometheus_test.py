@@ -17,12 +17,13 @@ counts KEDA and the HPA would set, each at the current 1 replica.
 Checks: every query evaluates, and returns series except where a layout
 does not match this cluster (the packed overlay's experts="0-1" pods);
 the expert-3 ScaledObject of the CPU overlay (cpu-demo, this model's) asks
-for more replicas than every other expert's; the HPAs (gpu-hpa, the only
-HPA overlay) do the same when given cpu-demo's per-replica targets and
-maximum, and agree with KEDA there, at the load's end and over time (every
-pollingInterval from the load's start, each poll from the replicas the one
-before set); the GPU overlays' own targets (GPU capacity) keep
-every expert at 1 replica under this CPU load; and each tokens/s
+for more replicas than every other expert's; the HPAs of cpu-demo-hpa (the
+same targets and maximum as plain HPAs) do the same and agree with KEDA, at
+the load's end and over time (every pollingInterval from the load's start,
+each poll from the replicas the one before set); the GPU overlays (busy
+trigger only: their token capacity is unmeasured, so they carry no tokens/s
+trigger, which the test checks) keep every expert at 1 replica under this
+CPU load; and each tokens/s
 threshold is at most what one replica does at the busy threshold, measured
 here as busy threshold x (tokens per busy second of the hot expert), so the
 tokens trigger never waits for a saturation the busy trigger would see
@@ -299,17 +300,29 @@ scrape_configs:
     demo_targets = {"switchyard_expert_tokens_per_second": demo_thresholds["tokens"],
                     "switchyard_expert_busy_ratio": demo_thresholds["busy"],
                     "max": demo["switchyard-expert-0"]["spec"]["maxReplicaCount"]}
+    demo_hpa = {h["metadata"]["name"]: h for o, h in hpas if o == "cpu-demo-hpa"}
+    demo_hpa_targets = {m["pods"]["metric"]["name"]: quantity(m["pods"]["target"]["averageValue"])
+                        for m in demo_hpa["switchyard-expert-0"]["spec"]["metrics"]}
+    demo_hpa_targets["max"] = demo_hpa["switchyard-expert-0"]["spec"]["maxReplicas"]
+    check("cpu-demo-hpa has cpu-demo's targets and maximum",
+          demo_hpa_targets.keys() == demo_targets.keys() and
+          all(math.isclose(demo_hpa_targets[k], demo_targets[k]) for k in demo_targets),
+          (demo_hpa_targets, demo_targets))
+    # A tokens/s threshold is device capacity: none where it is unmeasured.
+    gpu_tokens = ["%s/%s" % (o, so["metadata"]["name"]) for o, so in scaled_objects
+                  if o.startswith("gpu") for t in so["spec"]["triggers"] if t["name"] == "tokens"]
+    gpu_tokens += ["%s/%s" % (o, h["metadata"]["name"]) for o, h in hpas if o.startswith("gpu")
+                   for m in h["spec"]["metrics"]
+                   if m["pods"]["metric"]["name"] == "switchyard_expert_tokens_per_second"]
+    check("GPU overlays carry no (unmeasured) tokens/s trigger", not gpu_tokens, gpu_tokens)
     hpa_inputs = [hpa_input(o, h, {}) for o, h in hpas]
-    hpa_demo_inputs = [dict(hpa_input(o, h, demo_targets), name="%s+cpu-demo-targets/%s" % (
-        o, h["metadata"]["name"])) for o, h in hpas]
 
     evaluated = subprocess.run([evaluator], input=json.dumps(
-        {"objects": keda_inputs + hpa_inputs + hpa_demo_inputs}), capture_output=True, text=True)
+        {"objects": keda_inputs + hpa_inputs}), capture_output=True, text=True)
     check("scaling_rule_eval runs", evaluated.returncode == 0, evaluated.stderr)
     desired = {k: v["desired"] for k, v in json.loads(evaluated.stdout).items()}
 
-    # A timeline: cpu-demo's ScaledObjects and the HPAs with cpu-demo's
-    # targets, reconciled every pollingInterval from the load's start, on
+    # A timeline: cpu-demo's ScaledObjects and cpu-demo-hpa's HPAs, reconciled every pollingInterval from the load's start, on
     # what Prometheus answered for each instant (queried afterwards with
     # `time`), each poll starting from the replicas the previous one set.
     poll_s = demo["switchyard-expert-0"]["spec"].get("pollingInterval", 30)
@@ -329,8 +342,8 @@ scrape_configs:
             polls.append({"t": t - load_start, "triggers": triggers})
         timeline_inputs.append(dict(so_input, name="timeline/keda/" + so["metadata"]["name"],
                                     polls=polls))
-    for overlay, hpa in hpas:
-        base = hpa_input(overlay, hpa, demo_targets)
+    for overlay, hpa in [(o, h) for o, h in hpas if o == "cpu-demo-hpa"]:
+        base = hpa_input(overlay, hpa, {})
         polls = []
         for t in instants:
             metrics = []
@@ -387,11 +400,11 @@ scrape_configs:
     busy = {e: keda_values[("cpu-demo", "switchyard-expert-%d" % e, "busy")]
             for e in range(EXPERTS)}
     keda_demo = per_expert("cpu-demo/")
-    hpa_demo = per_expert("gpu-hpa+cpu-demo-targets/")
+    hpa_demo = per_expert("cpu-demo-hpa/")
     print("\nat the load's end:")
-    print("expert  tokens/s  busy    KEDA cpu-demo  HPA (cpu-demo targets)  KEDA gpu  HPA gpu-hpa")
+    print("expert  tokens/s  busy    KEDA cpu-demo  HPA cpu-demo-hpa  KEDA gpu  HPA gpu-hpa")
     for e in range(EXPERTS):
-        print("%-7s %8.1f  %6.4f  %13d  %22d  %8d  %11d" % (
+        print("%-7s %8.1f  %6.4f  %13d  %16d  %8d  %11d" % (
             "%d%s" % (e, " *" if e == HOT else ""), tokens[e], busy[e], keda_demo[e],
             hpa_demo[e], per_expert("gpu/")[e], per_expert("gpu-hpa/")[e]))
     print("(every object at 1 replica; tokens/s and busy: the cpu-demo ScaledObjects' queries)")
@@ -401,7 +414,7 @@ scrape_configs:
     cold = [e for e in range(EXPERTS) if e != HOT]
     check("KEDA (cpu-demo) gives the hot expert more replicas than every cold one",
           all(keda_demo[HOT] > keda_demo[e] for e in cold) and keda_demo[HOT] >= 2, keda_demo)
-    check("HPA (gpu-hpa objects, cpu-demo targets and max): hot expert gets more than every cold",
+    check("HPA (cpu-demo-hpa) gives the hot expert more replicas than every cold one",
           all(hpa_demo[HOT] > hpa_demo[e] for e in cold) and hpa_demo[HOT] >= 2, hpa_demo)
     check("HPA and KEDA agree on the same signals and targets", hpa_demo == keda_demo,
           (hpa_demo, keda_demo))

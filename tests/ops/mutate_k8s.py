@@ -94,19 +94,20 @@ def common_mutations():
         scaled(docs)["spec"].pop("fallback")
 
     def query_any_namespace(docs):
-        t = scaled(docs)["spec"]["triggers"][1]
+        t = next(t for t in scaled(docs)["spec"]["triggers"] if t["name"] == "busy")
         t["metadata"]["query"] = t["metadata"]["query"].replace('namespace="switchyard",', "")
 
     def throughput_only(docs):
         so = scaled(docs)
-        so["spec"]["triggers"] = so["spec"]["triggers"][:1]
+        so["spec"]["triggers"] = [t for t in so["spec"]["triggers"] if t["name"] != "busy"]
 
     def value_metric(docs):
         scaled(docs)["spec"]["triggers"][0]["metricType"] = "Value"
 
     def no_busy_metric(docs):
         hpa = find(docs, "HorizontalPodAutoscaler", first_expert(docs)["metadata"]["name"])
-        hpa["spec"]["metrics"] = hpa["spec"]["metrics"][:1]
+        hpa["spec"]["metrics"] = [m for m in hpa["spec"]["metrics"]
+                                  if m["pods"]["metric"]["name"] != "switchyard_expert_busy_ratio"]
 
     return out, [
         (no_fallback, "no fallback"),

@@ -1,7 +1,7 @@
 // Validates rendered Kubernetes manifests (kustomize output) of Switchyard.
 //
 // usage: node tests/ops/validate.mjs NAME=FILE [NAME=FILE ...]
-//   NAME: the overlay (cpu-demo, gpu, gpu-hpa: known ones get extra checks)
+//   NAME: the overlay (cpu-demo, cpu-demo-hpa, gpu, gpu-hpa, ...: known ones get extra checks)
 //   FILE: its multi-document YAML, as `kubectl kustomize` / `kustomize build` print it
 //
 // For every object:
@@ -16,7 +16,7 @@
 // pods, Services, every expert served once and mapped by the gateway to its
 // pod (one or several experts per pod), PDBs that keep the last replica,
 // spread gateways, autoscalers (KEDA: namespace-filtered queries, fallback,
-// throughput + saturation), and the monitoring component (checkMonitoring).
+// a saturation trigger, throughput optional), and the monitoring component (checkMonitoring).
 // Prints one line per problem and "N passed, M failed" (one per overlay);
 // exits 1 if anything failed.
 import fs from "node:fs";
@@ -57,6 +57,7 @@ const ALLOWLIST = new Set([]);
 // the PrometheusRule and dashboard ConfigMap of components/monitoring).
 const OVERLAYS = {
   "cpu-demo": { image: "switchyard:cpu", autoscaler: "ScaledObject", gpu: false, modelPvc: false, perPod: 1, monitoring: true },
+  "cpu-demo-hpa": { image: "switchyard:cpu", autoscaler: "HorizontalPodAutoscaler", gpu: false, modelPvc: false, perPod: 1, monitoring: true },
   gpu: { image: "switchyard:gpu", autoscaler: "ScaledObject", gpu: true, modelPvc: true, perPod: 1, monitoring: true },
   "gpu-hpa": { image: "switchyard:gpu", autoscaler: "HorizontalPodAutoscaler", gpu: true, modelPvc: true, perPod: 1, monitoring: true },
   "gpu-tls": { image: "switchyard:gpu", autoscaler: "ScaledObject", gpu: true, modelPvc: true, tls: true, perPod: 1, monitoring: true },
@@ -524,7 +525,9 @@ function checkAutoscaler(x, indices, problems) {
     const triggers = x.spec.triggers || [];
     if (!triggers.length) problems.push(`${where}: no triggers`);
     const expertMatcher = indices.length === 1 ? `expert="${indices[0]}"` : `expert=~"${indices.join("|")}"`;
-    let throughput = false;
+    // The throughput trigger (tokens/s) is optional: its threshold is device
+    // capacity, left out where it is unmeasured (the GPU overlays). The
+    // saturation trigger is device-independent and required.
     let saturation = false;
     for (const [i, t] of triggers.entries()) {
       const tw = `${where} trigger ${i}`;
@@ -541,7 +544,6 @@ function checkAutoscaler(x, indices, problems) {
       }
       const names = new Set(sels.map(([n]) => n));
       if (names.has("switchyard_expert_tokens_total")) {
-        throughput = true;
         const want = `sum(rate(switchyard_expert_tokens_total{namespace="${NAMESPACE}",${expertMatcher}}[1m]))`;
         if (query !== want) problems.push(`${where}: query ${query}, want ${want}`);
       }
@@ -551,7 +553,6 @@ function checkAutoscaler(x, indices, problems) {
         if (!sels.every(([, m]) => m.split(",").includes(`experts="${label}"`))) problems.push(`${tw}: saturation query ${query} is not filtered to experts="${label}"`);
       }
     }
-    if (!throughput) problems.push(`${where}: no throughput trigger (switchyard_expert_tokens_total)`);
     if (!saturation) problems.push(`${where}: no saturation trigger (busy ratio or queue time)`);
     behavior = x.spec.advanced?.horizontalPodAutoscalerConfig?.behavior;
   } else {
@@ -559,7 +560,8 @@ function checkAutoscaler(x, indices, problems) {
     const m = x.spec.metrics || [];
     const pods = (name) => m.some((mm) => mm.type === "Pods" && mm.pods.metric.name === name &&
       mm.pods.target.type === "AverageValue" && parseQuantity(mm.pods.target.averageValue) > 0);
-    if (!pods("switchyard_expert_tokens_per_second")) problems.push(`${where}: want a Pods metric switchyard_expert_tokens_per_second with a positive AverageValue target`);
+    const tokens = m.find((mm) => mm.pods?.metric?.name === "switchyard_expert_tokens_per_second");
+    if (tokens && !pods("switchyard_expert_tokens_per_second")) problems.push(`${where}: the Pods metric switchyard_expert_tokens_per_second needs a positive AverageValue target`);
     if (!pods("switchyard_expert_busy_ratio")) problems.push(`${where}: want a Pods metric switchyard_expert_busy_ratio (saturation) with a positive AverageValue target`);
     behavior = x.spec.behavior;
   }

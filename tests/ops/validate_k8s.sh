@@ -110,7 +110,7 @@ for r in "${renderers[@]}"; do
 done
 
 # --- 4. the validator rejects broken manifests --------------------------------
-for overlay in cpu-demo gpu-hpa gpu-tls gpu-packed; do
+for overlay in cpu-demo cpu-demo-hpa gpu-hpa gpu-tls gpu-packed; do
   rendered=$work/render-${renderers[0]}-$overlay.yaml
   [ -s "$rendered" ] || { bad "no render of $overlay for the self-test"; continue; }
   python3 "$ops/mutate_k8s.py" "$rendered" "$work/mut-$overlay"
