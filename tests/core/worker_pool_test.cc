@@ -111,6 +111,7 @@ TEST(WorkerPoolTest, InlineClaimOnlyWhileAWorkerWouldBeIdle) {
   ASSERT_TRUE(pool.Submit([] {}));
   EXPECT_FALSE(pool.TryStartInline());  // and one queued
   gate.Open();
+  pool.Shutdown();  // before `gate` goes
 }
 
 TEST(WorkerPoolTest, GrowingPoolStartsAThreadPerConcurrentTask) {
@@ -128,6 +129,7 @@ TEST(WorkerPoolTest, GrowingPoolStartsAThreadPerConcurrentTask) {
   while (started.load() < 4) std::this_thread::yield();
   EXPECT_EQ(pool.threads(), 4);
   gate.Open();
+  pool.Shutdown();  // before `gate` goes
 }
 
 TEST(WorkerPoolTest, ThenRunsAfterTheWorkerIsIdleSoWaitAndResubmitStartsNoThread) {
