@@ -77,12 +77,12 @@ class WorkerPool {
 
   const WorkerPoolOptions options_;
   mutable std::mutex mu_;
-  std::condition_variable wake_;  // a task was queued, or stopping_
-  std::deque<Task> queue_;        // guarded by mu_
+  std::condition_variable wake_;      // a task was queued, or stopping_
+  std::deque<Task> queue_;            // guarded by mu_
   std::vector<std::thread> threads_;  // guarded by mu_ until stopping_, then Shutdown's
-  int running_ = 0;       // tasks running, on workers or inline; guarded by mu_
-  bool stopping_ = false;  // guarded by mu_
-  std::mutex join_mu_;     // serialises Shutdown's joins
+  int running_ = 0;                   // tasks running, on workers or inline; guarded by mu_
+  bool stopping_ = false;             // guarded by mu_
+  std::mutex join_mu_;                // serialises Shutdown's joins
 };
 
 }  // namespace switchyard
