@@ -5,12 +5,10 @@
 #endif
 
 #include <algorithm>
-#include <condition_variable>
-#include <deque>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <numeric>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -25,117 +23,47 @@ absl::Status ExpertBackend::RunLayerPerBatch(int layer, absl::Span<const ExpertB
   return RunLayer(layer, batches);
 }
 
-// The default StartLayerPerBatch's threads: a queue of calls and workers
-// that sleep on a condition variable while it is empty. A call posted when
-// no worker is idle starts one more, so the workers number the peak of
-// calls in flight at once (a couple of micro-batches per model runner) and
-// a call never waits behind another (which would undo the overlap). A worker
-// counts as idle again before it makes its call's future ready, so a caller
-// that waits for its calls and then posts the next ones finds it idle.
-// Thread-safety: Post and threads() from any thread.
-class ExpertBackend::CallWorkers {
- public:
-  CallWorkers() = default;
-  // Runs what is still queued (nothing, if every future was waited on), then
-  // joins the workers.
-  ~CallWorkers() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stopping_ = true;
-    }
-    wake_.notify_all();
-    for (std::thread& t : threads_) t.join();
-  }
+// The default StartLayerPerBatch's threads grow to the peak of calls in
+// flight at once (a couple of micro-batches per model runner), so a call
+// never waits behind another (which would undo the overlap). A worker counts
+// as idle again before it makes its call's future ready (WorkerPool's
+// `then`), so a caller that waits for its calls and then starts the next
+// ones finds it idle and no thread is started.
+ExpertBackend::ExpertBackend() : layer_calls_({.threads = 0, .grow_when_busy = true}) {}
 
-  std::future<absl::Status> Post(std::function<absl::Status()> run) {
-    Call call{std::move(run), {}};
-    std::future<absl::Status> result = call.done.get_future();
-    std::lock_guard<std::mutex> lock(mu_);
-    queue_.push_back(std::move(call));
-    if (queue_.size() > static_cast<size_t>(idle_)) {
-      threads_.emplace_back([this] { Loop(); });
-    } else {
-      wake_.notify_one();
-    }
-    return result;
-  }
-
-  int threads() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return static_cast<int>(threads_.size());
-  }
-
- private:
-  struct Call {
-    std::function<absl::Status()> run;
-    std::promise<absl::Status> done;
-  };
-
-  void Loop() {
-    std::unique_lock<std::mutex> lock(mu_);
-    ++idle_;
-    while (true) {
-      wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      --idle_;
-      if (queue_.empty()) return;  // stopping, and nothing left to run
-      Call call = std::move(queue_.front());
-      queue_.pop_front();
-      lock.unlock();
-      absl::Status status;
-      std::exception_ptr error;
-      try {
-        status = call.run();
-      } catch (...) {  // as std::async would: the caller's get() rethrows
-        error = std::current_exception();
-      }
-      lock.lock();
-      ++idle_;
-      lock.unlock();
-      if (error) {
-        call.done.set_exception(error);
-      } else {
-        call.done.set_value(std::move(status));
-      }
-      lock.lock();
-    }
-  }
-
-  mutable std::mutex mu_;
-  std::condition_variable wake_;  // a call was queued, or stopping_
-  std::deque<Call> queue_;
-  std::vector<std::thread> threads_;
-  int idle_ = 0;  // workers not running a call
-  bool stopping_ = false;
-};
-
-ExpertBackend::ExpertBackend() = default;
-
-ExpertBackend::~ExpertBackend() {
-  std::unique_ptr<CallWorkers> workers;
-  {
-    std::lock_guard<std::mutex> lock(workers_mu_);
-    workers = std::move(workers_);
-  }
-  workers.reset();  // joins outside the lock
-}
+ExpertBackend::~ExpertBackend() = default;
 
 std::future<absl::Status> ExpertBackend::StartLayerPerBatch(
     int layer, std::vector<ExpertBatch> batches, std::vector<absl::Status>* batch_status) {
-  CallWorkers* workers;
-  {
-    std::lock_guard<std::mutex> lock(workers_mu_);
-    if (workers_ == nullptr) workers_ = std::make_unique<CallWorkers>();
-    workers = workers_.get();
+  struct Call {
+    std::promise<absl::Status> done;
+    absl::Status status;
+    std::exception_ptr error;
+  };
+  auto call = std::make_shared<Call>();
+  std::future<absl::Status> result = call->done.get_future();
+  auto run = [this, call, layer, batches = std::move(batches), batch_status] {
+    try {
+      call->status = RunLayerPerBatch(layer, batches, batch_status);
+    } catch (...) {  // as std::async would: the caller's get() rethrows
+      call->error = std::current_exception();
+    }
+  };
+  auto finish = [call] {
+    if (call->error) {
+      call->done.set_exception(call->error);
+    } else {
+      call->done.set_value(std::move(call->status));
+    }
+  };
+  if (!layer_calls_.Submit(std::move(run), std::move(finish))) {
+    // Only while the backend is being destroyed, which no caller may overlap.
+    call->done.set_value(absl::FailedPreconditionError("expert backend is shutting down"));
   }
-  return workers->Post([this, layer, batches = std::move(batches), batch_status] {
-    return RunLayerPerBatch(layer, batches, batch_status);
-  });
+  return result;
 }
 
-int ExpertBackend::layer_call_threads() const {
-  std::lock_guard<std::mutex> lock(workers_mu_);
-  return workers_ == nullptr ? 0 : workers_->threads();
-}
+int ExpertBackend::layer_call_threads() const { return layer_calls_.threads(); }
 
 LocalExpertBackend::LocalExpertBackend(const ExpertStore* store) : store_(store) {
   for (const auto& [layer, expert] : store_->Held()) {

@@ -14,12 +14,12 @@
 
 #include <future>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "core/worker_pool.h"
 #include "expert_service/expert_ffn.h"
 
 namespace switchyard {
@@ -37,7 +37,7 @@ struct ExpertBatch {
 class ExpertBackend {
  public:
   ExpertBackend();
-  // Joins the workers of the default StartLayerPerBatch (every future it
+  // Joins the threads of the default StartLayerPerBatch (every future it
   // returned must be ready by now, see there).
   virtual ~ExpertBackend();
   ExpertBackend(const ExpertBackend&) = delete;
@@ -80,9 +80,7 @@ class ExpertBackend {
   virtual std::string Describe() const = 0;
 
  private:
-  class CallWorkers;  // expert_backend.cc
-  mutable std::mutex workers_mu_;
-  std::unique_ptr<CallWorkers> workers_;  // created by the first StartLayerPerBatch
+  WorkerPool layer_calls_;  // the default StartLayerPerBatch's; no thread before its first call
 };
 
 // Runs experts from an in-process ExpertStore on the CPU: the gateway's

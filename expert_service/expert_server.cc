@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <map>
 
 #include "absl/strings/ascii.h"
@@ -78,62 +79,35 @@ ExpertServiceImpl::ExpertServiceImpl(const ModelConfig& config, ExpertBackend* b
       backend_(backend),
       shard_(std::move(shard)),
       options_(std::move(options)),
-      config_fingerprint_(config.Fingerprint()) {
+      config_fingerprint_(config.Fingerprint()),
+      workers_({.threads = std::max(1, options_.workers)}) {
   for (const auto& key : shard_.Held()) counters_[key] = std::make_unique<ExpertCounters>();
-  const int workers = std::max(1, options_.workers);
-  for (int i = 0; i < workers; ++i) workers_.emplace_back([this] { WorkerLoop(); });
 }
 
 ExpertServiceImpl::~ExpertServiceImpl() { Shutdown(); }
 
 void ExpertServiceImpl::Shutdown() {
-  std::lock_guard<std::mutex> join_lock(join_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
   }
-  work_cv_.notify_all();
-  for (std::thread& t : workers_) t.join();
-  workers_.clear();
-}
-
-void ExpertServiceImpl::WorkerLoop() {
-  for (;;) {
-    std::function<void()> task;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      // Drain the queue before exiting so every accepted call is finished.
-      if (queue_.empty()) return;
-      task = std::move(queue_.front());
-      queue_.pop_front();
-      ++running_;
-    }
-    task();
-    ComputeDone();
-  }
+  // Runs every queued call (each was accepted) before joining.
+  workers_.Shutdown();
 }
 
 bool ExpertServiceImpl::TakeInlineSlotLocked() {
-  if (!options_.inline_compute_when_idle || !queue_.empty() ||
-      running_ >= std::max(1, options_.workers) ||
+  if (!options_.inline_compute_when_idle ||
       compute_average_micros_.load(std::memory_order_relaxed) >
           options_.inline_compute_max_micros) {
     return false;
   }
-  ++running_;
-  return true;
+  return workers_.TryStartInline();
 }
 
 void ExpertServiceImpl::RecordComputeMicros(int64_t micros) {
   // Racy read-modify-write: a lost update only delays the average a little.
   const int64_t average = compute_average_micros_.load(std::memory_order_relaxed);
   compute_average_micros_.store((7 * average + micros) / 8, std::memory_order_relaxed);
-}
-
-void ExpertServiceImpl::ComputeDone() {
-  std::lock_guard<std::mutex> lock(mu_);
-  --running_;
 }
 
 grpc::ServerUnaryReactor* ExpertServiceImpl::GetShardInfo(grpc::CallbackServerContext* context,
@@ -229,10 +203,10 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::Forward(grpc::CallbackServerContext
       reactor->Finish(rpc::ToGrpcStatus(absl::UnavailableError("expert shard is shutting down")));
       return reactor;
     }
-    if (static_cast<int64_t>(queue_.size()) >= options_.max_queued_calls) {
+    if (const int queued = workers_.queued(); queued >= options_.max_queued_calls) {
       rejected_calls_.fetch_add(1, std::memory_order_relaxed);
       reactor->Finish(rpc::ToGrpcStatus(absl::ResourceExhaustedError(
-          absl::StrCat("expert shard overloaded: ", queue_.size(), " calls queued"))));
+          absl::StrCat("expert shard overloaded: ", queued, " calls queued"))));
       return reactor;
     }
     (*counters)->in_flight.fetch_add(1, std::memory_order_relaxed);
@@ -240,15 +214,14 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::Forward(grpc::CallbackServerContext
     run_inline = TakeInlineSlotLocked();
     if (!run_inline) {
       ExpertCounters* c = *counters;
-      queue_.push_back([=, this] { RunForward(context, request, response, reactor, c, received); });
+      // Never refused: stopping_ is set (under mu_) before workers_ shut down.
+      workers_.Submit([=, this] { RunForward(context, request, response, reactor, c, received); });
     }
   }
   if (run_inline) {
     // Idle shard: compute here, on gRPC's thread, instead of waking a worker.
     RunForward(context, request, response, reactor, *counters, received);
-    ComputeDone();
-  } else {
-    work_cv_.notify_one();
+    workers_.FinishInline();
   }
   return reactor;
 }
@@ -500,9 +473,9 @@ void ExpertServiceImpl::AcceptStreamRequest(std::unique_ptr<v1::ForwardStreamReq
     absl::Status refused;
     if (stopping_) {
       refused = absl::UnavailableError("expert shard is shutting down");
-    } else if (static_cast<int64_t>(queue_.size()) >= options_.max_queued_calls) {
+    } else if (const int queued = workers_.queued(); queued >= options_.max_queued_calls) {
       refused = absl::ResourceExhaustedError(
-          absl::StrCat("expert shard overloaded: ", queue_.size(), " calls queued"));
+          absl::StrCat("expert shard overloaded: ", queued, " calls queued"));
     }
     if (!refused.ok()) {
       lock.unlock();
@@ -521,14 +494,13 @@ void ExpertServiceImpl::AcceptStreamRequest(std::unique_ptr<v1::ForwardStreamReq
     if (!run_inline) {
       // std::function needs a copyable callable: hand the work over raw.
       StreamWork* queued = work.release();
-      queue_.push_back([this, queued] { RunStreamWork(queued); });
+      // Never refused: stopping_ is set (under mu_) before workers_ shut down.
+      workers_.Submit([this, queued] { RunStreamWork(queued); });
     }
   }
   if (run_inline) {
     RunStreamWork(work.release());
-    ComputeDone();
-  } else {
-    work_cv_.notify_one();
+    workers_.FinishInline();
   }
 }
 
@@ -644,10 +616,7 @@ ExpertServerStats ExpertServiceImpl::Stats() const {
                              .busy_micros = c->busy_micros.load(std::memory_order_relaxed)});
   }
   stats.rejected_calls = rejected_calls_.load(std::memory_order_relaxed);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stats.queued_calls = static_cast<int64_t>(queue_.size());
-  }
+  stats.queued_calls = workers_.queued();
   return stats;
 }
 

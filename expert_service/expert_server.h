@@ -24,22 +24,19 @@
 #define SWITCHYARD_EXPERT_SERVICE_EXPERT_SERVER_H_
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
-#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <set>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/checkpoint.h"
 #include "core/model_config.h"
+#include "core/worker_pool.h"
 #include "expert_service/expert_backend.h"
 #include "expert_service/expert_metrics.h"
 #include "switchyard/v1/expert.grpc.pb.h"
@@ -169,14 +166,12 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   // for batches refused at validation) and the response being built.
   struct StreamWork;
 
-  void WorkerLoop();
   // The counters of the (layer, expert) `request` names, after the cheap
   // checks (fingerprint, held, dtype, row limit); the error otherwise.
   absl::StatusOr<ExpertCounters*> Validate(const v1::ForwardRequest& request) const;
   // Under mu_: whether the caller may compute on its own thread now (then
-  // counted in running_ until it calls ComputeDone).
+  // counted as a running computation until it calls workers_.FinishInline()).
   bool TakeInlineSlotLocked();
-  void ComputeDone();
   // Accepts a stream request read at `received_micros`: answers refused
   // batches, computes or queues the others, and replies through `reactor`.
   void AcceptStreamRequest(std::unique_ptr<v1::ForwardStreamRequest> request,
@@ -200,19 +195,19 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   std::map<std::pair<int, int>, std::unique_ptr<ExpertCounters>> counters_;
   std::atomic<uint64_t> rejected_calls_{0};
 
-  mutable std::mutex mu_;
-  std::condition_variable work_cv_;
-  std::deque<std::function<void()>> queue_;  // guarded by mu_
-  bool stopping_ = false;                    // guarded by mu_
-  int running_ = 0;  // computations running, inline or on workers; guarded by mu_
+  // Serialises accepting a call: the stopping_ and queue-limit checks, the
+  // accounting (in_flight, metrics) and the inline-or-queue choice happen
+  // together, before a worker can start the call.
+  std::mutex mu_;
+  bool stopping_ = false;  // guarded by mu_
   std::mutex streams_mu_;
   std::set<StreamReactor*> streams_;  // open streams; guarded by streams_mu_
   bool streams_ending_ = false;       // guarded by streams_mu_
   // Moving average of compute time per call, in us (for inline_compute_max_micros).
   std::atomic<int64_t> compute_average_micros_{0};
   void RecordComputeMicros(int64_t micros);
-  std::mutex join_mu_;  // serialises Shutdown's joins
-  std::vector<std::thread> workers_;
+  // `workers` threads (at least 1); counts inline computations too.
+  WorkerPool workers_;
 };
 
 }  // namespace switchyard

@@ -40,12 +40,8 @@
 #   0.21 with bench's default pool of 8). Warm-up runs send REQUESTS/2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=build/bin
 . scripts/bench-lib.sh
-model=${1:-}
-shift || true
-model=$(bench_model "$model")
-bench_flags=("$@")
+bench_setup "$@"
 [ ${#bench_flags[@]} -gt 0 ] || bench_flags=(--concurrency 8 --prompt-tokens 128 --output-tokens 2
   --skew-candidates 128 --skew-pool 2)
 rounds=${ROUNDS:-2}
@@ -91,10 +87,6 @@ with open(path, "w") as f:
         time.sleep(0.5)
 PY
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait || true; }
-trap cleanup EXIT
-
 # gateway_replicas ADDR: the gateway's replica count for the hot expert.
 gateway_replicas() {
   curl -s "http://$1/metrics" |
@@ -106,14 +98,10 @@ run_variant() {
   local max=$1 tag=$2 port endpoints up_pid sampler_pid server metrics up_metrics start
   port=$(free_port)
   endpoints="$out/$tag.endpoints.json"
-  "$bin/switchyard" up --model "$model" --port "$port" --endpoints-file "$endpoints" \
+  bench_up "$port" "$endpoints" "$out/$tag.up.log" \
     --expert-workers 1 --micro-batches "$micro_batches" --autoscale --max-replicas "$max" \
     --target-busy "$target" --autoscale-period-ms "$period_ms" --scale-down-delay-s 3600 \
-    --metrics-port 0 >"$out/$tag.up.log" 2>&1 &
-  up_pid=$!
-  pids+=("$up_pid")
-  wait_ready "$port" "$up_pid" || { cat "$out/$tag.up.log"; exit 1; }
-  for _ in $(seq 1 100); do [ -s "$endpoints" ] && break; sleep 0.1; done
+    --metrics-port 0
   read -r metrics up_metrics < <(python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1]))

@@ -9,15 +9,11 @@
 #   DEVICE=cuda runs every process on GPU 0 (gateway and experts alike).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=build/bin
 . scripts/bench-lib.sh
-model=${1:-}
-shift || true
-model=$(bench_model "$model")
+bench_setup "$@"
 device_flags=()
 [ -n "${DEVICE:-}" ] && device_flags+=(--device "$DEVICE")
 [ -n "${PRECISION:-}" ] && device_flags+=(--precision "$PRECISION")
-bench_flags=("$@")
 [ ${#bench_flags[@]} -gt 0 ] || bench_flags=(--concurrency 8 --requests 32 --prompt-tokens 64 --output-tokens 32)
 out=$(mktemp -d)
 
@@ -25,6 +21,7 @@ port=$(free_port)
 "$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:$port" --experts local \
   "${device_flags[@]}" >"$out/local.log" 2>&1 &
 pid=$!
+pids+=("$pid")
 wait_ready "$port" "$pid" || { cat "$out/local.log"; exit 1; }
 "$bin/switchyard" bench --server "127.0.0.1:$port" "${bench_flags[@]}" --json >"$out/local.json"
 kill -TERM "$pid"; wait "$pid" || true
@@ -32,6 +29,7 @@ kill -TERM "$pid"; wait "$pid" || true
 port=$(free_port)
 "$bin/switchyard" up --model "$model" --port "$port" "${device_flags[@]}" >"$out/split.log" 2>&1 &
 pid=$!
+pids+=("$pid")
 wait_ready "$port" "$pid" || { cat "$out/split.log"; exit 1; }
 "$bin/switchyard" bench --server "127.0.0.1:$port" "${bench_flags[@]}" --json >"$out/split.json"
 kill -TERM "$pid"; wait "$pid" || true

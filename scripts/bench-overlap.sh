@@ -14,28 +14,17 @@
 #   gateway/step_runner.h); --requests is 2 x the concurrency.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=build/bin
 . scripts/bench-lib.sh
-model=${1:-}
-shift || true
-model=$(bench_model "$model")
-bench_flags=("$@")
+bench_setup "$@"
 [ ${#bench_flags[@]} -gt 0 ] || bench_flags=(--prompt-tokens 16 --output-tokens 64)
 rounds=${ROUNDS:-2}
 overlap=${MICRO_BATCHES:-2}
 [ "$overlap" != 1 ] || { echo "MICRO_BATCHES must not be 1 (that is the baseline)" >&2; exit 2; }
 concurrency=${CONCURRENCY:-8 16}
 out=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait || true; }
-trap cleanup EXIT
 
 up_port=$(free_port)
-"$bin/switchyard" up --model "$model" --port "$up_port" --endpoints-file "$out/endpoints.json" \
-  >"$out/up.log" 2>&1 &
-pids+=($!)
-wait_ready "$up_port" "${pids[-1]}" || { cat "$out/up.log"; exit 1; }
-for _ in $(seq 1 100); do [ -s "$out/endpoints.json" ] && break; sleep 0.1; done
+bench_up "$up_port" "$out/endpoints.json" "$out/up.log"
 # The expert processes' addresses as a topology SPEC (0=ADDR;1=ADDR;...).
 spec=$(python3 - "$out/endpoints.json" <<'PY'
 import json, sys

@@ -25,28 +25,17 @@
 #   --concurrency 16 --requests 64 --prompt-tokens 96 --output-tokens 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=build/bin
 . scripts/bench-lib.sh
-model=${1:-}
-shift || true
-model=$(bench_model "$model")
-bench_flags=("$@")
+bench_setup "$@"
 [ ${#bench_flags[@]} -gt 0 ] ||
   bench_flags=(--concurrency 16 --requests 64 --prompt-tokens 96 --output-tokens 2)
 hot=${HOT:-3}
 busy_threshold=${BUSY_THRESHOLD:-1.4}
 read -r -a up_flags <<<"${UP_FLAGS:-}"
 out=$(mktemp -d -t measure-expert-capacity.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait || true; }
-trap cleanup EXIT
 
 port=$(free_port)
-"$bin/switchyard" up --model "$model" --port "$port" --endpoints-file "$out/endpoints.json" \
-  "${up_flags[@]}" >"$out/up.log" 2>&1 &
-pids+=($!)
-wait_ready "$port" "${pids[-1]}" || { cat "$out/up.log"; exit 1; }
-for _ in $(seq 1 100); do [ -s "$out/endpoints.json" ] && break; sleep 0.1; done
+bench_up "$port" "$out/endpoints.json" "$out/up.log" "${up_flags[@]}"
 # The gateway's metrics address and the metrics address of HOT's process.
 read -r gateway_metrics expert_metrics < <(python3 - "$out/endpoints.json" "$hot" <<'PY'
 import json, sys

@@ -11,10 +11,11 @@
 #                 toolkit's headers are installed. The whole CUDA runner on
 #                 the emulator (cuda_parity_emulated_test, ~2.5 min under
 #                 ASan) is left to `ASAN_TESTS=cuda_parity_emulated_test`.
-#   TSan:         scheduler_test metrics_test (the suites with threads: the
-#                 scheduler's loop and its callers, the /metrics server;
-#                 engine_test and sampler_test run on one thread, so TSan
-#                 would only slow them down)
+#   TSan:         scheduler_test metrics_test worker_pool_test (the suites
+#                 with threads: the scheduler's loop and its callers, the
+#                 /metrics server, core/worker_pool; engine_test and
+#                 sampler_test run on one thread, so TSan would only slow
+#                 them down)
 # Built with g++ like the normal build, so the project and Debian's gRPC,
 # protobuf and Abseil share one toolchain; those libraries are not
 # instrumented. That is harmless for ASan/UBSan, but TSan cannot see the
@@ -50,7 +51,7 @@ for kind in "${kinds[@]}"; do
   case $kind in
     address) build=build-asan
       tests=(${ASAN_TESTS:-scheduler_test gateway_test engine_test sampler_test health_service_test metrics_test}) ;;
-    thread) build=build-tsan; tests=(${TSAN_TESTS:-scheduler_test metrics_test})
+    thread) build=build-tsan; tests=(${TSAN_TESTS:-scheduler_test metrics_test worker_pool_test})
       # GNU libgomp is not built with TSan either: the barrier that ends an
       # OpenMP parallel region (core/cpu_ops.cc) is invisible to it, so every
       # buffer the region's workers touched looks raced by whoever uses or
