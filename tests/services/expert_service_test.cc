@@ -1341,7 +1341,9 @@ TEST_F(ExpertServiceTest, AStreamReconnectsAfterTheReplicaRestarts) {
     ASSERT_TRUE((*backend)->RunLayerPerBatch(1, got.batches, &batch_status).ok());
     EXPECT_EQ(batch_status[5].code(), absl::StatusCode::kUnavailable) << batch_status[5];
     for (size_t b = 0; b < 8; ++b) {
-      if (b != 5) EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
+      if (b != 5) {
+        EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
+      }
     }
   }
   auto second = StartCountedShard(*dir_, {5}, address);
@@ -1392,7 +1394,9 @@ TEST_F(ExpertServiceTest, AStreamReplyThatNeverComesFailsAtTheDeadline) {
   EXPECT_EQ(batch_status[1].code(), absl::StatusCode::kUnavailable) << batch_status[1];
   EXPECT_THAT(std::string(batch_status[1].message()), HasSubstr("DEADLINE_EXCEEDED"));
   for (size_t b = 0; b < 8; ++b) {
-    if (b != 1) EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
+    if (b != 1) {
+      EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
+    }
   }
 }
 
@@ -1625,6 +1629,74 @@ TEST(ExpertWeightsFingerprintTest, StableDistinctAndIndependentOfSharding) {
   EXPECT_NE(f32_fp, "error");
   EXPECT_NE(ExpertWeightsFingerprint(dir, 5).value_or("error"), *w);  // other seed
   std::filesystem::remove_all(tmp);
+}
+
+// A replica removed while a layer is in flight on it finishes that layer
+// (drained, not cut off); later layers go to its successor only.
+TEST_F(ExpertServiceTest, ARemovedReplicaFinishesTheLayerInFlightOnIt) {
+  auto old_replica = StartCountedShard(*dir_, {4});
+  ASSERT_NE(old_replica, nullptr);
+  auto successor = StartCountedShard(*dir_, {4});
+  ASSERT_NE(successor, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  topology.replicas[4] = {old_replica->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  LocalExpertBackend local(local_store_);
+  const auto check = [&](uint32_t seed, const std::vector<absl::Status>& status,
+                         const LayerInput& got) {
+    LayerInput want = MakeLayerInput(seed);
+    ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
+    ASSERT_EQ(status.size(), 8u);
+    for (size_t b = 0; b < 8; ++b) {
+      EXPECT_TRUE(status[b].ok()) << b << ": " << status[b];
+      EXPECT_EQ(MaxAbsDiff(got.outputs[b], want.outputs[b]), 0.0) << b;
+    }
+  };
+  {  // the stream to the old replica is open on this thread
+    LayerInput got = MakeLayerInput(80);
+    std::vector<absl::Status> status;
+    ASSERT_TRUE((*backend)->RunLayerPerBatch(0, got.batches, &status).ok());
+    check(80, status, got);
+  }
+  old_replica->recording->delay_ms = 300;
+  LayerInput got = MakeLayerInput(81);
+  std::vector<absl::Status> status;
+  absl::Status layer_status;
+  std::thread runner([&] { layer_status = (*backend)->RunLayerPerBatch(0, got.batches, &status); });
+  const ExpertCounters* counters = old_replica->service->counters(0, 4);
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (counters->in_flight.load() == 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(counters->in_flight.load(), 1);
+  topology.replicas[4] = {successor->address()};
+  absl::StatusOr<std::string> changed = (*backend)->ApplyTopology(topology);
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_THAT(*changed, HasSubstr("-" + old_replica->address()));
+  runner.join();
+  ASSERT_TRUE(layer_status.ok()) << layer_status;
+  check(81, status, got);
+  const uint64_t old_calls = counters->calls.load();
+  EXPECT_EQ(old_calls, 2u);
+  // Later layers never touch the removed replica again.
+  for (uint32_t seed = 82; seed < 85; ++seed) {
+    LayerInput next = MakeLayerInput(seed);
+    std::vector<absl::Status> next_status;
+    ASSERT_TRUE((*backend)->RunLayerPerBatch(0, next.batches, &next_status).ok());
+    check(seed, next_status, next);
+  }
+  EXPECT_EQ(counters->calls.load(), old_calls);
+  EXPECT_EQ(successor->service->counters(0, 4)->calls.load(), 3u);
+  // Gone now: nothing of it is still in use.
+  old_replica->Kill();
+  LayerInput last = MakeLayerInput(85);
+  std::vector<absl::Status> last_status;
+  ASSERT_TRUE((*backend)->RunLayerPerBatch(0, last.batches, &last_status).ok());
+  check(85, last_status, last);
 }
 
 }  // namespace
