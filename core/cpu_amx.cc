@@ -32,6 +32,11 @@ int64_t ChunkBase(const PackedX& x, int t0) {
   return static_cast<int64_t>(x.terms) * x.chunks * kTileK * t0;
 }
 
+// Whether a token chunk's x terms fit one B tile side by side (terms x tc
+// columns of at most 16): then one TDPBF16PS per weight tile computes every
+// term (at batch 1, a third of the tile work of one per term).
+bool TermsShareATile(int terms, int tc) { return terms > 1 && terms * tc <= kChunkTokens; }
+
 }  // namespace
 
 namespace {
@@ -130,9 +135,17 @@ void PackX(const float* x, int tokens, int k, int terms, PackedX* out) {
         SplitChunkScalar(xr + kc * kTileK, terms, words);
 #endif
         uint16_t* tile = base + static_cast<int64_t>(kc) * terms * kTileK * tc;  // term 0
-        for (int p = 0; p < terms; ++p) {
-          uint16_t* tp = tile + static_cast<int64_t>(p) * kTileK * tc;  // [16][tc][2]
-          for (int i = 0; i < 16; ++i) std::memcpy(tp + (i * tc + t) * 2, &words[p][i], 4);
+        if (TermsShareATile(terms, tc)) {  // one tile [16][terms][tc][2]
+          for (int p = 0; p < terms; ++p) {
+            for (int i = 0; i < 16; ++i) {
+              std::memcpy(tile + ((i * terms + p) * tc + t) * 2, &words[p][i], 4);
+            }
+          }
+        } else {
+          for (int p = 0; p < terms; ++p) {
+            uint16_t* tp = tile + static_cast<int64_t>(p) * kTileK * tc;  // [16][tc][2]
+            for (int i = 0; i < 16; ++i) std::memcpy(tp + (i * tc + t) * 2, &words[p][i], 4);
+          }
         }
       }
       for (int kk = kf; kk < k; ++kk) {
@@ -160,29 +173,39 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles: 0, 1 accumulators C [16 rows][tc] FP32; 2, 3 weights A [16 rows][32]
-// BF16; 4, 5, 6 the x terms B [16 pairs][tc][2] BF16.
-SY_AMX void Configure(int tc) {
+// Tiles of the two layouts (`cols`: FP32 columns of C, k-pair columns of B).
+// Shared B (one term, or all terms side by side): 0, 1 accumulators C [16
+// rows][cols] FP32 of rows 0-15 and 16-31; 2, 3 weights A [16 rows][32] BF16;
+// 4 the x B [16 pairs][cols][2] BF16. Per term (3 terms, over 5 tokens): 0-2
+// the accumulators of terms hi, mid, lo for rows 0-15, 3-5 for rows 16-31; 6
+// weights A; 7 one term's B.
+SY_AMX void Configure(bool per_term, int cols) {
   TileConfig cfg;
-  for (int i : {0, 1, 4, 5, 6}) {
-    cfg.rows[i] = kTileRows;
-    cfg.colsb[i] = static_cast<uint16_t>(tc * 4);
-  }
-  for (int i : {2, 3}) {
-    cfg.rows[i] = kTileRows;
-    cfg.colsb[i] = kTileK * 2;
+  constexpr int kSharedC[] = {0, 1, 4}, kSharedA[] = {2, 3};
+  constexpr int kPerTermC[] = {0, 1, 2, 3, 4, 5, 7}, kPerTermA[] = {6};
+  const auto set = [&](const int* tiles, int count, int colsb) {
+    for (int j = 0; j < count; ++j) {
+      cfg.rows[tiles[j]] = kTileRows;
+      cfg.colsb[tiles[j]] = static_cast<uint16_t>(colsb);
+    }
+  };
+  if (per_term) {
+    set(kPerTermC, 7, cols * 4);
+    set(kPerTermA, 1, kTileK * 2);
+  } else {
+    set(kSharedC, 3, cols * 4);
+    set(kSharedA, 2, kTileK * 2);
   }
   // Not _tile_loadconfig: GCC 12's version declares an 8-byte memory operand,
   // so the compiler may drop the stores to the rest of cfg.
   __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
 }
 
-// C0, C1 = 32 weight rows (stride `ld` elements) · one chunk's packed x.
-template <int kTerms>
-SY_AMX void Block(const uint16_t* a, int64_t ld, const uint16_t* b, int chunks, int tc,
-                  float* c /* [32][16] */) {
-  const int64_t a_stride = ld * 2, b_stride = tc * 4;        // bytes
-  const int64_t b_tile = static_cast<int64_t>(kTileK) * tc;  // elements per term tile
+// C0, C1 = 32 weight rows (stride `ld` elements) · one B tile per chunk
+// (stride `b_chunk` elements between chunks) of `cols` columns.
+SY_AMX void SharedBBlock(const uint16_t* a, int64_t ld, const uint16_t* b, int64_t b_chunk,
+                         int chunks, int cols, float* c /* [32][16] */) {
+  const int64_t a_stride = ld * 2, b_stride = cols * 4;  // bytes
   _tile_zero(0);
   _tile_zero(1);
   for (int kc = 0; kc < chunks; ++kc) {
@@ -191,32 +214,74 @@ SY_AMX void Block(const uint16_t* a, int64_t ld, const uint16_t* b, int chunks, 
       const uint16_t* ahead = ak + kPrefetchChunks * kTileK;
       for (int r = 0; r < kBlockRows; ++r) __builtin_prefetch(ahead + r * ld, 0, 3);
     }
-    const uint16_t* bk = b + static_cast<int64_t>(kc) * kTerms * b_tile;
     _tile_loadd(2, ak, a_stride);
     _tile_loadd(3, ak + kTileRows * ld, a_stride);
-    _tile_loadd(4, bk, b_stride);
+    _tile_loadd(4, b + kc * b_chunk, b_stride);
     _tile_dpbf16ps(0, 2, 4);
     _tile_dpbf16ps(1, 3, 4);
-    if constexpr (kTerms == 3) {
-      _tile_loadd(5, bk + b_tile, b_stride);
-      _tile_loadd(6, bk + 2 * b_tile, b_stride);
-      _tile_dpbf16ps(0, 2, 5);
-      _tile_dpbf16ps(1, 3, 5);
-      _tile_dpbf16ps(0, 2, 6);
-      _tile_dpbf16ps(1, 3, 6);
-    }
   }
   _tile_stored(0, c, kChunkTokens * 4);
   _tile_stored(1, c + kTileRows * kChunkTokens, kChunkTokens * 4);
 }
 
+// The three terms' accumulators for 32 weight rows, each term in its own
+// tiles: c[p] = rows · term p of one chunk of tc tokens. Each term's B tile is
+// loaded once per chunk and used by both 16-row halves (the A tile of a half
+// is reloaded from L1). Each FP32 output element is the same sum as in
+// SharedBBlock (a tile product's element depends only on its row and column),
+// so both layouts give the same bits.
+SY_AMX void PerTermBlock(const uint16_t* a, int64_t ld, const uint16_t* b, int chunks, int tc,
+                         float* c /* [3][32][16] */) {
+  const int64_t a_stride = ld * 2, b_stride = tc * 4;        // bytes
+  const int64_t b_tile = static_cast<int64_t>(kTileK) * tc;  // elements per term tile
+  const int64_t a1 = static_cast<int64_t>(kTileRows) * ld;   // the second half's rows
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  for (int kc = 0; kc < chunks; ++kc) {
+    const uint16_t* ak = a + static_cast<int64_t>(kc) * kTileK;
+    if (kc + kPrefetchChunks < chunks) {
+      const uint16_t* ahead = ak + kPrefetchChunks * kTileK;
+      for (int r = 0; r < kBlockRows; ++r) __builtin_prefetch(ahead + r * ld, 0, 3);
+    }
+    const uint16_t* bk = b + static_cast<int64_t>(kc) * 3 * b_tile;
+    // Tiles 0-2: rows 0-15, terms hi, mid, lo; 3-5: rows 16-31; 6: A; 7: B.
+    _tile_loadd(7, bk, b_stride);
+    _tile_loadd(6, ak, a_stride);
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_loadd(6, ak + a1, a_stride);
+    _tile_dpbf16ps(3, 6, 7);
+    _tile_loadd(7, bk + b_tile, b_stride);
+    _tile_dpbf16ps(4, 6, 7);
+    _tile_loadd(6, ak, a_stride);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_loadd(7, bk + 2 * b_tile, b_stride);
+    _tile_dpbf16ps(2, 6, 7);
+    _tile_loadd(6, ak + a1, a_stride);
+    _tile_dpbf16ps(5, 6, 7);
+  }
+  constexpr int64_t kHalf = kTileRows * kChunkTokens, kTerm = kBlockRows * kChunkTokens;
+  _tile_stored(0, c, kChunkTokens * 4);
+  _tile_stored(1, c + kTerm, kChunkTokens * 4);
+  _tile_stored(2, c + 2 * kTerm, kChunkTokens * 4);
+  _tile_stored(3, c + kHalf, kChunkTokens * 4);
+  _tile_stored(4, c + kTerm + kHalf, kChunkTokens * 4);
+  _tile_stored(5, c + 2 * kTerm + kHalf, kChunkTokens * 4);
+}
+
 template <int kTerms>
 SY_AMX void Rows(const PackedX& x, const uint16_t* w, int n, int n_begin, int n_end, float* y,
                  bool accumulate) {
+  constexpr int terms = kTerms;
   const int K = x.k, kf = x.chunks * kTileK, rest = K - kf;
-  thread_local std::vector<uint16_t> padded;       // [32, Kin]: a partial block, zero padded
-  alignas(64) float c[kBlockRows * kChunkTokens];  // [32 rows][16 tokens]
-  int configured = 0;
+  thread_local std::vector<uint16_t> padded;  // [32, Kin]: a partial block, zero padded
+  // [terms][32 rows][16 columns]: per term (PerTermBlock), or terms side by
+  // side in the columns of c[0] (SharedBBlock).
+  alignas(64) float c[3 * kBlockRows * kChunkTokens];
+  int configured = 0;  // 1 + columns << 1 | per_term of the tile configuration; 0: none
   for (int n0 = n_begin; n0 < n_end; n0 += kBlockRows) {
     const int rows = std::min(kBlockRows, n_end - n0);
     const uint16_t* a = w + static_cast<int64_t>(n0) * K;  // [rows, Kin]
@@ -227,15 +292,35 @@ SY_AMX void Rows(const PackedX& x, const uint16_t* w, int n, int n_begin, int n_
     }
     for (int t0 = 0; t0 < x.tokens; t0 += kChunkTokens) {
       const int tc = std::min(kChunkTokens, x.tokens - t0);
-      if (tc != configured) {
-        Configure(tc);
-        configured = tc;
+      const bool per_term = kTerms > 1 && !TermsShareATile(terms, tc);
+      const int cols = per_term ? tc : terms * tc;
+      const int config = 1 + (cols << 1 | static_cast<int>(per_term));
+      if (config != configured) {
+        Configure(per_term, cols);
+        configured = config;
       }
-      Block<kTerms>(a, K, x.tiles.data() + ChunkBase(x, t0), x.chunks, tc, c);
+      const uint16_t* b = x.tiles.data() + ChunkBase(x, t0);
+      // c's FP32 value of term p, row r, token t.
+      int64_t term_stride, col_stride;
+      if (per_term) {
+        PerTermBlock(a, K, b, x.chunks, tc, c);
+        term_stride = kBlockRows * kChunkTokens;
+        col_stride = 0;
+      } else {
+        SharedBBlock(a, K, b, static_cast<int64_t>(terms) * kTileK * tc, x.chunks, cols, c);
+        term_stride = 0;
+        col_stride = tc;
+      }
       for (int r = 0; r < rows; ++r) {
         const uint16_t* wr = w + static_cast<int64_t>(n0 + r) * K;  // [Kin]
         for (int t = 0; t < tc; ++t) {
-          float s = c[r * kChunkTokens + t];
+          const float* ct = c + r * kChunkTokens + t;
+          // hi + mid, then + lo: the same order in both layouts.
+          float s = ct[0];
+          if constexpr (kTerms == 3) {
+            s += ct[term_stride + col_stride];
+            s += ct[2 * (term_stride + col_stride)];
+          }
           const float* xt = x.tail.data() + static_cast<int64_t>(t0 + t) * rest;  // [rest]
           for (int kk = 0; kk < rest; ++kk) s = std::fma(xt[kk], Bf16ToF32(wr[kf + kk]), s);
           float& out = y[static_cast<int64_t>(t0 + t) * n + n0 + r];

@@ -11,7 +11,13 @@
 // rounded to BF16 (one term). For kF32, x is split into three BF16 terms
 // x = hi + mid + lo (exact for normal FP32 values: 3 x 8 significant bits),
 // each term's products with the BF16 weights are exact in FP32, so the result
-// is the FP32 math of the oracle in another summation order. Kin past the last
+// is the FP32 math of the oracle in another summation order: each term's
+// products are summed in their own FP32 accumulator, then hi + mid, + lo.
+// Up to 5 tokens (3 x 5 columns) the three terms sit side by side in one B
+// tile, so one tile product covers all three (batch 1 does a third of the
+// tile work it would with a tile per term); from 6 tokens each term has its
+// own B tile and accumulators. A product's element depends only on its row
+// and column, so both layouts give the same bits. Kin past the last
 // multiple of 32 is added after the tiles with scalar FMAs in order. A row's
 // summation order depends only on Kin, never on T, N or the thread split
 // (partial row blocks are computed in a zero-padded copy of the rows).
@@ -33,9 +39,11 @@ namespace switchyard::cpu::amx {
 bool AmxUsable();
 
 // x[T, Kin] repacked as B tiles: for each chunk of up to 16 tokens (tc
-// tokens), each term and each 32-column chunk kc, a tile [16 k-pairs][tc][2]
-// of BF16; plus the columns past the last multiple of 32, as FP32 values of
-// the precision (x itself for 3 terms, BF16-rounded x for 1 term).
+// tokens) and each 32-column chunk kc, a tile [16 k-pairs][terms][tc][2] of
+// BF16 where terms x tc <= 16 (one term; three terms up to 5 tokens), else a
+// tile [16 k-pairs][tc][2] per term; plus the columns past the last multiple
+// of 32, as FP32 values of the precision (x itself for 3 terms, BF16-rounded
+// x for 1 term).
 struct PackedX {
   int tokens = 0;
   int k = 0;                    // Kin

@@ -342,36 +342,42 @@ TEST_F(KernelLevelTest, EveryLevelEveryRowCountUpTo17) {
 // The AMX kernel's FP32 precision rests on x = hi + mid + lo with three BF16
 // terms (core/cpu_amx.h). PackX is portable code, so this runs everywhere.
 TEST(CpuAmxTest, ThreeBf16TermsSumExactlyToX) {
-  const int T = 3, K = 70;  // two 32-column chunks and a 6-column tail
-  std::vector<float> x = Random(static_cast<size_t>(T) * K, 61);  // [T, K]
-  x[5] = 3.14159274f;
-  x[6] = -1.0e-20f;
-  x[7] = 65504.123f;
-  x[8] = -std::numeric_limits<float>::infinity();
-  cpu::amx::PackedX packed;
-  cpu::amx::PackX(x.data(), T, K, /*terms=*/3, &packed);
-  ASSERT_EQ(packed.chunks, 2);
-  ASSERT_EQ(packed.tail.size(), static_cast<size_t>(T) * 6);
-  int checked = 0;
-  for (int t = 0; t < T; ++t) {
-    for (int k = 0; k < 64; ++k) {
-      // Tile (chunk kc, term p) holds [16 pairs][T tokens][2].
-      const int kc = k / 32, pair = (k % 32) / 2, half = k % 2;
-      float sum = 0;
-      for (int p = 2; p >= 0; --p) {  // smallest first: every partial sum is exact
-        const size_t at = (static_cast<size_t>(kc) * 3 + p) * 32 * T +
-                          (static_cast<size_t>(pair) * T + t) * 2 + half;
-        sum += Bf16ToF32(packed.tiles[at]);
+  // T 3: the terms side by side in one tile per chunk (3 x 3 columns); T 6:
+  // a tile per term (3 x 6 columns would not fit 16).
+  for (const int T : {3, 6}) {
+    const int K = 70;  // two 32-column chunks and a 6-column tail
+    std::vector<float> x = Random(static_cast<size_t>(T) * K, 61);  // [T, K]
+    x[5] = 3.14159274f;
+    x[6] = -1.0e-20f;
+    x[7] = 65504.123f;
+    x[8] = -std::numeric_limits<float>::infinity();
+    cpu::amx::PackedX packed;
+    cpu::amx::PackX(x.data(), T, K, /*terms=*/3, &packed);
+    ASSERT_EQ(packed.chunks, 2);
+    ASSERT_EQ(packed.tail.size(), static_cast<size_t>(T) * 6);
+    int checked = 0;
+    for (int t = 0; t < T; ++t) {
+      for (int k = 0; k < 64; ++k) {
+        const int kc = k / 32, pair = (k % 32) / 2, half = k % 2;
+        float sum = 0;
+        for (int p = 2; p >= 0; --p) {  // smallest first: every partial sum is exact
+          // Chunk kc holds [16 pairs][3 terms][T][2] (shared) or
+          // [3 terms][16 pairs][T][2] (a tile per term).
+          const size_t in_chunk = 3 * T <= 16 ? (static_cast<size_t>(pair) * 3 + p) * T + t
+                                              : (static_cast<size_t>(p) * 16 + pair) * T + t;
+          const size_t at = static_cast<size_t>(kc) * 3 * 32 * T + in_chunk * 2 + half;
+          sum += Bf16ToF32(packed.tiles[at]);
+        }
+        EXPECT_EQ(sum, x[static_cast<size_t>(t) * K + k]) << "T " << T << " t " << t << " k " << k;
+        ++checked;
       }
-      EXPECT_EQ(sum, x[static_cast<size_t>(t) * K + k]) << "t " << t << " k " << k;
-      ++checked;
+      for (int k = 64; k < K; ++k) {
+        EXPECT_EQ(packed.tail[static_cast<size_t>(t) * 6 + (k - 64)],
+                  x[static_cast<size_t>(t) * K + k]);
+      }
     }
-    for (int k = 64; k < K; ++k) {
-      EXPECT_EQ(packed.tail[static_cast<size_t>(t) * 6 + (k - 64)],
-                x[static_cast<size_t>(t) * K + k]);
-    }
+    EXPECT_EQ(checked, T * 64);
   }
-  EXPECT_EQ(checked, T * 64);
 }
 
 // At every level and precision a row computed in a batch of 16 (or in the
