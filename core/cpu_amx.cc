@@ -201,6 +201,14 @@ SY_AMX void Configure(bool per_term, int cols) {
   __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
 }
 
+// Requests the block's 32 weight rows kPrefetchChunks chunks past chunk kc
+// (at `ak`), while there are any.
+SY_AMX inline void PrefetchAhead(const uint16_t* ak, int64_t ld, int kc, int chunks) {
+  if (kc + kPrefetchChunks >= chunks) return;
+  const uint16_t* ahead = ak + kPrefetchChunks * kTileK;
+  for (int r = 0; r < kBlockRows; ++r) __builtin_prefetch(ahead + r * ld, 0, 3);
+}
+
 // C0, C1 = 32 weight rows (stride `ld` elements) · one B tile per chunk
 // (stride `b_chunk` elements between chunks) of `cols` columns.
 SY_AMX void SharedBBlock(const uint16_t* a, int64_t ld, const uint16_t* b, int64_t b_chunk,
@@ -210,10 +218,7 @@ SY_AMX void SharedBBlock(const uint16_t* a, int64_t ld, const uint16_t* b, int64
   _tile_zero(1);
   for (int kc = 0; kc < chunks; ++kc) {
     const uint16_t* ak = a + static_cast<int64_t>(kc) * kTileK;
-    if (kc + kPrefetchChunks < chunks) {
-      const uint16_t* ahead = ak + kPrefetchChunks * kTileK;
-      for (int r = 0; r < kBlockRows; ++r) __builtin_prefetch(ahead + r * ld, 0, 3);
-    }
+    PrefetchAhead(ak, ld, kc, chunks);
     _tile_loadd(2, ak, a_stride);
     _tile_loadd(3, ak + kTileRows * ld, a_stride);
     _tile_loadd(4, b + kc * b_chunk, b_stride);
@@ -243,10 +248,7 @@ SY_AMX void PerTermBlock(const uint16_t* a, int64_t ld, const uint16_t* b, int c
   _tile_zero(5);
   for (int kc = 0; kc < chunks; ++kc) {
     const uint16_t* ak = a + static_cast<int64_t>(kc) * kTileK;
-    if (kc + kPrefetchChunks < chunks) {
-      const uint16_t* ahead = ak + kPrefetchChunks * kTileK;
-      for (int r = 0; r < kBlockRows; ++r) __builtin_prefetch(ahead + r * ld, 0, 3);
-    }
+    PrefetchAhead(ak, ld, kc, chunks);
     const uint16_t* bk = b + static_cast<int64_t>(kc) * 3 * b_tile;
     // Tiles 0-2: rows 0-15, terms hi, mid, lo; 3-5: rows 16-31; 6: A; 7: B.
     _tile_loadd(7, bk, b_stride);
@@ -300,16 +302,15 @@ SY_AMX void Rows(const PackedX& x, const uint16_t* w, int n, int n_begin, int n_
         configured = config;
       }
       const uint16_t* b = x.tiles.data() + ChunkBase(x, t0);
-      // c's FP32 value of term p, row r, token t.
-      int64_t term_stride, col_stride;
+      // Elements of c between a term's value and the next term's, for the
+      // same row and token: a [32][16] block apart, or tc columns apart.
+      int64_t next_term;
       if (per_term) {
         PerTermBlock(a, K, b, x.chunks, tc, c);
-        term_stride = kBlockRows * kChunkTokens;
-        col_stride = 0;
+        next_term = kBlockRows * kChunkTokens;
       } else {
         SharedBBlock(a, K, b, static_cast<int64_t>(terms) * kTileK * tc, x.chunks, cols, c);
-        term_stride = 0;
-        col_stride = tc;
+        next_term = tc;
       }
       for (int r = 0; r < rows; ++r) {
         const uint16_t* wr = w + static_cast<int64_t>(n0 + r) * K;  // [Kin]
@@ -318,8 +319,8 @@ SY_AMX void Rows(const PackedX& x, const uint16_t* w, int n, int n_begin, int n_
           // hi + mid, then + lo: the same order in both layouts.
           float s = ct[0];
           if constexpr (kTerms == 3) {
-            s += ct[term_stride + col_stride];
-            s += ct[2 * (term_stride + col_stride)];
+            s += ct[next_term];
+            s += ct[2 * next_term];
           }
           const float* xt = x.tail.data() + static_cast<int64_t>(t0 + t) * rest;  // [rest]
           for (int kk = 0; kk < rest; ++kk) s = std::fma(xt[kk], Bf16ToF32(wr[kf + kk]), s);

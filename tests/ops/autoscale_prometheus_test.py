@@ -277,7 +277,7 @@ scrape_configs:
             hpa_values[(overlay, hpa["metadata"]["name"], metric)] = (
                 sum(float(s["value"][1]) for s in result) / max(1, len(result)))
 
-    def hpa_input(overlay, hpa, targets):
+    def hpa_input(overlay, hpa):
         spec = hpa["spec"]
         behavior = spec.get("behavior", {})
         metrics = []
@@ -285,10 +285,9 @@ scrape_configs:
             metric = m["pods"]["metric"]["name"]
             metrics.append({"kind": "pods_average_value",
                             "value": hpa_values[(overlay, hpa["metadata"]["name"], metric)],
-                            "target": targets.get(metric, quantity(m["pods"]["target"]
-                                                                   ["averageValue"]))})
+                            "target": quantity(m["pods"]["target"]["averageValue"])})
         return {"name": "%s/%s" % (overlay, hpa["metadata"]["name"]), "current": 1,
-                "min": spec.get("minReplicas", 1), "max": targets.get("max", spec["maxReplicas"]),
+                "min": spec.get("minReplicas", 1), "max": spec["maxReplicas"],
                 "scale_up": rules(behavior.get("scaleUp")),
                 "scale_down": rules(behavior.get("scaleDown")), "metrics": metrics}
 
@@ -315,7 +314,7 @@ scrape_configs:
                    for m in h["spec"]["metrics"]
                    if m["pods"]["metric"]["name"] == "switchyard_expert_tokens_per_second"]
     check("GPU overlays carry no (unmeasured) tokens/s trigger", not gpu_tokens, gpu_tokens)
-    hpa_inputs = [hpa_input(o, h, {}) for o, h in hpas]
+    hpa_inputs = [hpa_input(o, h) for o, h in hpas]
 
     evaluated = subprocess.run([evaluator], input=json.dumps(
         {"objects": keda_inputs + hpa_inputs}), capture_output=True, text=True)
@@ -343,7 +342,7 @@ scrape_configs:
         timeline_inputs.append(dict(so_input, name="timeline/keda/" + so["metadata"]["name"],
                                     polls=polls))
     for overlay, hpa in [(o, h) for o, h in hpas if o == "cpu-demo-hpa"]:
-        base = hpa_input(overlay, hpa, {})
+        base = hpa_input(overlay, hpa)
         polls = []
         for t in instants:
             metrics = []

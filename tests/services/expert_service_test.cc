@@ -173,6 +173,13 @@ class ExpertServiceTest : public ::testing::Test {
   static const ModelConfig& config() { return local_store_->config(); }
   static Shard& shard(int expert) { return *(*shards_)[expert]; }
 
+  // Every expert on its own shard of the fixture.
+  static ExpertTopology OnePerExpertTopology() {
+    ExpertTopology topology;
+    for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+    return topology;
+  }
+
   // "0=addr0;1=addr1;..."
   static std::string OnePerExpertSpec() {
     std::vector<std::string> entries;
@@ -453,8 +460,7 @@ TEST_F(ExpertServiceTest, RemoteBackendBf16WireWithinTolerance) {
 // (d) ----------------------------------------------------------------------
 
 TEST_F(ExpertServiceTest, ConnectRefusesAServerHoldingAnotherExpert) {
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[2] = {shard(5).address()};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -485,8 +491,7 @@ TEST_F(ExpertServiceTest, ConnectRefusesAnotherModelOrOtherWeights) {
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
 
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[4] = {seed7->address()};
   auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
   ASSERT_FALSE(backend.ok());
@@ -513,8 +518,7 @@ TEST_F(ExpertServiceTest, ConnectRefusesAnotherModelOrOtherWeights) {
 }
 
 TEST_F(ExpertServiceTest, ConnectTimesOutNamingTheSilentReplica) {
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[6] = {"unix:/tmp/switchyard-no-such-socket-" + std::to_string(getpid())};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 500;
@@ -582,8 +586,7 @@ TEST_F(ExpertServiceTest, FailsOverToAnotherReplicaAndReportsWhenAllAreDown) {
 TEST_F(ExpertServiceTest, ApplyTopologyChecksNewReplicasAndDrainsRemovedOnes) {
   auto extra = StartShard(*dir_, AllExperts());
   ASSERT_NE(extra, nullptr);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   RemoteExpertOptions options;
   options.connect_timeout_ms = 500;
   auto connected = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
@@ -686,8 +689,7 @@ TEST_F(ExpertServiceTest, CancelledByTheServerIsRetriedOnAnotherReplica) {
   auto server = rpc::RunningServer::Start(server_options, {&cancelling});
   ASSERT_TRUE(server.ok()) << server.status();
 
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   // The cancelling replica is listed first, so expert 0's first call goes there.
   topology.replicas[0] = {(*server)->address(), shard(0).address()};
   RemoteExpertOptions options;
@@ -731,8 +733,7 @@ TEST_F(ExpertServiceTest, AFailedExpertFailsOnlyItsOwnBatch) {
   auto doomed = StartShard(*dir_, {2});
   ASSERT_NE(doomed, nullptr);
   const std::string doomed_address = doomed->address();
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[2] = {doomed_address};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -780,8 +781,7 @@ TEST_F(ExpertServiceTest, OneTargetWithSeveralAddressesRetriesOnAnotherAddress) 
   ASSERT_TRUE(server.ok()) << server.status();
 
   const std::string one_name = absl::StrCat("ipv4:", (*server)->address(), ",", real->address());
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[0] = {one_name};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -913,8 +913,7 @@ TEST_F(ExpertServiceTest, ADnsNameWithSeveralAddressesRetriesOnAnotherAddress) {
   FakeDnsServer dns({"127.0.0.1", "127.0.0.2"});
   const std::string name =
       absl::StrCat("dns://127.0.0.1:", dns.port(), "/experts.switchyard.test:", port);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[0] = {name};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -948,8 +947,7 @@ TEST_F(ExpertServiceTest, ASlowReplicaGetsFewerCalls) {
   constexpr int kDelayMs = 40;
   auto slow = StartShard(*dir_, {0}, /*workers=*/2, kDelayMs);
   ASSERT_NE(slow, nullptr);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[0] = {shard(0).address(), slow->address()};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -1094,8 +1092,7 @@ TEST_F(ExpertServiceTest, ServesHealthAndReflection) {
 TEST_F(ExpertServiceTest, GracefulStopFinishesAcceptedCalls) {
   auto s = StartShard(*dir_, {0}, /*workers=*/1);
   ASSERT_NE(s, nullptr);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[0] = {s->address()};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -1261,8 +1258,7 @@ TEST_F(ExpertServiceTest, AReplicaKilledMidStreamFailsOnlyItsBatches) {
   auto doomed = StartCountedShard(*dir_, {2});
   ASSERT_NE(doomed, nullptr);
   const std::string doomed_address = doomed->address();
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[2] = {doomed_address};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -1316,8 +1312,7 @@ TEST_F(ExpertServiceTest, AStreamReconnectsAfterTheReplicaRestarts) {
   auto first = StartCountedShard(*dir_, {5});
   ASSERT_NE(first, nullptr);
   const std::string address = first->address();
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[5] = {address};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -1373,8 +1368,7 @@ TEST_F(ExpertServiceTest, AStreamReconnectsAfterTheReplicaRestarts) {
 TEST_F(ExpertServiceTest, AStreamReplyThatNeverComesFailsAtTheDeadline) {
   auto stuck = StartCountedShard(*dir_, {1});
   ASSERT_NE(stuck, nullptr);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[1] = {stuck->address()};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -1407,8 +1401,7 @@ TEST_F(ExpertServiceTest, AStreamReplyThatNeverComesFailsAtTheDeadline) {
 TEST_F(ExpertServiceTest, Bf16InputsGoOnlyToShardsThatComputeInBf16) {
   auto bf16 = StartCountedShard(*dir_, {3}, "127.0.0.1:0", "test-bf16");
   ASSERT_NE(bf16, nullptr);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[3] = {bf16->address()};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -1438,8 +1431,7 @@ TEST_F(ExpertServiceTest, Bf16InputsGoOnlyToShardsThatComputeInBf16) {
 TEST_F(ExpertServiceTest, EndStreamsLetsAGracefulStopFinishEarly) {
   auto s = StartCountedShard(*dir_, {4});
   ASSERT_NE(s, nullptr);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[4] = {s->address()};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
@@ -1638,8 +1630,7 @@ TEST_F(ExpertServiceTest, ARemovedReplicaFinishesTheLayerInFlightOnIt) {
   ASSERT_NE(old_replica, nullptr);
   auto successor = StartCountedShard(*dir_, {4});
   ASSERT_NE(successor, nullptr);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {shard(e).address()};
+  ExpertTopology topology = OnePerExpertTopology();
   topology.replicas[4] = {old_replica->address()};
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
