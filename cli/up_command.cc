@@ -64,8 +64,8 @@
 #include "core/status_macros.h"
 #include "metrics/http_exporter.h"
 #include "metrics/metrics.h"
-#include "rpc/grpc_process.h"
 #include "nlohmann/json.hpp"
+#include "rpc/grpc_process.h"
 
 namespace switchyard::cli {
 namespace {
