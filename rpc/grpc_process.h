@@ -2,13 +2,17 @@
 // constructed before any channel, server or thread exists and destroyed after
 // every one is gone, does two things for Debian 12's gRPC 1.51.
 //
-// 1. Synchronous final shutdown. gRPC is reference counted (grpc_init /
-//    grpc_shutdown, one reference per Channel, Server, CompletionQueue). When
-//    the last reference goes on a gRPC thread, 1.51 runs the clean-up on a
-//    detached thread, and when it goes on some other thread it runs there; in
-//    both cases that clean-up can race the static destructors of a process
-//    that is exiting. Holding a reference here makes main's release the last
-//    one, so the clean-up runs on main's thread before main returns.
+// 1. One final shutdown, on main's thread. gRPC is reference counted
+//    (grpc_init / grpc_shutdown; each Channel, Server and CompletionQueue
+//    holds a reference, and a ClientContext holds its Channel). Without a
+//    reference of main's own, gRPC shuts down completely whenever the last of
+//    those goes (a test tearing down its in-process gateway, then starting it
+//    again) and on whichever thread drops it: 1.51 runs the clean-up right
+//    there, or on a detached thread when that is a gRPC thread with an
+//    ExecCtx, racing what the process does next. A callback reactor's
+//    ClientContext can drop the last Channel reference just after the call
+//    reported done. Holding a reference here makes main's release the last
+//    one in practice (everything else is gone by then), and it is blocking.
 //
 // 2. A spurious connect failure. 1.51's posix TCP client reads errno after
 //    calls that may change it when a non-blocking connect() is in progress
