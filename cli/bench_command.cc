@@ -2,7 +2,8 @@
 // C client threads each run one GenerateStream at a time until N requests
 // are done. Prompts are random token ids in [3, vocab_size), deterministic
 // from --seed and the request index; ignore_eos makes every request produce
-// exactly --output-tokens tokens. Reports throughput, time to first token
+// exactly --output-tokens tokens. Every connection is made before the clock
+// starts (at most 30 s, else UNAVAILABLE). Reports throughput, time to first token
 // (TTFT) and inter-token latency (ITL; a message carrying k tokens after a
 // gap g counts as k gaps of g/k). With --metrics HOST:PORT (the gateway's
 // --metrics-listen address) it scrapes the gateway's /metrics before and
@@ -638,6 +639,19 @@ absl::Status Bench(const std::vector<std::string>& args, int* exit_code) {
     SY_ASSIGN_OR_RETURN(probed, ProbeRouting(*stub, o, info));
     pool.assign(probed.begin(), probed.begin() + o.skew_pool);
     for (const ProbedToken& p : pool) pool_share += p.share / static_cast<double>(pool.size());
+  }
+
+  // Every channel connected before the clock starts: connecting is not
+  // serving time, and a first connect attempt that fails spuriously (gRPC
+  // 1.51 can report one from a stale errno: rpc/grpc_process.h) is retried
+  // after gRPC's reconnect backoff instead of failing the streams that share
+  // the channel, which would otherwise fail fast for the backoff's length.
+  for (size_t i = 0; i < channels.size(); ++i) {
+    if (!channels[i]->WaitForConnected(std::chrono::system_clock::now() +
+                                       std::chrono::seconds(30))) {
+      return absl::UnavailableError(absl::StrCat("connection ", i + 1, " of ", channels.size(),
+                                                 " to ", o.server, " not ready within 30 s"));
+    }
   }
 
   // Scraped before the run so the breakdown covers this run's calls only;

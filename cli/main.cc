@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "core/flags.h"
 #include "core/version.h"
+#include "rpc/grpc_process.h"
 
 namespace {
 
@@ -66,6 +67,11 @@ int main(int argc, char** argv) {
           switchyard::cli::FormFlags(command, remote), args, nullptr)) {
     return *code;
   }
+  // The commands that talk gRPC and take signals the default way hold the
+  // runtime here (rpc/grpc_process.h); `up` blocks its signals first, so it
+  // holds its own after that.
+  std::optional<switchyard::rpc::GrpcProcess> grpc_process;
+  if (remote || command == "health" || command == "bench") grpc_process.emplace();
   if (command == "generate") {
     return remote ? switchyard::cli::RunGenerateRemote(args) : switchyard::cli::RunGenerate(args);
   }

@@ -65,6 +65,7 @@
 #include "metrics/http_exporter.h"
 #include "metrics/metrics.h"
 #include "nlohmann/json.hpp"
+#include "rpc/grpc_process.h"
 
 namespace switchyard::cli {
 namespace {
@@ -1046,6 +1047,8 @@ int Supervisor::Run() {
   // never let SIGCHLD be ignored, which would auto-reap the children).
   for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) signal(sig, SIG_DFL);
   signal(SIGPIPE, SIG_IGN);
+  // After the mask, which gRPC's threads inherit (rpc/grpc_process.h).
+  const rpc::GrpcProcess grpc_process;
   if (absl::Status s = pump_.Start(); !s.ok()) {
     Say(StatusLine(s));
     return 1;

@@ -36,6 +36,7 @@
 #include "core/load_progress.h"
 #include "core/status_macros.h"
 #include "expert_service/expert_process.h"
+#include "rpc/grpc_process.h"
 
 namespace switchyard {
 namespace {
@@ -125,6 +126,8 @@ int Run(int argc, char** argv) {
   // At most a day: a longer grace is a typo, and absl::Milliseconds needs a sane value.
   absl::StatusOr<int64_t> grace_ms = flags->IntInRange("grace-ms", 5000, 0, 86400000);
   if (!grace_ms.ok()) return Fail(grace_ms.status());
+  // After the signal mask, which gRPC's threads inherit; outlives `process`.
+  const rpc::GrpcProcess grpc_process;
 
   // Loading progress on stderr: a bar on a terminal, lines in a log.
   auto meter = std::make_shared<LoadProgressMeter>("switchyard-expert: loading weights",

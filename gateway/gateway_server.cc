@@ -29,6 +29,7 @@
 #include "gateway/remote_expert_backend.h"
 #include "metrics/http_exporter.h"
 #include "rpc/auth.h"
+#include "rpc/grpc_process.h"
 #include "rpc/server.h"
 #include "rpc/status.h"
 #include "rpc/tls.h"
@@ -770,6 +771,8 @@ int RunGateway(const GatewayOptions& options) {
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // After the mask, which gRPC's threads inherit; outlives `gateway`.
+  const rpc::GrpcProcess grpc_process;
 
   absl::StatusOr<std::unique_ptr<Gateway>> gateway = Gateway::Start(options);
   if (!gateway.ok()) {

@@ -31,6 +31,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "rpc/grpc_process.h"
 #include "rpc/status.h"
 #include "switchyard/v1/generation.grpc.pb.h"
 #include "tests/process_util.h"
@@ -43,6 +44,18 @@ using Clock = std::chrono::steady_clock;
 inline double SecondsSince(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
+
+// Holds the gRPC runtime from before the first test to after the last, as
+// the servers' mains do (rpc/grpc_process.h). Register with
+// ::testing::AddGlobalTestEnvironment(new GrpcProcessEnvironment).
+class GrpcProcessEnvironment : public ::testing::Environment {
+ public:
+  void SetUp() override { grpc_.emplace(); }
+  void TearDown() override { grpc_.reset(); }
+
+ private:
+  std::optional<rpc::GrpcProcess> grpc_;
+};
 
 // Server child processes: tests/process_util.h.
 using ServerProcess = testing::ChildProcess;

@@ -25,6 +25,11 @@ namespace {
 using faults::Clock;
 using faults::ServerProcess;
 
+// A final gRPC shutdown on main's thread, and no first-connect failure from
+// a stale errno (rpc/grpc_process.h).
+::testing::Environment* const kGrpcProcess =
+    ::testing::AddGlobalTestEnvironment(new faults::GrpcProcessEnvironment);
+
 constexpr int kExperts = 8;
 constexpr int kRequests = 256;
 constexpr int kConcurrency = 64;
