@@ -195,21 +195,19 @@ std::string FormatExpertTopology(const ExpertTopology& topology) {
 
 // One ForwardStream to one replica, shared by every call to it. Requests are
 // written one at a time (the reactor allows one write in flight); a read is
-// always posted, so a broken stream ends (OnDone) at once. Holds itself until
-// OnDone; a Send while it ends is parked for OnDone to answer; after OnDone,
-// Send refuses and the replica opens a new stream.
+// always posted, so a broken stream ends (OnDone) at once. Its replica holds
+// it until OnDone has run and releases it on a thread of its own (never on a
+// gRPC callback thread: see Replica::CloseStream); a Send while it ends is
+// parked for OnDone to answer; after OnDone, Send refuses and the replica
+// opens a new stream.
 class RemoteExpertBackend::Stream final
-    : public grpc::ClientBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>,
-      public std::enable_shared_from_this<Stream> {
+    : public grpc::ClientBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse> {
  public:
   Stream(RemoteExpertBackend* backend, Replica* replica) : backend_(backend), replica_(replica) {}
 
   // Binds the call to `stub`: once, right after make_shared, before anyone
   // else can Send (this gRPC's StartWrite needs the call bound).
-  void Bind(v1::ExpertService::Stub* stub) {
-    self_ = shared_from_this();
-    stub->async()->ForwardStream(&context_, this);
-  }
+  void Bind(v1::ExpertService::Stub* stub) { stub->async()->ForwardStream(&context_, this); }
   // Starts the bound call (Sends may come before: gRPC holds them until then).
   // Sends come from threads outside this stream's reactions, so a hold keeps
   // gRPC from ending the call (and running OnDone) until OnReadDone(false)
@@ -260,6 +258,11 @@ class RemoteExpertBackend::Stream final
   bool ended() const {
     std::lock_guard<std::mutex> lock(mu_);
     return ended_;
+  }
+  // OnDone has run: gRPC is done with the stream and so is this object.
+  bool done() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return done_;
   }
 
   // Cancels the stream and waits until OnDone has run (its pending attempts
@@ -326,7 +329,8 @@ class RemoteExpertBackend::Stream final
       writes_.clear();
     }
     backend_->OnStreamEnded(replica_, std::move(unanswered), status);
-    std::shared_ptr<Stream> keep = std::move(self_);  // may be the last reference
+    // No reference is dropped here: the replica holds the stream until it
+    // sees done_ (see Replica::GetStream).
     std::lock_guard<std::mutex> lock(mu_);
     done_ = true;
     done_cv_.notify_all();
@@ -334,10 +338,9 @@ class RemoteExpertBackend::Stream final
 
  private:
   RemoteExpertBackend* const backend_;
-  Replica* const replica_;  // outlives the stream (~Replica closes it)
+  Replica* const replica_;  // outlives the stream (~Replica closes and releases it)
   grpc::ClientContext context_;
   v1::ForwardStreamResponse read_;  // only touched by the read chain
-  std::shared_ptr<Stream> self_;    // set by Start, dropped by OnDone
 
   mutable std::mutex mu_;
   std::condition_variable done_cv_;
@@ -381,9 +384,18 @@ struct RemoteExpertBackend::Replica {
   // The live stream, opened if there is none or the last one ended.
   std::shared_ptr<Stream> GetStream(RemoteExpertBackend* backend) {
     std::shared_ptr<Stream> opened;
+    std::vector<std::shared_ptr<Stream>> finished;  // released after the lock
     {
       std::lock_guard<std::mutex> lock(stream_mu);
       if (stream != nullptr && !stream->ended()) return stream;
+      // An ended stream stays here until its OnDone has run, so that a
+      // stream is never released (and its ClientContext's channel reference
+      // never dropped) on a gRPC callback thread by the stream itself.
+      if (stream != nullptr) ended.push_back(std::move(stream));
+      for (auto& s : ended) {
+        if (s->done()) finished.push_back(std::move(s));
+      }
+      ended.erase(std::remove(ended.begin(), ended.end(), nullptr), ended.end());
       stream = std::make_shared<Stream>(backend, this);
       stream->Bind(stub.get());
       opened = stream;
@@ -391,20 +403,27 @@ struct RemoteExpertBackend::Replica {
     opened->Start();
     return opened;
   }
-  // Ends the stream, if any, waiting for its end (before the channel goes).
+  // Ends the streams, the live one and those still ending, waiting for each
+  // OnDone, and releases them on this thread (before the channel goes).
+  // gRPC 1.51 runs callbacks on threads polling a callback CQ that the last
+  // channel's destruction shuts down and frees: a channel destroyed on one
+  // of those threads leaves it polling a freed CQ (a double free).
   void CloseStream() {
-    std::shared_ptr<Stream> s;
+    std::vector<std::shared_ptr<Stream>> streams;
     {
       std::lock_guard<std::mutex> lock(stream_mu);
-      s = std::move(stream);
+      streams = std::move(ended);
+      ended.clear();
+      if (stream != nullptr) streams.push_back(std::move(stream));
     }
-    if (s != nullptr) s->Close();
+    for (auto& s : streams) s->Close();
   }
   ~Replica() { CloseStream(); }
 
  private:
   std::mutex stream_mu;
-  std::shared_ptr<Stream> stream;  // guarded by stream_mu
+  std::shared_ptr<Stream> stream;              // guarded by stream_mu
+  std::vector<std::shared_ptr<Stream>> ended;  // guarded by stream_mu; OnDone pending
 };
 
 void RemoteExpertBackend::Stream::MarkUnimplemented() { replica_->use_stream.store(false); }
