@@ -500,9 +500,15 @@ RemoteExpertBackend::RemoteExpertBackend(const ModelConfig& config,
 
 RemoteExpertBackend::~RemoteExpertBackend() {
   // Streams first: their callbacks use this backend.
-  std::lock_guard<std::mutex> lock(apply_mu_);
-  for (auto& [target, replica] : channels_) replica->CloseStream();
-  for (auto& replica : retired_) replica->CloseStream();
+  {
+    std::lock_guard<std::mutex> lock(apply_mu_);
+    for (auto& [target, replica] : channels_) replica->CloseStream();
+    for (auto& replica : retired_) replica->CloseStream();
+  }
+  // Then unary calls (the fallback transport): each ends by its deadline at
+  // the latest; while any is open the replicas, and so their channels, stay.
+  std::unique_lock<std::mutex> lock(unary_mu_);
+  unary_cv_.wait(lock, [this] { return unary_in_flight_ == 0; });
 }
 
 namespace {
@@ -903,13 +909,29 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
 
 void RemoteExpertBackend::SendUnary(const AttemptRef& ref, Replica* replica,
                                     std::unique_ptr<v1::ForwardRequest> request) {
+  // Counts the call in unary_in_flight_ until its state is freed. First in
+  // UnaryCall, so destroyed last: after the ClientContext and its channel
+  // reference.
+  struct InFlight {
+    explicit InFlight(RemoteExpertBackend* backend) : backend(backend) {
+      std::lock_guard<std::mutex> lock(backend->unary_mu_);
+      ++backend->unary_in_flight_;
+    }
+    ~InFlight() {
+      std::lock_guard<std::mutex> lock(backend->unary_mu_);
+      if (--backend->unary_in_flight_ == 0) backend->unary_cv_.notify_all();
+    }
+    RemoteExpertBackend* const backend;
+  };
   // Everything the call uses lives as long as its callback.
   struct UnaryCall {
+    explicit UnaryCall(RemoteExpertBackend* backend) : in_flight(backend) {}
+    InFlight in_flight;
     grpc::ClientContext context;
     std::unique_ptr<v1::ForwardRequest> request;
     v1::ForwardResponse response;
   };
-  auto unary = std::make_shared<UnaryCall>();
+  auto unary = std::make_shared<UnaryCall>(this);
   unary->request = std::move(request);
   unary->context.set_deadline(ref.call->slots[ref.slot].deadline[ref.attempt]);
   UnaryCall* raw = unary.get();

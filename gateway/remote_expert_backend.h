@@ -303,6 +303,13 @@ class RemoteExpertBackend : public ExpertBackend {
   // Attempts per target ever used; a target that comes back keeps counting.
   mutable std::mutex calls_mu_;
   std::map<std::string, std::shared_ptr<std::atomic<uint64_t>>> calls_by_target_;  // calls_mu_
+  // Unary calls started and whose callback state (ClientContext, so a
+  // channel reference) gRPC has not freed yet: the destructor waits for
+  // none, so the last channel reference is never dropped on a gRPC callback
+  // thread (gRPC 1.51 frees the callback queue that thread is polling).
+  std::mutex unary_mu_;
+  std::condition_variable unary_cv_;
+  int unary_in_flight_ = 0;  // guarded by unary_mu_
 };
 
 // Watches an `--experts @FILE` topology file and applies it to a backend when
