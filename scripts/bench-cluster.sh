@@ -4,9 +4,13 @@
 # + one switchyard-expert process per expert, `switchyard up`), measured in
 # one run with `switchyard bench`. Prints both results and their ratio.
 #
-# usage: [DEVICE=cuda [PRECISION=bf16|f32]] scripts/bench-cluster.sh [MODEL_DIR] [bench flags...]
+# usage: [DEVICE=cuda [PRECISION=bf16|f32]] [EXPERTS_PER_PROCESS="1 8"] \
+#          scripts/bench-cluster.sh [MODEL_DIR] [bench flags...]
 #   MODEL_DIR defaults to a `make-model --preset bench` checkpoint in $TMPDIR.
 #   DEVICE=cuda runs every process on GPU 0 (gateway and experts alike).
+#   EXPERTS_PER_PROCESS: the split layouts to measure, each `up
+#   --experts-per-process N` one after another after the local run (default
+#   1: one process per expert).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -26,24 +30,33 @@ wait_ready "$port" "$pid" || { cat "$out/local.log"; exit 1; }
 "$bin/switchyard" bench --server "127.0.0.1:$port" "${bench_flags[@]}" --json >"$out/local.json"
 kill -TERM "$pid"; wait "$pid" || true
 
-port=$(free_port)
-"$bin/switchyard" up --model "$model" --port "$port" "${device_flags[@]}" >"$out/split.log" 2>&1 &
-pid=$!
-pids+=("$pid")
-wait_ready "$port" "$pid" || { cat "$out/split.log"; exit 1; }
-"$bin/switchyard" bench --server "127.0.0.1:$port" "${bench_flags[@]}" --json >"$out/split.json"
-kill -TERM "$pid"; wait "$pid" || true
+layouts=(${EXPERTS_PER_PROCESS:-1})
+for epp in "${layouts[@]}"; do
+  port=$(free_port)
+  "$bin/switchyard" up --model "$model" --port "$port" --experts-per-process "$epp" \
+    "${device_flags[@]}" >"$out/split.log" 2>&1 &
+  pid=$!
+  pids+=("$pid")
+  wait_ready "$port" "$pid" || { cat "$out/split.log"; exit 1; }
+  "$bin/switchyard" bench --server "127.0.0.1:$port" "${bench_flags[@]}" --json >"$out/split-$epp.json"
+  kill -TERM "$pid"; wait "$pid" || true
+done
 
-python3 - "$out/local.json" "$out/split.json" "$model" "${bench_flags[*]}" "${DEVICE:-}" <<'PY'
+python3 - "$out" "$model" "${bench_flags[*]}" "${DEVICE:-}" "${layouts[@]}" <<'PY'
 import json, sys
-local, split = (json.load(open(p)) for p in sys.argv[1:3])
+out, model, flags, device, layouts = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+local = json.load(open(f"{out}/local.json"))
+splits = [(int(e), json.load(open(f"{out}/split-{e}.json"))) for e in layouts]
 def row(name, r):
     return (f"| {name} | {r['output_tokens_per_s']:.1f} | {r['ttft_ms']['p50']:.1f} | {r['ttft_ms']['p99']:.1f} "
             f"| {r['itl_ms']['p50']:.1f} | {r['itl_ms']['p99']:.1f} | {r['errors']} |")
-print(f"model {sys.argv[3]}, bench {sys.argv[4]}, device {sys.argv[5] or 'cpu'}")
+print(f"model {model}, bench {flags}, device {device or 'cpu'}")
 print("| deployment | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |")
 print("| --- | --- | --- | --- | --- | --- | --- |")
 print(row("--experts local (1 process)", local))
-print(row("split (gateway + 8 expert processes)", split))
-print(f"split / local output throughput: {split['output_tokens_per_s'] / local['output_tokens_per_s']:.3f}")
+for epp, split in splits:
+    print(row(f"split, --experts-per-process {epp}", split))
+for epp, split in splits:
+    print(f"split (--experts-per-process {epp}) / local output throughput: "
+          f"{split['output_tokens_per_s'] / local['output_tokens_per_s']:.3f}")
 PY

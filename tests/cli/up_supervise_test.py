@@ -161,6 +161,11 @@ for p in up.processes():
     else:
         check(f"expert {p['experts']}: OMP_NUM_THREADS={omp_threads}", env.get("OMP_NUM_THREADS") == omp_threads,
               env.get("OMP_NUM_THREADS"))
+# With more expert processes than CPUs, up points to the faster one-process layout.
+cpus = len(os.sched_getaffinity(0))
+note = f"note: 8 expert processes share {cpus} CPUs; on one CPU host --experts-per-process 8"
+check("the layout note appears exactly when experts outnumber CPUs", (note in up.log()) == (cpus < 8),
+      up.log()[-2000:])
 
 # (role, which process of that role, signal, how up describes the death); a
 # SIGTERM'd expert stops cleanly (exit 0) but is still restarted.
