@@ -25,6 +25,9 @@
 #   REPEATS [1]              bench runs per row (alternating overlap off/on);
 #                            the table shows their median
 #   NO_DIRECT=1              leave out the direct and proxy-0 rows
+#   EMULATED_COMPUTE_US=N    experts "on other hosts": switchyard-emulated-expert
+#                            sleeps N us per call and returns zeros, using no
+#                            CPU (tokens are meaningless; timing only)
 #   BIN_DIR [build/bin]      absolute, or relative to the repository root
 # Needs root and `ip` (iproute2) for the namespaces; where they cannot be
 # made it prints why and exits 77 (skipped). Namespaces, links and processes
@@ -41,7 +44,10 @@ output_tokens=${OUTPUT_TOKENS:-16}
 repeats=${REPEATS:-1}
 overlap_micro_batches=${OVERLAP_MICRO_BATCHES:-2}
 
-for b in switchyard switchyard-gateway switchyard-expert switchyard-delay-proxy; do
+emulated_us=${EMULATED_COMPUTE_US:-}
+expert_bin=switchyard-expert
+[ -n "$emulated_us" ] && expert_bin=switchyard-emulated-expert
+for b in switchyard switchyard-gateway "$expert_bin" switchyard-delay-proxy; do
   [ -x "$bin/$b" ] || { echo "bench-netem: $bin/$b is missing; build it first" >&2; exit 1; }
 done
 
@@ -118,9 +124,11 @@ wait_line() {
 
 # One OpenMP thread per expert unless the caller chose, as `switchyard up`
 # does; the gateway gets the caller's environment.
+expert_flags=()
+[ -n "$emulated_us" ] && expert_flags+=(--compute-us "$emulated_us")
 for e in $(seq 0 $((experts - 1))); do
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$ip_cmd" netns exec "${tag}e$e" "$bin/switchyard-expert" --model "$model" \
-    --listen "${expert_ips[$e]}:50061" --experts "$e" >"$out/expert$e.log" 2>&1 &
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$ip_cmd" netns exec "${tag}e$e" "$bin/$expert_bin" --model "$model" \
+    --listen "${expert_ips[$e]}:50061" --experts "$e" "${expert_flags[@]}" >"$out/expert$e.log" 2>&1 &
   pids+=($!)
 done
 for e in $(seq 0 $((experts - 1))); do
@@ -215,10 +223,11 @@ for rtt in $rtts; do
 done
 
 python3 - "$results" "$model" "$experts" "$overlap_note" "$prompt_tokens" "$output_tokens" \
-  "$per_stream" "$repeats" <<'PY'
+  "$per_stream" "$repeats" "$emulated_us" <<'PY'
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
-print(f"model {sys.argv[2]}: gateway + {sys.argv[3]} expert processes, each in its own network "
+emulated = (f" (emulated: a {sys.argv[9]} us sleep per call, no compute)" if sys.argv[9] else "")
+print(f"model {sys.argv[2]}: gateway + {sys.argv[3]} expert processes{emulated}, each in its own network "
       f"namespace; bench --prompt-tokens {sys.argv[5]} --output-tokens {sys.argv[6]} "
       f"--requests streams x {sys.argv[7]}; median of {sys.argv[8]} run(s) per row; {sys.argv[4]}")
 print("| network | RTT ms | streams | overlap | output tok/s | ITL p50 ms | errors | overlap / no overlap |")

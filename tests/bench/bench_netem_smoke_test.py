@@ -3,7 +3,10 @@
 round trip (1 ms), one stream. It completes, prints the table with the
 direct, proxy-without-delay and 1 ms rows, no request failed, and the 1 ms
 row's ITL p50 is at least layers x 1 ms (each decode step crosses the proxy
-once per layer: a lower bound, so the delay is really in the path). Skips
+once per layer: a lower bound, so the delay is really in the path). Then once
+more with EMULATED_COMPUTE_US (switchyard-emulated-expert in place of the
+experts, sleeping 2 ms per call): the table says so, no request failed, and
+the ITL p50 is at least layers x 2 ms (the sleep is in the path). Skips
 (exit 77) where the script cannot make network namespaces.
 
 usage: bench_netem_smoke_test.py BUILD_DIR SOURCE_DIR
@@ -72,6 +75,31 @@ if slow is not None:
     if itl < layers * 1.0:
         failures.append(f"ITL p50 {itl} ms at 1 ms RTT is under {layers} layers x 1 ms: "
                         "the delay is not in the path")
+# Experts emulated by a 2 ms sleep per call (no compute): the sleep is in every layer.
+env.update(EMULATED_COMPUTE_US="2000", RTTS_MS="0.2", NO_DIRECT="1")
+emulated = subprocess.run(["bash", os.path.join(source, "scripts/bench-netem.sh"), model],
+                          capture_output=True, text=True, env=env, timeout=240)
+print(emulated.stdout)
+print(emulated.stderr, file=sys.stderr)
+if emulated.returncode != 0:
+    failures.append(f"bench-netem.sh with EMULATED_COMPUTE_US exited {emulated.returncode}")
+if "(emulated: a 2000 us sleep per call, no compute)" not in emulated.stdout:
+    failures.append("the emulated run's table does not say that the experts are emulated")
+emulated_row = None
+for line in emulated.stdout.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 8 and cells[0] == "proxy, RTT 0.2 ms" and cells[3] == "off":
+        emulated_row = cells
+if emulated_row is None:
+    failures.append("emulated run: no 'proxy, RTT 0.2 ms' row with overlap off")
+else:
+    itl = float(emulated_row[5])
+    print(f"emulated experts: ITL p50 {itl} ms; lower bound {layers} layers x 2 ms")
+    if emulated_row[6] != "0":
+        failures.append(f"emulated run: {emulated_row[6]} errors")
+    if itl < layers * 2.0:
+        failures.append(f"emulated run: ITL p50 {itl} ms is under {layers} layers x 2 ms: "
+                        "the experts' sleep is not in the path")
 # Nothing left behind: the script removes its namespaces.
 left = set(bench_namespaces()) - before
 if left:
