@@ -29,6 +29,7 @@
 #                            sleeps N us per call and returns zeros, using no
 #                            CPU (tokens are meaningless; timing only)
 #   BIN_DIR [build/bin]      absolute, or relative to the repository root
+#   DEVICE=cuda              gateway and experts compute on GPU 0
 # Needs root and `ip` (iproute2) for the namespaces; where they cannot be
 # made it prints why and exits 77 (skipped). Namespaces, links and processes
 # are removed on exit, whatever happened.
@@ -124,8 +125,14 @@ wait_line() {
 
 # One OpenMP thread per expert unless the caller chose, as `switchyard up`
 # does; the gateway gets the caller's environment.
+device_flags=()
+[ -n "${DEVICE:-}" ] && device_flags+=(--device "$DEVICE")
 expert_flags=()
-[ -n "$emulated_us" ] && expert_flags+=(--compute-us "$emulated_us")
+if [ -n "$emulated_us" ]; then
+  expert_flags+=(--compute-us "$emulated_us")
+else
+  expert_flags+=("${device_flags[@]}")
+fi
 for e in $(seq 0 $((experts - 1))); do
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$ip_cmd" netns exec "${tag}e$e" "$bin/$expert_bin" --model "$model" \
     --listen "${expert_ips[$e]}:50061" --experts "$e" "${expert_flags[@]}" >"$out/expert$e.log" 2>&1 &
@@ -179,7 +186,7 @@ run_network() {
     local port
     port=$(free_port)
     "$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:$port" --experts "$spec" \
-      "${flags[@]}" >"$out/gateway-$overlap.log" 2>&1 &
+      "${device_flags[@]}" "${flags[@]}" >"$out/gateway-$overlap.log" 2>&1 &
     local gw=$!
     pids+=("$gw")
     gateways+=("$gw")

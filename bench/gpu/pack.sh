@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bundle=${GPU_BUNDLE:-$(cd .. && pwd)/shared/tools/gpu-bundle}
 programs=(tests/cuda_kernels_test tests/cuda_parity_test tests/gpu_cluster_test
-  bench/gpu_decode_bench bin/switchyard bin/switchyard-gateway bin/switchyard-expert)
+  bench/gpu_decode_bench bin/switchyard bin/switchyard-gateway bin/switchyard-expert
+  bin/switchyard-delay-proxy)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 grep -q '^SWITCHYARD_CUDA:BOOL=ON' build-gpu/CMakeCache.txt ||
   { echo "pack: SWITCHYARD_CUDA is off in build-gpu (no nvcc?)" >&2; exit 1; }

@@ -4,12 +4,16 @@
 # writes its logs and results to $OUT (default ./out). Each stage fits one
 # 10-minute device call on an H100; decode, peer and cluster need the model
 # folder, which the decode stage writes and a later call on the same warm
-# machine reuses.
+# machine reuses. Where a session has only ~15 minutes of device time
+# (starts included), run `tests` first, then `decode`; the rest next time.
 #   bench/gpu/run.sh tests     kernels, parity (then memcheck of the kernels
 #                              where compute-sanitizer works), split cluster
 #   bench/gpu/run.sh decode    gpu_decode_bench at batch 1/16/64/256
 #   bench/gpu/run.sh peer      hf_peer_bench.py on the same model
 #   bench/gpu/run.sh cluster   split vs in-process serving at the same batches
+#   bench/gpu/run.sh overlap   micro-batch overlap at 1 ms RTT, 16 streams, long
+#                              prompts, --micro-batches 2 and 4 (needs root
+#                              for network namespaces; skips otherwise)
 # MODEL (default /tmp/mixtral-4l) and LAYERS (default 4) choose the model.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -52,8 +56,16 @@ case ${1:-} in
         --concurrency "$c" --requests $((c * 4)) --prompt-tokens 128 --output-tokens 64
     done
     ;;
+  overlap)
+    [ -f "$model/config.json" ] || { echo "no model in $model: run the decode stage first"; exit 1; }
+    for m in 2 4; do
+      step "overlap_m$m" env DEVICE=cuda BIN_DIR="$PWD/build-gpu/bin" RTTS_MS=1 STREAMS=16 \
+        NO_DIRECT=1 REPEATS=2 PROMPT_TOKENS=1024 OUTPUT_TOKENS=64 OVERLAP_MICRO_BATCHES=$m \
+        scripts/bench-netem.sh "$model"
+    done
+    ;;
   *)
-    sed -n '2,15p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
     ;;
 esac
