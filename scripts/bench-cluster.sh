@@ -21,25 +21,27 @@ device_flags=()
 [ ${#bench_flags[@]} -gt 0 ] || bench_flags=(--concurrency 8 --requests 32 --prompt-tokens 64 --output-tokens 32)
 out=$(mktemp -d)
 
-port=$(free_port)
-"$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:$port" --experts local \
-  "${device_flags[@]}" >"$out/local.log" 2>&1 &
-pid=$!
-pids+=("$pid")
-wait_ready "$port" "$pid" || { cat "$out/local.log"; exit 1; }
-"$bin/switchyard" bench --server "127.0.0.1:$port" "${bench_flags[@]}" --json >"$out/local.json"
-kill -TERM "$pid"; wait "$pid" || true
+# serve_and_bench NAME COMMAND...: starts COMMAND (a gateway answering on
+# $port), benches it into $out/NAME.json, stops it.
+serve_and_bench() {
+  local name=$1
+  shift
+  "$@" >"$out/$name.log" 2>&1 &
+  local pid=$!
+  pids+=("$pid")
+  wait_ready "$port" "$pid" || { cat "$out/$name.log"; exit 1; }
+  "$bin/switchyard" bench --server "127.0.0.1:$port" "${bench_flags[@]}" --json >"$out/$name.json"
+  kill -TERM "$pid"; wait "$pid" || true
+}
 
+port=$(free_port)
+serve_and_bench local "$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:$port" \
+  --experts local "${device_flags[@]}"
 layouts=(${EXPERTS_PER_PROCESS:-1})
 for epp in "${layouts[@]}"; do
   port=$(free_port)
-  "$bin/switchyard" up --model "$model" --port "$port" --experts-per-process "$epp" \
-    "${device_flags[@]}" >"$out/split.log" 2>&1 &
-  pid=$!
-  pids+=("$pid")
-  wait_ready "$port" "$pid" || { cat "$out/split.log"; exit 1; }
-  "$bin/switchyard" bench --server "127.0.0.1:$port" "${bench_flags[@]}" --json >"$out/split-$epp.json"
-  kill -TERM "$pid"; wait "$pid" || true
+  serve_and_bench "split-$epp" "$bin/switchyard" up --model "$model" --port "$port" \
+    --experts-per-process "$epp" "${device_flags[@]}"
 done
 
 python3 - "$out" "$model" "${bench_flags[*]}" "${DEVICE:-}" "${layouts[@]}" <<'PY'
