@@ -3,11 +3,11 @@
 // itself and the expert's reading thread computes, would cost under the same
 // load as the split cluster at batch 1.
 //
-// Each iteration is one layer: the "gateway" streams --gateway-mb of weights
-// with OpenMP (its attention), writes a 4 KB request (one token's hidden
-// state) to the "expert" process and blocks reading the reply; the expert,
-// blocked reading its socket, streams --expert-mb with OpenMP (two experts'
-// weights), then writes the reply with its compute time in it. The manual
+// Each iteration is one layer: the "gateway" streams 5 MB of weights with
+// OpenMP (its attention), writes a 4 KB request (one token's hidden state)
+// to the "expert" process and blocks reading the reply; the expert, blocked
+// reading its socket, streams 44 MB with OpenMP (two bench-model experts in
+// BF16), then writes the reply with its compute time in it. The manual
 // time of an iteration is the round trip minus the expert's compute: the
 // hop alone, with caches and cores as the compute left them. Counters: p50,
 // p90, p99 of that (us) and the mean compute (us). The expert is this
