@@ -47,8 +47,8 @@ extern char** environ;
 
 namespace {
 
-constexpr size_t kMessageBytes = 4096 + 8;  // a [1, 1024] FP32 row + the compute time
-constexpr size_t kExpertFloats = 11 << 20;  // 44 MB: two bench-model experts in BF16
+constexpr size_t kMessageBytes = 4096 + 8;     // a [1, 1024] FP32 row + the compute time
+constexpr size_t kExpertFloats = 11 << 20;     // 44 MB: two bench-model experts in BF16
 constexpr size_t kGatewayFloats = 1300 << 10;  // ~5 MB: one layer's attention weights
 
 int64_t NowNanos() {
