@@ -52,6 +52,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/flags.h"
 #include "core/status_macros.h"
+#include "core/stop_signals.h"
 
 namespace switchyard {
 namespace {
@@ -247,10 +248,7 @@ class DelayProxy {
 
     epoll_ = epoll_create1(EPOLL_CLOEXEC);
     timer_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGTERM);
-    sigaddset(&mask, SIGINT);
+    const sigset_t mask = StopSignals();
     signals_ = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
     if (epoll_ < 0 || timer_ < 0 || signals_ < 0) {
       return absl::InternalError(absl::StrCat("epoll/timerfd/signalfd: ", ErrnoText(errno)));
@@ -572,11 +570,7 @@ class DelayProxy {
 
 int Run(int argc, char** argv) {
   // Block the shutdown signals: the signalfd in the epoll set receives them.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  sigprocmask(SIG_BLOCK, &signals, nullptr);
+  BlockStopSignals();
   signal(SIGPIPE, SIG_IGN);
   // Timer wake-ups on time rather than up to 50 us late (the default slack).
   prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);

@@ -35,6 +35,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/flags.h"
+#include "core/stop_signals.h"
 #include "rpc/grpc_process.h"
 #include "tests/in_process_expert.h"
 
@@ -85,11 +86,7 @@ int Fail(const std::string& message, int code) {
 }
 
 int Run(int argc, char** argv) {
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const sigset_t signals = BlockStopSignals();
   // Sleeps end on time rather than up to 50 us late (the default slack).
   prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
 

@@ -1085,14 +1085,15 @@ int Supervisor::Run() {
   const int replicas_each = options_.autoscale ? options_.autoscaler.min_replicas : 1;
   const int processes = replicas_each * ((*num_experts + options_.experts_per_process - 1) /
                                          options_.experts_per_process);
-  expert_threads_ = std::max(1, UsableCpus() / std::max(1, processes));
+  const int cpus = UsableCpus();
+  expert_threads_ = std::max(1, cpus / std::max(1, processes));
   // CPU experts in more processes than there are CPUs compete for them, and
   // every process adds its own wake-ups to each layer's hop (README,
   // "Split layouts on one host": 2 CPUs, batch 1, split / local 0.58 with 8
   // processes, 0.70-0.76 with one).
-  if (options_.device == "cpu" && !options_.autoscale && processes > UsableCpus() &&
+  if (options_.device == "cpu" && !options_.autoscale && processes > cpus &&
       options_.experts_per_process < *num_experts) {
-    Say(absl::StrCat("note: ", processes, " expert processes share ", UsableCpus(),
+    Say(absl::StrCat("note: ", processes, " expert processes share ", cpus,
                      " CPUs; on one CPU host --experts-per-process ", *num_experts,
                      " (one process computing every expert on all CPUs) is faster"));
   }

@@ -35,6 +35,7 @@
 #include "core/flags.h"
 #include "core/load_progress.h"
 #include "core/status_macros.h"
+#include "core/stop_signals.h"
 #include "expert_service/expert_process.h"
 #include "rpc/grpc_process.h"
 
@@ -109,11 +110,7 @@ absl::StatusOr<ExpertProcessOptions> OptionsFromFlags(const Flags& flags) {
 int Run(int argc, char** argv) {
   // Block the shutdown signals before any thread starts, so every thread
   // inherits the mask and only sigwait below receives them.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const sigset_t signals = BlockStopSignals();
 
   std::vector<std::string> args(argv + 1, argv + argc);
   std::optional<Flags> flags(std::in_place);

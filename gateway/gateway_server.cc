@@ -15,6 +15,7 @@
 #include "core/chat_template.h"
 #include "core/checkpoint.h"
 #include "core/status_macros.h"
+#include "core/stop_signals.h"
 #include "core/tokenizer.h"
 #include "core/version.h"
 #include "expert_service/expert_ffn.h"
@@ -766,11 +767,7 @@ void Gateway::Shutdown(absl::Duration grace) {
 
 int RunGateway(const GatewayOptions& options) {
   // Block the stop signals in every thread; this one waits for them.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  const sigset_t stop_signals = BlockStopSignals();
   // After the mask, which gRPC's threads inherit; outlives `gateway`.
   const rpc::GrpcProcess grpc_process;
 

@@ -43,11 +43,19 @@ header = ("| network | RTT ms | streams | overlap | output tok/s | ITL p50 ms | 
           "| overlap / no overlap |")
 if header not in run.stdout:
     failures.append("no table header")
-rows = {}
-for line in run.stdout.splitlines():
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if len(cells) == 8 and cells[0] not in ("network", "---"):
-        rows[(cells[0], cells[3])] = cells
+
+
+def table_rows(stdout):
+    """The table's rows as cells, keyed by (network, overlap)."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0] not in ("network", "---"):
+            rows[(cells[0], cells[3])] = cells
+    return rows
+
+
+rows = table_rows(run.stdout)
 for name in ("direct (veth, no proxy)", "proxy, no delay", "proxy, RTT 1 ms"):
     row = rows.get((name, "off"))
     if row is None:
@@ -85,11 +93,7 @@ if emulated.returncode != 0:
     failures.append(f"bench-netem.sh with EMULATED_COMPUTE_US exited {emulated.returncode}")
 if "(emulated: a 2000 us sleep per call, no compute)" not in emulated.stdout:
     failures.append("the emulated run's table does not say that the experts are emulated")
-emulated_row = None
-for line in emulated.stdout.splitlines():
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if len(cells) == 8 and cells[0] == "proxy, RTT 0.2 ms" and cells[3] == "off":
-        emulated_row = cells
+emulated_row = table_rows(emulated.stdout).get(("proxy, RTT 0.2 ms", "off"))
 if emulated_row is None:
     failures.append("emulated run: no 'proxy, RTT 0.2 ms' row with overlap off")
 else:
