@@ -28,8 +28,11 @@
 // "path:0" is the transport as it was before issue #10's second item (unary
 // Forward per batch, every call through the shard's worker queue); "path:1"
 // the default now (one ForwardStream per replica, compute on the receiving
-// thread while the shard is idle and fast); there send_us runs to the
-// compute start and server_us is 0.
+// thread while the shard is idle and fast) and "path:2" the frame socket
+// (rpc/frame_socket.h: the same stream messages as length-prefixed frames on
+// a plain socket, the reply read by the thread in RunLayer; the default
+// wherever a shard offers one); there send_us runs to the compute start and
+// server_us is 0.
 //
 // Servers listen on 127.0.0.1:0 ("unix:0") or unix:/tmp/switchyard-dispatch-
 // bench-PID-E.sock ("unix:1"); "bf16:1" sets RemoteExpertOptions::wire_dtype.
@@ -120,9 +123,9 @@ struct Cluster {
 
 // [tcp, unix][path]: path 0 is the transport before issue #10's second item
 // (unary Forward per batch, every call through the server's worker queue),
-// path 1 the current default (one ForwardStream per replica, compute on the
-// receiving thread when the shard is idle).
-std::array<std::array<std::unique_ptr<Cluster>, 2>, 2> clusters;
+// path 1 one ForwardStream per replica (compute on the receiving thread when
+// the shard is idle), path 2 the frame socket (also computing inline).
+std::array<std::array<std::unique_ptr<Cluster>, 3>, 2> clusters;
 
 absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path) {
   std::unique_ptr<Cluster>& slot = clusters[unix_socket ? 1 : 0][path];
@@ -139,7 +142,7 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path) {
     description.layer_end = config.num_hidden_layers;
     description.weights_dtype = "bf16";
     ExpertServerOptions server_options;
-    server_options.inline_compute_when_idle = path == 1;
+    server_options.inline_compute_when_idle = path >= 1;
     std::string listen = "127.0.0.1:0";
     if (unix_socket) {
       shard->socket_path =
@@ -152,6 +155,10 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path) {
         !s.ok()) {
       return s;
     }
+    if (path == 2) {
+      const std::string frames = unix_socket ? listen + ".frames" : "127.0.0.1:0";
+      if (absl::Status s = shard->ServeFrames(frames); !s.ok()) return s;
+    }
     topology.replicas[e] = {shard->server->address()};
     cluster->shards.push_back(std::move(shard));
   }
@@ -159,7 +166,8 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path) {
     RemoteExpertOptions options;
     options.wire_dtype = wire == 0 ? v1::DTYPE_F32 : v1::DTYPE_BF16;
     options.connect_timeout_ms = 10000;
-    options.use_stream = path == 1;
+    options.use_stream = path >= 1;
+    options.use_frames = path == 2;
     auto backend = RemoteExpertBackend::Connect(topology, config, /*checkpoint_dir=*/"", options);
     if (!backend.ok()) return backend.status();
     cluster->backends[wire] = *std::move(backend);
@@ -184,8 +192,8 @@ double Percentile(std::vector<double> v, double p) {
 }
 
 // Args: tokens, experts, unix (0 TCP loopback, 1 unix socket), bf16 (wire
-// dtype), delay_us (expert compute; 0 = no-op copy), path (0 before, 1 now;
-// see `clusters`).
+// dtype), delay_us (expert compute; 0 = no-op copy), path (0 before, 1
+// stream, 2 frames; see `clusters`).
 void BM_DispatchLayer(benchmark::State& state) {
   const int tokens = static_cast<int>(state.range(0));
   const int k = static_cast<int>(state.range(1));
@@ -282,16 +290,18 @@ void BM_DispatchLayer(benchmark::State& state) {
   state.counters["switches"] = (switches_after - switches_before) / n;
   state.counters["wire_MB"] =
       static_cast<double>(2 * k * tokens * d * (bf16 ? 2 : 4)) / 1e6;  // both directions
-  state.SetLabel(absl::StrCat(path == 0 ? "before " : "stream ", unix_socket ? "unix" : "tcp", " ",
-                              bf16 ? "bf16" : "f32", " ",
+  state.SetLabel(absl::StrCat(path == 0   ? "before "
+                              : path == 1 ? "stream "
+                                          : "frames ",
+                              unix_socket ? "unix" : "tcp", " ", bf16 ? "bf16" : "f32", " ",
                               delay_us == 0 ? "no-op" : absl::StrCat("sleep ", delay_us, "us")));
 }
 
 void DispatchArgs(benchmark::internal::Benchmark* b) {
   b->ArgNames({"tokens", "experts", "unix", "bf16", "delay_us", "path"});
-  b->ArgsProduct({{1, 16, 256}, {1, 2, 8}, {0, 1}, {0, 1}, {0}, {0, 1}});
+  b->ArgsProduct({{1, 16, 256}, {1, 2, 8}, {0, 1}, {0, 1}, {0}, {0, 1, 2}});
   // A fixed 100 us expert compute: what the hop adds around real work.
-  b->ArgsProduct({{1, 16}, {2}, {0, 1}, {1}, {100}, {0, 1}});
+  b->ArgsProduct({{1, 16}, {2}, {0, 1}, {1}, {100}, {0, 1, 2}});
 }
 BENCHMARK(BM_DispatchLayer)->Apply(DispatchArgs)->UseManualTime()->Unit(benchmark::kMicrosecond);
 

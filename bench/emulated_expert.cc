@@ -1,7 +1,7 @@
 // switchyard-emulated-expert: an expert service whose compute happens
 // "elsewhere": it serves the Expert API for some experts of a checkpoint,
 // exactly as switchyard-expert does (same handshake, weight fingerprints,
-// streams, health and reflection), but each Forward call sleeps --compute-us
+// streams, frame socket, health and reflection), but each Forward call sleeps --compute-us
 // and returns zeros instead of computing the FFN. It stands in for an expert
 // on another host or GPU in benchmarks of the gateway on a machine too small
 // to hold both (scripts/bench-netem.sh EMULATED_COMPUTE_US): the sleep takes
@@ -10,6 +10,7 @@
 //
 //   switchyard-emulated-expert --model DIR --listen ADDR [--experts 0,1]
 //                              [--compute-us US] [--workers N]
+//                              [--frame-listen HOST:PORT|unix:PATH|off]
 //
 // Default --compute-us 100: an H100 reading one Mixtral 8x7B expert's BF16
 // weights (3 x 4096 x 14336 x 2 bytes, 352 MB) at ~3.35 TB/s takes ~105 us,
@@ -54,6 +55,8 @@ const CommandSpec& Spec() {
           {"experts", true, "0", "the experts to serve, comma-separated"},
           {"compute-us", true, "100", "sleep per Forward call instead of computing (0..10000000)"},
           {"workers", true, "8", "threads taking Forward calls (1..256)"},
+          {"frame-listen", true, "HOST:0",
+           "the frame socket (as switchyard-expert's): HOST:PORT, unix:PATH or off"},
       },
       ""};
   return *spec;
@@ -129,6 +132,12 @@ int Run(int argc, char** argv) {
           shard.Serve(shard.store->config(), *std::move(description), std::move(options), *listen);
       !s.ok()) {
     return Fail(std::string(s.message()), 1);
+  }
+  const std::string frame_listen = flags.GetOr("frame-listen", DefaultFrameListen(*listen));
+  if (frame_listen != "off") {
+    if (absl::Status s = shard.ServeFrames(frame_listen); !s.ok()) {
+      return Fail(absl::StrCat("--frame-listen: ", s.message()), 1);
+    }
   }
   std::printf("%s listening on %s experts=%s compute-us=%lld\n", kName, shard.address().c_str(),
               experts_flag.c_str(), static_cast<long long>(*compute_us));

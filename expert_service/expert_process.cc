@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <mutex>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -16,6 +17,7 @@
 #include "expert_service/expert_ffn.h"
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_server.h"
+#include "expert_service/frame_server.h"
 #include "metrics/http_exporter.h"
 #include "metrics/metrics.h"
 #include "rpc/server.h"
@@ -117,6 +119,21 @@ absl::Status ValidateTls(const rpc::TlsFiles& tls) {
   return absl::OkStatus();
 }
 
+// Where the frame socket listens; "" for none (see
+// ExpertProcessOptions::frame_listen).
+std::string FrameListenAddress(const ExpertProcessOptions& options) {
+  if (!options.tls.cert_file.empty() || options.frame_listen == "off") return "";
+  if (!options.frame_listen.empty()) return options.frame_listen;
+  return DefaultFrameListen(options.listen);
+}
+
+std::string FrameSummary(const ForwardFrameServer* frames) {
+  if (frames == nullptr) return ", no frame socket";
+  const FrameEndpoint& e = frames->endpoint();
+  return e.unix_path.empty() ? absl::StrCat(", frames on port ", e.port)
+                             : absl::StrCat(", frames on unix:", e.unix_path);
+}
+
 }  // namespace
 
 // Destroyed in reverse: server first (no call reaches a dead service), then
@@ -130,6 +147,7 @@ struct ExpertProcess::Parts {
   std::unique_ptr<ExpertMetrics> expert_metrics;
   std::unique_ptr<metrics::HttpExporter> exporter;
   std::unique_ptr<ExpertServiceImpl> service;
+  std::unique_ptr<ForwardFrameServer> frames;  // null when off
   std::unique_ptr<rpc::RunningServer> server;
   std::string summary;
   std::once_flag shutdown_once;
@@ -153,6 +171,12 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
   }
   // Transport security, checked before the (slow) weight load.
   SY_RETURN_IF_ERROR(ValidateTls(options.tls));
+  if (!options.tls.cert_file.empty() && !options.frame_listen.empty() &&
+      options.frame_listen != "off") {
+    return absl::InvalidArgumentError(
+        "--frame-listen: the frame socket is plaintext, so it is off with TLS (gateways use "
+        "gRPC); drop --frame-listen or --tls-cert");
+  }
   std::shared_ptr<grpc::ServerCredentials> credentials;
   if (!options.tls.cert_file.empty()) {
     SY_ASSIGN_OR_RETURN(credentials,
@@ -162,6 +186,9 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
 
   auto p = std::make_unique<Parts>();
   SY_ASSIGN_OR_RETURN(const ModelConfig config, LoadModelConfig(options.model_dir));
+  // The largest legal Forward: max_forward_rows F32 rows, plus headers.
+  const int64_t max_request_bytes = std::min<int64_t>(
+      int64_t{options.max_forward_rows} * config.hidden_size * 4 + (1 << 16), int64_t{1} << 30);
   SY_ASSIGN_OR_RETURN(p->experts, ParseExperts(options.experts, config.num_local_experts));
   p->layers = {0, config.num_hidden_layers};
   if (!options.layers.empty()) {
@@ -203,27 +230,39 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
                                                        .metrics = p->expert_metrics.get(),
                                                        .backend_name = p->compute.name,
                                                    });
+  const std::string frame_listen = FrameListenAddress(options);
+  if (!frame_listen.empty()) {
+    absl::StatusOr<std::unique_ptr<ForwardFrameServer>> frames = ForwardFrameServer::Start(
+        p->service.get(),
+        {.listen = frame_listen, .max_request_bytes = static_cast<size_t>(max_request_bytes)});
+    if (!frames.ok()) {
+      return absl::Status(frames.status().code(),
+                          absl::StrCat("--frame-listen: ", frames.status().message()));
+    }
+    p->frames = std::move(*frames);
+    p->service->SetFrameEndpoint(p->frames->endpoint());
+  }
   rpc::ServerOptions server_options;
   server_options.health_service_names = {v1::ExpertService::service_full_name()};
   server_options.listen_address = options.listen;
   server_options.max_connection_age_ms = options.max_connection_age_ms;
   // The largest legal Forward: max_forward_rows F32 rows, plus headers.
-  server_options.max_receive_message_bytes = static_cast<int>(std::min<int64_t>(
-      int64_t{options.max_forward_rows} * config.hidden_size * 4 + (1 << 16), int64_t{1} << 30));
+  server_options.max_receive_message_bytes = static_cast<int>(max_request_bytes);
   server_options.credentials = credentials;
   SY_ASSIGN_OR_RETURN(p->server, rpc::RunningServer::Start(server_options, {p->service.get()}));
 
   char line[1024];
   std::snprintf(line, sizeof(line),
                 "loaded experts [%s] layers [%d, %d) of %s (%s weights, config %s) in %.2f s on "
-                "%s, %d workers, %s",
+                "%s, %d workers, %s%s",
                 absl::StrJoin(p->experts, ",").c_str(), p->layers.first, p->layers.second,
                 options.model_dir.c_str(), p->shard.weights_dtype.c_str(),
                 config.Fingerprint().c_str(), load_s, p->compute.backend->Describe().c_str(),
                 options.workers,
                 options.tls.cert_file.empty() ? "plaintext"
                 : options.tls.ca_file.empty() ? "TLS"
-                                              : "mutual TLS (client certificates required)");
+                                              : "mutual TLS (client certificates required)",
+                FrameSummary(p->frames.get()).c_str());
   p->summary = line;
   return std::unique_ptr<ExpertProcess>(new ExpertProcess(std::move(p)));
 }
@@ -233,6 +272,10 @@ ExpertProcess::ExpertProcess(std::unique_ptr<Parts> parts) : parts_(std::move(pa
 ExpertProcess::~ExpertProcess() { Shutdown(absl::ZeroDuration()); }
 
 const std::string& ExpertProcess::address() const { return parts_->server->address(); }
+
+FrameEndpoint ExpertProcess::frame_endpoint() const {
+  return parts_->frames ? parts_->frames->endpoint() : FrameEndpoint{};
+}
 
 std::string ExpertProcess::metrics_address() const {
   return parts_->exporter ? parts_->exporter->address() : "";
@@ -252,6 +295,7 @@ void ExpertProcess::Shutdown(absl::Duration grace) {
     // Gateways' ForwardStreams would keep the server busy until the deadline:
     // end each once its accepted requests are answered.
     parts_->service->EndStreams();
+    if (parts_->frames) parts_->frames->Shutdown();
     parts_->server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(grace));
     parts_->service->Shutdown();
   });

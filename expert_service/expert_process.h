@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/checkpoint.h"
+#include "expert_service/expert_server.h"
 #include "rpc/tls.h"
 
 namespace switchyard {
@@ -36,6 +37,11 @@ struct ExpertProcessOptions {
   // Rows one Forward call may carry, [1, 65536]; default 16384 (the gateway's
   // largest step). The server's max receive message size follows from it.
   int max_forward_rows = 16384;
+  // The frame socket (expert_service/frame_server.h), the gateway's fast
+  // data path: "HOST:PORT" or "unix:PATH"; default "": the host of `listen`
+  // with a free port ("unix:PATH.frames" beside a unix `listen`); "off":
+  // none. Always off with TLS (frames are plaintext; gateways then use gRPC).
+  std::string frame_listen;
   // Reports while the weights load (core/checkpoint.h), last with
   // finished=true; called on the loading thread. Default: none.
   LoadProgressCallback load_progress;
@@ -50,6 +56,8 @@ class ExpertProcess {
 
   // The address clients dial ("127.0.0.1:PORT" for an all-interfaces listen).
   const std::string& address() const;
+  // The frame socket's endpoint (port 0 and no path when off).
+  FrameEndpoint frame_endpoint() const;
   // Where /metrics is served; "" when off.
   std::string metrics_address() const;
   const std::vector<int>& experts() const;

@@ -18,12 +18,6 @@
 namespace switchyard {
 namespace {
 
-int64_t NowMicros() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 // The dtype a reply's output is sent in (Validate checked output_dtype).
 v1::DType OutputDType(const v1::ForwardRequest& request) {
   return request.output_dtype() == v1::DTYPE_UNSPECIFIED ? request.hidden_states().dtype()
@@ -31,6 +25,12 @@ v1::DType OutputDType(const v1::ForwardRequest& request) {
 }
 
 }  // namespace
+
+int64_t ExpertServiceImpl::NowMicros() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 std::vector<std::pair<int, int>> ShardDescription::Held() const {
   std::vector<std::pair<int, int>> held;
@@ -95,10 +95,14 @@ void ExpertServiceImpl::Shutdown() {
   workers_.Shutdown();
 }
 
-bool ExpertServiceImpl::TakeInlineSlotLocked() {
+void ExpertServiceImpl::SetFrameEndpoint(FrameEndpoint endpoint) {
+  frame_endpoint_ = std::move(endpoint);
+}
+
+bool ExpertServiceImpl::TakeInlineSlotLocked(bool own_thread) {
   if (!options_.inline_compute_when_idle ||
-      compute_average_micros_.load(std::memory_order_relaxed) >
-          options_.inline_compute_max_micros) {
+      (!own_thread && compute_average_micros_.load(std::memory_order_relaxed) >
+                          options_.inline_compute_max_micros)) {
     return false;
   }
   return workers_.TryStartInline();
@@ -132,6 +136,9 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::GetShardInfo(grpc::CallbackServerCo
   response->set_version(Version());
   response->set_forward_stream(true);
   response->set_rows_independent_of_count(backend_->RowsIndependentOfCount());
+  response->set_frame_port(frame_endpoint_.port);
+  response->set_frame_unix_path(frame_endpoint_.unix_path);
+  response->set_frame_token(frame_endpoint_.token);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -283,7 +290,8 @@ void ExpertServiceImpl::RunForward(grpc::CallbackServerContext* context,
 // which gRPC calls only after Finish, so it finishes once reads ended, every
 // accepted request is answered and the last write completed.
 class ExpertServiceImpl::StreamReactor final
-    : public grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse> {
+    : public grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>,
+      public ForwardReplySink {
  public:
   explicit StreamReactor(ExpertServiceImpl* service) : service_(service) { StartRead(&read_); }
 
@@ -318,7 +326,7 @@ class ExpertServiceImpl::StreamReactor final
       Reply(std::move(response));
       return;
     }
-    service_->AcceptStreamRequest(std::move(request), received, this);
+    service_->AcceptForwardRequest(std::move(request), received, this, /*own_thread=*/false);
   }
 
   // Ends the stream once its accepted requests are answered (EndStreams);
@@ -334,7 +342,7 @@ class ExpertServiceImpl::StreamReactor final
   void FinishEnded() { Finish(EndedStatus()); }
 
   // Sends the answer to one accepted request (any thread).
-  void Reply(std::unique_ptr<v1::ForwardStreamResponse> response) {
+  void Reply(std::unique_ptr<v1::ForwardStreamResponse> response) override {
     std::unique_lock<std::mutex> lock(mu_);
     --pending_;
     if (broken_) {
@@ -401,7 +409,7 @@ struct ExpertServiceImpl::StreamWork {
   std::unique_ptr<v1::ForwardStreamResponse> response;
   std::vector<ExpertCounters*> counters;  // by batch; nullptr: refused
   int64_t received_micros = 0;
-  StreamReactor* reactor = nullptr;
+  ForwardReplySink* sink = nullptr;
 };
 
 grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>*
@@ -436,13 +444,14 @@ void ExpertServiceImpl::EndStreams() {
   for (StreamReactor* reactor : finish_now) reactor->FinishEnded();
 }
 
-void ExpertServiceImpl::AcceptStreamRequest(std::unique_ptr<v1::ForwardStreamRequest> request,
-                                            int64_t received_micros, StreamReactor* reactor) {
+void ExpertServiceImpl::AcceptForwardRequest(std::unique_ptr<v1::ForwardStreamRequest> request,
+                                             int64_t received_micros, ForwardReplySink* sink,
+                                             bool own_thread) {
   auto work = std::make_unique<StreamWork>();
   work->response = std::make_unique<v1::ForwardStreamResponse>();
   work->response->set_id(request->id());
   work->received_micros = received_micros;
-  work->reactor = reactor;
+  work->sink = sink;
   const int n = request->batches_size();
   work->counters.assign(n, nullptr);
   const auto refuse = [&](int i, const absl::Status& s) {
@@ -464,7 +473,7 @@ void ExpertServiceImpl::AcceptStreamRequest(std::unique_ptr<v1::ForwardStreamReq
   }
   work->request = std::move(request);
   if (accepted == 0) {
-    reactor->Reply(std::move(work->response));
+    sink->Reply(std::move(work->response));
     return;
   }
   bool run_inline = false;
@@ -482,7 +491,7 @@ void ExpertServiceImpl::AcceptStreamRequest(std::unique_ptr<v1::ForwardStreamReq
       for (int i = 0; i < n; ++i) {
         if (work->counters[i] != nullptr) refuse(i, refused);
       }
-      reactor->Reply(std::move(work->response));
+      sink->Reply(std::move(work->response));
       return;
     }
     for (ExpertCounters* c : work->counters) {
@@ -490,7 +499,7 @@ void ExpertServiceImpl::AcceptStreamRequest(std::unique_ptr<v1::ForwardStreamReq
       c->in_flight.fetch_add(1, std::memory_order_relaxed);
       if (options_.metrics != nullptr) options_.metrics->CallAccepted();
     }
-    run_inline = TakeInlineSlotLocked();
+    run_inline = TakeInlineSlotLocked(own_thread);
     if (!run_inline) {
       // std::function needs a copyable callable: hand the work over raw.
       StreamWork* queued = work.release();
@@ -597,7 +606,7 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
                                  compute_share[i] * 1e-6);
     }
   }
-  work->reactor->Reply(std::move(work->response));
+  work->sink->Reply(std::move(work->response));
 }
 
 const ExpertCounters* ExpertServiceImpl::counters(int layer, int expert) const {

@@ -12,6 +12,9 @@
 // threads and the queue (and its metrics) shows the backlog. Calls whose
 // deadline passed while queued are dropped without compute.
 //
+// The same stream messages also come from a frame socket
+// (expert_service/frame_server.h), through AcceptForwardRequest.
+//
 // A ForwardStream is one ServerBidiReactor per gateway connection: it keeps a
 // read posted, hands each request to the same inline-or-queue path, and
 // writes the responses one at a time in completion order. It ends when the
@@ -121,6 +124,22 @@ struct ExpertServerStats {
   int64_t queued_calls = 0;
 };
 
+// Where the answer to an accepted ForwardStreamRequest goes: a gRPC
+// ForwardStream, or a frame socket connection. Reply is called exactly once
+// per accepted request, from any thread.
+class ForwardReplySink {
+ public:
+  virtual ~ForwardReplySink() = default;
+  virtual void Reply(std::unique_ptr<v1::ForwardStreamResponse> response) = 0;
+};
+
+// Where a shard's frame socket is, for its ShardInfo (see expert.proto).
+struct FrameEndpoint {
+  uint32_t port = 0;      // TCP port; 0: none
+  std::string unix_path;  // "": none
+  std::string token;      // the greeting's payload
+};
+
 class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
  public:
   // Serves the (layer, expert) pairs of `shard`, computed by `backend`,
@@ -150,6 +169,19 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   // deadline for the streams (they never end on their own).
   void EndStreams();
 
+  // Accepts a ForwardStreamRequest read at `received_micros` (NowMicros, a
+  // steady clock): answers refused batches, computes or queues the others,
+  // and sends the response to `sink`, which must live until then.
+  // `own_thread`: the caller's thread is its own (a frame connection's
+  // reader, not one of gRPC's), so it computes there whenever the shard is
+  // idle, however long compute takes.
+  void AcceptForwardRequest(std::unique_ptr<v1::ForwardStreamRequest> request,
+                            int64_t received_micros, ForwardReplySink* sink, bool own_thread);
+  // Reports `endpoint` in ShardInfo from now on. Call before serving.
+  void SetFrameEndpoint(FrameEndpoint endpoint);
+  // Microseconds on the clock AcceptForwardRequest's received_micros uses.
+  static int64_t NowMicros();
+
   // Refuses new Forward calls (UNAVAILABLE), finishes every queued call and
   // joins the workers. Idempotent. Call after the grpc::Server stopped
   // accepting (RunningServer::Shutdown), so its in-flight calls complete.
@@ -171,11 +203,8 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   absl::StatusOr<ExpertCounters*> Validate(const v1::ForwardRequest& request) const;
   // Under mu_: whether the caller may compute on its own thread now (then
   // counted as a running computation until it calls workers_.FinishInline()).
-  bool TakeInlineSlotLocked();
-  // Accepts a stream request read at `received_micros`: answers refused
-  // batches, computes or queues the others, and replies through `reactor`.
-  void AcceptStreamRequest(std::unique_ptr<v1::ForwardStreamRequest> request,
-                           int64_t received_micros, StreamReactor* reactor);
+  // `own_thread`: the caller is not a gRPC thread (no compute-time limit).
+  bool TakeInlineSlotLocked(bool own_thread = false);
   // Computes the accepted batches of `work` (decode, backend, encode).
   void RunStreamWork(StreamWork* work);
   // Called by a stream's OnDone.
@@ -194,6 +223,7 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   // Keys fixed at construction, so lookups need no lock.
   std::map<std::pair<int, int>, std::unique_ptr<ExpertCounters>> counters_;
   std::atomic<uint64_t> rejected_calls_{0};
+  FrameEndpoint frame_endpoint_;  // set before serving
 
   // Serialises accepting a call: the stopping_ and queue-limit checks, the
   // accounting (in_flight, metrics) and the inline-or-queue choice happen

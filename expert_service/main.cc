@@ -63,6 +63,9 @@ const CommandSpec& Spec() {
           {"device", true, "cpu", "where the experts compute: cpu or cuda"},
           {"precision", true, "bf16", "cuda weights precision: bf16 or f32"},
           {"gpu", true, "0", "the CUDA device index"},
+          {"frame-listen", true, "HOST:0",
+           "the frame socket, the gateway's fast data path: HOST:PORT, unix:PATH, or off "
+           "(always off with TLS)"},
           {"max-forward-rows", true, "16384",
            "rows per Forward call, at most 65536; at least the gateway's --max-step-tokens and "
            "--max-running"},
@@ -104,6 +107,10 @@ absl::StatusOr<ExpertProcessOptions> OptionsFromFlags(const Flags& flags) {
   SY_ASSIGN_OR_RETURN(int64_t rows,
                       flags.IntInRange("max-forward-rows", o.max_forward_rows, 1, 65536));
   o.max_forward_rows = static_cast<int>(rows);
+  if (flags.Has("frame-listen") && flags.GetOr("frame-listen", "").empty()) {
+    return absl::InvalidArgumentError("--frame-listen needs HOST:PORT, unix:PATH or off");
+  }
+  o.frame_listen = flags.GetOr("frame-listen", "");
   return o;
 }
 

@@ -341,6 +341,12 @@ absl::StatusOr<GatewayOptions> GatewayOptionsFromFlags(const Flags& f) {
     return absl::InvalidArgumentError("--wire-dtype must be f32 or bf16, got '" + wire + "'");
   }
   o.wire_bf16 = wire == "bf16";
+  const std::string transport = f.GetOr("expert-transport", "frames");
+  if (transport != "frames" && transport != "grpc") {
+    return absl::InvalidArgumentError("--expert-transport must be frames or grpc, got '" +
+                                      transport + "'");
+  }
+  o.expert_frames = transport == "frames";
   o.metrics_listen = f.GetOr("metrics-listen", "");
   o.http_listen = f.GetOr("http-listen", "");
   o.chat_template_file = f.GetOr("chat-template", "");
@@ -478,6 +484,7 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
   RemoteExpertOptions remote;
   remote.call_deadline_ms = options.expert_timeout_ms;
   remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
+  remote.use_frames = options.expert_frames;
   remote.credentials = expert_credentials;
   GatewayMetrics* gateway_metrics = metrics.get();
   remote.on_call_done = [gateway_metrics](int expert, double seconds, int code) {

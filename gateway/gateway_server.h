@@ -49,6 +49,10 @@ struct GatewayOptions {
   int expert_timeout_ms = 10000;          // deadline of each expert call
   int expert_connect_timeout_ms = 30000;  // start-up wait for every expert to answer
   bool wire_bf16 = false;                 // send expert tensors as BF16 (default F32, exact)
+  // Expert calls on a shard's frame socket where it offers one (plaintext
+  // only), else gRPC streams. Default true (--expert-transport frames);
+  // false: gRPC only (--expert-transport grpc).
+  bool expert_frames = true;
   // --micro-batches: the most micro-batches a step splits into so that
   // attention and routing of one overlap the expert calls of another
   // (gateway/step_runner.h). 0 (default): auto, 2 when an expert is on

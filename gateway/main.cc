@@ -47,6 +47,9 @@ const switchyard::CommandSpec& Spec() {
            "largest max_new_tokens a request may ask for (0..2^31-1)"},
           {"expert-timeout-ms", true, "10000", "deadline of each expert call (1..86400000)"},
           {"wire-dtype", true, "f32", "activations to the experts as f32 or bf16"},
+          {"expert-transport", true, "frames",
+           "expert calls on each shard's frame socket (frames; gRPC where a shard offers none, "
+           "and with TLS) or only on gRPC (grpc)"},
           {"micro-batches", true, "0: auto, 2 when an expert is on another host, else 1",
            "split a step of 2+ sequences (at most 16 tokens, any number with BF16 weights on "
            "amx/avx512 CPU kernels) into up to N micro-batches whose attention and expert calls "

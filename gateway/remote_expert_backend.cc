@@ -1,5 +1,6 @@
 #include "gateway/remote_expert_backend.h"
 
+#include <poll.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include "core/fingerprint.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
+#include "rpc/frame_socket.h"
 #include "rpc/status.h"
 #include "rpc/tensor_codec.h"
 
@@ -91,6 +93,23 @@ absl::Status ValidateTopology(const ExpertTopology& topology, int num_experts,
                      absl::StrJoin(missing, ", "), " (the model has ", num_experts, " experts)"));
   }
   return absl::OkStatus();
+}
+
+// Where to dial the frame socket a shard at `target` offers ("" for none):
+// a unix target's socket path, or the host of a HOST:PORT target with the
+// shard's frame port. Other target forms (dns:///, ipv4: lists) stay on gRPC.
+std::string FrameAddress(const std::string& target, const v1::ShardInfo& info) {
+  if (absl::StartsWith(target, "unix:")) {
+    return info.frame_unix_path().empty() ? "" : absl::StrCat("unix:", info.frame_unix_path());
+  }
+  if (info.frame_port() == 0 || absl::StrContains(target, "://") ||
+      absl::StartsWith(target, "dns:") || absl::StartsWith(target, "ipv4:") ||
+      absl::StartsWith(target, "ipv6:")) {
+    return "";
+  }
+  const size_t colon = target.rfind(':');
+  if (colon == std::string::npos || colon == 0) return "";
+  return absl::StrCat(target.substr(0, colon), ":", info.frame_port());
 }
 
 absl::StatusOr<int> ParseExpertIndex(const std::string& text, const std::string& where) {
@@ -380,6 +399,38 @@ struct RemoteExpertBackend::Replica {
   std::atomic<bool> bf16_inputs{false};
   // Its ShardInfo's rows_independent_of_count.
   std::atomic<bool> rows_independent_of_count{false};
+  // Calls go on the shard's frame socket (RemoteExpertOptions::use_frames).
+  std::atomic<bool> use_frames{false};
+  // Until this time (NowMicros) calls skip the frame socket: the last dial
+  // failed, so they go on gRPC meanwhile.
+  std::atomic<int64_t> frames_retry_after_micros{0};
+  // The first failure to use the frame socket was logged.
+  std::atomic<bool> frames_warned{false};
+
+  // Where the frame socket is and what its greeting must say.
+  void SetFrameEndpoint(std::string address, std::string token) {
+    std::lock_guard<std::mutex> lock(frame_mu);
+    frame_address = std::move(address);
+    frame_token = std::move(token);
+  }
+  std::pair<std::string, std::string> FrameEndpoint() const {
+    std::lock_guard<std::mutex> lock(frame_mu);
+    return {frame_address, frame_token};
+  }
+  // An idle frame connection, or an invalid socket if there is none.
+  rpc::FrameSocket TakeIdleFrame() {
+    std::lock_guard<std::mutex> lock(frame_mu);
+    if (idle_frames.empty()) return rpc::FrameSocket();
+    rpc::FrameSocket socket = std::move(idle_frames.back());
+    idle_frames.pop_back();
+    return socket;
+  }
+  // Keeps a connection whose last reply was read whole for the next call
+  // (a few; more are closed).
+  void ReturnFrame(rpc::FrameSocket socket) {
+    std::lock_guard<std::mutex> lock(frame_mu);
+    if (idle_frames.size() < 16) idle_frames.push_back(std::move(socket));
+  }
 
   // The live stream, opened if there is none or the last one ended.
   std::shared_ptr<Stream> GetStream(RemoteExpertBackend* backend) {
@@ -424,6 +475,10 @@ struct RemoteExpertBackend::Replica {
   std::mutex stream_mu;
   std::shared_ptr<Stream> stream;              // guarded by stream_mu
   std::vector<std::shared_ptr<Stream>> ended;  // guarded by stream_mu; OnDone pending
+  mutable std::mutex frame_mu;
+  std::string frame_address;                  // guarded by frame_mu
+  std::string frame_token;                    // guarded by frame_mu
+  std::vector<rpc::FrameSocket> idle_frames;  // guarded by frame_mu
 };
 
 void RemoteExpertBackend::Stream::MarkUnimplemented() { replica_->use_stream.store(false); }
@@ -473,6 +528,8 @@ struct RemoteExpertBackend::CallSlot {
   // whether it went on a stream (whose deadline AwaitLayer enforces).
   std::array<std::chrono::system_clock::time_point, kMaxAttempts> deadline{};
   std::array<bool, kMaxAttempts> on_stream{};
+  // ... and whether it went on a frame socket (AwaitLayer reads its reply).
+  std::array<bool, kMaxAttempts> on_frames{};
   // Set by whoever completes the attempt first (reply, stream end, deadline);
   // the others leave it alone.
   std::array<std::atomic<bool>, kMaxAttempts> claimed{};
@@ -480,6 +537,15 @@ struct RemoteExpertBackend::CallSlot {
   absl::Status bad_output;
 
   bool Claim(int attempt) { return !claimed[attempt].exchange(true, std::memory_order_acq_rel); }
+};
+
+// One request sent on a frame connection, awaiting its reply.
+struct RemoteExpertBackend::FrameWait {
+  std::shared_ptr<Replica> replica;
+  rpc::FrameSocket socket;
+  uint64_t id = 0;
+  std::vector<AttemptRef> refs;  // by batch
+  bool open = true;              // reply not read yet (or the socket given up)
 };
 
 // Everything one RunLayer shares with its callbacks; callbacks hold it by
@@ -492,6 +558,11 @@ struct RemoteExpertBackend::LayerCall {
   std::mutex mu;
   std::condition_variable done_cv;  // a slot finished or an attempt started
   size_t pending = 0;               // guarded by mu
+  // Frame requests sent and not yet answered; their replies are read by the
+  // thread in AwaitLayer. Appended under mu; each one's fields are then only
+  // touched by that thread. Cleared when the layer ends (its refs point
+  // back here).
+  std::vector<std::unique_ptr<FrameWait>> frame_waits;
 };
 
 RemoteExpertBackend::RemoteExpertBackend(const ModelConfig& config,
@@ -787,6 +858,12 @@ absl::Status RemoteExpertBackend::CheckPairs(const std::vector<NewPair>& pairs) 
                                                      absl::EndsWith(info->info.backend(), "-bf16"));
     const_cast<Replica*>(replica)->rows_independent_of_count.store(
         info->info.rows_independent_of_count());
+    // Frames are plaintext: only where gRPC is too, and one address per target.
+    const std::string frame_address = FrameAddress(replica->target, info->info);
+    const_cast<Replica*>(replica)->SetFrameEndpoint(frame_address, info->info.frame_token());
+    const_cast<Replica*>(replica)->use_frames.store(
+        options_.use_frames && options_.credentials == nullptr && !replica->several_addresses &&
+        !frame_address.empty());
   }
   // Every (expert, replica) pair must serve this model and these weights.
   for (const auto& [e, replica] : pairs) {
@@ -838,7 +915,10 @@ std::shared_ptr<RemoteExpertBackend::Replica> RemoteExpertBackend::PickReplica(
 void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
                                         const std::vector<size_t>& slots,
                                         std::shared_ptr<Replica> replica) {
-  const bool stream = replica->use_stream.load(std::memory_order_relaxed);
+  const bool frames =
+      replica->use_frames.load(std::memory_order_relaxed) &&
+      NowMicros() >= replica->frames_retry_after_micros.load(std::memory_order_relaxed);
+  const bool stream = frames || replica->use_stream.load(std::memory_order_relaxed);
   const auto now = std::chrono::system_clock::now();
   std::vector<AttemptRef> refs;
   auto latest_deadline = now;
@@ -859,6 +939,7 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
       if (attempt == 0 && state.Snapshot()->can_retry) deadline = now + (call->deadline - now) / 2;
       s.deadline[attempt] = deadline;
       s.on_stream[attempt] = stream;
+      s.on_frames[attempt] = frames;
       s.start_micros[attempt] = NowMicros();
       latest_deadline = std::max(latest_deadline, deadline);
       refs.push_back({call, slot, attempt});
@@ -882,6 +963,20 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
     for (const AttemptRef& ref : refs) fill(call->slots[ref.slot], request->add_batches());
     request->set_timeout_micros(std::max<int64_t>(
         1, std::chrono::duration_cast<std::chrono::microseconds>(latest_deadline - now).count()));
+    if (frames) {
+      if (SendFrames(call, refs, replica, *request, absl::FromChrono(latest_deadline))) return;
+      // No frame connection: these attempts go on gRPC after all.
+      std::lock_guard<std::mutex> lock(call->mu);
+      for (const AttemptRef& ref : refs) call->slots[ref.slot].on_frames[ref.attempt] = false;
+    }
+    if (!replica->use_stream.load()) {
+      for (size_t i = 0; i < refs.size(); ++i) {
+        SendUnary(refs[i], replica.get(),
+                  std::make_unique<v1::ForwardRequest>(
+                      std::move(*request->mutable_batches(static_cast<int>(i)))));
+      }
+      return;
+    }
     // A stream that ended between GetStream and Send is replaced once.
     for (int tries = 0; tries < 2; ++tries) {
       if (replica->GetStream(this)->Send(request, refs)) return;
@@ -1071,41 +1166,202 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
   if (last) call->done_cv.notify_all();
 }
 
+namespace {
+
+// Connects to a frame socket and checks its greeting names `token`.
+absl::StatusOr<rpc::FrameSocket> DialAndGreet(const std::string& address, const std::string& token,
+                                              absl::Time deadline) {
+  absl::StatusOr<rpc::FrameSocket> socket = rpc::DialFrames(address, deadline);
+  if (!socket.ok()) return socket.status();
+  std::string greeting;
+  SY_RETURN_IF_ERROR(rpc::ReadFrame(socket->fd(), 256, deadline, &greeting));
+  if (greeting != token) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the frame socket at ", address, " belongs to another shard process than the one asked"));
+  }
+  return socket;
+}
+
+// Whether an idle connection was closed (or broken) by the shard meanwhile:
+// it has something to read (the end of the stream) though no request is
+// out. A write into it could still succeed, and only the reply would fail.
+bool IdleFrameIsStale(int fd) {
+  pollfd p{.fd = fd, .events = POLLIN | POLLRDHUP, .revents = 0};
+  return poll(&p, 1, 0) != 0;
+}
+
+}  // namespace
+
+absl::StatusOr<rpc::FrameSocket> RemoteExpertBackend::DialFrames(Replica& replica,
+                                                                 absl::Time deadline) {
+  const auto [address, token] = replica.FrameEndpoint();
+  absl::StatusOr<rpc::FrameSocket> socket = DialAndGreet(address, token, deadline);
+  if (socket.ok()) return socket;
+  // The shard may have restarted with a new frame socket: ask it where.
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(deadline));
+  v1::ShardInfo info;
+  if (!replica.stub->GetShardInfo(&context, v1::GetShardInfoRequest(), &info).ok()) return socket;
+  const std::string fresh = FrameAddress(replica.target, info);
+  if (fresh.empty() || (fresh == address && info.frame_token() == token)) return socket;
+  replica.SetFrameEndpoint(fresh, info.frame_token());
+  return DialAndGreet(fresh, info.frame_token(), deadline);
+}
+
+bool RemoteExpertBackend::SendFrames(const std::shared_ptr<LayerCall>& call,
+                                     const std::vector<AttemptRef>& refs,
+                                     const std::shared_ptr<Replica>& replica,
+                                     v1::ForwardStreamRequest& request, absl::Time deadline) {
+  request.set_id(next_frame_id_.fetch_add(1, std::memory_order_relaxed));
+  rpc::FrameSocket socket = replica->TakeIdleFrame();
+  while (socket.valid() && IdleFrameIsStale(socket.fd())) socket = replica->TakeIdleFrame();
+  absl::Status sent = absl::OkStatus();
+  if (!socket.valid()) {
+    // A dial is quick where the shard is up; where it is not, gRPC says so.
+    absl::StatusOr<rpc::FrameSocket> dialed =
+        DialFrames(*replica, std::min(deadline, absl::Now() + absl::Seconds(1)));
+    if (dialed.ok()) {
+      socket = std::move(*dialed);
+    } else {
+      sent = dialed.status();
+    }
+  }
+  if (sent.ok()) sent = rpc::WriteMessageFrame(socket.fd(), request, deadline);
+  if (!sent.ok()) {
+    // gRPC carries this replica's calls until the next try.
+    replica->frames_retry_after_micros.store(
+        NowMicros() + int64_t{1000} * options_.max_reconnect_backoff_ms, std::memory_order_relaxed);
+    if (!replica->frames_warned.exchange(true)) {
+      std::fprintf(stderr,
+                   "switchyard-gateway: expert %s: frame socket unusable (%s); its calls go on "
+                   "gRPC, and the frame socket is tried again every %d ms\n",
+                   replica->target.c_str(), std::string(sent.message()).c_str(),
+                   options_.max_reconnect_backoff_ms);
+    }
+    return false;
+  }
+  auto wait = std::make_unique<FrameWait>();
+  wait->replica = replica;
+  wait->socket = std::move(socket);
+  wait->id = request.id();
+  wait->refs = refs;
+  {
+    std::lock_guard<std::mutex> lock(call->mu);
+    call->frame_waits.push_back(std::move(wait));
+  }
+  // A retry started from a callback: the waiting thread must watch it.
+  call->done_cv.notify_all();
+  return true;
+}
+
+void RemoteExpertBackend::ReadFrameReply(FrameWait& wait, absl::Time deadline) {
+  wait.open = false;
+  v1::ForwardStreamResponse reply;
+  absl::Status read = rpc::ReadMessageFrame(
+      wait.socket.fd(), static_cast<size_t>(options_.max_message_bytes), deadline, &reply);
+  if (read.ok() && reply.id() != wait.id) {
+    read = absl::DataLossError(
+        absl::StrCat("reply for request ", reply.id(), " while waiting for ", wait.id));
+  }
+  if (!read.ok()) {
+    wait.socket.Close();
+    FailAttempts(wait.refs, grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                         absl::StrCat("frame connection to ", wait.replica->target,
+                                                      " broke: ", read.message())));
+    return;
+  }
+  wait.replica->ReturnFrame(std::move(wait.socket));
+  OnStreamReply(wait.refs, reply);
+}
+
 void RemoteExpertBackend::AwaitLayer(const std::shared_ptr<LayerCall>& call) {
   std::unique_lock<std::mutex> lock(call->mu);
   while (call->pending > 0) {
-    // The earliest deadline of a stream attempt still open (unary calls have
-    // gRPC's own deadline). No polling: sleep until then or until notified.
+    // The earliest deadline of a stream or frame attempt still open (unary
+    // calls have gRPC's own deadline), and whether any open attempt is on
+    // gRPC (then its completion wakes done_cv, which a poll cannot see).
     auto earliest = std::chrono::system_clock::time_point::max();
+    bool on_grpc = false;
     for (const CallSlot& s : call->slots) {
       for (int a = 0; a < s.attempts; ++a) {
-        if (s.on_stream[a] && !s.claimed[a].load(std::memory_order_acquire)) {
-          earliest = std::min(earliest, s.deadline[a]);
-        }
+        if (s.claimed[a].load(std::memory_order_acquire)) continue;
+        if (s.on_stream[a]) earliest = std::min(earliest, s.deadline[a]);
+        if (!s.on_frames[a]) on_grpc = true;
       }
     }
-    if (earliest == std::chrono::system_clock::time_point::max()) {
-      call->done_cv.wait(lock);
-      continue;
+    std::vector<FrameWait*> waits;
+    for (const auto& w : call->frame_waits) {
+      if (w->open) waits.push_back(w.get());
     }
-    if (call->done_cv.wait_until(lock, earliest) != std::cv_status::timeout) continue;
-    std::vector<AttemptRef> expired;
-    const auto now = std::chrono::system_clock::now();
-    for (size_t i = 0; i < call->slots.size(); ++i) {
-      const CallSlot& s = call->slots[i];
-      for (int a = 0; a < s.attempts; ++a) {
-        if (s.on_stream[a] && s.deadline[a] <= now &&
-            !s.claimed[a].load(std::memory_order_acquire)) {
-          expired.push_back({call, i, a});
+    bool timed_out = false;
+    if (waits.empty()) {
+      if (earliest == std::chrono::system_clock::time_point::max()) {
+        call->done_cv.wait(lock);
+        continue;
+      }
+      timed_out = call->done_cv.wait_until(lock, earliest) == std::cv_status::timeout;
+      if (!timed_out) continue;
+      lock.unlock();
+    } else {
+      // Frame replies are read right here, by the thread that needs them.
+      lock.unlock();
+      std::vector<pollfd> fds;
+      for (FrameWait* w : waits)
+        fds.push_back({.fd = w->socket.fd(), .events = POLLIN, .revents = 0});
+      int timeout_ms = -1;
+      if (earliest != std::chrono::system_clock::time_point::max()) {
+        const auto left = std::chrono::ceil<std::chrono::milliseconds>(
+            earliest - std::chrono::system_clock::now());
+        timeout_ms = static_cast<int>(std::clamp<int64_t>(left.count(), 0, 1 << 30));
+      }
+      // With gRPC attempts open too, look at done_cv's condition every ms.
+      if (on_grpc && (timeout_ms < 0 || timeout_ms > 1)) timeout_ms = 1;
+      const int ready = poll(fds.data(), fds.size(), timeout_ms);
+      for (size_t i = 0; ready > 0 && i < fds.size(); ++i) {
+        if (fds[i].revents != 0) ReadFrameReply(*waits[i], absl::FromChrono(call->deadline));
+      }
+      timed_out = std::chrono::system_clock::now() >= earliest;
+    }
+    if (timed_out) {
+      std::vector<AttemptRef> expired_stream, expired_frames;
+      const auto now = std::chrono::system_clock::now();
+      lock.lock();
+      for (size_t i = 0; i < call->slots.size(); ++i) {
+        const CallSlot& s = call->slots[i];
+        for (int a = 0; a < s.attempts; ++a) {
+          if (s.on_stream[a] && s.deadline[a] <= now &&
+              !s.claimed[a].load(std::memory_order_acquire)) {
+            (s.on_frames[a] ? expired_frames : expired_stream).push_back({call, i, a});
+          }
         }
       }
+      lock.unlock();
+      // The reply may still come: the stream drops it (the attempt is
+      // claimed); a frame connection is closed below.
+      FailAttempts(expired_stream,
+                   grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                "no reply on the ForwardStream before the deadline"));
+      FailAttempts(expired_frames,
+                   grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                "no reply on the frame connection before the deadline"));
     }
-    lock.unlock();
-    // The reply may still come: the stream drops it (the attempt is claimed).
-    FailAttempts(expired, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                                       "no reply on the ForwardStream before the deadline"));
     lock.lock();
+    // A frame connection whose attempts all ended without its reply (timed
+    // out) is closed: the reply may still come and must not be read as the
+    // next request's.
+    for (const auto& w : call->frame_waits) {
+      if (!w->open) continue;
+      const bool all_claimed = std::all_of(w->refs.begin(), w->refs.end(), [](const AttemptRef& r) {
+        return r.call->slots[r.slot].claimed[r.attempt].load(std::memory_order_acquire);
+      });
+      if (all_claimed) {
+        w->open = false;
+        w->socket.Close();
+      }
+    }
   }
+  // The refs point back at `call`: drop them, closing any socket still open.
+  call->frame_waits.clear();
 }
 
 absl::Status RemoteExpertBackend::RunLayer(int layer, absl::Span<const ExpertBatch> batches) {
@@ -1162,7 +1418,8 @@ absl::Status RemoteExpertBackend::RunLayerPerBatch(int layer, absl::Span<const E
     auto group = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
       return g.replica == replica && g.bytes + bytes <= group_budget;
     });
-    if (group != groups.end() && replica->use_stream.load(std::memory_order_relaxed)) {
+    if (group != groups.end() && (replica->use_stream.load(std::memory_order_relaxed) ||
+                                  replica->use_frames.load(std::memory_order_relaxed))) {
       group->slots.push_back(i);
       group->bytes += bytes;
     } else {
@@ -1204,7 +1461,8 @@ std::string RemoteExpertBackend::Describe() const {
     for (const auto& r : state->Snapshot()->replicas) targets.push_back(r->target);
     entries.push_back(absl::StrCat(state->expert, "=", absl::StrJoin(targets, "|")));
   }
-  return absl::StrCat("remote (gRPC", options_.use_stream ? " streams" : "", ", ",
+  return absl::StrCat("remote (", options_.use_frames ? "frames where offered, else " : "", "gRPC",
+                      options_.use_stream ? " streams" : "", ", ",
                       options_.wire_dtype == v1::DTYPE_BF16 ? "bf16" : "f32", " wire, ",
                       options_.call_deadline_ms, " ms deadline): ", absl::StrJoin(entries, ";"));
 }

@@ -4,7 +4,9 @@
 # namespace by a veth pair), the gateway in the root namespace reaches each
 # one through a switchyard-delay-proxy that delays every byte by RTT/2 each
 # way (this kernel has no `tc netem`), and `switchyard bench` measures the
-# gateway at several stream counts. Rows:
+# gateway at several stream counts. Each expert's frame socket (port 50062)
+# gets a proxy of its own too, on the gRPC proxy's loopback address
+# 127.0.0.(E+2), where the gateway looks for it. Rows:
 #   direct     gateway -> expert namespaces, no proxy (the veth link alone)
 #   proxy 0    through the proxies with no delay: the proxy's own cost
 #   RTT R ms   through the proxies adding R ms per round trip
@@ -135,7 +137,8 @@ else
 fi
 for e in $(seq 0 $((experts - 1))); do
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$ip_cmd" netns exec "${tag}e$e" "$bin/$expert_bin" --model "$model" \
-    --listen "${expert_ips[$e]}:50061" --experts "$e" "${expert_flags[@]}" >"$out/expert$e.log" 2>&1 &
+    --listen "${expert_ips[$e]}:50061" --frame-listen "${expert_ips[$e]}:50062" --experts "$e" \
+    "${expert_flags[@]}" >"$out/expert$e.log" 2>&1 &
   pids+=($!)
 done
 for e in $(seq 0 $((experts - 1))); do
@@ -152,18 +155,27 @@ else
   overlap_note="switchyard-gateway has no --micro-batches: only the gateway without overlap ran"
 fi
 
-# start_proxies DELAY_US: one proxy per expert; sets `spec` to the gateway's --experts.
+# start_proxies DELAY_US: two proxies per expert, gRPC and frames, on the
+# loopback address 127.0.0.(E+2) (the gateway dials a shard's frame port on
+# the host of its gRPC target); sets `spec` to the gateway's --experts.
 start_proxies() {
   spec=""
   proxy_pids=()
   for e in $(seq 0 $((experts - 1))); do
-    "$bin/switchyard-delay-proxy" --listen 127.0.0.1:0 --target "${expert_ips[$e]}:50061" \
+    local host=127.0.0.$((e + 2))
+    "$bin/switchyard-delay-proxy" --listen "$host:0" --target "${expert_ips[$e]}:50061" \
       --delay-us "$1" >"$out/proxy$e.log" 2>&1 &
     local p=$!
     pids+=("$p")
     proxy_pids+=("$p")
+    "$bin/switchyard-delay-proxy" --listen "$host:50062" --target "${expert_ips[$e]}:50062" \
+      --delay-us "$1" >"$out/frame-proxy$e.log" 2>&1 &
+    local fp=$!
+    pids+=("$fp")
+    proxy_pids+=("$fp")
     local address
     address=$(wait_line "$out/proxy$e.log" "$p") || { cat "$out/proxy$e.log" >&2; exit 1; }
+    wait_line "$out/frame-proxy$e.log" "$fp" >/dev/null || { cat "$out/frame-proxy$e.log" >&2; exit 1; }
     spec+="${spec:+;}$e=$address"
   done
 }

@@ -24,6 +24,7 @@
 #include "expert_service/expert_backend.h"
 #include "expert_service/expert_ffn.h"
 #include "expert_service/expert_server.h"
+#include "expert_service/frame_server.h"
 #include "rpc/server.h"
 #include "switchyard/v1/expert.grpc.pb.h"
 
@@ -73,6 +74,7 @@ struct InProcessExpert {
   std::vector<std::unique_ptr<ExpertBackend>> compute;
   std::unique_ptr<ExpertServiceImpl> service;
   std::unique_ptr<ObservedExpertService> observed;  // in front of `service` when observed
+  std::unique_ptr<ForwardFrameServer> frames;       // ServeFrames; else null
   std::unique_ptr<rpc::RunningServer> server;
   // What Stop() and the destructor give calls in flight before cancelling
   // them. Default 2 s.
@@ -83,6 +85,7 @@ struct InProcessExpert {
   // Stops the server (calls still running after `grace` are cancelled), then
   // the service. Idempotent.
   void Stop(std::chrono::milliseconds grace) {
+    StopFrames();
     if (server) {
       server->Shutdown(std::chrono::system_clock::now() + grace);
       server.reset();
@@ -90,6 +93,22 @@ struct InProcessExpert {
     if (service) service->Shutdown();
   }
   void Stop() { Stop(stop_grace); }
+
+  // Starts a frame socket on `listen` for the running service and reports
+  // it in ShardInfo (a new one replaces the last: a shard restarted with
+  // its gRPC address kept).
+  absl::Status ServeFrames(const std::string& listen = "127.0.0.1:0") {
+    StopFrames();
+    auto started = ForwardFrameServer::Start(service.get(), {.listen = listen});
+    if (!started.ok()) return started.status();
+    frames = *std::move(started);
+    service->SetFrameEndpoint(frames->endpoint());
+    return absl::OkStatus();
+  }
+  // Closes the frame socket and its connections (ShardInfo still names it).
+  void StopFrames() {
+    if (frames) frames->Shutdown();
+  }
   ~InProcessExpert() { Stop(); }
 
   // Appends a backend to the chain and returns it (typed).

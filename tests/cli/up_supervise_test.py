@@ -148,18 +148,20 @@ def environment(pid):
         return dict(v.decode().split("=", 1) for v in f.read().split(b"\0") if b"=" in v)
 
 
-# The processes share this host's cores: experts get their share as OpenMP threads, the
-# gateway's OpenMP threads sleep instead of spinning (unless the user set them).
-wait_policy = os.environ.get("OMP_WAIT_POLICY", "passive")
+# The processes share this host's cores: experts get their share as OpenMP threads, and
+# every process's idle OpenMP threads spin only briefly (GOMP_SPINCOUNT=20000) before they
+# sleep, unless the user chose a wait policy or spin count.
+user_chose = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+spin = os.environ.get("GOMP_SPINCOUNT") if user_chose else "20000"
 # up's share of the cores per expert process (8 experts, one process each).
 omp_threads = os.environ.get("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // 8)))
 for p in up.processes():
     env = environment(p["pid"])
-    if p["role"] == "gateway":
-        check(f"gateway: OMP_WAIT_POLICY={wait_policy}", env.get("OMP_WAIT_POLICY") == wait_policy,
-              env.get("OMP_WAIT_POLICY"))
-    else:
-        check(f"expert {p['experts']}: OMP_NUM_THREADS={omp_threads}", env.get("OMP_NUM_THREADS") == omp_threads,
+    name = "gateway" if p["role"] == "gateway" else f"expert {p['experts']}"
+    check(f"{name}: GOMP_SPINCOUNT={spin}", env.get("GOMP_SPINCOUNT") == spin,
+          env.get("GOMP_SPINCOUNT"))
+    if p["role"] != "gateway":
+        check(f"{name}: OMP_NUM_THREADS={omp_threads}", env.get("OMP_NUM_THREADS") == omp_threads,
               env.get("OMP_NUM_THREADS"))
 # With more expert processes than CPUs, up points to the faster one-process layout.
 cpus = len(os.sched_getaffinity(0))

@@ -36,6 +36,7 @@
 #include "gateway/remote_expert_backend.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "rpc/frame_socket.h"
 #include "rpc/server.h"
 #include "rpc/tensor_codec.h"
 #include "switchyard/v1/expert.grpc.pb.h"
@@ -1175,7 +1176,8 @@ struct CountedShard : testing::InProcessExpert {
 
 std::unique_ptr<CountedShard> StartCountedShard(const std::string& dir, std::vector<int> experts,
                                                 const std::string& listen = "127.0.0.1:0",
-                                                const std::string& backend_name = "cpu-f32") {
+                                                const std::string& backend_name = "cpu-f32",
+                                                bool frames = false) {
   auto shard = std::make_unique<CountedShard>();
   shard->stop_grace = std::chrono::milliseconds(0);
   auto description = shard->LoadCheckpointExperts(dir, experts);
@@ -1188,7 +1190,18 @@ std::unique_ptr<CountedShard> StartCountedShard(const std::string& dir, std::vec
                    ExpertServerOptions{.backend_name = backend_name}, listen, /*observe=*/true);
   EXPECT_TRUE(served.ok()) << served;
   if (!served.ok()) return nullptr;
+  if (frames) {
+    const absl::Status framed = shard->ServeFrames();
+    EXPECT_TRUE(framed.ok()) << framed;
+    if (!framed.ok()) return nullptr;
+  }
   return shard;
+}
+
+// A CountedShard that also serves a frame socket.
+std::unique_ptr<CountedShard> StartFramedShard(const std::string& dir, std::vector<int> experts,
+                                               const std::string& listen = "127.0.0.1:0") {
+  return StartCountedShard(dir, std::move(experts), listen, "cpu-f32", /*frames=*/true);
 }
 
 // Several threads run layers at once through one backend: the stream
@@ -1425,6 +1438,274 @@ TEST_F(ExpertServiceTest, Bf16InputsGoOnlyToShardsThatComputeInBf16) {
   }
 }
 
+// The frame socket path ------------------------------------------------------
+
+// Several threads run layers at once on a shard's frame socket: every batch
+// goes there (no ForwardStream, no unary call), each thread's layer travels as
+// one frame request on a connection of its own (reused from layer to layer:
+// at most one connection per thread), and every output equals the local
+// backend's exactly.
+TEST_F(ExpertServiceTest, FramesCarryConcurrentLayersAndMatchLocalExactly) {
+  auto all = StartFramedShard(*dir_, AllExperts());
+  ASSERT_NE(all, nullptr);
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {all->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  EXPECT_THAT((*backend)->Describe(), HasSubstr("frames"));
+
+  LocalExpertBackend local(local_store_);
+  constexpr int kThreads = 4;
+  constexpr int kIterations = 10;
+  std::vector<double> max_diff(kThreads, 0.0);
+  std::vector<int> failures(kThreads, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kIterations; ++i) {
+        const uint32_t seed = 7000 + t * kIterations + i;
+        const int layer = (t + i) % 2;
+        LayerInput want = MakeLayerInput(seed);
+        LayerInput got = MakeLayerInput(seed);
+        if (!local.RunLayer(layer, want.batches).ok() ||
+            !(*backend)->RunLayer(layer, got.batches).ok()) {
+          ++failures[t];
+          continue;
+        }
+        for (size_t b = 0; b < want.outputs.size(); ++b) {
+          max_diff[t] = std::max(max_diff[t], MaxAbsDiff(got.outputs[b], want.outputs[b]));
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  const double worst = *std::max_element(max_diff.begin(), max_diff.end());
+  std::printf("[ frames   ] %d threads x %d layers, max |frames - local| = %g, %llu connections\n",
+              kThreads, kIterations, worst,
+              static_cast<unsigned long long>(all->frames->connections_accepted()));
+  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], 0) << "thread " << t;
+  EXPECT_EQ(worst, 0.0);
+  EXPECT_EQ(all->frames->requests_read(), uint64_t{kThreads * kIterations});
+  EXPECT_GE(all->frames->connections_accepted(), 1u);
+  EXPECT_LE(all->frames->connections_accepted(), uint64_t{kThreads});
+  EXPECT_EQ(all->observed->streams.load(), 0);
+  EXPECT_EQ(all->observed->unary_calls.load(), 0);
+  // Each layer's eight batches ran as one backend call.
+  EXPECT_EQ(all->recording->CallsWithBatches(8), kThreads * kIterations);
+
+  // use_frames = false: the same shard over gRPC only.
+  options.use_frames = false;
+  auto grpc_only = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(grpc_only.ok()) << grpc_only.status();
+  LayerInput got = MakeLayerInput(7999);
+  ASSERT_TRUE((*grpc_only)->RunLayer(1, got.batches).ok());
+  EXPECT_EQ(all->frames->requests_read(), uint64_t{kThreads * kIterations});
+  EXPECT_EQ(all->observed->streams.load(), 1);
+}
+
+// A frame connection that breaks while its request computes (the shard
+// crashed, the link was cut): only that batch fails, UNAVAILABLE naming the
+// frame connection, long before the deadline; the next layer reconnects.
+TEST_F(ExpertServiceTest, AFrameConnectionBrokenMidCallFailsOnlyItsBatches) {
+  auto doomed = StartFramedShard(*dir_, {2});
+  ASSERT_NE(doomed, nullptr);
+  const std::string doomed_address = doomed->address();
+  ExpertTopology topology = OnePerExpertTopology();
+  topology.replicas[2] = {doomed_address};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  options.call_deadline_ms = 20000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  {  // warm: a frame connection is open
+    LayerInput got = MakeLayerInput(160);
+    ASSERT_TRUE((*backend)->RunLayer(0, got.batches).ok());
+  }
+  ASSERT_EQ(doomed->frames->requests_read(), 1u);
+  doomed->recording->delay_ms = 1000;  // the call is in flight when it dies
+  LocalExpertBackend local(local_store_);
+  LayerInput want = MakeLayerInput(161);
+  ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
+  LayerInput got = MakeLayerInput(161);
+  std::vector<absl::Status> batch_status;
+  absl::Status layer_status;
+  const auto start = std::chrono::steady_clock::now();
+  std::thread runner(
+      [&] { layer_status = (*backend)->RunLayerPerBatch(0, got.batches, &batch_status); });
+  const ExpertCounters* counters = doomed->service->counters(0, 2);
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (counters->in_flight.load() == 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(counters->in_flight.load(), 1);
+  // Its connections break as a crash would break them: no reply comes.
+  doomed->frames->AbortConnections();
+  runner.join();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(layer_status.ok()) << layer_status;
+  std::printf("[ killed   ] layer returned after %.2f s: %s\n", seconds,
+              batch_status[2].ToString().c_str());
+  EXPECT_EQ(batch_status[2].code(), absl::StatusCode::kUnavailable) << batch_status[2];
+  EXPECT_THAT(std::string(batch_status[2].message()), HasSubstr("expert 2 (layer 0)"));
+  EXPECT_THAT(std::string(batch_status[2].message()), HasSubstr("frame connection"));
+  for (size_t b = 0; b < 8; ++b) {
+    if (b == 2) continue;
+    EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
+    EXPECT_EQ(MaxAbsDiff(got.outputs[b], want.outputs[b]), 0.0) << b;
+  }
+  EXPECT_LT(seconds, 10.0) << "the broken connection was not noticed before the deadline";
+  // The shard itself is still up: the next layer dials a new connection.
+  doomed->recording->delay_ms = 0;
+  LayerInput next = MakeLayerInput(161);
+  const absl::Status s = (*backend)->RunLayer(0, next.batches);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(MaxAbsDiff(next.outputs[2], want.outputs[2]), 0.0);
+  EXPECT_EQ(doomed->frames->connections_accepted(), 2u);
+}
+
+// A shard whose frame socket goes away while its gRPC server stays: the
+// idle connection is found closed before anything is written to it, the dial
+// fails, and the calls go on the ForwardStream (exact, nothing lost). When
+// the shard opens a new frame socket (a restart on the same gRPC address
+// would), the backend asks GetShardInfo where it is and goes back to frames.
+TEST_F(ExpertServiceTest, FramesFallBackToGrpcAndFindARestartedFrameSocket) {
+  auto framed = StartFramedShard(*dir_, {4});
+  ASSERT_NE(framed, nullptr);
+  ExpertTopology topology = OnePerExpertTopology();
+  topology.replicas[4] = {framed->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  options.max_reconnect_backoff_ms = 100;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  LocalExpertBackend local(local_store_);
+  const auto run_and_check = [&](uint32_t seed) {
+    LayerInput want = MakeLayerInput(seed);
+    LayerInput got = MakeLayerInput(seed);
+    ASSERT_TRUE(local.RunLayer(1, want.batches).ok());
+    const absl::Status s = (*backend)->RunLayer(1, got.batches);
+    ASSERT_TRUE(s.ok()) << s;
+    for (size_t b = 0; b < 8; ++b) EXPECT_EQ(MaxAbsDiff(got.outputs[b], want.outputs[b]), 0.0);
+  };
+  run_and_check(170);
+  EXPECT_EQ(framed->frames->requests_read(), 1u);
+  EXPECT_EQ(framed->observed->streams.load(), 0);
+
+  framed->StopFrames();
+  run_and_check(171);
+  run_and_check(172);
+  EXPECT_EQ(framed->frames->requests_read(), 1u);
+  EXPECT_EQ(framed->observed->streams.load(), 1);
+
+  ASSERT_TRUE(framed->ServeFrames().ok());  // a new port and token
+  // Once the backoff has passed, a layer dials again, finds the old socket
+  // gone, asks GetShardInfo and uses the new one; the next reuses its connection.
+  int layers = 0;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (framed->frames->requests_read() == 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));  // past the backoff
+    run_and_check(173 + layers++);
+  }
+  std::printf("[ refound  ] new frame socket on port %u after %d layer(s)\n",
+              framed->frames->endpoint().port, layers);
+  ASSERT_EQ(framed->frames->requests_read(), 1u);
+  run_and_check(200);
+  EXPECT_EQ(framed->frames->requests_read(), 2u);
+  EXPECT_EQ(framed->frames->connections_accepted(), 1u);
+}
+
+// A frame reply that comes after the layer's deadline: the batch fails
+// DEADLINE_EXCEEDED at the deadline, and the connection the late reply comes
+// on is closed, never reused, so the next layers get their own replies.
+TEST_F(ExpertServiceTest, ALateFrameReplyFailsAtTheDeadlineAndIsNeverReadAsAnother) {
+  auto slow = StartFramedShard(*dir_, {6});
+  ASSERT_NE(slow, nullptr);
+  ExpertTopology topology = OnePerExpertTopology();
+  topology.replicas[6] = {slow->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  options.call_deadline_ms = 1000;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  slow->recording->delay_ms = 1500;
+  LayerInput got = MakeLayerInput(180);
+  std::vector<absl::Status> batch_status;
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_TRUE((*backend)->RunLayerPerBatch(0, got.batches, &batch_status).ok());
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("[ deadline ] 1000 ms budget, returned after %.3f s: %s\n", seconds,
+              batch_status[6].ToString().c_str());
+  EXPECT_LT(seconds, 1.4);
+  EXPECT_THAT(std::string(batch_status[6].message()),
+              HasSubstr("DEADLINE_EXCEEDED: no reply on the frame connection"));
+  slow->recording->delay_ms = 0;
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));  // the late reply is sent
+  LocalExpertBackend local(local_store_);
+  for (uint32_t seed : {181u, 182u}) {
+    LayerInput want = MakeLayerInput(seed);
+    LayerInput next = MakeLayerInput(seed);
+    ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
+    const absl::Status s = (*backend)->RunLayer(0, next.batches);
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(MaxAbsDiff(next.outputs[6], want.outputs[6]), 0.0) << seed;
+  }
+  EXPECT_EQ(slow->frames->connections_accepted(), 2u);
+}
+
+// The frame socket speaks only frames: a client that sends garbage, or a
+// frame over the size limit, loses its connection; the server keeps serving
+// others; a refused batch is answered in its result like on a stream.
+TEST_F(ExpertServiceTest, AFrameSocketRefusesGarbageAndKeepsServing) {
+  auto shard = StartFramedShard(*dir_, {3});
+  ASSERT_NE(shard, nullptr);
+  const FrameEndpoint endpoint = shard->frames->endpoint();
+  const std::string address = absl::StrCat("127.0.0.1:", endpoint.port);
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  std::string greeting;
+  {
+    auto socket = rpc::DialFrames(address, deadline);
+    ASSERT_TRUE(socket.ok()) << socket.status();
+    ASSERT_TRUE(rpc::ReadFrame(socket->fd(), 1024, deadline, &greeting).ok());
+    EXPECT_EQ(greeting, endpoint.token);
+    ASSERT_EQ(send(socket->fd(), "GET / HTTP/1.1\r\n\r\n", 18, MSG_NOSIGNAL), 18);
+    std::string reply;
+    const absl::Status s = rpc::ReadFrame(socket->fd(), 1024, deadline, &reply);
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  }
+  // A well-formed request for an expert it does not hold, then one it does.
+  auto socket = rpc::DialFrames(address, deadline);
+  ASSERT_TRUE(socket.ok()) << socket.status();
+  ASSERT_TRUE(rpc::ReadFrame(socket->fd(), 1024, deadline, &greeting).ok());
+  const std::vector<float> x = RandomRows(3, 190);
+  v1::ForwardStreamRequest request;
+  request.set_id(41);
+  for (int expert : {5, 3}) {
+    v1::ForwardRequest* batch = request.add_batches();
+    batch->set_layer(1);
+    batch->set_expert(expert);
+    rpc::EncodeMatrix(x.data(), 3, kD, v1::DTYPE_F32, batch->mutable_hidden_states());
+  }
+  ASSERT_TRUE(rpc::WriteMessageFrame(socket->fd(), request, deadline).ok());
+  v1::ForwardStreamResponse response;
+  const absl::Status read = rpc::ReadMessageFrame(socket->fd(), 1 << 20, deadline, &response);
+  ASSERT_TRUE(read.ok()) << read;
+  EXPECT_EQ(response.id(), 41u);
+  ASSERT_EQ(response.results_size(), 2);
+  EXPECT_EQ(response.results(0).code(), static_cast<int>(absl::StatusCode::kNotFound));
+  EXPECT_THAT(response.results(0).error_message(), HasSubstr("not held"));
+  ASSERT_EQ(response.results(1).code(), 0) << response.results(1).error_message();
+  std::vector<float> want(x.size());
+  local_store_->Find(1, 3)->Forward(x.data(), 3, want.data());
+  auto got = rpc::DecodeMatrix(response.results(1).response().output(), kD, "output");
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(MaxAbsDiff(*got, want), 0.0);
+  EXPECT_EQ(shard->frames->connections_accepted(), 2u);
+}
+
 // EndStreams (what switchyard-expert runs before its graceful stop) ends an
 // idle stream at once, so the server's shutdown does not wait out its grace
 // period for it; the gateway then gets UNAVAILABLE and can go elsewhere.
@@ -1477,6 +1758,13 @@ TEST(ExpertProcessTest, ServesItsShardWithMetricsAndStopsCleanly) {
   EXPECT_THAT(info.experts(), ::testing::ElementsAre(3, 5));
   EXPECT_EQ(info.layer_begin(), 1u);
   EXPECT_EQ(info.layer_end(), 2u);
+  // A frame socket on the gRPC host, with a free port, named in ShardInfo.
+  const FrameEndpoint frames = (*process)->frame_endpoint();
+  EXPECT_GT(frames.port, 0u);
+  EXPECT_EQ(info.frame_port(), frames.port);
+  EXPECT_EQ(info.frame_token(), frames.token);
+  EXPECT_EQ(frames.token.size(), 32u);
+  EXPECT_THAT((*process)->summary(), HasSubstr(absl::StrCat("frames on port ", frames.port)));
   EXPECT_THAT(testing::HttpGetBody((*process)->metrics_address(), "/metrics"),
               HasSubstr("switchyard_build_info"));
 
@@ -1485,6 +1773,45 @@ TEST(ExpertProcessTest, ServesItsShardWithMetricsAndStopsCleanly) {
   grpc::ClientContext after;
   after.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
   EXPECT_FALSE(StubFor((*process)->address())->GetShardInfo(&after, {}, &info).ok());
+  EXPECT_EQ(rpc::DialFrames(absl::StrCat("127.0.0.1:", frames.port), absl::Now() + absl::Seconds(2))
+                .status()
+                .code(),
+            absl::StatusCode::kUnavailable);
+}
+
+// The frame socket: beside a unix gRPC socket it is PATH.frames; "off" and
+// TLS leave it out (ShardInfo then names none, so gateways use gRPC).
+TEST(ExpertProcessTest, FrameSocketFollowsTheListenAddressAndCanBeOff) {
+  const std::string path =
+      (std::filesystem::temp_directory_path() / absl::StrCat("sy-expert-", getpid(), ".sock"))
+          .string();
+  ExpertProcessOptions options;
+  options.model_dir = testing::TinyMixtralDir();
+  options.listen = "unix:" + path;
+  options.experts = "1";
+  {
+    auto process = ExpertProcess::Start(options);
+    ASSERT_TRUE(process.ok()) << process.status();
+    EXPECT_EQ((*process)->frame_endpoint().unix_path, path + ".frames");
+    EXPECT_EQ((*process)->frame_endpoint().port, 0u);
+    EXPECT_TRUE(std::filesystem::exists(path + ".frames"));
+    (*process)->Shutdown(absl::Seconds(1));
+    EXPECT_FALSE(std::filesystem::exists(path + ".frames"));
+  }
+  options.listen = "127.0.0.1:0";
+  options.frame_listen = "off";
+  {
+    auto process = ExpertProcess::Start(options);
+    ASSERT_TRUE(process.ok()) << process.status();
+    EXPECT_EQ((*process)->frame_endpoint().port, 0u);
+    EXPECT_THAT((*process)->summary(), HasSubstr("no frame socket"));
+    v1::ShardInfo info;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    ASSERT_TRUE(StubFor((*process)->address())->GetShardInfo(&ctx, {}, &info).ok());
+    EXPECT_EQ(info.frame_port(), 0u);
+    EXPECT_EQ(info.frame_token(), "");
+  }
 }
 
 TEST(ExpertProcessTest, BadOptionsAreRefusedNamingTheFlag) {
@@ -1504,6 +1831,12 @@ TEST(ExpertProcessTest, BadOptionsAreRefusedNamingTheFlag) {
       {[](auto& o) { o.device = "tpu"; }, "--device tpu: expected cpu or cuda"},
       {[](auto& o) { o.precision = "bf16"; }, "--precision bf16: the CPU computes in f32"},
       {[](auto& o) { o.model_dir = "/nonexistent-model"; }, "/nonexistent-model"},
+      {[](auto& o) { o.frame_listen = "nowhere"; }, "--frame-listen: frame address 'nowhere'"},
+      {[](auto& o) {
+         o.tls = {.cert_file = "c.pem", .key_file = "k.pem"};
+         o.frame_listen = "127.0.0.1:0";
+       },
+       "--frame-listen: the frame socket is plaintext"},
   };
   for (const Case& c : cases) {
     ExpertProcessOptions options;

@@ -1,0 +1,163 @@
+// rpc/frame_socket.h: frames over socket pairs and real TCP and unix
+// listeners; every way a read can fail says which way.
+#include "rpc/frame_socket.h"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "switchyard/v1/expert.pb.h"
+
+namespace switchyard::rpc {
+namespace {
+
+using ::testing::HasSubstr;
+
+absl::Time In(absl::Duration d) { return absl::Now() + d; }
+
+// A connected non-blocking pair, as AcceptFrames and DialFrames make them.
+std::pair<FrameSocket, FrameSocket> Pair() {
+  int fds[2];
+  EXPECT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds), 0);
+  return {FrameSocket(fds[0]), FrameSocket(fds[1])};
+}
+
+TEST(FrameSocketTest, AMessageRoundTripsWhole) {
+  auto [a, b] = Pair();
+  v1::ForwardStreamRequest sent;
+  sent.set_id(7);
+  sent.set_timeout_micros(1234);
+  v1::ForwardRequest* batch = sent.add_batches();
+  batch->set_layer(3);
+  batch->mutable_hidden_states()->set_data(std::string(100000, 'x'));  // several sends
+  // The writer runs beside the reader: the frame is larger than the pair's buffer.
+  std::thread writer(
+      [&, fd = a.fd()] { EXPECT_TRUE(WriteMessageFrame(fd, sent, In(absl::Seconds(10))).ok()); });
+  v1::ForwardStreamRequest got;
+  const absl::Status s = ReadMessageFrame(b.fd(), 1 << 20, In(absl::Seconds(10)), &got);
+  writer.join();
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(got.SerializeAsString(), sent.SerializeAsString());
+  // Raw frames too, an empty one included.
+  ASSERT_TRUE(WriteFrame(a.fd(), "", In(absl::Seconds(1))).ok());
+  ASSERT_TRUE(WriteFrame(a.fd(), "token", In(absl::Seconds(1))).ok());
+  std::string payload = "stale";
+  ASSERT_TRUE(ReadFrame(b.fd(), 16, In(absl::Seconds(1)), &payload).ok());
+  EXPECT_EQ(payload, "");
+  ASSERT_TRUE(ReadFrame(b.fd(), 16, In(absl::Seconds(1)), &payload).ok());
+  EXPECT_EQ(payload, "token");
+}
+
+TEST(FrameSocketTest, ReadsFailNamingWhy) {
+  std::string payload;
+  {  // nothing comes: the deadline
+    auto [a, b] = Pair();
+    const auto start = std::chrono::steady_clock::now();
+    const absl::Status s = ReadFrame(b.fd(), 16, In(absl::Milliseconds(50)), &payload);
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    std::printf("[ deadline ] 50 ms deadline, returned after %.1f ms\n", ms);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
+    EXPECT_GE(ms, 45.0);
+    EXPECT_LT(ms, 2000.0);
+    EXPECT_FALSE(WaitReadable(b.fd(), In(absl::Milliseconds(10))));
+  }
+  {  // the peer closes, also in the middle of a frame
+    auto [a, b] = Pair();
+    ASSERT_EQ(send(a.fd(), "SYF1\x10\0\0\0abc", 11, MSG_NOSIGNAL), 11);
+    a.Close();
+    const absl::Status s = ReadFrame(b.fd(), 64, In(absl::Seconds(1)), &payload);
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("closed by the peer"));
+  }
+  {  // not our protocol
+    auto [a, b] = Pair();
+    ASSERT_EQ(send(a.fd(), "HTTP/1.1 200 OK\r\n", 17, MSG_NOSIGNAL), 17);
+    const absl::Status s = ReadFrame(b.fd(), 64, In(absl::Seconds(1)), &payload);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("bad magic"));
+  }
+  {  // over the limit: refused before it is read
+    auto [a, b] = Pair();
+    ASSERT_TRUE(WriteFrame(a.fd(), std::string(100, 'x'), In(absl::Seconds(1))).ok());
+    const absl::Status s = ReadFrame(b.fd(), 99, In(absl::Seconds(1)), &payload);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("100 bytes is over the limit of 99"));
+  }
+  {  // a frame that is not the message expected
+    auto [a, b] = Pair();
+    ASSERT_TRUE(WriteFrame(a.fd(), "\xff\xff\xff", In(absl::Seconds(1))).ok());
+    v1::ForwardStreamResponse response;
+    const absl::Status s = ReadMessageFrame(b.fd(), 64, In(absl::Seconds(1)), &response);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("ForwardStreamResponse"));
+  }
+  {  // writing to a closed peer: an error, not SIGPIPE
+    auto [a, b] = Pair();
+    b.Close();
+    const absl::Status s = WriteFrame(a.fd(), "x", In(absl::Seconds(1)));
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  }
+}
+
+// Listen, dial and accept over TCP (a picked port) and a unix socket.
+TEST(FrameSocketTest, ListensDialsAndAccepts) {
+  const std::string path =
+      (std::filesystem::temp_directory_path() / absl::StrCat("sy-frames-", getpid(), ".sock"))
+          .string();
+  for (const std::string& listen : {std::string("127.0.0.1:0"), "unix:" + path}) {
+    int port = -1;
+    absl::StatusOr<FrameSocket> listener = ListenFrames(listen, &port);
+    ASSERT_TRUE(listener.ok()) << listener.status();
+    const bool tcp = listen.rfind("unix:", 0) != 0;
+    EXPECT_EQ(port > 0, tcp) << listen;
+    const std::string address = tcp ? absl::StrCat("127.0.0.1:", port) : listen;
+    std::thread server([&, fd = listener->fd()] {
+      absl::StatusOr<FrameSocket> accepted = AcceptFrames(fd);
+      ASSERT_TRUE(accepted.ok()) << accepted.status();
+      EXPECT_TRUE(WriteFrame(accepted->fd(), "hello", In(absl::Seconds(5))).ok());
+    });
+    absl::StatusOr<FrameSocket> dialed = DialFrames(address, In(absl::Seconds(5)));
+    ASSERT_TRUE(dialed.ok()) << dialed.status();
+    std::string greeting;
+    const absl::Status read = ReadFrame(dialed->fd(), 16, In(absl::Seconds(5)), &greeting);
+    server.join();
+    EXPECT_TRUE(read.ok()) << read;
+    EXPECT_EQ(greeting, "hello") << listen;
+    // Closed listener: the dial is refused at once.
+    listener->Close();
+    const absl::StatusOr<FrameSocket> refused = DialFrames(address, In(absl::Seconds(5)));
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+  }
+  std::filesystem::remove(path);
+  int port = 0;
+  EXPECT_EQ(ListenFrames("no-port", &port).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ListenFrames("127.0.0.1:99999", &port).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DialFrames("127.0.0.1:x", In(absl::Seconds(1))).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// A shutdown listener wakes a blocked accept (how a frame server stops).
+TEST(FrameSocketTest, ShutdownWakesABlockedAccept) {
+  int port = 0;
+  absl::StatusOr<FrameSocket> listener = ListenFrames("127.0.0.1:0", &port);
+  ASSERT_TRUE(listener.ok()) << listener.status();
+  absl::Status accepted;
+  std::thread server([&, fd = listener->fd()] { accepted = AcceptFrames(fd).status(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  shutdown(listener->fd(), SHUT_RDWR);
+  server.join();
+  EXPECT_EQ(accepted.code(), absl::StatusCode::kUnavailable) << accepted;
+}
+
+}  // namespace
+}  // namespace switchyard::rpc
