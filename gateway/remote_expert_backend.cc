@@ -404,6 +404,9 @@ struct RemoteExpertBackend::Replica {
   // Until this time (NowMicros) calls skip the frame socket: the last dial
   // failed, so they go on gRPC meanwhile.
   std::atomic<int64_t> frames_retry_after_micros{0};
+  // Dials failed in a row: each doubles the wait before the next (a
+  // firewalled port costs a dial timeout per try).
+  std::atomic<int> frames_failures{0};
   // The first failure to use the frame socket was logged.
   std::atomic<bool> frames_warned{false};
 
@@ -1228,18 +1231,23 @@ bool RemoteExpertBackend::SendFrames(const std::shared_ptr<LayerCall>& call,
   }
   if (sent.ok()) sent = rpc::WriteMessageFrame(socket.fd(), request, deadline);
   if (!sent.ok()) {
-    // gRPC carries this replica's calls until the next try.
-    replica->frames_retry_after_micros.store(
-        NowMicros() + int64_t{1000} * options_.max_reconnect_backoff_ms, std::memory_order_relaxed);
+    // gRPC carries this replica's calls until the next try: after
+    // max_reconnect_backoff_ms, doubling with each failure in a row up to a minute.
+    const int failures = replica->frames_failures.fetch_add(1, std::memory_order_relaxed);
+    const int64_t wait_ms = std::min<int64_t>(
+        int64_t{options_.max_reconnect_backoff_ms} << std::min(failures, 16), 60000);
+    replica->frames_retry_after_micros.store(NowMicros() + 1000 * wait_ms,
+                                             std::memory_order_relaxed);
     if (!replica->frames_warned.exchange(true)) {
       std::fprintf(stderr,
                    "switchyard-gateway: expert %s: frame socket unusable (%s); its calls go on "
-                   "gRPC, and the frame socket is tried again every %d ms\n",
+                   "gRPC, and the frame socket is tried again after %lld ms, then less often\n",
                    replica->target.c_str(), std::string(sent.message()).c_str(),
-                   options_.max_reconnect_backoff_ms);
+                   static_cast<long long>(wait_ms));
     }
     return false;
   }
+  replica->frames_failures.store(0, std::memory_order_relaxed);
   auto wait = std::make_unique<FrameWait>();
   wait->replica = replica;
   wait->socket = std::move(socket);

@@ -22,8 +22,9 @@
 // fails the batches in flight on it, UNAVAILABLE "frame connection to
 // TARGET broke", retried like failed calls. A replica whose frame socket
 // cannot be reached (a dial or greeting fails) uses gRPC for
-// max_reconnect_backoff_ms, and a shard restarted with a new frame socket is
-// found again through GetShardInfo. Frames are plaintext: only without
+// max_reconnect_backoff_ms, doubling with each failure in a row up to a
+// minute, and a shard restarted with a new frame socket is found again
+// through GetShardInfo. Frames are plaintext: only without
 // `credentials` and for one-address targets (HOST:PORT, unix:PATH).
 //
 // Otherwise every replica that serves it (ShardInfo.forward_stream)
@@ -312,7 +313,7 @@ class RemoteExpertBackend : public ExpertBackend {
   // Sends `request` (its id set here) for the attempts `refs` on a frame
   // connection to `replica` (an idle one, else a new one), for AwaitLayer
   // to read the reply. False when no connection could take it (nothing
-  // sent; the replica then uses gRPC for max_reconnect_backoff_ms).
+  // sent; the replica then uses gRPC for a while, see above).
   bool SendFrames(const std::shared_ptr<LayerCall>& call, const std::vector<AttemptRef>& refs,
                   const std::shared_ptr<Replica>& replica, v1::ForwardStreamRequest& request,
                   absl::Time deadline);

@@ -5,12 +5,14 @@
 # one run with `switchyard bench`. Prints both results and their ratio.
 #
 # usage: [DEVICE=cuda [PRECISION=bf16|f32]] [EXPERTS_PER_PROCESS="1 8"] \
-#          scripts/bench-cluster.sh [MODEL_DIR] [bench flags...]
+#          [TRANSPORTS="frames grpc"] scripts/bench-cluster.sh [MODEL_DIR] [bench flags...]
 #   MODEL_DIR defaults to a `make-model --preset bench` checkpoint in $TMPDIR.
 #   DEVICE=cuda runs every process on GPU 0 (gateway and experts alike).
 #   EXPERTS_PER_PROCESS: the split layouts to measure, each `up
 #   --experts-per-process N` one after another after the local run (default
 #   1: one process per expert).
+#   TRANSPORTS: the gateway's --expert-transport values to measure for each
+#   layout (default "frames", the gateway's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -38,17 +40,26 @@ port=$(free_port)
 serve_and_bench local "$bin/switchyard-gateway" --model "$model" --listen "127.0.0.1:$port" \
   --experts local "${device_flags[@]}"
 layouts=(${EXPERTS_PER_PROCESS:-1})
+transports=(${TRANSPORTS:-frames})
+runs=()
 for epp in "${layouts[@]}"; do
-  port=$(free_port)
-  serve_and_bench "split-$epp" "$bin/switchyard" up --model "$model" --port "$port" \
-    --experts-per-process "$epp" "${device_flags[@]}"
+  for transport in "${transports[@]}"; do
+    port=$(free_port)
+    serve_and_bench "split-$epp-$transport" "$bin/switchyard" up --model "$model" --port "$port" \
+      --experts-per-process "$epp" "${device_flags[@]}" --gateway-arg=--expert-transport="$transport"
+    runs+=("$epp-$transport")
+  done
 done
 
-python3 - "$out" "$model" "${bench_flags[*]}" "${DEVICE:-}" "${layouts[@]}" <<'PY'
+python3 - "$out" "$model" "${bench_flags[*]}" "${DEVICE:-}" "${#transports[@]}" "${runs[@]}" <<'PY'
 import json, sys
-out, model, flags, device, layouts = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+out, model, flags, device, transports, runs = (sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4],
+                                               int(sys.argv[5]), sys.argv[6:])
 local = json.load(open(f"{out}/local.json"))
-splits = [(int(e), json.load(open(f"{out}/split-{e}.json"))) for e in layouts]
+def label(run):
+    epp, transport = run.split("-", 1)
+    return f"{epp}, {transport}" if transports > 1 else epp
+splits = [(label(r), json.load(open(f"{out}/split-{r}.json"))) for r in runs]
 def row(name, r):
     return (f"| {name} | {r['output_tokens_per_s']:.1f} | {r['ttft_ms']['p50']:.1f} | {r['ttft_ms']['p99']:.1f} "
             f"| {r['itl_ms']['p50']:.1f} | {r['itl_ms']['p99']:.1f} | {r['errors']} |")

@@ -224,7 +224,15 @@ run_network() {
     done
   done
   for gw in "${gateways[@]}"; do kill -TERM "$gw"; wait "$gw" || true; done
+  # Frames, unless a gateway says it could not use an expert's frame socket.
+  local unusable
+  unusable=$(grep -h -m1 'frame socket unusable' "$out"/gateway-*.log || true)
+  if [ -n "$unusable" ]; then
+    echo "bench-netem: $1: some expert calls went on gRPC: $unusable" >&2
+    transport="frames, but some calls on gRPC (see stderr)"
+  fi
 }
+transport=frames
 
 if [ -z "${NO_DIRECT:-}" ]; then
   spec=""
@@ -242,13 +250,14 @@ for rtt in $rtts; do
 done
 
 python3 - "$results" "$model" "$experts" "$overlap_note" "$prompt_tokens" "$output_tokens" \
-  "$per_stream" "$repeats" "$emulated_us" <<'PY'
+  "$per_stream" "$repeats" "$emulated_us" "$transport" <<'PY'
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
 emulated = (f" (emulated: a {sys.argv[9]} us sleep per call, no compute)" if sys.argv[9] else "")
 print(f"model {sys.argv[2]}: gateway + {sys.argv[3]} expert processes{emulated}, each in its own network "
       f"namespace; bench --prompt-tokens {sys.argv[5]} --output-tokens {sys.argv[6]} "
-      f"--requests streams x {sys.argv[7]}; median of {sys.argv[8]} run(s) per row; {sys.argv[4]}")
+      f"--requests streams x {sys.argv[7]}; median of {sys.argv[8]} run(s) per row; {sys.argv[4]}; "
+      f"expert transport: {sys.argv[10]}")
 print("| network | RTT ms | streams | overlap | output tok/s | ITL p50 ms | errors | overlap / no overlap |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 rows = {}  # (network, streams, overlap) -> runs, in first-seen order

@@ -3,7 +3,8 @@
 round trip (1 ms), one stream. It completes, prints the table with the
 direct, proxy-without-delay and 1 ms rows, no request failed, and the 1 ms
 row's ITL p50 is at least layers x 1 ms (each decode step crosses the proxy
-once per layer: a lower bound, so the delay is really in the path). Then once
+once per layer: a lower bound, so the delay is really in the path), and every
+expert call went on the experts' frame sockets (through their own proxies). Then once
 more with EMULATED_COMPUTE_US (switchyard-emulated-expert in place of the
 experts, sleeping 2 ms per call): the table says so, no request failed, and
 the ITL p50 is at least layers x 2 ms (the sleep is in the path). Skips
@@ -43,6 +44,9 @@ header = ("| network | RTT ms | streams | overlap | output tok/s | ITL p50 ms | 
           "| overlap / no overlap |")
 if header not in run.stdout:
     failures.append("no table header")
+# Every expert call went on the frame sockets, through their own proxies.
+if "expert transport: frames\n" not in run.stdout:
+    failures.append("expert calls did not all go on frames (see 'frame socket unusable' above)")
 
 
 def table_rows(stdout):
@@ -93,6 +97,8 @@ if emulated.returncode != 0:
     failures.append(f"bench-netem.sh with EMULATED_COMPUTE_US exited {emulated.returncode}")
 if "(emulated: a 2000 us sleep per call, no compute)" not in emulated.stdout:
     failures.append("the emulated run's table does not say that the experts are emulated")
+if "expert transport: frames\n" not in emulated.stdout:
+    failures.append("emulated run: expert calls did not all go on frames")
 emulated_row = table_rows(emulated.stdout).get(("proxy, RTT 0.2 ms", "off"))
 if emulated_row is None:
     failures.append("emulated run: no 'proxy, RTT 0.2 ms' row with overlap off")
