@@ -966,19 +966,25 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
     for (const AttemptRef& ref : refs) fill(call->slots[ref.slot], request->add_batches());
     request->set_timeout_micros(std::max<int64_t>(
         1, std::chrono::duration_cast<std::chrono::microseconds>(latest_deadline - now).count()));
-    if (frames) {
-      if (SendFrames(call, refs, replica, *request, absl::FromChrono(latest_deadline))) return;
-      // No frame connection: these attempts go on gRPC after all.
-      std::lock_guard<std::mutex> lock(call->mu);
-      for (const AttemptRef& ref : refs) call->slots[ref.slot].on_frames[ref.attempt] = false;
-    }
-    if (!replica->use_stream.load()) {
+    // The batches already encoded, as one unary call each.
+    const auto send_unary = [&] {
       for (size_t i = 0; i < refs.size(); ++i) {
         SendUnary(refs[i], replica.get(),
                   std::make_unique<v1::ForwardRequest>(
                       std::move(*request->mutable_batches(static_cast<int>(i)))));
       }
-      return;
+    };
+    if (frames) {
+      if (SendFrames(call, refs, replica, *request, absl::FromChrono(latest_deadline))) return;
+      // No frame connection: these attempts go on gRPC after all.
+      {
+        std::lock_guard<std::mutex> lock(call->mu);
+        for (const AttemptRef& ref : refs) call->slots[ref.slot].on_frames[ref.attempt] = false;
+      }
+      if (!replica->use_stream.load()) {
+        send_unary();
+        return;
+      }
     }
     // A stream that ended between GetStream and Send is replaced once.
     for (int tries = 0; tries < 2; ++tries) {
@@ -986,11 +992,7 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
     }
     // It ended UNIMPLEMENTED (OnStreamEnded switched the replica to unary).
     if (!replica->use_stream.load()) {
-      for (size_t i = 0; i < refs.size(); ++i) {
-        SendUnary(refs[i], replica.get(),
-                  std::make_unique<v1::ForwardRequest>(
-                      std::move(*request->mutable_batches(static_cast<int>(i)))));
-      }
+      send_unary();
       return;
     }
     FailAttempts(refs, grpc::Status(grpc::StatusCode::UNAVAILABLE,
