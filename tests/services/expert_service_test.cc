@@ -1271,56 +1271,77 @@ TEST_F(ExpertServiceTest, StreamedLayersFromSeveralThreadsMatchUnaryExactly) {
   EXPECT_EQ(all->service->Stats().queued_calls, 0);
 }
 
-// A replica that goes away mid-stream fails exactly the batches in flight on
-// it, with a status naming the broken stream, and nothing else; the layer
-// returns well within its deadline.
-TEST_F(ExpertServiceTest, AReplicaKilledMidStreamFailsOnlyItsBatches) {
-  auto doomed = StartCountedShard(*dir_, {2});
-  ASSERT_NE(doomed, nullptr);
-  const std::string doomed_address = doomed->address();
-  RemoteExpertOptions options;
-  options.call_deadline_ms = 20000;
-  auto backend = ConnectReplacing(2, {doomed_address}, options);
-  ASSERT_TRUE(backend.ok()) << backend.status();
-  {  // warm: the stream is open
-    LayerInput got = MakeLayerInput(60);
-    ASSERT_TRUE((*backend)->RunLayer(0, got.batches).ok());
-  }
-  doomed->recording->delay_ms = 2000;  // calls to it are in flight when it dies
+// A connection that breaks while a call computes on it fails exactly the
+// batches in flight on it, with a status naming the broken ForwardStream or
+// frame connection, and nothing else; the layer returns well within its
+// deadline. On a stream the replica is killed; on frames only its frame
+// connections break (as a crash or a cut link would break them: no reply
+// comes), so the next layer reconnects and gets exactly its outputs.
+TEST_F(ExpertServiceTest, AConnectionBrokenMidCallFailsOnlyItsBatches) {
   LocalExpertBackend local(local_store_);
-  LayerInput want = MakeLayerInput(61);
-  ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
-  LayerInput got = MakeLayerInput(61);
-  std::vector<absl::Status> batch_status;
-  absl::Status layer_status;
-  const auto start = std::chrono::steady_clock::now();
-  std::thread runner(
-      [&] { layer_status = (*backend)->RunLayerPerBatch(0, got.batches, &batch_status); });
-  const ExpertCounters* counters = doomed->service->counters(0, 2);
-  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (counters->in_flight.load() == 0 && std::chrono::steady_clock::now() < give_up) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  for (const bool frames : {false, true}) {
+    SCOPED_TRACE(frames ? "frames" : "stream");
+    auto doomed = frames ? StartFramedShard(*dir_, {2}) : StartCountedShard(*dir_, {2});
+    ASSERT_NE(doomed, nullptr);
+    const std::string doomed_address = doomed->address();
+    RemoteExpertOptions options;
+    options.call_deadline_ms = 20000;
+    auto backend = ConnectReplacing(2, {doomed_address}, options);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    {  // warm: the stream or a frame connection is open
+      LayerInput got = MakeLayerInput(60);
+      ASSERT_TRUE((*backend)->RunLayer(0, got.batches).ok());
+    }
+    doomed->recording->delay_ms = 1000;  // the call is in flight when it breaks
+    LayerInput want = MakeLayerInput(61);
+    ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
+    LayerInput got = MakeLayerInput(61);
+    std::vector<absl::Status> batch_status;
+    absl::Status layer_status;
+    const auto start = std::chrono::steady_clock::now();
+    std::thread runner(
+        [&] { layer_status = (*backend)->RunLayerPerBatch(0, got.batches, &batch_status); });
+    const ExpertCounters* counters = doomed->service->counters(0, 2);
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (counters->in_flight.load() == 0 && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_EQ(counters->in_flight.load(), 1);
+    std::thread breaker([&] {
+      if (frames) {
+        doomed->frames->AbortConnections();
+      } else {
+        doomed->Kill();
+      }
+    });
+    runner.join();
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    breaker.join();
+    ASSERT_TRUE(layer_status.ok()) << layer_status;
+    ASSERT_EQ(batch_status.size(), 8u);
+    std::printf("[ broken   ] layer returned after %.2f s: %s\n", seconds,
+                batch_status[2].ToString().c_str());
+    const std::string message(batch_status[2].message());
+    EXPECT_EQ(batch_status[2].code(), absl::StatusCode::kUnavailable) << batch_status[2];
+    EXPECT_THAT(message, HasSubstr("expert 2 (layer 0)"));
+    EXPECT_THAT(message, HasSubstr(doomed_address));
+    EXPECT_THAT(message, HasSubstr(frames ? "frame connection" : "ForwardStream"));
+    for (size_t b = 0; b < 8; ++b) {
+      if (b == 2) continue;
+      EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
+      EXPECT_EQ(MaxAbsDiff(got.outputs[b], want.outputs[b]), 0.0) << b;
+    }
+    EXPECT_LT(seconds, 10.0) << "the broken connection was not noticed before the deadline";
+    if (frames) {
+      doomed->recording->delay_ms = 0;
+      LayerInput next = MakeLayerInput(61);
+      const absl::Status s = (*backend)->RunLayer(0, next.batches);
+      ASSERT_TRUE(s.ok()) << s;
+      EXPECT_EQ(MaxAbsDiff(next.outputs[2], want.outputs[2]), 0.0);
+      EXPECT_EQ(doomed->frames->connections_accepted(), 2u);
+    }
   }
-  ASSERT_EQ(counters->in_flight.load(), 1);
-  std::thread killer([&] { doomed->Kill(); });
-  runner.join();
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  killer.join();
-  ASSERT_TRUE(layer_status.ok()) << layer_status;
-  ASSERT_EQ(batch_status.size(), 8u);
-  std::printf("[ killed   ] layer returned after %.2f s: %s\n", seconds,
-              batch_status[2].ToString().c_str());
-  EXPECT_EQ(batch_status[2].code(), absl::StatusCode::kUnavailable) << batch_status[2];
-  EXPECT_THAT(std::string(batch_status[2].message()), HasSubstr("expert 2 (layer 0)"));
-  EXPECT_THAT(std::string(batch_status[2].message()), HasSubstr(doomed_address));
-  EXPECT_THAT(std::string(batch_status[2].message()), HasSubstr("ForwardStream"));
-  for (size_t b = 0; b < 8; ++b) {
-    if (b == 2) continue;
-    EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
-    EXPECT_EQ(MaxAbsDiff(got.outputs[b], want.outputs[b]), 0.0) << b;
-  }
-  EXPECT_LT(seconds, 10.0) << "the broken stream was not noticed before the deadline";
 }
 
 // A stream to a replica that stopped fails fast; once the replica is back on
@@ -1503,64 +1524,6 @@ TEST_F(ExpertServiceTest, FramesCarryConcurrentLayersAndMatchLocalExactly) {
   ASSERT_TRUE((*grpc_only)->RunLayer(1, got.batches).ok());
   EXPECT_EQ(all->frames->requests_read(), uint64_t{kThreads * kIterations});
   EXPECT_EQ(all->observed->streams.load(), 1);
-}
-
-// A frame connection that breaks while its request computes (the shard
-// crashed, the link was cut): only that batch fails, UNAVAILABLE naming the
-// frame connection, long before the deadline; the next layer reconnects.
-TEST_F(ExpertServiceTest, AFrameConnectionBrokenMidCallFailsOnlyItsBatches) {
-  auto doomed = StartFramedShard(*dir_, {2});
-  ASSERT_NE(doomed, nullptr);
-  const std::string doomed_address = doomed->address();
-  RemoteExpertOptions options;
-  options.call_deadline_ms = 20000;
-  auto backend = ConnectReplacing(2, {doomed_address}, options);
-  ASSERT_TRUE(backend.ok()) << backend.status();
-  {  // warm: a frame connection is open
-    LayerInput got = MakeLayerInput(160);
-    ASSERT_TRUE((*backend)->RunLayer(0, got.batches).ok());
-  }
-  ASSERT_EQ(doomed->frames->requests_read(), 1u);
-  doomed->recording->delay_ms = 1000;  // the call is in flight when it dies
-  LocalExpertBackend local(local_store_);
-  LayerInput want = MakeLayerInput(161);
-  ASSERT_TRUE(local.RunLayer(0, want.batches).ok());
-  LayerInput got = MakeLayerInput(161);
-  std::vector<absl::Status> batch_status;
-  absl::Status layer_status;
-  const auto start = std::chrono::steady_clock::now();
-  std::thread runner(
-      [&] { layer_status = (*backend)->RunLayerPerBatch(0, got.batches, &batch_status); });
-  const ExpertCounters* counters = doomed->service->counters(0, 2);
-  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (counters->in_flight.load() == 0 && std::chrono::steady_clock::now() < give_up) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  ASSERT_EQ(counters->in_flight.load(), 1);
-  // Its connections break as a crash would break them: no reply comes.
-  doomed->frames->AbortConnections();
-  runner.join();
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  ASSERT_TRUE(layer_status.ok()) << layer_status;
-  std::printf("[ killed   ] layer returned after %.2f s: %s\n", seconds,
-              batch_status[2].ToString().c_str());
-  EXPECT_EQ(batch_status[2].code(), absl::StatusCode::kUnavailable) << batch_status[2];
-  EXPECT_THAT(std::string(batch_status[2].message()), HasSubstr("expert 2 (layer 0)"));
-  EXPECT_THAT(std::string(batch_status[2].message()), HasSubstr("frame connection"));
-  for (size_t b = 0; b < 8; ++b) {
-    if (b == 2) continue;
-    EXPECT_TRUE(batch_status[b].ok()) << b << ": " << batch_status[b];
-    EXPECT_EQ(MaxAbsDiff(got.outputs[b], want.outputs[b]), 0.0) << b;
-  }
-  EXPECT_LT(seconds, 10.0) << "the broken connection was not noticed before the deadline";
-  // The shard itself is still up: the next layer dials a new connection.
-  doomed->recording->delay_ms = 0;
-  LayerInput next = MakeLayerInput(161);
-  const absl::Status s = (*backend)->RunLayer(0, next.batches);
-  ASSERT_TRUE(s.ok()) << s;
-  EXPECT_EQ(MaxAbsDiff(next.outputs[2], want.outputs[2]), 0.0);
-  EXPECT_EQ(doomed->frames->connections_accepted(), 2u);
 }
 
 // A shard whose frame socket goes away while its gRPC server stays: the
