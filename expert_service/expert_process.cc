@@ -5,7 +5,6 @@
 #include <cstdio>
 #include <mutex>
 
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -136,8 +135,9 @@ std::string FrameSummary(const ForwardFrameServer* frames) {
 
 }  // namespace
 
-// Destroyed in reverse: server first (no call reaches a dead service), then
-// the service (drains its workers), the exporter, metrics and weights.
+// Destroyed in reverse: server first (no call reaches a dead service), the
+// frame socket, then the service (drains its workers), the exporter, metrics
+// and weights.
 struct ExpertProcess::Parts {
   ShardCompute compute;
   ShardDescription shard;
@@ -246,7 +246,6 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
   server_options.health_service_names = {v1::ExpertService::service_full_name()};
   server_options.listen_address = options.listen;
   server_options.max_connection_age_ms = options.max_connection_age_ms;
-  // The largest legal Forward: max_forward_rows F32 rows, plus headers.
   server_options.max_receive_message_bytes = static_cast<int>(max_request_bytes);
   server_options.credentials = credentials;
   SY_ASSIGN_OR_RETURN(p->server, rpc::RunningServer::Start(server_options, {p->service.get()}));

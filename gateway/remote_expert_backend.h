@@ -161,10 +161,11 @@ struct RemoteExpertOptions {
   // Send calls on the shard's frame socket where it offers one (see above;
   // plaintext, so only without `credentials`). Default true; false: gRPC only.
   bool use_frames = true;
-  // Called when each Forward attempt (one batch) completes, from a gRPC thread: the
+  // Called when each Forward attempt (one batch) completes, from the thread
+  // that completed it (a gRPC thread, or RunLayer's own for frames): the
   // expert, seconds it took, and its status code (0 = OK). Default: none.
   std::function<void(int expert, double seconds, int code)> on_call_done;
-  // Called after on_call_done for each OK Forward attempt, from a gRPC
+  // Called after on_call_done for each OK Forward attempt, from the same
   // thread: the expert, the same round-trip seconds, and the queue and
   // compute seconds the shard put in its reply (per-hop timing). Default: none.
   std::function<void(int expert, double round_trip_seconds, double queue_seconds,
