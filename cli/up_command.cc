@@ -77,10 +77,14 @@ constexpr auto kStopGrace = std::chrono::seconds(10);
 // topology, even when the gateway never confirmed it (gateway down).
 constexpr auto kDrainTimeout = std::chrono::seconds(30);
 constexpr char kListeningMarker[] = " listening on ";
-// The OpenMP spin of the processes up starts on one host (they share its
-// cores), unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT: rounds a
-// team's idle threads spin before they sleep.
-constexpr std::string_view kShortSpin = "GOMP_SPINCOUNT=20000";
+// Adds to `env` the OpenMP spin of the processes up starts on one host (they
+// share its cores): rounds a team's idle threads spin before they sleep,
+// unless the user chose (OMP_WAIT_POLICY or GOMP_SPINCOUNT set).
+void AddShortSpin(std::vector<std::string>* env) {
+  if (std::getenv("OMP_WAIT_POLICY") == nullptr && std::getenv("GOMP_SPINCOUNT") == nullptr) {
+    env->push_back("GOMP_SPINCOUNT=20000");
+  }
+}
 
 void Say(const std::string& line) {
   std::fprintf(stderr, "switchyard up: %s\n", line.c_str());
@@ -605,7 +609,7 @@ class Supervisor : public ReplicaFleet {
   // run more threads than there are CPUs (2 CPUs, 8 experts: 1 thread each;
   // split cluster 34 -> 40 output tokens/s against OpenMP's default of all
   // CPUs each), and a many-core host keeps its cores busy at batch 1.
-  // Also a short OpenMP spin (kShortSpin) unless the user chose a wait
+  // Also a short OpenMP spin (AddShortSpin) unless the user chose a wait
   // policy or spin: libgomp's default spins ~300k rounds after each layer,
   // on the cores the gateway needs right then for the next layer's
   // attention (2 CPUs, one expert process, frames, batch 1: 31.8 -> 38.6
@@ -615,9 +619,7 @@ class Supervisor : public ReplicaFleet {
     if (std::getenv("OMP_NUM_THREADS") == nullptr) {
       env.push_back(absl::StrCat("OMP_NUM_THREADS=", expert_threads_));
     }
-    if (std::getenv("OMP_WAIT_POLICY") == nullptr && std::getenv("GOMP_SPINCOUNT") == nullptr) {
-      env.push_back(std::string(kShortSpin));
-    }
+    AddShortSpin(&env);
     return env;
   }
   std::string expert_bin_;
@@ -1181,9 +1183,7 @@ int Supervisor::Run() {
   // comes, soon after (frames, one expert process: 37.4 -> 38.5). Unless the
   // user chose.
   std::vector<std::string> gateway_env;
-  if (std::getenv("OMP_WAIT_POLICY") == nullptr && std::getenv("GOMP_SPINCOUNT") == nullptr) {
-    gateway_env.push_back(std::string(kShortSpin));
-  }
+  AddShortSpin(&gateway_env);
   if (absl::Status s = Spawn(*gateway_, argv, gateway_env); !s.ok()) {
     Say(StatusLine(s));
     StopAll();

@@ -95,10 +95,18 @@ absl::Status WriteExactly(int fd, const char* p, size_t n, absl::Time deadline) 
   return absl::OkStatus();
 }
 
-void PutHeader(char* header, size_t payload_bytes) {
-  std::memcpy(header, kMagic, 4);
+// A frame of `payload_bytes` with its header written and the payload left
+// to fill (header and payload in one buffer, so one send carries a small
+// frame); INVALID_ARGUMENT past what the header can say.
+absl::StatusOr<std::string> NewFrame(size_t payload_bytes) {
+  if (payload_bytes > kMaxFrameBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("frame of ", payload_bytes, " bytes"));
+  }
+  std::string frame(kFrameHeaderBytes + payload_bytes, '\0');
+  std::memcpy(frame.data(), kMagic, 4);
   const uint32_t n = static_cast<uint32_t>(payload_bytes);
-  for (int i = 0; i < 4; ++i) header[4 + i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  for (int i = 0; i < 4; ++i) frame[4 + i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return frame;
 }
 
 struct HostPort {
@@ -275,27 +283,19 @@ absl::StatusOr<FrameSocket> DialFrames(const std::string& address, absl::Time de
 }
 
 absl::Status WriteFrame(int fd, std::string_view payload, absl::Time deadline) {
-  if (payload.size() > kMaxFrameBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("frame of ", payload.size(), " bytes"));
-  }
-  std::string buffer(kFrameHeaderBytes + payload.size(), '\0');
-  PutHeader(buffer.data(), payload.size());
-  std::memcpy(buffer.data() + kFrameHeaderBytes, payload.data(), payload.size());
-  return WriteExactly(fd, buffer.data(), buffer.size(), deadline);
+  absl::StatusOr<std::string> frame = NewFrame(payload.size());
+  if (!frame.ok()) return frame.status();
+  std::memcpy(frame->data() + kFrameHeaderBytes, payload.data(), payload.size());
+  return WriteExactly(fd, frame->data(), frame->size(), deadline);
 }
 
 absl::Status WriteMessageFrame(int fd, const google::protobuf::MessageLite& message,
                                absl::Time deadline) {
-  const size_t size = message.ByteSizeLong();
-  if (size > kMaxFrameBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("frame of ", size, " bytes"));
-  }
-  // Header and payload in one buffer, so one send carries a small frame.
-  std::string buffer(kFrameHeaderBytes + size, '\0');
-  PutHeader(buffer.data(), size);
-  message.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(buffer.data()) +
+  absl::StatusOr<std::string> frame = NewFrame(message.ByteSizeLong());
+  if (!frame.ok()) return frame.status();
+  message.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(frame->data()) +
                                           kFrameHeaderBytes);
-  return WriteExactly(fd, buffer.data(), buffer.size(), deadline);
+  return WriteExactly(fd, frame->data(), frame->size(), deadline);
 }
 
 absl::Status ReadFrame(int fd, size_t max_bytes, absl::Time deadline, std::string* payload) {
