@@ -51,6 +51,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "core/flags.h"
+#include "core/host_port.h"
 #include "core/status_macros.h"
 #include "core/stop_signals.h"
 
@@ -103,21 +104,14 @@ std::string ErrnoText(int err) { return std::strerror(err); }
 // HOST:PORT or [V6HOST]:PORT resolved to socket addresses (numeric or names).
 absl::StatusOr<std::vector<sockaddr_storage>> Resolve(const std::string& flag,
                                                       const std::string& address, bool passive) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == address.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", flag, " must be HOST:PORT, got '", address, "'"));
+  absl::StatusOr<HostPort> split = SplitHostPort(address);
+  if (!split.ok() || split->host.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--", flag, " must be HOST:PORT, got '", address, "'",
+        split.ok() ? " (no host)" : absl::StrCat(" (", split.status().message(), ")")));
   }
-  std::string host = address.substr(0, colon);
-  const std::string port = address.substr(colon + 1);
-  int port_number = 0;
-  if (!absl::SimpleAtoi(port, &port_number) || port_number < 0 || port_number > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", flag, " has a bad port '", port, "' (0..65535) in '", address, "'"));
-  }
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
+  const std::string& host = split->host;
+  const std::string port = std::to_string(split->port);
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;

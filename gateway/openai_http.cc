@@ -17,6 +17,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "core/host_port.h"
 #include "gateway/openai_api.h"
 #include "httplib.h"
 
@@ -395,32 +396,17 @@ void OpenAiHttpServer::Handlers::Stream(Endpoint endpoint, std::shared_ptr<HttpC
       });
 }
 
-namespace {
-
-// Splits "HOST:PORT" / "[V6]:PORT".
-absl::Status SplitHostPort(const std::string& listen, std::string* host, int* port) {
-  const size_t colon = listen.rfind(':');
-  if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), port) ||
-      *port < 0 || *port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--http-listen must be HOST:PORT with PORT in [0, 65535], got '", listen, "'"));
-  }
-  *host = listen.substr(0, colon);
-  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
-    *host = host->substr(1, host->size() - 2);
-  }
-  if (host->empty()) *host = "0.0.0.0";
-  return absl::OkStatus();
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(
     OpenAiHttpOptions options, Scheduler* scheduler, const Tokenizer* tokenizer,
     const ModelConfig& config) {
-  std::string host;
-  int port = 0;
-  if (absl::Status s = SplitHostPort(options.listen, &host, &port); !s.ok()) return s;
+  absl::StatusOr<HostPort> address = SplitHostPort(options.listen);
+  if (!address.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--http-listen '", options.listen, "' ",
+                                                   address.status().message(),
+                                                   " (expected HOST:PORT)"));
+  }
+  const std::string host = address->host.empty() ? "0.0.0.0" : address->host;
+  int port = address->port;
   if (options.model_id.empty()) return absl::InvalidArgumentError("OpenAI API: no model id");
   std::unique_ptr<OpenAiHttpServer> server(new OpenAiHttpServer());
   auto h = std::make_unique<Handlers>();

@@ -1,7 +1,5 @@
 #include "metrics/http_exporter.h"
 
-#include <netdb.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -13,8 +11,8 @@
 #include <cstring>
 #include <list>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "core/host_port.h"
 
 namespace switchyard::metrics {
 
@@ -47,76 +45,23 @@ void WriteAll(int fd, const std::string& data) {
   }
 }
 
-// Splits "HOST:PORT", "[V6]:PORT" or ":PORT" (host "" = every interface).
-absl::Status SplitHostPort(const std::string& listen, std::string* host, std::string* port) {
-  const auto bad = [&](const std::string& why) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("metrics address '", listen, "' ", why, " (expected HOST:PORT)"));
-  };
-  const size_t colon = listen.rfind(':');
-  if (colon == std::string::npos) return bad("has no port");
-  *host = listen.substr(0, colon);
-  *port = listen.substr(colon + 1);
-  if (!host->empty() && host->front() == '[') {
-    if (host->size() < 2 || host->back() != ']') return bad("has an unclosed '['");
-    *host = host->substr(1, host->size() - 2);
-  }
-  int value = 0;
-  if (port->empty() || !absl::SimpleAtoi(*port, &value) || value < 0 || value > 65535 ||
-      port->find_first_not_of("0123456789") != std::string::npos) {
-    return bad(absl::StrCat("has port '", *port, "', not a number in [0, 65535]"));
-  }
-  return absl::OkStatus();
-}
-
-int BoundPort(int fd) {
-  sockaddr_storage addr{};
-  socklen_t len = sizeof(addr);
-  if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return 0;
-  if (addr.ss_family == AF_INET) return ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
-  if (addr.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
-  return 0;
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<HttpExporter>> HttpExporter::Start(const std::string& listen,
                                                                   const Registry* registry) {
-  std::string host, port;
-  if (absl::Status s = SplitHostPort(listen, &host, &port); !s.ok()) return s;
+  absl::StatusOr<HostPort> hp = SplitHostPort(listen);
+  if (!hp.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("metrics address '", listen, "' ",
+                                                   hp.status().message(), " (expected HOST:PORT)"));
+  }
+  const std::string& host = hp->host;
   const bool all_interfaces = host.empty() || host == "0.0.0.0" || host == "::";
-
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-  addrinfo* found = nullptr;
-  const int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found);
-  if (rc != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("metrics address '", listen, "': host '", host,
-                                                   "' does not resolve: ", gai_strerror(rc)));
+  absl::StatusOr<TcpListener> listener = ListenTcp(host, hp->port);
+  if (!listener.ok()) {
+    return absl::Status(listener.status().code(), absl::StrCat("cannot serve metrics on ", listen,
+                                                               ": ", listener.status().message()));
   }
-  int fd = -1;
-  std::string last_error = "no address to bind";
-  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
-    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-    if (fd < 0) {
-      last_error = std::strerror(errno);
-      continue;
-    }
-    const int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, 64) != 0) {
-      last_error = std::strerror(errno);
-      close(fd);
-      fd = -1;
-    }
-  }
-  freeaddrinfo(found);
-  if (fd < 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot serve metrics on ", listen, ": ", last_error));
-  }
+  const int fd = listener->fd;
   const int wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake < 0) {
     close(fd);
@@ -128,7 +73,7 @@ absl::StatusOr<std::unique_ptr<HttpExporter>> HttpExporter::Start(const std::str
   exporter->registry_ = registry;
   exporter->listen_fd_ = fd;
   exporter->wake_fd_ = wake;
-  exporter->port_ = BoundPort(fd);
+  exporter->port_ = listener->port;
   const std::string shown = all_interfaces                        ? "127.0.0.1"
                             : host.find(':') != std::string::npos ? absl::StrCat("[", host, "]")
                                                                   : host;

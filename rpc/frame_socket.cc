@@ -16,8 +16,8 @@
 #include <limits>
 
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "core/host_port.h"
 
 namespace switchyard::rpc {
 namespace {
@@ -109,24 +109,13 @@ absl::StatusOr<std::string> NewFrame(size_t payload_bytes) {
   return frame;
 }
 
-struct HostPort {
-  std::string host;
-  int port = 0;
-};
-
-absl::StatusOr<HostPort> SplitHostPort(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("frame address '", address, "': expected HOST:PORT or unix:PATH"));
-  }
-  HostPort hp;
-  hp.host = address.substr(0, colon);
-  if (hp.host.size() >= 2 && hp.host.front() == '[' && hp.host.back() == ']') {
-    hp.host = hp.host.substr(1, hp.host.size() - 2);
-  }
-  if (!absl::SimpleAtoi(address.substr(colon + 1), &hp.port) || hp.port < 0 || hp.port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("frame address '", address, "': bad port"));
+// HOST:PORT of a frame address, with the address named in any error.
+absl::StatusOr<HostPort> SplitFrameAddress(const std::string& address) {
+  absl::StatusOr<HostPort> hp = SplitHostPort(address);
+  if (!hp.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("frame address '", address, "' ",
+                                                   hp.status().message(),
+                                                   " (expected HOST:PORT or unix:PATH)"));
   }
   return hp;
 }
@@ -179,42 +168,16 @@ absl::StatusOr<FrameSocket> ListenFrames(const std::string& address, int* bound_
     }
     return s;
   }
-  absl::StatusOr<HostPort> hp = SplitHostPort(address);
+  absl::StatusOr<HostPort> hp = SplitFrameAddress(address);
   if (!hp.ok()) return hp.status();
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-  addrinfo* found = nullptr;
-  const std::string host = hp->host.empty() || hp->host == "*" ? "0.0.0.0" : hp->host;
-  if (int rc = getaddrinfo(host.c_str(), std::to_string(hp->port).c_str(), &hints, &found);
-      rc != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("frame socket: cannot resolve ", address, ": ", gai_strerror(rc)));
+  absl::StatusOr<TcpListener> listener = ListenTcp(hp->host, hp->port);
+  if (!listener.ok()) {
+    return absl::Status(listener.status().code(),
+                        absl::StrCat("frame socket: cannot listen on ", address, ": ",
+                                     listener.status().message()));
   }
-  absl::Status last =
-      absl::UnavailableError(absl::StrCat("frame socket: no address for ", address));
-  for (addrinfo* ai = found; ai != nullptr; ai = ai->ai_next) {
-    FrameSocket s(socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
-    if (!s.valid()) continue;
-    const int one = 1;
-    setsockopt(s.fd(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(s.fd(), ai->ai_addr, ai->ai_addrlen) != 0 || listen(s.fd(), 64) != 0) {
-      last = absl::UnavailableError(
-          absl::StrCat("frame socket: cannot listen on ", address, ": ", ErrnoText(errno)));
-      continue;
-    }
-    sockaddr_storage bound{};
-    socklen_t len = sizeof(bound);
-    getsockname(s.fd(), reinterpret_cast<sockaddr*>(&bound), &len);
-    *bound_port =
-        ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
-                                          : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
-    freeaddrinfo(found);
-    return s;
-  }
-  freeaddrinfo(found);
-  return last;
+  *bound_port = listener->port;
+  return FrameSocket(listener->fd);
 }
 
 absl::StatusOr<FrameSocket> AcceptFrames(int listen_fd) {
@@ -241,7 +204,7 @@ absl::StatusOr<FrameSocket> DialFrames(const std::string& address, absl::Time de
     sa_len = sizeof(*un);
     s = FrameSocket(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   } else {
-    absl::StatusOr<HostPort> hp = SplitHostPort(address);
+    absl::StatusOr<HostPort> hp = SplitFrameAddress(address);
     if (!hp.ok()) return hp.status();
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;

@@ -303,7 +303,7 @@ TEST(DelayProxyTest, BadFlagsGetAnErrorNamingTheFlag) {
       {"--target 127.0.0.1:1 --delay-us 10000001", 2, "delay-us"},
       {"--target 127.0.0.1:1 --max-buffer-bytes 10", 2, "max-buffer-bytes"},
       {"--target localhost", 2, "--target must be HOST:PORT"},
-      {"--target 127.0.0.1:70000", 2, "bad port"},
+      {"--target 127.0.0.1:70000", 2, "has port '70000', not a number in [0, 65535]"},
       {"--target 127.0.0.1:1 --listen nohost.invalid:0", 2, "--listen"},
       {"--target 127.0.0.1:1 --nope 1", 2, "nope"},
       {"--target 127.0.0.1:1 --listen 192.0.2.1:0", 1, "cannot listen on 192.0.2.1:0"},
