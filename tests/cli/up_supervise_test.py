@@ -151,13 +151,16 @@ def environment(pid):
 # The processes share this host's cores: experts get their share as OpenMP threads, and
 # every process's idle OpenMP threads spin only briefly (GOMP_SPINCOUNT=20000) before they
 # sleep, unless the user chose a wait policy or spin count.
+# The gateway's spin is shorter than the experts': it waits milliseconds for them.
 user_chose = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
-spin = os.environ.get("GOMP_SPINCOUNT") if user_chose else "20000"
+spins = {"gateway": os.environ.get("GOMP_SPINCOUNT") if user_chose else "1000",
+         "expert": os.environ.get("GOMP_SPINCOUNT") if user_chose else "20000"}
 # up's share of the cores per expert process (8 experts, one process each).
 omp_threads = os.environ.get("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // 8)))
 for p in up.processes():
     env = environment(p["pid"])
     name = "gateway" if p["role"] == "gateway" else f"expert {p['experts']}"
+    spin = spins[p["role"]]
     check(f"{name}: GOMP_SPINCOUNT={spin}", env.get("GOMP_SPINCOUNT") == spin,
           env.get("GOMP_SPINCOUNT"))
     if p["role"] != "gateway":
