@@ -151,7 +151,8 @@ def environment(pid):
 # The processes share this host's cores: experts get their share as OpenMP threads, and
 # every process's idle OpenMP threads spin only briefly (GOMP_SPINCOUNT=20000) before they
 # sleep, unless the user chose a wait policy or spin count.
-# The gateway's spin is shorter than the experts': it waits milliseconds for them.
+# With several expert processes the gateway's spin is shorter than the experts': it waits
+# milliseconds for them.
 user_chose = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
 spins = {"gateway": os.environ.get("GOMP_SPINCOUNT") if user_chose else "1000",
          "expert": os.environ.get("GOMP_SPINCOUNT") if user_chose else "20000"}
@@ -218,9 +219,16 @@ check("SIGTERM stops up with exit 0", code == 0, up.log()[-2000:])
 check("no child left after the stop", not any(alive(p) for p in all_pids), all_pids)
 check("endpoints file removed at the stop", not os.path.exists(up.endpoints))
 
-# --- --listen-host and the crash-loop limit. ---
-up = Up("--listen-host", "0.0.0.0", "--max-restarts", "1")
+# --- --listen-host and the crash-loop limit, on the one-expert-process layout. ---
+up = Up("--listen-host", "0.0.0.0", "--max-restarts", "1", "--experts-per-process", "8")
 pids = [p["pid"] for p in up.processes()]
+# With one expert process the gateway keeps the experts' spin.
+spin = os.environ.get("GOMP_SPINCOUNT") if user_chose else "20000"
+check(f"one expert process: the gateway's GOMP_SPINCOUNT={spin}",
+      environment(up.gateway()["pid"]).get("GOMP_SPINCOUNT") == spin,
+      environment(up.gateway()["pid"]).get("GOMP_SPINCOUNT"))
+check("one expert process", len([p for p in up.processes() if p["role"] == "expert"]) == 1,
+      up.processes())
 sockets = listening_sockets(pids)
 check("--listen-host 0.0.0.0 listens on every interface", sockets and all(h in ANY for h, _ in sockets),
       sockets)
