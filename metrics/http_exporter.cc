@@ -55,7 +55,7 @@ absl::StatusOr<std::unique_ptr<HttpExporter>> HttpExporter::Start(const std::str
                                                    hp.status().message(), " (expected HOST:PORT)"));
   }
   const std::string& host = hp->host;
-  const bool all_interfaces = host.empty() || host == "0.0.0.0" || host == "::";
+  const bool all_interfaces = host.empty() || host == "*" || host == "0.0.0.0" || host == "::";
   absl::StatusOr<TcpListener> listener = ListenTcp(host, hp->port);
   if (!listener.ok()) {
     return absl::Status(listener.status().code(), absl::StrCat("cannot serve metrics on ", listen,
