@@ -101,26 +101,29 @@ absl::StatusOr<Options> OptionsFromFlags(const Flags& flags) {
 
 std::string ErrnoText(int err) { return std::strerror(err); }
 
-// HOST:PORT or [V6HOST]:PORT resolved to socket addresses (numeric or names).
-absl::StatusOr<std::vector<sockaddr_storage>> Resolve(const std::string& flag,
-                                                      const std::string& address, bool passive) {
+// HOST:PORT or [V6HOST]:PORT of --`flag` (a host is required).
+absl::StatusOr<HostPort> SplitFlagAddress(const std::string& flag, const std::string& address) {
   absl::StatusOr<HostPort> split = SplitHostPort(address);
   if (!split.ok() || split->host.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--", flag, " must be HOST:PORT, got '", address, "'",
         split.ok() ? " (no host)" : absl::StrCat(" (", split.status().message(), ")")));
   }
-  const std::string& host = split->host;
-  const std::string port = std::to_string(split->port);
+  return split;
+}
+
+// --target resolved to socket addresses (numeric or names).
+absl::StatusOr<std::vector<sockaddr_storage>> ResolveTarget(const std::string& address) {
+  SY_ASSIGN_OR_RETURN(HostPort split, SplitFlagAddress("target", address));
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = passive ? AI_PASSIVE : 0;
   addrinfo* result = nullptr;
-  const int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &result);
+  const int rc =
+      getaddrinfo(split.host.c_str(), std::to_string(split.port).c_str(), &hints, &result);
   if (rc != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("--", flag, " '", address, "': cannot resolve '",
-                                                   host, "': ", gai_strerror(rc)));
+    return absl::InvalidArgumentError(absl::StrCat("--target '", address, "': cannot resolve '",
+                                                   split.host, "': ", gai_strerror(rc)));
   }
   std::vector<sockaddr_storage> out;
   for (addrinfo* a = result; a != nullptr; a = a->ai_next) {
@@ -210,30 +213,21 @@ class DelayProxy {
 
   // Resolves, binds and listens; the address actually bound in *bound.
   absl::Status Start(std::string* bound) {
-    SY_ASSIGN_OR_RETURN(std::vector<sockaddr_storage> listen_addresses,
-                        Resolve("listen", options_.listen, /*passive=*/true));
-    SY_ASSIGN_OR_RETURN(targets_, Resolve("target", options_.target, /*passive=*/false));
-    std::string last_error;
-    for (const sockaddr_storage& a : listen_addresses) {
-      const int fd = socket(a.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-      if (fd < 0) {
-        last_error = ErrnoText(errno);
-        continue;
-      }
-      int one = 1;
-      setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-      if (bind(fd, reinterpret_cast<const sockaddr*>(&a), AddressLength(a)) != 0 ||
-          listen(fd, 512) != 0) {
-        last_error = ErrnoText(errno);
-        close(fd);
-        continue;
-      }
-      listener_ = fd;
-      break;
+    SY_ASSIGN_OR_RETURN(HostPort listen, SplitFlagAddress("listen", options_.listen));
+    SY_ASSIGN_OR_RETURN(targets_, ResolveTarget(options_.target));
+    absl::StatusOr<TcpListener> listener = ListenTcp(listen.host, listen.port, /*backlog=*/512);
+    if (!listener.ok()) {
+      const absl::Status& s = listener.status();
+      return absl::Status(
+          s.code(), s.code() == absl::StatusCode::kInvalidArgument
+                        ? absl::StrCat("--listen '", options_.listen, "': ", s.message())
+                        : absl::StrCat("cannot listen on ", options_.listen, ": ", s.message()));
     }
-    if (listener_ < 0) {
-      return absl::UnavailableError(
-          absl::StrCat("cannot listen on ", options_.listen, ": ", last_error));
+    listener_ = listener->fd;
+    // Accepted from the epoll loop: a client gone before accept must not block it.
+    const int flags = fcntl(listener_, F_GETFL, 0);
+    if (flags < 0 || fcntl(listener_, F_SETFL, flags | O_NONBLOCK) != 0) {
+      return absl::InternalError(absl::StrCat("listening socket: ", ErrnoText(errno)));
     }
     sockaddr_storage local{};
     socklen_t length = sizeof(local);

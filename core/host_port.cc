@@ -34,7 +34,7 @@ absl::StatusOr<HostPort> SplitHostPort(const std::string& address) {
   return out;
 }
 
-absl::StatusOr<TcpListener> ListenTcp(const std::string& host, int port) {
+absl::StatusOr<TcpListener> ListenTcp(const std::string& host, int port, int backlog) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -57,7 +57,7 @@ absl::StatusOr<TcpListener> ListenTcp(const std::string& host, int port) {
     }
     const int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, backlog) != 0) {
       last_error = std::strerror(errno);
       close(fd);
       continue;

@@ -24,19 +24,20 @@ struct HostPort {
 // to the caller, which knows which flag it came from.
 absl::StatusOr<HostPort> SplitHostPort(const std::string& address);
 
-// A listening TCP socket: close-on-exec, SO_REUSEADDR, backlog 64. The
-// caller owns `fd`; `port` is the one bound (a free one when asked for 0).
+// A listening TCP socket: blocking, close-on-exec, SO_REUSEADDR. The caller
+// owns `fd`; `port` is the one bound (a free one when asked for 0).
 struct TcpListener {
   int fd = -1;
   int port = 0;
 };
 
 // Listens on `host` ("" or "*": every interface) and `port` (0: any free
-// one), trying each address the host resolves to. INVALID_ARGUMENT when the
+// one) with `backlog` pending connections, trying each address the host
+// resolves to. INVALID_ARGUMENT when the
 // host does not resolve, UNAVAILABLE when no address could be bound; the
 // message says why (for example "Address already in use") and the caller
 // prefixes what was being listened for.
-absl::StatusOr<TcpListener> ListenTcp(const std::string& host, int port);
+absl::StatusOr<TcpListener> ListenTcp(const std::string& host, int port, int backlog = 64);
 
 }  // namespace switchyard
 

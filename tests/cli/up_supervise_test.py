@@ -224,9 +224,8 @@ up = Up("--listen-host", "0.0.0.0", "--max-restarts", "1", "--experts-per-proces
 pids = [p["pid"] for p in up.processes()]
 # With one expert process the gateway keeps the experts' spin.
 spin = os.environ.get("GOMP_SPINCOUNT") if user_chose else "20000"
-check(f"one expert process: the gateway's GOMP_SPINCOUNT={spin}",
-      environment(up.gateway()["pid"]).get("GOMP_SPINCOUNT") == spin,
-      environment(up.gateway()["pid"]).get("GOMP_SPINCOUNT"))
+gateway_spin = environment(up.gateway()["pid"]).get("GOMP_SPINCOUNT")
+check(f"one expert process: the gateway's GOMP_SPINCOUNT={spin}", gateway_spin == spin, gateway_spin)
 check("one expert process", len([p for p in up.processes() if p["role"] == "expert"]) == 1,
       up.processes())
 sockets = listening_sockets(pids)
