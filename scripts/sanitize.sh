@@ -15,7 +15,8 @@
 #                 with threads: the scheduler's loop and its callers, the
 #                 /metrics server, core/worker_pool; engine_test and
 #                 sampler_test run on one thread, so TSan would only slow
-#                 them down)
+#                 them down; so would scheduler_test's one single-request
+#                 ~4000-token prefill, left out under TSan)
 # Built with g++ like the normal build, so the project and Debian's gRPC,
 # protobuf and Abseil share one toolchain; those libraries are not
 # instrumented. That is harmless for ASan/UBSan, but TSan cannot see the
@@ -41,6 +42,9 @@ kinds=("$@")
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
+# Idle OpenMP threads sleep instead of spinning (results do not depend on it;
+# see tests/CMakeLists.txt).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 
 # What a sanitizer report looks like in a log (a report fails the run even if
 # the process exited 0).
@@ -49,9 +53,13 @@ failed=()
 flaky=()
 for kind in "${kinds[@]}"; do
   case $kind in
-    address) build=build-asan
+    address) build=build-asan filter='*'
       tests=(${ASAN_TESTS:-scheduler_test gateway_test engine_test sampler_test health_service_test metrics_test}) ;;
     thread) build=build-tsan; tests=(${TSAN_TESTS:-scheduler_test metrics_test worker_pool_test})
+      # One request prefilling ~4000 tokens, no second thread to race with:
+      # under TSan a third of scheduler_test's time (50 s), all in attention.
+      # ASan and ctest run it.
+      filter=-SchedulerTest.CapacityNotAMultipleOfTheBlockRefusesUpFrontAndNeverWedges
       # GNU libgomp is not built with TSan either: the barrier that ends an
       # OpenMP parallel region (core/cpu_ops.cc) is invisible to it, so every
       # buffer the region's workers touched looks raced by whoever uses or
@@ -60,9 +68,9 @@ for kind in "${kinds[@]}"; do
       export OMP_NUM_THREADS=1 ;;
     *) echo "unknown sanitizer '$kind' (address|thread)" >&2; exit 2 ;;
   esac
-  # -O1 -g (added by SWITCHYARD_SANITIZE) and no NDEBUG: library assertions stay on.
+  # -O1 -g1 (added by SWITCHYARD_SANITIZE) and no NDEBUG: library assertions stay on.
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DCMAKE_C_FLAGS_RELWITHDEBINFO="-g" -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-g" \
+    -DCMAKE_C_FLAGS_RELWITHDEBINFO="-g1" -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-g1" \
     -DSWITCHYARD_SANITIZE="$kind" -DSWITCHYARD_BUILD_BENCHMARKS=OFF -DSWITCHYARD_CUDA=OFF >/dev/null
   # The emulated CUDA suites, where CMake found the toolkit's headers.
   if [ "$kind" = address ] && [ -z "${ASAN_TESTS:-}" ] &&
@@ -78,7 +86,7 @@ for kind in "${kinds[@]}"; do
     start=$SECONDS
     # Each suite runs as one process (not one per test case as ctest does),
     # so the sanitizer start-up and the fixture loads are paid once.
-    if (cd "$build/tests" && "./$t" --gtest_brief=1) >"$log" 2>&1 \
+    if (cd "$build/tests" && "./$t" --gtest_brief=1 --gtest_filter="$filter") >"$log" 2>&1 \
         && ! grep -qE "$report" "$log"; then
       echo "    ok ($((SECONDS - start))s)"
     else

@@ -192,6 +192,13 @@ TEST_F(CudaKernelsTest, RopeOnFusedQkvMatchesCpu) {
 // FP32 kernel tolerance.
 TEST_F(CudaKernelsTest, PagedKvAppendAndAttentionMatchContiguousOracle) {
   for (auto [H, Hkv, hd] : {std::tuple{6, 2, 18}, {8, 2, 80}, {32, 8, 128}, {4, 1, 256}}) {
+#if defined(__SANITIZE_ADDRESS__)
+    // Under ASan (scripts/sanitize.sh) Mixtral's 32 heads, half of this
+    // test's ~150 s there, are left to the uninstrumented runs: the 6- and
+    // 8-head shapes take the same grouped-head index paths and the 4-head one
+    // the largest head dim.
+    if (H == 32) continue;
+#endif
     for (cuda::KvDType dtype : {cuda::KvDType::kF32, cuda::KvDType::kBF16}) {
       // BF16 storage changes only the element type: the smaller head counts
       // cover it (the emulator runs each of the 32 heads' blocks as fibers).

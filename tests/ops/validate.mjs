@@ -1,7 +1,10 @@
 // Validates rendered Kubernetes manifests (kustomize output) of Switchyard.
 //
-// usage: node tests/ops/validate.mjs NAME=FILE [NAME=FILE ...]
+// usage: node tests/ops/validate.mjs NAME[@LABEL]=FILE [NAME[@LABEL]=FILE ...]
 //   NAME: the overlay (cpu-demo, cpu-demo-hpa, gpu, gpu-hpa, ...: known ones get extra checks)
+//   LABEL: optional, shown in the output after NAME, so one run can check many
+//          variants of one overlay (validate_k8s.sh's self-test) and tell their
+//          results apart
 //   FILE: its multi-document YAML, as `kubectl kustomize` / `kustomize build` print it
 //
 // For every object:
@@ -17,8 +20,9 @@
 // pod (one or several experts per pod), PDBs that keep the last replica,
 // spread gateways, autoscalers (KEDA: namespace-filtered queries, fallback,
 // a saturation trigger, throughput optional), and the monitoring component (checkMonitoring).
-// Prints one line per problem and "N passed, M failed" (one per overlay);
-// exits 1 if anything failed.
+// Prints one line per problem and "N passed, M failed" (one per input; each
+// input is checked on its own, an exception included); exits 1 if anything
+// failed.
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -642,35 +646,40 @@ function checkMonitoring(objects, problems) {
 async function main() {
   const inputs = process.argv.slice(2);
   if (!inputs.length || inputs.some((a) => !a.includes("="))) {
-    console.error("usage: node validate.mjs NAME=FILE [NAME=FILE ...]");
+    console.error("usage: node validate.mjs NAME[@LABEL]=FILE [NAME[@LABEL]=FILE ...]");
     process.exit(2);
   }
   loadTypeIndex();
   let passed = 0;
   let failed = 0;
   for (const input of inputs) {
-    const [name, file] = input.split(/=(.*)/s);
+    const [shown, file] = input.split(/=(.*)/s);
+    const name = shown.split("@")[0];
     const problems = [];
     const objects = [];
-    for (const doc of parseAllDocuments(fs.readFileSync(file, "utf8"))) {
-      if (doc.errors.length) {
-        problems.push(`YAML: ${doc.errors.map((e) => e.message).join("; ")}`);
-        continue;
+    try {
+      for (const doc of parseAllDocuments(fs.readFileSync(file, "utf8"))) {
+        if (doc.errors.length) {
+          problems.push(`YAML: ${doc.errors.map((e) => e.message).join("; ")}`);
+          continue;
+        }
+        const obj = doc.toJS();
+        if (obj !== null) objects.push(obj);
       }
-      const obj = doc.toJS();
-      if (obj !== null) objects.push(obj);
+      for (const obj of objects) await validateObject(obj, problems);
+      if (objects.length) checkSwitchyard(name, objects, problems);
+      else problems.push("no objects");
+    } catch (e) {
+      problems.push(`validator error: ${e && e.stack ? e.stack : e}`);
     }
-    for (const obj of objects) await validateObject(obj, problems);
-    if (objects.length) checkSwitchyard(name, objects, problems);
-    else problems.push("no objects");
     if (problems.length) {
       failed++;
-      for (const p of problems) console.log(`FAIL ${name}: ${p}`);
+      for (const p of problems) console.log(`FAIL ${shown}: ${p}`);
     } else {
       passed++;
       const kinds = {};
       for (const o of objects) kinds[o.kind] = (kinds[o.kind] || 0) + 1;
-      console.log(`ok   ${name}: ${objects.length} objects valid (${Object.entries(kinds).map(([k, n]) => `${n} ${k}`).join(", ")})`);
+      console.log(`ok   ${shown}: ${objects.length} objects valid (${Object.entries(kinds).map(([k, n]) => `${n} ${k}`).join(", ")})`);
     }
   }
   console.log(`${passed} passed, ${failed} failed`);
