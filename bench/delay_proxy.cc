@@ -21,9 +21,7 @@
 // Bad flags or addresses: one line on stderr, exit 2; cannot listen: one line
 // on stderr, exit 1. A target that refuses a connection closes that client's
 // connection (and says so on stderr); the proxy keeps serving.
-#include <arpa/inet.h>
 #include <fcntl.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -113,45 +111,14 @@ absl::StatusOr<HostPort> SplitFlagAddress(const std::string& flag, const std::st
 }
 
 // --target resolved to socket addresses (numeric or names).
-absl::StatusOr<std::vector<sockaddr_storage>> ResolveTarget(const std::string& address) {
+absl::StatusOr<std::vector<TcpAddress>> ResolveTarget(const std::string& address) {
   SY_ASSIGN_OR_RETURN(HostPort split, SplitFlagAddress("target", address));
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* result = nullptr;
-  const int rc =
-      getaddrinfo(split.host.c_str(), std::to_string(split.port).c_str(), &hints, &result);
-  if (rc != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("--target '", address, "': cannot resolve '",
-                                                   split.host, "': ", gai_strerror(rc)));
+  absl::StatusOr<std::vector<TcpAddress>> resolved = ResolveTcp(split.host, split.port);
+  if (!resolved.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--target '", address, "': ", resolved.status().message()));
   }
-  std::vector<sockaddr_storage> out;
-  for (addrinfo* a = result; a != nullptr; a = a->ai_next) {
-    sockaddr_storage s{};
-    std::memcpy(&s, a->ai_addr, a->ai_addrlen);
-    out.push_back(s);
-  }
-  freeaddrinfo(result);
-  return out;
-}
-
-socklen_t AddressLength(const sockaddr_storage& s) {
-  return s.ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
-}
-
-std::string AddressText(const sockaddr_storage& s) {
-  char host[INET6_ADDRSTRLEN] = "?";
-  int port = 0;
-  if (s.ss_family == AF_INET6) {
-    const auto* a = reinterpret_cast<const sockaddr_in6*>(&s);
-    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
-    port = ntohs(a->sin6_port);
-    return absl::StrCat("[", host, "]:", port);
-  }
-  const auto* a = reinterpret_cast<const sockaddr_in*>(&s);
-  inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
-  port = ntohs(a->sin_port);
-  return absl::StrCat(host, ":", port);
+  return resolved;
 }
 
 void SetNoDelay(int fd) {
@@ -229,10 +196,10 @@ class DelayProxy {
     if (flags < 0 || fcntl(listener_, F_SETFL, flags | O_NONBLOCK) != 0) {
       return absl::InternalError(absl::StrCat("listening socket: ", ErrnoText(errno)));
     }
-    sockaddr_storage local{};
-    socklen_t length = sizeof(local);
-    getsockname(listener_, reinterpret_cast<sockaddr*>(&local), &length);
-    *bound = AddressText(local);
+    TcpAddress local;
+    local.length = sizeof(local.address);
+    getsockname(listener_, reinterpret_cast<sockaddr*>(&local.address), &local.length);
+    *bound = local.ToString();
 
     epoll_ = epoll_create1(EPOLL_CLOEXEC);
     timer_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -308,8 +275,9 @@ class DelayProxy {
         return;
       }
       SetNoDelay(client);
-      const sockaddr_storage& target = targets_[0];
-      const int upstream = socket(target.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      const TcpAddress& target = targets_[0];
+      const int upstream =
+          socket(target.address.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
       if (upstream < 0) {
         std::fprintf(stderr, "%s: socket: %s\n", kName, ErrnoText(errno).c_str());
         close(client);
@@ -317,7 +285,7 @@ class DelayProxy {
       }
       SetNoDelay(upstream);
       bool connected = false;
-      if (connect(upstream, reinterpret_cast<const sockaddr*>(&target), AddressLength(target)) ==
+      if (connect(upstream, reinterpret_cast<const sockaddr*>(&target.address), target.length) ==
           0) {
         connected = true;
       } else if (errno != EINPROGRESS) {
@@ -542,7 +510,7 @@ class DelayProxy {
 
   Options options_;
   Clock::duration delay_{};
-  std::vector<sockaddr_storage> targets_;
+  std::vector<TcpAddress> targets_;
   int listener_ = -1;
   int epoll_ = -1;
   int timer_ = -1;

@@ -1,45 +1,41 @@
 #include "cli/metrics_scrape.h"
 
-#include <netdb.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
 
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/host_port.h"
 
 namespace switchyard::cli {
 
 absl::StatusOr<std::string> ScrapeMetrics(const std::string& host_port, const std::string& what) {
-  const size_t colon = host_port.rfind(':');
-  std::string host = host_port.substr(0, colon);
-  const std::string port = host_port.substr(colon + 1);
-  if (!host.empty() && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
+  absl::StatusOr<HostPort> split = SplitHostPort(host_port);
+  if (!split.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, host_port, ": ", split.status().message()));
   }
+  std::string host = split->host;
   if (host.empty() || host == "0.0.0.0") host = "127.0.0.1";
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* addrs = nullptr;
-  if (const int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &addrs); rc != 0) {
+  absl::StatusOr<std::vector<TcpAddress>> addresses = ResolveTcp(host, split->port);
+  if (!addresses.ok()) {
     return absl::UnavailableError(
-        absl::StrCat(what, host_port, ": cannot resolve: ", gai_strerror(rc)));
+        absl::StrCat(what, host_port, ": ", addresses.status().message()));
   }
   int fd = -1;
-  for (addrinfo* a = addrs; a != nullptr && fd < 0; a = a->ai_next) {
-    fd = socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+  for (const TcpAddress& a : *addresses) {
+    fd = socket(a.address.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) continue;
     timeval timeout{10, 0};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
-    if (connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
-      close(fd);
-      fd = -1;
-    }
+    if (connect(fd, reinterpret_cast<const sockaddr*>(&a.address), a.length) == 0) break;
+    close(fd);
+    fd = -1;
   }
-  freeaddrinfo(addrs);
   if (fd < 0) {
     return absl::UnavailableError(absl::StrCat(what, host_port, ": cannot connect"));
   }

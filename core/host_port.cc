@@ -1,5 +1,6 @@
 #include "core/host_port.h"
 
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -30,6 +31,47 @@ absl::StatusOr<HostPort> SplitHostPort(const std::string& address) {
       !absl::SimpleAtoi(port, &out.port) || out.port > 65535) {
     return absl::InvalidArgumentError(
         absl::StrCat("has port '", port, "', not a number in [0, 65535]"));
+  }
+  return out;
+}
+
+std::string TcpAddress::ToString() const {
+  char host[INET6_ADDRSTRLEN] = "?";
+  if (address.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&address);
+    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+    return absl::StrCat("[", host, "]:", ntohs(a->sin6_port));
+  }
+  const auto* a = reinterpret_cast<const sockaddr_in*>(&address);
+  inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+  return absl::StrCat(host, ":", ntohs(a->sin_port));
+}
+
+absl::StatusOr<std::vector<TcpAddress>> ResolveTcp(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  if (const int rc = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found);
+      rc != 0) {
+    return absl::UnavailableError(absl::StrCat("cannot resolve '", host, "': ", gai_strerror(rc)));
+  }
+  std::vector<TcpAddress> out;
+  for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    if (a->ai_addrlen > sizeof(sockaddr_storage)) continue;
+    TcpAddress t;
+    std::memcpy(&t.address, a->ai_addr, a->ai_addrlen);
+    t.length = a->ai_addrlen;
+    bool seen = false;
+    for (const TcpAddress& o : out) {
+      seen = seen || (o.length == t.length && std::memcmp(&o.address, &t.address, t.length) == 0);
+    }
+    if (!seen) out.push_back(t);
+  }
+  freeaddrinfo(found);
+  if (out.empty()) {
+    return absl::UnavailableError(absl::StrCat("cannot resolve '", host, "': no TCP address"));
   }
   return out;
 }

@@ -1,12 +1,16 @@
-// HOST:PORT addresses and TCP listeners for the plain sockets Switchyard opens
-// itself (the expert frame socket, the metrics and OpenAI HTTP servers, the
-// delay proxy). gRPC parses its own targets.
+// HOST:PORT addresses, name resolution and TCP listeners for the plain
+// sockets Switchyard opens itself (the expert frame socket, the metrics and
+// OpenAI HTTP servers, the delay proxy, the gateway's own resolution of
+// dns:/// expert targets). gRPC parses its own targets.
 //
 // Free functions; thread-safe.
 #ifndef SWITCHYARD_CORE_HOST_PORT_H_
 #define SWITCHYARD_CORE_HOST_PORT_H_
 
+#include <sys/socket.h>
+
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -23,6 +27,20 @@ struct HostPort {
 // number in [0, 65535]", "has an unclosed '['") and leaves naming the address
 // to the caller, which knows which flag it came from.
 absl::StatusOr<HostPort> SplitHostPort(const std::string& address);
+
+// One socket address of a TCP endpoint (IPv4 or IPv6).
+struct TcpAddress {
+  sockaddr_storage address{};
+  socklen_t length = 0;
+  // "1.2.3.4:80" or "[::1]:80": what SplitHostPort and gRPC targets take.
+  std::string ToString() const;
+};
+
+// The addresses `host` (a name or a numeric address) stands for on `port`,
+// in the resolver's order, each once. UNAVAILABLE when the host does not
+// resolve (a DNS answer may change: the caller decides whether that is
+// final), with gai_strerror's reason; the caller names what it resolved.
+absl::StatusOr<std::vector<TcpAddress>> ResolveTcp(const std::string& host, int port);
 
 // A listening TCP socket: blocking, close-on-exec, SO_REUSEADDR. The caller
 // owns `fd`; `port` is the one bound (a free one when asked for 0).

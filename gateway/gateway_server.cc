@@ -27,6 +27,7 @@
 #include "attention_service/cuda_dense_model.h"
 #include "gateway/cuda_model_runner.h"
 #endif
+#include "gateway/expert_dns.h"
 #include "gateway/remote_expert_backend.h"
 #include "metrics/http_exporter.h"
 #include "rpc/auth.h"
@@ -160,7 +161,11 @@ struct Gateway::Parts {
   std::unique_ptr<AuthenticatedGenerationService> authenticated_service;  // the same
   std::unique_ptr<rpc::RunningServer> server;
   std::unique_ptr<OpenAiHttpServer> http;  // --http-listen only
-  // --experts @FILE only; declared last so it stops before the backend goes.
+  // dns:/// targets resolved by the gateway (--expert-dns-refresh-ms), and
+  // --experts @FILE reloads (which hand a new file to the refresher when
+  // there is one); declared last, so they stop before the backend goes, the
+  // watcher first.
+  std::unique_ptr<ExpertDnsRefresher> dns_refresher;
   std::unique_ptr<ExpertTopologyFileWatcher> topology_watcher;
 
   // The stages of Gateway::Start, in order.
@@ -211,6 +216,7 @@ constexpr NumericRange kMaxNewTokensLimit{"max-new-tokens-limit", 0, kMaxIntOpti
 constexpr NumericRange kExpertTimeoutMs{"expert-timeout-ms", 1, kOneDayMs};
 constexpr NumericRange kGraceMs{"grace-ms", 0, kOneDayMs};
 constexpr NumericRange kExpertsReloadMs{"experts-reload-ms", 0, kOneDayMs};
+constexpr NumericRange kExpertDnsRefreshMs{"expert-dns-refresh-ms", 0, kOneDayMs};
 constexpr NumericRange kMaxConnectionAgeMs{"max-connection-age-ms", 0, kMaxIntOption};
 constexpr NumericRange kMicroBatches{"micro-batches", 0, 64};
 
@@ -241,6 +247,7 @@ absl::Status ParseNumericFlags(const Flags& f, GatewayOptions* o) {
   SY_RETURN_IF_ERROR(ReadInRange(f, kExpertTimeoutMs, &o->expert_timeout_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kGraceMs, &o->grace_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kExpertsReloadMs, &o->experts_reload_ms));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kExpertDnsRefreshMs, &o->expert_dns_refresh_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kMaxConnectionAgeMs, &o->max_connection_age_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kMicroBatches, &o->micro_batches));
   return absl::OkStatus();
@@ -294,6 +301,7 @@ absl::Status ValidateNumericOptions(const GatewayOptions& o) {
   SY_RETURN_IF_ERROR(CheckRange(kExpertTimeoutMs, o.expert_timeout_ms));
   SY_RETURN_IF_ERROR(CheckRange(kGraceMs, o.grace_ms));
   SY_RETURN_IF_ERROR(CheckRange(kExpertsReloadMs, o.experts_reload_ms));
+  SY_RETURN_IF_ERROR(CheckRange(kExpertDnsRefreshMs, o.expert_dns_refresh_ms));
   SY_RETURN_IF_ERROR(CheckRange(kMaxConnectionAgeMs, o.max_connection_age_ms));
   SY_RETURN_IF_ERROR(CheckRange(kMicroBatches, o.micro_batches));
   return absl::OkStatus();
@@ -481,6 +489,28 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
       if (!ExpertTargetIsOnThisHost(target)) experts_off_host = true;
     }
   }
+  // dns:/// names resolved here, each address a replica (gateway/expert_dns.h).
+  const bool resolve_names = options.expert_dns_refresh_ms > 0 && expert_credentials == nullptr;
+  const ExpertTargetResolver resolver = options.expert_target_resolver
+                                            ? options.expert_target_resolver
+                                            : SystemExpertTargetResolver();
+  DnsExpansion expansion;
+  if (resolve_names) {
+    expansion = ExpandDnsTargets(*topology, resolver, {});
+    for (const std::string& problem : expansion.problems) {
+      std::fprintf(stderr, "switchyard-gateway: expert DNS: %s\n", problem.c_str());
+    }
+    for (const auto& [name, addresses] : expansion.addresses) {
+      std::fprintf(stderr, "switchyard-gateway: expert DNS: %s is %s (every %d ms again)\n",
+                   name.c_str(), absl::StrJoin(addresses, ", ").c_str(),
+                   options.expert_dns_refresh_ms);
+    }
+  }
+  bool has_names = false;
+  for (const auto& [expert, targets] : topology->replicas) {
+    for (const std::string& target : targets) has_names |= IsExpandableDnsTarget(target);
+  }
+  const ExpertTopology& serving = resolve_names ? expansion.topology : *topology;
   RemoteExpertOptions remote;
   remote.call_deadline_ms = options.expert_timeout_ms;
   remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
@@ -501,7 +531,20 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
   };
   remote.connect_timeout_ms = options.expert_connect_timeout_ms;
   absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> connected =
-      RemoteExpertBackend::Connect(*topology, config, options.model_dir, remote);
+      RemoteExpertBackend::Connect(serving, config, options.model_dir, remote);
+  if (!connected.ok() && connected.status().code() == absl::StatusCode::kUnavailable &&
+      serving.replicas != topology->replicas) {
+    // A pod the answers named is not serving (going away, say): start on the
+    // names as gRPC resolves them (any ready pod does), and let the
+    // refresher move to one replica per address once every one answers.
+    std::fprintf(stderr,
+                 "switchyard-gateway: expert DNS: not every address answered (%s); starting with "
+                 "the names left to gRPC, resolving again every %d ms\n",
+                 std::string(connected.status().message()).c_str(), options.expert_dns_refresh_ms);
+    expansion = DnsExpansion();
+    expansion.topology = *topology;
+    connected = RemoteExpertBackend::Connect(serving, config, options.model_dir, remote);
+  }
   if (!connected.ok()) {
     if (connected.status().code() != absl::StatusCode::kUnavailable) return connected.status();
     // Unreachable experts: a TLS mismatch looks the same as a dead replica
@@ -510,11 +553,12 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
     return absl::UnavailableError(
         absl::StrCat(connected.status().message(), ExpertSecurityHint(options)));
   }
-  service_options->expert_routes = ExpertRoutes(*topology);
+  service_options->expert_routes = ExpertRoutes(serving);
   // Replicas per expert, kept true across live topology changes.
   auto& replicas_gauge = metrics::AddGauge(
       registry, "switchyard_gateway_expert_replicas",
-      "Replica targets the gateway sends each expert's calls to (a dns:/// name counts as one).");
+      "Replica targets the gateway sends each expert's calls to (each address of a dns:/// name "
+      "the gateway resolves; a name left to gRPC counts as one).");
   std::vector<metrics::Gauge*> replica_gauges;
   for (int e = 0; e < config.num_local_experts; ++e) {
     replica_gauges.push_back(&replicas_gauge.Add({{"expert", std::to_string(e)}}));
@@ -524,17 +568,30 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
       replica_gauges[e]->Set(static_cast<double>(targets.size()));
     }
   };
-  set_replica_gauges(*topology);
+  set_replica_gauges(serving);
   RemoteExpertBackend* remote_backend = connected->get();
   backend = *std::move(connected);
-  if (absl::StartsWith(options.experts, "@") && options.experts_reload_ms > 0) {
+  const bool reload_file = absl::StartsWith(options.experts, "@") && options.experts_reload_ms > 0;
+  if (reload_file || (resolve_names && has_names)) {
     // The service goes before the backend (Parts' order), so this stays valid.
     service_options->live_expert_routes = [remote_backend] {
       return ExpertRoutes(remote_backend->topology());
     };
+  }
+  if (resolve_names && (reload_file || has_names)) {
+    dns_refresher = std::make_unique<ExpertDnsRefresher>(
+        *topology, std::move(expansion), remote_backend, options.expert_dns_refresh_ms, resolver,
+        set_replica_gauges);
+  }
+  if (reload_file) {
+    ExpertDnsRefresher* refresher = dns_refresher.get();
     topology_watcher = std::make_unique<ExpertTopologyFileWatcher>(
         options.experts.substr(1), config.num_local_experts, remote_backend,
-        options.experts_reload_ms, set_replica_gauges);
+        options.experts_reload_ms, set_replica_gauges,
+        refresher == nullptr ? ExpertTopologyFileWatcher::ApplyFn()
+                             : [refresher](const ExpertTopology& configured) {
+                                 return refresher->SetConfigured(configured);
+                               });
   }
   return absl::OkStatus();
 }
@@ -727,6 +784,7 @@ Gateway::~Gateway() {
   // No topology change while stopping; then the servers (no new calls), then
   // the scheduler (ends what is left).
   parts_->topology_watcher.reset();
+  parts_->dns_refresher.reset();
   parts_->http.reset();
   parts_->server.reset();
   parts_->scheduler.reset();

@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "core/checkpoint.h"
 #include "core/flags.h"
+#include "gateway/expert_dns.h"
 #include "gateway/request_validation.h"
 #include "gateway/scheduler.h"
 #include "metrics/metrics.h"
@@ -30,6 +31,16 @@ struct GatewayOptions {
   // changes the new topology is applied live (ExpertTopologyFileWatcher,
   // gateway/remote_expert_backend.h). Default 1000; 0: never re-read.
   int experts_reload_ms = 1000;
+  // How often the gateway resolves the dns:///NAME:PORT targets of the
+  // topology itself, in ms, making each address a replica of its own (frames
+  // or a ForwardStream per pod, balanced by outstanding calls;
+  // gateway/expert_dns.h). Default 5000; 0: leave the names to gRPC (one
+  // channel per name, unary calls). Plaintext expert calls only: with
+  // --expert-tls-ca names stay with gRPC, which checks certificates against
+  // them.
+  int expert_dns_refresh_ms = 5000;
+  // Resolves those names; null (the default): the system resolver. For tests.
+  ExpertTargetResolver expert_target_resolver;
   // The KV cache budget, at most one of:
   //   kv_cache_tokens: token slots, [16, 2^30];
   //   kv_cache_memory: bytes of K/V (in the cache's dtype), at least one

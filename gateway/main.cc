@@ -32,6 +32,10 @@ const switchyard::CommandSpec& Spec() {
           {"experts-reload-ms", true, "1000",
            "with --experts @FILE: re-read FILE this often and apply a changed topology live "
            "(0: never; 0..86400000)"},
+          {"expert-dns-refresh-ms", true, "5000",
+           "resolve dns:///NAME:PORT expert targets this often, each address a replica of its "
+           "own (frames per pod); 0: leave names to gRPC; plaintext expert calls only "
+           "(0..86400000)"},
           {"kv-cache-tokens", true, "from --kv-cache-memory",
            "KV cache size in tokens (16..2^30); not with --kv-cache-memory"},
           {"kv-cache-memory", true, "50% of MemAvailable (cuda: of free GPU memory)",

@@ -1525,31 +1525,14 @@ std::optional<std::string> ReadWholeFile(const std::string& path) {
 
 ExpertTopologyFileWatcher::ExpertTopologyFileWatcher(
     std::string path, int num_experts, RemoteExpertBackend* backend, int poll_ms,
-    std::function<void(const ExpertTopology&)> on_applied)
+    std::function<void(const ExpertTopology&)> on_applied, ApplyFn apply)
     : path_(std::move(path)),
       num_experts_(num_experts),
       backend_(backend),
-      poll_ms_(std::max(poll_ms, 1)),
-      on_applied_(std::move(on_applied)) {
+      on_applied_(std::move(on_applied)),
+      apply_(std::move(apply)) {
   last_content_ = ReadWholeFile(path_).value_or("");
-  thread_ = std::thread([this] {
-    std::unique_lock<std::mutex> lock(stop_mu_);
-    while (
-        !stop_cv_.wait_for(lock, std::chrono::milliseconds(poll_ms_), [this] { return stop_; })) {
-      lock.unlock();
-      PollOnce();
-      lock.lock();
-    }
-  });
-}
-
-ExpertTopologyFileWatcher::~ExpertTopologyFileWatcher() {
-  {
-    std::lock_guard<std::mutex> lock(stop_mu_);
-    stop_ = true;
-  }
-  stop_cv_.notify_all();
-  thread_.join();
+  thread_ = std::make_unique<PeriodicThread>(poll_ms, [this] { PollOnce(); });
 }
 
 bool ExpertTopologyFileWatcher::PollOnce() {
@@ -1567,7 +1550,8 @@ bool ExpertTopologyFileWatcher::PollOnce() {
                  std::string(topology.status().message()).c_str());
     return false;
   }
-  absl::StatusOr<std::string> changed = backend_->ApplyTopology(*topology);
+  absl::StatusOr<std::string> changed =
+      apply_ ? apply_(*topology) : backend_->ApplyTopology(*topology);
   if (!changed.ok()) {
     refused_.fetch_add(1);
     // A replica that did not answer may still be starting: try again next poll.

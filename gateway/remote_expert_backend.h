@@ -25,7 +25,9 @@
 // max_reconnect_backoff_ms, doubling with each failure in a row up to a
 // minute, and a shard restarted with a new frame socket is found again
 // through GetShardInfo. Frames are plaintext: only without
-// `credentials` and for one-address targets (HOST:PORT, unix:PATH).
+// `credentials` and for one-address targets (HOST:PORT, unix:PATH; the
+// gateway turns a dns:/// name into one such target per address,
+// gateway/expert_dns.h).
 //
 // Otherwise every replica that serves it (ShardInfo.forward_stream)
 // gets one long-lived ForwardStream from this backend, opened on first use,
@@ -59,11 +61,13 @@
 // `ipv4:a:p,b:p` list) is one channel whose round_robin policy keeps a
 // subchannel per address and follows DNS as pods come and go. A failed call
 // on such a target is retried on the same channel, whose picker sends it to
-// the next ready address: a pod that died mid-call costs no request. (Resolving
-// names here and treating each address as a replica would also balance by
-// outstanding calls per pod, but would duplicate gRPC's re-resolution, TLS
-// target names and connection management; round_robin already spreads calls
-// evenly over the pods.)
+// the next ready address: a pod that died mid-call costs no request. The
+// gateway uses this mode only where it leaves a name to gRPC (expert TLS,
+// whose certificates name the Service, or --expert-dns-refresh-ms 0): by
+// default it resolves dns:/// names itself and gives this backend one
+// HOST:PORT replica per address, which gets frames or a stream, balancing by
+// outstanding calls per pod, and topology changes as the answers change
+// (gateway/expert_dns.h).
 //
 // Live topology changes: ApplyTopology swaps in a new set of replicas per
 // expert while calls run (ExpertTopologyFileWatcher drives it from an
@@ -100,6 +104,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/model_config.h"
+#include "core/periodic_thread.h"
 #include "expert_service/expert_backend.h"
 #include "rpc/frame_socket.h"
 #include "switchyard/v1/expert.grpc.pb.h"
@@ -368,11 +373,17 @@ class RemoteExpertBackend : public ExpertBackend {
 // connect_timeout_ms). `on_applied` runs on the watcher thread.
 class ExpertTopologyFileWatcher {
  public:
+  // What applying a topology read from the file means: by default
+  // backend->ApplyTopology; the gateway passes ExpertDnsRefresher::SetConfigured
+  // where it resolves dns:/// names itself (gateway/expert_dns.h).
+  using ApplyFn = std::function<absl::StatusOr<std::string>(const ExpertTopology&)>;
+
   // `backend` must outlive the watcher. The file's current content is taken
   // as already applied.
   ExpertTopologyFileWatcher(std::string path, int num_experts, RemoteExpertBackend* backend,
-                            int poll_ms, std::function<void(const ExpertTopology&)> on_applied);
-  ~ExpertTopologyFileWatcher();
+                            int poll_ms, std::function<void(const ExpertTopology&)> on_applied,
+                            ApplyFn apply = nullptr);
+  ~ExpertTopologyFileWatcher() = default;
 
   // Reads the file once now (what the thread does each poll); returns
   // whether a new topology was applied. For tests and the thread.
@@ -385,16 +396,13 @@ class ExpertTopologyFileWatcher {
   const std::string path_;
   const int num_experts_;
   RemoteExpertBackend* const backend_;
-  const int poll_ms_;
   const std::function<void(const ExpertTopology&)> on_applied_;
+  const ApplyFn apply_;
   std::mutex poll_mu_;        // one PollOnce at a time
   std::string last_content_;  // guarded by poll_mu_
   std::atomic<int> applied_{0};
   std::atomic<int> refused_{0};
-  std::mutex stop_mu_;
-  std::condition_variable stop_cv_;
-  bool stop_ = false;  // guarded by stop_mu_
-  std::thread thread_;
+  std::unique_ptr<PeriodicThread> thread_;  // last: stops before the rest goes
 };
 
 }  // namespace switchyard

@@ -31,6 +31,12 @@ NAMESPACE = "switchyard"  # fixed: the gateway's expert SPEC names it (k8s/base/
 PROMETHEUS = "http://prometheus-operated.monitoring.svc.cluster.local:9090"
 DEFAULT_PACKINGS = (1, 2)  # experts per pod written by default (committed)
 GRPC_PORT = 50061
+# The frame socket (switchyard-expert --frame-listen): the gateway resolves
+# each expert's headless Service itself and sends a pod's expert calls there
+# as length-prefixed frames (gateway/expert_dns.h). Fixed, so the
+# NetworkPolicy can open it; components/tls turns it off (frames are
+# plaintext) by replacing this argument, the fifth.
+FRAME_PORT = 50062
 METRICS_PORT = 9090
 UID = 65532
 # The busy trigger's threshold is device-independent: a busy ratio, the same
@@ -53,7 +59,8 @@ HEADER = """\
 EXPERT = """\
 {header}# {what}: the Deployment, the headless Service the gateway resolves
 # (dns:///switchyard-expert-{e}.{ns}.svc.cluster.local:{grpc}, one address per ready
-# replica, spread over by gRPC round_robin) and the PodDisruptionBudget.
+# replica: the gateway makes each a replica of its own, balanced by outstanding
+# calls, on its frame port {frames}) and the PodDisruptionBudget.
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -108,11 +115,14 @@ spec:
             - --experts={flag}
             - --listen=0.0.0.0:{grpc}
             - --metrics-listen=0.0.0.0:{metrics}
+            - --frame-listen=0.0.0.0:{frames}
             # The busy trigger's threshold is a share of these threads
             # (generate-experts.py, BUSY_THRESHOLD_MILLI).
             - --workers={workers}
-            # Clients reconnect every 5 minutes, so the gateway re-resolves the
-            # headless Service and spreads over replicas added since.
+            # Clients reconnect every 5 minutes: with TLS the gateway leaves the
+            # headless Service's name to gRPC, which re-resolves it then and
+            # spreads over replicas added since (without TLS the gateway
+            # resolves it itself every 5 s).
             - --max-connection-age-ms=300000
             - --grace-ms=30000
           ports:
@@ -121,6 +131,9 @@ spec:
               protocol: TCP
             - name: metrics
               containerPort: {metrics}
+              protocol: TCP
+            - name: frames
+              containerPort: {frames}
               protocol: TCP
           # Loading an expert's weights can take minutes on a cold volume.
           startupProbe:
@@ -388,7 +401,7 @@ def expert_files(num_experts, per_pod, prefix):
             "Experts %s in one pod (one process, --experts=%s)" % (", ".join(map(str, u)), ",".join(map(str, u))))
         files[os.path.join(prefix, name)] = EXPERT.format(
             header=HEADER, what=what, e=unit_id(u), flag=",".join(map(str, u)), ns=NAMESPACE,
-            grpc=GRPC_PORT, metrics=METRICS_PORT, uid=UID, workers=EXPERT_WORKERS,
+            grpc=GRPC_PORT, frames=FRAME_PORT, metrics=METRICS_PORT, uid=UID, workers=EXPERT_WORKERS,
             labels=labels_block(u, 4), selector=labels_block(u, 6, True),
             template_labels=labels_block(u, 8), spread_selector=labels_block(u, 14, True))
     files[os.path.join(prefix, "kustomization.yaml")] = (

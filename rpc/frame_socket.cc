@@ -3,7 +3,6 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -206,20 +205,15 @@ absl::StatusOr<FrameSocket> DialFrames(const std::string& address, absl::Time de
   } else {
     absl::StatusOr<HostPort> hp = SplitFrameAddress(address);
     if (!hp.ok()) return hp.status();
-    addrinfo hints{};
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
-    addrinfo* found = nullptr;
-    if (int rc = getaddrinfo(hp->host.c_str(), std::to_string(hp->port).c_str(), &hints, &found);
-        rc != 0 || found == nullptr) {
+    absl::StatusOr<std::vector<TcpAddress>> found = ResolveTcp(hp->host, hp->port);
+    if (!found.ok()) {
       return absl::UnavailableError(
-          absl::StrCat("frame socket: cannot resolve ", address, ": ", gai_strerror(rc)));
+          absl::StrCat("frame socket ", address, ": ", found.status().message()));
     }
-    std::memcpy(&sa, found->ai_addr, found->ai_addrlen);
-    sa_len = found->ai_addrlen;
-    s = FrameSocket(socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    freeaddrinfo(found);
+    const TcpAddress& first = found->front();
+    std::memcpy(&sa, &first.address, first.length);
+    sa_len = first.length;
+    s = FrameSocket(socket(first.address.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (s.valid()) {
       const int one = 1;
       setsockopt(s.fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));

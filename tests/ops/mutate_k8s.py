@@ -208,6 +208,15 @@ def mutations():
         else:
             c["args"] = c["args"] + ["--device=cuda"]
 
+    def frames_blocked(docs):  # frames on with TLS, or a frame port the policy keeps closed
+        c = container(docs, "switchyard-expert-3")
+        if "--frame-listen=off" in c["args"]:
+            c["args"] = ["--frame-listen=0.0.0.0:50062" if a == "--frame-listen=off" else a
+                         for a in c["args"]]
+        else:
+            rule = find(docs, "NetworkPolicy", "switchyard-expert")["spec"]["ingress"][0]
+            rule["ports"] = [p for p in rule["ports"] if p["port"] != 50062]
+
     def probe_transport(docs):  # a gRPC probe of a TLS server, or the reverse
         c = container(docs, "switchyard-gateway")
         if "exec" in c["readinessProbe"]:
@@ -230,6 +239,7 @@ def mutations():
         (two_autoscalers, "2 autoscalers"),
         (expert_index, "label switchyard/expert 7 != --experts 6"),
         (wrong_device, "--device does not match the GPU request"),
+        (frames_blocked, "50062"),
         (probe_transport, "probe does not match the server's transport"),
     ]
 

@@ -363,6 +363,23 @@ function checkSwitchyard(name, objects, problems) {
       }
       if (grpcPort && portOf(a.get("listen")) !== grpcPort) problems.push(`${cw}: --listen is not on the grpc port`);
       if (metricsPort && portOf(a.get("metrics-listen")) !== metricsPort) problems.push(`${cw}: --metrics-listen is not on the metrics port`);
+      // Experts: the frame socket the gateway sends a pod's calls to. On a
+      // fixed port (the NetworkPolicy must open it; the default is a free
+      // one) unless TLS turns it off: frames are plaintext, and an expert
+      // given both refuses to start.
+      if (d.metadata.labels?.["app.kubernetes.io/component"] === "expert") {
+        const frameListen = a.get("frame-listen");
+        const framesPort = (c.ports || []).find((p) => p.name === "frames")?.containerPort;
+        if (servesTls) {
+          if (frameListen !== undefined && frameListen !== "off") {
+            problems.push(`${cw}: --frame-listen=${frameListen} with --tls-cert: frames are plaintext, the expert refuses to start`);
+          }
+        } else if (!framesPort) {
+          problems.push(`${cw}: no port named frames`);
+        } else if (portOf(frameListen) !== framesPort) {
+          problems.push(`${cw}: --frame-listen is not on the frames port ${framesPort}`);
+        }
+      }
     }
     // One PodDisruptionBudget per Deployment.
     const covering = pdbs.filter((p) => matches(p.spec.selector, labels));
@@ -473,28 +490,33 @@ function checkSwitchyard(name, objects, problems) {
 
   if (expect?.monitoring) checkMonitoring(objects, problems);
 
-  // NetworkPolicy: only gateway pods reach an expert's gRPC port.
+  // NetworkPolicy: only gateway pods reach an expert's gRPC port and its
+  // frame port (where it has one on).
   const policies = of("NetworkPolicy");
   for (const d of experts) {
     const labels = d.spec.template.metadata.labels;
-    const port = portOf(args(d.spec.template.spec.containers[0]).get("listen"));
+    const a = args(d.spec.template.spec.containers[0]);
+    const ports = [[portOf(a.get("listen")), "grpc"]];
+    if (a.has("frame-listen") && a.get("frame-listen") !== "off") ports.push([portOf(a.get("frame-listen")), "frames"]);
     const selecting = policies.filter((p) => (p.spec.policyTypes || ["Ingress"]).includes("Ingress") &&
       (Object.keys(p.spec.podSelector || {}).length === 0 || matches(p.spec.podSelector, labels)));
     if (!selecting.length) problems.push(`${describe(d)}: no NetworkPolicy isolates its pods`);
-    let gatewayAllowed = false;
-    for (const p of selecting) {
-      for (const rule of p.spec.ingress || []) {
-        const coversPort = !rule.ports || rule.ports.some((rp) => rp.port === port || rp.port === "grpc");
-        if (!coversPort) continue;
-        const from = rule.from || [];
-        const onlyGateway = from.length > 0 && from.every((f) => f.podSelector && !f.namespaceSelector && !f.ipBlock &&
-          gateway && matches(f.podSelector, gateway.spec.template.metadata.labels) &&
-          experts.every((x) => !matches(f.podSelector, x.spec.template.metadata.labels)));
-        if (!onlyGateway) problems.push(`${describe(p)}: lets more than gateway pods reach ${describe(d)} on ${port}`);
-        else gatewayAllowed = true;
+    for (const [port, name] of ports) {
+      let gatewayAllowed = false;
+      for (const p of selecting) {
+        for (const rule of p.spec.ingress || []) {
+          const coversPort = !rule.ports || rule.ports.some((rp) => rp.port === port || rp.port === name);
+          if (!coversPort) continue;
+          const from = rule.from || [];
+          const onlyGateway = from.length > 0 && from.every((f) => f.podSelector && !f.namespaceSelector && !f.ipBlock &&
+            gateway && matches(f.podSelector, gateway.spec.template.metadata.labels) &&
+            experts.every((x) => !matches(f.podSelector, x.spec.template.metadata.labels)));
+          if (!onlyGateway) problems.push(`${describe(p)}: lets more than gateway pods reach ${describe(d)} on ${port}`);
+          else gatewayAllowed = true;
+        }
       }
+      if (!gatewayAllowed) problems.push(`${describe(d)}: no NetworkPolicy lets the gateway reach port ${port}`);
     }
-    if (!gatewayAllowed) problems.push(`${describe(d)}: no NetworkPolicy lets the gateway reach port ${port}`);
   }
 
   // Prometheus Operator scrapes every pod's metrics port.

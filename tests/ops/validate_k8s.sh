@@ -125,7 +125,9 @@ for overlay in cpu-demo cpu-demo-hpa gpu-hpa gpu-tls gpu-packed; do
     expect=$(cat "${m%.yaml}.expect")
     if grep -qF -- "ok   $label: " "$work/mut.out"; then
       bad "validate.mjs accepted $(basename "$m") ($overlay)"; missed=1
-    elif ! grep -F -- "FAIL $label: " "$work/mut.out" | grep -qF -- "$expect"; then
+    # (No pipe into grep -q: its early exit would fail the pipeline under pipefail.)
+    elif ! { grep -F -- "FAIL $label: " "$work/mut.out" >"$work/mut.label" || true; } ||
+        ! grep -qF -- "$expect" "$work/mut.label"; then
       grep -F -- "$label: " "$work/mut.out" || tail -20 "$work/mut.out"
       bad "validate.mjs rejected $(basename "$m") ($overlay) without saying '$expect'"; missed=1
     fi

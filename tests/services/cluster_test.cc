@@ -6,11 +6,13 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <latch>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <regex>
 #include <sstream>
 #include <string>
@@ -147,6 +149,105 @@ TEST_F(ClusterTest, SplitEqualsLocalEqualsHuggingFace) {
     EXPECT_EQ(split_ids, local_ids);
     EXPECT_EQ(split.text(), local.text());
   }
+}
+
+// Experts named by dns:/// targets, as in Kubernetes: the gateway resolves
+// them itself (--expert-dns-refresh-ms, on by default), so each address is a
+// replica of its own; with 0 the names stay with gRPC. Both give the local
+// tokens.
+TEST_F(ClusterTest, DnsTargetsAreResolvedByTheGatewayUnlessTurnedOff) {
+  std::string spec;
+  for (int e = 0; e < kExperts; ++e) {
+    spec += std::to_string(e) + "=dns:///" + expert_addresses_[e] + ";";
+  }
+  v1::GenerateRequest request;
+  request.set_text("Mixture of experts routes every token to");
+  request.mutable_stopping()->set_max_new_tokens(12);
+  request.mutable_stopping()->set_ignore_eos(true);
+  const v1::GenerateResponse local = Generate(local_, request);
+  for (int refresh_ms : {5000, 0}) {
+    SCOPED_TRACE(refresh_ms);
+    GatewayOptions options;
+    options.model_dir = testing::TinyMixtralDir();
+    options.listen = "127.0.0.1:0";
+    options.experts = spec;
+    options.expert_dns_refresh_ms = refresh_ms;
+    auto gateway = Gateway::Start(options);
+    ASSERT_TRUE(gateway.ok()) << gateway.status();
+    const v1::GenerateResponse r = Generate(gateway->get(), request);
+    EXPECT_EQ(std::vector<int32_t>(r.token_ids().begin(), r.token_ids().end()),
+              std::vector<int32_t>(local.token_ids().begin(), local.token_ids().end()));
+    auto stub = v1::GenerationService::NewStub(
+        grpc::CreateChannel((*gateway)->address(), grpc::InsecureChannelCredentials()));
+    v1::ModelInfo info;
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).ok());
+    ASSERT_EQ(info.experts_size(), kExperts);
+    for (const v1::ExpertRoute& route : info.experts()) {
+      const std::string& address = expert_addresses_[route.expert()];
+      EXPECT_EQ(route.target(), refresh_ms > 0 ? address : "dns:///" + address);
+    }
+  }
+}
+
+// An address in the answers that does not serve (a pod going away): the
+// gateway starts on the names as gRPC resolves them, and moves to one
+// replica per address once every address answers.
+TEST_F(ClusterTest, AnAddressThatDoesNotAnswerLeavesTheNamesToGrpcUntilItGoes) {
+  std::mutex mu;
+  bool with_dead_pod = true;  // guarded by mu
+  GatewayOptions options;
+  options.model_dir = testing::TinyMixtralDir();
+  options.listen = "127.0.0.1:0";
+  options.expert_connect_timeout_ms = 1000;
+  options.expert_dns_refresh_ms = 100;
+  options.expert_target_resolver = [&](const std::string& host,
+                                       int port) -> absl::StatusOr<std::vector<std::string>> {
+    std::lock_guard<std::mutex> lock(mu);
+    std::vector<std::string> out = {host + ":" + std::to_string(port)};
+    if (with_dead_pod) out.push_back("127.0.0.1:1");  // refuses connections
+    return out;
+  };
+  options.experts.clear();  // "local" by default
+  for (int e = 0; e < kExperts; ++e) {
+    options.experts += std::to_string(e) + "=dns:///" + expert_addresses_[e] + ";";
+  }
+  auto gateway = Gateway::Start(options);
+  ASSERT_TRUE(gateway.ok()) << gateway.status();
+  auto routes = [&] {
+    auto stub = v1::GenerationService::NewStub(
+        grpc::CreateChannel((*gateway)->address(), grpc::InsecureChannelCredentials()));
+    v1::ModelInfo info;
+    grpc::ClientContext ctx;
+    EXPECT_TRUE(stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).ok());
+    std::string out;
+    for (const v1::ExpertRoute& route : info.experts()) out += route.target() + ";";
+    return out;
+  };
+  std::string names, addresses;
+  for (int e = 0; e < kExperts; ++e) {
+    names += "dns:///" + expert_addresses_[e] + ";";
+    addresses += expert_addresses_[e] + ";";
+  }
+  EXPECT_EQ(routes(), names);
+  v1::GenerateRequest request;
+  request.set_text("Mixture of experts routes every token to");
+  request.mutable_stopping()->set_max_new_tokens(8);
+  request.mutable_stopping()->set_ignore_eos(true);
+  const v1::GenerateResponse local = Generate(local_, request);
+  const v1::GenerateResponse before = Generate(gateway->get(), request);
+  EXPECT_EQ(before.text(), local.text());
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    with_dead_pod = false;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (routes() != addresses && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(routes(), addresses);
+  const v1::GenerateResponse after = Generate(gateway->get(), request);
+  EXPECT_EQ(after.text(), local.text());
 }
 
 TEST_F(ClusterTest, RoutedTokensOnTheGatewayEqualWhatExpertsCounted) {

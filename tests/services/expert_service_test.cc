@@ -33,6 +33,7 @@
 #include "expert_service/expert_ffn.h"
 #include "expert_service/expert_process.h"
 #include "expert_service/expert_server.h"
+#include "gateway/expert_dns.h"
 #include "gateway/remote_expert_backend.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -1932,6 +1933,165 @@ TEST_F(ExpertServiceTest, ARemovedReplicaFinishesTheLayerInFlightOnIt) {
   std::vector<absl::Status> last_status;
   ASSERT_TRUE((*backend)->RunLayerPerBatch(0, last.batches, &last_status).ok());
   check(85, last_status, last);
+}
+
+// A resolver whose answers the test sets: name -> targets, or an error.
+struct FakeDns {
+  std::mutex mu;
+  std::map<std::string, absl::StatusOr<std::vector<std::string>>> answers;  // guarded by mu
+  std::vector<std::string> asked;                                           // "host:port"
+  void Set(const std::string& name, absl::StatusOr<std::vector<std::string>> answer) {
+    std::lock_guard<std::mutex> lock(mu);
+    answers.insert_or_assign(name, std::move(answer));
+  }
+  ExpertTargetResolver resolver() {
+    return [this](const std::string& host, int port) -> absl::StatusOr<std::vector<std::string>> {
+      std::lock_guard<std::mutex> lock(mu);
+      asked.push_back(absl::StrCat(host, ":", port));
+      auto it = answers.find(host);
+      if (it == answers.end()) return absl::UnavailableError("Name or service not known");
+      return it->second;
+    };
+  }
+};
+
+TEST(ExpertDnsTest, NamesBecomeTheirSortedAddressesAndOtherTargetsStay) {
+  FakeDns dns;
+  dns.Set("experts.ns.svc", std::vector<std::string>{"10.0.0.9:50061", "10.0.0.2:50061"});
+  dns.Set("other.ns.svc", std::vector<std::string>{"10.0.0.2:50061", "[fd00::5]:50061"});
+  ExpertTopology configured;
+  configured.replicas[0] = {"dns:///experts.ns.svc:50061"};
+  configured.replicas[1] = {"dns:///experts.ns.svc:50061", "dns:///other.ns.svc:50061"};
+  // Not the gateway's to resolve: a plain address, unix, a name with its own
+  // DNS server, a name without a port, an ipv4: list.
+  configured.replicas[2] = {"10.0.0.7:50061", "unix:/run/e2.sock", "dns://8.8.8.8/x.svc:1",
+                            "dns:///noport.svc", "ipv4:10.0.0.1:1,10.0.0.2:1"};
+  const DnsExpansion e = ExpandDnsTargets(configured, dns.resolver(), {});
+  EXPECT_EQ(e.topology.replicas.at(0),
+            (std::vector<std::string>{"10.0.0.2:50061", "10.0.0.9:50061"}));
+  // An address two names share is one replica.
+  EXPECT_EQ(e.topology.replicas.at(1),
+            (std::vector<std::string>{"10.0.0.2:50061", "10.0.0.9:50061", "[fd00::5]:50061"}));
+  EXPECT_EQ(e.topology.replicas.at(2), configured.replicas.at(2));
+  EXPECT_TRUE(e.problems.empty()) << absl::StrJoin(e.problems, "; ");
+  EXPECT_EQ(e.addresses.size(), 2u);
+  // Each name is resolved once, with its port.
+  EXPECT_EQ(dns.asked, (std::vector<std::string>{"experts.ns.svc:50061", "other.ns.svc:50061"}));
+  EXPECT_TRUE(IsExpandableDnsTarget("dns:///experts.ns.svc:50061"));
+  EXPECT_TRUE(IsExpandableDnsTarget("dns:///[fd00::5]:50061"));
+  EXPECT_FALSE(IsExpandableDnsTarget("dns:///noport.svc"));
+  EXPECT_FALSE(IsExpandableDnsTarget("dns:///:50061"));
+  EXPECT_FALSE(IsExpandableDnsTarget("dns://8.8.8.8/x.svc:1"));
+}
+
+TEST(ExpertDnsTest, ANameThatStopsResolvingKeepsItsAddressesAndANewOneIsLeftToGrpc) {
+  FakeDns dns;
+  dns.Set("experts.ns.svc", std::vector<std::string>{"10.0.0.2:50061", "10.0.0.3:50061"});
+  ExpertTopology configured;
+  configured.replicas[0] = {"dns:///experts.ns.svc:50061"};
+  configured.replicas[1] = {"dns:///fresh.ns.svc:50061"};
+  const DnsExpansion first = ExpandDnsTargets(configured, dns.resolver(), {});
+  // Never resolved: stays a name (gRPC resolves it and keeps trying).
+  EXPECT_EQ(first.topology.replicas.at(1), configured.replicas.at(1));
+  ASSERT_EQ(first.problems.size(), 1u);
+  EXPECT_EQ(first.problems[0],
+            "dns:///fresh.ns.svc:50061: Name or service not known (left to gRPC)");
+
+  dns.Set("experts.ns.svc", absl::UnavailableError("Temporary failure in name resolution"));
+  dns.Set("fresh.ns.svc", std::vector<std::string>{});  // an empty answer resolves nothing
+  const DnsExpansion second = ExpandDnsTargets(configured, dns.resolver(), first.addresses);
+  EXPECT_EQ(second.topology.replicas.at(0), first.topology.replicas.at(0));
+  EXPECT_EQ(second.addresses, first.addresses);
+  EXPECT_EQ(second.problems,
+            (std::vector<std::string>{"dns:///experts.ns.svc:50061: Temporary failure in name "
+                                      "resolution (keeping its 2 addresses)",
+                                      "dns:///fresh.ns.svc:50061: no address (left to gRPC)"}));
+}
+
+// Every expert mapped to one dns:/// name whose addresses are two framed
+// shards (a Kubernetes headless Service over two pods): each address is a
+// replica of its own on frames, and the refresher follows the answers.
+TEST_F(ExpertServiceTest, ADnsNameBecomesAFramedReplicaPerAddressAndFollowsTheAnswers) {
+  auto a = StartFramedShard(*dir_, AllExperts());
+  auto b = StartFramedShard(*dir_, AllExperts());
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  FakeDns dns;
+  std::vector<std::string> both = {a->address(), b->address()};
+  std::sort(both.begin(), both.end());
+  dns.Set("experts.test", both);
+  ExpertTopology configured;
+  for (int e : AllExperts()) configured.replicas[e] = {"dns:///experts.test:50061"};
+  DnsExpansion expansion = ExpandDnsTargets(configured, dns.resolver(), {});
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 1500;  // what a refused pod costs a refresh
+  auto connected = RemoteExpertBackend::Connect(expansion.topology, config(), *dir_, options);
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  RemoteExpertBackend& backend = **connected;
+  EXPECT_THAT(backend.Describe(), HasSubstr("frames"));
+  for (int e : AllExperts()) EXPECT_EQ(backend.topology().replicas.at(e), both);
+  int gauge_updates = 0;
+  ExpertDnsRefresher refresher(configured, std::move(expansion), &backend,
+                               /*refresh_ms=*/24 * 3600 * 1000, dns.resolver(),
+                               [&](const ExpertTopology&) { ++gauge_updates; });
+
+  LocalExpertBackend local(local_store_);
+  auto run_layers = [&](uint32_t seed, int n) {
+    for (int i = 0; i < n; ++i) {
+      LayerInput want = MakeLayerInput(seed + i);
+      LayerInput got = MakeLayerInput(seed + i);
+      ASSERT_TRUE(local.RunLayer(i % 2, want.batches).ok());
+      const absl::Status s = backend.RunLayer(i % 2, got.batches);
+      ASSERT_TRUE(s.ok()) << s;
+      for (size_t k = 0; k < want.outputs.size(); ++k) {
+        EXPECT_EQ(MaxAbsDiff(got.outputs[k], want.outputs[k]), 0.0);
+      }
+    }
+  };
+  run_layers(8100, 8);
+  EXPECT_GT(a->frames->requests_read(), 0u);
+  EXPECT_GT(b->frames->requests_read(), 0u);
+  EXPECT_EQ(a->observed->unary_calls.load() + b->observed->unary_calls.load(), 0);
+  EXPECT_EQ(a->observed->streams.load() + b->observed->streams.load(), 0);
+
+  // Nothing changed: nothing applied.
+  EXPECT_FALSE(refresher.RefreshOnce());
+  // Pod a leaves the answers: it is drained and gets no new call.
+  dns.Set("experts.test", std::vector<std::string>{b->address()});
+  EXPECT_TRUE(refresher.RefreshOnce());
+  for (int e : AllExperts()) {
+    EXPECT_EQ(backend.topology().replicas.at(e), std::vector<std::string>{b->address()});
+  }
+  const uint64_t a_before = a->frames->requests_read();
+  run_layers(8200, 4);
+  EXPECT_EQ(a->frames->requests_read(), a_before);
+  // The name stops resolving: b stays.
+  dns.Set("experts.test", absl::UnavailableError("Temporary failure in name resolution"));
+  EXPECT_FALSE(refresher.RefreshOnce());
+  EXPECT_EQ(backend.topology().replicas.at(3), std::vector<std::string>{b->address()});
+  run_layers(8300, 2);
+  // A pod that does not answer is refused as a whole; the replicas stay.
+  dns.Set("experts.test",
+          std::vector<std::string>{b->address(),
+                                   "unix:/tmp/switchyard-no-such-pod-" + std::to_string(getpid())});
+  EXPECT_FALSE(refresher.RefreshOnce());
+  EXPECT_EQ(refresher.refused(), 1);
+  EXPECT_EQ(backend.topology().replicas.at(3), std::vector<std::string>{b->address()});
+  // Pod a back: it is checked, then takes calls again.
+  dns.Set("experts.test", both);
+  EXPECT_TRUE(refresher.RefreshOnce());
+  run_layers(8400, 8);
+  EXPECT_GT(a->frames->requests_read(), a_before);
+  // A reloaded configuration (the --experts file) goes through the refresher.
+  ExpertTopology reloaded = configured;
+  reloaded.replicas[0] = {a->address()};
+  absl::StatusOr<std::string> changed = refresher.SetConfigured(reloaded);
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_THAT(*changed, HasSubstr("expert 0: -" + b->address()));
+  EXPECT_EQ(backend.topology().replicas.at(0), std::vector<std::string>{a->address()});
+  EXPECT_EQ(backend.topology().replicas.at(1), both);
+  EXPECT_EQ(refresher.applied(), 3);
+  EXPECT_EQ(gauge_updates, 3);
 }
 
 }  // namespace

@@ -482,6 +482,8 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
       {{"--micro-batches", "-1"}, "--micro-batches"},
       {{"--micro-batches", "65"}, "--micro-batches"},
       {{"--micro-batches", "two"}, "--micro-batches"},
+      {{"--expert-dns-refresh-ms", "-1"}, "--expert-dns-refresh-ms"},
+      {{"--expert-dns-refresh-ms", "86400001"}, "--expert-dns-refresh-ms"},
   };
   for (const Case& c : cases) {
     std::vector<std::string> args = {"--model", "m"};
@@ -490,7 +492,7 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
         args,
         {"model", "kv-cache-tokens", "max-queue", "max-running", "max-step-tokens",
          "max-new-tokens-limit", "expert-timeout-ms", "grace-ms", "max-connection-age-ms",
-         "kv-cache-memory", "kv-cache-dtype", "micro-batches"},
+         "kv-cache-memory", "kv-cache-dtype", "micro-batches", "expert-dns-refresh-ms"},
         {});
     ASSERT_TRUE(flags.ok()) << flags.status();
     auto options = GatewayOptionsFromFlags(*flags);
