@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -63,10 +64,9 @@ absl::StatusOr<std::vector<TcpAddress>> ResolveTcp(const std::string& host, int 
     TcpAddress t;
     std::memcpy(&t.address, a->ai_addr, a->ai_addrlen);
     t.length = a->ai_addrlen;
-    bool seen = false;
-    for (const TcpAddress& o : out) {
-      seen = seen || (o.length == t.length && std::memcmp(&o.address, &t.address, t.length) == 0);
-    }
+    const bool seen = std::any_of(out.begin(), out.end(), [&t](const TcpAddress& o) {
+      return o.length == t.length && std::memcmp(&o.address, &t.address, t.length) == 0;
+    });
     if (!seen) out.push_back(t);
   }
   freeaddrinfo(found);

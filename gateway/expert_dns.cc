@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <set>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -39,7 +40,7 @@ ExpertTargetResolver SystemExpertTargetResolver() {
 DnsExpansion ExpandDnsTargets(const ExpertTopology& configured, const ExpertTargetResolver& resolve,
                               const std::map<std::string, std::vector<std::string>>& last) {
   DnsExpansion out;
-  std::map<std::string, bool> resolved;  // each name resolved once per expansion
+  std::set<std::string> resolved;  // each name resolved once per expansion
   for (const auto& [expert, targets] : configured.replicas) {
     std::vector<std::string>& expanded = out.topology.replicas[expert];
     auto add = [&expanded](const std::string& t) {
@@ -51,8 +52,7 @@ DnsExpansion ExpandDnsTargets(const ExpertTopology& configured, const ExpertTarg
         add(target);
         continue;
       }
-      if (!resolved.count(target)) {
-        resolved[target] = true;
+      if (resolved.insert(target).second) {
         absl::StatusOr<std::vector<std::string>> addresses = resolve(name->host, name->port);
         if (addresses.ok() && addresses->empty()) {
           addresses = absl::UnavailableError("no address");

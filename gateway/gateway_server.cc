@@ -484,9 +484,11 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
   if (!topology.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--experts: ", topology.status().message()));
   }
+  bool has_names = false;  // dns:/// names this gateway may resolve itself
   for (const auto& [expert, targets] : topology->replicas) {
     for (const std::string& target : targets) {
       if (!ExpertTargetIsOnThisHost(target)) experts_off_host = true;
+      has_names |= IsExpandableDnsTarget(target);
     }
   }
   // dns:/// names resolved here, each address a replica (gateway/expert_dns.h).
@@ -505,10 +507,6 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
                    name.c_str(), absl::StrJoin(addresses, ", ").c_str(),
                    options.expert_dns_refresh_ms);
     }
-  }
-  bool has_names = false;
-  for (const auto& [expert, targets] : topology->replicas) {
-    for (const std::string& target : targets) has_names |= IsExpandableDnsTarget(target);
   }
   const ExpertTopology& serving = resolve_names ? expansion.topology : *topology;
   RemoteExpertOptions remote;
@@ -584,10 +582,14 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
         set_replica_gauges);
   }
   if (reload_file) {
+    // With a refresher, a changed file goes through it, and it updates the
+    // gauges.
     ExpertDnsRefresher* refresher = dns_refresher.get();
     topology_watcher = std::make_unique<ExpertTopologyFileWatcher>(
         options.experts.substr(1), config.num_local_experts, remote_backend,
-        options.experts_reload_ms, set_replica_gauges,
+        options.experts_reload_ms,
+        refresher == nullptr ? std::function<void(const ExpertTopology&)>(set_replica_gauges)
+                             : nullptr,
         refresher == nullptr ? ExpertTopologyFileWatcher::ApplyFn()
                              : [refresher](const ExpertTopology& configured) {
                                  return refresher->SetConfigured(configured);
