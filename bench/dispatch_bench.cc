@@ -36,6 +36,11 @@
 //
 // Servers listen on 127.0.0.1:0 ("unix:0") or unix:/tmp/switchyard-dispatch-
 // bench-PID-E.sock ("unix:1"); "bf16:1" sets RemoteExpertOptions::wire_dtype.
+// "tls:1" (TCP only) serves mutual TLS on gRPC and frames alike, as
+// k8s/components/tls does, from a throwaway CA made with the `openssl`
+// command in /tmp/switchyard-dispatch-bench-PID-pki (removed at exit); path
+// 0 with tls:1 is how Kubernetes with TLS sent expert calls before frames
+// spoke TLS (unary calls).
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -57,11 +62,13 @@
 #include "absl/strings/str_cat.h"
 #include "core/dtype.h"
 #include "core/model_config.h"
+#include "core/status_macros.h"
 #include "expert_service/expert_backend.h"
 #include "expert_service/expert_server.h"
 #include "gateway/remote_expert_backend.h"
 #include "rpc/server.h"
 #include "rpc/tensor_codec.h"
+#include "rpc/tls.h"
 #include "switchyard/v1/expert.grpc.pb.h"
 #include "tests/in_process_expert.h"
 
@@ -121,15 +128,75 @@ struct Cluster {
   std::array<std::unique_ptr<RemoteExpertBackend>, 2> backends;  // [f32, bf16]
 };
 
-// [tcp, unix][path]: path 0 is the transport before issue #10's second item
-// (unary Forward per batch, every call through the server's worker queue),
-// path 1 one ForwardStream per replica (compute on the receiving thread when
-// the shard is idle), path 2 the frame socket (also computing inline).
-std::array<std::array<std::unique_ptr<Cluster>, 3>, 2> clusters;
+// [tcp, unix][path][plaintext, tls]: path 0 is the transport before issue
+// #10's second item (unary Forward per batch, every call through the
+// server's worker queue), path 1 one ForwardStream per replica (compute on
+// the receiving thread when the shard is idle), path 2 the frame socket
+// (also computing inline).
+std::array<std::array<std::array<std::unique_ptr<Cluster>, 2>, 3>, 2> clusters;
 
-absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path) {
-  std::unique_ptr<Cluster>& slot = clusters[unix_socket ? 1 : 0][path];
+// The PKI of tls:1: a CA, a server certificate for 127.0.0.1 and a client
+// certificate; made once, removed at exit.
+constexpr char kMakePki[] = R"sh(set -eu
+o() { openssl "$@" > /dev/null 2>&1; }
+o req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem \
+  -days 2 -subj /CN=bench-ca -addext basicConstraints=critical,CA:TRUE \
+  -addext keyUsage=critical,keyCertSign,cRLSign
+for n in server client; do
+  o req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout $n.key -out $n.csr \
+    -subj /CN=$n
+done
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > server.ext
+printf 'extendedKeyUsage=clientAuth\n' > client.ext
+for n in server client; do
+  o x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $n.pem -days 2 \
+    -extfile $n.ext
+done
+)sh";
+
+absl::StatusOr<std::string> PkiDir() {
+  static const absl::StatusOr<std::string> dir = []() -> absl::StatusOr<std::string> {
+    const std::string d = absl::StrCat("/tmp/switchyard-dispatch-bench-", getpid(), "-pki");
+    std::filesystem::create_directories(d);
+    std::atexit([] {
+      std::error_code ec;
+      std::filesystem::remove_all(absl::StrCat("/tmp/switchyard-dispatch-bench-", getpid(), "-pki"),
+                                  ec);
+    });
+    const std::string script = d + "/make.sh";
+    if (FILE* f = std::fopen(script.c_str(), "w")) {
+      std::fputs(kMakePki, f);
+      std::fclose(f);
+    }
+    if (std::system(absl::StrCat("cd '", d, "' && bash make.sh").c_str()) != 0) {
+      return absl::FailedPreconditionError("tls:1 needs the openssl command to make certificates");
+    }
+    return d;
+  }();
+  return dir;
+}
+
+absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path, bool tls) {
+  std::unique_ptr<Cluster>& slot = clusters[unix_socket ? 1 : 0][path][tls ? 1 : 0];
   if (slot) return slot.get();
+  if (tls && unix_socket) return absl::InvalidArgumentError("tls:1 is for TCP (unix:0) only");
+  std::shared_ptr<grpc::ServerCredentials> server_credentials;
+  std::shared_ptr<grpc::ChannelCredentials> channel_credentials;
+  std::shared_ptr<const rpc::FrameTlsContext> server_frames, client_frames;
+  if (tls) {
+    absl::StatusOr<std::string> pki = PkiDir();
+    if (!pki.ok()) return pki.status();
+    const rpc::TlsFiles server = {.cert_file = *pki + "/server.pem",
+                                  .key_file = *pki + "/server.key",
+                                  .ca_file = *pki + "/ca.pem"};
+    const rpc::TlsFiles client = {.cert_file = *pki + "/client.pem",
+                                  .key_file = *pki + "/client.key",
+                                  .ca_file = *pki + "/ca.pem"};
+    SY_ASSIGN_OR_RETURN(server_credentials, rpc::ServerCredentialsFromFiles(server, true));
+    SY_ASSIGN_OR_RETURN(server_frames, rpc::FrameServerTlsFromFiles(server, true));
+    SY_ASSIGN_OR_RETURN(channel_credentials, rpc::ChannelCredentialsFromFiles(client));
+    SY_ASSIGN_OR_RETURN(client_frames, rpc::FrameClientTlsFromFiles(client));
+  }
   const ModelConfig& config = BenchConfig();
   auto cluster = std::make_unique<Cluster>();
   ExpertTopology topology;
@@ -151,13 +218,13 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path) {
       listen = "unix:" + shard->socket_path;
     }
     if (absl::Status s = shard->Serve(config, std::move(description), server_options, listen,
-                                      /*observe=*/true);
+                                      /*observe=*/true, server_credentials);
         !s.ok()) {
       return s;
     }
     if (path == 2) {
       const std::string frames = unix_socket ? listen + ".frames" : "127.0.0.1:0";
-      if (absl::Status s = shard->ServeFrames(frames); !s.ok()) return s;
+      if (absl::Status s = shard->ServeFrames(frames, server_frames); !s.ok()) return s;
     }
     topology.replicas[e] = {shard->server->address()};
     cluster->shards.push_back(std::move(shard));
@@ -168,6 +235,8 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path) {
     options.connect_timeout_ms = 10000;
     options.use_stream = path >= 1;
     options.use_frames = path == 2;
+    options.credentials = channel_credentials;
+    options.frame_tls = client_frames;
     auto backend = RemoteExpertBackend::Connect(topology, config, /*checkpoint_dir=*/"", options);
     if (!backend.ok()) return backend.status();
     cluster->backends[wire] = *std::move(backend);
@@ -193,7 +262,7 @@ double Percentile(std::vector<double> v, double p) {
 
 // Args: tokens, experts, unix (0 TCP loopback, 1 unix socket), bf16 (wire
 // dtype), delay_us (expert compute; 0 = no-op copy), path (0 before, 1
-// stream, 2 frames; see `clusters`).
+// stream, 2 frames; see `clusters`), tls (mutual TLS; TCP only).
 void BM_DispatchLayer(benchmark::State& state) {
   const int tokens = static_cast<int>(state.range(0));
   const int k = static_cast<int>(state.range(1));
@@ -201,8 +270,9 @@ void BM_DispatchLayer(benchmark::State& state) {
   const bool bf16 = state.range(3) != 0;
   const int delay_us = static_cast<int>(state.range(4));
   const int path = static_cast<int>(state.range(5));
+  const bool tls = state.range(6) != 0;
   const int64_t d = BenchConfig().hidden_size;
-  auto cluster = GetCluster(unix_socket, path);
+  auto cluster = GetCluster(unix_socket, path, tls);
   if (!cluster.ok()) {
     state.SkipWithError(cluster.status().ToString().c_str());
     return;
@@ -293,15 +363,18 @@ void BM_DispatchLayer(benchmark::State& state) {
   state.SetLabel(absl::StrCat(path == 0   ? "before "
                               : path == 1 ? "stream "
                                           : "frames ",
-                              unix_socket ? "unix" : "tcp", " ", bf16 ? "bf16" : "f32", " ",
+                              unix_socket ? "unix" : (tls ? "tcp+tls" : "tcp"), " ",
+                              bf16 ? "bf16" : "f32", " ",
                               delay_us == 0 ? "no-op" : absl::StrCat("sleep ", delay_us, "us")));
 }
 
 void DispatchArgs(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"tokens", "experts", "unix", "bf16", "delay_us", "path"});
-  b->ArgsProduct({{1, 16, 256}, {1, 2, 8}, {0, 1}, {0, 1}, {0}, {0, 1, 2}});
+  b->ArgNames({"tokens", "experts", "unix", "bf16", "delay_us", "path", "tls"});
+  b->ArgsProduct({{1, 16, 256}, {1, 2, 8}, {0, 1}, {0, 1}, {0}, {0, 1, 2}, {0}});
   // A fixed 100 us expert compute: what the hop adds around real work.
-  b->ArgsProduct({{1, 16}, {2}, {0, 1}, {1}, {100}, {0, 1, 2}});
+  b->ArgsProduct({{1, 16}, {2}, {0, 1}, {1}, {100}, {0, 1, 2}, {0}});
+  // Mutual TLS on every path, over TCP.
+  b->ArgsProduct({{1, 16, 64, 128, 256}, {2}, {0}, {1}, {0}, {0, 1, 2}, {1}});
 }
 BENCHMARK(BM_DispatchLayer)->Apply(DispatchArgs)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
@@ -355,10 +428,12 @@ int main(int argc, char** argv) {
   benchmark::RunSpecifiedBenchmarks();
   // Backends (channels) first, then the servers, so no call is in flight.
   for (auto& by_path : switchyard::clusters) {
-    for (auto& cluster : by_path) {
-      if (!cluster) continue;
-      for (auto& backend : cluster->backends) backend.reset();
-      cluster.reset();
+    for (auto& by_security : by_path) {
+      for (auto& cluster : by_security) {
+        if (!cluster) continue;
+        for (auto& backend : cluster->backends) backend.reset();
+        cluster.reset();
+      }
     }
   }
   benchmark::Shutdown();

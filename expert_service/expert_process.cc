@@ -121,16 +121,17 @@ absl::Status ValidateTls(const rpc::TlsFiles& tls) {
 // Where the frame socket listens; "" for none (see
 // ExpertProcessOptions::frame_listen).
 std::string FrameListenAddress(const ExpertProcessOptions& options) {
-  if (!options.tls.cert_file.empty() || options.frame_listen == "off") return "";
+  if (options.frame_listen == "off") return "";
   if (!options.frame_listen.empty()) return options.frame_listen;
   return DefaultFrameListen(options.listen);
 }
 
-std::string FrameSummary(const ForwardFrameServer* frames) {
+std::string FrameSummary(const ForwardFrameServer* frames, bool tls) {
   if (frames == nullptr) return ", no frame socket";
   const FrameEndpoint& e = frames->endpoint();
-  return e.unix_path.empty() ? absl::StrCat(", frames on port ", e.port)
-                             : absl::StrCat(", frames on unix:", e.unix_path);
+  return absl::StrCat(
+      tls ? ", TLS frames on " : ", frames on ",
+      e.unix_path.empty() ? absl::StrCat("port ", e.port) : absl::StrCat("unix:", e.unix_path));
 }
 
 }  // namespace
@@ -171,17 +172,16 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
   }
   // Transport security, checked before the (slow) weight load.
   SY_RETURN_IF_ERROR(ValidateTls(options.tls));
-  if (!options.tls.cert_file.empty() && !options.frame_listen.empty() &&
-      options.frame_listen != "off") {
-    return absl::InvalidArgumentError(
-        "--frame-listen: the frame socket is plaintext, so it is off with TLS (gateways use "
-        "gRPC); drop --frame-listen or --tls-cert");
-  }
   std::shared_ptr<grpc::ServerCredentials> credentials;
+  std::shared_ptr<const rpc::FrameTlsContext> frame_tls;  // the same files, for frames
   if (!options.tls.cert_file.empty()) {
+    const bool require_client_cert = !options.tls.ca_file.empty();
     SY_ASSIGN_OR_RETURN(credentials,
-                        rpc::ServerCredentialsFromFiles(
-                            options.tls, /*require_client_cert=*/!options.tls.ca_file.empty()));
+                        rpc::ServerCredentialsFromFiles(options.tls, require_client_cert));
+    if (FrameListenAddress(options) != "") {
+      SY_ASSIGN_OR_RETURN(frame_tls,
+                          rpc::FrameServerTlsFromFiles(options.tls, require_client_cert));
+    }
   }
 
   auto p = std::make_unique<Parts>();
@@ -233,8 +233,9 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
   const std::string frame_listen = FrameListenAddress(options);
   if (!frame_listen.empty()) {
     absl::StatusOr<std::unique_ptr<ForwardFrameServer>> frames = ForwardFrameServer::Start(
-        p->service.get(),
-        {.listen = frame_listen, .max_request_bytes = static_cast<size_t>(max_request_bytes)});
+        p->service.get(), {.listen = frame_listen,
+                           .max_request_bytes = static_cast<size_t>(max_request_bytes),
+                           .tls = frame_tls});
     if (!frames.ok()) {
       return absl::Status(frames.status().code(),
                           absl::StrCat("--frame-listen: ", frames.status().message()));
@@ -261,7 +262,7 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
                 options.tls.cert_file.empty() ? "plaintext"
                 : options.tls.ca_file.empty() ? "TLS"
                                               : "mutual TLS (client certificates required)",
-                FrameSummary(p->frames.get()).c_str());
+                FrameSummary(p->frames.get(), frame_tls != nullptr).c_str());
   p->summary = line;
   return std::unique_ptr<ExpertProcess>(new ExpertProcess(std::move(p)));
 }
@@ -274,6 +275,14 @@ const std::string& ExpertProcess::address() const { return parts_->server->addre
 
 FrameEndpoint ExpertProcess::frame_endpoint() const {
   return parts_->frames ? parts_->frames->endpoint() : FrameEndpoint{};
+}
+
+uint64_t ExpertProcess::frame_requests() const {
+  return parts_->frames ? parts_->frames->requests_read() : 0;
+}
+
+uint64_t ExpertProcess::frame_tls_failures() const {
+  return parts_->frames ? parts_->frames->tls_failures() : 0;
 }
 
 std::string ExpertProcess::metrics_address() const {

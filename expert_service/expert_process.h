@@ -40,7 +40,8 @@ struct ExpertProcessOptions {
   // The frame socket (expert_service/frame_server.h), the gateway's fast
   // data path: "HOST:PORT" or "unix:PATH"; default "": the host of `listen`
   // with a free port ("unix:PATH.frames" beside a unix `listen`); "off":
-  // none. Always off with TLS (frames are plaintext; gateways then use gRPC).
+  // none. With `tls` the frame socket speaks TLS with the same certificate
+  // and client-certificate rule as the gRPC port.
   std::string frame_listen;
   // Reports while the weights load (core/checkpoint.h), last with
   // finished=true; called on the loading thread. Default: none.
@@ -58,6 +59,10 @@ class ExpertProcess {
   const std::string& address() const;
   // The frame socket's endpoint (port 0 and no path when off).
   FrameEndpoint frame_endpoint() const;
+  // Requests read on the frame socket, and its connections that failed the
+  // TLS handshake (both 0 when it is off).
+  uint64_t frame_requests() const;
+  uint64_t frame_tls_failures() const;
   // Where /metrics is served; "" when off.
   std::string metrics_address() const;
   const std::vector<int>& experts() const;

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <random>
 #include <utility>
 
@@ -60,7 +61,7 @@ class ForwardFrameServer::Connection final : public ForwardReplySink {
       std::lock_guard<std::mutex> lock(socket_mu_);
       if (!broken_ && socket_.valid()) {
         const absl::Status written = rpc::WriteMessageFrame(
-            socket_.fd(), *response,
+            socket_, *response,
             absl::Now() + absl::Milliseconds(server_->options_.write_timeout_ms));
         if (!written.ok()) {
           // The gateway is gone or stopped reading: end the connection; the
@@ -77,14 +78,31 @@ class ForwardFrameServer::Connection final : public ForwardReplySink {
 
  private:
   void Run() {
-    const int fd = socket_.fd();
-    bool ok = rpc::WriteFrame(fd, server_->endpoint_.token, absl::Now() + absl::Seconds(5)).ok();
+    // No reply can be written before the first request, so the handshake
+    // and the greeting need no lock.
+    bool ok = true;
+    if (server_->options_.tls != nullptr) {
+      const absl::Status handshake =
+          rpc::StartServerTls(socket_, *server_->options_.tls, absl::Now() + absl::Seconds(5));
+      if (!handshake.ok()) {
+        ok = false;
+        server_->tls_failures_.fetch_add(1, std::memory_order_relaxed);
+        if (!server_->tls_failure_logged_.exchange(true)) {
+          std::fprintf(stderr,
+                       "switchyard-expert: frame socket: a connection failed TLS (%s); later "
+                       "failures are counted, not logged\n",
+                       std::string(handshake.message()).c_str());
+        }
+      }
+    }
+    ok = ok &&
+         rpc::WriteFrame(socket_, server_->endpoint_.token, absl::Now() + absl::Seconds(5)).ok();
     while (ok) {
       // No deadline between requests: a gateway keeps its connections.
-      if (!rpc::WaitReadable(fd, absl::InfiniteFuture())) break;
+      if (!rpc::WaitReadable(socket_, absl::InfiniteFuture())) break;
       auto request = std::make_unique<v1::ForwardStreamRequest>();
       // Once a frame starts, the rest of it is on its way.
-      if (!rpc::ReadMessageFrame(fd, server_->options_.max_request_bytes,
+      if (!rpc::ReadMessageFrame(socket_, server_->options_.max_request_bytes,
                                  absl::Now() + absl::Seconds(30), request.get())
                .ok()) {
         break;

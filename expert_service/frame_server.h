@@ -1,6 +1,7 @@
 // The expert shard's frame socket (rpc/frame_socket.h): ForwardStream's
-// requests and responses as length-prefixed frames on a plain TCP or unix
-// socket, next to the gRPC server, for the gateway's hot path.
+// requests and responses as length-prefixed frames on a TCP or unix socket,
+// next to the gRPC server, for the gateway's hot path; TLS where the gRPC
+// server has it (FrameServerOptions::tls).
 //
 // Each connection gets a thread of its own that reads a request, hands it to
 // ExpertServiceImpl::AcceptForwardRequest and, when the shard is idle,
@@ -39,6 +40,10 @@ struct FrameServerOptions {
   // How long a reply may wait for the gateway to read before the connection
   // is given up, in ms. Default 30000.
   int write_timeout_ms = 30000;
+  // TLS for every connection (rpc/tls.h FrameServerTlsFromFiles, from the
+  // gRPC server's files): the handshake comes before the greeting, and a
+  // connection that fails it is closed. Null (default): plaintext.
+  std::shared_ptr<const rpc::FrameTlsContext> tls;
 };
 
 // Where a shard's frame socket listens by default, given its gRPC listen
@@ -74,6 +79,9 @@ class ForwardFrameServer {
   // Connections accepted so far, and requests read over all of them.
   uint64_t connections_accepted() const { return connections_accepted_.load(); }
   uint64_t requests_read() const { return requests_read_.load(); }
+  // Connections closed because their TLS handshake failed (the first one
+  // is logged with its reason).
+  uint64_t tls_failures() const { return tls_failures_.load(); }
 
  private:
   class Connection;
@@ -87,6 +95,8 @@ class ForwardFrameServer {
   const FrameEndpoint endpoint_;
   std::atomic<uint64_t> connections_accepted_{0};
   std::atomic<uint64_t> requests_read_{0};
+  std::atomic<uint64_t> tls_failures_{0};
+  std::atomic<bool> tls_failure_logged_{false};
   std::mutex mu_;
   bool stopping_ = false;  // guarded by mu_
   // Live connections and their reader threads; finished ones are joined

@@ -13,7 +13,8 @@
 // --tls-cert/--tls-key serve over TLS; --tls-client-ca also requires every
 // client (the gateway) to present a certificate signed by that CA (mutual
 // TLS, enforced in the handshake, so GetShardInfo, Forward, health and
-// reflection all need it).
+// reflection all need it). The frame socket (--frame-listen) then speaks TLS
+// with the same certificate and rule.
 //
 // Prints one line to stdout once serving:
 //   switchyard-expert listening on ADDR experts=0,1 layers=0:L
@@ -65,7 +66,7 @@ const CommandSpec& Spec() {
           {"gpu", true, "0", "the CUDA device index"},
           {"frame-listen", true, "HOST:0",
            "the frame socket, the gateway's fast data path: HOST:PORT, unix:PATH, or off "
-           "(always off with TLS)"},
+           "(TLS like the gRPC port when --tls-cert is given)"},
           {"max-forward-rows", true, "16384",
            "rows per Forward call, at most 65536; at least the gateway's --max-step-tokens and "
            "--max-running"},

@@ -40,6 +40,7 @@ ExpertTargetResolver SystemExpertTargetResolver() {
 DnsExpansion ExpandDnsTargets(const ExpertTopology& configured, const ExpertTargetResolver& resolve,
                               const std::map<std::string, std::vector<std::string>>& last) {
   DnsExpansion out;
+  out.topology.tls_names = configured.tls_names;
   std::set<std::string> resolved;  // each name resolved once per expansion
   for (const auto& [expert, targets] : configured.replicas) {
     std::vector<std::string>& expanded = out.topology.replicas[expert];
@@ -70,7 +71,10 @@ DnsExpansion ExpandDnsTargets(const ExpertTopology& configured, const ExpertTarg
         }
       }
       if (auto it = out.addresses.find(target); it != out.addresses.end()) {
-        for (const std::string& a : it->second) add(a);
+        for (const std::string& a : it->second) {
+          add(a);
+          out.topology.tls_names[a] = name->host;  // its certificate names the Service
+        }
       } else {
         add(target);
       }

@@ -5,10 +5,11 @@
 // share one channel: each batch is a unary call (a stream would stay on one
 // pod), calls are spread round-robin rather than to the pod with the fewest
 // outstanding, and no call can use a shard's frame socket (its port and
-// greeting token are per pod). So where the expert calls are plaintext the
-// gateway resolves such names itself: every address becomes a replica of its
-// own (an "IP:PORT" target, which takes frames or a ForwardStream and is
-// balanced by outstanding calls), and a refresher resolves the names again
+// greeting token are per pod). So the gateway resolves such names itself:
+// every address becomes a replica of its own (an "IP:PORT" target, which
+// takes frames or a ForwardStream and is balanced by outstanding calls; with
+// TLS its certificate must still name the Service, as it would for gRPC
+// dialling the name: ExpertTopology::tls_names), and a refresher resolves the names again
 // every period and applies what changed as a live topology change
 // (RemoteExpertBackend::ApplyTopology: a new pod is checked before it takes a
 // call, a pod that left is drained).
@@ -47,7 +48,8 @@ ExpertTargetResolver SystemExpertTargetResolver();
 // One expansion of a topology's dns:/// targets.
 struct DnsExpansion {
   // The topology with every expandable name replaced by its addresses (each
-  // address once per expert, sorted), other targets as they were.
+  // address once per expert, sorted), other targets as they were; each
+  // address's tls_names entry is its name's host.
   ExpertTopology topology;
   // What each name stood for in this expansion (its last addresses where it
   // did not resolve); names that never resolved are absent.

@@ -192,6 +192,7 @@ struct Gateway::Parts {
 
   std::shared_ptr<grpc::ServerCredentials> server_credentials;   // null: plaintext
   std::shared_ptr<grpc::ChannelCredentials> expert_credentials;  // null: plaintext
+  std::shared_ptr<const rpc::FrameTlsContext> expert_frame_tls;  // the same, for frames
 };
 
 namespace {
@@ -417,10 +418,11 @@ absl::Status Gateway::Parts::LoadSecurity(const GatewayOptions& options) {
                                                         !options.tls_client_ca_file.empty()));
   }
   if (!options.expert_tls_ca_file.empty()) {
-    SY_ASSIGN_OR_RETURN(expert_credentials,
-                        rpc::ChannelCredentialsFromFiles({.cert_file = options.expert_tls_cert_file,
-                                                          .key_file = options.expert_tls_key_file,
-                                                          .ca_file = options.expert_tls_ca_file}));
+    const rpc::TlsFiles files = {.cert_file = options.expert_tls_cert_file,
+                                 .key_file = options.expert_tls_key_file,
+                                 .ca_file = options.expert_tls_ca_file};
+    SY_ASSIGN_OR_RETURN(expert_credentials, rpc::ChannelCredentialsFromFiles(files));
+    SY_ASSIGN_OR_RETURN(expert_frame_tls, rpc::FrameClientTlsFromFiles(files));
   }
   if (!options.auth_token_file.empty()) {
     SY_ASSIGN_OR_RETURN(authenticator,
@@ -492,7 +494,7 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
     }
   }
   // dns:/// names resolved here, each address a replica (gateway/expert_dns.h).
-  const bool resolve_names = options.expert_dns_refresh_ms > 0 && expert_credentials == nullptr;
+  const bool resolve_names = options.expert_dns_refresh_ms > 0;
   const ExpertTargetResolver resolver = options.expert_target_resolver
                                             ? options.expert_target_resolver
                                             : SystemExpertTargetResolver();
@@ -514,6 +516,7 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
   remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
   remote.use_frames = options.expert_frames;
   remote.credentials = expert_credentials;
+  remote.frame_tls = expert_frame_tls;
   GatewayMetrics* gateway_metrics = metrics.get();
   remote.on_call_done = [gateway_metrics](int expert, double seconds, int code) {
     gateway_metrics->ExpertCallDuration(expert).Observe(seconds);

@@ -35,9 +35,8 @@ struct GatewayOptions {
   // topology itself, in ms, making each address a replica of its own (frames
   // or a ForwardStream per pod, balanced by outstanding calls;
   // gateway/expert_dns.h). Default 5000; 0: leave the names to gRPC (one
-  // channel per name, unary calls). Plaintext expert calls only: with
-  // --expert-tls-ca names stay with gRPC, which checks certificates against
-  // them.
+  // channel per name, unary calls). With --expert-tls-ca each pod's
+  // certificate must still name the Service, as for gRPC dialling the name.
   int expert_dns_refresh_ms = 5000;
   // Resolves those names; null (the default): the system resolver. For tests.
   ExpertTargetResolver expert_target_resolver;
@@ -60,9 +59,9 @@ struct GatewayOptions {
   int expert_timeout_ms = 10000;          // deadline of each expert call
   int expert_connect_timeout_ms = 30000;  // start-up wait for every expert to answer
   bool wire_bf16 = false;                 // send expert tensors as BF16 (default F32, exact)
-  // Expert calls on a shard's frame socket where it offers one (plaintext
-  // only), else gRPC streams. Default true (--expert-transport frames);
-  // false: gRPC only (--expert-transport grpc).
+  // Expert calls on a shard's frame socket where it offers one (TLS with
+  // the expert TLS files below), else gRPC streams. Default true
+  // (--expert-transport frames); false: gRPC only (--expert-transport grpc).
   bool expert_frames = true;
   // --micro-batches: the most micro-batches a step splits into so that
   // attention and routing of one overlap the expert calls of another
@@ -100,10 +99,11 @@ struct GatewayOptions {
   // naming one get UNAUTHENTICATED. Health and reflection need no token.
   // Empty (default): no token auth. Read once at start-up.
   std::string auth_token_file;
-  // Channels to remote experts. expert_tls_ca_file set: TLS, verifying the
-  // experts' certificates against this CA (their subjectAltName must match
-  // the host in --experts). Plus expert_tls_cert_file and expert_tls_key_file
-  // (both or neither): mutual TLS, presenting this client certificate.
+  // Channels and frame connections to remote experts. expert_tls_ca_file
+  // set: TLS, verifying the experts' certificates against this CA (their
+  // subjectAltName must match the host in --experts). Plus
+  // expert_tls_cert_file and expert_tls_key_file (both or neither): mutual
+  // TLS, presenting this client certificate.
   // All empty (default): plaintext. Only with remote experts.
   std::string expert_tls_ca_file;
   std::string expert_tls_cert_file;

@@ -23,6 +23,7 @@
 #include "absl/strings/strip.h"
 #include "core/checkpoint.h"
 #include "core/fingerprint.h"
+#include "core/host_port.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "rpc/frame_socket.h"
@@ -98,6 +99,15 @@ absl::Status ValidateTopology(const ExpertTopology& topology, int num_experts,
 // Where to dial the frame socket a shard at `target` offers ("" for none):
 // a unix target's socket path, or the host of a HOST:PORT target with the
 // shard's frame port. Other target forms (dns:///, ipv4: lists) stay on gRPC.
+// The host a target's TLS certificate must name by default: HOST of
+// "HOST:PORT", "localhost" for unix:PATH (as gRPC's authority), else the
+// target itself (a name gRPC resolves).
+std::string TargetHost(const std::string& target) {
+  if (absl::StartsWith(target, "unix:")) return "localhost";
+  absl::StatusOr<HostPort> hp = SplitHostPort(target);
+  return hp.ok() ? hp->host : target;
+}
+
 std::string FrameAddress(const std::string& target, const v1::ShardInfo& info) {
   if (absl::StartsWith(target, "unix:")) {
     return info.frame_unix_path().empty() ? "" : absl::StrCat("unix:", info.frame_unix_path());
@@ -379,6 +389,8 @@ class RemoteExpertBackend::Stream final
 
 struct RemoteExpertBackend::Replica {
   std::string target;
+  // The name its certificate must carry (TLS): ExpertTopology::tls_names.
+  std::string tls_name;
   // The target may stand for several addresses (MayHaveSeveralAddresses).
   bool several_addresses = false;
   std::shared_ptr<grpc::Channel> channel;
@@ -718,14 +730,20 @@ absl::StatusOr<std::unique_ptr<RemoteExpertBackend>> RemoteExpertBackend::Connec
 }
 
 std::shared_ptr<RemoteExpertBackend::Replica> RemoteExpertBackend::OpenReplica(
-    const std::string& target) {
+    const std::string& target, const std::string& tls_name) {
   const auto credentials =
       options_.credentials ? options_.credentials : grpc::InsecureChannelCredentials();
   auto replica = std::make_shared<Replica>();
   replica->target = target;
+  replica->tls_name = tls_name.empty() ? TargetHost(target) : tls_name;
   replica->several_addresses = MayHaveSeveralAddresses(target);
-  replica->channel =
-      grpc::CreateCustomChannel(target, credentials, ExpertChannelArguments(options_));
+  grpc::ChannelArguments args = ExpertChannelArguments(options_);
+  // An address standing for a name: gRPC checks the certificate for the
+  // name (and sends it as SNI) as it would had it dialled the name.
+  if (options_.credentials != nullptr && !tls_name.empty()) {
+    args.SetSslTargetNameOverride(tls_name);
+  }
+  replica->channel = grpc::CreateCustomChannel(target, credentials, args);
   replica->stub = v1::ExpertService::NewStub(replica->channel);
   std::lock_guard<std::mutex> lock(calls_mu_);
   auto& calls = calls_by_target_[target];
@@ -762,7 +780,12 @@ absl::StatusOr<std::string> RemoteExpertBackend::ApplyTopology(const ExpertTopol
       std::shared_ptr<Replica>& replica = next_channels[target];
       if (replica == nullptr) {
         auto live = channels_.find(target);
-        replica = live != channels_.end() ? live->second : OpenReplica(target);
+        if (live != channels_.end()) {
+          replica = live->second;
+        } else {
+          const auto name = topology.tls_names.find(target);
+          replica = OpenReplica(target, name == topology.tls_names.end() ? "" : name->second);
+        }
       }
       next->replicas.push_back(replica);
       if (!current_targets.count(target)) {
@@ -861,12 +884,12 @@ absl::Status RemoteExpertBackend::CheckPairs(const std::vector<NewPair>& pairs) 
                                                      absl::EndsWith(info->info.backend(), "-bf16"));
     const_cast<Replica*>(replica)->rows_independent_of_count.store(
         info->info.rows_independent_of_count());
-    // Frames are plaintext: only where gRPC is too, and one address per target.
+    // Frames: one address per target, and TLS on them where gRPC has it.
     const std::string frame_address = FrameAddress(replica->target, info->info);
     const_cast<Replica*>(replica)->SetFrameEndpoint(frame_address, info->info.frame_token());
     const_cast<Replica*>(replica)->use_frames.store(
-        options_.use_frames && options_.credentials == nullptr && !replica->several_addresses &&
-        !frame_address.empty());
+        options_.use_frames && (options_.credentials == nullptr || options_.frame_tls != nullptr) &&
+        !replica->several_addresses && !frame_address.empty());
   }
   // Every (expert, replica) pair must serve this model and these weights.
   for (const auto& [e, replica] : pairs) {
@@ -918,9 +941,18 @@ std::shared_ptr<RemoteExpertBackend::Replica> RemoteExpertBackend::PickReplica(
 void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
                                         const std::vector<size_t>& slots,
                                         std::shared_ptr<Replica> replica) {
-  const bool frames =
-      replica->use_frames.load(std::memory_order_relaxed) &&
-      NowMicros() >= replica->frames_retry_after_micros.load(std::memory_order_relaxed);
+  const v1::DType input_dtype =
+      replica->bf16_inputs.load(std::memory_order_relaxed) ? v1::DTYPE_BF16 : options_.wire_dtype;
+  bool frames = replica->use_frames.load(std::memory_order_relaxed) &&
+                NowMicros() >= replica->frames_retry_after_micros.load(std::memory_order_relaxed);
+  if (frames && options_.credentials != nullptr && options_.tls_frames_max_bytes > 0) {
+    int64_t rows = 0;
+    for (size_t slot : slots) rows += call->slots[slot].tokens;
+    const int64_t bytes_per_row =
+        int64_t{config_.hidden_size} *
+        ((input_dtype == v1::DTYPE_BF16 ? 2 : 4) + (options_.wire_dtype == v1::DTYPE_BF16 ? 2 : 4));
+    frames = rows * bytes_per_row <= options_.tls_frames_max_bytes;
+  }
   const bool stream = frames || replica->use_stream.load(std::memory_order_relaxed);
   const auto now = std::chrono::system_clock::now();
   std::vector<AttemptRef> refs;
@@ -950,8 +982,6 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
   }
   // A retry started from a callback must be watched by AwaitLayer too.
   if (stream) call->done_cv.notify_all();
-  const v1::DType input_dtype =
-      replica->bf16_inputs.load(std::memory_order_relaxed) ? v1::DTYPE_BF16 : options_.wire_dtype;
   const auto fill = [&](const CallSlot& s, v1::ForwardRequest* request) {
     request->set_layer(static_cast<uint32_t>(call->layer));
     request->set_expert(static_cast<uint32_t>(s.expert));
@@ -1173,13 +1203,16 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
 
 namespace {
 
-// Connects to a frame socket and checks its greeting names `token`.
+// Connects to a frame socket (with `tls`, a TLS session whose certificate
+// names `tls_name`) and checks its greeting names `token`.
 absl::StatusOr<rpc::FrameSocket> DialAndGreet(const std::string& address, const std::string& token,
-                                              absl::Time deadline) {
+                                              const rpc::FrameTlsContext* tls,
+                                              const std::string& tls_name, absl::Time deadline) {
   absl::StatusOr<rpc::FrameSocket> socket = rpc::DialFrames(address, deadline);
   if (!socket.ok()) return socket.status();
+  if (tls != nullptr) SY_RETURN_IF_ERROR(rpc::StartClientTls(*socket, *tls, tls_name, deadline));
   std::string greeting;
-  SY_RETURN_IF_ERROR(rpc::ReadFrame(socket->fd(), 256, deadline, &greeting));
+  SY_RETURN_IF_ERROR(rpc::ReadFrame(*socket, 256, deadline, &greeting));
   if (greeting != token) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the frame socket at ", address, " belongs to another shard process than the one asked"));
@@ -1200,7 +1233,9 @@ bool IdleFrameIsStale(int fd) {
 absl::StatusOr<rpc::FrameSocket> RemoteExpertBackend::DialFrames(Replica& replica,
                                                                  absl::Time deadline) {
   const auto [address, token] = replica.FrameEndpoint();
-  absl::StatusOr<rpc::FrameSocket> socket = DialAndGreet(address, token, deadline);
+  const rpc::FrameTlsContext* tls = options_.credentials ? options_.frame_tls.get() : nullptr;
+  absl::StatusOr<rpc::FrameSocket> socket =
+      DialAndGreet(address, token, tls, replica.tls_name, deadline);
   if (socket.ok()) return socket;
   // The shard may have restarted with a new frame socket: ask it where.
   grpc::ClientContext context;
@@ -1210,7 +1245,7 @@ absl::StatusOr<rpc::FrameSocket> RemoteExpertBackend::DialFrames(Replica& replic
   const std::string fresh = FrameAddress(replica.target, info);
   if (fresh.empty() || (fresh == address && info.frame_token() == token)) return socket;
   replica.SetFrameEndpoint(fresh, info.frame_token());
-  return DialAndGreet(fresh, info.frame_token(), deadline);
+  return DialAndGreet(fresh, info.frame_token(), tls, replica.tls_name, deadline);
 }
 
 bool RemoteExpertBackend::SendFrames(const std::shared_ptr<LayerCall>& call,
@@ -1231,7 +1266,7 @@ bool RemoteExpertBackend::SendFrames(const std::shared_ptr<LayerCall>& call,
       sent = dialed.status();
     }
   }
-  if (sent.ok()) sent = rpc::WriteMessageFrame(socket.fd(), request, deadline);
+  if (sent.ok()) sent = rpc::WriteMessageFrame(socket, request, deadline);
   if (!sent.ok()) {
     // gRPC carries this replica's calls until the next try: after
     // max_reconnect_backoff_ms, doubling with each failure in a row up to a minute.
@@ -1268,7 +1303,7 @@ void RemoteExpertBackend::ReadFrameReply(FrameWait& wait, absl::Time deadline) {
   wait.open = false;
   v1::ForwardStreamResponse reply;
   absl::Status read = rpc::ReadMessageFrame(
-      wait.socket.fd(), static_cast<size_t>(options_.max_message_bytes), deadline, &reply);
+      wait.socket, static_cast<size_t>(options_.max_message_bytes), deadline, &reply);
   if (read.ok() && reply.id() != wait.id) {
     read = absl::DataLossError(
         absl::StrCat("reply for request ", reply.id(), " while waiting for ", wait.id));
@@ -1316,8 +1351,11 @@ void RemoteExpertBackend::AwaitLayer(const std::shared_ptr<LayerCall>& call) {
       // Frame replies are read right here, by the thread that needs them.
       lock.unlock();
       std::vector<pollfd> fds;
-      for (FrameWait* w : waits)
+      bool buffered = false;  // a TLS reply already decrypted: poll cannot see it
+      for (FrameWait* w : waits) {
         fds.push_back({.fd = w->socket.fd(), .events = POLLIN, .revents = 0});
+        buffered |= w->socket.HasBufferedInput();
+      }
       int timeout_ms = -1;
       if (earliest != std::chrono::system_clock::time_point::max()) {
         const auto left = std::chrono::ceil<std::chrono::milliseconds>(
@@ -1326,9 +1364,12 @@ void RemoteExpertBackend::AwaitLayer(const std::shared_ptr<LayerCall>& call) {
       }
       // With gRPC attempts open too, look at done_cv's condition every ms.
       if (on_grpc && (timeout_ms < 0 || timeout_ms > 1)) timeout_ms = 1;
+      if (buffered) timeout_ms = 0;
       const int ready = poll(fds.data(), fds.size(), timeout_ms);
-      for (size_t i = 0; ready > 0 && i < fds.size(); ++i) {
-        if (fds[i].revents != 0) ReadFrameReply(*waits[i], absl::FromChrono(call->deadline));
+      for (size_t i = 0; (ready > 0 || buffered) && i < fds.size(); ++i) {
+        if (fds[i].revents != 0 || waits[i]->socket.HasBufferedInput()) {
+          ReadFrameReply(*waits[i], absl::FromChrono(call->deadline));
+        }
       }
       timed_out = std::chrono::system_clock::now() >= earliest;
     }

@@ -24,10 +24,12 @@
 // cannot be reached (a dial or greeting fails) uses gRPC for
 // max_reconnect_backoff_ms, doubling with each failure in a row up to a
 // minute, and a shard restarted with a new frame socket is found again
-// through GetShardInfo. Frames are plaintext: only without
-// `credentials` and for one-address targets (HOST:PORT, unix:PATH; the
-// gateway turns a dns:/// name into one such target per address,
-// gateway/expert_dns.h).
+// through GetShardInfo. Frames are for one-address targets (HOST:PORT,
+// unix:PATH; the gateway turns a dns:/// name into one such target per
+// address, gateway/expert_dns.h), plaintext without `credentials`, TLS with
+// them and `frame_tls` (the shard's frame socket then speaks TLS with its
+// gRPC certificate; requests over tls_frames_max_bytes go on gRPC; without
+// `frame_tls` a TLS backend stays on gRPC).
 //
 // Otherwise every replica that serves it (ShardInfo.forward_stream)
 // gets one long-lived ForwardStream from this backend, opened on first use,
@@ -115,6 +117,11 @@ namespace switchyard {
 // ("HOST:PORT", "unix:/path", "dns:///name:port", ...).
 struct ExpertTopology {
   std::map<int, std::vector<std::string>> replicas;
+  // With TLS: the name a target's certificate must carry where it is not
+  // the target's own host (each address of a dns:/// name the gateway
+  // resolves must show a certificate for the name, as it would to gRPC).
+  // Absent (the default): the target's host ("localhost" for unix:PATH).
+  std::map<std::string, std::string> tls_names;
 };
 
 // Parses "0=HOST:PORT|HOST:PORT;1=unix:/tmp/e1.sock;..." (';' between experts,
@@ -163,9 +170,21 @@ struct RemoteExpertOptions {
   // Multiplex calls on one ForwardStream per replica (see above). Default
   // true; false: one unary Forward call per batch.
   bool use_stream = true;
-  // Send calls on the shard's frame socket where it offers one (see above;
-  // plaintext, so only without `credentials`). Default true; false: gRPC only.
+  // Send calls on the shard's frame socket where it offers one (see above).
+  // Default true; false: gRPC only.
   bool use_frames = true;
+  // With `credentials`: TLS for the frame sockets (rpc/tls.h
+  // FrameClientTlsFromFiles, from the same files as `credentials`), each
+  // shard's certificate verified against the name gRPC verifies. Default
+  // (nullptr): a TLS backend sends every call on gRPC.
+  std::shared_ptr<const rpc::FrameTlsContext> frame_tls;
+  // With frame_tls: a request whose hidden states, there and back, are over
+  // this many bytes goes on gRPC instead. The thread running the layer
+  // encrypts and decrypts its frames itself, where gRPC spreads that work
+  // over its threads: bench/dispatch_bench's tls:1 cases (Mixtral shapes,
+  // BF16 both ways, 2 experts, 2 vCPUs) had frames ahead up to 128 rows
+  // (2 MiB) and 1.3-1.5x behind at 256. Default 2 MiB; 0: no limit.
+  int64_t tls_frames_max_bytes = int64_t{2} << 20;
   // Called when each Forward attempt (one batch) completes, from the thread
   // that completed it (a gRPC thread, or RunLayer's own for frames): the
   // expert, seconds it took, and its status code (0 = OK). Default: none.
@@ -270,8 +289,9 @@ class RemoteExpertBackend : public ExpertBackend {
   using NewPair = std::pair<int, std::shared_ptr<Replica>>;
 
   RemoteExpertBackend(const ModelConfig& config, const RemoteExpertOptions& options);
-  // A new channel to `target`.
-  std::shared_ptr<Replica> OpenReplica(const std::string& target);
+  // A new channel to `target`, whose certificate (with TLS) must name
+  // `tls_name`.
+  std::shared_ptr<Replica> OpenReplica(const std::string& target, const std::string& tls_name);
   // Asks every replica of `pairs` for its ShardInfo at once (once per distinct
   // replica); returns when all have answered or connect_timeout_ms has passed
   // (waiting for replicas still starting up). Then: FAILED_PRECONDITION if a

@@ -33,9 +33,8 @@ DEFAULT_PACKINGS = (1, 2)  # experts per pod written by default (committed)
 GRPC_PORT = 50061
 # The frame socket (switchyard-expert --frame-listen): the gateway resolves
 # each expert's headless Service itself and sends a pod's expert calls there
-# as length-prefixed frames (gateway/expert_dns.h). Fixed, so the
-# NetworkPolicy can open it; components/tls turns it off (frames are
-# plaintext) by replacing this argument, the fifth.
+# as length-prefixed frames (gateway/expert_dns.h; TLS with components/tls,
+# like the gRPC port). Fixed, so the NetworkPolicy can open it.
 FRAME_PORT = 50062
 METRICS_PORT = 9090
 UID = 65532

@@ -5,14 +5,22 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <string>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -56,44 +64,6 @@ bool SetNonBlocking(int fd) {
   return flags >= 0 && fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0;
 }
 
-// Reads exactly `n` bytes.
-absl::Status ReadExactly(int fd, char* p, size_t n, absl::Time deadline, const char* what) {
-  while (n > 0) {
-    const ssize_t r = recv(fd, p, n, 0);
-    if (r > 0) {
-      p += r;
-      n -= static_cast<size_t>(r);
-      continue;
-    }
-    if (r == 0)
-      return absl::UnavailableError(absl::StrCat("frame socket closed by the peer ", what));
-    if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) {
-      return absl::UnavailableError(
-          absl::StrCat("frame socket read ", what, ": ", ErrnoText(errno)));
-    }
-    if (absl::Status s = WaitFor(fd, POLLIN, deadline, what); !s.ok()) return s;
-  }
-  return absl::OkStatus();
-}
-
-absl::Status WriteExactly(int fd, const char* p, size_t n, absl::Time deadline) {
-  while (n > 0) {
-    const ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-    if (w > 0) {
-      p += w;
-      n -= static_cast<size_t>(w);
-      continue;
-    }
-    if (w < 0 && errno == EINTR) continue;
-    if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-      return absl::UnavailableError(absl::StrCat("frame socket write: ", ErrnoText(errno)));
-    }
-    if (absl::Status s = WaitFor(fd, POLLOUT, deadline, "writing a frame"); !s.ok()) return s;
-  }
-  return absl::OkStatus();
-}
-
 // A frame of `payload_bytes` with its header written and the payload left
 // to fill (header and payload in one buffer, so one send carries a small
 // frame); INVALID_ARGUMENT past what the header can say.
@@ -130,26 +100,328 @@ absl::StatusOr<sockaddr_un> UnixAddress(const std::string& path) {
   return sa;
 }
 
+// OpenSSL's text for the first error queued on this thread (the queue is
+// then cleared, so nothing is left for gRPC's TLS code to misread).
+std::string OpenSslErrorText() {
+  const unsigned long code = ERR_get_error();
+  ERR_clear_error();
+  if (code == 0) return "no OpenSSL error queued";
+  char text[256];
+  ERR_error_string_n(code, text, sizeof(text));
+  return text;
+}
+
+// The BIO under a TLS frame socket: send/recv on its descriptor, with
+// MSG_NOSIGNAL (OpenSSL's socket BIO write()s, which raises SIGPIPE on a
+// closed peer) and the end of the stream remembered for BIO_CTRL_EOF (so
+// a peer closing without close_notify reads as closed).
+struct BioState {
+  int fd;
+  bool eof = false;
+  // Set while a frame is encrypted: its records are appended here, to be
+  // sent at once, instead of being sent one by one.
+  std::string* collect = nullptr;
+};
+
+int BioWrite(BIO* bio, const char* data, int length) {
+  BIO_clear_retry_flags(bio);
+  auto* state = static_cast<BioState*>(BIO_get_data(bio));
+  if (state->collect != nullptr) {
+    state->collect->append(data, static_cast<size_t>(length));
+    return length;
+  }
+  for (;;) {
+    const ssize_t w = send(state->fd, data, static_cast<size_t>(length), MSG_NOSIGNAL);
+    if (w >= 0) return static_cast<int>(w);
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) BIO_set_retry_write(bio);
+    return -1;
+  }
+}
+
+int BioRead(BIO* bio, char* data, int length) {
+  BIO_clear_retry_flags(bio);
+  auto* state = static_cast<BioState*>(BIO_get_data(bio));
+  for (;;) {
+    const ssize_t r = recv(state->fd, data, static_cast<size_t>(length), 0);
+    if (r > 0) return static_cast<int>(r);
+    if (r == 0) {
+      state->eof = true;
+      return 0;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) BIO_set_retry_read(bio);
+    return -1;
+  }
+}
+
+long BioCtrl(BIO* bio, int command, long, void*) {
+  switch (command) {
+    case BIO_CTRL_FLUSH:
+      return 1;
+    case BIO_CTRL_EOF:
+      return static_cast<BioState*>(BIO_get_data(bio))->eof ? 1 : 0;
+    default:
+      return 0;
+  }
+}
+
+int BioDestroy(BIO* bio) {
+  delete static_cast<BioState*>(BIO_get_data(bio));
+  BIO_set_data(bio, nullptr);
+  return 1;
+}
+
+const BIO_METHOD* FrameBioMethod() {
+  static BIO_METHOD* const method = [] {
+    BIO_METHOD* m =
+        BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "switchyard frame socket");
+    BIO_meth_set_write(m, BioWrite);
+    BIO_meth_set_read(m, BioRead);
+    BIO_meth_set_ctrl(m, BioCtrl);
+    BIO_meth_set_destroy(m, BioDestroy);
+    return m;
+  }();
+  return method;
+}
+
+bool IsIpAddress(const std::string& host) {
+  in6_addr buffer;
+  return inet_pton(AF_INET, host.c_str(), &buffer) == 1 ||
+         inet_pton(AF_INET6, host.c_str(), &buffer) == 1;
+}
+
 }  // namespace
+
+struct FrameSocket::Tls {
+  ~Tls() { SSL_free(ssl); }  // frees the BIO and its BioState too
+  SSL* ssl = nullptr;
+  // OpenSSL's calls on one session must not run at once: a reader takes it
+  // per SSL_read (never while waiting on poll), a writer for a whole frame.
+  std::mutex mu;
+  std::string records;  // a frame's records being written; guarded by mu
+};
+
+FrameTlsContext::~FrameTlsContext() { SSL_CTX_free(ctx_); }
+
+FrameSocket::FrameSocket() = default;
+FrameSocket::FrameSocket(int fd) : fd_(fd) {}
+FrameSocket::FrameSocket(FrameSocket&& other) noexcept
+    : fd_(std::exchange(other.fd_, -1)), tls_(std::move(other.tls_)) {}
+FrameSocket::~FrameSocket() { Close(); }
 
 FrameSocket& FrameSocket::operator=(FrameSocket&& other) noexcept {
   if (this != &other) {
     Close();
-    fd_ = other.release();
+    fd_ = std::exchange(other.fd_, -1);
+    tls_ = std::move(other.tls_);
   }
   return *this;
 }
 
+bool FrameSocket::HasBufferedInput() const {
+  if (tls_ == nullptr) return false;
+  std::lock_guard<std::mutex> lock(tls_->mu);
+  // Records read ahead count too: with read-ahead, poll cannot see them.
+  return SSL_has_pending(tls_->ssl) == 1;
+}
+
 int FrameSocket::release() {
-  const int fd = fd_;
-  fd_ = -1;
-  return fd;
+  tls_.reset();
+  return std::exchange(fd_, -1);
 }
 
 void FrameSocket::Close() {
+  // No close_notify: the peer reads the end of the stream as closed
+  // either way, and a shut-down socket could not carry it.
+  tls_.reset();
   if (fd_ >= 0) close(fd_);
   fd_ = -1;
 }
+
+// Reads and writes of a frame socket, plaintext or TLS, in one place.
+struct FrameIo {
+  // One recv / SSL_read of at most `n` bytes: the bytes read (> 0), 0 when
+  // the peer closed, or -1 with `*wait` set to the poll events to wait for
+  // before trying again, or -1 with `*error` set.
+  static ssize_t ReadSome(FrameSocket& s, char* p, size_t n, short* wait, std::string* error) {
+    if (s.tls_ == nullptr) {
+      const ssize_t r = recv(s.fd_, p, n, 0);
+      if (r >= 0) return r;
+      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) {
+        *wait = errno == EINTR ? 0 : POLLIN;
+      } else {
+        *error = ErrnoText(errno);
+      }
+      return -1;
+    }
+    std::lock_guard<std::mutex> lock(s.tls_->mu);
+    ERR_clear_error();
+    size_t got = 0;
+    if (SSL_read_ex(s.tls_->ssl, p, n, &got) == 1) return static_cast<ssize_t>(got);
+    return TlsFailure(s.tls_->ssl, wait, error);
+  }
+
+  // What a failed SSL call means: 0 (closed), or -1 with `*wait` or `*error`.
+  static ssize_t TlsFailure(SSL* ssl, short* wait, std::string* error) {
+    const int code = SSL_get_error(ssl, 0);
+    const int saved_errno = errno;
+    switch (code) {
+      case SSL_ERROR_WANT_READ:
+        *wait = POLLIN;
+        return -1;
+      case SSL_ERROR_WANT_WRITE:
+        *wait = POLLOUT;
+        return -1;
+      case SSL_ERROR_ZERO_RETURN:
+        ERR_clear_error();
+        return 0;
+      case SSL_ERROR_SYSCALL:
+        *error = ERR_peek_error() != 0 ? OpenSslErrorText()
+                 : saved_errno != 0    ? ErrnoText(saved_errno)
+                                       : "the connection broke";
+        return -1;
+      default:
+        *error = absl::StrCat("TLS: ", OpenSslErrorText());
+        return -1;
+    }
+  }
+
+  static absl::Status ReadExactly(FrameSocket& s, char* p, size_t n, absl::Time deadline,
+                                  const char* what) {
+    while (n > 0) {
+      short wait = 0;
+      std::string error;
+      const ssize_t r = ReadSome(s, p, n, &wait, &error);
+      if (r > 0) {
+        p += r;
+        n -= static_cast<size_t>(r);
+        continue;
+      }
+      if (r == 0)
+        return absl::UnavailableError(absl::StrCat("frame socket closed by the peer ", what));
+      if (!error.empty()) {
+        return absl::UnavailableError(absl::StrCat("frame socket, ", what, ": ", error));
+      }
+      if (wait == 0) continue;  // interrupted
+      if (absl::Status waited = WaitFor(s.fd_, wait, deadline, what); !waited.ok()) return waited;
+    }
+    return absl::OkStatus();
+  }
+
+  // Sends `n` bytes (a plaintext frame, or a frame's TLS records).
+  static absl::Status SendAll(int fd, const char* p, size_t n, absl::Time deadline) {
+    while (n > 0) {
+      const ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+      if (w > 0) {
+        p += w;
+        n -= static_cast<size_t>(w);
+        continue;
+      }
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+        return absl::UnavailableError(absl::StrCat("frame socket write: ", ErrnoText(errno)));
+      }
+      if (absl::Status waited = WaitFor(fd, POLLOUT, deadline, "writing a frame"); !waited.ok()) {
+        return waited;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // With TLS the whole frame is encrypted first (the BIO collects its
+  // records) and then sent at once, as a plaintext frame is: sent record
+  // by record, a large frame woke the reader once per 16 KiB record (3x the
+  // context switches at 16 tokens of a Mixtral layer). The session stays
+  // locked until its records are sent, so no record another thread's
+  // SSL_read might send can get between them.
+  static absl::Status WriteExactly(FrameSocket& s, const char* p, size_t n, absl::Time deadline) {
+    if (s.tls_ == nullptr) return SendAll(s.fd_, p, n, deadline);
+    FrameSocket::Tls& tls = *s.tls_;
+    std::lock_guard<std::mutex> lock(tls.mu);
+    auto* bio = static_cast<BioState*>(BIO_get_data(SSL_get_wbio(tls.ssl)));
+    tls.records.clear();
+    bio->collect = &tls.records;
+    ERR_clear_error();
+    std::string error;
+    for (size_t done = 0; done < n && error.empty();) {
+      size_t put = 0;
+      if (SSL_write_ex(tls.ssl, p + done, n - done, &put) == 1) {
+        done += put;
+        continue;
+      }
+      short wait = 0;
+      if (TlsFailure(tls.ssl, &wait, &error) == 0 || error.empty()) {
+        error = "the TLS session cannot send";
+      }
+    }
+    bio->collect = nullptr;
+    absl::Status sent = error.empty()
+                            ? SendAll(s.fd_, tls.records.data(), tls.records.size(), deadline)
+                            : absl::UnavailableError(absl::StrCat("frame socket write: ", error));
+    // A large frame's buffer is not kept for the next one.
+    if (tls.records.capacity() > (size_t{4} << 20)) std::string().swap(tls.records);
+    return sent;
+  }
+
+  static absl::Status Handshake(FrameSocket& s, const FrameTlsContext& tls,
+                                const std::string& verify_host, absl::Time deadline) {
+    if (!s.valid()) return absl::FailedPreconditionError("TLS on a closed frame socket");
+    if (s.tls_ != nullptr) return absl::FailedPreconditionError("the frame socket has TLS already");
+    ERR_clear_error();
+    auto session = std::make_unique<FrameSocket::Tls>();
+    session->ssl = SSL_new(tls.get());
+    BIO* bio = session->ssl == nullptr ? nullptr : BIO_new(FrameBioMethod());
+    if (bio == nullptr) {
+      return absl::InternalError(absl::StrCat("frame socket TLS: ", OpenSslErrorText()));
+    }
+    BIO_set_data(bio, new BioState{.fd = s.fd_});
+    BIO_set_init(bio, 1);
+    SSL_set_bio(session->ssl, bio, bio);  // the session owns it now
+    if (tls.server()) {
+      SSL_set_accept_state(session->ssl);
+    } else {
+      SSL_set_connect_state(session->ssl);
+      const bool ip = IsIpAddress(verify_host);
+      const bool named =
+          ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(session->ssl), verify_host.c_str()) == 1
+             : SSL_set1_host(session->ssl, verify_host.c_str()) == 1 &&
+                   SSL_set_tlsext_host_name(session->ssl, verify_host.c_str()) == 1;
+      if (verify_host.empty() || !named) {
+        ERR_clear_error();
+        return absl::InvalidArgumentError(
+            absl::StrCat("frame socket TLS: cannot verify the peer as '", verify_host, "'"));
+      }
+    }
+    s.tls_ = std::move(session);
+    for (;;) {
+      short wait = 0;
+      std::string error;
+      {
+        std::lock_guard<std::mutex> lock(s.tls_->mu);
+        ERR_clear_error();
+        if (SSL_do_handshake(s.tls_->ssl) == 1) return absl::OkStatus();
+        const long verified = SSL_get_verify_result(s.tls_->ssl);
+        if (TlsFailure(s.tls_->ssl, &wait, &error) == 0) error = "the peer closed the connection";
+        if (!error.empty() && verified != X509_V_OK) {
+          error =
+              absl::StrCat("certificate verify failed: ", X509_verify_cert_error_string(verified));
+        }
+      }
+      if (!error.empty()) {
+        s.tls_.reset();
+        return absl::UnavailableError(absl::StrCat("frame socket TLS handshake failed: ", error));
+      }
+      if (wait != 0) {
+        absl::Status waited = WaitFor(s.fd_, wait, deadline, "in the TLS handshake");
+        if (!waited.ok()) {
+          s.tls_.reset();
+          return waited;
+        }
+      }
+    }
+  }
+};
 
 absl::StatusOr<FrameSocket> ListenFrames(const std::string& address, int* bound_port) {
   *bound_port = 0;
@@ -239,25 +511,38 @@ absl::StatusOr<FrameSocket> DialFrames(const std::string& address, absl::Time de
   return s;
 }
 
-absl::Status WriteFrame(int fd, std::string_view payload, absl::Time deadline) {
+absl::Status StartClientTls(FrameSocket& socket, const FrameTlsContext& tls,
+                            const std::string& verify_host, absl::Time deadline) {
+  if (tls.server()) return absl::InvalidArgumentError("a server TLS context on a client socket");
+  return FrameIo::Handshake(socket, tls, verify_host, deadline);
+}
+
+absl::Status StartServerTls(FrameSocket& socket, const FrameTlsContext& tls, absl::Time deadline) {
+  if (!tls.server()) return absl::InvalidArgumentError("a client TLS context on a server socket");
+  return FrameIo::Handshake(socket, tls, "", deadline);
+}
+
+absl::Status WriteFrame(FrameSocket& socket, std::string_view payload, absl::Time deadline) {
   absl::StatusOr<std::string> frame = NewFrame(payload.size());
   if (!frame.ok()) return frame.status();
   std::memcpy(frame->data() + kFrameHeaderBytes, payload.data(), payload.size());
-  return WriteExactly(fd, frame->data(), frame->size(), deadline);
+  return FrameIo::WriteExactly(socket, frame->data(), frame->size(), deadline);
 }
 
-absl::Status WriteMessageFrame(int fd, const google::protobuf::MessageLite& message,
+absl::Status WriteMessageFrame(FrameSocket& socket, const google::protobuf::MessageLite& message,
                                absl::Time deadline) {
   absl::StatusOr<std::string> frame = NewFrame(message.ByteSizeLong());
   if (!frame.ok()) return frame.status();
   message.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(frame->data()) +
                                           kFrameHeaderBytes);
-  return WriteExactly(fd, frame->data(), frame->size(), deadline);
+  return FrameIo::WriteExactly(socket, frame->data(), frame->size(), deadline);
 }
 
-absl::Status ReadFrame(int fd, size_t max_bytes, absl::Time deadline, std::string* payload) {
+absl::Status ReadFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
+                       std::string* payload) {
   char header[kFrameHeaderBytes];
-  if (absl::Status s = ReadExactly(fd, header, sizeof(header), deadline, "reading a frame header");
+  if (absl::Status s =
+          FrameIo::ReadExactly(socket, header, sizeof(header), deadline, "reading a frame header");
       !s.ok()) {
     return s;
   }
@@ -272,13 +557,13 @@ absl::Status ReadFrame(int fd, size_t max_bytes, absl::Time deadline, std::strin
         absl::StrCat("frame socket: frame of ", n, " bytes is over the limit of ", max_bytes));
   }
   payload->resize(n);
-  return ReadExactly(fd, payload->data(), n, deadline, "reading a frame");
+  return FrameIo::ReadExactly(socket, payload->data(), n, deadline, "reading a frame");
 }
 
-absl::Status ReadMessageFrame(int fd, size_t max_bytes, absl::Time deadline,
+absl::Status ReadMessageFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
                               google::protobuf::MessageLite* message) {
   std::string payload;
-  if (absl::Status s = ReadFrame(fd, max_bytes, deadline, &payload); !s.ok()) return s;
+  if (absl::Status s = ReadFrame(socket, max_bytes, deadline, &payload); !s.ok()) return s;
   if (!message->ParseFromString(payload)) {
     return absl::DataLossError(absl::StrCat("frame socket: a frame of ", payload.size(),
                                             " bytes is not a ", message->GetTypeName()));
@@ -286,6 +571,8 @@ absl::Status ReadMessageFrame(int fd, size_t max_bytes, absl::Time deadline,
   return absl::OkStatus();
 }
 
-bool WaitReadable(int fd, absl::Time deadline) { return WaitFor(fd, POLLIN, deadline, "").ok(); }
+bool WaitReadable(FrameSocket& socket, absl::Time deadline) {
+  return socket.HasBufferedInput() || WaitFor(socket.fd(), POLLIN, deadline, "").ok();
+}
 
 }  // namespace switchyard::rpc

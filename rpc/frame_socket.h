@@ -4,7 +4,14 @@
 // gRPC 1.51 costs ~500 us under load where a socket round trip costs ~50 us).
 // gRPC stays the control plane: GetShardInfo says where a shard's frame
 // socket is (ShardInfo.frame_port / frame_unix_path) and which token its
-// greeting carries (ShardInfo.frame_token), health, reflection and TLS.
+// greeting carries (ShardInfo.frame_token), health and reflection.
+//
+// TLS: where the shard's gRPC port serves TLS, its frame socket does too,
+// with the same certificate and client-certificate rule (a FrameTlsContext
+// from rpc/tls.h). The handshake comes first, then the greeting inside it;
+// the frames are the same. Both sides set no session tickets or
+// renegotiation, so an idle connection carries no bytes (a readable idle
+// socket still means the peer closed it).
 //
 // Wire format: every frame is an 8-byte header, the magic "SYF1" and the
 // payload length as a little-endian uint32, then the payload. The server
@@ -18,8 +25,9 @@
 // All functions take a deadline and return DEADLINE_EXCEEDED when it
 // passes, UNAVAILABLE when the peer closed or the socket failed, and
 // DATA_LOSS for a frame that is not ours (bad magic, oversized, unparsable).
-// Thread-safety: functions only; one fd must not be read (or written) by
-// two threads at once.
+// Thread-safety: one socket may be read by one thread while another writes
+// it (TLS sessions serialise their OpenSSL calls inside); two readers or two
+// writers at once are not allowed.
 #ifndef SWITCHYARD_RPC_FRAME_SOCKET_H_
 #define SWITCHYARD_RPC_FRAME_SOCKET_H_
 
@@ -27,6 +35,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -34,28 +43,63 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 
+struct ssl_ctx_st;  // OpenSSL's SSL_CTX
+
 namespace switchyard::rpc {
 
 inline constexpr size_t kFrameHeaderBytes = 8;
 
-// A socket the caller owns; closed by the destructor. Movable.
+// An OpenSSL context for frame sockets: certificate, key, trusted CAs and
+// the peer-certificate rule, for one side (server or client). Built from PEM
+// files by rpc/tls.h (FrameServerTlsFromFiles, FrameClientTlsFromFiles).
+// Thread-safety: immutable once built; shared by every connection.
+class FrameTlsContext {
+ public:
+  // Takes ownership of `ctx`.
+  FrameTlsContext(ssl_ctx_st* ctx, bool server) : ctx_(ctx), server_(server) {}
+  ~FrameTlsContext();
+  FrameTlsContext(const FrameTlsContext&) = delete;
+  FrameTlsContext& operator=(const FrameTlsContext&) = delete;
+
+  ssl_ctx_st* get() const { return ctx_; }
+  bool server() const { return server_; }
+
+ private:
+  ssl_ctx_st* const ctx_;
+  const bool server_;
+};
+
+// A socket the caller owns, plaintext or (after StartClientTls /
+// StartServerTls) TLS; closed by the destructor. Movable.
 class FrameSocket {
  public:
-  FrameSocket() = default;
-  explicit FrameSocket(int fd) : fd_(fd) {}
-  FrameSocket(FrameSocket&& other) noexcept : fd_(other.release()) {}
+  FrameSocket();
+  explicit FrameSocket(int fd);
+  FrameSocket(FrameSocket&& other) noexcept;
   FrameSocket& operator=(FrameSocket&& other) noexcept;
   FrameSocket(const FrameSocket&) = delete;
   FrameSocket& operator=(const FrameSocket&) = delete;
-  ~FrameSocket() { Close(); }
+  ~FrameSocket();
 
   int fd() const { return fd_; }
   bool valid() const { return fd_ >= 0; }
+  // Whether frames on it are TLS records.
+  bool tls() const { return tls_ != nullptr; }
+  // Whether bytes have arrived that a poll on fd() no longer shows: TLS
+  // records already decrypted and not yet read. Always false in plaintext.
+  bool HasBufferedInput() const;
+  // Gives up the descriptor without closing it (plaintext sockets only: a
+  // TLS session cannot go with it).
   int release();
   void Close();
 
+  // The TLS session (frame_socket.cc).
+  struct Tls;
+
  private:
+  friend struct FrameIo;
   int fd_ = -1;
+  std::unique_ptr<Tls> tls_;
 };
 
 // Listens on "HOST:PORT" (TCP; port 0 picks a free one) or "unix:PATH"
@@ -71,22 +115,35 @@ absl::StatusOr<FrameSocket> AcceptFrames(int listen_fd);
 // Connects to "HOST:PORT" or "unix:PATH" by `deadline` (TCP_NODELAY on).
 absl::StatusOr<FrameSocket> DialFrames(const std::string& address, absl::Time deadline);
 
+// The TLS handshake on a connected plaintext socket, as the client: the
+// server's certificate must chain to `tls`'s CAs and name `verify_host` (a
+// DNS name, or an IP address matched against the certificate's IP
+// entries), which is also sent as SNI. UNAVAILABLE with OpenSSL's reason
+// (the verification error where there is one) when it fails,
+// DEADLINE_EXCEEDED at `deadline`. `tls` must be a client context.
+absl::Status StartClientTls(FrameSocket& socket, const FrameTlsContext& tls,
+                            const std::string& verify_host, absl::Time deadline);
+// The same as the server, on an accepted socket; a client certificate is
+// checked as `tls` says. `tls` must be a server context.
+absl::Status StartServerTls(FrameSocket& socket, const FrameTlsContext& tls, absl::Time deadline);
+
 // Writes one frame with `payload` (one send for header and payload).
-absl::Status WriteFrame(int fd, std::string_view payload, absl::Time deadline);
+absl::Status WriteFrame(FrameSocket& socket, std::string_view payload, absl::Time deadline);
 // Serializes `message` and writes it as one frame.
-absl::Status WriteMessageFrame(int fd, const google::protobuf::MessageLite& message,
+absl::Status WriteMessageFrame(FrameSocket& socket, const google::protobuf::MessageLite& message,
                                absl::Time deadline);
 
 // Reads one frame's payload into `*payload`; DATA_LOSS if its length is over
 // `max_bytes` (nothing more is read: the socket is then useless).
-absl::Status ReadFrame(int fd, size_t max_bytes, absl::Time deadline, std::string* payload);
+absl::Status ReadFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
+                       std::string* payload);
 // Reads one frame and parses it into `message`.
-absl::Status ReadMessageFrame(int fd, size_t max_bytes, absl::Time deadline,
+absl::Status ReadMessageFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
                               google::protobuf::MessageLite* message);
 
-// Blocks until `fd` is readable or `deadline`; true when readable (or
-// closed: the next read says so).
-bool WaitReadable(int fd, absl::Time deadline);
+// Blocks until `socket` has something to read or `deadline`; true when it
+// has (or is closed: the next read says so).
+bool WaitReadable(FrameSocket& socket, absl::Time deadline);
 
 }  // namespace switchyard::rpc
 

@@ -6,6 +6,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/ssl.h>
 #include <openssl/x509.h>
 
 #include <cerrno>
@@ -174,7 +175,111 @@ absl::StatusOr<std::string> LoadCa(const std::string& path) {
   return ca.value();
 }
 
+// Puts the (already checked) certificate chain and key of `pair` into `ctx`.
+absl::Status UseKeyCertPair(SSL_CTX* ctx, const KeyCertPair& pair) {
+  OpenSslErrorQueueGuard guard;
+  UniqueBio certs(
+      BIO_new_mem_buf(pair.cert_chain.data(), static_cast<int>(pair.cert_chain.size())));
+  UniqueBio key_bio(
+      BIO_new_mem_buf(pair.key.value().data(), static_cast<int>(pair.key.value().size())));
+  if (certs == nullptr || key_bio == nullptr) {
+    return absl::ResourceExhaustedError("out of memory reading a certificate");
+  }
+  UniqueX509 leaf(PEM_read_bio_X509(certs.get(), nullptr, nullptr, nullptr));
+  UniquePkey key(PEM_read_bio_PrivateKey(key_bio.get(), nullptr, RefusePassphrase, nullptr));
+  if (leaf == nullptr || key == nullptr || SSL_CTX_use_certificate(ctx, leaf.get()) != 1 ||
+      SSL_CTX_use_PrivateKey(ctx, key.get()) != 1) {
+    return absl::InternalError("OpenSSL refused the frame socket's certificate or key");
+  }
+  while (X509* intermediate = PEM_read_bio_X509(certs.get(), nullptr, nullptr, nullptr)) {
+    if (SSL_CTX_add0_chain_cert(ctx, intermediate) != 1) {
+      X509_free(intermediate);
+      return absl::InternalError("OpenSSL refused the frame socket's certificate chain");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Trusts every certificate of `ca_pem` (already checked) in `ctx`.
+absl::Status TrustCa(SSL_CTX* ctx, const std::string& ca_pem, const std::string& path) {
+  SY_ASSIGN_OR_RETURN(std::vector<UniqueX509> certs,
+                      ParseCertificates(ca_pem, path, "TLS CA file"));
+  OpenSslErrorQueueGuard guard;
+  X509_STORE* store = SSL_CTX_get_cert_store(ctx);
+  for (const UniqueX509& cert : certs) {
+    if (X509_STORE_add_cert(store, cert.get()) != 1) {
+      return absl::InternalError(absl::StrCat("OpenSSL refused a CA of ", Quoted(path)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// A context for one side of frame sockets: TLS 1.2 at least, no session
+// tickets or renegotiation (an idle connection must carry no bytes), an end
+// of stream without close_notify read as a close, partial writes.
+absl::StatusOr<std::shared_ptr<const FrameTlsContext>> NewFrameTlsContext(bool server) {
+  OpenSslErrorQueueGuard guard;
+  SSL_CTX* ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+  if (ctx == nullptr) return absl::InternalError("OpenSSL could not make a TLS context");
+  auto context = std::make_shared<const FrameTlsContext>(ctx, server);
+  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+  SSL_CTX_set_options(ctx,
+                      SSL_OP_NO_TICKET | SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF);
+  SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  // Read whatever has arrived (up to 256 KiB), several records at once,
+  // rather than each record's header and then its body: fewer reads for a
+  // large frame.
+  SSL_CTX_set_read_ahead(ctx, 1);
+  SSL_CTX_set_default_read_buffer_len(ctx, 256 << 10);
+  if (server) SSL_CTX_set_num_tickets(ctx, 0);
+  return context;
+}
+
 }  // namespace
+
+absl::StatusOr<std::shared_ptr<const FrameTlsContext>> FrameServerTlsFromFiles(
+    const TlsFiles& files, bool require_client_cert) {
+  if (files.cert_file.empty() || files.key_file.empty()) {
+    return absl::InvalidArgumentError("a TLS server needs both a certificate file and a key file");
+  }
+  if (require_client_cert && files.ca_file.empty()) {
+    return absl::InvalidArgumentError(
+        "requiring client certificates needs a CA file to verify them against");
+  }
+  SY_ASSIGN_OR_RETURN(KeyCertPair pair, LoadKeyCertPair(files));
+  SY_ASSIGN_OR_RETURN(std::shared_ptr<const FrameTlsContext> context, NewFrameTlsContext(true));
+  SY_RETURN_IF_ERROR(UseKeyCertPair(context->get(), pair));
+  if (!files.ca_file.empty()) {
+    SY_ASSIGN_OR_RETURN(const std::string ca, LoadCa(files.ca_file));
+    SY_RETURN_IF_ERROR(TrustCa(context->get(), ca, files.ca_file));
+    // As the gRPC server: a certificate sent is verified; required with mTLS.
+    SSL_CTX_set_verify(
+        context->get(),
+        SSL_VERIFY_PEER | (require_client_cert ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0), nullptr);
+  }
+  return context;
+}
+
+absl::StatusOr<std::shared_ptr<const FrameTlsContext>> FrameClientTlsFromFiles(
+    const TlsFiles& files) {
+  if (files.cert_file.empty() != files.key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "a TLS client certificate needs both a certificate file and a key file");
+  }
+  SY_ASSIGN_OR_RETURN(std::shared_ptr<const FrameTlsContext> context, NewFrameTlsContext(false));
+  if (files.ca_file.empty()) {
+    SSL_CTX_set_default_verify_paths(context->get());
+  } else {
+    SY_ASSIGN_OR_RETURN(const std::string ca, LoadCa(files.ca_file));
+    SY_RETURN_IF_ERROR(TrustCa(context->get(), ca, files.ca_file));
+  }
+  SSL_CTX_set_verify(context->get(), SSL_VERIFY_PEER, nullptr);
+  if (!files.cert_file.empty()) {
+    SY_ASSIGN_OR_RETURN(KeyCertPair pair, LoadKeyCertPair(files));
+    SY_RETURN_IF_ERROR(UseKeyCertPair(context->get(), pair));
+  }
+  return context;
+}
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentialsFromFiles(
     const TlsFiles& files, bool require_client_cert) {

@@ -1,6 +1,7 @@
 // Transport security from PEM files: TLS and mutual TLS credentials for
 // Switchyard servers (gateway, experts) and their clients (gateway -> expert
-// channels, the `switchyard` CLI).
+// channels, the `switchyard` CLI), and the same for the expert frame sockets
+// (rpc/frame_socket.h), which speak TLS through OpenSSL rather than gRPC.
 //
 // Every file is read and checked when the credentials are built, so a bad
 // deployment fails at start-up with an error naming the file (missing,
@@ -24,6 +25,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "rpc/frame_socket.h"
 
 namespace switchyard::rpc {
 
@@ -53,6 +55,16 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentialsFromFi
 // key_file, both or neither: the client certificate for mutual TLS.
 // Errors as for ServerCredentialsFromFiles.
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFromFiles(
+    const TlsFiles& files);
+
+// The frame socket's counterparts of the two above: the same files, checks,
+// errors and client-certificate rule. The server side sends no session
+// tickets; the client side verifies the server's certificate against
+// ca_file (empty: the system's default CAs) and the host it is given at
+// each handshake (StartClientTls).
+absl::StatusOr<std::shared_ptr<const FrameTlsContext>> FrameServerTlsFromFiles(
+    const TlsFiles& files, bool require_client_cert);
+absl::StatusOr<std::shared_ptr<const FrameTlsContext>> FrameClientTlsFromFiles(
     const TlsFiles& files);
 
 }  // namespace switchyard::rpc

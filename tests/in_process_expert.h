@@ -94,12 +94,14 @@ struct InProcessExpert {
   }
   void Stop() { Stop(stop_grace); }
 
-  // Starts a frame socket on `listen` for the running service and reports
-  // it in ShardInfo (a new one replaces the last: a shard restarted with
-  // its gRPC address kept).
-  absl::Status ServeFrames(const std::string& listen = "127.0.0.1:0") {
+  // Starts a frame socket on `listen` for the running service (TLS with
+  // `tls`) and reports it in ShardInfo (a new one replaces the last: a shard
+  // restarted with its gRPC address kept).
+  absl::Status ServeFrames(const std::string& listen = "127.0.0.1:0",
+                           std::shared_ptr<const rpc::FrameTlsContext> tls = nullptr) {
     StopFrames();
-    auto started = ForwardFrameServer::Start(service.get(), {.listen = listen});
+    auto started =
+        ForwardFrameServer::Start(service.get(), {.listen = listen, .tls = std::move(tls)});
     if (!started.ok()) return started.status();
     frames = *std::move(started);
     service->SetFrameEndpoint(frames->endpoint());
@@ -135,10 +137,11 @@ struct InProcessExpert {
 
   // Starts the service over the last backend of `compute` and a server on
   // `listen` ("127.0.0.1:0": a free port; "unix:/path"), behind an
-  // ObservedExpertService when `observe`.
+  // ObservedExpertService when `observe`; TLS with `credentials`.
   absl::Status Serve(const ModelConfig& config, ShardDescription description,
                      ExpertServerOptions options, const std::string& listen = "127.0.0.1:0",
-                     bool observe = false) {
+                     bool observe = false,
+                     std::shared_ptr<grpc::ServerCredentials> credentials = nullptr) {
     if (compute.empty()) return absl::FailedPreconditionError("InProcessExpert: no compute");
     service = std::make_unique<ExpertServiceImpl>(config, compute.back().get(),
                                                   std::move(description), std::move(options));
@@ -149,6 +152,7 @@ struct InProcessExpert {
     }
     rpc::ServerOptions server_options;
     server_options.listen_address = listen;
+    server_options.credentials = std::move(credentials);
     auto started = rpc::RunningServer::Start(server_options, {front});
     if (!started.ok()) return started.status();
     server = *std::move(started);

@@ -208,14 +208,9 @@ def mutations():
         else:
             c["args"] = c["args"] + ["--device=cuda"]
 
-    def frames_blocked(docs):  # frames on with TLS, or a frame port the policy keeps closed
-        c = container(docs, "switchyard-expert-3")
-        if "--frame-listen=off" in c["args"]:
-            c["args"] = ["--frame-listen=0.0.0.0:50062" if a == "--frame-listen=off" else a
-                         for a in c["args"]]
-        else:
-            rule = find(docs, "NetworkPolicy", "switchyard-expert")["spec"]["ingress"][0]
-            rule["ports"] = [p for p in rule["ports"] if p["port"] != 50062]
+    def frames_blocked(docs):  # a frame port the policy keeps closed
+        rule = find(docs, "NetworkPolicy", "switchyard-expert")["spec"]["ingress"][0]
+        rule["ports"] = [p for p in rule["ports"] if p["port"] != 50062]
 
     def probe_transport(docs):  # a gRPC probe of a TLS server, or the reverse
         c = container(docs, "switchyard-gateway")

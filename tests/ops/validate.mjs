@@ -363,18 +363,13 @@ function checkSwitchyard(name, objects, problems) {
       }
       if (grpcPort && portOf(a.get("listen")) !== grpcPort) problems.push(`${cw}: --listen is not on the grpc port`);
       if (metricsPort && portOf(a.get("metrics-listen")) !== metricsPort) problems.push(`${cw}: --metrics-listen is not on the metrics port`);
-      // Experts: the frame socket the gateway sends a pod's calls to. On a
-      // fixed port (the NetworkPolicy must open it; the default is a free
-      // one) unless TLS turns it off: frames are plaintext, and an expert
-      // given both refuses to start.
+      // Experts: the frame socket the gateway sends a pod's calls to (TLS
+      // where the gRPC port is), on a fixed port: the NetworkPolicy must
+      // open it, and the default is a free one.
       if (d.metadata.labels?.["app.kubernetes.io/component"] === "expert") {
         const frameListen = a.get("frame-listen");
         const framesPort = (c.ports || []).find((p) => p.name === "frames")?.containerPort;
-        if (servesTls) {
-          if (frameListen !== undefined && frameListen !== "off") {
-            problems.push(`${cw}: --frame-listen=${frameListen} with --tls-cert: frames are plaintext, the expert refuses to start`);
-          }
-        } else if (!framesPort) {
+        if (!framesPort) {
           problems.push(`${cw}: no port named frames`);
         } else if (portOf(frameListen) !== framesPort) {
           problems.push(`${cw}: --frame-listen is not on the frames port ${framesPort}`);

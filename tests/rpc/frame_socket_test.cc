@@ -39,20 +39,19 @@ TEST(FrameSocketTest, AMessageRoundTripsWhole) {
   batch->set_layer(3);
   batch->mutable_hidden_states()->set_data(std::string(100000, 'x'));  // several sends
   // The writer runs beside the reader: the frame is larger than the pair's buffer.
-  std::thread writer(
-      [&, fd = a.fd()] { EXPECT_TRUE(WriteMessageFrame(fd, sent, In(absl::Seconds(10))).ok()); });
+  std::thread writer([&] { EXPECT_TRUE(WriteMessageFrame(a, sent, In(absl::Seconds(10))).ok()); });
   v1::ForwardStreamRequest got;
-  const absl::Status s = ReadMessageFrame(b.fd(), 1 << 20, In(absl::Seconds(10)), &got);
+  const absl::Status s = ReadMessageFrame(b, 1 << 20, In(absl::Seconds(10)), &got);
   writer.join();
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(got.SerializeAsString(), sent.SerializeAsString());
   // Raw frames too, an empty one included.
-  ASSERT_TRUE(WriteFrame(a.fd(), "", In(absl::Seconds(1))).ok());
-  ASSERT_TRUE(WriteFrame(a.fd(), "token", In(absl::Seconds(1))).ok());
+  ASSERT_TRUE(WriteFrame(a, "", In(absl::Seconds(1))).ok());
+  ASSERT_TRUE(WriteFrame(a, "token", In(absl::Seconds(1))).ok());
   std::string payload = "stale";
-  ASSERT_TRUE(ReadFrame(b.fd(), 16, In(absl::Seconds(1)), &payload).ok());
+  ASSERT_TRUE(ReadFrame(b, 16, In(absl::Seconds(1)), &payload).ok());
   EXPECT_EQ(payload, "");
-  ASSERT_TRUE(ReadFrame(b.fd(), 16, In(absl::Seconds(1)), &payload).ok());
+  ASSERT_TRUE(ReadFrame(b, 16, In(absl::Seconds(1)), &payload).ok());
   EXPECT_EQ(payload, "token");
 }
 
@@ -61,49 +60,49 @@ TEST(FrameSocketTest, ReadsFailNamingWhy) {
   {  // nothing comes: the deadline
     auto [a, b] = Pair();
     const auto start = std::chrono::steady_clock::now();
-    const absl::Status s = ReadFrame(b.fd(), 16, In(absl::Milliseconds(50)), &payload);
+    const absl::Status s = ReadFrame(b, 16, In(absl::Milliseconds(50)), &payload);
     const double ms =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     std::printf("[ deadline ] 50 ms deadline, returned after %.1f ms\n", ms);
     EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
     EXPECT_GE(ms, 45.0);
     EXPECT_LT(ms, 2000.0);
-    EXPECT_FALSE(WaitReadable(b.fd(), In(absl::Milliseconds(10))));
+    EXPECT_FALSE(WaitReadable(b, In(absl::Milliseconds(10))));
   }
   {  // the peer closes, also in the middle of a frame
     auto [a, b] = Pair();
     ASSERT_EQ(send(a.fd(), "SYF1\x10\0\0\0abc", 11, MSG_NOSIGNAL), 11);
     a.Close();
-    const absl::Status s = ReadFrame(b.fd(), 64, In(absl::Seconds(1)), &payload);
+    const absl::Status s = ReadFrame(b, 64, In(absl::Seconds(1)), &payload);
     EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr("closed by the peer"));
   }
   {  // not our protocol
     auto [a, b] = Pair();
     ASSERT_EQ(send(a.fd(), "HTTP/1.1 200 OK\r\n", 17, MSG_NOSIGNAL), 17);
-    const absl::Status s = ReadFrame(b.fd(), 64, In(absl::Seconds(1)), &payload);
+    const absl::Status s = ReadFrame(b, 64, In(absl::Seconds(1)), &payload);
     EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr("bad magic"));
   }
   {  // over the limit: refused before it is read
     auto [a, b] = Pair();
-    ASSERT_TRUE(WriteFrame(a.fd(), std::string(100, 'x'), In(absl::Seconds(1))).ok());
-    const absl::Status s = ReadFrame(b.fd(), 99, In(absl::Seconds(1)), &payload);
+    ASSERT_TRUE(WriteFrame(a, std::string(100, 'x'), In(absl::Seconds(1))).ok());
+    const absl::Status s = ReadFrame(b, 99, In(absl::Seconds(1)), &payload);
     EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr("100 bytes is over the limit of 99"));
   }
   {  // a frame that is not the message expected
     auto [a, b] = Pair();
-    ASSERT_TRUE(WriteFrame(a.fd(), "\xff\xff\xff", In(absl::Seconds(1))).ok());
+    ASSERT_TRUE(WriteFrame(a, "\xff\xff\xff", In(absl::Seconds(1))).ok());
     v1::ForwardStreamResponse response;
-    const absl::Status s = ReadMessageFrame(b.fd(), 64, In(absl::Seconds(1)), &response);
+    const absl::Status s = ReadMessageFrame(b, 64, In(absl::Seconds(1)), &response);
     EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr("ForwardStreamResponse"));
   }
   {  // writing to a closed peer: an error, not SIGPIPE
     auto [a, b] = Pair();
     b.Close();
-    const absl::Status s = WriteFrame(a.fd(), "x", In(absl::Seconds(1)));
+    const absl::Status s = WriteFrame(a, "x", In(absl::Seconds(1)));
     EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
   }
 }
@@ -123,12 +122,12 @@ TEST(FrameSocketTest, ListensDialsAndAccepts) {
     std::thread server([&, fd = listener->fd()] {
       absl::StatusOr<FrameSocket> accepted = AcceptFrames(fd);
       ASSERT_TRUE(accepted.ok()) << accepted.status();
-      EXPECT_TRUE(WriteFrame(accepted->fd(), "hello", In(absl::Seconds(5))).ok());
+      EXPECT_TRUE(WriteFrame(*accepted, "hello", In(absl::Seconds(5))).ok());
     });
     absl::StatusOr<FrameSocket> dialed = DialFrames(address, In(absl::Seconds(5)));
     ASSERT_TRUE(dialed.ok()) << dialed.status();
     std::string greeting;
-    const absl::Status read = ReadFrame(dialed->fd(), 16, In(absl::Seconds(5)), &greeting);
+    const absl::Status read = ReadFrame(*dialed, 16, In(absl::Seconds(5)), &greeting);
     server.join();
     EXPECT_TRUE(read.ok()) << read;
     EXPECT_EQ(greeting, "hello") << listen;

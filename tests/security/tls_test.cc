@@ -1,11 +1,13 @@
 // Transport security and token auth, in-process over real gRPC on loopback:
 // TLS and mutual TLS on the gateway's public API, mutual TLS between the
-// gateway and expert shards, bearer-token auth of the Generation API, and
-// the errors for bad certificate, key and token files.
+// gateway and expert shards (gRPC and frame sockets, a dns:/// name's pods
+// included), bearer-token auth of the Generation API, and the errors for bad
+// certificate, key and token files.
 //
 // Certificates are made by the `openssl` command in a temporary folder: a CA
-// with a server certificate (localhost, 127.0.0.1) and a client certificate,
-// and an unrelated "wrong" CA with its own server and client certificates.
+// with a server certificate (localhost, 127.0.0.1), a client certificate and
+// a Kubernetes-style one naming only a Service, and an unrelated "wrong" CA
+// with its own server and client certificates.
 #include "rpc/tls.h"
 
 #include <grpcpp/generic/generic_stub.h>
@@ -37,83 +39,32 @@
 #include "rpc/auth.h"
 #include "rpc/server.h"
 #include "switchyard/v1/generation.grpc.pb.h"
+#include "tests/security/test_pki.h"
 #include "tests/test_util.h"
 
 namespace switchyard {
 namespace {
 
+using testing::ClientFiles;
 using ::testing::HasSubstr;
 using ::testing::Not;
+using testing::Pki;
+using testing::PkiDir;
+using testing::ServerFiles;
+using testing::WriteFile;
 
 constexpr char kToken[] = "s3cr3t-T0ken_for.switchyard~tests";
 constexpr char kSecondToken[] = "second-token-0123456789";
 constexpr char kWrongToken[] = "wr0ng-token-that-must-never-be-echoed";
 
-// Makes the test PKI with the openssl command line.
-constexpr char kMakeCertificates[] = R"sh(
-set -eu
-mkca() {
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$1.key" -out "$1.pem" -days 2 -subj "/CN=$1" \
-    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
-}
-mkcert() {  # name ca extensions
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$1.key" -out "$1.csr" -subj "/CN=$1"
-  printf "$3" > "$1.ext"
-  openssl x509 -req -in "$1.csr" -CA "$2.pem" -CAkey "$2.key" -CAcreateserial \
-    -out "$1.pem" -days 2 -extfile "$1.ext"
-}
-SERVER='basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n'
-CLIENT='basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n'
-mkca ca
-mkca wrong-ca
-mkcert server ca "$SERVER"
-mkcert client ca "$CLIENT"
-mkcert wrong-server wrong-ca "$SERVER"
-mkcert wrong-client wrong-ca "$CLIENT"
-)sh";
-
-void WriteFile(const std::string& path, const std::string& contents) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << contents;
-}
-
-// The folder with the certificates, made once per test binary.
-const std::string& PkiDir() {
-  static const std::string* dir = [] {
-    auto* d =
-        new std::string(absl::StrCat(::testing::TempDir(), "/switchyard_tls_test_", getpid()));
-    std::filesystem::create_directories(*d);
-    WriteFile(*d + "/make.sh", kMakeCertificates);
-    const std::string command = absl::StrCat("cd '", *d, "' && bash make.sh > make.log 2>&1");
-    const int rc = std::system(command.c_str());
-    EXPECT_EQ(rc, 0) << "making certificates failed:\n" << testing::ReadAll(*d + "/make.log");
-    WriteFile(*d + "/tokens.txt", absl::StrCat("\n  ", kToken, "  \r\n\n", kSecondToken, "\n"));
-    return d;
+// The bearer-token file of the token tests, beside the certificates.
+const std::string& TokensFile() {
+  static const std::string* path = [] {
+    auto* p = new std::string(Pki("tokens.txt"));
+    WriteFile(*p, absl::StrCat("\n  ", kToken, "  \r\n\n", kSecondToken, "\n"));
+    return p;
   }();
-  return *dir;
-}
-
-std::string Pki(const std::string& name) { return PkiDir() + "/" + name; }
-
-// Removes the certificates (private keys included) after the tests.
-class PkiCleanup : public ::testing::Environment {
- public:
-  void TearDown() override {
-    std::error_code ec;
-    std::filesystem::remove_all(
-        absl::StrCat(::testing::TempDir(), "/switchyard_tls_test_", getpid()), ec);
-  }
-};
-[[maybe_unused]] ::testing::Environment* const kPkiCleanup =
-    ::testing::AddGlobalTestEnvironment(new PkiCleanup);
-
-rpc::TlsFiles ServerFiles() {
-  return {.cert_file = Pki("server.pem"), .key_file = Pki("server.key"), .ca_file = Pki("ca.pem")};
-}
-rpc::TlsFiles ClientFiles() {
-  return {.cert_file = Pki("client.pem"), .key_file = Pki("client.key"), .ca_file = Pki("ca.pem")};
+  return *path;
 }
 
 std::shared_ptr<grpc::ChannelCredentials> ClientCredentials(const rpc::TlsFiles& files) {
@@ -373,10 +324,10 @@ TEST(BearerTokenTest, TokenFileErrorsNameFileAndLineButNotTheToken) {
 }
 
 TEST(BearerTokenTest, ReadsEveryTokenTrimmed) {
-  auto tokens = rpc::ReadBearerTokens(Pki("tokens.txt"));
+  auto tokens = rpc::ReadBearerTokens(TokensFile());
   ASSERT_TRUE(tokens.ok()) << tokens.status();
   EXPECT_EQ(*tokens, (std::vector<std::string>{kToken, kSecondToken}));
-  auto first = rpc::ReadBearerTokenFile(Pki("tokens.txt"));
+  auto first = rpc::ReadBearerTokenFile(TokensFile());
   ASSERT_TRUE(first.ok());
   EXPECT_EQ(*first, kToken);
 }
@@ -628,7 +579,7 @@ class TokenAuthTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     GatewayOptions options;
-    options.auth_token_file = Pki("tokens.txt");
+    options.auth_token_file = TokensFile();
     gateway_ = StartGateway(options).release();
     ASSERT_NE(gateway_, nullptr);
   }
@@ -756,7 +707,7 @@ TEST(TokenAuthOverTlsTest, CallCredentialsCarryTheToken) {
   GatewayOptions options;
   options.tls_cert_file = Pki("server.pem");
   options.tls_key_file = Pki("server.key");
-  options.auth_token_file = Pki("tokens.txt");
+  options.auth_token_file = TokensFile();
   std::unique_ptr<Gateway> gateway = StartGateway(options);
   ASSERT_NE(gateway, nullptr);
   auto tls = ClientCredentials({.ca_file = Pki("ca.pem")});

@@ -1588,17 +1588,17 @@ TEST_F(ExpertServiceTest, AFrameSocketRefusesGarbageAndKeepsServing) {
   {
     auto socket = rpc::DialFrames(address, deadline);
     ASSERT_TRUE(socket.ok()) << socket.status();
-    ASSERT_TRUE(rpc::ReadFrame(socket->fd(), 1024, deadline, &greeting).ok());
+    ASSERT_TRUE(rpc::ReadFrame(*socket, 1024, deadline, &greeting).ok());
     EXPECT_EQ(greeting, endpoint.token);
     ASSERT_EQ(send(socket->fd(), "GET / HTTP/1.1\r\n\r\n", 18, MSG_NOSIGNAL), 18);
     std::string reply;
-    const absl::Status s = rpc::ReadFrame(socket->fd(), 1024, deadline, &reply);
+    const absl::Status s = rpc::ReadFrame(*socket, 1024, deadline, &reply);
     EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
   }
   // A well-formed request for an expert it does not hold, then one it does.
   auto socket = rpc::DialFrames(address, deadline);
   ASSERT_TRUE(socket.ok()) << socket.status();
-  ASSERT_TRUE(rpc::ReadFrame(socket->fd(), 1024, deadline, &greeting).ok());
+  ASSERT_TRUE(rpc::ReadFrame(*socket, 1024, deadline, &greeting).ok());
   const std::vector<float> x = RandomRows(3, 190);
   v1::ForwardStreamRequest request;
   request.set_id(41);
@@ -1608,9 +1608,9 @@ TEST_F(ExpertServiceTest, AFrameSocketRefusesGarbageAndKeepsServing) {
     batch->set_expert(expert);
     rpc::EncodeMatrix(x.data(), 3, kD, v1::DTYPE_F32, batch->mutable_hidden_states());
   }
-  ASSERT_TRUE(rpc::WriteMessageFrame(socket->fd(), request, deadline).ok());
+  ASSERT_TRUE(rpc::WriteMessageFrame(*socket, request, deadline).ok());
   v1::ForwardStreamResponse response;
-  const absl::Status read = rpc::ReadMessageFrame(socket->fd(), 1 << 20, deadline, &response);
+  const absl::Status read = rpc::ReadMessageFrame(*socket, 1 << 20, deadline, &response);
   ASSERT_TRUE(read.ok()) << read;
   EXPECT_EQ(response.id(), 41u);
   ASSERT_EQ(response.results_size(), 2);
@@ -1747,11 +1747,6 @@ TEST(ExpertProcessTest, BadOptionsAreRefusedNamingTheFlag) {
       {[](auto& o) { o.precision = "bf16"; }, "--precision bf16: the CPU computes in f32"},
       {[](auto& o) { o.model_dir = "/nonexistent-model"; }, "/nonexistent-model"},
       {[](auto& o) { o.frame_listen = "nowhere"; }, "--frame-listen: frame address 'nowhere'"},
-      {[](auto& o) {
-         o.tls = {.cert_file = "c.pem", .key_file = "k.pem"};
-         o.frame_listen = "127.0.0.1:0";
-       },
-       "--frame-listen: the frame socket is plaintext"},
   };
   for (const Case& c : cases) {
     ExpertProcessOptions options;
