@@ -73,7 +73,8 @@ DnsExpansion ExpandDnsTargets(const ExpertTopology& configured, const ExpertTarg
       if (auto it = out.addresses.find(target); it != out.addresses.end()) {
         for (const std::string& a : it->second) {
           add(a);
-          out.topology.tls_names[a] = name->host;  // its certificate names the Service
+          // Its certificate names the Service (the first, if two share it).
+          out.topology.tls_names.try_emplace(a, name->host);
         }
       } else {
         add(target);

@@ -9,10 +9,10 @@
 // every address becomes a replica of its own (an "IP:PORT" target, which
 // takes frames or a ForwardStream and is balanced by outstanding calls; with
 // TLS its certificate must still name the Service, as it would for gRPC
-// dialling the name: ExpertTopology::tls_names), and a refresher resolves the names again
-// every period and applies what changed as a live topology change
-// (RemoteExpertBackend::ApplyTopology: a new pod is checked before it takes a
-// call, a pod that left is drained).
+// dialling the name: ExpertTopology::tls_names), and a refresher resolves
+// the names again every period and applies what changed as a live topology
+// change (RemoteExpertBackend::ApplyTopology: a new pod is checked before it
+// takes a call, a pod that left is drained).
 //
 // A name that does not resolve keeps the addresses it had (a DNS hiccup or an
 // expert scaled to zero for a moment must not drop live replicas); one that
@@ -49,7 +49,8 @@ ExpertTargetResolver SystemExpertTargetResolver();
 struct DnsExpansion {
   // The topology with every expandable name replaced by its addresses (each
   // address once per expert, sorted), other targets as they were; each
-  // address's tls_names entry is its name's host.
+  // address's tls_names entry is its name's host (the first name's, for an
+  // address two names share).
   ExpertTopology topology;
   // What each name stood for in this expansion (its last addresses where it
   // did not resolve); names that never resolved are absent.

@@ -96,9 +96,6 @@ absl::Status ValidateTopology(const ExpertTopology& topology, int num_experts,
   return absl::OkStatus();
 }
 
-// Where to dial the frame socket a shard at `target` offers ("" for none):
-// a unix target's socket path, or the host of a HOST:PORT target with the
-// shard's frame port. Other target forms (dns:///, ipv4: lists) stay on gRPC.
 // The host a target's TLS certificate must name by default: HOST of
 // "HOST:PORT", "localhost" for unix:PATH (as gRPC's authority), else the
 // target itself (a name gRPC resolves).
@@ -108,6 +105,9 @@ std::string TargetHost(const std::string& target) {
   return hp.ok() ? hp->host : target;
 }
 
+// Where to dial the frame socket a shard at `target` offers ("" for none):
+// a unix target's socket path, or the host of a HOST:PORT target with the
+// shard's frame port. Other target forms (dns:///, ipv4: lists) stay on gRPC.
 std::string FrameAddress(const std::string& target, const v1::ShardInfo& info) {
   if (absl::StartsWith(target, "unix:")) {
     return info.frame_unix_path().empty() ? "" : absl::StrCat("unix:", info.frame_unix_path());

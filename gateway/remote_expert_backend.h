@@ -183,7 +183,7 @@ struct RemoteExpertOptions {
   // encrypts and decrypts its frames itself, where gRPC spreads that work
   // over its threads: bench/dispatch_bench's tls:1 cases (Mixtral shapes,
   // BF16 both ways, 2 experts, 2 vCPUs) had frames ahead up to 128 rows
-  // (2 MiB) and 1.3-1.5x behind at 256. Default 2 MiB; 0: no limit.
+  // (2 MiB) and 1.2-1.6x behind at 256. Default 2 MiB; 0: no limit.
   int64_t tls_frames_max_bytes = int64_t{2} << 20;
   // Called when each Forward attempt (one batch) completes, from the thread
   // that completed it (a gRPC thread, or RunLayer's own for frames): the

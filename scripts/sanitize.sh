@@ -4,16 +4,17 @@
 # on any test failure or sanitizer report (memory error, leak, undefined
 # behaviour, data race, lock-order inversion).
 #   ASan + UBSan: scheduler_test gateway_test engine_test sampler_test
-#                 health_service_test metrics_test, and the CUDA kernels on
+#                 health_service_test metrics_test frame_tls_test, and the CUDA kernels on
 #                 their CPU emulator (device_emulation_test
 #                 cuda_kernels_emulated_test: a kernel's out-of-bounds
 #                 device access is a heap overflow there), where the CUDA
 #                 toolkit's headers are installed. The whole CUDA runner on
 #                 the emulator (cuda_parity_emulated_test, ~2.5 min under
 #                 ASan) is left to `ASAN_TESTS=cuda_parity_emulated_test`.
-#   TSan:         scheduler_test metrics_test worker_pool_test (the suites
-#                 with threads: the scheduler's loop and its callers, the
-#                 /metrics server, core/worker_pool; engine_test and
+#   TSan:         scheduler_test metrics_test worker_pool_test frame_tls_test
+#                 (the suites with threads: the scheduler's loop and its
+#                 callers, the /metrics server, core/worker_pool, a TLS frame
+#                 socket read and written at once; engine_test and
 #                 sampler_test run on one thread, so TSan would only slow
 #                 them down; so would scheduler_test's one single-request
 #                 ~4000-token prefill, left out under TSan)
@@ -54,8 +55,9 @@ flaky=()
 for kind in "${kinds[@]}"; do
   case $kind in
     address) build=build-asan filter='*'
-      tests=(${ASAN_TESTS:-scheduler_test gateway_test engine_test sampler_test health_service_test metrics_test}) ;;
-    thread) build=build-tsan; tests=(${TSAN_TESTS:-scheduler_test metrics_test worker_pool_test})
+      tests=(${ASAN_TESTS:-scheduler_test gateway_test engine_test sampler_test health_service_test metrics_test frame_tls_test}) ;;
+    # frame_tls_test: a TLS session read by one thread while another writes it.
+    thread) build=build-tsan; tests=(${TSAN_TESTS:-scheduler_test metrics_test worker_pool_test frame_tls_test})
       # One request prefilling ~4000 tokens, no second thread to race with:
       # under TSan a third of scheduler_test's time (50 s), all in attention.
       # ASan and ctest run it.

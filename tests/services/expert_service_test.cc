@@ -1970,6 +1970,12 @@ TEST(ExpertDnsTest, NamesBecomeTheirSortedAddressesAndOtherTargetsStay) {
   EXPECT_EQ(e.topology.replicas.at(2), configured.replicas.at(2));
   EXPECT_TRUE(e.problems.empty()) << absl::StrJoin(e.problems, "; ");
   EXPECT_EQ(e.addresses.size(), 2u);
+  // With TLS each address must show a certificate for its name; the shared
+  // one for the first name that has it.
+  EXPECT_EQ(e.topology.tls_names,
+            (std::map<std::string, std::string>{{"10.0.0.2:50061", "experts.ns.svc"},
+                                                {"10.0.0.9:50061", "experts.ns.svc"},
+                                                {"[fd00::5]:50061", "other.ns.svc"}}));
   // Each name is resolved once, with its port.
   EXPECT_EQ(dns.asked, (std::vector<std::string>{"experts.ns.svc:50061", "other.ns.svc:50061"}));
   EXPECT_TRUE(IsExpandableDnsTarget("dns:///experts.ns.svc:50061"));
