@@ -34,8 +34,8 @@ const switchyard::CommandSpec& Spec() {
            "(0: never; 0..86400000)"},
           {"expert-dns-refresh-ms", true, "5000",
            "resolve dns:///NAME:PORT expert targets this often, each address a replica of its "
-           "own (frames per pod); 0: leave names to gRPC; plaintext expert calls only "
-           "(0..86400000)"},
+           "own (frames per pod; with --expert-tls-ca each pod's certificate must name NAME); "
+           "0: leave names to gRPC (0..86400000)"},
           {"kv-cache-tokens", true, "from --kv-cache-memory",
            "KV cache size in tokens (16..2^30); not with --kv-cache-memory"},
           {"kv-cache-memory", true, "50% of MemAvailable (cuda: of free GPU memory)",
@@ -52,8 +52,9 @@ const switchyard::CommandSpec& Spec() {
           {"expert-timeout-ms", true, "10000", "deadline of each expert call (1..86400000)"},
           {"wire-dtype", true, "f32", "activations to the experts as f32 or bf16"},
           {"expert-transport", true, "frames",
-           "expert calls on each shard's frame socket (frames; gRPC where a shard offers none, "
-           "and with TLS) or only on gRPC (grpc)"},
+           "expert calls on each shard's frame socket (frames, TLS with --expert-tls-ca; gRPC "
+           "where a shard offers none, and with TLS for requests over 2 MiB) or only on gRPC "
+           "(grpc)"},
           {"micro-batches", true, "0: auto, 2 when an expert is on another host, else 1",
            "split a step of 2+ sequences (at most 16 tokens, any number with BF16 weights on "
            "amx/avx512 CPU kernels) into up to N micro-batches whose attention and expert calls "
@@ -75,7 +76,7 @@ const switchyard::CommandSpec& Spec() {
           {"auth-token-file", true, "no auth",
            "require 'authorization: Bearer TOKEN', TOKEN a line of the file"},
           {"expert-tls-ca", true, "plaintext",
-           "TLS to the experts, verifying them against this CA"},
+           "TLS to the experts (gRPC and frames), verifying them against this CA"},
           {"expert-tls-cert", true, "", "client certificate for the experts (mutual TLS)"},
           {"expert-tls-key", true, "", "the private key of --expert-tls-cert"},
       },

@@ -175,6 +175,27 @@ absl::StatusOr<std::string> LoadCa(const std::string& path) {
   return ca.value();
 }
 
+// The arguments a server side needs (the files are checked when read).
+absl::Status CheckServerArguments(const TlsFiles& files, bool require_client_cert) {
+  if (files.cert_file.empty() || files.key_file.empty()) {
+    return absl::InvalidArgumentError("a TLS server needs both a certificate file and a key file");
+  }
+  if (require_client_cert && files.ca_file.empty()) {
+    return absl::InvalidArgumentError(
+        "requiring client certificates needs a CA file to verify them against");
+  }
+  return absl::OkStatus();
+}
+
+// The same for a client side: a certificate comes with its key.
+absl::Status CheckClientArguments(const TlsFiles& files) {
+  if (files.cert_file.empty() != files.key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "a TLS client certificate needs both a certificate file and a key file");
+  }
+  return absl::OkStatus();
+}
+
 // Puts the (already checked) certificate chain and key of `pair` into `ctx`.
 absl::Status UseKeyCertPair(SSL_CTX* ctx, const KeyCertPair& pair) {
   OpenSslErrorQueueGuard guard;
@@ -239,13 +260,7 @@ absl::StatusOr<std::shared_ptr<const FrameTlsContext>> NewFrameTlsContext(bool s
 
 absl::StatusOr<std::shared_ptr<const FrameTlsContext>> FrameServerTlsFromFiles(
     const TlsFiles& files, bool require_client_cert) {
-  if (files.cert_file.empty() || files.key_file.empty()) {
-    return absl::InvalidArgumentError("a TLS server needs both a certificate file and a key file");
-  }
-  if (require_client_cert && files.ca_file.empty()) {
-    return absl::InvalidArgumentError(
-        "requiring client certificates needs a CA file to verify them against");
-  }
+  SY_RETURN_IF_ERROR(CheckServerArguments(files, require_client_cert));
   SY_ASSIGN_OR_RETURN(KeyCertPair pair, LoadKeyCertPair(files));
   SY_ASSIGN_OR_RETURN(std::shared_ptr<const FrameTlsContext> context, NewFrameTlsContext(true));
   SY_RETURN_IF_ERROR(UseKeyCertPair(context->get(), pair));
@@ -262,10 +277,7 @@ absl::StatusOr<std::shared_ptr<const FrameTlsContext>> FrameServerTlsFromFiles(
 
 absl::StatusOr<std::shared_ptr<const FrameTlsContext>> FrameClientTlsFromFiles(
     const TlsFiles& files) {
-  if (files.cert_file.empty() != files.key_file.empty()) {
-    return absl::InvalidArgumentError(
-        "a TLS client certificate needs both a certificate file and a key file");
-  }
+  SY_RETURN_IF_ERROR(CheckClientArguments(files));
   SY_ASSIGN_OR_RETURN(std::shared_ptr<const FrameTlsContext> context, NewFrameTlsContext(false));
   if (files.ca_file.empty()) {
     SSL_CTX_set_default_verify_paths(context->get());
@@ -283,13 +295,7 @@ absl::StatusOr<std::shared_ptr<const FrameTlsContext>> FrameClientTlsFromFiles(
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentialsFromFiles(
     const TlsFiles& files, bool require_client_cert) {
-  if (files.cert_file.empty() || files.key_file.empty()) {
-    return absl::InvalidArgumentError("a TLS server needs both a certificate file and a key file");
-  }
-  if (require_client_cert && files.ca_file.empty()) {
-    return absl::InvalidArgumentError(
-        "requiring client certificates needs a CA file to verify them against");
-  }
+  SY_RETURN_IF_ERROR(CheckServerArguments(files, require_client_cert));
   SY_ASSIGN_OR_RETURN(KeyCertPair pair, LoadKeyCertPair(files));
   std::string ca;
   if (!files.ca_file.empty()) {
@@ -314,10 +320,7 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentialsFromFi
 
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFromFiles(
     const TlsFiles& files) {
-  if (files.cert_file.empty() != files.key_file.empty()) {
-    return absl::InvalidArgumentError(
-        "a TLS client certificate needs both a certificate file and a key file");
-  }
+  SY_RETURN_IF_ERROR(CheckClientArguments(files));
   grpc::SslCredentialsOptions options;
   if (!files.ca_file.empty()) {
     SY_ASSIGN_OR_RETURN(options.pem_root_certs, LoadCa(files.ca_file));

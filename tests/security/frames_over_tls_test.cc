@@ -23,6 +23,7 @@
 #include "gtest/gtest.h"
 #include "rpc/tls.h"
 #include "switchyard/v1/generation.grpc.pb.h"
+#include "tests/security/test_gateway.h"
 #include "tests/security/test_pki.h"
 #include "tests/test_util.h"
 #include "tests/tolerances.h"
@@ -33,20 +34,12 @@ namespace {
 using testing::ClientFiles;
 using ::testing::HasSubstr;
 using testing::Pki;
+using testing::StartGateway;
 
 std::shared_ptr<const rpc::FrameTlsContext> ClientTls(const rpc::TlsFiles& files) {
   auto tls = rpc::FrameClientTlsFromFiles(files);
   EXPECT_TRUE(tls.ok()) << tls.status();
   return tls.ok() ? *tls : nullptr;
-}
-
-std::unique_ptr<Gateway> StartGateway(GatewayOptions options) {
-  options.model_dir = testing::TinyMixtralDir();
-  options.listen = "127.0.0.1:0";
-  options.kv_cache_tokens = 4096;
-  auto gateway = Gateway::Start(options);
-  EXPECT_TRUE(gateway.ok()) << gateway.status();
-  return gateway.ok() ? *std::move(gateway) : nullptr;
 }
 
 // The greedy tokens of one 6-token generation, or none on an error.

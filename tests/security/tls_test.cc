@@ -39,6 +39,7 @@
 #include "rpc/auth.h"
 #include "rpc/server.h"
 #include "switchyard/v1/generation.grpc.pb.h"
+#include "tests/security/test_gateway.h"
 #include "tests/security/test_pki.h"
 #include "tests/test_util.h"
 
@@ -51,6 +52,7 @@ using ::testing::Not;
 using testing::Pki;
 using testing::PkiDir;
 using testing::ServerFiles;
+using testing::StartGateway;
 using testing::WriteFile;
 
 constexpr char kToken[] = "s3cr3t-T0ken_for.switchyard~tests";
@@ -112,15 +114,6 @@ grpc::Status HealthCheck(const std::shared_ptr<grpc::Channel>& channel,
     return grpc::Status(grpc::StatusCode::UNKNOWN, "not SERVING");
   }
   return status;
-}
-
-std::unique_ptr<Gateway> StartGateway(GatewayOptions options) {
-  options.model_dir = testing::TinyMixtralDir();
-  options.listen = "127.0.0.1:0";
-  options.kv_cache_tokens = 4096;
-  auto gateway = Gateway::Start(options);
-  EXPECT_TRUE(gateway.ok()) << gateway.status();
-  return gateway.ok() ? *std::move(gateway) : nullptr;
 }
 
 // ---------------------------------------------------------------------------
