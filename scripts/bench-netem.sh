@@ -84,9 +84,12 @@ for ns in $("$ip_cmd" netns list 2>/dev/null | awk '{print $1}' | grep '^sybn[0-
 done
 
 # A free 10.212.X.0/24 for the /30 links (one per expert).
+# (Outputs are read whole before grep: under pipefail, `cmd | grep -q` fails
+# when grep's early exit leaves cmd writing into a closed pipe, SIGPIPE.)
 octet=""
+addresses=$("$ip_cmd" -4 addr show)
 for x in $(seq 1 250); do
-  "$ip_cmd" -4 addr show | grep -q "inet 10\.212\.$x\." || { octet=$x; break; }
+  grep -q "inet 10\.212\.$x\." <<<"$addresses" || { octet=$x; break; }
 done
 [ -n "$octet" ] || { echo "bench-netem: no free 10.212.X.0/24" >&2; exit 1; }
 [ "$experts" -le 60 ] || { echo "bench-netem: at most 60 experts ($experts)" >&2; exit 1; }
@@ -147,7 +150,7 @@ for e in $(seq 0 $((experts - 1))); do
 done
 
 # Micro-batch overlap: only where the gateway has the flag.
-if "$bin/switchyard-gateway" --help | grep -q -- '--micro-batches'; then
+if grep -q -- '--micro-batches' <<<"$("$bin/switchyard-gateway" --help)"; then
   overlap_modes=(off on)
   overlap_note="overlap off: --micro-batches 1; on: --micro-batches $overlap_micro_batches"
 else
