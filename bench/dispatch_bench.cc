@@ -32,7 +32,9 @@
 // (rpc/frame_socket.h: the same stream messages as length-prefixed frames on
 // a plain socket, the reply read by the thread in RunLayer; the default
 // wherever a shard offers one); there send_us runs to the compute start and
-// server_us is 0.
+// server_us is 0. "path:3" is path 2 with the gateway's thread and each
+// expert connection's thread polling 200 us before they sleep
+// (--frame-spin-us 200 on both): no wake-up where each has a core.
 //
 // Servers listen on 127.0.0.1:0 ("unix:0") or unix:/tmp/switchyard-dispatch-
 // bench-PID-E.sock ("unix:1"); "bf16:1" sets RemoteExpertOptions::wire_dtype.
@@ -61,6 +63,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/dtype.h"
+#include "core/malloc_tuning.h"
 #include "core/model_config.h"
 #include "core/status_macros.h"
 #include "expert_service/expert_backend.h"
@@ -132,8 +135,10 @@ struct Cluster {
 // #10's second item (unary Forward per batch, every call through the
 // server's worker queue), path 1 one ForwardStream per replica (compute on
 // the receiving thread when the shard is idle), path 2 the frame socket
-// (also computing inline).
-std::array<std::array<std::array<std::unique_ptr<Cluster>, 2>, 3>, 2> clusters;
+// (also computing inline), path 3 the frame socket with both ends polling
+// for kSpinUs before they sleep (--frame-spin-us on gateway and experts).
+std::array<std::array<std::array<std::unique_ptr<Cluster>, 2>, 4>, 2> clusters;
+constexpr int kSpinUs = 200;
 
 // The PKI of tls:1: a CA, a server certificate for 127.0.0.1 and a client
 // certificate; made once, removed at exit.
@@ -222,9 +227,12 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path, bool tls) {
         !s.ok()) {
       return s;
     }
-    if (path == 2) {
+    if (path >= 2) {
       const std::string frames = unix_socket ? listen + ".frames" : "127.0.0.1:0";
-      if (absl::Status s = shard->ServeFrames(frames, server_frames); !s.ok()) return s;
+      if (absl::Status s = shard->ServeFrames(frames, server_frames, path == 3 ? kSpinUs : 0);
+          !s.ok()) {
+        return s;
+      }
     }
     topology.replicas[e] = {shard->server->address()};
     cluster->shards.push_back(std::move(shard));
@@ -234,7 +242,8 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path, bool tls) {
     options.wire_dtype = wire == 0 ? v1::DTYPE_F32 : v1::DTYPE_BF16;
     options.connect_timeout_ms = 10000;
     options.use_stream = path >= 1;
-    options.use_frames = path == 2;
+    options.use_frames = path >= 2;
+    options.reply_spin_us = path == 3 ? kSpinUs : 0;
     options.credentials = channel_credentials;
     options.frame_tls = client_frames;
     auto backend = RemoteExpertBackend::Connect(topology, config, /*checkpoint_dir=*/"", options);
@@ -262,7 +271,8 @@ double Percentile(std::vector<double> v, double p) {
 
 // Args: tokens, experts, unix (0 TCP loopback, 1 unix socket), bf16 (wire
 // dtype), delay_us (expert compute; 0 = no-op copy), path (0 before, 1
-// stream, 2 frames; see `clusters`), tls (mutual TLS; TCP only).
+// stream, 2 frames, 3 frames polling; see `clusters`), tls (mutual TLS; TCP
+// only).
 void BM_DispatchLayer(benchmark::State& state) {
   const int tokens = static_cast<int>(state.range(0));
   const int k = static_cast<int>(state.range(1));
@@ -362,7 +372,8 @@ void BM_DispatchLayer(benchmark::State& state) {
       static_cast<double>(2 * k * tokens * d * (bf16 ? 2 : 4)) / 1e6;  // both directions
   state.SetLabel(absl::StrCat(path == 0   ? "before "
                               : path == 1 ? "stream "
-                                          : "frames ",
+                              : path == 2 ? "frames "
+                                          : "frames+poll ",
                               unix_socket ? "unix" : (tls ? "tcp+tls" : "tcp"), " ",
                               bf16 ? "bf16" : "f32", " ",
                               delay_us == 0 ? "no-op" : absl::StrCat("sleep ", delay_us, "us")));
@@ -375,6 +386,10 @@ void DispatchArgs(benchmark::internal::Benchmark* b) {
   b->ArgsProduct({{1, 16}, {2}, {0, 1}, {1}, {100}, {0, 1, 2}, {0}});
   // Mutual TLS on every path, over TCP.
   b->ArgsProduct({{1, 16, 64, 128, 256}, {2}, {0}, {1}, {0}, {0, 1, 2}, {1}});
+  // Frames with both ends polling before they sleep (path:2 above is the
+  // same without): the gateway's thread and one per expert spin, so this
+  // needs a core each (experts:2 has three spinning threads).
+  b->ArgsProduct({{1, 16}, {1, 2}, {0, 1}, {1}, {0}, {3}, {0}});
 }
 BENCHMARK(BM_DispatchLayer)->Apply(DispatchArgs)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
@@ -423,6 +438,8 @@ BENCHMARK(BM_Decode)
 }  // namespace switchyard
 
 int main(int argc, char** argv) {
+  // As the gateway and expert processes do (SWITCHYARD_MALLOC_TUNING=0: not).
+  benchmark::AddCustomContext("malloc", switchyard::TuneMallocForTransientBuffers());
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -155,6 +155,31 @@ SY_AVX2 void WidenBf16Avx2(const uint8_t* x, int64_t n, float* out) {
   }
 }
 
+// F32ToBf16 on 8 lanes (round to nearest even; a NaN keeps its sign and
+// payload's top bits and is made quiet), each result in a lane's low 16 bits.
+SY_AVX2 inline __m256i RoundToBf16Lanes(__m256i u) {
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  const __m256i quieted = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  return _mm256_blendv_epi8(rounded, quieted, nan);
+}
+
+// out[i] = F32ToBf16(x[i]), 16 at a time: two 8-lane halves packed to 16
+// bits (packus works per 128-bit lane, so the quadwords are put back in order).
+SY_AVX2 void RoundToBf16Avx2(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i lo = RoundToBf16Lanes(_mm256_castps_si256(_mm256_loadu_ps(x + i)));
+    const __m256i hi = RoundToBf16Lanes(_mm256_castps_si256(_mm256_loadu_ps(x + i + 8)));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), packed);
+  }
+  for (; i < n; ++i) out[i] = F32ToBf16(x[i]);
+}
+
 // ---- AVX-512F: the same FP32 math with 16 lanes ----
 
 SY_AVX512 inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -906,6 +931,10 @@ void RoundToBf16(const float* x, int64_t n, uint16_t* out) {
 #ifdef SY_X86
   if (ActiveIsa() >= CpuIsa::kAvx512) {
     RoundToBf16Avx512(x, n, out);
+    return;
+  }
+  if (ActiveIsa() >= CpuIsa::kAvx2) {
+    RoundToBf16Avx2(x, n, out);
     return;
   }
 #endif

@@ -126,12 +126,13 @@ std::string FrameListenAddress(const ExpertProcessOptions& options) {
   return DefaultFrameListen(options.listen);
 }
 
-std::string FrameSummary(const ForwardFrameServer* frames, bool tls) {
+std::string FrameSummary(const ForwardFrameServer* frames, bool tls, int spin_us) {
   if (frames == nullptr) return ", no frame socket";
   const FrameEndpoint& e = frames->endpoint();
   return absl::StrCat(
       tls ? ", TLS frames on " : ", frames on ",
-      e.unix_path.empty() ? absl::StrCat("port ", e.port) : absl::StrCat("unix:", e.unix_path));
+      e.unix_path.empty() ? absl::StrCat("port ", e.port) : absl::StrCat("unix:", e.unix_path),
+      spin_us > 0 ? absl::StrCat(" (polling ", spin_us, " us)") : "");
 }
 
 }  // namespace
@@ -235,7 +236,8 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
     absl::StatusOr<std::unique_ptr<ForwardFrameServer>> frames = ForwardFrameServer::Start(
         p->service.get(), {.listen = frame_listen,
                            .max_request_bytes = static_cast<size_t>(max_request_bytes),
-                           .tls = frame_tls});
+                           .tls = frame_tls,
+                           .request_spin_us = options.frame_spin_us});
     if (!frames.ok()) {
       return absl::Status(frames.status().code(),
                           absl::StrCat("--frame-listen: ", frames.status().message()));
@@ -262,7 +264,7 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
                 options.tls.cert_file.empty() ? "plaintext"
                 : options.tls.ca_file.empty() ? "TLS"
                                               : "mutual TLS (client certificates required)",
-                FrameSummary(p->frames.get(), frame_tls != nullptr).c_str());
+                FrameSummary(p->frames.get(), frame_tls != nullptr, options.frame_spin_us).c_str());
   p->summary = line;
   return std::unique_ptr<ExpertProcess>(new ExpertProcess(std::move(p)));
 }

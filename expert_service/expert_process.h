@@ -43,6 +43,9 @@ struct ExpertProcessOptions {
   // none. With `tls` the frame socket speaks TLS with the same certificate
   // and client-certificate rule as the gRPC port.
   std::string frame_listen;
+  // How long each frame connection polls for the next request before it
+  // sleeps, in us (FrameServerOptions::request_spin_us). Default 0.
+  int frame_spin_us = 0;
   // Reports while the weights load (core/checkpoint.h), last with
   // finished=true; called on the loading thread. Default: none.
   LoadProgressCallback load_progress;

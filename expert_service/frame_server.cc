@@ -99,7 +99,10 @@ class ForwardFrameServer::Connection final : public ForwardReplySink {
          rpc::WriteFrame(socket_, server_->endpoint_.token, absl::Now() + absl::Seconds(5)).ok();
     while (ok) {
       // No deadline between requests: a gateway keeps its connections.
-      if (!rpc::WaitReadable(socket_, absl::InfiniteFuture())) break;
+      if (!rpc::WaitReadable(socket_, absl::InfiniteFuture(),
+                             absl::Microseconds(server_->options_.request_spin_us))) {
+        break;
+      }
       auto request = std::make_unique<v1::ForwardStreamRequest>();
       // Once a frame starts, the rest of it is on its way.
       if (!rpc::ReadMessageFrame(socket_, server_->options_.max_request_bytes,
@@ -141,6 +144,11 @@ class ForwardFrameServer::Connection final : public ForwardReplySink {
 
 absl::StatusOr<std::unique_ptr<ForwardFrameServer>> ForwardFrameServer::Start(
     ExpertServiceImpl* service, FrameServerOptions options) {
+  if (options.request_spin_us < 0 || options.request_spin_us > rpc::kMaxSpinUs) {
+    return absl::InvalidArgumentError(absl::StrCat("frame socket: request spin must be 0..",
+                                                   rpc::kMaxSpinUs, " us, got ",
+                                                   options.request_spin_us));
+  }
   int port = 0;
   absl::StatusOr<rpc::FrameSocket> listener = rpc::ListenFrames(options.listen, &port);
   if (!listener.ok()) return listener.status();

@@ -35,9 +35,11 @@
 #include "absl/time/time.h"
 #include "core/flags.h"
 #include "core/load_progress.h"
+#include "core/malloc_tuning.h"
 #include "core/status_macros.h"
 #include "core/stop_signals.h"
 #include "expert_service/expert_process.h"
+#include "rpc/frame_socket.h"
 #include "rpc/grpc_process.h"
 
 namespace switchyard {
@@ -67,6 +69,9 @@ const CommandSpec& Spec() {
           {"frame-listen", true, "HOST:0",
            "the frame socket, the gateway's fast data path: HOST:PORT, unix:PATH, or off "
            "(TLS like the gRPC port when --tls-cert is given)"},
+          {"frame-spin-us", true, "0",
+           "poll each frame connection this many us for the next request before sleeping: "
+           "saves a wake-up per call where the shard has a core to spare (0..100000)"},
           {"max-forward-rows", true, "16384",
            "rows per Forward call, at most 65536; at least the gateway's --max-step-tokens and "
            "--max-running"},
@@ -112,6 +117,9 @@ absl::StatusOr<ExpertProcessOptions> OptionsFromFlags(const Flags& flags) {
     return absl::InvalidArgumentError("--frame-listen needs HOST:PORT, unix:PATH or off");
   }
   o.frame_listen = flags.GetOr("frame-listen", "");
+  SY_ASSIGN_OR_RETURN(int64_t spin,
+                      flags.IntInRange("frame-spin-us", o.frame_spin_us, 0, rpc::kMaxSpinUs));
+  o.frame_spin_us = static_cast<int>(spin);
   return o;
 }
 
@@ -120,6 +128,7 @@ int Run(int argc, char** argv) {
   // inherits the mask and only sigwait below receives them.
   const sigset_t signals = BlockStopSignals();
 
+  TuneMallocForTransientBuffers();
   std::vector<std::string> args(argv + 1, argv + argc);
   std::optional<Flags> flags(std::in_place);
   if (std::optional<int> code =

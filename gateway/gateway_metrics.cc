@@ -76,6 +76,9 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
                                 "Latency of expert calls as the gateway sees it.")),
       expert_call_errors(metrics::AddCounter(*r, "switchyard_gateway_expert_call_errors_total",
                                              "Failed expert calls by gRPC status code.")),
+      expert_calls(metrics::AddCounter(*r, "switchyard_gateway_expert_calls_total",
+                                       "Expert calls by the transport they went on: frames, "
+                                       "stream (gRPC ForwardStream) or unary (gRPC Forward).")),
       expert_network_duration(metrics::AddHistogram(
           *r, "switchyard_gateway_expert_network_seconds",
           "Round trip of successful expert calls minus the shard's queue and compute time.")),
@@ -103,6 +106,10 @@ GatewayMetrics::GatewayMetrics(metrics::Registry* r, const ModelConfig& config)
     expert_network_seconds.push_back(&expert_network_duration.Add(label, HopBuckets()));
     expert_queue_seconds.push_back(&expert_queue_duration.Add(label, HopBuckets()));
     expert_compute_seconds.push_back(&expert_compute_duration.Add(label, HopBuckets()));
+    for (const char* transport : kExpertTransports) {
+      expert_calls_by_transport.push_back(
+          &expert_calls.Add({{"expert", std::to_string(e)}, {"transport", transport}}));
+    }
   }
   for (const char* method : {"Generate", "GenerateStream"}) Requests(method, "ok");
 }
@@ -137,6 +144,16 @@ void GatewayMetrics::ObserveExpertHop(int expert, double round_trip_seconds, dou
 
 metrics::Counter& GatewayMetrics::ExpertCallErrors(int expert, const std::string& code) {
   return expert_call_errors.Add({{"expert", std::to_string(expert)}, {"code", code}});
+}
+
+metrics::Counter& GatewayMetrics::ExpertCalls(int expert, std::string_view transport) {
+  for (size_t t = 0; t < kExpertTransports.size(); ++t) {
+    if (transport == kExpertTransports[t] && expert >= 0 && expert < num_experts) {
+      return *expert_calls_by_transport[expert * kExpertTransports.size() + t];
+    }
+  }
+  return expert_calls.Add(
+      {{"expert", std::to_string(expert)}, {"transport", std::string(transport)}});
 }
 
 std::string OutcomeLabel(int code) {

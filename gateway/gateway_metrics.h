@@ -5,7 +5,9 @@
 #ifndef SWITCHYARD_GATEWAY_GATEWAY_METRICS_H_
 #define SWITCHYARD_GATEWAY_GATEWAY_METRICS_H_
 
+#include <array>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/model_config.h"
@@ -39,6 +41,12 @@ struct GatewayMetrics : public RoutingObserver {
                         double compute_seconds);
   // Failed calls to `expert` with gRPC status code name `code` (UNAVAILABLE).
   metrics::Counter& ExpertCallErrors(int expert, const std::string& code);
+  // Calls to `expert` (each attempt: a retry is a call of its own) that
+  // travelled on `transport`, one of kExpertTransports.
+  metrics::Counter& ExpertCalls(int expert, std::string_view transport);
+  // The transport label values: a unary Forward, a ForwardStream message, a
+  // frame on the shard's frame socket.
+  static constexpr std::array<const char*, 3> kExpertTransports = {"unary", "stream", "frames"};
 
   metrics::Family<metrics::Counter>& requests;
   metrics::Counter& prompt_tokens;
@@ -60,14 +68,16 @@ struct GatewayMetrics : public RoutingObserver {
   metrics::Histogram& step_tokens;
   metrics::Family<metrics::Histogram>& expert_call_duration;
   metrics::Family<metrics::Counter>& expert_call_errors;
+  metrics::Family<metrics::Counter>& expert_calls;
   metrics::Family<metrics::Histogram>& expert_network_duration;
   metrics::Family<metrics::Histogram>& expert_queue_duration;
   metrics::Family<metrics::Histogram>& expert_compute_duration;
 
  private:
   int num_experts;
-  std::vector<metrics::Counter*> routed_tokens;          // [L * E]
-  std::vector<metrics::Histogram*> expert_call_seconds;  // [E]
+  std::vector<metrics::Counter*> routed_tokens;              // [L * E]
+  std::vector<metrics::Histogram*> expert_call_seconds;      // [E]
+  std::vector<metrics::Counter*> expert_calls_by_transport;  // [E * kExpertTransports]
   // Per-expert hop breakdown, [E] each, created up front like the above.
   std::vector<metrics::Histogram*> expert_network_seconds;
   std::vector<metrics::Histogram*> expert_queue_seconds;

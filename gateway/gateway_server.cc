@@ -31,6 +31,7 @@
 #include "gateway/remote_expert_backend.h"
 #include "metrics/http_exporter.h"
 #include "rpc/auth.h"
+#include "rpc/frame_socket.h"
 #include "rpc/grpc_process.h"
 #include "rpc/server.h"
 #include "rpc/status.h"
@@ -220,6 +221,7 @@ constexpr NumericRange kExpertsReloadMs{"experts-reload-ms", 0, kOneDayMs};
 constexpr NumericRange kExpertDnsRefreshMs{"expert-dns-refresh-ms", 0, kOneDayMs};
 constexpr NumericRange kMaxConnectionAgeMs{"max-connection-age-ms", 0, kMaxIntOption};
 constexpr NumericRange kMicroBatches{"micro-batches", 0, 64};
+constexpr NumericRange kFrameSpinUs{"frame-spin-us", 0, rpc::kMaxSpinUs};
 
 absl::Status CheckRange(const NumericRange& r, int64_t value) {
   if (value < r.min || value > r.max) {
@@ -251,6 +253,7 @@ absl::Status ParseNumericFlags(const Flags& f, GatewayOptions* o) {
   SY_RETURN_IF_ERROR(ReadInRange(f, kExpertDnsRefreshMs, &o->expert_dns_refresh_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kMaxConnectionAgeMs, &o->max_connection_age_ms));
   SY_RETURN_IF_ERROR(ReadInRange(f, kMicroBatches, &o->micro_batches));
+  SY_RETURN_IF_ERROR(ReadInRange(f, kFrameSpinUs, &o->frame_spin_us));
   return absl::OkStatus();
 }
 
@@ -305,6 +308,7 @@ absl::Status ValidateNumericOptions(const GatewayOptions& o) {
   SY_RETURN_IF_ERROR(CheckRange(kExpertDnsRefreshMs, o.expert_dns_refresh_ms));
   SY_RETURN_IF_ERROR(CheckRange(kMaxConnectionAgeMs, o.max_connection_age_ms));
   SY_RETURN_IF_ERROR(CheckRange(kMicroBatches, o.micro_batches));
+  SY_RETURN_IF_ERROR(CheckRange(kFrameSpinUs, o.frame_spin_us));
   return absl::OkStatus();
 }
 
@@ -515,11 +519,14 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
   remote.call_deadline_ms = options.expert_timeout_ms;
   remote.wire_dtype = options.wire_bf16 ? v1::DTYPE_BF16 : v1::DTYPE_F32;
   remote.use_frames = options.expert_frames;
+  remote.reply_spin_us = options.frame_spin_us;
   remote.credentials = expert_credentials;
   remote.frame_tls = expert_frame_tls;
   GatewayMetrics* gateway_metrics = metrics.get();
-  remote.on_call_done = [gateway_metrics](int expert, double seconds, int code) {
+  remote.on_call_done = [gateway_metrics](int expert, double seconds, int code,
+                                          std::string_view transport) {
     gateway_metrics->ExpertCallDuration(expert).Observe(seconds);
+    gateway_metrics->ExpertCalls(expert, transport).Increment();
     if (code != 0) {
       gateway_metrics
           ->ExpertCallErrors(expert, rpc::GrpcCodeName(static_cast<grpc::StatusCode>(code)))

@@ -63,6 +63,10 @@ struct GatewayOptions {
   // the expert TLS files below), else gRPC streams. Default true
   // (--expert-transport frames); false: gRPC only (--expert-transport grpc).
   bool expert_frames = true;
+  // --frame-spin-us: how long the thread running a layer polls for its frame
+  // replies before it sleeps (RemoteExpertOptions::reply_spin_us). Default
+  // 0; worth it only with cores to spare. [0, 100000].
+  int frame_spin_us = 0;
   // --micro-batches: the most micro-batches a step splits into so that
   // attention and routing of one overlap the expert calls of another
   // (gateway/step_runner.h). 0 (default): auto, 2 when an expert is on

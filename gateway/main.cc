@@ -15,6 +15,7 @@
 #include "core/checkpoint.h"
 #include "core/flags.h"
 #include "core/load_progress.h"
+#include "core/malloc_tuning.h"
 #include "core/status_macros.h"
 #include "gateway/gateway_server.h"
 
@@ -55,6 +56,10 @@ const switchyard::CommandSpec& Spec() {
            "expert calls on each shard's frame socket (frames, TLS with --expert-tls-ca; gRPC "
            "where a shard offers none, and with TLS for requests over 2 MiB) or only on gRPC "
            "(grpc)"},
+          {"frame-spin-us", true, "0",
+           "poll for frame replies this many us before sleeping: saves a wake-up per layer "
+           "where this process has a core to spare, costs where it shares its cores with "
+           "experts (0..100000)"},
           {"micro-batches", true, "0: auto, 2 when an expert is on another host, else 1",
            "split a step of 2+ sequences (at most 16 tokens, any number with BF16 weights on "
            "amx/avx512 CPU kernels) into up to N micro-batches whose attention and expert calls "
@@ -89,6 +94,7 @@ const switchyard::CommandSpec& Spec() {
 
 int main(int argc, char** argv) {
   using switchyard::Flags;
+  switchyard::TuneMallocForTransientBuffers();
   const std::vector<std::string> args(argv + 1, argv + argc);
   Flags parsed;
   if (std::optional<int> code = switchyard::HandleCommandLine(

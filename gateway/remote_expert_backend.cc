@@ -612,6 +612,11 @@ absl::Status ValidateConnectArgs(const ExpertTopology& topology, int num_experts
     return absl::InvalidArgumentError(
         "remote experts: call deadline must be > 0 ms and connect timeout >= 0 ms");
   }
+  if (options.reply_spin_us < 0 || options.reply_spin_us > rpc::kMaxSpinUs) {
+    return absl::InvalidArgumentError(absl::StrCat("remote experts: reply spin must be 0..",
+                                                   rpc::kMaxSpinUs, " us, got ",
+                                                   options.reply_spin_us));
+  }
   return absl::OkStatus();
 }
 
@@ -1148,8 +1153,10 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
                                         std::memory_order_relaxed);
   counters.latency_count.fetch_add(1, std::memory_order_relaxed);
   if (options_.on_call_done) {
-    options_.on_call_done(s.expert, round_trip_micros * 1e-6,
-                          static_cast<int>(status.error_code()));
+    options_.on_call_done(s.expert, round_trip_micros * 1e-6, static_cast<int>(status.error_code()),
+                          s.on_frames[attempt]   ? "frames"
+                          : s.on_stream[attempt] ? "stream"
+                                                 : "unary");
   }
   if (status.ok()) {
     if (options_.on_reply_timing) {
@@ -1351,10 +1358,13 @@ void RemoteExpertBackend::AwaitLayer(const std::shared_ptr<LayerCall>& call) {
       // Frame replies are read right here, by the thread that needs them.
       lock.unlock();
       std::vector<pollfd> fds;
-      bool buffered = false;  // a TLS reply already decrypted: poll cannot see it
+      // A TLS reply already decrypted, which poll cannot see: per wait, and any.
+      std::vector<bool> has_buffered;
+      bool buffered = false;
       for (FrameWait* w : waits) {
         fds.push_back({.fd = w->socket.fd(), .events = POLLIN, .revents = 0});
-        buffered |= w->socket.HasBufferedInput();
+        has_buffered.push_back(w->socket.HasBufferedInput());
+        buffered = buffered || has_buffered.back();
       }
       int timeout_ms = -1;
       if (earliest != std::chrono::system_clock::time_point::max()) {
@@ -1365,9 +1375,10 @@ void RemoteExpertBackend::AwaitLayer(const std::shared_ptr<LayerCall>& call) {
       // With gRPC attempts open too, look at done_cv's condition every ms.
       if (on_grpc && (timeout_ms < 0 || timeout_ms > 1)) timeout_ms = 1;
       if (buffered) timeout_ms = 0;
-      const int ready = poll(fds.data(), fds.size(), timeout_ms);
+      const int ready = rpc::PollSpinning(absl::MakeSpan(fds), timeout_ms,
+                                          absl::Microseconds(options_.reply_spin_us));
       for (size_t i = 0; (ready > 0 || buffered) && i < fds.size(); ++i) {
-        if (fds[i].revents != 0 || waits[i]->socket.HasBufferedInput()) {
+        if (fds[i].revents != 0 || has_buffered[i]) {
           ReadFrameReply(*waits[i], absl::FromChrono(call->deadline));
         }
       }

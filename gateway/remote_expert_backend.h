@@ -185,10 +185,18 @@ struct RemoteExpertOptions {
   // BF16 both ways, 2 experts, 2 vCPUs) had frames ahead up to 128 rows
   // (2 MiB) and 1.2-1.6x behind at 256. Default 2 MiB; 0: no limit.
   int64_t tls_frames_max_bytes = int64_t{2} << 20;
+  // How long the thread running a layer polls its frame replies without
+  // sleeping before it blocks (rpc::PollSpinning), in us. A reply that comes
+  // within it costs no wake-up; the thread keeps its core busy meanwhile, so
+  // this pays where the gateway has cores to spare (a GPU node), and costs
+  // where it shares them with its experts. Default 0: block at once.
+  int reply_spin_us = 0;
   // Called when each Forward attempt (one batch) completes, from the thread
   // that completed it (a gRPC thread, or RunLayer's own for frames): the
-  // expert, seconds it took, and its status code (0 = OK). Default: none.
-  std::function<void(int expert, double seconds, int code)> on_call_done;
+  // expert, seconds it took, its status code (0 = OK) and the transport it
+  // went on ("frames", "stream" or "unary"). Default: none.
+  std::function<void(int expert, double seconds, int code, std::string_view transport)>
+      on_call_done;
   // Called after on_call_done for each OK Forward attempt, from the same
   // thread: the expert, the same round-trip seconds, and the queue and
   // compute seconds the shard put in its reply (per-hop timing). Default: none.

@@ -10,11 +10,13 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -571,8 +573,27 @@ absl::Status ReadMessageFrame(FrameSocket& socket, size_t max_bytes, absl::Time 
   return absl::OkStatus();
 }
 
-bool WaitReadable(FrameSocket& socket, absl::Time deadline) {
-  return socket.HasBufferedInput() || WaitFor(socket.fd(), POLLIN, deadline, "").ok();
+bool WaitReadable(FrameSocket& socket, absl::Time deadline, absl::Duration spin) {
+  if (socket.HasBufferedInput()) return true;
+  if (spin > absl::ZeroDuration()) {
+    pollfd p{.fd = socket.fd(), .events = POLLIN, .revents = 0};
+    if (PollSpinning(absl::MakeSpan(&p, 1), PollTimeoutMs(deadline), spin) > 0) return true;
+  }
+  return WaitFor(socket.fd(), POLLIN, deadline, "").ok();
+}
+
+int PollSpinning(absl::Span<pollfd> fds, int timeout_ms, absl::Duration spin) {
+  if (timeout_ms >= 0) spin = std::min(spin, absl::Milliseconds(timeout_ms));
+  if (spin > absl::ZeroDuration()) {
+    // steady_clock, not absl::Now(): a cheap vDSO read per round.
+    const auto until = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(spin);
+    do {
+      const int ready = poll(fds.data(), fds.size(), 0);
+      if (ready != 0) return ready;
+      sched_yield();  // a thread waiting for this core runs first
+    } while (std::chrono::steady_clock::now() < until);
+  }
+  return poll(fds.data(), fds.size(), timeout_ms);
 }
 
 }  // namespace switchyard::rpc

@@ -5,7 +5,8 @@
 # one run with `switchyard bench`. Prints both results and their ratio.
 #
 # usage: [DEVICE=cuda [PRECISION=bf16|f32]] [EXPERTS_PER_PROCESS="1 8"] \
-#          [TRANSPORTS="frames grpc"] scripts/bench-cluster.sh [MODEL_DIR] [bench flags...]
+#          [TRANSPORTS="frames grpc"] [SPINS="0 200"] \
+#          scripts/bench-cluster.sh [MODEL_DIR] [bench flags...]
 #   MODEL_DIR defaults to a `make-model --preset bench` checkpoint in $TMPDIR.
 #   DEVICE=cuda runs every process on GPU 0 (gateway and experts alike).
 #   EXPERTS_PER_PROCESS: the split layouts to measure, each `up
@@ -13,6 +14,8 @@
 #   1: one process per expert).
 #   TRANSPORTS: the gateway's --expert-transport values to measure for each
 #   layout (default "frames", the gateway's default).
+#   SPINS: the --frame-spin-us values (gateway and experts alike) to measure
+#   for each layout and transport (default "0", the default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -41,24 +44,32 @@ serve_and_bench local "$bin/switchyard-gateway" --model "$model" --listen "127.0
   --experts local "${device_flags[@]}"
 layouts=(${EXPERTS_PER_PROCESS:-1})
 transports=(${TRANSPORTS:-frames})
+spins=(${SPINS:-0})
 runs=()
 for epp in "${layouts[@]}"; do
   for transport in "${transports[@]}"; do
-    port=$(free_port)
-    serve_and_bench "split-$epp-$transport" "$bin/switchyard" up --model "$model" --port "$port" \
-      --experts-per-process "$epp" "${device_flags[@]}" --gateway-arg=--expert-transport="$transport"
-    runs+=("$epp-$transport")
+    for spin in "${spins[@]}"; do
+      port=$(free_port)
+      serve_and_bench "split-$epp-$transport-$spin" "$bin/switchyard" up --model "$model" \
+        --port "$port" --experts-per-process "$epp" "${device_flags[@]}" \
+        --gateway-arg=--expert-transport="$transport" \
+        --gateway-arg=--frame-spin-us="$spin" --expert-arg=--frame-spin-us="$spin"
+      runs+=("$epp-$transport-$spin")
+    done
   done
 done
 
-python3 - "$out" "$model" "${bench_flags[*]}" "${DEVICE:-}" "${#transports[@]}" "${runs[@]}" <<'PY'
+python3 - "$out" "$model" "${bench_flags[*]}" "${DEVICE:-}" "${#transports[@]}" "${#spins[@]}" \
+  "${runs[@]}" <<'PY'
 import json, sys
-out, model, flags, device, transports, runs = (sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4],
-                                               int(sys.argv[5]), sys.argv[6:])
+out, model, flags, device, transports, spins, runs = (
+    sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]),
+    sys.argv[7:])
 local = json.load(open(f"{out}/local.json"))
 def label(run):
-    epp, transport = run.split("-", 1)
-    return f"{epp}, {transport}" if transports > 1 else epp
+    epp, transport, spin = run.split("-", 2)
+    text = f"{epp}, {transport}" if transports > 1 else epp
+    return f"{text}, spin {spin} us" if spins > 1 else text
 splits = [(label(r), json.load(open(f"{out}/split-{r}.json"))) for r in runs]
 def row(name, r):
     return (f"| {name} | {r['output_tokens_per_s']:.1f} | {r['ttft_ms']['p50']:.1f} | {r['ttft_ms']['p99']:.1f} "

@@ -98,10 +98,12 @@ struct InProcessExpert {
   // `tls`) and reports it in ShardInfo (a new one replaces the last: a shard
   // restarted with its gRPC address kept).
   absl::Status ServeFrames(const std::string& listen = "127.0.0.1:0",
-                           std::shared_ptr<const rpc::FrameTlsContext> tls = nullptr) {
+                           std::shared_ptr<const rpc::FrameTlsContext> tls = nullptr,
+                           int request_spin_us = 0) {
     StopFrames();
-    auto started =
-        ForwardFrameServer::Start(service.get(), {.listen = listen, .tls = std::move(tls)});
+    auto started = ForwardFrameServer::Start(
+        service.get(),
+        {.listen = listen, .tls = std::move(tls), .request_spin_us = request_spin_us});
     if (!started.ok()) return started.status();
     frames = *std::move(started);
     service->SetFrameEndpoint(frames->endpoint());

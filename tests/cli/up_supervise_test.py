@@ -156,6 +156,8 @@ def environment(pid):
 user_chose = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
 spins = {"gateway": os.environ.get("GOMP_SPINCOUNT") if user_chose else "1000",
          "expert": os.environ.get("GOMP_SPINCOUNT") if user_chose else "20000"}
+with open("/proc/cpuinfo") as f:
+    amd = "AuthenticAMD" in f.read()
 # up's share of the cores per expert process (8 experts, one process each).
 omp_threads = os.environ.get("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // 8)))
 for p in up.processes():
@@ -164,6 +166,11 @@ for p in up.processes():
     spin = spins[p["role"]]
     check(f"{name}: GOMP_SPINCOUNT={spin}", env.get("GOMP_SPINCOUNT") == spin,
           env.get("GOMP_SPINCOUNT"))
+    # On AMD CPUs glibc's vector memcpy instead of rep movsb, unless the user set GLIBC_TUNABLES.
+    tunables = os.environ.get("GLIBC_TUNABLES",
+                              "glibc.cpu.x86_rep_movsb_threshold=1073741824" if amd else None)
+    check(f"{name}: GLIBC_TUNABLES={tunables}", env.get("GLIBC_TUNABLES") == tunables,
+          env.get("GLIBC_TUNABLES"))
     if p["role"] != "gateway":
         check(f"{name}: OMP_NUM_THREADS={omp_threads}", env.get("OMP_NUM_THREADS") == omp_threads,
               env.get("OMP_NUM_THREADS"))

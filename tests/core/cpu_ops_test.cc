@@ -447,18 +447,41 @@ TEST_F(KernelLevelTest, RowsIndependentOfCountHoldsForAnyRowCount) {
   std::printf("row-count invariance checked at %d level x precision pairs\n", checked);
 }
 
-// RoundToBf16 (the KV cache's BF16 storage) at every level is bitwise
-// F32ToBf16, on lengths around the 16-lane blocks and on NaN, infinities and
-// ties that round to even.
+// RoundToBf16 (the KV cache's BF16 storage and the wire's BF16 encoding) at
+// every level is bitwise F32ToBf16, on lengths around the 8- and 16-lane
+// blocks and on NaNs (quiet, signalling, negative, with payloads),
+// infinities, signed zeros, subnormals, ties that round to even or odd, and
+// the largest finite value (which rounds to infinity).
 TEST_F(KernelLevelTest, RoundToBf16IsExactAtEveryLevel) {
+  auto from_bits = [](uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  };
+  const std::vector<float> specials = {
+      std::numeric_limits<float>::quiet_NaN(),
+      -std::numeric_limits<float>::infinity(),
+      1.0f + 0x1p-8f,          // a tie: rounds to even (1.0)
+      from_bits(0x7f800001u),  // signalling NaN: made quiet
+      from_bits(0xffc12345u),  // negative NaN with a payload
+      -0.0f,
+      std::numeric_limits<float>::denorm_min(),
+      from_bits(0x00018000u),  // a subnormal tie
+      std::numeric_limits<float>::max(),
+      from_bits(0x3f818000u),  // a tie that rounds up (odd)
+      std::numeric_limits<float>::infinity(),
+      -1.0f - 0x1p-8f,
+  };
   for (cpu::CpuIsa isa : AvailableIsas()) {
     ASSERT_EQ(cpu::SetIsa(isa), isa);
-    for (int n : {1, 7, 8, 15, 16, 17, 31, 64, 100, 128}) {
+    for (int n : {1, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 64, 100, 128, 4099}) {
       SCOPED_TRACE(std::string(cpu::CpuIsaName(isa)) + " n=" + std::to_string(n));
       std::vector<float> y = Random(n, 29 + n);
-      y[0] = std::numeric_limits<float>::quiet_NaN();
-      if (n > 1) y[1] = -std::numeric_limits<float>::infinity();
-      if (n > 2) y[2] = 1.0f + 0x1p-8f;  // a tie: rounds to even (1.0)
+      // The special values at the start, and again inside the second block.
+      for (size_t i = 0; i < specials.size() && static_cast<int>(i) < n; ++i) y[i] = specials[i];
+      for (size_t i = 0; i < specials.size() && static_cast<int>(i + 19) < n; ++i) {
+        y[i + 19] = specials[i];
+      }
       std::vector<uint16_t> yb(n);
       cpu::RoundToBf16(y.data(), n, yb.data());
       for (int i = 0; i < n; ++i) ASSERT_EQ(yb[i], F32ToBf16(y[i])) << i;

@@ -108,6 +108,44 @@ TEST(FrameSocketTest, ReadsFailNamingWhy) {
 }
 
 // Listen, dial and accept over TCP (a picked port) and a unix socket.
+// PollSpinning sees what is there at once, what comes while it spins, and
+// what comes after (then it blocks in poll); a timeout shorter than the
+// spin ends the spin (a 60 s spin against a 20 ms timeout returns in well
+// under 60 s). WaitReadable with a spin answers as without one.
+TEST(FrameSocketTest, PollSpinningSeesDataWhileAndAfterItSpins) {
+  auto [a, b] = Pair();
+  pollfd p{.fd = b.fd(), .events = POLLIN, .revents = 0};
+  EXPECT_EQ(PollSpinning(absl::MakeSpan(&p, 1), 0, absl::Milliseconds(1)), 0);
+
+  const auto started = std::chrono::steady_clock::now();
+  EXPECT_EQ(PollSpinning(absl::MakeSpan(&p, 1), 20, absl::Seconds(60)), 0);
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(30));
+
+  for (const auto& [after_ms, spin] :
+       {std::pair{5, absl::Seconds(10)}, std::pair{50, absl::Milliseconds(1)}}) {
+    const int write_after_ms = after_ms;
+    std::thread writer([&a, write_after_ms] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(write_after_ms));
+      EXPECT_TRUE(WriteFrame(a, "x", In(absl::Seconds(5))).ok());
+    });
+    p.revents = 0;
+    EXPECT_EQ(PollSpinning(absl::MakeSpan(&p, 1), -1, spin), 1) << write_after_ms;
+    EXPECT_NE(p.revents & POLLIN, 0) << write_after_ms;
+    writer.join();
+    std::string payload;
+    ASSERT_TRUE(ReadFrame(b, 16, In(absl::Seconds(1)), &payload).ok());
+    EXPECT_EQ(payload, "x");
+  }
+
+  EXPECT_FALSE(WaitReadable(b, In(absl::Milliseconds(10)), absl::Milliseconds(2)));
+  ASSERT_TRUE(WriteFrame(a, "y", In(absl::Seconds(1))).ok());
+  EXPECT_TRUE(WaitReadable(b, In(absl::Seconds(5)), absl::Milliseconds(2)));
+  a.Close();  // a closed peer is readable too: the next read says so
+  std::string payload;
+  ASSERT_TRUE(ReadFrame(b, 16, In(absl::Seconds(1)), &payload).ok());
+  EXPECT_TRUE(WaitReadable(b, absl::InfiniteFuture(), absl::Milliseconds(2)));
+}
+
 TEST(FrameSocketTest, ListensDialsAndAccepts) {
   const std::string path =
       (std::filesystem::temp_directory_path() / absl::StrCat("sy-frames-", getpid(), ".sock"))

@@ -355,6 +355,61 @@ TEST_F(ClusterTest, PerHopTimingSplitsEachExpertCallsDuration) {
   EXPECT_GE(total_calls, 2 * 8 * 2);
 }
 
+// switchyard_gateway_expert_calls_total{expert, transport} counts every
+// call by the way it went: frames by default, ForwardStream messages with
+// --expert-transport grpc, unary calls for dns:/// names left to gRPC
+// (--expert-dns-refresh-ms 0). Each gateway's calls are all on one
+// transport, as many as its call-duration histogram counted; every
+// (expert, transport) series exists from the start.
+TEST_F(ClusterTest, ExpertCallsAreCountedByTheTransportTheyWentOn) {
+  std::string dns_spec;
+  for (int e = 0; e < kExperts; ++e) {
+    dns_spec += std::to_string(e) + "=dns:///" + expert_addresses_[e] + ";";
+  }
+  struct Case {
+    const char* transport;
+    bool frames;
+    std::string experts;
+    int dns_refresh_ms;
+  };
+  const Case cases[] = {{"frames", true, expert_spec_, 5000},
+                        {"stream", false, expert_spec_, 5000},
+                        {"unary", true, dns_spec, 0}};
+  v1::GenerateRequest request;
+  request.set_text("Every expert call goes on one of three transports");
+  request.mutable_stopping()->set_max_new_tokens(6);
+  request.mutable_stopping()->set_ignore_eos(true);
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.transport);
+    GatewayOptions options;
+    options.model_dir = testing::TinyMixtralDir();
+    options.listen = "127.0.0.1:0";
+    options.experts = c.experts;
+    options.expert_frames = c.frames;
+    options.expert_dns_refresh_ms = c.dns_refresh_ms;
+    options.metrics_listen = "127.0.0.1:0";
+    auto gateway = Gateway::Start(options);
+    ASSERT_TRUE(gateway.ok()) << gateway.status();
+    ASSERT_EQ(Generate(gateway->get(), request).token_ids_size(), 6);
+    const std::string text = testing::HttpGetBody((*gateway)->metrics_address(), "/metrics");
+    const double calls =
+        SumSeries(text, "switchyard_gateway_expert_call_duration_seconds_count", "");
+    EXPECT_GE(calls, 2 * 6);
+    for (const char* transport : {"frames", "stream", "unary"}) {
+      const std::string label = std::string("transport=\"") + transport + "\"";
+      const double counted = SumSeries(text, "switchyard_gateway_expert_calls_total", label);
+      EXPECT_EQ(counted, transport == std::string(c.transport) ? calls : 0) << transport;
+      for (int e = 0; e < kExperts; ++e) {
+        EXPECT_NE(text.find("switchyard_gateway_expert_calls_total{expert=\"" + std::to_string(e) +
+                            "\"," + label + "}"),
+                  std::string::npos)
+            << transport << " expert " << e;
+      }
+    }
+    std::printf("[ transport ] %s: %g calls\n", c.transport, calls);
+  }
+}
+
 // `switchyard bench --metrics` prints the run's per-hop breakdown: one row
 // per called expert and an "all" row whose call count is the number of
 // expert calls the gateway counted during the run.

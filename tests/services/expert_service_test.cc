@@ -1527,6 +1527,47 @@ TEST_F(ExpertServiceTest, FramesCarryConcurrentLayersAndMatchLocalExactly) {
   EXPECT_EQ(all->observed->streams.load(), 1);
 }
 
+// --frame-spin-us on both ends (the layer's thread polls for its replies,
+// each connection's thread for its next request, before they sleep): the
+// same frames and the same exact outputs, layers from several threads at
+// once, a pause longer than the spin included. A spin out of range is
+// refused on either side, naming it.
+TEST_F(ExpertServiceTest, FramesWithPollingOnBothEndsMatchLocalExactly) {
+  auto all = StartFramedShard(*dir_, AllExperts());
+  ASSERT_NE(all, nullptr);
+  ASSERT_TRUE(all->ServeFrames("127.0.0.1:0", nullptr, /*request_spin_us=*/300).ok());
+  ExpertTopology topology;
+  for (int e : AllExperts()) topology.replicas[e] = {all->address()};
+  RemoteExpertOptions options;
+  options.connect_timeout_ms = 10000;
+  options.reply_spin_us = 300;
+  auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+
+  LocalExpertBackend local(local_store_);
+  int failures = 0;
+  double worst = RunLayersFromThreads(local, {backend->get()}, 2, 6, 7100, &failures);
+  // Both ends now sleep in poll: the next layer wakes them as before.
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  worst = std::max(worst, RunLayersFromThreads(local, {backend->get()}, 1, 3, 7200, &failures));
+  std::printf("[ polling  ] 15 layers, max |frames - local| = %g\n", worst);
+  EXPECT_EQ(failures, 0);
+  EXPECT_EQ(worst, 0.0);
+  EXPECT_EQ(all->frames->requests_read(), 15u);
+  EXPECT_EQ(all->observed->streams.load(), 0);
+  EXPECT_EQ(all->observed->unary_calls.load(), 0);
+
+  options.reply_spin_us = -1;
+  auto refused = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.status().message(), HasSubstr("reply spin must be 0..100000 us, got -1"));
+  const absl::Status server =
+      all->ServeFrames("127.0.0.1:0", nullptr, /*request_spin_us=*/rpc::kMaxSpinUs + 1);
+  EXPECT_EQ(server.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(server.message(), HasSubstr("request spin must be 0..100000 us, got 100001"));
+}
+
 // A shard whose frame socket goes away while its gRPC server stays: the
 // idle connection is found closed before anything is written to it, the dial
 // fails, and the calls go on the ForwardStream (exact, nothing lost). When
