@@ -19,6 +19,7 @@
 #include "expert_service/frame_server.h"
 #include "metrics/http_exporter.h"
 #include "metrics/metrics.h"
+#include "rpc/frame_socket.h"
 #include "rpc/server.h"
 #ifdef SWITCHYARD_HAVE_CUDA
 #include "expert_service/cuda_experts.h"
@@ -170,6 +171,10 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
   if (options.max_forward_rows < 1 || options.max_forward_rows > kMaxForwardRowsLimit) {
     return absl::InvalidArgumentError(
         absl::StrCat("--max-forward-rows must be in [1, ", kMaxForwardRowsLimit, "]"));
+  }
+  if (options.frame_spin_us < 0 || options.frame_spin_us > rpc::kMaxSpinUs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--frame-spin-us must be in [0, ", rpc::kMaxSpinUs, "]"));
   }
   // Transport security, checked before the (slow) weight load.
   SY_RETURN_IF_ERROR(ValidateTls(options.tls));

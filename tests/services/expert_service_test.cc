@@ -1699,6 +1699,7 @@ TEST(ExpertProcessTest, ServesItsShardWithMetricsAndStopsCleanly) {
   options.experts = "3,5";
   options.layers = "1:2";
   options.metrics_listen = "127.0.0.1:0";
+  options.frame_spin_us = 150;
   auto process = ExpertProcess::Start(options);
   ASSERT_TRUE(process.ok()) << process.status();
   EXPECT_EQ((*process)->experts(), (std::vector<int>{3, 5}));
@@ -1720,7 +1721,8 @@ TEST(ExpertProcessTest, ServesItsShardWithMetricsAndStopsCleanly) {
   EXPECT_EQ(info.frame_port(), frames.port);
   EXPECT_EQ(info.frame_token(), frames.token);
   EXPECT_EQ(frames.token.size(), 32u);
-  EXPECT_THAT((*process)->summary(), HasSubstr(absl::StrCat("frames on port ", frames.port)));
+  EXPECT_THAT((*process)->summary(),
+              HasSubstr(absl::StrCat("frames on port ", frames.port, " (polling 150 us)")));
   EXPECT_THAT(testing::HttpGetBody((*process)->metrics_address(), "/metrics"),
               HasSubstr("switchyard_build_info"));
 
@@ -1788,6 +1790,7 @@ TEST(ExpertProcessTest, BadOptionsAreRefusedNamingTheFlag) {
       {[](auto& o) { o.precision = "bf16"; }, "--precision bf16: the CPU computes in f32"},
       {[](auto& o) { o.model_dir = "/nonexistent-model"; }, "/nonexistent-model"},
       {[](auto& o) { o.frame_listen = "nowhere"; }, "--frame-listen: frame address 'nowhere'"},
+      {[](auto& o) { o.frame_spin_us = -1; }, "--frame-spin-us must be in [0, 100000]"},
   };
   for (const Case& c : cases) {
     ExpertProcessOptions options;

@@ -484,26 +484,31 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
       {{"--micro-batches", "two"}, "--micro-batches"},
       {{"--expert-dns-refresh-ms", "-1"}, "--expert-dns-refresh-ms"},
       {{"--expert-dns-refresh-ms", "86400001"}, "--expert-dns-refresh-ms"},
+      {{"--frame-spin-us", "-1"}, "--frame-spin-us"},
+      {{"--frame-spin-us", "100001"}, "--frame-spin-us"},
   };
   for (const Case& c : cases) {
     std::vector<std::string> args = {"--model", "m"};
     args.insert(args.end(), c.args.begin(), c.args.end());
-    auto flags = Flags::Parse(
-        args,
-        {"model", "kv-cache-tokens", "max-queue", "max-running", "max-step-tokens",
-         "max-new-tokens-limit", "expert-timeout-ms", "grace-ms", "max-connection-age-ms",
-         "kv-cache-memory", "kv-cache-dtype", "micro-batches", "expert-dns-refresh-ms"},
-        {});
+    auto flags =
+        Flags::Parse(args,
+                     {"model", "kv-cache-tokens", "max-queue", "max-running", "max-step-tokens",
+                      "max-new-tokens-limit", "expert-timeout-ms", "grace-ms",
+                      "max-connection-age-ms", "kv-cache-memory", "kv-cache-dtype", "micro-batches",
+                      "expert-dns-refresh-ms", "frame-spin-us"},
+                     {});
     ASSERT_TRUE(flags.ok()) << flags.status();
     auto options = GatewayOptionsFromFlags(*flags);
     ASSERT_FALSE(options.ok()) << c.args[0] << " " << c.args[1];
     EXPECT_EQ(options.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(options.status().message().find(c.flag), std::string::npos) << options.status();
   }
-  auto flags = Flags::Parse(
-      {"--model", "m", "--max-step-tokens", "16384", "--max-queue", "1048576", "--kv-cache-tokens",
-       "1000", "--micro-batches", "3"},
-      {"model", "max-step-tokens", "max-queue", "kv-cache-tokens", "micro-batches"}, {});
+  auto flags =
+      Flags::Parse({"--model", "m", "--max-step-tokens", "16384", "--max-queue", "1048576",
+                    "--kv-cache-tokens", "1000", "--micro-batches", "3", "--frame-spin-us", "250"},
+                   {"model", "max-step-tokens", "max-queue", "kv-cache-tokens", "micro-batches",
+                    "frame-spin-us"},
+                   {});
   ASSERT_TRUE(flags.ok());
   auto options = GatewayOptionsFromFlags(*flags);
   ASSERT_TRUE(options.ok()) << options.status();
@@ -511,6 +516,8 @@ TEST(GatewayOptionsTest, NumericFlagsAreCheckedInTheirRealRange) {
   EXPECT_EQ(options->scheduler.max_queue, 1048576);
   EXPECT_EQ(options->micro_batches, 3);
   EXPECT_EQ(GatewayOptions().micro_batches, 0) << "the default is auto";
+  EXPECT_EQ(options->frame_spin_us, 250);
+  EXPECT_EQ(GatewayOptions().frame_spin_us, 0) << "no polling by default";
 
   // Options built in code are checked by Start, before the model loads.
   GatewayOptions zero_step;
