@@ -107,7 +107,6 @@ TEST(FrameSocketTest, ReadsFailNamingWhy) {
   }
 }
 
-// Listen, dial and accept over TCP (a picked port) and a unix socket.
 // PollSpinning sees what is there at once, what comes while it spins, and
 // what comes after (then it blocks in poll); a timeout shorter than the
 // spin ends the spin (a 60 s spin against a 20 ms timeout returns in well
@@ -146,6 +145,7 @@ TEST(FrameSocketTest, PollSpinningSeesDataWhileAndAfterItSpins) {
   EXPECT_TRUE(WaitReadable(b, absl::InfiniteFuture(), absl::Milliseconds(2)));
 }
 
+// Listen, dial and accept over TCP (a picked port) and a unix socket.
 TEST(FrameSocketTest, ListensDialsAndAccepts) {
   const std::string path =
       (std::filesystem::temp_directory_path() / absl::StrCat("sy-frames-", getpid(), ".sock"))
