@@ -46,11 +46,13 @@ int PollTimeoutMs(absl::Time deadline) {
                         std::numeric_limits<int>::max()));
 }
 
-// Waits for `events` on `fd`; DEADLINE_EXCEEDED after `deadline`.
-absl::Status WaitFor(int fd, short events, absl::Time deadline, const char* what) {
+// Waits for `events` on `fd`, polling without blocking for up to `spin`
+// first (PollSpinning); DEADLINE_EXCEEDED after `deadline`.
+absl::Status WaitFor(int fd, short events, absl::Time deadline, const char* what,
+                     absl::Duration spin = absl::ZeroDuration()) {
   for (;;) {
     pollfd p{.fd = fd, .events = events, .revents = 0};
-    const int n = poll(&p, 1, PollTimeoutMs(deadline));
+    const int n = PollSpinning(absl::MakeSpan(&p, 1), PollTimeoutMs(deadline), spin);
     if (n > 0) return absl::OkStatus();
     if (n < 0 && errno != EINTR) {
       return absl::UnavailableError(absl::StrCat("frame socket poll: ", ErrnoText(errno)));
@@ -574,12 +576,7 @@ absl::Status ReadMessageFrame(FrameSocket& socket, size_t max_bytes, absl::Time 
 }
 
 bool WaitReadable(FrameSocket& socket, absl::Time deadline, absl::Duration spin) {
-  if (socket.HasBufferedInput()) return true;
-  if (spin > absl::ZeroDuration()) {
-    pollfd p{.fd = socket.fd(), .events = POLLIN, .revents = 0};
-    if (PollSpinning(absl::MakeSpan(&p, 1), PollTimeoutMs(deadline), spin) > 0) return true;
-  }
-  return WaitFor(socket.fd(), POLLIN, deadline, "").ok();
+  return socket.HasBufferedInput() || WaitFor(socket.fd(), POLLIN, deadline, "", spin).ok();
 }
 
 int PollSpinning(absl::Span<pollfd> fds, int timeout_ms, absl::Duration spin) {

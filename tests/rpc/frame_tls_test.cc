@@ -23,27 +23,16 @@ namespace switchyard {
 namespace {
 
 using testing::ClientFiles;
+using testing::ClientTls;
 using ::testing::HasSubstr;
 using testing::Pki;
 using testing::ServerFiles;
+using testing::ServerTls;
 
 absl::Time In(absl::Duration d) { return absl::Now() + d; }
 
 // What a server's status says until its connection ran.
 absl::Status NotRun() { return absl::UnknownError("the server's side never ran"); }
-
-std::shared_ptr<const rpc::FrameTlsContext> ServerTls(const rpc::TlsFiles& files,
-                                                      bool require_client_cert) {
-  auto tls = rpc::FrameServerTlsFromFiles(files, require_client_cert);
-  EXPECT_TRUE(tls.ok()) << tls.status();
-  return tls.ok() ? *tls : nullptr;
-}
-
-std::shared_ptr<const rpc::FrameTlsContext> ClientTls(const rpc::TlsFiles& files) {
-  auto tls = rpc::FrameClientTlsFromFiles(files);
-  EXPECT_TRUE(tls.ok()) << tls.status();
-  return tls.ok() ? *tls : nullptr;
-}
 
 // A TCP frame listener whose first accepted connection runs `serve` on a
 // thread of its own.

@@ -32,15 +32,10 @@ namespace switchyard {
 namespace {
 
 using testing::ClientFiles;
+using testing::ClientTls;
 using ::testing::HasSubstr;
 using testing::Pki;
 using testing::StartGateway;
-
-std::shared_ptr<const rpc::FrameTlsContext> ClientTls(const rpc::TlsFiles& files) {
-  auto tls = rpc::FrameClientTlsFromFiles(files);
-  EXPECT_TRUE(tls.ok()) << tls.status();
-  return tls.ok() ? *tls : nullptr;
-}
 
 // The greedy tokens of one 6-token generation, or none on an error.
 std::vector<int32_t> Generate(const Gateway& gateway) {

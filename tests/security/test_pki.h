@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -87,6 +88,20 @@ inline rpc::TlsFiles ServerFiles() {
 }
 inline rpc::TlsFiles ClientFiles() {
   return {.cert_file = Pki("client.pem"), .key_file = Pki("client.key"), .ca_file = Pki("ca.pem")};
+}
+
+// Frame TLS contexts from `files`; null, with a test failure naming why,
+// when they do not load.
+inline std::shared_ptr<const rpc::FrameTlsContext> ServerTls(const rpc::TlsFiles& files,
+                                                             bool require_client_cert) {
+  auto tls = rpc::FrameServerTlsFromFiles(files, require_client_cert);
+  EXPECT_TRUE(tls.ok()) << tls.status();
+  return tls.ok() ? *tls : nullptr;
+}
+inline std::shared_ptr<const rpc::FrameTlsContext> ClientTls(const rpc::TlsFiles& files) {
+  auto tls = rpc::FrameClientTlsFromFiles(files);
+  EXPECT_TRUE(tls.ok()) << tls.status();
+  return tls.ok() ? *tls : nullptr;
 }
 
 }  // namespace switchyard::testing
