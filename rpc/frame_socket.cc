@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -70,15 +71,25 @@ bool SetNonBlocking(int fd) {
 
 // A frame of `payload_bytes` with its header written and the payload left
 // to fill (header and payload in one buffer, so one send carries a small
-// frame); INVALID_ARGUMENT past what the header can say.
-absl::StatusOr<std::string> NewFrame(size_t payload_bytes) {
+// frame); INVALID_ARGUMENT past what the header can say. The payload bytes
+// start uninitialised: a frame of 256 rows is MiBs, which a std::string
+// would zero only to have them overwritten (issue #10).
+struct NewFrameBuffer {
+  std::unique_ptr<char[]> bytes;
+  size_t size = 0;
+  char* payload() { return bytes.get() + kFrameHeaderBytes; }
+};
+
+absl::StatusOr<NewFrameBuffer> NewFrame(size_t payload_bytes) {
   if (payload_bytes > kMaxFrameBytes) {
     return absl::InvalidArgumentError(absl::StrCat("frame of ", payload_bytes, " bytes"));
   }
-  std::string frame(kFrameHeaderBytes + payload_bytes, '\0');
-  std::memcpy(frame.data(), kMagic, 4);
+  NewFrameBuffer frame;
+  frame.size = kFrameHeaderBytes + payload_bytes;
+  frame.bytes = std::make_unique_for_overwrite<char[]>(frame.size);
+  std::memcpy(frame.bytes.get(), kMagic, 4);
   const uint32_t n = static_cast<uint32_t>(payload_bytes);
-  for (int i = 0; i < 4; ++i) frame[4 + i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  for (int i = 0; i < 4; ++i) frame.bytes[4 + i] = static_cast<char>((n >> (8 * i)) & 0xff);
   return frame;
 }
 
@@ -527,23 +538,24 @@ absl::Status StartServerTls(FrameSocket& socket, const FrameTlsContext& tls, abs
 }
 
 absl::Status WriteFrame(FrameSocket& socket, std::string_view payload, absl::Time deadline) {
-  absl::StatusOr<std::string> frame = NewFrame(payload.size());
+  absl::StatusOr<NewFrameBuffer> frame = NewFrame(payload.size());
   if (!frame.ok()) return frame.status();
-  std::memcpy(frame->data() + kFrameHeaderBytes, payload.data(), payload.size());
-  return FrameIo::WriteExactly(socket, frame->data(), frame->size(), deadline);
+  std::memcpy(frame->payload(), payload.data(), payload.size());
+  return FrameIo::WriteExactly(socket, frame->bytes.get(), frame->size, deadline);
 }
 
 absl::Status WriteMessageFrame(FrameSocket& socket, const google::protobuf::MessageLite& message,
                                absl::Time deadline) {
-  absl::StatusOr<std::string> frame = NewFrame(message.ByteSizeLong());
+  absl::StatusOr<NewFrameBuffer> frame = NewFrame(message.ByteSizeLong());
   if (!frame.ok()) return frame.status();
-  message.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(frame->data()) +
-                                          kFrameHeaderBytes);
-  return FrameIo::WriteExactly(socket, frame->data(), frame->size(), deadline);
+  message.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(frame->payload()));
+  return FrameIo::WriteExactly(socket, frame->bytes.get(), frame->size, deadline);
 }
 
-absl::Status ReadFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
-                       std::string* payload) {
+namespace {
+
+// Reads a frame header; its payload length, at most `max_bytes`.
+absl::StatusOr<size_t> ReadFrameHeader(FrameSocket& socket, size_t max_bytes, absl::Time deadline) {
   char header[kFrameHeaderBytes];
   if (absl::Status s =
           FrameIo::ReadExactly(socket, header, sizeof(header), deadline, "reading a frame header");
@@ -560,17 +572,34 @@ absl::Status ReadFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadlin
     return absl::DataLossError(
         absl::StrCat("frame socket: frame of ", n, " bytes is over the limit of ", max_bytes));
   }
-  payload->resize(n);
-  return FrameIo::ReadExactly(socket, payload->data(), n, deadline, "reading a frame");
+  return n;
+}
+
+}  // namespace
+
+absl::Status ReadFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
+                       std::string* payload) {
+  absl::StatusOr<size_t> n = ReadFrameHeader(socket, max_bytes, deadline);
+  if (!n.ok()) return n.status();
+  payload->resize(*n);
+  return FrameIo::ReadExactly(socket, payload->data(), *n, deadline, "reading a frame");
 }
 
 absl::Status ReadMessageFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
                               google::protobuf::MessageLite* message) {
-  std::string payload;
-  if (absl::Status s = ReadFrame(socket, max_bytes, deadline, &payload); !s.ok()) return s;
-  if (!message->ParseFromString(payload)) {
-    return absl::DataLossError(absl::StrCat("frame socket: a frame of ", payload.size(),
-                                            " bytes is not a ", message->GetTypeName()));
+  absl::StatusOr<size_t> n = ReadFrameHeader(socket, max_bytes, deadline);
+  if (!n.ok()) return n.status();
+  // Uninitialised, as NewFrame's: the read fills every byte.
+  std::unique_ptr<char[]> payload = std::make_unique_for_overwrite<char[]>(*n);
+  if (absl::Status s = FrameIo::ReadExactly(socket, payload.get(), *n, deadline, "reading a frame");
+      !s.ok()) {
+    return s;
+  }
+  // Protobuf's messages stop at 2 GiB; a larger frame cannot be one.
+  if (*n > static_cast<size_t>(std::numeric_limits<int>::max()) ||
+      !message->ParseFromArray(payload.get(), static_cast<int>(*n))) {
+    return absl::DataLossError(
+        absl::StrCat("frame socket: a frame of ", *n, " bytes is not a ", message->GetTypeName()));
   }
   return absl::OkStatus();
 }

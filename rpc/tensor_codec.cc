@@ -17,15 +17,17 @@ void EncodeMatrix(const float* rows, int64_t n, int64_t d, v1::DType dtype, v1::
   const int64_t count = n * d;
   std::string* data = out->mutable_data();
   if (dtype == v1::DTYPE_BF16) {
-    data->resize(static_cast<size_t>(count) * 2);
     // Vector rounding (cpu::RoundToBf16) through a small buffer: the string's
-    // bytes are not uint16_t objects.
+    // bytes are not uint16_t objects. Appended after a reserve, not written
+    // over a resize, which would first zero MiBs at 256 rows (issue #10).
+    data->clear();
+    data->reserve(static_cast<size_t>(count) * 2);
     constexpr int64_t kChunk = 2048;
     uint16_t chunk[kChunk];
     for (int64_t begin = 0; begin < count; begin += kChunk) {
       const int64_t n = std::min(kChunk, count - begin);
       cpu::RoundToBf16(rows + begin, n, chunk);
-      std::memcpy(data->data() + 2 * begin, chunk, static_cast<size_t>(n) * 2);
+      data->append(reinterpret_cast<const char*>(chunk), static_cast<size_t>(n) * 2);
     }
   } else {
     out->set_dtype(v1::DTYPE_F32);

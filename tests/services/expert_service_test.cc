@@ -1666,6 +1666,44 @@ TEST_F(ExpertServiceTest, AFrameSocketRefusesGarbageAndKeepsServing) {
   EXPECT_EQ(shard->frames->connections_accepted(), 2u);
 }
 
+// A batch whose shape says 1000 rows but whose data holds 3 is refused by
+// name, and the batch beside it is answered exactly: the shard's buffers
+// start uninitialised, and the refused batch's rows are never computed or
+// sent.
+TEST_F(ExpertServiceTest, ABatchWhoseDataDoesNotFillItsShapeIsRefusedAlone) {
+  auto shard = StartFramedShard(*dir_, {3});
+  ASSERT_NE(shard, nullptr);
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  auto socket =
+      rpc::DialFrames(absl::StrCat("127.0.0.1:", shard->frames->endpoint().port), deadline);
+  ASSERT_TRUE(socket.ok()) << socket.status();
+  std::string greeting;
+  ASSERT_TRUE(rpc::ReadFrame(*socket, 1024, deadline, &greeting).ok());
+  const std::vector<float> x = RandomRows(3, 191);
+  v1::ForwardStreamRequest request;
+  request.set_id(7);
+  for (int b = 0; b < 2; ++b) {
+    v1::ForwardRequest* batch = request.add_batches();
+    batch->set_layer(1);
+    batch->set_expert(3);
+    rpc::EncodeMatrix(x.data(), 3, kD, v1::DTYPE_F32, batch->mutable_hidden_states());
+  }
+  request.mutable_batches(0)->mutable_hidden_states()->set_shape(0, 1000);
+  ASSERT_TRUE(rpc::WriteMessageFrame(*socket, request, deadline).ok());
+  v1::ForwardStreamResponse response;
+  const absl::Status read = rpc::ReadMessageFrame(*socket, 1 << 20, deadline, &response);
+  ASSERT_TRUE(read.ok()) << read;
+  ASSERT_EQ(response.results_size(), 2);
+  EXPECT_EQ(response.results(0).code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(response.results(0).error_message(), HasSubstr("data bytes"));
+  ASSERT_EQ(response.results(1).code(), 0) << response.results(1).error_message();
+  std::vector<float> want(x.size());
+  local_store_->Find(1, 3)->Forward(x.data(), 3, want.data());
+  auto got = rpc::DecodeMatrix(response.results(1).response().output(), kD, "output");
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(MaxAbsDiff(*got, want), 0.0);
+}
+
 // EndStreams (what switchyard-expert runs before its graceful stop) ends an
 // idle stream at once, so the server's shutdown does not wait out its grace
 // period for it; the gateway then gets UNAVAILABLE and can go elsewhere.
