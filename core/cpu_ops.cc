@@ -573,8 +573,24 @@ void Skinny(CpuIsa isa, const float* x, const W* w, int tokens, int K, int N, fl
   });
 }
 
+// OpenBLAS (Debian's build keeps a pool of its own threads, one per CPU)
+// runs single-threaded unless OPENBLAS_NUM_THREADS says otherwise: OpenMP
+// already splits the work, and a GEMM called from each thread of an OpenMP
+// team woke OpenBLAS's pool too, on the same cores (the local engine's
+// prefill, whole experts per thread: 2 vCPUs, 256-token prompts, TTFT 2.2 s
+// against 5.3-5.9 s). Its bits also depend on its thread count, so one
+// thread gives every process layout the same result whatever its cores.
+void UseOneBlasThread() {
+  static const bool done = [] {
+    if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr) openblas_set_num_threads(1);
+    return true;
+  }();
+  (void)done;
+}
+
 void BlasLinear(const float* x, const float* w, int tokens, int in_features, int out_features,
                 int ldy, float* y, bool accumulate) {
+  UseOneBlasThread();
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tokens, out_features, in_features, 1.0f, x,
               in_features, w, in_features, accumulate ? 1.0f : 0.0f, y, ldy);
 }

@@ -19,7 +19,9 @@
 // the thread split. BF16 matrices use the same kernel for any T when the
 // level is avx512 or above, or the precision is kBf16 (row blocks kept in
 // cache while 16-token chunks pass over them); otherwise, and for FP32
-// matrices, more rows go through BLAS.
+// matrices, more rows go through BLAS, which runs on the calling thread
+// (OpenBLAS set to one thread unless OPENBLAS_NUM_THREADS is set), so its
+// bits do not depend on the process's threads either.
 //
 // Kernel levels (CpuIsa), picked at run time: the best the CPU has, capped by
 // SWITCHYARD_CPU_ISA=scalar|avx2|avx512|avx512_bf16|amx (tests force the

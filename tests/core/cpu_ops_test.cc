@@ -1,6 +1,8 @@
 // CPU kernels against naive loops on awkward shapes.
 #include "core/cpu_ops.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -10,6 +12,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -51,6 +54,35 @@ TEST(CpuOpsTest, LinearMatchesNaive) {
     cpu::Linear(x.data(), w.data(), T, K, N, acc.data(), /*accumulate=*/true);
     EXPECT_TRUE(AllClose(acc, ref_acc, tolerance::kKernelAbs, tolerance::kKernelRel, "Linear+="));
   }
+}
+
+// Products of many rows go through BLAS, which runs on the calling thread:
+// OpenBLAS's own pool would wake on the same cores as every OpenMP thread
+// that calls it, and its bits change with its thread count. The product
+// still matches the naive loop, and computing it again from two threads at
+// once gives the same bits.
+TEST(CpuOpsTest, BlasProductsRunOnTheCallingThread) {
+  if (std::getenv("OPENBLAS_NUM_THREADS") != nullptr) {
+    GTEST_SKIP() << "OPENBLAS_NUM_THREADS is set: the user's choice stands";
+  }
+  constexpr int T = 64, K = 64, N = 1024;  // T > kSkinnyMaxTokens, FP32: BLAS
+  const auto x = Random(static_cast<size_t>(T) * K, 3), w = Random(static_cast<size_t>(N) * K, 4);
+  std::vector<float> y(static_cast<size_t>(T) * N), ref(y.size());
+  for (int t = 0; t < T; ++t)
+    for (int n = 0; n < N; ++n) {
+      double s = 0;
+      for (int k = 0; k < K; ++k) s += static_cast<double>(x[t * K + k]) * w[n * K + k];
+      ref[t * N + n] = static_cast<float>(s);
+    }
+  cpu::Linear(x.data(), w.data(), T, K, N, y.data());
+  EXPECT_EQ(openblas_get_num_threads(), 1);
+  EXPECT_TRUE(AllClose(y, ref, tolerance::kKernelAbs, tolerance::kKernelRel, "BLAS Linear"));
+  std::vector<float> a(y.size()), b(y.size());
+  std::thread other([&] { cpu::Linear(x.data(), w.data(), T, K, N, b.data()); });
+  cpu::Linear(x.data(), w.data(), T, K, N, a.data());
+  other.join();
+  EXPECT_EQ(std::memcmp(a.data(), y.data(), y.size() * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(b.data(), y.data(), y.size() * sizeof(float)), 0);
 }
 
 // Matrices of 2 MiB and more live in 2 MiB-aligned mappings (transparent
