@@ -36,16 +36,24 @@ std::vector<float> Random(size_t n, uint32_t seed) {
   return v;
 }
 
+// y[T, N] = x[T, K] · w[N, K]^T in double, rounded once.
+std::vector<float> NaiveLinear(const std::vector<float>& x, const std::vector<float>& w, int T,
+                               int K, int N) {
+  std::vector<float> ref(static_cast<size_t>(T) * N);  // [T, N]
+  for (int t = 0; t < T; ++t)
+    for (int n = 0; n < N; ++n) {
+      double s = 0;
+      for (int k = 0; k < K; ++k) s += static_cast<double>(x[t * K + k]) * w[n * K + k];
+      ref[t * N + n] = static_cast<float>(s);
+    }
+  return ref;
+}
+
 TEST(CpuOpsTest, LinearMatchesNaive) {
   for (auto [T, K, N] : {std::tuple{1, 33, 7}, {33, 17, 65}, {5, 64, 1}, {2, 1, 3}}) {
     const auto x = Random(static_cast<size_t>(T) * K, 1), w = Random(static_cast<size_t>(N) * K, 2);
-    std::vector<float> y(static_cast<size_t>(T) * N), ref(y.size());
-    for (int t = 0; t < T; ++t)
-      for (int n = 0; n < N; ++n) {
-        double s = 0;
-        for (int k = 0; k < K; ++k) s += static_cast<double>(x[t * K + k]) * w[n * K + k];
-        ref[t * N + n] = static_cast<float>(s);
-      }
+    std::vector<float> y(static_cast<size_t>(T) * N);
+    const std::vector<float> ref = NaiveLinear(x, w, T, K, N);
     cpu::Linear(x.data(), w.data(), T, K, N, y.data());
     EXPECT_TRUE(AllClose(y, ref, tolerance::kKernelAbs, tolerance::kKernelRel, "Linear"));
     // Accumulating adds onto what is there.
@@ -67,13 +75,8 @@ TEST(CpuOpsTest, BlasProductsRunOnTheCallingThread) {
   }
   constexpr int T = 64, K = 64, N = 1024;  // T > kSkinnyMaxTokens, FP32: BLAS
   const auto x = Random(static_cast<size_t>(T) * K, 3), w = Random(static_cast<size_t>(N) * K, 4);
-  std::vector<float> y(static_cast<size_t>(T) * N), ref(y.size());
-  for (int t = 0; t < T; ++t)
-    for (int n = 0; n < N; ++n) {
-      double s = 0;
-      for (int k = 0; k < K; ++k) s += static_cast<double>(x[t * K + k]) * w[n * K + k];
-      ref[t * N + n] = static_cast<float>(s);
-    }
+  std::vector<float> y(static_cast<size_t>(T) * N);
+  const std::vector<float> ref = NaiveLinear(x, w, T, K, N);
   cpu::Linear(x.data(), w.data(), T, K, N, y.data());
   EXPECT_EQ(openblas_get_num_threads(), 1);
   EXPECT_TRUE(AllClose(y, ref, tolerance::kKernelAbs, tolerance::kKernelRel, "BLAS Linear"));

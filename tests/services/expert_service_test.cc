@@ -175,6 +175,17 @@ class ExpertServiceTest : public ::testing::Test {
   static const ModelConfig& config() { return local_store_->config(); }
   static Shard& shard(int expert) { return *(*shards_)[expert]; }
 
+  // Checks that `result` is OK and holds expert 3 of layer 1 on the rows
+  // `x` (3 rows), bitwise as the local expert computes it.
+  static void ExpectLayer1Expert3(const v1::ForwardResult& result, const std::vector<float>& x) {
+    ASSERT_EQ(result.code(), 0) << result.error_message();
+    std::vector<float> want(x.size());
+    local_store_->Find(1, 3)->Forward(x.data(), 3, want.data());
+    auto got = rpc::DecodeMatrix(result.response().output(), kD, "output");
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(MaxAbsDiff(*got, want), 0.0);
+  }
+
   // Every expert on its own shard of the fixture.
   static ExpertTopology OnePerExpertTopology() {
     ExpertTopology topology;
@@ -1657,12 +1668,7 @@ TEST_F(ExpertServiceTest, AFrameSocketRefusesGarbageAndKeepsServing) {
   ASSERT_EQ(response.results_size(), 2);
   EXPECT_EQ(response.results(0).code(), static_cast<int>(absl::StatusCode::kNotFound));
   EXPECT_THAT(response.results(0).error_message(), HasSubstr("not held"));
-  ASSERT_EQ(response.results(1).code(), 0) << response.results(1).error_message();
-  std::vector<float> want(x.size());
-  local_store_->Find(1, 3)->Forward(x.data(), 3, want.data());
-  auto got = rpc::DecodeMatrix(response.results(1).response().output(), kD, "output");
-  ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_EQ(MaxAbsDiff(*got, want), 0.0);
+  ExpectLayer1Expert3(response.results(1), x);
   EXPECT_EQ(shard->frames->connections_accepted(), 2u);
 }
 
@@ -1696,12 +1702,7 @@ TEST_F(ExpertServiceTest, ABatchWhoseDataDoesNotFillItsShapeIsRefusedAlone) {
   ASSERT_EQ(response.results_size(), 2);
   EXPECT_EQ(response.results(0).code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(response.results(0).error_message(), HasSubstr("data bytes"));
-  ASSERT_EQ(response.results(1).code(), 0) << response.results(1).error_message();
-  std::vector<float> want(x.size());
-  local_store_->Find(1, 3)->Forward(x.data(), 3, want.data());
-  auto got = rpc::DecodeMatrix(response.results(1).response().output(), kD, "output");
-  ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_EQ(MaxAbsDiff(*got, want), 0.0);
+  ExpectLayer1Expert3(response.results(1), x);
 }
 
 // EndStreams (what switchyard-expert runs before its graceful stop) ends an
