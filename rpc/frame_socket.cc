@@ -589,18 +589,20 @@ absl::Status ReadMessageFrame(FrameSocket& socket, size_t max_bytes, absl::Time 
                               google::protobuf::MessageLite* message) {
   absl::StatusOr<size_t> n = ReadFrameHeader(socket, max_bytes, deadline);
   if (!n.ok()) return n.status();
+  const auto not_a_message = [&] {
+    return absl::DataLossError(
+        absl::StrCat("frame socket: a frame of ", *n, " bytes is not a ", message->GetTypeName()));
+  };
+  // Protobuf's messages stop at 2 GiB: a larger frame cannot be one, and is
+  // refused before its payload is read.
+  if (*n > static_cast<size_t>(std::numeric_limits<int>::max())) return not_a_message();
   // Uninitialised, as NewFrame's: the read fills every byte.
   std::unique_ptr<char[]> payload = std::make_unique_for_overwrite<char[]>(*n);
   if (absl::Status s = FrameIo::ReadExactly(socket, payload.get(), *n, deadline, "reading a frame");
       !s.ok()) {
     return s;
   }
-  // Protobuf's messages stop at 2 GiB; a larger frame cannot be one.
-  if (*n > static_cast<size_t>(std::numeric_limits<int>::max()) ||
-      !message->ParseFromArray(payload.get(), static_cast<int>(*n))) {
-    return absl::DataLossError(
-        absl::StrCat("frame socket: a frame of ", *n, " bytes is not a ", message->GetTypeName()));
-  }
+  if (!message->ParseFromArray(payload.get(), static_cast<int>(*n))) return not_a_message();
   return absl::OkStatus();
 }
 

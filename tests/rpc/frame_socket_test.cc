@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <string>
 #include <thread>
 
@@ -98,6 +99,16 @@ TEST(FrameSocketTest, ReadsFailNamingWhy) {
     const absl::Status s = ReadMessageFrame(b, 64, In(absl::Seconds(1)), &response);
     EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr("ForwardStreamResponse"));
+  }
+  {  // a message frame over protobuf's 2 GiB, within the byte limit: refused
+     // from its header, without waiting for (or allocating) its payload
+    auto [a, b] = Pair();
+    ASSERT_EQ(send(a.fd(), "SYF1\x00\x00\x00\x90", 8, MSG_NOSIGNAL), 8);  // 0x90000000 bytes
+    v1::ForwardStreamRequest request;
+    const absl::Status s =
+        ReadMessageFrame(b, std::numeric_limits<uint32_t>::max(), In(absl::Seconds(5)), &request);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("2415919104 bytes is not a"));
   }
   {  // writing to a closed peer: an error, not SIGPIPE
     auto [a, b] = Pair();

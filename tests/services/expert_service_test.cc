@@ -193,6 +193,13 @@ class ExpertServiceTest : public ::testing::Test {
     return topology;
   }
 
+  // Every expert on the same `replicas`.
+  static ExpertTopology AllExpertsOn(const std::vector<std::string>& replicas) {
+    ExpertTopology topology;
+    for (int e : AllExperts()) topology.replicas[e] = replicas;
+    return topology;
+  }
+
   // "0=addr0;1=addr1;..."
   static std::string OnePerExpertSpec() {
     std::vector<std::string> entries;
@@ -555,8 +562,7 @@ TEST_F(ExpertServiceTest, FailsOverToAnotherReplicaAndReportsWhenAllAreDown) {
   auto b = StartShard(*dir_, AllExperts());
   ASSERT_NE(a, nullptr);
   ASSERT_NE(b, nullptr);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {a->address(), b->address()};
+  const ExpertTopology topology = AllExpertsOn({a->address(), b->address()});
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
   options.call_deadline_ms = 3000;
@@ -1255,8 +1261,7 @@ double RunLayersFromThreads(ExpertBackend& local, const std::vector<RemoteExpert
 TEST_F(ExpertServiceTest, StreamedLayersFromSeveralThreadsMatchUnaryExactly) {
   auto all = StartCountedShard(*dir_, AllExperts());
   ASSERT_NE(all, nullptr);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {all->address()};
+  const ExpertTopology topology = AllExpertsOn({all->address()});
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
   auto streamed = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
@@ -1501,8 +1506,7 @@ TEST_F(ExpertServiceTest, Bf16InputsGoOnlyToShardsThatComputeInBf16) {
 TEST_F(ExpertServiceTest, FramesCarryConcurrentLayersAndMatchLocalExactly) {
   auto all = StartFramedShard(*dir_, AllExperts());
   ASSERT_NE(all, nullptr);
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {all->address()};
+  const ExpertTopology topology = AllExpertsOn({all->address()});
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
   auto backend = RemoteExpertBackend::Connect(topology, config(), *dir_, options);
@@ -1547,8 +1551,7 @@ TEST_F(ExpertServiceTest, FramesWithPollingOnBothEndsMatchLocalExactly) {
   auto all = StartFramedShard(*dir_, AllExperts());
   ASSERT_NE(all, nullptr);
   ASSERT_TRUE(all->ServeFrames("127.0.0.1:0", nullptr, /*request_spin_us=*/300).ok());
-  ExpertTopology topology;
-  for (int e : AllExperts()) topology.replicas[e] = {all->address()};
+  const ExpertTopology topology = AllExpertsOn({all->address()});
   RemoteExpertOptions options;
   options.connect_timeout_ms = 10000;
   options.reply_spin_us = 300;
