@@ -35,6 +35,8 @@
 // server_us is 0. "path:3" is path 2 with the gateway's thread and each
 // expert connection's thread polling 200 us before they sleep
 // (--frame-spin-us 200 on both): no wake-up where each has a core.
+// "path:4" is path 2 with the shards announcing frame version 1, as before
+// version 2 (the rows inside the message, copied by protobuf both ways).
 //
 // Servers listen on 127.0.0.1:0 ("unix:0") or unix:/tmp/switchyard-dispatch-
 // bench-PID-E.sock ("unix:1"); "bf16:1" sets RemoteExpertOptions::wire_dtype.
@@ -136,8 +138,9 @@ struct Cluster {
 // server's worker queue), path 1 one ForwardStream per replica (compute on
 // the receiving thread when the shard is idle), path 2 the frame socket
 // (also computing inline), path 3 the frame socket with both ends polling
-// for kSpinUs before they sleep (--frame-spin-us on gateway and experts).
-std::array<std::array<std::array<std::unique_ptr<Cluster>, 2>, 4>, 2> clusters;
+// for kSpinUs before they sleep (--frame-spin-us on gateway and experts),
+// path 4 the frame socket of version 1 (the rows inside the message).
+std::array<std::array<std::array<std::unique_ptr<Cluster>, 2>, 5>, 2> clusters;
 constexpr int kSpinUs = 200;
 
 // The PKI of tls:1: a CA, a server certificate for 127.0.0.1 and a client
@@ -229,7 +232,8 @@ absl::StatusOr<Cluster*> GetCluster(bool unix_socket, int path, bool tls) {
     }
     if (path >= 2) {
       const std::string frames = unix_socket ? listen + ".frames" : "127.0.0.1:0";
-      if (absl::Status s = shard->ServeFrames(frames, server_frames, path == 3 ? kSpinUs : 0);
+      if (absl::Status s = shard->ServeFrames(frames, server_frames, path == 3 ? kSpinUs : 0,
+                                              path == 4 ? 1 : rpc::kFrameVersion);
           !s.ok()) {
         return s;
       }
@@ -271,8 +275,8 @@ double Percentile(std::vector<double> v, double p) {
 
 // Args: tokens, experts, unix (0 TCP loopback, 1 unix socket), bf16 (wire
 // dtype), delay_us (expert compute; 0 = no-op copy), path (0 before, 1
-// stream, 2 frames, 3 frames polling; see `clusters`), tls (mutual TLS; TCP
-// only).
+// stream, 2 frames, 3 frames polling, 4 frames version 1; see `clusters`),
+// tls (mutual TLS; TCP only).
 void BM_DispatchLayer(benchmark::State& state) {
   const int tokens = static_cast<int>(state.range(0));
   const int k = static_cast<int>(state.range(1));
@@ -373,7 +377,8 @@ void BM_DispatchLayer(benchmark::State& state) {
   state.SetLabel(absl::StrCat(path == 0   ? "before "
                               : path == 1 ? "stream "
                               : path == 2 ? "frames "
-                                          : "frames+poll ",
+                              : path == 3 ? "frames+poll "
+                                          : "frames-v1 ",
                               unix_socket ? "unix" : (tls ? "tcp+tls" : "tcp"), " ",
                               bf16 ? "bf16" : "f32", " ",
                               delay_us == 0 ? "no-op" : absl::StrCat("sleep ", delay_us, "us")));
@@ -390,6 +395,8 @@ void DispatchArgs(benchmark::internal::Benchmark* b) {
   // same without): the gateway's thread and one per expert spin, so this
   // needs a core each (experts:2 has three spinning threads).
   b->ArgsProduct({{1, 16}, {1, 2}, {0, 1}, {1}, {0}, {3}, {0}});
+  // Frames of version 1 (path:2 is version 2, the rows after the message).
+  b->ArgsProduct({{1, 16, 256}, {2}, {0}, {0, 1}, {0}, {4}, {0}});
 }
 BENCHMARK(BM_DispatchLayer)->Apply(DispatchArgs)->UseManualTime()->Unit(benchmark::kMicrosecond);
 

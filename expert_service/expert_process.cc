@@ -133,7 +133,8 @@ std::string FrameSummary(const ForwardFrameServer* frames, bool tls, int spin_us
   return absl::StrCat(
       tls ? ", TLS frames on " : ", frames on ",
       e.unix_path.empty() ? absl::StrCat("port ", e.port) : absl::StrCat("unix:", e.unix_path),
-      spin_us > 0 ? absl::StrCat(" (polling ", spin_us, " us)") : "");
+      spin_us > 0 ? absl::StrCat(" (polling ", spin_us, " us)") : "",
+      e.version < rpc::kFrameVersion ? absl::StrCat(", frame version ", e.version) : "");
 }
 
 }  // namespace
@@ -175,6 +176,10 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
   if (options.frame_spin_us < 0 || options.frame_spin_us > rpc::kMaxSpinUs) {
     return absl::InvalidArgumentError(
         absl::StrCat("--frame-spin-us must be in [0, ", rpc::kMaxSpinUs, "]"));
+  }
+  if (options.frame_version < 1 || options.frame_version > rpc::kFrameVersion) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--frame-version must be in [1, ", rpc::kFrameVersion, "]"));
   }
   // Transport security, checked before the (slow) weight load.
   SY_RETURN_IF_ERROR(ValidateTls(options.tls));
@@ -242,7 +247,8 @@ absl::StatusOr<std::unique_ptr<ExpertProcess>> ExpertProcess::Start(
         p->service.get(), {.listen = frame_listen,
                            .max_request_bytes = static_cast<size_t>(max_request_bytes),
                            .tls = frame_tls,
-                           .request_spin_us = options.frame_spin_us});
+                           .request_spin_us = options.frame_spin_us,
+                           .frame_version = options.frame_version});
     if (!frames.ok()) {
       return absl::Status(frames.status().code(),
                           absl::StrCat("--frame-listen: ", frames.status().message()));

@@ -46,6 +46,9 @@ struct ExpertProcessOptions {
   // How long each frame connection polls for the next request before it
   // sleeps, in us (FrameServerOptions::request_spin_us). Default 0.
   int frame_spin_us = 0;
+  // The newest frame version offered (FrameServerOptions::frame_version):
+  // 2, or 1 to measure what version 2 saves. Default rpc::kFrameVersion.
+  int frame_version = rpc::kFrameVersion;
   // Reports while the weights load (core/checkpoint.h), last with
   // finished=true; called on the loading thread. Default: none.
   LoadProgressCallback load_progress;

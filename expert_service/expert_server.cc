@@ -139,6 +139,7 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::GetShardInfo(grpc::CallbackServerCo
   response->set_frame_port(frame_endpoint_.port);
   response->set_frame_unix_path(frame_endpoint_.unix_path);
   response->set_frame_token(frame_endpoint_.token);
+  if (!frame_endpoint_.token.empty()) response->set_frame_version(frame_endpoint_.version);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -323,7 +324,7 @@ class ExpertServiceImpl::StreamReactor final
         r->set_code(static_cast<int>(absl::StatusCode::kUnavailable));
         r->set_error_message("expert shard is shutting down");
       }
-      Reply(std::move(response));
+      Reply(std::move(response), ReplyTail());
       return;
     }
     service_->AcceptForwardRequest(std::move(request), received, this, /*own_thread=*/false);
@@ -342,7 +343,9 @@ class ExpertServiceImpl::StreamReactor final
   void FinishEnded() { Finish(EndedStatus()); }
 
   // Sends the answer to one accepted request (any thread).
-  void Reply(std::unique_ptr<v1::ForwardStreamResponse> response) override {
+  void Reply(std::unique_ptr<v1::ForwardStreamResponse> response, ReplyTail tail) override {
+    // gRPC requests have no frame tail, so neither have their replies.
+    SY_CHECK(!tail.present);
     std::unique_lock<std::mutex> lock(mu_);
     --pending_;
     if (broken_) {
@@ -410,6 +413,10 @@ struct ExpertServiceImpl::StreamWork {
   std::vector<ExpertCounters*> counters;  // by batch; nullptr: refused
   int64_t received_micros = 0;
   ForwardReplySink* sink = nullptr;
+  rpc::FrameTail tail;  // the request's; its tensors may point into it
+  // The reply to a request without a tail, or the empty tail of one whose
+  // batches were all refused.
+  ReplyTail EmptyReplyTail() const { return ReplyTail{.present = tail.present}; }
 };
 
 grpc::ServerBidiReactor<v1::ForwardStreamRequest, v1::ForwardStreamResponse>*
@@ -446,8 +453,9 @@ void ExpertServiceImpl::EndStreams() {
 
 void ExpertServiceImpl::AcceptForwardRequest(std::unique_ptr<v1::ForwardStreamRequest> request,
                                              int64_t received_micros, ForwardReplySink* sink,
-                                             bool own_thread) {
+                                             bool own_thread, rpc::FrameTail tail) {
   auto work = std::make_unique<StreamWork>();
+  work->tail = std::move(tail);
   work->response = std::make_unique<v1::ForwardStreamResponse>();
   work->response->set_id(request->id());
   work->received_micros = received_micros;
@@ -473,7 +481,7 @@ void ExpertServiceImpl::AcceptForwardRequest(std::unique_ptr<v1::ForwardStreamRe
   }
   work->request = std::move(request);
   if (accepted == 0) {
-    sink->Reply(std::move(work->response));
+    sink->Reply(std::move(work->response), work->EmptyReplyTail());
     return;
   }
   bool run_inline = false;
@@ -491,7 +499,7 @@ void ExpertServiceImpl::AcceptForwardRequest(std::unique_ptr<v1::ForwardStreamRe
       for (int i = 0; i < n; ++i) {
         if (work->counters[i] != nullptr) refuse(i, refused);
       }
-      sink->Reply(std::move(work->response));
+      sink->Reply(std::move(work->response), work->EmptyReplyTail());
       return;
     }
     for (ExpertCounters* c : work->counters) {
@@ -550,8 +558,9 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
   std::map<int, std::vector<int>> by_layer;  // layer -> batch indices to run
   for (int i = 0; i < n; ++i) {
     if (work->counters[i] == nullptr || !status[i].ok()) continue;
-    status[i] = rpc::DecodeMatrixInto(request.batches(i).hidden_states(), d, rows[i],
-                                      input.get() + row_begin[i] * d, "hidden_states");
+    status[i] =
+        rpc::DecodeMatrixInto(request.batches(i).hidden_states(), d, rows[i],
+                              input.get() + row_begin[i] * d, "hidden_states", work->tail.view());
     if (status[i].ok()) by_layer[static_cast<int>(request.batches(i).layer())].push_back(i);
   }
   std::vector<int64_t> compute_micros(n, 0);  // the batch's whole backend call (in its reply)
@@ -581,6 +590,15 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
     }
   }
   const int64_t end = NowMicros();
+  // A request in a version 2 frame gets its outputs in the reply's tail,
+  // encoded straight from `output` when the reply is written.
+  struct TailPiece {
+    int64_t row_begin, rows;
+    v1::DType dtype;
+    size_t offset;
+  };
+  std::vector<TailPiece> tail_pieces;
+  ReplyTail reply_tail = work->EmptyReplyTail();
   for (int i = 0; i < n; ++i) {
     ExpertCounters* counters = work->counters[i];
     if (counters == nullptr) continue;
@@ -591,8 +609,15 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
       v1::ForwardResponse* r = result->mutable_response();
       r->set_compute_micros(compute_micros[i]);
       r->set_queue_micros(start - work->received_micros);
-      rpc::EncodeMatrix(output.get() + row_begin[i] * d, rows[i], d, OutputDType(batch),
-                        r->mutable_output());
+      if (reply_tail.present) {
+        rpc::DescribeMatrixInFrameTail(rows[i], d, OutputDType(batch), reply_tail.bytes,
+                                       r->mutable_output());
+        tail_pieces.push_back({row_begin[i], rows[i], OutputDType(batch), reply_tail.bytes});
+        reply_tail.bytes += rpc::EncodedMatrixBytes(rows[i], d, OutputDType(batch));
+      } else {
+        rpc::EncodeMatrix(output.get() + row_begin[i] * d, rows[i], d, OutputDType(batch),
+                          r->mutable_output());
+      }
     } else {
       rejected_calls_.fetch_add(1, std::memory_order_relaxed);
       result->set_code(static_cast<int>(status[i].code()));
@@ -611,7 +636,15 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
                                  compute_share[i] * 1e-6);
     }
   }
-  work->sink->Reply(std::move(work->response));
+  if (!tail_pieces.empty()) {
+    reply_tail.write = [output = std::shared_ptr<float[]>(std::move(output)),
+                        pieces = std::move(tail_pieces), d](char* tail) {
+      for (const TailPiece& p : pieces) {
+        rpc::EncodeMatrixTo(output.get() + p.row_begin * d, p.rows, d, p.dtype, tail + p.offset);
+      }
+    };
+  }
+  work->sink->Reply(std::move(work->response), std::move(reply_tail));
 }
 
 const ExpertCounters* ExpertServiceImpl::counters(int layer, int expert) const {

@@ -28,6 +28,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -42,6 +43,7 @@
 #include "core/worker_pool.h"
 #include "expert_service/expert_backend.h"
 #include "expert_service/expert_metrics.h"
+#include "rpc/frame_socket.h"
 #include "switchyard/v1/expert.grpc.pb.h"
 
 namespace switchyard {
@@ -124,13 +126,24 @@ struct ExpertServerStats {
   int64_t queued_calls = 0;
 };
 
+// The tail of a reply to a request that came in a version 2 frame
+// (rpc/frame_socket.h): the reply goes in a version 2 frame too, its
+// outputs' bytes (`bytes` of them, which `write` writes at the pointer it
+// is given) after the message. Not present for every other reply.
+struct ReplyTail {
+  bool present = false;
+  size_t bytes = 0;
+  std::function<void(char*)> write;  // null when `bytes` is 0
+};
+
 // Where the answer to an accepted ForwardStreamRequest goes: a gRPC
 // ForwardStream, or a frame socket connection. Reply is called exactly once
-// per accepted request, from any thread.
+// per accepted request, from any thread; `tail` is present only for
+// requests that came with a frame tail (so never on gRPC).
 class ForwardReplySink {
  public:
   virtual ~ForwardReplySink() = default;
-  virtual void Reply(std::unique_ptr<v1::ForwardStreamResponse> response) = 0;
+  virtual void Reply(std::unique_ptr<v1::ForwardStreamResponse> response, ReplyTail tail) = 0;
 };
 
 // Where a shard's frame socket is, for its ShardInfo (see expert.proto).
@@ -138,6 +151,8 @@ struct FrameEndpoint {
   uint32_t port = 0;      // TCP port; 0: none
   std::string unix_path;  // "": none
   std::string token;      // the greeting's payload
+  // The newest frame version it reads (ShardInfo.frame_version).
+  uint32_t version = rpc::kFrameVersion;
 };
 
 class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
@@ -174,9 +189,12 @@ class ExpertServiceImpl final : public v1::ExpertService::CallbackService {
   // and sends the response to `sink`, which must live until then.
   // `own_thread`: the caller's thread is its own (a frame connection's
   // reader, not one of gRPC's), so it computes there whenever the shard is
-  // idle, however long compute takes.
+  // idle, however long compute takes. `tail`: the tail of the version 2
+  // frame the request came in, which its tensors may point into (then the
+  // reply carries its outputs the same way); not present otherwise.
   void AcceptForwardRequest(std::unique_ptr<v1::ForwardStreamRequest> request,
-                            int64_t received_micros, ForwardReplySink* sink, bool own_thread);
+                            int64_t received_micros, ForwardReplySink* sink, bool own_thread,
+                            rpc::FrameTail tail = {});
   // Reports `endpoint` in ShardInfo from now on. Call before serving.
   void SetFrameEndpoint(FrameEndpoint endpoint);
   // Microseconds on the clock AcceptForwardRequest's received_micros uses.

@@ -56,13 +56,21 @@ class ForwardFrameServer::Connection final : public ForwardReplySink {
     if (thread_.joinable()) thread_.join();
   }
 
-  void Reply(std::unique_ptr<v1::ForwardStreamResponse> response) override {
+  void Reply(std::unique_ptr<v1::ForwardStreamResponse> response, ReplyTail tail) override {
     {
       std::lock_guard<std::mutex> lock(socket_mu_);
       if (!broken_ && socket_.valid()) {
-        const absl::Status written = rpc::WriteMessageFrame(
-            socket_, *response,
-            absl::Now() + absl::Milliseconds(server_->options_.write_timeout_ms));
+        const absl::Time deadline =
+            absl::Now() + absl::Milliseconds(server_->options_.write_timeout_ms);
+        // In the request's frame version; outputs encoded straight into the frame.
+        const absl::Status written = tail.present
+                                         ? rpc::WriteMessageFrameWithTail(
+                                               socket_, *response, tail.bytes,
+                                               [&](char* bytes) {
+                                                 if (tail.write) tail.write(bytes);
+                                               },
+                                               deadline)
+                                         : rpc::WriteMessageFrame(socket_, *response, deadline);
         if (!written.ok()) {
           // The gateway is gone or stopped reading: end the connection; the
           // gateway fails what it waits for on it and retries elsewhere.
@@ -104,20 +112,22 @@ class ForwardFrameServer::Connection final : public ForwardReplySink {
         break;
       }
       auto request = std::make_unique<v1::ForwardStreamRequest>();
+      rpc::FrameTail tail;
       // Once a frame starts, the rest of it is on its way.
       if (!rpc::ReadMessageFrame(socket_, server_->options_.max_request_bytes,
-                                 absl::Now() + absl::Seconds(30), request.get())
+                                 absl::Now() + absl::Seconds(30), request.get(), &tail)
                .ok()) {
         break;
       }
       const int64_t received = ExpertServiceImpl::NowMicros();
       server_->requests_read_.fetch_add(1, std::memory_order_relaxed);
+      if (tail.present) server_->requests_with_tail_read_.fetch_add(1, std::memory_order_relaxed);
       {
         std::lock_guard<std::mutex> lock(pending_mu_);
         ++pending_;
       }
       server_->service_->AcceptForwardRequest(std::move(request), received, this,
-                                              /*own_thread=*/true);
+                                              /*own_thread=*/true, std::move(tail));
     }
     // Every accepted request is answered before the socket closes.
     {
@@ -149,6 +159,11 @@ absl::StatusOr<std::unique_ptr<ForwardFrameServer>> ForwardFrameServer::Start(
                                                    rpc::kMaxSpinUs, " us, got ",
                                                    options.request_spin_us));
   }
+  if (options.frame_version < 1 || options.frame_version > rpc::kFrameVersion) {
+    return absl::InvalidArgumentError(absl::StrCat("frame socket: frame version must be 1..",
+                                                   rpc::kFrameVersion, ", got ",
+                                                   options.frame_version));
+  }
   int port = 0;
   absl::StatusOr<rpc::FrameSocket> listener = rpc::ListenFrames(options.listen, &port);
   if (!listener.ok()) return listener.status();
@@ -156,6 +171,7 @@ absl::StatusOr<std::unique_ptr<ForwardFrameServer>> ForwardFrameServer::Start(
   endpoint.port = static_cast<uint32_t>(port);
   if (absl::StartsWith(options.listen, "unix:")) endpoint.unix_path = options.listen.substr(5);
   endpoint.token = RandomToken();
+  endpoint.version = static_cast<uint32_t>(options.frame_version);
   std::unique_ptr<ForwardFrameServer> server(new ForwardFrameServer(
       service, std::move(options), std::move(*listener), std::move(endpoint)));
   server->accept_thread_ = std::thread([s = server.get()] { s->AcceptLoop(); });

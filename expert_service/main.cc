@@ -72,6 +72,9 @@ const CommandSpec& Spec() {
           {"frame-spin-us", true, "0",
            "poll each frame connection this many us for the next request before sleeping: "
            "saves a wake-up per call where the shard has a core to spare (0..100000)"},
+          {"frame-version", true, "2",
+           "the newest frame version offered to gateways: 2 (rows after the message) or 1 "
+           "(rows inside it, as before version 2; to compare)"},
           {"max-forward-rows", true, "16384",
            "rows per Forward call, at most 65536; at least the gateway's --max-step-tokens and "
            "--max-running"},
@@ -120,6 +123,9 @@ absl::StatusOr<ExpertProcessOptions> OptionsFromFlags(const Flags& flags) {
   SY_ASSIGN_OR_RETURN(int64_t spin,
                       flags.IntInRange("frame-spin-us", o.frame_spin_us, 0, rpc::kMaxSpinUs));
   o.frame_spin_us = static_cast<int>(spin);
+  SY_ASSIGN_OR_RETURN(int64_t version,
+                      flags.IntInRange("frame-version", o.frame_version, 1, rpc::kFrameVersion));
+  o.frame_version = static_cast<int>(version);
   return o;
 }
 

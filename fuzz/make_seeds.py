@@ -185,11 +185,44 @@ def openai_seeds():
     write(t, "not-json", completions + b'{"model": "m", "prompt": ')
 
 
+# --- expert_frame_fuzzer: a magic byte (even: version 1, odd: version 2),
+# then the frame's payload: a serialized switchyard.v1.ForwardStreamRequest
+# (protos/switchyard/v1/expert.proto, tensor.proto), after its length and
+# followed by the tail in version 2.
+def tensor(dtype, shape, data=None, tail_offset=None):
+    t = field_varint(1, dtype) + field_bytes(2, packed(shape))
+    if data is not None:
+        t += field_bytes(3, data)
+    if tail_offset is not None:
+        t += field_varint(4, tail_offset)
+    return t
+
+
+def batch(layer, expert, hidden_states):
+    return field_varint(1, layer) + field_varint(2, expert) + field_bytes(3, hidden_states)
+
+
+def frame_seeds():
+    t = "expert_frame_fuzzer"
+    f32 = struct.pack("<6f", 1.5, -2, 3, 0, 1e-3, 7)
+    bf16 = bytes([0x80, 0x3F, 0x00, 0x40, 0x40, 0xC0])  # 1, 2, -3
+    inline = (field_varint(1, 7) + field_bytes(2, batch(0, 1, tensor(1, [2, 3], data=f32))) +
+              field_bytes(2, batch(0, 2, tensor(2, [1, 3], data=bf16))) + field_varint(3, 5000))
+    write(t, "version1", b"\x00" + inline)
+    in_tail = (field_varint(1, 8) + field_bytes(2, batch(0, 1, tensor(1, [2, 3], tail_offset=6))) +
+               field_bytes(2, batch(0, 2, tensor(2, [1, 3], tail_offset=0))))
+    write(t, "version2", b"\x01" + struct.pack("<I", len(in_tail)) + in_tail + bf16 + f32)
+    past = field_bytes(2, batch(1, 3, tensor(1, [2, 3], tail_offset=4)))
+    write(t, "version2_past_the_tail", b"\x01" + struct.pack("<I", len(past)) + past + f32)
+    write(t, "version2_bad_length", b"\x01" + struct.pack("<I", 1000) + in_tail)
+
+
 if __name__ == "__main__":
     tokenizer_seeds()
     safetensors_seeds()
     request_seeds()
     chat_template_seeds()
     openai_seeds()
+    frame_seeds()
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(CORPUS) for f in fs)
     print(f"seeds written to {CORPUS} ({total} bytes)")

@@ -422,11 +422,17 @@ struct RemoteExpertBackend::Replica {
   // The first failure to use the frame socket was logged.
   std::atomic<bool> frames_warned{false};
 
-  // Where the frame socket is and what its greeting must say.
-  void SetFrameEndpoint(std::string address, std::string token) {
+  // The newest frame version the shard reads (ShardInfo.frame_version):
+  // 2 sends the rows after the message (rpc/frame_socket.h).
+  std::atomic<int> frame_version{1};
+
+  // Where the frame socket is, what its greeting must say, and its version.
+  void SetFrameEndpoint(std::string address, std::string token, uint32_t version) {
     std::lock_guard<std::mutex> lock(frame_mu);
     frame_address = std::move(address);
     frame_token = std::move(token);
+    frame_version.store(static_cast<int>(std::min<uint32_t>(version, rpc::kFrameVersion)),
+                        std::memory_order_relaxed);
   }
   std::pair<std::string, std::string> FrameEndpoint() const {
     std::lock_guard<std::mutex> lock(frame_mu);
@@ -891,7 +897,8 @@ absl::Status RemoteExpertBackend::CheckPairs(const std::vector<NewPair>& pairs) 
         info->info.rows_independent_of_count());
     // Frames: one address per target, and TLS on them where gRPC has it.
     const std::string frame_address = FrameAddress(replica->target, info->info);
-    const_cast<Replica*>(replica)->SetFrameEndpoint(frame_address, info->info.frame_token());
+    const_cast<Replica*>(replica)->SetFrameEndpoint(frame_address, info->info.frame_token(),
+                                                    info->info.frame_version());
     const_cast<Replica*>(replica)->use_frames.store(
         options_.use_frames && (options_.credentials == nullptr || options_.frame_tls != nullptr) &&
         !replica->several_addresses && !frame_address.empty());
@@ -987,13 +994,24 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
   }
   // A retry started from a callback must be watched by AwaitLayer too.
   if (stream) call->done_cv.notify_all();
+  // A version 2 frame carries the rows after the message, encoded there
+  // when it is written; anything else carries them in the message.
+  FrameTailRows tail;
+  const bool frame_tail = frames && replica->frame_version.load(std::memory_order_relaxed) >= 2;
   const auto fill = [&](const CallSlot& s, v1::ForwardRequest* request) {
     request->set_layer(static_cast<uint32_t>(call->layer));
     request->set_expert(static_cast<uint32_t>(s.expert));
     request->set_config_fingerprint(config_fingerprint_);
-    // Straight from the caller's rows into the message.
-    rpc::EncodeMatrix(s.input, s.tokens, config_.hidden_size, input_dtype,
-                      request->mutable_hidden_states());
+    if (frame_tail) {
+      rpc::DescribeMatrixInFrameTail(s.tokens, config_.hidden_size, input_dtype, tail.bytes,
+                                     request->mutable_hidden_states());
+      tail.batches.push_back({s.input, s.tokens, input_dtype, tail.bytes});
+      tail.bytes += rpc::EncodedMatrixBytes(s.tokens, config_.hidden_size, input_dtype);
+    } else {
+      // Straight from the caller's rows into the message.
+      rpc::EncodeMatrix(s.input, s.tokens, config_.hidden_size, input_dtype,
+                        request->mutable_hidden_states());
+    }
     request->set_output_dtype(options_.wire_dtype);
   };
   if (stream) {
@@ -1010,8 +1028,17 @@ void RemoteExpertBackend::StartAttempts(const std::shared_ptr<LayerCall>& call,
       }
     };
     if (frames) {
-      if (SendFrames(call, refs, replica, *request, absl::FromChrono(latest_deadline))) return;
-      // No frame connection: these attempts go on gRPC after all.
+      if (SendFrames(call, refs, replica, *request, frame_tail ? &tail : nullptr,
+                     absl::FromChrono(latest_deadline))) {
+        return;
+      }
+      // No frame connection: these attempts go on gRPC after all, with
+      // their rows in the message.
+      for (size_t i = 0; i < tail.batches.size(); ++i) {
+        const FrameTailRows::Batch& b = tail.batches[i];
+        rpc::EncodeMatrix(b.input, b.rows, config_.hidden_size, b.dtype,
+                          request->mutable_batches(static_cast<int>(i))->mutable_hidden_states());
+      }
       {
         std::lock_guard<std::mutex> lock(call->mu);
         for (const AttemptRef& ref : refs) call->slots[ref.slot].on_frames[ref.attempt] = false;
@@ -1114,7 +1141,8 @@ void RemoteExpertBackend::FailAttempts(const std::vector<AttemptRef>& refs,
 }
 
 void RemoteExpertBackend::OnStreamReply(const std::vector<AttemptRef>& refs,
-                                        const v1::ForwardStreamResponse& reply) {
+                                        const v1::ForwardStreamResponse& reply,
+                                        std::optional<std::string_view> frame_tail) {
   for (size_t i = 0; i < refs.size(); ++i) {
     const AttemptRef& ref = refs[i];
     if (!ref.call->slots[ref.slot].Claim(ref.attempt)) continue;  // timed out meanwhile
@@ -1128,7 +1156,8 @@ void RemoteExpertBackend::OnStreamReply(const std::vector<AttemptRef>& refs,
     }
     const v1::ForwardResult& result = reply.results(static_cast<int>(i));
     if (result.code() == 0) {
-      OnAttemptDone(ref.call, ref.slot, ref.attempt, grpc::Status::OK, &result.response());
+      OnAttemptDone(ref.call, ref.slot, ref.attempt, grpc::Status::OK, &result.response(),
+                    frame_tail);
     } else {
       const int code = result.code() > 0 && result.code() <= 16 ? result.code() : 2;  // UNKNOWN
       OnAttemptDone(ref.call, ref.slot, ref.attempt,
@@ -1140,7 +1169,8 @@ void RemoteExpertBackend::OnStreamReply(const std::vector<AttemptRef>& refs,
 
 void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, size_t slot,
                                         int attempt, grpc::Status status,
-                                        const v1::ForwardResponse* reply) {
+                                        const v1::ForwardResponse* reply,
+                                        std::optional<std::string_view> frame_tail) {
   CallSlot& s = call->slots[slot];
   ExpertState& state = *experts_[s.expert];
   RemoteExpertCounters& counters = state.counters;
@@ -1166,7 +1196,7 @@ void RemoteExpertBackend::OnAttemptDone(const std::shared_ptr<LayerCall>& call, 
     // Straight into the caller's output; a reply that does not fit is an
     // error of this batch (the shard is broken, so no retry).
     absl::Status decoded = rpc::DecodeMatrixInto(reply->output(), config_.hidden_size, s.tokens,
-                                                 s.output, "expert output");
+                                                 s.output, "expert output", frame_tail);
     if (!decoded.ok()) {
       s.bad_output = absl::InternalError(
           absl::StrCat("expert ", s.expert, " (layer ", call->layer, ") at ", replica.target,
@@ -1251,14 +1281,15 @@ absl::StatusOr<rpc::FrameSocket> RemoteExpertBackend::DialFrames(Replica& replic
   if (!replica.stub->GetShardInfo(&context, v1::GetShardInfoRequest(), &info).ok()) return socket;
   const std::string fresh = FrameAddress(replica.target, info);
   if (fresh.empty() || (fresh == address && info.frame_token() == token)) return socket;
-  replica.SetFrameEndpoint(fresh, info.frame_token());
+  replica.SetFrameEndpoint(fresh, info.frame_token(), info.frame_version());
   return DialAndGreet(fresh, info.frame_token(), tls, replica.tls_name, deadline);
 }
 
 bool RemoteExpertBackend::SendFrames(const std::shared_ptr<LayerCall>& call,
                                      const std::vector<AttemptRef>& refs,
                                      const std::shared_ptr<Replica>& replica,
-                                     v1::ForwardStreamRequest& request, absl::Time deadline) {
+                                     v1::ForwardStreamRequest& request, const FrameTailRows* tail,
+                                     absl::Time deadline) {
   request.set_id(next_frame_id_.fetch_add(1, std::memory_order_relaxed));
   rpc::FrameSocket socket = replica->TakeIdleFrame();
   while (socket.valid() && IdleFrameIsStale(socket.fd())) socket = replica->TakeIdleFrame();
@@ -1273,7 +1304,19 @@ bool RemoteExpertBackend::SendFrames(const std::shared_ptr<LayerCall>& call,
       sent = dialed.status();
     }
   }
-  if (sent.ok()) sent = rpc::WriteMessageFrame(socket, request, deadline);
+  if (sent.ok() && tail != nullptr) {
+    // The rows straight from the caller's buffers into the frame.
+    sent = rpc::WriteMessageFrameWithTail(
+        socket, request, tail->bytes,
+        [&](char* bytes) {
+          for (const FrameTailRows::Batch& b : tail->batches) {
+            rpc::EncodeMatrixTo(b.input, b.rows, config_.hidden_size, b.dtype, bytes + b.offset);
+          }
+        },
+        deadline);
+  } else if (sent.ok()) {
+    sent = rpc::WriteMessageFrame(socket, request, deadline);
+  }
   if (!sent.ok()) {
     // gRPC carries this replica's calls until the next try: after
     // max_reconnect_backoff_ms, doubling with each failure in a row up to a minute.
@@ -1309,8 +1352,9 @@ bool RemoteExpertBackend::SendFrames(const std::shared_ptr<LayerCall>& call,
 void RemoteExpertBackend::ReadFrameReply(FrameWait& wait, absl::Time deadline) {
   wait.open = false;
   v1::ForwardStreamResponse reply;
+  rpc::FrameTail tail;
   absl::Status read = rpc::ReadMessageFrame(
-      wait.socket, static_cast<size_t>(options_.max_message_bytes), deadline, &reply);
+      wait.socket, static_cast<size_t>(options_.max_message_bytes), deadline, &reply, &tail);
   if (read.ok() && reply.id() != wait.id) {
     read = absl::DataLossError(
         absl::StrCat("reply for request ", reply.id(), " while waiting for ", wait.id));
@@ -1323,7 +1367,7 @@ void RemoteExpertBackend::ReadFrameReply(FrameWait& wait, absl::Time deadline) {
     return;
   }
   wait.replica->ReturnFrame(std::move(wait.socket));
-  OnStreamReply(wait.refs, reply);
+  OnStreamReply(wait.refs, reply, tail.view());
 }
 
 void RemoteExpertBackend::AwaitLayer(const std::shared_ptr<LayerCall>& call) {

@@ -97,6 +97,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -317,8 +318,11 @@ class RemoteExpertBackend : public ExpertBackend {
                      std::shared_ptr<Replica> replica);
   // Completes an attempt that its caller has claimed (CallSlot::Claim): on OK
   // decodes `reply` into the batch output; retries or counts the slot done.
+  // `frame_tail`: the tail of the version 2 frame `reply` came in, which its
+  // output may point into.
   void OnAttemptDone(const std::shared_ptr<LayerCall>& call, size_t slot, int attempt,
-                     grpc::Status status, const v1::ForwardResponse* reply);
+                     grpc::Status status, const v1::ForwardResponse* reply,
+                     std::optional<std::string_view> frame_tail = std::nullopt);
   // Starts attempt `ref` as a unary Forward call of `request` on `replica`.
   void SendUnary(const AttemptRef& ref, Replica* replica,
                  std::unique_ptr<v1::ForwardRequest> request);
@@ -336,7 +340,20 @@ class RemoteExpertBackend : public ExpertBackend {
   // Completes each of `refs` whose attempt is still open with `status`.
   void FailAttempts(const std::vector<AttemptRef>& refs, const grpc::Status& status);
   // Completes the attempts of `refs` from the results of a stream reply.
-  void OnStreamReply(const std::vector<AttemptRef>& refs, const v1::ForwardStreamResponse& reply);
+  void OnStreamReply(const std::vector<AttemptRef>& refs, const v1::ForwardStreamResponse& reply,
+                     std::optional<std::string_view> frame_tail = std::nullopt);
+  // The rows a version 2 request frame carries after its message: each
+  // batch's [rows, D] input, encoded as `dtype` at `offset` of the tail.
+  struct FrameTailRows {
+    struct Batch {
+      const float* input;
+      int64_t rows;
+      v1::DType dtype;
+      size_t offset;
+    };
+    std::vector<Batch> batches;
+    size_t bytes = 0;
+  };
   // Waits until every slot of `call` is done, reading the replies of its
   // frame requests and failing stream and frame attempts whose deadline
   // passed (DEADLINE_EXCEEDED) so that no call waits past its budget.
@@ -346,11 +363,12 @@ class RemoteExpertBackend : public ExpertBackend {
   absl::StatusOr<rpc::FrameSocket> DialFrames(Replica& replica, absl::Time deadline);
   // Sends `request` (its id set here) for the attempts `refs` on a frame
   // connection to `replica` (an idle one, else a new one), for AwaitLayer
-  // to read the reply. False when no connection could take it (nothing
-  // sent; the replica then uses gRPC for a while, see above).
+  // to read the reply: a version 2 frame with `tail` after the message
+  // where it is given, else version 1. False when no connection could take
+  // it (nothing sent; the replica then uses gRPC for a while, see above).
   bool SendFrames(const std::shared_ptr<LayerCall>& call, const std::vector<AttemptRef>& refs,
                   const std::shared_ptr<Replica>& replica, v1::ForwardStreamRequest& request,
-                  absl::Time deadline);
+                  const FrameTailRows* tail, absl::Time deadline);
   // Reads the reply `wait` awaits (its socket is readable) and completes its
   // attempts; a broken connection fails them UNAVAILABLE (retryable).
   void ReadFrameReply(FrameWait& wait, absl::Time deadline);

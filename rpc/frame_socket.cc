@@ -33,6 +33,9 @@ namespace switchyard::rpc {
 namespace {
 
 constexpr char kMagic[4] = {'S', 'Y', 'F', '1'};
+constexpr char kMagicWithTail[4] = {'S', 'Y', 'F', '2'};
+// A version 2 payload starts with its message's length.
+constexpr size_t kMessageLengthBytes = 4;
 constexpr size_t kMaxFrameBytes = std::numeric_limits<uint32_t>::max();
 
 std::string ErrnoText(int err) { return std::strerror(err); }
@@ -80,16 +83,24 @@ struct NewFrameBuffer {
   char* payload() { return bytes.get() + kFrameHeaderBytes; }
 };
 
-absl::StatusOr<NewFrameBuffer> NewFrame(size_t payload_bytes) {
+void PutUint32(uint32_t n, char* out) {
+  for (int i = 0; i < 4; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+}
+uint32_t GetUint32(const char* in) {
+  uint32_t n = 0;
+  for (int i = 0; i < 4; ++i) n |= uint32_t{static_cast<uint8_t>(in[i])} << (8 * i);
+  return n;
+}
+
+absl::StatusOr<NewFrameBuffer> NewFrame(size_t payload_bytes, const char (&magic)[4] = kMagic) {
   if (payload_bytes > kMaxFrameBytes) {
     return absl::InvalidArgumentError(absl::StrCat("frame of ", payload_bytes, " bytes"));
   }
   NewFrameBuffer frame;
   frame.size = kFrameHeaderBytes + payload_bytes;
   frame.bytes = std::make_unique_for_overwrite<char[]>(frame.size);
-  std::memcpy(frame.bytes.get(), kMagic, 4);
-  const uint32_t n = static_cast<uint32_t>(payload_bytes);
-  for (int i = 0; i < 4; ++i) frame.bytes[4 + i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  std::memcpy(frame.bytes.get(), magic, 4);
+  PutUint32(static_cast<uint32_t>(payload_bytes), frame.bytes.get() + 4);
   return frame;
 }
 
@@ -552,57 +563,108 @@ absl::Status WriteMessageFrame(FrameSocket& socket, const google::protobuf::Mess
   return FrameIo::WriteExactly(socket, frame->bytes.get(), frame->size, deadline);
 }
 
+absl::Status WriteMessageFrameWithTail(FrameSocket& socket,
+                                       const google::protobuf::MessageLite& message,
+                                       size_t tail_bytes, absl::FunctionRef<void(char*)> fill_tail,
+                                       absl::Time deadline) {
+  const size_t message_bytes = message.ByteSizeLong();
+  absl::StatusOr<NewFrameBuffer> frame =
+      NewFrame(kMessageLengthBytes + message_bytes + tail_bytes, kMagicWithTail);
+  if (!frame.ok()) return frame.status();
+  char* payload = frame->payload();
+  PutUint32(static_cast<uint32_t>(message_bytes), payload);
+  message.SerializeWithCachedSizesToArray(
+      reinterpret_cast<uint8_t*>(payload + kMessageLengthBytes));
+  fill_tail(payload + kMessageLengthBytes + message_bytes);
+  return FrameIo::WriteExactly(socket, frame->bytes.get(), frame->size, deadline);
+}
+
 namespace {
 
-// Reads a frame header; its payload length, at most `max_bytes`.
-absl::StatusOr<size_t> ReadFrameHeader(FrameSocket& socket, size_t max_bytes, absl::Time deadline) {
+struct FrameHeader {
+  size_t payload_bytes = 0;
+  bool with_tail = false;  // version 2
+};
+
+// Reads a frame header; its payload length is at most `max_bytes`.
+absl::StatusOr<FrameHeader> ReadFrameHeader(FrameSocket& socket, size_t max_bytes,
+                                            absl::Time deadline) {
   char header[kFrameHeaderBytes];
   if (absl::Status s =
           FrameIo::ReadExactly(socket, header, sizeof(header), deadline, "reading a frame header");
       !s.ok()) {
     return s;
   }
-  if (std::memcmp(header, kMagic, 4) != 0) {
+  FrameHeader frame;
+  frame.with_tail = std::memcmp(header, kMagicWithTail, 4) == 0;
+  if (!frame.with_tail && std::memcmp(header, kMagic, 4) != 0) {
     return absl::DataLossError(
         "frame socket: the peer does not speak Switchyard frames (bad magic)");
   }
-  uint32_t n = 0;
-  for (int i = 0; i < 4; ++i) n |= uint32_t{static_cast<uint8_t>(header[4 + i])} << (8 * i);
-  if (n > max_bytes) {
-    return absl::DataLossError(
-        absl::StrCat("frame socket: frame of ", n, " bytes is over the limit of ", max_bytes));
+  frame.payload_bytes = GetUint32(header + 4);
+  if (frame.payload_bytes > max_bytes) {
+    return absl::DataLossError(absl::StrCat("frame socket: frame of ", frame.payload_bytes,
+                                            " bytes is over the limit of ", max_bytes));
   }
-  return n;
+  return frame;
 }
 
 }  // namespace
 
 absl::Status ReadFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
                        std::string* payload) {
-  absl::StatusOr<size_t> n = ReadFrameHeader(socket, max_bytes, deadline);
-  if (!n.ok()) return n.status();
-  payload->resize(*n);
-  return FrameIo::ReadExactly(socket, payload->data(), *n, deadline, "reading a frame");
+  absl::StatusOr<FrameHeader> frame = ReadFrameHeader(socket, max_bytes, deadline);
+  if (!frame.ok()) return frame.status();
+  if (frame->with_tail) {
+    return absl::DataLossError("frame socket: a version 2 frame where a plain one was expected");
+  }
+  payload->resize(frame->payload_bytes);
+  return FrameIo::ReadExactly(socket, payload->data(), frame->payload_bytes, deadline,
+                              "reading a frame");
 }
 
 absl::Status ReadMessageFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
-                              google::protobuf::MessageLite* message) {
-  absl::StatusOr<size_t> n = ReadFrameHeader(socket, max_bytes, deadline);
-  if (!n.ok()) return n.status();
-  const auto not_a_message = [&] {
-    return absl::DataLossError(
-        absl::StrCat("frame socket: a frame of ", *n, " bytes is not a ", message->GetTypeName()));
+                              google::protobuf::MessageLite* message, FrameTail* tail) {
+  absl::StatusOr<FrameHeader> frame = ReadFrameHeader(socket, max_bytes, deadline);
+  if (!frame.ok()) return frame.status();
+  const size_t n = frame->payload_bytes;
+  const auto not_a_message = [&](const std::string& why) {
+    return absl::DataLossError(absl::StrCat("frame socket: a frame of ", n, " bytes is not a ",
+                                            message->GetTypeName(), why));
   };
-  // Protobuf's messages stop at 2 GiB: a larger frame cannot be one, and is
-  // refused before its payload is read.
-  if (*n > static_cast<size_t>(std::numeric_limits<int>::max())) return not_a_message();
+  if (frame->with_tail && tail == nullptr) {
+    return not_a_message(" (a version 2 frame, which this reader does not take)");
+  }
+  // Protobuf's messages stop at 2 GiB: a plain frame larger than that cannot
+  // be one, and is refused before its payload is read.
+  constexpr size_t kMaxMessageBytes = std::numeric_limits<int>::max();
+  if (!frame->with_tail && n > kMaxMessageBytes) return not_a_message("");
   // Uninitialised, as NewFrame's: the read fills every byte.
-  std::unique_ptr<char[]> payload = std::make_unique_for_overwrite<char[]>(*n);
-  if (absl::Status s = FrameIo::ReadExactly(socket, payload.get(), *n, deadline, "reading a frame");
+  std::unique_ptr<char[]> payload = std::make_unique_for_overwrite<char[]>(n);
+  if (absl::Status s = FrameIo::ReadExactly(socket, payload.get(), n, deadline, "reading a frame");
       !s.ok()) {
     return s;
   }
-  if (!message->ParseFromArray(payload.get(), static_cast<int>(*n))) return not_a_message();
+  size_t message_begin = 0;
+  size_t message_bytes = n;
+  if (frame->with_tail) {
+    if (n < kMessageLengthBytes) return not_a_message(" (shorter than its message length)");
+    message_begin = kMessageLengthBytes;
+    message_bytes = GetUint32(payload.get());
+    if (message_bytes > n - kMessageLengthBytes) {
+      return not_a_message(absl::StrCat(" (its message length says ", message_bytes, ")"));
+    }
+  }
+  if (message_bytes > kMaxMessageBytes ||
+      !message->ParseFromArray(payload.get() + message_begin, static_cast<int>(message_bytes))) {
+    return not_a_message("");
+  }
+  if (tail != nullptr) {
+    tail->present = frame->with_tail;
+    const size_t tail_begin = frame->with_tail ? message_begin + message_bytes : n;
+    tail->bytes = std::string_view(payload.get() + tail_begin, n - tail_begin);
+    tail->buffer = std::move(payload);
+  }
   return absl::OkStatus();
 }
 

@@ -13,14 +13,21 @@
 // renegotiation, so an idle connection carries no bytes (a readable idle
 // socket still means the peer closed it).
 //
-// Wire format: every frame is an 8-byte header, the magic "SYF1" and the
-// payload length as a little-endian uint32, then the payload. The server
-// speaks first: on accept it sends one greeting frame whose payload is its
-// token, so a client that dialled the wrong port (something else listening
-// there, an older shard, a restarted shard on a reused port) finds out at
-// once instead of waiting for a reply. After that, the client sends
-// ForwardStreamRequest frames and the server answers each with a
-// ForwardStreamResponse frame carrying the same id.
+// Wire format: every frame is an 8-byte header, a magic and the payload
+// length as a little-endian uint32, then the payload. Version 1 ("SYF1"):
+// the payload is the message. Version 2 ("SYF2"): the payload is the
+// message's length as a little-endian uint32, the message, then a tail of
+// raw bytes that the message's tensors point into (Tensor.frame_tail_offset),
+// so rows of hidden states are encoded straight into the frame and decoded
+// straight out of it: protobuf copies neither (at 256 rows those copies were
+// ~20% of the hop, issue #10). The server speaks first: on accept it sends
+// one greeting frame (version 1) whose payload is its token, so a client
+// that dialled the wrong port (something else listening there, an older
+// shard, a restarted shard on a reused port) finds out at once instead of
+// waiting for a reply. After that, the client sends ForwardStreamRequest
+// frames and the server answers each with a ForwardStreamResponse frame
+// carrying the same id, in the request's version. A client sends version 2
+// only to a shard whose ShardInfo.frame_version is 2 or more.
 //
 // All functions take a deadline and return DEADLINE_EXCEEDED when it
 // passes, UNAVAILABLE when the peer closed or the socket failed, and
@@ -37,9 +44,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -50,6 +59,23 @@ struct ssl_ctx_st;  // OpenSSL's SSL_CTX
 namespace switchyard::rpc {
 
 inline constexpr size_t kFrameHeaderBytes = 8;
+// The newest frame version this build reads and writes.
+inline constexpr int kFrameVersion = 2;
+
+// What followed the message in a frame: a version 2 frame's tail, which its
+// tensors point into. Owns the frame's bytes. Movable.
+struct FrameTail {
+  // Whether the frame was version 2 (false: a version 1 frame, no tail).
+  bool present = false;
+  // The tail's bytes, inside `buffer`.
+  std::string_view bytes;
+  std::unique_ptr<char[]> buffer;
+
+  // The tail, for DecodeMatrixInto; nullopt where the frame had none.
+  std::optional<std::string_view> view() const {
+    return present ? std::optional<std::string_view>(bytes) : std::nullopt;
+  }
+};
 
 // An OpenSSL context for frame sockets: certificate, key, trusted CAs and
 // the peer-certificate rule, for one side (server or client). Built from PEM
@@ -131,17 +157,27 @@ absl::Status StartServerTls(FrameSocket& socket, const FrameTlsContext& tls, abs
 
 // Writes one frame with `payload` (one send for header and payload).
 absl::Status WriteFrame(FrameSocket& socket, std::string_view payload, absl::Time deadline);
-// Serializes `message` and writes it as one frame.
+// Serializes `message` and writes it as one frame (version 1).
 absl::Status WriteMessageFrame(FrameSocket& socket, const google::protobuf::MessageLite& message,
                                absl::Time deadline);
+// Writes `message` and a tail of `tail_bytes` as one version 2 frame:
+// `fill_tail` is called once with the tail's first byte, and must write all
+// of them, before the frame is sent.
+absl::Status WriteMessageFrameWithTail(FrameSocket& socket,
+                                       const google::protobuf::MessageLite& message,
+                                       size_t tail_bytes, absl::FunctionRef<void(char*)> fill_tail,
+                                       absl::Time deadline);
 
-// Reads one frame's payload into `*payload`; DATA_LOSS if its length is over
-// `max_bytes` (nothing more is read: the socket is then useless).
+// Reads one version 1 frame's payload into `*payload`; DATA_LOSS if its
+// length is over `max_bytes` (nothing more is read: the socket is then
+// useless) or it is a version 2 frame.
 absl::Status ReadFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
                        std::string* payload);
-// Reads one frame and parses it into `message`.
+// Reads one frame and parses its message into `message`. With `tail`, a
+// version 2 frame's tail goes there (for a version 1 frame, one that is not
+// present); without, a version 2 frame is DATA_LOSS.
 absl::Status ReadMessageFrame(FrameSocket& socket, size_t max_bytes, absl::Time deadline,
-                              google::protobuf::MessageLite* message);
+                              google::protobuf::MessageLite* message, FrameTail* tail = nullptr);
 
 // Blocks until `socket` has something to read or `deadline`; true when it
 // has (or is closed: the next read says so). With `spin` > 0 it first polls

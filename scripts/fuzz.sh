@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 jobs=${SWITCHYARD_JOBS:-$(nproc)}
 targets=(${FUZZ_TARGETS:-tokenizer_fuzzer safetensors_fuzzer request_validation_fuzzer
-          chat_template_fuzzer openai_request_fuzzer})
+          chat_template_fuzzer openai_request_fuzzer expert_frame_fuzzer})
 build=build-fuzz
 
 # -O1 without NDEBUG: library assertions (Abseil, nlohmann_json) stay on.

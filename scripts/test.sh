@@ -44,8 +44,8 @@ begin "ctest"
 begin "sanitizers"
 scripts/sanitize.sh
 begin "fuzz"
-# The chat-template and OpenAI-request targets get 8 s each (with their
-# build, under 30 s added to the stage); the others 20 s.
+# The chat-template, OpenAI-request and expert-frame targets get 8 s each
+# (with their build, under 30 s added to the stage each); the others 20 s.
 FUZZ_TARGETS="tokenizer_fuzzer safetensors_fuzzer request_validation_fuzzer \
-  chat_template_fuzzer:8 openai_request_fuzzer:8" scripts/fuzz.sh 20
+  chat_template_fuzzer:8 openai_request_fuzzer:8 expert_frame_fuzzer:8" scripts/fuzz.sh 20
 stage_names+=("$stage"); stage_secs+=($((SECONDS - stage_start))); stage=""

@@ -96,14 +96,15 @@ struct InProcessExpert {
 
   // Starts a frame socket on `listen` for the running service (TLS with
   // `tls`) and reports it in ShardInfo (a new one replaces the last: a shard
-  // restarted with its gRPC address kept).
+  // restarted with its gRPC address kept), announcing `frame_version`.
   absl::Status ServeFrames(const std::string& listen = "127.0.0.1:0",
                            std::shared_ptr<const rpc::FrameTlsContext> tls = nullptr,
-                           int request_spin_us = 0) {
+                           int request_spin_us = 0, int frame_version = rpc::kFrameVersion) {
     StopFrames();
-    auto started = ForwardFrameServer::Start(
-        service.get(),
-        {.listen = listen, .tls = std::move(tls), .request_spin_us = request_spin_us});
+    auto started = ForwardFrameServer::Start(service.get(), {.listen = listen,
+                                                             .tls = std::move(tls),
+                                                             .request_spin_us = request_spin_us,
+                                                             .frame_version = frame_version});
     if (!started.ok()) return started.status();
     frames = *std::move(started);
     service->SetFrameEndpoint(frames->endpoint());

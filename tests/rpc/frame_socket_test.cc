@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <string>
@@ -54,6 +55,80 @@ TEST(FrameSocketTest, AMessageRoundTripsWhole) {
   EXPECT_EQ(payload, "");
   ASSERT_TRUE(ReadFrame(b, 16, In(absl::Seconds(1)), &payload).ok());
   EXPECT_EQ(payload, "token");
+}
+
+// Version 2: the message, then a tail the writer fills in place; the reader
+// gets both, the tail as a view into the frame it owns. A version 1 frame
+// read the same way has no tail; a reader that takes no tail, or a raw
+// reader, refuses a version 2 frame; a message length past the payload is
+// refused by name.
+TEST(FrameSocketTest, AMessageAndItsTailRoundTrip) {
+  auto [a, b] = Pair();
+  v1::ForwardStreamRequest sent;
+  sent.set_id(8);
+  sent.add_batches()->set_layer(2);
+  std::string tail_sent(300000, '\0');  // several sends
+  for (size_t i = 0; i < tail_sent.size(); ++i) tail_sent[i] = static_cast<char>(i * 7);
+  std::thread writer([&, &a = a] {
+    EXPECT_TRUE(WriteMessageFrameWithTail(
+                    a, sent, tail_sent.size(),
+                    [&](char* tail) { std::memcpy(tail, tail_sent.data(), tail_sent.size()); },
+                    In(absl::Seconds(10)))
+                    .ok());
+    EXPECT_TRUE(WriteMessageFrameWithTail(
+                    a, sent, 0, [](char*) {}, In(absl::Seconds(1)))
+                    .ok());
+    EXPECT_TRUE(WriteMessageFrame(a, sent, In(absl::Seconds(1))).ok());
+    EXPECT_TRUE(WriteMessageFrameWithTail(
+                    a, sent, 1, [](char* t) { *t = 'z'; }, In(absl::Seconds(1)))
+                    .ok());
+    EXPECT_TRUE(WriteMessageFrameWithTail(
+                    a, sent, 1, [](char* t) { *t = 'z'; }, In(absl::Seconds(1)))
+                    .ok());
+  });
+  v1::ForwardStreamRequest got;
+  FrameTail tail;
+  absl::Status s = ReadMessageFrame(b, 1 << 20, In(absl::Seconds(10)), &got, &tail);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(got.SerializeAsString(), sent.SerializeAsString());
+  EXPECT_TRUE(tail.present);
+  EXPECT_EQ(tail.bytes, tail_sent);
+  ASSERT_TRUE(tail.view().has_value());
+  // An empty tail is still a version 2 frame.
+  ASSERT_TRUE(ReadMessageFrame(b, 1 << 20, In(absl::Seconds(1)), &got, &tail).ok());
+  EXPECT_TRUE(tail.present);
+  EXPECT_EQ(tail.bytes.size(), 0u);
+  // Version 1: no tail.
+  ASSERT_TRUE(ReadMessageFrame(b, 1 << 20, In(absl::Seconds(1)), &got, &tail).ok());
+  EXPECT_FALSE(tail.present);
+  EXPECT_FALSE(tail.view().has_value());
+  EXPECT_EQ(got.id(), 8u);
+  // A reader that takes no tail, and a raw reader, refuse version 2.
+  s = ReadMessageFrame(b, 1 << 20, In(absl::Seconds(1)), &got);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("a version 2 frame"));
+  writer.join();
+  std::string payload;
+  {
+    auto [c, d] = Pair();
+    ASSERT_TRUE(WriteMessageFrameWithTail(
+                    c, sent, 1, [](char* t) { *t = 'z'; }, In(absl::Seconds(1)))
+                    .ok());
+    s = ReadFrame(d, 1 << 20, In(absl::Seconds(1)), &payload);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("a version 2 frame where a plain one"));
+  }
+  {  // a message length past the payload; a payload too short for one
+    auto [c, d] = Pair();
+    ASSERT_EQ(send(c.fd(), "SYF2\x06\0\0\0\x09\0\0\0ab", 14, MSG_NOSIGNAL), 14);
+    ASSERT_EQ(send(c.fd(), "SYF2\x02\0\0\0ab", 10, MSG_NOSIGNAL), 10);
+    s = ReadMessageFrame(d, 64, In(absl::Seconds(1)), &got, &tail);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("its message length says 9"));
+    s = ReadMessageFrame(d, 64, In(absl::Seconds(1)), &got, &tail);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("shorter than its message length"));
+  }
 }
 
 TEST(FrameSocketTest, ReadsFailNamingWhy) {

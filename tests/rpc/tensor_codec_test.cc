@@ -10,9 +10,13 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
+#include <string>
+#include <string_view>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "core/dtype.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -147,6 +151,59 @@ TEST(TensorCodecTest, MalformedTensorsAreRefusedByName) {
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << c.name << ": " << s;
     EXPECT_THAT(s.message(), HasSubstr("hidden_states")) << c.name;
     EXPECT_THAT(s.message(), HasSubstr(c.says)) << c.name;
+  }
+}
+
+// For a version 2 frame: rows encoded at an offset of a frame's tail (odd
+// offsets: the tail need not be aligned) are the bytes EncodeMatrix puts in
+// `data`, and decode to the same values; a tensor that points into a tail it
+// does not fit in, that has data too, or that comes without a tail is
+// refused by name.
+TEST(TensorCodecTest, RowsInAFrameTailAreTheBytesOfData) {
+  for (const v1::DType dtype : {v1::DTYPE_F32, v1::DTYPE_BF16}) {
+    for (const auto& [n, d] : std::vector<std::pair<int64_t, int64_t>>{{1, 5}, {3, 2049}}) {
+      SCOPED_TRACE(testing::Message() << v1::DType_Name(dtype) << " [" << n << ", " << d << "]");
+      const std::vector<float> x = Rows(n, d, static_cast<uint32_t>(n * 7 + d));
+      v1::Tensor in_data;
+      EncodeMatrix(x.data(), n, d, dtype, &in_data);
+      const size_t bytes = EncodedMatrixBytes(n, d, dtype);
+      ASSERT_EQ(bytes, in_data.data().size());
+      constexpr size_t kOffset = 3;
+      std::string tail(kOffset + bytes + 5, '\x7f');
+      v1::Tensor in_tail;
+      in_tail.set_data("stale");  // cleared: the rows are in the tail
+      DescribeMatrixInFrameTail(n, d, dtype, kOffset, &in_tail);
+      EncodeMatrixTo(x.data(), n, d, dtype, tail.data() + kOffset);
+      EXPECT_TRUE(in_tail.data().empty());
+      EXPECT_EQ(in_tail.dtype(), in_data.dtype());
+      EXPECT_EQ(tail.substr(kOffset, bytes), in_data.data());
+      std::vector<float> from_data(x.size()), from_tail(x.size());
+      ASSERT_TRUE(DecodeMatrixInto(in_data, d, n, from_data.data(), "x").ok());
+      const absl::Status s = DecodeMatrixInto(in_tail, d, n, from_tail.data(), "x", tail);
+      ASSERT_TRUE(s.ok()) << s;
+      EXPECT_EQ(std::memcmp(from_data.data(), from_tail.data(), x.size() * sizeof(float)), 0);
+
+      const auto refused = [&](const v1::Tensor& t, std::optional<std::string_view> frame_tail) {
+        return DecodeMatrixInto(t, d, n, from_tail.data(), "x", frame_tail);
+      };
+      EXPECT_THAT(refused(in_tail, std::nullopt).message(),
+                  HasSubstr("x: frame_tail_offset is set, but the tensor did not come in a "
+                            "version 2 frame"));
+      const std::string_view short_tail(tail.data(), kOffset + bytes - 1);
+      EXPECT_THAT(refused(in_tail, short_tail).message(),
+                  HasSubstr(absl::StrCat(bytes,
+                                         " data bytes at frame tail offset 3 (and 0 in "
+                                         "data), but the frame's tail has ",
+                                         short_tail.size())));
+      v1::Tensor far = in_tail;
+      far.set_frame_tail_offset(std::numeric_limits<uint64_t>::max());  // no wrap-around
+      EXPECT_EQ(refused(far, tail).code(), absl::StatusCode::kInvalidArgument);
+      v1::Tensor both = in_tail;
+      both.set_data(in_data.data());
+      EXPECT_EQ(refused(both, tail).code(), absl::StatusCode::kInvalidArgument);
+      // A tail where the tensor has its data in `data`: the tail is not used.
+      ASSERT_TRUE(DecodeMatrixInto(in_data, d, n, from_tail.data(), "x", "").ok());
+    }
   }
 }
 

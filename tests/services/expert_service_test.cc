@@ -17,8 +17,10 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -177,13 +179,17 @@ class ExpertServiceTest : public ::testing::Test {
 
   // Checks that `result` is OK and holds expert 3 of layer 1 on the rows
   // `x` (3 rows), bitwise as the local expert computes it.
-  static void ExpectLayer1Expert3(const v1::ForwardResult& result, const std::vector<float>& x) {
+  // `frame_tail`: the reply frame's tail, where it was version 2.
+  static void ExpectLayer1Expert3(const v1::ForwardResult& result, const std::vector<float>& x,
+                                  std::optional<std::string_view> frame_tail = std::nullopt) {
     ASSERT_EQ(result.code(), 0) << result.error_message();
     std::vector<float> want(x.size());
     local_store_->Find(1, 3)->Forward(x.data(), 3, want.data());
-    auto got = rpc::DecodeMatrix(result.response().output(), kD, "output");
-    ASSERT_TRUE(got.ok()) << got.status();
-    EXPECT_EQ(MaxAbsDiff(*got, want), 0.0);
+    std::vector<float> got(x.size());
+    const absl::Status s =
+        rpc::DecodeMatrixInto(result.response().output(), kD, 3, got.data(), "output", frame_tail);
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(MaxAbsDiff(got, want), 0.0);
   }
 
   // Every expert on its own shard of the fixture.
@@ -1209,6 +1215,16 @@ std::unique_ptr<CountedShard> StartFramedShard(const std::string& dir, std::vect
   return StartCountedShard(dir, std::move(experts), listen, "cpu-f32", /*frames=*/true);
 }
 
+// A connection to `shard`'s frame socket (TCP), its greeting read.
+absl::StatusOr<rpc::FrameSocket> DialGreeted(const CountedShard& shard, absl::Time deadline) {
+  absl::StatusOr<rpc::FrameSocket> socket =
+      rpc::DialFrames(absl::StrCat("127.0.0.1:", shard.frames->endpoint().port), deadline);
+  if (!socket.ok()) return socket.status();
+  std::string greeting;
+  if (absl::Status s = rpc::ReadFrame(*socket, 1024, deadline, &greeting); !s.ok()) return s;
+  return socket;
+}
+
 // `threads` threads each run `iterations` layers at once (layers 0 and 1 in
 // turn, inputs MakeLayerInput(seed_base + ...)) through every one of
 // `remotes` and through `local`; returns the largest difference between a
@@ -1525,6 +1541,8 @@ TEST_F(ExpertServiceTest, FramesCarryConcurrentLayersAndMatchLocalExactly) {
   EXPECT_EQ(failures, 0);
   EXPECT_EQ(worst, 0.0);
   EXPECT_EQ(all->frames->requests_read(), uint64_t{kThreads * kIterations});
+  // All version 2: the rows after the message.
+  EXPECT_EQ(all->frames->requests_with_tail_read(), uint64_t{kThreads * kIterations});
   EXPECT_GE(all->frames->connections_accepted(), 1u);
   EXPECT_LE(all->frames->connections_accepted(), uint64_t{kThreads});
   EXPECT_EQ(all->observed->streams.load(), 0);
@@ -1540,6 +1558,107 @@ TEST_F(ExpertServiceTest, FramesCarryConcurrentLayersAndMatchLocalExactly) {
   ASSERT_TRUE((*grpc_only)->RunLayer(1, got.batches).ok());
   EXPECT_EQ(all->frames->requests_read(), uint64_t{kThreads * kIterations});
   EXPECT_EQ(all->observed->streams.load(), 1);
+}
+
+// A shard that announces frame version 1 (an older shard) gets version 1
+// frames, one that announces 2 gets the rows after the message; with F32
+// and with BF16 on the wire, the outputs of both have the same bits, and
+// with F32 they equal the local backend's.
+TEST_F(ExpertServiceTest, FramesOfEitherVersionGiveTheSameBits) {
+  LocalExpertBackend local(local_store_);
+  for (const v1::DType wire : {v1::DTYPE_F32, v1::DTYPE_BF16}) {
+    std::vector<LayerInput> by_version;
+    for (const int version : {1, 2}) {
+      auto shard = StartCountedShard(*dir_, AllExperts());
+      ASSERT_NE(shard, nullptr);
+      ASSERT_TRUE(shard->ServeFrames("127.0.0.1:0", nullptr, 0, version).ok());
+      v1::ShardInfo info;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+      ASSERT_TRUE(StubFor(shard->address())->GetShardInfo(&ctx, {}, &info).ok());
+      EXPECT_EQ(info.frame_version(), static_cast<uint32_t>(version));
+      RemoteExpertOptions options;
+      options.connect_timeout_ms = 10000;
+      options.wire_dtype = wire;
+      auto backend =
+          RemoteExpertBackend::Connect(AllExpertsOn({shard->address()}), config(), *dir_, options);
+      ASSERT_TRUE(backend.ok()) << backend.status();
+      LayerInput got = MakeLayerInput(7300);
+      const absl::Status s = (*backend)->RunLayer(1, got.batches);
+      ASSERT_TRUE(s.ok()) << s;
+      EXPECT_EQ(shard->frames->requests_read(), 1u);
+      EXPECT_EQ(shard->frames->requests_with_tail_read(), version == 2 ? 1u : 0u);
+      by_version.push_back(std::move(got));
+    }
+    LayerInput want = MakeLayerInput(7300);
+    ASSERT_TRUE(local.RunLayer(1, want.batches).ok());
+    double versions = 0.0, to_local = 0.0;
+    for (size_t b = 0; b < 8; ++b) {
+      versions = std::max(versions, MaxAbsDiff(by_version[0].outputs[b], by_version[1].outputs[b]));
+      to_local = std::max(to_local, MaxAbsDiff(by_version[1].outputs[b], want.outputs[b]));
+    }
+    std::printf("[ versions ] wire %s: max |v2 - v1| = %g, max |v2 - local| = %g\n",
+                v1::DType_Name(wire).c_str(), versions, to_local);
+    EXPECT_EQ(versions, 0.0);
+    if (wire == v1::DTYPE_F32) EXPECT_EQ(to_local, 0.0);
+  }
+}
+
+// A version 2 frame straight on the socket: each batch's rows are read from
+// the tail where its tensor points, and the reply (version 2 too) carries
+// the outputs in its own tail. A batch whose rows do not fit in the tail is
+// refused by name and the others are answered; the same tensor over gRPC,
+// with no frame at all, is refused too.
+TEST_F(ExpertServiceTest, AVersion2FrameCarriesItsRowsAfterTheMessage) {
+  auto shard = StartFramedShard(*dir_, {3});
+  ASSERT_NE(shard, nullptr);
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  auto socket = DialGreeted(*shard, deadline);
+  ASSERT_TRUE(socket.ok()) << socket.status();
+  const std::vector<float> x = RandomRows(3, 192);
+  const std::vector<float> y = RandomRows(3, 193);
+  const size_t bytes = rpc::EncodedMatrixBytes(3, kD, v1::DTYPE_F32);
+  v1::ForwardStreamRequest request;
+  request.set_id(9);
+  // Batch 0 at offset `bytes`, batch 1 at 0 (any order), batch 2 past the end.
+  const size_t offsets[] = {bytes, 0, 2 * bytes - 4};
+  for (size_t offset : offsets) {
+    v1::ForwardRequest* batch = request.add_batches();
+    batch->set_layer(1);
+    batch->set_expert(3);
+    rpc::DescribeMatrixInFrameTail(3, kD, v1::DTYPE_F32, offset, batch->mutable_hidden_states());
+  }
+  ASSERT_TRUE(rpc::WriteMessageFrameWithTail(
+                  *socket, request, 2 * bytes,
+                  [&](char* tail) {
+                    rpc::EncodeMatrixTo(y.data(), 3, kD, v1::DTYPE_F32, tail);
+                    rpc::EncodeMatrixTo(x.data(), 3, kD, v1::DTYPE_F32, tail + bytes);
+                  },
+                  deadline)
+                  .ok());
+  v1::ForwardStreamResponse response;
+  rpc::FrameTail tail;
+  const absl::Status read = rpc::ReadMessageFrame(*socket, 1 << 20, deadline, &response, &tail);
+  ASSERT_TRUE(read.ok()) << read;
+  EXPECT_TRUE(tail.present);
+  EXPECT_EQ(tail.bytes.size(), 2 * bytes);  // the outputs of batches 0 and 1
+  EXPECT_EQ(response.id(), 9u);
+  ASSERT_EQ(response.results_size(), 3);
+  EXPECT_TRUE(response.results(0).response().output().has_frame_tail_offset());
+  EXPECT_TRUE(response.results(0).response().output().data().empty());
+  ExpectLayer1Expert3(response.results(0), x, tail.view());
+  ExpectLayer1Expert3(response.results(1), y, tail.view());
+  EXPECT_EQ(response.results(2).code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(response.results(2).error_message(), HasSubstr("but the frame's tail has"));
+
+  v1::ForwardRequest unary = request.batches(1);
+  unary.set_config_fingerprint(config().Fingerprint());
+  v1::ForwardResponse unary_response;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  const grpc::Status s = StubFor(shard->address())->Forward(&context, unary, &unary_response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("did not come in a version 2 frame"));
 }
 
 // --frame-spin-us on both ends (the layer's thread polls for its replies,
@@ -1683,11 +1802,8 @@ TEST_F(ExpertServiceTest, ABatchWhoseDataDoesNotFillItsShapeIsRefusedAlone) {
   auto shard = StartFramedShard(*dir_, {3});
   ASSERT_NE(shard, nullptr);
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
-  auto socket =
-      rpc::DialFrames(absl::StrCat("127.0.0.1:", shard->frames->endpoint().port), deadline);
+  auto socket = DialGreeted(*shard, deadline);
   ASSERT_TRUE(socket.ok()) << socket.status();
-  std::string greeting;
-  ASSERT_TRUE(rpc::ReadFrame(*socket, 1024, deadline, &greeting).ok());
   const std::vector<float> x = RandomRows(3, 191);
   v1::ForwardStreamRequest request;
   request.set_id(7);
@@ -1833,6 +1949,7 @@ TEST(ExpertProcessTest, BadOptionsAreRefusedNamingTheFlag) {
       {[](auto& o) { o.model_dir = "/nonexistent-model"; }, "/nonexistent-model"},
       {[](auto& o) { o.frame_listen = "nowhere"; }, "--frame-listen: frame address 'nowhere'"},
       {[](auto& o) { o.frame_spin_us = -1; }, "--frame-spin-us must be in [0, 100000]"},
+      {[](auto& o) { o.frame_version = 3; }, "--frame-version must be in [1, 2]"},
   };
   for (const Case& c : cases) {
     ExpertProcessOptions options;
