@@ -33,6 +33,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
+#include "core/cpu_quota.h"
 #include "core/flags.h"
 #include "core/load_progress.h"
 #include "core/malloc_tuning.h"
@@ -135,6 +136,7 @@ int Run(int argc, char** argv) {
   const sigset_t signals = BlockStopSignals();
 
   TuneMallocForTransientBuffers();
+  const std::string omp_fit = FitOpenMpToCpuQuota();
   std::vector<std::string> args(argv + 1, argv + argc);
   std::optional<Flags> flags(std::in_place);
   if (std::optional<int> code =
@@ -143,6 +145,7 @@ int Run(int argc, char** argv) {
   }
   absl::StatusOr<ExpertProcessOptions> options = OptionsFromFlags(*flags);
   if (!options.ok()) return Fail(options.status());
+  if (!omp_fit.empty()) std::fprintf(stderr, "switchyard-expert: %s\n", omp_fit.c_str());
   // At most a day: a longer grace is a typo, and absl::Milliseconds needs a sane value.
   absl::StatusOr<int64_t> grace_ms = flags->IntInRange("grace-ms", 5000, 0, 86400000);
   if (!grace_ms.ok()) return Fail(grace_ms.status());

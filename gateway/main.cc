@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
+#include "core/cpu_quota.h"
 #include "core/flags.h"
 #include "core/load_progress.h"
 #include "core/malloc_tuning.h"
@@ -95,6 +96,7 @@ const switchyard::CommandSpec& Spec() {
 int main(int argc, char** argv) {
   using switchyard::Flags;
   switchyard::TuneMallocForTransientBuffers();
+  const std::string omp_fit = switchyard::FitOpenMpToCpuQuota();
   const std::vector<std::string> args(argv + 1, argv + argc);
   Flags parsed;
   if (std::optional<int> code = switchyard::HandleCommandLine(
@@ -107,6 +109,7 @@ int main(int argc, char** argv) {
                  std::string(options.status().message()).c_str());
     return 2;
   }
+  if (!omp_fit.empty()) std::fprintf(stderr, "switchyard-gateway: %s\n", omp_fit.c_str());
   // Loading progress on stderr: a bar on a terminal, lines in a log.
   auto meter = std::make_shared<switchyard::LoadProgressMeter>(
       "switchyard-gateway: loading weights", isatty(STDERR_FILENO) != 0);

@@ -124,6 +124,17 @@ spec:
             # resolves it itself every 5 s).
             - --max-connection-age-ms=300000
             - --grace-ms=30000
+          env:
+            # OpenMP's team sized to the CPUs this pod requests (rounded up),
+            # not the node's: without it each pod starts a thread per node
+            # CPU. A CPU limit, where one is set, caps it too (the process
+            # reads its cgroup).
+            - name: OMP_NUM_THREADS
+              valueFrom:
+                resourceFieldRef:
+                  containerName: expert
+                  resource: requests.cpu
+                  divisor: "1"
           ports:
             - name: grpc
               containerPort: {grpc}

@@ -220,6 +220,16 @@ def mutations():
             c["readinessProbe"] = {"exec": {"command": ["/usr/local/bin/switchyard", "health", "--server",
                                                         "127.0.0.1:50051"]}, "periodSeconds": 5}
 
+    def no_omp_threads(docs):
+        c = container(docs, "switchyard-expert-3")
+        c["env"] = [e for e in c["env"] if e["name"] != "OMP_NUM_THREADS"]
+
+    def omp_threads_of_limit(docs):  # a limit the pod may not have, in millicores
+        c = container(docs, "switchyard-gateway")
+        for e in c["env"]:
+            if e["name"] == "OMP_NUM_THREADS":
+                e["valueFrom"]["resourceFieldRef"]["resource"] = "limits.cpu"
+
     return [
         (typo_field, "unknown field spec.template.spec.containers[0].readinesProbe"),
         (wrong_type, "containerPort must be integer"),
@@ -236,6 +246,8 @@ def mutations():
         (wrong_device, "--device does not match the GPU request"),
         (frames_blocked, "50062"),
         (probe_transport, "probe does not match the server's transport"),
+        (no_omp_threads, "no OMP_NUM_THREADS"),
+        (omp_threads_of_limit, "OMP_NUM_THREADS is not this container's requests.cpu"),
     ]
 
 

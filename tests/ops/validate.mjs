@@ -295,6 +295,13 @@ function checkSwitchyard(name, objects, problems) {
       const grpcPort = (c.ports || []).find((p) => p.name === "grpc")?.containerPort;
       const metricsPort = (c.ports || []).find((p) => p.name === "metrics")?.containerPort;
       if (!grpcPort) problems.push(`${cw}: no port named grpc`);
+      // OpenMP sized to the pod's CPU request, not the node's CPUs.
+      const omp = (c.env || []).find((e) => e.name === "OMP_NUM_THREADS");
+      const ref = omp?.valueFrom?.resourceFieldRef;
+      if (!omp) problems.push(`${cw}: no OMP_NUM_THREADS (OpenMP would start a thread per node CPU)`);
+      else if (!ref || ref.resource !== "requests.cpu" || ref.containerName !== c.name || String(ref.divisor) !== "1") {
+        problems.push(`${cw}: OMP_NUM_THREADS is not this container's requests.cpu in whole CPUs`);
+      }
       if (metricsPort !== 9090) problems.push(`${cw}: no port named metrics on 9090`);
       // Plaintext servers: gRPC probes. TLS servers (--tls-cert): Kubernetes'
       // gRPC probes cannot speak TLS, so an exec of `switchyard health`
