@@ -85,9 +85,14 @@ constexpr char kListeningMarker[] = " listening on ";
 // it waits milliseconds for them, and its spinning thread held a core that
 // the expert woken second needed (2 CPUs, 8 expert processes, batch 1:
 // network p50 per call ~320 -> ~220 us, ~+6% output tokens/s). With one
-// expert process, whose team takes every core anyway, the gateway keeps
-// the experts' spin (the short one measured 3.5% slower there).
+// expert process neither spins (kOneProcessSpinCount): the gateway and the
+// expert hand each layer back and forth, each team needs every core for its
+// part, and the other's team spinning out its rounds after its own part
+// held one. 2 vCPUs, no spin against 20000 for both, paired rounds of
+// alternating runs, output tok/s: batch 1 -1% to +14% in 9 pairs (median
+// +2%), 8 streams +12% and +3%, 16 streams +2% and +5%.
 constexpr int kExpertSpinCount = 20000;
+constexpr int kOneProcessSpinCount = 0;
 constexpr int kGatewaySpinCount = 1000;
 
 // glibc's memcpy (2.36, Debian 12) copies blocks from a few KiB up to the
@@ -636,6 +641,8 @@ class Supervisor : public ReplicaFleet {
   // OpenMP threads of each expert process: this host's usable CPUs shared
   // by the expert processes started at first (at least 1).
   int expert_threads_ = 1;
+  // Their GOMP_SPINCOUNT (kExpertSpinCount, or kOneProcessSpinCount).
+  int expert_spin_count_ = kExpertSpinCount;
 
   // The environment of an expert process: its share of the cores as
   // OMP_NUM_THREADS unless the user set it, so the experts together never
@@ -653,7 +660,7 @@ class Supervisor : public ReplicaFleet {
     if (std::getenv("OMP_NUM_THREADS") == nullptr) {
       env.push_back(absl::StrCat("OMP_NUM_THREADS=", expert_threads_));
     }
-    AddShortSpin(kExpertSpinCount, &env);
+    AddShortSpin(expert_spin_count_, &env);
     AddCopyTunable(&env);
     return env;
   }
@@ -1139,6 +1146,7 @@ int Supervisor::Run() {
                                          options_.experts_per_process);
   const int cpus = UsableCpus();
   expert_threads_ = std::max(1, cpus / std::max(1, processes));
+  expert_spin_count_ = processes > 1 ? kExpertSpinCount : kOneProcessSpinCount;
   // CPU experts in more processes than there are CPUs compete for them, and
   // every process adds its own wake-ups to each layer's hop (README,
   // "Split layouts on one host": 2 CPUs, batch 1, split / local 0.58 with 8
@@ -1215,10 +1223,10 @@ int Supervisor::Run() {
   // cores the experts need while the gateway waits for them (2 cores, batch
   // 1: 19.3 -> 25.5 output tokens/s with no spin at all). A spin that only
   // bridges the gaps between its own regions is better still
-  // (kGatewaySpinCount) where several expert processes share the cores.
-  // Unless the user chose.
+  // (kGatewaySpinCount) where several expert processes share the cores;
+  // with one, none (kOneProcessSpinCount). Unless the user chose.
   std::vector<std::string> gateway_env;
-  AddShortSpin(processes > 1 ? kGatewaySpinCount : kExpertSpinCount, &gateway_env);
+  AddShortSpin(processes > 1 ? kGatewaySpinCount : kOneProcessSpinCount, &gateway_env);
   AddCopyTunable(&gateway_env);
   if (absl::Status s = Spawn(*gateway_, argv, gateway_env); !s.ok()) {
     Say(StatusLine(s));

@@ -660,10 +660,13 @@ absl::Status ReadMessageFrame(FrameSocket& socket, size_t max_bytes, absl::Time 
     return not_a_message("");
   }
   if (tail != nullptr) {
-    tail->present = frame->with_tail;
-    const size_t tail_begin = frame->with_tail ? message_begin + message_bytes : n;
-    tail->bytes = std::string_view(payload.get() + tail_begin, n - tail_begin);
-    tail->buffer = std::move(payload);
+    *tail = FrameTail();  // a version 1 frame's payload is not kept
+    if (frame->with_tail) {
+      tail->present = true;
+      const size_t tail_begin = message_begin + message_bytes;
+      tail->bytes = std::string_view(payload.get() + tail_begin, n - tail_begin);
+      tail->buffer = std::move(payload);
+    }
   }
   return absl::OkStatus();
 }
