@@ -563,6 +563,10 @@ void ExpertServiceImpl::RunStreamWork(StreamWork* raw_work) {
                               input.get() + row_begin[i] * d, "hidden_states", work->tail.view());
     if (status[i].ok()) by_layer[static_cast<int>(request.batches(i).layer())].push_back(i);
   }
+  // The rows are decoded: the request frame's bytes go before the compute
+  // (`present` stays, for the reply's version).
+  work->tail.buffer.reset();
+  work->tail.bytes = {};
   std::vector<int64_t> compute_micros(n, 0);  // the batch's whole backend call (in its reply)
   std::vector<int64_t> compute_share(n, 0);   // its rows' share of it (busy time, metrics)
   for (const auto& [layer, indices] : by_layer) {
