@@ -86,7 +86,9 @@ int CgroupCpuLimit(std::string_view proc_self_cgroup, const std::string& cgroup_
     const std::vector<absl::string_view> controllers = absl::StrSplit(f[1], ',');
     if (std::find(controllers.begin(), controllers.end(), "cpu") == controllers.end()) continue;
     // v1 mounts the cpu controller as cpu/ or cpu,cpuacct/ (often both).
-    for (const std::string mount : {std::string(f[1]), std::string("cpu")}) {
+    std::vector<std::string> mounts = {std::string(f[1])};
+    if (f[1] != "cpu") mounts.push_back("cpu");
+    for (const std::string& mount : mounts) {
       for (const std::string& dir : SelfAndAncestors(cgroup_root + "/" + mount, f[2])) {
         limit = Tighter(limit, CpusFromCgroupV1(ReadLine(dir + "/cpu.cfs_quota_us"),
                                                 ReadLine(dir + "/cpu.cfs_period_us")));

@@ -14,19 +14,28 @@ namespace switchyard::rpc {
 
 namespace {
 
+// Rounds rows[count] to BF16 a chunk at a time and hands each chunk's bytes
+// to `sink(bytes, size)`: vector rounding (cpu::RoundToBf16) into a small
+// buffer, because the destination's bytes are not uint16_t objects.
+template <typename Sink>
+void RoundToBf16InChunks(const float* rows, int64_t count, Sink&& sink) {
+  constexpr int64_t kChunk = 2048;
+  uint16_t chunk[kChunk];
+  for (int64_t begin = 0; begin < count; begin += kChunk) {
+    const int64_t n = std::min(kChunk, count - begin);
+    cpu::RoundToBf16(rows + begin, n, chunk);
+    sink(reinterpret_cast<const char*>(chunk), static_cast<size_t>(n) * 2);
+  }
+}
+
 // Writes rows[count] as `dtype` (BF16 or F32) to `out`, which need not be
 // aligned.
 void WriteElements(const float* rows, int64_t count, v1::DType dtype, char* out) {
   if (dtype == v1::DTYPE_BF16) {
-    // Vector rounding (cpu::RoundToBf16) through a small buffer: the
-    // output's bytes are not uint16_t objects.
-    constexpr int64_t kChunk = 2048;
-    uint16_t chunk[kChunk];
-    for (int64_t begin = 0; begin < count; begin += kChunk) {
-      const int64_t n = std::min(kChunk, count - begin);
-      cpu::RoundToBf16(rows + begin, n, chunk);
-      std::memcpy(out + begin * 2, chunk, static_cast<size_t>(n) * 2);
-    }
+    RoundToBf16InChunks(rows, count, [&out](const char* bytes, size_t size) {
+      std::memcpy(out, bytes, size);
+      out += size;
+    });
   } else {
     std::memcpy(out, rows, static_cast<size_t>(count) * sizeof(float));
   }
@@ -60,13 +69,8 @@ void EncodeMatrix(const float* rows, int64_t n, int64_t d, v1::DType dtype, v1::
   // BF16 chunks appended after a reserve, not written over a resize, which
   // would first zero MiBs at 256 rows (issue #10).
   data->reserve(static_cast<size_t>(count) * 2);
-  constexpr int64_t kChunk = 2048;
-  uint16_t chunk[kChunk];
-  for (int64_t begin = 0; begin < count; begin += kChunk) {
-    const int64_t m = std::min(kChunk, count - begin);
-    cpu::RoundToBf16(rows + begin, m, chunk);
-    data->append(reinterpret_cast<const char*>(chunk), static_cast<size_t>(m) * 2);
-  }
+  RoundToBf16InChunks(rows, count,
+                      [data](const char* bytes, size_t size) { data->append(bytes, size); });
 }
 
 void DescribeMatrixInFrameTail(int64_t n, int64_t d, v1::DType dtype, uint64_t tail_offset,
