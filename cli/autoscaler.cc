@@ -131,6 +131,22 @@ Autoscaler::Autoscaler(int num_experts, AutoscalerOptions options, ReplicaFleet*
     up_counters_.push_back(&scale_events.Add({{"expert", label}, {"direction", "up"}}));
     down_counters_.push_back(&scale_events.Add({{"expert", label}, {"direction", "down"}}));
   }
+  // Scrapes before the first Tick see the fleet as it is, not zeros.
+  const std::vector<int> counts = ActiveCounts();
+  for (int e = 0; e < num_experts_; ++e) {
+    current_gauges_[e]->Set(counts[e]);
+    desired_gauges_[e]->Set(counts[e]);
+  }
+}
+
+std::vector<int> Autoscaler::ActiveCounts() const {
+  std::vector<int> counts(num_experts_, 0);
+  for (const ReplicaView& r : fleet_->Replicas()) {
+    if (r.expert >= 0 && r.expert < num_experts_ && r.state != ReplicaView::State::STATE_DRAINING) {
+      ++counts[r.expert];
+    }
+  }
+  return counts;
 }
 
 int Autoscaler::PlaceNewReplica() {
@@ -259,13 +275,7 @@ std::vector<AutoscaleDecision> Autoscaler::Tick(TimePoint now) {
   }
   // The counts after this period's starts and drains.
   if (!current_gauges_.empty()) {
-    std::vector<int> counts(num_experts_, 0);
-    for (const ReplicaView& r : fleet_->Replicas()) {
-      if (r.expert >= 0 && r.expert < num_experts_ &&
-          r.state != ReplicaView::State::STATE_DRAINING) {
-        ++counts[r.expert];
-      }
-    }
+    const std::vector<int> counts = ActiveCounts();
     for (int e = 0; e < num_experts_; ++e) {
       current_gauges_[e]->Set(counts[e]);
       if (!decisions[e].decided) desired_gauges_[e]->Set(counts[e]);

@@ -121,7 +121,8 @@ class Autoscaler {
   using TimePoint = std::chrono::steady_clock::time_point;
 
   // `num_experts` experts, 0..num_experts-1. `registry` (may be null)
-  // receives the switchyard_autoscaler_* metrics (docs/metrics.md);
+  // receives the switchyard_autoscaler_* metrics (docs/metrics.md), with
+  // the desired and current replicas set to the fleet's counts from the start;
   // `log` receives one line per decision that changes a count or whose
   // reason changed (null: stderr). `free_gpu_memory` is needed only with
   // options.gpus.
@@ -148,6 +149,8 @@ class Autoscaler {
   };
 
   void Log(const AutoscaleDecision& d);
+  // Replicas per expert that are starting or serving (not draining).
+  std::vector<int> ActiveCounts() const;
 
   const int num_experts_;
   const AutoscalerOptions options_;

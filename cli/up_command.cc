@@ -1253,11 +1253,7 @@ int Supervisor::Run() {
 
   if (options_.autoscale) {
     const AutoscalerOptions& a = options_.autoscaler;
-    Say(absl::StrFormat(
-        "autoscaling: %d..%d replicas per expert, target busy %.3f per replica (%.3f of each "
-        "of %d workers), scale-down delay %d s, every %d ms",
-        a.min_replicas, a.max_replicas, a.target_busy, a.target_busy / options_.expert_workers,
-        options_.expert_workers, a.scale_down_delay_s, options_.autoscale_period_ms));
+    // Made before the line that says so: its metrics hold the counts from then on.
     autoscaler_ = std::make_unique<Autoscaler>(
         num_experts_, a, this,
         [](const std::string& address) -> absl::StatusOr<double> {
@@ -1265,6 +1261,11 @@ int Supervisor::Run() {
           return MetricSum(text, "switchyard_expert_busy_seconds_total");
         },
         NvidiaSmiFreeMemory, &registry_, [](const std::string& line) { Say(line); });
+    Say(absl::StrFormat(
+        "autoscaling: %d..%d replicas per expert, target busy %.3f per replica (%.3f of each "
+        "of %d workers), scale-down delay %d s, every %d ms",
+        a.min_replicas, a.max_replicas, a.target_busy, a.target_busy / options_.expert_workers,
+        options_.expert_workers, a.scale_down_delay_s, options_.autoscale_period_ms));
   }
 
   return Serve();

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace switchyard::cli {
 namespace {
@@ -121,6 +122,21 @@ class AutoscalerTest : public ::testing::Test {
   std::unique_ptr<Autoscaler> scaler_;
   Autoscaler::TimePoint now_ = Autoscaler::TimePoint() + seconds(1000);
 };
+
+TEST_F(AutoscalerTest, MetricsShowTheFleetBeforeTheFirstTick) {
+  fleet_.AddServing(1);  // expert 1 starts with two replicas
+  Make({.min_replicas = 1, .max_replicas = 4, .target_busy = 0.5}, /*experts=*/2);
+  const std::string text = metrics::Serialize(registry_);
+  for (const auto& [expert, count] : {std::pair{0, 1}, std::pair{1, 2}}) {
+    for (const char* name :
+         {"switchyard_autoscaler_desired_replicas", "switchyard_autoscaler_current_replicas"}) {
+      EXPECT_NE(text.find(absl::StrFormat("%s{expert=\"%d\"} %d\n", name, expert, count)),
+                std::string::npos)
+          << name << " of expert " << expert << " in\n"
+          << text;
+    }
+  }
+}
 
 TEST_F(AutoscalerTest, FirstTickHasNoRateAndDecidesNothing) {
   Make({.min_replicas = 1, .max_replicas = 4, .target_busy = 0.5});
