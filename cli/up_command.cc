@@ -200,6 +200,11 @@ class OutputPump {
   }
 
   void Emit(Source& source, const std::string& line) {
+    // The line is out before its address is known to the main thread, so
+    // whoever sees "ready on" finds every listening line in the log.
+    std::string out = absl::StrCat(source.prefix, line, "\n");
+    std::fwrite(out.data(), 1, out.size(), source.sink);
+    std::fflush(source.sink);
     if (source.address_slot >= 0) {
       auto at = line.find(kListeningMarker);
       std::lock_guard<std::mutex> lock(mu_);
@@ -217,9 +222,6 @@ class OutputPump {
                      addresses_[source.address_slot].c_str(), addresses_.size());
       }
     }
-    std::string out = absl::StrCat(source.prefix, line, "\n");
-    std::fwrite(out.data(), 1, out.size(), source.sink);
-    std::fflush(source.sink);
   }
 
   // Reads once from `source`; false at end of file.
@@ -1240,6 +1242,17 @@ int Supervisor::Run() {
   gateway_->channel.reset();
   for (auto& e : experts_) e->channel.reset();
 
+  // Made before the endpoints file says ready: its metrics (in up's registry)
+  // hold the replica counts from then on.
+  if (options_.autoscale) {
+    autoscaler_ = std::make_unique<Autoscaler>(
+        num_experts_, options_.autoscaler, this,
+        [](const std::string& address) -> absl::StatusOr<double> {
+          SY_ASSIGN_OR_RETURN(std::string text, ScrapeMetrics(address));
+          return MetricSum(text, "switchyard_expert_busy_seconds_total");
+        },
+        NvidiaSmiFreeMemory, &registry_, [](const std::string& line) { Say(line); });
+  }
   ready_ = true;
   if (absl::Status s = WriteEndpoints(); !s.ok()) {
     Say(StatusLine(s));
@@ -1253,14 +1266,6 @@ int Supervisor::Run() {
 
   if (options_.autoscale) {
     const AutoscalerOptions& a = options_.autoscaler;
-    // Made before the line that says so: its metrics hold the counts from then on.
-    autoscaler_ = std::make_unique<Autoscaler>(
-        num_experts_, a, this,
-        [](const std::string& address) -> absl::StatusOr<double> {
-          SY_ASSIGN_OR_RETURN(std::string text, ScrapeMetrics(address));
-          return MetricSum(text, "switchyard_expert_busy_seconds_total");
-        },
-        NvidiaSmiFreeMemory, &registry_, [](const std::string& line) { Say(line); });
     Say(absl::StrFormat(
         "autoscaling: %d..%d replicas per expert, target busy %.3f per replica (%.3f of each "
         "of %d workers), scale-down delay %d s, every %d ms",

@@ -483,9 +483,11 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
     }
     return absl::OkStatus();
   }
+  std::string topology_file_content;  // what the file watcher starts from
   absl::StatusOr<ExpertTopology> topology =
       absl::StartsWith(options.experts, "@")
-          ? ParseExpertTopologyFile(options.experts.substr(1), config.num_local_experts)
+          ? ParseExpertTopologyFile(options.experts.substr(1), config.num_local_experts,
+                                    &topology_file_content)
           : ParseExpertTopology(options.experts, config.num_local_experts);
   if (!topology.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("--experts: ", topology.status().message()));
@@ -596,8 +598,8 @@ absl::Status Gateway::Parts::ConnectExperts(const GatewayOptions& options,
     // gauges.
     ExpertDnsRefresher* refresher = dns_refresher.get();
     topology_watcher = std::make_unique<ExpertTopologyFileWatcher>(
-        options.experts.substr(1), config.num_local_experts, remote_backend,
-        options.experts_reload_ms,
+        options.experts.substr(1), std::move(topology_file_content), config.num_local_experts,
+        remote_backend, options.experts_reload_ms,
         refresher == nullptr ? std::function<void(const ExpertTopology&)>(set_replica_gauges)
                              : nullptr,
         refresher == nullptr ? ExpertTopologyFileWatcher::ApplyFn()

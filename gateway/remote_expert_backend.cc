@@ -163,13 +163,22 @@ absl::StatusOr<ExpertTopology> ParseExpertTopology(std::string_view spec, int nu
   return topology;
 }
 
-absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path, int num_experts) {
-  const std::string where = absl::StrCat(path, ": ");
+absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path, int num_experts,
+                                                       std::string* content) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open expert topology file"));
   std::stringstream ss;
   ss << in.rdbuf();
-  const nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  std::string bytes = ss.str();
+  absl::StatusOr<ExpertTopology> topology = ParseExpertTopologyJson(bytes, path, num_experts);
+  if (content != nullptr) *content = std::move(bytes);
+  return topology;
+}
+
+absl::StatusOr<ExpertTopology> ParseExpertTopologyJson(std::string_view json,
+                                                       const std::string& path, int num_experts) {
+  const std::string where = absl::StrCat(path, ": ");
+  const nlohmann::json j = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(where, "not a valid JSON object"));
   }
@@ -1620,14 +1629,14 @@ std::optional<std::string> ReadWholeFile(const std::string& path) {
 }  // namespace
 
 ExpertTopologyFileWatcher::ExpertTopologyFileWatcher(
-    std::string path, int num_experts, RemoteExpertBackend* backend, int poll_ms,
-    std::function<void(const ExpertTopology&)> on_applied, ApplyFn apply)
+    std::string path, std::string applied_content, int num_experts, RemoteExpertBackend* backend,
+    int poll_ms, std::function<void(const ExpertTopology&)> on_applied, ApplyFn apply)
     : path_(std::move(path)),
       num_experts_(num_experts),
       backend_(backend),
       on_applied_(std::move(on_applied)),
-      apply_(std::move(apply)) {
-  last_content_ = ReadWholeFile(path_).value_or("");
+      apply_(std::move(apply)),
+      last_content_(std::move(applied_content)) {
   thread_ = std::make_unique<PeriodicThread>(poll_ms, [this] { PollOnce(); });
 }
 
@@ -1637,7 +1646,8 @@ bool ExpertTopologyFileWatcher::PollOnce() {
   // Unreadable (mid-rename) or unchanged: nothing to do; the old topology stays.
   if (!content.has_value() || *content == last_content_) return false;
   last_content_ = *content;
-  absl::StatusOr<ExpertTopology> topology = ParseExpertTopologyFile(path_, num_experts_);
+  // The bytes just compared, not a second read that could see a newer file.
+  absl::StatusOr<ExpertTopology> topology = ParseExpertTopologyJson(*content, path_, num_experts_);
   if (!topology.ok()) {
     refused_.fetch_add(1);
     std::fprintf(stderr,

@@ -134,7 +134,13 @@ absl::StatusOr<ExpertTopology> ParseExpertTopology(std::string_view spec, int nu
 // Parses a JSON file {"experts": {"0": ["127.0.0.1:5001", "127.0.0.1:5002"],
 // "1": ["dns:///expert-1.ns.svc:50061"]}} (a single target may also be given
 // as a plain string). Same checks as ParseExpertTopology; errors name the file.
-absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path, int num_experts);
+// `content` (may be null) receives the bytes parsed, read once.
+absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path, int num_experts,
+                                                       std::string* content = nullptr);
+
+// The same for the bytes of such a file, read from `path` already.
+absl::StatusOr<ExpertTopology> ParseExpertTopologyJson(std::string_view json,
+                                                       const std::string& path, int num_experts);
 
 // A flag value that is either the path of an existing JSON file or a spec.
 absl::StatusOr<ExpertTopology> LoadExpertTopology(const std::string& spec_or_path, int num_experts);
@@ -424,10 +430,13 @@ class ExpertTopologyFileWatcher {
   // where it resolves dns:/// names itself (gateway/expert_dns.h).
   using ApplyFn = std::function<absl::StatusOr<std::string>(const ExpertTopology&)>;
 
-  // `backend` must outlive the watcher. The file's current content is taken
-  // as already applied.
-  ExpertTopologyFileWatcher(std::string path, int num_experts, RemoteExpertBackend* backend,
-                            int poll_ms, std::function<void(const ExpertTopology&)> on_applied,
+  // `backend` must outlive the watcher. `applied_content` is the file's
+  // bytes that the current topology came from (ParseExpertTopologyFile's
+  // `content`), so a change written between that read and this watcher's
+  // first poll is applied too.
+  ExpertTopologyFileWatcher(std::string path, std::string applied_content, int num_experts,
+                            RemoteExpertBackend* backend, int poll_ms,
+                            std::function<void(const ExpertTopology&)> on_applied,
                             ApplyFn apply = nullptr);
   ~ExpertTopologyFileWatcher() = default;
 

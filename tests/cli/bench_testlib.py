@@ -45,20 +45,34 @@ def scrape(metrics):
 
 def start_gateway(build, model):
     """Starts switchyard-gateway (in-process experts, /metrics) and waits
-    until its /metrics answers. Returns (process, server, metrics)."""
+    until it reports SERVING (`switchyard health`; /metrics answers earlier,
+    while the model loads) and /metrics answers. Returns (process, server,
+    metrics); raises SystemExit, with the gateway's stderr, when it does not
+    get there within 120 s."""
     server = "127.0.0.1:%d" % free_port()
     metrics = "127.0.0.1:%d" % free_port()
     gateway = subprocess.Popen([os.path.join(build, "bin", "switchyard-gateway"), "--model", model,
                                 "--listen", server, "--experts", "local", "--metrics-listen",
                                 metrics], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
-    for _ in range(300):
-        try:
-            scrape(metrics)
-            break
-        except OSError:
-            time.sleep(0.1)
-    return gateway, server, metrics
+    switchyard = os.path.join(build, "bin", "switchyard")
+    deadline = time.time() + 120
+    while True:
+        if gateway.poll() is not None:
+            raise SystemExit("switchyard-gateway exited %d: %s" % (gateway.returncode,
+                                                                   gateway.stderr.read()))
+        if subprocess.run([switchyard, "health", "--server", server], capture_output=True,
+                          timeout=60).returncode == 0:
+            try:
+                scrape(metrics)
+                return gateway, server, metrics
+            except OSError:
+                pass
+        if time.time() > deadline:
+            gateway.kill()
+            raise SystemExit("switchyard-gateway did not serve within 120 s: " +
+                             gateway.communicate()[1])
+        time.sleep(0.2)
 
 
 def refused(switchyard, server, args, needle):

@@ -198,7 +198,8 @@ for role, index, sig, death in (("expert", 0, signal.SIGKILL, "was killed by sig
             new = [p for p in up.processes() if p["grpc"] == old["grpc"]][0]
         except (FileNotFoundError, json.JSONDecodeError, IndexError):
             pass
-        if new["pid"] != old["pid"]:
+        # up rewrites the endpoints file, then logs the restart.
+        if new["pid"] != old["pid"] and f" restarted (pid {new['pid']})" in up.log()[log_before:]:
             break
         time.sleep(0.2)
     log = up.log()[log_before:]

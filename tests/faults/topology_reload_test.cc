@@ -207,9 +207,18 @@ TEST_F(TopologyReloadTest, ReplicasJoinAndLeaveUnderLoadWithoutDroppingARequest)
     EXPECT_EQ(info.experts(kHot).target(), added);
     EXPECT_EQ(info.experts(0).target(), others);
   }
-  // Calls picked just before the swap may still be on their way; they finish.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  const double original_after_drain = ExpertCalls("original");
+  // Calls picked just before the swap may still be on their way; they finish:
+  // until the original has none in flight and its count holds for 250 ms.
+  double original_after_drain = ExpertCalls("original");
+  for (const auto drain_deadline = Clock::now() + std::chrono::seconds(30);
+       Clock::now() < drain_deadline;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    const double now_calls = ExpertCalls("original");
+    const double in_flight = SumCounter(testing::HttpGetBody(metrics_.at("original"), "/metrics"),
+                                        "switchyard_expert_calls_in_flight");
+    if (now_calls == original_after_drain && in_flight == 0) break;
+    original_after_drain = now_calls;
+  }
   const double added_at_removal = ExpertCalls("added");
   std::printf("[ leave    ] -%s live after %.2f s (%d of %d streams done); it had served %.0f\n",
               original.c_str(), faults::SecondsSince(start), finished_at_removal, kStreams,

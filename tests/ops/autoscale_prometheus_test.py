@@ -140,9 +140,13 @@ try:
             kustomize + [overlay], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)))
         procs.append(renders[-1][1])
-    for _ in range(600):
-        if os.path.exists(endpoints) and os.path.getsize(endpoints) > 0:
-            break
+    # The kustomize renders share the 2 cores with up's start: a long deadline.
+    up_deadline = time.time() + 180
+    while not (os.path.exists(endpoints) and os.path.getsize(endpoints) > 0):
+        if procs[0].poll() is not None or time.time() > up_deadline:
+            up_log.flush()
+            with open(up_log.name) as f:
+                raise SystemExit("switchyard up did not become ready:\n" + f.read()[-3000:])
         time.sleep(0.1)
     processes = json.load(open(endpoints))["processes"]
     gateway_metrics = next(p["metrics"] for p in processes if p["role"] == "gateway")
@@ -206,7 +210,8 @@ scrape_configs:
           (len(scaled_objects), len(hpas), sorted(adapter_rules)))
     check("overlays render ScaledObjects and HPAs", scaled_objects and hpas and adapter_rules)
 
-    for _ in range(100):
+    scrape_deadline = time.time() + 120
+    while time.time() < scrape_deadline:
         try:
             if len(query("up == 1")[1]) == len(processes):
                 break

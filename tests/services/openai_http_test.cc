@@ -430,7 +430,7 @@ TEST_F(OpenAiHttpTest, ClientDisconnectCancelsAndFreesTheCache) {
   unary["stream"] = false;
   before = gateway_->scheduler().Stats().requests_cancelled;
   fd = SendRaw(*gateway_, "/v1/completions", unary.dump());
-  for (int i = 0; i < 200 && gateway_->scheduler().Stats().running == 0; ++i) {
+  for (int i = 0; i < 3000 && gateway_->scheduler().Stats().running == 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_EQ(gateway_->scheduler().Stats().running, 1);
@@ -510,11 +510,11 @@ TEST(OpenAiHttpLoad, FullQueueIs429AndDrainingIs503) {
                              {"stream", true}};
   // One running, one waiting: the queue is full.
   int running = SendRaw(*gateway, "/v1/completions", long_request.dump());
-  for (int i = 0; i < 200 && gateway->scheduler().Stats().running == 0; ++i) {
+  for (int i = 0; i < 3000 && gateway->scheduler().Stats().running == 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   int waiting = SendRaw(*gateway, "/v1/completions", long_request.dump());
-  for (int i = 0; i < 200 && gateway->scheduler().Stats().waiting == 0; ++i) {
+  for (int i = 0; i < 3000 && gateway->scheduler().Stats().waiting == 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   ASSERT_EQ(gateway->scheduler().Stats().waiting, 1);
