@@ -18,6 +18,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <functional>
+#include <latch>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -219,15 +220,20 @@ class Countdown {
   int count_ = 0;
 };
 
-// Many concurrent streams; `started` counts streams that received at least
-// `min_tokens` tokens, `finished` those whose call ended.
+// Many concurrent streams, sent together; `started` counts streams that
+// received at least `min_tokens` tokens, `finished` those whose call ended.
 class ConcurrentStreams {
  public:
   ConcurrentStreams(std::shared_ptr<grpc::Channel> channel,
                     std::vector<v1::GenerateRequest> requests, size_t min_tokens)
-      : requests_(std::move(requests)), outcomes_(requests_.size()) {
+      : requests_(std::move(requests)),
+        outcomes_(requests_.size()),
+        gate_(static_cast<std::ptrdiff_t>(requests_.size())) {
     for (size_t i = 0; i < requests_.size(); ++i) {
       threads_.emplace_back([this, i, channel, min_tokens] {
+        // Every stream is sent at once, so none has run far ahead (or ended)
+        // while the last thread was still starting on a loaded machine.
+        gate_.arrive_and_wait();
         bool counted = false;
         outcomes_[i] = Stream(channel, requests_[i], [&](size_t tokens) {
           if (!counted && tokens >= min_tokens) {
@@ -258,6 +264,7 @@ class ConcurrentStreams {
  private:
   std::vector<v1::GenerateRequest> requests_;
   std::vector<StreamOutcome> outcomes_;
+  std::latch gate_;  // the threads start their streams together
   Countdown started_;
   Countdown finished_;
   std::vector<std::thread> threads_;
