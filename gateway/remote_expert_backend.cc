@@ -130,6 +130,15 @@ absl::StatusOr<int> ParseExpertIndex(const std::string& text, const std::string&
   return e;
 }
 
+// The file's bytes; nullopt when it cannot be read (being replaced, say).
+std::optional<std::string> ReadWholeFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
 }  // namespace
 
 absl::StatusOr<ExpertTopology> ParseExpertTopology(std::string_view spec, int num_experts) {
@@ -165,13 +174,12 @@ absl::StatusOr<ExpertTopology> ParseExpertTopology(std::string_view spec, int nu
 
 absl::StatusOr<ExpertTopology> ParseExpertTopologyFile(const std::string& path, int num_experts,
                                                        std::string* content) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open expert topology file"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  std::string bytes = ss.str();
-  absl::StatusOr<ExpertTopology> topology = ParseExpertTopologyJson(bytes, path, num_experts);
-  if (content != nullptr) *content = std::move(bytes);
+  std::optional<std::string> bytes = ReadWholeFile(path);
+  if (!bytes.has_value()) {
+    return absl::NotFoundError(absl::StrCat(path, ": cannot open expert topology file"));
+  }
+  absl::StatusOr<ExpertTopology> topology = ParseExpertTopologyJson(*bytes, path, num_experts);
+  if (content != nullptr) *content = *std::move(bytes);
   return topology;
 }
 
@@ -1614,19 +1622,6 @@ RemoteExpertStats RemoteExpertBackend::stats() const {
 }
 
 // ---------------------------------------------------------------------------
-
-namespace {
-
-// The file's bytes; nullopt when it cannot be read (being replaced, say).
-std::optional<std::string> ReadWholeFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return std::nullopt;
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-}  // namespace
 
 ExpertTopologyFileWatcher::ExpertTopologyFileWatcher(
     std::string path, std::string applied_content, int num_experts, RemoteExpertBackend* backend,
